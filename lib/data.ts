@@ -1,0 +1,279 @@
+/**
+ * Training data: a byte-level text file, or the embedded synthetic corpus whose entropy per
+ * token is known exactly (so a run can be judged against the best achievable loss).
+ *
+ * Batches use the engine's layout: rows of `seqLen + 1` token ids, row-major; the first
+ * `seqLen` ids of a row are inputs and ids 1..seqLen the targets.
+ *
+ * @module
+ */
+
+import { UsageError } from "./errors.ts";
+import { Rng } from "./rng.ts";
+import { ByteTokenizer } from "./tokenizer.ts";
+
+/** A token source with a training split (sampled) and a validation split (fixed). */
+export interface Dataset {
+  /** Token ids are in [0, vocabSize). */
+  readonly vocabSize: number;
+  /** Best achievable mean cross-entropy per target token in nats, when known analytically. */
+  readonly entropyFloor?: number;
+  /** `micro × batch` random training windows of `seqLen + 1` tokens, drawn with `rng`. */
+  trainBatch(rng: Rng, batch: number, seqLen: number, micro: number): Int32Array;
+  /**
+   * `n × batch` validation windows of `seqLen + 1` tokens. Deterministic: the same arguments
+   * always give the same windows, so losses of different runs are comparable.
+   */
+  valBatches(n: number, batch: number, seqLen: number): Int32Array;
+  /** The whole token stream of a split. */
+  tokens(split: "train" | "val"): Int32Array;
+  /** One-line human description. */
+  describe(): string;
+}
+
+/** Options of {@link TextDataset}. */
+export interface TextDatasetOptions {
+  /** Fraction of the tokens, taken from the end, used for validation; in (0, 1). */
+  valFraction: number;
+  /** Window length the splits must hold at least once (plus one target). */
+  seqLen: number;
+  /** Names the source in error messages; defaults to the file path or "text". */
+  label?: string;
+}
+
+/** A byte-tokenized text; the last `valFraction` of its tokens is the validation split. */
+export class TextDataset implements Dataset {
+  /** Byte vocabulary. */
+  readonly vocabSize: number = 256;
+  /** Training tokens (the head of the text). */
+  readonly train: Int32Array;
+  /** Validation tokens (the tail of the text). */
+  readonly val: Int32Array;
+  #name: string;
+
+  /** Splits `tokens`; throws UsageError when a split cannot hold one window. */
+  constructor(tokens: Int32Array, opts: TextDatasetOptions) {
+    const label = opts.label ?? "text";
+    const { valFraction, seqLen } = opts;
+    if (!(valFraction > 0 && valFraction < 1)) {
+      throw new UsageError(`--val-fraction ${valFraction}: must be a number in (0, 1)`);
+    }
+    const window = seqLen + 1;
+    const nVal = Math.floor(tokens.length * valFraction);
+    const nTrain = tokens.length - nVal;
+    if (nTrain < window || nVal < window) {
+      const need = Math.ceil(window / Math.min(valFraction, 1 - valFraction));
+      throw new UsageError(
+        `${label}: ${tokens.length} tokens split into ${nTrain} train + ${nVal} validation ` +
+          `(val fraction ${valFraction}); each split needs at least ${window} ` +
+          `(seq_len ${seqLen} + 1), so at least ~${need} tokens in all`,
+      );
+    }
+    this.train = tokens.subarray(0, nTrain);
+    this.val = tokens.subarray(nTrain);
+    this.#name = label;
+  }
+
+  /** Reads and byte-tokenizes a file; UsageError for a missing, empty or too short file. */
+  static fromFile(path: string, opts: TextDatasetOptions): TextDataset {
+    const label = opts.label ?? path;
+    let bytes: Uint8Array;
+    try {
+      bytes = Deno.readFileSync(path);
+    } catch (e) {
+      if (e instanceof Deno.errors.NotFound) throw new UsageError(`${label}: file not found`);
+      if (e instanceof Deno.errors.IsADirectory) {
+        throw new UsageError(`${label}: is a directory, expected a text file`);
+      }
+      const why = (e instanceof Error ? e.message : String(e)).split("\n")[0];
+      throw new UsageError(`${label}: cannot read (${why})`);
+    }
+    if (bytes.length === 0) {
+      throw new UsageError(
+        `${label}: file is empty (0 tokens); need at least ${
+          2 * (opts.seqLen + 1)
+        } tokens (one window of seq_len + 1 per split)`,
+      );
+    }
+    return new TextDataset(new ByteTokenizer().encode(bytes), { ...opts, label });
+  }
+
+  /** Splits a string (UTF-8 bytes). */
+  static fromText(text: string, opts: TextDatasetOptions): TextDataset {
+    return new TextDataset(new ByteTokenizer().encode(text), opts);
+  }
+
+  /** Random windows from the training split. */
+  trainBatch(rng: Rng, batch: number, seqLen: number, micro: number): Int32Array {
+    return randomWindows(this.train, rng, micro * batch, seqLen);
+  }
+
+  /** Evenly spaced windows covering the validation split. */
+  valBatches(n: number, batch: number, seqLen: number): Int32Array {
+    return spreadWindows(this.val, n * batch, seqLen);
+  }
+
+  /** The token stream of a split. */
+  tokens(split: "train" | "val"): Int32Array {
+    return split === "train" ? this.train : this.val;
+  }
+
+  /** E.g. `text corpus.txt: 1000000 tokens (900000 train, 100000 val), bytes`. */
+  describe(): string {
+    const n = this.train.length + this.val.length;
+    return `text ${this.#name}: ${n} byte tokens (${this.train.length} train, ${this.val.length} val)`;
+  }
+}
+
+/** Options of {@link SyntheticCorpus}; every field has a default. */
+export interface SyntheticOptions {
+  /** Seed of the training stream; the validation stream uses a derived seed. Default 42. */
+  seed?: number;
+  /** Length of the training stream. Default 2^21 (about 2.1 M tokens). */
+  trainTokens?: number;
+  /** Length of the validation stream. Default 2^17 (131072 tokens). */
+  valTokens?: number;
+  /** Step offsets of the walk (distinct modulo the alphabet size). */
+  offsets?: readonly number[];
+  /** Positive integer weights of the offsets (their probabilities up to normalisation). */
+  weights?: readonly number[];
+}
+
+/** The 64 printable bytes the walk's states map to (the base64url alphabet). */
+export const SYNTHETIC_ALPHABET =
+  "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+
+const DEFAULT_OFFSETS = [1, 2, 3, 5, 8, 13, 21, 34];
+const DEFAULT_WEIGHTS = [30, 20, 15, 12, 9, 7, 4, 3];
+
+/**
+ * The default dataset when no text is given: a random walk on Z_64,
+ * x_t = (x_{t−1} + d_t) mod 64, with i.i.d. steps d_t from a fixed uneven distribution p over
+ * a few offsets, each state printed as one of 64 distinct printable bytes.
+ *
+ * The transition matrix is circulant, hence doubly stochastic, so the uniform law is
+ * stationary and every target's entropy given its past is exactly H(p): that is
+ * {@link SyntheticCorpus.entropyFloor}, the loss a perfect model reaches. A model that only
+ * learns the unigram law stops at ln 64 ≈ 4.16 nats; one that learns nothing sits at
+ * ln 256 ≈ 5.55.
+ *
+ * The corpus seed is separate from a run's seed, so runs with different seeds still train
+ * and validate on the same text. Streams are generated on first use (a few ms).
+ */
+export class SyntheticCorpus implements Dataset {
+  /** Byte vocabulary (only 64 ids occur). */
+  readonly vocabSize: number = 256;
+  /** H(p) in nats. */
+  readonly entropyFloor: number;
+  /** Seed of the training stream. */
+  readonly seed: number;
+  #offsets: readonly number[];
+  #table: Uint8Array;
+  #lengths: { train: number; val: number };
+  #streams: { train?: Int32Array; val?: Int32Array } = {};
+
+  /** Validates the options; generation is deferred until a split is used. */
+  constructor(opts: SyntheticOptions = {}) {
+    const k = SYNTHETIC_ALPHABET.length;
+    this.seed = opts.seed ?? 42;
+    this.#offsets = opts.offsets ?? DEFAULT_OFFSETS;
+    const weights = opts.weights ?? DEFAULT_WEIGHTS;
+    if (weights.length !== this.#offsets.length || weights.length === 0) {
+      throw new RangeError("SyntheticCorpus: offsets and weights must be non-empty, same length");
+    }
+    const residues = new Set(this.#offsets.map((d) => ((d % k) + k) % k));
+    if (residues.size !== this.#offsets.length) {
+      throw new RangeError(`SyntheticCorpus: offsets must be distinct modulo ${k}`);
+    }
+    if (!weights.every((w) => Number.isInteger(w) && w > 0)) {
+      throw new RangeError("SyntheticCorpus: weights must be positive integers");
+    }
+    const total = weights.reduce((a, b) => a + b, 0);
+    if (total > 1 << 16) throw new RangeError("SyntheticCorpus: weights must sum to ≤ 65536");
+    // One slot per unit of weight makes sampling exact: p_i = w_i / total.
+    this.#table = new Uint8Array(total);
+    let at = 0;
+    weights.forEach((w, i) => this.#table.fill(i, at, at += w));
+    this.entropyFloor = -weights.reduce((h, w) => h + (w / total) * Math.log(w / total), 0);
+    this.#lengths = { train: opts.trainTokens ?? 1 << 21, val: opts.valTokens ?? 1 << 17 };
+  }
+
+  /** Offsets and their probabilities. */
+  get steps(): { offset: number; p: number }[] {
+    const total = this.#table.length;
+    return this.#offsets.map((offset, i) => ({
+      offset,
+      p: this.#table.filter((j) => j === i).length / total,
+    }));
+  }
+
+  /** The generated stream of a split (byte ids of {@link SYNTHETIC_ALPHABET}). */
+  tokens(split: "train" | "val"): Int32Array {
+    return (this.#streams[split] ??= this.#generate(split));
+  }
+
+  /** Random windows from the training stream. */
+  trainBatch(rng: Rng, batch: number, seqLen: number, micro: number): Int32Array {
+    return randomWindows(this.tokens("train"), rng, micro * batch, seqLen);
+  }
+
+  /** Evenly spaced windows covering the validation stream. */
+  valBatches(n: number, batch: number, seqLen: number): Int32Array {
+    return spreadWindows(this.tokens("val"), n * batch, seqLen);
+  }
+
+  /** E.g. `synthetic random walk on 64 symbols, floor 1.859 nats/token`. */
+  describe(): string {
+    return `synthetic random walk on ${SYNTHETIC_ALPHABET.length} symbols ` +
+      `(seed ${this.seed}, ${this.#lengths.train} train + ${this.#lengths.val} val tokens), ` +
+      `entropy floor ${this.entropyFloor.toFixed(4)} nats/token`;
+  }
+
+  #generate(split: "train" | "val"): Int32Array {
+    const k = SYNTHETIC_ALPHABET.length;
+    const n = this.#lengths[split];
+    // A fixed odd constant keeps the validation stream independent of the training one.
+    const rng = new Rng(split === "train" ? this.seed : this.seed + 0x5bd1e995);
+    const codes = new TextEncoder().encode(SYNTHETIC_ALPHABET);
+    const steps = this.#offsets.map((d) => ((d % k) + k) % k);
+    const table = this.#table;
+    const out = new Int32Array(n);
+    let x = rng.int(k);
+    for (let i = 0; i < n; i++) {
+      out[i] = codes[x];
+      x = (x + steps[table[rng.int(table.length)]]) % k;
+    }
+    return out;
+  }
+}
+
+function checkWindow(stream: Int32Array, seqLen: number): number {
+  const window = seqLen + 1;
+  if (!Number.isInteger(seqLen) || seqLen < 1 || window > stream.length) {
+    throw new RangeError(`seq_len ${seqLen}: windows of ${window} exceed ${stream.length} tokens`);
+  }
+  return window;
+}
+
+function randomWindows(stream: Int32Array, rng: Rng, rows: number, seqLen: number): Int32Array {
+  const window = checkWindow(stream, seqLen);
+  const out = new Int32Array(rows * window);
+  const starts = stream.length - window + 1;
+  for (let r = 0; r < rows; r++) {
+    const s = rng.int(starts);
+    out.set(stream.subarray(s, s + window), r * window);
+  }
+  return out;
+}
+
+function spreadWindows(stream: Int32Array, rows: number, seqLen: number): Int32Array {
+  const window = checkWindow(stream, seqLen);
+  const out = new Int32Array(rows * window);
+  const last = stream.length - window;
+  for (let r = 0; r < rows; r++) {
+    // Evenly spaced starts cover the whole split; they overlap only when it is short.
+    const s = rows === 1 ? 0 : Math.floor((r * last) / (rows - 1));
+    out.set(stream.subarray(s, s + window), r * window);
+  }
+  return out;
+}
