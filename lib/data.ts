@@ -277,3 +277,26 @@ function spreadWindows(stream: Int32Array, rows: number, seqLen: number): Int32A
   }
   return out;
 }
+
+/** Source options of {@link openDataset}. */
+export interface OpenDatasetOptions {
+  /** Text file, or null for the synthetic corpus. */
+  data: string | null;
+  /** Validation share of a text file. */
+  valFraction: number;
+  /** Window length both splits must hold. */
+  seqLen: number;
+}
+
+/**
+ * The dataset a run trains on: the text file named by `data` (errors name `--data`), or the
+ * synthetic corpus when `data` is null.
+ */
+export function openDataset(opts: OpenDatasetOptions): Dataset {
+  if (opts.data === null) return new SyntheticCorpus();
+  return TextDataset.fromFile(opts.data, {
+    valFraction: opts.valFraction,
+    seqLen: opts.seqLen,
+    label: `--data ${opts.data}`,
+  });
+}
