@@ -1,0 +1,189 @@
+//! CPU backend: f32 buffers in host memory, rayon for threads, `gemm` for products.
+//! It is the bit-faithful reference that every GPU kernel is tested against.
+
+pub mod attention;
+pub mod matmul;
+pub mod ops;
+
+use super::{AdamHp, AttnDims, Backend, Category, MemTracker, Runner};
+use crate::error::{Error, Result};
+use std::sync::Arc;
+use std::time::Instant;
+
+pub struct Cpu {
+    pool: Arc<rayon::ThreadPool>,
+    threads: usize,
+    mem: Arc<MemTracker>,
+}
+
+impl Cpu {
+    /// A backend with its own pool of `threads` workers (0 = one per core).
+    pub fn new(threads: usize) -> Result<Self> {
+        let threads = if threads == 0 {
+            std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+        } else {
+            threads
+        };
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("qgalore-cpu-{i}"))
+            .build()
+            .map_err(|e| Error::backend(format!("cannot start {threads} CPU threads: {e}")))?;
+        Ok(Cpu { pool: Arc::new(pool), threads, mem: Arc::new(MemTracker::default()) })
+    }
+
+    pub fn threads(&self) -> usize {
+        self.threads
+    }
+
+    fn par(&self) -> gemm::Parallelism {
+        matmul::par(self.threads)
+    }
+}
+
+/// A host buffer that gives its bytes back to the tracker when dropped.
+pub struct CpuBuf {
+    pub data: Vec<f32>,
+    cat: Category,
+    tracker: Arc<MemTracker>,
+}
+
+impl Drop for CpuBuf {
+    fn drop(&mut self) {
+        self.tracker.sub(self.cat, self.data.len() * 4);
+    }
+}
+
+impl std::ops::Deref for CpuBuf {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        &self.data
+    }
+}
+impl std::ops::DerefMut for CpuBuf {
+    fn deref_mut(&mut self) -> &mut [f32] {
+        &mut self.data
+    }
+}
+
+impl Backend for Cpu {
+    type Buf = CpuBuf;
+
+    fn name(&self) -> &'static str {
+        "cpu"
+    }
+    fn mem(&self) -> &MemTracker {
+        &self.mem
+    }
+    fn runner(&self) -> Runner {
+        Runner(Some(self.pool.clone()))
+    }
+    fn sync(&self) -> Result<()> {
+        Ok(())
+    }
+
+    fn alloc(&self, n: usize, cat: Category) -> Result<CpuBuf> {
+        let mut data = Vec::new();
+        data.try_reserve_exact(n)
+            .map_err(|_| Error::backend(format!("out of host memory allocating {} MiB", n * 4 >> 20)))?;
+        data.resize(n, 0.0);
+        self.mem.add(cat, n * 4);
+        Ok(CpuBuf { data, cat, tracker: self.mem.clone() })
+    }
+    fn len(&self, b: &CpuBuf) -> usize {
+        b.data.len()
+    }
+    fn upload(&self, dst: &mut CpuBuf, src: &[f32]) -> Result<()> {
+        dst.data[..src.len()].copy_from_slice(src);
+        Ok(())
+    }
+    fn download(&self, src: &CpuBuf, dst: &mut [f32]) -> Result<()> {
+        let n = dst.len();
+        dst.copy_from_slice(&src.data[..n]);
+        Ok(())
+    }
+    fn fill(&self, b: &mut CpuBuf, v: f32) {
+        b.data.fill(v);
+    }
+    fn copy(&self, dst: &mut CpuBuf, src: &CpuBuf) {
+        dst.data.copy_from_slice(&src.data);
+    }
+    fn add(&self, dst: &mut CpuBuf, src: &CpuBuf) {
+        ops::add(dst, src)
+    }
+    fn scale(&self, b: &mut CpuBuf, s: f32) {
+        ops::scale(b, s)
+    }
+    fn sumsq(&self, b: &CpuBuf) -> f64 {
+        ops::sumsq(b)
+    }
+    fn matmul(&self, out: &mut CpuBuf, inp: &CpuBuf, w: &CpuBuf, n: usize, ic: usize, oc: usize, acc: bool) {
+        matmul::matmul(out, inp, w, n, ic, oc, acc, self.par())
+    }
+    fn matmul_dinp(&self, dinp: &mut CpuBuf, dout: &CpuBuf, w: &CpuBuf, n: usize, ic: usize, oc: usize, acc: bool) {
+        matmul::matmul_dinp(dinp, dout, w, n, ic, oc, acc, self.par())
+    }
+    fn matmul_dw(&self, dw: &mut CpuBuf, dout: &CpuBuf, inp: &CpuBuf, n: usize, ic: usize, oc: usize, acc: bool) {
+        matmul::matmul_dw(dw, dout, inp, n, ic, oc, acc, self.par())
+    }
+    fn embedding(&self, out: &mut CpuBuf, tokens: &[i32], table: &CpuBuf, c: usize) {
+        ops::embedding(out, tokens, table, c)
+    }
+    fn embedding_bwd(&self, dtable: &mut CpuBuf, dout: &CpuBuf, tokens: &[i32], c: usize) {
+        ops::embedding_bwd(dtable, dout, tokens, c)
+    }
+    fn rmsnorm(&self, out: &mut CpuBuf, rstd: &mut CpuBuf, x: &CpuBuf, w: &CpuBuf, n: usize, c: usize, eps: f32) {
+        ops::rmsnorm(out, rstd, x, w, n, c, eps)
+    }
+    fn rmsnorm_bwd(&self, dx: &mut CpuBuf, dw: &mut CpuBuf, dout: &CpuBuf, x: &CpuBuf, w: &CpuBuf, rstd: &CpuBuf, n: usize, c: usize) {
+        ops::rmsnorm_bwd(dx, dw, dout, x, w, rstd, n, c)
+    }
+    fn rope(&self, x: &mut CpuBuf, table: &CpuBuf, b: usize, t: usize, heads: usize, hd: usize, inverse: bool) {
+        ops::rope(x, table, b, t, heads, hd, inverse)
+    }
+    fn attention(&self, out: &mut CpuBuf, att: &mut CpuBuf, q: &CpuBuf, k: &CpuBuf, v: &CpuBuf, d: AttnDims) {
+        attention::forward(out, att, q, k, v, d)
+    }
+    fn attention_bwd(
+        &self,
+        dq: &mut CpuBuf,
+        dk: &mut CpuBuf,
+        dv: &mut CpuBuf,
+        scratch: &mut CpuBuf,
+        dout: &CpuBuf,
+        q: &CpuBuf,
+        k: &CpuBuf,
+        v: &CpuBuf,
+        att: &CpuBuf,
+        d: AttnDims,
+    ) {
+        attention::backward(dq, dk, dv, scratch, dout, q, k, v, att, d)
+    }
+    fn swiglu(&self, out: &mut CpuBuf, gate: &CpuBuf, up: &CpuBuf) {
+        ops::swiglu(out, gate, up)
+    }
+    fn swiglu_bwd(&self, dgate: &mut CpuBuf, dup: &mut CpuBuf, dout: &CpuBuf, gate: &CpuBuf, up: &CpuBuf) {
+        ops::swiglu_bwd(dgate, dup, dout, gate, up)
+    }
+    fn cross_entropy(&self, logits: &mut CpuBuf, targets: &[i32], losses: &mut [f32], n: usize, v: usize, grad_scale: Option<f32>) -> Result<()> {
+        ops::cross_entropy(logits, targets, losses, n, v, grad_scale);
+        Ok(())
+    }
+    fn adamw(&self, p: &mut CpuBuf, g: &CpuBuf, m: &mut CpuBuf, v: &mut CpuBuf, hp: AdamHp) {
+        ops::adamw(p, g, m, v, hp)
+    }
+    fn gemm_gflops(&self, m: usize, n: usize, k: usize, iters: usize) -> f64 {
+        let a: Vec<f32> = (0..m * k).map(|i| ((i % 7) as f32 - 3.0) * 0.01).collect();
+        let b: Vec<f32> = (0..k * n).map(|i| ((i % 5) as f32 - 2.0) * 0.01).collect();
+        let mut c = vec![0.0f32; m * n];
+        self.pool.install(|| {
+            matmul::matmul_nn(&mut c, &a, &b, m, k, n, self.par()); // warm-up
+            let t0 = Instant::now();
+            for _ in 0..iters.max(1) {
+                matmul::matmul_nn(&mut c, &a, &b, m, k, n, self.par());
+            }
+            let s = t0.elapsed().as_secs_f64();
+            2.0 * (m * n * k) as f64 * iters.max(1) as f64 / s / 1e9
+        })
+    }
+}

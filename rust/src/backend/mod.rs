@@ -1,0 +1,160 @@
+//! The backend seam. Model and optimizer code call these operations on opaque buffers;
+//! a backend decides where buffers live (host memory, device memory), which dtype they
+//! hold internally (f32 on the CPU; bf16 activations on a GPU) and how work is scheduled
+//! (rayon on the CPU; an asynchronous stream on a GPU, synchronised by `sync`).
+//!
+//! Shapes are passed explicitly, llm.c style: `n` rows of activations (batch × seq),
+//! `c` channels, and matrices stored row-major as (out_features, in_features) like
+//! `nn.Linear.weight`.
+
+pub mod cpu;
+
+use crate::error::Result;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+/// Where a backend's host-side work runs: its own rayon pool, or the caller's thread.
+#[derive(Clone, Default)]
+pub struct Runner(pub Option<Arc<rayon::ThreadPool>>);
+
+impl Runner {
+    pub fn run<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        match &self.0 {
+            Some(p) => p.install(f),
+            None => f(),
+        }
+    }
+}
+
+/// What a buffer is for; the engine reports memory by these categories.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Category {
+    Weights = 0,
+    Grads = 1,
+    OptimizerState = 2,
+    Projector = 3,
+    Activations = 4,
+}
+
+pub const CATEGORIES: [Category; 5] = [
+    Category::Weights,
+    Category::Grads,
+    Category::OptimizerState,
+    Category::Projector,
+    Category::Activations,
+];
+
+/// Bytes held per category (engine-tracked, not measured from the OS).
+#[derive(Default, Debug)]
+pub struct MemTracker {
+    bytes: [AtomicU64; 5],
+}
+
+impl MemTracker {
+    pub fn add(&self, cat: Category, bytes: usize) {
+        self.bytes[cat as usize].fetch_add(bytes as u64, Ordering::Relaxed);
+    }
+    pub fn sub(&self, cat: Category, bytes: usize) {
+        self.bytes[cat as usize].fetch_sub(bytes as u64, Ordering::Relaxed);
+    }
+    pub fn get(&self, cat: Category) -> u64 {
+        self.bytes[cat as usize].load(Ordering::Relaxed)
+    }
+    pub fn total(&self) -> u64 {
+        CATEGORIES.iter().map(|&c| self.get(c)).sum()
+    }
+}
+
+/// Shape of one attention call: `b` sequences of `t` tokens, `h` query heads sharing
+/// `kvh` key/value heads of width `hd`. q is (b, t, h, hd); k, v are (b, t, kvh, hd);
+/// the probabilities `att` are (b, h, t, t).
+#[derive(Clone, Copy, Debug)]
+pub struct AttnDims {
+    pub b: usize,
+    pub t: usize,
+    pub h: usize,
+    pub kvh: usize,
+    pub hd: usize,
+}
+
+/// Hyper-parameters of one AdamW update of one tensor (torch.optim.AdamW semantics).
+#[derive(Clone, Copy, Debug)]
+pub struct AdamHp {
+    pub lr: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    pub weight_decay: f32,
+    /// 1-based count of updates of this tensor, for bias correction.
+    pub step: u64,
+}
+
+/// Operations every backend provides. All buffers hold `len` logical f32 values.
+pub trait Backend: Send + Sync + 'static {
+    type Buf: Send;
+
+    fn name(&self) -> &'static str;
+    fn mem(&self) -> &MemTracker;
+    /// Runs closures on the backend's worker threads (a rayon pool on the CPU).
+    fn runner(&self) -> Runner;
+    /// Waits for queued work (a no-op on the CPU).
+    fn sync(&self) -> Result<()>;
+
+    /// A zero-filled buffer of `n` values, counted under `cat`.
+    fn alloc(&self, n: usize, cat: Category) -> Result<Self::Buf>;
+    fn len(&self, b: &Self::Buf) -> usize;
+    fn upload(&self, dst: &mut Self::Buf, src: &[f32]) -> Result<()>;
+    fn download(&self, src: &Self::Buf, dst: &mut [f32]) -> Result<()>;
+    fn fill(&self, b: &mut Self::Buf, v: f32);
+    fn copy(&self, dst: &mut Self::Buf, src: &Self::Buf);
+    /// dst += src
+    fn add(&self, dst: &mut Self::Buf, src: &Self::Buf);
+    fn scale(&self, b: &mut Self::Buf, s: f32);
+    /// Σ x² in f64, reduced in a fixed order (deterministic for any thread count).
+    fn sumsq(&self, b: &Self::Buf) -> f64;
+
+    /// out[n, oc] (+)= inp[n, ic] · w[oc, ic]ᵀ
+    fn matmul(&self, out: &mut Self::Buf, inp: &Self::Buf, w: &Self::Buf, n: usize, ic: usize, oc: usize, acc: bool);
+    /// dinp[n, ic] (+)= dout[n, oc] · w[oc, ic]
+    fn matmul_dinp(&self, dinp: &mut Self::Buf, dout: &Self::Buf, w: &Self::Buf, n: usize, ic: usize, oc: usize, acc: bool);
+    /// dw[oc, ic] (+)= dout[n, oc]ᵀ · inp[n, ic]
+    fn matmul_dw(&self, dw: &mut Self::Buf, dout: &Self::Buf, inp: &Self::Buf, n: usize, ic: usize, oc: usize, acc: bool);
+
+    /// out[i, :] = table[tokens[i], :]
+    fn embedding(&self, out: &mut Self::Buf, tokens: &[i32], table: &Self::Buf, c: usize);
+    /// dtable[tokens[i], :] += dout[i, :]
+    fn embedding_bwd(&self, dtable: &mut Self::Buf, dout: &Self::Buf, tokens: &[i32], c: usize);
+    /// out = w ⊙ x · rsqrt(mean(x²) + eps) per row; rstd keeps the rsqrt for backward.
+    fn rmsnorm(&self, out: &mut Self::Buf, rstd: &mut Self::Buf, x: &Self::Buf, w: &Self::Buf, n: usize, c: usize, eps: f32);
+    /// dx += ∂/∂x, dw += ∂/∂w
+    fn rmsnorm_bwd(&self, dx: &mut Self::Buf, dw: &mut Self::Buf, dout: &Self::Buf, x: &Self::Buf, w: &Self::Buf, rstd: &Self::Buf, n: usize, c: usize);
+    /// Rotary embedding in place on (b, t, heads, hd) using the (t, hd/2) cos/sin table;
+    /// `inverse` applies the transpose rotation (the backward).
+    fn rope(&self, x: &mut Self::Buf, table: &Self::Buf, b: usize, t: usize, heads: usize, hd: usize, inverse: bool);
+    fn attention(&self, out: &mut Self::Buf, att: &mut Self::Buf, q: &Self::Buf, k: &Self::Buf, v: &Self::Buf, d: AttnDims);
+    #[allow(clippy::too_many_arguments)]
+    fn attention_bwd(
+        &self,
+        dq: &mut Self::Buf,
+        dk: &mut Self::Buf,
+        dv: &mut Self::Buf,
+        scratch: &mut Self::Buf,
+        dout: &Self::Buf,
+        q: &Self::Buf,
+        k: &Self::Buf,
+        v: &Self::Buf,
+        att: &Self::Buf,
+        d: AttnDims,
+    );
+    /// out = silu(gate) ⊙ up
+    fn swiglu(&self, out: &mut Self::Buf, gate: &Self::Buf, up: &Self::Buf);
+    fn swiglu_bwd(&self, dgate: &mut Self::Buf, dup: &mut Self::Buf, dout: &Self::Buf, gate: &Self::Buf, up: &Self::Buf);
+    /// Softmax cross-entropy of `n` rows of `v` logits against `targets`. Writes the
+    /// per-row loss into `losses` (host) and, when `grad_scale` is given, overwrites the
+    /// logits with `grad_scale · (softmax − onehot)` (llm.c's fused classifier).
+    fn cross_entropy(&self, logits: &mut Self::Buf, targets: &[i32], losses: &mut [f32], n: usize, v: usize, grad_scale: Option<f32>) -> Result<()>;
+    /// One AdamW update of `p` with gradient `g` and fp32 moments `m`, `v`.
+    fn adamw(&self, p: &mut Self::Buf, g: &Self::Buf, m: &mut Self::Buf, v: &mut Self::Buf, hp: AdamHp);
+    /// Measured GEMM throughput in GFLOP/s for an (m×k)·(k×n) product (benchmarks).
+    fn gemm_gflops(&self, m: usize, n: usize, k: usize, iters: usize) -> f64;
+}

@@ -1,0 +1,120 @@
+//! Activation plan: every buffer the forward keeps for the backward, and the backward's
+//! scratch, sized once for (batch, seq) like llm.c's `ActivationTensors`. Nothing is
+//! allocated per step.
+
+use crate::backend::cpu::ops::rope_table;
+use crate::backend::{AttnDims, Backend, Category};
+use crate::config::ModelConfig;
+use crate::error::Result;
+
+pub struct Acts<B: Backend> {
+    pub b: usize,
+    pub t: usize,
+    /// Residual stream: x[l] enters block l; x[L] enters the final norm.
+    pub x: Vec<B::Buf>,
+    pub xn1: Vec<B::Buf>,
+    pub rstd1: Vec<B::Buf>,
+    pub q: Vec<B::Buf>,
+    pub k: Vec<B::Buf>,
+    pub v: Vec<B::Buf>,
+    pub att: Vec<B::Buf>,
+    pub ao: Vec<B::Buf>,
+    pub xm: Vec<B::Buf>,
+    pub xn2: Vec<B::Buf>,
+    pub rstd2: Vec<B::Buf>,
+    pub gate: Vec<B::Buf>,
+    pub up: Vec<B::Buf>,
+    pub act: Vec<B::Buf>,
+    pub xnf: B::Buf,
+    pub rstdf: B::Buf,
+    /// Logits, overwritten in place by their gradient.
+    pub logits: B::Buf,
+    pub rope: B::Buf,
+    // backward scratch, reused by every block
+    pub dres: B::Buf,
+    pub dxn: B::Buf,
+    pub dq: B::Buf,
+    pub dk: B::Buf,
+    pub dv: B::Buf,
+    pub dao: B::Buf,
+    pub datt: B::Buf,
+    pub dgate: B::Buf,
+    pub dup: B::Buf,
+    pub dact: B::Buf,
+    // host side
+    pub tokens: Vec<i32>,
+    pub targets: Vec<i32>,
+    pub losses: Vec<f32>,
+}
+
+impl<B: Backend> Acts<B> {
+    pub fn new(be: &B, cfg: &ModelConfig, b: usize, t: usize) -> Result<Self> {
+        let n = b * t;
+        let (c, i, v, kv, h, l) = (
+            cfg.hidden_size,
+            cfg.intermediate_size,
+            cfg.vocab_size,
+            cfg.kv_dim(),
+            cfg.num_attention_heads,
+            cfg.num_hidden_layers,
+        );
+        let a = |len: usize| be.alloc(len, Category::Activations);
+        let per = |len: usize| -> Result<Vec<B::Buf>> { (0..l).map(|_| a(len)).collect() };
+        let mut rope = a(t * cfg.head_dim())?;
+        be.upload(&mut rope, &rope_table(t, cfg.head_dim(), cfg.rope_theta))?;
+        Ok(Acts {
+            b,
+            t,
+            x: (0..=l).map(|_| a(n * c)).collect::<Result<_>>()?,
+            xn1: per(n * c)?,
+            rstd1: per(n)?,
+            q: per(n * c)?,
+            k: per(n * kv)?,
+            v: per(n * kv)?,
+            att: per(b * h * t * t)?,
+            ao: per(n * c)?,
+            xm: per(n * c)?,
+            xn2: per(n * c)?,
+            rstd2: per(n)?,
+            gate: per(n * i)?,
+            up: per(n * i)?,
+            act: per(n * i)?,
+            xnf: a(n * c)?,
+            rstdf: a(n)?,
+            logits: a(n * v)?,
+            rope,
+            dres: a(n * c)?,
+            dxn: a(n * c)?,
+            dq: a(n * c)?,
+            dk: a(n * kv)?,
+            dv: a(n * kv)?,
+            dao: a(n * c)?,
+            datt: a(b * h * t * t)?,
+            dgate: a(n * i)?,
+            dup: a(n * i)?,
+            dact: a(n * i)?,
+            tokens: vec![0; n],
+            targets: vec![0; n],
+            losses: vec![0.0; n],
+        })
+    }
+
+    pub fn dims(&self, cfg: &ModelConfig) -> AttnDims {
+        AttnDims {
+            b: self.b,
+            t: self.t,
+            h: cfg.num_attention_heads,
+            kvh: cfg.kv_heads(),
+            hd: cfg.head_dim(),
+        }
+    }
+
+    /// Splits `rows` windows of t+1 ids into inputs (first t) and targets (last t).
+    pub fn load_tokens(&mut self, windows: &[i32]) {
+        let t = self.t;
+        for (r, w) in windows.chunks(t + 1).enumerate() {
+            self.tokens[r * t..(r + 1) * t].copy_from_slice(&w[..t]);
+            self.targets[r * t..(r + 1) * t].copy_from_slice(&w[1..]);
+        }
+    }
+}

@@ -1,0 +1,181 @@
+//! Parameters of a LLaMA decoder (algorithm-spec §3): token embedding, per block an
+//! RMSNorm + q/k/v/o attention + RMSNorm + gate/up/down SwiGLU MLP, a final RMSNorm and
+//! an untied lm_head. Matrices are row-major (out_features, in_features) like
+//! `nn.Linear.weight`; initialisation is normal(0, initializer_range), norms are ones.
+
+use crate::backend::{Backend, Category};
+use crate::config::ModelConfig;
+use crate::error::Result;
+use crate::rng;
+
+/// What a parameter is; optimizers treat roles differently (GaLore projects `Linear`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    Embed,
+    Norm,
+    Linear,
+    Head,
+}
+
+pub struct Param<B: Backend> {
+    pub name: String,
+    pub rows: usize,
+    pub cols: usize,
+    pub role: Role,
+    pub data: B::Buf,
+}
+
+impl<B: Backend> Param<B> {
+    pub fn numel(&self) -> usize {
+        self.rows * self.cols
+    }
+}
+
+/// Indices into `Llama::params` for one decoder block.
+#[derive(Clone, Copy, Debug)]
+pub struct Layer {
+    pub attn_norm: usize,
+    pub q: usize,
+    pub k: usize,
+    pub v: usize,
+    pub o: usize,
+    pub mlp_norm: usize,
+    pub gate: usize,
+    pub up: usize,
+    pub down: usize,
+}
+
+impl Layer {
+    /// The seven projected matrices of the block (algorithm-spec §1.4).
+    pub fn linears(&self) -> [usize; 7] {
+        [self.q, self.k, self.v, self.o, self.gate, self.up, self.down]
+    }
+}
+
+pub struct Llama<B: Backend> {
+    pub cfg: ModelConfig,
+    pub params: Vec<Param<B>>,
+    pub layers: Vec<Layer>,
+    pub embed: usize,
+    pub final_norm: usize,
+    pub head: usize,
+}
+
+/// Parameter shapes in creation order: (name, rows, cols, role).
+pub fn layout(cfg: &ModelConfig) -> Vec<(String, usize, usize, Role)> {
+    let (c, i, v, kv) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.kv_dim());
+    let mut out = vec![("model.embed_tokens.weight".to_string(), v, c, Role::Embed)];
+    for l in 0..cfg.num_hidden_layers {
+        let p = format!("model.layers.{l}");
+        out.push((format!("{p}.input_layernorm.weight"), 1, c, Role::Norm));
+        out.push((format!("{p}.self_attn.q_proj.weight"), c, c, Role::Linear));
+        out.push((format!("{p}.self_attn.k_proj.weight"), kv, c, Role::Linear));
+        out.push((format!("{p}.self_attn.v_proj.weight"), kv, c, Role::Linear));
+        out.push((format!("{p}.self_attn.o_proj.weight"), c, c, Role::Linear));
+        out.push((format!("{p}.post_attention_layernorm.weight"), 1, c, Role::Norm));
+        out.push((format!("{p}.mlp.gate_proj.weight"), i, c, Role::Linear));
+        out.push((format!("{p}.mlp.up_proj.weight"), i, c, Role::Linear));
+        out.push((format!("{p}.mlp.down_proj.weight"), c, i, Role::Linear));
+    }
+    out.push(("model.norm.weight".to_string(), 1, c, Role::Norm));
+    out.push(("lm_head.weight".to_string(), v, c, Role::Head));
+    out
+}
+
+/// Exact trainable parameter count for a config.
+pub fn param_count(cfg: &ModelConfig) -> usize {
+    layout(cfg).iter().map(|(_, r, c, _)| r * c).sum()
+}
+
+impl<B: Backend> Llama<B> {
+    pub fn new(be: &B, cfg: &ModelConfig, seed: u64) -> Result<Self> {
+        let shapes = layout(cfg);
+        let mut params = Vec::with_capacity(shapes.len());
+        let mut host = Vec::new();
+        for (idx, (name, rows, cols, role)) in shapes.into_iter().enumerate() {
+            let n = rows * cols;
+            let mut data = be.alloc(n, Category::Weights)?;
+            host.clear();
+            if role == Role::Norm {
+                host.resize(n, 1.0);
+            } else {
+                let key = rng::stream_key(seed, 0x1417 + idx as u64, 0);
+                host.extend((0..n as u64).map(|i| cfg.initializer_range * rng::normal(key, i)));
+            }
+            be.upload(&mut data, &host)?;
+            params.push(Param { name, rows, cols, role, data });
+        }
+        let per = 9;
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|l| {
+                let b = 1 + l * per;
+                Layer {
+                    attn_norm: b,
+                    q: b + 1,
+                    k: b + 2,
+                    v: b + 3,
+                    o: b + 4,
+                    mlp_norm: b + 5,
+                    gate: b + 6,
+                    up: b + 7,
+                    down: b + 8,
+                }
+            })
+            .collect();
+        let n = params.len();
+        Ok(Llama { cfg: cfg.clone(), params, layers, embed: 0, final_norm: n - 2, head: n - 1 })
+    }
+
+    pub fn numel(&self) -> usize {
+        self.params.iter().map(|p| p.numel()).sum()
+    }
+
+    #[inline]
+    pub fn w(&self, idx: usize) -> &B::Buf {
+        &self.params[idx].data
+    }
+}
+
+/// Gradient storage. Every parameter normally owns a buffer; a fused per-layer optimizer
+/// may instead route several parameters through one shared scratch buffer, which is
+/// consumed (by the optimizer hook) before the next parameter's gradient is written.
+pub struct Grads<B: Backend> {
+    own: Vec<Option<B::Buf>>,
+    shared: Option<B::Buf>,
+}
+
+impl<B: Backend> Grads<B> {
+    /// `share(i)` says whether parameter i uses the shared scratch buffer.
+    pub fn new(be: &B, model: &Llama<B>, share: impl Fn(usize) -> bool) -> Result<Self> {
+        let mut own = Vec::with_capacity(model.params.len());
+        let mut largest = 0;
+        for (i, p) in model.params.iter().enumerate() {
+            if share(i) {
+                largest = largest.max(p.numel());
+                own.push(None);
+            } else {
+                own.push(Some(be.alloc(p.numel(), Category::Grads)?));
+            }
+        }
+        let shared = if largest > 0 { Some(be.alloc(largest, Category::Grads)?) } else { None };
+        Ok(Grads { own, shared })
+    }
+
+    pub fn is_shared(&self, idx: usize) -> bool {
+        self.own[idx].is_none()
+    }
+
+    pub fn get(&self, idx: usize) -> &B::Buf {
+        match &self.own[idx] {
+            Some(b) => b,
+            None => self.shared.as_ref().expect("shared gradient buffer"),
+        }
+    }
+
+    pub fn get_mut(&mut self, idx: usize) -> &mut B::Buf {
+        match &mut self.own[idx] {
+            Some(b) => b,
+            None => self.shared.as_mut().expect("shared gradient buffer"),
+        }
+    }
+}

@@ -1,0 +1,9 @@
+//! The LLaMA decoder: parameter layout (`llama`), the activation plan (`acts`), and the
+//! hand-written forward and backward passes (`pass`).
+
+pub mod acts;
+pub mod llama;
+pub mod pass;
+
+pub use acts::Acts;
+pub use llama::{Grads, Layer, Llama, Param, Role};

@@ -1,0 +1,136 @@
+//! Forward and hand-written backward of the LLaMA decoder, op by op (llm.c style).
+//!
+//! The backward reports each parameter to `hook` as soon as that parameter's gradient
+//! for this micro-batch is complete and its weight will not be read again in this pass:
+//! a fused per-layer optimizer (algorithm-spec §1.5) updates it there and frees the
+//! gradient buffer for the next parameter.
+
+use super::{Acts, Grads, Llama};
+use crate::backend::Backend;
+
+/// Runs the model on `a.tokens` and leaves the logits in `a.logits`.
+pub fn forward<B: Backend>(be: &B, m: &Llama<B>, a: &mut Acts<B>) {
+    let cfg = &m.cfg;
+    let (n, c, i, kv) = (a.b * a.t, cfg.hidden_size, cfg.intermediate_size, cfg.kv_dim());
+    let (h, kvh, hd, eps) = (cfg.num_attention_heads, cfg.kv_heads(), cfg.head_dim(), cfg.rms_norm_eps);
+    let dims = a.dims(cfg);
+    let (b, t) = (a.b, a.t);
+    be.embedding(&mut a.x[0], &a.tokens, m.w(m.embed), c);
+    for (l, ly) in m.layers.iter().enumerate() {
+        let (xs, rest) = a.x.split_at_mut(l + 1);
+        let (x_in, x_out) = (&xs[l], &mut rest[0]);
+        be.rmsnorm(&mut a.xn1[l], &mut a.rstd1[l], x_in, m.w(ly.attn_norm), n, c, eps);
+        be.matmul(&mut a.q[l], &a.xn1[l], m.w(ly.q), n, c, c, false);
+        be.matmul(&mut a.k[l], &a.xn1[l], m.w(ly.k), n, c, kv, false);
+        be.matmul(&mut a.v[l], &a.xn1[l], m.w(ly.v), n, c, kv, false);
+        be.rope(&mut a.q[l], &a.rope, b, t, h, hd, false);
+        be.rope(&mut a.k[l], &a.rope, b, t, kvh, hd, false);
+        be.attention(&mut a.ao[l], &mut a.att[l], &a.q[l], &a.k[l], &a.v[l], dims);
+        be.copy(&mut a.xm[l], x_in);
+        be.matmul(&mut a.xm[l], &a.ao[l], m.w(ly.o), n, c, c, true);
+        be.rmsnorm(&mut a.xn2[l], &mut a.rstd2[l], &a.xm[l], m.w(ly.mlp_norm), n, c, eps);
+        be.matmul(&mut a.gate[l], &a.xn2[l], m.w(ly.gate), n, c, i, false);
+        be.matmul(&mut a.up[l], &a.xn2[l], m.w(ly.up), n, c, i, false);
+        be.swiglu(&mut a.act[l], &a.gate[l], &a.up[l]);
+        be.copy(x_out, &a.xm[l]);
+        be.matmul(x_out, &a.act[l], m.w(ly.down), n, i, c, true);
+    }
+    let last = m.layers.len();
+    be.rmsnorm(&mut a.xnf, &mut a.rstdf, &a.x[last], m.w(m.final_norm), n, c, eps);
+    be.matmul(&mut a.logits, &a.xnf, m.w(m.head), n, c, cfg.vocab_size, false);
+}
+
+/// Backward from `a.logits` holding dLoss/dlogits. `acc` adds into the gradient buffers
+/// (gradient accumulation) instead of overwriting them.
+pub fn backward<B: Backend>(
+    be: &B,
+    m: &mut Llama<B>,
+    g: &mut Grads<B>,
+    a: &mut Acts<B>,
+    acc: bool,
+    hook: &mut dyn FnMut(usize, &mut Llama<B>, &mut Grads<B>),
+) {
+    let cfg = m.cfg.clone();
+    let (n, c, i, kv, v) = (a.b * a.t, cfg.hidden_size, cfg.intermediate_size, cfg.kv_dim(), cfg.vocab_size);
+    let (h, kvh, hd) = (cfg.num_attention_heads, cfg.kv_heads(), cfg.head_dim());
+    let dims = a.dims(&cfg);
+    let (b, t) = (a.b, a.t);
+    // A shared gradient buffer holds only the current parameter, so never accumulate there.
+    let accum = |g: &Grads<B>, idx: usize| acc && !g.is_shared(idx);
+
+    let last = m.layers.len();
+    be.matmul_dinp(&mut a.dxn, &a.logits, m.w(m.head), n, c, v, false);
+    let ac = accum(g, m.head);
+    be.matmul_dw(g.get_mut(m.head), &a.logits, &a.xnf, n, c, v, ac);
+    hook(m.head, m, g);
+    be.fill(&mut a.dres, 0.0);
+    let fnorm = m.final_norm;
+    norm_bwd(be, m, g, acc, fnorm, &mut a.dres, &a.dxn, &a.x[last], &a.rstdf, n, c);
+    hook(fnorm, m, g);
+
+    for l in (0..last).rev() {
+        let ly = m.layers[l];
+        // MLP: x[l+1] = xm + down(silu(gate(xn2)) ⊙ up(xn2))
+        be.matmul_dinp(&mut a.dact, &a.dres, m.w(ly.down), n, i, c, false);
+        let ac = accum(g, ly.down);
+        be.matmul_dw(g.get_mut(ly.down), &a.dres, &a.act[l], n, i, c, ac);
+        hook(ly.down, m, g);
+        be.swiglu_bwd(&mut a.dgate, &mut a.dup, &a.dact, &a.gate[l], &a.up[l]);
+        be.matmul_dinp(&mut a.dxn, &a.dgate, m.w(ly.gate), n, c, i, false);
+        be.matmul_dinp(&mut a.dxn, &a.dup, m.w(ly.up), n, c, i, true);
+        let ac = accum(g, ly.gate);
+        be.matmul_dw(g.get_mut(ly.gate), &a.dgate, &a.xn2[l], n, c, i, ac);
+        hook(ly.gate, m, g);
+        let ac = accum(g, ly.up);
+        be.matmul_dw(g.get_mut(ly.up), &a.dup, &a.xn2[l], n, c, i, ac);
+        hook(ly.up, m, g);
+        norm_bwd(be, m, g, acc, ly.mlp_norm, &mut a.dres, &a.dxn, &a.xm[l], &a.rstd2[l], n, c);
+        hook(ly.mlp_norm, m, g);
+
+        // Attention: xm = x[l] + o(attn(rope(q(xn1)), rope(k(xn1)), v(xn1)))
+        be.matmul_dinp(&mut a.dao, &a.dres, m.w(ly.o), n, c, c, false);
+        let ac = accum(g, ly.o);
+        be.matmul_dw(g.get_mut(ly.o), &a.dres, &a.ao[l], n, c, c, ac);
+        hook(ly.o, m, g);
+        be.attention_bwd(&mut a.dq, &mut a.dk, &mut a.dv, &mut a.datt, &a.dao, &a.q[l], &a.k[l], &a.v[l], &a.att[l], dims);
+        be.rope(&mut a.dq, &a.rope, b, t, h, hd, true);
+        be.rope(&mut a.dk, &a.rope, b, t, kvh, hd, true);
+        be.matmul_dinp(&mut a.dxn, &a.dq, m.w(ly.q), n, c, c, false);
+        be.matmul_dinp(&mut a.dxn, &a.dk, m.w(ly.k), n, c, kv, true);
+        be.matmul_dinp(&mut a.dxn, &a.dv, m.w(ly.v), n, c, kv, true);
+        for (idx, d, oc) in [(ly.q, &a.dq, c), (ly.k, &a.dk, kv), (ly.v, &a.dv, kv)] {
+            let ac = accum(g, idx);
+            be.matmul_dw(g.get_mut(idx), d, &a.xn1[l], n, c, oc, ac);
+            hook(idx, m, g);
+        }
+        norm_bwd(be, m, g, acc, ly.attn_norm, &mut a.dres, &a.dxn, &a.x[l], &a.rstd1[l], n, c);
+        hook(ly.attn_norm, m, g);
+    }
+    let e = m.embed;
+    if !accum(g, e) {
+        be.fill(g.get_mut(e), 0.0);
+    }
+    be.embedding_bwd(g.get_mut(e), &a.dres, &a.tokens, c);
+    hook(e, m, g);
+}
+
+/// RMSNorm backward into `dres` (+=) and the norm's weight gradient.
+#[allow(clippy::too_many_arguments)]
+fn norm_bwd<B: Backend>(
+    be: &B,
+    m: &Llama<B>,
+    g: &mut Grads<B>,
+    acc: bool,
+    idx: usize,
+    dres: &mut B::Buf,
+    dout: &B::Buf,
+    x: &B::Buf,
+    rstd: &B::Buf,
+    n: usize,
+    c: usize,
+) {
+    if !(acc && !g.is_shared(idx)) {
+        be.fill(g.get_mut(idx), 0.0);
+    }
+    be.rmsnorm_bwd(dres, g.get_mut(idx), dout, x, m.w(idx), rstd, n, c);
+}

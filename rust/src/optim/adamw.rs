@@ -1,0 +1,48 @@
+//! Full-rank AdamW with fp32 moments: the baseline of algorithm-spec §1.7 (the paper's
+//! "Full-Rank" rows), with torch.optim.AdamW's decoupled weight decay p ← p·(1 − η·λ)
+//! applied before the moment update and textbook bias correction.
+
+use super::Optimizer;
+use crate::backend::{AdamHp, Backend, Category};
+use crate::config::OptimConfig;
+use crate::error::Result;
+use crate::model::{Llama, Param};
+
+pub struct AdamW<B: Backend> {
+    m: Vec<B::Buf>,
+    v: Vec<B::Buf>,
+    beta1: f32,
+    beta2: f32,
+    eps: f32,
+    wd: f32,
+    step: u64,
+}
+
+impl<B: Backend> AdamW<B> {
+    pub fn new(be: &B, model: &Llama<B>, cfg: &OptimConfig) -> Result<Self> {
+        let mut m = Vec::new();
+        let mut v = Vec::new();
+        for p in &model.params {
+            m.push(be.alloc(p.numel(), Category::OptimizerState)?);
+            v.push(be.alloc(p.numel(), Category::OptimizerState)?);
+        }
+        Ok(AdamW { m, v, beta1: cfg.beta1, beta2: cfg.beta2, eps: cfg.eps, wd: cfg.weight_decay, step: 0 })
+    }
+}
+
+impl<B: Backend> Optimizer<B> for AdamW<B> {
+    fn name(&self) -> &'static str {
+        "adamw"
+    }
+    fn begin_step(&mut self) {
+        self.step += 1;
+    }
+    fn update(&mut self, be: &B, idx: usize, p: &mut Param<B>, g: &B::Buf, lr: f32) -> Result<()> {
+        let hp = AdamHp { lr, beta1: self.beta1, beta2: self.beta2, eps: self.eps, weight_decay: self.wd, step: self.step };
+        be.adamw(&mut p.data, g, &mut self.m[idx], &mut self.v[idx], hp);
+        Ok(())
+    }
+    fn steps(&self) -> u64 {
+        self.step
+    }
+}

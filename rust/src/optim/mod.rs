@@ -1,0 +1,28 @@
+//! Optimizers. Each one updates one parameter at a time, given that parameter's complete
+//! gradient, so the same code serves the global step and the fused per-layer step.
+
+pub mod adamw;
+
+use crate::backend::Backend;
+use crate::error::Result;
+use crate::model::{Llama, Param};
+
+pub trait Optimizer<B: Backend>: Send {
+    fn name(&self) -> &'static str;
+    /// Called once per optimizer step, before any `update`: advances the step counter.
+    fn begin_step(&mut self);
+    /// Applies one update to parameter `idx` (its gradient is `g`).
+    fn update(&mut self, be: &B, idx: usize, p: &mut Param<B>, g: &B::Buf, lr: f32) -> Result<()>;
+    /// Completed optimizer steps.
+    fn steps(&self) -> u64;
+}
+
+/// Builds the optimizer named in the config.
+pub fn build<B: Backend>(be: &B, model: &Llama<B>, cfg: &crate::config::OptimConfig) -> Result<Box<dyn Optimizer<B>>> {
+    match cfg.name.as_str() {
+        "adamw" => Ok(Box::new(adamw::AdamW::new(be, model, cfg)?)),
+        other => Err(crate::error::Error::invalid(format!(
+            "optimizer = {other}: must be one of adamw"
+        ))),
+    }
+}

@@ -1,0 +1,153 @@
+//! Whole-model tests: gradient check, determinism, gradient accumulation, overfitting.
+
+mod common;
+use common::*;
+use qgalore::train::Engine;
+use qgalore::backend::cpu::Cpu;
+
+fn engine(cfg: qgalore::config::EngineConfig) -> Engine<Cpu> {
+    let threads = cfg.threads;
+    Engine::new(Cpu::new(threads).unwrap(), cfg).unwrap()
+}
+
+#[test]
+fn whole_model_gradient_matches_finite_differences() {
+    // GQA on, larger init so every parameter has a clearly non-zero gradient.
+    let mut m = tiny_model(32, 16, 24, 4, 2, 2);
+    m.initializer_range = 0.3;
+    let (b, t) = (2, 6);
+    let mut e = engine(engine_cfg(m, b, t, 3));
+    let toks = tokens(b, t, 32, 9);
+    e.loss_and_grads(&toks, 1).unwrap();
+    for idx in 0..e.model.params.len() {
+        let name = e.model.params[idx].name.clone();
+        let analytic = e.grads.get(idx).data.clone();
+        let mut x = e.model.params[idx].data.data.clone();
+        grad_check(&name, &analytic, &mut x, 1e-2, 40, |xx| {
+            e.model.params[idx].data.data.copy_from_slice(xx);
+            e.eval(&toks, 1).unwrap()
+        });
+        e.model.params[idx].data.data.copy_from_slice(&x);
+    }
+}
+
+#[test]
+fn initial_loss_is_log_vocab() {
+    let m = tiny_model(256, 32, 64, 4, 4, 2);
+    let mut e = engine(engine_cfg(m, 4, 16, 1));
+    let l = e.eval(&tokens(4, 16, 256, 2), 1).unwrap();
+    assert!((l - 256f64.ln()).abs() < 0.05, "{l}");
+}
+
+#[test]
+fn same_seed_gives_bit_identical_trajectories() {
+    let run = |threads: usize| {
+        let mut cfg = engine_cfg(tiny_model(64, 32, 48, 4, 4, 2), 3, 12, 42);
+        cfg.threads = threads;
+        let mut e = engine(cfg);
+        (0..6).map(|s| e.train_step(&tokens(3, 12, 64, 100 + s), 1, 3e-3).unwrap().loss.to_bits()).collect::<Vec<_>>()
+    };
+    let a = run(2);
+    assert_eq!(a, run(2));
+    assert_eq!(a, run(1), "trajectory depends on the thread count");
+    let mut cfg = engine_cfg(tiny_model(64, 32, 48, 4, 4, 2), 3, 12, 43);
+    cfg.threads = 2;
+    let other = engine(cfg).train_step(&tokens(3, 12, 64, 100), 1, 3e-3).unwrap().loss.to_bits();
+    assert_ne!(a[0], other, "a different seed must give a different model");
+}
+
+#[test]
+fn gradient_accumulation_equals_one_large_batch() {
+    let m = tiny_model(48, 32, 40, 4, 4, 2);
+    let toks = tokens(4, 10, 48, 5);
+    let mut big = engine(engine_cfg(m.clone(), 4, 10, 8));
+    let mut acc = engine(engine_cfg(m, 2, 10, 8));
+    let lb = big.loss_and_grads(&toks, 1).unwrap();
+    let la = acc.loss_and_grads(&toks, 2).unwrap();
+    assert!((lb - la).abs() < 1e-6, "{lb} vs {la}");
+    for i in 0..big.model.params.len() {
+        let (g1, g2) = (&big.grads.get(i).data, &acc.grads.get(i).data);
+        let err = g1.iter().zip(g2.iter()).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+        let scale = g1.iter().map(|a| a.abs()).fold(0.0f32, f32::max);
+        assert!(err <= 1e-5 * scale.max(1e-3), "param {i}: max err {err} (scale {scale})");
+    }
+    // and the resulting updates agree
+    let sb = big.train_step(&toks, 1, 1e-3).unwrap();
+    let sa = acc.train_step(&toks, 2, 1e-3).unwrap();
+    assert!((sb.grad_norm - sa.grad_norm).abs() < 1e-5 * sb.grad_norm);
+    let l1 = big.eval(&tokens(4, 10, 48, 6), 1).unwrap();
+    let l2 = acc.eval(&tokens(2, 10, 48, 6), 1).unwrap();
+    let l1b = big.eval(&tokens(4, 10, 48, 6), 1).unwrap();
+    assert_eq!(l1, l1b);
+    assert!(l2.is_finite());
+}
+
+#[test]
+fn clipping_bounds_the_update_norm() {
+    let mut cfg = engine_cfg(tiny_model(32, 16, 24, 2, 2, 1), 2, 8, 4);
+    cfg.optimizer.clip = 1e-3;
+    let mut e = engine(cfg);
+    let toks = tokens(2, 8, 32, 1);
+    e.loss_and_grads(&toks, 1).unwrap();
+    let raw = e.grad_norm();
+    let st = e.train_step(&toks, 1, 1e-3).unwrap();
+    assert!(st.clipped && (st.grad_norm - raw).abs() < 1e-9 * raw.max(1.0));
+    assert!((e.grad_norm() - 1e-3).abs() < 1e-6, "clipped norm {}", e.grad_norm());
+}
+
+#[test]
+fn overfits_one_batch() {
+    let mut e = engine(engine_cfg(tiny_model(64, 64, 128, 4, 4, 2), 2, 16, 7));
+    let toks = tokens(2, 16, 64, 77);
+    let first = e.train_step(&toks, 1, 1e-2).unwrap().loss;
+    let mut last = first;
+    for _ in 0..150 {
+        last = e.train_step(&toks, 1, 1e-2).unwrap().loss;
+    }
+    assert!(first > 3.5, "{first}");
+    assert!(last < 0.05, "loss after 150 steps on one batch: {last}");
+}
+
+#[test]
+fn rejects_bad_batches_without_touching_weights() {
+    let mut e = engine(engine_cfg(tiny_model(32, 16, 24, 2, 2, 1), 2, 8, 4));
+    let before = e.model.params[1].data.data.clone();
+    let err = e.train_step(&tokens(1, 8, 32, 1), 1, 1e-3).unwrap_err();
+    assert!(err.msg.contains("expected 1 × batch 2"), "{}", err.msg);
+    let mut bad = tokens(2, 8, 32, 1);
+    bad[3] = 99;
+    assert!(e.train_step(&bad, 1, 1e-3).unwrap_err().msg.contains("token id 99"));
+    assert!(e.train_step(&tokens(2, 8, 32, 1), 1, f32::NAN).is_err());
+    assert_eq!(before, e.model.params[1].data.data);
+}
+
+#[test]
+fn diverging_run_reports_non_finite_and_keeps_weights() {
+    let mut e = engine(engine_cfg(tiny_model(32, 16, 24, 2, 2, 1), 2, 8, 4));
+    let toks = tokens(2, 8, 32, 1);
+    let mut err = None;
+    for _ in 0..20 {
+        if let Err(x) = e.train_step(&toks, 1, 1e30) {
+            err = Some(x);
+            break;
+        }
+    }
+    let err = err.expect("lr 1e30 must diverge");
+    assert_eq!(err.code, qgalore::error::Code::NonFinite);
+}
+
+#[test]
+fn param_count_matches_paper_totals() {
+    use qgalore::model::llama::param_count;
+    let cfg = |c, i, h, l| {
+        let mut m = tiny_model(32000, c, i, h, h, l);
+        m.max_position_embeddings = 2048;
+        m
+    };
+    let m = |x: usize| (x as f64 / 1e6 * 100.0).round() / 100.0;
+    assert_eq!(m(param_count(&cfg(512, 1376, 8, 8))), 58.07);
+    assert_eq!(m(param_count(&cfg(768, 2048, 12, 12))), 134.11);
+    assert_eq!(m(param_count(&cfg(1024, 2736, 16, 24))), 367.97);
+    assert_eq!(m(param_count(&cfg(2048, 5461, 32, 24))), 1339.08);
+    assert_eq!(m(param_count(&cfg(4096, 11008, 32, 32))), 6738.42);
+}
