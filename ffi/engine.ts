@@ -1,0 +1,230 @@
+/**
+ * Typed, disposable handle over one native training session. Only `ffi/` touches pointers.
+ * @module
+ */
+import { loadLibrary } from "./loader.ts";
+import type { NativeLib } from "./symbols.ts";
+
+/** LLaMA architecture, with Hugging Face `LlamaConfig` field names. */
+export interface ModelConfig {
+  vocab_size: number;
+  hidden_size: number;
+  intermediate_size: number;
+  num_attention_heads: number;
+  num_key_value_heads: number;
+  num_hidden_layers: number;
+  max_position_embeddings: number;
+  rope_theta: number;
+  rms_norm_eps: number;
+  initializer_range: number;
+}
+
+/** Optimizer settings sent to the engine. */
+export interface OptimizerConfig {
+  /** Optimizer name, e.g. `adamw`. */
+  name: string;
+  beta1: number;
+  beta2: number;
+  eps: number;
+  weight_decay: number;
+  /** Global gradient-norm clipping threshold; 0 disables clipping. */
+  clip: number;
+  [key: string]: unknown;
+}
+
+/** Everything the engine needs to build a session. */
+export interface EngineConfig {
+  model: ModelConfig;
+  batch_size: number;
+  seq_len: number;
+  optimizer: OptimizerConfig;
+  seed: number;
+  device: "cpu" | "cuda" | "auto";
+  /** Worker threads; 0 or absent means one per core. */
+  threads?: number;
+}
+
+/** Result of one optimizer step. */
+export interface StepStats {
+  /** Mean token cross-entropy of the step's batch (nats). */
+  loss: number;
+  /** Global gradient norm before clipping. */
+  gradNorm: number;
+  /** Whether clipping scaled the gradient. */
+  clipped: boolean;
+}
+
+/** Engine-tracked bytes by category. */
+export interface MemoryBytes {
+  weights: number;
+  grads: number;
+  optimizer_state: number;
+  projector: number;
+  activations: number;
+  total: number;
+}
+
+/** Engine status codes (`rust/src/error.rs`). */
+export const ErrorCode = {
+  invalid: -1,
+  panic: -2,
+  nonFinite: -3,
+  backend: -4,
+} as const;
+
+/** An error reported by the engine; `message` is one user-readable line. */
+export class EngineError extends Error {
+  /** Engine status code (see {@link ErrorCode}). */
+  code: number;
+  /** Creates an engine error. */
+  constructor(code: number, message: string) {
+    super(message);
+    this.name = "EngineError";
+    this.code = code;
+  }
+}
+
+const enc = new TextEncoder();
+const dec = new TextDecoder();
+
+/** The engine library's ABI version (loads the library). */
+export function engineAbiVersion(): number {
+  return loadLibrary().symbols.qg_abi_version();
+}
+
+/** Measured f32 GEMM throughput (GFLOP/s) of an (m×k)·(k×n) product on `threads` threads. */
+export async function gemmGflops(
+  m: number,
+  n: number,
+  k: number,
+  iters: number,
+  threads = 0,
+): Promise<number> {
+  return await loadLibrary().symbols.qg_gemm_gflops(m, n, k, iters, threads);
+}
+
+const registry = new FinalizationRegistry<Deno.PointerValue>((ptr) => {
+  if (ptr) loadLibrary().symbols.qg_engine_free(ptr);
+});
+
+/** One native training session: model, optimizer state and activation buffers. */
+export class Engine implements Disposable {
+  #lib: NativeLib;
+  #ptr: Deno.PointerValue;
+  #busy = false;
+  /** Trainable parameter count. */
+  readonly params: number;
+  /** Device the session runs on (`cpu`, `cuda`). */
+  readonly device: string;
+  /** Optimizer name as the engine reports it. */
+  readonly optimizer: string;
+  /** The configuration the session was built from. */
+  readonly config: EngineConfig;
+
+  private constructor(lib: NativeLib, ptr: Deno.PointerValue, config: EngineConfig) {
+    this.#lib = lib;
+    this.#ptr = ptr;
+    this.config = config;
+    const info = this.info();
+    this.params = info.params as number;
+    this.device = info.device as string;
+    this.optimizer = info.optimizer as string;
+    registry.register(this, ptr, this);
+  }
+
+  /** Builds a session; throws {@link EngineError} with a one-line message on a bad config. */
+  static async create(config: EngineConfig): Promise<Engine> {
+    const lib = loadLibrary();
+    const json = enc.encode(JSON.stringify(config));
+    const err = new Uint8Array(1024);
+    const errLen = new BigUint64Array(1);
+    const ptr = await lib.symbols.qg_engine_new(json, BigInt(json.length), err, 1024n, errLen);
+    if (ptr === null) {
+      const n = Math.min(Number(errLen[0]), err.length);
+      throw new EngineError(-1, dec.decode(err.subarray(0, n)) || "engine creation failed");
+    }
+    return new Engine(lib, ptr, config);
+  }
+
+  #handle(): Deno.PointerObject {
+    if (this.#ptr === null) throw new EngineError(-1, "engine already disposed");
+    return this.#ptr;
+  }
+
+  #error(code: number): EngineError {
+    const h = this.#handle();
+    const need = Number(this.#lib.symbols.qg_last_error(h, null, 0n));
+    const buf = new Uint8Array(need);
+    this.#lib.symbols.qg_last_error(h, buf, BigInt(need));
+    return new EngineError(code, dec.decode(buf));
+  }
+
+  async #call(f: () => Promise<number>): Promise<void> {
+    if (this.#busy) throw new EngineError(-1, "engine is busy: await the previous call first");
+    this.#busy = true;
+    try {
+      const rc = await f();
+      if (rc !== 0) throw this.#error(rc);
+    } finally {
+      this.#busy = false;
+    }
+  }
+
+  /** Engine facts as JSON: params, device, optimizer, steps, memory. */
+  info(): Record<string, unknown> {
+    const h = this.#handle();
+    const need = Number(this.#lib.symbols.qg_info(h, null, 0n));
+    const buf = new Uint8Array(need);
+    this.#lib.symbols.qg_info(h, buf, BigInt(need));
+    return JSON.parse(dec.decode(buf));
+  }
+
+  /**
+   * One optimizer step over `microBatches` micro-batches. `tokens` holds
+   * microBatches × batch_size × (seq_len + 1) ids, row-major; each row's first seq_len ids
+   * are inputs and ids 1..seq_len the targets. Rejects with code −3 when the loss or the
+   * gradient is not finite (the weights are then left untouched).
+   */
+  async trainStep(tokens: Int32Array, microBatches: number, lr: number): Promise<StepStats> {
+    const h = this.#handle();
+    const out = new Float64Array(3);
+    await this.#call(() =>
+      this.#lib.symbols.qg_train_step(h, tokens, BigInt(tokens.length), microBatches, lr, out)
+    );
+    return { loss: out[0], gradNorm: out[1], clipped: out[2] !== 0 };
+  }
+
+  /** Mean over `batches` batches of the mean token cross-entropy (nats). */
+  async evalLoss(tokens: Int32Array, batches: number): Promise<number> {
+    const h = this.#handle();
+    const out = new Float64Array(1);
+    await this.#call(() =>
+      this.#lib.symbols.qg_eval(h, tokens, BigInt(tokens.length), batches, out)
+    );
+    return out[0];
+  }
+
+  /** Engine-tracked bytes by category. */
+  memory(): MemoryBytes {
+    const out = new Float64Array(6);
+    const rc = this.#lib.symbols.qg_memory(this.#handle(), out);
+    if (rc !== 0) throw this.#error(rc);
+    const [weights, grads, optimizer_state, projector, activations, total] = out;
+    return { weights, grads, optimizer_state, projector, activations, total };
+  }
+
+  /** Test hook: makes the engine panic inside its guard; must surface as an EngineError. */
+  debugPanic(): never {
+    const rc = this.#lib.symbols.qg_debug_panic(this.#handle());
+    throw this.#error(rc);
+  }
+
+  /** Frees the native session. Safe to call twice. */
+  [Symbol.dispose](): void {
+    if (this.#ptr === null) return;
+    if (this.#busy) throw new EngineError(-1, "cannot dispose an engine while a call is running");
+    registry.unregister(this);
+    this.#lib.symbols.qg_engine_free(this.#ptr);
+    this.#ptr = null;
+  }
+}

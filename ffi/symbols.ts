@@ -1,0 +1,40 @@
+/**
+ * The native symbol table: the one place that states the C signatures of `rust/src/ffi.rs`.
+ * @module
+ */
+
+/** ABI version this TypeScript expects; checked against `qg_abi_version()` at load. */
+export const ABI_VERSION = 1;
+
+/** Symbols of the qgalore engine library. */
+export const SYMBOLS = {
+  qg_abi_version: { parameters: [], result: "u32" },
+  qg_engine_new: {
+    parameters: ["buffer", "usize", "buffer", "usize", "buffer"],
+    result: "pointer",
+    nonblocking: true,
+  },
+  qg_engine_free: { parameters: ["pointer"], result: "void" },
+  qg_last_error: { parameters: ["pointer", "buffer", "usize"], result: "usize" },
+  qg_info: { parameters: ["pointer", "buffer", "usize"], result: "usize" },
+  qg_train_step: {
+    parameters: ["pointer", "buffer", "usize", "u32", "f32", "buffer"],
+    result: "i32",
+    nonblocking: true,
+  },
+  qg_eval: {
+    parameters: ["pointer", "buffer", "usize", "u32", "buffer"],
+    result: "i32",
+    nonblocking: true,
+  },
+  qg_memory: { parameters: ["pointer", "buffer"], result: "i32" },
+  qg_gemm_gflops: {
+    parameters: ["u32", "u32", "u32", "u32", "u32"],
+    result: "f64",
+    nonblocking: true,
+  },
+  qg_debug_panic: { parameters: ["pointer"], result: "i32" },
+} as const;
+
+/** The opened library with typed symbols. */
+export type NativeLib = Deno.DynamicLibrary<typeof SYMBOLS>;

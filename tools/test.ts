@@ -1,0 +1,65 @@
+/**
+ * Runs every test — static checks, the Rust suite, the Deno suite — and ends with one
+ * plain `N passed, N failed` line counting them all. Exit status is non-zero on failure.
+ * @module
+ */
+
+const root = new URL("..", import.meta.url).pathname;
+const deno = Deno.execPath();
+
+/** Runs a command, echoing its output live, and returns the combined text and status. */
+async function run(cmd: string, args: string[]): Promise<{ ok: boolean; text: string }> {
+  const child = new Deno.Command(cmd, { args, cwd: root, stdout: "piped", stderr: "piped" })
+    .spawn();
+  const dec = new TextDecoder();
+  let text = "";
+  const pump = async (s: ReadableStream<Uint8Array>, w: { writeSync(b: Uint8Array): number }) => {
+    for await (const chunk of s) {
+      w.writeSync(chunk);
+      text += dec.decode(chunk, { stream: true });
+    }
+  };
+  await Promise.all([pump(child.stdout, Deno.stdout), pump(child.stderr, Deno.stderr)]);
+  const st = await child.status;
+  return { ok: st.success, text };
+}
+
+// deno-lint-ignore no-control-regex
+const strip = (s: string) => s.replace(/\x1b\[[0-9;]*m/g, "");
+
+let passed = 0;
+let failed = 0;
+
+// Static checks count as one test each.
+for (
+  const [name, args] of [
+    ["fmt", ["fmt", "--check"]],
+    ["lint", ["lint"]],
+    ["type check", ["check", "mod.ts", "examples/", "tests/", "bench/", "tools/"]],
+  ] as const
+) {
+  const r = await run(deno, [...args]);
+  console.log(`check ${name}: ${r.ok ? "ok" : "FAILED"}`);
+  r.ok ? passed++ : failed++;
+}
+
+// Rust: sum every "test result: … N passed; M failed" line.
+const rust = await run("cargo", ["test", "--release", "--manifest-path", "rust/Cargo.toml"]);
+let rustSeen = false;
+for (const m of strip(rust.text).matchAll(/test result: \w+\. (\d+) passed; (\d+) failed/g)) {
+  passed += Number(m[1]);
+  failed += Number(m[2]);
+  rustSeen = true;
+}
+if (!rust.ok && !rustSeen) failed++; // the suite did not even build
+
+// Deno: "ok | N passed (…) | M failed" or "FAILED | N passed | M failed".
+const dn = await run(deno, ["test", "-A", "tests/"]);
+const m = strip(dn.text).match(/(\d+) passed.*?\| (\d+) failed/);
+if (m) {
+  passed += Number(m[1]);
+  failed += Number(m[2]);
+} else if (!dn.ok) failed++;
+
+console.log(`${passed} passed, ${failed} failed`);
+Deno.exit(failed === 0 && rust.ok && dn.ok ? 0 : 1);
