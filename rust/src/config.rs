@@ -107,6 +107,115 @@ pub struct OptimConfig {
     /// Global gradient-norm clipping threshold; 0 disables it.
     #[serde(default)]
     pub clip: f32,
+    // GaLore / Q-GaLore (algorithm-spec §1.2–1.6, §2)
+    #[serde(default = "default_rank")]
+    pub rank: usize,
+    #[serde(default = "default_gap")]
+    pub update_gap: u64,
+    #[serde(default = "default_scale")]
+    pub galore_scale: f32,
+    /// 8: INT8 projected weights (Q-GaLore); 16: float weights.
+    #[serde(default = "default_wbits")]
+    pub weight_bits: u8,
+    #[serde(default = "default_group")]
+    pub weight_group_size: usize,
+    /// 4 (packed INT4), 8, 16 (bf16) or 32 (f32) projector storage.
+    #[serde(default = "default_pbits")]
+    pub proj_bits: u8,
+    #[serde(default = "default_group")]
+    pub proj_group_size: usize,
+    #[serde(default = "yes")]
+    pub stochastic_round: bool,
+    #[serde(default)]
+    pub lazy: bool,
+    #[serde(default = "default_cos")]
+    pub cos_threshold: f32,
+    #[serde(default = "default_queue")]
+    pub queue_size: usize,
+    #[serde(default = "default_gamma")]
+    pub gamma: u64,
+    /// "svd" | "eigh" | "randomized"
+    #[serde(default = "default_refresh")]
+    pub proj_refresh: String,
+    /// "signed" (reference: signed top-1 cosine) | "abs" (sign-invariant)
+    #[serde(default = "default_cos_mode")]
+    pub cos_mode: String,
+    /// "zero" (range includes 0, our default) | "reference" (min–max only)
+    #[serde(default = "default_qrange")]
+    pub quant_range: String,
+    /// bnb block size for 8-bit states (2048 in bnb 0.43.1, 256 in later versions).
+    #[serde(default = "default_block")]
+    pub block_size: usize,
+    /// Optimizer steps inside the backward pass (per-layer updates, §1.5).
+    #[serde(default)]
+    pub fused: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_rank() -> usize {
+    128
+}
+fn default_gap() -> u64 {
+    200
+}
+fn default_scale() -> f32 {
+    0.25
+}
+fn default_wbits() -> u8 {
+    16
+}
+fn default_pbits() -> u8 {
+    16
+}
+fn default_group() -> usize {
+    256
+}
+fn default_cos() -> f32 {
+    0.4
+}
+fn default_queue() -> usize {
+    5
+}
+fn default_gamma() -> u64 {
+    2
+}
+fn default_refresh() -> String {
+    "eigh".into()
+}
+fn default_cos_mode() -> String {
+    "signed".into()
+}
+fn default_qrange() -> String {
+    "zero".into()
+}
+fn default_block() -> usize {
+    2048
+}
+
+impl OptimConfig {
+    pub fn projected(&self) -> bool {
+        matches!(self.name.as_str(), "galore" | "galore8bit" | "qgalore")
+    }
+    /// bnb-style Adam (8-bit states ≥ 4096 elements) for the non-projected tensors.
+    pub fn eight_bit(&self) -> bool {
+        matches!(self.name.as_str(), "adam8bit" | "galore8bit" | "qgalore")
+    }
+    pub fn refresh(&self) -> crate::backend::Refresh {
+        match self.proj_refresh.as_str() {
+            "svd" => crate::backend::Refresh::Svd,
+            "randomized" => crate::backend::Refresh::Randomized,
+            _ => crate::backend::Refresh::Eigh,
+        }
+    }
+    pub fn range(&self) -> crate::quant::Range {
+        if self.quant_range == "reference" {
+            crate::quant::Range::Reference
+        } else {
+            crate::quant::Range::WithZero
+        }
+    }
 }
 
 fn default_b1() -> f32 {
@@ -133,6 +242,13 @@ pub struct EngineConfig {
     /// Worker threads for this engine; 0 means all cores.
     #[serde(default)]
     pub threads: usize,
+    /// Micro-batches per optimizer step (every `train_step` must pass this many).
+    #[serde(default = "one")]
+    pub grad_accum: usize,
+}
+
+fn one() -> usize {
+    1
 }
 
 fn default_device() -> String {
@@ -175,6 +291,37 @@ impl EngineConfig {
             o.weight_decay
         );
         ensure!(o.clip >= 0.0, "clip = {}: must be ≥ 0 (0 disables clipping)", o.clip);
+        ensure!(self.grad_accum >= 1, "grad_accum = 0: must be ≥ 1");
+        let names = ["adamw", "adam8bit", "galore", "galore8bit", "qgalore"];
+        ensure!(
+            names.contains(&o.name.as_str()),
+            "optimizer = {}: must be one of {}",
+            o.name,
+            names.join(", ")
+        );
+        ensure!(o.rank >= 1, "rank = {}: must be ≥ 1", o.rank);
+        ensure!(o.update_gap >= 1, "update_gap = {}: must be ≥ 1", o.update_gap);
+        ensure!(o.galore_scale > 0.0, "galore_scale = {}: must be > 0", o.galore_scale);
+        ensure!(matches!(o.weight_bits, 8 | 16), "weight_bits = {}: must be 8 or 16", o.weight_bits);
+        ensure!(matches!(o.proj_bits, 4 | 8 | 16 | 32), "proj_bits = {}: must be 4, 8, 16 or 32", o.proj_bits);
+        ensure!(o.weight_bits == 16 || o.name == "qgalore", "weight_bits = 8: only qgalore keeps INT8 weights");
+        for (name, g) in [("weight_group_size", o.weight_group_size), ("proj_group_size", o.proj_group_size)] {
+            ensure!((2..=1024).contains(&g) && g % 2 == 0, "{name} = {g}: must be an even number in [2, 1024]");
+        }
+        ensure!(o.queue_size >= 1, "queue_size = {}: must be ≥ 1", o.queue_size);
+        ensure!(o.gamma >= 1, "gamma = {}: must be ≥ 1", o.gamma);
+        ensure!(
+            matches!(o.proj_refresh.as_str(), "svd" | "eigh" | "randomized"),
+            "proj_refresh = {}: must be svd, eigh or randomized",
+            o.proj_refresh
+        );
+        ensure!(matches!(o.cos_mode.as_str(), "signed" | "abs"), "cos_mode = {}: must be signed or abs", o.cos_mode);
+        ensure!(
+            matches!(o.quant_range.as_str(), "zero" | "reference"),
+            "quant_range = {}: must be zero or reference",
+            o.quant_range
+        );
+        ensure!(matches!(o.block_size, 256 | 2048), "block_size = {}: must be 256 or 2048", o.block_size);
         ensure!(
             self.device == "cpu" || self.device == "auto" || self.device == "cuda",
             "device = {}: must be cpu, cuda or auto",

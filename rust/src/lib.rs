@@ -9,5 +9,6 @@ pub mod error;
 pub mod ffi;
 pub mod model;
 pub mod optim;
+pub mod quant;
 pub mod rng;
 pub mod train;

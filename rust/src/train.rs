@@ -24,16 +24,26 @@ pub struct Engine<B: Backend> {
     pub grads: Grads<B>,
     pub acts: Acts<B>,
     pub opt: Box<dyn Optimizer<B>>,
+    /// Optimizer steps run inside the backward (per-layer updates, algorithm-spec §1.5).
+    pub fused: bool,
 }
 
 impl<B: Backend> Engine<B> {
     pub fn new(be: B, cfg: EngineConfig) -> Result<Self> {
         cfg.validate()?;
-        let model = be.runner().run(|| Llama::new(&be, &cfg.model, cfg.seed))?;
-        let grads = Grads::new(&be, &model, |_| false)?;
-        let acts = Acts::new(&be, &cfg.model, cfg.batch_size, cfg.seq_len)?;
-        let opt = optim::build(&be, &model, &cfg.optimizer)?;
-        Ok(Engine { be, cfg, model, grads, acts, opt })
+        let o = &cfg.optimizer;
+        let mut model = be.runner().run(|| Llama::new(&be, &cfg.model, cfg.seed))?;
+        if o.name == "qgalore" && o.weight_bits == 8 {
+            let (g, r) = (o.weight_group_size, o.range());
+            be.runner().run(|| model.quantize_linears(&be, 8, g, r))?;
+        }
+        // With gradient accumulation the full gradient must persist across micro-batches,
+        // so only GA = 1 runs fused; GA > 1 takes the global step (exact, I-12).
+        let fused = o.fused && cfg.grad_accum == 1;
+        let grads = Grads::new(&be, &model, |_| fused)?;
+        let acts = Acts::new(&be, &cfg.model, cfg.batch_size, cfg.seq_len, model.largest_quantized())?;
+        let opt = optim::build(&be, &model, o, cfg.seed)?;
+        Ok(Engine { be, cfg, model, grads, acts, opt, fused })
     }
 
     fn window_rows(&self, tokens: &[i32], chunks: usize, what: &str) -> Result<()> {
@@ -81,18 +91,28 @@ impl<B: Backend> Engine<B> {
     }
 
     pub fn grad_norm(&self) -> f64 {
-        (0..self.model.params.len()).map(|i| self.be.sumsq(self.grads.get(i))).sum::<f64>().sqrt()
+        let p = &self.model.params;
+        (0..p.len()).map(|i| self.be.sumsq(self.grads.get(i), p[i].numel())).sum::<f64>().sqrt()
     }
 
     pub fn train_step(&mut self, tokens: &[i32], micro: usize, lr: f32) -> Result<StepStats> {
         ensure!(lr.is_finite() && lr >= 0.0, "lr = {lr}: must be a finite number ≥ 0");
+        ensure!(
+            micro == self.cfg.grad_accum,
+            "micro-batches = {micro}: this engine was built for grad_accum = {}",
+            self.cfg.grad_accum
+        );
+        if self.fused {
+            return self.fused_step(tokens, lr);
+        }
         let loss = self.loss_and_grads(tokens, micro)?;
         let mut st = StepStats { loss, ..Default::default() };
         let be = &self.be;
         let (model, grads, opt) = (&mut self.model, &mut self.grads, &mut self.opt);
         let clip = self.cfg.optimizer.clip as f64;
         (|| -> Result<()> {
-            st.grad_norm = (0..model.params.len()).map(|i| be.sumsq(grads.get(i))).sum::<f64>().sqrt();
+            let np = model.params.len();
+            st.grad_norm = (0..np).map(|i| be.sumsq(grads.get(i), model.params[i].numel())).sum::<f64>().sqrt();
             if !st.grad_norm.is_finite() {
                 return Err(Error::non_finite(format!("gradient norm is {}", fmt_nf(st.grad_norm))));
             }
@@ -106,10 +126,65 @@ impl<B: Backend> Engine<B> {
             }
             opt.begin_step();
             for i in 0..model.params.len() {
-                opt.update(be, i, &mut model.params[i], grads.get(i), lr)?;
+                opt.update(be, i, &mut model.params[i], grads.get_mut(i), lr)?;
             }
             Ok(())
         })()?;
+        Ok(st)
+    }
+
+    /// One step with the optimizer inside the backward: each parameter is updated as soon
+    /// as its gradient is complete, and gradients share one buffer (peak gradient memory
+    /// is one tensor's). Clipping stays exact: when it is on, a first backward only
+    /// measures the global norm, and a second one applies the clipped updates (the
+    /// forward activations are reused, so it costs one extra backward, not a forward).
+    fn fused_step(&mut self, tokens: &[i32], lr: f32) -> Result<StepStats> {
+        self.window_rows(tokens, 1, "train batch")?;
+        let ntok = (self.cfg.batch_size * self.cfg.seq_len) as f64;
+        let sum = self.forward_loss(tokens, Some((1.0 / ntok) as f32))?;
+        if !sum.is_finite() {
+            return Err(Error::non_finite(format!("loss is {}", fmt_nf(sum))));
+        }
+        let mut st = StepStats { loss: sum / ntok, ..Default::default() };
+        let clip = self.cfg.optimizer.clip as f64;
+        let (be, m, g, a, opt) = (&self.be, &mut self.model, &mut self.grads, &mut self.acts, &mut self.opt);
+        let mut scale = 1.0f32;
+        if clip > 0.0 {
+            let mut ss = 0.0f64;
+            pass::backward(be, m, g, a, false, &mut |i, m, g| ss += be.sumsq(g.get(i), m.params[i].numel()));
+            st.grad_norm = ss.sqrt();
+            if !st.grad_norm.is_finite() {
+                return Err(Error::non_finite(format!("gradient norm is {}", fmt_nf(st.grad_norm))));
+            }
+            if st.grad_norm > clip {
+                scale = (clip / (st.grad_norm + 1e-6)) as f32;
+                st.clipped = true;
+            }
+        }
+        opt.begin_step();
+        let mut err: Option<Error> = None;
+        let mut ss = 0.0f64;
+        pass::backward(be, m, g, a, false, &mut |i, m, g| {
+            if err.is_some() {
+                return;
+            }
+            let n = m.params[i].numel();
+            if clip <= 0.0 {
+                ss += be.sumsq(g.get(i), n);
+            }
+            if scale != 1.0 {
+                be.scale(g.get_mut(i), scale);
+            }
+            if let Err(e) = opt.update(be, i, &mut m.params[i], g.get_mut(i), lr) {
+                err = Some(e);
+            }
+        });
+        if let Some(e) = err {
+            return Err(e);
+        }
+        if clip <= 0.0 {
+            st.grad_norm = ss.sqrt();
+        }
         Ok(st)
     }
 
@@ -138,18 +213,22 @@ impl<B: Backend> Engine<B> {
 
     pub fn info_json(&self) -> String {
         let m = self.memory();
+        let extra = self.opt.report(&self.model);
         format!(
-            "{{\"params\":{},\"device\":\"{}\",\"optimizer\":\"{}\",\"steps\":{},\"memory\":{{\"weights\":{},\"grads\":{},\"optimizer_state\":{},\"projector\":{},\"activations\":{},\"total\":{}}}}}",
+            "{{\"params\":{},\"device\":\"{}\",\"optimizer\":\"{}\",\"fused\":{},\"steps\":{},\"memory\":{{\"weights\":{},\"grads\":{},\"optimizer_state\":{},\"projector\":{},\"activations\":{},\"total\":{}}}{}{}}}",
             self.model.numel(),
             self.be.name(),
             self.opt.name(),
+            self.fused,
             self.opt.steps(),
             m[Category::Weights as usize],
             m[Category::Grads as usize],
             m[Category::OptimizerState as usize],
             m[Category::Projector as usize],
             m[Category::Activations as usize],
-            m[5]
+            m[5],
+            if extra.is_empty() { "" } else { "," },
+            extra
         )
     }
 }

@@ -22,12 +22,12 @@ fn whole_model_gradient_matches_finite_differences() {
     for idx in 0..e.model.params.len() {
         let name = e.model.params[idx].name.clone();
         let analytic = e.grads.get(idx).data.clone();
-        let mut x = e.model.params[idx].data.data.clone();
+        let mut x = e.model.params[idx].f().data.clone();
         grad_check(&name, &analytic, &mut x, 1e-2, 40, |xx| {
-            e.model.params[idx].data.data.copy_from_slice(xx);
+            e.model.params[idx].f_mut().data.copy_from_slice(xx);
             e.eval(&toks, 1).unwrap()
         });
-        e.model.params[idx].data.data.copy_from_slice(&x);
+        e.model.params[idx].f_mut().data.copy_from_slice(&x);
     }
 }
 
@@ -61,7 +61,9 @@ fn gradient_accumulation_equals_one_large_batch() {
     let m = tiny_model(48, 32, 40, 4, 4, 2);
     let toks = tokens(4, 10, 48, 5);
     let mut big = engine(engine_cfg(m.clone(), 4, 10, 8));
-    let mut acc = engine(engine_cfg(m, 2, 10, 8));
+    let mut acfg = engine_cfg(m, 2, 10, 8);
+    acfg.grad_accum = 2;
+    let mut acc = engine(acfg);
     let lb = big.loss_and_grads(&toks, 1).unwrap();
     let la = acc.loss_and_grads(&toks, 2).unwrap();
     assert!((lb - la).abs() < 1e-6, "{lb} vs {la}");
@@ -111,14 +113,14 @@ fn overfits_one_batch() {
 #[test]
 fn rejects_bad_batches_without_touching_weights() {
     let mut e = engine(engine_cfg(tiny_model(32, 16, 24, 2, 2, 1), 2, 8, 4));
-    let before = e.model.params[1].data.data.clone();
+    let before = e.model.params[1].f().data.clone();
     let err = e.train_step(&tokens(1, 8, 32, 1), 1, 1e-3).unwrap_err();
     assert!(err.msg.contains("expected 1 × batch 2"), "{}", err.msg);
     let mut bad = tokens(2, 8, 32, 1);
     bad[3] = 99;
     assert!(e.train_step(&bad, 1, 1e-3).unwrap_err().msg.contains("token id 99"));
     assert!(e.train_step(&tokens(2, 8, 32, 1), 1, f32::NAN).is_err());
-    assert_eq!(before, e.model.params[1].data.data);
+    assert_eq!(before, e.model.params[1].f().data);
 }
 
 #[test]

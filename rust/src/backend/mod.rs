@@ -10,6 +10,8 @@
 pub mod cpu;
 
 use crate::error::Result;
+use crate::quant::adam8::BnbHp;
+use crate::quant::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -89,9 +91,25 @@ pub struct AdamHp {
     pub step: u64,
 }
 
+/// How a projector refresh finds the top-r singular subspace of a gradient.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refresh {
+    /// Full thin SVD (the reference's `torch.linalg.svd(full_matrices=False)`).
+    Svd,
+    /// Gram matrix (GᵀG or GGᵀ) plus a symmetric eigensolver: exact, 6–8× cheaper.
+    Eigh,
+    /// Randomized subspace iteration warm-started from the previous projector, finished
+    /// with Rayleigh–Ritz so the basis is sorted like singular vectors.
+    Randomized,
+}
+
 /// Operations every backend provides. All buffers hold `len` logical f32 values.
 pub trait Backend: Send + Sync + 'static {
     type Buf: Send;
+    /// Quantized storage (INT8/INT4 codes with group scale and zero, or bf16).
+    type Q: Send;
+    /// Block-wise 8-bit Adam state.
+    type A8: Send;
 
     fn name(&self) -> &'static str;
     fn mem(&self) -> &MemTracker;
@@ -110,8 +128,11 @@ pub trait Backend: Send + Sync + 'static {
     /// dst += src
     fn add(&self, dst: &mut Self::Buf, src: &Self::Buf);
     fn scale(&self, b: &mut Self::Buf, s: f32);
-    /// Σ x² in f64, reduced in a fixed order (deterministic for any thread count).
-    fn sumsq(&self, b: &Self::Buf) -> f64;
+    /// Σ x² over the first `n` values in f64, reduced in a fixed order (deterministic
+    /// for any thread count).
+    fn sumsq(&self, b: &Self::Buf, n: usize) -> f64;
+    /// dst[..n] = src[..n]
+    fn copy_n(&self, dst: &mut Self::Buf, src: &Self::Buf, n: usize);
 
     /// out[n, oc] (+)= inp[n, ic] · w[oc, ic]ᵀ
     fn matmul(&self, out: &mut Self::Buf, inp: &Self::Buf, w: &Self::Buf, n: usize, ic: usize, oc: usize, acc: bool);
@@ -155,6 +176,45 @@ pub trait Backend: Send + Sync + 'static {
     fn cross_entropy(&self, logits: &mut Self::Buf, targets: &[i32], losses: &mut [f32], n: usize, v: usize, grad_scale: Option<f32>) -> Result<()>;
     /// One AdamW update of `p` with gradient `g` and fp32 moments `m`, `v`.
     fn adamw(&self, p: &mut Self::Buf, g: &Self::Buf, m: &mut Self::Buf, v: &mut Self::Buf, hp: AdamHp);
+    /// Zeroes non-finite elements among the first `n`; returns how many there were.
+    fn sanitize(&self, b: &mut Self::Buf, n: usize) -> u64;
+    /// dst += alpha · src
+    fn axpy(&self, dst: &mut Self::Buf, alpha: f32, src: &Self::Buf);
+
+    fn q_new(&self, numel: usize, bits: u8, group: usize, cat: Category) -> Result<Self::Q>;
+    fn q_bytes(&self, q: &Self::Q) -> usize;
+    /// Round-to-nearest quantization of `src` into `q`.
+    fn q_quantize(&self, q: &mut Self::Q, src: &Self::Buf, range: Range);
+    fn q_dequantize(&self, dst: &mut Self::Buf, q: &Self::Q);
+    /// Fused dequantize → += delta → ·decay → new group range → requantize (SR when keyed).
+    fn q_update(&self, q: &mut Self::Q, delta: &Self::Buf, decay: f32, range: Range, sr: Option<u64>);
+
+    fn a8_new(&self, n: usize, block: usize, cat: Category) -> Result<Self::A8>;
+    /// bnb 8-bit block-wise Adam on `p`; returns the non-finite gradient elements skipped.
+    fn a8_step(&self, p: &mut Self::Buf, g: &Self::Buf, st: &mut Self::A8, hp: BnbHp) -> u64;
+    /// bnb 32-bit Adam (same formula, fp32 moments).
+    fn bnb32_step(&self, p: &mut Self::Buf, g: &Self::Buf, m: &mut Self::Buf, v: &mut Self::Buf, hp: BnbHp) -> u64;
+    /// GaLore-AdamW (algorithm-spec §1.3), in place: `buf` holds the gradient (m.len()
+    /// values) and receives the update u = −ŝ·M/(√V + ε), ŝ = η·√(1−β2^t)/(1−β1^t),
+    /// with ε added to the uncorrected √V.
+    fn galore_adam(&self, buf: &mut Self::Buf, m: &mut Self::Buf, v: &mut Self::Buf, hp: AdamHp);
+    /// Top-`rank` singular vectors of g (rows × cols): the first rank rows of Vᵀ into
+    /// `out` (rank × cols) when `right`, else the first rank columns of U (rows × rank).
+    /// `prev` is the previous projector (warm start for `Refresh::Randomized`).
+    #[allow(clippy::too_many_arguments)]
+    fn top_subspace(
+        &self,
+        g: &Self::Buf,
+        rows: usize,
+        cols: usize,
+        rank: usize,
+        right: bool,
+        method: Refresh,
+        prev: Option<&Self::Buf>,
+        seed: u64,
+        out: &mut Self::Buf,
+    ) -> Result<()>;
+
     /// Measured GEMM throughput in GFLOP/s for an (m×k)·(k×n) product (benchmarks).
     fn gemm_gflops(&self, m: usize, n: usize, k: usize, iters: usize) -> f64;
 }

@@ -41,6 +41,8 @@ pub struct Acts<B: Backend> {
     pub dgate: B::Buf,
     pub dup: B::Buf,
     pub dact: B::Buf,
+    /// Dequantized weight of the matrix being used (quantized models only).
+    pub wq: B::Buf,
     // host side
     pub tokens: Vec<i32>,
     pub targets: Vec<i32>,
@@ -48,7 +50,8 @@ pub struct Acts<B: Backend> {
 }
 
 impl<B: Backend> Acts<B> {
-    pub fn new(be: &B, cfg: &ModelConfig, b: usize, t: usize) -> Result<Self> {
+    /// `wq` is the size of the largest quantized matrix (0 for float models).
+    pub fn new(be: &B, cfg: &ModelConfig, b: usize, t: usize, wq: usize) -> Result<Self> {
         let n = b * t;
         let (c, i, v, kv, h, l) = (
             cfg.hidden_size,
@@ -93,6 +96,7 @@ impl<B: Backend> Acts<B> {
             dgate: a(n * i)?,
             dup: a(n * i)?,
             dact: a(n * i)?,
+            wq: a(wq)?,
             tokens: vec![0; n],
             targets: vec![0; n],
             losses: vec![0.0; n],

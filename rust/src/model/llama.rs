@@ -17,17 +17,38 @@ pub enum Role {
     Head,
 }
 
+/// Storage of a parameter: f32, or quantized codes with no float master copy (§2.1).
+pub enum Weight<B: Backend> {
+    F(B::Buf),
+    Q(B::Q),
+}
+
 pub struct Param<B: Backend> {
     pub name: String,
     pub rows: usize,
     pub cols: usize,
     pub role: Role,
-    pub data: B::Buf,
+    pub data: Weight<B>,
 }
 
 impl<B: Backend> Param<B> {
     pub fn numel(&self) -> usize {
         self.rows * self.cols
+    }
+
+    /// The f32 storage; quantized parameters are read through `Llama::wv`.
+    pub fn f(&self) -> &B::Buf {
+        match &self.data {
+            Weight::F(b) => b,
+            Weight::Q(_) => panic!("{} is quantized; read it through Llama::wv", self.name),
+        }
+    }
+
+    pub fn f_mut(&mut self) -> &mut B::Buf {
+        match &mut self.data {
+            Weight::F(b) => b,
+            Weight::Q(_) => panic!("{} is quantized", self.name),
+        }
     }
 }
 
@@ -103,7 +124,7 @@ impl<B: Backend> Llama<B> {
                 host.extend((0..n as u64).map(|i| cfg.initializer_range * rng::normal(key, i)));
             }
             be.upload(&mut data, &host)?;
-            params.push(Param { name, rows, cols, role, data });
+            params.push(Param { name, rows, cols, role, data: Weight::F(data) });
         }
         let per = 9;
         let layers = (0..cfg.num_hidden_layers)
@@ -132,7 +153,37 @@ impl<B: Backend> Llama<B> {
 
     #[inline]
     pub fn w(&self, idx: usize) -> &B::Buf {
-        &self.params[idx].data
+        self.params[idx].f()
+    }
+
+    /// A weight as f32 values: the stored buffer, or the quantized codes dequantized into
+    /// `scratch` with the same function the optimizer uses (invariant I-11).
+    pub fn wv<'a>(&'a self, be: &B, idx: usize, scratch: &'a mut B::Buf) -> &'a B::Buf {
+        match &self.params[idx].data {
+            Weight::F(b) => b,
+            Weight::Q(q) => {
+                be.q_dequantize(scratch, q);
+                scratch
+            }
+        }
+    }
+
+    /// Converts every projected matrix to `bits`-bit codes with round-to-nearest (the
+    /// reference's initial conversion, §2.2); the f32 copy is freed.
+    pub fn quantize_linears(&mut self, be: &B, bits: u8, group: usize, range: crate::quant::Range) -> Result<()> {
+        for p in self.params.iter_mut().filter(|p| p.role == Role::Linear) {
+            let mut q = be.q_new(p.rows * p.cols, bits, group, Category::Weights).map_err(|e| {
+                crate::error::Error::invalid(format!("--weight-group-size {group}: {} ({})", e.msg, p.name))
+            })?;
+            be.q_quantize(&mut q, p.f(), range);
+            p.data = Weight::Q(q);
+        }
+        Ok(())
+    }
+
+    /// Elements of the largest quantized matrix (size of the dequantization scratch).
+    pub fn largest_quantized(&self) -> usize {
+        self.params.iter().filter(|p| matches!(p.data, Weight::Q(_))).map(|p| p.numel()).max().unwrap_or(0)
     }
 }
 

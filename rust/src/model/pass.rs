@@ -20,20 +20,20 @@ pub fn forward<B: Backend>(be: &B, m: &Llama<B>, a: &mut Acts<B>) {
         let (xs, rest) = a.x.split_at_mut(l + 1);
         let (x_in, x_out) = (&xs[l], &mut rest[0]);
         be.rmsnorm(&mut a.xn1[l], &mut a.rstd1[l], x_in, m.w(ly.attn_norm), n, c, eps);
-        be.matmul(&mut a.q[l], &a.xn1[l], m.w(ly.q), n, c, c, false);
-        be.matmul(&mut a.k[l], &a.xn1[l], m.w(ly.k), n, c, kv, false);
-        be.matmul(&mut a.v[l], &a.xn1[l], m.w(ly.v), n, c, kv, false);
+        be.matmul(&mut a.q[l], &a.xn1[l], m.wv(be, ly.q, &mut a.wq), n, c, c, false);
+        be.matmul(&mut a.k[l], &a.xn1[l], m.wv(be, ly.k, &mut a.wq), n, c, kv, false);
+        be.matmul(&mut a.v[l], &a.xn1[l], m.wv(be, ly.v, &mut a.wq), n, c, kv, false);
         be.rope(&mut a.q[l], &a.rope, b, t, h, hd, false);
         be.rope(&mut a.k[l], &a.rope, b, t, kvh, hd, false);
         be.attention(&mut a.ao[l], &mut a.att[l], &a.q[l], &a.k[l], &a.v[l], dims);
         be.copy(&mut a.xm[l], x_in);
-        be.matmul(&mut a.xm[l], &a.ao[l], m.w(ly.o), n, c, c, true);
+        be.matmul(&mut a.xm[l], &a.ao[l], m.wv(be, ly.o, &mut a.wq), n, c, c, true);
         be.rmsnorm(&mut a.xn2[l], &mut a.rstd2[l], &a.xm[l], m.w(ly.mlp_norm), n, c, eps);
-        be.matmul(&mut a.gate[l], &a.xn2[l], m.w(ly.gate), n, c, i, false);
-        be.matmul(&mut a.up[l], &a.xn2[l], m.w(ly.up), n, c, i, false);
+        be.matmul(&mut a.gate[l], &a.xn2[l], m.wv(be, ly.gate, &mut a.wq), n, c, i, false);
+        be.matmul(&mut a.up[l], &a.xn2[l], m.wv(be, ly.up, &mut a.wq), n, c, i, false);
         be.swiglu(&mut a.act[l], &a.gate[l], &a.up[l]);
         be.copy(x_out, &a.xm[l]);
-        be.matmul(x_out, &a.act[l], m.w(ly.down), n, i, c, true);
+        be.matmul(x_out, &a.act[l], m.wv(be, ly.down, &mut a.wq), n, i, c, true);
     }
     let last = m.layers.len();
     be.rmsnorm(&mut a.xnf, &mut a.rstdf, &a.x[last], m.w(m.final_norm), n, c, eps);
@@ -71,13 +71,13 @@ pub fn backward<B: Backend>(
     for l in (0..last).rev() {
         let ly = m.layers[l];
         // MLP: x[l+1] = xm + down(silu(gate(xn2)) ⊙ up(xn2))
-        be.matmul_dinp(&mut a.dact, &a.dres, m.w(ly.down), n, i, c, false);
+        be.matmul_dinp(&mut a.dact, &a.dres, m.wv(be, ly.down, &mut a.wq), n, i, c, false);
         let ac = accum(g, ly.down);
         be.matmul_dw(g.get_mut(ly.down), &a.dres, &a.act[l], n, i, c, ac);
         hook(ly.down, m, g);
         be.swiglu_bwd(&mut a.dgate, &mut a.dup, &a.dact, &a.gate[l], &a.up[l]);
-        be.matmul_dinp(&mut a.dxn, &a.dgate, m.w(ly.gate), n, c, i, false);
-        be.matmul_dinp(&mut a.dxn, &a.dup, m.w(ly.up), n, c, i, true);
+        be.matmul_dinp(&mut a.dxn, &a.dgate, m.wv(be, ly.gate, &mut a.wq), n, c, i, false);
+        be.matmul_dinp(&mut a.dxn, &a.dup, m.wv(be, ly.up, &mut a.wq), n, c, i, true);
         let ac = accum(g, ly.gate);
         be.matmul_dw(g.get_mut(ly.gate), &a.dgate, &a.xn2[l], n, c, i, ac);
         hook(ly.gate, m, g);
@@ -88,16 +88,16 @@ pub fn backward<B: Backend>(
         hook(ly.mlp_norm, m, g);
 
         // Attention: xm = x[l] + o(attn(rope(q(xn1)), rope(k(xn1)), v(xn1)))
-        be.matmul_dinp(&mut a.dao, &a.dres, m.w(ly.o), n, c, c, false);
+        be.matmul_dinp(&mut a.dao, &a.dres, m.wv(be, ly.o, &mut a.wq), n, c, c, false);
         let ac = accum(g, ly.o);
         be.matmul_dw(g.get_mut(ly.o), &a.dres, &a.ao[l], n, c, c, ac);
         hook(ly.o, m, g);
         be.attention_bwd(&mut a.dq, &mut a.dk, &mut a.dv, &mut a.datt, &a.dao, &a.q[l], &a.k[l], &a.v[l], &a.att[l], dims);
         be.rope(&mut a.dq, &a.rope, b, t, h, hd, true);
         be.rope(&mut a.dk, &a.rope, b, t, kvh, hd, true);
-        be.matmul_dinp(&mut a.dxn, &a.dq, m.w(ly.q), n, c, c, false);
-        be.matmul_dinp(&mut a.dxn, &a.dk, m.w(ly.k), n, c, kv, true);
-        be.matmul_dinp(&mut a.dxn, &a.dv, m.w(ly.v), n, c, kv, true);
+        be.matmul_dinp(&mut a.dxn, &a.dq, m.wv(be, ly.q, &mut a.wq), n, c, c, false);
+        be.matmul_dinp(&mut a.dxn, &a.dk, m.wv(be, ly.k, &mut a.wq), n, c, kv, true);
+        be.matmul_dinp(&mut a.dxn, &a.dv, m.wv(be, ly.v, &mut a.wq), n, c, kv, true);
         for (idx, d, oc) in [(ly.q, &a.dq, c), (ly.k, &a.dk, kv), (ly.v, &a.dv, kv)] {
             let ac = accum(g, idx);
             be.matmul_dw(g.get_mut(idx), d, &a.xn1[l], n, c, oc, ac);

@@ -37,9 +37,9 @@ impl<B: Backend> Optimizer<B> for AdamW<B> {
     fn begin_step(&mut self) {
         self.step += 1;
     }
-    fn update(&mut self, be: &B, idx: usize, p: &mut Param<B>, g: &B::Buf, lr: f32) -> Result<()> {
+    fn update(&mut self, be: &B, idx: usize, p: &mut Param<B>, g: &mut B::Buf, lr: f32) -> Result<()> {
         let hp = AdamHp { lr, beta1: self.beta1, beta2: self.beta2, eps: self.eps, weight_decay: self.wd, step: self.step };
-        be.adamw(&mut p.data, g, &mut self.m[idx], &mut self.v[idx], hp);
+        be.adamw(p.f_mut(), g, &mut self.m[idx], &mut self.v[idx], hp);
         Ok(())
     }
     fn steps(&self) -> u64 {

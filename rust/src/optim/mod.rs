@@ -2,6 +2,7 @@
 //! gradient, so the same code serves the global step and the fused per-layer step.
 
 pub mod adamw;
+pub mod galore;
 
 use crate::backend::Backend;
 use crate::error::Result;
@@ -12,17 +13,24 @@ pub trait Optimizer<B: Backend>: Send {
     /// Called once per optimizer step, before any `update`: advances the step counter.
     fn begin_step(&mut self);
     /// Applies one update to parameter `idx` (its gradient is `g`).
-    fn update(&mut self, be: &B, idx: usize, p: &mut Param<B>, g: &B::Buf, lr: f32) -> Result<()>;
+    /// Applies one update to parameter `idx`. `g` is its gradient; the optimizer may
+    /// overwrite it (GaLore reuses the buffer for the projected-back update).
+    fn update(&mut self, be: &B, idx: usize, p: &mut Param<B>, g: &mut B::Buf, lr: f32) -> Result<()>;
     /// Completed optimizer steps.
     fn steps(&self) -> u64;
+    /// Extra JSON fields for the run summary (without braces).
+    fn report(&self, _model: &Llama<B>) -> String {
+        String::new()
+    }
 }
 
 /// Builds the optimizer named in the config.
-pub fn build<B: Backend>(be: &B, model: &Llama<B>, cfg: &crate::config::OptimConfig) -> Result<Box<dyn Optimizer<B>>> {
+pub fn build<B: Backend>(be: &B, model: &Llama<B>, cfg: &crate::config::OptimConfig, seed: u64) -> Result<Box<dyn Optimizer<B>>> {
     match cfg.name.as_str() {
         "adamw" => Ok(Box::new(adamw::AdamW::new(be, model, cfg)?)),
+        "adam8bit" | "galore" | "galore8bit" | "qgalore" => Ok(Box::new(galore::Family::new(be, model, cfg, seed)?)),
         other => Err(crate::error::Error::invalid(format!(
-            "optimizer = {other}: must be one of adamw"
+            "optimizer = {other}: must be one of adamw, adam8bit, galore, galore8bit, qgalore"
         ))),
     }
 }

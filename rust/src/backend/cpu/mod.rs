@@ -2,10 +2,13 @@
 //! It is the bit-faithful reference that every GPU kernel is tested against.
 
 pub mod attention;
+pub mod linalg;
 pub mod matmul;
 pub mod ops;
 
-use super::{AdamHp, AttnDims, Backend, Category, MemTracker, Runner};
+use super::{AdamHp, AttnDims, Backend, Category, MemTracker, Refresh, Runner};
+use crate::quant::adam8::{self, BnbHp, State8};
+use crate::quant::{QTensor, Range};
 use crate::error::{Error, Result};
 use std::sync::Arc;
 use std::time::Instant;
@@ -66,8 +69,45 @@ impl std::ops::DerefMut for CpuBuf {
     }
 }
 
+/// Host storage of any kind whose bytes are counted while it lives.
+pub struct Tracked<T> {
+    pub inner: T,
+    bytes: usize,
+    cat: Category,
+    tracker: Arc<MemTracker>,
+}
+
+impl<T> Drop for Tracked<T> {
+    fn drop(&mut self) {
+        self.tracker.sub(self.cat, self.bytes);
+    }
+}
+
+impl<T> std::ops::Deref for Tracked<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.inner
+    }
+}
+impl<T> std::ops::DerefMut for Tracked<T> {
+    fn deref_mut(&mut self) -> &mut T {
+        &mut self.inner
+    }
+}
+
+impl Cpu {
+    fn track<T>(&self, inner: T, bytes: usize, cat: Category) -> Tracked<T> {
+        self.mem.add(cat, bytes);
+        Tracked { inner, bytes, cat, tracker: self.mem.clone() }
+    }
+}
+
+static MAPS: std::sync::OnceLock<adam8::Maps> = std::sync::OnceLock::new();
+
 impl Backend for Cpu {
     type Buf = CpuBuf;
+    type Q = Tracked<QTensor>;
+    type A8 = Tracked<State8>;
 
     fn name(&self) -> &'static str {
         "cpu"
@@ -114,8 +154,11 @@ impl Backend for Cpu {
     fn scale(&self, b: &mut CpuBuf, s: f32) {
         ops::scale(b, s)
     }
-    fn sumsq(&self, b: &CpuBuf) -> f64 {
-        ops::sumsq(b)
+    fn sumsq(&self, b: &CpuBuf, n: usize) -> f64 {
+        ops::sumsq(&b.data[..n])
+    }
+    fn copy_n(&self, dst: &mut CpuBuf, src: &CpuBuf, n: usize) {
+        dst.data[..n].copy_from_slice(&src.data[..n]);
     }
     fn matmul(&self, out: &mut CpuBuf, inp: &CpuBuf, w: &CpuBuf, n: usize, ic: usize, oc: usize, acc: bool) {
         matmul::matmul(out, inp, w, n, ic, oc, acc, self.par())
@@ -171,6 +214,79 @@ impl Backend for Cpu {
     }
     fn adamw(&self, p: &mut CpuBuf, g: &CpuBuf, m: &mut CpuBuf, v: &mut CpuBuf, hp: AdamHp) {
         ops::adamw(p, g, m, v, hp)
+    }
+    fn sanitize(&self, b: &mut CpuBuf, n: usize) -> u64 {
+        use rayon::prelude::*;
+        b.data[..n]
+            .par_chunks_mut(8192)
+            .map(|c| {
+                let mut k = 0u64;
+                for v in c.iter_mut() {
+                    if !v.is_finite() {
+                        *v = 0.0;
+                        k += 1;
+                    }
+                }
+                k
+            })
+            .sum()
+    }
+    fn axpy(&self, dst: &mut CpuBuf, alpha: f32, src: &CpuBuf) {
+        use rayon::prelude::*;
+        dst.data.par_chunks_mut(8192).zip(src.data.par_chunks(8192)).for_each(|(d, s)| {
+            for (a, b) in d.iter_mut().zip(s) {
+                *a += alpha * *b;
+            }
+        });
+    }
+    fn q_new(&self, numel: usize, bits: u8, group: usize, cat: Category) -> Result<Self::Q> {
+        let q = QTensor::new(numel, bits, group)?;
+        let bytes = q.bytes();
+        Ok(self.track(q, bytes, cat))
+    }
+    fn q_bytes(&self, q: &Self::Q) -> usize {
+        q.bytes()
+    }
+    fn q_quantize(&self, q: &mut Self::Q, src: &CpuBuf, range: Range) {
+        q.inner.quantize(src, range)
+    }
+    fn q_dequantize(&self, dst: &mut CpuBuf, q: &Self::Q) {
+        q.inner.dequantize(dst)
+    }
+    fn q_update(&self, q: &mut Self::Q, delta: &CpuBuf, decay: f32, range: Range, sr: Option<u64>) {
+        q.inner.update(delta, decay, range, sr)
+    }
+    fn a8_new(&self, n: usize, block: usize, cat: Category) -> Result<Self::A8> {
+        let st = State8::new(n, block);
+        let bytes = st.bytes();
+        Ok(self.track(st, bytes, cat))
+    }
+    fn a8_step(&self, p: &mut CpuBuf, g: &CpuBuf, st: &mut Self::A8, hp: BnbHp) -> u64 {
+        let maps = MAPS.get_or_init(adam8::Maps::new);
+        let n = st.m.len();
+        adam8::step8(&mut p.data[..n], &g.data[..n], &mut st.inner, maps, hp)
+    }
+    fn bnb32_step(&self, p: &mut CpuBuf, g: &CpuBuf, m: &mut CpuBuf, v: &mut CpuBuf, hp: BnbHp) -> u64 {
+        let n = m.len();
+        adam8::step32(&mut p.data[..n], &g.data[..n], &mut m.data, &mut v.data[..n], hp)
+    }
+    fn galore_adam(&self, buf: &mut CpuBuf, m: &mut CpuBuf, v: &mut CpuBuf, hp: AdamHp) {
+        let n = m.len();
+        ops::galore_adam(&mut buf.data[..n], &mut m.data, &mut v.data, hp)
+    }
+    fn top_subspace(
+        &self,
+        g: &CpuBuf,
+        rows: usize,
+        cols: usize,
+        rank: usize,
+        right: bool,
+        method: Refresh,
+        prev: Option<&CpuBuf>,
+        seed: u64,
+        out: &mut CpuBuf,
+    ) -> Result<()> {
+        linalg::top_subspace(g, rows, cols, rank, right, method, prev.map(|p| &p.data[..]), seed, out, self.threads)
     }
     fn gemm_gflops(&self, m: usize, n: usize, k: usize, iters: usize) -> f64 {
         let a: Vec<f32> = (0..m * k).map(|i| ((i % 7) as f32 - 3.0) * 0.01).collect();

@@ -220,3 +220,21 @@ pub fn add(dst: &mut [f32], src: &[f32]) {
 pub fn scale(x: &mut [f32], s: f32) {
     x.par_chunks_mut(8192).for_each(|c| c.iter_mut().for_each(|v| *v *= s));
 }
+
+/// GaLore-AdamW on a low-rank gradient (algorithm-spec §1.3): out = −ŝ·M/(√V + ε) with
+/// ŝ = η·√(1−β2^t)/(1−β1^t); ε is added to the *uncorrected* √V, as the reference does.
+pub fn galore_adam(buf: &mut [f32], m: &mut [f32], v: &mut [f32], hp: AdamHp) {
+    let t = hp.step as i32;
+    let s = (hp.lr as f64 * (1.0 - (hp.beta2 as f64).powi(t)).sqrt() / (1.0 - (hp.beta1 as f64).powi(t))) as f32;
+    let (b1, b2, eps) = (hp.beta1, hp.beta2, hp.eps);
+    buf.par_chunks_mut(4096).zip(m.par_chunks_mut(4096)).zip(v.par_chunks_mut(4096)).for_each(
+        |((o, mc), vc)| {
+            for j in 0..o.len() {
+                let g = o[j];
+                mc[j] = b1 * mc[j] + (1.0 - b1) * g;
+                vc[j] = b2 * vc[j] + (1.0 - b2) * g * g;
+                o[j] = -s * mc[j] / (vc[j].sqrt() + eps);
+            }
+        },
+    );
+}

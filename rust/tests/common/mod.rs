@@ -18,12 +18,17 @@ pub fn tiny_model(vocab: usize, hidden: usize, inter: usize, heads: usize, kv: u
     }
 }
 
-pub fn adamw(lr_clip: f32) -> OptimConfig {
-    OptimConfig { name: "adamw".into(), beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0, clip: lr_clip }
+pub fn adamw(clip: f32) -> OptimConfig {
+    optim("adamw", clip)
+}
+
+/// An optimizer config with the engine's defaults (as JSON would give them).
+pub fn optim(name: &str, clip: f32) -> OptimConfig {
+    serde_json::from_str(&format!("{{\"name\":\"{name}\",\"clip\":{clip}}}")).unwrap()
 }
 
 pub fn engine_cfg(model: ModelConfig, b: usize, t: usize, seed: u64) -> EngineConfig {
-    EngineConfig { model, batch_size: b, seq_len: t, optimizer: adamw(0.0), seed, device: "cpu".into(), threads: 2 }
+    EngineConfig { model, batch_size: b, seq_len: t, optimizer: adamw(0.0), seed, device: "cpu".into(), threads: 2, grad_accum: 1 }
 }
 
 /// Deterministic pseudo-random token windows: `rows` × (t + 1) ids below `vocab`.

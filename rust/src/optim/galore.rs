@@ -1,0 +1,362 @@
+//! The memory-efficient family in one optimizer, each part switchable:
+//! - `adam8bit`: bnb block-wise 8-bit Adam on every tensor (algorithm-spec §1.6);
+//! - `galore`: GaLore-AdamW on the 7 linear matrices of each block (§1.2–1.3), fp32
+//!   moments, plain AdamW (same formula, no α) elsewhere;
+//! - `galore8bit`: the same with bnb 8-bit moments (§1.6);
+//! - `qgalore`: galore8bit plus INT8 weights updated with stochastic rounding (§2.4),
+//!   INT4 projectors (§2.3) and lazy layer-wise subspace refreshes (§2.5).
+
+use super::Optimizer;
+use crate::backend::{AdamHp, Backend, Category};
+use crate::config::OptimConfig;
+use crate::error::Result;
+use crate::model::{Llama, Param, Role, Weight};
+use crate::quant::adam8::{BnbHp, MIN_8BIT_SIZE};
+use crate::rng;
+use std::collections::VecDeque;
+use std::time::Instant;
+
+enum Moments<B: Backend> {
+    F32 { m: B::Buf, v: B::Buf },
+    Q8(B::A8),
+}
+
+/// Projector state of one matrix (§1.2, §2.5).
+pub struct Proj<B: Backend> {
+    /// Right projector Q (r×n) when rows ≥ cols, else left P (m×r). Stored once chosen.
+    pub right: bool,
+    pub rank: usize,
+    store: Option<Weight<B>>,
+    pub gap: u64,
+    pub queue: VecDeque<f32>,
+    past: Option<Vec<f32>>,
+    pub svd_count: u64,
+}
+
+impl<B: Backend> Proj<B> {
+    /// Elements of the low-rank gradient: m×r (right) or r×n (left).
+    fn low(&self, rows: usize, cols: usize) -> usize {
+        if self.right {
+            rows * self.rank
+        } else {
+            self.rank * cols
+        }
+    }
+}
+
+struct State<B: Backend> {
+    moments: Moments<B>,
+    proj: Option<Proj<B>>,
+}
+
+/// Counters reported in `summary.json`.
+#[derive(Default, Debug, Clone)]
+pub struct Stats {
+    pub svd_count: u64,
+    pub refresh_failures: u64,
+    pub nonfinite_grads: u64,
+    pub refresh_seconds: f64,
+}
+
+pub struct Family<B: Backend> {
+    cfg: OptimConfig,
+    name: &'static str,
+    seed: u64,
+    step: u64,
+    states: Vec<State<B>>,
+    /// f32 projector in use (dequantized) and a fresh one during a refresh.
+    pf: Option<B::Buf>,
+    pnew: Option<B::Buf>,
+    /// Low-rank gradient R, then (in place) the low-rank update; and the 8-bit output.
+    r: Option<B::Buf>,
+    u: Option<B::Buf>,
+    pub stats: Stats,
+}
+
+fn name_of(cfg: &OptimConfig) -> &'static str {
+    match cfg.name.as_str() {
+        "adam8bit" => "adam8bit",
+        "galore" => "galore",
+        "galore8bit" => "galore8bit",
+        _ => "qgalore",
+    }
+}
+
+impl<B: Backend> Family<B> {
+    pub fn new(be: &B, model: &Llama<B>, cfg: &OptimConfig, seed: u64) -> Result<Self> {
+        let mut states = Vec::with_capacity(model.params.len());
+        let (mut big_low, mut big_proj) = (0usize, 0usize);
+        for p in &model.params {
+            let proj = if cfg.projected() && p.role == Role::Linear {
+                let right = p.rows >= p.cols;
+                let rank = cfg.rank.min(p.rows).min(p.cols);
+                let pr = Proj { right, rank, store: None, gap: cfg.update_gap, queue: VecDeque::new(), past: None, svd_count: 0 };
+                let pn = if right { rank * p.cols } else { p.rows * rank };
+                if cfg.proj_bits != 32 && cfg.proj_bits != 16 && pn % cfg.proj_group_size != 0 {
+                    return Err(crate::error::Error::invalid(format!(
+                        "--proj-group-size {}: does not divide the {}×{} projector of {} ({pn} elements); choose a divisor of {pn}",
+                        cfg.proj_group_size,
+                        if right { rank } else { p.rows },
+                        if right { p.cols } else { rank },
+                        p.name
+                    )));
+                }
+                big_proj = big_proj.max(pn);
+                big_low = big_low.max(pr.low(p.rows, p.cols));
+                Some(pr)
+            } else {
+                None
+            };
+            let n = proj.as_ref().map_or(p.numel(), |pr| pr.low(p.rows, p.cols));
+            let moments = if cfg.eight_bit() && n >= MIN_8BIT_SIZE {
+                Moments::Q8(be.a8_new(n, cfg.block_size, Category::OptimizerState)?)
+            } else {
+                Moments::F32 {
+                    m: be.alloc(n, Category::OptimizerState)?,
+                    v: be.alloc(n, Category::OptimizerState)?,
+                }
+            };
+            states.push(State { moments, proj });
+        }
+        let buf = |n: usize, c| if n > 0 { be.alloc(n, c).map(Some) } else { Ok(None) };
+        Ok(Family {
+            cfg: cfg.clone(),
+            name: name_of(cfg),
+            seed,
+            step: 0,
+            states,
+            pf: buf(big_proj, Category::Projector)?,
+            pnew: buf(big_proj, Category::Projector)?,
+            r: buf(big_low, Category::Grads)?,
+            u: if cfg.eight_bit() { buf(big_low, Category::Grads)? } else { None },
+            stats: Stats::default(),
+        })
+    }
+
+    pub fn proj(&self, idx: usize) -> Option<&Proj<B>> {
+        self.states[idx].proj.as_ref()
+    }
+
+    fn adam_hp(&self, lr: f32) -> AdamHp {
+        let c = &self.cfg;
+        AdamHp { lr, beta1: c.beta1, beta2: c.beta2, eps: c.eps, weight_decay: 0.0, step: self.step }
+    }
+
+    fn bnb_hp(&self, lr: f32, wd: f32) -> BnbHp {
+        let c = &self.cfg;
+        BnbHp { lr, beta1: c.beta1, beta2: c.beta2, eps: c.eps, weight_decay: wd, step: self.step }
+    }
+
+    /// Full-rank update of a tensor that is not projected.
+    fn update_full(&mut self, be: &B, idx: usize, p: &mut Param<B>, g: &mut B::Buf, lr: f32) {
+        let wd = self.cfg.weight_decay;
+        let eight = self.cfg.eight_bit();
+        let hp8 = self.bnb_hp(lr, wd);
+        let hp = self.adam_hp(lr);
+        let n = p.numel();
+        let w = p.f_mut();
+        match &mut self.states[idx].moments {
+            Moments::Q8(st) => self.stats.nonfinite_grads += be.a8_step(w, g, st, hp8),
+            Moments::F32 { m, v } if eight => self.stats.nonfinite_grads += be.bnb32_step(w, g, m, v, hp8),
+            Moments::F32 { m, v } => {
+                // GaLoreAdamW's regular group: same formula, no α, decay after the update.
+                self.stats.nonfinite_grads += be.sanitize(g, n);
+                be.galore_adam(g, m, v, hp);
+                be.axpy(w, 1.0, g);
+                if wd > 0.0 {
+                    be.scale(w, 1.0 - lr * wd);
+                }
+            }
+        }
+    }
+
+    /// Recomputes the projector of `idx` from g; keeps the old one on failure (I-17).
+    fn refresh(&mut self, be: &B, idx: usize, p: &Param<B>, g: &B::Buf) -> bool {
+        let t0 = Instant::now();
+        let (rows, cols) = (p.rows, p.cols);
+        let method = self.cfg.refresh();
+        let key = rng::stream_key(self.seed, idx as u64, self.step);
+        let st = self.states[idx].proj.as_mut().expect("projected parameter");
+        let (pf, pnew) = (self.pf.as_mut().unwrap(), self.pnew.as_mut().unwrap());
+        let prev = match &st.store {
+            Some(Weight::F(b)) => Some(&*b),
+            Some(Weight::Q(q)) => {
+                be.q_dequantize(pf, q);
+                Some(&*pf)
+            }
+            None => None,
+        };
+        let res = be.top_subspace(g, rows, cols, st.rank, st.right, method, prev, key, pnew);
+        let ok = res.is_ok();
+        if ok {
+            st.svd_count += 1;
+            self.stats.svd_count += 1;
+            // Top-1 singular vector, before quantization (§2.5 step 2).
+            let k = st.rank;
+            let mut host = vec![0.0f32; if st.right { cols } else { rows * k }];
+            let _ = be.download(pnew, &mut host);
+            let vnew: Vec<f32> = if st.right { host } else { (0..rows).map(|i| host[i * k]).collect() };
+            if let Some(past) = &st.past {
+                let dot: f64 = past.iter().zip(&vnew).map(|(a, b)| *a as f64 * *b as f64).sum();
+                let na: f64 = past.iter().map(|a| (*a as f64).powi(2)).sum::<f64>().sqrt();
+                let nb: f64 = vnew.iter().map(|a| (*a as f64).powi(2)).sum::<f64>().sqrt();
+                let mut cos = (dot / (na * nb).max(1e-30)) as f32;
+                if self.cfg.cos_mode == "abs" {
+                    cos = cos.abs();
+                }
+                st.queue.push_back(cos);
+                if st.queue.len() > self.cfg.queue_size {
+                    st.queue.pop_front();
+                }
+                if self.cfg.lazy && st.queue.len() == self.cfg.queue_size {
+                    let mean = st.queue.iter().sum::<f32>() / st.queue.len() as f32;
+                    if mean >= self.cfg.cos_threshold {
+                        st.gap *= self.cfg.gamma;
+                    }
+                }
+            }
+            st.past = Some(vnew);
+            let n = if st.right { st.rank * cols } else { rows * st.rank };
+            let store = match st.store.take() {
+                Some(s) => Ok(s),
+                None if self.cfg.proj_bits == 32 => be.alloc(n, Category::Projector).map(Weight::F),
+                None => be.q_new(n, self.cfg.proj_bits, self.cfg.proj_group_size, Category::Projector).map(Weight::Q),
+            };
+            match store {
+                Ok(Weight::F(mut b)) => {
+                    be.copy_n(&mut b, pnew, n);
+                    st.store = Some(Weight::F(b));
+                }
+                Ok(Weight::Q(mut q)) => {
+                    be.q_quantize(&mut q, pnew, self.cfg.range());
+                    st.store = Some(Weight::Q(q));
+                }
+                Err(_) => self.stats.refresh_failures += 1,
+            }
+        } else {
+            self.stats.refresh_failures += 1;
+        }
+        self.stats.refresh_seconds += t0.elapsed().as_secs_f64();
+        ok
+    }
+
+    fn update_projected(&mut self, be: &B, idx: usize, p: &mut Param<B>, g: &mut B::Buf, lr: f32) -> Result<()> {
+        let (rows, cols) = (p.rows, p.cols);
+        self.stats.nonfinite_grads += be.sanitize(g, rows * cols);
+        let iter = self.step - 1; // pre-increment counter (§1.2 item 3)
+        let due = {
+            let st = self.states[idx].proj.as_ref().unwrap();
+            st.store.is_none() || iter % st.gap == 0
+        };
+        if due {
+            self.refresh(be, idx, p, g);
+        }
+        let hp = self.adam_hp(lr);
+        let hp8 = self.bnb_hp(lr, 0.0);
+        let eight = self.cfg.eight_bit();
+        let (alpha, wd) = (self.cfg.galore_scale, self.cfg.weight_decay);
+        let State { moments, proj } = &mut self.states[idx];
+        let st = proj.as_ref().unwrap();
+        let Some(store) = &st.store else {
+            // No projector could ever be computed for this matrix: skip it this step.
+            return Ok(());
+        };
+        let pf = self.pf.as_mut().unwrap();
+        let pm: &B::Buf = match store {
+            Weight::F(b) => b,
+            Weight::Q(q) => {
+                be.q_dequantize(pf, q);
+                pf
+            }
+        };
+        let k = st.rank;
+        let r = self.r.as_mut().unwrap();
+        // R = G Qᵀ (m×r) or Pᵀ G (r×n)
+        if st.right {
+            be.matmul(r, g, pm, rows, cols, k, false);
+        } else {
+            be.matmul_dw(r, pm, g, rows, cols, k, false);
+        }
+        // Low-rank Adam step → U (−ŝ·N), then α·U.
+        let upd: &mut B::Buf = match moments {
+            Moments::F32 { m, v } if !eight => {
+                be.galore_adam(r, m, v, hp);
+                r
+            }
+            Moments::F32 { m, v } => {
+                let u = self.u.as_mut().unwrap();
+                be.fill(u, 0.0);
+                self.stats.nonfinite_grads += be.bnb32_step(u, r, m, v, hp8);
+                u
+            }
+            Moments::Q8(s8) => {
+                let u = self.u.as_mut().unwrap();
+                be.fill(u, 0.0);
+                self.stats.nonfinite_grads += be.a8_step(u, r, s8, hp8);
+                u
+            }
+        };
+        be.scale(upd, alpha);
+        // Ĝ = U Q (m×n) or P U, written over the gradient buffer (it is no longer needed).
+        if st.right {
+            be.matmul_dinp(g, upd, pm, rows, cols, k, false);
+        } else {
+            be.matmul_dinp(g, pm, upd, rows, cols, k, false);
+        }
+        let decay = 1.0 - lr * wd;
+        match &mut p.data {
+            Weight::F(w) => {
+                be.axpy(w, 1.0, g);
+                if wd > 0.0 {
+                    be.scale(w, decay);
+                }
+            }
+            Weight::Q(q) => {
+                let sr = self.cfg.stochastic_round.then(|| rng::stream_key(self.seed, idx as u64, self.step));
+                be.q_update(q, g, decay, self.cfg.range(), sr);
+            }
+        }
+        Ok(())
+    }
+
+    /// JSON fragment with refresh statistics and every projected matrix's final gap.
+    pub fn report(&self, model: &Llama<B>) -> String {
+        let gaps: Vec<String> = self
+            .states
+            .iter()
+            .zip(&model.params)
+            .filter_map(|(s, p)| s.proj.as_ref().map(|pr| format!("\"{}\":{}", p.name, pr.gap)))
+            .collect();
+        format!(
+            "\"svd_count\":{},\"refresh_failures\":{},\"nonfinite_grads\":{},\"refresh_seconds\":{:.6},\"gaps\":{{{}}}",
+            self.stats.svd_count,
+            self.stats.refresh_failures,
+            self.stats.nonfinite_grads,
+            self.stats.refresh_seconds,
+            gaps.join(",")
+        )
+    }
+}
+
+impl<B: Backend> Optimizer<B> for Family<B> {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+    fn begin_step(&mut self) {
+        self.step += 1;
+    }
+    fn update(&mut self, be: &B, idx: usize, p: &mut Param<B>, g: &mut B::Buf, lr: f32) -> Result<()> {
+        if self.states[idx].proj.is_some() {
+            self.update_projected(be, idx, p, g, lr)
+        } else {
+            self.update_full(be, idx, p, g, lr);
+            Ok(())
+        }
+    }
+    fn steps(&self) -> u64 {
+        self.step
+    }
+    fn report(&self, model: &Llama<B>) -> String {
+        Family::report(self, model)
+    }
+}

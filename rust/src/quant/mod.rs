@@ -1,0 +1,218 @@
+//! Group-wise asymmetric min–max quantization (algorithm-spec §2.2–2.4): INT8 weights,
+//! INT4 projectors (packed two codes per byte), bf16 storage, and the fused
+//! dequantize → update → requantize-with-stochastic-rounding step, all in f32.
+
+pub mod adam8;
+
+use crate::ensure;
+use crate::error::Result;
+use crate::rng;
+use rayon::prelude::*;
+
+/// A quantized tensor. `bits` is 4 or 8 (codes with per-group scale and zero point) or
+/// 16 (plain bf16, round-to-nearest-even, no groups).
+#[derive(Clone, Debug)]
+pub struct QTensor {
+    pub bits: u8,
+    pub group: usize,
+    pub numel: usize,
+    /// 8-bit: one code per byte; 4-bit: element 2i in the low nibble of byte i, 2i+1 in
+    /// the high nibble; 16-bit: little-endian bf16.
+    pub codes: Vec<u8>,
+    pub scale: Vec<f32>,
+    pub zero: Vec<f32>,
+}
+
+/// How a group's range is chosen.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Range {
+    /// Range extended to include 0, so single-sign groups keep the s/2 error bound
+    /// (our default; fixes the reference's zero-point clamp bug, §2.2 / §5.1-9).
+    WithZero,
+    /// The reference's [min, max]: a single-sign group is clipped by the clamped zero point.
+    Reference,
+}
+
+impl QTensor {
+    pub fn new(numel: usize, bits: u8, group: usize) -> Result<Self> {
+        ensure!(matches!(bits, 4 | 8 | 16), "bits = {bits}: must be 4, 8 or 16");
+        if bits != 16 {
+            ensure!(group > 0, "group size = 0: must be ≥ 1");
+            ensure!(
+                numel % group == 0,
+                "group size {group} does not divide a tensor of {numel} elements; choose a group size that divides it"
+            );
+            ensure!(bits != 4 || group % 2 == 0, "4-bit group size {group}: must be even");
+            ensure!(group <= 1024, "group size {group}: must be ≤ 1024");
+        }
+        let groups = if bits == 16 { 0 } else { numel / group };
+        let bytes = match bits {
+            4 => numel.div_ceil(2),
+            8 => numel,
+            _ => numel * 2,
+        };
+        Ok(QTensor { bits, group, numel, codes: vec![0; bytes], scale: vec![0.0; groups], zero: vec![0.0; groups] })
+    }
+
+    /// Bytes held (codes plus f32 scale and zero per group).
+    pub fn bytes(&self) -> usize {
+        self.codes.len() + 4 * (self.scale.len() + self.zero.len())
+    }
+
+    pub fn qmax(&self) -> f32 {
+        ((1u32 << self.bits) - 1) as f32
+    }
+
+    #[inline]
+    fn code(&self, i: usize) -> u8 {
+        match self.bits {
+            8 => self.codes[i],
+            _ => (self.codes[i / 2] >> ((i & 1) * 4)) & 0xf,
+        }
+    }
+
+    /// Dequantizes into `out` (len = numel): ŵ = (q − z)·s (bf16 widened for 16-bit).
+    /// The forward pass and the optimizer both call this (invariant I-11).
+    pub fn dequantize(&self, out: &mut [f32]) {
+        assert!(out.len() >= self.numel);
+        if self.bits == 16 {
+            out[..self.numel].par_chunks_mut(4096).enumerate().for_each(|(ci, o)| {
+                for (j, v) in o.iter_mut().enumerate() {
+                    let i = ci * 4096 + j;
+                    *v = bf16_to_f32(u16::from_le_bytes([self.codes[2 * i], self.codes[2 * i + 1]]));
+                }
+            });
+            return;
+        }
+        let g = self.group;
+        out[..self.numel].par_chunks_mut(g).enumerate().for_each(|(gi, o)| {
+            let (s, z) = (self.scale[gi], self.zero[gi]);
+            for (j, v) in o.iter_mut().enumerate() {
+                *v = (self.code(gi * g + j) as f32 - z) * s;
+            }
+        });
+    }
+
+    /// Round-to-nearest quantization of `src` (initial conversion, projector refresh).
+    pub fn quantize(&mut self, src: &[f32], range: Range) {
+        self.requantize(src, range, None);
+    }
+
+    /// Quantizes `src` with fresh per-group scale and zero. With `sr = Some(key)` the
+    /// codes are stochastically rounded with uniforms keyed by (key, element index).
+    pub fn requantize(&mut self, src: &[f32], range: Range, sr: Option<u64>) {
+        assert!(src.len() >= self.numel);
+        if self.bits == 16 {
+            let codes = &mut self.codes;
+            codes.par_chunks_mut(2).zip(src[..self.numel].par_iter()).for_each(|(c, &x)| {
+                c.copy_from_slice(&f32_to_bf16(x).to_le_bytes());
+            });
+            return;
+        }
+        let (g, bits, qmax) = (self.group, self.bits, self.qmax());
+        let bytes_per_group = if bits == 8 { g } else { g / 2 };
+        let QTensor { codes, scale, zero, .. } = self;
+        codes
+            .par_chunks_mut(bytes_per_group)
+            .zip(scale.par_iter_mut())
+            .zip(zero.par_iter_mut())
+            .enumerate()
+            .for_each(|(gi, ((cg, s), z))| {
+                let w = &src[gi * g..(gi + 1) * g];
+                let (sv, zv) = group_params(w, qmax, range);
+                *s = sv;
+                *z = zv;
+                let base = (gi * g) as u64;
+                for (j, &x) in w.iter().enumerate() {
+                    let q = round_code(x / sv, zv, qmax, sr.map(|k| rng::uniform(k, base + j as u64)));
+                    if bits == 8 {
+                        cg[j] = q;
+                    } else if j & 1 == 0 {
+                        cg[j / 2] = q;
+                    } else {
+                        cg[j / 2] |= q << 4;
+                    }
+                }
+            });
+    }
+
+    /// The fused Q-GaLore weight update (§2.4 steps 2–7, in f32): per group, dequantize,
+    /// add `delta`, apply decoupled decay (`decay` = 1 − η·λ, after the update as the
+    /// reference does), recompute scale and zero, requantize with stochastic rounding
+    /// (or round-to-nearest when `sr` is None).
+    pub fn update(&mut self, delta: &[f32], decay: f32, range: Range, sr: Option<u64>) {
+        assert!(self.bits == 8 && delta.len() >= self.numel);
+        let (g, qmax) = (self.group, self.qmax());
+        let QTensor { codes, scale, zero, .. } = self;
+        codes.par_chunks_mut(g).zip(scale.par_iter_mut()).zip(zero.par_iter_mut()).enumerate().for_each(
+            |(gi, ((cg, s), z))| {
+                let mut w = [0.0f32; 1024];
+                let w = if g <= 1024 { &mut w[..g] } else { unreachable!("group sizes are capped at 1024") };
+                let d = &delta[gi * g..(gi + 1) * g];
+                for j in 0..g {
+                    let v = (cg[j] as f32 - *z) * *s + d[j];
+                    w[j] = if decay != 1.0 { v * decay } else { v };
+                }
+                let (sv, zv) = group_params(w, qmax, range);
+                *s = sv;
+                *z = zv;
+                let base = (gi * g) as u64;
+                for j in 0..g {
+                    cg[j] = round_code(w[j] / sv, zv, qmax, sr.map(|k| rng::uniform(k, base + j as u64)));
+                }
+            },
+        );
+    }
+}
+
+/// Scale and zero point of one group: s = max(max − min, 1e-5)/qmax,
+/// z = clamp(−round(min/s), 0, qmax) (round half to even, as torch.round).
+#[inline]
+pub fn group_params(w: &[f32], qmax: f32, range: Range) -> (f32, f32) {
+    let (mut lo, mut hi) = (f32::INFINITY, f32::NEG_INFINITY);
+    for &x in w {
+        lo = lo.min(x);
+        hi = hi.max(x);
+    }
+    if range == Range::WithZero {
+        lo = lo.min(0.0);
+        hi = hi.max(0.0);
+    }
+    let s = (hi - lo).max(1e-5) / qmax;
+    let z = (-(lo / s)).round_ties_even().clamp(0.0, qmax);
+    (s, z)
+}
+
+/// q = clamp(round(x) + z, 0, qmax); with a uniform `u`, round(x) is stochastic:
+/// ⌊x⌋ + 1 when u < x − ⌊x⌋ (§2.4 step 6), so E[q] = x + z inside the range.
+#[inline]
+pub fn round_code(x: f32, z: f32, qmax: f32, u: Option<f32>) -> u8 {
+    let r = match u {
+        Some(u) => {
+            let f = x.floor();
+            if u < x - f {
+                f + 1.0
+            } else {
+                f
+            }
+        }
+        None => x.round_ties_even(),
+    };
+    (r + z).clamp(0.0, qmax) as u8
+}
+
+/// f32 → bf16 with round-to-nearest-even (quiet NaN kept).
+#[inline]
+pub fn f32_to_bf16(f: f32) -> u16 {
+    let u = f.to_bits();
+    if (u & 0x7fff_ffff) > 0x7f80_0000 {
+        return ((u >> 16) | 0x40) as u16;
+    }
+    let r = u.wrapping_add(0x7fff + ((u >> 16) & 1));
+    (r >> 16) as u16
+}
+
+#[inline]
+pub fn bf16_to_f32(h: u16) -> f32 {
+    f32::from_bits((h as u32) << 16)
+}
