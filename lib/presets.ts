@@ -7,29 +7,10 @@
 
 import { UsageError } from "./errors.ts";
 
-/** Model shape, with Hugging Face `LlamaConfig` field names. */
-export interface ModelConfig {
-  /** Vocabulary size (rows of the embedding and of the untied lm_head). */
-  vocab_size: number;
-  /** Model width. */
-  hidden_size: number;
-  /** SwiGLU inner width. */
-  intermediate_size: number;
-  /** Query heads. */
-  num_attention_heads: number;
-  /** Key/value heads (equal to the query heads in every preset). */
-  num_key_value_heads: number;
-  /** Transformer blocks. */
-  num_hidden_layers: number;
-  /** Longest sequence the RoPE cache covers. */
-  max_position_embeddings: number;
-  /** RoPE base. */
-  rope_theta: number;
-  /** RMSNorm epsilon. */
-  rms_norm_eps: number;
-  /** Standard deviation of the normal weight init. */
-  initializer_range: number;
-}
+import type { ModelConfig } from "../ffi/engine.ts";
+
+/** Model shape, with Hugging Face `LlamaConfig` field names (defined next to the engine). */
+export type { ModelConfig };
 
 /** A model config together with the name it was resolved from. */
 export interface ResolvedModel {

@@ -1,0 +1,53 @@
+/**
+ * Pretrain a LLaMA-style model from the command line.
+ *
+ *     deno run -A examples/pretrain.ts                  # default CPU run, synthetic corpus
+ *     deno run -A examples/pretrain.ts --help
+ *     deno run -A examples/pretrain.ts --data book.txt --model llama-20m --steps 1000 --json
+ *
+ * Exit codes: 0 done, 1 engine failure, 2 usage error or divergence, 130 interrupted.
+ *
+ * @module
+ */
+
+import { EngineError } from "../ffi/engine.ts";
+import { LoadError } from "../ffi/loader.ts";
+import { parsePretrainArgs, usage } from "../lib/cli.ts";
+import { UsageError } from "../lib/errors.ts";
+import { DivergedError, train } from "../lib/trainer.ts";
+
+/** Runs the CLI and returns the process exit code. */
+export async function main(argv: string[]): Promise<number> {
+  let json = false;
+  try {
+    const args = parsePretrainArgs(argv);
+    if (args === "help") {
+      console.log(usage());
+      return 0;
+    }
+    const { json: asJson, ...opts } = args;
+    json = asJson;
+    const summary = await train(opts);
+    if (json) console.log(JSON.stringify(summary));
+    else if (summary.out !== null) console.log(`summary: ${summary.out}/summary.json`);
+    return summary.interrupted ? 130 : 0;
+  } catch (e) {
+    // Sweeps still get the partial run's numbers.
+    if (e instanceof DivergedError && json) {
+      console.log(JSON.stringify(e.summary));
+    }
+    if (e instanceof UsageError) return fail(e.message, 2);
+    if (e instanceof EngineError || e instanceof LoadError) return fail(e.message, 1);
+    if (e instanceof Deno.errors.NotCapable) {
+      return fail(`${e.message.split("\n")[0]}; run with deno run -A`, 2);
+    }
+    throw e;
+  }
+}
+
+function fail(message: string, code: number): number {
+  console.error(`error: ${message.replace(/\s*\n\s*/g, " ")}`);
+  return code;
+}
+
+if (import.meta.main) Deno.exit(await main(Deno.args));

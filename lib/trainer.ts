@@ -1,0 +1,368 @@
+/**
+ * The pretraining loop: model + data + native engine + schedule + logging, usable from the
+ * CLI and from a notebook (`await train({ steps: 100 })` returns the summary).
+ *
+ * @module
+ */
+
+import { join } from "node:path";
+import {
+  Engine,
+  type EngineConfig,
+  EngineError,
+  type MemoryBytes,
+  type StepStats,
+} from "../ffi/engine.ts";
+import { type Dataset, openDataset } from "./data.ts";
+import { UsageError } from "./errors.ts";
+import { formatCount, formatDuration, JsonlWriter, Progress } from "./log.ts";
+import { peakRssBytes } from "./memory.ts";
+import { checkOptions, type TrainOptions } from "./options.ts";
+import { type ModelConfig, paramCount } from "./presets.ts";
+import { Rng } from "./rng.ts";
+import { lrAt } from "./schedule.ts";
+
+/** The part of {@link Engine} the loop uses; tests can pass a stand-in. */
+export interface TrainEngine extends Disposable {
+  /** Trainable parameter count. */
+  readonly params: number;
+  /** Device actually used. */
+  readonly device: string;
+  /** One optimizer update over `microBatches` micro-batches. */
+  trainStep(tokens: Int32Array, microBatches: number, lr: number): Promise<StepStats>;
+  /** Mean validation loss over `batches` batches. */
+  evalLoss(tokens: Int32Array, batches: number): Promise<number>;
+  /** Engine-tracked bytes by category. */
+  memory(): MemoryBytes;
+}
+
+/** A `metrics.jsonl` line for one update. */
+export interface StepRecord {
+  /** Record kind. */
+  type: "step";
+  /** 1-based update number. */
+  step: number;
+  /** Training loss (mean over the update's micro-batches). */
+  loss: number;
+  /** Learning rate used. */
+  lr: number;
+  /** Global gradient norm before clipping. */
+  grad_norm: number;
+  /** Whether clipping scaled the gradient. */
+  clipped: boolean;
+  /** Training tokens consumed so far. */
+  tokens: number;
+  /** Training throughput so far (excludes evaluation time). */
+  tokens_per_s: number;
+  /** Seconds since the run started. */
+  elapsed_s: number;
+}
+
+/** A `metrics.jsonl` line for one evaluation. */
+export interface EvalRecord {
+  /** Record kind. */
+  type: "eval";
+  /** Updates done when evaluated (0 = before training). */
+  step: number;
+  /** Mean validation cross-entropy (nats/token); null when it was not finite. */
+  val_loss: number | null;
+  /** exp(val_loss). */
+  val_ppl: number | null;
+  /** Training tokens consumed so far. */
+  tokens: number;
+  /** Seconds since the run started. */
+  elapsed_s: number;
+}
+
+/** Callbacks during {@link train}; awaited, so they may update a notebook display. */
+export interface TrainHooks {
+  /** After each update. */
+  onStep?: (record: StepRecord) => void | Promise<void>;
+  /** After each evaluation, including the initial and the final one. */
+  onEval?: (record: EvalRecord) => void | Promise<void>;
+  /** Builds the engine; defaults to `Engine.create` (loads the native library). */
+  createEngine?: (cfg: EngineConfig) => TrainEngine | Promise<TrainEngine>;
+}
+
+/** What a run did; written to `summary.json` and returned by {@link train}. */
+export interface Summary {
+  /** Updates completed. */
+  steps: number;
+  /** Updates requested. */
+  steps_planned: number;
+  /** Training tokens consumed (steps × grad_accum × batch × seq_len). */
+  tokens: number;
+  /** Validation loss before the first update. */
+  initial_val_loss: number | null;
+  /** Loss of the last completed update. */
+  final_train_loss: number | null;
+  /** Validation loss at the end. */
+  val_loss: number | null;
+  /** exp(val_loss). */
+  val_ppl: number | null;
+  /** Best achievable loss of the synthetic corpus; null for text data. */
+  entropy_floor: number | null;
+  /** Training throughput (evaluation time excluded). */
+  tokens_per_s: number;
+  /** Wall time of the whole run, engine creation and evaluations included. */
+  wall_s: number;
+  /** Trainable parameters. */
+  params: number;
+  /** Optimizer name. */
+  optimizer: string;
+  /** Device the engine ran on. */
+  device: string;
+  /** Model name and config. */
+  model: { name: string; config: ModelConfig };
+  /** Data description. */
+  data: string;
+  /** Every option of the run, defaults filled in. */
+  config: TrainOptions & { warmup: number };
+  /** Engine bytes by category, plus the process's peak resident set size. */
+  memory: MemoryBytes & { peak_rss: number | null };
+  /** Stopped early by Ctrl-C. */
+  interrupted: boolean;
+  /** Stopped early by a non-finite loss or gradient. */
+  diverged: boolean;
+  /** The one-line reason a run stopped early on an error, else null. */
+  error: string | null;
+  /** Directory of `metrics.jsonl` and `summary.json`, or null. */
+  out: string | null;
+  /** Start time (ISO 8601). */
+  started_at: string;
+}
+
+/** Training stopped on a non-finite loss; `summary` has what the run did until then. */
+export class DivergedError extends UsageError {
+  /** Summary of the interrupted run (also written to `summary.json`). */
+  readonly summary: Summary;
+
+  /** Wraps the one-line message and the summary. */
+  constructor(message: string, summary: Summary) {
+    super(message);
+    this.name = "DivergedError";
+    this.summary = summary;
+  }
+}
+
+function ppl(loss: number | null): number | null {
+  if (loss === null || !Number.isFinite(loss)) return null;
+  return Math.exp(loss);
+}
+
+function finiteOrNull(x: number): number | null {
+  return Number.isFinite(x) ? x : null;
+}
+
+function defaultOut(): string {
+  return join("runs", new Date().toISOString().replace(/[:.]/g, "-"));
+}
+
+/**
+ * Pretrains a model. Options not given take {@link defaultTrainOptions} values. Validates
+ * everything before the native library is loaded; invalid options throw UsageError. Ctrl-C
+ * stops after the current update (summary `interrupted: true`); a non-finite loss throws
+ * {@link DivergedError} after the summary is written. Files go to `out` unless it is null.
+ */
+export async function train(
+  options: Partial<TrainOptions> = {},
+  hooks: TrainHooks = {},
+): Promise<Summary> {
+  const started = performance.now();
+  const startedAt = new Date().toISOString();
+  const { opts, model } = checkOptions(options);
+  const data: Dataset = openDataset(opts);
+  const out = opts.out === undefined ? defaultOut() : opts.out;
+  const cfg: EngineConfig = {
+    model: model.config,
+    batch_size: opts.batchSize,
+    seq_len: opts.seqLen,
+    optimizer: {
+      name: opts.optimizer,
+      beta1: opts.beta1,
+      beta2: opts.beta2,
+      eps: opts.eps,
+      weight_decay: opts.weightDecay,
+      clip: opts.clip,
+    },
+    seed: opts.seed,
+    device: opts.device,
+    ...(opts.threads === null ? {} : { threads: opts.threads }),
+  };
+
+  const progress = new Progress({
+    steps: opts.steps,
+    logEvery: opts.logEvery,
+    ...(opts.quiet ? { write: () => {} } : {}),
+  });
+  const elapsed = () => (performance.now() - started) / 1000;
+
+  using engine = await (hooks.createEngine ?? Engine.create)(cfg);
+  using metrics = out === null ? null : openOut(out);
+
+  const tokensPerStep = opts.gradAccum * opts.batchSize * opts.seqLen;
+  const valTokens = data.valBatches(opts.evalBatches, opts.batchSize, opts.seqLen);
+  const rng = new Rng(opts.seed);
+  progress.note(
+    `${model.name}: ${formatCount(engine.params)} params on ${engine.device}, ` +
+      `${opts.optimizer} lr ${opts.lr} (warmup ${opts.warmup}), ${opts.steps} steps × ` +
+      `${formatCount(tokensPerStep)} tokens; data: ${data.describe()}` +
+      (out === null ? "" : `; out: ${out}`),
+  );
+
+  let stop = false;
+  const onSigint = () => {
+    if (stop) Deno.exit(130);
+    stop = true;
+    progress.note("interrupted: stopping after the current step (Ctrl-C again to quit now)");
+  };
+  let listening = false;
+  if (opts.handleSigint) {
+    try {
+      Deno.addSignalListener("SIGINT", onSigint);
+      listening = true;
+    } catch {
+      // Signals are unsupported on some platforms; Ctrl-C then simply ends the process.
+    }
+  }
+
+  let steps = 0;
+  let trainS = 0;
+  let lastLoss: number | null = null;
+  let failure: string | null = null;
+  const evaluate = async (): Promise<number | null> => {
+    let loss: number | null;
+    try {
+      loss = finiteOrNull(await engine.evalLoss(valTokens, opts.evalBatches));
+    } catch (e) {
+      // After a divergence the weights may already hold huge values; report, don't crash.
+      if (failure !== null && e instanceof EngineError) loss = null;
+      else throw e;
+    }
+    const record: EvalRecord = {
+      type: "eval",
+      step: steps,
+      val_loss: loss,
+      val_ppl: ppl(loss),
+      tokens: steps * tokensPerStep,
+      elapsed_s: elapsed(),
+    };
+    metrics?.write({ ...record });
+    progress.note(
+      `eval step ${steps}: val loss ${loss?.toFixed(4) ?? "n/a"} ppl ${
+        record.val_ppl?.toFixed(2) ?? "n/a"
+      }` + (data.entropyFloor === undefined ? "" : ` (floor ${data.entropyFloor.toFixed(4)})`),
+    );
+    await hooks.onEval?.(record);
+    return loss;
+  };
+
+  let initialLoss: number | null;
+  let finalLoss: number | null;
+  try {
+    initialLoss = await evaluate();
+    while (steps < opts.steps && !stop) {
+      const lr = lrAt(steps, opts);
+      const t0 = performance.now();
+      const tokens = data.trainBatch(rng, opts.batchSize, opts.seqLen, opts.gradAccum);
+      let stats: StepStats;
+      try {
+        stats = await engine.trainStep(tokens, opts.gradAccum, lr);
+      } catch (e) {
+        if (!(e instanceof EngineError) || e.code !== -3) throw e;
+        failure = `training diverged at step ${steps + 1}: ${e.message} (lr ${
+          lr.toPrecision(3)
+        }); lower --lr or set --clip`;
+        break;
+      }
+      trainS += (performance.now() - t0) / 1000;
+      steps++;
+      lastLoss = stats.loss;
+      const record: StepRecord = {
+        type: "step",
+        step: steps,
+        loss: stats.loss,
+        lr,
+        grad_norm: stats.gradNorm,
+        clipped: stats.clipped,
+        tokens: steps * tokensPerStep,
+        tokens_per_s: (steps * tokensPerStep) / trainS,
+        elapsed_s: elapsed(),
+      };
+      metrics?.write({ ...record });
+      progress.step({
+        step: steps,
+        loss: stats.loss,
+        lr,
+        gradNorm: stats.gradNorm,
+        tokensPerS: record.tokens_per_s,
+      });
+      await hooks.onStep?.(record);
+      if (opts.evalEvery > 0 && steps % opts.evalEvery === 0 && steps < opts.steps && !stop) {
+        await evaluate();
+      }
+    }
+    progress.done();
+    finalLoss = await evaluate();
+  } finally {
+    progress.done();
+    if (listening) Deno.removeSignalListener("SIGINT", onSigint);
+  }
+
+  const summary: Summary = {
+    steps,
+    steps_planned: opts.steps,
+    tokens: steps * tokensPerStep,
+    initial_val_loss: initialLoss,
+    final_train_loss: lastLoss === null ? null : finiteOrNull(lastLoss),
+    val_loss: finalLoss,
+    val_ppl: ppl(finalLoss),
+    entropy_floor: data.entropyFloor ?? null,
+    tokens_per_s: trainS > 0 ? (steps * tokensPerStep) / trainS : 0,
+    wall_s: elapsed(),
+    params: engine.params,
+    optimizer: opts.optimizer,
+    device: engine.device,
+    model: { name: model.name, config: model.config },
+    data: data.describe(),
+    config: { ...opts, out },
+    memory: { ...engine.memory(), peak_rss: peakRssBytes() },
+    interrupted: stop && failure === null,
+    diverged: failure !== null,
+    error: failure,
+    out,
+    started_at: startedAt,
+  };
+  if (engine.params !== paramCount(model.config)) {
+    progress.note(
+      `warning: engine reports ${engine.params} params, expected ${paramCount(model.config)}`,
+    );
+  }
+  if (out !== null) {
+    Deno.writeTextFileSync(join(out, "summary.json"), JSON.stringify(summary, null, 2) + "\n");
+  }
+  progress.note(
+    `done: ${steps} steps, ${formatCount(summary.tokens)} tokens in ${
+      formatDuration(summary.wall_s)
+    }, ${formatCount(summary.tokens_per_s)} tok/s; val loss ${initialLoss?.toFixed(4) ?? "n/a"} → ${
+      finalLoss?.toFixed(4) ?? "n/a"
+    }`,
+  );
+  if (failure !== null) throw new DivergedError(failure, summary);
+  return summary;
+}
+
+/** Creates the output directory and an empty `metrics.jsonl` in it. */
+function openOut(out: string): JsonlWriter {
+  try {
+    Deno.mkdirSync(out, { recursive: true });
+    const path = join(out, "metrics.jsonl");
+    // A reused --out directory must not mix two runs' metrics.
+    Deno.writeTextFileSync(path, "");
+    return new JsonlWriter(path);
+  } catch (e) {
+    if (e instanceof Deno.errors.NotCapable) throw e;
+    const why = (e instanceof Error ? e.message : String(e)).split("\n")[0];
+    throw new UsageError(`--out ${out}: cannot write there (${why})`);
+  }
+}
