@@ -10,6 +10,7 @@ import {
   Engine,
   type EngineConfig,
   EngineError,
+  ErrorCode,
   type MemoryBytes,
   type StepStats,
 } from "../ffi/engine.ts";
@@ -80,6 +81,8 @@ export interface TrainHooks {
   onStep?: (record: StepRecord) => void | Promise<void>;
   /** After each evaluation, including the initial and the final one. */
   onEval?: (record: EvalRecord) => void | Promise<void>;
+  /** Aborting it stops the run after the current update, like Ctrl-C (`interrupted: true`). */
+  signal?: AbortSignal;
   /** Builds the engine; defaults to `Engine.create` (loads the native library). */
   createEngine?: (cfg: EngineConfig) => TrainEngine | Promise<TrainEngine>;
 }
@@ -261,7 +264,7 @@ export async function train(
   let finalLoss: number | null;
   try {
     initialLoss = await evaluate();
-    while (steps < opts.steps && !stop) {
+    while (steps < opts.steps && !(stop ||= hooks.signal?.aborted ?? false)) {
       const lr = lrAt(steps, opts);
       const t0 = performance.now();
       const tokens = data.trainBatch(rng, opts.batchSize, opts.seqLen, opts.gradAccum);
@@ -269,10 +272,10 @@ export async function train(
       try {
         stats = await engine.trainStep(tokens, opts.gradAccum, lr);
       } catch (e) {
-        if (!(e instanceof EngineError) || e.code !== -3) throw e;
+        if (!(e instanceof EngineError) || e.code !== ErrorCode.nonFinite) throw e;
         failure = `training diverged at step ${steps + 1}: ${e.message} (lr ${
           lr.toPrecision(3)
-        }); lower --lr or set --clip`;
+        }); lower --lr${opts.clip === 0 ? " or set --clip" : ""}`;
         break;
       }
       trainS += (performance.now() - t0) / 1000;
@@ -298,6 +301,7 @@ export async function train(
         tokensPerS: record.tokens_per_s,
       });
       await hooks.onStep?.(record);
+      stop ||= hooks.signal?.aborted ?? false;
       if (opts.evalEvery > 0 && steps % opts.evalEvery === 0 && steps < opts.steps && !stop) {
         await evaluate();
       }
@@ -342,11 +346,11 @@ export async function train(
     Deno.writeTextFileSync(join(out, "summary.json"), JSON.stringify(summary, null, 2) + "\n");
   }
   progress.note(
-    `done: ${steps} steps, ${formatCount(summary.tokens)} tokens in ${
-      formatDuration(summary.wall_s)
-    }, ${formatCount(summary.tokens_per_s)} tok/s; val loss ${initialLoss?.toFixed(4) ?? "n/a"} → ${
-      finalLoss?.toFixed(4) ?? "n/a"
-    }`,
+    `${steps < opts.steps ? "stopped" : "done"}: ${steps} steps, ${
+      formatCount(summary.tokens)
+    } tokens in ${formatDuration(summary.wall_s)}, ${
+      formatCount(summary.tokens_per_s)
+    } tok/s; val loss ${initialLoss?.toFixed(4) ?? "n/a"} → ${finalLoss?.toFixed(4) ?? "n/a"}`,
   );
   if (failure !== null) throw new DivergedError(failure, summary);
   return summary;
