@@ -45,4 +45,7 @@ impl<B: Backend> Optimizer<B> for AdamW<B> {
     fn steps(&self) -> u64 {
         self.step
     }
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
 }

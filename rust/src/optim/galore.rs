@@ -13,7 +13,7 @@ use crate::error::Result;
 use crate::model::{Llama, Param, Role, Weight};
 use crate::quant::adam8::{BnbHp, MIN_8BIT_SIZE};
 use crate::rng;
-use std::collections::VecDeque;
+use super::lazy::Lazy;
 use std::time::Instant;
 
 enum Moments<B: Backend> {
@@ -27,9 +27,7 @@ pub struct Proj<B: Backend> {
     pub right: bool,
     pub rank: usize,
     store: Option<Weight<B>>,
-    pub gap: u64,
-    pub queue: VecDeque<f32>,
-    past: Option<Vec<f32>>,
+    pub lazy: Lazy,
     pub svd_count: u64,
 }
 
@@ -90,7 +88,8 @@ impl<B: Backend> Family<B> {
             let proj = if cfg.projected() && p.role == Role::Linear {
                 let right = p.rows >= p.cols;
                 let rank = cfg.rank.min(p.rows).min(p.cols);
-                let pr = Proj { right, rank, store: None, gap: cfg.update_gap, queue: VecDeque::new(), past: None, svd_count: 0 };
+                let lazy = Lazy::new(cfg.update_gap, cfg.lazy, cfg.cos_threshold, cfg.queue_size, cfg.gamma, cfg.cos_mode == "abs");
+                let pr = Proj { right, rank, store: None, lazy, svd_count: 0 };
                 let pn = if right { rank * p.cols } else { p.rows * rank };
                 if cfg.proj_bits != 32 && cfg.proj_bits != 16 && pn % cfg.proj_group_size != 0 {
                     return Err(crate::error::Error::invalid(format!(
@@ -186,7 +185,12 @@ impl<B: Backend> Family<B> {
             }
             None => None,
         };
-        let res = be.top_subspace(g, rows, cols, st.rank, st.right, method, prev, key, pnew);
+        // An all-zero (or fully non-finite, hence zeroed) gradient has no subspace (I-17).
+        let res = if be.sumsq(g, rows * cols) > 0.0 {
+            be.top_subspace(g, rows, cols, st.rank, st.right, method, prev, key, pnew)
+        } else {
+            Err(crate::error::Error::backend("zero gradient"))
+        };
         let ok = res.is_ok();
         if ok {
             st.svd_count += 1;
@@ -196,26 +200,7 @@ impl<B: Backend> Family<B> {
             let mut host = vec![0.0f32; if st.right { cols } else { rows * k }];
             let _ = be.download(pnew, &mut host);
             let vnew: Vec<f32> = if st.right { host } else { (0..rows).map(|i| host[i * k]).collect() };
-            if let Some(past) = &st.past {
-                let dot: f64 = past.iter().zip(&vnew).map(|(a, b)| *a as f64 * *b as f64).sum();
-                let na: f64 = past.iter().map(|a| (*a as f64).powi(2)).sum::<f64>().sqrt();
-                let nb: f64 = vnew.iter().map(|a| (*a as f64).powi(2)).sum::<f64>().sqrt();
-                let mut cos = (dot / (na * nb).max(1e-30)) as f32;
-                if self.cfg.cos_mode == "abs" {
-                    cos = cos.abs();
-                }
-                st.queue.push_back(cos);
-                if st.queue.len() > self.cfg.queue_size {
-                    st.queue.pop_front();
-                }
-                if self.cfg.lazy && st.queue.len() == self.cfg.queue_size {
-                    let mean = st.queue.iter().sum::<f32>() / st.queue.len() as f32;
-                    if mean >= self.cfg.cos_threshold {
-                        st.gap *= self.cfg.gamma;
-                    }
-                }
-            }
-            st.past = Some(vnew);
+            st.lazy.observe(vnew);
             let n = if st.right { st.rank * cols } else { rows * st.rank };
             let store = match st.store.take() {
                 Some(s) => Ok(s),
@@ -246,7 +231,7 @@ impl<B: Backend> Family<B> {
         let iter = self.step - 1; // pre-increment counter (§1.2 item 3)
         let due = {
             let st = self.states[idx].proj.as_ref().unwrap();
-            st.store.is_none() || iter % st.gap == 0
+            st.store.is_none() || st.lazy.due(iter)
         };
         if due {
             self.refresh(be, idx, p, g);
@@ -325,7 +310,7 @@ impl<B: Backend> Family<B> {
             .states
             .iter()
             .zip(&model.params)
-            .filter_map(|(s, p)| s.proj.as_ref().map(|pr| format!("\"{}\":{}", p.name, pr.gap)))
+            .filter_map(|(s, p)| s.proj.as_ref().map(|pr| format!("\"{}\":{}", p.name, pr.lazy.gap)))
             .collect();
         format!(
             "\"svd_count\":{},\"refresh_failures\":{},\"nonfinite_grads\":{},\"refresh_seconds\":{:.6},\"gaps\":{{{}}}",
@@ -355,6 +340,9 @@ impl<B: Backend> Optimizer<B> for Family<B> {
     }
     fn steps(&self) -> u64 {
         self.step
+    }
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
     }
     fn report(&self, model: &Llama<B>) -> String {
         Family::report(self, model)

@@ -3,6 +3,7 @@
 
 pub mod adamw;
 pub mod galore;
+pub mod lazy;
 
 use crate::backend::Backend;
 use crate::error::Result;
@@ -18,6 +19,8 @@ pub trait Optimizer<B: Backend>: Send {
     fn update(&mut self, be: &B, idx: usize, p: &mut Param<B>, g: &mut B::Buf, lr: f32) -> Result<()>;
     /// Completed optimizer steps.
     fn steps(&self) -> u64;
+    /// Downcasting, for tests and reports that need the concrete optimizer.
+    fn as_any(&self) -> &dyn std::any::Any;
     /// Extra JSON fields for the run summary (without braces).
     fn report(&self, _model: &Llama<B>) -> String {
         String::new()
