@@ -176,10 +176,12 @@ export async function train(
   const { opts, model } = checkOptions(options);
   const data: Dataset = openDataset(opts);
   const out = opts.out === undefined ? defaultOut() : opts.out;
-  const cfg: EngineConfig = {
+  // The engine sizes its gradient buffers for `grad_accum` micro-batches per update.
+  const cfg: EngineConfig & { grad_accum: number } = {
     model: model.config,
     batch_size: opts.batchSize,
     seq_len: opts.seqLen,
+    grad_accum: opts.gradAccum,
     optimizer: {
       name: opts.optimizer,
       beta1: opts.beta1,

@@ -77,6 +77,7 @@ Deno.test("train: loop, schedule, evals, files and summary", async () => {
     });
     assert.equal(engine.cfg.model.vocab_size, 256);
     assert.equal(engine.cfg.threads, undefined);
+    assert.equal((engine.cfg as EngineConfig & { grad_accum?: number }).grad_accum, 3);
 
     assert.equal(summary.steps, 10);
     assert.equal(summary.tokens, 10 * 3 * 2 * 16);

@@ -1,0 +1,191 @@
+/**
+ * The real CLI (`examples/pretrain.ts`) over the native engine, as a subprocess: a short run,
+ * a diverging run, Ctrl-C, and each kind of bad input.
+ */
+import assert from "node:assert/strict";
+import { join } from "node:path";
+import type { Summary } from "../lib/trainer.ts";
+
+const script = new URL("../examples/pretrain.ts", import.meta.url).pathname;
+// Tiny runs: a few seconds each on two cores.
+const tiny = ["--batch-size", "4", "--seq-len", "32", "--eval-batches", "2"];
+
+interface Result {
+  code: number;
+  stdout: string;
+  stderr: string;
+}
+
+async function cli(args: string[]): Promise<Result> {
+  const out = await new Deno.Command(Deno.execPath(), {
+    args: ["run", "-A", script, ...args],
+    env: { NO_COLOR: "1" },
+    stdout: "piped",
+    stderr: "piped",
+  }).output();
+  const dec = new TextDecoder();
+  return { code: out.code, stdout: dec.decode(out.stdout), stderr: dec.decode(out.stderr) };
+}
+
+function lastLine(text: string): string {
+  return text.trimEnd().split("\n").at(-1) ?? "";
+}
+
+/** The stderr of a failed command is exactly one `error:` line naming what was wrong. */
+function assertOneLineError(r: Result, ...parts: string[]): void {
+  assert.notEqual(r.code, 0, `expected failure, got exit 0; stderr: ${r.stderr}`);
+  const lines = r.stderr.trimEnd().split("\n");
+  assert.equal(lines.length, 1, `stderr must be one line, got:\n${r.stderr}`);
+  assert.ok(lines[0].startsWith("error: "), lines[0]);
+  for (const p of parts) assert.ok(lines[0].includes(p), `"${lines[0]}" lacks "${p}"`);
+  assert.doesNotMatch(r.stderr, /^\s+at /m, "stack frames in stderr");
+  assert.doesNotMatch(r.stderr, /panicked/);
+}
+
+Deno.test("e2e: a short run learns and writes its files", async () => {
+  const dir = Deno.makeTempDirSync();
+  try {
+    const args = [...tiny, "--steps", "12", "--grad-accum", "2", "--lr", "1e-2"];
+    const r = await cli([...args, "--seed", "3", "--json", "--out", dir]);
+    assert.equal(r.code, 0, r.stderr);
+    const printed: Summary = JSON.parse(lastLine(r.stdout));
+    const s: Summary = JSON.parse(Deno.readTextFileSync(join(dir, "summary.json")));
+    assert.deepEqual(printed, s);
+    assert.equal(s.steps, 12);
+    assert.equal(s.tokens, 12 * 4 * 32 * 2);
+    assert.ok(s.val_loss! < s.initial_val_loss!, `${s.val_loss} !< ${s.initial_val_loss}`);
+    // Before training every byte is about equally likely.
+    assert.ok(Math.abs(s.initial_val_loss! - Math.log(256)) < 0.2, `${s.initial_val_loss}`);
+    assert.ok(Math.abs(s.val_ppl! - Math.exp(s.val_loss!)) < 1e-9);
+    assert.ok(s.final_train_loss! > 0 && Number.isFinite(s.final_train_loss));
+    assert.equal(s.params, 869_504);
+    assert.equal(s.device, "cpu");
+    assert.equal(s.optimizer, "adamw");
+    assert.equal(s.model.name, "llama-9m");
+    assert.ok(s.entropy_floor! > 1.8 && s.entropy_floor! < 1.9);
+    assert.ok(s.tokens_per_s > 0 && s.wall_s > 0);
+    const m = s.memory;
+    assert.ok(m.total > 0 && m.weights === 869_504 * 4, JSON.stringify(m));
+    assert.equal(m.total, m.weights + m.grads + m.optimizer_state + m.projector + m.activations);
+    assert.ok(m.peak_rss! > m.weights);
+    assert.equal(s.config.gradAccum, 2);
+    assert.equal(s.interrupted, false);
+    assert.equal(s.diverged, false);
+    const lines = Deno.readTextFileSync(join(dir, "metrics.jsonl")).trim().split("\n")
+      .map((l) => JSON.parse(l));
+    assert.equal(lines.filter((l) => l.type === "step").length, 12);
+    assert.deepEqual(lines.filter((l) => l.type === "eval").map((l) => l.step), [0, 12]);
+    // Logs go to stderr; stdout holds only the summary.
+    assert.equal(r.stdout.trim().split("\n").length, 1);
+    assert.match(r.stderr, /eval step 12: val loss \d\.\d{4}/);
+
+    // Same seed, same run: the engine and the sampling are deterministic.
+    const again = await cli([...args, "--seed", "3", "--json", "--out", join(dir, "again")]);
+    assert.equal(JSON.parse(lastLine(again.stdout)).val_loss, s.val_loss);
+  } finally {
+    Deno.removeSync(dir, { recursive: true });
+  }
+});
+
+Deno.test("e2e: a diverging run stops with one error line and still writes the summary", async () => {
+  const dir = Deno.makeTempDirSync();
+  try {
+    const r = await cli([...tiny, "--steps", "12", "--lr", "1e30", "--clip", "0", "--out", dir]);
+    assert.equal(r.code, 2, r.stderr);
+    const last = lastLine(r.stderr);
+    assert.match(last, /^error: training diverged at step \d+: (loss|gradient norm) is (NaN|inf)/);
+    assert.match(last, /\(lr [\d.]+e\+29|\(lr 1\.00e\+30/);
+    assert.match(last, /lower --lr/);
+    assert.doesNotMatch(r.stderr, /^\s+at |panicked/m);
+    const s: Summary = JSON.parse(Deno.readTextFileSync(join(dir, "summary.json")));
+    assert.equal(s.diverged, true);
+    assert.equal(s.error, last.slice("error: ".length));
+    assert.ok(s.steps < 12);
+  } finally {
+    Deno.removeSync(dir, { recursive: true });
+  }
+});
+
+Deno.test("e2e: Ctrl-C stops after the current step and writes the summary", async () => {
+  const dir = Deno.makeTempDirSync();
+  try {
+    const child = new Deno.Command(Deno.execPath(), {
+      args: ["run", "-A", script, ...tiny, "--steps", "100000", "--out", dir],
+      env: { NO_COLOR: "1" },
+      stdout: "piped",
+      stderr: "piped",
+    }).spawn();
+    const dec = new TextDecoder();
+    let err = "";
+    const reader = child.stderr.getReader();
+    while (!/step +1\//.test(err)) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      err += dec.decode(value, { stream: true });
+    }
+    child.kill("SIGINT");
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      err += dec.decode(value, { stream: true });
+    }
+    const [status] = await Promise.all([child.status, child.stdout.cancel()]);
+    assert.equal(status.code, 130, err);
+    assert.match(err, /interrupted: stopping after the current step/);
+    const s: Summary = JSON.parse(Deno.readTextFileSync(join(dir, "summary.json")));
+    assert.equal(s.interrupted, true);
+    assert.ok(s.steps >= 1 && s.steps < 100000);
+    assert.ok(s.val_loss !== null);
+  } finally {
+    Deno.removeSync(dir, { recursive: true });
+  }
+});
+
+Deno.test("e2e: --help", async () => {
+  const r = await cli(["--help"]);
+  assert.equal(r.code, 0);
+  assert.match(r.stdout, /^Pretrain a LLaMA-style model/);
+  assert.match(r.stdout, /--grad-accum N/);
+  assert.equal(r.stderr, "");
+});
+
+Deno.test("e2e: bad inputs give one error line naming the flag and the value", async () => {
+  const dir = Deno.makeTempDirSync();
+  try {
+    const empty = join(dir, "empty.txt");
+    Deno.writeTextFileSync(empty, "");
+    const short = join(dir, "short.txt");
+    Deno.writeTextFileSync(short, "too short\n");
+    const heads = join(dir, "heads.json");
+    Deno.writeTextFileSync(
+      heads,
+      '{"hidden_size":96,"intermediate_size":256,"num_attention_heads":5,"num_hidden_layers":2}',
+    );
+    const missing = join(dir, "missing.txt");
+    const cases: [string[], string[]][] = [
+      [["--batch-size", "0"], ["--batch-size 0", "integer ≥ 1"]],
+      [["--batch-size", "1.5"], ["--batch-size 1.5"]],
+      [["--lr", "abc"], ["--lr abc", "number > 0"]],
+      [["--lr", "-0.01"], ["--lr -0.01"]],
+      [["--lr", "0"], ["--lr 0"]],
+      [["--model", "llama-3m"], ["--model llama-3m", "unknown preset", "llama-60m"]],
+      [["--seq-len", "4096"], ["--seq-len 4096", "2048", "max_position_embeddings"]],
+      [["--model", heads], [`--model ${heads}`, "num_attention_heads 5", "hidden_size 96"]],
+      [["--data", missing], [`--data ${missing}`, "not found"]],
+      [["--data", empty], [`--data ${empty}`, "empty", "0 tokens"]],
+      [["--data", short, "--seq-len", "64"], [`--data ${short}`, "10 tokens", "65"]],
+      [["--learning-rate", "1"], ["--learning-rate", "unknown flag"]],
+      [["--device", "tpu"], ["--device tpu", "cpu, cuda, auto"]],
+      [["--optimizer", "sgd"], ["--optimizer sgd", "adamw"]],
+      [["--steps"], ["--steps", "missing value"]],
+      [["extra"], ["extra", "unexpected argument"]],
+      [["--device", "cuda"], ["cuda"]],
+    ];
+    const results = await Promise.all(cases.map(([args]) => cli([...args, "--out", dir])));
+    results.forEach((r, i) => assertOneLineError(r, ...cases[i][1]));
+    // Usage errors exit 2; the engine's own refusal (no CUDA build) exits 1.
+    assert.deepEqual(results.map((r) => r.code), [...cases.map(() => 2).slice(1), 1]);
+  } finally {
+    Deno.removeSync(dir, { recursive: true });
+  }
+});
