@@ -204,6 +204,34 @@ pub extern "C" fn qg_gemm_gflops(m: u32, n: u32, k: u32, iters: u32, threads: u3
     .unwrap_or(-2.0)
 }
 
+fn path_arg<'a>(p: *const u8, n: usize) -> Result<&'a str> {
+    let b = unsafe { slice(p, n)? };
+    std::str::from_utf8(b).map_err(|_| Error::invalid("path is not UTF-8"))
+}
+
+/// Writes weights and optimizer state to `path` (atomically: a temporary file renamed
+/// into place, so an interrupted save never destroys an older checkpoint).
+#[no_mangle]
+pub unsafe extern "C" fn qg_save(h: *const Handle, path: *const u8, len: usize) -> i32 {
+    with_session(h, |s| {
+        let path = path_arg(path, len)?;
+        let bytes = s.save_state();
+        let tmp = format!("{path}.tmp");
+        std::fs::write(&tmp, &bytes).map_err(|e| Error::invalid(format!("cannot write checkpoint {tmp}: {e}")))?;
+        std::fs::rename(&tmp, path).map_err(|e| Error::invalid(format!("cannot move checkpoint into {path}: {e}")))
+    })
+}
+
+/// Restores a checkpoint written by `qg_save` into a session built with the same config.
+#[no_mangle]
+pub unsafe extern "C" fn qg_load(h: *const Handle, path: *const u8, len: usize) -> i32 {
+    with_session(h, |s| {
+        let path = path_arg(path, len)?;
+        let bytes = std::fs::read(path).map_err(|e| Error::invalid(format!("cannot read checkpoint {path}: {e}")))?;
+        s.load_state(&bytes).map_err(|e| Error { code: e.code, msg: format!("{path}: {}", e.msg) })
+    })
+}
+
 /// Deliberately panics inside the guard: lets tests prove a panic becomes an error.
 #[no_mangle]
 pub unsafe extern "C" fn qg_debug_panic(h: *const Handle) -> i32 {

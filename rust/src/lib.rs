@@ -11,4 +11,5 @@ pub mod model;
 pub mod optim;
 pub mod quant;
 pub mod rng;
+pub mod state;
 pub mod train;

@@ -201,6 +201,63 @@ impl<B: Backend> Engine<B> {
         Ok(total / batches as f64)
     }
 
+    /// Serializes weights and optimizer state (see `state.rs`).
+    pub fn save_state(&self) -> Vec<u8> {
+        let be = &self.be;
+        let mut w = crate::state::Writer::new();
+        w.str(self.opt.name());
+        w.u64(self.model.params.len() as u64);
+        for p in &self.model.params {
+            w.str(&p.name);
+            match &p.data {
+                crate::model::Weight::F(b) => {
+                    w.u8(0);
+                    be.save_buf(b, p.numel(), &mut w);
+                }
+                crate::model::Weight::Q(q) => {
+                    w.u8(1);
+                    be.save_q(q, &mut w);
+                }
+            }
+        }
+        self.opt.save(be, &mut w);
+        w.buf
+    }
+
+    /// Restores `save_state` output into this engine (same model, optimizer and switches).
+    /// Nothing is changed unless the whole checkpoint matches.
+    pub fn load_state(&mut self, bytes: &[u8]) -> Result<()> {
+        let before = self.save_state();
+        let r = self.load_state_inner(bytes);
+        if r.is_err() {
+            // leave the engine exactly as it was
+            self.load_state_inner(&before).expect("restoring the engine's own state");
+        }
+        r
+    }
+
+    fn load_state_inner(&mut self, bytes: &[u8]) -> Result<()> {
+        use crate::model::Weight;
+        let be = &self.be;
+        let mut r = crate::state::Reader::new(bytes)?;
+        let name = r.str()?;
+        ensure!(name == self.opt.name(), "checkpoint is for optimizer {name}, this run uses {}", self.opt.name());
+        let n = r.u64()? as usize;
+        ensure!(n == self.model.params.len(), "checkpoint has {n} tensors, this model has {}", self.model.params.len());
+        for p in self.model.params.iter_mut() {
+            let pname = r.str()?;
+            ensure!(pname == p.name, "checkpoint tensor {pname} where this model has {}", p.name);
+            let numel = p.numel();
+            match (r.u8()?, &mut p.data) {
+                (0, Weight::F(b)) => be.load_buf(b, numel, &mut r, &pname)?,
+                (1, Weight::Q(q)) => be.load_q(q, &mut r, &pname)?,
+                _ => return Err(Error::invalid(format!("checkpoint stores {pname} in another precision than this run"))),
+            }
+        }
+        self.opt.load(be, &mut r)?;
+        r.done()
+    }
+
     pub fn memory(&self) -> [u64; 6] {
         let m = self.be.mem();
         let mut out = [0u64; 6];
@@ -247,6 +304,8 @@ pub trait Session: Send {
     fn eval(&mut self, tokens: &[i32], batches: usize) -> Result<f64>;
     fn memory(&self) -> [u64; 6];
     fn info_json(&self) -> String;
+    fn save_state(&self) -> Vec<u8>;
+    fn load_state(&mut self, bytes: &[u8]) -> Result<()>;
 }
 
 impl<B: Backend> Session for Engine<B> {
@@ -261,6 +320,12 @@ impl<B: Backend> Session for Engine<B> {
     }
     fn info_json(&self) -> String {
         Engine::info_json(self)
+    }
+    fn save_state(&self) -> Vec<u8> {
+        Engine::save_state(self)
+    }
+    fn load_state(&mut self, bytes: &[u8]) -> Result<()> {
+        Engine::load_state(self, bytes)
     }
 }
 

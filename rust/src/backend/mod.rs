@@ -215,6 +215,14 @@ pub trait Backend: Send + Sync + 'static {
         out: &mut Self::Buf,
     ) -> Result<()>;
 
+    // Checkpointing: copy state to and from the host byte stream.
+    fn save_buf(&self, b: &Self::Buf, n: usize, w: &mut crate::state::Writer);
+    fn load_buf(&self, b: &mut Self::Buf, n: usize, r: &mut crate::state::Reader, what: &str) -> Result<()>;
+    fn save_q(&self, q: &Self::Q, w: &mut crate::state::Writer);
+    fn load_q(&self, q: &mut Self::Q, r: &mut crate::state::Reader, what: &str) -> Result<()>;
+    fn save_a8(&self, s: &Self::A8, w: &mut crate::state::Writer);
+    fn load_a8(&self, s: &mut Self::A8, r: &mut crate::state::Reader, what: &str) -> Result<()>;
+
     /// Measured GEMM throughput in GFLOP/s for an (m×k)·(k×n) product (benchmarks).
     fn gemm_gflops(&self, m: usize, n: usize, k: usize, iters: usize) -> f64;
 }

@@ -26,6 +26,8 @@ pub struct Proj<B: Backend> {
     /// Right projector Q (r×n) when rows ≥ cols, else left P (m×r). Stored once chosen.
     pub right: bool,
     pub rank: usize,
+    /// Elements of the projector: r×n (right) or m×r (left).
+    pub numel: usize,
     store: Option<Weight<B>>,
     pub lazy: Lazy,
     pub svd_count: u64,
@@ -89,8 +91,8 @@ impl<B: Backend> Family<B> {
                 let right = p.rows >= p.cols;
                 let rank = cfg.rank.min(p.rows).min(p.cols);
                 let lazy = Lazy::new(cfg.update_gap, cfg.lazy, cfg.cos_threshold, cfg.queue_size, cfg.gamma, cfg.cos_mode == "abs");
-                let pr = Proj { right, rank, store: None, lazy, svd_count: 0 };
                 let pn = if right { rank * p.cols } else { p.rows * rank };
+                let pr = Proj { right, rank, numel: pn, store: None, lazy, svd_count: 0 };
                 if cfg.proj_bits != 32 && cfg.proj_bits != 16 && pn % cfg.proj_group_size != 0 {
                     return Err(crate::error::Error::invalid(format!(
                         "--proj-group-size {}: does not divide the {}×{} projector of {} ({pn} elements); choose a divisor of {pn}",
@@ -340,6 +342,95 @@ impl<B: Backend> Optimizer<B> for Family<B> {
     }
     fn steps(&self) -> u64 {
         self.step
+    }
+    fn save(&self, be: &B, w: &mut crate::state::Writer) {
+        w.u64(self.step);
+        let s = &self.stats;
+        w.u64(s.svd_count);
+        w.u64(s.refresh_failures);
+        w.u64(s.nonfinite_grads);
+        w.f64(s.refresh_seconds);
+        for st in &self.states {
+            match &st.moments {
+                Moments::F32 { m, v } => {
+                    w.u8(0);
+                    be.save_buf(m, be.len(m), w);
+                    be.save_buf(v, be.len(v), w);
+                }
+                Moments::Q8(a) => {
+                    w.u8(1);
+                    be.save_a8(a, w);
+                }
+            }
+            let Some(p) = &st.proj else {
+                w.u8(0);
+                continue;
+            };
+            w.u8(1);
+            w.u64(p.svd_count);
+            w.u64(p.lazy.gap);
+            w.f32s(&p.lazy.queue.iter().cloned().collect::<Vec<_>>());
+            w.f32s(p.lazy.past.as_deref().unwrap_or(&[]));
+            match &p.store {
+                None => w.u8(0),
+                Some(Weight::F(b)) => {
+                    w.u8(1);
+                    be.save_buf(b, be.len(b), w);
+                }
+                Some(Weight::Q(q)) => {
+                    w.u8(2);
+                    be.save_q(q, w);
+                }
+            }
+        }
+    }
+    fn load(&mut self, be: &B, r: &mut crate::state::Reader) -> Result<()> {
+        let bad = |what: &str| crate::error::Error::invalid(format!("checkpoint does not match this run: {what}"));
+        self.step = r.u64()?;
+        self.stats = Stats {
+            svd_count: r.u64()?,
+            refresh_failures: r.u64()?,
+            nonfinite_grads: r.u64()?,
+            refresh_seconds: r.f64()?,
+        };
+        let (bits, group) = (self.cfg.proj_bits, self.cfg.proj_group_size);
+        for st in self.states.iter_mut() {
+            match (r.u8()?, &mut st.moments) {
+                (0, Moments::F32 { m, v }) => {
+                    let (nm, nv) = (be.len(m), be.len(v));
+                    be.load_buf(m, nm, r, "moment m")?;
+                    be.load_buf(v, nv, r, "moment v")?;
+                }
+                (1, Moments::Q8(a)) => be.load_a8(a, r, "8-bit moments")?,
+                _ => return Err(bad("moment storage differs (8-bit vs fp32)")),
+            }
+            match (r.u8()?, &mut st.proj) {
+                (0, None) => continue,
+                (1, Some(p)) => {
+                    p.svd_count = r.u64()?;
+                    p.lazy.gap = r.u64()?;
+                    p.lazy.queue = r.f32s()?.into_iter().collect();
+                    let past = r.f32s()?;
+                    p.lazy.past = if past.is_empty() { None } else { Some(past) };
+                    p.store = match r.u8()? {
+                        0 => None,
+                        1 => {
+                            let mut b = be.alloc(p.numel, Category::Projector)?;
+                            be.load_buf(&mut b, p.numel, r, "projector")?;
+                            Some(Weight::F(b))
+                        }
+                        2 => {
+                            let mut q = be.q_new(p.numel, bits, group, Category::Projector)?;
+                            be.load_q(&mut q, r, "projector")?;
+                            Some(Weight::Q(q))
+                        }
+                        _ => return Err(bad("projector storage tag")),
+                    };
+                }
+                _ => return Err(bad("projected parameters differ")),
+            }
+        }
+        Ok(())
     }
     fn as_any(&self) -> &dyn std::any::Any {
         self

@@ -19,6 +19,10 @@ pub trait Optimizer<B: Backend>: Send {
     fn update(&mut self, be: &B, idx: usize, p: &mut Param<B>, g: &mut B::Buf, lr: f32) -> Result<()>;
     /// Completed optimizer steps.
     fn steps(&self) -> u64;
+    /// Writes every piece of optimizer state (checkpoints).
+    fn save(&self, be: &B, w: &mut crate::state::Writer);
+    /// Restores what `save` wrote; fails on any mismatch with this run.
+    fn load(&mut self, be: &B, r: &mut crate::state::Reader) -> Result<()>;
     /// Downcasting, for tests and reports that need the concrete optimizer.
     fn as_any(&self) -> &dyn std::any::Any;
     /// Extra JSON fields for the run summary (without braces).

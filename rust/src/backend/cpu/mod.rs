@@ -288,6 +288,24 @@ impl Backend for Cpu {
     ) -> Result<()> {
         linalg::top_subspace(g, rows, cols, rank, right, method, prev.map(|p| &p.data[..]), seed, out, self.threads)
     }
+    fn save_buf(&self, b: &CpuBuf, n: usize, w: &mut crate::state::Writer) {
+        w.f32s(&b.data[..n]);
+    }
+    fn load_buf(&self, b: &mut CpuBuf, n: usize, r: &mut crate::state::Reader, what: &str) -> Result<()> {
+        r.f32s_into(&mut b.data[..n], what)
+    }
+    fn save_q(&self, q: &Self::Q, w: &mut crate::state::Writer) {
+        w.qtensor(q);
+    }
+    fn load_q(&self, q: &mut Self::Q, r: &mut crate::state::Reader, what: &str) -> Result<()> {
+        r.qtensor_into(&mut q.inner, what)
+    }
+    fn save_a8(&self, s: &Self::A8, w: &mut crate::state::Writer) {
+        w.state8(s);
+    }
+    fn load_a8(&self, s: &mut Self::A8, r: &mut crate::state::Reader, what: &str) -> Result<()> {
+        r.state8_into(&mut s.inner, what)
+    }
     fn gemm_gflops(&self, m: usize, n: usize, k: usize, iters: usize) -> f64 {
         let a: Vec<f32> = (0..m * k).map(|i| ((i % 7) as f32 - 3.0) * 0.01).collect();
         let b: Vec<f32> = (0..k * n).map(|i| ((i % 5) as f32 - 2.0) * 0.01).collect();
