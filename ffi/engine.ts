@@ -213,6 +213,23 @@ export class Engine implements Disposable {
     return { weights, grads, optimizer_state, projector, activations, total };
   }
 
+  /**
+   * Writes weights and every piece of optimizer state to `path` (atomically), so a run can
+   * resume bit-exactly with {@link Engine.load} on an engine built from the same config.
+   */
+  async save(path: string): Promise<void> {
+    const h = this.#handle();
+    const p = enc.encode(path);
+    await this.#call(() => this.#lib.symbols.qg_save(h, p, BigInt(p.length)));
+  }
+
+  /** Restores a checkpoint written by {@link Engine.save}; a mismatch changes nothing. */
+  async load(path: string): Promise<void> {
+    const h = this.#handle();
+    const p = enc.encode(path);
+    await this.#call(() => this.#lib.symbols.qg_load(h, p, BigInt(p.length)));
+  }
+
   /** Test hook: makes the engine panic inside its guard; must surface as an EngineError. */
   debugPanic(): never {
     const rc = this.#lib.symbols.qg_debug_panic(this.#handle());

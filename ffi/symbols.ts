@@ -4,7 +4,7 @@
  */
 
 /** ABI version this TypeScript expects; checked against `qg_abi_version()` at load. */
-export const ABI_VERSION = 1;
+export const ABI_VERSION = 2;
 
 /** Symbols of the qgalore engine library. */
 export const SYMBOLS = {
@@ -33,6 +33,8 @@ export const SYMBOLS = {
     result: "f64",
     nonblocking: true,
   },
+  qg_save: { parameters: ["pointer", "buffer", "usize"], result: "i32", nonblocking: true },
+  qg_load: { parameters: ["pointer", "buffer", "usize"], result: "i32", nonblocking: true },
   qg_debug_panic: { parameters: ["pointer"], result: "i32" },
 } as const;
 
