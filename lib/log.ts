@@ -76,10 +76,17 @@ export class Progress {
     // Redrawing more than ~10 times a second only costs time.
     if (!last && now - this.#lastDraw < 100) return;
     this.#lastDraw = now;
+    // A wrapped line cannot be redrawn with \r, so the bar must fit the terminal.
+    const room = terminalColumns() - 1;
+    let text = this.#line(info);
     const width = 20;
-    const filled = Math.round((width * info.step) / this.#steps);
-    const bar = "█".repeat(filled) + "░".repeat(width - filled);
-    const text = `${styleText("cyan", bar, { stream: process.stderr })} ${this.#line(info)}`;
+    if (text.length + width + 1 <= room) {
+      const filled = Math.round((width * info.step) / this.#steps);
+      const bar = "█".repeat(filled) + "░".repeat(width - filled);
+      text = `${styleText("cyan", bar, { stream: process.stderr })} ${text}`;
+    } else {
+      text = text.slice(0, room);
+    }
     this.#write(`\r${text}\x1b[K`);
     this.#barShown = true;
   }
@@ -108,6 +115,14 @@ export class Progress {
       ` loss ${info.loss.toFixed(4)} lr ${info.lr.toExponential(2)}` +
       ` gnorm ${info.gradNorm.toPrecision(3)} ${formatCount(info.tokensPerS)} tok/s` +
       ` eta ${formatDuration(eta)}`;
+  }
+}
+
+function terminalColumns(): number {
+  try {
+    return Deno.consoleSize().columns || 80;
+  } catch {
+    return 80;
   }
 }
 

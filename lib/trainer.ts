@@ -23,6 +23,8 @@ import { type ModelConfig, paramCount } from "./presets.ts";
 import { Rng } from "./rng.ts";
 import { lrAt } from "./schedule.ts";
 
+export type { EngineConfig, MemoryBytes, StepStats };
+
 /** The part of {@link Engine} the loop uses; tests can pass a stand-in. */
 export interface TrainEngine extends Disposable {
   /** Trainable parameter count. */
@@ -217,9 +219,10 @@ export async function train(
 
   let stop = false;
   const onSigint = () => {
-    if (stop) Deno.exit(130);
+    // A second Ctrl-C at a terminal quits at once; a notebook kernel must never exit.
+    if (stop && Deno.stderr.isTerminal()) Deno.exit(130);
     stop = true;
-    progress.note("interrupted: stopping after the current step (Ctrl-C again to quit now)");
+    progress.note("interrupted: stopping after the current step");
   };
   let listening = false;
   if (opts.handleSigint) {
