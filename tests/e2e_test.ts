@@ -93,7 +93,10 @@ Deno.test("e2e: a diverging run stops with one error line and still writes the s
     const r = await cli([...tiny, "--steps", "12", "--lr", "1e30", "--clip", "0", "--out", dir]);
     assert.equal(r.code, 2, r.stderr);
     const last = lastLine(r.stderr);
-    assert.match(last, /^error: training diverged at step \d+: (loss|gradient norm) is (NaN|infinite)/);
+    assert.match(
+      last,
+      /^error: training diverged at step \d+: (loss|gradient norm) is (NaN|infinite)/,
+    );
     assert.match(last, /\(lr [\d.]+e\+29|\(lr 1\.00e\+30/);
     assert.match(last, /lower --lr/);
     assert.doesNotMatch(r.stderr, /^\s+at |panicked/m);
