@@ -173,7 +173,8 @@ interface Range {
 }
 
 const RANGES: Readonly<Record<NumericKey, Range>> = {
-  lr: { min: 0, open: true },
+  // The engine takes lr as f32; anything larger would arrive as infinity.
+  lr: { min: 0, open: true, max: 3.4e38 },
   minLrRatio: { min: 0, max: 1 },
   warmup: { int: true, min: 0 },
   steps: { int: true, min: 1 },

@@ -112,12 +112,13 @@ function rejects(argv: string[], start: string, ...patterns: RegExp[]): void {
 Deno.test("bad numbers name the flag, the value and the allowed range", () => {
   rejects(["--batch-size", "0"], "--batch-size 0: must be an integer ≥ 1");
   rejects(["--batch-size", "2.5"], "--batch-size 2.5: must be an integer ≥ 1");
-  rejects(["--lr", "abc"], "--lr abc: must be a number > 0");
-  rejects(["--lr", "0"], "--lr 0: must be a number > 0");
-  rejects(["--lr", "-1"], "--lr -1: must be a number > 0");
-  rejects(["--lr=-0.5"], "--lr -0.5: must be a number > 0");
-  rejects(["--lr", "Infinity"], "--lr Infinity: must be a number > 0");
-  rejects(["--lr="], '--lr "": must be a number > 0');
+  rejects(["--lr", "abc"], "--lr abc: must be a number in (0, 3.4e+38]");
+  rejects(["--lr", "0"], "--lr 0: must be a number in (0, 3.4e+38]");
+  rejects(["--lr", "-1"], "--lr -1: must be a number in (0, 3.4e+38]");
+  rejects(["--lr=-0.5"], "--lr -0.5: must be a number in (0, 3.4e+38]");
+  rejects(["--lr", "Infinity"], "--lr Infinity: must be a number in (0, 3.4e+38]");
+  rejects(["--lr", "1e39"], "--lr 1e39: must be a number in (0, 3.4e+38]");
+  rejects(["--lr="], '--lr "": must be a number in (0, 3.4e+38]');
   rejects(["--steps", "1e9.5"], "--steps 1e9.5: must be an integer ≥ 1");
   rejects(["--seq-len", "0"], "--seq-len 0: must be an integer ≥ 1");
   rejects(["--grad-accum", "-2"], "--grad-accum -2: must be an integer ≥ 1");

@@ -168,7 +168,7 @@ Deno.test("e2e: bad inputs give one error line naming the flag and the value", a
     const cases: [string[], string[]][] = [
       [["--batch-size", "0"], ["--batch-size 0", "integer ≥ 1"]],
       [["--batch-size", "1.5"], ["--batch-size 1.5"]],
-      [["--lr", "abc"], ["--lr abc", "number > 0"]],
+      [["--lr", "abc"], ["--lr abc", "a number in (0, "]],
       [["--lr", "-0.01"], ["--lr -0.01"]],
       [["--lr", "0"], ["--lr 0"]],
       [["--model", "llama-3m"], ["--model llama-3m", "unknown preset", "llama-60m"]],
