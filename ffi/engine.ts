@@ -7,15 +7,25 @@ import type { NativeLib } from "./symbols.ts";
 
 /** LLaMA architecture, with Hugging Face `LlamaConfig` field names. */
 export interface ModelConfig {
+  /** Vocabulary size (rows of the embedding and of lm_head). */
   vocab_size: number;
+  /** Model width. */
   hidden_size: number;
+  /** SwiGLU MLP width. */
   intermediate_size: number;
+  /** Query heads. */
   num_attention_heads: number;
+  /** Key/value heads (grouped-query attention when fewer than the query heads). */
   num_key_value_heads: number;
+  /** Decoder blocks. */
   num_hidden_layers: number;
+  /** Longest sequence the model accepts. */
   max_position_embeddings: number;
+  /** RoPE base. */
   rope_theta: number;
+  /** RMSNorm epsilon. */
   rms_norm_eps: number;
+  /** Standard deviation of the normal initialisation. */
   initializer_range: number;
 }
 
@@ -23,25 +33,38 @@ export interface ModelConfig {
 export interface OptimizerConfig {
   /** Optimizer name, e.g. `adamw`. */
   name: string;
+  /** Adam β1. */
   beta1: number;
+  /** Adam β2. */
   beta2: number;
+  /** Adam ε. */
   eps: number;
+  /** Decoupled weight decay. */
   weight_decay: number;
   /** Global gradient-norm clipping threshold; 0 disables clipping. */
   clip: number;
+  /** Further switches of the GaLore family (`rank`, `update_gap`, `proj_bits`, …). */
   [key: string]: unknown;
 }
 
 /** Everything the engine needs to build a session. */
 export interface EngineConfig {
+  /** Architecture. */
   model: ModelConfig;
+  /** Sequences per micro-batch. */
   batch_size: number;
+  /** Tokens per sequence. */
   seq_len: number;
+  /** Optimizer and its switches (see `rust/src/config.rs` for every field). */
   optimizer: OptimizerConfig;
+  /** Seed of the initialisation and of stochastic rounding. */
   seed: number;
+  /** Where to run. */
   device: "cpu" | "cuda" | "auto";
   /** Worker threads; 0 or absent means one per core. */
   threads?: number;
+  /** Micro-batches per optimizer step; every `trainStep` must pass this many (default 1). */
+  grad_accum?: number;
 }
 
 /** Result of one optimizer step. */
@@ -56,11 +79,17 @@ export interface StepStats {
 
 /** Engine-tracked bytes by category. */
 export interface MemoryBytes {
+  /** Parameters (f32, or INT8 codes with group scales and zeros). */
   weights: number;
+  /** Gradient buffers and low-rank gradient scratch. */
   grads: number;
+  /** Optimizer moments (fp32 or 8-bit with block absmax). */
   optimizer_state: number;
+  /** GaLore projectors (packed as stored) and their f32 working copies. */
   projector: number;
+  /** Forward activations kept for the backward, and backward scratch. */
   activations: number;
+  /** Sum of the categories. */
   total: number;
 }
 

@@ -1,0 +1,35 @@
+/**
+ * qgalore: pre-train and fine-tune LLaMA-style models on the memory you have, with
+ * Q-GaLore (INT8 weights, INT4 projectors, lazy low-rank subspaces, 8-bit Adam) and its
+ * baselines (AdamW, 8-bit Adam, GaLore) in one Rust engine driven from TypeScript.
+ *
+ * ```ts
+ * import { train } from "@qgalore/qgalore";
+ * const summary = await train({ model: "llama-9m", optimizer: "qgalore", steps: 100, out: null });
+ * console.log(summary.val_loss);
+ * ```
+ * @module
+ */
+
+export * from "./lib/errors.ts";
+export * from "./lib/presets.ts";
+export * from "./lib/tokenizer.ts";
+export * from "./lib/rng.ts";
+export * from "./lib/data.ts";
+export * from "./lib/schedule.ts";
+export * from "./lib/memory.ts";
+export * from "./lib/log.ts";
+export * from "./lib/options.ts";
+export * from "./lib/cli.ts";
+export * from "./lib/trainer.ts";
+export {
+  Engine,
+  engineAbiVersion,
+  EngineError,
+  ErrorCode,
+  gemmGflops,
+  type MemoryBytes,
+  type OptimizerConfig,
+  type StepStats,
+} from "./ffi/engine.ts";
+export { LoadError } from "./ffi/loader.ts";
