@@ -7,15 +7,20 @@
 import { parseArgs } from "node:util";
 import { UsageError } from "./errors.ts";
 import {
+  checkChoice,
   checkNumber,
   checkOptions,
+  checkSwitch,
+  type ChoiceKey,
+  CHOICES,
   defaultTrainOptions,
-  type Device,
-  DEVICES,
   FLAG,
   NUMERIC_OPTIONS,
   type NumericKey,
+  optimizerDefaults,
   OPTIMIZERS,
+  SWITCH_OPTIONS,
+  type SwitchKey,
   type TrainOptions,
 } from "./options.ts";
 import { PRESET_NAMES } from "./presets.ts";
@@ -62,20 +67,21 @@ export function parsePretrainArgs(argv: string[]): PretrainArgs | "help" {
 
   const opts: PretrainArgs = { ...defaultTrainOptions(), json: values.json === true };
   const numeric = new Set<string>(NUMERIC_OPTIONS);
+  const switches = new Set<string>(SWITCH_OPTIONS);
   for (const [flag, key] of Object.entries(VALUE_FLAGS)) {
     const raw = values[flag];
     if (typeof raw !== "string") continue;
+    const o = opts as unknown as Record<string, unknown>;
     if (numeric.has(key)) {
-      (opts as unknown as Record<string, number>)[key] = checkNumber(key as NumericKey, raw);
-    } else if (key === "device") {
-      if (!(DEVICES as readonly string[]).includes(raw)) {
-        throw new UsageError(`--device ${raw || '""'}: must be one of ${DEVICES.join(", ")}`);
-      }
-      opts.device = raw as Device;
+      o[key] = checkNumber(key as NumericKey, raw);
+    } else if (switches.has(key)) {
+      o[key] = checkSwitch(key as SwitchKey, raw);
+    } else if (key in CHOICES) {
+      o[key] = checkChoice(key as ChoiceKey, raw);
     } else if (raw === "") {
       throw new UsageError(`--${flag} "": must not be empty`);
     } else {
-      (opts as unknown as Record<string, string>)[key] = raw;
+      o[key] = raw;
     }
   }
   checkOptions(opts);
@@ -139,6 +145,9 @@ function parseError(e: unknown, argv: string[]): Error {
 /** The `--help` text. */
 export function usage(): string {
   const d = defaultTrainOptions();
+  const per = (pick: (name: string) => unknown) =>
+    OPTIMIZERS.map((o) => `${o} ${pick(o) ?? "-"}`).join(", ");
+  const def = optimizerDefaults;
   return `Pretrain a LLaMA-style model with the qgalore engine.
 
 Usage: deno run -A examples/pretrain.ts [flags]
@@ -147,14 +156,39 @@ Model and optimizer
   --model NAME|FILE     preset (${PRESET_NAMES.join(", ")})
                         or a JSON LlamaConfig file [${d.model}]
   --optimizer NAME      ${OPTIMIZERS.join(", ")} [${d.optimizer}]
-  --lr X                peak learning rate [${d.lr}]
+  --lr X                peak learning rate [${per((o) => def(o).lr)}]
   --min-lr-ratio X      cosine floor as a fraction of --lr [${d.minLrRatio}]
   --warmup N            linear warmup updates [10% of --steps]
   --steps N             optimizer updates [${d.steps}]
   --clip X              gradient-norm clipping, 0 = off [${d.clip}]
   --weight-decay X      decoupled weight decay [${d.weightDecay}]
-  --beta1 X, --beta2 X, --eps X
-                        Adam moments and epsilon [${d.beta1}, ${d.beta2}, ${d.eps}]
+  --beta1 X             Adam β1 [${d.beta1}]
+  --beta2 X             Adam β2 [${per((o) => def(o).beta2)}]
+  --eps X               Adam ε [${per((o) => def(o).eps)}]
+  --fused on|off        optimizer steps inside the backward (needs --grad-accum 1)
+                        [on for galore, galore8bit, qgalore; off for adamw, adam8bit]
+  --block-size 256|2048 8-bit Adam block (adam8bit, galore8bit, qgalore) [2048]
+
+GaLore family (galore, galore8bit, qgalore)
+  --rank N              projection rank, clamped per matrix to min(N, rows, cols) [128]
+  --update-gap N        projector refresh interval T in updates [200]
+  --galore-scale X      scale α of the projected-back update [0.25]
+  --proj-bits B         projector storage: 4, 8 (quantized), 16 (bf16), 32 (f32)
+                        [${per((o) => def(o).projBits)}]
+  --proj-group-size N   projector quantization group (with --proj-bits 4 or 8) [256]
+  --proj-refresh M      svd (reference), eigh (exact, faster) or randomized [eigh]
+  --lazy on|off         lazy layer-wise refresh: double a matrix's gap while its top
+                        singular vector stays put [on for qgalore, else off]
+  --cos-threshold X     mean cosine that doubles the gap (with --lazy on) [0.4]
+  --queue-size N        cosines averaged (with --lazy on) [5]
+  --gamma N             gap growth factor (with --lazy on) [2]
+  --cos-mode M          signed (reference) or abs cosine (with --lazy on) [signed]
+  --weight-bits 8|16    8: INT8 projected weights (qgalore only) [qgalore 8, else 16]
+  --weight-group-size N INT8 weight quantization group (with --weight-bits 8) [256]
+  --stochastic-round on|off
+                        stochastic rounding of INT8 weight updates (with --weight-bits 8) [on]
+  --quant-range R       zero (range includes 0; fixes the reference clamp bug) or
+                        reference, for INT8 weights and 4/8-bit projectors [zero]
 
 Data
   --batch-size N        sequences per micro-batch [${d.batchSize}]
@@ -168,10 +202,11 @@ Data
 Run
   --seed N              weight init and batch sampling seed [${d.seed}]
   --threads N           engine threads [engine default]
-  --device D            ${DEVICES.join(", ")} [${d.device}]
+  --device D            ${CHOICES.device.join(", ")} [${d.device}]
   --out DIR             metrics.jsonl and summary.json go here [runs/<timestamp>]
   --json                print the summary as one JSON line on stdout
   -h, --help            show this help
 
-Ctrl-C stops after the current update, runs the final evaluation and writes the summary.`;
+Switches that do not apply to the chosen optimizer are errors. Ctrl-C stops after the
+current update, runs the final evaluation and writes the summary.`;
 }

@@ -18,7 +18,12 @@ import { type Dataset, openDataset } from "./data.ts";
 import { UsageError } from "./errors.ts";
 import { formatCount, formatDuration, JsonlWriter, Progress } from "./log.ts";
 import { peakRssBytes } from "./memory.ts";
-import { checkOptions, type TrainOptions } from "./options.ts";
+import {
+  checkOptions,
+  engineOptimizerConfig,
+  type ResolvedOptions,
+  type TrainOptions,
+} from "./options.ts";
 import { type ModelConfig, paramCount } from "./presets.ts";
 import { Rng } from "./rng.ts";
 import { lrAt } from "./schedule.ts";
@@ -37,6 +42,8 @@ export interface TrainEngine extends Disposable {
   evalLoss(tokens: Int32Array, batches: number): Promise<number>;
   /** Engine-tracked bytes by category. */
   memory(): MemoryBytes;
+  /** Engine facts as JSON (`svd_count`, `gaps`, …); optional for stand-ins. */
+  info?(): Record<string, unknown>;
 }
 
 /** A `metrics.jsonl` line for one update. */
@@ -71,6 +78,8 @@ export interface EvalRecord {
   val_loss: number | null;
   /** exp(val_loss). */
   val_ppl: number | null;
+  /** The reference's loss: sum of batch losses / (batches + 1) (spec §1.7, I-16). */
+  val_loss_ref: number | null;
   /** Training tokens consumed so far. */
   tokens: number;
   /** Seconds since the run started. */
@@ -101,10 +110,17 @@ export interface Summary {
   initial_val_loss: number | null;
   /** Loss of the last completed update. */
   final_train_loss: number | null;
-  /** Validation loss at the end. */
+  /** Validation loss at the end: the exact mean of the batch losses. */
   val_loss: number | null;
   /** exp(val_loss). */
   val_ppl: number | null;
+  /**
+   * Validation loss at the end as the reference computes it: the sum of the batch losses
+   * divided by (batches + 1), an off-by-one that biases it down (spec §1.7, I-16).
+   */
+  val_loss_ref: number | null;
+  /** exp(val_loss_ref): the perplexity the reference would report. */
+  val_ppl_ref: number | null;
   /** Best achievable loss of the synthetic corpus; null for text data. */
   entropy_floor: number | null;
   /** Training throughput (evaluation time excluded). */
@@ -115,14 +131,26 @@ export interface Summary {
   params: number;
   /** Optimizer name. */
   optimizer: string;
+  /** Whether the optimizer stepped inside the backward (as the engine reports it). */
+  fused: boolean;
+  /** Projector refreshes (SVD or equivalent) taken; 0 for unprojected optimizers. */
+  svd_count: number;
+  /** Final refresh interval of each projected matrix, by parameter name. */
+  gaps: Record<string, number>;
+  /** Refreshes that failed and kept the previous projector (I-17). */
+  refresh_failures: number;
+  /** Non-finite gradient elements zeroed by the optimizer; null when not counted (adamw). */
+  nonfinite_grads: number | null;
+  /** Seconds spent in projector refreshes. */
+  refresh_seconds: number;
   /** Device the engine ran on. */
   device: string;
   /** Model name and config. */
   model: { name: string; config: ModelConfig };
   /** Data description. */
   data: string;
-  /** Every option of the run, defaults filled in. */
-  config: TrainOptions & { warmup: number };
+  /** Every option of the run, defaults filled in (null: does not apply to the optimizer). */
+  config: ResolvedOptions;
   /** Engine bytes by category, plus the process's peak resident set size. */
   memory: MemoryBytes & { peak_rss: number | null };
   /** Stopped early by Ctrl-C. */
@@ -155,6 +183,11 @@ function ppl(loss: number | null): number | null {
   return Math.exp(loss);
 }
 
+/** The reference's n + 1 divisor applied to a mean over `batches` batches (I-16). */
+function refLoss(loss: number | null, batches: number): number | null {
+  return loss === null ? null : (loss * batches) / (batches + 1);
+}
+
 function finiteOrNull(x: number): number | null {
   return Number.isFinite(x) ? x : null;
 }
@@ -175,7 +208,7 @@ export async function train(
 ): Promise<Summary> {
   const started = performance.now();
   const startedAt = new Date().toISOString();
-  const { opts, model } = checkOptions(options);
+  const { opts, model, notices } = checkOptions(options);
   const data: Dataset = openDataset(opts);
   const out = opts.out === undefined ? defaultOut() : opts.out;
   // The engine sizes its gradient buffers for `grad_accum` micro-batches per update.
@@ -184,14 +217,7 @@ export async function train(
     batch_size: opts.batchSize,
     seq_len: opts.seqLen,
     grad_accum: opts.gradAccum,
-    optimizer: {
-      name: opts.optimizer,
-      beta1: opts.beta1,
-      beta2: opts.beta2,
-      eps: opts.eps,
-      weight_decay: opts.weightDecay,
-      clip: opts.clip,
-    },
+    optimizer: engineOptimizerConfig(opts),
     seed: opts.seed,
     device: opts.device,
     ...(opts.threads === null ? {} : { threads: opts.threads }),
@@ -203,6 +229,7 @@ export async function train(
     ...(opts.quiet ? { write: () => {} } : {}),
   });
   const elapsed = () => (performance.now() - started) / 1000;
+  for (const n of notices) progress.note(n);
 
   using engine = await (hooks.createEngine ?? Engine.create)(cfg);
   using metrics = out === null ? null : openOut(out);
@@ -252,6 +279,7 @@ export async function train(
       step: steps,
       val_loss: loss,
       val_ppl: ppl(loss),
+      val_loss_ref: refLoss(loss, opts.evalBatches),
       tokens: steps * tokensPerStep,
       elapsed_s: elapsed(),
     };
@@ -318,6 +346,9 @@ export async function train(
     if (listening) Deno.removeSignalListener("SIGINT", onSigint);
   }
 
+  const info = engine.info?.() ?? {};
+  const num = (key: string): number | null => typeof info[key] === "number" ? info[key] : null;
+  const finalRef = refLoss(finalLoss, opts.evalBatches);
   const summary: Summary = {
     steps,
     steps_planned: opts.steps,
@@ -326,11 +357,19 @@ export async function train(
     final_train_loss: lastLoss === null ? null : finiteOrNull(lastLoss),
     val_loss: finalLoss,
     val_ppl: ppl(finalLoss),
+    val_loss_ref: finalRef,
+    val_ppl_ref: ppl(finalRef),
     entropy_floor: data.entropyFloor ?? null,
     tokens_per_s: trainS > 0 ? (steps * tokensPerStep) / trainS : 0,
     wall_s: elapsed(),
     params: engine.params,
     optimizer: opts.optimizer,
+    fused: typeof info.fused === "boolean" ? info.fused : opts.fused,
+    svd_count: num("svd_count") ?? 0,
+    gaps: (info.gaps ?? {}) as Record<string, number>,
+    refresh_failures: num("refresh_failures") ?? 0,
+    nonfinite_grads: num("nonfinite_grads"),
+    refresh_seconds: num("refresh_seconds") ?? 0,
     device: engine.device,
     model: { name: model.name, config: model.config },
     data: data.describe(),

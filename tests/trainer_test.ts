@@ -5,6 +5,7 @@ import { UsageError } from "../lib/errors.ts";
 import { formatCount, formatDuration, JsonlWriter, Progress } from "../lib/log.ts";
 import { peakRssBytes } from "../lib/memory.ts";
 import { paramCount } from "../lib/presets.ts";
+import { optimizerDefaults } from "../lib/options.ts";
 import { lrAt } from "../lib/schedule.ts";
 import { DivergedError, type Summary, train, type TrainEngine } from "../lib/trainer.ts";
 
@@ -74,6 +75,7 @@ Deno.test("train: loop, schedule, evals, files and summary", async () => {
       eps: 1e-8,
       weight_decay: 0,
       clip: 1,
+      fused: false,
     });
     assert.equal(engine.cfg.model.vocab_size, 256);
     assert.equal(engine.cfg.threads, undefined);
@@ -84,6 +86,16 @@ Deno.test("train: loop, schedule, evals, files and summary", async () => {
     assert.equal(summary.initial_val_loss, 5.5);
     assert.equal(summary.val_loss, 0.5);
     assert.equal(summary.val_ppl, Math.exp(0.5));
+    // evalBatches 2: the reference divides the sum of 2 batch losses by 3 (I-16).
+    assert.equal(summary.val_loss_ref, (0.5 * 2) / 3);
+    assert.equal(summary.val_ppl_ref, Math.exp((0.5 * 2) / 3));
+    // A stand-in without info(): no refreshes, fused from the options.
+    assert.equal(summary.svd_count, 0);
+    assert.deepEqual(summary.gaps, {});
+    assert.equal(summary.refresh_failures, 0);
+    assert.equal(summary.nonfinite_grads, null);
+    assert.equal(summary.refresh_seconds, 0);
+    assert.equal(summary.fused, false);
     assert.equal(summary.final_train_loss, 0.5);
     assert.ok(Math.abs(summary.entropy_floor! - 1.8589) < 1e-4);
     assert.equal(summary.params, 869_504);
@@ -100,6 +112,7 @@ Deno.test("train: loop, schedule, evals, files and summary", async () => {
     assert.equal(lines.filter((l) => l.type === "step").length, 10);
     assert.deepEqual(lines.filter((l) => l.type === "eval").map((l) => l.step), [0, 4, 8, 10]);
     assert.equal(lines[0].val_loss, 5.5);
+    assert.equal(lines[0].val_loss_ref, (5.5 * 2) / 3);
     assert.equal(lines.at(-1)!.val_loss, 0.5);
   } finally {
     Deno.removeSync(dir, { recursive: true });
@@ -240,4 +253,81 @@ Deno.test("log: progress lines, formatters, jsonl, peak RSS", () => {
   }
   const rss = peakRssBytes();
   if (Deno.build.os === "linux") assert.ok(rss !== null && rss > 1e6, `peak RSS ${rss}`);
+});
+
+/** A stand-in that also reports GaLore-family facts through info(). */
+class InfoEngine extends FakeEngine {
+  info(): Record<string, unknown> {
+    return {
+      fused: true,
+      svd_count: 7,
+      refresh_failures: 1,
+      nonfinite_grads: 3,
+      refresh_seconds: 0.25,
+      gaps: { "model.layers.0.self_attn.q_proj.weight": 400 },
+    };
+  }
+}
+
+Deno.test("train: GaLore settings reach the engine; info() fills the summary", async () => {
+  let engine: InfoEngine | undefined;
+  const s = await train(
+    { ...small, steps: 3, optimizer: "qgalore", rank: 16, out: null },
+    { createEngine: (cfg) => (engine = new InfoEngine(cfg)) },
+  );
+  assert.deepEqual(engine!.cfg.optimizer, {
+    name: "qgalore",
+    beta1: 0.9,
+    beta2: 0.95,
+    eps: 1e-8,
+    weight_decay: 0,
+    clip: 1,
+    rank: 16,
+    update_gap: 200,
+    galore_scale: 0.25,
+    weight_bits: 8,
+    weight_group_size: 256,
+    proj_bits: 4,
+    proj_group_size: 256,
+    stochastic_round: true,
+    lazy: true,
+    cos_threshold: 0.4,
+    queue_size: 5,
+    gamma: 2,
+    proj_refresh: "eigh",
+    cos_mode: "signed",
+    quant_range: "zero",
+    block_size: 2048,
+    fused: true,
+  });
+  assert.equal(s.svd_count, 7);
+  assert.equal(s.refresh_failures, 1);
+  assert.equal(s.nonfinite_grads, 3);
+  assert.equal(s.refresh_seconds, 0.25);
+  assert.deepEqual(s.gaps, { "model.layers.0.self_attn.q_proj.weight": 400 });
+  assert.equal(s.fused, true);
+  assert.equal(s.config.rank, 16);
+  assert.equal(s.config.lr, optimizerDefaults("qgalore").lr);
+  assert.equal(s.config.blockSize, 2048);
+
+  // galore with gradient accumulation: no 8-bit block, no INT8 switches, not fused.
+  await train(
+    { ...small, steps: 1, optimizer: "galore", gradAccum: 2, out: null },
+    { createEngine: (cfg) => (engine = new InfoEngine(cfg)) },
+  );
+  assert.deepEqual(engine!.cfg.optimizer, {
+    name: "galore",
+    beta1: 0.9,
+    beta2: 0.999,
+    eps: 1e-6,
+    weight_decay: 0,
+    clip: 1,
+    rank: 128,
+    update_gap: 200,
+    galore_scale: 0.25,
+    proj_bits: 16,
+    lazy: false,
+    proj_refresh: "eigh",
+    fused: false,
+  });
 });
