@@ -33,3 +33,4 @@ export {
   type StepStats,
 } from "./ffi/engine.ts";
 export { LoadError } from "./ffi/loader.ts";
+export * from "./lib/estimate.ts";

@@ -662,8 +662,9 @@ function resolveOptimizer(
   const d = optimizerDefaults(name, raw.gradAccum);
   const projected = PROJECTED_OPTIMIZERS.includes(name);
   const eight = EIGHT_BIT_OPTIMIZERS.includes(name);
-  const reject = (key: OptimizerKey, why: string): never => {
-    throw new UsageError(`${FLAG[key]} ${shownValue(raw[key])}: ${why}`);
+  const reject = (key: OptimizerKey, why: string, value?: unknown): never => {
+    const shown = given(raw[key]) ? shownValue(raw[key]) : `${shownValue(value)} (default)`;
+    throw new UsageError(`${FLAG[key]} ${shown}: ${why}`);
   };
   const onlyFor = (key: OptimizerKey, ok: boolean, why: string) => {
     if (given(raw[key]) && !ok) reject(key, why);
@@ -757,6 +758,7 @@ function resolveOptimizer(
         "weightGroupSize",
         `does not divide the ${bad.rows}×${bad.cols} ${bad.name} matrix of ${model.name} ` +
           `(${n} elements); use an even divisor of ${gcdAll(shapes.map((s) => s.rows * s.cols))}`,
+        g,
       );
     }
   }
@@ -774,6 +776,7 @@ function resolveOptimizer(
             `(${bad.proj} elements at rank ${bad.rank}); use an even divisor of ${
               gcdAll(geo.map((s) => s.proj))
             }`,
+          g,
         );
       }
     }

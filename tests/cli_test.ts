@@ -3,7 +3,12 @@ import { join } from "node:path";
 import { parsePretrainArgs, usage } from "../lib/cli.ts";
 import { openDataset, SyntheticCorpus, TextDataset } from "../lib/data.ts";
 import { UsageError } from "../lib/errors.ts";
-import { checkOptions, defaultTrainOptions, OPTIMIZERS } from "../lib/options.ts";
+import {
+  checkOptions,
+  defaultTrainOptions,
+  optimizerDefaults,
+  OPTIMIZERS,
+} from "../lib/options.ts";
 import { PRESET_NAMES } from "../lib/presets.ts";
 
 Deno.test("no flags gives the defaults", () => {
@@ -260,4 +265,368 @@ Deno.test("--data errors: missing, empty, shorter than a window", () => {
   } finally {
     Deno.removeSync(dir, { recursive: true });
   }
+});
+
+Deno.test("GaLore-family flags land in their options", () => {
+  const got = parsePretrainArgs([
+    "--optimizer",
+    "qgalore",
+    "--rank",
+    "64",
+    "--update-gap",
+    "50",
+    "--galore-scale",
+    "0.5",
+    "--weight-bits",
+    "8",
+    "--weight-group-size",
+    "128",
+    "--proj-bits",
+    "8",
+    "--proj-group-size",
+    "64",
+    "--stochastic-round",
+    "off",
+    "--lazy",
+    "on",
+    "--cos-threshold",
+    "-0.25",
+    "--queue-size",
+    "3",
+    "--gamma",
+    "4",
+    "--proj-refresh",
+    "svd",
+    "--cos-mode",
+    "abs",
+    "--quant-range",
+    "reference",
+    "--block-size",
+    "256",
+    "--fused",
+    "off",
+  ]);
+  assert.notEqual(got, "help");
+  assert.deepEqual(got, {
+    ...defaultTrainOptions(),
+    optimizer: "qgalore",
+    rank: 64,
+    updateGap: 50,
+    galoreScale: 0.5,
+    weightBits: 8,
+    weightGroupSize: 128,
+    projBits: 8,
+    projGroupSize: 64,
+    stochasticRound: false,
+    lazy: true,
+    cosThreshold: -0.25,
+    queueSize: 3,
+    gamma: 4,
+    projRefresh: "svd",
+    cosMode: "abs",
+    quantRange: "reference",
+    blockSize: 256,
+    fused: false,
+    json: false,
+  });
+  const g = parsePretrainArgs(["--optimizer", "galore", "--proj-bits=4", "--lazy", "on"]);
+  assert.notEqual(g, "help");
+  if (g !== "help") assert.equal(checkOptions(g).opts.quantRange, "zero");
+});
+
+Deno.test("per-optimizer defaults (spec §1.6, §1.7, §2.6)", () => {
+  const resolved = (optimizer: string, extra: Record<string, unknown> = {}) =>
+    checkOptions({ optimizer, ...extra }).opts;
+  const none = {
+    rank: null,
+    updateGap: null,
+    galoreScale: null,
+    weightBits: null,
+    weightGroupSize: null,
+    projBits: null,
+    projGroupSize: null,
+    stochasticRound: null,
+    lazy: null,
+    cosThreshold: null,
+    queueSize: null,
+    gamma: null,
+    projRefresh: null,
+    cosMode: null,
+    quantRange: null,
+  };
+  const pick = (o: Record<string, unknown>) =>
+    Object.fromEntries(
+      [...Object.keys(none), "lr", "beta2", "eps", "blockSize", "fused"].map((k) => [k, o[k]]),
+    );
+  const lr = (o: string) => optimizerDefaults(o).lr;
+  assert.deepEqual(pick(resolved("adamw")), {
+    ...none,
+    lr: lr("adamw"),
+    beta2: 0.999,
+    eps: 1e-8,
+    blockSize: null,
+    fused: false,
+  });
+  assert.deepEqual(pick(resolved("adam8bit")), {
+    ...none,
+    lr: lr("adam8bit"),
+    beta2: 0.999,
+    eps: 1e-8,
+    blockSize: 2048,
+    fused: false,
+  });
+  const galore = {
+    ...none,
+    rank: 128,
+    updateGap: 200,
+    galoreScale: 0.25,
+    projBits: 16,
+    lazy: false,
+    projRefresh: "eigh",
+    beta2: 0.999,
+    fused: true,
+  };
+  assert.deepEqual(pick(resolved("galore")), {
+    ...galore,
+    lr: lr("galore"),
+    eps: 1e-6,
+    blockSize: null,
+  });
+  assert.deepEqual(pick(resolved("galore8bit")), {
+    ...galore,
+    lr: lr("galore8bit"),
+    eps: 1e-8,
+    blockSize: 2048,
+  });
+  assert.deepEqual(pick(resolved("qgalore")), {
+    rank: 128,
+    updateGap: 200,
+    galoreScale: 0.25,
+    weightBits: 8,
+    weightGroupSize: 256,
+    projBits: 4,
+    projGroupSize: 256,
+    stochasticRound: true,
+    lazy: true,
+    cosThreshold: 0.4,
+    queueSize: 5,
+    gamma: 2,
+    projRefresh: "eigh",
+    cosMode: "signed",
+    quantRange: "zero",
+    lr: lr("qgalore"),
+    beta2: 0.95,
+    eps: 1e-8,
+    blockSize: 2048,
+    fused: true,
+  });
+  // Given values win over the defaults; gradient accumulation turns the default fusion off.
+  assert.equal(resolved("qgalore", { beta2: 0.999, lr: 3e-3 }).beta2, 0.999);
+  assert.equal(resolved("qgalore", { beta2: 0.999, lr: 3e-3 }).lr, 3e-3);
+  assert.equal(resolved("galore", { gradAccum: 2 }).fused, false);
+  assert.equal(resolved("adamw", { fused: true }).fused, true);
+  // qgalore with float weights: no INT8 settings; INT4 projectors keep a quantizer range.
+  const f = resolved("qgalore", { weightBits: 16 });
+  assert.deepEqual([f.weightGroupSize, f.stochasticRound, f.quantRange], [null, null, "zero"]);
+  // galore with lazy refresh gets the lazy defaults.
+  const l = resolved("galore", { lazy: true });
+  assert.deepEqual([l.cosThreshold, l.queueSize, l.gamma, l.cosMode], [0.4, 5, 2, "signed"]);
+  assert.throws(() => optimizerDefaults("sgd"), /--optimizer sgd: unknown optimizer/);
+  // The help text shows each optimizer's defaults.
+  assert.match(usage(), /--eps X +Adam ε \[adamw 1e-8, adam8bit 1e-8, galore 0\.000001/);
+  for (const flag of ["--rank", "--proj-bits", "--stochastic-round", "--cos-mode", "--fused"]) {
+    assert.ok(usage().includes(flag), `usage lacks ${flag}`);
+  }
+});
+
+Deno.test("bad values of the optimizer flags name the flag, the value and what is allowed", () => {
+  rejects(["--optimizer", "sgd"], "--optimizer sgd: unknown optimizer; allowed: adamw, adam8bit");
+  rejects(["--optimizer", ""], '--optimizer "": unknown optimizer');
+  const q = ["--optimizer", "qgalore"];
+  rejects([...q, "--rank", "0"], "--rank 0: must be an integer ≥ 1");
+  rejects([...q, "--rank", "-4"], "--rank -4: must be an integer ≥ 1");
+  rejects([...q, "--rank", "2.5"], "--rank 2.5: must be an integer ≥ 1");
+  rejects([...q, "--update-gap", "0"], "--update-gap 0: must be an integer ≥ 1");
+  rejects([...q, "--galore-scale", "0"], "--galore-scale 0: must be a number in (0, 3.4e+38]");
+  rejects([...q, "--weight-bits", "4"], "--weight-bits 4: must be one of 8, 16");
+  rejects([...q, "--proj-bits", "2"], "--proj-bits 2: must be one of 4, 8, 16, 32");
+  rejects([...q, "--proj-bits", "12"], "--proj-bits 12: must be one of 4, 8, 16, 32");
+  rejects(
+    [...q, "--weight-group-size", "255"],
+    "--weight-group-size 255: must be an even integer in [2, 1024]",
+  );
+  rejects(
+    [...q, "--proj-group-size", "2048"],
+    "--proj-group-size 2048: must be an even integer in [2, 1024]",
+  );
+  rejects([...q, "--stochastic-round", "yes"], "--stochastic-round yes: must be on or off");
+  rejects([...q, "--lazy", ""], '--lazy "": must be on or off');
+  rejects([...q, "--fused", "1"], "--fused 1: must be on or off");
+  rejects([...q, "--cos-threshold", "1.5"], "--cos-threshold 1.5: must be a number in [-1, 1]");
+  rejects([...q, "--queue-size", "0"], "--queue-size 0: must be an integer in [1, 1000000]");
+  rejects([...q, "--gamma", "0"], "--gamma 0: must be an integer in [1, 1000000]");
+  rejects(
+    [...q, "--proj-refresh", "qr"],
+    "--proj-refresh qr: must be one of svd, eigh, randomized",
+  );
+  rejects([...q, "--cos-mode", "neg"], "--cos-mode neg: must be one of signed, abs");
+  rejects([...q, "--quant-range", "full"], "--quant-range full: must be one of zero, reference");
+  rejects([...q, "--block-size", "512"], "--block-size 512: must be one of 256, 2048");
+  // Notebook-style options are type-checked as well.
+  assert.throws(
+    () => checkOptions({ optimizer: "qgalore", lazy: "on" as unknown as boolean }),
+    /--lazy "on": must be true or false/,
+  );
+  assert.throws(
+    () => checkOptions({ optimizer: "galore", projRefresh: "qr" }),
+    /--proj-refresh qr: must be one of svd, eigh, randomized/,
+  );
+});
+
+Deno.test("switches that do not apply to the optimizer are errors", () => {
+  const proj = /applies only to --optimizer galore, galore8bit, qgalore \(not adamw\)/;
+  rejects(["--rank", "64"], "--rank 64: ", proj);
+  rejects(["--proj-bits", "4"], "--proj-bits 4: ", proj);
+  rejects(["--update-gap", "10"], "--update-gap 10: ", proj);
+  rejects(["--galore-scale", "1"], "--galore-scale 1: ", proj);
+  rejects(["--proj-refresh", "svd"], "--proj-refresh svd: ", proj);
+  rejects(["--lazy", "on"], "--lazy on: ", proj);
+  rejects(["--cos-threshold", "0.5"], "--cos-threshold 0.5: ", proj);
+  rejects(["--proj-group-size", "128"], "--proj-group-size 128: ", proj);
+  rejects(
+    ["--optimizer", "adam8bit", "--rank", "8"],
+    "--rank 8: applies only to --optimizer galore, galore8bit, qgalore (not adam8bit)",
+  );
+  rejects(
+    ["--block-size", "256"],
+    "--block-size 256: applies only to the 8-bit optimizers adam8bit, galore8bit, qgalore",
+  );
+  rejects(
+    ["--optimizer", "galore", "--block-size", "256"],
+    "--block-size 256: applies only to the 8-bit optimizers",
+    /\(not galore\)/,
+  );
+  for (const o of ["adamw", "adam8bit", "galore", "galore8bit"]) {
+    rejects(
+      ["--optimizer", o, "--weight-bits", "8"],
+      `--weight-bits 8: INT8 weights need --optimizer qgalore (not ${o}); allowed here: 16`,
+    );
+  }
+  const int8 = /applies only to INT8 weights \(--optimizer qgalore with --weight-bits 8\)/;
+  rejects(
+    ["--optimizer", "galore8bit", "--stochastic-round", "on"],
+    "--stochastic-round on: ",
+    int8,
+  );
+  rejects(
+    ["--optimizer", "qgalore", "--weight-bits", "16", "--stochastic-round", "off"],
+    "--stochastic-round off: ",
+    int8,
+  );
+  rejects(
+    ["--optimizer", "qgalore", "--weight-bits", "16", "--weight-group-size", "128"],
+    "--weight-group-size 128: ",
+    int8,
+  );
+  rejects(
+    ["--optimizer", "galore", "--proj-group-size", "128"],
+    "--proj-group-size 128: applies only with --proj-bits 4 or 8 (here 16)",
+  );
+  rejects(
+    ["--optimizer", "galore", "--quant-range", "reference"],
+    "--quant-range reference: applies only when something is quantized",
+  );
+  for (const [flag, v] of [["--cos-threshold", "0.5"], ["--queue-size", "3"], ["--gamma", "3"]]) {
+    rejects(["--optimizer", "galore", flag, v], `${flag} ${v}: applies only with --lazy on`);
+  }
+  rejects(
+    ["--optimizer", "qgalore", "--lazy", "off", "--cos-mode", "abs"],
+    "--cos-mode abs: applies only with --lazy on",
+  );
+  rejects(
+    ["--optimizer", "galore", "--fused", "on", "--grad-accum", "2"],
+    "--fused on: needs --grad-accum 1 (here 2)",
+  );
+  // These do apply.
+  for (
+    const argv of [
+      ["--weight-bits", "16"],
+      ["--fused", "on"],
+      ["--optimizer", "adam8bit", "--block-size", "256", "--fused", "on"],
+      ["--optimizer", "galore", "--lazy", "on", "--gamma", "3", "--cos-mode", "abs"],
+      ["--optimizer", "galore8bit", "--proj-bits", "8", "--quant-range", "reference"],
+      ["--optimizer", "qgalore", "--weight-bits", "16", "--quant-range", "reference"],
+      ["--optimizer", "qgalore", "--fused", "off", "--grad-accum", "2"],
+    ]
+  ) {
+    const o = parsePretrainArgs(argv);
+    assert.notEqual(o, "help");
+    if (o !== "help") checkOptions(o);
+  }
+});
+
+Deno.test("group sizes must divide every matrix of the model (weights and projectors)", () => {
+  // llama-9m linears have 16384 (128×128) and 45056 (352×128) elements; gcd 4096.
+  rejects(
+    ["--optimizer", "qgalore", "--weight-group-size", "6"],
+    "--weight-group-size 6: does not divide the 128×128 q matrix of llama-9m (16384 elements); " +
+      "use an even divisor of 4096",
+  );
+  const ok = checkOptions({ optimizer: "qgalore", weightGroupSize: 1024 });
+  assert.equal(ok.opts.weightGroupSize, 1024);
+  // Rank 3: every projector has 3×128 = 384 elements, which 256 does not divide.
+  rejects(
+    ["--optimizer", "qgalore", "--rank", "3"],
+    "--proj-group-size 256 (default): does not divide the 3×128 projector of the q matrix of llama-9m " +
+      "(384 elements at rank 3); use an even divisor of 384",
+  );
+  assert.equal(checkOptions({ optimizer: "qgalore", rank: 3, projGroupSize: 128 }).opts.rank, 3);
+  rejects(
+    ["--optimizer", "galore", "--rank", "5", "--proj-bits", "8", "--proj-group-size", "256"],
+    "--proj-group-size 256: does not divide the 5×128 projector of the q matrix",
+  );
+  // The left projector of down (128×352, wide) is rows × r' = 128×5, also 640 elements.
+  assert.equal(
+    checkOptions({ optimizer: "galore", rank: 5, projBits: 8, projGroupSize: 128 }).opts.rank,
+    5,
+  );
+  // A GQA config: k and v are 64×128 (2 KV heads of 4); rank 96 clamps them to 64, and
+  // their (left, since rows < cols) 64×64 projectors still divide 256.
+  const dir = Deno.makeTempDirSync();
+  try {
+    const path = join(dir, "gqa.json");
+    Deno.writeTextFileSync(
+      path,
+      JSON.stringify({
+        hidden_size: 128,
+        intermediate_size: 300,
+        num_attention_heads: 4,
+        num_key_value_heads: 2,
+        num_hidden_layers: 2,
+      }),
+    );
+    // 300×128 = 38400 = 2^9·75: 1024 does not divide it, 512 does.
+    rejects(
+      ["--model", path, "--optimizer", "qgalore", "--weight-group-size", "1024"],
+      `--weight-group-size 1024: does not divide the 300×128 gate matrix of ${path}`,
+      /use an even divisor of 512$/,
+    );
+    const c = checkOptions({ model: path, optimizer: "qgalore", rank: 96 });
+    assert.equal(c.notices.length, 1);
+    assert.match(c.notices[0], /--rank 96 exceeds the size of some .*gqa\.json matrices/);
+    assert.match(c.notices[0], /clamped per matrix to min\(rank, rows, cols\): 64 for k, v$/);
+  } finally {
+    Deno.removeSync(dir, { recursive: true });
+  }
+});
+
+Deno.test("a rank above a matrix's size is clamped with a one-line notice", () => {
+  const c = checkOptions({ optimizer: "galore", rank: 200 });
+  assert.equal(c.opts.rank, 200);
+  assert.deepEqual(c.notices, [
+    "notice: --rank 200 exceeds the size of some llama-9m matrices; clamped per matrix to " +
+    "min(rank, rows, cols): 128 for q, k, v, o, gate, up, down",
+  ]);
+  assert.deepEqual(checkOptions({ optimizer: "galore", rank: 128 }).notices, []);
+  assert.deepEqual(checkOptions({ optimizer: "adamw" }).notices, []);
 });
