@@ -87,6 +87,55 @@ Deno.test("e2e: a short run learns and writes its files", async () => {
   }
 });
 
+Deno.test("e2e: --optimizer qgalore reports refreshes, gaps and a rank clamp notice", async () => {
+  const dir = Deno.makeTempDirSync();
+  try {
+    const r = await cli([
+      ...tiny,
+      "--steps",
+      "6",
+      "--optimizer",
+      "qgalore",
+      "--rank",
+      "200",
+      "--update-gap",
+      "2",
+      "--json",
+      "--out",
+      dir,
+    ]);
+    assert.equal(r.code, 0, r.stderr);
+    const s: Summary = JSON.parse(lastLine(r.stdout));
+    assert.deepEqual(s, JSON.parse(Deno.readTextFileSync(join(dir, "summary.json"))));
+    assert.equal(s.optimizer, "qgalore");
+    assert.equal(s.steps, 6);
+    // 4 blocks × 7 matrices, each refreshed at updates 0, 2 and 4 (the lazy queue of 5
+    // cosines is not full yet, so no gap has grown).
+    const names = Object.keys(s.gaps);
+    assert.equal(names.length, 28);
+    assert.ok(names.includes("model.layers.3.mlp.down_proj.weight"), names.join(" "));
+    assert.ok(Object.values(s.gaps).every((g) => g === 2), JSON.stringify(s.gaps));
+    assert.equal(s.svd_count, 28 * 3);
+    assert.equal(s.refresh_failures, 0);
+    assert.equal(s.nonfinite_grads, 0);
+    assert.ok(s.refresh_seconds > 0);
+    assert.equal(s.fused, true);
+    assert.ok(s.val_loss! < s.initial_val_loss!);
+    assert.equal(s.val_loss_ref, (s.val_loss! * 2) / 3); // --eval-batches 2
+    assert.equal(s.config.rank, 200);
+    assert.equal(s.config.weightBits, 8);
+    assert.ok(s.memory.weights < 869_504 * 4 / 2, "INT8 linears");
+    // One notice line: the rank is clamped to the 128-wide matrices.
+    const notices = r.stderr.split("\n").filter((l) => l.startsWith("notice: "));
+    assert.deepEqual(notices, [
+      "notice: --rank 200 exceeds the size of some llama-9m matrices; clamped per matrix to " +
+      "min(rank, rows, cols): 128 for q, k, v, o, gate, up, down",
+    ]);
+  } finally {
+    Deno.removeSync(dir, { recursive: true });
+  }
+});
+
 Deno.test("e2e: a diverging run stops with one error line and still writes the summary", async () => {
   const dir = Deno.makeTempDirSync();
   try {
@@ -182,6 +231,12 @@ Deno.test("e2e: bad inputs give one error line naming the flag and the value", a
       [["--optimizer", "sgd"], ["--optimizer sgd", "adamw"]],
       [["--steps"], ["--steps", "missing value"]],
       [["extra"], ["extra", "unexpected argument"]],
+      [["--rank", "64"], ["--rank 64", "applies only to --optimizer galore"]],
+      [["--proj-bits", "4"], ["--proj-bits 4", "(not adamw)"]],
+      [["--optimizer", "galore", "--weight-bits", "8"], ["--weight-bits 8", "qgalore"]],
+      [["--optimizer", "qgalore", "--rank", "0"], ["--rank 0", "integer ≥ 1"]],
+      [["--optimizer", "qgalore", "--lazy", "maybe"], ["--lazy maybe", "on or off"]],
+      [["--optimizer", "qgalore", "--weight-group-size", "6"], ["--weight-group-size 6", "4096"]],
       [["--device", "cuda"], ["cuda"]],
     ];
     const results = await Promise.all(cases.map(([args]) => cli([...args, "--out", dir])));
