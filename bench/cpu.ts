@@ -13,6 +13,7 @@ import { Engine, gemmGflops } from "../ffi/engine.ts";
 import { modelConfig } from "../lib/presets.ts";
 import { defaultTrainOptions } from "../lib/options.ts";
 import { peakRssBytes } from "../lib/memory.ts";
+import { optimizerConfig } from "./common.ts";
 
 const { values } = parseArgs({
   options: {
@@ -25,30 +26,6 @@ const { values } = parseArgs({
     "skip-default-run": { type: "boolean", default: false },
   },
 });
-
-/** Optimizer settings of the benchmark for each optimizer name. */
-export function optimizerConfig(name: string, rank: number): Record<string, unknown> {
-  const base = { name, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0, clip: 0 };
-  switch (name) {
-    case "galore":
-      return { ...base, eps: 1e-6, rank, update_gap: 200, proj_bits: 16, fused: true };
-    case "galore8bit":
-      return { ...base, rank, update_gap: 200, proj_bits: 16, fused: true };
-    case "qgalore":
-      return {
-        ...base,
-        beta2: 0.95,
-        rank,
-        update_gap: 200,
-        weight_bits: 8,
-        proj_bits: 4,
-        lazy: true,
-        fused: true,
-      };
-    default:
-      return base;
-  }
-}
 
 async function runCase(name: string, opt: string, b: number, t: number, steps: number) {
   const model = modelConfig(name, 256);
@@ -101,7 +78,9 @@ async function child(args: string[]): Promise<Record<string, unknown>> {
   return JSON.parse(text);
 }
 
-if (values.case) {
+if (!import.meta.main) {
+  // imported for its helpers only
+} else if (values.case) {
   const r = await runCase(
     values.case,
     values.optimizer!,

@@ -246,3 +246,27 @@ fn i6_eight_bit_adam_tracks_fp32_adam_on_a_quadratic() {
     assert!(norm(&p32) < 0.2 * norm(&start), "fp32 Adam must make progress");
     assert!(d < 0.05, "8-bit vs fp32 end points differ by {d} of the distance travelled");
 }
+
+#[test]
+fn fast_state_quantizer_matches_the_reference_search() {
+    let maps = Maps::new();
+    let mut k = 0u64;
+    for signed in [true, false] {
+        let map = if signed { &maps.signed } else { &maps.unsigned };
+        // every code, every midpoint (ties), and random values across the range
+        let mut xs: Vec<f32> = map.to_vec();
+        xs.extend(map.windows(2).map(|w| 0.5 * (w[0] + w[1])));
+        xs.extend((0..100_000).map(|_| {
+            k += 1;
+            let u = qgalore::rng::uniform(99, k);
+            if signed { 2.0 * u - 1.0 } else { u }
+        }));
+        xs.extend([0.0, 1.0, -1.0, 1e-9, -1e-9, 3e-7, -3e-7]);
+        for x in xs {
+            if !signed && x < 0.0 {
+                continue;
+            }
+            assert_eq!(adam8::quantize(map, x, signed), adam8::quantize_reference(map, x, signed), "x = {x}, signed {signed}");
+        }
+    }
+}

@@ -33,11 +33,32 @@ pub fn dynamic_map(signed: bool) -> [f32; 256] {
     out
 }
 
-/// Nearest code of `x` in the sorted map (binary search, midpoint rule). For the signed
-/// map, a code whose sign disagrees with x is moved one step toward x's sign.
+/// Nearest code of `x` in the sorted map (midpoint rule, ties to the lower code). For the
+/// signed map, a code whose sign disagrees with x is moved one step toward x's sign.
 #[inline]
 pub fn quantize(map: &[f32; 256], x: f32, signed: bool) -> u8 {
-    // first index with map[i] > x
+    // Branchless search for the last code nearer to x than its lower neighbour: the same
+    // answer as a binary search plus the neighbour comparison, without mispredictions.
+    let mut i = 0usize;
+    let mut step = 128usize;
+    while step > 0 {
+        let j = i + step;
+        i += step * ((x - map[j - 1] > map[j] - x) as usize);
+        step >>= 1;
+    }
+    if signed {
+        if x > 0.0 && map[i] < 0.0 && i < 255 {
+            i += 1;
+        } else if x < 0.0 && map[i] > 0.0 && i > 0 {
+            i -= 1;
+        }
+    }
+    i as u8
+}
+
+/// The reference search (binary search, then the nearer neighbour); kept to test
+/// `quantize` against.
+pub fn quantize_reference(map: &[f32; 256], x: f32, signed: bool) -> u8 {
     let (mut lo, mut hi) = (0usize, 256usize);
     while lo < hi {
         let mid = (lo + hi) / 2;

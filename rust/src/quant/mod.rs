@@ -85,10 +85,21 @@ impl QTensor {
             return;
         }
         let g = self.group;
-        out[..self.numel].par_chunks_mut(g).enumerate().for_each(|(gi, o)| {
-            let (s, z) = (self.scale[gi], self.zero[gi]);
-            for (j, v) in o.iter_mut().enumerate() {
-                *v = (self.code(gi * g + j) as f32 - z) * s;
+        // Several groups per task keep rayon's overhead small next to the work.
+        let per = (16384 / g).max(1);
+        out[..self.numel].par_chunks_mut(g * per).enumerate().for_each(|(ti, o)| {
+            for (k, og) in o.chunks_mut(g).enumerate() {
+                let gi = ti * per + k;
+                let (s, z) = (self.scale[gi], self.zero[gi]);
+                if self.bits == 8 {
+                    for (v, &c) in og.iter_mut().zip(&self.codes[gi * g..(gi + 1) * g]) {
+                        *v = (c as f32 - z) * s;
+                    }
+                } else {
+                    for (j, v) in og.iter_mut().enumerate() {
+                        *v = (self.code(gi * g + j) as f32 - z) * s;
+                    }
+                }
             }
         });
     }
