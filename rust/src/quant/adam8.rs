@@ -46,6 +46,12 @@ pub fn quantize(map: &[f32; 256], x: f32, signed: bool) -> u8 {
         i += step * ((x - map[j - 1] > map[j] - x) as usize);
         step >>= 1;
     }
+    fix_sign(map, x, signed, i)
+}
+
+/// For the signed map, moves a code whose sign disagrees with x one step toward x's sign.
+#[inline]
+fn fix_sign(map: &[f32; 256], x: f32, signed: bool, mut i: usize) -> u8 {
     if signed {
         if x > 0.0 && map[i] < 0.0 && i < 255 {
             i += 1;
@@ -68,7 +74,7 @@ pub fn quantize_reference(map: &[f32; 256], x: f32, signed: bool) -> u8 {
             hi = mid;
         }
     }
-    let mut idx = if lo == 0 {
+    let idx = if lo == 0 {
         0
     } else if lo == 256 {
         255
@@ -80,35 +86,18 @@ pub fn quantize_reference(map: &[f32; 256], x: f32, signed: bool) -> u8 {
             lo
         }
     };
-    if signed {
-        if x > 0.0 && map[idx] < 0.0 && idx < 255 {
-            idx += 1;
-        } else if x < 0.0 && map[idx] > 0.0 && idx > 0 {
-            idx -= 1;
-        }
-    }
-    idx as u8
+    fix_sign(map, x, signed, idx)
 }
 
-/// Hyper-parameters of one bnb Adam update.
-#[derive(Clone, Copy, Debug)]
-pub struct BnbHp {
-    pub lr: f32,
-    pub beta1: f32,
-    pub beta2: f32,
-    pub eps: f32,
-    pub weight_decay: f32,
-    pub step: u64,
-}
+/// Hyper-parameters of one bnb Adam update (the same fields as AdamW's).
+pub type BnbHp = crate::backend::AdamHp;
 
-impl BnbHp {
-    /// (step_size, ε·√(1−β2^t)): p += step_size · m / (√v + ε·√(1−β2^t)).
-    fn factors(&self) -> (f32, f32) {
-        let t = self.step as i32;
-        let c1 = 1.0 - (self.beta1 as f64).powi(t);
-        let c2 = (1.0 - (self.beta2 as f64).powi(t)).sqrt();
-        ((-(self.lr as f64) * c2 / c1) as f32, (self.eps as f64 * c2) as f32)
-    }
+/// (step_size, ε·√(1−β2^t)) of bnb's kernels: p += step_size · m / (√v + ε·√(1−β2^t)).
+fn factors(hp: &BnbHp) -> (f32, f32) {
+    let t = hp.step as i32;
+    let c1 = 1.0 - (hp.beta1 as f64).powi(t);
+    let c2 = (1.0 - (hp.beta2 as f64).powi(t)).sqrt();
+    ((-(hp.lr as f64) * c2 / c1) as f32, (hp.eps as f64 * c2) as f32)
 }
 
 /// Block-wise 8-bit state of one tensor.
@@ -157,7 +146,7 @@ impl Default for Maps {
 /// (skipping non-finite gradients: m = v = 0, p unchanged), take the new absmax, update
 /// p, then requantize. Returns the number of non-finite gradient elements skipped.
 pub fn step8(p: &mut [f32], g: &[f32], st: &mut State8, maps: &Maps, hp: BnbHp) -> u64 {
-    let (step_size, eps2) = hp.factors();
+    let (step_size, eps2) = factors(&hp);
     let (b1, b2, decay) = (hp.beta1, hp.beta2, 1.0 - hp.lr * hp.weight_decay);
     let bs = st.block;
     let State8 { m, v, absmax_m, absmax_v, .. } = st;
@@ -206,7 +195,7 @@ pub fn step8(p: &mut [f32], g: &[f32], st: &mut State8, maps: &Maps, hp: BnbHp) 
 /// `kOptimizer32bit2State` (ADAM): the same update with fp32 moments, for tensors below
 /// `MIN_8BIT_SIZE`. Returns the number of non-finite gradient elements skipped.
 pub fn step32(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], hp: BnbHp) -> u64 {
-    let (step_size, eps2) = hp.factors();
+    let (step_size, eps2) = factors(&hp);
     let (b1, b2, decay) = (hp.beta1, hp.beta2, 1.0 - hp.lr * hp.weight_decay);
     let mut skipped = 0;
     for j in 0..p.len() {

@@ -8,16 +8,7 @@ use crate::backend::AttnDims;
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-#[derive(Clone, Copy)]
-struct Ptr(*mut f32);
-unsafe impl Send for Ptr {}
-unsafe impl Sync for Ptr {}
-impl Ptr {
-    #[inline]
-    fn get(self) -> *mut f32 {
-        self.0
-    }
-}
+use super::SendPtr as Ptr;
 
 fn check(d: &AttnDims, q: usize, k: usize, v: usize, att: usize) {
     let (b, t, h, kvh, hd) = (d.b, d.t, d.h, d.kvh, d.hd);

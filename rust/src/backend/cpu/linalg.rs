@@ -29,12 +29,7 @@ pub fn top_subspace(
         right_vectors(g, rows, cols, k, method, prev, seed, out, threads)
     } else {
         // Left singular vectors of G are the right singular vectors of Gᵀ.
-        let mut gt = vec![0.0f32; rows * cols];
-        for i in 0..rows {
-            for j in 0..cols {
-                gt[j * rows + i] = g[i * cols + j];
-            }
-        }
+        let gt = transpose(&g[..rows * cols], rows, cols);
         let prev_t = prev.map(|p| transpose(p, rows, k));
         let mut tmp = vec![0.0f32; k * rows];
         right_vectors(&gt, cols, rows, k, method, prev_t.as_deref(), seed, &mut tmp, threads)?;

@@ -6,6 +6,18 @@ pub mod linalg;
 pub mod matmul;
 pub mod ops;
 
+/// A raw pointer that parallel tasks may share: each task writes a disjoint region.
+#[derive(Clone, Copy)]
+pub(crate) struct SendPtr(pub(crate) *mut f32);
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+impl SendPtr {
+    #[inline]
+    pub(crate) fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
 use super::{AdamHp, AttnDims, Backend, Category, MemTracker, Refresh, Runner};
 use crate::quant::adam8::{self, BnbHp, State8};
 use crate::quant::{QTensor, Range};

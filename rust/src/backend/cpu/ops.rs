@@ -9,16 +9,7 @@ const ROWS: usize = 16;
 /// Columns per task for column-wise reductions (norm weight grads, embedding grads).
 const COLS: usize = 64;
 
-#[derive(Clone, Copy)]
-struct Ptr(*mut f32);
-unsafe impl Send for Ptr {}
-unsafe impl Sync for Ptr {}
-impl Ptr {
-    #[inline]
-    fn get(self) -> *mut f32 {
-        self.0
-    }
-}
+use super::SendPtr as Ptr;
 
 pub fn embedding(out: &mut [f32], tokens: &[i32], table: &[f32], c: usize) {
     out[..tokens.len() * c].par_chunks_mut(c * ROWS).enumerate().for_each(|(ci, chunk)| {
