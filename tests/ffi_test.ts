@@ -1,0 +1,109 @@
+import assert from "node:assert/strict";
+import { Engine, engineAbiVersion, EngineError, ErrorCode } from "../ffi/engine.ts";
+import type { EngineConfig } from "../ffi/engine.ts";
+import { ABI_VERSION } from "../ffi/symbols.ts";
+import { modelConfig } from "../lib/presets.ts";
+
+function config(optimizer = "adamw"): EngineConfig {
+  return {
+    model: { ...modelConfig("llama-9m", 256), num_hidden_layers: 2 },
+    batch_size: 2,
+    seq_len: 16,
+    optimizer: {
+      name: optimizer,
+      beta1: 0.9,
+      beta2: 0.999,
+      eps: 1e-8,
+      weight_decay: 0,
+      clip: 0,
+      rank: 16,
+      weight_bits: optimizer === "qgalore" ? 8 : 16,
+      proj_bits: optimizer === "qgalore" ? 4 : 16,
+      fused: optimizer !== "adamw",
+    },
+    seed: 1,
+    device: "cpu",
+  };
+}
+
+function batch(seed: number): Int32Array {
+  const t = new Int32Array(2 * 17);
+  let x = seed;
+  for (let i = 0; i < t.length; i++) t[i] = (x = (x * 1103515245 + 12345) >>> 0) % 256;
+  return t;
+}
+
+Deno.test("the library's ABI version matches the bindings", () => {
+  assert.equal(engineAbiVersion(), ABI_VERSION);
+});
+
+Deno.test("a bad config is a one-line EngineError, not a crash", async () => {
+  const cfg = config();
+  cfg.model.num_attention_heads = 3;
+  await assert.rejects(() => Engine.create(cfg), (e: unknown) => {
+    assert.ok(e instanceof EngineError);
+    assert.match(e.message, /num_attention_heads = 3: must divide hidden_size = 128/);
+    assert.ok(!e.message.includes("\n"));
+    return true;
+  });
+});
+
+Deno.test("a Rust panic becomes an exception and the process lives on", async () => {
+  const e = await Engine.create(config());
+  assert.throws(() => e.debugPanic(), (err: unknown) => {
+    assert.ok(err instanceof EngineError);
+    assert.equal(err.code, ErrorCode.panic);
+    assert.match(err.message, /internal engine error \(panic\): deliberate panic/);
+    return true;
+  });
+  // the handle refuses further work instead of running on a half-updated state
+  await assert.rejects(
+    () => e.trainStep(batch(1), 1, 1e-3),
+    /unusable after an earlier internal error/,
+  );
+  e[Symbol.dispose]();
+  e[Symbol.dispose](); // twice is harmless
+  await assert.rejects(() => e.trainStep(batch(1), 1, 1e-3), /disposed/);
+  // a fresh engine still works
+  using f = await Engine.create(config());
+  const st = await f.trainStep(batch(2), 1, 1e-3);
+  assert.ok(st.loss > 5 && st.loss < 6, `${st.loss}`);
+});
+
+Deno.test("memory categories add up", async () => {
+  using e = await Engine.create(config("qgalore"));
+  await e.trainStep(batch(3), 1, 1e-3);
+  const m = e.memory();
+  assert.equal(m.weights + m.grads + m.optimizer_state + m.projector + m.activations, m.total);
+  assert.ok(m.projector > 0 && m.weights > 0);
+  const info = e.info();
+  assert.equal(info.optimizer, "qgalore");
+  assert.equal(info.fused, true);
+  assert.equal(info.svd_count, 14);
+});
+
+for (const opt of ["adamw", "qgalore"]) {
+  Deno.test(`${opt}: a checkpoint resumes bit-exactly; a bad one changes nothing`, async () => {
+    const dir = await Deno.makeTempDir();
+    try {
+      using a = await Engine.create(config(opt));
+      for (let s = 0; s < 3; s++) await a.trainStep(batch(10 + s), 1, 3e-3);
+      await a.save(`${dir}/ck.bin`);
+      const cont: number[] = [];
+      for (let s = 3; s < 6; s++) cont.push((await a.trainStep(batch(10 + s), 1, 3e-3)).loss);
+      using b = await Engine.create(config(opt));
+      await b.load(`${dir}/ck.bin`);
+      const resumed: number[] = [];
+      for (let s = 3; s < 6; s++) resumed.push((await b.trainStep(batch(10 + s), 1, 3e-3)).loss);
+      assert.deepEqual(resumed, cont);
+
+      await Deno.writeFile(`${dir}/bad.bin`, new TextEncoder().encode("not a checkpoint"));
+      const before = await b.evalLoss(batch(99), 1);
+      await assert.rejects(() => b.load(`${dir}/bad.bin`), /bad\.bin: not a qgalore checkpoint/);
+      await assert.rejects(() => b.load(`${dir}/missing.bin`), /cannot read checkpoint/);
+      assert.equal(await b.evalLoss(batch(99), 1), before);
+    } finally {
+      await Deno.remove(dir, { recursive: true });
+    }
+  });
+}
