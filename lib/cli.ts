@@ -145,8 +145,11 @@ function parseError(e: unknown, argv: string[]): Error {
 /** The `--help` text. */
 export function usage(): string {
   const d = defaultTrainOptions();
+  const num = (x: unknown) =>
+    typeof x === "number" && x !== 0 && Math.abs(x) < 1e-3 ? x.toExponential() : String(x);
+  // Each optimizer's default, for the optimizers the setting applies to.
   const per = (pick: (name: string) => unknown) =>
-    OPTIMIZERS.map((o) => `${o} ${pick(o) ?? "-"}`).join(", ");
+    OPTIMIZERS.filter((o) => pick(o) !== null).map((o) => `${o} ${num(pick(o))}`).join(", ");
   const def = optimizerDefaults;
   return `Pretrain a LLaMA-style model with the qgalore engine.
 

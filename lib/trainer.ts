@@ -239,7 +239,7 @@ export async function train(
   const rng = new Rng(opts.seed);
   progress.note(
     `${model.name}: ${formatCount(engine.params)} params on ${engine.device}, ` +
-      `${opts.optimizer} lr ${opts.lr} (warmup ${opts.warmup}), ${opts.steps} steps × ` +
+      `${describeOptimizer(opts)}, ${opts.steps} steps × ` +
       `${formatCount(tokensPerStep)} tokens; data: ${data.describe()}` +
       (out === null ? "" : `; out: ${out}`),
   );
@@ -398,6 +398,23 @@ export async function train(
   );
   if (failure !== null) throw new DivergedError(failure, summary);
   return summary;
+}
+
+/** e.g. "qgalore lr 0.04 (warmup 30), rank 128, T 200, INT8 weights, INT4 projectors, lazy, fused". */
+function describeOptimizer(o: ResolvedOptions): string {
+  const parts = [`${o.optimizer} lr ${o.lr} (warmup ${o.warmup})`];
+  if (o.rank !== null) parts.push(`rank ${o.rank}, T ${o.updateGap}`);
+  if (o.weightBits === 8) parts.push(`INT8 weights${o.stochasticRound ? " (SR)" : ""}`);
+  if (o.projBits !== null) {
+    parts.push(
+      `${
+        ({ 32: "f32", 16: "bf16" } as Record<number, string>)[o.projBits] ?? `INT${o.projBits}`
+      } projectors`,
+    );
+  }
+  if (o.lazy) parts.push("lazy refresh");
+  if (o.fused) parts.push("fused");
+  return parts.join(", ");
 }
 
 /** Creates the output directory and an empty `metrics.jsonl` in it. */

@@ -433,7 +433,10 @@ Deno.test("per-optimizer defaults (spec §1.6, §1.7, §2.6)", () => {
   assert.deepEqual([l.cosThreshold, l.queueSize, l.gamma, l.cosMode], [0.4, 5, 2, "signed"]);
   assert.throws(() => optimizerDefaults("sgd"), /--optimizer sgd: unknown optimizer/);
   // The help text shows each optimizer's defaults.
-  assert.match(usage(), /--eps X +Adam ε \[adamw 1e-8, adam8bit 1e-8, galore 0\.000001/);
+  assert.match(
+    usage(),
+    /--eps X +Adam ε \[adamw 1e-8, adam8bit 1e-8, galore 1e-6, galore8bit 1e-8, qgalore 1e-8\]/,
+  );
   for (const flag of ["--rank", "--proj-bits", "--stochastic-round", "--cos-mode", "--fused"]) {
     assert.ok(usage().includes(flag), `usage lacks ${flag}`);
   }
