@@ -8,6 +8,8 @@
 //! `nn.Linear.weight`.
 
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 
 use crate::error::Result;
 use crate::quant::adam8::BnbHp;

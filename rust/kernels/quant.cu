@@ -1,0 +1,79 @@
+// Group quantization (algorithm-spec §2.2–2.4), bit-identical to rust/src/quant/mod.rs
+// when compiled with --fmad=false: one thread block per group (group ≤ 1024 elements).
+
+__device__ __forceinline__ void group_params(float lo, float hi, float qmax, int with_zero,
+                                             float* s, float* z) {
+    if (with_zero) { lo = fminf(lo, 0.0f); hi = fmaxf(hi, 0.0f); }
+    float sv = fmaxf(hi - lo, 1e-5f) / qmax;
+    float zv = rintf(-(lo / sv));
+    *s = sv;
+    *z = fminf(fmaxf(zv, 0.0f), qmax);
+}
+
+__device__ __forceinline__ u8 round_code(float x, float z, float qmax, int sr, u64 key, u64 idx) {
+    float r;
+    if (sr) {
+        float f = floorf(x);
+        r = (uniform24(key, idx) < x - f) ? f + 1.0f : f;
+    } else {
+        r = rintf(x);
+    }
+    return (u8)fminf(fmaxf(r + z, 0.0f), qmax);
+}
+
+__device__ __forceinline__ int code_at(const u8* codes, int bits, u64 i) {
+    return bits == 8 ? codes[i] : (codes[i >> 1] >> ((i & 1) * 4)) & 0xf;
+}
+
+// out[i] = (q − z)·s for 4- and 8-bit codes; grid covers n elements.
+extern "C" __global__ void q_dequant(float* out, const u8* codes, const float* scale,
+                                     const float* zero, int bits, int group, u64 n) {
+    u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    u64 g = i / group;
+    out[i] = ((float)code_at(codes, bits, i) - zero[g]) * scale[g];
+}
+
+extern "C" __global__ void bf16_dequant(float* out, const bf16_t* codes, u64 n) {
+    u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) out[i] = bf16_to_f32(codes[i]);
+}
+
+extern "C" __global__ void bf16_quant(bf16_t* codes, const float* src, u64 n) {
+    u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) codes[i] = f32_to_bf16(src[i]);
+}
+
+// Quantizes one group per block: w = src (+ delta, · decay when `update`), fresh scale
+// and zero, codes rounded to nearest or stochastically (keyed by element index).
+// blockDim.x == group; 4-bit codes are packed through shared memory.
+extern "C" __global__ void q_requant(u8* codes, float* scale, float* zero, const float* src,
+                                     const float* delta, float decay, int update, int bits,
+                                     int with_zero, int sr, u64 key) {
+    __shared__ float red[32];
+    __shared__ u8 packed[1024];
+    int g = blockIdx.x, j = threadIdx.x, group = blockDim.x;
+    u64 i = (u64)g * group + j;
+    float qmax = (float)((1 << bits) - 1);
+    float w;
+    if (update) {
+        float v = ((float)code_at(codes, bits, i) - zero[g]) * scale[g] + delta[i];
+        w = (decay != 1.0f) ? v * decay : v;
+    } else {
+        w = src[i];
+    }
+    __syncthreads(); // every thread has read its old code before any is rewritten
+    float lo = -block_max(-w, red);
+    float hi = block_max(w, red);
+    float s, z;
+    group_params(lo, hi, qmax, with_zero, &s, &z);
+    u8 q = round_code(w / s, z, qmax, sr, key, i);
+    if (j == 0) { scale[g] = s; zero[g] = z; }
+    if (bits == 8) {
+        codes[i] = q;
+    } else {
+        packed[j] = q;
+        __syncthreads();
+        if ((j & 1) == 0) codes[i >> 1] = (u8)(packed[j] | (packed[j + 1] << 4));
+    }
+}
