@@ -233,6 +233,8 @@ export async function train(
 
   using engine = await (hooks.createEngine ?? Engine.create)(cfg);
   using metrics = out === null ? null : openOut(out);
+  const engineNotice = engine.info?.().notice;
+  if (typeof engineNotice === "string") progress.note(`notice: ${engineNotice}`);
 
   const tokensPerStep = opts.gradAccum * opts.batchSize * opts.seqLen;
   const valTokens = data.valBatches(opts.evalBatches, opts.batchSize, opts.seqLen);

@@ -26,6 +26,7 @@ pub struct Engine<B: Backend> {
     pub opt: Box<dyn Optimizer<B>>,
     /// Optimizer steps run inside the backward (per-layer updates, algorithm-spec §1.5).
     pub fused: bool,
+    pub notice: Option<String>,
 }
 
 impl<B: Backend> Engine<B> {
@@ -43,7 +44,7 @@ impl<B: Backend> Engine<B> {
         let grads = Grads::new(&be, &model, |_| fused)?;
         let acts = Acts::new(&be, &cfg.model, cfg.batch_size, cfg.seq_len, model.largest_quantized())?;
         let opt = optim::build(&be, &model, o, cfg.seed)?;
-        Ok(Engine { be, cfg, model, grads, acts, opt, fused })
+        Ok(Engine { be, cfg, model, grads, acts, opt, fused, notice: None })
     }
 
     fn window_rows(&self, tokens: &[i32], chunks: usize, what: &str) -> Result<()> {
@@ -270,7 +271,11 @@ impl<B: Backend> Engine<B> {
 
     pub fn info_json(&self) -> String {
         let m = self.memory();
-        let extra = self.opt.report(&self.model);
+        let mut extra = self.opt.report(&self.model);
+        if let Some(n) = &self.notice {
+            let n = serde_json::to_string(n).unwrap_or_default();
+            extra = if extra.is_empty() { format!("\"notice\":{n}") } else { format!("{extra},\"notice\":{n}") };
+        }
         format!(
             "{{\"params\":{},\"device\":\"{}\",\"optimizer\":\"{}\",\"fused\":{},\"steps\":{},\"memory\":{{\"weights\":{},\"grads\":{},\"optimizer_state\":{},\"projector\":{},\"activations\":{},\"total\":{}}}{}{}}}",
             self.model.numel(),
@@ -306,6 +311,8 @@ pub trait Session: Send {
     fn info_json(&self) -> String;
     fn save_state(&self) -> Vec<u8>;
     fn load_state(&mut self, bytes: &[u8]) -> Result<()>;
+    /// A one-line notice for the user (e.g. a device fallback), reported in `info_json`.
+    fn set_notice(&mut self, text: &str);
 }
 
 impl<B: Backend> Session for Engine<B> {
@@ -327,15 +334,41 @@ impl<B: Backend> Session for Engine<B> {
     fn load_state(&mut self, bytes: &[u8]) -> Result<()> {
         Engine::load_state(self, bytes)
     }
+    fn set_notice(&mut self, text: &str) {
+        self.notice = Some(text.to_string());
+    }
 }
 
-/// Builds a session on the configured device.
+/// Builds a session on the configured device. `auto` takes the GPU when a usable device
+/// and its libraries are found, else the CPU (and says so in `info_json`'s `notice`).
 pub fn open(cfg: EngineConfig) -> Result<Box<dyn Session>> {
+    let cpu = |cfg: EngineConfig| -> Result<Box<dyn Session>> {
+        Ok(Box::new(Engine::new(crate::backend::cpu::Cpu::new(cfg.threads)?, cfg)?))
+    };
     match cfg.device.as_str() {
-        "cpu" | "auto" => Ok(Box::new(Engine::new(crate::backend::cpu::Cpu::new(cfg.threads)?, cfg)?)),
-        "cuda" => Err(Error::backend(
-            "device = cuda: this build has no CUDA backend yet; use --device cpu or auto",
-        )),
+        "cpu" => cpu(cfg),
+        "cuda" => cuda(cfg),
+        "auto" => {
+            #[cfg(feature = "cuda")]
+            if crate::backend::cuda::probe::device_count() > 0 {
+                return cuda(cfg);
+            }
+            let mut s = cpu(cfg)?;
+            s.set_notice("no usable CUDA device found; running on the CPU");
+            Ok(s)
+        }
         other => Err(Error::invalid(format!("device = {other}: must be cpu, cuda or auto"))),
     }
+}
+
+#[cfg(feature = "cuda")]
+fn cuda(cfg: EngineConfig) -> Result<Box<dyn Session>> {
+    let be = crate::backend::cuda::Cuda::new(0)
+        .map_err(|e| Error::backend(format!("--device cuda: {}; use --device cpu or auto", e.msg)))?;
+    Ok(Box::new(Engine::new(be, cfg)?))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda(_: EngineConfig) -> Result<Box<dyn Session>> {
+    Err(Error::backend("--device cuda: this build has no CUDA support (feature `cuda`); use --device cpu or auto"))
 }

@@ -69,6 +69,39 @@ impl MemTracker {
     }
 }
 
+/// Storage of any kind (host or device) whose bytes are counted while it lives.
+pub struct Tracked<T> {
+    pub inner: T,
+    bytes: usize,
+    cat: Category,
+    tracker: Arc<MemTracker>,
+}
+
+impl<T> Tracked<T> {
+    pub fn new(inner: T, bytes: usize, cat: Category, tracker: &Arc<MemTracker>) -> Self {
+        tracker.add(cat, bytes);
+        Tracked { inner, bytes, cat, tracker: tracker.clone() }
+    }
+}
+
+impl<T> Drop for Tracked<T> {
+    fn drop(&mut self) {
+        self.tracker.sub(self.cat, self.bytes);
+    }
+}
+
+impl<T> std::ops::Deref for Tracked<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.inner
+    }
+}
+impl<T> std::ops::DerefMut for Tracked<T> {
+    fn deref_mut(&mut self) -> &mut T {
+        &mut self.inner
+    }
+}
+
 /// Shape of one attention call: `b` sequences of `t` tokens, `h` query heads sharing
 /// `kvh` key/value heads of width `hd`. q is (b, t, h, hd); k, v are (b, t, kvh, hd);
 /// the probabilities `att` are (b, h, t, t).

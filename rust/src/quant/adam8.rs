@@ -93,7 +93,7 @@ pub fn quantize_reference(map: &[f32; 256], x: f32, signed: bool) -> u8 {
 pub type BnbHp = crate::backend::AdamHp;
 
 /// (step_size, ε·√(1−β2^t)) of bnb's kernels: p += step_size · m / (√v + ε·√(1−β2^t)).
-fn factors(hp: &BnbHp) -> (f32, f32) {
+pub fn factors(hp: &BnbHp) -> (f32, f32) {
     let t = hp.step as i32;
     let c1 = 1.0 - (hp.beta1 as f64).powi(t);
     let c2 = (1.0 - (hp.beta2 as f64).powi(t)).sqrt();

@@ -18,7 +18,7 @@ impl SendPtr {
     }
 }
 
-use super::{AdamHp, AttnDims, Backend, Category, MemTracker, Refresh, Runner};
+use super::{AdamHp, AttnDims, Backend, Category, MemTracker, Refresh, Runner, Tracked};
 use crate::quant::adam8::{self, BnbHp, State8};
 use crate::quant::{QTensor, Range};
 use crate::error::{Error, Result};
@@ -81,36 +81,9 @@ impl std::ops::DerefMut for CpuBuf {
     }
 }
 
-/// Host storage of any kind whose bytes are counted while it lives.
-pub struct Tracked<T> {
-    pub inner: T,
-    bytes: usize,
-    cat: Category,
-    tracker: Arc<MemTracker>,
-}
-
-impl<T> Drop for Tracked<T> {
-    fn drop(&mut self) {
-        self.tracker.sub(self.cat, self.bytes);
-    }
-}
-
-impl<T> std::ops::Deref for Tracked<T> {
-    type Target = T;
-    fn deref(&self) -> &T {
-        &self.inner
-    }
-}
-impl<T> std::ops::DerefMut for Tracked<T> {
-    fn deref_mut(&mut self) -> &mut T {
-        &mut self.inner
-    }
-}
-
 impl Cpu {
     fn track<T>(&self, inner: T, bytes: usize, cat: Category) -> Tracked<T> {
-        self.mem.add(cat, bytes);
-        Tracked { inner, bytes, cat, tracker: self.mem.clone() }
+        Tracked::new(inner, bytes, cat, &self.mem)
     }
 }
 

@@ -55,6 +55,12 @@ pub const MODULES: &[Module] = &[
             "cross_entropy",
         ],
     },
+    Module {
+        name: "linalg",
+        src: include_str!("../../../kernels/linalg.cu"),
+        fmad: true,
+        kernels: &["top_eigvecs_rows", "top_eigvecs_cols"],
+    },
 ];
 
 /// NVRTC options for a module and an architecture such as `sm_90`.

@@ -1,0 +1,49 @@
+import assert from "node:assert/strict";
+
+const pretrain = new URL("../examples/pretrain.ts", import.meta.url).pathname;
+
+async function run(args: string[]): Promise<{ code: number; stderr: string }> {
+  const dir = await Deno.makeTempDir();
+  try {
+    const out = await new Deno.Command(Deno.execPath(), {
+      args: ["run", "-A", pretrain, "--steps", "1", "--eval-batches", "1", "--out", dir, ...args],
+      stdout: "null",
+      stderr: "piped",
+    }).output();
+    return { code: out.code, stderr: new TextDecoder().decode(out.stderr) };
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+}
+
+async function hasGpu(): Promise<boolean> {
+  const { stderr } = await run(["--device", "auto"]);
+  return /params on cuda/.test(stderr);
+}
+
+Deno.test("--device auto without a GPU runs on the CPU with a one-line notice", async () => {
+  if (await hasGpu()) {
+    console.log("skipped: a GPU is present");
+    return;
+  }
+  const { code, stderr } = await run(["--device", "auto"]);
+  assert.equal(code, 0, stderr);
+  const lines = stderr.split("\n").filter((l) => l.startsWith("notice:"));
+  assert.deepEqual(lines, ["notice: no usable CUDA device found; running on the CPU"]);
+  assert.match(stderr, /params on cpu/);
+});
+
+Deno.test("--device cuda without a GPU is a clear one-line error", async () => {
+  if (await hasGpu()) {
+    console.log("skipped: a GPU is present");
+    return;
+  }
+  const { code, stderr } = await run(["--device", "cuda"]);
+  assert.notEqual(code, 0);
+  const lines = stderr.trim().split("\n");
+  assert.equal(
+    lines.at(-1),
+    "error: --device cuda: no usable CUDA device (driver, libcuda, libnvrtc and libcublas are needed); use --device cpu or auto",
+  );
+  assert.ok(!stderr.includes("panicked") && !/\n\s+at /.test(stderr));
+});
