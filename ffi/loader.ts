@@ -31,8 +31,10 @@ export function candidatePaths(): string[] {
   const out: string[] = [];
   const env = Deno.env.get("QGALORE_LIB");
   if (env) out.push(env);
-  // Only a local checkout has a build next to the sources (JSR modules have no filename).
+  // Only local files have a build next to the sources (JSR modules have no filename):
+  // a `deno task dist` folder keeps it in native/, a checkout in rust/target/release/.
   if (import.meta.dirname) {
+    out.push(`${import.meta.dirname}/../native/${libFile()}`);
     out.push(`${import.meta.dirname}/../rust/target/release/${libFile()}`);
   }
   return out;
