@@ -143,6 +143,8 @@ export interface Summary {
   nonfinite_grads: number | null;
   /** Seconds spent in projector refreshes. */
   refresh_seconds: number;
+  /** Seconds per engine phase: forward (with the loss), backward (with fused updates), optimizer. */
+  timing: { forward_s: number; backward_s: number; optimizer_s: number } | null;
   /** Device the engine ran on. */
   device: string;
   /** Model name and config. */
@@ -152,7 +154,7 @@ export interface Summary {
   /** Every option of the run, defaults filled in (null: does not apply to the optimizer). */
   config: ResolvedOptions;
   /** Engine bytes by category, plus the process's peak resident set size. */
-  memory: MemoryBytes & { peak_rss: number | null };
+  memory: MemoryBytes & { peak_rss: number | null; peak_device: number | null };
   /** Stopped early by Ctrl-C. */
   interrupted: boolean;
   /** Stopped early by a non-finite loss or gradient. */
@@ -372,11 +374,17 @@ export async function train(
     refresh_failures: num("refresh_failures") ?? 0,
     nonfinite_grads: num("nonfinite_grads"),
     refresh_seconds: num("refresh_seconds") ?? 0,
+    timing: (info.timing ?? null) as Summary["timing"],
     device: engine.device,
     model: { name: model.name, config: model.config },
     data: data.describe(),
     config: { ...opts, out },
-    memory: { ...engine.memory(), peak_rss: peakRssBytes() },
+    memory: {
+      ...engine.memory(),
+      peak_rss: peakRssBytes(),
+      // measured by the driver on a GPU; the CPU has no device memory
+      peak_device: engine.device === "cuda" ? num("peak_device_bytes") : null,
+    },
     interrupted: stop && failure === null,
     diverged: failure !== null,
     error: failure,

@@ -7,6 +7,7 @@ use crate::ensure;
 use crate::error::{Error, Result};
 use crate::model::{pass, Acts, Grads, Llama};
 use crate::optim::{self, Optimizer};
+use std::time::Instant;
 
 /// Result of one optimizer step.
 #[derive(Clone, Copy, Debug, Default)]
@@ -27,24 +28,30 @@ pub struct Engine<B: Backend> {
     /// Optimizer steps run inside the backward (per-layer updates, algorithm-spec §1.5).
     pub fused: bool,
     pub notice: Option<String>,
+    /// Seconds spent per phase since the start: forward (with the loss), backward (with
+    /// fused updates), optimizer (global-step updates, clipping).
+    pub timing: [f64; 3],
+    /// Highest device memory in use seen after a step (measured; GPU only).
+    pub peak_device_bytes: u64,
 }
 
 impl<B: Backend> Engine<B> {
     pub fn new(be: B, cfg: EngineConfig) -> Result<Self> {
         cfg.validate()?;
         let o = &cfg.optimizer;
-        let mut model = be.runner().run(|| Llama::new(&be, &cfg.model, cfg.seed))?;
-        if o.name == "qgalore" && o.weight_bits == 8 {
-            let (g, r) = (o.weight_group_size, o.range());
-            be.runner().run(|| model.quantize_linears(&be, 8, g, r))?;
-        }
+        let quant = (o.name == "qgalore" && o.weight_bits == 8).then(|| crate::model::LinearQuant {
+            bits: 8,
+            group: o.weight_group_size,
+            range: o.range(),
+        });
+        let model = be.runner().run(|| Llama::build(&be, &cfg.model, cfg.seed, quant))?;
         // With gradient accumulation the full gradient must persist across micro-batches,
         // so only GA = 1 runs fused; GA > 1 takes the global step (exact, I-12).
         let fused = o.fused && cfg.grad_accum == 1;
         let grads = Grads::new(&be, &model, |_| fused)?;
         let acts = Acts::new(&be, &cfg.model, cfg.batch_size, cfg.seq_len, model.largest_quantized())?;
         let opt = optim::build(&be, &model, o, cfg.seed)?;
-        Ok(Engine { be, cfg, model, grads, acts, opt, fused, notice: None })
+        Ok(Engine { be, cfg, model, grads, acts, opt, fused, notice: None, timing: [0.0; 3], peak_device_bytes: 0 })
     }
 
     fn window_rows(&self, tokens: &[i32], chunks: usize, what: &str) -> Result<()> {
@@ -64,12 +71,29 @@ impl<B: Backend> Engine<B> {
 
     /// Forward + loss (+ gradient into the logits when `grad_scale` is set); returns Σ loss.
     fn forward_loss(&mut self, window: &[i32], grad_scale: Option<f32>) -> Result<f64> {
+        let t0 = Instant::now();
         let (n, v) = (self.acts.b * self.acts.t, self.cfg.model.vocab_size);
         self.acts.load_tokens(window);
         pass::forward(&self.be, &self.model, &mut self.acts);
         let a = &mut self.acts;
         self.be.cross_entropy(&mut a.logits, &a.targets, &mut a.losses, n, v, grad_scale)?;
+        self.timing[0] += t0.elapsed().as_secs_f64();
         Ok(a.losses.iter().map(|&x| x as f64).sum())
+    }
+
+    /// Runs the backward (with `hook` per parameter), timed.
+    fn timed_backward(&mut self, acc: bool, hook: &mut dyn FnMut(usize, &mut Llama<B>, &mut Grads<B>)) -> Result<()> {
+        let t0 = Instant::now();
+        pass::backward(&self.be, &mut self.model, &mut self.grads, &mut self.acts, acc, hook);
+        self.be.sync()?;
+        self.timing[1] += t0.elapsed().as_secs_f64();
+        Ok(())
+    }
+
+    fn note_device_peak(&mut self) {
+        if let Some(b) = self.be.device_bytes_in_use() {
+            self.peak_device_bytes = self.peak_device_bytes.max(b);
+        }
     }
 
     /// Forward and backward over `micro` micro-batches, accumulating gradients; returns
@@ -85,8 +109,7 @@ impl<B: Backend> Engine<B> {
             if !sum.is_finite() {
                 return Err(Error::non_finite(format!("loss is {} at micro-batch {mb}", fmt_nf(sum))));
             }
-            let (be, m, g, a) = (&self.be, &mut self.model, &mut self.grads, &mut self.acts);
-            pass::backward(be, m, g, a, mb > 0, &mut |_, _, _| {});
+            self.timed_backward(mb > 0, &mut |_, _, _| {})?;
         }
         Ok(sum / ntok)
     }
@@ -107,6 +130,7 @@ impl<B: Backend> Engine<B> {
             return self.fused_step(tokens, lr);
         }
         let loss = self.loss_and_grads(tokens, micro)?;
+        let t0 = Instant::now();
         let mut st = StepStats { loss, ..Default::default() };
         let be = &self.be;
         let (model, grads, opt) = (&mut self.model, &mut self.grads, &mut self.opt);
@@ -131,6 +155,9 @@ impl<B: Backend> Engine<B> {
             }
             Ok(())
         })()?;
+        self.be.sync()?;
+        self.timing[2] += t0.elapsed().as_secs_f64();
+        self.note_device_peak();
         Ok(st)
     }
 
@@ -148,6 +175,7 @@ impl<B: Backend> Engine<B> {
         }
         let mut st = StepStats { loss: sum / ntok, ..Default::default() };
         let clip = self.cfg.optimizer.clip as f64;
+        let t0 = Instant::now();
         let (be, m, g, a, opt) = (&self.be, &mut self.model, &mut self.grads, &mut self.acts, &mut self.opt);
         let mut scale = 1.0f32;
         if clip > 0.0 {
@@ -186,6 +214,9 @@ impl<B: Backend> Engine<B> {
         if clip <= 0.0 {
             st.grad_norm = ss.sqrt();
         }
+        self.be.sync()?;
+        self.timing[1] += t0.elapsed().as_secs_f64();
+        self.note_device_peak();
         Ok(st)
     }
 
@@ -272,6 +303,12 @@ impl<B: Backend> Engine<B> {
     pub fn info_json(&self) -> String {
         let m = self.memory();
         let mut extra = self.opt.report(&self.model);
+        let t = self.timing;
+        let timing = format!(
+            "\"timing\":{{\"forward_s\":{:.6},\"backward_s\":{:.6},\"optimizer_s\":{:.6}}},\"peak_device_bytes\":{}",
+            t[0], t[1], t[2], self.peak_device_bytes
+        );
+        extra = if extra.is_empty() { timing } else { format!("{extra},{timing}") };
         if let Some(n) = &self.notice {
             let n = serde_json::to_string(n).unwrap_or_default();
             extra = if extra.is_empty() { format!("\"notice\":{n}") } else { format!("{extra},\"notice\":{n}") };

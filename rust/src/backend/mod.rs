@@ -258,6 +258,11 @@ pub trait Backend: Send + Sync + 'static {
     fn save_a8(&self, s: &Self::A8, w: &mut crate::state::Writer);
     fn load_a8(&self, s: &mut Self::A8, r: &mut crate::state::Reader, what: &str) -> Result<()>;
 
+    /// Device bytes in use right now as the driver reports them (None on the CPU).
+    fn device_bytes_in_use(&self) -> Option<u64> {
+        None
+    }
+
     /// Measured GEMM throughput in GFLOP/s for an (m×k)·(k×n) product (benchmarks).
     fn gemm_gflops(&self, m: usize, n: usize, k: usize, iters: usize) -> f64;
 }

@@ -108,8 +108,23 @@ pub fn param_count(cfg: &ModelConfig) -> usize {
     layout(cfg).iter().map(|(_, r, c, _)| r * c).sum()
 }
 
+/// Quantization applied to the projected matrices while the model is built.
+#[derive(Clone, Copy, Debug)]
+pub struct LinearQuant {
+    pub bits: u8,
+    pub group: usize,
+    pub range: crate::quant::Range,
+}
+
 impl<B: Backend> Llama<B> {
     pub fn new(be: &B, cfg: &ModelConfig, seed: u64) -> Result<Self> {
+        Self::build(be, cfg, seed, None)
+    }
+
+    /// Builds the model; with `quant`, each projected matrix is quantized (round to
+    /// nearest, §2.2) as soon as it is initialised, so a float copy of the whole model
+    /// never exists (a 7B model fits where its f32 weights would not).
+    pub fn build(be: &B, cfg: &ModelConfig, seed: u64, quant: Option<LinearQuant>) -> Result<Self> {
         let shapes = layout(cfg);
         let mut params = Vec::with_capacity(shapes.len());
         let mut host = Vec::new();
@@ -124,7 +139,17 @@ impl<B: Backend> Llama<B> {
                 host.extend((0..n as u64).map(|i| cfg.initializer_range * rng::normal(key, i)));
             }
             be.upload(&mut data, &host)?;
-            params.push(Param { name, rows, cols, role, data: Weight::F(data) });
+            let data = match quant {
+                Some(q) if role == Role::Linear => {
+                    let mut qt = be.q_new(n, q.bits, q.group, Category::Weights).map_err(|e| {
+                        crate::error::Error::invalid(format!("--weight-group-size {}: {} ({name})", q.group, e.msg))
+                    })?;
+                    be.q_quantize(&mut qt, &data, q.range);
+                    Weight::Q(qt)
+                }
+                _ => Weight::F(data),
+            };
+            params.push(Param { name, rows, cols, role, data });
         }
         let per = 9;
         let layers = (0..cfg.num_hidden_layers)
@@ -166,19 +191,6 @@ impl<B: Backend> Llama<B> {
                 scratch
             }
         }
-    }
-
-    /// Converts every projected matrix to `bits`-bit codes with round-to-nearest (the
-    /// reference's initial conversion, §2.2); the f32 copy is freed.
-    pub fn quantize_linears(&mut self, be: &B, bits: u8, group: usize, range: crate::quant::Range) -> Result<()> {
-        for p in self.params.iter_mut().filter(|p| p.role == Role::Linear) {
-            let mut q = be.q_new(p.rows * p.cols, bits, group, Category::Weights).map_err(|e| {
-                crate::error::Error::invalid(format!("--weight-group-size {group}: {} ({})", e.msg, p.name))
-            })?;
-            be.q_quantize(&mut q, p.f(), range);
-            p.data = Weight::Q(q);
-        }
-        Ok(())
     }
 
     /// Elements of the largest quantized matrix (size of the dequantization scratch).

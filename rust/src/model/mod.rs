@@ -6,4 +6,4 @@ pub mod llama;
 pub mod pass;
 
 pub use acts::Acts;
-pub use llama::{Grads, Layer, Llama, Param, Role, Weight};
+pub use llama::{Grads, Layer, LinearQuant, Llama, Param, Role, Weight};

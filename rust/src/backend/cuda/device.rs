@@ -667,6 +667,11 @@ impl Backend for Cuda {
         Ok(())
     }
 
+    fn device_bytes_in_use(&self) -> Option<u64> {
+        let _ = self.stream.synchronize();
+        cudarc::driver::result::mem_get_info().ok().map(|(free, total)| (total - free) as u64)
+    }
+
     fn gemm_gflops(&self, m: usize, n: usize, k: usize, iters: usize) -> f64 {
         let (Ok(a), Ok(b), Ok(mut c)) =
             (self.stream.alloc_zeros::<f32>(m * k), self.stream.alloc_zeros::<f32>(k * n), self.stream.alloc_zeros::<f32>(m * n))
