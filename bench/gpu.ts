@@ -1,0 +1,126 @@
+/**
+ * GPU benchmark (issue: CUDA backend). For llama-60m/130m/350m/1b at seq 256 with adamw,
+ * galore8bit and qgalore it prints one JSON line each: tokens/s, the step-time breakdown
+ * (forward, backward with fused updates, optimizer, projector refresh), measured peak
+ * device memory and model FLOP utilisation against the GPU's dense bf16 peak; then one
+ * qgalore step of llama-7b at batch 1 with its peak device memory. With `--save` the lines
+ * also go to bench/results/gpu-<date>.jsonl. Needs `--device cuda` to work (exits 2 if not).
+ *
+ *   deno run -A bench/gpu.ts [--models llama-60m,llama-1b] [--steps 5] [--batch 8] [--save]
+ * @module
+ */
+import { parseArgs } from "node:util";
+import { Engine, EngineError } from "../ffi/engine.ts";
+import { modelConfig } from "../lib/presets.ts";
+import { optimizerConfig } from "./common.ts";
+
+const { values } = parseArgs({
+  options: {
+    models: { type: "string", default: "llama-60m,llama-130m,llama-350m,llama-1b" },
+    optimizers: { type: "string", default: "adamw,galore8bit,qgalore" },
+    steps: { type: "string", default: "5" },
+    batch: { type: "string", default: "8" },
+    seq: { type: "string", default: "256" },
+    "peak-tflops": { type: "string", default: "989" },
+    "skip-7b": { type: "boolean", default: false },
+    save: { type: "boolean", default: false },
+  },
+});
+
+/** Ranks of the reference runs (algorithm-spec §1.7): 128/256/256/1024 (1B as the scripts). */
+const RANK: Record<string, number> = {
+  "llama-60m": 128,
+  "llama-130m": 256,
+  "llama-350m": 256,
+  "llama-1b": 1024,
+  "llama-7b": 1024,
+};
+
+const lines: string[] = [];
+function emit(o: Record<string, unknown>): void {
+  const s = JSON.stringify(o);
+  lines.push(s);
+  console.log(s);
+}
+
+async function runCase(name: string, opt: string, batch: number, steps: number) {
+  const t = Number(values.seq);
+  const model = modelConfig(name, 32000);
+  let e: Engine;
+  try {
+    e = await Engine.create({
+      model,
+      batch_size: batch,
+      seq_len: t,
+      optimizer: optimizerConfig(opt, RANK[name] ?? 128) as never,
+      seed: 0,
+      device: "cuda",
+    });
+  } catch (err) {
+    if (err instanceof EngineError) {
+      emit({ case: name, optimizer: opt, batch, error: err.message });
+      return;
+    }
+    throw err;
+  }
+  const tokens = new Int32Array(batch * (t + 1));
+  let x = 7;
+  for (let i = 0; i < tokens.length; i++) tokens[i] = (x = (x * 1103515245 + 12345) >>> 0) % 32000;
+  await e.trainStep(tokens, 1, 1e-4); // first step: kernel load, initial refresh
+  const before = e.info();
+  const t0 = performance.now();
+  for (let s = 0; s < steps; s++) await e.trainStep(tokens, 1, 1e-4);
+  const sec = (performance.now() - t0) / 1000;
+  const after = e.info();
+  const d = (k: string) =>
+    ((after.timing as Record<string, number>)[k] - (before.timing as Record<string, number>)[k]) /
+    steps;
+  const tps = steps * batch * t / sec;
+  emit({
+    case: name,
+    optimizer: opt,
+    batch,
+    seq: t,
+    rank: opt === "adamw" ? null : RANK[name],
+    params: e.params,
+    tokens_per_s: Math.round(tps),
+    step_s: Math.round(sec / steps * 1e4) / 1e4,
+    forward_s: Math.round(d("forward_s") * 1e4) / 1e4,
+    backward_s: Math.round(d("backward_s") * 1e4) / 1e4,
+    optimizer_s: Math.round(d("optimizer_s") * 1e4) / 1e4,
+    refresh_s: Math.round(
+      (Number(after.refresh_seconds ?? 0) - Number(before.refresh_seconds ?? 0)) / steps * 1e4,
+    ) / 1e4,
+    peak_device_bytes: after.peak_device_bytes,
+    engine_memory: e.memory(),
+    mfu: Math.round(6 * e.params * tps / (Number(values["peak-tflops"]) * 1e12) * 1e4) / 1e4,
+  });
+  e[Symbol.dispose]();
+}
+
+try {
+  using probe = await Engine.create({
+    model: modelConfig("llama-9m", 256),
+    batch_size: 1,
+    seq_len: 8,
+    optimizer: optimizerConfig("adamw", 8) as never,
+    seed: 0,
+    device: "cuda",
+  });
+  emit({ device: probe.device, date: new Date().toISOString().slice(0, 10) });
+} catch (err) {
+  console.error(`error: ${(err as Error).message}`);
+  Deno.exit(2);
+}
+for (const name of values.models!.split(",")) {
+  for (const opt of values.optimizers!.split(",")) {
+    await runCase(name, opt, Number(values.batch), Number(values.steps));
+  }
+}
+if (!values["skip-7b"]) await runCase("llama-7b", "qgalore", 1, 1);
+if (values.save) {
+  const date = new Date().toISOString().slice(0, 10);
+  const path = new URL(`./results/gpu-${date}.jsonl`, import.meta.url).pathname;
+  await Deno.writeTextFile(path, lines.join("\n") + "\n");
+  console.error(`saved ${path}`);
+}
