@@ -138,6 +138,22 @@ pub enum Refresh {
     Randomized,
 }
 
+impl AdamHp {
+    /// torch.optim.AdamW's factors: (η/(1−β1^t), 1/√(1−β2^t), 1 − η·λ).
+    pub fn torch_factors(&self) -> (f32, f32, f32) {
+        let t = self.step as i32;
+        let bc1 = 1.0 - (self.beta1 as f64).powi(t);
+        let bc2 = 1.0 - (self.beta2 as f64).powi(t);
+        ((self.lr as f64 / bc1) as f32, (1.0 / bc2.sqrt()) as f32, 1.0 - self.lr * self.weight_decay)
+    }
+
+    /// GaLore-AdamW's folded step size ŝ = η·√(1−β2^t)/(1−β1^t) (algorithm-spec §1.3).
+    pub fn galore_step(&self) -> f32 {
+        let t = self.step as i32;
+        (self.lr as f64 * (1.0 - (self.beta2 as f64).powi(t)).sqrt() / (1.0 - (self.beta1 as f64).powi(t))) as f32
+    }
+}
+
 /// Operations every backend provides. All buffers hold `len` logical f32 values.
 pub trait Backend: Send + Sync + 'static {
     type Buf: Send;

@@ -166,12 +166,7 @@ pub fn cross_entropy(logits: &mut [f32], targets: &[i32], losses: &mut [f32], n:
 
 /// torch.optim.AdamW: p ← p·(1 − lr·wd); m, v moments; p ← p − lr/bc1 · m / (√v/√bc2 + ε).
 pub fn adamw(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], hp: AdamHp) {
-    let t = hp.step as i32;
-    let bc1 = 1.0 - (hp.beta1 as f64).powi(t);
-    let bc2 = 1.0 - (hp.beta2 as f64).powi(t);
-    let step = (hp.lr as f64 / bc1) as f32;
-    let rbc2 = (1.0 / bc2.sqrt()) as f32;
-    let decay = 1.0 - hp.lr * hp.weight_decay;
+    let (step, rbc2, decay) = hp.torch_factors();
     let (b1, b2, eps) = (hp.beta1, hp.beta2, hp.eps);
     p.par_chunks_mut(4096).zip(m.par_chunks_mut(4096)).zip(v.par_chunks_mut(4096)).enumerate().for_each(
         |(ci, ((pc, mc), vc))| {
@@ -215,8 +210,7 @@ pub fn scale(x: &mut [f32], s: f32) {
 /// GaLore-AdamW on a low-rank gradient (algorithm-spec §1.3): out = −ŝ·M/(√V + ε) with
 /// ŝ = η·√(1−β2^t)/(1−β1^t); ε is added to the *uncorrected* √V, as the reference does.
 pub fn galore_adam(buf: &mut [f32], m: &mut [f32], v: &mut [f32], hp: AdamHp) {
-    let t = hp.step as i32;
-    let s = (hp.lr as f64 * (1.0 - (hp.beta2 as f64).powi(t)).sqrt() / (1.0 - (hp.beta1 as f64).powi(t))) as f32;
+    let s = hp.galore_step();
     let (b1, b2, eps) = (hp.beta1, hp.beta2, hp.eps);
     buf.par_chunks_mut(4096).zip(m.par_chunks_mut(4096)).zip(v.par_chunks_mut(4096)).for_each(
         |((o, mc), vc)| {

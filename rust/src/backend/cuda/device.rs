@@ -430,12 +430,7 @@ impl Backend for Cuda {
         self.take_sticky()
     }
     fn adamw(&self, p: &mut CudaBuf, g: &CudaBuf, m: &mut CudaBuf, v: &mut CudaBuf, hp: AdamHp) {
-        let t = hp.step as i32;
-        let bc1 = 1.0 - (hp.beta1 as f64).powi(t);
-        let bc2 = 1.0 - (hp.beta2 as f64).powi(t);
-        let step = (hp.lr as f64 / bc1) as f32;
-        let rbc2 = (1.0 / bc2.sqrt()) as f32;
-        let decay = 1.0 - hp.lr * hp.weight_decay;
+        let (step, rbc2, decay) = hp.torch_factors();
         let n = m.data.len() as u64;
         let mut l = self.stream.launch_builder(self.f("adamw"));
         l.arg(&mut p.data).arg(&g.data).arg(&mut m.data).arg(&mut v.data).arg(&step).arg(&rbc2).arg(&decay).arg(&hp.beta1).arg(&hp.beta2).arg(&hp.eps).arg(&n);
@@ -546,8 +541,7 @@ impl Backend for Cuda {
         self.read_count(&sc.count)
     }
     fn galore_adam(&self, buf: &mut CudaBuf, m: &mut CudaBuf, v: &mut CudaBuf, hp: AdamHp) {
-        let t = hp.step as i32;
-        let s = (hp.lr as f64 * (1.0 - (hp.beta2 as f64).powi(t)).sqrt() / (1.0 - (hp.beta1 as f64).powi(t))) as f32;
+        let s = hp.galore_step();
         let n = m.data.len() as u64;
         let mut l = self.stream.launch_builder(self.f("galore_adam"));
         l.arg(&mut buf.data).arg(&mut m.data).arg(&mut v.data).arg(&s).arg(&hp.beta1).arg(&hp.beta2).arg(&hp.eps).arg(&n);
