@@ -16,11 +16,12 @@ extern "C" __global__ void scale(float* x, float s, u64 n) {
     if (j < n) x[j] *= s;
 }
 
-// out[i, :] = table[tokens[i], :]; grid (ceil(c/256), rows)
+// out[i, :] = table[tokens[i], :]; grid (rows, ceil(c/256)): rows on x, which has no
+// 65535 limit
 extern "C" __global__ void embedding(float* out, const int* tokens, const float* table, int c) {
-    int col = blockIdx.x * blockDim.x + threadIdx.x;
+    int col = blockIdx.y * blockDim.x + threadIdx.x;
     if (col >= c) return;
-    u64 row = blockIdx.y;
+    u64 row = blockIdx.x;
     out[row * c + col] = table[(u64)tokens[row] * c + col];
 }
 

@@ -7,7 +7,8 @@ __device__ __forceinline__ void group_params(float lo, float hi, float qmax, int
     float sv = fmaxf(hi - lo, 1e-5f) / qmax;
     float zv = rintf(-(lo / sv));
     *s = sv;
-    *z = fminf(fmaxf(zv, 0.0f), qmax);
+    // Rust's clamp keeps −0.0 (fmaxf may not): same bytes as the CPU's zero points
+    *z = zv < 0.0f ? 0.0f : (zv > qmax ? qmax : zv);
 }
 
 __device__ __forceinline__ u8 round_code(float x, float z, float qmax, int sr, u64 key, u64 idx) {
@@ -46,34 +47,40 @@ extern "C" __global__ void bf16_quant(bf16_t* codes, const float* src, u64 n) {
 
 // Quantizes one group per block: w = src (+ delta, · decay when `update`), fresh scale
 // and zero, codes rounded to nearest or stochastically (keyed by element index).
-// blockDim.x == group; 4-bit codes are packed through shared memory.
+// blockDim.x is `group` rounded up to whole warps (the reductions shuffle full warps);
+// the extra threads only contribute neutral values. 4-bit codes are packed through
+// shared memory.
 extern "C" __global__ void q_requant(u8* codes, float* scale, float* zero, const float* src,
                                      const float* delta, float decay, int update, int bits,
-                                     int with_zero, int sr, u64 key) {
+                                     int with_zero, int sr, u64 key, int group) {
     __shared__ float red[32];
     __shared__ u8 packed[1024];
-    int g = blockIdx.x, j = threadIdx.x, group = blockDim.x;
+    int g = blockIdx.x, j = threadIdx.x;
+    bool live = j < group;
     u64 i = (u64)g * group + j;
     float qmax = (float)((1 << bits) - 1);
-    float w;
-    if (update) {
-        float v = ((float)code_at(codes, bits, i) - zero[g]) * scale[g] + delta[i];
-        w = (decay != 1.0f) ? v * decay : v;
-    } else {
-        w = src[i];
+    float w = 0.0f;
+    if (live) {
+        if (update) {
+            float v = ((float)code_at(codes, bits, i) - zero[g]) * scale[g] + delta[i];
+            w = (decay != 1.0f) ? v * decay : v;
+        } else {
+            w = src[i];
+        }
     }
     __syncthreads(); // every thread has read its old code before any is rewritten
-    float lo = -block_max(-w, red);
-    float hi = block_max(w, red);
+    float neg_inf = __int_as_float(0xff800000);
+    float lo = -block_max(live ? -w : neg_inf, red);
+    float hi = block_max(live ? w : neg_inf, red);
     float s, z;
     group_params(lo, hi, qmax, with_zero, &s, &z);
-    u8 q = round_code(w / s, z, qmax, sr, key, i);
+    u8 q = live ? round_code(w / s, z, qmax, sr, key, i) : 0;
     if (j == 0) { scale[g] = s; zero[g] = z; }
     if (bits == 8) {
-        codes[i] = q;
+        if (live) codes[i] = q;
     } else {
         packed[j] = q;
         __syncthreads();
-        if ((j & 1) == 0) codes[i >> 1] = (u8)(packed[j] | (packed[j + 1] << 4));
+        if (live && (j & 1) == 0) codes[i >> 1] = (u8)(packed[j] | (packed[j + 1] << 4));
     }
 }

@@ -195,12 +195,16 @@ impl<B: Backend> Family<B> {
         };
         let ok = res.is_ok();
         if ok {
-            st.svd_count += 1;
-            self.stats.svd_count += 1;
             // Top-1 singular vector, before quantization (§2.5 step 2).
             let k = st.rank;
             let mut host = vec![0.0f32; if st.right { cols } else { rows * k }];
-            let _ = be.download(pnew, &mut host);
+            if be.download(pnew, &mut host).is_err() {
+                self.stats.refresh_failures += 1;
+                self.stats.refresh_seconds += t0.elapsed().as_secs_f64();
+                return false;
+            }
+            st.svd_count += 1;
+            self.stats.svd_count += 1;
             let vnew: Vec<f32> = if st.right { host } else { (0..rows).map(|i| host[i * k]).collect() };
             st.lazy.observe(vnew);
             let n = if st.right { st.rank * cols } else { rows * st.rank };

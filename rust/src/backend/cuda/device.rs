@@ -33,6 +33,8 @@ pub struct CudaBuf {
 }
 
 pub struct CudaQ {
+    /// Bytes as the CPU layout counts them (codes + f32 scale and zero per group).
+    pub bytes: usize,
     pub bits: u8,
     pub group: usize,
     pub numel: usize,
@@ -245,8 +247,7 @@ impl Backend for Cuda {
     }
     fn download(&self, src: &CudaBuf, dst: &mut [f32]) -> Result<()> {
         let n = dst.len();
-        self.stream.memcpy_dtoh(&src.data.slice(..n), dst).map_err(|e| dev_err("copy", e))?;
-        self.take_sticky()
+        self.stream.memcpy_dtoh(&src.data.slice(..n), dst).map_err(|e| dev_err("copy", e))
     }
     fn fill(&self, b: &mut CudaBuf, v: f32) {
         let n = b.data.len() as u64;
@@ -308,7 +309,7 @@ impl Backend for Cuda {
         let ci = c as i32;
         let mut l = self.stream.launch_builder(self.f("embedding"));
         l.arg(&mut out.data).arg(&sc.tokens).arg(&table.data).arg(&ci);
-        let cfg = LaunchConfig { grid_dim: ((c as u32).div_ceil(THREADS), tokens.len() as u32, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+        let cfg = LaunchConfig { grid_dim: (tokens.len() as u32, (c as u32).div_ceil(THREADS), 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
         self.note("embedding", unsafe { l.launch(cfg) });
     }
     fn embedding_bwd(&self, dtable: &mut CudaBuf, dout: &CudaBuf, tokens: &[i32], c: usize) {
@@ -460,6 +461,7 @@ impl Backend for Cuda {
         let a8 = |n: usize| self.stream.alloc_zeros::<u8>(n.max(1)).map_err(|e| dev_err("alloc", e));
         let a32 = |n: usize| self.stream.alloc_zeros::<f32>(n.max(1)).map_err(|e| dev_err("alloc", e));
         Ok(CudaQ {
+            bytes: host.bytes(),
             bits,
             group,
             numel,
@@ -470,7 +472,7 @@ impl Backend for Cuda {
         })
     }
     fn q_bytes(&self, q: &CudaQ) -> usize {
-        q.codes.len() + 4 * (q.scale.len() + q.zero.len())
+        q.bytes
     }
     fn q_quantize(&self, q: &mut CudaQ, src: &CudaBuf, range: Range) {
         if q.bits == 16 {
@@ -576,6 +578,9 @@ impl Backend for Cuda {
             crate::backend::cpu::linalg::top_subspace(&hg, rows, cols, rank, right, method, hp.as_deref(), seed, &mut ho, 0)?;
             return self.upload(out, &ho);
         }
+        if rank > rows.min(cols) {
+            return Err(Error::invalid(format!("rank {rank} exceeds the matrix size {rows}×{cols}")));
+        }
         // C = GᵀG (cols×cols) or GGᵀ (rows×rows) in full fp32, then Ssyevd
         let n = if right { cols } else { rows };
         let mut c = self.stream.alloc_zeros::<f32>(n * n).map_err(|e| dev_err("alloc", e))?;
@@ -621,7 +626,15 @@ impl Backend for Cuda {
         l.arg(&mut out.data).arg(&c).arg(&ni).arg(&ki);
         let cfg = LaunchConfig { grid_dim: ((n as u32).div_ceil(THREADS), rank as u32, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
         unsafe { l.launch(cfg) }.map_err(|e| dev_err(name, e))?;
-        self.take_sticky()
+        self.take_sticky()?;
+        // like the CPU, a non-finite result is a failed refresh (the caller keeps the old P)
+        let mut h = vec![0.0f32; rank * n];
+        self.download(out, &mut h)?;
+        if h.iter().all(|x| x.is_finite()) {
+            Ok(())
+        } else {
+            Err(Error::backend("decomposition produced non-finite values"))
+        }
     }
 
     fn save_buf(&self, b: &CudaBuf, n: usize, w: &mut Writer) {
@@ -689,8 +702,10 @@ impl Cuda {
             (update as i32, q.bits as i32, (range == Range::WithZero) as i32, sr.is_some() as i32, sr.unwrap_or(0));
         let mut l = self.stream.launch_builder(self.f("q_requant"));
         l.arg(&mut q.codes).arg(&mut q.scale).arg(&mut q.zero).arg(src).arg(src).arg(&decay).arg(&upd);
-        l.arg(&bits).arg(&wz).arg(&use_sr).arg(&key);
-        let cfg = LaunchConfig { grid_dim: ((q.numel / q.group) as u32, 1, 1), block_dim: (q.group as u32, 1, 1), shared_mem_bytes: 0 };
+        let group = q.group as i32;
+        l.arg(&bits).arg(&wz).arg(&use_sr).arg(&key).arg(&group);
+        let threads = (q.group as u32).div_ceil(32) * 32;
+        let cfg = LaunchConfig { grid_dim: ((q.numel / q.group) as u32, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
         self.note("q_requant", unsafe { l.launch(cfg) });
     }
 
