@@ -2,27 +2,20 @@
  * Settings shared by the benchmarks.
  * @module
  */
+import type { OptimizerConfig } from "../ffi/engine.ts";
+import { checkOptions, engineOptimizerConfig, PROJECTED_OPTIMIZERS } from "../lib/options.ts";
 
-/** Optimizer settings of the benchmark for each optimizer name. */
-export function optimizerConfig(name: string, rank: number): Record<string, unknown> {
-  const base = { name, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0, clip: 0 };
-  switch (name) {
-    case "galore":
-      return { ...base, eps: 1e-6, rank, update_gap: 200, proj_bits: 16, fused: true };
-    case "galore8bit":
-      return { ...base, rank, update_gap: 200, proj_bits: 16, fused: true };
-    case "qgalore":
-      return {
-        ...base,
-        beta2: 0.95,
-        rank,
-        update_gap: 200,
-        weight_bits: 8,
-        proj_bits: 4,
-        lazy: true,
-        fused: true,
-      };
-    default:
-      return base;
-  }
+/**
+ * The engine's optimizer config for `name` with the CLI's per-optimizer defaults (the
+ * spec's reference runs), at `rank` for the projected optimizers and without clipping.
+ */
+export function optimizerConfig(name: string, rank: number, model: string): OptimizerConfig {
+  const projected = PROJECTED_OPTIMIZERS.includes(name);
+  const { opts } = checkOptions({
+    optimizer: name,
+    model,
+    clip: 0,
+    ...(projected ? { rank } : {}),
+  });
+  return engineOptimizerConfig(opts);
 }

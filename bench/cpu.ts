@@ -34,7 +34,7 @@ async function runCase(name: string, opt: string, b: number, t: number, steps: n
     model,
     batch_size: b,
     seq_len: t,
-    optimizer: optimizerConfig(opt, rank) as never,
+    optimizer: optimizerConfig(opt, rank, name) as never,
     seed: 0,
     device: "cpu",
   });

@@ -52,7 +52,7 @@ async function runCase(name: string, opt: string, batch: number, steps: number) 
       model,
       batch_size: batch,
       seq_len: t,
-      optimizer: optimizerConfig(opt, RANK[name] ?? 128) as never,
+      optimizer: optimizerConfig(opt, RANK[name] ?? 128, name) as never,
       seed: 0,
       device: "cuda",
     });
@@ -103,7 +103,7 @@ try {
     model: modelConfig("llama-9m", 256),
     batch_size: 1,
     seq_len: 8,
-    optimizer: optimizerConfig("adamw", 8) as never,
+    optimizer: optimizerConfig("adamw", 8, "llama-9m") as never,
     seed: 0,
     device: "cuda",
   });

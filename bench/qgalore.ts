@@ -56,7 +56,7 @@ interface Row {
 }
 
 async function measure(name: string): Promise<Row> {
-  const e = await engine(optimizerConfig(name, rank));
+  const e = await engine(optimizerConfig(name, rank, values.model!));
   await e.trainStep(batch(1), 1, 1e-3); // first step: initial projector refresh
   const steps = Number(values.steps);
   const t0 = performance.now();
@@ -78,7 +78,7 @@ async function measure(name: string): Promise<Row> {
 async function refreshShare(lazy: boolean): Promise<Record<string, unknown>> {
   const gap = Number(values.gap);
   const steps = Number(values["refresh-steps"]);
-  const cfg = { ...optimizerConfig("qgalore", rank), update_gap: gap, lazy };
+  const cfg = { ...optimizerConfig("qgalore", rank, values.model!), update_gap: gap, lazy };
   const e = await engine(cfg);
   const t0 = performance.now();
   for (let s = 0; s < steps; s++) await e.trainStep(batch(100 + s), 1, 1e-3);

@@ -147,6 +147,14 @@ impl AdamHp {
         ((self.lr as f64 / bc1) as f32, (1.0 / bc2.sqrt()) as f32, 1.0 - self.lr * self.weight_decay)
     }
 
+    /// bitsandbytes' (step_size, ε·√(1−β2^t)): p += step_size · m / (√v + ε·√(1−β2^t)).
+    pub fn bnb_factors(&self) -> (f32, f32) {
+        let t = self.step as i32;
+        let c1 = 1.0 - (self.beta1 as f64).powi(t);
+        let c2 = (1.0 - (self.beta2 as f64).powi(t)).sqrt();
+        ((-(self.lr as f64) * c2 / c1) as f32, (self.eps as f64 * c2) as f32)
+    }
+
     /// GaLore-AdamW's folded step size ŝ = η·√(1−β2^t)/(1−β1^t) (algorithm-spec §1.3).
     pub fn galore_step(&self) -> f32 {
         let t = self.step as i32;

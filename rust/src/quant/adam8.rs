@@ -92,13 +92,6 @@ pub fn quantize_reference(map: &[f32; 256], x: f32, signed: bool) -> u8 {
 /// Hyper-parameters of one bnb Adam update (the same fields as AdamW's).
 pub type BnbHp = crate::backend::AdamHp;
 
-/// (step_size, ε·√(1−β2^t)) of bnb's kernels: p += step_size · m / (√v + ε·√(1−β2^t)).
-pub fn factors(hp: &BnbHp) -> (f32, f32) {
-    let t = hp.step as i32;
-    let c1 = 1.0 - (hp.beta1 as f64).powi(t);
-    let c2 = (1.0 - (hp.beta2 as f64).powi(t)).sqrt();
-    ((-(hp.lr as f64) * c2 / c1) as f32, (hp.eps as f64 * c2) as f32)
-}
 
 /// Block-wise 8-bit state of one tensor.
 #[derive(Clone, Debug)]
@@ -146,7 +139,7 @@ impl Default for Maps {
 /// (skipping non-finite gradients: m = v = 0, p unchanged), take the new absmax, update
 /// p, then requantize. Returns the number of non-finite gradient elements skipped.
 pub fn step8(p: &mut [f32], g: &[f32], st: &mut State8, maps: &Maps, hp: BnbHp) -> u64 {
-    let (step_size, eps2) = factors(&hp);
+    let (step_size, eps2) = hp.bnb_factors();
     let (b1, b2, decay) = (hp.beta1, hp.beta2, 1.0 - hp.lr * hp.weight_decay);
     let bs = st.block;
     let State8 { m, v, absmax_m, absmax_v, .. } = st;
@@ -195,7 +188,7 @@ pub fn step8(p: &mut [f32], g: &[f32], st: &mut State8, maps: &Maps, hp: BnbHp) 
 /// `kOptimizer32bit2State` (ADAM): the same update with fp32 moments, for tensors below
 /// `MIN_8BIT_SIZE`. Returns the number of non-finite gradient elements skipped.
 pub fn step32(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], hp: BnbHp) -> u64 {
-    let (step_size, eps2) = factors(&hp);
+    let (step_size, eps2) = hp.bnb_factors();
     let (b1, b2, decay) = (hp.beta1, hp.beta2, 1.0 - hp.lr * hp.weight_decay);
     let mut skipped = 0;
     for j in 0..p.len() {

@@ -515,7 +515,7 @@ impl Backend for Cuda {
         Ok(st)
     }
     fn a8_step(&self, p: &mut CudaBuf, g: &CudaBuf, st: &mut CudaA8, hp: BnbHp) -> u64 {
-        let (step_size, eps2) = adam8::factors(&hp);
+        let (step_size, eps2) = hp.bnb_factors();
         let decay = 1.0 - hp.lr * hp.weight_decay;
         let mut sc = self.scratch.lock().unwrap();
         let r = self.stream.memset_zeros(&mut sc.count);
@@ -530,7 +530,7 @@ impl Backend for Cuda {
         self.read_count(&sc.count)
     }
     fn bnb32_step(&self, p: &mut CudaBuf, g: &CudaBuf, m: &mut CudaBuf, v: &mut CudaBuf, hp: BnbHp) -> u64 {
-        let (step_size, eps2) = adam8::factors(&hp);
+        let (step_size, eps2) = hp.bnb_factors();
         let decay = 1.0 - hp.lr * hp.weight_decay;
         let mut sc = self.scratch.lock().unwrap();
         let r = self.stream.memset_zeros(&mut sc.count);
