@@ -41,15 +41,18 @@ __device__ __forceinline__ float warp_max(float v) {
     return v;
 }
 
-// Block-wide sum in a fixed order (deterministic for a given block size).
-__device__ float block_sum(float v, float* shared) {
+// Block-wide reduction (sum or max) in a fixed order: deterministic for a given block
+// size. Every thread of the block must call it; blockDim.x must be a multiple of 32.
+template <bool MAX>
+__device__ float block_reduce(float v, float* shared) {
+    float neutral = MAX ? __int_as_float(0xff800000) : 0.0f;
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    v = warp_sum(v);
+    v = MAX ? warp_max(v) : warp_sum(v);
     if (lane == 0) shared[warp] = v;
     __syncthreads();
     int nw = (blockDim.x + 31) >> 5;
-    v = (threadIdx.x < nw) ? shared[threadIdx.x] : 0.0f;
-    if (warp == 0) v = warp_sum(v);
+    v = (threadIdx.x < nw) ? shared[threadIdx.x] : neutral;
+    if (warp == 0) v = MAX ? warp_max(v) : warp_sum(v);
     if (threadIdx.x == 0) shared[0] = v;
     __syncthreads();
     v = shared[0];
@@ -57,20 +60,8 @@ __device__ float block_sum(float v, float* shared) {
     return v;
 }
 
-__device__ float block_max(float v, float* shared) {
-    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    v = warp_max(v);
-    if (lane == 0) shared[warp] = v;
-    __syncthreads();
-    int nw = (blockDim.x + 31) >> 5;
-    v = (threadIdx.x < nw) ? shared[threadIdx.x] : __int_as_float(0xff800000);
-    if (warp == 0) v = warp_max(v);
-    if (threadIdx.x == 0) shared[0] = v;
-    __syncthreads();
-    v = shared[0];
-    __syncthreads();
-    return v;
-}
+__device__ __forceinline__ float block_sum(float v, float* shared) { return block_reduce<false>(v, shared); }
+__device__ __forceinline__ float block_max(float v, float* shared) { return block_reduce<true>(v, shared); }
 
 __device__ __forceinline__ bool finite_f(float x) {
     return (__float_as_uint(x) & 0x7f800000u) != 0x7f800000u;
