@@ -61,6 +61,8 @@ export interface EngineConfig {
   seed: number;
   /** Where to run. */
   device: "cpu" | "cuda" | "auto";
+  /** Activation and GEMM precision: `auto` (default: bf16 on a GPU, fp32 on the CPU), `fp32`, `bf16`. */
+  precision?: "auto" | "fp32" | "bf16";
   /** Worker threads; 0 or absent means one per core. */
   threads?: number;
   /** Micro-batches per optimizer step; every `trainStep` must pass this many (default 1). */
@@ -145,6 +147,8 @@ export class Engine implements Disposable {
   readonly params: number;
   /** Device the session runs on (`cpu`, `cuda`). */
   readonly device: string;
+  /** Precision the session computes in (`fp32`, `bf16`). */
+  readonly precision: string;
   /** Optimizer name as the engine reports it. */
   readonly optimizer: string;
   /** The configuration the session was built from. */
@@ -157,6 +161,7 @@ export class Engine implements Disposable {
     const info = this.info();
     this.params = info.params as number;
     this.device = info.device as string;
+    this.precision = info.precision as string;
     this.optimizer = info.optimizer as string;
     registry.register(this, ptr, this);
   }

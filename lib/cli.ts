@@ -206,6 +206,8 @@ Run
   --seed N              weight init and batch sampling seed [${d.seed}]
   --threads N           engine threads [engine default]
   --device D            ${CHOICES.device.join(", ")} [${d.device}]
+  --precision P         ${CHOICES.precision.join(", ")}: bf16 activations and GEMM inputs
+                        need a GPU; auto = bf16 there, fp32 on the CPU [${d.precision}]
   --out DIR             metrics.jsonl and summary.json go here [runs/<timestamp>]
   --json                print the summary as one JSON line on stdout
   -h, --help            show this help

@@ -54,6 +54,18 @@ export const DEVICES: readonly ["cpu", "cuda", "auto"] = Object.freeze(
 /** Where the engine runs; "auto" picks CUDA when available. */
 export type Device = typeof DEVICES[number];
 
+/**
+ * Precisions `--precision` accepts: `fp32` everywhere, `bf16` activations with bf16 GEMM
+ * inputs and fp32 accumulation (CUDA only; weights, gradients and optimizer state stay
+ * fp32), or `auto` (bf16 on a GPU, fp32 on the CPU).
+ */
+export const PRECISIONS: readonly ["auto", "fp32", "bf16"] = Object.freeze(
+  ["auto", "fp32", "bf16"] as const,
+);
+
+/** Activation and GEMM precision of the engine. */
+export type Precision = typeof PRECISIONS[number];
+
 /** Everything a training run needs. {@link defaultTrainOptions} fills in all of it. */
 export interface TrainOptions {
   /** Preset name (`llama-9m` …), path to a JSON LlamaConfig, or a config object. */
@@ -132,6 +144,8 @@ export interface TrainOptions {
   threads: number | null;
   /** Device for the engine. */
   device: Device;
+  /** Activation and GEMM precision ({@link PRECISIONS}). */
+  precision: Precision;
   /** Output directory; undefined means `runs/<ISO timestamp>`, null writes no files. */
   out?: string | null;
   /** Plain-log interval in updates; 0 picks about 20 lines per run. */
@@ -184,6 +198,7 @@ export const FLAG: Readonly<Record<keyof TrainOptions, string>> = Object.freeze(
   seed: "--seed",
   threads: "--threads",
   device: "--device",
+  precision: "--precision",
   out: "--out",
   logEvery: "logEvery",
   quiet: "quiet",
@@ -237,6 +252,7 @@ export function defaultTrainOptions(): TrainOptions {
     seed: 0,
     threads: null,
     device: "auto",
+    precision: "auto",
     logEvery: 0,
     quiet: false,
     zeroFirst: false,
@@ -369,7 +385,13 @@ export type NumericKey =
 export type SwitchKey = "stochasticRound" | "lazy" | "fused";
 
 /** Options that name one of a few choices. */
-export type ChoiceKey = "optimizer" | "device" | "projRefresh" | "cosMode" | "quantRange";
+export type ChoiceKey =
+  | "optimizer"
+  | "device"
+  | "precision"
+  | "projRefresh"
+  | "cosMode"
+  | "quantRange";
 
 /** Values of the on/off switches, as the CLI spells them. */
 export const SWITCH_VALUES: readonly ["on", "off"] = Object.freeze(["on", "off"] as const);
@@ -378,6 +400,7 @@ export const SWITCH_VALUES: readonly ["on", "off"] = Object.freeze(["on", "off"]
 export const CHOICES: Readonly<Record<ChoiceKey, readonly string[]>> = Object.freeze({
   optimizer: OPTIMIZERS,
   device: DEVICES,
+  precision: PRECISIONS,
   projRefresh: PROJ_REFRESH,
   cosMode: COS_MODES,
   quantRange: QUANT_RANGES,
@@ -620,6 +643,12 @@ export function checkOptions(input: Partial<TrainOptions> = {}): CheckedOptions 
   }
   checkChoice("optimizer", raw.optimizer);
   checkChoice("device", raw.device);
+  checkChoice("precision", raw.precision);
+  if (raw.device === "cpu" && raw.precision === "bf16") {
+    throw new UsageError(
+      "--precision bf16 needs a GPU (--device cuda or auto); the CPU engine computes in fp32",
+    );
+  }
   for (const key of ["projRefresh", "cosMode", "quantRange"] as const) {
     const v = raw[key];
     if (v !== null) checkChoice(key, v);

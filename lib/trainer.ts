@@ -36,6 +36,8 @@ export interface TrainEngine extends Disposable {
   readonly params: number;
   /** Device actually used. */
   readonly device: string;
+  /** Precision actually used (`fp32`, `bf16`); stand-ins may leave it out (fp32). */
+  readonly precision?: string;
   /** One optimizer update over `microBatches` micro-batches. */
   trainStep(tokens: Int32Array, microBatches: number, lr: number): Promise<StepStats>;
   /** Mean validation loss over `batches` batches. */
@@ -147,6 +149,8 @@ export interface Summary {
   timing: { forward_s: number; backward_s: number; optimizer_s: number } | null;
   /** Device the engine ran on. */
   device: string;
+  /** Precision the engine computed in (`fp32`, `bf16`). */
+  precision: string;
   /** Model name and config. */
   model: { name: string; config: ModelConfig };
   /** Data description. */
@@ -222,6 +226,7 @@ export async function train(
     optimizer: engineOptimizerConfig(opts),
     seed: opts.seed,
     device: opts.device,
+    precision: opts.precision,
     ...(opts.threads === null ? {} : { threads: opts.threads }),
   };
 
@@ -242,7 +247,9 @@ export async function train(
   const valTokens = data.valBatches(opts.evalBatches, opts.batchSize, opts.seqLen);
   const rng = new Rng(opts.seed);
   progress.note(
-    `${model.name}: ${formatCount(engine.params)} params on ${engine.device}, ` +
+    `${model.name}: ${formatCount(engine.params)} params on ${engine.device} (${
+      engine.precision ?? "fp32"
+    }), ` +
       `${describeOptimizer(opts)}, ${opts.steps} steps × ` +
       `${formatCount(tokensPerStep)} tokens; data: ${data.describe()}` +
       (out === null ? "" : `; out: ${out}`),
@@ -376,6 +383,7 @@ export async function train(
     refresh_seconds: num("refresh_seconds") ?? 0,
     timing: (info.timing ?? null) as Summary["timing"],
     device: engine.device,
+    precision: engine.precision ?? "fp32",
     model: { name: model.name, config: model.config },
     data: data.describe(),
     config: { ...opts, out },

@@ -149,6 +149,11 @@ Deno.test("bad names: preset, optimizer, device", () => {
     new RegExp(OPTIMIZERS.join(", ")),
   );
   rejects(["--device", "tpu"], "--device tpu: must be one of cpu, cuda, auto");
+  rejects(["--precision", "fp16"], "--precision fp16: must be one of auto, fp32, bf16");
+  rejects(
+    ["--device", "cpu", "--precision", "bf16"],
+    "--precision bf16 needs a GPU (--device cuda or auto); the CPU engine computes in fp32",
+  );
   rejects(["--data", ""], '--data "": must not be empty');
 });
 

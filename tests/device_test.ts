@@ -47,3 +47,19 @@ Deno.test("--device cuda without a GPU is a clear one-line error", async () => {
   );
   assert.ok(!stderr.includes("panicked") && !/\n\s+at /.test(stderr));
 });
+
+Deno.test("--precision bf16 without a GPU is a clear one-line error; auto falls back to fp32", async () => {
+  if (await hasGpu()) {
+    console.log("skipped: a GPU is present");
+    return;
+  }
+  const bad = await run(["--device", "auto", "--precision", "bf16"]);
+  assert.equal(bad.code, 1);
+  assert.equal(
+    bad.stderr.trim().split("\n").at(-1),
+    "error: precision = bf16 needs a GPU, and none is usable; use --precision fp32 or auto",
+  );
+  const ok = await run(["--device", "auto", "--precision", "auto"]);
+  assert.equal(ok.code, 0, ok.stderr);
+  assert.match(ok.stderr, /params on cpu \(fp32\)/);
+});

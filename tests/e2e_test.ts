@@ -60,6 +60,7 @@ Deno.test("e2e: a short run learns and writes its files", async () => {
     assert.ok(s.final_train_loss! > 0 && Number.isFinite(s.final_train_loss));
     assert.equal(s.params, 869_504);
     assert.equal(s.device, "cpu");
+    assert.equal(s.precision, "fp32");
     assert.equal(s.optimizer, "adamw");
     assert.equal(s.model.name, "llama-9m");
     assert.ok(s.entropy_floor! > 1.8 && s.entropy_floor! < 1.9);

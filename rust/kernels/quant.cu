@@ -35,6 +35,15 @@ extern "C" __global__ void q_dequant(float* out, const u8* codes, const float* s
     out[i] = ((float)code_at(codes, bits, i) - zero[g]) * scale[g];
 }
 
+// The same values rounded to bf16 (RNE): the GEMM operand of the bf16 precision.
+extern "C" __global__ void q_dequant_bf16(bf16_t* out, const u8* codes, const float* scale,
+                                          const float* zero, int bits, int group, u64 n) {
+    u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    u64 g = i / group;
+    out[i] = f32_to_bf16(((float)code_at(codes, bits, i) - zero[g]) * scale[g]);
+}
+
 extern "C" __global__ void bf16_dequant(float* out, const bf16_t* codes, u64 n) {
     u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) out[i] = bf16_to_f32(codes[i]);

@@ -245,6 +245,14 @@ pub struct EngineConfig {
     /// Micro-batches per optimizer step (every `train_step` must pass this many).
     #[serde(default = "one")]
     pub grad_accum: usize,
+    /// Activation and GEMM precision: `fp32`, `bf16` (CUDA only: bf16 activations and
+    /// bf16 GEMM inputs with fp32 accumulation) or `auto` (bf16 on a GPU, fp32 on the CPU).
+    #[serde(default = "default_precision")]
+    pub precision: String,
+}
+
+fn default_precision() -> String {
+    "auto".into()
 }
 
 fn one() -> usize {
@@ -326,6 +334,15 @@ impl EngineConfig {
             self.device == "cpu" || self.device == "auto" || self.device == "cuda",
             "device = {}: must be cpu, cuda or auto",
             self.device
+        );
+        ensure!(
+            matches!(self.precision.as_str(), "auto" | "fp32" | "bf16"),
+            "precision = {}: must be auto, fp32 or bf16",
+            self.precision
+        );
+        ensure!(
+            !(self.device == "cpu" && self.precision == "bf16"),
+            "precision = bf16 needs a GPU (--device cuda or auto); the CPU engine computes in fp32"
         );
         Ok(())
     }

@@ -314,9 +314,10 @@ impl<B: Backend> Engine<B> {
             extra = if extra.is_empty() { format!("\"notice\":{n}") } else { format!("{extra},\"notice\":{n}") };
         }
         format!(
-            "{{\"params\":{},\"device\":\"{}\",\"optimizer\":\"{}\",\"fused\":{},\"steps\":{},\"memory\":{{\"weights\":{},\"grads\":{},\"optimizer_state\":{},\"projector\":{},\"activations\":{},\"total\":{}}}{}{}}}",
+            "{{\"params\":{},\"device\":\"{}\",\"precision\":\"{}\",\"optimizer\":\"{}\",\"fused\":{},\"steps\":{},\"memory\":{{\"weights\":{},\"grads\":{},\"optimizer_state\":{},\"projector\":{},\"activations\":{},\"total\":{}}}{}{}}}",
             self.model.numel(),
             self.be.name(),
+            self.be.precision(),
             self.opt.name(),
             self.fused,
             self.opt.steps(),
@@ -380,6 +381,9 @@ impl<B: Backend> Session for Engine<B> {
 /// and its libraries are found, else the CPU (and says so in `info_json`'s `notice`).
 pub fn open(cfg: EngineConfig) -> Result<Box<dyn Session>> {
     let cpu = |cfg: EngineConfig| -> Result<Box<dyn Session>> {
+        if cfg.precision == "bf16" {
+            return Err(Error::invalid("precision = bf16 needs a GPU, and none is usable; use --precision fp32 or auto"));
+        }
         Ok(Box::new(Engine::new(crate::backend::cpu::Cpu::new(cfg.threads)?, cfg)?))
     };
     match cfg.device.as_str() {
@@ -400,7 +404,7 @@ pub fn open(cfg: EngineConfig) -> Result<Box<dyn Session>> {
 
 #[cfg(feature = "cuda")]
 fn cuda(cfg: EngineConfig) -> Result<Box<dyn Session>> {
-    let be = crate::backend::cuda::Cuda::new(0)
+    let be = crate::backend::cuda::Cuda::new(0, cfg.precision != "fp32")
         .map_err(|e| Error::backend(format!("--device cuda: {}; use --device cpu or auto", e.msg)))?;
     Ok(Box::new(Engine::new(be, cfg)?))
 }

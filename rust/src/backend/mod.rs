@@ -177,8 +177,18 @@ pub trait Backend: Send + Sync + 'static {
     /// Waits for queued work (a no-op on the CPU).
     fn sync(&self) -> Result<()>;
 
-    /// A zero-filled buffer of `n` values, counted under `cat`.
+    /// `fp32`, or `bf16` when activation buffers hold bf16 and GEMMs take bf16 inputs
+    /// with fp32 accumulation.
+    fn precision(&self) -> &'static str {
+        "fp32"
+    }
+    /// A zero-filled buffer of `n` values, counted under `cat`. Under bf16 precision a
+    /// backend stores `Category::Activations` buffers in bf16; every other category in f32.
     fn alloc(&self, n: usize, cat: Category) -> Result<Self::Buf>;
+    /// A buffer that stays f32 under every precision (norm statistics, RoPE tables, logits).
+    fn alloc_fp32(&self, n: usize, cat: Category) -> Result<Self::Buf> {
+        self.alloc(n, cat)
+    }
     fn len(&self, b: &Self::Buf) -> usize;
     fn upload(&self, dst: &mut Self::Buf, src: &[f32]) -> Result<()>;
     fn download(&self, src: &Self::Buf, dst: &mut [f32]) -> Result<()>;

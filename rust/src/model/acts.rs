@@ -62,15 +62,18 @@ impl<B: Backend> Acts<B> {
             cfg.num_hidden_layers,
         );
         let a = |len: usize| be.alloc(len, Category::Activations);
+        // kept in f32 whatever the precision: statistics, tables and the loss input
+        let f = |len: usize| be.alloc_fp32(len, Category::Activations);
+        let perf = |len: usize| -> Result<Vec<B::Buf>> { (0..l).map(|_| f(len)).collect() };
         let per = |len: usize| -> Result<Vec<B::Buf>> { (0..l).map(|_| a(len)).collect() };
-        let mut rope = a(t * cfg.head_dim())?;
+        let mut rope = f(t * cfg.head_dim())?;
         be.upload(&mut rope, &rope_table(t, cfg.head_dim(), cfg.rope_theta))?;
         Ok(Acts {
             b,
             t,
             x: (0..=l).map(|_| a(n * c)).collect::<Result<_>>()?,
             xn1: per(n * c)?,
-            rstd1: per(n)?,
+            rstd1: perf(n)?,
             q: per(n * c)?,
             k: per(n * kv)?,
             v: per(n * kv)?,
@@ -78,13 +81,13 @@ impl<B: Backend> Acts<B> {
             ao: per(n * c)?,
             xm: per(n * c)?,
             xn2: per(n * c)?,
-            rstd2: per(n)?,
+            rstd2: perf(n)?,
             gate: per(n * i)?,
             up: per(n * i)?,
             act: per(n * i)?,
             xnf: a(n * c)?,
-            rstdf: a(n)?,
-            logits: a(n * v)?,
+            rstdf: f(n)?,
+            logits: f(n * v)?,
             rope,
             dres: a(n * c)?,
             dxn: a(n * c)?,

@@ -17,60 +17,79 @@ pub struct Module {
     /// Whether multiply-adds may be contracted into FMAs. Off for the modules that must
     /// match the CPU reference bit for bit (quantization, optimizers).
     pub fmad: bool,
+    /// Preprocessor symbols defined for this compilation (`-D` options).
+    pub defines: &'static [&'static str],
     /// Kernel entry points the module must export.
     pub kernels: &'static [&'static str],
 }
+
+/// The layer kernels, compiled once per activation type (see nn.cu's `act_t`).
+const NN_KERNELS: &[&str] = &[
+    "fill",
+    "fill_act",
+    "axpy",
+    "scale",
+    "embedding",
+    "embedding_bwd",
+    "rmsnorm",
+    "rmsnorm_bwd_dx",
+    "rmsnorm_bwd_dw",
+    "rope",
+    "swiglu",
+    "swiglu_bwd",
+    "causal_softmax",
+    "causal_softmax_bwd",
+    "cross_entropy",
+];
 
 pub const MODULES: &[Module] = &[
     Module {
         name: "quant",
         src: include_str!("../../../kernels/quant.cu"),
         fmad: false,
-        kernels: &["q_dequant", "bf16_dequant", "bf16_quant", "q_requant"],
+        defines: &[],
+        kernels: &["q_dequant", "q_dequant_bf16", "bf16_dequant", "bf16_quant", "q_requant"],
     },
     Module {
         name: "optim",
         src: include_str!("../../../kernels/optim.cu"),
         fmad: false,
+        defines: &[],
         kernels: &["adamw", "galore_adam", "bnb32", "adam8", "sanitize", "sumsq_partial", "sum_partials"],
     },
     Module {
         name: "nn",
         src: include_str!("../../../kernels/nn.cu"),
         fmad: true,
-        kernels: &[
-            "fill",
-            "axpy",
-            "scale",
-            "embedding",
-            "embedding_bwd",
-            "rmsnorm",
-            "rmsnorm_bwd_dx",
-            "rmsnorm_bwd_dw",
-            "rope",
-            "swiglu",
-            "swiglu_bwd",
-            "causal_softmax",
-            "causal_softmax_bwd",
-            "cross_entropy",
-        ],
+        defines: &[],
+        kernels: NN_KERNELS,
+    },
+    Module {
+        name: "nn_bf16",
+        src: include_str!("../../../kernels/nn.cu"),
+        fmad: true,
+        defines: &["QG_BF16"],
+        kernels: NN_KERNELS,
     },
     Module {
         name: "linalg",
         src: include_str!("../../../kernels/linalg.cu"),
         fmad: true,
-        kernels: &["top_eigvecs_rows", "top_eigvecs_cols"],
+        defines: &[],
+        kernels: &["top_eigvecs_rows", "top_eigvecs_cols", "transpose"],
     },
 ];
 
 /// NVRTC options for a module and an architecture such as `sm_90`.
 pub fn options(m: &Module, arch: &str) -> Vec<String> {
-    vec![
+    let mut o = vec![
         format!("--gpu-architecture={arch}"),
         "-std=c++17".into(),
         format!("--fmad={}", m.fmad),
         "--device-as-default-execution-space".into(),
-    ]
+    ];
+    o.extend(m.defines.iter().map(|d| format!("-D{d}")));
+    o
 }
 
 /// NVRTC's (major, minor) version; the library must be loadable.
