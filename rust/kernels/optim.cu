@@ -125,10 +125,11 @@ extern "C" __global__ void sumsq_partial(const float* x, double* part, u64 n) {
     if (threadIdx.x == 0) part[blockIdx.x] = red[0];
 }
 
-extern "C" __global__ void sum_partials(const double* part, double* out, int parts) {
+// *out = Σ part, or *out += Σ part with `acc` (a running total read once per step).
+extern "C" __global__ void sum_partials(const double* part, double* out, int parts, int acc) {
     if (threadIdx.x == 0 && blockIdx.x == 0) {
         double s = 0.0;
         for (int i = 0; i < parts; i++) s += part[i];
-        *out = s;
+        *out = acc ? *out + s : s;
     }
 }

@@ -116,7 +116,10 @@ impl<B: Backend> Engine<B> {
 
     pub fn grad_norm(&self) -> f64 {
         let p = &self.model.params;
-        (0..p.len()).map(|i| self.be.sumsq(self.grads.get(i), p[i].numel())).sum::<f64>().sqrt()
+        for (i, q) in p.iter().enumerate() {
+            self.be.sumsq_acc(self.grads.get(i), q.numel());
+        }
+        self.be.take_sumsq().sqrt()
     }
 
     pub fn train_step(&mut self, tokens: &[i32], micro: usize, lr: f32) -> Result<StepStats> {
@@ -137,7 +140,10 @@ impl<B: Backend> Engine<B> {
         let clip = self.cfg.optimizer.clip as f64;
         (|| -> Result<()> {
             let np = model.params.len();
-            st.grad_norm = (0..np).map(|i| be.sumsq(grads.get(i), model.params[i].numel())).sum::<f64>().sqrt();
+            for i in 0..np {
+                be.sumsq_acc(grads.get(i), model.params[i].numel());
+            }
+            st.grad_norm = be.take_sumsq().sqrt();
             if !st.grad_norm.is_finite() {
                 return Err(Error::non_finite(format!("gradient norm is {}", fmt_nf(st.grad_norm))));
             }
@@ -153,6 +159,7 @@ impl<B: Backend> Engine<B> {
             for i in 0..model.params.len() {
                 opt.update(be, i, &mut model.params[i], grads.get_mut(i), lr)?;
             }
+            opt.end_step(be);
             Ok(())
         })()?;
         self.be.sync()?;
@@ -179,9 +186,8 @@ impl<B: Backend> Engine<B> {
         let (be, m, g, a, opt) = (&self.be, &mut self.model, &mut self.grads, &mut self.acts, &mut self.opt);
         let mut scale = 1.0f32;
         if clip > 0.0 {
-            let mut ss = 0.0f64;
-            pass::backward(be, m, g, a, false, &mut |i, m, g| ss += be.sumsq(g.get(i), m.params[i].numel()));
-            st.grad_norm = ss.sqrt();
+            pass::backward(be, m, g, a, false, &mut |i, m, g| be.sumsq_acc(g.get(i), m.params[i].numel()));
+            st.grad_norm = be.take_sumsq().sqrt();
             if !st.grad_norm.is_finite() {
                 return Err(Error::non_finite(format!("gradient norm is {}", fmt_nf(st.grad_norm))));
             }
@@ -192,14 +198,13 @@ impl<B: Backend> Engine<B> {
         }
         opt.begin_step();
         let mut err: Option<Error> = None;
-        let mut ss = 0.0f64;
         pass::backward(be, m, g, a, false, &mut |i, m, g| {
             if err.is_some() {
                 return;
             }
             let n = m.params[i].numel();
             if clip <= 0.0 {
-                ss += be.sumsq(g.get(i), n);
+                be.sumsq_acc(g.get(i), n);
             }
             if scale != 1.0 {
                 be.scale(g.get_mut(i), scale);
@@ -209,10 +214,12 @@ impl<B: Backend> Engine<B> {
             }
         });
         if let Some(e) = err {
+            be.take_sumsq(); // drop the partial norm so the next step starts from 0
             return Err(e);
         }
+        opt.end_step(be);
         if clip <= 0.0 {
-            st.grad_norm = ss.sqrt();
+            st.grad_norm = be.take_sumsq().sqrt();
         }
         self.be.sync()?;
         self.timing[1] += t0.elapsed().as_secs_f64();

@@ -198,8 +198,13 @@ pub trait Backend: Send + Sync + 'static {
     fn add(&self, dst: &mut Self::Buf, src: &Self::Buf);
     fn scale(&self, b: &mut Self::Buf, s: f32);
     /// Σ x² over the first `n` values in f64, reduced in a fixed order (deterministic
-    /// for any thread count).
+    /// for any thread count). Waits for the device; see `sumsq_acc` for the step's norm.
     fn sumsq(&self, b: &Self::Buf, n: usize) -> f64;
+    /// Adds Σ x² over the first `n` values to a running total that `take_sumsq` returns:
+    /// the global gradient norm costs one device sync per step, not one per tensor.
+    fn sumsq_acc(&self, b: &Self::Buf, n: usize);
+    /// The running total of `sumsq_acc` since the last call, then reset to 0.
+    fn take_sumsq(&self) -> f64;
     /// dst[..n] = src[..n]
     fn copy_n(&self, dst: &mut Self::Buf, src: &Self::Buf, n: usize);
 
@@ -245,8 +250,12 @@ pub trait Backend: Send + Sync + 'static {
     fn cross_entropy(&self, logits: &mut Self::Buf, targets: &[i32], losses: &mut [f32], n: usize, v: usize, grad_scale: Option<f32>) -> Result<()>;
     /// One AdamW update of `p` with gradient `g` and fp32 moments `m`, `v`.
     fn adamw(&self, p: &mut Self::Buf, g: &Self::Buf, m: &mut Self::Buf, v: &mut Self::Buf, hp: AdamHp);
-    /// Zeroes non-finite elements among the first `n`; returns how many there were.
-    fn sanitize(&self, b: &mut Self::Buf, n: usize) -> u64;
+    /// Zeroes non-finite elements among the first `n` and counts them (see
+    /// `take_nonfinite`).
+    fn sanitize(&self, b: &mut Self::Buf, n: usize);
+    /// Non-finite gradient elements met by `sanitize`, `a8_step` and `bnb32_step` since
+    /// the last call, then reset to 0 (one device sync per step instead of one per tensor).
+    fn take_nonfinite(&self) -> u64;
     /// dst += alpha · src
     fn axpy(&self, dst: &mut Self::Buf, alpha: f32, src: &Self::Buf);
 
@@ -259,10 +268,11 @@ pub trait Backend: Send + Sync + 'static {
     fn q_update(&self, q: &mut Self::Q, delta: &Self::Buf, decay: f32, range: Range, sr: Option<u64>);
 
     fn a8_new(&self, n: usize, block: usize, cat: Category) -> Result<Self::A8>;
-    /// bnb 8-bit block-wise Adam on `p`; returns the non-finite gradient elements skipped.
-    fn a8_step(&self, p: &mut Self::Buf, g: &Self::Buf, st: &mut Self::A8, hp: BnbHp) -> u64;
+    /// bnb 8-bit block-wise Adam on `p`; non-finite gradient elements are skipped and
+    /// counted (see `take_nonfinite`).
+    fn a8_step(&self, p: &mut Self::Buf, g: &Self::Buf, st: &mut Self::A8, hp: BnbHp);
     /// bnb 32-bit Adam (same formula, fp32 moments).
-    fn bnb32_step(&self, p: &mut Self::Buf, g: &Self::Buf, m: &mut Self::Buf, v: &mut Self::Buf, hp: BnbHp) -> u64;
+    fn bnb32_step(&self, p: &mut Self::Buf, g: &Self::Buf, m: &mut Self::Buf, v: &mut Self::Buf, hp: BnbHp);
     /// GaLore-AdamW (algorithm-spec §1.3), in place: `buf` holds the gradient (m.len()
     /// values) and receives the update u = −ŝ·M/(√V + ε), ŝ = η·√(1−β2^t)/(1−β1^t),
     /// with ε added to the uncorrected √V.

@@ -157,11 +157,11 @@ impl<B: Backend> Family<B> {
         let n = p.numel();
         let w = p.f_mut();
         match &mut self.states[idx].moments {
-            Moments::Q8(st) => self.stats.nonfinite_grads += be.a8_step(w, g, st, hp8),
-            Moments::F32 { m, v } if eight => self.stats.nonfinite_grads += be.bnb32_step(w, g, m, v, hp8),
+            Moments::Q8(st) => be.a8_step(w, g, st, hp8),
+            Moments::F32 { m, v } if eight => be.bnb32_step(w, g, m, v, hp8),
             Moments::F32 { m, v } => {
                 // GaLoreAdamW's regular group: same formula, no α, decay after the update.
-                self.stats.nonfinite_grads += be.sanitize(g, n);
+                be.sanitize(g, n);
                 be.galore_adam(g, m, v, hp);
                 be.axpy(w, 1.0, g);
                 if wd > 0.0 {
@@ -233,7 +233,7 @@ impl<B: Backend> Family<B> {
 
     fn update_projected(&mut self, be: &B, idx: usize, p: &mut Param<B>, g: &mut B::Buf, lr: f32) -> Result<()> {
         let (rows, cols) = (p.rows, p.cols);
-        self.stats.nonfinite_grads += be.sanitize(g, rows * cols);
+        be.sanitize(g, rows * cols);
         let iter = self.step - 1; // pre-increment counter (§1.2 item 3)
         let due = {
             let st = self.states[idx].proj.as_ref().unwrap();
@@ -277,13 +277,13 @@ impl<B: Backend> Family<B> {
             Moments::F32 { m, v } => {
                 let u = self.u.as_mut().unwrap();
                 be.fill(u, 0.0);
-                self.stats.nonfinite_grads += be.bnb32_step(u, r, m, v, hp8);
+                be.bnb32_step(u, r, m, v, hp8);
                 u
             }
             Moments::Q8(s8) => {
                 let u = self.u.as_mut().unwrap();
                 be.fill(u, 0.0);
-                self.stats.nonfinite_grads += be.a8_step(u, r, s8, hp8);
+                be.a8_step(u, r, s8, hp8);
                 u
             }
         };
@@ -335,6 +335,9 @@ impl<B: Backend> Optimizer<B> for Family<B> {
     }
     fn begin_step(&mut self) {
         self.step += 1;
+    }
+    fn end_step(&mut self, be: &B) {
+        self.stats.nonfinite_grads += be.take_nonfinite();
     }
     fn update(&mut self, be: &B, idx: usize, p: &mut Param<B>, g: &mut B::Buf, lr: f32) -> Result<()> {
         if self.states[idx].proj.is_some() {

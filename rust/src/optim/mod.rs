@@ -17,6 +17,8 @@ pub trait Optimizer<B: Backend>: Send {
     /// Applies one update to parameter `idx`. `g` is its gradient; the optimizer may
     /// overwrite it (GaLore reuses the buffer for the projected-back update).
     fn update(&mut self, be: &B, idx: usize, p: &mut Param<B>, g: &mut B::Buf, lr: f32) -> Result<()>;
+    /// Called once per optimizer step after every `update` (collects deferred counters).
+    fn end_step(&mut self, _be: &B) {}
     /// Completed optimizer steps.
     fn steps(&self) -> u64;
     /// Writes every piece of optimizer state (checkpoints).

@@ -29,6 +29,9 @@ pub struct Cpu {
     pool: Arc<rayon::ThreadPool>,
     threads: usize,
     mem: Arc<MemTracker>,
+    /// Running totals behind `take_nonfinite` and `take_sumsq`.
+    nonfinite: std::sync::atomic::AtomicU64,
+    sumsq_total: std::sync::Mutex<f64>,
 }
 
 impl Cpu {
@@ -44,7 +47,17 @@ impl Cpu {
             .thread_name(|i| format!("qgalore-cpu-{i}"))
             .build()
             .map_err(|e| Error::backend(format!("cannot start {threads} CPU threads: {e}")))?;
-        Ok(Cpu { pool: Arc::new(pool), threads, mem: Arc::new(MemTracker::default()) })
+        Ok(Cpu {
+            pool: Arc::new(pool),
+            threads,
+            mem: Arc::new(MemTracker::default()),
+            nonfinite: Default::default(),
+            sumsq_total: Default::default(),
+        })
+    }
+
+    fn count_nonfinite(&self, k: u64) {
+        self.nonfinite.fetch_add(k, std::sync::atomic::Ordering::Relaxed);
     }
 
     pub fn threads(&self) -> usize {
@@ -142,6 +155,14 @@ impl Backend for Cpu {
     fn sumsq(&self, b: &CpuBuf, n: usize) -> f64 {
         ops::sumsq(&b.data[..n])
     }
+    fn sumsq_acc(&self, b: &CpuBuf, n: usize) {
+        // one f64 per tensor added in call order: the same sum as summing the returns
+        let s = ops::sumsq(&b.data[..n]);
+        *self.sumsq_total.lock().unwrap() += s;
+    }
+    fn take_sumsq(&self) -> f64 {
+        std::mem::take(&mut *self.sumsq_total.lock().unwrap())
+    }
     fn copy_n(&self, dst: &mut CpuBuf, src: &CpuBuf, n: usize) {
         dst.data[..n].copy_from_slice(&src.data[..n]);
     }
@@ -200,9 +221,9 @@ impl Backend for Cpu {
     fn adamw(&self, p: &mut CpuBuf, g: &CpuBuf, m: &mut CpuBuf, v: &mut CpuBuf, hp: AdamHp) {
         ops::adamw(p, g, m, v, hp)
     }
-    fn sanitize(&self, b: &mut CpuBuf, n: usize) -> u64 {
+    fn sanitize(&self, b: &mut CpuBuf, n: usize) {
         use rayon::prelude::*;
-        b.data[..n]
+        let k: u64 = b.data[..n]
             .par_chunks_mut(8192)
             .map(|c| {
                 let mut k = 0u64;
@@ -214,7 +235,11 @@ impl Backend for Cpu {
                 }
                 k
             })
-            .sum()
+            .sum();
+        self.count_nonfinite(k);
+    }
+    fn take_nonfinite(&self) -> u64 {
+        self.nonfinite.swap(0, std::sync::atomic::Ordering::Relaxed)
     }
     fn axpy(&self, dst: &mut CpuBuf, alpha: f32, src: &CpuBuf) {
         use rayon::prelude::*;
@@ -246,14 +271,14 @@ impl Backend for Cpu {
         let bytes = st.bytes();
         Ok(self.track(st, bytes, cat))
     }
-    fn a8_step(&self, p: &mut CpuBuf, g: &CpuBuf, st: &mut Self::A8, hp: BnbHp) -> u64 {
+    fn a8_step(&self, p: &mut CpuBuf, g: &CpuBuf, st: &mut Self::A8, hp: BnbHp) {
         let maps = MAPS.get_or_init(adam8::Maps::new);
         let n = st.m.len();
-        adam8::step8(&mut p.data[..n], &g.data[..n], &mut st.inner, maps, hp)
+        self.count_nonfinite(adam8::step8(&mut p.data[..n], &g.data[..n], &mut st.inner, maps, hp));
     }
-    fn bnb32_step(&self, p: &mut CpuBuf, g: &CpuBuf, m: &mut CpuBuf, v: &mut CpuBuf, hp: BnbHp) -> u64 {
+    fn bnb32_step(&self, p: &mut CpuBuf, g: &CpuBuf, m: &mut CpuBuf, v: &mut CpuBuf, hp: BnbHp) {
         let n = m.len();
-        adam8::step32(&mut p.data[..n], &g.data[..n], &mut m.data, &mut v.data[..n], hp)
+        self.count_nonfinite(adam8::step32(&mut p.data[..n], &g.data[..n], &mut m.data, &mut v.data[..n], hp));
     }
     fn galore_adam(&self, buf: &mut CpuBuf, m: &mut CpuBuf, v: &mut CpuBuf, hp: AdamHp) {
         let n = m.len();

@@ -155,6 +155,9 @@ pub struct CudaA8 {
 struct Scratch {
     partial: CudaSlice<f64>,
     total: CudaSlice<f64>,
+    /// Running Σx² of `sumsq_acc`, read by `take_sumsq`.
+    acc_total: CudaSlice<f64>,
+    /// Running count of non-finite gradient elements, read by `take_nonfinite`.
     count: CudaSlice<u64>,
     tokens: CudaSlice<i32>,
     targets: CudaSlice<i32>,
@@ -267,6 +270,7 @@ impl Cuda {
         let scratch = Scratch {
             partial: stream.alloc_zeros::<f64>(PARTS).map_err(a)?,
             total: stream.alloc_zeros::<f64>(1).map_err(a)?,
+            acc_total: stream.alloc_zeros::<f64>(1).map_err(a)?,
             count: stream.alloc_zeros::<u64>(1).map_err(a)?,
             tokens: stream.alloc_zeros::<i32>(1).map_err(a)?,
             targets: stream.alloc_zeros::<i32>(1).map_err(a)?,
@@ -430,6 +434,19 @@ impl Cuda {
         h[0]
     }
 
+    /// Σx² of b[..n] into `out` (= or +=), in a fixed order: 256 block partials, then one
+    /// thread adds them.
+    fn sumsq_into(&self, b: &CudaBuf, n: usize, partial: &mut CudaSlice<f64>, out: &mut CudaSlice<f64>, acc: bool) {
+        let (nn, parts, acc) = (n as u64, PARTS as i32, acc as i32);
+        let mut l = self.stream.launch_builder(self.f("sumsq_partial"));
+        l.arg(b.data.f32()).arg(&mut *partial).arg(&nn);
+        let cfg = LaunchConfig { grid_dim: (PARTS as u32, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 };
+        self.note("sumsq", unsafe { l.launch(cfg) });
+        let mut l = self.stream.launch_builder(self.f("sum_partials"));
+        l.arg(&*partial).arg(out).arg(&parts).arg(&acc);
+        self.note("sumsq", unsafe { l.launch(rows_cfg(1, 1)) });
+    }
+
     /// dst[..n] = src[..n] across element types (a bf16 ⇄ f32 cast when they differ).
     fn copy_any(&self, dst: &mut Store, src: &Store, n: usize) {
         let nn = n as u64;
@@ -541,18 +558,24 @@ impl Backend for Cuda {
     fn sumsq(&self, b: &CudaBuf, n: usize) -> f64 {
         let mut sc = self.scratch.lock().unwrap();
         let Scratch { partial, total, .. } = &mut *sc;
-        let nn = n as u64;
-        let parts = PARTS as i32;
-        let mut l = self.stream.launch_builder(self.f("sumsq_partial"));
-        l.arg(b.data.f32()).arg(&mut *partial).arg(&nn);
-        let cfg = LaunchConfig { grid_dim: (PARTS as u32, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 };
-        self.note("sumsq", unsafe { l.launch(cfg) });
-        let mut l = self.stream.launch_builder(self.f("sum_partials"));
-        l.arg(&*partial).arg(&mut *total).arg(&parts);
-        self.note("sumsq", unsafe { l.launch(rows_cfg(1, 1)) });
+        self.sumsq_into(b, n, partial, total, false);
         let mut h = [0f64; 1];
         let r = self.stream.memcpy_dtoh(&*total, &mut h[..]);
         self.note("copy", r);
+        h[0]
+    }
+    fn sumsq_acc(&self, b: &CudaBuf, n: usize) {
+        let mut sc = self.scratch.lock().unwrap();
+        let Scratch { partial, acc_total, .. } = &mut *sc;
+        self.sumsq_into(b, n, partial, acc_total, true);
+    }
+    fn take_sumsq(&self) -> f64 {
+        let mut sc = self.scratch.lock().unwrap();
+        let mut h = [0f64; 1];
+        let r = self.stream.memcpy_dtoh(&sc.acc_total, &mut h[..]);
+        self.note("copy", r);
+        let r = self.stream.memset_zeros(&mut sc.acc_total);
+        self.note("memset", r);
         h[0]
     }
 
@@ -714,15 +737,19 @@ impl Backend for Cuda {
         self.note("adamw", unsafe { l.launch(grid(n as usize)) });
     }
 
-    fn sanitize(&self, b: &mut CudaBuf, n: usize) -> u64 {
+    fn sanitize(&self, b: &mut CudaBuf, n: usize) {
         let mut sc = self.scratch.lock().unwrap();
-        let r = self.stream.memset_zeros(&mut sc.count);
-        self.note("memset", r);
         let nn = n as u64;
         let mut l = self.stream.launch_builder(self.f("sanitize"));
         l.arg(b.data.f32_mut()).arg(&mut sc.count).arg(&nn);
         self.note("sanitize", unsafe { l.launch(grid(n)) });
-        self.read_count(&sc.count)
+    }
+    fn take_nonfinite(&self) -> u64 {
+        let mut sc = self.scratch.lock().unwrap();
+        let k = self.read_count(&sc.count);
+        let r = self.stream.memset_zeros(&mut sc.count);
+        self.note("memset", r);
+        k
     }
     fn axpy(&self, dst: &mut CudaBuf, alpha: f32, src: &CudaBuf) {
         let n = dst.data.len().min(src.data.len()) as u64;
@@ -801,12 +828,10 @@ impl Backend for Cuda {
         };
         Ok(st)
     }
-    fn a8_step(&self, p: &mut CudaBuf, g: &CudaBuf, st: &mut CudaA8, hp: BnbHp) -> u64 {
+    fn a8_step(&self, p: &mut CudaBuf, g: &CudaBuf, st: &mut CudaA8, hp: BnbHp) {
         let (step_size, eps2) = hp.bnb_factors();
         let decay = 1.0 - hp.lr * hp.weight_decay;
         let mut sc = self.scratch.lock().unwrap();
-        let r = self.stream.memset_zeros(&mut sc.count);
-        self.note("memset", r);
         let (bs, n) = (st.block as i32, st.n as u64);
         let mut l = self.stream.launch_builder(self.f("adam8"));
         l.arg(p.data.f32_mut()).arg(g.data.f32()).arg(&mut st.m).arg(&mut st.v).arg(&mut st.absm).arg(&mut st.absv);
@@ -814,20 +839,16 @@ impl Backend for Cuda {
         l.arg(&hp.weight_decay).arg(&decay).arg(&bs).arg(&mut sc.count).arg(&n);
         let cfg = LaunchConfig { grid_dim: (st.n.div_ceil(st.block) as u32, 1, 1), block_dim: ((st.block / 8) as u32, 1, 1), shared_mem_bytes: 0 };
         self.note("adam8", unsafe { l.launch(cfg) });
-        self.read_count(&sc.count)
     }
-    fn bnb32_step(&self, p: &mut CudaBuf, g: &CudaBuf, m: &mut CudaBuf, v: &mut CudaBuf, hp: BnbHp) -> u64 {
+    fn bnb32_step(&self, p: &mut CudaBuf, g: &CudaBuf, m: &mut CudaBuf, v: &mut CudaBuf, hp: BnbHp) {
         let (step_size, eps2) = hp.bnb_factors();
         let decay = 1.0 - hp.lr * hp.weight_decay;
         let mut sc = self.scratch.lock().unwrap();
-        let r = self.stream.memset_zeros(&mut sc.count);
-        self.note("memset", r);
         let n = m.data.len() as u64;
         let mut l = self.stream.launch_builder(self.f("bnb32"));
         l.arg(p.data.f32_mut()).arg(g.data.f32()).arg(m.data.f32_mut()).arg(v.data.f32_mut()).arg(&step_size).arg(&eps2);
         l.arg(&hp.beta1).arg(&hp.beta2).arg(&hp.weight_decay).arg(&decay).arg(&mut sc.count).arg(&n);
         self.note("bnb32", unsafe { l.launch(grid(n as usize)) });
-        self.read_count(&sc.count)
     }
     fn galore_adam(&self, buf: &mut CudaBuf, m: &mut CudaBuf, v: &mut CudaBuf, hp: AdamHp) {
         let s = hp.galore_step();
