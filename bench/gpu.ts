@@ -3,14 +3,20 @@
  * galore8bit and qgalore it prints one JSON line each: tokens/s, the step-time breakdown
  * (forward, backward with fused updates, optimizer, projector refresh), measured peak
  * device memory and model FLOP utilisation against the GPU's dense bf16 peak; then one
- * qgalore step of llama-7b at batch 1 with its peak device memory. With `--save` the lines
- * also go to bench/results/gpu-<date>.jsonl. Needs `--device cuda` to work (exits 2 if not).
+ * qgalore step of llama-7b at batch 1 with its peak device memory. Each line also carries
+ * the engine's own estimate of its tracked bytes (`estimateMemory`), the cost of one full
+ * projector refresh (the first step refreshes every matrix) and the share of run time that
+ * refreshes would take at the reference gap T = 200 without any lazy growth (an upper
+ * bound). With `--save` the lines also go to bench/results/gpu-<date>.jsonl. Needs a CUDA
+ * device (exits 2 if there is none).
  *
- *   deno run -A bench/gpu.ts [--models llama-60m,llama-1b] [--steps 5] [--batch 8] [--save]
+ *   deno run -A bench/gpu.ts [--models llama-60m,llama-1b] [--steps 5] [--batch 8]
+ *     [--precision bf16|fp32] [--save]
  * @module
  */
 import { parseArgs } from "node:util";
 import { Engine, EngineError } from "../ffi/engine.ts";
+import { estimateMemory } from "../lib/estimate.ts";
 import { modelConfig } from "../lib/presets.ts";
 import { optimizerConfig } from "./common.ts";
 
@@ -22,6 +28,7 @@ const { values } = parseArgs({
     batch: { type: "string", default: "8" },
     seq: { type: "string", default: "256" },
     "peak-tflops": { type: "string", default: "989" },
+    precision: { type: "string", default: "bf16" },
     "skip-7b": { type: "boolean", default: false },
     save: { type: "boolean", default: false },
   },
@@ -43,18 +50,26 @@ function emit(o: Record<string, unknown>): void {
   console.log(s);
 }
 
+const precision = values.precision === "fp32" ? "fp32" : "bf16";
+if (values.precision !== precision) {
+  console.error(`error: --precision ${values.precision}: must be bf16 or fp32`);
+  Deno.exit(2);
+}
+
 async function runCase(name: string, opt: string, batch: number, steps: number) {
   const t = Number(values.seq);
   const model = modelConfig(name, 32000);
+  const rank = RANK[name] ?? 128;
   let e: Engine;
   try {
     e = await Engine.create({
       model,
       batch_size: batch,
       seq_len: t,
-      optimizer: optimizerConfig(opt, RANK[name] ?? 128, name) as never,
+      optimizer: optimizerConfig(opt, rank, name) as never,
       seed: 0,
       device: "cuda",
+      precision,
     });
   } catch (err) {
     if (err instanceof EngineError) {
@@ -68,6 +83,7 @@ async function runCase(name: string, opt: string, batch: number, steps: number) 
   for (let i = 0; i < tokens.length; i++) tokens[i] = (x = (x * 1103515245 + 12345) >>> 0) % 32000;
   await e.trainStep(tokens, 1, 1e-4); // first step: kernel load, initial refresh
   const before = e.info();
+  const refreshOnce = Number(before.refresh_seconds ?? 0);
   const t0 = performance.now();
   for (let s = 0; s < steps; s++) await e.trainStep(tokens, 1, 1e-4);
   const sec = (performance.now() - t0) / 1000;
@@ -79,6 +95,7 @@ async function runCase(name: string, opt: string, batch: number, steps: number) 
   emit({
     case: name,
     optimizer: opt,
+    precision,
     batch,
     seq: t,
     rank: opt === "adamw" ? null : RANK[name],
@@ -91,8 +108,17 @@ async function runCase(name: string, opt: string, batch: number, steps: number) 
     refresh_s: Math.round(
       (Number(after.refresh_seconds ?? 0) - Number(before.refresh_seconds ?? 0)) / steps * 1e4,
     ) / 1e4,
+    refresh_once_s: Math.round(refreshOnce * 1e4) / 1e4,
+    refresh_share_at_t200: opt === "adamw"
+      ? null
+      : Math.round(refreshOnce / (refreshOnce + 200 * sec / steps) * 1e4) / 1e4,
     peak_device_bytes: after.peak_device_bytes,
     engine_memory: e.memory(),
+    estimated_memory: estimateMemory(model, { name: opt, rank }, {
+      batchSize: batch,
+      seqLen: t,
+      precision,
+    }).total,
     mfu: Math.round(6 * e.params * tps / (Number(values["peak-tflops"]) * 1e12) * 1e4) / 1e4,
   });
   e[Symbol.dispose]();
@@ -107,7 +133,12 @@ try {
     seed: 0,
     device: "cuda",
   });
-  emit({ device: probe.device, date: new Date().toISOString().slice(0, 10) });
+  emit({
+    device: probe.device,
+    gpu: probe.info().device_name,
+    precision,
+    date: new Date().toISOString().slice(0, 10),
+  });
 } catch (err) {
   console.error(`error: ${(err as Error).message}`);
   Deno.exit(2);

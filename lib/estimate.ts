@@ -48,6 +48,11 @@ export interface BatchShape {
   seqLen: number;
   /** Micro-batches per update (default 1). */
   gradAccum?: number;
+  /**
+   * Activation precision (default `fp32`): with `bf16` (CUDA) the activation buffers take
+   * 2 B per value, except the f32 norm statistics, RoPE table and logits.
+   */
+  precision?: "fp32" | "bf16";
 }
 
 /** When to estimate. */
@@ -157,7 +162,13 @@ export function estimateMemory(
   let grads = fused ? 4 * maxNumel : 4 * sumNumel;
   if (projected) grads += (eight ? 8 : 4) * maxLow;
   const projector = projected ? 8 * maxProj + (stepped ? stored : 0) : 0;
-  const activations = activationBytes(cfg, batch.batchSize, batch.seqLen, int8 ? maxLinear : 0);
+  const activations = activationBytes(
+    cfg,
+    batch.batchSize,
+    batch.seqLen,
+    int8 ? maxLinear : 0,
+    batch.precision === "bf16" ? 2 : 4,
+  );
   return {
     weights,
     grads,
@@ -184,9 +195,17 @@ function projectorBytes(pn: number, bits: number, group: number): number {
 
 /**
  * Activation and backward-scratch bytes of the engine for a b×t micro-batch; `wq` is the
- * dequantization scratch of INT8 weights (the largest linear's element count), else 0.
+ * dequantization scratch of INT8 weights (the largest linear's element count), else 0;
+ * `bytes` per activation value (4 for fp32, 2 for bf16), the f32 buffers (RMSNorm
+ * statistics, logits, RoPE table) at 4 whatever the precision.
  */
-function activationBytes(cfg: ModelConfig, b: number, t: number, wq: number): number {
+function activationBytes(
+  cfg: ModelConfig,
+  b: number,
+  t: number,
+  wq: number,
+  bytes: number,
+): number {
   const L = cfg.num_hidden_layers;
   const c = cfg.hidden_size;
   const i = cfg.intermediate_size;
@@ -196,11 +215,12 @@ function activationBytes(cfg: ModelConfig, b: number, t: number, wq: number): nu
   const kv = hd * cfg.num_key_value_heads;
   const n = b * t;
   const att = b * h * t * t;
-  const floats = (L + 1) * n * c +
-    L * (5 * n * c + 2 * n + 2 * n * kv + att + 3 * n * i) +
-    n * c + n + n * v + t * hd +
+  const f32 = L * 2 * n + n + n * v + t * hd;
+  const act = (L + 1) * n * c +
+    L * (5 * n * c + 2 * n * kv + att + 3 * n * i) +
+    n * c +
     4 * n * c + 2 * n * kv + att + 3 * n * i + wq;
-  return 4 * floats;
+  return 4 * f32 + bytes * act;
 }
 
 /** The GaLore paper's full-rank memory estimate for one model (Table 6 rows (a) and (b)). */

@@ -81,6 +81,19 @@ Deno.test("estimateMemory: the activation bytes of llama-35m at b8 t256", () => 
   assert.equal(a.projector, 0);
 });
 
+Deno.test("estimateMemory: bf16 activations halve all but the f32 buffers", () => {
+  const shape = { batchSize: 8, seqLen: 256 };
+  const fp32 = estimateMemory("llama-35m", "adamw", shape);
+  const bf16 = estimateMemory("llama-35m", "adamw", { ...shape, precision: "bf16" });
+  // f32 whatever the precision: rstd (2 per layer + final) n each, logits n·v, RoPE t·hd
+  const n = 8 * 256;
+  const f32Values = 6 * 2 * n + n + n * 256 + 256 * 48;
+  assert.equal(bf16.activations, fp32.activations / 2 + 2 * f32Values);
+  assert.equal(bf16.activations, 237_133_824);
+  assert.equal(bf16.weights, fp32.weights);
+  assert.equal(bf16.total - fp32.total, bf16.activations - fp32.activations);
+});
+
 Deno.test("paperMemory: GaLore Table 6 full-rank rows (spec §4.1, I-15)", () => {
   const gib = 2 ** 30;
   const rows: [string, number, number, number][] = [

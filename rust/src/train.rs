@@ -321,9 +321,10 @@ impl<B: Backend> Engine<B> {
             extra = if extra.is_empty() { format!("\"notice\":{n}") } else { format!("{extra},\"notice\":{n}") };
         }
         format!(
-            "{{\"params\":{},\"device\":\"{}\",\"precision\":\"{}\",\"optimizer\":\"{}\",\"fused\":{},\"steps\":{},\"memory\":{{\"weights\":{},\"grads\":{},\"optimizer_state\":{},\"projector\":{},\"activations\":{},\"total\":{}}}{}{}}}",
+            "{{\"params\":{},\"device\":\"{}\",\"device_name\":{},\"precision\":\"{}\",\"optimizer\":\"{}\",\"fused\":{},\"steps\":{},\"memory\":{{\"weights\":{},\"grads\":{},\"optimizer_state\":{},\"projector\":{},\"activations\":{},\"total\":{}}}{}{}}}",
             self.model.numel(),
             self.be.name(),
+            serde_json::to_string(&self.be.device_name()).unwrap_or_default(),
             self.be.precision(),
             self.opt.name(),
             self.fused,

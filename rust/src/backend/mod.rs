@@ -171,6 +171,10 @@ pub trait Backend: Send + Sync + 'static {
     type A8: Send;
 
     fn name(&self) -> &'static str;
+    /// The hardware in words (the GPU model and architecture on CUDA).
+    fn device_name(&self) -> String {
+        self.name().to_string()
+    }
     fn mem(&self) -> &MemTracker;
     /// Runs closures on the backend's worker threads (a rayon pool on the CPU).
     fn runner(&self) -> Runner;

@@ -278,9 +278,10 @@ impl Cuda {
             cast: [stream.alloc_zeros::<u16>(1).map_err(a)?, stream.alloc_zeros::<u16>(1).map_err(a)?],
         };
         let ws = Mutex::new(refresh::Ws::new(&stream)?);
+        let model = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
         Ok(Cuda {
             ws,
-            name_of_device: format!("cuda:{ordinal} ({arch})"),
+            name_of_device: format!("{model} (cuda:{ordinal}, {arch})"),
             _ctx: ctx,
             stream,
             blas,
@@ -474,6 +475,9 @@ impl Backend for Cuda {
 
     fn name(&self) -> &'static str {
         "cuda"
+    }
+    fn device_name(&self) -> String {
+        self.name_of_device.clone()
     }
     fn precision(&self) -> &'static str {
         if self.bf16 {
