@@ -49,10 +49,11 @@ export interface BatchShape {
   /** Micro-batches per update (default 1). */
   gradAccum?: number;
   /**
-   * Activation precision (default `fp32`): with `bf16` (CUDA) the activation buffers take
-   * 2 B per value, except the f32 norm statistics, RoPE table and logits.
+   * Activation precision: with `bf16` (CUDA) the activation buffers take 2 B per value,
+   * except the f32 norm statistics, RoPE table and logits. `fp32`, `auto` (which the CPU
+   * engine resolves to fp32; name `bf16` to estimate a GPU run) and absent count 4 B.
    */
-  precision?: "fp32" | "bf16";
+  precision?: "auto" | "fp32" | "bf16";
 }
 
 /** When to estimate. */
