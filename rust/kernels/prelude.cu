@@ -47,6 +47,9 @@ template <bool MAX>
 __device__ float block_reduce(float v, float* shared) {
     float neutral = MAX ? __int_as_float(0xff800000) : 0.0f;
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    // NaN → −∞ first: an all-NaN input gives −∞ like the CPU's fold from −∞, whatever the
+    // block size (fmaxf only drops a NaN when the other operand is not one)
+    if (MAX) v = fmaxf(v, neutral);
     v = MAX ? warp_max(v) : warp_sum(v);
     if (lane == 0) shared[warp] = v;
     __syncthreads();
