@@ -63,6 +63,8 @@ export interface EngineConfig {
   device: "cpu" | "cuda" | "auto";
   /** Activation and GEMM precision: `auto` (default: bf16 on a GPU, fp32 on the CPU), `fp32`, `bf16`. */
   precision?: "auto" | "fp32" | "bf16";
+  /** Activation checkpointing: recompute each block's forward in the backward (default off). */
+  checkpointing?: boolean;
   /** Worker threads; 0 or absent means one per core. */
   threads?: number;
   /** Micro-batches per optimizer step; every `trainStep` must pass this many (default 1). */

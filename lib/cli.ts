@@ -208,6 +208,8 @@ Run
   --device D            ${CHOICES.device.join(", ")} [${d.device}]
   --precision P         ${CHOICES.precision.join(", ")}: bf16 activations and GEMM inputs
                         need a GPU; auto = bf16 there, fp32 on the CPU [${d.precision}]
+  --checkpointing on|off  recompute each block in the backward: less activation memory,
+                        one extra forward per step, identical results [off]
   --out DIR             metrics.jsonl and summary.json go here [runs/<timestamp>]
   --json                print the summary as one JSON line on stdout
   -h, --help            show this help

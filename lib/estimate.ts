@@ -54,6 +54,8 @@ export interface BatchShape {
    * engine resolves to fp32; name `bf16` to estimate a GPU run) and absent count 4 B.
    */
   precision?: "auto" | "fp32" | "bf16";
+  /** Activation checkpointing: one block's buffers instead of one set per block. */
+  checkpointing?: boolean;
 }
 
 /** When to estimate. */
@@ -169,6 +171,7 @@ export function estimateMemory(
     batch.seqLen,
     int8 ? maxLinear : 0,
     batch.precision === "bf16" ? 2 : 4,
+    batch.checkpointing ? 1 : cfg.num_hidden_layers,
   );
   return {
     weights,
@@ -198,7 +201,8 @@ function projectorBytes(pn: number, bits: number, group: number): number {
  * Activation and backward-scratch bytes of the engine for a b×t micro-batch; `wq` is the
  * dequantization scratch of INT8 weights (the largest linear's element count), else 0;
  * `bytes` per activation value (4 for fp32, 2 for bf16), the f32 buffers (RMSNorm
- * statistics, logits, RoPE table) at 4 whatever the precision.
+ * statistics, logits, RoPE table) at 4 whatever the precision; `slots` sets of per-block
+ * buffers (1 with activation checkpointing, else one per block).
  */
 function activationBytes(
   cfg: ModelConfig,
@@ -206,6 +210,7 @@ function activationBytes(
   t: number,
   wq: number,
   bytes: number,
+  slots: number,
 ): number {
   const L = cfg.num_hidden_layers;
   const c = cfg.hidden_size;
@@ -216,9 +221,9 @@ function activationBytes(
   const kv = hd * cfg.num_key_value_heads;
   const n = b * t;
   const att = b * h * t * t;
-  const f32 = L * 2 * n + n + n * v + t * hd;
+  const f32 = slots * 2 * n + n + n * v + t * hd;
   const act = (L + 1) * n * c +
-    L * (5 * n * c + 2 * n * kv + att + 3 * n * i) +
+    slots * (5 * n * c + 2 * n * kv + att + 3 * n * i) +
     n * c +
     4 * n * c + 2 * n * kv + att + 3 * n * i + wq;
   return 4 * f32 + bytes * act;

@@ -146,6 +146,11 @@ export interface TrainOptions {
   device: Device;
   /** Activation and GEMM precision ({@link PRECISIONS}). */
   precision: Precision;
+  /**
+   * Activation checkpointing: keep only each block's input and recompute the block in the
+   * backward (one extra forward per step; identical results, far less activation memory).
+   */
+  checkpointing: boolean;
   /** Output directory; undefined means `runs/<ISO timestamp>`, null writes no files. */
   out?: string | null;
   /** Plain-log interval in updates; 0 picks about 20 lines per run. */
@@ -199,6 +204,7 @@ export const FLAG: Readonly<Record<keyof TrainOptions, string>> = Object.freeze(
   threads: "--threads",
   device: "--device",
   precision: "--precision",
+  checkpointing: "--checkpointing",
   out: "--out",
   logEvery: "logEvery",
   quiet: "quiet",
@@ -253,6 +259,7 @@ export function defaultTrainOptions(): TrainOptions {
     threads: null,
     device: "auto",
     precision: "auto",
+    checkpointing: false,
     logEvery: 0,
     quiet: false,
     zeroFirst: false,
@@ -382,7 +389,7 @@ export type NumericKey =
   | "logEvery";
 
 /** Options that are on/off switches (`--lazy on`). */
-export type SwitchKey = "stochasticRound" | "lazy" | "fused";
+export type SwitchKey = "stochasticRound" | "lazy" | "fused" | "checkpointing";
 
 /** Options that name one of a few choices. */
 export type ChoiceKey =
@@ -408,7 +415,7 @@ export const CHOICES: Readonly<Record<ChoiceKey, readonly string[]>> = Object.fr
 
 /** Switch options, in a stable order. */
 export const SWITCH_OPTIONS: readonly SwitchKey[] = Object.freeze(
-  ["stochasticRound", "lazy", "fused"] as SwitchKey[],
+  ["stochasticRound", "lazy", "fused", "checkpointing"] as SwitchKey[],
 );
 
 interface Range {

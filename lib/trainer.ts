@@ -227,6 +227,7 @@ export async function train(
     seed: opts.seed,
     device: opts.device,
     precision: opts.precision,
+    checkpointing: opts.checkpointing,
     ...(opts.threads === null ? {} : { threads: opts.threads }),
   };
 

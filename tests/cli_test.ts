@@ -150,6 +150,7 @@ Deno.test("bad names: preset, optimizer, device", () => {
   );
   rejects(["--device", "tpu"], "--device tpu: must be one of cpu, cuda, auto");
   rejects(["--precision", "fp16"], "--precision fp16: must be one of auto, fp32, bf16");
+  rejects(["--checkpointing", "yes"], "--checkpointing yes: must be on or off");
   rejects(
     ["--device", "cpu", "--precision", "bf16"],
     "--precision bf16 needs a GPU (--device cuda or auto); the CPU engine computes in fp32",

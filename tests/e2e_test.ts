@@ -249,3 +249,22 @@ Deno.test("e2e: bad inputs give one error line naming the flag and the value", a
     Deno.removeSync(dir, { recursive: true });
   }
 });
+
+Deno.test("e2e: --checkpointing on gives the same run with less activation memory", async () => {
+  const dir = await Deno.makeTempDir();
+  try {
+    const run = async (ckpt: string) => {
+      const args = ["--optimizer", "qgalore", "--rank", "16", "--steps", "4", "--json"];
+      const r = await cli([...tiny, ...args, "--checkpointing", ckpt, "--out", join(dir, ckpt)]);
+      assert.equal(r.code, 0, r.stderr);
+      return JSON.parse(lastLine(r.stdout)) as Summary;
+    };
+    const [off, on] = [await run("off"), await run("on")];
+    assert.equal(on.val_loss, off.val_loss);
+    assert.equal(on.final_train_loss, off.final_train_loss);
+    assert.ok(on.memory.activations < off.memory.activations);
+    assert.equal(on.config.checkpointing, true);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});

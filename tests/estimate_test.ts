@@ -23,6 +23,7 @@ async function compare(opts: Partial<TrainOptions>): Promise<void> {
     grad_accum: o.gradAccum,
     seed: 1,
     device: "cpu",
+    checkpointing: o.checkpointing,
     optimizer: engineOptimizerConfig(o),
   });
   const settings = { ...o, name: o.optimizer };
@@ -66,6 +67,8 @@ Deno.test("estimateMemory: projector bits, groups, blocks, float qgalore, rank c
   await compare({ optimizer: "qgalore", rank: 500 }); // clamped to 128 everywhere
   await compare({ optimizer: "adam8bit", blockSize: 256, model: "llama-20m" });
   await compare({ optimizer: "qgalore", model: gqa, rank: 96, batchSize: 3, seqLen: 24 });
+  await compare({ optimizer: "qgalore", rank: 32, checkpointing: true });
+  await compare({ optimizer: "adamw", checkpointing: true, gradAccum: 2 });
 });
 
 Deno.test("estimateMemory: the activation bytes of llama-35m at b8 t256", () => {
@@ -131,4 +134,15 @@ Deno.test("paperMemory: GaLore Table 6 full-rank rows (spec §4.1, I-15)", () =>
   assert.equal(r2(m("llama-1b").optimizerStateGiB), "4.99");
   // A config object works too (vocabulary as given).
   assert.equal(paperMemory(modelConfig("llama-60m", 32000)).params, 58_073_600);
+});
+
+Deno.test("estimateMemory: checkpointing keeps one block's buffers", () => {
+  const shape = { batchSize: 8, seqLen: 256 };
+  const full = estimateMemory("llama-35m", "adamw", shape).activations;
+  const ckpt = estimateMemory("llama-35m", "adamw", { ...shape, checkpointing: true }).activations;
+  // llama-35m: 6 blocks of 384 wide, 8 heads, 1024 inner; one block's kept buffers (f32):
+  // 5·n·c + 2·n·kv + b·h·t² + 3·n·i + 2·n (rstd), n = 2048
+  const n = 8 * 256;
+  const perBlock = 5 * n * 384 + 2 * n * 384 + 8 * 8 * 256 * 256 + 3 * n * 1024 + 2 * n;
+  assert.equal(full - ckpt, 5 * 4 * perBlock);
 });

@@ -306,6 +306,7 @@ Deno.test("train: GaLore settings reach the engine; info() fills the summary", a
   assert.equal(s.refresh_seconds, 0.25);
   assert.deepEqual(s.gaps, { "model.layers.0.self_attn.q_proj.weight": 400 });
   assert.equal(s.fused, true);
+  assert.equal((engine!.cfg as { checkpointing?: boolean }).checkpointing, false);
   assert.equal(s.config.rank, 16);
   assert.equal(s.config.lr, optimizerDefaults("qgalore").lr);
   assert.equal(s.config.blockSize, 2048);

@@ -249,6 +249,10 @@ pub struct EngineConfig {
     /// bf16 GEMM inputs with fp32 accumulation) or `auto` (bf16 on a GPU, fp32 on the CPU).
     #[serde(default = "default_precision")]
     pub precision: String,
+    /// Activation checkpointing: keep only each block's input and recompute the block's
+    /// forward in the backward (one extra forward per step; the gradients are identical).
+    #[serde(default)]
+    pub checkpointing: bool,
 }
 
 fn default_precision() -> String {

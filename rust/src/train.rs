@@ -49,7 +49,7 @@ impl<B: Backend> Engine<B> {
         // so only GA = 1 runs fused; GA > 1 takes the global step (exact, I-12).
         let fused = o.fused && cfg.grad_accum == 1;
         let grads = Grads::new(&be, &model, |_| fused)?;
-        let acts = Acts::new(&be, &cfg.model, cfg.batch_size, cfg.seq_len, model.largest_quantized())?;
+        let acts = Acts::new(&be, &cfg.model, cfg.batch_size, cfg.seq_len, model.largest_quantized(), cfg.checkpointing)?;
         let opt = optim::build(&be, &model, o, cfg.seed)?;
         Ok(Engine { be, cfg, model, grads, acts, opt, fused, notice: None, timing: [0.0; 3], peak_device_bytes: 0 })
     }

@@ -153,3 +153,36 @@ fn param_count_matches_paper_totals() {
     assert_eq!(m(param_count(&cfg(2048, 5461, 32, 24))), 1339.08);
     assert_eq!(m(param_count(&cfg(4096, 11008, 32, 32))), 6738.42);
 }
+
+#[test]
+fn checkpointing_gives_bit_identical_training_with_less_activation_memory() {
+    use qgalore::backend::{Backend, Category};
+    // global step, fused step with and without clipping, gradient accumulation, INT8 weights
+    for (name, fused, clip, ga) in
+        [("adamw", false, 0.0, 1), ("qgalore", true, 0.0, 1), ("qgalore", true, 1e-2, 1), ("galore8bit", true, 0.0, 2), ("adam8bit", true, 1.0, 1)]
+    {
+        let run = |ckpt: bool| {
+            let mut cfg = engine_cfg(tiny_model(64, 64, 96, 4, 2, 3), 2, 16, 9);
+            cfg.optimizer = optim(name, clip);
+            cfg.optimizer.rank = 8;
+            cfg.optimizer.update_gap = 2;
+            cfg.optimizer.fused = fused;
+            cfg.optimizer.weight_group_size = 64;
+            cfg.optimizer.proj_group_size = 64;
+            cfg.grad_accum = ga;
+            cfg.checkpointing = ckpt;
+            let mut e = engine(cfg);
+            let mut trace = Vec::new();
+            for s in 0..4 {
+                let st = e.train_step(&tokens(2 * ga, 16, 64, 300 + s), ga, 3e-3).unwrap();
+                trace.push((st.loss.to_bits(), st.grad_norm.to_bits()));
+            }
+            trace.push((e.eval(&tokens(2, 16, 64, 9), 1).unwrap().to_bits(), 0));
+            (trace, e.be.mem().get(Category::Activations))
+        };
+        let (plain, mem_plain) = run(false);
+        let (ckpt, mem_ckpt) = run(true);
+        assert_eq!(plain, ckpt, "{name} fused={fused} clip={clip} ga={ga}: checkpointing changed the run");
+        assert!(mem_ckpt < mem_plain, "{name}: activations {mem_ckpt} ≥ {mem_plain}");
+    }
+}

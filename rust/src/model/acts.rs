@@ -1,6 +1,10 @@
 //! Activation plan: every buffer the forward keeps for the backward, and the backward's
 //! scratch, sized once for (batch, seq) like llm.c's `ActivationTensors`. Nothing is
 //! allocated per step.
+//!
+//! With activation checkpointing only the residual stream x[l] is kept per layer; the
+//! per-layer buffers exist once (slot 0) and the backward recomputes each block's forward
+//! into them from x[l] before differentiating it.
 
 use crate::backend::cpu::ops::rope_table;
 use crate::backend::{AttnDims, Backend, Category};
@@ -10,6 +14,8 @@ use crate::error::Result;
 pub struct Acts<B: Backend> {
     pub b: usize,
     pub t: usize,
+    /// Activation checkpointing: one slot of per-layer buffers, recomputed in the backward.
+    pub ckpt: bool,
     /// Residual stream: x[l] enters block l; x[L] enters the final norm.
     pub x: Vec<B::Buf>,
     pub xn1: Vec<B::Buf>,
@@ -50,8 +56,9 @@ pub struct Acts<B: Backend> {
 }
 
 impl<B: Backend> Acts<B> {
-    /// `wq` is the size of the largest quantized matrix (0 for float models).
-    pub fn new(be: &B, cfg: &ModelConfig, b: usize, t: usize, wq: usize) -> Result<Self> {
+    /// `wq` is the size of the largest quantized matrix (0 for float models); `ckpt` keeps
+    /// one slot of per-layer buffers instead of one per layer (activation checkpointing).
+    pub fn new(be: &B, cfg: &ModelConfig, b: usize, t: usize, wq: usize, ckpt: bool) -> Result<Self> {
         let n = b * t;
         let (c, i, v, kv, h, l) = (
             cfg.hidden_size,
@@ -64,13 +71,15 @@ impl<B: Backend> Acts<B> {
         let a = |len: usize| be.alloc(len, Category::Activations);
         // kept in f32 whatever the precision: statistics, tables and the loss input
         let f = |len: usize| be.alloc_fp32(len, Category::Activations);
-        let perf = |len: usize| -> Result<Vec<B::Buf>> { (0..l).map(|_| f(len)).collect() };
-        let per = |len: usize| -> Result<Vec<B::Buf>> { (0..l).map(|_| a(len)).collect() };
+        let slots = if ckpt { 1 } else { l };
+        let perf = |len: usize| -> Result<Vec<B::Buf>> { (0..slots).map(|_| f(len)).collect() };
+        let per = |len: usize| -> Result<Vec<B::Buf>> { (0..slots).map(|_| a(len)).collect() };
         let mut rope = f(t * cfg.head_dim())?;
         be.upload(&mut rope, &rope_table(t, cfg.head_dim(), cfg.rope_theta))?;
         Ok(Acts {
             b,
             t,
+            ckpt,
             x: (0..=l).map(|_| a(n * c)).collect::<Result<_>>()?,
             xn1: per(n * c)?,
             rstd1: perf(n)?,
@@ -104,6 +113,15 @@ impl<B: Backend> Acts<B> {
             targets: vec![0; n],
             losses: vec![0.0; n],
         })
+    }
+
+    /// Index of layer `l`'s buffers in the per-layer vectors.
+    pub fn slot(&self, l: usize) -> usize {
+        if self.ckpt {
+            0
+        } else {
+            l
+        }
     }
 
     pub fn dims(&self, cfg: &ModelConfig) -> AttnDims {

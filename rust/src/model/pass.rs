@@ -11,33 +11,46 @@ use crate::backend::Backend;
 /// Runs the model on `a.tokens` and leaves the logits in `a.logits`.
 pub fn forward<B: Backend>(be: &B, m: &Llama<B>, a: &mut Acts<B>) {
     let cfg = &m.cfg;
-    let (n, c, i, kv) = (a.b * a.t, cfg.hidden_size, cfg.intermediate_size, cfg.kv_dim());
-    let (h, kvh, hd, eps) = (cfg.num_attention_heads, cfg.kv_heads(), cfg.head_dim(), cfg.rms_norm_eps);
-    let dims = a.dims(cfg);
-    let (b, t) = (a.b, a.t);
+    let (n, c, eps) = (a.b * a.t, cfg.hidden_size, cfg.rms_norm_eps);
     be.embedding(&mut a.x[0], &a.tokens, m.w(m.embed), c);
-    for (l, ly) in m.layers.iter().enumerate() {
-        let (xs, rest) = a.x.split_at_mut(l + 1);
-        let (x_in, x_out) = (&xs[l], &mut rest[0]);
-        be.rmsnorm(&mut a.xn1[l], &mut a.rstd1[l], x_in, m.w(ly.attn_norm), n, c, eps);
-        be.matmul(&mut a.q[l], &a.xn1[l], m.wv(be, ly.q, &mut a.wq), n, c, c, false);
-        be.matmul(&mut a.k[l], &a.xn1[l], m.wv(be, ly.k, &mut a.wq), n, c, kv, false);
-        be.matmul(&mut a.v[l], &a.xn1[l], m.wv(be, ly.v, &mut a.wq), n, c, kv, false);
-        be.rope(&mut a.q[l], &a.rope, b, t, h, hd, false);
-        be.rope(&mut a.k[l], &a.rope, b, t, kvh, hd, false);
-        be.attention(&mut a.ao[l], &mut a.att[l], &a.q[l], &a.k[l], &a.v[l], dims);
-        be.copy(&mut a.xm[l], x_in);
-        be.matmul(&mut a.xm[l], &a.ao[l], m.wv(be, ly.o, &mut a.wq), n, c, c, true);
-        be.rmsnorm(&mut a.xn2[l], &mut a.rstd2[l], &a.xm[l], m.w(ly.mlp_norm), n, c, eps);
-        be.matmul(&mut a.gate[l], &a.xn2[l], m.wv(be, ly.gate, &mut a.wq), n, c, i, false);
-        be.matmul(&mut a.up[l], &a.xn2[l], m.wv(be, ly.up, &mut a.wq), n, c, i, false);
-        be.swiglu(&mut a.act[l], &a.gate[l], &a.up[l]);
-        be.copy(x_out, &a.xm[l]);
-        be.matmul(x_out, &a.act[l], m.wv(be, ly.down, &mut a.wq), n, i, c, true);
+    for l in 0..m.layers.len() {
+        block_forward(be, m, a, l, true);
     }
     let last = m.layers.len();
     be.rmsnorm(&mut a.xnf, &mut a.rstdf, &a.x[last], m.w(m.final_norm), n, c, eps);
     be.matmul(&mut a.logits, &a.xnf, m.w(m.head), n, c, cfg.vocab_size, false);
+}
+
+/// Block `l` from its input x[l] into the layer's activation slot; with `out` also its
+/// output x[l+1] (the backward's recomputation under checkpointing leaves x[l+1] alone:
+/// it already holds the same values).
+fn block_forward<B: Backend>(be: &B, m: &Llama<B>, a: &mut Acts<B>, l: usize, out: bool) {
+    let cfg = &m.cfg;
+    let (n, c, i, kv) = (a.b * a.t, cfg.hidden_size, cfg.intermediate_size, cfg.kv_dim());
+    let (h, kvh, hd, eps) = (cfg.num_attention_heads, cfg.kv_heads(), cfg.head_dim(), cfg.rms_norm_eps);
+    let dims = a.dims(cfg);
+    let (b, t, s) = (a.b, a.t, a.slot(l));
+    let ly = &m.layers[l];
+    let (xs, rest) = a.x.split_at_mut(l + 1);
+    let x_in = &xs[l];
+    be.rmsnorm(&mut a.xn1[s], &mut a.rstd1[s], x_in, m.w(ly.attn_norm), n, c, eps);
+    be.matmul(&mut a.q[s], &a.xn1[s], m.wv(be, ly.q, &mut a.wq), n, c, c, false);
+    be.matmul(&mut a.k[s], &a.xn1[s], m.wv(be, ly.k, &mut a.wq), n, c, kv, false);
+    be.matmul(&mut a.v[s], &a.xn1[s], m.wv(be, ly.v, &mut a.wq), n, c, kv, false);
+    be.rope(&mut a.q[s], &a.rope, b, t, h, hd, false);
+    be.rope(&mut a.k[s], &a.rope, b, t, kvh, hd, false);
+    be.attention(&mut a.ao[s], &mut a.att[s], &a.q[s], &a.k[s], &a.v[s], dims);
+    be.copy(&mut a.xm[s], x_in);
+    be.matmul(&mut a.xm[s], &a.ao[s], m.wv(be, ly.o, &mut a.wq), n, c, c, true);
+    be.rmsnorm(&mut a.xn2[s], &mut a.rstd2[s], &a.xm[s], m.w(ly.mlp_norm), n, c, eps);
+    be.matmul(&mut a.gate[s], &a.xn2[s], m.wv(be, ly.gate, &mut a.wq), n, c, i, false);
+    be.matmul(&mut a.up[s], &a.xn2[s], m.wv(be, ly.up, &mut a.wq), n, c, i, false);
+    be.swiglu(&mut a.act[s], &a.gate[s], &a.up[s]);
+    if out {
+        let x_out = &mut rest[0];
+        be.copy(x_out, &a.xm[s]);
+        be.matmul(x_out, &a.act[s], m.wv(be, ly.down, &mut a.wq), n, i, c, true);
+    }
 }
 
 /// Backward from `a.logits` holding dLoss/dlogits. `acc` adds into the gradient buffers
@@ -70,29 +83,34 @@ pub fn backward<B: Backend>(
 
     for l in (0..last).rev() {
         let ly = m.layers[l];
+        if a.ckpt {
+            // this block's weights are not updated yet: the recomputation is exact
+            block_forward(be, &*m, a, l, false);
+        }
+        let s = a.slot(l);
         // MLP: x[l+1] = xm + down(silu(gate(xn2)) ⊙ up(xn2))
         be.matmul_dinp(&mut a.dact, &a.dres, m.wv(be, ly.down, &mut a.wq), n, i, c, false);
         let ac = accum(g, ly.down);
-        be.matmul_dw(g.get_mut(ly.down), &a.dres, &a.act[l], n, i, c, ac);
+        be.matmul_dw(g.get_mut(ly.down), &a.dres, &a.act[s], n, i, c, ac);
         hook(ly.down, m, g);
-        be.swiglu_bwd(&mut a.dgate, &mut a.dup, &a.dact, &a.gate[l], &a.up[l]);
+        be.swiglu_bwd(&mut a.dgate, &mut a.dup, &a.dact, &a.gate[s], &a.up[s]);
         be.matmul_dinp(&mut a.dxn, &a.dgate, m.wv(be, ly.gate, &mut a.wq), n, c, i, false);
         be.matmul_dinp(&mut a.dxn, &a.dup, m.wv(be, ly.up, &mut a.wq), n, c, i, true);
         let ac = accum(g, ly.gate);
-        be.matmul_dw(g.get_mut(ly.gate), &a.dgate, &a.xn2[l], n, c, i, ac);
+        be.matmul_dw(g.get_mut(ly.gate), &a.dgate, &a.xn2[s], n, c, i, ac);
         hook(ly.gate, m, g);
         let ac = accum(g, ly.up);
-        be.matmul_dw(g.get_mut(ly.up), &a.dup, &a.xn2[l], n, c, i, ac);
+        be.matmul_dw(g.get_mut(ly.up), &a.dup, &a.xn2[s], n, c, i, ac);
         hook(ly.up, m, g);
-        norm_bwd(be, m, g, acc, ly.mlp_norm, &mut a.dres, &a.dxn, &a.xm[l], &a.rstd2[l], n, c);
+        norm_bwd(be, m, g, acc, ly.mlp_norm, &mut a.dres, &a.dxn, &a.xm[s], &a.rstd2[s], n, c);
         hook(ly.mlp_norm, m, g);
 
         // Attention: xm = x[l] + o(attn(rope(q(xn1)), rope(k(xn1)), v(xn1)))
         be.matmul_dinp(&mut a.dao, &a.dres, m.wv(be, ly.o, &mut a.wq), n, c, c, false);
         let ac = accum(g, ly.o);
-        be.matmul_dw(g.get_mut(ly.o), &a.dres, &a.ao[l], n, c, c, ac);
+        be.matmul_dw(g.get_mut(ly.o), &a.dres, &a.ao[s], n, c, c, ac);
         hook(ly.o, m, g);
-        be.attention_bwd(&mut a.dq, &mut a.dk, &mut a.dv, &mut a.datt, &a.dao, &a.q[l], &a.k[l], &a.v[l], &a.att[l], dims);
+        be.attention_bwd(&mut a.dq, &mut a.dk, &mut a.dv, &mut a.datt, &a.dao, &a.q[s], &a.k[s], &a.v[s], &a.att[s], dims);
         be.rope(&mut a.dq, &a.rope, b, t, h, hd, true);
         be.rope(&mut a.dk, &a.rope, b, t, kvh, hd, true);
         be.matmul_dinp(&mut a.dxn, &a.dq, m.wv(be, ly.q, &mut a.wq), n, c, c, false);
@@ -100,10 +118,10 @@ pub fn backward<B: Backend>(
         be.matmul_dinp(&mut a.dxn, &a.dv, m.wv(be, ly.v, &mut a.wq), n, c, kv, true);
         for (idx, d, oc) in [(ly.q, &a.dq, c), (ly.k, &a.dk, kv), (ly.v, &a.dv, kv)] {
             let ac = accum(g, idx);
-            be.matmul_dw(g.get_mut(idx), d, &a.xn1[l], n, c, oc, ac);
+            be.matmul_dw(g.get_mut(idx), d, &a.xn1[s], n, c, oc, ac);
             hook(idx, m, g);
         }
-        norm_bwd(be, m, g, acc, ly.attn_norm, &mut a.dres, &a.dxn, &a.x[l], &a.rstd1[l], n, c);
+        norm_bwd(be, m, g, acc, ly.attn_norm, &mut a.dres, &a.dxn, &a.x[l], &a.rstd1[s], n, c);
         hook(ly.attn_norm, m, g);
     }
     let e = m.embed;
