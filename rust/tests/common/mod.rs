@@ -28,7 +28,7 @@ pub fn optim(name: &str, clip: f32) -> OptimConfig {
 }
 
 pub fn engine_cfg(model: ModelConfig, b: usize, t: usize, seed: u64) -> EngineConfig {
-    EngineConfig { model, batch_size: b, seq_len: t, optimizer: adamw(0.0), seed, device: "cpu".into(), threads: 2, grad_accum: 1, precision: "auto".into() }
+    EngineConfig { model, batch_size: b, seq_len: t, optimizer: adamw(0.0), seed, device: "cpu".into(), threads: 2, grad_accum: 1, precision: "auto".into(), checkpointing: false }
 }
 
 /// Deterministic pseudo-random token windows: `rows` × (t + 1) ids below `vocab`.
