@@ -215,7 +215,7 @@ fn path_arg<'a>(p: *const u8, n: usize) -> Result<&'a str> {
 pub unsafe extern "C" fn qg_save(h: *const Handle, path: *const u8, len: usize) -> i32 {
     with_session(h, |s| {
         let path = path_arg(path, len)?;
-        let bytes = s.save_state();
+        let bytes = s.save_state()?;
         let tmp = format!("{path}.tmp");
         std::fs::write(&tmp, &bytes).map_err(|e| Error::invalid(format!("cannot write checkpoint {tmp}: {e}")))?;
         std::fs::rename(&tmp, path).map_err(|e| Error::invalid(format!("cannot move checkpoint into {path}: {e}")))

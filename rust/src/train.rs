@@ -241,7 +241,9 @@ impl<B: Backend> Engine<B> {
     }
 
     /// Serializes weights and optimizer state (see `state.rs`).
-    pub fn save_state(&self) -> Vec<u8> {
+    /// Every piece of state as bytes; fails if a device copy failed (never a checkpoint
+    /// of zeros).
+    pub fn save_state(&self) -> Result<Vec<u8>> {
         let be = &self.be;
         let mut w = crate::state::Writer::new();
         w.str(self.opt.name());
@@ -260,13 +262,14 @@ impl<B: Backend> Engine<B> {
             }
         }
         self.opt.save(be, &mut w);
-        w.buf
+        self.be.sync()?;
+        Ok(w.buf)
     }
 
     /// Restores `save_state` output into this engine (same model, optimizer and switches).
     /// Nothing is changed unless the whole checkpoint matches.
     pub fn load_state(&mut self, bytes: &[u8]) -> Result<()> {
-        let before = self.save_state();
+        let before = self.save_state()?;
         let r = self.load_state_inner(bytes);
         if r.is_err() {
             // leave the engine exactly as it was
@@ -355,7 +358,7 @@ pub trait Session: Send {
     fn eval(&mut self, tokens: &[i32], batches: usize) -> Result<f64>;
     fn memory(&self) -> [u64; 6];
     fn info_json(&self) -> String;
-    fn save_state(&self) -> Vec<u8>;
+    fn save_state(&self) -> Result<Vec<u8>>;
     fn load_state(&mut self, bytes: &[u8]) -> Result<()>;
     /// A one-line notice for the user (e.g. a device fallback), reported in `info_json`.
     fn set_notice(&mut self, text: &str);
@@ -374,7 +377,7 @@ impl<B: Backend> Session for Engine<B> {
     fn info_json(&self) -> String {
         Engine::info_json(self)
     }
-    fn save_state(&self) -> Vec<u8> {
+    fn save_state(&self) -> Result<Vec<u8>> {
         Engine::save_state(self)
     }
     fn load_state(&mut self, bytes: &[u8]) -> Result<()> {

@@ -216,7 +216,9 @@ const PARTS: usize = 256;
 const THREADS: u32 = 256;
 
 fn grid(n: usize) -> LaunchConfig {
-    LaunchConfig { grid_dim: ((n as u32).div_ceil(THREADS).max(1), 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 }
+    // counted in usize: a u32 element count would wrap at 2^32 (large logits)
+    let blocks = n.div_ceil(THREADS as usize).clamp(1, i32::MAX as usize);
+    LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 }
 }
 
 fn rows_cfg(rows: usize, threads: u32) -> LaunchConfig {
@@ -237,6 +239,9 @@ impl Cuda {
 
     fn open(ordinal: usize, bf16: bool) -> Result<Self> {
         let ctx = CudaContext::new(ordinal).map_err(|e| dev_err("context", e))?;
+        // Everything runs on one stream, in order: per-buffer read/write events (two
+        // CUevents per allocation, recorded at every use) would only cost time.
+        unsafe { ctx.disable_event_tracking() };
         let stream = ctx.default_stream();
         let (maj, min) = ctx.compute_capability().map_err(|e| dev_err("capability", e))?;
         let arch = format!("sm_{maj}{min}");
@@ -296,6 +301,26 @@ impl Cuda {
         })
     }
 
+    /// Makes the context current on the calling thread before a raw driver or library call.
+    pub(super) fn bind(&self) {
+        let r = self.stream.context().bind_to_thread();
+        self.note("context", r);
+    }
+
+    /// The scratch, usable even after a caught panic poisoned its lock (it holds plain
+    /// buffers, never a half-updated invariant).
+    fn scratch(&self) -> std::sync::MutexGuard<'_, Scratch> {
+        self.scratch.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The first queued asynchronous error, left in place for `sync` to report.
+    fn pending_error(&self) -> Result<()> {
+        match self.sticky.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            Some(e) => Err(Error::backend(e.msg.clone())),
+            None => Ok(()),
+        }
+    }
+
     fn f(&self, name: &str) -> &CudaFunction {
         &self.funcs[name]
     }
@@ -307,7 +332,7 @@ impl Cuda {
 
     fn note<T, E: std::fmt::Debug>(&self, what: &str, r: std::result::Result<T, E>) {
         if let Err(e) = r {
-            let mut s = self.sticky.lock().unwrap();
+            let mut s = self.sticky.lock().unwrap_or_else(|e| e.into_inner());
             if s.is_none() {
                 *s = Some(dev_err(what, e));
             }
@@ -315,19 +340,23 @@ impl Cuda {
     }
 
     fn take_sticky(&self) -> Result<()> {
-        match self.sticky.lock().unwrap().take() {
+        match self.sticky.lock().unwrap_or_else(|e| e.into_inner()).take() {
             Some(e) => Err(e),
             None => Ok(()),
         }
     }
 
-    /// Casts `src[off..]` (f32) into the bf16 scratch `slot`, grown if needed.
-    fn cast_into(&self, slot: &mut CudaSlice<u16>, src: &CudaSlice<f32>, off: usize) {
+    /// Casts `src[off..]` (f32) into the bf16 scratch `slot`, grown if needed; false (and
+    /// a sticky error) when the scratch cannot grow.
+    fn cast_into(&self, slot: &mut CudaSlice<u16>, src: &CudaSlice<f32>, off: usize) -> bool {
         let n = src.len() - off;
         if slot.len() < n {
             match self.stream.alloc_zeros::<u16>(n) {
                 Ok(s) => *slot = s,
-                Err(e) => return self.note("alloc of the bf16 cast scratch", Err::<(), _>(e)),
+                Err(e) => {
+                    self.note("alloc of the bf16 cast scratch", Err::<(), _>(e));
+                    return false;
+                }
             }
         }
         let nn = n as u64;
@@ -335,6 +364,7 @@ impl Cuda {
         let view = src.slice(off..);
         l.arg(&mut *slot).arg(&view).arg(&nn);
         self.note("bf16 cast", unsafe { l.launch(grid(n)) });
+        true
     }
 
     /// Row-major C[m×n] (ldc) = alpha·op(A)·op(B) + beta·C for each of `bt.count`
@@ -345,18 +375,22 @@ impl Cuda {
     #[allow(clippy::too_many_arguments)]
     fn gemm(&self, ta: bool, tb: bool, m: usize, n: usize, k: usize, alpha: f32, a: Opnd, b: Opnd, beta: f32, c: &mut Store, coff: usize, ldc: usize, bt: Batch) {
         let half = self.bf16 && (a.s.is_bf16() || b.s.is_bf16() || c.is_bf16());
-        let mut sc = self.scratch.lock().unwrap();
+        let mut sc = self.scratch();
         let [ca, cb] = &mut sc.cast;
         // resolve each input to (store, offset) of the type the product reads
         let mut cast_a = None;
         let mut cast_b = None;
         if half {
             if let Store::F32(x) = a.s {
-                self.cast_into(ca, x, a.off);
+                if !self.cast_into(ca, x, a.off) {
+                    return;
+                }
                 cast_a = Some(&*ca);
             }
             if let Store::F32(x) = b.s {
-                self.cast_into(cb, x, b.off);
+                if !self.cast_into(cb, x, b.off) {
+                    return;
+                }
                 cast_b = Some(&*cb);
             }
         }
@@ -379,6 +413,9 @@ impl Cuda {
     /// row stride), issued column-major as Cᵀ = op(B)ᵀ·op(A)ᵀ with fp32 accumulation.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn gemm_raw(&self, ta: bool, tb: bool, m: usize, n: usize, k: usize, alpha: f32, a: Raw, b: Raw, beta: f32, c: Raw, bt: Batch) {
+        // raw library calls need the context current on this thread (FFI calls arrive on
+        // Deno's worker threads)
+        self.bind();
         let t = |x: bool| if x { blas_sys::cublasOperation_t::CUBLAS_OP_T } else { blas_sys::cublasOperation_t::CUBLAS_OP_N };
         let r = unsafe {
             blas_r::gemm_strided_batched_ex(
@@ -560,7 +597,7 @@ impl Backend for Cuda {
         self.note("scale", unsafe { l.launch(grid(n as usize)) });
     }
     fn sumsq(&self, b: &CudaBuf, n: usize) -> f64 {
-        let mut sc = self.scratch.lock().unwrap();
+        let mut sc = self.scratch();
         let Scratch { partial, total, .. } = &mut *sc;
         self.sumsq_into(b, n, partial, total, false);
         let mut h = [0f64; 1];
@@ -569,12 +606,12 @@ impl Backend for Cuda {
         h[0]
     }
     fn sumsq_acc(&self, b: &CudaBuf, n: usize) {
-        let mut sc = self.scratch.lock().unwrap();
+        let mut sc = self.scratch();
         let Scratch { partial, acc_total, .. } = &mut *sc;
         self.sumsq_into(b, n, partial, acc_total, true);
     }
     fn take_sumsq(&self) -> f64 {
-        let mut sc = self.scratch.lock().unwrap();
+        let mut sc = self.scratch();
         let mut h = [0f64; 1];
         let r = self.stream.memcpy_dtoh(&sc.acc_total, &mut h[..]);
         self.note("copy", r);
@@ -594,7 +631,7 @@ impl Backend for Cuda {
     }
 
     fn embedding(&self, out: &mut CudaBuf, tokens: &[i32], table: &CudaBuf, c: usize) {
-        let mut sc = self.scratch.lock().unwrap();
+        let mut sc = self.scratch();
         if let Err(e) = self.upload_ids(&mut sc.tokens, tokens) {
             self.note::<(), _>("copy", Err(e.msg));
             return;
@@ -606,7 +643,7 @@ impl Backend for Cuda {
         self.note("embedding", unsafe { l.launch(cfg) });
     }
     fn embedding_bwd(&self, dtable: &mut CudaBuf, dout: &CudaBuf, tokens: &[i32], c: usize) {
-        let mut sc = self.scratch.lock().unwrap();
+        let mut sc = self.scratch();
         if let Err(e) = self.upload_ids(&mut sc.tokens, tokens) {
             self.note::<(), _>("copy", Err(e.msg));
             return;
@@ -719,7 +756,7 @@ impl Backend for Cuda {
         self.note("swiglu_bwd", unsafe { l.launch(grid(n as usize)) });
     }
     fn cross_entropy(&self, logits: &mut CudaBuf, targets: &[i32], losses: &mut [f32], n: usize, v: usize, grad_scale: Option<f32>) -> Result<()> {
-        let mut sc = self.scratch.lock().unwrap();
+        let mut sc = self.scratch();
         let Scratch { targets: dt, losses: dl, .. } = &mut *sc;
         self.upload_ids(dt, &targets[..n])?;
         if dl.len() < n {
@@ -742,14 +779,14 @@ impl Backend for Cuda {
     }
 
     fn sanitize(&self, b: &mut CudaBuf, n: usize) {
-        let mut sc = self.scratch.lock().unwrap();
+        let mut sc = self.scratch();
         let nn = n as u64;
         let mut l = self.stream.launch_builder(self.f("sanitize"));
         l.arg(b.data.f32_mut()).arg(&mut sc.count).arg(&nn);
         self.note("sanitize", unsafe { l.launch(grid(n)) });
     }
     fn take_nonfinite(&self) -> u64 {
-        let mut sc = self.scratch.lock().unwrap();
+        let mut sc = self.scratch();
         let k = self.read_count(&sc.count);
         let r = self.stream.memset_zeros(&mut sc.count);
         self.note("memset", r);
@@ -801,6 +838,7 @@ impl Backend for Cuda {
             }
             (Store::Bf16(d), 16) => {
                 // bf16 storage is already the GEMM operand: a byte copy
+                self.bind();
                 let (dp, _g1) = d.device_ptr_mut(&self.stream);
                 let (sp, _g2) = q.codes.device_ptr(&self.stream);
                 let r = unsafe { cudarc::driver::result::memcpy_dtod_async(dp, sp, q.numel * 2, self.stream.cu_stream()) };
@@ -835,7 +873,7 @@ impl Backend for Cuda {
     fn a8_step(&self, p: &mut CudaBuf, g: &CudaBuf, st: &mut CudaA8, hp: BnbHp) {
         let (step_size, eps2) = hp.bnb_factors();
         let decay = 1.0 - hp.lr * hp.weight_decay;
-        let mut sc = self.scratch.lock().unwrap();
+        let mut sc = self.scratch();
         let (bs, n) = (st.block as i32, st.n as u64);
         let mut l = self.stream.launch_builder(self.f("adam8"));
         l.arg(p.data.f32_mut()).arg(g.data.f32()).arg(&mut st.m).arg(&mut st.v).arg(&mut st.absm).arg(&mut st.absv);
@@ -847,7 +885,7 @@ impl Backend for Cuda {
     fn bnb32_step(&self, p: &mut CudaBuf, g: &CudaBuf, m: &mut CudaBuf, v: &mut CudaBuf, hp: BnbHp) {
         let (step_size, eps2) = hp.bnb_factors();
         let decay = 1.0 - hp.lr * hp.weight_decay;
-        let mut sc = self.scratch.lock().unwrap();
+        let mut sc = self.scratch();
         let n = m.data.len() as u64;
         let mut l = self.stream.launch_builder(self.f("bnb32"));
         l.arg(p.data.f32_mut()).arg(g.data.f32()).arg(m.data.f32_mut()).arg(v.data.f32_mut()).arg(&step_size).arg(&eps2);
@@ -895,8 +933,10 @@ impl Backend for Cuda {
         r.qtensor_into(&mut h, what)?;
         let c = |e| dev_err("copy", e);
         self.stream.memcpy_htod(&h.codes, &mut q.codes).map_err(c)?;
-        self.stream.memcpy_htod(&h.scale, &mut q.scale.slice_mut(..h.scale.len())).map_err(c)?;
-        self.stream.memcpy_htod(&h.zero, &mut q.zero.slice_mut(..h.zero.len())).map_err(c)?;
+        if !h.scale.is_empty() {
+            self.stream.memcpy_htod(&h.scale, &mut q.scale.slice_mut(..h.scale.len())).map_err(c)?;
+            self.stream.memcpy_htod(&h.zero, &mut q.zero.slice_mut(..h.zero.len())).map_err(c)?;
+        }
         Ok(())
     }
     fn save_a8(&self, s: &CudaA8, w: &mut Writer) {

@@ -48,7 +48,8 @@ pub fn device_count() -> usize {
     catch_unwind(|| unsafe {
         let libs = cudarc::driver::sys::is_culib_present()
             && cudarc::nvrtc::sys::is_culib_present()
-            && cudarc::cublas::sys::is_culib_present();
+            && cudarc::cublas::sys::is_culib_present()
+            && cudarc::cusolver::sys::is_culib_present();
         if !libs {
             return 0;
         }

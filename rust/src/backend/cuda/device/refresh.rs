@@ -86,13 +86,16 @@ impl Cuda {
             crate::backend::cpu::linalg::top_subspace(&hg, rows, cols, rank, right, method, hp.as_deref(), seed, &mut ho, 0)?;
             return self.upload(out, &ho);
         }
-        let mut ws = self.ws.lock().unwrap();
+        let mut ws = self.ws.lock().unwrap_or_else(|e| e.into_inner());
+        self.bind();
         let (gs, os) = (g.data.f32(), out.data.f32_mut());
         match method {
             Refresh::Eigh => self.eigh_refresh(&mut ws, gs, rows, cols, rank, right, os)?,
             _ => self.randomized(&mut ws, gs, rows, cols, rank, right, prev, seed, os)?,
         }
-        self.take_sticky()?;
+        // an earlier queued error stays for `sync` to fail the step with; it is not a
+        // failed refresh
+        self.pending_error()?;
         // like the CPU, a non-finite result is a failed refresh (the caller keeps the old P)
         let mut h = vec![0.0f32; pn];
         self.download(out, &mut h)?;
@@ -225,9 +228,17 @@ impl Cuda {
             let (ip, _g4) = ws.info.device_ptr_mut(s);
             let h = self.solver.cu();
             ok(unsafe { sol::cusolverDnSgeqrf(h, ni, ki, yp as *mut f32, ni, tp as *mut f32, kp as *mut f32, lwork, ip as *mut i32) }, "Sgeqrf")?;
+        }
+        self.check_info(ws, "QR factorisation failed")?;
+        {
+            let (yp, _g1) = ws.y.device_ptr_mut(s);
+            let (tp, _g2) = ws.w.device_ptr(s);
+            let (kp, _g3) = ws.work.device_ptr_mut(s);
+            let (ip, _g4) = ws.info.device_ptr_mut(s);
+            let h = self.solver.cu();
             ok(unsafe { sol::cusolverDnSorgqr(h, ni, ki, ki, yp as *mut f32, ni, tp as *const f32, kp as *mut f32, lwork, ip as *mut i32) }, "Sorgqr")?;
         }
-        self.check_info(ws, "QR failed")
+        self.check_info(ws, "QR expansion failed")
     }
 
     fn check_info(&self, ws: &Ws, what: &str) -> Result<()> {
