@@ -16,6 +16,7 @@
 //! emulation of the kernels in `rust/tests/kernel_emu.rs`.
 
 use super::kernels::{self, MODULES};
+use super::plan::{self, Gemm};
 use super::probe;
 use crate::backend::{AdamHp, AttnDims, Backend, Category, MemTracker, Refresh, Runner, Tracked};
 use crate::error::{Error, Result};
@@ -166,31 +167,8 @@ struct Scratch {
     cast: [CudaSlice<u16>; 2],
 }
 
-/// One GEMM operand: a buffer, the element where the matrix starts and its row stride.
-#[derive(Clone, Copy)]
-struct Opnd<'a> {
-    s: &'a Store,
-    off: usize,
-    ld: usize,
-}
-
-fn op<'a>(b: &'a CudaBuf, off: usize, ld: usize) -> Opnd<'a> {
-    Opnd { s: &b.data, off, ld }
-}
-
-/// A raw GEMM operand: device address, element type, row stride.
-type Raw = (u64, blas_sys::cudaDataType, usize);
-
-/// A strided batch of `count` products; strides in elements.
-#[derive(Clone, Copy)]
-pub(super) struct Batch {
-    count: usize,
-    a: usize,
-    b: usize,
-    c: usize,
-}
-
-pub(super) const ONE: Batch = Batch { count: 1, a: 0, b: 0, c: 0 };
+/// A raw GEMM operand: device address of its first element and element type.
+type Raw = (u64, blas_sys::cudaDataType);
 
 pub struct Cuda {
     /// Keeps the primary context alive for as long as the backend exists.
@@ -367,28 +345,26 @@ impl Cuda {
         true
     }
 
-    /// Row-major C[m×n] (ldc) = alpha·op(A)·op(B) + beta·C for each of `bt.count`
-    /// strided products, issued as the column-major product Cᵀ = op(B)ᵀ·op(A)ᵀ through
-    /// `cublasGemmStridedBatchedEx` with fp32 accumulation. Under bf16 precision, a product
+    /// Runs one planned product (`plan::Gemm`) on buffers A, B and C through
+    /// `cublasGemmStridedBatchedEx` with fp32 accumulation. Under bf16 precision a product
     /// that touches a bf16 buffer runs with bf16 inputs (f32 inputs cast to scratch); an
     /// all-f32 product (e.g. the Gram matrix of a refresh) stays in full fp32.
-    #[allow(clippy::too_many_arguments)]
-    fn gemm(&self, ta: bool, tb: bool, m: usize, n: usize, k: usize, alpha: f32, a: Opnd, b: Opnd, beta: f32, c: &mut Store, coff: usize, ldc: usize, bt: Batch) {
-        let half = self.bf16 && (a.s.is_bf16() || b.s.is_bf16() || c.is_bf16());
+    fn gemm(&self, g: &Gemm, a: &Store, b: &Store, c: &mut Store) {
+        let half = self.bf16 && (a.is_bf16() || b.is_bf16() || c.is_bf16());
         let mut sc = self.scratch();
         let [ca, cb] = &mut sc.cast;
-        // resolve each input to (store, offset) of the type the product reads
+        // resolve each input to the buffer and offset the product reads
         let mut cast_a = None;
         let mut cast_b = None;
         if half {
-            if let Store::F32(x) = a.s {
-                if !self.cast_into(ca, x, a.off) {
+            if let Store::F32(x) = a {
+                if !self.cast_into(ca, x, g.a_off) {
                     return;
                 }
                 cast_a = Some(&*ca);
             }
-            if let Store::F32(x) = b.s {
-                if !self.cast_into(cb, x, b.off) {
+            if let Store::F32(x) = b {
+                if !self.cast_into(cb, x, g.b_off) {
                     return;
                 }
                 cast_b = Some(&*cb);
@@ -396,50 +372,51 @@ impl Cuda {
         }
         let s = &self.stream;
         let bf = blas_sys::cudaDataType::CUDA_R_16BF;
-        let ((pa, _ga), ta_ty) = match cast_a {
+        let ((pa, _ga), ta) = match cast_a {
             Some(x) => (x.device_ptr(s), bf),
-            None => (a.s.ptr(s, a.off), a.s.dtype()),
+            None => (a.ptr(s, g.a_off), a.dtype()),
         };
-        let ((pb, _gb), tb_ty) = match cast_b {
+        let ((pb, _gb), tb) = match cast_b {
             Some(x) => (x.device_ptr(s), bf),
-            None => (b.s.ptr(s, b.off), b.s.dtype()),
+            None => (b.ptr(s, g.b_off), b.dtype()),
         };
-        let tc_ty = c.dtype();
-        let (pc, _gc) = c.ptr_mut(s, coff);
-        self.gemm_raw(ta, tb, m, n, k, alpha, (pa, ta_ty, a.ld), (pb, tb_ty, b.ld), beta, (pc, tc_ty, ldc), bt);
+        let tc = c.dtype();
+        let (pc, _gc) = c.ptr_mut(s, g.c_off);
+        self.gemm_raw(g, (pa, ta), (pb, tb), (pc, tc));
     }
 
-    /// The cuBLAS call behind `gemm`: row-major operands given as (device address, type,
-    /// row stride), issued column-major as Cᵀ = op(B)ᵀ·op(A)ᵀ with fp32 accumulation.
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn gemm_raw(&self, ta: bool, tb: bool, m: usize, n: usize, k: usize, alpha: f32, a: Raw, b: Raw, beta: f32, c: Raw, bt: Batch) {
+    /// The cuBLAS call of `g` given the addresses of where A, B and C start (the
+    /// offsets in `g` already applied) and their element types.
+    pub(super) fn gemm_raw(&self, g: &Gemm, a: Raw, b: Raw, c: Raw) {
         // raw library calls need the context current on this thread (FFI calls arrive on
         // Deno's worker threads)
         self.bind();
+        let x = g.cublas();
+        let (first, second) = if x.first.is_a { (a, b) } else { (b, a) };
         let t = |x: bool| if x { blas_sys::cublasOperation_t::CUBLAS_OP_T } else { blas_sys::cublasOperation_t::CUBLAS_OP_N };
         let r = unsafe {
             blas_r::gemm_strided_batched_ex(
                 *self.blas.handle(),
-                t(tb),
-                t(ta),
-                n as i32,
-                m as i32,
-                k as i32,
-                &alpha as *const f32 as *const _,
-                b.0 as *const _,
-                b.1,
-                b.2 as i32,
-                bt.b as i64,
-                a.0 as *const _,
-                a.1,
-                a.2 as i32,
-                bt.a as i64,
-                &beta as *const f32 as *const _,
+                t(x.trans_first),
+                t(x.trans_second),
+                x.m as i32,
+                x.n as i32,
+                x.k as i32,
+                &g.alpha as *const f32 as *const _,
+                first.0 as *const _,
+                first.1,
+                x.first.ld as i32,
+                x.first.stride as i64,
+                second.0 as *const _,
+                second.1,
+                x.second.ld as i32,
+                x.second.stride as i64,
+                &g.beta as *const f32 as *const _,
                 c.0 as *mut _,
                 c.1,
-                c.2 as i32,
-                bt.c as i64,
-                bt.count as i32,
+                x.ldc as i32,
+                x.stride_c as i64,
+                x.count as i32,
                 blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
                 blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
             )
@@ -447,15 +424,15 @@ impl Cuda {
         self.note("GemmEx", r);
     }
 
-    /// Full-fp32 row-major product of whole f32 slices (refresh workspaces).
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn gemm32(&self, ta: bool, tb: bool, m: usize, n: usize, k: usize, a: &CudaSlice<f32>, lda: usize, b: &CudaSlice<f32>, ldb: usize, c: &mut CudaSlice<f32>, ldc: usize) {
+    /// A planned product on whole f32 slices in full fp32 (refresh workspaces).
+    pub(super) fn gemm32(&self, g: &Gemm, a: &CudaSlice<f32>, b: &CudaSlice<f32>, c: &mut CudaSlice<f32>) {
         let f = blas_sys::cudaDataType::CUDA_R_32F;
         let s = &self.stream;
         let (pa, _ga) = a.device_ptr(s);
         let (pb, _gb) = b.device_ptr(s);
         let (pc, _gc) = c.device_ptr_mut(s);
-        self.gemm_raw(ta, tb, m, n, k, 1.0, (pa, f, lda), (pb, f, ldb), 0.0, (pc, f, ldc), ONE);
+        let at = |p: u64, off: usize| p + 4 * off as u64;
+        self.gemm_raw(g, (at(pa, g.a_off), f), (at(pb, g.b_off), f), (at(pc, g.c_off), f));
     }
 
     fn upload_ids(&self, dst: &mut CudaSlice<i32>, ids: &[i32]) -> Result<()> {
@@ -621,13 +598,13 @@ impl Backend for Cuda {
     }
 
     fn matmul(&self, out: &mut CudaBuf, inp: &CudaBuf, w: &CudaBuf, n: usize, ic: usize, oc: usize, acc: bool) {
-        self.gemm(false, true, n, oc, ic, 1.0, op(inp, 0, ic), op(w, 0, ic), acc as i32 as f32, &mut out.data, 0, oc, ONE);
+        self.gemm(&plan::matmul(n, ic, oc, acc), &inp.data, &w.data, &mut out.data);
     }
     fn matmul_dinp(&self, dinp: &mut CudaBuf, dout: &CudaBuf, w: &CudaBuf, n: usize, ic: usize, oc: usize, acc: bool) {
-        self.gemm(false, false, n, ic, oc, 1.0, op(dout, 0, oc), op(w, 0, ic), acc as i32 as f32, &mut dinp.data, 0, ic, ONE);
+        self.gemm(&plan::matmul_dinp(n, ic, oc, acc), &dout.data, &w.data, &mut dinp.data);
     }
     fn matmul_dw(&self, dw: &mut CudaBuf, dout: &CudaBuf, inp: &CudaBuf, n: usize, ic: usize, oc: usize, acc: bool) {
-        self.gemm(true, false, oc, ic, n, 1.0, op(dout, 0, oc), op(inp, 0, ic), acc as i32 as f32, &mut dw.data, 0, ic, ONE);
+        self.gemm(&plan::matmul_dw(n, ic, oc, acc), &dout.data, &inp.data, &mut dw.data);
     }
 
     fn embedding(&self, out: &mut CudaBuf, tokens: &[i32], table: &CudaBuf, c: usize) {
@@ -676,28 +653,15 @@ impl Backend for Cuda {
         self.note("rope", unsafe { l.launch(cfg) });
     }
     fn attention(&self, out: &mut CudaBuf, att: &mut CudaBuf, q: &CudaBuf, k: &CudaBuf, v: &CudaBuf, d: AttnDims) {
-        let (b, t, h, hd) = (d.b, d.t, d.h, d.hd);
-        let (c, kvd, group) = (h * hd, d.kvh * hd, h / d.kvh);
-        let scale = 1.0 / (hd as f32).sqrt();
-        // Query head hi = kh·group + g reads key/value head kh: for each (sequence, g) one
-        // strided batch over the kv heads.
-        for bi in 0..b {
-            for g in 0..group {
-                let (qo, ko, ao) = (bi * t * c + g * hd, bi * t * kvd, (bi * h + g) * t * t);
-                let bt = Batch { count: d.kvh, a: group * hd, b: hd, c: group * t * t };
-                self.gemm(false, true, t, t, hd, scale, op(q, qo, c), op(k, ko, kvd), 0.0, &mut att.data, ao, t, bt);
-            }
+        for g in plan::attn_scores(d) {
+            self.gemm(&g, &q.data, &k.data, &mut att.data);
         }
-        let ti = t as i32;
+        let ti = d.t as i32;
         let mut l = self.stream.launch_builder(self.a("causal_softmax"));
         l.arg(&mut att.data).arg(&ti);
-        self.note("softmax", unsafe { l.launch(rows_cfg(b * h * t, THREADS)) });
-        for bi in 0..b {
-            for g in 0..group {
-                let (oo, vo, ao) = (bi * t * c + g * hd, bi * t * kvd, (bi * h + g) * t * t);
-                let bt = Batch { count: d.kvh, a: group * t * t, b: hd, c: group * hd };
-                self.gemm(false, false, t, hd, t, 1.0, op(att, ao, t), op(v, vo, kvd), 0.0, &mut out.data, oo, c, bt);
-            }
+        self.note("softmax", unsafe { l.launch(rows_cfg(d.b * d.h * d.t, THREADS)) });
+        for g in plan::attn_values(d) {
+            self.gemm(&g, &att.data, &v.data, &mut out.data);
         }
     }
     fn attention_bwd(
@@ -713,34 +677,21 @@ impl Backend for Cuda {
         att: &CudaBuf,
         d: AttnDims,
     ) {
-        let (b, t, h, hd) = (d.b, d.t, d.h, d.hd);
-        let (c, kvd, group) = (h * hd, d.kvh * hd, h / d.kvh);
-        let scale = 1.0 / (hd as f32).sqrt();
-        // datt = dout·Vᵀ and dv (+)= attᵀ·dout; the heads sharing a kv head accumulate in
-        // order g = 0, 1, … (the CPU's order)
-        for bi in 0..b {
-            for g in 0..group {
-                let (oo, vo, ao) = (bi * t * c + g * hd, bi * t * kvd, (bi * h + g) * t * t);
-                let bt = Batch { count: d.kvh, a: group * hd, b: hd, c: group * t * t };
-                self.gemm(false, true, t, t, hd, 1.0, op(dout, oo, c), op(v, vo, kvd), 0.0, &mut scratch.data, ao, t, bt);
-                let beta = if g > 0 { 1.0 } else { 0.0 };
-                let bt = Batch { count: d.kvh, a: group * t * t, b: group * hd, c: hd };
-                self.gemm(true, false, t, hd, t, 1.0, op(att, ao, t), op(dout, oo, c), beta, &mut dv.data, vo, kvd, bt);
-            }
+        for g in plan::attn_dscores(d) {
+            self.gemm(&g, &dout.data, &v.data, &mut scratch.data);
         }
-        let ti = t as i32;
+        for g in plan::attn_dv(d) {
+            self.gemm(&g, &att.data, &dout.data, &mut dv.data);
+        }
+        let (ti, scale) = (d.t as i32, 1.0 / (d.hd as f32).sqrt());
         let mut l = self.stream.launch_builder(self.a("causal_softmax_bwd"));
         l.arg(&mut scratch.data).arg(&att.data).arg(&ti).arg(&scale);
-        self.note("softmax_bwd", unsafe { l.launch(rows_cfg(b * h * t, THREADS)) });
-        for bi in 0..b {
-            for g in 0..group {
-                let (qo, ko, ao) = (bi * t * c + g * hd, bi * t * kvd, (bi * h + g) * t * t);
-                let bt = Batch { count: d.kvh, a: group * t * t, b: hd, c: group * hd };
-                self.gemm(false, false, t, hd, t, 1.0, op(scratch, ao, t), op(k, ko, kvd), 0.0, &mut dq.data, qo, c, bt);
-                let beta = if g > 0 { 1.0 } else { 0.0 };
-                let bt = Batch { count: d.kvh, a: group * t * t, b: group * hd, c: hd };
-                self.gemm(true, false, t, hd, t, 1.0, op(scratch, ao, t), op(q, qo, c), beta, &mut dk.data, ko, kvd, bt);
-            }
+        self.note("softmax_bwd", unsafe { l.launch(rows_cfg(d.b * d.h * d.t, THREADS)) });
+        for g in plan::attn_dq(d) {
+            self.gemm(&g, &scratch.data, &k.data, &mut dq.data);
+        }
+        for g in plan::attn_dk(d) {
+            self.gemm(&g, &scratch.data, &q.data, &mut dk.data);
         }
     }
     fn swiglu(&self, out: &mut CudaBuf, gate: &CudaBuf, up: &CudaBuf) {
@@ -964,7 +915,9 @@ impl Backend for Cuda {
         let (Ok(a), Ok(b), Ok(mut c)) = (self.alloc(m * k, cat), self.alloc(k * n, cat), self.alloc(m * n, cat)) else {
             return -1.0;
         };
-        let run = |c: &mut CudaBuf| self.gemm(false, false, m, n, k, 1.0, op(&a, 0, k), op(&b, 0, n), 0.0, &mut c.data, 0, n, ONE);
+        // C[m×n] = A[m×k]·B[k×n]: matmul_dinp's shape with dout = A, w = B
+        let g = plan::matmul_dinp(m, n, k, false);
+        let run = |c: &mut CudaBuf| self.gemm(&g, &a.data, &b.data, &mut c.data);
         run(&mut c);
         let _ = self.stream.synchronize();
         let t0 = std::time::Instant::now();

@@ -1,11 +1,14 @@
 //! CUDA backend (feature `cuda`): run-time loading of the CUDA libraries through cudarc,
 //! kernels compiled by NVRTC to machine code for the device and cached on disk.
 //!
-//! Status: the kernel set and its NVRTC compilation are checked in CI (no GPU needed);
-//! the device `Backend` (`device.rs`) builds everywhere but has not yet run on a GPU.
+//! Status: the kernels compile with NVRTC in CI and run under a CPU emulation of CUDA
+//! (`rust/tests/kernel_emu.rs`); the GEMM plan handed to cuBLAS (`plan.rs`) runs under a
+//! host emulation of cuBLAS (`rust/tests/cuda_plan.rs`); the device `Backend`
+//! (`device.rs`) builds everywhere but has not yet run on a GPU.
 
 pub use device::Cuda;
 
 pub mod device;
 pub mod kernels;
+pub mod plan;
 pub mod probe;

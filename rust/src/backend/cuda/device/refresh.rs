@@ -7,6 +7,7 @@
 //! Workspaces are kept between refreshes and only grow, so a run allocates them once.
 
 use super::{dev_err, grid, Cuda, THREADS};
+use crate::backend::cuda::plan;
 use super::CudaBuf;
 use crate::backend::{Backend, Refresh};
 use crate::error::{Error, Result};
@@ -111,11 +112,7 @@ impl Cuda {
     fn eigh_refresh(&self, ws: &mut Ws, g: &CudaSlice<f32>, rows: usize, cols: usize, k: usize, right: bool, out: &mut CudaSlice<f32>) -> Result<()> {
         let n = if right { cols } else { rows };
         grow(&self.stream, &mut ws.c, n * n)?;
-        if right {
-            self.gemm32(true, false, cols, cols, rows, g, cols, g, cols, &mut ws.c, cols);
-        } else {
-            self.gemm32(false, true, rows, rows, cols, g, cols, g, cols, &mut ws.c, rows);
-        }
+        self.gemm32(&plan::gram(rows, cols, right), g, g, &mut ws.c);
         self.syevd(ws, n)?;
         self.extract(&ws.c, n, k, right, out)
     }
@@ -163,19 +160,20 @@ impl Cuda {
         };
         for _ in 0..iters {
             // Z = A Yᵀ (m′×k), Y = Zᵀ A (k×n′), then orthonormal rows
-            self.gemm32(!right, true, m, k, n, g, cols, &ws.y, n, &mut ws.z, k);
-            self.gemm32(true, !right, k, n, m, &ws.z, k, g, cols, &mut ws.y, n);
+            self.gemm32(&plan::sketch_z(m, n, k, right, cols), g, &ws.y, &mut ws.z);
+            self.gemm32(&plan::sketch_y(m, n, k, right, cols), &ws.z, g, &mut ws.y);
             self.orthonormal_rows(ws, k, n)?;
         }
         // Rayleigh–Ritz: eigenvectors E (rows) of (A Yᵀ)ᵀ(A Yᵀ), out = E·Y (or its transpose)
-        self.gemm32(!right, true, m, k, n, g, cols, &ws.y, n, &mut ws.z, k);
-        self.gemm32(true, false, k, k, m, &ws.z, k, &ws.z, k, &mut ws.c, k);
+        self.gemm32(&plan::sketch_z(m, n, k, right, cols), g, &ws.y, &mut ws.z);
+        self.gemm32(&plan::ritz(m, k), &ws.z, &ws.z, &mut ws.c);
         self.syevd(ws, k)?;
         self.extract(&ws.c, k, k, true, &mut ws.e)?;
+        let rotate = plan::rotate(n, k, right);
         if right {
-            self.gemm32(false, false, k, n, k, &ws.e, k, &ws.y, n, out, n);
+            self.gemm32(&rotate, &ws.e, &ws.y, out);
         } else {
-            self.gemm32(true, true, n, k, k, &ws.y, n, &ws.e, k, out, k);
+            self.gemm32(&rotate, &ws.y, &ws.e, out);
         }
         Ok(())
     }
