@@ -79,13 +79,25 @@ extern "C" __global__ void rmsnorm_bwd_dx(act_t* dx, const act_t* dout, const ac
         st(dx, base + j, ld(dx, base + j) + (r * ld(dout, base + j) * w[j] - ld(x, base + j) * k));
 }
 
-// dw[j] += Σ_rows dout·x·r, one thread per column, rows in order.
-extern "C" __global__ void rmsnorm_bwd_dw(float* dw, const act_t* dout, const act_t* x,
-                                          const float* rstd, int rows, int c) {
+// dw[j] += Σ_rows dout·x·r in two deterministic stages, so that thousands of rows do not
+// run serially on one thread per column: grid (ceil(c/256), ceil(rows/chunk)) writes the
+// partial sum of each chunk of rows (rows in order), then one thread per column adds the
+// chunks in order.
+extern "C" __global__ void rmsnorm_bwd_dw_part(float* part, const act_t* dout, const act_t* x,
+                                               const float* rstd, int rows, int c, int chunk) {
+    int j = blockIdx.x * blockDim.x + threadIdx.x;
+    if (j >= c) return;
+    int r0 = blockIdx.y * chunk, r1 = min(rows, r0 + chunk);
+    float acc = 0.0f;
+    for (int i = r0; i < r1; i++) acc += ld(dout, (u64)i * c + j) * ld(x, (u64)i * c + j) * rstd[i];
+    part[(u64)blockIdx.y * c + j] = acc;
+}
+
+extern "C" __global__ void rmsnorm_bwd_dw_sum(float* dw, const float* part, int chunks, int c) {
     int j = blockIdx.x * blockDim.x + threadIdx.x;
     if (j >= c) return;
     float acc = dw[j];
-    for (int i = 0; i < rows; i++) acc += ld(dout, (u64)i * c + j) * ld(x, (u64)i * c + j) * rstd[i];
+    for (int k = 0; k < chunks; k++) acc += part[(u64)k * c + j];
     dw[j] = acc;
 }
 

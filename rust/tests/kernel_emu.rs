@@ -1483,7 +1483,8 @@ const NN: &[&str] = &[
     "embedding_bwd",
     "rmsnorm",
     "rmsnorm_bwd_dx",
-    "rmsnorm_bwd_dw",
+    "rmsnorm_bwd_dw_part",
+    "rmsnorm_bwd_dw_sum",
     "rope",
     "swiglu",
     "swiglu_bwd",
@@ -1712,7 +1713,7 @@ fn nn_module(lib: &Lib, r: &mut Report) {
             let mut out = vec![0.0f32; rows * c];
             ops::rmsnorm(&mut out, &mut rstd_cpu, &x, &w, rows, c, eps);
         }
-        if has("rmsnorm_bwd_dx") && has("rmsnorm_bwd_dw") {
+        if has("rmsnorm_bwd_dx") && has("rmsnorm_bwd_dw_part") && has("rmsnorm_bwd_dw_sum") {
             let dout = vals(rows * c, 10, 1.0);
             let (dx0, dw0) = (vals(rows * c, 11, 0.5), vals(c, 12, 0.5));
             let mut a = vec![
@@ -1724,16 +1725,23 @@ fn nn_module(lib: &Lib, r: &mut Report) {
                 Arg::I32(c as i32),
             ];
             let l = lib.launch("rmsnorm_bwd_dx", rows_cfg(rows, 256), &mut a);
-            let mut b = vec![
-                Arg::F32s(dw0),
+            // device.rs's two stages, with small chunks so that several partial sums exist
+            let chunk = 3usize;
+            let chunks = rows.div_ceil(chunk);
+            let mut p = vec![
+                Arg::F32s(vec![f32::NAN; chunks * c]),
                 Arg::F32s(dout),
                 Arg::F32s(x.clone()),
                 Arg::F32s(rstd_cpu.clone()),
                 Arg::I32(rows as i32),
                 Arg::I32(c as i32),
+                Arg::I32(chunk as i32),
             ];
-            let l2 = lib.launch("rmsnorm_bwd_dw", grid(c), &mut b);
+            lib.launch("rmsnorm_bwd_dw_part", ([(c as u32).div_ceil(256), chunks as u32, 1], [256, 1, 1]), &mut p);
+            let mut b = vec![Arg::F32s(dw0), Arg::F32s(p[0].f32s().to_vec()), Arg::I32(chunks as i32), Arg::I32(c as i32)];
+            let l2 = lib.launch("rmsnorm_bwd_dw_sum", grid(c), &mut b);
             let (mut dx, mut dw) = (l.before[0].f32s().to_vec(), l2.before[0].f32s().to_vec());
+            assert!(p[0].f32s().iter().all(|v| v.is_finite()), "{m}: a partial sum was not written");
             let (dout, x, w, rstd) = (
                 l.before[1].f32s(),
                 l.before[2].f32s(),

@@ -165,6 +165,8 @@ struct Scratch {
     losses: CudaSlice<f32>,
     /// bf16 copies of f32 GEMM inputs (one per operand).
     cast: [CudaSlice<u16>; 2],
+    /// Per-chunk partial sums of an RMSNorm weight gradient.
+    dw_part: CudaSlice<f32>,
 }
 
 /// A raw GEMM operand: device address of its first element and element type.
@@ -191,6 +193,8 @@ pub struct Cuda {
 }
 
 const PARTS: usize = 256;
+/// Rows per partial sum of an RMSNorm weight gradient (2048 rows → 64 chunks).
+const DW_CHUNK: usize = 32;
 const THREADS: u32 = 256;
 
 fn grid(n: usize) -> LaunchConfig {
@@ -259,6 +263,7 @@ impl Cuda {
             targets: stream.alloc_zeros::<i32>(1).map_err(a)?,
             losses: stream.alloc_zeros::<f32>(1).map_err(a)?,
             cast: [stream.alloc_zeros::<u16>(1).map_err(a)?, stream.alloc_zeros::<u16>(1).map_err(a)?],
+            dw_part: stream.alloc_zeros::<f32>(1).map_err(a)?,
         };
         let ws = Mutex::new(refresh::Ws::new(&stream)?);
         let model = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
@@ -641,8 +646,22 @@ impl Backend for Cuda {
         let mut l = self.stream.launch_builder(self.a("rmsnorm_bwd_dx"));
         l.arg(&mut dx.data).arg(&dout.data).arg(&x.data).arg(w.data.f32()).arg(rstd.data.f32()).arg(&ci);
         self.note("rmsnorm_bwd", unsafe { l.launch(rows_cfg(n, THREADS)) });
-        let mut l = self.stream.launch_builder(self.a("rmsnorm_bwd_dw"));
-        l.arg(dw.data.f32_mut()).arg(&dout.data).arg(&x.data).arg(rstd.data.f32()).arg(&ni).arg(&ci);
+        // dw in two stages: per-chunk partial sums, then their ordered sum per column
+        let chunks = n.div_ceil(DW_CHUNK);
+        let mut sc = self.scratch();
+        if sc.dw_part.len() < chunks * c {
+            match self.stream.alloc_zeros::<f32>(chunks * c) {
+                Ok(p) => sc.dw_part = p,
+                Err(e) => return self.note("alloc", Err::<(), _>(e)),
+            }
+        }
+        let (chunk, nch) = (DW_CHUNK as i32, chunks as i32);
+        let mut l = self.stream.launch_builder(self.a("rmsnorm_bwd_dw_part"));
+        l.arg(&mut sc.dw_part).arg(&dout.data).arg(&x.data).arg(rstd.data.f32()).arg(&ni).arg(&ci).arg(&chunk);
+        let cfg = LaunchConfig { grid_dim: ((c as u32).div_ceil(THREADS), chunks as u32, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+        self.note("rmsnorm_bwd", unsafe { l.launch(cfg) });
+        let mut l = self.stream.launch_builder(self.a("rmsnorm_bwd_dw_sum"));
+        l.arg(dw.data.f32_mut()).arg(&sc.dw_part).arg(&nch).arg(&ci);
         self.note("rmsnorm_bwd", unsafe { l.launch(grid(c)) });
     }
     fn rope(&self, x: &mut CudaBuf, table: &CudaBuf, b: usize, t: usize, heads: usize, hd: usize, inverse: bool) {
