@@ -3,10 +3,10 @@
 //!
 //! Two precisions. `fp32`: every buffer f32, GEMMs in full fp32 (`CUBLAS_COMPUTE_32F`,
 //! no TF32): the reference the parity tests hold to CPU tolerances. `bf16` (the default on
-//! a GPU): activation buffers hold bf16, GEMMs take bf16 inputs and accumulate in fp32
-//! (f32 weights and logit gradients are cast into a reused scratch, like autocast), while
-//! weights, gradients, optimizer state, norm statistics, RoPE tables and logits stay f32.
-//! Projector refreshes always run in fp32.
+//! a GPU): activation buffers hold bf16, GEMMs (the model's and the GaLore projections)
+//! take bf16 inputs and accumulate in fp32 (f32 operands are cast into a reused scratch,
+//! like autocast), while weights, gradients, optimizer state, norm statistics, RoPE tables
+//! and logits stay f32. Projector refreshes always run in fp32.
 //!
 //! Buffers are planned once per run (the engine's activation plan, the optimizer's
 //! state); the scratch kept here (reductions, casts, solver workspace) grows during the
@@ -351,11 +351,12 @@ impl Cuda {
     }
 
     /// Runs one planned product (`plan::Gemm`) on buffers A, B and C through
-    /// `cublasGemmStridedBatchedEx` with fp32 accumulation. Under bf16 precision a product
-    /// that touches a bf16 buffer runs with bf16 inputs (f32 inputs cast to scratch); an
-    /// all-f32 product (e.g. the Gram matrix of a refresh) stays in full fp32.
+    /// `cublasGemmStridedBatchedEx` with fp32 accumulation. Under bf16 precision every
+    /// product of a step takes bf16 inputs (f32 ones, such as weights, logit gradients and
+    /// the GaLore projections of f32 gradients, are cast to scratch first), as the
+    /// reference's bf16 training does; projector refreshes use `gemm32` and stay fp32.
     fn gemm(&self, g: &Gemm, a: &Store, b: &Store, c: &mut Store) {
-        let half = self.bf16 && (a.is_bf16() || b.is_bf16() || c.is_bf16());
+        let half = self.bf16;
         let mut sc = self.scratch();
         let [ca, cb] = &mut sc.cast;
         // resolve each input to the buffer and offset the product reads
