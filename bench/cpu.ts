@@ -5,7 +5,7 @@
  * same process. Then it times the default `pretrain` run end to end.
  *
  *   deno task bench            # all cases
- *   deno run -A bench/cpu.ts --case llama-60m --optimizer qgalore
+ *   deno run -A bench/cpu.ts --case llama-60m --optimizer qgalore [--checkpointing]
  * @module
  */
 import { parseArgs } from "node:util";
@@ -24,6 +24,7 @@ const { values } = parseArgs({
     steps: { type: "string", default: "4" },
     rank: { type: "string", default: "128" },
     "skip-default-run": { type: "boolean", default: false },
+    checkpointing: { type: "boolean", default: false },
   },
 });
 
@@ -37,6 +38,7 @@ async function runCase(name: string, opt: string, b: number, t: number, steps: n
     optimizer: optimizerConfig(opt, rank, name) as never,
     seed: 0,
     device: "cpu",
+    checkpointing: values.checkpointing,
   });
   const tokens = new Int32Array(b * (t + 1));
   let x = 12345;
@@ -54,6 +56,7 @@ async function runCase(name: string, opt: string, b: number, t: number, steps: n
   return {
     case: name,
     optimizer: opt,
+    checkpointing: values.checkpointing,
     batch: b,
     seq: t,
     params: e.params,
