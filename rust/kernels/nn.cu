@@ -43,13 +43,18 @@ extern "C" __global__ void embedding(act_t* out, const int* tokens, const float*
     st(out, row * c + col, table[(u64)tokens[row] * c + col]);
 }
 
-// dtable[tokens[i], :] += dout[i, :]: one thread per column walks the rows in order
-// (deterministic, and the CPU's summation order).
-extern "C" __global__ void embedding_bwd(float* dtable, const act_t* dout, const int* tokens,
-                                         int rows, int c) {
-    int col = blockIdx.x * blockDim.x + threadIdx.x;
+// dtable[tokens[i], :] += dout[i, :], grouped by token on the host (plan::token_groups):
+// block (u, column block) adds the rows order[starts[u]..starts[u+1]] of token uniq[u] in
+// row order, the CPU's summation order, so the result is deterministic and identical.
+extern "C" __global__ void embedding_bwd(float* dtable, const act_t* dout, const int* uniq,
+                                         const int* starts, const int* order, int c) {
+    int col = blockIdx.y * blockDim.x + threadIdx.x;
     if (col >= c) return;
-    for (int r = 0; r < rows; r++) dtable[(u64)tokens[r] * c + col] += ld(dout, (u64)r * c + col);
+    int u = blockIdx.x;
+    float* dst = dtable + (u64)uniq[u] * c + col;
+    float acc = *dst;
+    for (int i = starts[u]; i < starts[u + 1]; i++) acc += ld(dout, (u64)order[i] * c + col);
+    *dst = acc;
 }
 
 // One block per row.

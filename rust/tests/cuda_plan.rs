@@ -181,3 +181,12 @@ fn refresh_plans_compute_the_intended_products() {
         }
     }
 }
+
+#[test]
+fn token_groups_list_each_tokens_rows_in_order() {
+    let (uniq, starts, order) = plan::token_groups(&[7, 3, 7, 9, 3, 7]);
+    assert_eq!(uniq, [7, 3, 9]);
+    assert_eq!(starts, [0, 3, 5, 6]);
+    assert_eq!(order, [0, 2, 5, 1, 4, 3]);
+    assert_eq!(plan::token_groups(&[]), (vec![], vec![0], vec![]));
+}

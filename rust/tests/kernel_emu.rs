@@ -1646,16 +1646,25 @@ fn nn_module(lib: &Lib, r: &mut Report) {
         );
     }
     if has("embedding_bwd") {
+        // rows grouped by token on the host as device.rs does
+        let (uniq, starts, order) = qgalore::backend::cuda::plan::token_groups(&tokens);
         let mut a = vec![
             Arg::F32s(vals(vocab * c, 6, 1.0)),
             Arg::F32s(vals(rows * c, 7, 1.0)),
-            Arg::I32s(tokens.clone()),
-            Arg::I32(rows as i32),
+            Arg::I32s(uniq.clone()),
+            Arg::I32s(starts),
+            Arg::I32s(order),
             Arg::I32(c as i32),
         ];
-        let l = lib.launch("embedding_bwd", grid(c), &mut a);
+        let cfg = ([uniq.len() as u32, (c as u32).div_ceil(256), 1], [256, 1, 1]);
+        let l = lib.launch("embedding_bwd", cfg, &mut a);
         let mut want = l.before[0].f32s().to_vec();
         ops::embedding_bwd(&mut want, l.before[1].f32s(), &tokens, c);
+        // the CPU's summation order: bit-identical, not only close
+        assert!(
+            a[0].f32s().iter().zip(&want).all(|(x, y)| x.to_bits() == y.to_bits()),
+            "{m}/embedding_bwd: not bit-identical to the CPU"
+        );
         r.close(
             &format!("{m}/embedding_bwd"),
             &format!("{m}/embedding_bwd"),

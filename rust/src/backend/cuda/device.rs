@@ -162,6 +162,8 @@ struct Scratch {
     count: CudaSlice<u64>,
     tokens: CudaSlice<i32>,
     targets: CudaSlice<i32>,
+    /// Token group starts of the embedding backward (`plan::token_groups`).
+    groups: CudaSlice<i32>,
     losses: CudaSlice<f32>,
     /// bf16 copies of f32 GEMM inputs (one per operand).
     cast: [CudaSlice<u16>; 2],
@@ -261,6 +263,7 @@ impl Cuda {
             count: stream.alloc_zeros::<u64>(1).map_err(a)?,
             tokens: stream.alloc_zeros::<i32>(1).map_err(a)?,
             targets: stream.alloc_zeros::<i32>(1).map_err(a)?,
+            groups: stream.alloc_zeros::<i32>(1).map_err(a)?,
             losses: stream.alloc_zeros::<f32>(1).map_err(a)?,
             cast: [stream.alloc_zeros::<u16>(1).map_err(a)?, stream.alloc_zeros::<u16>(1).map_err(a)?],
             dw_part: stream.alloc_zeros::<f32>(1).map_err(a)?,
@@ -626,15 +629,22 @@ impl Backend for Cuda {
         self.note("embedding", unsafe { l.launch(cfg) });
     }
     fn embedding_bwd(&self, dtable: &mut CudaBuf, dout: &CudaBuf, tokens: &[i32], c: usize) {
-        let mut sc = self.scratch();
-        if let Err(e) = self.upload_ids(&mut sc.tokens, tokens) {
-            self.note::<(), _>("copy", Err(e.msg));
+        let (uniq, starts, order) = plan::token_groups(tokens);
+        if uniq.is_empty() {
             return;
         }
-        let (rows, ci) = (tokens.len() as i32, c as i32);
+        let mut sc = self.scratch();
+        let Scratch { tokens: d_order, targets: d_uniq, groups: d_starts, .. } = &mut *sc;
+        for (dst, ids) in [(d_order, &order), (d_uniq, &uniq), (d_starts, &starts)] {
+            if let Err(e) = self.upload_ids(dst, ids) {
+                return self.note::<(), _>("copy", Err(e.msg));
+            }
+        }
+        let ci = c as i32;
         let mut l = self.stream.launch_builder(self.a("embedding_bwd"));
-        l.arg(dtable.data.f32_mut()).arg(&dout.data).arg(&sc.tokens).arg(&rows).arg(&ci);
-        self.note("embedding_bwd", unsafe { l.launch(grid(c)) });
+        l.arg(dtable.data.f32_mut()).arg(&dout.data).arg(&sc.targets).arg(&sc.groups).arg(&sc.tokens).arg(&ci);
+        let cfg = LaunchConfig { grid_dim: (uniq.len() as u32, (c as u32).div_ceil(THREADS), 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+        self.note("embedding_bwd", unsafe { l.launch(cfg) });
     }
     fn rmsnorm(&self, out: &mut CudaBuf, rstd: &mut CudaBuf, x: &CudaBuf, w: &CudaBuf, n: usize, c: usize, eps: f32) {
         let ci = c as i32;

@@ -217,3 +217,33 @@ pub fn rotate(n: usize, k: usize, right: bool) -> Gemm {
         one(true, true, n, k, k, 1.0, (0, n), (0, k), 0.0, (0, k), ONE)
     }
 }
+
+/// The rows of each distinct token, for a deterministic parallel embedding backward:
+/// (distinct tokens in first-seen order, start of each one's rows in `order` plus the
+/// end, the row indices grouped by token and ascending within a token).
+pub fn token_groups(tokens: &[i32]) -> (Vec<i32>, Vec<i32>, Vec<i32>) {
+    let mut slot = std::collections::HashMap::new();
+    let mut uniq = Vec::new();
+    let mut count = Vec::new();
+    for &t in tokens {
+        let u = *slot.entry(t).or_insert_with(|| {
+            uniq.push(t);
+            count.push(0i32);
+            uniq.len() - 1
+        });
+        count[u] += 1;
+    }
+    let mut starts = Vec::with_capacity(uniq.len() + 1);
+    starts.push(0i32);
+    for c in &count {
+        starts.push(starts.last().unwrap() + c);
+    }
+    let mut next: Vec<i32> = starts[..uniq.len()].to_vec();
+    let mut order = vec![0i32; tokens.len()];
+    for (r, t) in tokens.iter().enumerate() {
+        let u = slot[t];
+        order[next[u] as usize] = r as i32;
+        next[u] += 1;
+    }
+    (uniq, starts, order)
+}
