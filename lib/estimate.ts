@@ -71,6 +71,8 @@ interface Tensor {
   numel: number;
   /** One of the 7 linear matrices of a block (projected and possibly INT8). */
   linear: boolean;
+  /** The embedding or the lm_head (bf16 under bf16 precision with 8-bit optimizers). */
+  table?: boolean;
   rows: number;
   cols: number;
 }
@@ -79,7 +81,7 @@ function tensors(cfg: ModelConfig): Tensor[] {
   const c = cfg.hidden_size;
   const v = cfg.vocab_size;
   const vec = (n: number): Tensor => ({ numel: n, linear: false, rows: 1, cols: n });
-  const out: Tensor[] = [{ numel: v * c, linear: false, rows: v, cols: c }];
+  const out: Tensor[] = [{ numel: v * c, linear: false, table: true, rows: v, cols: c }];
   for (let l = 0; l < cfg.num_hidden_layers; l++) {
     out.push(vec(c));
     for (const s of linearShapes(cfg)) {
@@ -87,7 +89,7 @@ function tensors(cfg: ModelConfig): Tensor[] {
       out.push({ numel: s.rows * s.cols, linear: true, rows: s.rows, cols: s.cols });
     }
   }
-  out.push(vec(c), { numel: v * c, linear: false, rows: v, cols: c });
+  out.push(vec(c), { numel: v * c, linear: false, table: true, rows: v, cols: c });
   return out;
 }
 
@@ -106,6 +108,7 @@ function defined<T>(v: T | null | undefined, fallback: T): T {
  * projected optimizers r' = min(rank, rows, cols), low = rows·r' (rows ≥ cols) or r'·cols,
  * pn = r'·cols (rows ≥ cols) or rows·r':
  * - weights: 4 B per float element; INT8 linears 1 B + 8 B per group (fp32 scale, zero);
+ *   under bf16 precision with an 8-bit optimizer, 2 B per embedding and lm_head element;
  * - grads: one f32 buffer per tensor, or only the largest when fused (gradAccum 1), plus
  *   the low-rank scratch (twice for 8-bit optimizers);
  * - optimizer_state: two f32 moments, or with 8-bit Adam 2 B per element plus 8 B per block
@@ -136,6 +139,8 @@ export function estimateMemory(
   const block = defined(s.blockSize, 2048);
   const fused = defined(s.fused, d.fused) && ga === 1;
   const stepped = when.afterFirstStep ?? true;
+  // the engine stores embedding and lm_head in bf16 on a bf16 GPU when 8-bit Adam updates them
+  const halfTables = eight && batch.precision === "bf16";
 
   const all = tensors(cfg);
   let weights = 0;
@@ -150,7 +155,9 @@ export function estimateMemory(
     sumNumel += t.numel;
     maxNumel = Math.max(maxNumel, t.numel);
     if (t.linear) maxLinear = Math.max(maxLinear, t.numel);
-    weights += int8 && t.linear ? t.numel + 8 * (t.numel / weightGroup) : 4 * t.numel;
+    weights += int8 && t.linear
+      ? t.numel + 8 * (t.numel / weightGroup)
+      : (t.table && halfTables ? 2 : 4) * t.numel;
     let m = t.numel;
     if (projected && t.linear) {
       const p = projectorShape(t.rows, t.cols, rank);

@@ -146,3 +146,20 @@ Deno.test("estimateMemory: checkpointing keeps one block's buffers", () => {
   const perBlock = 5 * n * 384 + 2 * n * 384 + 8 * 8 * 256 * 256 + 3 * n * 1024 + 2 * n;
   assert.equal(full - ckpt, 5 * 4 * perBlock);
 });
+
+Deno.test("estimateMemory: bf16 embedding and head with 8-bit optimizers under bf16", () => {
+  const shape = { batchSize: 1, seqLen: 64 };
+  const cfg = modelConfig("llama-35m", 256);
+  const tables = 2 * cfg.vocab_size * cfg.hidden_size;
+  for (const opt of ["adam8bit", "galore8bit", "qgalore"]) {
+    const fp32 = estimateMemory("llama-35m", opt, shape);
+    const bf16 = estimateMemory("llama-35m", opt, { ...shape, precision: "bf16" });
+    assert.equal(fp32.weights - bf16.weights, 2 * tables, opt);
+  }
+  // fp32 moments: the tables stay f32
+  for (const opt of ["adamw", "galore"]) {
+    const fp32 = estimateMemory("llama-35m", opt, shape);
+    const bf16 = estimateMemory("llama-35m", opt, { ...shape, precision: "bf16" });
+    assert.equal(bf16.weights, fp32.weights, opt);
+  }
+});

@@ -43,6 +43,14 @@ extern "C" __global__ void embedding(act_t* out, const int* tokens, const float*
     st(out, row * c + col, table[(u64)tokens[row] * c + col]);
 }
 
+// The same lookup from a bf16 table (embedding weights stored in bf16).
+extern "C" __global__ void embedding_w16(act_t* out, const int* tokens, const bf16_t* table, int c) {
+    int col = blockIdx.y * blockDim.x + threadIdx.x;
+    if (col >= c) return;
+    u64 row = blockIdx.x;
+    st(out, row * c + col, bf16_to_f32(table[(u64)tokens[row] * c + col]));
+}
+
 // dtable[tokens[i], :] += dout[i, :], grouped by token on the host (plan::token_groups):
 // block (u, column block) adds the rows order[starts[u]..starts[u+1]] of token uniq[u] in
 // row order, the CPU's summation order, so the result is deterministic and identical.

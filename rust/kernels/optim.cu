@@ -25,18 +25,41 @@ extern "C" __global__ void galore_adam(float* buf, float* m, float* v, float s, 
     buf[j] = -s * m[j] / (sqrtf(v[j]) + eps);
 }
 
+// Weights of the bnb steps: f32, or bf16 storage (embedding and head under the bf16
+// precision, as the reference keeps them): the update runs in f32 and is rounded to
+// nearest even once, exactly the CPU's f32 step followed by quant::f32_to_bf16.
+__device__ __forceinline__ float wld(const float* p, u64 j) { return p[j]; }
+__device__ __forceinline__ void wst(float* p, u64 j, float v) { p[j] = v; }
+__device__ __forceinline__ float wld(const bf16_t* p, u64 j) { return bf16_to_f32(p[j]); }
+__device__ __forceinline__ void wst(bf16_t* p, u64 j, float v) { p[j] = f32_to_bf16(v); }
+
 // bnb kOptimizer32bit2State (adam8::step32); skipped counts non-finite gradients
-extern "C" __global__ void bnb32(float* p, const float* g, float* m, float* v, float step_size,
-                                 float eps2, float b1, float b2, float wd, float decay,
-                                 unsigned long long* skipped, u64 n) {
+template <typename W>
+__device__ void bnb32_body(W* p, const float* g, float* m, float* v, float step_size, float eps2,
+                           float b1, float b2, float wd, float decay,
+                           unsigned long long* skipped, u64 n) {
     u64 j = (u64)blockIdx.x * blockDim.x + threadIdx.x;
     if (j >= n) return;
     float gj = g[j];
     if (!finite_f(gj)) { atomicAdd(skipped, 1ull); return; }
     m[j] = b1 * m[j] + (1.0f - b1) * gj;
     v[j] = b2 * v[j] + (1.0f - b2) * gj * gj;
-    p[j] += step_size * (m[j] / (sqrtf(v[j]) + eps2));
-    if (wd > 0.0f) p[j] *= decay;
+    float pj = wld(p, j);
+    pj += step_size * (m[j] / (sqrtf(v[j]) + eps2));
+    if (wd > 0.0f) pj *= decay;
+    wst(p, j, pj);
+}
+
+extern "C" __global__ void bnb32(float* p, const float* g, float* m, float* v, float step_size,
+                                 float eps2, float b1, float b2, float wd, float decay,
+                                 unsigned long long* skipped, u64 n) {
+    bnb32_body(p, g, m, v, step_size, eps2, b1, b2, wd, decay, skipped, n);
+}
+
+extern "C" __global__ void bnb32_w16(bf16_t* p, const float* g, float* m, float* v,
+                                     float step_size, float eps2, float b1, float b2, float wd,
+                                     float decay, unsigned long long* skipped, u64 n) {
+    bnb32_body(p, g, m, v, step_size, eps2, b1, b2, wd, decay, skipped, n);
 }
 
 __device__ __forceinline__ u32 nearest_code(const float* map, float x, int sign) {
@@ -55,10 +78,11 @@ __device__ __forceinline__ u32 nearest_code(const float* map, float x, int sign)
 // bnb kOptimizerStatic8bit2StateBlockwise (adam8::step8): one thread block per state
 // block of `bs` elements (bs ≤ 2048); each thread handles ITEMS elements.
 #define ITEMS 8
-extern "C" __global__ void adam8(float* p, const float* g, u8* cm, u8* cv, float* absm,
-                                 float* absv, const float* smap, const float* umap, float step_size,
-                                 float eps2, float b1, float b2, float wd, float decay, int bs,
-                                 unsigned long long* skipped, u64 n) {
+template <typename W>
+__device__ void adam8_body(W* p, const float* g, u8* cm, u8* cv, float* absm, float* absv,
+                           const float* smap, const float* umap, float step_size, float eps2,
+                           float b1, float b2, float wd, float decay, int bs,
+                           unsigned long long* skipped, u64 n) {
     __shared__ float red[32];
     __shared__ float sm[256], um[256];
     for (int k = threadIdx.x; k < 256; k += blockDim.x) { sm[k] = smap[k]; um[k] = umap[k]; }
@@ -78,8 +102,10 @@ extern "C" __global__ void adam8(float* p, const float* g, u8* cm, u8* cv, float
         if (finite_f(gj)) {
             mj = b1 * mj + (1.0f - b1) * gj;
             vj = b2 * vj + (1.0f - b2) * gj * gj;
-            p[j] += step_size * (mj / (sqrtf(vj) + eps2));
-            if (wd > 0.0f) p[j] *= decay;
+            float pj = wld(p, j);
+            pj += step_size * (mj / (sqrtf(vj) + eps2));
+            if (wd > 0.0f) pj *= decay;
+            wst(p, j, pj);
         } else {
             mj = 0.0f; vj = 0.0f; skip++;
         }
@@ -99,6 +125,22 @@ extern "C" __global__ void adam8(float* p, const float* g, u8* cm, u8* cv, float
         cm[j] = (u8)nearest_code(sm, mv[k] * im, 1);
         cv[j] = (u8)nearest_code(um, vv[k] * iv, 0);
     }
+}
+
+extern "C" __global__ void adam8(float* p, const float* g, u8* cm, u8* cv, float* absm,
+                                 float* absv, const float* smap, const float* umap, float step_size,
+                                 float eps2, float b1, float b2, float wd, float decay, int bs,
+                                 unsigned long long* skipped, u64 n) {
+    adam8_body(p, g, cm, cv, absm, absv, smap, umap, step_size, eps2, b1, b2, wd, decay, bs,
+               skipped, n);
+}
+
+extern "C" __global__ void adam8_w16(bf16_t* p, const float* g, u8* cm, u8* cv, float* absm,
+                                     float* absv, const float* smap, const float* umap,
+                                     float step_size, float eps2, float b1, float b2, float wd,
+                                     float decay, int bs, unsigned long long* skipped, u64 n) {
+    adam8_body(p, g, cm, cv, absm, absv, smap, umap, step_size, eps2, b1, b2, wd, decay, bs,
+               skipped, n);
 }
 
 // Zeroes non-finite elements and counts them.

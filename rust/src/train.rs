@@ -44,7 +44,7 @@ impl<B: Backend> Engine<B> {
             group: o.weight_group_size,
             range: o.range(),
         });
-        let model = be.runner().run(|| Llama::build(&be, &cfg.model, cfg.seed, quant))?;
+        let model = be.runner().run(|| Llama::build(&be, &cfg.model, cfg.seed, quant, o.eight_bit()))?;
         // With gradient accumulation the full gradient must persist across micro-batches,
         // so only GA = 1 runs fused; GA > 1 takes the global step (exact, I-12).
         let fused = o.fused && cfg.grad_accum == 1;

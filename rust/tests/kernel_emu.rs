@@ -1195,9 +1195,13 @@ fn optimizer_kernels_are_bit_identical_to_the_cpu_steps() {
         }
     }
 
-    for lib in emu.with("bnb32") {
+    // f32 weights, and bf16 weights (`_w16`): the CPU's f32 step, then RNE to bf16
+    for (kname, w16) in [("bnb32", false), ("bnb32_w16", true)] {
+    for lib in emu.with(kname) {
         for wd in [0.0f32, 0.01] {
-            let (mut p, mut m, mut v) = (vals(n, 2, 1.0), vec![0.0f32; n], vec![0.0f32; n]);
+            let p0 = vals(n, 2, 1.0);
+            let p0 = if w16 { p0.iter().map(|&x| bf16_to_f32(f32_to_bf16(x))).collect() } else { p0 };
+            let (mut p, mut m, mut v) = (p0, vec![0.0f32; n], vec![0.0f32; n]);
             let (mut kp, mut km, mut kv) = (p.clone(), m.clone(), v.clone());
             for step in 1..=3 {
                 let h = hp(step, wd);
@@ -1205,7 +1209,7 @@ fn optimizer_kernels_are_bit_identical_to_the_cpu_steps() {
                 let (ss, eps2) = h.bnb_factors();
                 let decay = 1.0 - h.lr * h.weight_decay;
                 let mut args = vec![
-                    Arg::F32s(kp),
+                    weights(&kp, w16),
                     Arg::F32s(g.clone()),
                     Arg::F32s(km),
                     Arg::F32s(kv),
@@ -1218,30 +1222,34 @@ fn optimizer_kernels_are_bit_identical_to_the_cpu_steps() {
                     Arg::U64s(vec![7]), // running count, not reset by the step
                     Arg::U64(n as u64),
                 ];
-                lib.launch("bnb32", grid(n), &mut args);
+                lib.launch(kname, grid(n), &mut args);
                 let skipped = adam8::step32(&mut p, &g, &mut m, &mut v, h);
-                let tag = format!("{}/bnb32 wd={wd} step {step}", lib.module);
-                r.same_f32(&format!("{tag} p"), args[0].f32s(), &p);
+                round_weights(&mut p, w16);
+                let tag = format!("{}/{kname} wd={wd} step {step}", lib.module);
+                r.same_f32(&format!("{tag} p"), &weights_f32(&args[0]), &p);
                 r.same_f32(&format!("{tag} m"), args[2].f32s(), &m);
                 r.same_f32(&format!("{tag} v"), args[3].f32s(), &v);
                 r.same(&format!("{tag} skipped"), args[10].u64s(), &[7 + skipped]);
                 assert!(skipped > 0);
-                kp = args[0].f32s().to_vec();
+                kp = weights_f32(&args[0]);
                 km = args[2].f32s().to_vec();
                 kv = args[3].f32s().to_vec();
             }
         }
     }
+    }
 
     let (smap, umap) = (adam8::dynamic_map(true), adam8::dynamic_map(false));
     let maps = adam8::Maps::new();
-    for lib in emu.with("adam8") {
+    for (kname, w16) in [("adam8", false), ("adam8_w16", true)] {
+    for lib in emu.with(kname) {
         // partial last blocks; one block whose gradients are all non-finite
         for (block, n, wd) in [
             (256usize, 256 * 5 + 77, 0.0f32),
             (2048, 2048 * 2 + 1000, 0.01),
         ] {
             let mut p = vals(n, 3, 1.0);
+            round_weights(&mut p, w16);
             let mut st = State8::new(n, block);
             let mut kp = p.clone();
             let mut ks = st.clone();
@@ -1251,7 +1259,7 @@ fn optimizer_kernels_are_bit_identical_to_the_cpu_steps() {
                 let (ss, eps2) = h.bnb_factors();
                 let decay = 1.0 - h.lr * h.weight_decay;
                 let mut args = vec![
-                    Arg::F32s(kp),
+                    weights(&kp, w16),
                     Arg::F32s(g.clone()),
                     Arg::U8s(ks.m.clone()),
                     Arg::U8s(ks.v.clone()),
@@ -1270,23 +1278,25 @@ fn optimizer_kernels_are_bit_identical_to_the_cpu_steps() {
                     Arg::U64(n as u64),
                 ];
                 let cfg = ([n.div_ceil(block) as u32, 1, 1], [(block / 8) as u32, 1, 1]);
-                lib.launch("adam8", cfg, &mut args);
+                lib.launch(kname, cfg, &mut args);
                 let skipped = adam8::step8(&mut p, &g, &mut st, &maps, h);
-                let tag = format!("{}/adam8 block {block} step {step}", lib.module);
-                r.same_f32(&format!("{tag} p"), args[0].f32s(), &p);
+                round_weights(&mut p, w16);
+                let tag = format!("{}/{kname} block {block} step {step}", lib.module);
+                r.same_f32(&format!("{tag} p"), &weights_f32(&args[0]), &p);
                 r.same(&format!("{tag} m codes"), args[2].u8s(), &st.m);
                 r.same(&format!("{tag} v codes"), args[3].u8s(), &st.v);
                 r.same_f32(&format!("{tag} absmax m"), args[4].f32s(), &st.absmax_m);
                 r.same_f32(&format!("{tag} absmax v"), args[5].f32s(), &st.absmax_v);
                 r.same(&format!("{tag} skipped"), args[15].u64s(), &[7 + skipped]);
                 assert!(skipped >= block as u64);
-                kp = args[0].f32s().to_vec();
+                kp = weights_f32(&args[0]);
                 ks.m = args[2].u8s().to_vec();
                 ks.v = args[3].u8s().to_vec();
                 ks.absmax_m = args[4].f32s().to_vec();
                 ks.absmax_v = args[5].f32s().to_vec();
             }
         }
+    }
     }
 
     let be = cpu();
@@ -1480,6 +1490,7 @@ const NN: &[&str] = &[
     "axpy",
     "scale",
     "embedding",
+    "embedding_w16",
     "embedding_bwd",
     "rmsnorm",
     "rmsnorm_bwd_dx",
@@ -1624,7 +1635,8 @@ fn nn_module(lib: &Lib, r: &mut Report) {
         t[5] = t[1];
         t
     };
-    if has("embedding") {
+    // f32 table, and a bf16 table (`embedding_w16`; the harness rounds the bf16 argument)
+    for kname in ["embedding", "embedding_w16"].into_iter().filter(|k| has(k)) {
         let table = vals(vocab * c, 5, 1.0);
         let mut a = vec![
             Arg::F32s(vec![0.0; rows * c]),
@@ -1633,12 +1645,12 @@ fn nn_module(lib: &Lib, r: &mut Report) {
             Arg::I32(c as i32),
         ];
         let cfg = ([rows as u32, (c as u32).div_ceil(256), 1], [256, 1, 1]);
-        let l = lib.launch("embedding", cfg, &mut a);
+        let l = lib.launch(kname, cfg, &mut a);
         let mut want = vec![0.0f32; rows * c];
         ops::embedding(&mut want, &tokens, l.before[2].f32s(), c);
         r.close(
-            &format!("{m}/embedding"),
-            &format!("{m}/embedding"),
+            &format!("{m}/{kname}"),
+            &format!("{m}/{kname}"),
             a[0].f32s(),
             &want,
             c,
@@ -2019,6 +2031,29 @@ fn layer_kernels_match_the_cpu_ops() {
 // ---------------------------------------------------------------------------------------
 // Coverage
 
+/// A weight argument: f32, or bf16 bits (`w16` kernels).
+fn weights(p: &[f32], w16: bool) -> Arg {
+    if w16 {
+        Arg::U16s(p.iter().map(|&x| f32_to_bf16(x)).collect())
+    } else {
+        Arg::F32s(p.to_vec())
+    }
+}
+
+fn weights_f32(a: &Arg) -> Vec<f32> {
+    match a {
+        Arg::U16s(v) => v.iter().map(|&h| bf16_to_f32(h)).collect(),
+        other => other.f32s().to_vec(),
+    }
+}
+
+/// What bf16 storage does to the CPU's f32 result: one round to nearest even.
+fn round_weights(p: &mut [f32], w16: bool) {
+    if w16 {
+        p.iter_mut().for_each(|x| *x = bf16_to_f32(f32_to_bf16(*x)));
+    }
+}
+
 /// Kernels the tests above launch.
 const COVERED: &[&str] = &[
     "q_dequant",
@@ -2028,7 +2063,9 @@ const COVERED: &[&str] = &[
     "adamw",
     "galore_adam",
     "bnb32",
+    "bnb32_w16",
     "adam8",
+    "adam8_w16",
     "sanitize",
     "sumsq_partial",
     "sum_partials",

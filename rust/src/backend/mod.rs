@@ -189,6 +189,13 @@ pub trait Backend: Send + Sync + 'static {
     /// A zero-filled buffer of `n` values, counted under `cat`. Under bf16 precision a
     /// backend stores `Category::Activations` buffers in bf16; every other category in f32.
     fn alloc(&self, n: usize, cat: Category) -> Result<Self::Buf>;
+    /// Weights that only `a8_step` / `bnb32_step` update and only GEMMs and `embedding`
+    /// read (the embedding and lm_head under an 8-bit optimizer): stored in bf16 under bf16
+    /// precision, as the reference keeps them, with each update rounded to nearest even;
+    /// f32 otherwise.
+    fn alloc_half(&self, n: usize, cat: Category) -> Result<Self::Buf> {
+        self.alloc_fp32(n, cat)
+    }
     /// A buffer that stays f32 under every precision (norm statistics, RoPE tables, logits).
     fn alloc_fp32(&self, n: usize, cat: Category) -> Result<Self::Buf> {
         self.alloc(n, cat)

@@ -118,19 +118,25 @@ pub struct LinearQuant {
 
 impl<B: Backend> Llama<B> {
     pub fn new(be: &B, cfg: &ModelConfig, seed: u64) -> Result<Self> {
-        Self::build(be, cfg, seed, None)
+        Self::build(be, cfg, seed, None, false)
     }
 
     /// Builds the model; with `quant`, each projected matrix is quantized (round to
     /// nearest, §2.2) as soon as it is initialised, so a float copy of the whole model
-    /// never exists (a 7B model fits where its f32 weights would not).
-    pub fn build(be: &B, cfg: &ModelConfig, seed: u64, quant: Option<LinearQuant>) -> Result<Self> {
+    /// never exists (a 7B model fits where its f32 weights would not). `half` stores the
+    /// embedding and lm_head with `Backend::alloc_half` (bf16 on a bf16-precision GPU; the
+    /// caller sets it only for optimizers that update them with 8-bit Adam).
+    pub fn build(be: &B, cfg: &ModelConfig, seed: u64, quant: Option<LinearQuant>, half: bool) -> Result<Self> {
         let shapes = layout(cfg);
         let mut params = Vec::with_capacity(shapes.len());
         let mut host = Vec::new();
         for (idx, (name, rows, cols, role)) in shapes.into_iter().enumerate() {
             let n = rows * cols;
-            let mut data = be.alloc(n, Category::Weights)?;
+            let mut data = if half && matches!(role, Role::Embed | Role::Head) {
+                be.alloc_half(n, Category::Weights)?
+            } else {
+                be.alloc(n, Category::Weights)?
+            };
             host.clear();
             if role == Role::Norm {
                 host.resize(n, 1.0);

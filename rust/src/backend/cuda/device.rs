@@ -527,6 +527,13 @@ impl Backend for Cuda {
         }
         self.alloc_fp32(n, cat)
     }
+    fn alloc_half(&self, n: usize, cat: Category) -> Result<CudaBuf> {
+        if !self.bf16 {
+            return self.alloc_fp32(n, cat);
+        }
+        let data = self.stream.alloc_zeros::<u16>(n.max(1)).map_err(|e| dev_err(&format!("alloc of {} MiB", (n * 2) >> 20), e))?;
+        Ok(CudaBuf { data: Store::Bf16(data), _t: Tracked::new((), n * 2, cat, &self.mem) })
+    }
     fn alloc_fp32(&self, n: usize, cat: Category) -> Result<CudaBuf> {
         let data = self.stream.alloc_zeros::<f32>(n.max(1)).map_err(|e| dev_err(&format!("alloc of {} MiB", (n * 4) >> 20), e))?;
         Ok(CudaBuf { data: Store::F32(data), _t: Tracked::new((), n * 4, cat, &self.mem) })
@@ -623,8 +630,9 @@ impl Backend for Cuda {
             return;
         }
         let ci = c as i32;
-        let mut l = self.stream.launch_builder(self.a("embedding"));
-        l.arg(&mut out.data).arg(&sc.tokens).arg(table.data.f32()).arg(&ci);
+        let name = if table.data.is_bf16() { "embedding_w16" } else { "embedding" };
+        let mut l = self.stream.launch_builder(self.a(name));
+        l.arg(&mut out.data).arg(&sc.tokens).arg(&table.data).arg(&ci);
         let cfg = LaunchConfig { grid_dim: (tokens.len() as u32, (c as u32).div_ceil(THREADS), 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
         self.note("embedding", unsafe { l.launch(cfg) });
     }
@@ -856,8 +864,9 @@ impl Backend for Cuda {
         let decay = 1.0 - hp.lr * hp.weight_decay;
         let mut sc = self.scratch();
         let (bs, n) = (st.block as i32, st.n as u64);
-        let mut l = self.stream.launch_builder(self.f("adam8"));
-        l.arg(p.data.f32_mut()).arg(g.data.f32()).arg(&mut st.m).arg(&mut st.v).arg(&mut st.absm).arg(&mut st.absv);
+        let name = if p.data.is_bf16() { "adam8_w16" } else { "adam8" };
+        let mut l = self.stream.launch_builder(self.f(name));
+        l.arg(&mut p.data).arg(g.data.f32()).arg(&mut st.m).arg(&mut st.v).arg(&mut st.absm).arg(&mut st.absv);
         l.arg(&self.maps.0).arg(&self.maps.1).arg(&step_size).arg(&eps2).arg(&hp.beta1).arg(&hp.beta2);
         l.arg(&hp.weight_decay).arg(&decay).arg(&bs).arg(&mut sc.count).arg(&n);
         let cfg = LaunchConfig { grid_dim: (st.n.div_ceil(st.block) as u32, 1, 1), block_dim: ((st.block / 8) as u32, 1, 1), shared_mem_bytes: 0 };
@@ -868,8 +877,9 @@ impl Backend for Cuda {
         let decay = 1.0 - hp.lr * hp.weight_decay;
         let mut sc = self.scratch();
         let n = m.data.len() as u64;
-        let mut l = self.stream.launch_builder(self.f("bnb32"));
-        l.arg(p.data.f32_mut()).arg(g.data.f32()).arg(m.data.f32_mut()).arg(v.data.f32_mut()).arg(&step_size).arg(&eps2);
+        let name = if p.data.is_bf16() { "bnb32_w16" } else { "bnb32" };
+        let mut l = self.stream.launch_builder(self.f(name));
+        l.arg(&mut p.data).arg(g.data.f32()).arg(m.data.f32_mut()).arg(v.data.f32_mut()).arg(&step_size).arg(&eps2);
         l.arg(&hp.beta1).arg(&hp.beta2).arg(&hp.weight_decay).arg(&decay).arg(&mut sc.count).arg(&n);
         self.note("bnb32", unsafe { l.launch(grid(n as usize)) });
     }

@@ -30,6 +30,7 @@ const NN_KERNELS: &[&str] = &[
     "axpy",
     "scale",
     "embedding",
+    "embedding_w16",
     "embedding_bwd",
     "rmsnorm",
     "rmsnorm_bwd_dx",
@@ -56,7 +57,7 @@ pub const MODULES: &[Module] = &[
         src: include_str!("../../../kernels/optim.cu"),
         fmad: false,
         defines: &[],
-        kernels: &["adamw", "galore_adam", "bnb32", "adam8", "sanitize", "sumsq_partial", "sum_partials"],
+        kernels: &["adamw", "galore_adam", "bnb32", "bnb32_w16", "adam8", "adam8_w16", "sanitize", "sumsq_partial", "sum_partials"],
     },
     Module {
         name: "nn",
