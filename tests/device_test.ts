@@ -43,7 +43,7 @@ Deno.test("--device cuda without a GPU is a clear one-line error", async () => {
   const lines = stderr.trim().split("\n");
   assert.equal(
     lines.at(-1),
-    "error: --device cuda: no usable CUDA device (driver, libcuda, libnvrtc and libcublas are needed); use --device cpu or auto",
+    "error: --device cuda: no usable CUDA device (the driver with libcuda, and libnvrtc, libcublas and libcusolver, are needed); use --device cpu or auto",
   );
   assert.ok(!stderr.includes("panicked") && !/\n\s+at /.test(stderr));
 });

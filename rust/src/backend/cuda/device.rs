@@ -215,7 +215,7 @@ impl Cuda {
     /// or device is an `Err`.
     pub fn new(ordinal: usize, bf16: bool) -> Result<Self> {
         if probe::device_count() <= ordinal {
-            return Err(Error::backend("no usable CUDA device (driver, libcuda, libnvrtc and libcublas are needed)"));
+            return Err(Error::backend("no usable CUDA device (the driver with libcuda, and libnvrtc, libcublas and libcusolver, are needed)"));
         }
         std::panic::catch_unwind(|| Self::open(ordinal, bf16))
             .map_err(|_| Error::backend("a CUDA library is missing a symbol (a CUDA 13.0 installation is needed)"))?
