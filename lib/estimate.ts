@@ -109,7 +109,8 @@ function defined<T>(v: T | null | undefined, fallback: T): T {
  * pn = r'·cols (rows ≥ cols) or rows·r':
  * - weights: 4 B per float element; INT8 linears 1 B + 8 B per group (fp32 scale, zero);
  *   under bf16 precision with an 8-bit optimizer, 2 B per embedding and lm_head element;
- * - grads: one f32 buffer per tensor, or only the largest when fused (gradAccum 1), plus
+ * - grads: one f32 buffer per tensor, or only the largest when fused (gradAccum 1; with
+ *   8-bit Adam, embedding and head larger than every other tensor come in row chunks), plus
  *   the low-rank scratch (twice for 8-bit optimizers);
  * - optimizer_state: two f32 moments, or with 8-bit Adam 2 B per element plus 8 B per block
  *   for tensors of ≥ 4096 elements (of the low-rank shape when projected);
@@ -145,7 +146,6 @@ export function estimateMemory(
   const all = tensors(cfg);
   let weights = 0;
   let sumNumel = 0;
-  let maxNumel = 0;
   let maxLinear = 0;
   let state = 0;
   let maxLow = 0;
@@ -153,7 +153,6 @@ export function estimateMemory(
   let stored = 0;
   for (const t of all) {
     sumNumel += t.numel;
-    maxNumel = Math.max(maxNumel, t.numel);
     if (t.linear) maxLinear = Math.max(maxLinear, t.numel);
     weights += int8 && t.linear
       ? t.numel + 8 * (t.numel / weightGroup)
@@ -169,7 +168,7 @@ export function estimateMemory(
     if (s.name === "adamw") state += 8 * t.numel;
     else state += eight && m >= 4096 ? 2 * m + 8 * Math.ceil(m / block) : 8 * m;
   }
-  let grads = fused ? 4 * maxNumel : 4 * sumNumel;
+  let grads = fused ? 4 * sharedGradient(cfg, all, eight, block) : 4 * sumNumel;
   if (projected) grads += (eight ? 8 : 4) * maxLow;
   const projector = projected ? 8 * maxProj + (stepped ? stored : 0) : 0;
   const activations = activationBytes(
@@ -188,6 +187,24 @@ export function estimateMemory(
     activations,
     total: weights + grads + state + projector + activations,
   };
+}
+
+/**
+ * Elements of the fused step's shared gradient buffer: the largest tensor, unless the
+ * embedding and head take block-wise 8-bit Adam and dwarf every other tensor; then they
+ * arrive in row chunks of whole blocks no larger than the largest other tensor (the
+ * engine's `table_chunk_rows`).
+ */
+function sharedGradient(cfg: ModelConfig, all: Tensor[], eight: boolean, block: number): number {
+  const c = cfg.hidden_size;
+  const v = cfg.vocab_size;
+  const table = v * c;
+  const other = Math.max(...all.filter((t) => !t.table).map((t) => t.numel));
+  if (!eight || table < 4096 || table <= other) return Math.max(table, other);
+  const gcd = (a: number, b: number): number => b === 0 ? a : gcd(b, a % b);
+  const unit = block / gcd(c, block);
+  const rows = Math.max(Math.floor(other / c / unit) * unit, unit);
+  return rows < v ? Math.max(other, rows * c) : table;
 }
 
 /** Stored bytes of one projector of `pn` elements at `bits` (4-bit codes packed two a byte). */

@@ -163,3 +163,21 @@ Deno.test("estimateMemory: bf16 embedding and head with 8-bit optimizers under b
     assert.equal(bf16.weights, fp32.weights, opt);
   }
 });
+
+Deno.test("estimateMemory: a vocabulary-sized table's gradient comes in row chunks when fused", async () => {
+  // byte vocabulary tables are small; a 32000-token vocabulary dwarfs llama-20m's linears
+  const big = { ...modelConfig("llama-20m", 32000), num_hidden_layers: 1 };
+  await compare({ optimizer: "adam8bit", model: big, batchSize: 1, seqLen: 16 });
+  await compare({ optimizer: "qgalore", model: big, rank: 32, batchSize: 1, seqLen: 16 });
+  const fused = estimateMemory(big, { name: "adam8bit", fused: true }, {
+    batchSize: 1,
+    seqLen: 16,
+  });
+  const global = estimateMemory(big, { name: "adam8bit", fused: false }, {
+    batchSize: 1,
+    seqLen: 16,
+  });
+  // the global step keeps every gradient; the fused one far less than one table's
+  assert.ok(fused.grads < 4 * 32000 * big.hidden_size, `${fused.grads}`);
+  assert.ok(global.grads > fused.grads);
+});

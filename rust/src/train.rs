@@ -35,6 +35,36 @@ pub struct Engine<B: Backend> {
     pub peak_device_bytes: u64,
 }
 
+/// Rows per chunk for the fused update of the embedding and head, when both take block-wise
+/// 8-bit Adam and each is larger than every other tensor: chunks as large as the largest
+/// other tensor and a whole number of 8-bit blocks, so the shared gradient buffer never has
+/// to hold a whole vocabulary-sized gradient (0.5 GB in f32 for llama-7b).
+fn table_chunk_rows<B: Backend>(model: &Llama<B>, opt: &dyn Optimizer<B>) -> Option<usize> {
+    let (e, h) = (model.embed, model.head);
+    let block = opt.row_block(e).filter(|&b| opt.row_block(h) == Some(b))?;
+    let (v, c) = (model.params[h].rows, model.params[h].cols);
+    let other = (0..model.params.len()).filter(|i| *i != e && *i != h).map(|i| model.params[i].numel()).max().unwrap_or(0);
+    if v * c <= other {
+        return None;
+    }
+    let unit = block / gcd(c, block); // rows per whole number of blocks
+    let rows = (other / c / unit * unit).max(unit);
+    (rows < v).then_some(rows)
+}
+
+/// Elements of the gradient the backward hands over: the parameter, or a row chunk of it.
+fn grad_len<B: Backend>(m: &Llama<B>, i: usize, rows: Option<(usize, usize)>) -> usize {
+    rows.map_or(m.params[i].numel(), |(_, nr)| nr * m.params[i].cols)
+}
+
+fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
+}
+
 impl<B: Backend> Engine<B> {
     pub fn new(be: B, cfg: EngineConfig) -> Result<Self> {
         cfg.validate()?;
@@ -48,9 +78,11 @@ impl<B: Backend> Engine<B> {
         // With gradient accumulation the full gradient must persist across micro-batches,
         // so only GA = 1 runs fused; GA > 1 takes the global step (exact, I-12).
         let fused = o.fused && cfg.grad_accum == 1;
-        let grads = Grads::new(&be, &model, |_| fused)?;
-        let acts = Acts::new(&be, &cfg.model, cfg.batch_size, cfg.seq_len, model.largest_quantized(), cfg.checkpointing)?;
         let opt = optim::build(&be, &model, o, cfg.seed)?;
+        let rows = if fused { table_chunk_rows(&model, opt.as_ref()) } else { None };
+        let tables = [model.embed, model.head];
+        let grads = Grads::new(&be, &model, |_| fused, |i| rows.filter(|_| tables.contains(&i)))?;
+        let acts = Acts::new(&be, &cfg.model, cfg.batch_size, cfg.seq_len, model.largest_quantized(), cfg.checkpointing)?;
         Ok(Engine { be, cfg, model, grads, acts, opt, fused, notice: None, timing: [0.0; 3], peak_device_bytes: 0 })
     }
 
@@ -82,7 +114,7 @@ impl<B: Backend> Engine<B> {
     }
 
     /// Runs the backward (with `hook` per parameter), timed.
-    fn timed_backward(&mut self, acc: bool, hook: &mut dyn FnMut(usize, &mut Llama<B>, &mut Grads<B>)) -> Result<()> {
+    fn timed_backward(&mut self, acc: bool, hook: &mut pass::Hook<B>) -> Result<()> {
         let t0 = Instant::now();
         pass::backward(&self.be, &mut self.model, &mut self.grads, &mut self.acts, acc, hook);
         self.be.sync()?;
@@ -109,7 +141,7 @@ impl<B: Backend> Engine<B> {
             if !sum.is_finite() {
                 return Err(Error::non_finite(format!("loss is {} at micro-batch {mb}", fmt_nf(sum))));
             }
-            self.timed_backward(mb > 0, &mut |_, _, _| {})?;
+            self.timed_backward(mb > 0, &mut |_, _, _, _| {})?;
         }
         Ok(sum / ntok)
     }
@@ -186,7 +218,7 @@ impl<B: Backend> Engine<B> {
         let (be, m, g, a, opt) = (&self.be, &mut self.model, &mut self.grads, &mut self.acts, &mut self.opt);
         let mut scale = 1.0f32;
         if clip > 0.0 {
-            pass::backward(be, m, g, a, false, &mut |i, m, g| be.sumsq_acc(g.get(i), m.params[i].numel()));
+            pass::backward(be, m, g, a, false, &mut |i, rows, m, g| be.sumsq_acc(g.get(i), grad_len(m, i, rows)));
             st.grad_norm = be.take_sumsq().sqrt();
             if !st.grad_norm.is_finite() {
                 return Err(Error::non_finite(format!("gradient norm is {}", fmt_nf(st.grad_norm))));
@@ -198,18 +230,25 @@ impl<B: Backend> Engine<B> {
         }
         opt.begin_step();
         let mut err: Option<Error> = None;
-        pass::backward(be, m, g, a, false, &mut |i, m, g| {
+        pass::backward(be, m, g, a, false, &mut |i, rows, m, g| {
             if err.is_some() {
                 return;
             }
-            let n = m.params[i].numel();
+            let n = grad_len(m, i, rows);
             if clip <= 0.0 {
                 be.sumsq_acc(g.get(i), n);
             }
             if scale != 1.0 {
                 be.scale(g.get_mut(i), scale);
             }
-            if let Err(e) = opt.update(be, i, &mut m.params[i], g.get_mut(i), lr) {
+            let r = match rows {
+                Some((r0, _)) => {
+                    let off = r0 * m.params[i].cols;
+                    opt.update_rows(be, i, &mut m.params[i], g.get_mut(i), off, n, lr)
+                }
+                None => opt.update(be, i, &mut m.params[i], g.get_mut(i), lr),
+            };
+            if let Err(e) = r {
                 err = Some(e);
             }
         });

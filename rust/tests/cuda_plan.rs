@@ -190,3 +190,21 @@ fn token_groups_list_each_tokens_rows_in_order() {
     assert_eq!(order, [0, 2, 5, 1, 4, 3]);
     assert_eq!(plan::token_groups(&[]), (vec![], vec![0], vec![]));
 }
+
+#[test]
+fn row_chunks_of_the_weight_gradient_and_embedding_backward() {
+    let (n, ic, oc) = (6, 5, 11);
+    let (d, x) = (values(n * oc, 30), values(n * ic, 31));
+    let mut full = vec![0.0; oc * ic];
+    matmul::matmul_dw(&mut full, &d, &x, n, ic, oc, false, Parallelism::None);
+    for (r0, rows) in [(0, 4), (4, 4), (8, 3)] {
+        let mut got = vec![f32::NAN; rows * ic];
+        run(&plan::matmul_dw_rows(n, ic, oc, r0, rows), &d, &x, &mut got);
+        close("matmul_dw rows", &got, &full[r0 * ic..(r0 + rows) * ic], 1e-6);
+    }
+    // the chunk's tokens relative to its first row, rows in order
+    let (uniq, starts, order) = plan::token_groups_in(&[7, 3, 7, 9, 3, 7, 5], 4, 4);
+    assert_eq!(uniq, [3, 1]); // tokens 7 and 5
+    assert_eq!(starts, [0, 3, 4]);
+    assert_eq!(order, [0, 2, 5, 6]);
+}

@@ -207,6 +207,55 @@ fn i12_fused_per_layer_step_equals_global_step() {
     }
 }
 
+/// With a vocabulary-sized embedding and head larger than every other tensor, the fused
+/// step takes their gradients in row chunks (whole 8-bit blocks): the shared gradient
+/// buffer shrinks to the largest other tensor and the run equals the global step.
+#[test]
+fn fused_step_updates_large_tables_in_row_chunks() {
+    use qgalore::backend::{Backend, Category};
+    for name in ["adam8bit", "galore8bit", "qgalore"] {
+        for clip in [0.0f32, 0.05] {
+            let run = |fused: bool| {
+                // tables 512×64 = 32768 elements; the largest linear 128×64 = 8192
+                let mut c = engine_cfg(tiny_model(512, 64, 128, 4, 4, 2), 2, 16, 7);
+                c.optimizer = optim(name, clip);
+                c.optimizer.rank = 8;
+                c.optimizer.update_gap = 3;
+                c.optimizer.weight_group_size = 64;
+                c.optimizer.proj_group_size = 64;
+                c.optimizer.fused = fused;
+                let mut e = engine(c);
+                let steps: Vec<(f64, f64)> = (0..4)
+                    .map(|s| {
+                        let st = e.train_step(&tokens(2, 16, 512, 70 + s), 1, 2e-3).unwrap();
+                        (st.loss, st.grad_norm)
+                    })
+                    .collect();
+                let l = e.eval(&tokens(2, 16, 512, 98), 1).unwrap();
+                let chunk = e.grads.chunk_rows(e.model.head);
+                (steps, l, chunk, e.be.mem().get(Category::Grads))
+            };
+            let (a, b) = (run(true), run(false));
+            assert_eq!(a.2, Some(128), "{name}: rows per chunk (8192 / 64)");
+            assert_eq!(b.2, None);
+            // the shared buffer holds the largest linear (8192), not a table (32768); the
+            // projected optimizers add their low-rank scratch
+            if name == "adam8bit" {
+                assert_eq!(a.3, 4 * 8192, "{name}: gradient bytes");
+            } else {
+                assert!(a.3 < 4 * 32768, "{name}: gradient bytes {}", a.3);
+            }
+            // identical weights; the norm sums the tables chunk by chunk, so its last f64
+            // bits may differ
+            for ((la, na), (lb, nb)) in a.0.iter().zip(&b.0) {
+                assert_eq!(la.to_bits(), lb.to_bits(), "{name} clip {clip}: losses differ");
+                assert!((na - nb).abs() <= 1e-12 * nb, "{name} clip {clip}: norms {na} vs {nb}");
+            }
+            assert_eq!(a.1.to_bits(), b.1.to_bits(), "{name} clip {clip}: final weights differ");
+        }
+    }
+}
+
 #[test]
 fn every_tensor_is_updated_once_per_step() {
     for name in ["adamw", "adam8bit", "galore", "galore8bit", "qgalore"] {

@@ -282,6 +282,17 @@ pub trait Backend: Send + Sync + 'static {
     /// bnb 8-bit block-wise Adam on `p`; non-finite gradient elements are skipped and
     /// counted (see `take_nonfinite`).
     fn a8_step(&self, p: &mut Self::Buf, g: &Self::Buf, st: &mut Self::A8, hp: BnbHp);
+    /// `a8_step` on elements [off, off + len) of `p` and `st` with the gradient in
+    /// g[..len]; `off` is a multiple of the state's block size.
+    fn a8_step_range(&self, p: &mut Self::Buf, g: &Self::Buf, st: &mut Self::A8, off: usize, len: usize, hp: BnbHp);
+    /// Rows r0 .. r0 + rows of `matmul_dw`: dw[r, :] = Σ_i dout[i, r0 + r] · inp[i, :]
+    /// (a row chunk of a weight gradient, overwritten).
+    #[allow(clippy::too_many_arguments)]
+    fn matmul_dw_rows(&self, dw: &mut Self::Buf, dout: &Self::Buf, inp: &Self::Buf, n: usize, ic: usize, oc: usize, r0: usize, rows: usize);
+    /// Rows r0 .. r0 + rows of `embedding_bwd`: dchunk[t − r0, :] += dout[i, :] for the
+    /// tokens t = tokens[i] in that range, in row order.
+    #[allow(clippy::too_many_arguments)]
+    fn embedding_bwd_rows(&self, dchunk: &mut Self::Buf, dout: &Self::Buf, tokens: &[i32], c: usize, r0: usize, rows: usize);
     /// bnb 32-bit Adam (same formula, fp32 moments).
     fn bnb32_step(&self, p: &mut Self::Buf, g: &Self::Buf, m: &mut Self::Buf, v: &mut Self::Buf, hp: BnbHp);
     /// GaLore-AdamW (algorithm-spec §1.3), in place: `buf` holds the gradient (m.len()

@@ -211,23 +211,35 @@ impl<B: Backend> Llama<B> {
 pub struct Grads<B: Backend> {
     own: Vec<Option<B::Buf>>,
     shared: Option<B::Buf>,
+    /// Rows per chunk for the parameters whose gradient the fused step produces and
+    /// consumes in row chunks (the embedding and head when they dwarf every other tensor).
+    chunk: Vec<Option<usize>>,
 }
 
 impl<B: Backend> Grads<B> {
-    /// `share(i)` says whether parameter i uses the shared scratch buffer.
-    pub fn new(be: &B, model: &Llama<B>, share: impl Fn(usize) -> bool) -> Result<Self> {
+    /// `share(i)` says whether parameter i uses the shared scratch buffer; `chunk(i)`
+    /// gives the rows per chunk of a shared parameter handled in row chunks.
+    pub fn new(be: &B, model: &Llama<B>, share: impl Fn(usize) -> bool, chunk: impl Fn(usize) -> Option<usize>) -> Result<Self> {
         let mut own = Vec::with_capacity(model.params.len());
+        let mut chunks = Vec::with_capacity(model.params.len());
         let mut largest = 0;
         for (i, p) in model.params.iter().enumerate() {
+            let rows = if share(i) { chunk(i) } else { None };
+            chunks.push(rows);
             if share(i) {
-                largest = largest.max(p.numel());
+                largest = largest.max(rows.map_or(p.numel(), |r| r * p.cols));
                 own.push(None);
             } else {
                 own.push(Some(be.alloc(p.numel(), Category::Grads)?));
             }
         }
         let shared = if largest > 0 { Some(be.alloc(largest, Category::Grads)?) } else { None };
-        Ok(Grads { own, shared })
+        Ok(Grads { own, shared, chunk: chunks })
+    }
+
+    /// Rows per chunk when parameter `idx`'s gradient comes in row chunks.
+    pub fn chunk_rows(&self, idx: usize) -> Option<usize> {
+        self.chunk[idx]
     }
 
     pub fn is_shared(&self, idx: usize) -> bool {

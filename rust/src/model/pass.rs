@@ -8,6 +8,10 @@
 use super::{Acts, Grads, Llama};
 use crate::backend::Backend;
 
+/// Called by the backward for each parameter whose gradient is complete: (index, the
+/// rows (first, count) when the gradient arrives in row chunks, model, gradients).
+pub type Hook<'a, B> = dyn FnMut(usize, Option<(usize, usize)>, &mut Llama<B>, &mut Grads<B>) + 'a;
+
 /// Runs the model on `a.tokens` and leaves the logits in `a.logits`.
 pub fn forward<B: Backend>(be: &B, m: &Llama<B>, a: &mut Acts<B>) {
     let cfg = &m.cfg;
@@ -61,7 +65,7 @@ pub fn backward<B: Backend>(
     g: &mut Grads<B>,
     a: &mut Acts<B>,
     acc: bool,
-    hook: &mut dyn FnMut(usize, &mut Llama<B>, &mut Grads<B>),
+    hook: &mut Hook<B>,
 ) {
     let cfg = m.cfg.clone();
     let (n, c, i, kv, v) = (a.b * a.t, cfg.hidden_size, cfg.intermediate_size, cfg.kv_dim(), cfg.vocab_size);
@@ -73,13 +77,22 @@ pub fn backward<B: Backend>(
 
     let last = m.layers.len();
     be.matmul_dinp(&mut a.dxn, &a.logits, m.w(m.head), n, c, v, false);
-    let ac = accum(g, m.head);
-    be.matmul_dw(g.get_mut(m.head), &a.logits, &a.xnf, n, c, v, ac);
-    hook(m.head, m, g);
+    if let Some(rows) = g.chunk_rows(m.head) {
+        // row chunks of the head's gradient, each updated before the next is computed
+        for r0 in (0..v).step_by(rows) {
+            let nr = rows.min(v - r0);
+            be.matmul_dw_rows(g.get_mut(m.head), &a.logits, &a.xnf, n, c, v, r0, nr);
+            hook(m.head, Some((r0, nr)), m, g);
+        }
+    } else {
+        let ac = accum(g, m.head);
+        be.matmul_dw(g.get_mut(m.head), &a.logits, &a.xnf, n, c, v, ac);
+        hook(m.head, None, m, g);
+    }
     be.fill(&mut a.dres, 0.0);
     let fnorm = m.final_norm;
     norm_bwd(be, m, g, acc, fnorm, &mut a.dres, &a.dxn, &a.x[last], &a.rstdf, n, c);
-    hook(fnorm, m, g);
+    hook(fnorm, None, m, g);
 
     for l in (0..last).rev() {
         let ly = m.layers[l];
@@ -92,24 +105,24 @@ pub fn backward<B: Backend>(
         be.matmul_dinp(&mut a.dact, &a.dres, m.wv(be, ly.down, &mut a.wq), n, i, c, false);
         let ac = accum(g, ly.down);
         be.matmul_dw(g.get_mut(ly.down), &a.dres, &a.act[s], n, i, c, ac);
-        hook(ly.down, m, g);
+        hook(ly.down, None, m, g);
         be.swiglu_bwd(&mut a.dgate, &mut a.dup, &a.dact, &a.gate[s], &a.up[s]);
         be.matmul_dinp(&mut a.dxn, &a.dgate, m.wv(be, ly.gate, &mut a.wq), n, c, i, false);
         be.matmul_dinp(&mut a.dxn, &a.dup, m.wv(be, ly.up, &mut a.wq), n, c, i, true);
         let ac = accum(g, ly.gate);
         be.matmul_dw(g.get_mut(ly.gate), &a.dgate, &a.xn2[s], n, c, i, ac);
-        hook(ly.gate, m, g);
+        hook(ly.gate, None, m, g);
         let ac = accum(g, ly.up);
         be.matmul_dw(g.get_mut(ly.up), &a.dup, &a.xn2[s], n, c, i, ac);
-        hook(ly.up, m, g);
+        hook(ly.up, None, m, g);
         norm_bwd(be, m, g, acc, ly.mlp_norm, &mut a.dres, &a.dxn, &a.xm[s], &a.rstd2[s], n, c);
-        hook(ly.mlp_norm, m, g);
+        hook(ly.mlp_norm, None, m, g);
 
         // Attention: xm = x[l] + o(attn(rope(q(xn1)), rope(k(xn1)), v(xn1)))
         be.matmul_dinp(&mut a.dao, &a.dres, m.wv(be, ly.o, &mut a.wq), n, c, c, false);
         let ac = accum(g, ly.o);
         be.matmul_dw(g.get_mut(ly.o), &a.dres, &a.ao[s], n, c, c, ac);
-        hook(ly.o, m, g);
+        hook(ly.o, None, m, g);
         be.attention_bwd(&mut a.dq, &mut a.dk, &mut a.dv, &mut a.datt, &a.dao, &a.q[s], &a.k[s], &a.v[s], &a.att[s], dims);
         be.rope(&mut a.dq, &a.rope, b, t, h, hd, true);
         be.rope(&mut a.dk, &a.rope, b, t, kvh, hd, true);
@@ -119,17 +132,26 @@ pub fn backward<B: Backend>(
         for (idx, d, oc) in [(ly.q, &a.dq, c), (ly.k, &a.dk, kv), (ly.v, &a.dv, kv)] {
             let ac = accum(g, idx);
             be.matmul_dw(g.get_mut(idx), d, &a.xn1[s], n, c, oc, ac);
-            hook(idx, m, g);
+            hook(idx, None, m, g);
         }
         norm_bwd(be, m, g, acc, ly.attn_norm, &mut a.dres, &a.dxn, &a.x[l], &a.rstd1[s], n, c);
-        hook(ly.attn_norm, m, g);
+        hook(ly.attn_norm, None, m, g);
     }
     let e = m.embed;
+    if let Some(rows) = g.chunk_rows(e) {
+        for r0 in (0..v).step_by(rows) {
+            let nr = rows.min(v - r0);
+            be.fill(g.get_mut(e), 0.0);
+            be.embedding_bwd_rows(g.get_mut(e), &a.dres, &a.tokens, c, r0, nr);
+            hook(e, Some((r0, nr)), m, g);
+        }
+        return;
+    }
     if !accum(g, e) {
         be.fill(g.get_mut(e), 0.0);
     }
     be.embedding_bwd(g.get_mut(e), &a.dres, &a.tokens, c);
-    hook(e, m, g);
+    hook(e, None, m, g);
 }
 
 /// RMSNorm backward into `dres` (+=) and the norm's weight gradient.

@@ -139,10 +139,23 @@ impl Default for Maps {
 /// (skipping non-finite gradients: m = v = 0, p unchanged), take the new absmax, update
 /// p, then requantize. Returns the number of non-finite gradient elements skipped.
 pub fn step8(p: &mut [f32], g: &[f32], st: &mut State8, maps: &Maps, hp: BnbHp) -> u64 {
+    let n = p.len();
+    step8_range(p, g, st, 0, n, maps, hp)
+}
+
+/// `step8` on elements [off, off + len) of the tensor: `p` and `g` hold just that range
+/// and `off` is a multiple of the block size, so whole blocks are updated exactly as the
+/// full step would (the fused step's row-chunked update of large tables).
+pub fn step8_range(p: &mut [f32], g: &[f32], st: &mut State8, off: usize, len: usize, maps: &Maps, hp: BnbHp) -> u64 {
     let (step_size, eps2) = hp.bnb_factors();
     let (b1, b2, decay) = (hp.beta1, hp.beta2, 1.0 - hp.lr * hp.weight_decay);
     let bs = st.block;
+    assert!(off % bs == 0 && off + len <= st.m.len(), "8-bit Adam range {off}+{len} is not block-aligned");
+    let (b0, b1e) = (off / bs, (off + len).div_ceil(bs));
     let State8 { m, v, absmax_m, absmax_v, .. } = st;
+    let (m, v) = (&mut m[off..off + len], &mut v[off..off + len]);
+    let (absmax_m, absmax_v) = (&mut absmax_m[b0..b1e], &mut absmax_v[b0..b1e]);
+    let p = &mut p[..len];
     p.par_chunks_mut(bs)
         .zip(m.par_chunks_mut(bs))
         .zip(v.par_chunks_mut(bs))

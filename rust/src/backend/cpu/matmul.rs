@@ -80,6 +80,19 @@ pub fn matmul_dw(dw: &mut [f32], dout: &[f32], inp: &[f32], n: usize, ic: usize,
     }
 }
 
+/// Rows r0 .. r0 + rows of `matmul_dw` (no accumulation): dw[r, ic] = dout[n, r0 + r]ᵀ · inp
+/// — the same product on a column window of dout.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_dw_rows(dw: &mut [f32], dout: &[f32], inp: &[f32], n: usize, ic: usize, oc: usize, r0: usize, rows: usize, p: Parallelism) {
+    assert!(r0 + rows <= oc && dw.len() >= rows * ic && dout.len() >= n * oc && inp.len() >= n * ic);
+    unsafe {
+        gemm_raw(
+            rows, ic, n, dw.as_mut_ptr(), ic as isize, 1, false, dout.as_ptr().add(r0), 1, oc as isize, inp.as_ptr(),
+            ic as isize, 1, 1.0, p,
+        )
+    }
+}
+
 /// Plain row-major c[m×n] = a[m×k] · b[k×n] (tests, projector maths).
 pub fn matmul_nn(c: &mut [f32], a: &[f32], b: &[f32], m: usize, k: usize, n: usize, p: Parallelism) {
     assert!(c.len() >= m * n && a.len() >= m * k && b.len() >= k * n);

@@ -276,6 +276,16 @@ impl Backend for Cpu {
         let n = st.m.len();
         self.count_nonfinite(adam8::step8(&mut p.data[..n], &g.data[..n], &mut st.inner, maps, hp));
     }
+    fn a8_step_range(&self, p: &mut CpuBuf, g: &CpuBuf, st: &mut Self::A8, off: usize, len: usize, hp: BnbHp) {
+        let maps = MAPS.get_or_init(adam8::Maps::new);
+        self.count_nonfinite(adam8::step8_range(&mut p.data[off..off + len], &g.data[..len], &mut st.inner, off, len, maps, hp));
+    }
+    fn matmul_dw_rows(&self, dw: &mut CpuBuf, dout: &CpuBuf, inp: &CpuBuf, n: usize, ic: usize, oc: usize, r0: usize, rows: usize) {
+        matmul::matmul_dw_rows(&mut dw.data, &dout.data, &inp.data, n, ic, oc, r0, rows, self.par())
+    }
+    fn embedding_bwd_rows(&self, dchunk: &mut CpuBuf, dout: &CpuBuf, tokens: &[i32], c: usize, r0: usize, rows: usize) {
+        ops::embedding_bwd_rows(&mut dchunk.data, &dout.data, tokens, c, r0, rows)
+    }
     fn bnb32_step(&self, p: &mut CpuBuf, g: &CpuBuf, m: &mut CpuBuf, v: &mut CpuBuf, hp: BnbHp) {
         let n = m.len();
         self.count_nonfinite(adam8::step32(&mut p.data[..n], &g.data[..n], &mut m.data, &mut v.data[..n], hp));

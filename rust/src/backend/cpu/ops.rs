@@ -38,6 +38,21 @@ pub fn embedding_bwd(dtable: &mut [f32], dout: &[f32], tokens: &[i32], c: usize)
     });
 }
 
+/// Rows r0 .. r0 + rows of `embedding_bwd` into a chunk buffer: dchunk[t − r0, :] +=
+/// dout[i, :] for tokens t in the range, rows in order (the full backward's order).
+pub fn embedding_bwd_rows(dchunk: &mut [f32], dout: &[f32], tokens: &[i32], c: usize, r0: usize, rows: usize) {
+    for (r, &tok) in tokens.iter().enumerate() {
+        let t = tok as usize;
+        if t < r0 || t >= r0 + rows {
+            continue;
+        }
+        let dst = &mut dchunk[(t - r0) * c..(t - r0 + 1) * c];
+        for (d, s) in dst.iter_mut().zip(&dout[r * c..(r + 1) * c]) {
+            *d += s;
+        }
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 pub fn rmsnorm(out: &mut [f32], rstd: &mut [f32], x: &[f32], w: &[f32], n: usize, c: usize, eps: f32) {
     out[..n * c].par_chunks_mut(c).zip(rstd[..n].par_iter_mut()).zip(x[..n * c].par_chunks(c)).for_each(

@@ -458,6 +458,26 @@ impl Cuda {
         h[0]
     }
 
+    /// The grouped embedding backward (`plan::token_groups`) into `dtable`.
+    fn embedding_bwd_groups(&self, dtable: &mut CudaBuf, dout: &CudaBuf, groups: (Vec<i32>, Vec<i32>, Vec<i32>), c: usize) {
+        let (uniq, starts, order) = groups;
+        if uniq.is_empty() {
+            return;
+        }
+        let mut sc = self.scratch();
+        let Scratch { tokens: d_order, targets: d_uniq, groups: d_starts, .. } = &mut *sc;
+        for (dst, ids) in [(d_order, &order), (d_uniq, &uniq), (d_starts, &starts)] {
+            if let Err(e) = self.upload_ids(dst, ids) {
+                return self.note::<(), _>("copy", Err(e.msg));
+            }
+        }
+        let ci = c as i32;
+        let mut l = self.stream.launch_builder(self.a("embedding_bwd"));
+        l.arg(dtable.data.f32_mut()).arg(&dout.data).arg(&sc.targets).arg(&sc.groups).arg(&sc.tokens).arg(&ci);
+        let cfg = LaunchConfig { grid_dim: (uniq.len() as u32, (c as u32).div_ceil(THREADS), 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+        self.note("embedding_bwd", unsafe { l.launch(cfg) });
+    }
+
     /// Σx² of b[..n] into `out` (= or +=), in a fixed order: 256 block partials, then one
     /// thread adds them.
     fn sumsq_into(&self, b: &CudaBuf, n: usize, partial: &mut CudaSlice<f64>, out: &mut CudaSlice<f64>, acc: bool) {
@@ -622,6 +642,9 @@ impl Backend for Cuda {
     fn matmul_dw(&self, dw: &mut CudaBuf, dout: &CudaBuf, inp: &CudaBuf, n: usize, ic: usize, oc: usize, acc: bool) {
         self.gemm(&plan::matmul_dw(n, ic, oc, acc), &dout.data, &inp.data, &mut dw.data);
     }
+    fn matmul_dw_rows(&self, dw: &mut CudaBuf, dout: &CudaBuf, inp: &CudaBuf, n: usize, ic: usize, oc: usize, r0: usize, rows: usize) {
+        self.gemm(&plan::matmul_dw_rows(n, ic, oc, r0, rows), &dout.data, &inp.data, &mut dw.data);
+    }
 
     fn embedding(&self, out: &mut CudaBuf, tokens: &[i32], table: &CudaBuf, c: usize) {
         let mut sc = self.scratch();
@@ -637,22 +660,10 @@ impl Backend for Cuda {
         self.note("embedding", unsafe { l.launch(cfg) });
     }
     fn embedding_bwd(&self, dtable: &mut CudaBuf, dout: &CudaBuf, tokens: &[i32], c: usize) {
-        let (uniq, starts, order) = plan::token_groups(tokens);
-        if uniq.is_empty() {
-            return;
-        }
-        let mut sc = self.scratch();
-        let Scratch { tokens: d_order, targets: d_uniq, groups: d_starts, .. } = &mut *sc;
-        for (dst, ids) in [(d_order, &order), (d_uniq, &uniq), (d_starts, &starts)] {
-            if let Err(e) = self.upload_ids(dst, ids) {
-                return self.note::<(), _>("copy", Err(e.msg));
-            }
-        }
-        let ci = c as i32;
-        let mut l = self.stream.launch_builder(self.a("embedding_bwd"));
-        l.arg(dtable.data.f32_mut()).arg(&dout.data).arg(&sc.targets).arg(&sc.groups).arg(&sc.tokens).arg(&ci);
-        let cfg = LaunchConfig { grid_dim: (uniq.len() as u32, (c as u32).div_ceil(THREADS), 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
-        self.note("embedding_bwd", unsafe { l.launch(cfg) });
+        self.embedding_bwd_groups(dtable, dout, plan::token_groups(tokens), c);
+    }
+    fn embedding_bwd_rows(&self, dchunk: &mut CudaBuf, dout: &CudaBuf, tokens: &[i32], c: usize, r0: usize, rows: usize) {
+        self.embedding_bwd_groups(dchunk, dout, plan::token_groups_in(tokens, r0, rows), c);
     }
     fn rmsnorm(&self, out: &mut CudaBuf, rstd: &mut CudaBuf, x: &CudaBuf, w: &CudaBuf, n: usize, c: usize, eps: f32) {
         let ci = c as i32;
@@ -860,16 +871,28 @@ impl Backend for Cuda {
         Ok(st)
     }
     fn a8_step(&self, p: &mut CudaBuf, g: &CudaBuf, st: &mut CudaA8, hp: BnbHp) {
+        let n = st.n;
+        self.a8_step_range(p, g, st, 0, n, hp);
+    }
+    fn a8_step_range(&self, p: &mut CudaBuf, g: &CudaBuf, st: &mut CudaA8, off: usize, len: usize, hp: BnbHp) {
         let (step_size, eps2) = hp.bnb_factors();
         let decay = 1.0 - hp.lr * hp.weight_decay;
+        let bs = st.block;
+        if off % bs != 0 || off + len > st.n {
+            return self.note("adam8", Err::<(), _>(format!("range {off}+{len} is not block-aligned")));
+        }
         let mut sc = self.scratch();
-        let (bs, n) = (st.block as i32, st.n as u64);
+        let (bsi, n) = (bs as i32, len as u64);
         let name = if p.data.is_bf16() { "adam8_w16" } else { "adam8" };
+        let (pp, _gp) = p.data.ptr_mut(&self.stream, off);
+        let (mut cm, mut cv) = (st.m.slice_mut(off..off + len), st.v.slice_mut(off..off + len));
+        let blocks = (off / bs)..(off + len).div_ceil(bs);
+        let (mut am, mut av) = (st.absm.slice_mut(blocks.clone()), st.absv.slice_mut(blocks));
         let mut l = self.stream.launch_builder(self.f(name));
-        l.arg(&mut p.data).arg(g.data.f32()).arg(&mut st.m).arg(&mut st.v).arg(&mut st.absm).arg(&mut st.absv);
+        l.arg(&pp).arg(g.data.f32()).arg(&mut cm).arg(&mut cv).arg(&mut am).arg(&mut av);
         l.arg(&self.maps.0).arg(&self.maps.1).arg(&step_size).arg(&eps2).arg(&hp.beta1).arg(&hp.beta2);
-        l.arg(&hp.weight_decay).arg(&decay).arg(&bs).arg(&mut sc.count).arg(&n);
-        let cfg = LaunchConfig { grid_dim: (st.n.div_ceil(st.block) as u32, 1, 1), block_dim: ((st.block / 8) as u32, 1, 1), shared_mem_bytes: 0 };
+        l.arg(&hp.weight_decay).arg(&decay).arg(&bsi).arg(&mut sc.count).arg(&n);
+        let cfg = LaunchConfig { grid_dim: (len.div_ceil(bs) as u32, 1, 1), block_dim: ((bs / 8) as u32, 1, 1), shared_mem_bytes: 0 };
         self.note("adam8", unsafe { l.launch(cfg) });
     }
     fn bnb32_step(&self, p: &mut CudaBuf, g: &CudaBuf, m: &mut CudaBuf, v: &mut CudaBuf, hp: BnbHp) {

@@ -110,6 +110,11 @@ pub fn matmul_dw(n: usize, ic: usize, oc: usize, accumulate: bool) -> Gemm {
     one(true, false, oc, ic, n, 1.0, (0, oc), (0, ic), acc(accumulate), (0, ic), ONE)
 }
 
+/// Rows r0 .. r0 + rows of `matmul_dw` (A = dout from column r0, B = inp, C = the chunk).
+pub fn matmul_dw_rows(n: usize, ic: usize, oc: usize, r0: usize, rows: usize) -> Gemm {
+    one(true, false, rows, ic, n, 1.0, (r0, oc), (0, ic), 0.0, (0, ic), ONE)
+}
+
 /// Gram matrix of g (rows × cols): GᵀG (cols²) when `right`, else GGᵀ (rows²); A = B = g.
 pub fn gram(rows: usize, cols: usize, right: bool) -> Gemm {
     if right {
@@ -222,10 +227,17 @@ pub fn rotate(n: usize, k: usize, right: bool) -> Gemm {
 /// (distinct tokens in first-seen order, start of each one's rows in `order` plus the
 /// end, the row indices grouped by token and ascending within a token).
 pub fn token_groups(tokens: &[i32]) -> (Vec<i32>, Vec<i32>, Vec<i32>) {
+    token_groups_in(tokens, 0, usize::MAX)
+}
+
+/// `token_groups` of the tokens in [r0, r0 + rows) only, each distinct token given
+/// relative to r0 (its row in a chunk of the table).
+pub fn token_groups_in(tokens: &[i32], r0: usize, rows: usize) -> (Vec<i32>, Vec<i32>, Vec<i32>) {
+    let inside = |t: i32| (t as usize) >= r0 && (t as usize - r0) < rows;
     let mut slot = std::collections::HashMap::new();
     let mut uniq = Vec::new();
     let mut count = Vec::new();
-    for &t in tokens {
+    for &t in tokens.iter().filter(|&&t| inside(t)) {
         let u = *slot.entry(t).or_insert_with(|| {
             uniq.push(t);
             count.push(0i32);
@@ -239,11 +251,12 @@ pub fn token_groups(tokens: &[i32]) -> (Vec<i32>, Vec<i32>, Vec<i32>) {
         starts.push(starts.last().unwrap() + c);
     }
     let mut next: Vec<i32> = starts[..uniq.len()].to_vec();
-    let mut order = vec![0i32; tokens.len()];
-    for (r, t) in tokens.iter().enumerate() {
+    let mut order = vec![0i32; *starts.last().unwrap() as usize];
+    for (r, t) in tokens.iter().enumerate().filter(|(_, &t)| inside(t)) {
         let u = slot[t];
         order[next[u] as usize] = r as i32;
         next[u] += 1;
     }
+    let uniq = uniq.into_iter().map(|t| t - r0 as i32).collect();
     (uniq, starts, order)
 }
