@@ -146,10 +146,13 @@ impl<B: Backend> Engine<B> {
         Ok(sum / ntok)
     }
 
+    /// Global norm of the gradient buffers after `loss_and_grads` (the global step's
+    /// gradients; a fused engine's shared buffer holds only its last tensor or chunk).
     pub fn grad_norm(&self) -> f64 {
         let p = &self.model.params;
         for (i, q) in p.iter().enumerate() {
-            self.be.sumsq_acc(self.grads.get(i), q.numel());
+            let g = self.grads.get(i);
+            self.be.sumsq_acc(g, q.numel().min(self.be.len(g)));
         }
         self.be.take_sumsq().sqrt()
     }
