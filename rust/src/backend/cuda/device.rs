@@ -162,8 +162,9 @@ struct Scratch {
     count: CudaSlice<u64>,
     tokens: CudaSlice<i32>,
     targets: CudaSlice<i32>,
-    /// Token group starts of the embedding backward (`plan::token_groups`).
-    groups: CudaSlice<i32>,
+    /// The grouped embedding backward's ids (`plan::token_groups`): distinct tokens, group
+    /// starts, rows in group order.
+    groups: [CudaSlice<i32>; 3],
     losses: CudaSlice<f32>,
     /// bf16 copies of f32 GEMM inputs (one per operand).
     cast: [CudaSlice<u16>; 2],
@@ -263,7 +264,11 @@ impl Cuda {
             count: stream.alloc_zeros::<u64>(1).map_err(a)?,
             tokens: stream.alloc_zeros::<i32>(1).map_err(a)?,
             targets: stream.alloc_zeros::<i32>(1).map_err(a)?,
-            groups: stream.alloc_zeros::<i32>(1).map_err(a)?,
+            groups: [
+                stream.alloc_zeros::<i32>(1).map_err(a)?,
+                stream.alloc_zeros::<i32>(1).map_err(a)?,
+                stream.alloc_zeros::<i32>(1).map_err(a)?,
+            ],
             losses: stream.alloc_zeros::<f32>(1).map_err(a)?,
             cast: [stream.alloc_zeros::<u16>(1).map_err(a)?, stream.alloc_zeros::<u16>(1).map_err(a)?],
             dw_part: stream.alloc_zeros::<f32>(1).map_err(a)?,
@@ -465,15 +470,15 @@ impl Cuda {
             return;
         }
         let mut sc = self.scratch();
-        let Scratch { tokens: d_order, targets: d_uniq, groups: d_starts, .. } = &mut *sc;
-        for (dst, ids) in [(d_order, &order), (d_uniq, &uniq), (d_starts, &starts)] {
+        for (dst, ids) in sc.groups.iter_mut().zip([&uniq, &starts, &order]) {
             if let Err(e) = self.upload_ids(dst, ids) {
                 return self.note::<(), _>("copy", Err(e.msg));
             }
         }
         let ci = c as i32;
+        let [d_uniq, d_starts, d_order] = &sc.groups;
         let mut l = self.stream.launch_builder(self.a("embedding_bwd"));
-        l.arg(dtable.data.f32_mut()).arg(&dout.data).arg(&sc.targets).arg(&sc.groups).arg(&sc.tokens).arg(&ci);
+        l.arg(dtable.data.f32_mut()).arg(&dout.data).arg(d_uniq).arg(d_starts).arg(d_order).arg(&ci);
         let cfg = LaunchConfig { grid_dim: (uniq.len() as u32, (c as u32).div_ceil(THREADS), 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
         self.note("embedding_bwd", unsafe { l.launch(cfg) });
     }
@@ -943,7 +948,8 @@ impl Backend for Cuda {
         w.qtensor(&self.q_host(q));
     }
     fn load_q(&self, q: &mut CudaQ, r: &mut Reader, what: &str) -> Result<()> {
-        let mut h = self.q_host(q);
+        // a host tensor of the same shape receives the checkpoint (nothing to download)
+        let mut h = crate::quant::QTensor::new(q.numel, q.bits, q.group)?;
         r.qtensor_into(&mut h, what)?;
         let c = |e| dev_err("copy", e);
         self.stream.memcpy_htod(&h.codes, &mut q.codes).map_err(c)?;
@@ -957,7 +963,7 @@ impl Backend for Cuda {
         w.state8(&self.a8_host(s));
     }
     fn load_a8(&self, s: &mut CudaA8, r: &mut Reader, what: &str) -> Result<()> {
-        let mut h = self.a8_host(s);
+        let mut h = crate::quant::adam8::State8::new(s.n, s.block);
         r.state8_into(&mut h, what)?;
         let c = |e| dev_err("copy", e);
         self.stream.memcpy_htod(&h.m, &mut s.m).map_err(c)?;
