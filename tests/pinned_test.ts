@@ -1,15 +1,49 @@
 import assert from "node:assert/strict";
-import { PINNED_CASES, PINNED_FIXTURE, type PinnedRun, runPinned } from "./pinned_cases.ts";
+import {
+  FALLBACK_RTOL,
+  machineKey,
+  PINNED_CASES,
+  type PinnedRun,
+  readPinned,
+  runPinned,
+} from "./pinned_cases.ts";
 
 // Trajectories are bit-identical for any thread count and any refactor that keeps the
-// arithmetic: every loss and gradient norm must equal the pinned value exactly.
-const pinned = JSON.parse(Deno.readTextFileSync(PINNED_FIXTURE)) as Record<string, PinnedRun>;
+// arithmetic: on a processor model the fixture knows, every loss and gradient norm must
+// equal the pinned value exactly. Elsewhere (GEMM blocking follows the caches) they must
+// agree to FALLBACK_RTOL with any known model's values.
+const all = readPinned();
+const key = machineKey();
+const exact = all[key];
+if (!exact) {
+  console.warn(
+    `pinned losses: no entry for "${key}"; comparing within rtol ${FALLBACK_RTOL} ` +
+      "(record it with `deno run -A tests/pinned_cases.ts --write` at the fixture's commit)",
+  );
+}
+
+function close(got: PinnedRun, want: PinnedRun): void {
+  assert.equal(got.svd_count, want.svd_count);
+  for (const k of ["losses", "grad_norms", "val_losses"] as const) {
+    assert.equal(got[k].length, want[k].length, k);
+    got[k].forEach((g, i) => {
+      const w = want[k][i];
+      if (g === null || w === null) return assert.equal(g, w, `${k}[${i}]`);
+      assert.ok(Math.abs(g - w) <= FALLBACK_RTOL * Math.abs(w), `${k}[${i}]: ${g} vs ${w}`);
+    });
+  }
+}
 
 for (const c of PINNED_CASES) {
   Deno.test(`pinned losses: ${c.name}`, async () => {
-    const want = pinned[c.name];
-    assert.ok(want, `no pinned values for ${c.name}; run tests/pinned_cases.ts --write`);
     const got = await runPinned(c);
-    assert.deepEqual(got, want);
+    if (exact) {
+      assert.ok(exact[c.name], `no pinned values for ${c.name}; run tests/pinned_cases.ts --write`);
+      assert.deepEqual(got, exact[c.name]);
+    } else {
+      const any = Object.values(all).find((m) => m[c.name]);
+      assert.ok(any, `no pinned values for ${c.name}; run tests/pinned_cases.ts --write`);
+      close(got, any[c.name]);
+    }
   });
 }
