@@ -79,6 +79,7 @@ pub fn buffers(cfg: &ModelConfig, b: usize, t: usize, wq: usize, ckpt: bool) -> 
     let per = |name, len| buf(name, len, slots, false);
     let one = |name, len| buf(name, len, 1, false);
     vec![
+        buf("rope", t * cfg.head_dim(), 1, true),
         buf("x", n * c, l + 1, false),
         per("xn1", n * c),
         buf("rstd1", n, slots, true),
@@ -96,7 +97,6 @@ pub fn buffers(cfg: &ModelConfig, b: usize, t: usize, wq: usize, ckpt: bool) -> 
         one("xnf", n * c),
         buf("rstdf", n, 1, true),
         buf("logits", n * v, 1, true),
-        buf("rope", t * cfg.head_dim(), 1, true),
         one("dres", n * c),
         one("dxn", n * c),
         one("dq", n * c),
