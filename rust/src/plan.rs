@@ -341,7 +341,7 @@ impl Plan {
         let sum = |f: fn(&TensorPlan) -> u64| tensors.iter().map(f).sum::<u64>();
         // the optimizer's low-rank gradient R (and the 8-bit update U), and the projector in
         // use plus a fresh one during a refresh, all f32
-        let scratch = if o.eight_bit() { 2 } else { 1 } * 4 * big_low as u64;
+        let scratch = (if o.eight_bit() { 2 } else { 1 }) * 4 * big_low as u64;
         let mut initial = Bytes {
             weights: sum(|t| t.weight_bytes),
             grads: sum(|t| t.grad_bytes) + 4 * shared_grad as u64 + scratch,
