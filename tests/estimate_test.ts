@@ -3,7 +3,7 @@
  * paper's Table 6 full-rank rows.
  */
 import assert from "node:assert/strict";
-import { Engine } from "../ffi/engine.ts";
+import { Engine, EngineError, planEngine } from "../ffi/engine.ts";
 import { estimateMemory, paperMemory, paramCount } from "../lib/estimate.ts";
 import { checkOptions, engineOptimizerConfig, type TrainOptions } from "../lib/options.ts";
 import { modelConfig } from "../lib/presets.ts";
@@ -205,4 +205,24 @@ Deno.test("estimateMemory: a 7B model in milliseconds, without a GPU or large al
   assert.equal(a.weights, 4 * params);
   assert.equal(a.optimizer_state, 8 * params);
   assert.ok(q.total < a.total / 3, `${q.total} vs ${a.total}`);
+});
+
+Deno.test("planEngine: the engine's fit check names config fields; the engine refuses alike", async () => {
+  const optimizer = { name: "qgalore", weight_bits: 8, weight_group_size: 6 };
+  const cfg = { model: base, batch_size: 2, seq_len: 16, device: "cpu" as const, optimizer };
+  assert.deepEqual(planEngine(cfg, "llama-9m").problem, {
+    field: "weight_group_size",
+    value: 6,
+    why: "does not divide the 128×128 q matrix of llama-9m (16384 elements); " +
+      "use an even divisor of 4096",
+  });
+  assert.throws(
+    () => planEngine({ ...cfg, batch_size: 0 }),
+    (e: unknown) => e instanceof EngineError && e.message === "batch_size = 0: must be ≥ 1",
+  );
+  const adam = { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0, clip: 0 };
+  await assert.rejects(
+    Engine.create({ ...cfg, seed: 1, optimizer: { ...optimizer, ...adam } }),
+    /^EngineError: weight_group_size = 6: does not divide the 128×128 q matrix of the model /,
+  );
 });
