@@ -164,12 +164,11 @@ pub struct Fit {
 /// `label` names the model in the messages.
 pub fn fit(model: &ModelConfig, o: &OptimConfig, label: &str) -> Fit {
     let linears = block_linears(model);
-    let gcd_all = |xs: &mut dyn Iterator<Item = usize>| xs.fold(0, gcd);
     let mut out = Fit::default();
     if let Some(q) = linear_quant(o) {
         let g = q.group;
         if let Some(&(kind, rows, cols)) = linears.iter().find(|(_, r, c)| (r * c) % g != 0) {
-            let d = gcd_all(&mut linears.iter().map(|(_, r, c)| r * c));
+            let d = linears.iter().map(|(_, r, c)| r * c).fold(0, gcd);
             out.problem = Some(Note {
                 field: "weight_group_size",
                 value: g as u64,
@@ -189,7 +188,7 @@ pub fn fit(model: &ModelConfig, o: &OptimConfig, label: &str) -> Fit {
         let g = o.proj_group_size;
         if let Some(&(kind, rows, cols, p)) = geo.iter().find(|x| x.3.numel % g != 0) {
             let (pr, pc) = p.shape(rows, cols);
-            let d = gcd_all(&mut geo.iter().map(|x| x.3.numel));
+            let d = geo.iter().map(|x| x.3.numel).fold(0, gcd);
             out.problem = Some(Note {
                 field: "proj_group_size",
                 value: g as u64,
