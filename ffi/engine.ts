@@ -97,6 +97,121 @@ export interface MemoryBytes {
   total: number;
 }
 
+/** What {@link planEngine} reads: an engine config whose optimizer may list only the settings
+ * that change memory (the engine's defaults fill in the rest). */
+export type PlanConfig = Omit<EngineConfig, "optimizer" | "seed"> & {
+  /** Optimizer name and any of its settings (`rust/src/config.rs` field names). */
+  optimizer: { name: string; [key: string]: unknown };
+  /** Ignored by the plan. */
+  seed?: number;
+};
+
+/** A setting judged against the model: `field = value: why`, with an engine-config field. */
+export interface PlanNote {
+  /** Engine-config field, e.g. `weight_group_size`. */
+  field: string;
+  /** Its value. */
+  value: number;
+  /** Why, naming the matrix or projector concerned. */
+  why: string;
+}
+
+/** One parameter tensor in the engine's byte plan. */
+export interface TensorPlan {
+  /** Hugging Face parameter name. */
+  name: string;
+  /** Output features. */
+  rows: number;
+  /** Input features. */
+  cols: number;
+  /** `embed`, `norm`, `linear` or `head`. */
+  role: string;
+  /** Weight storage bytes. */
+  weight_bytes: number;
+  /** Own gradient buffer bytes (0 when the fused step shares one buffer). */
+  grad_bytes: number;
+  /** Adam moment bytes. */
+  state_bytes: number;
+  /** Whether the moments are block-wise 8-bit. */
+  eight_bit_state: boolean;
+  /** GaLore projector of a projected linear: geometry and stored bytes. */
+  projector: {
+    right: boolean;
+    rank: number;
+    low: number;
+    numel: number;
+    stored_bytes: number;
+  } | null;
+}
+
+/** The engine's byte plan for a config (`rust/src/plan.rs`): computed without allocating. */
+export interface EnginePlan {
+  /** Trainable parameters. */
+  params: number;
+  /** Activation precision planned for. */
+  precision: "fp32" | "bf16";
+  /** Whether the optimizer steps inside the backward. */
+  fused: boolean;
+  /** Rows per chunk of the embedding and head gradients in the fused step, when chunked. */
+  table_chunk_rows: number | null;
+  /** Elements of the fused step's shared gradient buffer (0 without it). */
+  shared_grad: number;
+  /** Elements of the largest low-rank gradient. */
+  largest_low: number;
+  /** Elements of the largest projector. */
+  largest_projector: number;
+  /** Bytes a freshly built engine tracks (no projector stored yet). */
+  initial: MemoryBytes;
+  /** Bytes tracked once every projector is stored (after the first update). */
+  stepped: MemoryBytes;
+  /** Every parameter tensor, in creation order. */
+  tensors: TensorPlan[];
+  /** Activation buffers: `copies` × `len` values, f32 or the activation dtype. */
+  activations: { name: string; len: number; copies: number; fp32: boolean }[];
+  /** A setting the engine cannot be built with, or null. */
+  problem: PlanNote | null;
+  /** Settings the engine adapts (a rank clamped to a matrix's size). */
+  notices: PlanNote[];
+}
+
+/**
+ * The engine's byte plan for `config`, computed from the config alone: no allocation, no
+ * device (a 7B model takes milliseconds). bf16 is planned when `precision` is `bf16`, or
+ * `auto` on `device: "cuda"`. `label` names the model in the plan's messages. Throws
+ * {@link EngineError} when the config is invalid.
+ */
+export function planEngine(config: PlanConfig, label = ""): EnginePlan {
+  const lib = loadLibrary();
+  const json = enc.encode(JSON.stringify({ seed: 0, ...config }));
+  const name = enc.encode(label);
+  const need = new BigUint64Array(1);
+  let buf = new Uint8Array(64 * 1024);
+  let rc = lib.symbols.qg_plan(
+    json,
+    BigInt(json.length),
+    name,
+    BigInt(name.length),
+    buf,
+    BigInt(buf.length),
+    need,
+  );
+  if (Number(need[0]) > buf.length) {
+    buf = new Uint8Array(Number(need[0]));
+    rc = lib.symbols.qg_plan(
+      json,
+      BigInt(json.length),
+      name,
+      BigInt(name.length),
+      buf,
+      BigInt(buf.length),
+      need,
+    );
+  }
+  const text = dec.decode(buf.subarray(0, Number(need[0])));
+  if (rc !== 0) throw new EngineError(rc, text);
+  return JSON.parse(text);
+}
+
 /** Engine status codes (`rust/src/error.rs`). */
 export const ErrorCode = {
   invalid: -1,

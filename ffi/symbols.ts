@@ -4,7 +4,7 @@
  */
 
 /** ABI version this TypeScript expects; checked against `qg_abi_version()` at load. */
-export const ABI_VERSION = 2;
+export const ABI_VERSION = 3;
 
 /** Symbols of the qgalore engine library. */
 export const SYMBOLS = {
@@ -13,6 +13,10 @@ export const SYMBOLS = {
     parameters: ["buffer", "usize", "buffer", "usize", "buffer"],
     result: "pointer",
     nonblocking: true,
+  },
+  qg_plan: {
+    parameters: ["buffer", "usize", "buffer", "usize", "buffer", "usize", "buffer"],
+    result: "i32",
   },
   qg_engine_free: { parameters: ["pointer"], result: "void" },
   qg_last_error: { parameters: ["pointer", "buffer", "usize"], result: "usize" },

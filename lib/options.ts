@@ -7,7 +7,7 @@
  */
 
 import { UsageError } from "./errors.ts";
-import type { OptimizerConfig } from "../ffi/engine.ts";
+import { type OptimizerConfig, planEngine } from "../ffi/engine.ts";
 import { type ModelConfig, type ResolvedModel, resolveModel, validateModel } from "./presets.ts";
 import { ByteTokenizer } from "./tokenizer.ts";
 
@@ -566,52 +566,6 @@ export interface CheckedOptions {
   notices: string[];
 }
 
-/** Shape (rows = out, cols = in) of one projected linear matrix kind. */
-export interface LinearShape {
-  /** Matrix kind: q, k, v, o, gate, up or down. */
-  name: string;
-  /** Output features. */
-  rows: number;
-  /** Input features. */
-  cols: number;
-}
-
-/** The 7 linear matrices of one decoder block (identical in every block). */
-export function linearShapes(cfg: ModelConfig): LinearShape[] {
-  const c = cfg.hidden_size;
-  const i = cfg.intermediate_size;
-  const kv = (c / cfg.num_attention_heads) * cfg.num_key_value_heads;
-  return [
-    { name: "q", rows: c, cols: c },
-    { name: "k", rows: kv, cols: c },
-    { name: "v", rows: kv, cols: c },
-    { name: "o", rows: c, cols: c },
-    { name: "gate", rows: i, cols: c },
-    { name: "up", rows: i, cols: c },
-    { name: "down", rows: c, cols: i },
-  ];
-}
-
-/**
- * Projector geometry of a rows×cols matrix at rank `rank` (spec §1.2): the right projector
- * (r'×cols) when rows ≥ cols, else the left one (rows×r'), with r' = min(rank, rows, cols).
- * `low` is the element count of the low-rank gradient, `proj` that of the projector.
- */
-export function projectorShape(
-  rows: number,
-  cols: number,
-  rank: number,
-): { right: boolean; rank: number; low: number; proj: number } {
-  const right = rows >= cols;
-  const r = Math.min(rank, rows, cols);
-  return {
-    right,
-    rank: r,
-    low: right ? rows * r : r * cols,
-    proj: right ? r * cols : rows * r,
-  };
-}
-
 function given(v: unknown): boolean {
   return v !== null && v !== undefined;
 }
@@ -787,61 +741,34 @@ function resolveOptimizer(
     fused: pick("fused"),
   };
 
+  // The engine judges group sizes and ranks against the model's matrices (one check,
+  // `plan::fit` in rust/src/plan.rs); its notes name engine-config fields, shown here as flags.
   const notices: string[] = [];
-  const shapes = linearShapes(model.config);
-  if (int8) {
-    const g = settings.weightGroupSize!;
-    const bad = shapes.find((s) => (s.rows * s.cols) % g !== 0);
-    if (bad) {
-      const n = bad.rows * bad.cols;
-      reject(
-        "weightGroupSize",
-        `does not divide the ${bad.rows}×${bad.cols} ${bad.name} matrix of ${model.name} ` +
-          `(${n} elements); use an even divisor of ${gcdAll(shapes.map((s) => s.rows * s.cols))}`,
-        g,
-      );
-    }
-  }
-  if (projected) {
-    const rank = settings.rank!;
-    const geo = shapes.map((s) => ({ ...s, ...projectorShape(s.rows, s.cols, rank) }));
-    if (projQuant) {
-      const g = settings.projGroupSize!;
-      const bad = geo.find((s) => s.proj % g !== 0);
-      if (bad) {
-        const [pr, pc] = bad.right ? [bad.rank, bad.cols] : [bad.rows, bad.rank];
-        reject(
-          "projGroupSize",
-          `does not divide the ${pr}×${pc} projector of the ${bad.name} matrix of ${model.name} ` +
-            `(${bad.proj} elements at rank ${bad.rank}); use an even divisor of ${
-              gcdAll(geo.map((s) => s.proj))
-            }`,
-          g,
-        );
-      }
-    }
-    const clamped = geo.filter((s) => s.rank < rank);
-    if (clamped.length > 0) {
-      const byRank = new Map<number, string[]>();
-      for (const s of clamped) byRank.set(s.rank, [...(byRank.get(s.rank) ?? []), s.name]);
-      const list = [...byRank].map(([r, names]) => `${r} for ${names.join(", ")}`).join("; ");
-      notices.push(
-        `notice: --rank ${rank} exceeds the size of some ${model.name} matrices; ` +
-          `clamped per matrix to min(rank, rows, cols): ${list}`,
-      );
-    }
+  if (int8 || projected) {
+    const fit = planEngine({
+      model: model.config,
+      batch_size: raw.batchSize,
+      seq_len: raw.seqLen,
+      device: "cpu",
+      optimizer: engineOptimizerConfig({ ...raw, ...settings, warmup: 0 }),
+    }, model.name);
+    const key = (field: string): OptimizerKey => {
+      const k = FIT_FIELDS[field];
+      if (!k) throw new UsageError(`${field}: not a setting of this front end`);
+      return k;
+    };
+    if (fit.problem) reject(key(fit.problem.field), fit.problem.why, fit.problem.value);
+    for (const n of fit.notices) notices.push(`notice: ${FLAG[key(n.field)]} ${n.value} ${n.why}`);
   }
   return { settings, notices };
 }
 
-function gcd(a: number, b: number): number {
-  while (b) [a, b] = [b, a % b];
-  return a;
-}
-
-function gcdAll(xs: number[]): number {
-  return xs.reduce(gcd, 0);
-}
+/** The option of each engine-config field that the engine's fit check names. */
+const FIT_FIELDS: Readonly<Record<string, OptimizerKey>> = Object.freeze({
+  rank: "rank",
+  weight_group_size: "weightGroupSize",
+  proj_group_size: "projGroupSize",
+});
 
 /**
  * The optimizer section of the engine config (`rust/src/config.rs`) for resolved options:

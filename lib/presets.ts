@@ -1,6 +1,7 @@
 /**
  * LLaMA model presets (the `configs/llama_*.json` files of the GaLore / Q-GaLore repositories),
- * JSON config loading, validation and parameter counting.
+ * JSON config loading and validation. The parameter count is the engine's (`paramCount` in
+ * lib/estimate.ts).
  *
  * @module
  */
@@ -221,19 +222,6 @@ export function resolveModel(nameOrPath: string, vocab: number, source?: string)
 
 function looksLikePath(s: string): boolean {
   return s.endsWith(".json") || s.includes("/") || s.includes("\\");
-}
-
-/**
- * Exact trainable parameter count: token embedding, untied lm_head, per layer the q, k, v, o,
- * gate, up and down projections plus two RMSNorm weights, and the final norm.
- */
-export function paramCount(cfg: ModelConfig): number {
-  const h = cfg.hidden_size;
-  const kvDim = (h / cfg.num_attention_heads) * cfg.num_key_value_heads;
-  const attn = 2 * h * h + 2 * h * kvDim;
-  const mlp = 3 * h * cfg.intermediate_size;
-  const layer = attn + mlp + 2 * h;
-  return 2 * cfg.vocab_size * h + cfg.num_hidden_layers * layer + h;
 }
 
 function errorText(e: unknown): string {

@@ -24,7 +24,8 @@ import {
   type ResolvedOptions,
   type TrainOptions,
 } from "./options.ts";
-import { type ModelConfig, paramCount } from "./presets.ts";
+import { paramCount } from "./estimate.ts";
+import type { ModelConfig } from "./presets.ts";
 import { Rng } from "./rng.ts";
 import { lrAt } from "./schedule.ts";
 

@@ -3,10 +3,10 @@
  * paper's Table 6 full-rank rows.
  */
 import assert from "node:assert/strict";
-import { Engine } from "../ffi/engine.ts";
-import { estimateMemory, paperMemory } from "../lib/estimate.ts";
+import { Engine, EngineError, planEngine } from "../ffi/engine.ts";
+import { estimateMemory, paperMemory, paramCount } from "../lib/estimate.ts";
 import { checkOptions, engineOptimizerConfig, type TrainOptions } from "../lib/options.ts";
-import { modelConfig, paramCount } from "../lib/presets.ts";
+import { modelConfig } from "../lib/presets.ts";
 
 const base = modelConfig("llama-9m", 256);
 // Grouped-query attention (2 KV heads of 4) and an MLP width that is not a power of two.
@@ -180,4 +180,49 @@ Deno.test("estimateMemory: a vocabulary-sized table's gradient comes in row chun
   // the global step keeps every gradient; the fused one far less than one table's
   assert.ok(fused.grads < 4 * 32000 * big.hidden_size, `${fused.grads}`);
   assert.ok(global.grads > fused.grads);
+});
+
+Deno.test("estimateMemory: a 7B model in milliseconds, without a GPU or large allocations", () => {
+  const cfg = modelConfig("llama-7b", 32000);
+  const params = paramCount(cfg);
+  assert.equal(params, 6_738_415_616);
+  const t0 = performance.now();
+  const q = estimateMemory(cfg, { name: "qgalore", rank: 1024 }, {
+    batchSize: 1,
+    seqLen: 2048,
+    precision: "bf16",
+  });
+  const ms = performance.now() - t0;
+  assert.ok(ms < 1000, `${ms} ms`); // milliseconds in practice; generous for a busy CI machine
+  // INT8 linears (1 B + 8 B per group of 256) and bf16 tables: about 1 B per parameter
+  const linears = 32 * (4 * 4096 * 4096 + 3 * 4096 * 11008);
+  const tables = 2 * 32000 * 4096;
+  const norms = 65 * 4096;
+  assert.equal(q.weights, linears + (linears / 256) * 8 + 2 * tables + 4 * norms);
+  assert.ok(q.weights / params > 1 && q.weights / params < 1.1, `${q.weights / params} B/param`);
+  // AdamW keeps f32 weights and two f32 moments per parameter
+  const a = estimateMemory(cfg, "adamw", { batchSize: 1, seqLen: 2048 });
+  assert.equal(a.weights, 4 * params);
+  assert.equal(a.optimizer_state, 8 * params);
+  assert.ok(q.total < a.total / 3, `${q.total} vs ${a.total}`);
+});
+
+Deno.test("planEngine: the engine's fit check names config fields; the engine refuses alike", async () => {
+  const optimizer = { name: "qgalore", weight_bits: 8, weight_group_size: 6 };
+  const cfg = { model: base, batch_size: 2, seq_len: 16, device: "cpu" as const, optimizer };
+  assert.deepEqual(planEngine(cfg, "llama-9m").problem, {
+    field: "weight_group_size",
+    value: 6,
+    why: "does not divide the 128×128 q matrix of llama-9m (16384 elements); " +
+      "use an even divisor of 4096",
+  });
+  assert.throws(
+    () => planEngine({ ...cfg, batch_size: 0 }),
+    (e: unknown) => e instanceof EngineError && e.message === "batch_size = 0: must be ≥ 1",
+  );
+  const adam = { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0, clip: 0 };
+  await assert.rejects(
+    Engine.create({ ...cfg, seed: 1, optimizer: { ...optimizer, ...adam } }),
+    /^EngineError: weight_group_size = 6: does not divide the 128×128 q matrix of the model /,
+  );
 });

@@ -5,11 +5,11 @@ import {
   loadModelConfig,
   type ModelConfig,
   modelConfig,
-  paramCount,
   PRESET_NAMES,
   resolveModel,
   validateModel,
 } from "../lib/presets.ts";
+import { paramCount } from "../lib/estimate.ts";
 
 Deno.test("paper parameter totals with the T5 vocabulary (spec §3, I-14)", () => {
   const expected: Record<string, number> = {

@@ -4,7 +4,7 @@ import { type EngineConfig, EngineError, type StepStats } from "../ffi/engine.ts
 import { UsageError } from "../lib/errors.ts";
 import { formatCount, formatDuration, JsonlWriter, Progress } from "../lib/log.ts";
 import { peakRssBytes } from "../lib/memory.ts";
-import { paramCount } from "../lib/presets.ts";
+import { paramCount } from "../lib/estimate.ts";
 import { optimizerDefaults } from "../lib/options.ts";
 import { lrAt } from "../lib/schedule.ts";
 import { DivergedError, type Summary, train, type TrainEngine } from "../lib/trainer.ts";

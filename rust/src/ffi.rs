@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, Once};
 
 /// Bumped whenever a signature or the meaning of an output slot changes.
-pub const ABI_VERSION: u32 = 2;
+pub const ABI_VERSION: u32 = 3;
 
 pub struct Handle {
     session: Mutex<Box<dyn Session>>,
@@ -116,6 +116,32 @@ pub unsafe extern "C" fn qg_engine_new(cfg: *const u8, len: usize, err: *mut u8,
         *err_len = n;
     }
     std::ptr::null_mut()
+}
+
+/// Plans the bytes an engine built from `cfg` (the JSON of `qg_engine_new`) would allocate,
+/// without allocating or touching a device (see `plan.rs`). `label` (UTF-8, may be empty)
+/// names the model in the plan's messages. Writes the plan as JSON into `out` when it fits
+/// and returns 0, or writes the error text and returns a negative status; either way
+/// `*out_len` receives the full length, so a caller retries with a larger buffer.
+#[no_mangle]
+pub unsafe extern "C" fn qg_plan(cfg: *const u8, len: usize, label: *const u8, label_len: usize, out: *mut u8, cap: usize, out_len: *mut usize) -> i32 {
+    quiet_panics();
+    let r = catch_unwind(AssertUnwindSafe(|| -> Result<String> {
+        let text = std::str::from_utf8(slice(cfg, len)?).map_err(|_| Error::invalid("engine config is not UTF-8"))?;
+        let label = std::str::from_utf8(slice(label, label_len)?).map_err(|_| Error::invalid("model label is not UTF-8"))?;
+        let plan = crate::plan::Plan::for_config(&EngineConfig::from_json(text)?, if label.is_empty() { "the model" } else { label });
+        serde_json::to_string(&plan).map_err(|e| Error::invalid(format!("plan: {e}")))
+    }));
+    let (code, text) = match r {
+        Ok(Ok(json)) => (0, json),
+        Ok(Err(e)) => (e.code as i32, e.msg),
+        Err(p) => (Code::Panic as i32, format!("internal engine error (panic): {}", panic_text(p))),
+    };
+    let n = write_text(&text, out, cap);
+    if !out_len.is_null() {
+        *out_len = n;
+    }
+    code
 }
 
 #[no_mangle]

@@ -9,6 +9,7 @@ pub mod error;
 pub mod ffi;
 pub mod model;
 pub mod optim;
+pub mod plan;
 pub mod quant;
 pub mod rng;
 pub mod state;

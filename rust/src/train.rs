@@ -7,6 +7,7 @@ use crate::ensure;
 use crate::error::{Error, Result};
 use crate::model::{pass, Acts, Grads, Llama};
 use crate::optim::{self, Optimizer};
+use crate::plan::{self, Plan};
 use std::time::Instant;
 
 /// Result of one optimizer step.
@@ -35,51 +36,26 @@ pub struct Engine<B: Backend> {
     pub peak_device_bytes: u64,
 }
 
-/// Rows per chunk for the fused update of the embedding and head, when both take block-wise
-/// 8-bit Adam and each is larger than every other tensor: chunks as large as the largest
-/// other tensor and a whole number of 8-bit blocks, so the shared gradient buffer never has
-/// to hold a whole vocabulary-sized gradient (0.5 GB in f32 for llama-7b).
-fn table_chunk_rows<B: Backend>(model: &Llama<B>, opt: &dyn Optimizer<B>) -> Option<usize> {
-    let (e, h) = (model.embed, model.head);
-    let block = opt.row_block(e).filter(|&b| opt.row_block(h) == Some(b))?;
-    let (v, c) = (model.params[h].rows, model.params[h].cols);
-    let other = (0..model.params.len()).filter(|i| *i != e && *i != h).map(|i| model.params[i].numel()).max().unwrap_or(0);
-    if v * c <= other {
-        return None;
-    }
-    let unit = block / gcd(c, block); // rows per whole number of blocks
-    let rows = (other / c / unit * unit).max(unit);
-    (rows < v).then_some(rows)
-}
-
 /// Elements of the gradient the backward hands over: the parameter, or a row chunk of it.
 fn grad_len<B: Backend>(m: &Llama<B>, i: usize, rows: Option<(usize, usize)>) -> usize {
     rows.map_or(m.params[i].numel(), |(_, nr)| nr * m.params[i].cols)
 }
 
-fn gcd(a: usize, b: usize) -> usize {
-    if b == 0 {
-        a
-    } else {
-        gcd(b, a % b)
-    }
-}
-
 impl<B: Backend> Engine<B> {
     pub fn new(be: B, cfg: EngineConfig) -> Result<Self> {
         cfg.validate()?;
+        // Sizes and storage kinds come from the byte plan (the same code `qg_plan` runs),
+        // so the tracked bytes are what the plan says.
+        let plan = Plan::new(&cfg, be.precision() == "bf16", "the model");
+        if let Some(p) = &plan.fit.problem {
+            return Err(Error::invalid(p.message()));
+        }
         let o = &cfg.optimizer;
-        let quant = (o.name == "qgalore" && o.weight_bits == 8).then(|| crate::model::LinearQuant {
-            bits: 8,
-            group: o.weight_group_size,
-            range: o.range(),
-        });
-        let model = be.runner().run(|| Llama::build(&be, &cfg.model, cfg.seed, quant, o.eight_bit()))?;
-        // With gradient accumulation the full gradient must persist across micro-batches,
-        // so only GA = 1 runs fused; GA > 1 takes the global step (exact, I-12).
-        let fused = o.fused && cfg.grad_accum == 1;
+        let (quant, half) = (plan::linear_quant(o), plan::half_tables(o));
+        let model = be.runner().run(|| Llama::build(&be, &cfg.model, cfg.seed, quant, half))?;
+        let fused = plan.fused;
         let opt = optim::build(&be, &model, o, cfg.seed)?;
-        let rows = if fused { table_chunk_rows(&model, opt.as_ref()) } else { None };
+        let rows = plan.table_chunk_rows;
         let tables = [model.embed, model.head];
         let grads = Grads::new(&be, &model, |_| fused, |i| rows.filter(|_| tables.contains(&i)))?;
         let acts = Acts::new(&be, &cfg.model, cfg.batch_size, cfg.seq_len, model.largest_quantized(), cfg.checkpointing)?;

@@ -340,13 +340,17 @@ fn training_steps(bf16: bool) {
             cfg.optimizer.weight_bits = 8;
             cfg.optimizer.proj_bits = 4;
         }
+        // the byte plan is what the device engine tracks, under either precision
+        let plan = qgalore::plan::Plan::new(&cfg, bf16, "the model");
         let mut c = Engine::new(Cpu::new(2).unwrap(), cfg.clone()).unwrap();
         let mut d = Engine::new(Cuda::new(0, bf16).unwrap(), cfg).unwrap();
+        assert_eq!(d.memory(), plan.initial.to_array(), "{name} bf16={bf16}: planned bytes of a fresh engine");
         for s in 0..3 {
             let t = tokens(2, 32, vocab, s);
             let (a, b) = (c.train_step(&t, 1, 3e-3).unwrap(), d.train_step(&t, 1, 3e-3).unwrap());
             assert!((a.loss - b.loss).abs() <= step_tol * a.loss, "{name} step {s}: loss {} vs {}", a.loss, b.loss);
         }
+        assert_eq!(d.memory(), plan.stepped.to_array(), "{name} bf16={bf16}: planned bytes after three updates");
         let t = tokens(2, 32, vocab, 99);
         let (a, b) = (c.eval(&t, 1).unwrap(), d.eval(&t, 1).unwrap());
         println!("{name} bf16={bf16}: eval cpu {a:.5} gpu {b:.5}");

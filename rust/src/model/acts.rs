@@ -55,60 +55,124 @@ pub struct Acts<B: Backend> {
     pub losses: Vec<f32>,
 }
 
+/// One kind of activation buffer: `copies` buffers of `len` values each.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct ActBuf {
+    pub name: &'static str,
+    pub len: usize,
+    pub copies: usize,
+    /// Kept in f32 whatever the precision (norm statistics, the RoPE table, the logits);
+    /// the others take the backend's activation dtype (bf16 under bf16 precision).
+    pub fp32: bool,
+}
+
+/// Every buffer `Acts::new` allocates for a b×t micro-batch (n = b·t rows): per layer (or
+/// once, with checkpointing) the forward's kept buffers, the residual stream x[0..=L], the
+/// final norm, logits and RoPE table, and the backward's scratch. `wq` is the size of the
+/// largest quantized matrix (0 for float models). The byte plan sums the same list.
+pub fn buffers(cfg: &ModelConfig, b: usize, t: usize, wq: usize, ckpt: bool) -> Vec<ActBuf> {
+    let n = b * t;
+    let (c, i, v, kv, h, l) =
+        (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.kv_dim(), cfg.num_attention_heads, cfg.num_hidden_layers);
+    let slots = if ckpt { 1 } else { l };
+    let buf = |name, len, copies, fp32| ActBuf { name, len, copies, fp32 };
+    let per = |name, len| buf(name, len, slots, false);
+    let one = |name, len| buf(name, len, 1, false);
+    vec![
+        buf("rope", t * cfg.head_dim(), 1, true),
+        buf("x", n * c, l + 1, false),
+        per("xn1", n * c),
+        buf("rstd1", n, slots, true),
+        per("q", n * c),
+        per("k", n * kv),
+        per("v", n * kv),
+        per("att", b * h * t * t),
+        per("ao", n * c),
+        per("xm", n * c),
+        per("xn2", n * c),
+        buf("rstd2", n, slots, true),
+        per("gate", n * i),
+        per("up", n * i),
+        per("act", n * i),
+        one("xnf", n * c),
+        buf("rstdf", n, 1, true),
+        buf("logits", n * v, 1, true),
+        one("dres", n * c),
+        one("dxn", n * c),
+        one("dq", n * c),
+        one("dk", n * kv),
+        one("dv", n * kv),
+        one("dao", n * c),
+        one("datt", b * h * t * t),
+        one("dgate", n * i),
+        one("dup", n * i),
+        one("dact", n * i),
+        one("wq", wq),
+    ]
+}
+
+/// Takes the buffers planned under `name` out of `bufs`.
+fn take<T>(bufs: &mut [(&'static str, Vec<T>)], name: &str) -> Vec<T> {
+    let i = bufs.iter().position(|(n, _)| *n == name).unwrap_or_else(|| panic!("activation buffer {name} is not planned"));
+    std::mem::take(&mut bufs[i].1)
+}
+
+fn take_one<T>(bufs: &mut [(&'static str, Vec<T>)], name: &str) -> T {
+    take(bufs, name).pop().unwrap_or_else(|| panic!("activation buffer {name} is planned without a copy"))
+}
+
 impl<B: Backend> Acts<B> {
     /// `wq` is the size of the largest quantized matrix (0 for float models); `ckpt` keeps
     /// one slot of per-layer buffers instead of one per layer (activation checkpointing).
+    /// Allocates exactly `buffers(..)`.
     pub fn new(be: &B, cfg: &ModelConfig, b: usize, t: usize, wq: usize, ckpt: bool) -> Result<Self> {
-        let n = b * t;
-        let (c, i, v, kv, h, l) = (
-            cfg.hidden_size,
-            cfg.intermediate_size,
-            cfg.vocab_size,
-            cfg.kv_dim(),
-            cfg.num_attention_heads,
-            cfg.num_hidden_layers,
-        );
-        let a = |len: usize| be.alloc(len, Category::Activations);
-        // kept in f32 whatever the precision: statistics, tables and the loss input
-        let f = |len: usize| be.alloc_fp32(len, Category::Activations);
-        let slots = if ckpt { 1 } else { l };
-        let perf = |len: usize| -> Result<Vec<B::Buf>> { (0..slots).map(|_| f(len)).collect() };
-        let per = |len: usize| -> Result<Vec<B::Buf>> { (0..slots).map(|_| a(len)).collect() };
-        let mut rope = f(t * cfg.head_dim())?;
+        let cat = Category::Activations;
+        let mut bufs = buffers(cfg, b, t, wq, ckpt)
+            .into_iter()
+            .map(|p| {
+                let copies = (0..p.copies)
+                    .map(|_| if p.fp32 { be.alloc_fp32(p.len, cat) } else { be.alloc(p.len, cat) })
+                    .collect::<Result<Vec<_>>>()?;
+                Ok((p.name, copies))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let bufs = &mut bufs[..];
+        let mut rope = take_one(bufs, "rope");
         be.upload(&mut rope, &rope_table(t, cfg.head_dim(), cfg.rope_theta))?;
+        let n = b * t;
         Ok(Acts {
             b,
             t,
             ckpt,
-            x: (0..=l).map(|_| a(n * c)).collect::<Result<_>>()?,
-            xn1: per(n * c)?,
-            rstd1: perf(n)?,
-            q: per(n * c)?,
-            k: per(n * kv)?,
-            v: per(n * kv)?,
-            att: per(b * h * t * t)?,
-            ao: per(n * c)?,
-            xm: per(n * c)?,
-            xn2: per(n * c)?,
-            rstd2: perf(n)?,
-            gate: per(n * i)?,
-            up: per(n * i)?,
-            act: per(n * i)?,
-            xnf: a(n * c)?,
-            rstdf: f(n)?,
-            logits: f(n * v)?,
+            x: take(bufs, "x"),
+            xn1: take(bufs, "xn1"),
+            rstd1: take(bufs, "rstd1"),
+            q: take(bufs, "q"),
+            k: take(bufs, "k"),
+            v: take(bufs, "v"),
+            att: take(bufs, "att"),
+            ao: take(bufs, "ao"),
+            xm: take(bufs, "xm"),
+            xn2: take(bufs, "xn2"),
+            rstd2: take(bufs, "rstd2"),
+            gate: take(bufs, "gate"),
+            up: take(bufs, "up"),
+            act: take(bufs, "act"),
+            xnf: take_one(bufs, "xnf"),
+            rstdf: take_one(bufs, "rstdf"),
+            logits: take_one(bufs, "logits"),
             rope,
-            dres: a(n * c)?,
-            dxn: a(n * c)?,
-            dq: a(n * c)?,
-            dk: a(n * kv)?,
-            dv: a(n * kv)?,
-            dao: a(n * c)?,
-            datt: a(b * h * t * t)?,
-            dgate: a(n * i)?,
-            dup: a(n * i)?,
-            dact: a(n * i)?,
-            wq: a(wq)?,
+            dres: take_one(bufs, "dres"),
+            dxn: take_one(bufs, "dxn"),
+            dq: take_one(bufs, "dq"),
+            dk: take_one(bufs, "dk"),
+            dv: take_one(bufs, "dv"),
+            dao: take_one(bufs, "dao"),
+            datt: take_one(bufs, "datt"),
+            dgate: take_one(bufs, "dgate"),
+            dup: take_one(bufs, "dup"),
+            dact: take_one(bufs, "dact"),
+            wq: take_one(bufs, "wq"),
             tokens: vec![0; n],
             targets: vec![0; n],
             losses: vec![0.0; n],

@@ -9,7 +9,8 @@ use crate::error::Result;
 use crate::rng;
 
 /// What a parameter is; optimizers treat roles differently (GaLore projects `Linear`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Role {
     Embed,
     Norm,
@@ -82,21 +83,28 @@ pub struct Llama<B: Backend> {
     pub head: usize,
 }
 
+/// The seven linear matrices of every block, in creation order: (kind, rows = out_features,
+/// cols = in_features). q, k, v, o belong to `self_attn`, gate, up, down to `mlp`.
+pub fn block_linears(cfg: &ModelConfig) -> [(&'static str, usize, usize); 7] {
+    let (c, i, kv) = (cfg.hidden_size, cfg.intermediate_size, cfg.kv_dim());
+    [("q", c, c), ("k", kv, c), ("v", kv, c), ("o", c, c), ("gate", i, c), ("up", i, c), ("down", c, i)]
+}
+
 /// Parameter shapes in creation order: (name, rows, cols, role).
 pub fn layout(cfg: &ModelConfig) -> Vec<(String, usize, usize, Role)> {
-    let (c, i, v, kv) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.kv_dim());
+    let (c, v) = (cfg.hidden_size, cfg.vocab_size);
     let mut out = vec![("model.embed_tokens.weight".to_string(), v, c, Role::Embed)];
     for l in 0..cfg.num_hidden_layers {
         let p = format!("model.layers.{l}");
         out.push((format!("{p}.input_layernorm.weight"), 1, c, Role::Norm));
-        out.push((format!("{p}.self_attn.q_proj.weight"), c, c, Role::Linear));
-        out.push((format!("{p}.self_attn.k_proj.weight"), kv, c, Role::Linear));
-        out.push((format!("{p}.self_attn.v_proj.weight"), kv, c, Role::Linear));
-        out.push((format!("{p}.self_attn.o_proj.weight"), c, c, Role::Linear));
-        out.push((format!("{p}.post_attention_layernorm.weight"), 1, c, Role::Norm));
-        out.push((format!("{p}.mlp.gate_proj.weight"), i, c, Role::Linear));
-        out.push((format!("{p}.mlp.up_proj.weight"), i, c, Role::Linear));
-        out.push((format!("{p}.mlp.down_proj.weight"), c, i, Role::Linear));
+        for (kind, rows, cols) in block_linears(cfg) {
+            let module = if matches!(kind, "gate" | "up" | "down") { "mlp" } else { "self_attn" };
+            if kind == "gate" {
+                // the MLP's norm precedes its first matrix
+                out.push((format!("{p}.post_attention_layernorm.weight"), 1, c, Role::Norm));
+            }
+            out.push((format!("{p}.{module}.{kind}_proj.weight"), rows, cols, Role::Linear));
+        }
     }
     out.push(("model.norm.weight".to_string(), 1, c, Role::Norm));
     out.push(("lm_head.weight".to_string(), v, c, Role::Head));
@@ -148,7 +156,7 @@ impl<B: Backend> Llama<B> {
             let data = match quant {
                 Some(q) if role == Role::Linear => {
                     let mut qt = be.q_new(n, q.bits, q.group, Category::Weights).map_err(|e| {
-                        crate::error::Error::invalid(format!("--weight-group-size {}: {} ({name})", q.group, e.msg))
+                        crate::error::Error::invalid(format!("weight_group_size = {}: {} ({name})", q.group, e.msg))
                     })?;
                     be.q_quantize(&mut qt, &data, q.range);
                     Weight::Q(qt)
@@ -227,7 +235,7 @@ impl<B: Backend> Grads<B> {
             let rows = if share(i) { chunk(i) } else { None };
             chunks.push(rows);
             if share(i) {
-                largest = largest.max(rows.map_or(p.numel(), |r| r * p.cols));
+                largest = largest.max(crate::plan::shared_grad_len(p.numel(), p.cols, rows));
                 own.push(None);
             } else {
                 own.push(Some(be.alloc(p.numel(), Category::Grads)?));

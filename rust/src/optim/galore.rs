@@ -11,7 +11,8 @@ use crate::backend::{AdamHp, Backend, Category};
 use crate::config::OptimConfig;
 use crate::error::Result;
 use crate::model::{Llama, Param, Role, Weight};
-use crate::quant::adam8::{BnbHp, MIN_8BIT_SIZE};
+use crate::plan::{eight_bit_state, ProjGeom};
+use crate::quant::adam8::BnbHp;
 use crate::rng;
 use super::lazy::Lazy;
 use std::time::Instant;
@@ -31,17 +32,6 @@ pub struct Proj<B: Backend> {
     store: Option<Weight<B>>,
     pub lazy: Lazy,
     pub svd_count: u64,
-}
-
-impl<B: Backend> Proj<B> {
-    /// Elements of the low-rank gradient: m×r (right) or r×n (left).
-    fn low(&self, rows: usize, cols: usize) -> usize {
-        if self.right {
-            rows * self.rank
-        } else {
-            self.rank * cols
-        }
-    }
 }
 
 struct State<B: Backend> {
@@ -87,29 +77,18 @@ impl<B: Backend> Family<B> {
         let mut states = Vec::with_capacity(model.params.len());
         let (mut big_low, mut big_proj) = (0usize, 0usize);
         for p in &model.params {
-            let proj = if cfg.projected() && p.role == Role::Linear {
-                let right = p.rows >= p.cols;
-                let rank = cfg.rank.min(p.rows).min(p.cols);
+            // sizes and storage kinds come from the byte plan's rules; the engine has
+            // checked the projector group size against them (`plan::fit`)
+            let geo = (cfg.projected() && p.role == Role::Linear).then(|| ProjGeom::new(p.rows, p.cols, cfg.rank));
+            let proj = geo.map(|geo| {
                 let lazy = Lazy::new(cfg.update_gap, cfg.lazy, cfg.cos_threshold, cfg.queue_size, cfg.gamma, cfg.cos_mode == "abs");
-                let pn = if right { rank * p.cols } else { p.rows * rank };
-                let pr = Proj { right, rank, numel: pn, store: None, lazy, svd_count: 0 };
-                if cfg.proj_bits != 32 && cfg.proj_bits != 16 && pn % cfg.proj_group_size != 0 {
-                    return Err(crate::error::Error::invalid(format!(
-                        "--proj-group-size {}: does not divide the {}×{} projector of {} ({pn} elements); choose a divisor of {pn}",
-                        cfg.proj_group_size,
-                        if right { rank } else { p.rows },
-                        if right { p.cols } else { rank },
-                        p.name
-                    )));
-                }
-                big_proj = big_proj.max(pn);
-                big_low = big_low.max(pr.low(p.rows, p.cols));
-                Some(pr)
-            } else {
-                None
-            };
-            let n = proj.as_ref().map_or(p.numel(), |pr| pr.low(p.rows, p.cols));
-            let moments = if cfg.eight_bit() && n >= MIN_8BIT_SIZE {
+                big_proj = big_proj.max(geo.numel);
+                big_low = big_low.max(geo.low);
+                Proj { right: geo.right, rank: geo.rank, numel: geo.numel, store: None, lazy, svd_count: 0 }
+            });
+            // moments of the low-rank gradient when projected
+            let n = geo.map_or(p.numel(), |g| g.low);
+            let moments = if eight_bit_state(cfg, n) {
                 Moments::Q8(be.a8_new(n, cfg.block_size, Category::OptimizerState)?)
             } else {
                 Moments::F32 {
@@ -207,7 +186,7 @@ impl<B: Backend> Family<B> {
             self.stats.svd_count += 1;
             let vnew: Vec<f32> = if st.right { host } else { (0..rows).map(|i| host[i * k]).collect() };
             st.lazy.observe(vnew);
-            let n = if st.right { st.rank * cols } else { rows * st.rank };
+            let n = st.numel;
             let store = match st.store.take() {
                 Some(s) => Ok(s),
                 None if self.cfg.proj_bits == 32 => be.alloc(n, Category::Projector).map(Weight::F),

@@ -112,8 +112,14 @@ impl State8 {
         State8 { block, m: vec![zs; n], v: vec![zu; n], absmax_m: vec![0.0; blocks], absmax_v: vec![0.0; blocks] }
     }
 
+    /// Bytes an `n`-element state holds, without building it: one code per element for
+    /// each moment, plus an f32 absmax per block for each.
+    pub fn storage_bytes(n: usize, block: usize) -> usize {
+        2 * n + 2 * 4 * n.div_ceil(block)
+    }
+
     pub fn bytes(&self) -> usize {
-        self.m.len() + self.v.len() + 4 * (self.absmax_m.len() + self.absmax_v.len())
+        Self::storage_bytes(self.m.len(), self.block)
     }
 }
 

@@ -45,18 +45,31 @@ impl QTensor {
             ensure!(bits != 4 || group % 2 == 0, "4-bit group size {group}: must be even");
             ensure!(group <= 1024, "group size {group}: must be ≤ 1024");
         }
-        let groups = if bits == 16 { 0 } else { numel / group };
-        let bytes = match bits {
+        let (bytes, groups) = Self::layout(numel, bits, group);
+        Ok(QTensor { bits, group, numel, codes: vec![0; bytes], scale: vec![0.0; groups], zero: vec![0.0; groups] })
+    }
+
+    /// (code bytes, groups) of a `numel`-element tensor: 4-bit codes packed two a byte,
+    /// 8-bit codes one a byte, bf16 two bytes an element and no groups.
+    pub fn layout(numel: usize, bits: u8, group: usize) -> (usize, usize) {
+        let groups = if bits == 16 { 0 } else { numel.div_ceil(group) };
+        let codes = match bits {
             4 => numel.div_ceil(2),
             8 => numel,
             _ => numel * 2,
         };
-        Ok(QTensor { bits, group, numel, codes: vec![0; bytes], scale: vec![0.0; groups], zero: vec![0.0; groups] })
+        (codes, groups)
+    }
+
+    /// Bytes a tensor holds, without building it: codes plus an f32 scale and zero per group.
+    pub fn storage_bytes(numel: usize, bits: u8, group: usize) -> usize {
+        let (codes, groups) = Self::layout(numel, bits, group);
+        codes + 2 * 4 * groups
     }
 
     /// Bytes held (codes plus f32 scale and zero per group).
     pub fn bytes(&self) -> usize {
-        self.codes.len() + 4 * (self.scale.len() + self.zero.len())
+        Self::storage_bytes(self.numel, self.bits, self.group)
     }
 
     pub fn qmax(&self) -> f32 {

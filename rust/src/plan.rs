@@ -1,0 +1,378 @@
+//! The byte plan: every buffer the engine allocates, by tensor and memory category, from the
+//! config alone (llm.c's size tables). Nothing is allocated, so planning a 7B model takes
+//! microseconds on any machine, GPU or not.
+//!
+//! The rules that decide a size live here (or in the storage types they name) and the
+//! allocating code calls them: `Engine::new` (INT8 and bf16 tables, the fused step, table
+//! chunks), `Llama::build` (the layout), `Acts::new` (`acts::buffers`), the optimizers
+//! (`ProjGeom`, `eight_bit_state`) and the storage types (`QTensor::storage_bytes`,
+//! `State8::storage_bytes`). So the plan and the engine's tracked bytes are one piece of
+//! code; `rust/tests/plan.rs` checks that they agree.
+//!
+//! Messages name engine-config fields (`weight_group_size = 6: …`); the front end maps the
+//! fields to its flags.
+
+use crate::config::{EngineConfig, ModelConfig, OptimConfig};
+use crate::model::acts::{self, ActBuf};
+use crate::model::llama::{block_linears, layout, LinearQuant, Role};
+use crate::quant::adam8::{State8, MIN_8BIT_SIZE};
+use crate::quant::QTensor;
+use serde::Serialize;
+
+/// Bytes by memory category, as `Engine::memory` reports them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Bytes {
+    pub weights: u64,
+    pub grads: u64,
+    pub optimizer_state: u64,
+    pub projector: u64,
+    pub activations: u64,
+    pub total: u64,
+}
+
+impl Bytes {
+    /// The categories in `CATEGORIES` order, then the total (the layout of `Engine::memory`).
+    pub fn to_array(self) -> [u64; 6] {
+        [self.weights, self.grads, self.optimizer_state, self.projector, self.activations, self.total]
+    }
+}
+
+/// Projector geometry of a rows×cols matrix at rank `rank` (algorithm-spec §1.2): the right
+/// projector Q (r'×cols) when rows ≥ cols, else the left one P (rows×r'), with
+/// r' = min(rank, rows, cols).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct ProjGeom {
+    pub right: bool,
+    /// r' = min(rank, rows, cols).
+    pub rank: usize,
+    /// Elements of the low-rank gradient: rows×r' (right) or r'×cols (left).
+    pub low: usize,
+    /// Elements of the projector: r'×cols (right) or rows×r' (left).
+    pub numel: usize,
+}
+
+impl ProjGeom {
+    pub fn new(rows: usize, cols: usize, rank: usize) -> Self {
+        let right = rows >= cols;
+        let r = rank.min(rows).min(cols);
+        if right {
+            ProjGeom { right, rank: r, low: rows * r, numel: r * cols }
+        } else {
+            ProjGeom { right, rank: r, low: r * cols, numel: rows * r }
+        }
+    }
+
+    /// (rows, cols) of the projector matrix of a rows×cols weight.
+    pub fn shape(&self, rows: usize, cols: usize) -> (usize, usize) {
+        if self.right {
+            (self.rank, cols)
+        } else {
+            (rows, self.rank)
+        }
+    }
+}
+
+/// INT8 projected weights (Q-GaLore, §2.1) when the config asks for them. Validation allows
+/// `weight_bits = 8` only for qgalore.
+pub fn linear_quant(o: &OptimConfig) -> Option<LinearQuant> {
+    (o.weight_bits == 8).then(|| LinearQuant { bits: 8, group: o.weight_group_size, range: o.range() })
+}
+
+/// Whether the embedding and lm_head take `Backend::alloc_half` storage (bf16 under bf16
+/// precision): only 8-bit Adam updates them, and the reference keeps them in bf16 there.
+pub fn half_tables(o: &OptimConfig) -> bool {
+    o.eight_bit()
+}
+
+/// Whether the moments of an `n`-element tensor are bnb block-wise 8-bit: 8-bit optimizers
+/// from `MIN_8BIT_SIZE` elements on (of the low-rank shape when projected); else two f32
+/// buffers.
+pub fn eight_bit_state(o: &OptimConfig, n: usize) -> bool {
+    o.eight_bit() && n >= MIN_8BIT_SIZE
+}
+
+/// Whether the optimizer steps inside the backward: only with one micro-batch per step,
+/// since accumulated gradients must persist (GA > 1 takes the exact global step, I-12).
+pub fn fused(cfg: &EngineConfig) -> bool {
+    cfg.optimizer.fused && cfg.grad_accum == 1
+}
+
+/// Projector storage (`proj_bits`): an f32 buffer at 32 bits, else `QTensor` codes (bf16 at
+/// 16, group-quantized at 8 and 4).
+pub fn projector_bytes(numel: usize, bits: u8, group: usize) -> usize {
+    if bits == 32 {
+        4 * numel
+    } else {
+        QTensor::storage_bytes(numel, bits, group)
+    }
+}
+
+/// Rows per chunk for the fused update of a v×c embedding and head whose 8-bit Adam has
+/// blocks of `block` elements (None when they are not updated block-wise), when they are
+/// larger than every other tensor (`other` elements at most): chunks as large as that
+/// tensor and a whole number of blocks, so the shared gradient buffer never has to hold a
+/// whole vocabulary-sized gradient (0.5 GB in f32 for llama-7b).
+pub fn table_chunk_rows(v: usize, c: usize, other: usize, block: Option<usize>) -> Option<usize> {
+    let block = block?;
+    if v * c <= other {
+        return None;
+    }
+    let unit = block / gcd(c, block); // rows per whole number of blocks
+    let rows = (other / c / unit * unit).max(unit);
+    (rows < v).then_some(rows)
+}
+
+/// Elements the shared gradient buffer needs for one tensor: all of it, or one row chunk.
+pub fn shared_grad_len(numel: usize, cols: usize, chunk_rows: Option<usize>) -> usize {
+    chunk_rows.map_or(numel, |r| r * cols)
+}
+
+fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
+}
+
+/// A setting judged against the model: `field = value: why`, with the field of the engine
+/// config (the front end names its flag instead).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Note {
+    pub field: &'static str,
+    pub value: u64,
+    pub why: String,
+}
+
+impl Note {
+    pub fn message(&self) -> String {
+        format!("{} = {}: {}", self.field, self.value, self.why)
+    }
+}
+
+/// Whether the optimizer's settings fit the model's matrices.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Fit {
+    /// A setting the engine cannot be built with (the first one found).
+    pub problem: Option<Note>,
+    /// Settings the engine adapts, such as a rank clamped to a matrix's size.
+    pub notices: Vec<Note>,
+}
+
+/// Checks the group sizes against every quantized matrix and projector, and notes the ranks
+/// clamped per matrix. Every block has the same seven linears, so one block decides.
+/// `label` names the model in the messages.
+pub fn fit(model: &ModelConfig, o: &OptimConfig, label: &str) -> Fit {
+    let linears = block_linears(model);
+    let mut out = Fit::default();
+    if let Some(q) = linear_quant(o) {
+        let g = q.group;
+        if let Some(&(kind, rows, cols)) = linears.iter().find(|(_, r, c)| (r * c) % g != 0) {
+            let d = linears.iter().map(|(_, r, c)| r * c).fold(0, gcd);
+            out.problem = Some(Note {
+                field: "weight_group_size",
+                value: g as u64,
+                why: format!(
+                    "does not divide the {rows}×{cols} {kind} matrix of {label} ({} elements); use an even divisor of {d}",
+                    rows * cols
+                ),
+            });
+            return out;
+        }
+    }
+    if !o.projected() {
+        return out;
+    }
+    let geo: Vec<_> = linears.iter().map(|&(kind, rows, cols)| (kind, rows, cols, ProjGeom::new(rows, cols, o.rank))).collect();
+    if matches!(o.proj_bits, 4 | 8) {
+        let g = o.proj_group_size;
+        if let Some(&(kind, rows, cols, p)) = geo.iter().find(|x| x.3.numel % g != 0) {
+            let (pr, pc) = p.shape(rows, cols);
+            let d = geo.iter().map(|x| x.3.numel).fold(0, gcd);
+            out.problem = Some(Note {
+                field: "proj_group_size",
+                value: g as u64,
+                why: format!(
+                    "does not divide the {pr}×{pc} projector of the {kind} matrix of {label} ({} elements at rank {}); use an even divisor of {d}",
+                    p.numel, p.rank
+                ),
+            });
+            return out;
+        }
+    }
+    // clamped ranks, grouped by rank in order of first appearance
+    let mut by_rank: Vec<(usize, Vec<&str>)> = Vec::new();
+    for (kind, _, _, p) in geo.iter().filter(|x| x.3.rank < o.rank) {
+        match by_rank.iter_mut().find(|(r, _)| *r == p.rank) {
+            Some((_, kinds)) => kinds.push(kind),
+            None => by_rank.push((p.rank, vec![kind])),
+        }
+    }
+    if !by_rank.is_empty() {
+        let list: Vec<String> = by_rank.iter().map(|(r, kinds)| format!("{r} for {}", kinds.join(", "))).collect();
+        out.notices.push(Note {
+            field: "rank",
+            value: o.rank as u64,
+            why: format!(
+                "exceeds the size of some {label} matrices; clamped per matrix to min(rank, rows, cols): {}",
+                list.join("; ")
+            ),
+        });
+    }
+    out
+}
+
+/// One parameter tensor's share of the plan.
+#[derive(Clone, Debug, Serialize)]
+pub struct TensorPlan {
+    pub name: String,
+    pub rows: usize,
+    pub cols: usize,
+    pub role: Role,
+    /// f32, bf16 (tables under bf16 precision) or INT8 codes with f32 scale and zero per group.
+    pub weight_bytes: u64,
+    /// Its own f32 gradient buffer; 0 when the fused step routes it through the shared one.
+    pub grad_bytes: u64,
+    /// Adam moments: two f32 values per element, or 8-bit codes with f32 absmax per block.
+    pub state_bytes: u64,
+    pub eight_bit_state: bool,
+    /// GaLore projector of a projected linear.
+    pub projector: Option<ProjPlan>,
+}
+
+/// A projected matrix: its projector geometry and its stored projector's bytes.
+#[derive(Clone, Debug, Serialize)]
+pub struct ProjPlan {
+    #[serde(flatten)]
+    pub geom: ProjGeom,
+    /// Bytes of the stored projector, held from the matrix's first refresh on.
+    pub stored_bytes: u64,
+}
+
+/// What an engine built from a config allocates.
+#[derive(Clone, Debug, Serialize)]
+pub struct Plan {
+    /// Trainable parameters.
+    pub params: u64,
+    /// Activation precision planned for: `fp32` or `bf16`.
+    pub precision: &'static str,
+    /// Whether the optimizer steps inside the backward.
+    pub fused: bool,
+    /// Rows per chunk of the embedding and head gradients in the fused step, when chunked.
+    pub table_chunk_rows: Option<usize>,
+    /// Elements of the fused step's shared gradient buffer (0 without the fused step).
+    pub shared_grad: u64,
+    /// Elements of the largest low-rank gradient and of the largest projector (the
+    /// optimizer's scratch and working copies).
+    pub largest_low: u64,
+    pub largest_projector: u64,
+    /// Bytes tracked by a freshly built engine (no projector stored yet).
+    pub initial: Bytes,
+    /// Bytes tracked once every projector is stored (after the first update).
+    pub stepped: Bytes,
+    pub tensors: Vec<TensorPlan>,
+    /// The forward's kept buffers and the backward's scratch, one entry per kind.
+    pub activations: Vec<ActBuf>,
+    #[serde(flatten)]
+    pub fit: Fit,
+}
+
+impl Plan {
+    /// Plans `cfg` (validated) with bf16 activation buffers when `bf16`; `label` names the
+    /// model in the fit messages.
+    pub fn new(cfg: &EngineConfig, bf16: bool, label: &str) -> Plan {
+        let (m, o) = (&cfg.model, &cfg.optimizer);
+        let quant = linear_quant(o);
+        let half = bf16 && half_tables(o);
+        let fused = fused(cfg);
+        let shapes = layout(m);
+        let (mut big_low, mut big_proj, mut wq, mut other) = (0usize, 0usize, 0usize, 0usize);
+        let mut tensors = Vec::with_capacity(shapes.len());
+        for (name, rows, cols, role) in shapes {
+            let n = rows * cols;
+            let weight_bytes = match (role, quant) {
+                (Role::Linear, Some(q)) => {
+                    wq = wq.max(n);
+                    QTensor::storage_bytes(n, q.bits, q.group)
+                }
+                (Role::Embed | Role::Head, _) if half => 2 * n,
+                _ => 4 * n,
+            };
+            if !matches!(role, Role::Embed | Role::Head) {
+                other = other.max(n);
+            }
+            let projector = (o.projected() && role == Role::Linear).then(|| {
+                let geom = ProjGeom::new(rows, cols, o.rank);
+                big_low = big_low.max(geom.low);
+                big_proj = big_proj.max(geom.numel);
+                let stored_bytes = projector_bytes(geom.numel, o.proj_bits, o.proj_group_size) as u64;
+                ProjPlan { geom, stored_bytes }
+            });
+            let sn = projector.as_ref().map_or(n, |p| p.geom.low);
+            let eight = eight_bit_state(o, sn);
+            let state_bytes = if eight { State8::storage_bytes(sn, o.block_size) } else { 2 * 4 * sn };
+            tensors.push(TensorPlan {
+                name,
+                rows,
+                cols,
+                role,
+                weight_bytes: weight_bytes as u64,
+                grad_bytes: if fused { 0 } else { 4 * n as u64 },
+                state_bytes: state_bytes as u64,
+                eight_bit_state: eight,
+                projector,
+            });
+        }
+        let (v, c) = (m.vocab_size, m.hidden_size);
+        let table_block = (fused && eight_bit_state(o, v * c)).then_some(o.block_size);
+        let chunk = table_chunk_rows(v, c, other, table_block);
+        let shared_grad = if fused {
+            let len = |t: &TensorPlan| {
+                let table = matches!(t.role, Role::Embed | Role::Head);
+                shared_grad_len(t.rows * t.cols, t.cols, chunk.filter(|_| table))
+            };
+            tensors.iter().map(len).max().unwrap_or(0)
+        } else {
+            0
+        };
+        let activations = acts::buffers(m, cfg.batch_size, cfg.seq_len, wq, cfg.checkpointing);
+        let act_bytes: usize = activations.iter().map(|a| a.copies * a.len * if a.fp32 || !bf16 { 4 } else { 2 }).sum();
+        let sum = |f: fn(&TensorPlan) -> u64| tensors.iter().map(f).sum::<u64>();
+        // the optimizer's low-rank gradient R (and the 8-bit update U), and the projector in
+        // use plus a fresh one during a refresh, all f32
+        let scratch = (if o.eight_bit() { 2 } else { 1 }) * 4 * big_low as u64;
+        let mut initial = Bytes {
+            weights: sum(|t| t.weight_bytes),
+            grads: sum(|t| t.grad_bytes) + 4 * shared_grad as u64 + scratch,
+            optimizer_state: sum(|t| t.state_bytes),
+            projector: 2 * 4 * big_proj as u64,
+            activations: act_bytes as u64,
+            total: 0,
+        };
+        initial.total = initial.weights + initial.grads + initial.optimizer_state + initial.projector + initial.activations;
+        let stored = sum(|t| t.projector.as_ref().map_or(0, |p| p.stored_bytes));
+        let stepped = Bytes { projector: initial.projector + stored, total: initial.total + stored, ..initial };
+        Plan {
+            params: tensors.iter().map(|t| (t.rows * t.cols) as u64).sum(),
+            precision: if bf16 { "bf16" } else { "fp32" },
+            fused,
+            table_chunk_rows: chunk,
+            shared_grad: shared_grad as u64,
+            largest_low: big_low as u64,
+            largest_projector: big_proj as u64,
+            initial,
+            stepped,
+            tensors,
+            activations,
+            fit: fit(m, o, label),
+        }
+    }
+
+    /// Plans a config as `qg_plan` receives it: bf16 when `precision` says so, or `auto` on
+    /// `device = cuda` (as the CUDA engine resolves it). Planning never probes for a GPU, so
+    /// `device = auto` with `precision = auto` is planned as the CPU runs it (fp32).
+    pub fn for_config(cfg: &EngineConfig, label: &str) -> Plan {
+        let bf16 = cfg.precision == "bf16" || (cfg.precision == "auto" && cfg.device == "cuda");
+        Plan::new(cfg, bf16, label)
+    }
+}
