@@ -80,7 +80,7 @@ export interface EvalRecord {
   val_loss: number | null;
   /** exp(val_loss). */
   val_ppl: number | null;
-  /** The reference's loss: sum of batch losses / (batches + 1) (spec §1.7, I-16). */
+  /** The reference's loss: sum of batch losses / (batches + 1) (docs/algorithm-spec.md §1.7, I-16). */
   val_loss_ref: number | null;
   /** Training tokens consumed so far. */
   tokens: number;
@@ -118,7 +118,7 @@ export interface Summary {
   val_ppl: number | null;
   /**
    * Validation loss at the end as the reference computes it: the sum of the batch losses
-   * divided by (batches + 1), an off-by-one that biases it down (spec §1.7, I-16).
+   * divided by (batches + 1), an off-by-one that biases it down (docs/algorithm-spec.md §1.7, I-16).
    */
   val_loss_ref: number | null;
   /** exp(val_loss_ref): the perplexity the reference would report. */
@@ -139,7 +139,7 @@ export interface Summary {
   svd_count: number;
   /** Final refresh interval of each projected matrix, by parameter name. */
   gaps: Record<string, number>;
-  /** Refreshes that failed and kept the previous projector (I-17). */
+  /** Refreshes that failed and kept the previous projector (docs/algorithm-spec.md I-17). */
   refresh_failures: number;
   /** Non-finite gradient elements zeroed by the optimizer; null when not counted (adamw). */
   nonfinite_grads: number | null;
@@ -189,7 +189,7 @@ function ppl(loss: number | null): number | null {
   return Math.exp(loss);
 }
 
-/** The reference's n + 1 divisor applied to a mean over `batches` batches (I-16). */
+/** The reference's n + 1 divisor applied to a mean over `batches` batches (docs/algorithm-spec.md I-16). */
 function refLoss(loss: number | null, batches: number): number | null {
   return loss === null ? null : (loss * batches) / (batches + 1);
 }
