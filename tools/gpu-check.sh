@@ -160,8 +160,8 @@ device() {
   echo "CUDA libraries: $dir" | tee -a "$log"
 
   FAIL=0
-  step "kernels (NVRTC, sm_80 and sm_90)" 60 "$OUT/kernels.log" "$PACK/kernels" --test-threads=1
-  step "cuda_parity (GPU against CPU)" 180 "$OUT/parity.log" "$PACK/cuda_parity" --test-threads=1
+  step "kernels (NVRTC, sm_80 and sm_90)" 60 "$OUT/kernels.log" "$PACK/kernels" --test-threads=1 --nocapture
+  step "cuda_parity (GPU against CPU)" 180 "$OUT/parity.log" "$PACK/cuda_parity" --test-threads=1 --nocapture
   if grep -q "skipped: no GPU" "$OUT/parity.log" 2>/dev/null; then
     echo "cuda_parity: the engine found no GPU although nvidia-smi lists one (CUDA libraries?)" | tee -a "$OUT/results.txt"
     FAIL=1
