@@ -32,7 +32,8 @@ pack() {
   (cd rust && cargo build --release --quiet)
   # The test binaries' paths, from cargo's own report (hashes change with every build).
   local json
-  json=$(cd rust && cargo test --release --no-run --message-format=json --test cuda_parity --test kernels 2>/dev/null)
+  json=$(cd rust && cargo test --release --no-run --message-format=json --test cuda_parity --test kernels) ||
+    die "building the CUDA test binaries failed: cd rust && cargo test --release --no-run --test cuda_parity --test kernels"
   local t exe
   for t in cuda_parity kernels; do
     exe=$(grep -o "\"executable\":\"[^\"]*/$t-[0-9a-f]*\"" <<<"$json" | tail -1 | cut -d'"' -f4)
@@ -146,14 +147,18 @@ device() {
   # The CUDA 13 libraries (see the header).
   local dir cand
   dir=""
-  for cand in "${QGALORE_CUDA_LIB_DIR:-}" \
-    "$(python3 -c 'import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], "cu13", "lib"))' 2>/dev/null || true)" \
-    /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do
+  local pip
+  pip=$(python3 -c 'import nvidia, os; print("\n".join(os.path.join(p, "cu13", "lib") for p in nvidia.__path__))' 2>/dev/null || true)
+  while read -r cand; do
     if [ -n "$cand" ] && [ -e "$cand/libnvrtc.so.13" ] && [ -e "$cand/libcublas.so.13" ]; then dir=$cand; break; fi
-  done
+  done < <(printf '%s\n' "${QGALORE_CUDA_LIB_DIR:-}" "$pip" /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib)
   [ -n "$dir" ] || EXIT=2 die "GPU present but no folder with libnvrtc.so.13 and libcublas.so.13 (set QGALORE_CUDA_LIB_DIR)"
   export QGALORE_CUDA_LIB_DIR=$dir
-  export LD_LIBRARY_PATH=$dir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+  # The driver's libcuda.so.1 is normally on the loader path already; the NVIDIA container
+  # mount is added in case it is not.
+  local ld=$dir
+  [ ! -d /usr/local/nvidia/lib64 ] || ld=$ld:/usr/local/nvidia/lib64
+  export LD_LIBRARY_PATH=$ld${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
   export QGALORE_CACHE=$work/kernel-cache QGALORE_REQUIRE_NVRTC=1
   export QGALORE_LIB=$PWD/$PACK/libqgalore.so
   export DENO_DIR=$work/deno-dir DENO_NO_UPDATE_CHECK=1 NO_COLOR=1
