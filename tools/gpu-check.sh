@@ -9,6 +9,10 @@
 #                               parity tests and bench/gpu.ts, writes logs and results to $OUT
 #                               (./out when unset); without a GPU it prints one line, exits 3
 #
+# .device/ is git-ignored, so it must be carried: with this workplace's device tool, run
+# `tools/gpu-check.sh device` with carry [".device"] and timeout_s 540 (the budget is 470 s).
+# GPU_CHECK_BUDGET_S overrides the budget.
+#
 # The TypeScript sources are not packed: they are tracked files and travel with the tree.
 # CUDA libraries are not packed either: the engine loads them at run time (cudarc dynamic
 # loading, by SONAME: libcuda.so.1, libnvrtc.so.13, libcublas(Lt).so.13, libcusolver.so.12,
