@@ -8,6 +8,18 @@
  * const summary = await train({ model: "llama-9m", optimizer: "qgalore", steps: 100, out: null });
  * console.log(summary.val_loss);
  * ```
+ *
+ * `train` composes phases a notebook can also call one at a time: `startRun` (set-up: options
+ * checked, data, engine, files), `Run.step` (one update), `Run.evaluate` and `Run.finish`
+ * (summary, files, engine freed).
+ *
+ * ```ts
+ * import { startRun } from "@qgalore/qgalore";
+ * using run = await startRun({ model: "llama-9m", steps: 20, out: null });
+ * await run.evaluate();
+ * while (!run.done) await run.step();
+ * const summary = await run.finish();
+ * ```
  * @module
  */
 

@@ -25,7 +25,7 @@ import {
   type TrainOptions,
 } from "./options.ts";
 import { paramCount } from "./estimate.ts";
-import type { ModelConfig } from "./presets.ts";
+import type { ModelConfig, ResolvedModel } from "./presets.ts";
 import { Rng } from "./rng.ts";
 import { lrAt } from "./schedule.ts";
 
@@ -81,7 +81,7 @@ export interface EvalRecord {
   val_loss: number | null;
   /** exp(val_loss). */
   val_ppl: number | null;
-  /** The reference's loss: sum of batch losses / (batches + 1) (spec §1.7, I-16). */
+  /** The reference's loss: sum of batch losses / (batches + 1) (docs/algorithm-spec.md §1.7, I-16). */
   val_loss_ref: number | null;
   /** Training tokens consumed so far. */
   tokens: number;
@@ -119,7 +119,7 @@ export interface Summary {
   val_ppl: number | null;
   /**
    * Validation loss at the end as the reference computes it: the sum of the batch losses
-   * divided by (batches + 1), an off-by-one that biases it down (spec §1.7, I-16).
+   * divided by (batches + 1), an off-by-one that biases it down (docs/algorithm-spec.md §1.7, I-16).
    */
   val_loss_ref: number | null;
   /** exp(val_loss_ref): the perplexity the reference would report. */
@@ -140,7 +140,7 @@ export interface Summary {
   svd_count: number;
   /** Final refresh interval of each projected matrix, by parameter name. */
   gaps: Record<string, number>;
-  /** Refreshes that failed and kept the previous projector (I-17). */
+  /** Refreshes that failed and kept the previous projector (docs/algorithm-spec.md I-17). */
   refresh_failures: number;
   /** Non-finite gradient elements zeroed by the optimizer; null when not counted (adamw). */
   nonfinite_grads: number | null;
@@ -190,7 +190,7 @@ function ppl(loss: number | null): number | null {
   return Math.exp(loss);
 }
 
-/** The reference's n + 1 divisor applied to a mean over `batches` batches (I-16). */
+/** The reference's n + 1 divisor applied to a mean over `batches` batches (docs/algorithm-spec.md I-16). */
 function refLoss(loss: number | null, batches: number): number | null {
   return loss === null ? null : (loss * batches) / (batches + 1);
 }
@@ -208,216 +208,423 @@ function defaultOut(): string {
  * everything before the native library is loaded; invalid options throw UsageError. Ctrl-C
  * stops after the current update (summary `interrupted: true`); a non-finite loss throws
  * {@link DivergedError} after the summary is written. Files go to `out` unless it is null.
+ *
+ * It composes the phases a notebook can also call one by one: {@link startRun} (set-up),
+ * {@link Run.evaluate}, {@link Run.step} and {@link Run.finish}.
  */
 export async function train(
   options: Partial<TrainOptions> = {},
   hooks: TrainHooks = {},
 ): Promise<Summary> {
-  const started = performance.now();
-  const startedAt = new Date().toISOString();
-  const { opts, model, notices } = checkOptions(options);
-  const data: Dataset = openDataset(opts);
-  const out = opts.out === undefined ? defaultOut() : opts.out;
-  // The engine sizes its gradient buffers for `grad_accum` micro-batches per update.
-  const cfg: EngineConfig & { grad_accum: number } = {
-    model: model.config,
-    batch_size: opts.batchSize,
-    seq_len: opts.seqLen,
-    grad_accum: opts.gradAccum,
-    optimizer: engineOptimizerConfig(opts),
-    seed: opts.seed,
-    device: opts.device,
-    precision: opts.precision,
-    checkpointing: opts.checkpointing,
-    ...(opts.threads === null ? {} : { threads: opts.threads }),
-  };
+  using run = await startRun(options, hooks);
+  await run.evaluate();
+  while (!run.done) {
+    if ((await run.step()) !== null && run.evalDue) await run.evaluate();
+  }
+  return await run.finish();
+}
 
-  const progress = new Progress({
-    steps: opts.steps,
-    logEvery: opts.logEvery,
-    ...(opts.quiet ? { write: () => {} } : {}),
-  });
-  const elapsed = () => (performance.now() - started) / 1000;
-  for (const n of notices) progress.note(n);
+/**
+ * Set-up of a run: checks the options, opens the data, creates the engine and the output
+ * files, prints the run's description and listens for Ctrl-C. Then call
+ * {@link Run.evaluate} and {@link Run.step} in any order, and {@link Run.finish} once.
+ *
+ * ```ts
+ * using run = await startRun({ model: "llama-9m", steps: 20, out: null });
+ * await run.evaluate();
+ * while (!run.done) await run.step();
+ * const summary = await run.finish();
+ * ```
+ */
+export function startRun(
+  options: Partial<TrainOptions> = {},
+  hooks: TrainHooks = {},
+): Promise<Run> {
+  return Run.start(options, hooks);
+}
 
-  using engine = await (hooks.createEngine ?? Engine.create)(cfg);
-  using metrics = out === null ? null : openOut(out);
-  const engineNotice = engine.info?.().notice;
-  if (typeof engineNotice === "string") progress.note(`notice: ${engineNotice}`);
+/**
+ * One training run in progress, in the phases {@link train} composes: set-up
+ * ({@link Run.start}), {@link Run.step}, {@link Run.evaluate}, {@link Run.finish}. Disposing
+ * it (`using`) frees the engine and closes the files if {@link Run.finish} was not reached.
+ */
+export class Run implements Disposable {
+  /** Every option of the run, defaults filled in. */
+  readonly opts: ResolvedOptions;
+  /** The model's name and config. */
+  readonly model: ResolvedModel;
+  /** Training and validation data. */
+  readonly data: Dataset;
+  /** Directory of `metrics.jsonl` and `summary.json`, or null. */
+  readonly out: string | null;
+  /** The native engine (or the stand-in from {@link TrainHooks.createEngine}). */
+  readonly engine: TrainEngine;
+  /** Training tokens per update (grad_accum × batch × seq_len). */
+  readonly tokensPerStep: number;
 
-  const tokensPerStep = opts.gradAccum * opts.batchSize * opts.seqLen;
-  const valTokens = data.valBatches(opts.evalBatches, opts.batchSize, opts.seqLen);
-  const rng = new Rng(opts.seed);
-  progress.note(
-    `${model.name}: ${formatCount(engine.params)} params on ${engine.device} (${
-      engine.precision ?? "fp32"
-    }), ` +
-      `${describeOptimizer(opts)}, ${opts.steps} steps × ` +
-      `${formatCount(tokensPerStep)} tokens; data: ${data.describe()}` +
-      (out === null ? "" : `; out: ${out}`),
-  );
+  readonly #hooks: TrainHooks;
+  readonly #progress: Progress;
+  readonly #metrics: JsonlWriter | null;
+  readonly #valTokens: Int32Array;
+  readonly #rng: Rng;
+  readonly #started: number;
+  readonly #startedAt: string;
+  #listening = false;
+  #stop = false;
+  #steps = 0;
+  #trainS = 0;
+  #lastLoss: number | null = null;
+  #failure: string | null = null;
+  #initialLoss: number | null | undefined = undefined;
+  #closed = false;
 
-  let stop = false;
-  const onSigint = () => {
-    // A second Ctrl-C at a terminal quits at once; a notebook kernel must never exit.
-    if (stop && Deno.stderr.isTerminal()) Deno.exit(130);
-    stop = true;
-    progress.note("interrupted: stopping after the current step");
-  };
-  let listening = false;
-  if (opts.handleSigint) {
+  private constructor(
+    init: {
+      opts: ResolvedOptions;
+      model: ResolvedModel;
+      data: Dataset;
+      out: string | null;
+      engine: TrainEngine;
+      metrics: JsonlWriter | null;
+      progress: Progress;
+      hooks: TrainHooks;
+      started: number;
+      startedAt: string;
+    },
+  ) {
+    this.opts = init.opts;
+    this.model = init.model;
+    this.data = init.data;
+    this.out = init.out;
+    this.engine = init.engine;
+    this.#metrics = init.metrics;
+    this.#progress = init.progress;
+    this.#hooks = init.hooks;
+    this.#started = init.started;
+    this.#startedAt = init.startedAt;
+    const opts = init.opts;
+    this.tokensPerStep = opts.gradAccum * opts.batchSize * opts.seqLen;
+    this.#valTokens = init.data.valBatches(opts.evalBatches, opts.batchSize, opts.seqLen);
+    this.#rng = new Rng(opts.seed);
+  }
+
+  /** The set-up phase; see {@link startRun}. */
+  static async start(options: Partial<TrainOptions> = {}, hooks: TrainHooks = {}): Promise<Run> {
+    const started = performance.now();
+    const startedAt = new Date().toISOString();
+    const { opts, model, notices } = checkOptions(options);
+    const data: Dataset = openDataset(opts);
+    const out = opts.out === undefined ? defaultOut() : opts.out;
+    // The engine sizes its gradient buffers for `grad_accum` micro-batches per update.
+    const cfg: EngineConfig & { grad_accum: number } = {
+      model: model.config,
+      batch_size: opts.batchSize,
+      seq_len: opts.seqLen,
+      grad_accum: opts.gradAccum,
+      optimizer: engineOptimizerConfig(opts),
+      seed: opts.seed,
+      device: opts.device,
+      precision: opts.precision,
+      checkpointing: opts.checkpointing,
+      ...(opts.threads === null ? {} : { threads: opts.threads }),
+    };
+
+    const progress = new Progress({
+      steps: opts.steps,
+      logEvery: opts.logEvery,
+      ...(opts.quiet ? { write: () => {} } : {}),
+    });
+    for (const n of notices) progress.note(n);
+
+    const engine = await (hooks.createEngine ?? Engine.create)(cfg);
+    let metrics: JsonlWriter | null = null;
+    let run: Run | undefined;
     try {
-      Deno.addSignalListener("SIGINT", onSigint);
-      listening = true;
-    } catch {
-      // Signals are unsupported on some platforms; Ctrl-C then simply ends the process.
+      metrics = out === null ? null : openOut(out);
+      run = new Run({
+        opts,
+        model,
+        data,
+        out,
+        engine,
+        metrics,
+        progress,
+        hooks,
+        started,
+        startedAt,
+      });
+      const engineNotice = engine.info?.().notice;
+      if (typeof engineNotice === "string") progress.note(`notice: ${engineNotice}`);
+      progress.note(
+        `${model.name}: ${formatCount(engine.params)} params on ${engine.device} (${
+          engine.precision ?? "fp32"
+        }), ` +
+          `${describeOptimizer(opts)}, ${opts.steps} steps × ` +
+          `${formatCount(run.tokensPerStep)} tokens; data: ${data.describe()}` +
+          (out === null ? "" : `; out: ${out}`),
+      );
+      if (opts.handleSigint) {
+        try {
+          Deno.addSignalListener("SIGINT", run.#onSigint);
+          run.#listening = true;
+        } catch {
+          // Signals are unsupported on some platforms; Ctrl-C then simply ends the process.
+        }
+      }
+      return run;
+    } catch (e) {
+      if (run !== undefined) run[Symbol.dispose]();
+      else {
+        metrics?.close();
+        engine[Symbol.dispose]();
+      }
+      throw e;
     }
   }
 
-  let steps = 0;
-  let trainS = 0;
-  let lastLoss: number | null = null;
-  let failure: string | null = null;
-  const evaluate = async (): Promise<number | null> => {
+  /** Updates completed. */
+  get steps(): number {
+    return this.#steps;
+  }
+
+  /** Loss of the last completed update, or null before the first. */
+  get lastLoss(): number | null {
+    return this.#lastLoss;
+  }
+
+  /** The one-line reason the run diverged, else null. */
+  get failure(): string | null {
+    return this.#failure;
+  }
+
+  /** Whether Ctrl-C or {@link TrainHooks.signal} asked the run to stop (latched). */
+  get stopped(): boolean {
+    return this.#stop ||= this.#hooks.signal?.aborted ?? false;
+  }
+
+  /** True once every planned update is done, the run diverged, or it was asked to stop. */
+  get done(): boolean {
+    return this.#failure !== null || this.#steps >= this.opts.steps || this.stopped;
+  }
+
+  /** Whether `evalEvery` asks for an evaluation now (never after the last update). */
+  get evalDue(): boolean {
+    const o = this.opts;
+    return o.evalEvery > 0 && this.#steps % o.evalEvery === 0 && this.#steps < o.steps &&
+      !this.#stop;
+  }
+
+  /** Seconds since the set-up began. */
+  elapsed(): number {
+    return (performance.now() - this.#started) / 1000;
+  }
+
+  /**
+   * The evaluation phase: mean validation loss over `evalBatches` batches (null when not
+   * finite), written to `metrics.jsonl`, printed and passed to {@link TrainHooks.onEval}.
+   * The first evaluation before any update is the summary's `initial_val_loss`.
+   */
+  async evaluate(): Promise<number | null> {
+    this.#checkOpen();
+    const opts = this.opts;
     let loss: number | null;
     try {
-      loss = finiteOrNull(await engine.evalLoss(valTokens, opts.evalBatches));
+      loss = finiteOrNull(await this.engine.evalLoss(this.#valTokens, opts.evalBatches));
     } catch (e) {
       // After a divergence the weights may already hold huge values; report, don't crash.
-      if (failure !== null && e instanceof EngineError) loss = null;
+      if (this.#failure !== null && e instanceof EngineError) loss = null;
       else throw e;
     }
     const record: EvalRecord = {
       type: "eval",
-      step: steps,
+      step: this.#steps,
       val_loss: loss,
       val_ppl: ppl(loss),
       val_loss_ref: refLoss(loss, opts.evalBatches),
-      tokens: steps * tokensPerStep,
-      elapsed_s: elapsed(),
+      tokens: this.#steps * this.tokensPerStep,
+      elapsed_s: this.elapsed(),
     };
-    metrics?.write({ ...record });
-    progress.note(
-      `eval step ${steps}: val loss ${loss?.toFixed(4) ?? "n/a"} ppl ${
+    this.#metrics?.write({ ...record });
+    const floor = this.data.entropyFloor;
+    this.#progress.note(
+      `eval step ${this.#steps}: val loss ${loss?.toFixed(4) ?? "n/a"} ppl ${
         record.val_ppl?.toFixed(2) ?? "n/a"
-      }` + (data.entropyFloor === undefined ? "" : ` (floor ${data.entropyFloor.toFixed(4)})`),
+      }` + (floor === undefined ? "" : ` (floor ${floor.toFixed(4)})`),
     );
-    await hooks.onEval?.(record);
+    if (this.#steps === 0 && this.#initialLoss === undefined) this.#initialLoss = loss;
+    await this.#hooks.onEval?.(record);
     return loss;
-  };
+  }
 
-  let initialLoss: number | null;
-  let finalLoss: number | null;
-  try {
-    initialLoss = await evaluate();
-    while (steps < opts.steps && !(stop ||= hooks.signal?.aborted ?? false)) {
-      const lr = lrAt(steps, opts);
-      const t0 = performance.now();
-      const tokens = data.trainBatch(rng, opts.batchSize, opts.seqLen, opts.gradAccum);
-      let stats: StepStats;
-      try {
-        stats = await engine.trainStep(tokens, opts.gradAccum, lr);
-      } catch (e) {
-        if (!(e instanceof EngineError) || e.code !== ErrorCode.nonFinite) throw e;
-        failure = `training diverged at step ${steps + 1}: ${e.message} (lr ${
-          lr.toPrecision(3)
-        }); lower --lr${opts.clip === 0 ? " or set --clip" : ""}`;
-        break;
-      }
-      trainS += (performance.now() - t0) / 1000;
-      steps++;
-      lastLoss = stats.loss;
-      const record: StepRecord = {
-        type: "step",
-        step: steps,
-        loss: stats.loss,
-        lr,
-        grad_norm: stats.gradNorm,
-        clipped: stats.clipped,
-        tokens: steps * tokensPerStep,
-        tokens_per_s: (steps * tokensPerStep) / trainS,
-        elapsed_s: elapsed(),
-      };
-      metrics?.write({ ...record });
-      progress.step({
-        step: steps,
-        loss: stats.loss,
-        lr,
-        gradNorm: stats.gradNorm,
-        tokensPerS: record.tokens_per_s,
-      });
-      await hooks.onStep?.(record);
-      stop ||= hooks.signal?.aborted ?? false;
-      if (opts.evalEvery > 0 && steps % opts.evalEvery === 0 && steps < opts.steps && !stop) {
-        await evaluate();
-      }
+  /**
+   * The step phase: one optimizer update at the scheduled learning rate on the next training
+   * batch, written to `metrics.jsonl`, shown and passed to {@link TrainHooks.onStep}. Returns
+   * null when the loss or gradient was not finite: the run has then diverged
+   * ({@link Run.failure}) and {@link Run.finish} throws {@link DivergedError}.
+   */
+  async step(): Promise<StepRecord | null> {
+    this.#checkOpen();
+    if (this.#failure !== null) throw new UsageError(`the run has diverged: ${this.#failure}`);
+    const opts = this.opts;
+    const steps = this.#steps;
+    const lr = lrAt(steps, opts);
+    const t0 = performance.now();
+    const tokens = this.data.trainBatch(this.#rng, opts.batchSize, opts.seqLen, opts.gradAccum);
+    let stats: StepStats;
+    try {
+      stats = await this.engine.trainStep(tokens, opts.gradAccum, lr);
+    } catch (e) {
+      if (!(e instanceof EngineError) || e.code !== ErrorCode.nonFinite) throw e;
+      this.#failure = `training diverged at step ${steps + 1}: ${e.message} (lr ${
+        lr.toPrecision(3)
+      }); lower --lr${opts.clip === 0 ? " or set --clip" : ""}`;
+      return null;
     }
-    progress.done();
-    finalLoss = await evaluate();
-  } finally {
-    progress.done();
-    if (listening) Deno.removeSignalListener("SIGINT", onSigint);
+    this.#trainS += (performance.now() - t0) / 1000;
+    const done = ++this.#steps;
+    this.#lastLoss = stats.loss;
+    const record: StepRecord = {
+      type: "step",
+      step: done,
+      loss: stats.loss,
+      lr,
+      grad_norm: stats.gradNorm,
+      clipped: stats.clipped,
+      tokens: done * this.tokensPerStep,
+      tokens_per_s: (done * this.tokensPerStep) / this.#trainS,
+      elapsed_s: this.elapsed(),
+    };
+    this.#metrics?.write({ ...record });
+    this.#progress.step({
+      step: done,
+      loss: stats.loss,
+      lr,
+      gradNorm: stats.gradNorm,
+      tokensPerS: record.tokens_per_s,
+    });
+    await this.#hooks.onStep?.(record);
+    this.#stop ||= this.#hooks.signal?.aborted ?? false;
+    return record;
   }
 
-  const info = engine.info?.() ?? {};
-  const num = (key: string): number | null => typeof info[key] === "number" ? info[key] : null;
-  const finalRef = refLoss(finalLoss, opts.evalBatches);
-  const summary: Summary = {
-    steps,
-    steps_planned: opts.steps,
-    tokens: steps * tokensPerStep,
-    initial_val_loss: initialLoss,
-    final_train_loss: lastLoss === null ? null : finiteOrNull(lastLoss),
-    val_loss: finalLoss,
-    val_ppl: ppl(finalLoss),
-    val_loss_ref: finalRef,
-    val_ppl_ref: ppl(finalRef),
-    entropy_floor: data.entropyFloor ?? null,
-    tokens_per_s: trainS > 0 ? (steps * tokensPerStep) / trainS : 0,
-    wall_s: elapsed(),
-    params: engine.params,
-    optimizer: opts.optimizer,
-    fused: typeof info.fused === "boolean" ? info.fused : opts.fused,
-    svd_count: num("svd_count") ?? 0,
-    gaps: (info.gaps ?? {}) as Record<string, number>,
-    refresh_failures: num("refresh_failures") ?? 0,
-    nonfinite_grads: num("nonfinite_grads"),
-    refresh_seconds: num("refresh_seconds") ?? 0,
-    timing: (info.timing ?? null) as Summary["timing"],
-    device: engine.device,
-    precision: engine.precision ?? "fp32",
-    model: { name: model.name, config: model.config },
-    data: data.describe(),
-    config: { ...opts, out },
-    memory: {
-      ...engine.memory(),
-      peak_rss: peakRssBytes(),
-      // measured by the driver on a GPU; the CPU has no device memory
-      peak_device: engine.device === "cuda" ? num("peak_device_bytes") : null,
-    },
-    interrupted: stop && failure === null,
-    diverged: failure !== null,
-    error: failure,
-    out,
-    started_at: startedAt,
+  /**
+   * The finish phase: the final evaluation, the summary (written to `summary.json` when
+   * there is an output directory, and returned), the closing line, and the engine freed.
+   * Throws {@link DivergedError}, carrying the summary, when the run diverged.
+   */
+  async finish(): Promise<Summary> {
+    this.#checkOpen();
+    const opts = this.opts;
+    const engine = this.engine;
+    let finalLoss: number | null;
+    try {
+      this.#progress.done();
+      finalLoss = await this.evaluate();
+    } finally {
+      this.#endLoop();
+    }
+    try {
+      const steps = this.#steps;
+      const info = engine.info?.() ?? {};
+      const num = (key: string): number | null => typeof info[key] === "number" ? info[key] : null;
+      const finalRef = refLoss(finalLoss, opts.evalBatches);
+      const lastLoss = this.#lastLoss;
+      const failure = this.#failure;
+      const summary: Summary = {
+        steps,
+        steps_planned: opts.steps,
+        tokens: steps * this.tokensPerStep,
+        initial_val_loss: this.#initialLoss ?? null,
+        final_train_loss: lastLoss === null ? null : finiteOrNull(lastLoss),
+        val_loss: finalLoss,
+        val_ppl: ppl(finalLoss),
+        val_loss_ref: finalRef,
+        val_ppl_ref: ppl(finalRef),
+        entropy_floor: this.data.entropyFloor ?? null,
+        tokens_per_s: this.#trainS > 0 ? (steps * this.tokensPerStep) / this.#trainS : 0,
+        wall_s: this.elapsed(),
+        params: engine.params,
+        optimizer: opts.optimizer,
+        fused: typeof info.fused === "boolean" ? info.fused : opts.fused,
+        svd_count: num("svd_count") ?? 0,
+        gaps: (info.gaps ?? {}) as Record<string, number>,
+        refresh_failures: num("refresh_failures") ?? 0,
+        nonfinite_grads: num("nonfinite_grads"),
+        refresh_seconds: num("refresh_seconds") ?? 0,
+        timing: (info.timing ?? null) as Summary["timing"],
+        device: engine.device,
+        precision: engine.precision ?? "fp32",
+        model: { name: this.model.name, config: this.model.config },
+        data: this.data.describe(),
+        config: { ...opts, out: this.out },
+        memory: {
+          ...engine.memory(),
+          peak_rss: peakRssBytes(),
+          // measured by the driver on a GPU; the CPU has no device memory
+          peak_device: engine.device === "cuda" ? num("peak_device_bytes") : null,
+        },
+        interrupted: this.#stop && failure === null,
+        diverged: failure !== null,
+        error: failure,
+        out: this.out,
+        started_at: this.#startedAt,
+      };
+      const expected = paramCount(this.model.config);
+      if (engine.params !== expected) {
+        this.#progress.note(
+          `warning: engine reports ${engine.params} params, expected ${expected}`,
+        );
+      }
+      if (this.out !== null) {
+        Deno.writeTextFileSync(
+          join(this.out, "summary.json"),
+          JSON.stringify(summary, null, 2) + "\n",
+        );
+      }
+      this.#progress.note(
+        `${steps < opts.steps ? "stopped" : "done"}: ${steps} steps, ${
+          formatCount(summary.tokens)
+        } tokens in ${formatDuration(summary.wall_s)}, ${
+          formatCount(summary.tokens_per_s)
+        } tok/s; val loss ${summary.initial_val_loss?.toFixed(4) ?? "n/a"} → ${
+          finalLoss?.toFixed(4) ?? "n/a"
+        }`,
+      );
+      if (failure !== null) throw new DivergedError(failure, summary);
+      return summary;
+    } finally {
+      this[Symbol.dispose]();
+    }
+  }
+
+  /** Ends the progress bar, stops listening for Ctrl-C, closes the files, frees the engine. */
+  [Symbol.dispose](): void {
+    if (this.#closed) return;
+    this.#endLoop();
+    this.#closed = true;
+    try {
+      this.#metrics?.[Symbol.dispose]();
+    } finally {
+      this.engine[Symbol.dispose]();
+    }
+  }
+
+  #endLoop(): void {
+    this.#progress.done();
+    if (this.#listening) Deno.removeSignalListener("SIGINT", this.#onSigint);
+    this.#listening = false;
+  }
+
+  #checkOpen(): void {
+    if (this.#closed) throw new UsageError("this run is finished: start another with startRun()");
+  }
+
+  readonly #onSigint = (): void => {
+    // A second Ctrl-C at a terminal quits at once; a notebook kernel must never exit.
+    if (this.#stop && Deno.stderr.isTerminal()) Deno.exit(130);
+    this.#stop = true;
+    this.#progress.note("interrupted: stopping after the current step");
   };
-  if (engine.params !== paramCount(model.config)) {
-    progress.note(
-      `warning: engine reports ${engine.params} params, expected ${paramCount(model.config)}`,
-    );
-  }
-  if (out !== null) {
-    Deno.writeTextFileSync(join(out, "summary.json"), JSON.stringify(summary, null, 2) + "\n");
-  }
-  progress.note(
-    `${steps < opts.steps ? "stopped" : "done"}: ${steps} steps, ${
-      formatCount(summary.tokens)
-    } tokens in ${formatDuration(summary.wall_s)}, ${
-      formatCount(summary.tokens_per_s)
-    } tok/s; val loss ${initialLoss?.toFixed(4) ?? "n/a"} → ${finalLoss?.toFixed(4) ?? "n/a"}`,
-  );
-  if (failure !== null) throw new DivergedError(failure, summary);
-  return summary;
 }
 
 /** e.g. "qgalore lr 0.04 (warmup 30), rank 128, T 200, INT8 weights, INT4 projectors, lazy, fused". */
