@@ -1,7 +1,7 @@
 import assert from "node:assert/strict";
 import { type EngineConfig, EngineError, type StepStats } from "../ffi/engine.ts";
 import type { TrainOptions } from "../lib/options.ts";
-import { paramCount } from "../lib/presets.ts";
+import { paramCount } from "../lib/estimate.ts";
 import {
   DivergedError,
   type EvalRecord,
