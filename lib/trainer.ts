@@ -10,6 +10,7 @@ import {
   Engine,
   type EngineConfig,
   EngineError,
+  type EngineInfo,
   ErrorCode,
   type MemoryBytes,
   type StepStats,
@@ -23,6 +24,7 @@ import {
   engineOptimizerConfig,
   type ResolvedOptions,
   type TrainOptions,
+  withFlags,
 } from "./options.ts";
 import { type ModelConfig, paramCount } from "./presets.ts";
 import { Rng } from "./rng.ts";
@@ -44,8 +46,8 @@ export interface TrainEngine extends Disposable {
   evalLoss(tokens: Int32Array, batches: number): Promise<number>;
   /** Engine-tracked bytes by category. */
   memory(): MemoryBytes;
-  /** Engine facts as JSON (`svd_count`, `gaps`, …); optional for stand-ins. */
-  info?(): Record<string, unknown>;
+  /** Engine facts (`svd_count`, `gaps`, …); optional for stand-ins. */
+  info?(): Partial<EngineInfo>;
 }
 
 /** A `metrics.jsonl` line for one update. */
@@ -239,7 +241,10 @@ export async function train(
   const elapsed = () => (performance.now() - started) / 1000;
   for (const n of notices) progress.note(n);
 
-  using engine = await (hooks.createEngine ?? Engine.create)(cfg);
+  using engine = await Promise.resolve(cfg).then(hooks.createEngine ?? Engine.create)
+    .catch((e: unknown) => {
+      throw withFlags(e); // the engine names config fields; the user knows flags
+    });
   using metrics = out === null ? null : openOut(out);
   const engineNotice = engine.info?.().notice;
   if (typeof engineNotice === "string") progress.note(`notice: ${engineNotice}`);
@@ -359,7 +364,10 @@ export async function train(
   }
 
   const info = engine.info?.() ?? {};
-  const num = (key: string): number | null => typeof info[key] === "number" ? info[key] : null;
+  const num = (key: keyof EngineInfo): number | null => {
+    const v = info[key];
+    return typeof v === "number" ? v : null;
+  };
   const finalRef = refLoss(finalLoss, opts.evalBatches);
   const summary: Summary = {
     steps,
