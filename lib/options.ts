@@ -230,15 +230,13 @@ export const DEFAULT_LR: Readonly<Record<string, number>> = Object.freeze({
   qgalore: 4e-2,
 });
 
-const onFor = (d: Readonly<Record<string, unknown>>, v: boolean) =>
+const onFor = (d: Readonly<Record<string, unknown>>, v: boolean): string =>
   Object.keys(d).filter((o) => d[o] === v).join(", ");
 
-/**
- * Every option, once, in `--help` order. The default run: small enough to finish in about
- * two minutes on two CPU cores while driving the synthetic corpus's validation loss well
- * below its start.
- */
-export const OPTION_TABLE = {
+// Every option, once, in `--help` order. The default run: small enough to finish in about
+// two minutes on two CPU cores while driving the synthetic corpus's validation loss well
+// below its start.
+const TABLE = {
   model: {
     flag: "--model",
     kind: "model",
@@ -335,7 +333,8 @@ export const OPTION_TABLE = {
     section: MODEL,
     help: "--fused on|off        optimizer steps inside the backward (needs --grad-accum 1)\n" +
       "                      [{default}]",
-    shows: (d) => `on for ${onFor(d, true)}; off for ${onFor(d, false)}`,
+    shows: (d: Readonly<Record<string, unknown>>) =>
+      `on for ${onFor(d, true)}; off for ${onFor(d, false)}`,
   },
   blockSize: {
     flag: "--block-size",
@@ -351,7 +350,8 @@ export const OPTION_TABLE = {
     engine: "rank",
     nullable: true,
     section: GALORE,
-    help: "--rank N              projection rank, clamped per matrix to min(N, rows, cols) [{default}]",
+    help:
+      "--rank N              projection rank, clamped per matrix to min(N, rows, cols) [{default}]",
   },
   updateGap: {
     flag: "--update-gap",
@@ -384,7 +384,8 @@ export const OPTION_TABLE = {
     engine: "proj_group_size",
     nullable: true,
     section: GALORE,
-    help: "--proj-group-size N   projector quantization group (with --proj-bits 4 or 8) [{default}]",
+    help:
+      "--proj-group-size N   projector quantization group (with --proj-bits 4 or 8) [{default}]",
   },
   projRefresh: {
     flag: "--proj-refresh",
@@ -402,7 +403,7 @@ export const OPTION_TABLE = {
     section: GALORE,
     help: "--lazy on|off         lazy layer-wise refresh: double a matrix's gap while its top\n" +
       "                      singular vector stays put [{default}]",
-    shows: (d) => `on for ${onFor(d, true)}, else off`,
+    shows: (d: Readonly<Record<string, unknown>>) => `on for ${onFor(d, true)}, else off`,
   },
   cosThreshold: {
     flag: "--cos-threshold",
@@ -443,7 +444,8 @@ export const OPTION_TABLE = {
     nullable: true,
     section: GALORE,
     help: "--weight-bits 8|16    8: INT8 projected weights (qgalore only) [{default}]",
-    shows: (d) => `${Object.entries(d).map(([o, v]) => `${o} ${v}`).join(", ")}, else 16`,
+    shows: (d: Readonly<Record<string, unknown>>) =>
+      `${Object.entries(d).map(([o, v]) => `${o} ${v}`).join(", ")}, else 16`,
   },
   weightGroupSize: {
     flag: "--weight-group-size",
@@ -500,7 +502,8 @@ export const OPTION_TABLE = {
     kind: "path",
     nullable: true,
     section: DATA,
-    help: "--data FILE           text file, byte-tokenized [synthetic corpus with a known entropy floor]",
+    help:
+      "--data FILE           text file, byte-tokenized [synthetic corpus with a known entropy floor]",
   },
   valFraction: {
     flag: "--val-fraction",
@@ -565,7 +568,8 @@ export const OPTION_TABLE = {
     kind: "switch",
     default: false,
     section: RUN,
-    help: "--checkpointing on|off  recompute each block in the backward: less activation memory,\n" +
+    help:
+      "--checkpointing on|off  recompute each block in the backward: less activation memory,\n" +
       "                      one extra forward per step, identical results [{default}]",
   },
   out: {
@@ -580,7 +584,10 @@ export const OPTION_TABLE = {
   handleSigint: { flag: "handleSigint", kind: "api", default: true },
 } as const satisfies Record<keyof TrainOptions, OptionDef>;
 
-type Table = typeof OPTION_TABLE;
+/** Every option, once, in `--help` order: flag, help, engine field or own range and default. */
+export const OPTION_TABLE: Readonly<Record<keyof TrainOptions, OptionDef>> = TABLE;
+
+type Table = typeof TABLE;
 type KeysWhere<P> = { [K in keyof Table]: Table[K] extends P ? K : never }[keyof Table];
 
 const KEYS = Object.keys(OPTION_TABLE) as (keyof TrainOptions)[];
