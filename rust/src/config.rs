@@ -446,7 +446,6 @@ macro_rules! optim_options {
 
             /// Every option at `name`'s default (with `grad_accum` micro-batches per update).
             pub fn defaults(name: Optimizer, grad_accum: usize) -> Self {
-                let _ = grad_accum;
                 OptimConfig { name, $( $field: ($default)(name, grad_accum), )* }
             }
 
@@ -726,5 +725,58 @@ impl EngineConfig {
             "precision = bf16 needs a GPU (device cuda or auto); the CPU engine computes in fp32"
         );
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn obj(text: &str) -> Map<String, Value> {
+        serde_json::from_str(text).unwrap()
+    }
+
+    #[test]
+    fn unknown_choices_name_the_field_and_the_choices() {
+        let e = OptimConfig::resolve(&obj(r#"{"name":"galore","proj_refresh":"qr"}"#), 1).unwrap_err();
+        assert_eq!(e.msg, "proj_refresh = qr: must be one of svd, eigh, randomized");
+        let e = OptimConfig::resolve(&obj(r#"{"name":"sgd"}"#), 1).unwrap_err();
+        assert_eq!(e.msg, "optimizer = sgd: must be one of adamw, adam8bit, galore, galore8bit, qgalore");
+        let e = OptimConfig::resolve(&obj(r#"{"name":"qgalore","weight_group_size":3}"#), 1).unwrap_err();
+        assert_eq!(e.msg, "weight_group_size = 3: must be an even integer in [2, 1024]");
+        let e = OptimConfig::resolve(&obj(r#"{"name":"qgalore","lazy":"yes"}"#), 1).unwrap_err();
+        assert_eq!(e.msg, "lazy = yes: must be true or false");
+    }
+
+    #[test]
+    fn defaults_follow_the_optimizer() {
+        let q = OptimConfig::defaults(Optimizer::QGalore, 1);
+        assert!(q.int8_weights() && q.quantized_projector() && q.lazy && q.fused);
+        assert_eq!((q.beta2, q.proj_bits, q.weight_bits), (0.95, 4, 8));
+        let g = OptimConfig::defaults(Optimizer::Galore, 2);
+        assert!(!g.fused && !g.lazy && g.eps == 1e-6 && g.proj_refresh == Refresh::Eigh);
+        assert!(!OptimConfig::defaults(Optimizer::AdamW, 1).fused);
+    }
+
+    #[test]
+    fn options_that_do_not_apply_are_reported_with_the_failed_condition() {
+        let (_, off) = OptimConfig::resolve(&obj(r#"{"name":"adamw","rank":8,"weight_bits":16,"cos_threshold":0.5}"#), 1).unwrap();
+        let got: Vec<_> = off.iter().map(|n| (n.field, n.when)).collect();
+        assert_eq!(got, [("rank", When::Projected), ("cos_threshold", When::Projected)]);
+        let (c, off) = OptimConfig::resolve(&obj(r#"{"name":"galore","proj_group_size":64,"fused":true}"#), 2).unwrap();
+        let got: Vec<_> = off.iter().map(|n| (n.field, n.when)).collect();
+        assert_eq!(got, [("proj_group_size", When::QuantizedProjector), ("fused", When::OneMicroBatch)]);
+        assert!(!c.applicable(&Map::new()).contains_key("proj_group_size"));
+    }
+
+    #[test]
+    fn the_schema_states_ranges_and_defaults_per_optimizer() {
+        let s: Value = serde_json::from_str(&schema_json()).unwrap();
+        let beta2 = s["options"].as_array().unwrap().iter().find(|o| o["name"] == "beta2").unwrap();
+        assert_eq!(beta2["default"]["qgalore"], serde_json::json!(0.95));
+        assert_eq!(beta2["range"], serde_json::json!({ "min": 0.0, "max": 1.0, "maxOpen": true }));
+        let block = s["options"].as_array().unwrap().iter().find(|o| o["name"] == "block_size").unwrap();
+        assert_eq!(block["default"], serde_json::json!({ "adam8bit": 2048, "galore8bit": 2048, "qgalore": 2048 }));
+        assert_eq!(s["device"], serde_json::json!(["cpu", "cuda", "auto"]));
     }
 }

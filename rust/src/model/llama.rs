@@ -148,7 +148,7 @@ impl<B: Backend> Llama<B> {
             let data = match quant {
                 Some(q) if role == Role::Linear => {
                     let mut qt = be.q_new(n, q.bits, q.group, Category::Weights).map_err(|e| {
-                        crate::error::Error::invalid(format!("--weight-group-size {}: {} ({name})", q.group, e.msg))
+                        crate::error::Error::invalid(format!("weight_group_size = {}: {} ({name})", q.group, e.msg))
                     })?;
                     be.q_quantize(&mut qt, &data, q.range);
                     Weight::Q(qt)
