@@ -183,16 +183,28 @@ export interface OptionSpec {
   default: Readonly<Record<string, number | boolean | string>>;
 }
 
+/** One run-level option of the engine's schema (top level of {@link EngineConfig}). */
+export interface RunSpec {
+  /** Config field (`batch_size`). */
+  name: string;
+  /** Value type. */
+  type: "number" | "integer" | "switch" | "choice";
+  /** Allowed values of a choice. */
+  choices?: readonly string[];
+  /** Allowed values of a number. */
+  range?: OptionRange;
+  /** The engine's default; absent when the field is required. */
+  default?: number | boolean | string;
+}
+
 /** The engine's option schema (`qg_options`). */
 export interface OptionSchema {
   /** Optimizers with their families. */
   optimizers: readonly { name: string; projected: boolean; eight_bit: boolean }[];
   /** Optimizer options, in the order the engine reports options that do not apply. */
   options: readonly OptionSpec[];
-  /** Devices. */
-  device: readonly string[];
-  /** Precisions. */
-  precision: readonly string[];
+  /** Run-level options: batch shape, accumulation, device, precision, checkpointing. */
+  run: readonly RunSpec[];
 }
 
 /** An optimizer config resolved by the engine (`qg_resolve_optimizer`). */

@@ -18,6 +18,7 @@ import {
   type OptionRange,
   type OptionSpec,
   resolveOptimizerConfig,
+  type RunSpec,
 } from "../ffi/engine.ts";
 import { type ModelConfig, type ResolvedModel, resolveModel, validateModel } from "./presets.ts";
 import { ByteTokenizer } from "./tokenizer.ts";
@@ -43,6 +44,12 @@ function spec(field: string): OptionSpec {
   return s;
 }
 
+function runSpec(field: string): RunSpec {
+  const s = SCHEMA.run.find((o) => o.name === field);
+  if (!s) throw new Error(`engine option schema has no run field ${field}`);
+  return s;
+}
+
 /** How a projector is recomputed: `svd` (the reference route), `eigh` (exact, faster), `randomized`. */
 export const PROJ_REFRESH: readonly string[] = Object.freeze([...spec("proj_refresh").choices!]);
 
@@ -59,7 +66,9 @@ export const QUANT_RANGES: readonly string[] = Object.freeze([...spec("quant_ran
 export type Device = "cpu" | "cuda" | "auto";
 
 /** Devices `--device` accepts. */
-export const DEVICES: readonly Device[] = Object.freeze([...SCHEMA.device] as Device[]);
+export const DEVICES: readonly Device[] = Object.freeze(
+  [...runSpec("device").choices!] as Device[],
+);
 
 /**
  * Activation and GEMM precision of the engine: `fp32` everywhere, `bf16` activations with
@@ -69,7 +78,9 @@ export const DEVICES: readonly Device[] = Object.freeze([...SCHEMA.device] as De
 export type Precision = "auto" | "fp32" | "bf16";
 
 /** Precisions `--precision` accepts. */
-export const PRECISIONS: readonly Precision[] = Object.freeze([...SCHEMA.precision] as Precision[]);
+export const PRECISIONS: readonly Precision[] = Object.freeze(
+  [...runSpec("precision").choices!] as Precision[],
+);
 
 /**
  * Everything a training run needs. {@link defaultTrainOptions} fills in all of it; each key
@@ -188,6 +199,8 @@ export interface OptionDef {
   readonly kind: "number" | "switch" | "choice" | "path" | "model" | "api";
   /** Engine optimizer config field it sets; the engine's schema gives type, range, default. */
   readonly engine?: string;
+  /** Engine run-level config field it sets; the engine's schema gives range, choices, default. */
+  readonly run?: string;
   /** Range of a front-end numeric option. */
   readonly range?: Range;
   /** Choices of a front-end choice option. */
@@ -476,7 +489,7 @@ const TABLE = {
   batchSize: {
     flag: "--batch-size",
     kind: "number",
-    range: { int: true, min: 1 },
+    run: "batch_size",
     default: 8,
     section: DATA,
     help: "--batch-size N        sequences per micro-batch [{default}]",
@@ -484,7 +497,7 @@ const TABLE = {
   seqLen: {
     flag: "--seq-len",
     kind: "number",
-    range: { int: true, min: 1 },
+    run: "seq_len",
     default: 128,
     section: DATA,
     help: "--seq-len N           tokens per sequence [{default}]",
@@ -492,8 +505,7 @@ const TABLE = {
   gradAccum: {
     flag: "--grad-accum",
     kind: "number",
-    range: { int: true, min: 1 },
-    default: 1,
+    run: "grad_accum",
     section: DATA,
     help: "--grad-accum N        micro-batches per update [{default}]",
   },
@@ -548,8 +560,8 @@ const TABLE = {
   device: {
     flag: "--device",
     kind: "choice",
-    choices: () => DEVICES,
-    // The CLI takes a GPU when there is one.
+    run: "device",
+    // The CLI takes a GPU when there is one; the engine's default (for direct configs) is cpu.
     default: "auto",
     section: RUN,
     help: "--device D            {choices} [{default}]",
@@ -557,8 +569,7 @@ const TABLE = {
   precision: {
     flag: "--precision",
     kind: "choice",
-    choices: () => PRECISIONS,
-    default: "auto",
+    run: "precision",
     section: RUN,
     help: "--precision P         {choices}: bf16 activations and GEMM inputs\n" +
       "                      need a GPU; auto = bf16 there, fp32 on the CPU [{default}]",
@@ -566,7 +577,7 @@ const TABLE = {
   checkpointing: {
     flag: "--checkpointing",
     kind: "switch",
-    default: false,
+    run: "checkpointing",
     section: RUN,
     help:
       "--checkpointing on|off  recompute each block in the backward: less activation memory,\n" +
@@ -636,14 +647,15 @@ export const CHOICES: Readonly<Record<ChoiceKey, readonly string[]>> = Object.fr
   Object.fromEntries(
     CHOICE_OPTIONS.map((k) => {
       const d = def(k);
-      return [k, d.choices ? d.choices() : spec(d.engine!).choices!];
+      const choices = d.choices?.() ?? (d.engine ? spec(d.engine) : runSpec(d.run!)).choices!;
+      return [k, choices];
     }),
   ) as Record<ChoiceKey, readonly string[]>,
 );
 
 function rangeOf(key: NumericKey): Range {
   const d = def(key);
-  return d.range ?? spec(d.engine!).range!;
+  return d.range ?? (d.engine ? spec(d.engine) : runSpec(d.run!)).range!;
 }
 
 /** The engine's default of `field` when it is the same for every optimizer it applies to. */
@@ -663,6 +675,7 @@ export function defaultTrainOptions(): TrainOptions {
     if (d.default !== undefined) out[key] = d.default;
     else if (d.nullable) out[key] = null;
     else if (d.engine !== undefined) out[key] = commonDefault(d.engine);
+    else if (d.run !== undefined) out[key] = runSpec(d.run).default;
   }
   return out as unknown as TrainOptions;
 }
@@ -764,7 +777,9 @@ export function defaultText(key: keyof TrainOptions): string {
       : String(x);
   const all: Readonly<Record<string, unknown>> | undefined = d.perOptimizer ??
     (d.engine !== undefined ? spec(d.engine).default : undefined);
-  if (d.default !== undefined || all === undefined) return num(d.default);
+  if (d.default !== undefined || all === undefined) {
+    return num(d.default ?? (d.run !== undefined ? runSpec(d.run).default : undefined));
+  }
   // in the engine's optimizer order
   const per = Object.fromEntries(OPTIMIZERS.filter((o) => o in all).map((o) => [o, all[o]]));
   if (d.shows) return d.shows(per);
@@ -1077,12 +1092,6 @@ export function engineOptimizerConfig(opts: ResolvedOptions): OptimizerConfig {
   return cfg as OptimizerConfig;
 }
 
-/** Engine config fields (top level) that a flag sets. */
-const RUN_FIELDS: Readonly<Record<string, keyof TrainOptions>> = Object.freeze({
-  device: "device",
-  precision: "precision",
-});
-
 /**
  * An engine error worded for the CLI: the engine names config fields ("device cuda: …; use
  * device cpu or auto"), the user knows flags ("--device cuda: …; use --device cpu or auto").
@@ -1091,10 +1100,9 @@ export function withFlags(e: unknown): unknown {
   if (!(e instanceof EngineError)) return e;
   const fields: Record<string, string> = {};
   for (const key of KEYS) {
-    const field = def(key).engine;
+    const field = def(key).engine ?? def(key).run;
     if (field !== undefined) fields[field] = FLAG[key];
   }
-  for (const [field, key] of Object.entries(RUN_FIELDS)) fields[field] = FLAG[key];
   const names = Object.keys(fields).join("|");
   const msg = e.message
     .replace(new RegExp(`^(${names}) (?!=)`), (_, f: string) => `${fields[f]} `)

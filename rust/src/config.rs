@@ -99,13 +99,10 @@ impl ModelConfig {
 }
 
 /// A closed set of names that travels as a JSON string (`"qgalore"`, `"eigh"`, …).
-pub trait Named: Sized + Copy + 'static {
+pub trait Named: Sized + Copy + PartialEq + 'static {
     /// Every value with its name, in the order messages and `--help` list them.
     const ALL: &'static [(Self, &'static str)];
-    fn name(self) -> &'static str
-    where
-        Self: PartialEq,
-    {
+    fn name(self) -> &'static str {
         Self::ALL.iter().find(|(v, _)| *v == self).map(|(_, n)| *n).unwrap_or("?")
     }
     fn parse(text: &str) -> Option<Self> {
@@ -427,8 +424,8 @@ macro_rules! optim_options {
                 $({
                     let mut default = Map::new();
                     for &(o, name) in Optimizer::ALL {
-                        let d = OptimConfig::defaults(o, 1);
-                        if d.applies(When::$when, false, 1).is_ok() {
+                        let d = OptimConfig::defaults(o, DEFAULT_GRAD_ACCUM);
+                        if d.applies(When::$when, false, DEFAULT_GRAD_ACCUM).is_ok() {
                             default.insert(name.into(), d.$field.to_json());
                         }
                     }
@@ -492,7 +489,7 @@ macro_rules! optim_options {
                 out.insert("name".into(), Value::String(self.name.name().into()));
                 $(
                     let g = given.get(stringify!($field)).is_some_and(|v| !v.is_null());
-                    if self.applies(When::$when, g, 1).is_ok() {
+                    if self.applies(When::$when, g, DEFAULT_GRAD_ACCUM).is_ok() {
                         out.insert(stringify!($field).into(), self.$field.to_json());
                     }
                 )*
@@ -590,7 +587,7 @@ impl<'de> Deserialize<'de> for OptimConfig {
     /// without them.
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
         let obj = Map::deserialize(d)?;
-        let (cfg, off) = OptimConfig::resolve(&obj, 1).map_err(|e| serde::de::Error::custom(e.msg))?;
+        let (cfg, off) = OptimConfig::resolve(&obj, DEFAULT_GRAD_ACCUM).map_err(|e| serde::de::Error::custom(e.msg))?;
         if off.iter().any(|n| n.when == When::Int8Capable) {
             return Err(serde::de::Error::custom(format!("weight_bits = 8: only qgalore keeps INT8 weights (not {})", cfg.name.name())));
         }
@@ -598,20 +595,50 @@ impl<'de> Deserialize<'de> for OptimConfig {
     }
 }
 
-/// The schema `qg_options` returns: optimizers, optimizer options, and the choices of the
-/// run-level fields.
+/// A run-level option (top level of `EngineConfig`) as the schema states it.
+#[derive(Clone, Debug, Serialize)]
+pub struct RunSpec {
+    pub name: &'static str,
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub choices: Vec<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub range: Option<Bounds>,
+    /// The engine's default; absent when the field is required.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub default: Option<Value>,
+}
+
+const AT_LEAST_ONE: Bounds = Bounds::int(1.0);
+const DEFAULT_DEVICE: Device = Device::Cpu;
+const DEFAULT_PRECISION: Precision = Precision::Auto;
+const DEFAULT_GRAD_ACCUM: usize = 1;
+const DEFAULT_CHECKPOINTING: bool = false;
+
+fn run_spec<T: OptionValue>(name: &'static str, range: Option<Bounds>, default: Option<T>) -> RunSpec {
+    RunSpec { name, kind: T::TYPE, choices: T::choices(), range, default: default.map(T::to_json) }
+}
+
+/// The run-level options: batch shape, accumulation, device, precision, checkpointing.
+pub fn run_specs() -> Vec<RunSpec> {
+    vec![
+        run_spec::<usize>("batch_size", Some(AT_LEAST_ONE), None),
+        run_spec::<usize>("seq_len", Some(AT_LEAST_ONE), None),
+        run_spec::<usize>("grad_accum", Some(AT_LEAST_ONE), Some(DEFAULT_GRAD_ACCUM)),
+        run_spec::<Device>("device", None, Some(DEFAULT_DEVICE)),
+        run_spec::<Precision>("precision", None, Some(DEFAULT_PRECISION)),
+        run_spec::<bool>("checkpointing", None, Some(DEFAULT_CHECKPOINTING)),
+    ]
+}
+
+/// The schema `qg_options` returns: optimizers, optimizer options and run-level options.
 pub fn schema_json() -> String {
     let optimizers: Vec<Value> = Optimizer::ALL
         .iter()
         .map(|&(o, name)| serde_json::json!({ "name": name, "projected": o.projected(), "eight_bit": o.eight_bit() }))
         .collect();
-    serde_json::json!({
-        "optimizers": optimizers,
-        "options": OptimConfig::specs(),
-        "device": Device::names(),
-        "precision": Precision::names(),
-    })
-    .to_string()
+    serde_json::json!({ "optimizers": optimizers, "options": OptimConfig::specs(), "run": run_specs() }).to_string()
 }
 
 /// What `qg_resolve_optimizer` returns for a JSON `{ "optimizer": {…}, "grad_accum": n }`:
@@ -622,7 +649,7 @@ pub fn resolve_json(text: &str) -> String {
         let v: Value = serde_json::from_str(text).map_err(|e| Error::invalid(format!("resolve: {e}")))?;
         let empty = Map::new();
         let obj = v.get("optimizer").and_then(Value::as_object).unwrap_or(&empty);
-        let ga = v.get("grad_accum").and_then(Value::as_u64).unwrap_or(1) as usize;
+        let ga = v.get("grad_accum").and_then(Value::as_u64).map_or(DEFAULT_GRAD_ACCUM, |n| n as usize);
         let (cfg, off) = OptimConfig::resolve(obj, ga)?;
         Ok(serde_json::json!({ "config": cfg.applicable(obj), "not_applicable": off }))
     })();
@@ -663,16 +690,12 @@ struct RawConfig {
     device: Option<Value>,
     #[serde(default)]
     threads: usize,
-    #[serde(default = "one")]
-    grad_accum: usize,
+    #[serde(default)]
+    grad_accum: Option<usize>,
     #[serde(default)]
     precision: Option<Value>,
     #[serde(default)]
-    checkpointing: bool,
-}
-
-fn one() -> usize {
-    1
+    checkpointing: Option<bool>,
 }
 
 fn choice<T: OptionValue>(field: &str, v: Option<Value>) -> Result<Option<T>> {
@@ -682,7 +705,8 @@ fn choice<T: OptionValue>(field: &str, v: Option<Value>) -> Result<Option<T>> {
 impl EngineConfig {
     pub fn from_json(text: &str) -> Result<Self> {
         let raw: RawConfig = serde_json::from_str(text).map_err(|e| Error::invalid(format!("engine config: {e}")))?;
-        let (optimizer, off) = OptimConfig::resolve(&raw.optimizer, raw.grad_accum)?;
+        let grad_accum = raw.grad_accum.unwrap_or(DEFAULT_GRAD_ACCUM);
+        let (optimizer, off) = OptimConfig::resolve(&raw.optimizer, grad_accum)?;
         ensure!(
             !off.iter().any(|n| n.when == When::Int8Capable),
             "weight_bits = 8: only qgalore keeps INT8 weights (not {})",
@@ -694,11 +718,11 @@ impl EngineConfig {
             seq_len: raw.seq_len,
             optimizer,
             seed: raw.seed,
-            device: choice("device", raw.device)?.unwrap_or(Device::Cpu),
+            device: choice("device", raw.device)?.unwrap_or(DEFAULT_DEVICE),
             threads: raw.threads,
-            grad_accum: raw.grad_accum,
-            precision: choice("precision", raw.precision)?.unwrap_or(Precision::Auto),
-            checkpointing: raw.checkpointing,
+            grad_accum,
+            precision: choice("precision", raw.precision)?.unwrap_or(DEFAULT_PRECISION),
+            checkpointing: raw.checkpointing.unwrap_or(DEFAULT_CHECKPOINTING),
         };
         cfg.validate()?;
         Ok(cfg)
@@ -707,15 +731,15 @@ impl EngineConfig {
     /// Checks what the types cannot (configs built in Rust skip `from_json`).
     pub fn validate(&self) -> Result<()> {
         self.model.validate()?;
-        ensure!(self.batch_size > 0, "batch_size = 0: must be ≥ 1");
-        ensure!(self.seq_len > 0, "seq_len = 0: must be ≥ 1");
+        for (field, v) in [("batch_size", self.batch_size), ("seq_len", self.seq_len), ("grad_accum", self.grad_accum)] {
+            option::<usize>(field, &Value::from(v), Some(&AT_LEAST_ONE))?;
+        }
         ensure!(
             self.seq_len <= self.model.max_position_embeddings,
             "seq_len = {}: must be ≤ the model's max_position_embeddings = {}",
             self.seq_len,
             self.model.max_position_embeddings
         );
-        ensure!(self.grad_accum >= 1, "grad_accum = 0: must be ≥ 1");
         // Re-check every option against the schema (a config built in Rust skips `resolve`).
         let o = &self.optimizer;
         OptimConfig::resolve(&o.to_map(), self.grad_accum)?;
@@ -777,6 +801,7 @@ mod tests {
         assert_eq!(beta2["range"], serde_json::json!({ "min": 0.0, "max": 1.0, "maxOpen": true }));
         let block = s["options"].as_array().unwrap().iter().find(|o| o["name"] == "block_size").unwrap();
         assert_eq!(block["default"], serde_json::json!({ "adam8bit": 2048, "galore8bit": 2048, "qgalore": 2048 }));
-        assert_eq!(s["device"], serde_json::json!(["cpu", "cuda", "auto"]));
+        let device = s["run"].as_array().unwrap().iter().find(|o| o["name"] == "device").unwrap();
+        assert_eq!(device["choices"], serde_json::json!(["cpu", "cuda", "auto"]));
     }
 }
