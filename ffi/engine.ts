@@ -258,14 +258,15 @@ export function engineOptions(): OptionSchema {
 
 /**
  * Fills an optimizer config with the engine's defaults (every given value must be in range)
- * and lists the given options that do not apply; throws {@link EngineError} otherwise.
+ * and lists the given options that do not apply; `run` (grad_accum, device, precision) is
+ * checked too. Throws {@link EngineError} with the engine's one-line message otherwise.
  */
 export function resolveOptimizerConfig(
   optimizer: Partial<OptimizerConfig> & { name: string },
-  gradAccum: number,
+  run: Partial<Pick<EngineConfig, "grad_accum" | "device" | "precision">> = {},
 ): ResolvedOptimizer {
   const lib = loadLibrary();
-  const json = enc.encode(JSON.stringify({ optimizer, grad_accum: gradAccum }));
+  const json = enc.encode(JSON.stringify({ optimizer, ...run }));
   const r = JSON.parse(
     readText((b, n) => lib.symbols.qg_resolve_optimizer(json, BigInt(json.length), b, n)),
   ) as ResolvedOptimizer | { error: string };

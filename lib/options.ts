@@ -718,7 +718,8 @@ function settingsOf(
  */
 export function optimizerDefaults(optimizer: string, gradAccum = 1): OptimizerDefaults {
   if (!OPTIMIZERS.includes(optimizer)) throw unknownOptimizer(optimizer || '""');
-  return settingsOf(optimizer, resolveOptimizerConfig({ name: optimizer }, gradAccum).config);
+  const { config } = resolveOptimizerConfig({ name: optimizer }, { grad_accum: gradAccum });
+  return settingsOf(optimizer, config);
 }
 
 function describeRange(r: Range): string {
@@ -927,11 +928,6 @@ export function checkOptions(input: Partial<TrainOptions> = {}): CheckedOptions 
   checkChoice("optimizer", raw.optimizer);
   checkChoice("device", raw.device);
   checkChoice("precision", raw.precision);
-  if (raw.device === "cpu" && raw.precision === "bf16") {
-    throw new UsageError(
-      "--precision bf16 needs a GPU (--device cuda or auto); the CPU engine computes in fp32",
-    );
-  }
   for (const key of CHOICE_OPTIONS) {
     const v = raw[key];
     if (def(key).nullable && v !== null) checkChoice(key, v);
@@ -997,7 +993,17 @@ function resolveOptimizer(
     const shown = given(raw[key]) ? shownValue(raw[key]) : `${shownValue(value)} (default)`;
     throw new UsageError(`${FLAG[key]} ${shown}: ${why}`);
   };
-  const { config, not_applicable } = resolveOptimizerConfig(givenConfig(raw), raw.gradAccum);
+  let resolved;
+  try {
+    resolved = resolveOptimizerConfig(givenConfig(raw), {
+      grad_accum: raw.gradAccum,
+      device: raw.device,
+      precision: raw.precision,
+    });
+  } catch (e) {
+    throw e instanceof EngineError ? new UsageError(flagNames(e.message)) : e;
+  }
+  const { config, not_applicable } = resolved;
   const forProjected = `applies only to --optimizer ${
     PROJECTED_OPTIMIZERS.join(", ")
   } (not ${name})`;
@@ -1093,19 +1099,24 @@ export function engineOptimizerConfig(opts: ResolvedOptions): OptimizerConfig {
 }
 
 /**
- * An engine error worded for the CLI: the engine names config fields ("device cuda: …; use
- * device cpu or auto"), the user knows flags ("--device cuda: …; use --device cpu or auto").
+ * An engine message worded for the CLI: the engine writes a setting as its config field and
+ * value ("use device cpu or auto"), the user knows flags ("use --device cpu or auto"). A
+ * value the engine quotes back (`precision = bf16`) stays as it is.
  */
+export function flagNames(message: string): string {
+  let out = message;
+  for (const key of CHOICE_OPTIONS) {
+    const field = def(key).engine ?? def(key).run;
+    if (field === undefined) continue;
+    const values = CHOICES[key].join("|");
+    out = out.replace(new RegExp(`\\b${field} (${values})\\b`, "g"), `${FLAG[key]} $1`);
+  }
+  return out;
+}
+
+/** {@link flagNames} for an engine error; other errors pass through. */
 export function withFlags(e: unknown): unknown {
   if (!(e instanceof EngineError)) return e;
-  const fields: Record<string, string> = {};
-  for (const key of KEYS) {
-    const field = def(key).engine ?? def(key).run;
-    if (field !== undefined) fields[field] = FLAG[key];
-  }
-  const names = Object.keys(fields).join("|");
-  const msg = e.message
-    .replace(new RegExp(`^(${names}) (?!=)`), (_, f: string) => `${fields[f]} `)
-    .replace(new RegExp(`\\buse (${names}) `, "g"), (_, f: string) => `use ${fields[f]} `);
+  const msg = flagNames(e.message);
   return msg === e.message ? e : new EngineError(e.code, msg);
 }

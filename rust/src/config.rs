@@ -641,12 +641,15 @@ pub fn schema_json() -> String {
     serde_json::json!({ "optimizers": optimizers, "options": OptimConfig::specs(), "run": run_specs() }).to_string()
 }
 
-/// What `qg_resolve_optimizer` returns for a JSON `{ "optimizer": {…}, "grad_accum": n }`:
-/// `{ "config": {…the options that apply…}, "not_applicable": [{ field, when }] }` or
-/// `{ "error": "…" }`.
+/// What `qg_resolve_optimizer` returns for a JSON
+/// `{ "optimizer": {…}, "grad_accum": n, "device": …, "precision": … }` (all but the optimizer
+/// name optional): `{ "config": {…the options that apply…}, "not_applicable": [{ field, when }] }`
+/// or `{ "error": "…" }`.
 pub fn resolve_json(text: &str) -> String {
     let r = (|| -> Result<Value> {
         let v: Value = serde_json::from_str(text).map_err(|e| Error::invalid(format!("resolve: {e}")))?;
+        let device = choice("device", v.get("device").cloned())?.unwrap_or(DEFAULT_DEVICE);
+        check_device(device, choice("precision", v.get("precision").cloned())?.unwrap_or(DEFAULT_PRECISION))?;
         let empty = Map::new();
         let obj = v.get("optimizer").and_then(Value::as_object).unwrap_or(&empty);
         let ga = v.get("grad_accum").and_then(Value::as_u64).map_or(DEFAULT_GRAD_ACCUM, |n| n as usize);
@@ -744,12 +747,17 @@ impl EngineConfig {
         let o = &self.optimizer;
         OptimConfig::resolve(&o.to_map(), self.grad_accum)?;
         ensure!(o.weight_bits == 16 || o.int8_weights(), "weight_bits = 8: only qgalore keeps INT8 weights (not {})", o.name.name());
-        ensure!(
-            !(self.device == Device::Cpu && self.precision == Precision::Bf16),
-            "precision = bf16 needs a GPU (device cuda or auto); the CPU engine computes in fp32"
-        );
-        Ok(())
+        check_device(self.device, self.precision)
     }
+}
+
+/// Precision rules a device imposes before any device is probed.
+fn check_device(device: Device, precision: Precision) -> Result<()> {
+    ensure!(
+        !(device == Device::Cpu && precision == Precision::Bf16),
+        "precision bf16 needs a GPU (device cuda or auto); the CPU engine computes in fp32"
+    );
+    Ok(())
 }
 
 #[cfg(test)]
