@@ -146,8 +146,9 @@ pub unsafe extern "C" fn qg_info(h: *const Handle, buf: *mut u8, cap: usize) -> 
     write_text(&text, buf, cap)
 }
 
-/// The option schema (`config::schema_json`): optimizers, and each optimizer option's type,
-/// range, per-optimizer default and applicability; returns its byte length.
+/// The option schema (`config::schema_json`): optimizers, each optimizer option's type,
+/// range, per-optimizer default and applicability, and the run-level options; returns its
+/// byte length.
 #[no_mangle]
 pub unsafe extern "C" fn qg_options(buf: *mut u8, cap: usize) -> usize {
     quiet_panics();
@@ -155,9 +156,10 @@ pub unsafe extern "C" fn qg_options(buf: *mut u8, cap: usize) -> usize {
     write_text(&text, buf, cap)
 }
 
-/// Resolves a JSON `{ "optimizer": {…}, "grad_accum": n }` against the schema
-/// (`config::resolve_json`): the options that apply with every default filled, and the given
-/// options that do not apply; returns the byte length of the answer.
+/// Resolves a JSON `{ "optimizer": {…}, "grad_accum": n, "device": …, "precision": … }`
+/// against the schema (`config::resolve_json`): the options that apply with every default
+/// filled and the given options that do not apply, or the error; returns the byte length of
+/// the answer.
 #[no_mangle]
 pub unsafe extern "C" fn qg_resolve_optimizer(cfg: *const u8, len: usize, buf: *mut u8, cap: usize) -> usize {
     quiet_panics();

@@ -69,8 +69,9 @@ pub trait Optimizer<B: Backend>: Send {
 
 /// Builds the optimizer named in the config.
 pub fn build<B: Backend>(be: &B, model: &Llama<B>, cfg: &crate::config::OptimConfig, seed: u64) -> Result<Box<dyn Optimizer<B>>> {
+    use crate::config::Optimizer as O;
     match cfg.name {
-        crate::config::Optimizer::AdamW => Ok(Box::new(adamw::AdamW::new(be, model, cfg)?)),
-        _ => Ok(Box::new(galore::Family::new(be, model, cfg, seed)?)),
+        O::AdamW => Ok(Box::new(adamw::AdamW::new(be, model, cfg)?)),
+        O::Adam8bit | O::Galore | O::Galore8bit | O::QGalore => Ok(Box::new(galore::Family::new(be, model, cfg, seed)?)),
     }
 }
