@@ -206,7 +206,7 @@ function defaultOut(): string {
 
 /**
  * Pretrains a model. Options not given take {@link defaultTrainOptions} values. Validates
- * everything before the native library is loaded; invalid options throw UsageError. Ctrl-C
+ * everything before an engine is created; invalid options throw UsageError. Ctrl-C
  * stops after the current update (summary `interrupted: true`); a non-finite loss throws
  * {@link DivergedError} after the summary is written. Files go to `out` unless it is null.
  */
