@@ -212,6 +212,124 @@ export function planEngine(config: PlanConfig, label = ""): EnginePlan {
   return JSON.parse(text);
 }
 
+/** What the engine reports about a session (`Info` in `rust/src/train.rs`). */
+export interface EngineInfo {
+  /** Trainable parameter count. */
+  params: number;
+  /** Device the session runs on (`cpu`, `cuda`). */
+  device: string;
+  /** The hardware in words (the GPU model on CUDA). */
+  device_name: string;
+  /** Precision the session computes in (`fp32`, `bf16`). */
+  precision: string;
+  /** Optimizer name. */
+  optimizer: string;
+  /** Whether optimizer steps run inside the backward. */
+  fused: boolean;
+  /** Completed optimizer steps. */
+  steps: number;
+  /** Engine-tracked bytes by category. */
+  memory: MemoryBytes;
+  /** Projector refreshes (SVDs or their replacements) so far; GaLore family and 8-bit Adam. */
+  svd_count?: number;
+  /** Refreshes that failed and kept the previous projector. */
+  refresh_failures?: number;
+  /** Updates skipped for a non-finite gradient. */
+  nonfinite_grads?: number;
+  /** Seconds spent refreshing projectors. */
+  refresh_seconds?: number;
+  /** Current refresh gap of each projected matrix, by parameter name. */
+  gaps?: Record<string, number>;
+  /** Seconds per phase since the start. */
+  timing: { forward_s: number; backward_s: number; optimizer_s: number };
+  /** Highest device memory in use seen after a step (GPU only; 0 on the CPU). */
+  peak_device_bytes: number;
+  /** A one-line notice for the user (e.g. a device fallback). */
+  notice?: string;
+}
+
+/** Allowed values of a numeric option, as the engine states them. */
+export interface OptionRange {
+  /** Whole numbers only. */
+  int?: boolean;
+  /** Lower bound; `open` makes it strict. */
+  min: number;
+  /** Strict lower bound. */
+  open?: boolean;
+  /** Upper bound; `maxOpen` makes it strict. */
+  max?: number;
+  /** Strict upper bound. */
+  maxOpen?: boolean;
+  /** The only values allowed. */
+  oneOf?: readonly number[];
+  /** Must be even. */
+  even?: boolean;
+}
+
+/**
+ * When an optimizer option applies: to every optimizer, the projected ones, the 8-bit ones,
+ * INT8 weights (`int8_capable`: the value 8 needs qgalore), quantized projectors, anything
+ * quantized, the lazy refresh, or one micro-batch per update (fused steps).
+ */
+export type OptionCondition =
+  | "all"
+  | "projected"
+  | "eight_bit"
+  | "int8_capable"
+  | "int8_weights"
+  | "quantized_projector"
+  | "quantized"
+  | "lazy"
+  | "one_micro_batch";
+
+/** One optimizer option of the engine's schema. */
+export interface OptionSpec {
+  /** Config field (`weight_group_size`). */
+  name: string;
+  /** Value type. */
+  type: "number" | "integer" | "switch" | "choice";
+  /** Allowed values of a choice. */
+  choices?: readonly string[];
+  /** Allowed values of a number. */
+  range?: OptionRange;
+  /** When the option applies. */
+  applies: OptionCondition;
+  /** Default per optimizer, for the optimizers it applies to by default. */
+  default: Readonly<Record<string, number | boolean | string>>;
+}
+
+/** One run-level option of the engine's schema (top level of {@link EngineConfig}). */
+export interface RunSpec {
+  /** Config field (`batch_size`). */
+  name: string;
+  /** Value type. */
+  type: "number" | "integer" | "switch" | "choice";
+  /** Allowed values of a choice. */
+  choices?: readonly string[];
+  /** Allowed values of a number. */
+  range?: OptionRange;
+  /** The engine's default; absent when the field is required. */
+  default?: number | boolean | string;
+}
+
+/** The engine's option schema (`qg_options`). */
+export interface OptionSchema {
+  /** Optimizers with their families. */
+  optimizers: readonly { name: string; projected: boolean; eight_bit: boolean }[];
+  /** Optimizer options, in the order the engine reports options that do not apply. */
+  options: readonly OptionSpec[];
+  /** Run-level options: batch shape, accumulation, device, precision, checkpointing. */
+  run: readonly RunSpec[];
+}
+
+/** An optimizer config resolved by the engine (`qg_resolve_optimizer`). */
+export interface ResolvedOptimizer {
+  /** The options that apply, every default filled in. */
+  config: OptimizerConfig;
+  /** Given options that do not apply, with the condition that failed. */
+  not_applicable: readonly { field: string; when: OptionCondition }[];
+}
+
 /** Engine status codes (`rust/src/error.rs`). */
 export const ErrorCode = {
   invalid: -1,
@@ -234,6 +352,42 @@ export class EngineError extends Error {
 
 const enc = new TextEncoder();
 const dec = new TextDecoder();
+
+function readText(fill: (buf: Uint8Array | null, cap: bigint) => number | bigint): string {
+  const need = Number(fill(null, 0n));
+  const buf = new Uint8Array(need);
+  fill(buf, BigInt(need));
+  return dec.decode(buf);
+}
+
+let schema: OptionSchema | null = null;
+
+/** The engine's option schema: types, ranges, per-optimizer defaults (loads the library). */
+export function engineOptions(): OptionSchema {
+  if (schema === null) {
+    const lib = loadLibrary();
+    schema = JSON.parse(readText((b, n) => lib.symbols.qg_options(b, n))) as OptionSchema;
+  }
+  return schema;
+}
+
+/**
+ * Fills an optimizer config with the engine's defaults (every given value must be in range)
+ * and lists the given options that do not apply; `run` (grad_accum, device, precision) is
+ * checked too. Throws {@link EngineError} with the engine's one-line message otherwise.
+ */
+export function resolveOptimizerConfig(
+  optimizer: Partial<OptimizerConfig> & { name: string },
+  run: Partial<Pick<EngineConfig, "grad_accum" | "device" | "precision">> = {},
+): ResolvedOptimizer {
+  const lib = loadLibrary();
+  const json = enc.encode(JSON.stringify({ optimizer, ...run }));
+  const r = JSON.parse(
+    readText((b, n) => lib.symbols.qg_resolve_optimizer(json, BigInt(json.length), b, n)),
+  ) as ResolvedOptimizer | { error: string };
+  if ("error" in r) throw new EngineError(ErrorCode.invalid, r.error);
+  return r;
+}
 
 /** The engine library's ABI version (loads the library). */
 export function engineAbiVersion(): number {
@@ -276,10 +430,10 @@ export class Engine implements Disposable {
     this.#ptr = ptr;
     this.config = config;
     const info = this.info();
-    this.params = info.params as number;
-    this.device = info.device as string;
-    this.precision = info.precision as string;
-    this.optimizer = info.optimizer as string;
+    this.params = info.params;
+    this.device = info.device;
+    this.precision = info.precision;
+    this.optimizer = info.optimizer;
     registry.register(this, ptr, this);
   }
 
@@ -321,13 +475,10 @@ export class Engine implements Disposable {
     }
   }
 
-  /** Engine facts as JSON: params, device, optimizer, steps, memory. */
-  info(): Record<string, unknown> {
+  /** Engine facts: params, device, optimizer, steps, memory, refresh counters, timing. */
+  info(): EngineInfo {
     const h = this.#handle();
-    const need = Number(this.#lib.symbols.qg_info(h, null, 0n));
-    const buf = new Uint8Array(need);
-    this.#lib.symbols.qg_info(h, buf, BigInt(need));
-    return JSON.parse(dec.decode(buf));
+    return JSON.parse(readText((b, n) => this.#lib.symbols.qg_info(h, b, n))) as EngineInfo;
   }
 
   /**

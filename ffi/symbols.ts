@@ -21,6 +21,8 @@ export const SYMBOLS = {
   qg_engine_free: { parameters: ["pointer"], result: "void" },
   qg_last_error: { parameters: ["pointer", "buffer", "usize"], result: "usize" },
   qg_info: { parameters: ["pointer", "buffer", "usize"], result: "usize" },
+  qg_options: { parameters: ["buffer", "usize"], result: "usize" },
+  qg_resolve_optimizer: { parameters: ["buffer", "usize", "buffer", "usize"], result: "usize" },
   qg_train_step: {
     parameters: ["pointer", "buffer", "usize", "u32", "f32", "buffer"],
     result: "i32",

@@ -17,8 +17,9 @@ import {
   FLAG,
   NUMERIC_OPTIONS,
   type NumericKey,
-  optimizerDefaults,
-  OPTIMIZERS,
+  optionHelp,
+  PROJECTED_OPTIMIZERS,
+  SECTIONS,
   SWITCH_OPTIONS,
   type SwitchKey,
   type TrainOptions,
@@ -142,78 +143,26 @@ function parseError(e: unknown, argv: string[]): Error {
   }
 }
 
-/** The `--help` text. */
+/** The `--help` text: the option table's help lines, by section. */
 export function usage(): string {
-  const d = defaultTrainOptions();
-  const num = (x: unknown) =>
-    typeof x === "number" && x !== 0 && Math.abs(x) < 1e-3 ? x.toExponential() : String(x);
-  // Each optimizer's default, for the optimizers the setting applies to.
-  const per = (pick: (name: string) => unknown) =>
-    OPTIMIZERS.filter((o) => pick(o) !== null).map((o) => `${o} ${num(pick(o))}`).join(", ");
-  const def = optimizerDefaults;
-  return `Pretrain a LLaMA-style model with the qgalore engine.
-
-Usage: deno run -A examples/pretrain.ts [flags]
-
-Model and optimizer
-  --model NAME|FILE     preset (${PRESET_NAMES.join(", ")})
-                        or a JSON LlamaConfig file [${d.model}]
-  --optimizer NAME      ${OPTIMIZERS.join(", ")} [${d.optimizer}]
-  --lr X                peak learning rate [${per((o) => def(o).lr)}]
-  --min-lr-ratio X      cosine floor as a fraction of --lr [${d.minLrRatio}]
-  --warmup N            linear warmup updates [10% of --steps]
-  --steps N             optimizer updates [${d.steps}]
-  --clip X              gradient-norm clipping, 0 = off [${d.clip}]
-  --weight-decay X      decoupled weight decay [${d.weightDecay}]
-  --beta1 X             Adam β1 [${d.beta1}]
-  --beta2 X             Adam β2 [${per((o) => def(o).beta2)}]
-  --eps X               Adam ε [${per((o) => def(o).eps)}]
-  --fused on|off        optimizer steps inside the backward (needs --grad-accum 1)
-                        [on for galore, galore8bit, qgalore; off for adamw, adam8bit]
-  --block-size 256|2048 8-bit Adam block (adam8bit, galore8bit, qgalore) [2048]
-
-GaLore family (galore, galore8bit, qgalore)
-  --rank N              projection rank, clamped per matrix to min(N, rows, cols) [128]
-  --update-gap N        projector refresh interval T in updates [200]
-  --galore-scale X      scale α of the projected-back update [0.25]
-  --proj-bits B         projector storage: 4, 8 (quantized), 16 (bf16), 32 (f32)
-                        [${per((o) => def(o).projBits)}]
-  --proj-group-size N   projector quantization group (with --proj-bits 4 or 8) [256]
-  --proj-refresh M      svd (reference), eigh (exact, faster) or randomized [eigh]
-  --lazy on|off         lazy layer-wise refresh: double a matrix's gap while its top
-                        singular vector stays put [on for qgalore, else off]
-  --cos-threshold X     mean cosine that doubles the gap (with --lazy on) [0.4]
-  --queue-size N        cosines averaged (with --lazy on) [5]
-  --gamma N             gap growth factor (with --lazy on) [2]
-  --cos-mode M          signed (reference) or abs cosine (with --lazy on) [signed]
-  --weight-bits 8|16    8: INT8 projected weights (qgalore only) [qgalore 8, else 16]
-  --weight-group-size N INT8 weight quantization group (with --weight-bits 8) [256]
-  --stochastic-round on|off
-                        stochastic rounding of INT8 weight updates (with --weight-bits 8) [on]
-  --quant-range R       zero (range includes 0; fixes the reference clamp bug) or
-                        reference, for INT8 weights and 4/8-bit projectors [zero]
-
-Data
-  --batch-size N        sequences per micro-batch [${d.batchSize}]
-  --seq-len N           tokens per sequence [${d.seqLen}]
-  --grad-accum N        micro-batches per update [${d.gradAccum}]
-  --data FILE           text file, byte-tokenized [synthetic corpus with a known entropy floor]
-  --val-fraction X      tail of --data held out for validation [${d.valFraction}]
-  --eval-every N        validate every N updates, 0 = start and end only [${d.evalEvery}]
-  --eval-batches N      validation batches per evaluation [${d.evalBatches}]
-
-Run
-  --seed N              weight init and batch sampling seed [${d.seed}]
-  --threads N           engine threads [engine default]
-  --device D            ${CHOICES.device.join(", ")} [${d.device}]
-  --precision P         ${CHOICES.precision.join(", ")}: bf16 activations and GEMM inputs
-                        need a GPU; auto = bf16 there, fp32 on the CPU [${d.precision}]
-  --checkpointing on|off  recompute each block in the backward: less activation memory,
-                        one extra forward per step, identical results [off]
-  --out DIR             metrics.jsonl and summary.json go here [runs/<timestamp>]
-  --json                print the summary as one JSON line on stdout
-  -h, --help            show this help
-
-Switches that do not apply to the chosen optimizer are errors. Ctrl-C stops after the
-current update, runs the final evaluation and writes the summary.`;
+  const help = optionHelp({ presets: PRESET_NAMES.join(", ") });
+  const section = (title: string, key: string) => [title, ...help.get(SECTIONS[key]) ?? []];
+  return [
+    "Pretrain a LLaMA-style model with the qgalore engine.",
+    "",
+    "Usage: deno run -A examples/pretrain.ts [flags]",
+    "",
+    ...section("Model and optimizer", "model"),
+    "",
+    ...section(`GaLore family (${PROJECTED_OPTIMIZERS.join(", ")})`, "galore"),
+    "",
+    ...section("Data", "data"),
+    "",
+    ...section("Run", "run"),
+    "  --json                print the summary as one JSON line on stdout",
+    "  -h, --help            show this help",
+    "",
+    "Switches that do not apply to the chosen optimizer are errors. Ctrl-C stops after the",
+    "current update, runs the final evaluation and writes the summary.",
+  ].join("\n");
 }

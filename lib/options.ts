@@ -1,72 +1,92 @@
 /**
- * Training options, their defaults and their validation. Each option has a CLI flag (see
- * {@link FLAG}); error messages name the flag so they read the same from the CLI and from a
- * notebook.
+ * Training options: one table ({@link OPTION_TABLE}) declares each option once — its flag,
+ * help text, and either the engine config field it sets (whose type, range, per-optimizer
+ * default and applicability the engine's schema states) or, for front-end options, its own
+ * range and default. Parsing, checking, `--help`, per-optimizer defaults and the engine
+ * config all derive from it. Error messages name the flag so they read the same from the
+ * CLI and from a notebook.
  *
  * @module
  */
 
 import { UsageError } from "./errors.ts";
-import { type OptimizerConfig, planEngine } from "../ffi/engine.ts";
+import {
+  EngineError,
+  engineOptions,
+  type OptimizerConfig,
+  type OptionCondition,
+  type OptionRange,
+  type OptionSpec,
+  planEngine,
+  resolveOptimizerConfig,
+  type RunSpec,
+} from "../ffi/engine.ts";
 import { type ModelConfig, type ResolvedModel, resolveModel, validateModel } from "./presets.ts";
 import { ByteTokenizer } from "./tokenizer.ts";
 
+const SCHEMA = engineOptions();
+
 /** Optimizers the engine implements; the single list every check and message uses. */
-export const OPTIMIZERS: readonly string[] = Object.freeze([
-  "adamw",
-  "adam8bit",
-  "galore",
-  "galore8bit",
-  "qgalore",
-]);
+export const OPTIMIZERS: readonly string[] = Object.freeze(SCHEMA.optimizers.map((o) => o.name));
 
 /** Optimizers that project the 7 linear matrices of each block (GaLore, algorithm spec §1.4). */
-export const PROJECTED_OPTIMIZERS: readonly string[] = Object.freeze([
-  "galore",
-  "galore8bit",
-  "qgalore",
-]);
+export const PROJECTED_OPTIMIZERS: readonly string[] = Object.freeze(
+  SCHEMA.optimizers.filter((o) => o.projected).map((o) => o.name),
+);
 
 /** Optimizers with bitsandbytes-style block-wise 8-bit Adam states (spec §1.6). */
-export const EIGHT_BIT_OPTIMIZERS: readonly string[] = Object.freeze([
-  "adam8bit",
-  "galore8bit",
-  "qgalore",
-]);
+export const EIGHT_BIT_OPTIMIZERS: readonly string[] = Object.freeze(
+  SCHEMA.optimizers.filter((o) => o.eight_bit).map((o) => o.name),
+);
+
+function spec(field: string): OptionSpec {
+  const s = SCHEMA.options.find((o) => o.name === field);
+  if (!s) throw new Error(`engine option schema has no field ${field}`);
+  return s;
+}
+
+function runSpec(field: string): RunSpec {
+  const s = SCHEMA.run.find((o) => o.name === field);
+  if (!s) throw new Error(`engine option schema has no run field ${field}`);
+  return s;
+}
 
 /** How a projector is recomputed: `svd` (the reference route), `eigh` (exact, faster), `randomized`. */
-export const PROJ_REFRESH: readonly string[] = Object.freeze(["svd", "eigh", "randomized"]);
+export const PROJ_REFRESH: readonly string[] = Object.freeze([...spec("proj_refresh").choices!]);
 
 /** Lazy-refresh similarity: `signed` top-1 cosine (reference) or its absolute value. */
-export const COS_MODES: readonly string[] = Object.freeze(["signed", "abs"]);
+export const COS_MODES: readonly string[] = Object.freeze([...spec("cos_mode").choices!]);
 
 /**
  * Quantizer range: `zero` includes 0 in each group's range (fixes the reference clamp bug,
  * spec §2.2), `reference` is the reference's min–max range.
  */
-export const QUANT_RANGES: readonly string[] = Object.freeze(["zero", "reference"]);
-
-/** Devices `--device` accepts. */
-export const DEVICES: readonly ["cpu", "cuda", "auto"] = Object.freeze(
-  ["cpu", "cuda", "auto"] as const,
-);
+export const QUANT_RANGES: readonly string[] = Object.freeze([...spec("quant_range").choices!]);
 
 /** Where the engine runs; "auto" picks CUDA when available. */
-export type Device = typeof DEVICES[number];
+export type Device = "cpu" | "cuda" | "auto";
 
-/**
- * Precisions `--precision` accepts: `fp32` everywhere, `bf16` activations with bf16 GEMM
- * inputs and fp32 accumulation (CUDA only; weights, gradients and optimizer state stay
- * fp32), or `auto` (bf16 on a GPU, fp32 on the CPU).
- */
-export const PRECISIONS: readonly ["auto", "fp32", "bf16"] = Object.freeze(
-  ["auto", "fp32", "bf16"] as const,
+/** Devices `--device` accepts. */
+export const DEVICES: readonly Device[] = Object.freeze(
+  [...runSpec("device").choices!] as Device[],
 );
 
-/** Activation and GEMM precision of the engine. */
-export type Precision = typeof PRECISIONS[number];
+/**
+ * Activation and GEMM precision of the engine: `fp32` everywhere, `bf16` activations with
+ * bf16 GEMM inputs and fp32 accumulation (CUDA only; weights, gradients and optimizer state
+ * stay fp32), or `auto` (bf16 on a GPU, fp32 on the CPU).
+ */
+export type Precision = "auto" | "fp32" | "bf16";
 
-/** Everything a training run needs. {@link defaultTrainOptions} fills in all of it. */
+/** Precisions `--precision` accepts. */
+export const PRECISIONS: readonly Precision[] = Object.freeze(
+  [...runSpec("precision").choices!] as Precision[],
+);
+
+/**
+ * Everything a training run needs. {@link defaultTrainOptions} fills in all of it; each key
+ * has its entry in {@link OPTION_TABLE}.
+ */
 export interface TrainOptions {
   /** Preset name (`llama-9m` …), path to a JSON LlamaConfig, or a config object. */
   model: string | ModelConfig;
@@ -163,140 +183,50 @@ export interface TrainOptions {
   handleSigint: boolean;
 }
 
-/** CLI flag of each option. */
-export const FLAG: Readonly<Record<keyof TrainOptions, string>> = Object.freeze({
-  model: "--model",
-  optimizer: "--optimizer",
-  lr: "--lr",
-  minLrRatio: "--min-lr-ratio",
-  warmup: "--warmup",
-  steps: "--steps",
-  batchSize: "--batch-size",
-  seqLen: "--seq-len",
-  gradAccum: "--grad-accum",
-  clip: "--clip",
-  weightDecay: "--weight-decay",
-  beta1: "--beta1",
-  beta2: "--beta2",
-  eps: "--eps",
-  rank: "--rank",
-  updateGap: "--update-gap",
-  galoreScale: "--galore-scale",
-  weightBits: "--weight-bits",
-  weightGroupSize: "--weight-group-size",
-  projBits: "--proj-bits",
-  projGroupSize: "--proj-group-size",
-  stochasticRound: "--stochastic-round",
-  lazy: "--lazy",
-  cosThreshold: "--cos-threshold",
-  queueSize: "--queue-size",
-  gamma: "--gamma",
-  projRefresh: "--proj-refresh",
-  cosMode: "--cos-mode",
-  quantRange: "--quant-range",
-  blockSize: "--block-size",
-  fused: "--fused",
-  data: "--data",
-  valFraction: "--val-fraction",
-  evalEvery: "--eval-every",
-  evalBatches: "--eval-batches",
-  seed: "--seed",
-  threads: "--threads",
-  device: "--device",
-  precision: "--precision",
-  checkpointing: "--checkpointing",
-  out: "--out",
-  logEvery: "logEvery",
-  quiet: "quiet",
-  zeroFirst: "zeroFirst",
-  handleSigint: "handleSigint",
-});
+/** Allowed values of a front-end numeric option (engine options take the engine's). */
+type Range = OptionRange;
 
-/**
- * The default run: small enough to finish in about two minutes on two CPU cores while
- * driving the synthetic corpus's validation loss well below its start. Options that are
- * null take the chosen optimizer's default ({@link optimizerDefaults}) in
- * {@link checkOptions}.
- */
-export function defaultTrainOptions(): TrainOptions {
-  return {
-    model: "llama-9m",
-    optimizer: "adamw",
-    lr: null,
-    minLrRatio: 0.1,
-    warmup: null,
-    steps: 300,
-    batchSize: 8,
-    seqLen: 128,
-    gradAccum: 1,
-    clip: 1.0,
-    weightDecay: 0,
-    beta1: 0.9,
-    beta2: null,
-    eps: null,
-    rank: null,
-    updateGap: null,
-    galoreScale: null,
-    weightBits: null,
-    weightGroupSize: null,
-    projBits: null,
-    projGroupSize: null,
-    stochasticRound: null,
-    lazy: null,
-    cosThreshold: null,
-    queueSize: null,
-    gamma: null,
-    projRefresh: null,
-    cosMode: null,
-    quantRange: null,
-    blockSize: null,
-    fused: null,
-    data: null,
-    valFraction: 0.1,
-    evalEvery: 100,
-    evalBatches: 8,
-    seed: 0,
-    threads: null,
-    device: "auto",
-    precision: "auto",
-    checkpointing: false,
-    logEvery: 0,
-    quiet: false,
-    zeroFirst: false,
-    handleSigint: true,
-  };
+// The engine takes floats as f32; anything larger would arrive as infinity.
+const F32_MAX = 3.4e38;
+
+/** How one option is declared in {@link OPTION_TABLE}. */
+export interface OptionDef {
+  /** CLI flag (`--rank`), or the option's name for options only the API has. */
+  readonly flag: string;
+  /**
+   * Value kind: a number, an on/off switch, one of a few choices, a path, the model, or
+   * an API-only value that is not checked.
+   */
+  readonly kind: "number" | "switch" | "choice" | "path" | "model" | "api";
+  /** Engine optimizer config field it sets; the engine's schema gives type, range, default. */
+  readonly engine?: string;
+  /** Engine run-level config field it sets; the engine's schema gives range, choices, default. */
+  readonly run?: string;
+  /** Range of a front-end numeric option. */
+  readonly range?: Range;
+  /** Choices of a front-end choice option. */
+  readonly choices?: () => readonly string[];
+  /** Null means "the default", filled in by {@link checkOptions}. */
+  readonly nullable?: boolean;
+  /** Front-end default (engine options default to the engine's). */
+  readonly default?: unknown;
+  /** Front-end default per optimizer. */
+  readonly perOptimizer?: Readonly<Record<string, number>>;
+  /** `--help` section. */
+  readonly section?: string;
+  /**
+   * `--help` lines, with `{default}` (the default as `--help` shows it) and `{choices}`.
+   * Flags without help are API-only.
+   */
+  readonly help?: string;
+  /** How `--help` shows the default, from the per-optimizer defaults. */
+  readonly shows?: (d: Readonly<Record<string, unknown>>) => string;
 }
 
-/** The options whose default depends on the optimizer (and which may not apply to it). */
-export type OptimizerKey =
-  | "lr"
-  | "beta2"
-  | "eps"
-  | "rank"
-  | "updateGap"
-  | "galoreScale"
-  | "weightBits"
-  | "weightGroupSize"
-  | "projBits"
-  | "projGroupSize"
-  | "stochasticRound"
-  | "lazy"
-  | "cosThreshold"
-  | "queueSize"
-  | "gamma"
-  | "projRefresh"
-  | "cosMode"
-  | "quantRange"
-  | "blockSize"
-  | "fused";
-
-/** Per-optimizer settings; null where a setting does not apply to that optimizer. */
-export type OptimizerDefaults = Pick<TrainOptions, OptimizerKey> & {
-  lr: number;
-  beta2: number;
-  eps: number;
-  fused: boolean;
-};
+const MODEL = "Model and optimizer";
+const GALORE = "GaLore family";
+const DATA = "Data";
+const RUN = "Run";
 
 /**
  * Peak learning rates, measured on the default run (llama-9m, 300 updates of 8×128 tokens of
@@ -314,183 +244,484 @@ export const DEFAULT_LR: Readonly<Record<string, number>> = Object.freeze({
   qgalore: 4e-2,
 });
 
-/**
- * The settings of `optimizer` when none are given: the reference runs of algorithm spec
- * §1.7 (GaLore: ε 1e-6, β2 0.999, r 128, T 200, α 0.25, bf16 projectors), §1.6 (8-bit
- * Adam: ε 1e-8, block 2048) and §2.6 (Q-GaLore C4 runs: β2 0.95, INT8 weights with
- * stochastic rounding, INT4 projectors, lazy refresh with threshold 0.4, queue 5, γ 2).
- * Projectors refresh by `eigh` (exact and faster than the reference `svd`). The GaLore
- * family steps inside the backward (`fused`) when `gradAccum` is 1. Throws UsageError for an
- * unknown optimizer.
- */
-export function optimizerDefaults(optimizer: string, gradAccum = 1): OptimizerDefaults {
-  if (!OPTIMIZERS.includes(optimizer)) {
-    throw new UsageError(
-      `--optimizer ${optimizer || '""'}: unknown optimizer; allowed: ${OPTIMIZERS.join(", ")}`,
-    );
-  }
-  const projected = PROJECTED_OPTIMIZERS.includes(optimizer);
-  const eight = EIGHT_BIT_OPTIMIZERS.includes(optimizer);
-  const q = optimizer === "qgalore";
-  return {
-    lr: DEFAULT_LR[optimizer],
-    beta2: q ? 0.95 : 0.999,
-    eps: optimizer === "galore" ? 1e-6 : 1e-8,
-    rank: projected ? 128 : null,
-    updateGap: projected ? 200 : null,
-    galoreScale: projected ? 0.25 : null,
-    weightBits: q ? 8 : null,
-    weightGroupSize: q ? 256 : null,
-    projBits: projected ? (q ? 4 : 16) : null,
-    projGroupSize: q ? 256 : null,
-    stochasticRound: q ? true : null,
-    lazy: projected ? q : null,
-    cosThreshold: q ? 0.4 : null,
-    queueSize: q ? 5 : null,
-    gamma: q ? 2 : null,
-    projRefresh: projected ? "eigh" : null,
-    cosMode: q ? "signed" : null,
-    quantRange: q ? "zero" : null,
-    blockSize: eight ? 2048 : null,
-    fused: projected && gradAccum === 1,
-  };
-}
+const onFor = (d: Readonly<Record<string, unknown>>, v: boolean): string =>
+  Object.keys(d).filter((o) => d[o] === v).join(", ");
+
+// Every option, once, in `--help` order. The default run: small enough to finish in about
+// two minutes on two CPU cores while driving the synthetic corpus's validation loss well
+// below its start.
+const TABLE = {
+  model: {
+    flag: "--model",
+    kind: "model",
+    default: "llama-9m",
+    section: MODEL,
+    help: "--model NAME|FILE     preset ({presets})\n" +
+      "                      or a JSON LlamaConfig file [{default}]",
+  },
+  optimizer: {
+    flag: "--optimizer",
+    kind: "choice",
+    choices: () => OPTIMIZERS,
+    default: "adamw",
+    section: MODEL,
+    help: "--optimizer NAME      {choices} [{default}]",
+  },
+  lr: {
+    flag: "--lr",
+    kind: "number",
+    range: { min: 0, open: true, max: F32_MAX },
+    nullable: true,
+    perOptimizer: DEFAULT_LR,
+    section: MODEL,
+    help: "--lr X                peak learning rate [{default}]",
+  },
+  minLrRatio: {
+    flag: "--min-lr-ratio",
+    kind: "number",
+    range: { min: 0, max: 1 },
+    default: 0.1,
+    section: MODEL,
+    help: "--min-lr-ratio X      cosine floor as a fraction of --lr [{default}]",
+  },
+  warmup: {
+    flag: "--warmup",
+    kind: "number",
+    range: { int: true, min: 0 },
+    nullable: true,
+    section: MODEL,
+    help: "--warmup N            linear warmup updates [10% of --steps]",
+  },
+  steps: {
+    flag: "--steps",
+    kind: "number",
+    range: { int: true, min: 1 },
+    default: 300,
+    section: MODEL,
+    help: "--steps N             optimizer updates [{default}]",
+  },
+  clip: {
+    flag: "--clip",
+    kind: "number",
+    engine: "clip",
+    // The recipe clips at 1; the engine's own default (for direct configs) is off.
+    default: 1.0,
+    section: MODEL,
+    help: "--clip X              gradient-norm clipping, 0 = off [{default}]",
+  },
+  weightDecay: {
+    flag: "--weight-decay",
+    kind: "number",
+    engine: "weight_decay",
+    section: MODEL,
+    help: "--weight-decay X      decoupled weight decay [{default}]",
+  },
+  beta1: {
+    flag: "--beta1",
+    kind: "number",
+    engine: "beta1",
+    section: MODEL,
+    help: "--beta1 X             Adam β1 [{default}]",
+  },
+  beta2: {
+    flag: "--beta2",
+    kind: "number",
+    engine: "beta2",
+    nullable: true,
+    section: MODEL,
+    help: "--beta2 X             Adam β2 [{default}]",
+  },
+  eps: {
+    flag: "--eps",
+    kind: "number",
+    engine: "eps",
+    nullable: true,
+    section: MODEL,
+    help: "--eps X               Adam ε [{default}]",
+  },
+  fused: {
+    flag: "--fused",
+    kind: "switch",
+    engine: "fused",
+    nullable: true,
+    section: MODEL,
+    help: "--fused on|off        optimizer steps inside the backward (needs --grad-accum 1)\n" +
+      "                      [{default}]",
+    shows: (d: Readonly<Record<string, unknown>>) =>
+      `on for ${onFor(d, true)}; off for ${onFor(d, false)}`,
+  },
+  blockSize: {
+    flag: "--block-size",
+    kind: "number",
+    engine: "block_size",
+    nullable: true,
+    section: MODEL,
+    help: "--block-size 256|2048 8-bit Adam block ({eight_bit}) [{default}]",
+  },
+  rank: {
+    flag: "--rank",
+    kind: "number",
+    engine: "rank",
+    nullable: true,
+    section: GALORE,
+    help:
+      "--rank N              projection rank, clamped per matrix to min(N, rows, cols) [{default}]",
+  },
+  updateGap: {
+    flag: "--update-gap",
+    kind: "number",
+    engine: "update_gap",
+    nullable: true,
+    section: GALORE,
+    help: "--update-gap N        projector refresh interval T in updates [{default}]",
+  },
+  galoreScale: {
+    flag: "--galore-scale",
+    kind: "number",
+    engine: "galore_scale",
+    nullable: true,
+    section: GALORE,
+    help: "--galore-scale X      scale α of the projected-back update [{default}]",
+  },
+  projBits: {
+    flag: "--proj-bits",
+    kind: "number",
+    engine: "proj_bits",
+    nullable: true,
+    section: GALORE,
+    help: "--proj-bits B         projector storage: 4, 8 (quantized), 16 (bf16), 32 (f32)\n" +
+      "                      [{default}]",
+  },
+  projGroupSize: {
+    flag: "--proj-group-size",
+    kind: "number",
+    engine: "proj_group_size",
+    nullable: true,
+    section: GALORE,
+    help:
+      "--proj-group-size N   projector quantization group (with --proj-bits 4 or 8) [{default}]",
+  },
+  projRefresh: {
+    flag: "--proj-refresh",
+    kind: "choice",
+    engine: "proj_refresh",
+    nullable: true,
+    section: GALORE,
+    help: "--proj-refresh M      svd (reference), eigh (exact, faster) or randomized [{default}]",
+  },
+  lazy: {
+    flag: "--lazy",
+    kind: "switch",
+    engine: "lazy",
+    nullable: true,
+    section: GALORE,
+    help: "--lazy on|off         lazy layer-wise refresh: double a matrix's gap while its top\n" +
+      "                      singular vector stays put [{default}]",
+    shows: (d: Readonly<Record<string, unknown>>) => `on for ${onFor(d, true)}, else off`,
+  },
+  cosThreshold: {
+    flag: "--cos-threshold",
+    kind: "number",
+    engine: "cos_threshold",
+    nullable: true,
+    section: GALORE,
+    help: "--cos-threshold X     mean cosine that doubles the gap (with --lazy on) [{default}]",
+  },
+  queueSize: {
+    flag: "--queue-size",
+    kind: "number",
+    engine: "queue_size",
+    nullable: true,
+    section: GALORE,
+    help: "--queue-size N        cosines averaged (with --lazy on) [{default}]",
+  },
+  gamma: {
+    flag: "--gamma",
+    kind: "number",
+    engine: "gamma",
+    nullable: true,
+    section: GALORE,
+    help: "--gamma N             gap growth factor (with --lazy on) [{default}]",
+  },
+  cosMode: {
+    flag: "--cos-mode",
+    kind: "choice",
+    engine: "cos_mode",
+    nullable: true,
+    section: GALORE,
+    help: "--cos-mode M          signed (reference) or abs cosine (with --lazy on) [{default}]",
+  },
+  weightBits: {
+    flag: "--weight-bits",
+    kind: "number",
+    engine: "weight_bits",
+    nullable: true,
+    section: GALORE,
+    help: "--weight-bits 8|16    8: INT8 projected weights (qgalore only) [{default}]",
+    shows: (d: Readonly<Record<string, unknown>>) =>
+      `${Object.entries(d).map(([o, v]) => `${o} ${v}`).join(", ")}, else 16`,
+  },
+  weightGroupSize: {
+    flag: "--weight-group-size",
+    kind: "number",
+    engine: "weight_group_size",
+    nullable: true,
+    section: GALORE,
+    help: "--weight-group-size N INT8 weight quantization group (with --weight-bits 8) [{default}]",
+  },
+  stochasticRound: {
+    flag: "--stochastic-round",
+    kind: "switch",
+    engine: "stochastic_round",
+    nullable: true,
+    section: GALORE,
+    help: "--stochastic-round on|off\n" +
+      "                      stochastic rounding of INT8 weight updates (with --weight-bits 8) [{default}]",
+  },
+  quantRange: {
+    flag: "--quant-range",
+    kind: "choice",
+    engine: "quant_range",
+    nullable: true,
+    section: GALORE,
+    help: "--quant-range R       zero (range includes 0; fixes the reference clamp bug) or\n" +
+      "                      reference, for INT8 weights and 4/8-bit projectors [{default}]",
+  },
+  batchSize: {
+    flag: "--batch-size",
+    kind: "number",
+    run: "batch_size",
+    default: 8,
+    section: DATA,
+    help: "--batch-size N        sequences per micro-batch [{default}]",
+  },
+  seqLen: {
+    flag: "--seq-len",
+    kind: "number",
+    run: "seq_len",
+    default: 128,
+    section: DATA,
+    help: "--seq-len N           tokens per sequence [{default}]",
+  },
+  gradAccum: {
+    flag: "--grad-accum",
+    kind: "number",
+    run: "grad_accum",
+    section: DATA,
+    help: "--grad-accum N        micro-batches per update [{default}]",
+  },
+  data: {
+    flag: "--data",
+    kind: "path",
+    nullable: true,
+    section: DATA,
+    help:
+      "--data FILE           text file, byte-tokenized [synthetic corpus with a known entropy floor]",
+  },
+  valFraction: {
+    flag: "--val-fraction",
+    kind: "number",
+    range: { min: 0, open: true, max: 1, maxOpen: true },
+    default: 0.1,
+    section: DATA,
+    help: "--val-fraction X      tail of --data held out for validation [{default}]",
+  },
+  evalEvery: {
+    flag: "--eval-every",
+    kind: "number",
+    range: { int: true, min: 0 },
+    default: 100,
+    section: DATA,
+    help: "--eval-every N        validate every N updates, 0 = start and end only [{default}]",
+  },
+  evalBatches: {
+    flag: "--eval-batches",
+    kind: "number",
+    range: { int: true, min: 1 },
+    default: 8,
+    section: DATA,
+    help: "--eval-batches N      validation batches per evaluation [{default}]",
+  },
+  seed: {
+    flag: "--seed",
+    kind: "number",
+    range: { int: true, min: 0, max: Number.MAX_SAFE_INTEGER },
+    default: 0,
+    section: RUN,
+    help: "--seed N              weight init and batch sampling seed [{default}]",
+  },
+  threads: {
+    flag: "--threads",
+    kind: "number",
+    range: { int: true, min: 1 },
+    nullable: true,
+    section: RUN,
+    help: "--threads N           engine threads [engine default]",
+  },
+  device: {
+    flag: "--device",
+    kind: "choice",
+    run: "device",
+    // The CLI takes a GPU when there is one; the engine's default (for direct configs) is cpu.
+    default: "auto",
+    section: RUN,
+    help: "--device D            {choices} [{default}]",
+  },
+  precision: {
+    flag: "--precision",
+    kind: "choice",
+    run: "precision",
+    section: RUN,
+    help: "--precision P         {choices}: bf16 activations and GEMM inputs\n" +
+      "                      need a GPU; auto = bf16 there, fp32 on the CPU [{default}]",
+  },
+  checkpointing: {
+    flag: "--checkpointing",
+    kind: "switch",
+    run: "checkpointing",
+    section: RUN,
+    help:
+      "--checkpointing on|off  recompute each block in the backward: less activation memory,\n" +
+      "                      one extra forward per step, identical results [{default}]",
+  },
+  out: {
+    flag: "--out",
+    kind: "path",
+    section: RUN,
+    help: "--out DIR             metrics.jsonl and summary.json go here [runs/<timestamp>]",
+  },
+  logEvery: { flag: "logEvery", kind: "number", range: { int: true, min: 0 }, default: 0 },
+  quiet: { flag: "quiet", kind: "api", default: false },
+  zeroFirst: { flag: "zeroFirst", kind: "api", default: false },
+  handleSigint: { flag: "handleSigint", kind: "api", default: true },
+} as const satisfies Record<keyof TrainOptions, OptionDef>;
+
+/** Every option, once, in `--help` order: flag, help, engine field or own range and default. */
+export const OPTION_TABLE: Readonly<Record<keyof TrainOptions, OptionDef>> = TABLE;
+
+type Table = typeof TABLE;
+type KeysWhere<P> = { [K in keyof Table]: Table[K] extends P ? K : never }[keyof Table];
+
+const KEYS = Object.keys(OPTION_TABLE) as (keyof TrainOptions)[];
+const def = (key: keyof TrainOptions): OptionDef => OPTION_TABLE[key];
+
+/** CLI flag of each option. */
+export const FLAG: Readonly<Record<keyof TrainOptions, string>> = Object.freeze(
+  Object.fromEntries(KEYS.map((k) => [k, def(k).flag])) as Record<keyof TrainOptions, string>,
+);
+
+/** The options whose default depends on the optimizer (and which may not apply to it). */
+export type OptimizerKey =
+  | KeysWhere<{ engine: string; nullable: true }>
+  | KeysWhere<{ perOptimizer: unknown }>;
+
+const OPTIMIZER_KEYS = KEYS.filter((k) =>
+  (def(k).engine !== undefined && def(k).nullable) || def(k).perOptimizer !== undefined
+) as OptimizerKey[];
 
 /** Options whose value is a number. */
-export type NumericKey =
-  | "lr"
-  | "minLrRatio"
-  | "warmup"
-  | "steps"
-  | "batchSize"
-  | "seqLen"
-  | "gradAccum"
-  | "clip"
-  | "weightDecay"
-  | "beta1"
-  | "beta2"
-  | "eps"
-  | "rank"
-  | "updateGap"
-  | "galoreScale"
-  | "weightBits"
-  | "weightGroupSize"
-  | "projBits"
-  | "projGroupSize"
-  | "cosThreshold"
-  | "queueSize"
-  | "gamma"
-  | "blockSize"
-  | "valFraction"
-  | "evalEvery"
-  | "evalBatches"
-  | "seed"
-  | "threads"
-  | "logEvery";
+export type NumericKey = KeysWhere<{ kind: "number" }>;
 
 /** Options that are on/off switches (`--lazy on`). */
-export type SwitchKey = "stochasticRound" | "lazy" | "fused" | "checkpointing";
+export type SwitchKey = KeysWhere<{ kind: "switch" }>;
 
 /** Options that name one of a few choices. */
-export type ChoiceKey =
-  | "optimizer"
-  | "device"
-  | "precision"
-  | "projRefresh"
-  | "cosMode"
-  | "quantRange";
+export type ChoiceKey = KeysWhere<{ kind: "choice" }>;
 
 /** Values of the on/off switches, as the CLI spells them. */
 export const SWITCH_VALUES: readonly ["on", "off"] = Object.freeze(["on", "off"] as const);
 
-/** Allowed values of each choice option. */
-export const CHOICES: Readonly<Record<ChoiceKey, readonly string[]>> = Object.freeze({
-  optimizer: OPTIMIZERS,
-  device: DEVICES,
-  precision: PRECISIONS,
-  projRefresh: PROJ_REFRESH,
-  cosMode: COS_MODES,
-  quantRange: QUANT_RANGES,
-});
+/** Numeric options, in a stable order. */
+export const NUMERIC_OPTIONS: readonly NumericKey[] = Object.freeze(
+  KEYS.filter((k) => def(k).kind === "number") as NumericKey[],
+);
 
 /** Switch options, in a stable order. */
 export const SWITCH_OPTIONS: readonly SwitchKey[] = Object.freeze(
-  ["stochasticRound", "lazy", "fused", "checkpointing"] as SwitchKey[],
+  KEYS.filter((k) => def(k).kind === "switch") as SwitchKey[],
 );
 
-interface Range {
-  int?: boolean;
-  /** Lower bound; `open` makes it strict. */
-  min: number;
-  open?: boolean;
-  /** Upper bound; `maxOpen` makes it strict. */
-  max?: number;
-  maxOpen?: boolean;
-  /** The only values allowed. */
-  oneOf?: readonly number[];
-  /** Must be even. */
-  even?: boolean;
+const CHOICE_OPTIONS = KEYS.filter((k) => def(k).kind === "choice") as ChoiceKey[];
+
+/** Allowed values of each choice option. */
+export const CHOICES: Readonly<Record<ChoiceKey, readonly string[]>> = Object.freeze(
+  Object.fromEntries(
+    CHOICE_OPTIONS.map((k) => {
+      const d = def(k);
+      const choices = d.choices?.() ?? (d.engine ? spec(d.engine) : runSpec(d.run!)).choices!;
+      return [k, choices];
+    }),
+  ) as Record<ChoiceKey, readonly string[]>,
+);
+
+function rangeOf(key: NumericKey): Range {
+  const d = def(key);
+  return d.range ?? (d.engine ? spec(d.engine) : runSpec(d.run!)).range!;
 }
 
-// The engine takes floats as f32; anything larger would arrive as infinity.
-const F32_MAX = 3.4e38;
+/** The engine's default of `field` when it is the same for every optimizer it applies to. */
+function commonDefault(field: string): unknown {
+  const values = Object.values(spec(field).default);
+  return values.every((v) => v === values[0]) ? values[0] : null;
+}
 
-const RANGES: Readonly<Record<NumericKey, Range>> = {
-  lr: { min: 0, open: true, max: F32_MAX },
-  minLrRatio: { min: 0, max: 1 },
-  warmup: { int: true, min: 0 },
-  steps: { int: true, min: 1 },
-  batchSize: { int: true, min: 1 },
-  seqLen: { int: true, min: 1 },
-  gradAccum: { int: true, min: 1 },
-  clip: { min: 0 },
-  weightDecay: { min: 0 },
-  beta1: { min: 0, max: 1, maxOpen: true },
-  beta2: { min: 0, max: 1, maxOpen: true },
-  eps: { min: 0, open: true },
-  rank: { int: true, min: 1 },
-  updateGap: { int: true, min: 1 },
-  galoreScale: { min: 0, open: true, max: F32_MAX },
-  weightBits: { int: true, min: 8, oneOf: [8, 16] },
-  weightGroupSize: { int: true, min: 2, max: 1024, even: true },
-  projBits: { int: true, min: 4, oneOf: [4, 8, 16, 32] },
-  projGroupSize: { int: true, min: 2, max: 1024, even: true },
-  cosThreshold: { min: -1, max: 1 },
-  queueSize: { int: true, min: 1, max: 1_000_000 },
-  gamma: { int: true, min: 1, max: 1_000_000 },
-  blockSize: { int: true, min: 256, oneOf: [256, 2048] },
-  valFraction: { min: 0, open: true, max: 1, maxOpen: true },
-  evalEvery: { int: true, min: 0 },
-  evalBatches: { int: true, min: 1 },
-  seed: { int: true, min: 0, max: Number.MAX_SAFE_INTEGER },
-  threads: { int: true, min: 1 },
-  logEvery: { int: true, min: 0 },
+/**
+ * The default run. Options that are null take the chosen optimizer's default
+ * ({@link optimizerDefaults}) in {@link checkOptions}.
+ */
+export function defaultTrainOptions(): TrainOptions {
+  const out: Record<string, unknown> = {};
+  for (const key of KEYS) {
+    const d = def(key);
+    if (d.default !== undefined) out[key] = d.default;
+    else if (d.nullable) out[key] = null;
+    else if (d.engine !== undefined) out[key] = commonDefault(d.engine);
+    else if (d.run !== undefined) out[key] = runSpec(d.run).default;
+  }
+  return out as unknown as TrainOptions;
+}
+
+/** Per-optimizer settings; null where a setting does not apply to that optimizer. */
+export type OptimizerDefaults = Pick<TrainOptions, OptimizerKey> & {
+  lr: number;
+  beta2: number;
+  eps: number;
+  fused: boolean;
 };
 
-/** Numeric options, in a stable order. */
-export const NUMERIC_OPTIONS: readonly NumericKey[] = Object.freeze(
-  Object.keys(RANGES) as NumericKey[],
-);
+function unknownOptimizer(shown: string): UsageError {
+  return new UsageError(
+    `--optimizer ${shown}: unknown optimizer; allowed: ${OPTIMIZERS.join(", ")}`,
+  );
+}
 
-/** Numeric options that may be null (meaning a default). */
-const NULLABLE = new Set<string>([
-  "warmup",
-  "threads",
-  "lr",
-  "beta2",
-  "eps",
-  "rank",
-  "updateGap",
-  "galoreScale",
-  "weightBits",
-  "weightGroupSize",
-  "projBits",
-  "projGroupSize",
-  "cosThreshold",
-  "queueSize",
-  "gamma",
-  "blockSize",
-]);
+/** Settings of `optimizer` from an engine-resolved config (`given` wins where set). */
+function settingsOf(
+  optimizer: string,
+  config: OptimizerConfig,
+  given: Partial<TrainOptions> = {},
+): OptimizerDefaults {
+  const out: Record<string, unknown> = {};
+  for (const key of OPTIMIZER_KEYS) {
+    const d = def(key);
+    const v = given[key];
+    if (d.perOptimizer) out[key] = v ?? d.perOptimizer[optimizer];
+    else out[key] = d.engine! in config ? (v ?? config[d.engine!]) : null;
+  }
+  return out as OptimizerDefaults;
+}
+
+/**
+ * The settings of `optimizer` when none are given: the engine's defaults (the reference runs
+ * of the algorithm spec; see `rust/src/config.rs`) and {@link DEFAULT_LR}. The GaLore family
+ * steps inside the backward (`fused`) when `gradAccum` is 1. Throws UsageError for an
+ * unknown optimizer.
+ */
+export function optimizerDefaults(optimizer: string, gradAccum = 1): OptimizerDefaults {
+  if (!OPTIMIZERS.includes(optimizer)) throw unknownOptimizer(optimizer || '""');
+  const { config } = resolveOptimizerConfig({ name: optimizer }, { grad_accum: gradAccum });
+  return settingsOf(optimizer, config);
+}
 
 function describeRange(r: Range): string {
   if (r.oneOf) {
@@ -507,7 +738,7 @@ function describeRange(r: Range): string {
  * echoed in the message; strings are parsed here. Returns the number.
  */
 export function checkNumber(key: NumericKey, raw: number | string): number {
-  const r = RANGES[key];
+  const r = rangeOf(key);
   const v = typeof raw === "string" ? (raw.trim() === "" ? NaN : Number(raw)) : raw;
   const ok = typeof v === "number" && Number.isFinite(v) && (!r.int || Number.isInteger(v)) &&
     (r.open ? v > r.min : v >= r.min) &&
@@ -533,11 +764,58 @@ export function checkChoice(key: ChoiceKey, raw: string): string {
   const allowed = CHOICES[key];
   if (typeof raw === "string" && allowed.includes(raw)) return raw;
   const shown = typeof raw === "string" ? raw || '""' : JSON.stringify(raw);
-  if (key === "optimizer") {
-    throw new UsageError(`--optimizer ${shown}: unknown optimizer; allowed: ${allowed.join(", ")}`);
-  }
+  if (key === "optimizer") throw unknownOptimizer(shown);
   throw new UsageError(`${FLAG[key]} ${shown}: must be one of ${allowed.join(", ")}`);
 }
+
+/** How `--help` shows the default of `key`. */
+export function defaultText(key: keyof TrainOptions): string {
+  const d = def(key);
+  const num = (x: unknown) =>
+    typeof x === "number" && x !== 0 && Math.abs(x) < 1e-3
+      ? x.toExponential()
+      : typeof x === "boolean"
+      ? (x ? "on" : "off")
+      : String(x);
+  const all: Readonly<Record<string, unknown>> | undefined = d.perOptimizer ??
+    (d.engine !== undefined ? spec(d.engine).default : undefined);
+  if (d.default !== undefined || all === undefined) {
+    return num(d.default ?? (d.run !== undefined ? runSpec(d.run).default : undefined));
+  }
+  // in the engine's optimizer order
+  const per = Object.fromEntries(OPTIMIZERS.filter((o) => o in all).map((o) => [o, all[o]]));
+  if (d.shows) return d.shows(per);
+  const values = Object.values(per);
+  if (values.every((v) => v === values[0])) return num(values[0]);
+  return Object.entries(per).map(([o, v]) => `${o} ${num(v)}`).join(", ");
+}
+
+/** The `--help` lines of every option that has a flag, by section. */
+export function optionHelp(fill: Readonly<Record<string, string>> = {}): Map<string, string[]> {
+  const sections = new Map<string, string[]>();
+  for (const key of KEYS) {
+    const d = def(key);
+    if (!d.help || !d.section) continue;
+    const text = d.help.replace(/\{(\w+)\}/g, (m, name: string) => {
+      if (name === "default") return defaultText(key);
+      if (name === "choices") return CHOICES[key as ChoiceKey].join(", ");
+      if (name === "eight_bit") return EIGHT_BIT_OPTIMIZERS.join(", ");
+      return fill[name] ?? m;
+    });
+    const lines = sections.get(d.section) ?? [];
+    lines.push(...text.split("\n").map((l) => `  ${l}`));
+    sections.set(d.section, lines);
+  }
+  return sections;
+}
+
+/** `--help` section titles. */
+export const SECTIONS: Readonly<Record<string, string>> = Object.freeze({
+  model: MODEL,
+  galore: GALORE,
+  data: DATA,
+  run: RUN,
+});
 
 /** Options after validation and resolution: every default filled in. */
 export type ResolvedOptions = Omit<TrainOptions, "lr" | "beta2" | "eps" | "warmup" | "fused"> & {
@@ -588,10 +866,10 @@ export function checkOptions(input: Partial<TrainOptions> = {}): CheckedOptions 
   const raw = { ...defaultTrainOptions(), ...defined };
   for (const key of NUMERIC_OPTIONS) {
     const v = raw[key];
-    if (v === null && NULLABLE.has(key)) continue;
+    if (v === null && def(key).nullable) continue;
     if (typeof v !== "number") {
       throw new UsageError(
-        `${FLAG[key]} ${JSON.stringify(v)}: must be ${describeRange(RANGES[key])}`,
+        `${FLAG[key]} ${JSON.stringify(v)}: must be ${describeRange(rangeOf(key))}`,
       );
     }
     checkNumber(key, v);
@@ -605,14 +883,9 @@ export function checkOptions(input: Partial<TrainOptions> = {}): CheckedOptions 
   checkChoice("optimizer", raw.optimizer);
   checkChoice("device", raw.device);
   checkChoice("precision", raw.precision);
-  if (raw.device === "cpu" && raw.precision === "bf16") {
-    throw new UsageError(
-      "--precision bf16 needs a GPU (--device cuda or auto); the CPU engine computes in fp32",
-    );
-  }
-  for (const key of ["projRefresh", "cosMode", "quantRange"] as const) {
+  for (const key of CHOICE_OPTIONS) {
     const v = raw[key];
-    if (v !== null) checkChoice(key, v);
+    if (def(key).nullable && v !== null) checkChoice(key, v);
   }
   if (raw.data !== null && (typeof raw.data !== "string" || raw.data === "")) {
     throw new UsageError(`--data ${JSON.stringify(raw.data)}: must be a path to a text file`);
@@ -644,6 +917,23 @@ export function checkOptions(input: Partial<TrainOptions> = {}): CheckedOptions 
   return { opts: { ...raw, ...settings, warmup }, model, notices };
 }
 
+/** The engine option of `field`'s key in the table. */
+function keyOfField(field: string): OptimizerKey {
+  const key = OPTIMIZER_KEYS.find((k) => def(k).engine === field);
+  if (!key) throw new Error(`engine option ${field} has no entry in OPTION_TABLE`);
+  return key;
+}
+
+/** The given options as an engine optimizer config (engine field names). */
+function givenConfig(raw: TrainOptions): Partial<OptimizerConfig> & { name: string } {
+  const out: Record<string, unknown> = { name: raw.optimizer };
+  for (const key of KEYS) {
+    const field = def(key).engine;
+    if (field !== undefined && given(raw[key])) out[field] = raw[key];
+  }
+  return out as Partial<OptimizerConfig> & { name: string };
+}
+
 /**
  * Fills in the optimizer's defaults, rejects settings that do not apply to it, and checks
  * rank and group sizes against the model's matrices.
@@ -653,93 +943,45 @@ function resolveOptimizer(
   model: ResolvedModel,
 ): { settings: OptimizerDefaults; notices: string[] } {
   const name = raw.optimizer;
-  const d = optimizerDefaults(name, raw.gradAccum);
   const projected = PROJECTED_OPTIMIZERS.includes(name);
-  const eight = EIGHT_BIT_OPTIMIZERS.includes(name);
   const reject = (key: OptimizerKey, why: string, value?: unknown): never => {
     const shown = given(raw[key]) ? shownValue(raw[key]) : `${shownValue(value)} (default)`;
     throw new UsageError(`${FLAG[key]} ${shown}: ${why}`);
   };
-  const onlyFor = (key: OptimizerKey, ok: boolean, why: string) => {
-    if (given(raw[key]) && !ok) reject(key, why);
-  };
-  const pick = <K extends OptimizerKey>(key: K): OptimizerDefaults[K] =>
-    (given(raw[key]) ? raw[key] : d[key]) as OptimizerDefaults[K];
-
+  let resolved;
+  try {
+    resolved = resolveOptimizerConfig(givenConfig(raw), {
+      grad_accum: raw.gradAccum,
+      device: raw.device,
+      precision: raw.precision,
+    });
+  } catch (e) {
+    throw e instanceof EngineError ? new UsageError(flagNames(e.message)) : e;
+  }
+  const { config, not_applicable } = resolved;
   const forProjected = `applies only to --optimizer ${
     PROJECTED_OPTIMIZERS.join(", ")
   } (not ${name})`;
-  for (
-    const key of [
-      "rank",
-      "updateGap",
-      "galoreScale",
-      "projBits",
-      "projRefresh",
-      "lazy",
-    ] as const
-  ) {
-    onlyFor(key, projected, forProjected);
-  }
-  onlyFor(
-    "blockSize",
-    eight,
-    `applies only to the 8-bit optimizers ${EIGHT_BIT_OPTIMIZERS.join(", ")} (not ${name})`,
-  );
-  if (raw.weightBits === 8 && name !== "qgalore") {
-    reject("weightBits", `INT8 weights need --optimizer qgalore (not ${name}); allowed here: 16`);
-  }
-  const weightBits = pick("weightBits");
-  const int8 = name === "qgalore" && weightBits === 8;
-  const int8Only = "applies only to INT8 weights (--optimizer qgalore with --weight-bits 8)";
-  onlyFor("stochasticRound", int8, int8Only);
-  onlyFor("weightGroupSize", int8, int8Only);
-  const projBits = pick("projBits");
-  const projQuant = projBits === 4 || projBits === 8;
-  onlyFor(
-    "projGroupSize",
-    projQuant,
-    projected ? `applies only with --proj-bits 4 or 8 (here ${projBits})` : forProjected,
-  );
-  onlyFor(
-    "quantRange",
-    int8 || projQuant,
-    "applies only when something is quantized (--weight-bits 8 or --proj-bits 4/8)",
-  );
-  const lazy = pick("lazy");
-  const lazyOnly = projected ? "applies only with --lazy on" : forProjected;
-  for (const key of ["cosThreshold", "queueSize", "gamma", "cosMode"] as const) {
-    onlyFor(key, projected && lazy === true, lazyOnly);
-  }
-  if (raw.fused === true && raw.gradAccum > 1) {
-    reject(
-      "fused",
+  // How each failed condition of the engine reads with flags.
+  const why: Record<OptionCondition, () => string> = {
+    all: () => "does not apply",
+    projected: () => forProjected,
+    eight_bit: () =>
+      `applies only to the 8-bit optimizers ${EIGHT_BIT_OPTIMIZERS.join(", ")} (not ${name})`,
+    int8_capable: () => `INT8 weights need --optimizer qgalore (not ${name}); allowed here: 16`,
+    int8_weights: () => "applies only to INT8 weights (--optimizer qgalore with --weight-bits 8)",
+    quantized_projector: () => `applies only with --proj-bits 4 or 8 (here ${config.proj_bits})`,
+    quantized: () =>
+      "applies only when something is quantized (--weight-bits 8 or --proj-bits 4/8)",
+    lazy: () => "applies only with --lazy on",
+    one_micro_batch: () =>
       `needs --grad-accum 1 (here ${raw.gradAccum}): accumulated gradients must persist`,
-    );
-  }
-
-  const settings: OptimizerDefaults = {
-    lr: pick("lr"),
-    beta2: pick("beta2"),
-    eps: pick("eps"),
-    rank: pick("rank"),
-    updateGap: pick("updateGap"),
-    galoreScale: pick("galoreScale"),
-    weightBits,
-    weightGroupSize: int8 ? pick("weightGroupSize") : null,
-    projBits,
-    projGroupSize: projQuant ? (given(raw.projGroupSize) ? raw.projGroupSize : 256) : null,
-    stochasticRound: int8 ? pick("stochasticRound") : null,
-    lazy,
-    cosThreshold: lazy ? (raw.cosThreshold ?? 0.4) : null,
-    queueSize: lazy ? (raw.queueSize ?? 5) : null,
-    gamma: lazy ? (raw.gamma ?? 2) : null,
-    projRefresh: pick("projRefresh"),
-    cosMode: lazy ? (raw.cosMode ?? "signed") : null,
-    quantRange: int8 || projQuant ? (raw.quantRange ?? "zero") : null,
-    blockSize: pick("blockSize"),
-    fused: pick("fused"),
   };
+  for (const n of not_applicable) reject(keyOfField(n.field), why[n.when]());
+
+  const settings = settingsOf(name, config, raw);
+  // What the engine's resolution says applies: INT8 weights.
+  const int8 = settings.weightGroupSize !== null;
 
   // The engine judges group sizes and ranks against the model's matrices (one check,
   // `plan::fit` in rust/src/plan.rs); its notes name engine-config fields, shown here as flags.
@@ -752,56 +994,47 @@ function resolveOptimizer(
       device: "cpu",
       optimizer: engineOptimizerConfig({ ...raw, ...settings, warmup: 0 }),
     }, model.name);
-    const key = (field: string): OptimizerKey => {
-      const k = FIT_FIELDS[field];
-      if (!k) throw new UsageError(`${field}: not a setting of this front end`);
-      return k;
-    };
-    if (fit.problem) reject(key(fit.problem.field), fit.problem.why, fit.problem.value);
-    for (const n of fit.notices) notices.push(`notice: ${FLAG[key(n.field)]} ${n.value} ${n.why}`);
+    const p = fit.problem;
+    if (p) reject(keyOfField(p.field), p.why, p.value);
+    for (const n of fit.notices) {
+      notices.push(`notice: ${FLAG[keyOfField(n.field)]} ${n.value} ${n.why}`);
+    }
   }
   return { settings, notices };
 }
-
-/** The option of each engine-config field that the engine's fit check names. */
-const FIT_FIELDS: Readonly<Record<string, OptimizerKey>> = Object.freeze({
-  rank: "rank",
-  weight_group_size: "weightGroupSize",
-  proj_group_size: "projGroupSize",
-});
 
 /**
  * The optimizer section of the engine config (`rust/src/config.rs`) for resolved options:
  * every setting that applies to the optimizer, none that does not.
  */
 export function engineOptimizerConfig(opts: ResolvedOptions): OptimizerConfig {
-  const cfg: OptimizerConfig = {
-    name: opts.optimizer,
-    beta1: opts.beta1,
-    beta2: opts.beta2,
-    eps: opts.eps,
-    weight_decay: opts.weightDecay,
-    clip: opts.clip,
-  };
-  const put = (field: string, v: number | boolean | string | null) => {
-    if (v !== null) cfg[field] = v;
-  };
-  put("rank", opts.rank);
-  put("update_gap", opts.updateGap);
-  put("galore_scale", opts.galoreScale);
-  put("weight_bits", opts.weightBits);
-  put("weight_group_size", opts.weightGroupSize);
-  put("proj_bits", opts.projBits);
-  put("proj_group_size", opts.projGroupSize);
-  put("stochastic_round", opts.stochasticRound);
-  put("lazy", opts.lazy);
-  put("cos_threshold", opts.cosThreshold);
-  put("queue_size", opts.queueSize);
-  put("gamma", opts.gamma);
-  put("proj_refresh", opts.projRefresh);
-  put("cos_mode", opts.cosMode);
-  put("quant_range", opts.quantRange);
-  put("block_size", opts.blockSize);
-  cfg.fused = opts.fused;
-  return cfg;
+  const cfg: Record<string, unknown> = { name: opts.optimizer };
+  for (const key of KEYS) {
+    const field = def(key).engine;
+    if (field !== undefined && opts[key] !== null) cfg[field] = opts[key];
+  }
+  return cfg as OptimizerConfig;
+}
+
+/**
+ * An engine message worded for the CLI: the engine writes a setting as its config field and
+ * value ("use device cpu or auto"), the user knows flags ("use --device cpu or auto"). A
+ * value the engine quotes back (`precision = bf16`) stays as it is.
+ */
+export function flagNames(message: string): string {
+  let out = message;
+  for (const key of CHOICE_OPTIONS) {
+    const field = def(key).engine ?? def(key).run;
+    if (field === undefined) continue;
+    const values = CHOICES[key].join("|");
+    out = out.replace(new RegExp(`\\b${field} (${values})\\b`, "g"), `${FLAG[key]} $1`);
+  }
+  return out;
+}
+
+/** {@link flagNames} for an engine error; other errors pass through. */
+export function withFlags(e: unknown): unknown {
+  if (!(e instanceof EngineError)) return e;
+  const msg = flagNames(e.message);
+  return msg === e.message ? e : new EngineError(e.code, msg);
 }

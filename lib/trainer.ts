@@ -10,6 +10,7 @@ import {
   Engine,
   type EngineConfig,
   EngineError,
+  type EngineInfo,
   ErrorCode,
   type MemoryBytes,
   type StepStats,
@@ -23,6 +24,7 @@ import {
   engineOptimizerConfig,
   type ResolvedOptions,
   type TrainOptions,
+  withFlags,
 } from "./options.ts";
 import { paramCount } from "./estimate.ts";
 import type { ModelConfig, ResolvedModel } from "./presets.ts";
@@ -45,8 +47,8 @@ export interface TrainEngine extends Disposable {
   evalLoss(tokens: Int32Array, batches: number): Promise<number>;
   /** Engine-tracked bytes by category. */
   memory(): MemoryBytes;
-  /** Engine facts as JSON (`svd_count`, `gaps`, …); optional for stand-ins. */
-  info?(): Record<string, unknown>;
+  /** Engine facts (`svd_count`, `gaps`, …); optional for stand-ins. */
+  info?(): Partial<EngineInfo>;
 }
 
 /** A `metrics.jsonl` line for one update. */
@@ -205,7 +207,7 @@ function defaultOut(): string {
 
 /**
  * Pretrains a model. Options not given take {@link defaultTrainOptions} values. Validates
- * everything before the native library is loaded; invalid options throw UsageError. Ctrl-C
+ * everything before an engine is created; invalid options throw UsageError. Ctrl-C
  * stops after the current update (summary `interrupted: true`); a non-finite loss throws
  * {@link DivergedError} after the summary is written. Files go to `out` unless it is null.
  *
@@ -336,7 +338,10 @@ export class Run implements Disposable {
     });
     for (const n of notices) progress.note(n);
 
-    const engine = await (hooks.createEngine ?? Engine.create)(cfg);
+    const engine = await Promise.resolve(cfg).then(hooks.createEngine ?? Engine.create)
+      .catch((e: unknown) => {
+        throw withFlags(e); // the engine names config fields; the user knows flags
+      });
     let metrics: JsonlWriter | null = null;
     let run: Run | undefined;
     try {
@@ -526,7 +531,10 @@ export class Run implements Disposable {
     try {
       const steps = this.#steps;
       const info = engine.info?.() ?? {};
-      const num = (key: string): number | null => typeof info[key] === "number" ? info[key] : null;
+      const num = (key: keyof EngineInfo): number | null => {
+        const v = info[key];
+        return typeof v === "number" ? v : null;
+      };
       const finalRef = refLoss(finalLoss, opts.evalBatches);
       const lastLoss = this.#lastLoss;
       const failure = this.#failure;

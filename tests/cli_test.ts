@@ -6,9 +6,12 @@ import { UsageError } from "../lib/errors.ts";
 import {
   checkOptions,
   defaultTrainOptions,
+  flagNames,
   optimizerDefaults,
   OPTIMIZERS,
+  OPTION_TABLE,
 } from "../lib/options.ts";
+import { engineOptions } from "../ffi/engine.ts";
 import { PRESET_NAMES } from "../lib/presets.ts";
 
 Deno.test("no flags gives the defaults", () => {
@@ -638,4 +641,23 @@ Deno.test("a rank above a matrix's size is clamped with a one-line notice", () =
   ]);
   assert.deepEqual(checkOptions({ optimizer: "galore", rank: 128 }).notices, []);
   assert.deepEqual(checkOptions({ optimizer: "adamw" }).notices, []);
+});
+
+Deno.test("the option table sets every engine option exactly once", () => {
+  const fields = Object.values(OPTION_TABLE).flatMap((d) => d.engine ?? d.run ?? []);
+  const schema = engineOptions();
+  const engine = [...schema.options, ...schema.run].map((o) => o.name);
+  assert.deepEqual([...fields].sort(), [...engine].sort());
+});
+
+Deno.test("engine messages name flags where they name a setting", () => {
+  assert.equal(
+    flagNames("device cuda: no GPU; use device cpu or auto"),
+    "--device cuda: no GPU; use --device cpu or auto",
+  );
+  // a value the engine quotes back stays as it is
+  assert.equal(
+    flagNames("precision = bf16 needs a GPU, and none is usable; use precision fp32 or auto"),
+    "precision = bf16 needs a GPU, and none is usable; use --precision fp32 or auto",
+  );
 });

@@ -1,8 +1,15 @@
-//! Run configuration as it arrives from TypeScript (JSON, Hugging Face LlamaConfig names).
+//! Run configuration as it arrives from TypeScript (JSON, Hugging Face LlamaConfig names),
+//! and the option schema: every optimizer option's type, range, per-optimizer default and
+//! applicability, written once in `optim_options!` below. The engine checks and fills
+//! configs from it, and `qg_options` hands it to the front end, which only adds flags and
+//! help text. Errors name config fields (`weight_group_size = 3: …`), never CLI flags.
 
+use crate::backend::Refresh;
 use crate::ensure;
 use crate::error::{Error, Result};
-use serde::Deserialize;
+use crate::quant::Range;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
 
 /// LLaMA architecture (algorithm-spec §3). Field names follow `transformers.LlamaConfig`.
 #[derive(Clone, Debug, Deserialize)]
@@ -91,263 +98,718 @@ impl ModelConfig {
     }
 }
 
-/// Optimizer settings. Fields that do not apply to the chosen optimizer are rejected by
-/// the front end; the engine ignores them.
-#[derive(Clone, Debug, Deserialize)]
-pub struct OptimConfig {
-    pub name: String,
-    #[serde(default = "default_b1")]
-    pub beta1: f32,
-    #[serde(default = "default_b2")]
-    pub beta2: f32,
-    #[serde(default = "default_adam_eps")]
-    pub eps: f32,
-    #[serde(default)]
-    pub weight_decay: f32,
-    /// Global gradient-norm clipping threshold; 0 disables it.
-    #[serde(default)]
-    pub clip: f32,
-    // GaLore / Q-GaLore (algorithm-spec §1.2–1.6, §2)
-    #[serde(default = "default_rank")]
-    pub rank: usize,
-    #[serde(default = "default_gap")]
-    pub update_gap: u64,
-    #[serde(default = "default_scale")]
-    pub galore_scale: f32,
-    /// 8: INT8 projected weights (Q-GaLore); 16: float weights.
-    #[serde(default = "default_wbits")]
-    pub weight_bits: u8,
-    #[serde(default = "default_group")]
-    pub weight_group_size: usize,
-    /// 4 (packed INT4), 8, 16 (bf16) or 32 (f32) projector storage.
-    #[serde(default = "default_pbits")]
-    pub proj_bits: u8,
-    #[serde(default = "default_group")]
-    pub proj_group_size: usize,
-    #[serde(default = "yes")]
-    pub stochastic_round: bool,
-    #[serde(default)]
-    pub lazy: bool,
-    #[serde(default = "default_cos")]
-    pub cos_threshold: f32,
-    #[serde(default = "default_queue")]
-    pub queue_size: usize,
-    #[serde(default = "default_gamma")]
-    pub gamma: u64,
-    /// "svd" | "eigh" | "randomized"
-    #[serde(default = "default_refresh")]
-    pub proj_refresh: String,
-    /// "signed" (reference: signed top-1 cosine) | "abs" (sign-invariant)
-    #[serde(default = "default_cos_mode")]
-    pub cos_mode: String,
-    /// "zero" (range includes 0, our default) | "reference" (min–max only)
-    #[serde(default = "default_qrange")]
-    pub quant_range: String,
-    /// bnb block size for 8-bit states (2048 in bnb 0.43.1, 256 in later versions).
-    #[serde(default = "default_block")]
-    pub block_size: usize,
-    /// Optimizer steps inside the backward pass (per-layer updates, §1.5).
-    #[serde(default)]
-    pub fused: bool,
+/// A closed set of names that travels as a JSON string (`"qgalore"`, `"eigh"`, …).
+pub trait Named: Sized + Copy + PartialEq + 'static {
+    /// Every value with its name, in the order messages and `--help` list them.
+    const ALL: &'static [(Self, &'static str)];
+    fn name(self) -> &'static str {
+        Self::ALL.iter().find(|(v, _)| *v == self).map(|(_, n)| *n).unwrap_or("?")
+    }
+    fn parse(text: &str) -> Option<Self> {
+        Self::ALL.iter().find(|(_, n)| *n == text).map(|(v, _)| *v)
+    }
+    fn names() -> Vec<&'static str> {
+        Self::ALL.iter().map(|(_, n)| *n).collect()
+    }
 }
 
-fn yes() -> bool {
-    true
+/// Optimizers the engine implements.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Optimizer {
+    AdamW,
+    Adam8bit,
+    Galore,
+    Galore8bit,
+    QGalore,
 }
-fn default_rank() -> usize {
-    128
+
+impl Named for Optimizer {
+    const ALL: &'static [(Self, &'static str)] = &[
+        (Optimizer::AdamW, "adamw"),
+        (Optimizer::Adam8bit, "adam8bit"),
+        (Optimizer::Galore, "galore"),
+        (Optimizer::Galore8bit, "galore8bit"),
+        (Optimizer::QGalore, "qgalore"),
+    ];
 }
-fn default_gap() -> u64 {
-    200
+
+impl Optimizer {
+    /// Projects the 7 linear matrices of each block (GaLore, algorithm-spec §1.4).
+    pub fn projected(self) -> bool {
+        matches!(self, Optimizer::Galore | Optimizer::Galore8bit | Optimizer::QGalore)
+    }
+    /// bnb-style block-wise 8-bit Adam states (≥ 4096 elements) for the non-projected
+    /// tensors (spec §1.6).
+    pub fn eight_bit(self) -> bool {
+        matches!(self, Optimizer::Adam8bit | Optimizer::Galore8bit | Optimizer::QGalore)
+    }
+    /// May keep INT8 projected weights (Q-GaLore).
+    pub fn int8_capable(self) -> bool {
+        self == Optimizer::QGalore
+    }
 }
-fn default_scale() -> f32 {
-    0.25
+
+impl Named for Refresh {
+    const ALL: &'static [(Self, &'static str)] = &[(Refresh::Svd, "svd"), (Refresh::Eigh, "eigh"), (Refresh::Randomized, "randomized")];
 }
-fn default_wbits() -> u8 {
-    16
+
+impl Named for Range {
+    const ALL: &'static [(Self, &'static str)] = &[(Range::WithZero, "zero"), (Range::Reference, "reference")];
 }
-fn default_pbits() -> u8 {
-    16
+
+/// Lazy-refresh similarity: the reference's signed top-1 cosine, or its absolute value.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CosMode {
+    Signed,
+    Abs,
 }
-fn default_group() -> usize {
-    256
+
+impl Named for CosMode {
+    const ALL: &'static [(Self, &'static str)] = &[(CosMode::Signed, "signed"), (CosMode::Abs, "abs")];
 }
-fn default_cos() -> f32 {
-    0.4
+
+/// Where the engine runs; `Auto` takes CUDA when a usable device is found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Device {
+    Cpu,
+    Cuda,
+    Auto,
 }
-fn default_queue() -> usize {
-    5
+
+impl Named for Device {
+    const ALL: &'static [(Self, &'static str)] = &[(Device::Cpu, "cpu"), (Device::Cuda, "cuda"), (Device::Auto, "auto")];
 }
-fn default_gamma() -> u64 {
-    2
+
+/// Activation and GEMM precision: `Bf16` (CUDA only) keeps activations and GEMM inputs in
+/// bf16 with fp32 accumulation; `Auto` is bf16 on a GPU and fp32 on the CPU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Precision {
+    Auto,
+    Fp32,
+    Bf16,
 }
-fn default_refresh() -> String {
-    "eigh".into()
+
+impl Named for Precision {
+    const ALL: &'static [(Self, &'static str)] = &[(Precision::Auto, "auto"), (Precision::Fp32, "fp32"), (Precision::Bf16, "bf16")];
 }
-fn default_cos_mode() -> String {
-    "signed".into()
+
+/// Allowed numeric values (the front end formats the same data in its messages).
+#[derive(Clone, Copy, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Bounds {
+    #[serde(skip_serializing_if = "is_false")]
+    pub int: bool,
+    /// Lower bound; `open` makes it strict.
+    pub min: f64,
+    #[serde(skip_serializing_if = "is_false")]
+    pub open: bool,
+    /// Upper bound; `max_open` makes it strict.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max: Option<f64>,
+    #[serde(skip_serializing_if = "is_false")]
+    pub max_open: bool,
+    /// The only values allowed.
+    #[serde(skip_serializing_if = "<[f64]>::is_empty")]
+    pub one_of: &'static [f64],
+    #[serde(skip_serializing_if = "is_false")]
+    pub even: bool,
 }
-fn default_qrange() -> String {
-    "zero".into()
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
-fn default_block() -> usize {
-    2048
+
+// The engine takes floats as f32; anything larger would arrive as infinity.
+const F32_MAX: f64 = 3.4e38;
+
+impl Bounds {
+    const fn at_least(min: f64) -> Self {
+        Bounds { int: false, min, open: false, max: None, max_open: false, one_of: &[], even: false }
+    }
+    const fn int(min: f64) -> Self {
+        Bounds { int: true, ..Bounds::at_least(min) }
+    }
+    const fn above(min: f64) -> Self {
+        Bounds { open: true, ..Bounds::at_least(min) }
+    }
+    const fn max(self, max: f64) -> Self {
+        Bounds { max: Some(max), ..self }
+    }
+    const fn below(self, max: f64) -> Self {
+        Bounds { max: Some(max), max_open: true, ..self }
+    }
+    const fn even(self) -> Self {
+        Bounds { even: true, ..self }
+    }
+    const fn one_of(self, values: &'static [f64]) -> Self {
+        Bounds { one_of: values, ..self }
+    }
+
+    pub fn contains(&self, v: f64) -> bool {
+        v.is_finite()
+            && (!self.int || v.fract() == 0.0)
+            && (if self.open { v > self.min } else { v >= self.min })
+            && self.max.is_none_or(|m| if self.max_open { v < m } else { v <= m })
+            && (self.one_of.is_empty() || self.one_of.contains(&v))
+            && (!self.even || v % 2.0 == 0.0)
+    }
+
+    /// "an even integer in [2, 1024]", "one of 256, 2048", "a number > 0".
+    pub fn describe(&self) -> String {
+        if !self.one_of.is_empty() {
+            return format!("one of {}", self.one_of.iter().map(|v| v.to_string()).collect::<Vec<_>>().join(", "));
+        }
+        let kind = if self.even { "an even integer" } else if self.int { "an integer" } else { "a number" };
+        match self.max {
+            None => format!("{kind} {} {}", if self.open { ">" } else { "≥" }, self.min),
+            Some(m) => format!(
+                "{kind} in {}{}, {}{}",
+                if self.open { "(" } else { "[" },
+                self.min,
+                m,
+                if self.max_open { ")" } else { "]" }
+            ),
+        }
+    }
+}
+
+/// When an option applies, given the optimizer and the other options. A failed condition
+/// is reported by name; the front end words it with its flags.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum When {
+    All,
+    /// The projected optimizers (galore, galore8bit, qgalore).
+    Projected,
+    /// The optimizers with 8-bit Adam states.
+    EightBit,
+    /// Value 8 (INT8 weights) needs qgalore; 16 (float weights) is every optimizer's.
+    Int8Capable,
+    /// INT8 weights: qgalore with weight_bits 8.
+    Int8Weights,
+    /// A projected optimizer whose projectors are quantized (proj_bits 4 or 8).
+    QuantizedProjector,
+    /// INT8 weights or quantized projectors.
+    Quantized,
+    /// A projected optimizer with the lazy refresh on.
+    Lazy,
+    /// Fused steps need one micro-batch per update (accumulated gradients must persist).
+    OneMicroBatch,
+}
+
+/// How an option's value travels as JSON and where it is checked.
+pub trait OptionValue: Sized + Copy {
+    /// "number", "integer", "switch" or "choice".
+    const TYPE: &'static str;
+    fn choices() -> Vec<&'static str> {
+        Vec::new()
+    }
+    fn from_json(v: &Value, bounds: Option<&Bounds>) -> Option<Self>;
+    fn to_json(self) -> Value;
+}
+
+fn number(v: &Value, bounds: Option<&Bounds>) -> Option<f64> {
+    v.as_f64().filter(|x| bounds.is_none_or(|b| b.contains(*x)))
+}
+
+macro_rules! numeric_value {
+    ($t:ty, $kind:literal) => {
+        impl OptionValue for $t {
+            const TYPE: &'static str = $kind;
+            fn from_json(v: &Value, bounds: Option<&Bounds>) -> Option<Self> {
+                number(v, bounds).map(|x| x as $t)
+            }
+            fn to_json(self) -> Value {
+                serde_json::json!(self)
+            }
+        }
+    };
+}
+numeric_value!(usize, "integer");
+numeric_value!(u64, "integer");
+numeric_value!(u8, "integer");
+
+impl OptionValue for f32 {
+    const TYPE: &'static str = "number";
+    fn from_json(v: &Value, bounds: Option<&Bounds>) -> Option<Self> {
+        number(v, bounds).map(|x| x as f32)
+    }
+    /// The shortest decimal that reads back as this f32 (0.95, not 0.949999988…).
+    fn to_json(self) -> Value {
+        serde_json::json!(self.to_string().parse::<f64>().unwrap_or(self as f64))
+    }
+}
+
+impl OptionValue for bool {
+    const TYPE: &'static str = "switch";
+    fn from_json(v: &Value, _: Option<&Bounds>) -> Option<Self> {
+        v.as_bool()
+    }
+    fn to_json(self) -> Value {
+        Value::Bool(self)
+    }
+}
+
+macro_rules! choice_value {
+    ($($t:ty),*) => {$(
+        impl OptionValue for $t {
+            const TYPE: &'static str = "choice";
+            fn choices() -> Vec<&'static str> {
+                <$t>::names()
+            }
+            fn from_json(v: &Value, _: Option<&Bounds>) -> Option<Self> {
+                v.as_str().and_then(<$t>::parse)
+            }
+            fn to_json(self) -> Value {
+                Value::String(self.name().into())
+            }
+        }
+    )*};
+}
+choice_value!(Refresh, Range, CosMode, Device, Precision);
+
+/// Parses one option; the message names the field, the value and what is allowed.
+fn option<T: OptionValue>(field: &str, v: &Value, bounds: Option<&Bounds>) -> Result<T> {
+    T::from_json(v, bounds).ok_or_else(|| {
+        let shown = v.as_str().map_or_else(|| v.to_string(), str::to_string);
+        let allowed = match (T::TYPE, bounds) {
+            ("switch", _) => "true or false".to_string(),
+            ("choice", _) => format!("one of {}", T::choices().join(", ")),
+            (_, Some(b)) => b.describe(),
+            (_, None) => "a number".to_string(),
+        };
+        Error::invalid(format!("{field} = {shown}: must be {allowed}"))
+    })
+}
+
+/// One optimizer option as the schema states it.
+#[derive(Clone, Debug, Serialize)]
+pub struct OptionSpec {
+    pub name: &'static str,
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub choices: Vec<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub range: Option<Bounds>,
+    pub applies: When,
+    /// Default per optimizer, for the optimizers it applies to by default.
+    pub default: Map<String, Value>,
+}
+
+/// An option the caller set that does not apply (`not_applicable` of `resolve`).
+#[derive(Clone, Debug, Serialize)]
+pub struct NotApplicable {
+    pub field: &'static str,
+    /// The condition that failed.
+    pub when: When,
+}
+
+/// Declares the optimizer options once: field, type, range, default (a function of the
+/// optimizer and of grad_accum) and when it applies. The order is the order in which
+/// options that do not apply are reported.
+macro_rules! optim_options {
+    ($( $(#[$doc:meta])* $field:ident : $t:ty, $bounds:expr, $default:expr, $when:ident; )*) => {
+        /// Optimizer settings, every one filled (from the schema's defaults when absent).
+        #[derive(Clone, Debug)]
+        pub struct OptimConfig {
+            pub name: Optimizer,
+            $( $(#[$doc])* pub $field: $t, )*
+        }
+
+        impl OptimConfig {
+            /// Every option's schema entry.
+            pub fn specs() -> Vec<OptionSpec> {
+                let mut out = Vec::new();
+                $({
+                    let mut default = Map::new();
+                    for &(o, name) in Optimizer::ALL {
+                        let d = OptimConfig::defaults(o, DEFAULT_GRAD_ACCUM);
+                        if d.applies(When::$when, false, DEFAULT_GRAD_ACCUM).is_ok() {
+                            default.insert(name.into(), d.$field.to_json());
+                        }
+                    }
+                    out.push(OptionSpec {
+                        name: stringify!($field),
+                        kind: <$t as OptionValue>::TYPE,
+                        choices: <$t as OptionValue>::choices(),
+                        range: $bounds,
+                        applies: When::$when,
+                        default,
+                    });
+                })*
+                out
+            }
+
+            /// Every option at `name`'s default (with `grad_accum` micro-batches per update).
+            pub fn defaults(name: Optimizer, grad_accum: usize) -> Self {
+                OptimConfig { name, $( $field: ($default)(name, grad_accum), )* }
+            }
+
+            /// Parses a JSON optimizer section: checks every given option against its range
+            /// and fills the others with `name`'s defaults. Returns the config and the given
+            /// options that do not apply (front ends reject those; the engine ignores them).
+            pub fn resolve(obj: &Map<String, Value>, grad_accum: usize) -> Result<(Self, Vec<NotApplicable>)> {
+                let name: Optimizer = match obj.get("name") {
+                    Some(v) => v.as_str().and_then(Optimizer::parse).ok_or_else(|| {
+                        let shown = v.as_str().map_or_else(|| v.to_string(), str::to_string);
+                        Error::invalid(format!("optimizer = {shown}: must be one of {}", Optimizer::names().join(", ")))
+                    })?,
+                    None => return Err(Error::invalid("optimizer name: missing")),
+                };
+                let mut cfg = OptimConfig::defaults(name, grad_accum);
+                $(
+                    if let Some(v) = obj.get(stringify!($field)).filter(|v| !v.is_null()) {
+                        cfg.$field = option(stringify!($field), v, $bounds.as_ref())?;
+                    }
+                )*
+                let mut off = Vec::new();
+                $(
+                    let given = obj.get(stringify!($field)).is_some_and(|v| !v.is_null());
+                    if let Err(when) = cfg.applies(When::$when, given, grad_accum) {
+                        if given {
+                            off.push(NotApplicable { field: stringify!($field), when });
+                        }
+                    }
+                )*
+                Ok((cfg, off))
+            }
+
+            /// Every option as JSON.
+            pub fn to_map(&self) -> Map<String, Value> {
+                let mut out = Map::new();
+                out.insert("name".into(), Value::String(self.name.name().into()));
+                $( out.insert(stringify!($field).into(), self.$field.to_json()); )*
+                out
+            }
+
+            /// The options that apply, as JSON (what a front end reports and sends back).
+            pub fn applicable(&self, given: &Map<String, Value>) -> Map<String, Value> {
+                let mut out = Map::new();
+                out.insert("name".into(), Value::String(self.name.name().into()));
+                $(
+                    let g = given.get(stringify!($field)).is_some_and(|v| !v.is_null());
+                    if self.applies(When::$when, g, DEFAULT_GRAD_ACCUM).is_ok() {
+                        out.insert(stringify!($field).into(), self.$field.to_json());
+                    }
+                )*
+                out
+            }
+        }
+    };
+}
+
+fn all<T: Copy>(v: T) -> impl Fn(Optimizer, usize) -> T {
+    move |_, _| v
+}
+
+fn per<T: Copy>(other: T, qgalore: T) -> impl Fn(Optimizer, usize) -> T {
+    move |o, _| if o == Optimizer::QGalore { qgalore } else { other }
+}
+
+// Defaults: the reference runs of algorithm spec §1.7 (GaLore: ε 1e-6, β2 0.999, r 128,
+// T 200, α 0.25, bf16 projectors), §1.6 (8-bit Adam: ε 1e-8, block 2048) and §2.6 (Q-GaLore
+// C4 runs: β2 0.95, INT8 weights with stochastic rounding, INT4 projectors, lazy refresh
+// with threshold 0.4, queue 5, γ 2). Projectors refresh by `eigh` (exact and faster than the
+// reference `svd`). The GaLore family steps inside the backward when grad_accum is 1.
+optim_options! {
+    beta1: f32, Some(Bounds::at_least(0.0).below(1.0)), all(0.9), All;
+    beta2: f32, Some(Bounds::at_least(0.0).below(1.0)), per(0.999, 0.95), All;
+    eps: f32, Some(Bounds::above(0.0)), |o: Optimizer, _| if o == Optimizer::Galore { 1e-6 } else { 1e-8 }, All;
+    weight_decay: f32, Some(Bounds::at_least(0.0)), all(0.0), All;
+    /// Global gradient-norm clipping threshold; 0 disables it.
+    clip: f32, Some(Bounds::at_least(0.0)), all(0.0), All;
+    // GaLore / Q-GaLore (algorithm-spec §1.2–1.6, §2)
+    rank: usize, Some(Bounds::int(1.0)), all(128), Projected;
+    update_gap: u64, Some(Bounds::int(1.0)), all(200), Projected;
+    galore_scale: f32, Some(Bounds::above(0.0).max(F32_MAX)), all(0.25), Projected;
+    /// 4 (packed INT4), 8, 16 (bf16) or 32 (f32) projector storage.
+    proj_bits: u8, Some(Bounds::int(4.0).one_of(&[4.0, 8.0, 16.0, 32.0])), per(16, 4), Projected;
+    proj_refresh: Refresh, None, all(Refresh::Eigh), Projected;
+    /// Lazy layer-wise subspace refresh (spec §2.5).
+    lazy: bool, None, per(false, true), Projected;
+    /// bnb block size for 8-bit states (2048 in bnb 0.43.1, 256 in later versions).
+    block_size: usize, Some(Bounds::int(256.0).one_of(&[256.0, 2048.0])), all(2048), EightBit;
+    /// 8: INT8 projected weights (Q-GaLore); 16: float weights.
+    weight_bits: u8, Some(Bounds::int(8.0).one_of(&[8.0, 16.0])), per(16, 8), Int8Capable;
+    stochastic_round: bool, None, all(true), Int8Weights;
+    weight_group_size: usize, Some(Bounds::int(2.0).max(1024.0).even()), all(256), Int8Weights;
+    proj_group_size: usize, Some(Bounds::int(2.0).max(1024.0).even()), all(256), QuantizedProjector;
+    quant_range: Range, None, all(Range::WithZero), Quantized;
+    cos_threshold: f32, Some(Bounds::at_least(-1.0).max(1.0)), all(0.4), Lazy;
+    queue_size: usize, Some(Bounds::int(1.0).max(1e6)), all(5), Lazy;
+    gamma: u64, Some(Bounds::int(1.0).max(1e6)), all(2), Lazy;
+    cos_mode: CosMode, None, all(CosMode::Signed), Lazy;
+    /// Optimizer steps inside the backward pass (per-layer updates, §1.5).
+    fused: bool, None, |o: Optimizer, ga: usize| o.projected() && ga == 1, OneMicroBatch;
 }
 
 impl OptimConfig {
+    /// Keeps INT8 projected weights.
+    pub fn int8_weights(&self) -> bool {
+        self.name.int8_capable() && self.weight_bits == 8
+    }
+    /// Stores quantized projectors.
+    pub fn quantized_projector(&self) -> bool {
+        self.name.projected() && matches!(self.proj_bits, 4 | 8)
+    }
+
+    /// Whether `when` holds; on failure, the first condition that does not. `given` says
+    /// whether the caller set the option (16-bit weights apply to every optimizer only when
+    /// asked for; fused steps conflict with `grad_accum` > 1 only when asked for).
+    pub fn applies(&self, when: When, given: bool, grad_accum: usize) -> std::result::Result<(), When> {
+        let ok = |b: bool, w: When| if b { Ok(()) } else { Err(w) };
+        let projected = ok(self.name.projected(), When::Projected);
+        match when {
+            When::All => Ok(()),
+            When::Projected => projected,
+            When::EightBit => ok(self.name.eight_bit(), when),
+            When::Int8Capable => ok(self.name.int8_capable() || (given && self.weight_bits == 16), when),
+            When::Int8Weights => ok(self.int8_weights(), when),
+            When::QuantizedProjector => projected.and(ok(self.quantized_projector(), when)),
+            When::Quantized => ok(self.int8_weights() || self.quantized_projector(), when),
+            When::Lazy => projected.and(ok(self.lazy, when)),
+            When::OneMicroBatch => ok(!(given && self.fused && grad_accum > 1), when),
+        }
+    }
+
     pub fn projected(&self) -> bool {
-        matches!(self.name.as_str(), "galore" | "galore8bit" | "qgalore")
+        self.name.projected()
     }
-    /// bnb-style Adam (8-bit states ≥ 4096 elements) for the non-projected tensors.
     pub fn eight_bit(&self) -> bool {
-        matches!(self.name.as_str(), "adam8bit" | "galore8bit" | "qgalore")
-    }
-    pub fn refresh(&self) -> crate::backend::Refresh {
-        match self.proj_refresh.as_str() {
-            "svd" => crate::backend::Refresh::Svd,
-            "randomized" => crate::backend::Refresh::Randomized,
-            _ => crate::backend::Refresh::Eigh,
-        }
-    }
-    pub fn range(&self) -> crate::quant::Range {
-        if self.quant_range == "reference" {
-            crate::quant::Range::Reference
-        } else {
-            crate::quant::Range::WithZero
-        }
+        self.name.eight_bit()
     }
 }
 
-fn default_b1() -> f32 {
-    0.9
+impl<'de> Deserialize<'de> for OptimConfig {
+    /// Missing options take the optimizer's defaults (for one micro-batch per update);
+    /// options that do not apply are ignored, except INT8 weights for an optimizer
+    /// without them.
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let obj = Map::deserialize(d)?;
+        let (cfg, off) = OptimConfig::resolve(&obj, DEFAULT_GRAD_ACCUM).map_err(|e| serde::de::Error::custom(e.msg))?;
+        if off.iter().any(|n| n.when == When::Int8Capable) {
+            return Err(serde::de::Error::custom(format!("weight_bits = 8: only qgalore keeps INT8 weights (not {})", cfg.name.name())));
+        }
+        Ok(cfg)
+    }
 }
-fn default_b2() -> f32 {
-    0.999
+
+/// A run-level option (top level of `EngineConfig`) as the schema states it.
+#[derive(Clone, Debug, Serialize)]
+pub struct RunSpec {
+    pub name: &'static str,
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub choices: Vec<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub range: Option<Bounds>,
+    /// The engine's default; absent when the field is required.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub default: Option<Value>,
 }
-fn default_adam_eps() -> f32 {
-    1e-8
+
+const AT_LEAST_ONE: Bounds = Bounds::int(1.0);
+const DEFAULT_DEVICE: Device = Device::Cpu;
+const DEFAULT_PRECISION: Precision = Precision::Auto;
+const DEFAULT_GRAD_ACCUM: usize = 1;
+const DEFAULT_CHECKPOINTING: bool = false;
+
+fn run_spec<T: OptionValue>(name: &'static str, range: Option<Bounds>, default: Option<T>) -> RunSpec {
+    RunSpec { name, kind: T::TYPE, choices: T::choices(), range, default: default.map(T::to_json) }
+}
+
+/// The run-level options: batch shape, accumulation, device, precision, checkpointing.
+pub fn run_specs() -> Vec<RunSpec> {
+    vec![
+        run_spec::<usize>("batch_size", Some(AT_LEAST_ONE), None),
+        run_spec::<usize>("seq_len", Some(AT_LEAST_ONE), None),
+        run_spec::<usize>("grad_accum", Some(AT_LEAST_ONE), Some(DEFAULT_GRAD_ACCUM)),
+        run_spec::<Device>("device", None, Some(DEFAULT_DEVICE)),
+        run_spec::<Precision>("precision", None, Some(DEFAULT_PRECISION)),
+        run_spec::<bool>("checkpointing", None, Some(DEFAULT_CHECKPOINTING)),
+    ]
+}
+
+/// The schema `qg_options` returns: optimizers, optimizer options and run-level options.
+pub fn schema_json() -> String {
+    let optimizers: Vec<Value> = Optimizer::ALL
+        .iter()
+        .map(|&(o, name)| serde_json::json!({ "name": name, "projected": o.projected(), "eight_bit": o.eight_bit() }))
+        .collect();
+    serde_json::json!({ "optimizers": optimizers, "options": OptimConfig::specs(), "run": run_specs() }).to_string()
+}
+
+/// What `qg_resolve_optimizer` returns for a JSON
+/// `{ "optimizer": {…}, "grad_accum": n, "device": …, "precision": … }` (all but the optimizer
+/// name optional): `{ "config": {…the options that apply…}, "not_applicable": [{ field, when }] }`
+/// or `{ "error": "…" }`.
+pub fn resolve_json(text: &str) -> String {
+    let r = (|| -> Result<Value> {
+        let v: Value = serde_json::from_str(text).map_err(|e| Error::invalid(format!("resolve: {e}")))?;
+        let device = choice("device", v.get("device").cloned())?.unwrap_or(DEFAULT_DEVICE);
+        check_device(device, choice("precision", v.get("precision").cloned())?.unwrap_or(DEFAULT_PRECISION))?;
+        let empty = Map::new();
+        let obj = v.get("optimizer").and_then(Value::as_object).unwrap_or(&empty);
+        let ga = v.get("grad_accum").and_then(Value::as_u64).map_or(DEFAULT_GRAD_ACCUM, |n| n as usize);
+        let (cfg, off) = OptimConfig::resolve(obj, ga)?;
+        Ok(serde_json::json!({ "config": cfg.applicable(obj), "not_applicable": off }))
+    })();
+    r.unwrap_or_else(|e| serde_json::json!({ "error": e.msg })).to_string()
 }
 
 /// Everything the engine needs to build a trainable model.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug)]
 pub struct EngineConfig {
     pub model: ModelConfig,
     pub batch_size: usize,
     pub seq_len: usize,
     pub optimizer: OptimConfig,
-    #[serde(default)]
     pub seed: u64,
-    #[serde(default = "default_device")]
-    pub device: String,
+    pub device: Device,
     /// Worker threads for this engine; 0 means all cores.
-    #[serde(default)]
     pub threads: usize,
     /// Micro-batches per optimizer step (every `train_step` must pass this many).
-    #[serde(default = "one")]
     pub grad_accum: usize,
-    /// Activation and GEMM precision: `fp32`, `bf16` (CUDA only: bf16 activations and
-    /// bf16 GEMM inputs with fp32 accumulation) or `auto` (bf16 on a GPU, fp32 on the CPU).
-    #[serde(default = "default_precision")]
-    pub precision: String,
+    /// Activation and GEMM precision.
+    pub precision: Precision,
     /// Activation checkpointing: keep only each block's input and recompute the block's
     /// forward in the backward (one extra forward per step; the gradients are identical).
-    #[serde(default)]
     pub checkpointing: bool,
 }
 
-fn default_precision() -> String {
-    "auto".into()
+/// The JSON form of `EngineConfig`: choices and the optimizer section are parsed after
+/// serde so that errors name the field.
+#[derive(Deserialize)]
+struct RawConfig {
+    model: ModelConfig,
+    batch_size: usize,
+    seq_len: usize,
+    optimizer: Map<String, Value>,
+    #[serde(default)]
+    seed: u64,
+    #[serde(default)]
+    device: Option<Value>,
+    #[serde(default)]
+    threads: usize,
+    #[serde(default)]
+    grad_accum: Option<usize>,
+    #[serde(default)]
+    precision: Option<Value>,
+    #[serde(default)]
+    checkpointing: Option<bool>,
 }
 
-fn one() -> usize {
-    1
-}
-
-fn default_device() -> String {
-    "cpu".into()
+fn choice<T: OptionValue>(field: &str, v: Option<Value>) -> Result<Option<T>> {
+    v.map(|v| option(field, &v, None)).transpose()
 }
 
 impl EngineConfig {
     pub fn from_json(text: &str) -> Result<Self> {
-        let cfg: EngineConfig = serde_json::from_str(text)
-            .map_err(|e| Error::invalid(format!("engine config: {e}")))?;
+        let raw: RawConfig = serde_json::from_str(text).map_err(|e| Error::invalid(format!("engine config: {e}")))?;
+        let grad_accum = raw.grad_accum.unwrap_or(DEFAULT_GRAD_ACCUM);
+        let (optimizer, off) = OptimConfig::resolve(&raw.optimizer, grad_accum)?;
+        ensure!(
+            !off.iter().any(|n| n.when == When::Int8Capable),
+            "weight_bits = 8: only qgalore keeps INT8 weights (not {})",
+            optimizer.name.name()
+        );
+        let cfg = EngineConfig {
+            model: raw.model,
+            batch_size: raw.batch_size,
+            seq_len: raw.seq_len,
+            optimizer,
+            seed: raw.seed,
+            device: choice("device", raw.device)?.unwrap_or(DEFAULT_DEVICE),
+            threads: raw.threads,
+            grad_accum,
+            precision: choice("precision", raw.precision)?.unwrap_or(DEFAULT_PRECISION),
+            checkpointing: raw.checkpointing.unwrap_or(DEFAULT_CHECKPOINTING),
+        };
         cfg.validate()?;
         Ok(cfg)
     }
 
+    /// Checks what the types cannot (configs built in Rust skip `from_json`).
     pub fn validate(&self) -> Result<()> {
         self.model.validate()?;
-        ensure!(self.batch_size > 0, "batch_size = 0: must be ≥ 1");
-        ensure!(self.seq_len > 0, "seq_len = 0: must be ≥ 1");
+        for (field, v) in [("batch_size", self.batch_size), ("seq_len", self.seq_len), ("grad_accum", self.grad_accum)] {
+            option::<usize>(field, &Value::from(v), Some(&AT_LEAST_ONE))?;
+        }
         ensure!(
             self.seq_len <= self.model.max_position_embeddings,
             "seq_len = {}: must be ≤ the model's max_position_embeddings = {}",
             self.seq_len,
             self.model.max_position_embeddings
         );
+        // Re-check every option against the schema (a config built in Rust skips `resolve`).
         let o = &self.optimizer;
-        ensure!(
-            (0.0..1.0).contains(&o.beta1),
-            "beta1 = {}: must be in [0, 1)",
-            o.beta1
-        );
-        ensure!(
-            (0.0..1.0).contains(&o.beta2),
-            "beta2 = {}: must be in [0, 1)",
-            o.beta2
-        );
-        ensure!(o.eps > 0.0, "eps = {}: must be > 0", o.eps);
-        ensure!(
-            o.weight_decay >= 0.0,
-            "weight_decay = {}: must be ≥ 0",
-            o.weight_decay
-        );
-        ensure!(o.clip >= 0.0, "clip = {}: must be ≥ 0 (0 disables clipping)", o.clip);
-        ensure!(self.grad_accum >= 1, "grad_accum = 0: must be ≥ 1");
-        let names = ["adamw", "adam8bit", "galore", "galore8bit", "qgalore"];
-        ensure!(
-            names.contains(&o.name.as_str()),
-            "optimizer = {}: must be one of {}",
-            o.name,
-            names.join(", ")
-        );
-        ensure!(o.rank >= 1, "rank = {}: must be ≥ 1", o.rank);
-        ensure!(o.update_gap >= 1, "update_gap = {}: must be ≥ 1", o.update_gap);
-        ensure!(o.galore_scale > 0.0, "galore_scale = {}: must be > 0", o.galore_scale);
-        ensure!(matches!(o.weight_bits, 8 | 16), "weight_bits = {}: must be 8 or 16", o.weight_bits);
-        ensure!(matches!(o.proj_bits, 4 | 8 | 16 | 32), "proj_bits = {}: must be 4, 8, 16 or 32", o.proj_bits);
-        ensure!(o.weight_bits == 16 || o.name == "qgalore", "weight_bits = 8: only qgalore keeps INT8 weights");
-        for (name, g) in [("weight_group_size", o.weight_group_size), ("proj_group_size", o.proj_group_size)] {
-            ensure!((2..=1024).contains(&g) && g % 2 == 0, "{name} = {g}: must be an even number in [2, 1024]");
-        }
-        ensure!(o.queue_size >= 1, "queue_size = {}: must be ≥ 1", o.queue_size);
-        ensure!(o.gamma >= 1, "gamma = {}: must be ≥ 1", o.gamma);
-        ensure!(
-            matches!(o.proj_refresh.as_str(), "svd" | "eigh" | "randomized"),
-            "proj_refresh = {}: must be svd, eigh or randomized",
-            o.proj_refresh
-        );
-        ensure!(matches!(o.cos_mode.as_str(), "signed" | "abs"), "cos_mode = {}: must be signed or abs", o.cos_mode);
-        ensure!(
-            matches!(o.quant_range.as_str(), "zero" | "reference"),
-            "quant_range = {}: must be zero or reference",
-            o.quant_range
-        );
-        ensure!(matches!(o.block_size, 256 | 2048), "block_size = {}: must be 256 or 2048", o.block_size);
-        ensure!(
-            self.device == "cpu" || self.device == "auto" || self.device == "cuda",
-            "device = {}: must be cpu, cuda or auto",
-            self.device
-        );
-        ensure!(
-            matches!(self.precision.as_str(), "auto" | "fp32" | "bf16"),
-            "precision = {}: must be auto, fp32 or bf16",
-            self.precision
-        );
-        ensure!(
-            !(self.device == "cpu" && self.precision == "bf16"),
-            "precision = bf16 needs a GPU (--device cuda or auto); the CPU engine computes in fp32"
-        );
-        Ok(())
+        OptimConfig::resolve(&o.to_map(), self.grad_accum)?;
+        ensure!(o.weight_bits == 16 || o.int8_weights(), "weight_bits = 8: only qgalore keeps INT8 weights (not {})", o.name.name());
+        check_device(self.device, self.precision)
+    }
+}
+
+/// Precision rules a device imposes before any device is probed.
+fn check_device(device: Device, precision: Precision) -> Result<()> {
+    ensure!(
+        !(device == Device::Cpu && precision == Precision::Bf16),
+        "precision bf16 needs a GPU (device cuda or auto); the CPU engine computes in fp32"
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn obj(text: &str) -> Map<String, Value> {
+        serde_json::from_str(text).unwrap()
+    }
+
+    #[test]
+    fn unknown_choices_name_the_field_and_the_choices() {
+        let e = OptimConfig::resolve(&obj(r#"{"name":"galore","proj_refresh":"qr"}"#), 1).unwrap_err();
+        assert_eq!(e.msg, "proj_refresh = qr: must be one of svd, eigh, randomized");
+        let e = OptimConfig::resolve(&obj(r#"{"name":"sgd"}"#), 1).unwrap_err();
+        assert_eq!(e.msg, "optimizer = sgd: must be one of adamw, adam8bit, galore, galore8bit, qgalore");
+        let e = OptimConfig::resolve(&obj(r#"{"name":"qgalore","weight_group_size":3}"#), 1).unwrap_err();
+        assert_eq!(e.msg, "weight_group_size = 3: must be an even integer in [2, 1024]");
+        let e = OptimConfig::resolve(&obj(r#"{"name":"qgalore","lazy":"yes"}"#), 1).unwrap_err();
+        assert_eq!(e.msg, "lazy = yes: must be true or false");
+    }
+
+    #[test]
+    fn defaults_follow_the_optimizer() {
+        let q = OptimConfig::defaults(Optimizer::QGalore, 1);
+        assert!(q.int8_weights() && q.quantized_projector() && q.lazy && q.fused);
+        assert_eq!((q.beta2, q.proj_bits, q.weight_bits), (0.95, 4, 8));
+        let g = OptimConfig::defaults(Optimizer::Galore, 2);
+        assert!(!g.fused && !g.lazy && g.eps == 1e-6 && g.proj_refresh == Refresh::Eigh);
+        assert!(!OptimConfig::defaults(Optimizer::AdamW, 1).fused);
+    }
+
+    #[test]
+    fn options_that_do_not_apply_are_reported_with_the_failed_condition() {
+        let (_, off) = OptimConfig::resolve(&obj(r#"{"name":"adamw","rank":8,"weight_bits":16,"cos_threshold":0.5}"#), 1).unwrap();
+        let got: Vec<_> = off.iter().map(|n| (n.field, n.when)).collect();
+        assert_eq!(got, [("rank", When::Projected), ("cos_threshold", When::Projected)]);
+        let (c, off) = OptimConfig::resolve(&obj(r#"{"name":"galore","proj_group_size":64,"fused":true}"#), 2).unwrap();
+        let got: Vec<_> = off.iter().map(|n| (n.field, n.when)).collect();
+        assert_eq!(got, [("proj_group_size", When::QuantizedProjector), ("fused", When::OneMicroBatch)]);
+        assert!(!c.applicable(&Map::new()).contains_key("proj_group_size"));
+    }
+
+    #[test]
+    fn the_schema_states_ranges_and_defaults_per_optimizer() {
+        let s: Value = serde_json::from_str(&schema_json()).unwrap();
+        let beta2 = s["options"].as_array().unwrap().iter().find(|o| o["name"] == "beta2").unwrap();
+        assert_eq!(beta2["default"]["qgalore"], serde_json::json!(0.95));
+        assert_eq!(beta2["range"], serde_json::json!({ "min": 0.0, "max": 1.0, "maxOpen": true }));
+        let block = s["options"].as_array().unwrap().iter().find(|o| o["name"] == "block_size").unwrap();
+        assert_eq!(block["default"], serde_json::json!({ "adam8bit": 2048, "galore8bit": 2048, "qgalore": 2048 }));
+        let device = s["run"].as_array().unwrap().iter().find(|o| o["name"] == "device").unwrap();
+        assert_eq!(device["choices"], serde_json::json!(["cpu", "cuda", "auto"]));
     }
 }

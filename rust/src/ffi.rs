@@ -160,14 +160,40 @@ pub unsafe extern "C" fn qg_last_error(h: *const Handle, buf: *mut u8, cap: usiz
     }
 }
 
-/// JSON with params, device, optimizer, steps and memory; returns its byte length.
+/// `train::Info` as JSON (params, device, optimizer, steps, memory, …); returns its byte
+/// length.
 #[no_mangle]
 pub unsafe extern "C" fn qg_info(h: *const Handle, buf: *mut u8, cap: usize) -> usize {
     let mut text = String::new();
     with_session(h, |s| {
-        text = s.info_json();
+        text = serde_json::to_string(&s.info()).map_err(|e| Error::backend(format!("info: {e}")))?;
         Ok(())
     });
+    write_text(&text, buf, cap)
+}
+
+/// The option schema (`config::schema_json`): optimizers, each optimizer option's type,
+/// range, per-optimizer default and applicability, and the run-level options; returns its
+/// byte length.
+#[no_mangle]
+pub unsafe extern "C" fn qg_options(buf: *mut u8, cap: usize) -> usize {
+    quiet_panics();
+    let text = catch_unwind(crate::config::schema_json).unwrap_or_default();
+    write_text(&text, buf, cap)
+}
+
+/// Resolves a JSON `{ "optimizer": {…}, "grad_accum": n, "device": …, "precision": … }`
+/// against the schema (`config::resolve_json`): the options that apply with every default
+/// filled and the given options that do not apply, or the error; returns the byte length of
+/// the answer.
+#[no_mangle]
+pub unsafe extern "C" fn qg_resolve_optimizer(cfg: *const u8, len: usize, buf: *mut u8, cap: usize) -> usize {
+    quiet_panics();
+    let text = catch_unwind(AssertUnwindSafe(|| {
+        let text = slice(cfg, len).ok().and_then(|b| std::str::from_utf8(b).ok()).unwrap_or("");
+        crate::config::resolve_json(text)
+    }))
+    .unwrap_or_else(|p| serde_json::json!({ "error": format!("internal engine error (panic): {}", panic_text(p)) }).to_string());
     write_text(&text, buf, cap)
 }
 

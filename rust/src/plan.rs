@@ -12,7 +12,7 @@
 //! Messages name engine-config fields (`weight_group_size = 6: …`); the front end maps the
 //! fields to its flags.
 
-use crate::config::{EngineConfig, ModelConfig, OptimConfig};
+use crate::config::{Device, EngineConfig, ModelConfig, OptimConfig, Precision};
 use crate::model::acts::{self, ActBuf};
 use crate::model::llama::{block_linears, layout, LinearQuant, Role};
 use crate::quant::adam8::{State8, MIN_8BIT_SIZE};
@@ -75,7 +75,7 @@ impl ProjGeom {
 /// INT8 projected weights (Q-GaLore, §2.1) when the config asks for them. Validation allows
 /// `weight_bits = 8` only for qgalore.
 pub fn linear_quant(o: &OptimConfig) -> Option<LinearQuant> {
-    (o.weight_bits == 8).then(|| LinearQuant { bits: 8, group: o.weight_group_size, range: o.range() })
+    o.int8_weights().then(|| LinearQuant { bits: 8, group: o.weight_group_size, range: o.quant_range })
 }
 
 /// Whether the embedding and lm_head take `Backend::alloc_half` storage (bf16 under bf16
@@ -372,7 +372,7 @@ impl Plan {
     /// `device = cuda` (as the CUDA engine resolves it). Planning never probes for a GPU, so
     /// `device = auto` with `precision = auto` is planned as the CPU runs it (fp32).
     pub fn for_config(cfg: &EngineConfig, label: &str) -> Plan {
-        let bf16 = cfg.precision == "bf16" || (cfg.precision == "auto" && cfg.device == "cuda");
+        let bf16 = cfg.precision == Precision::Bf16 || (cfg.precision == Precision::Auto && cfg.device == Device::Cuda);
         Plan::new(cfg, bf16, label)
     }
 }

@@ -2,12 +2,13 @@
 //! fixed (batch, seq). `Session` is the object-safe face the C ABI holds.
 
 use crate::backend::{Backend, Category, CATEGORIES};
-use crate::config::EngineConfig;
+use crate::config::{Device, EngineConfig, Precision};
 use crate::ensure;
 use crate::error::{Error, Result};
 use crate::model::{pass, Acts, Grads, Llama};
 use crate::optim::{self, Optimizer};
 use crate::plan::{self, Plan};
+use serde::Serialize;
 use std::time::Instant;
 
 /// Result of one optimizer step.
@@ -328,38 +329,85 @@ impl<B: Backend> Engine<B> {
         out
     }
 
-    pub fn info_json(&self) -> String {
+    /// Engine facts for the front end (`qg_info`).
+    pub fn info(&self) -> Info {
         let m = self.memory();
-        let mut extra = self.opt.report(&self.model);
-        let t = self.timing;
-        let timing = format!(
-            "\"timing\":{{\"forward_s\":{:.6},\"backward_s\":{:.6},\"optimizer_s\":{:.6}}},\"peak_device_bytes\":{}",
-            t[0], t[1], t[2], self.peak_device_bytes
-        );
-        extra = if extra.is_empty() { timing } else { format!("{extra},{timing}") };
-        if let Some(n) = &self.notice {
-            let n = serde_json::to_string(n).unwrap_or_default();
-            extra = if extra.is_empty() { format!("\"notice\":{n}") } else { format!("{extra},\"notice\":{n}") };
+        let t = self.timing.map(micro);
+        Info {
+            params: self.model.numel(),
+            device: self.be.name(),
+            device_name: self.be.device_name(),
+            precision: self.be.precision(),
+            optimizer: self.opt.name(),
+            fused: self.fused,
+            steps: self.opt.steps(),
+            memory: MemoryInfo {
+                weights: m[Category::Weights as usize],
+                grads: m[Category::Grads as usize],
+                optimizer_state: m[Category::OptimizerState as usize],
+                projector: m[Category::Projector as usize],
+                activations: m[Category::Activations as usize],
+                total: m[5],
+            },
+            refresh: self.opt.report(&self.model),
+            timing: Timing { forward_s: t[0], backward_s: t[1], optimizer_s: t[2] },
+            peak_device_bytes: self.peak_device_bytes,
+            notice: self.notice.clone(),
         }
-        format!(
-            "{{\"params\":{},\"device\":\"{}\",\"device_name\":{},\"precision\":\"{}\",\"optimizer\":\"{}\",\"fused\":{},\"steps\":{},\"memory\":{{\"weights\":{},\"grads\":{},\"optimizer_state\":{},\"projector\":{},\"activations\":{},\"total\":{}}}{}{}}}",
-            self.model.numel(),
-            self.be.name(),
-            serde_json::to_string(&self.be.device_name()).unwrap_or_default(),
-            self.be.precision(),
-            self.opt.name(),
-            self.fused,
-            self.opt.steps(),
-            m[Category::Weights as usize],
-            m[Category::Grads as usize],
-            m[Category::OptimizerState as usize],
-            m[Category::Projector as usize],
-            m[Category::Activations as usize],
-            m[5],
-            if extra.is_empty() { "" } else { "," },
-            extra
-        )
     }
+}
+
+/// Seconds rounded to microseconds, as reported.
+fn micro(s: f64) -> f64 {
+    (s * 1e6).round() / 1e6
+}
+
+/// What `qg_info` returns (mirrored by `EngineInfo` in ffi/engine.ts).
+#[derive(Clone, Debug, Serialize)]
+pub struct Info {
+    /// Trainable parameter count.
+    pub params: usize,
+    /// `cpu` or `cuda`.
+    pub device: &'static str,
+    /// The hardware in words.
+    pub device_name: String,
+    /// `fp32` or `bf16`.
+    pub precision: &'static str,
+    pub optimizer: &'static str,
+    /// Optimizer steps run inside the backward.
+    pub fused: bool,
+    /// Completed optimizer steps.
+    pub steps: u64,
+    /// Tracked bytes by category.
+    pub memory: MemoryInfo,
+    /// Projector refresh counters (GaLore family and 8-bit Adam only).
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub refresh: Option<crate::optim::Report>,
+    pub timing: Timing,
+    /// Highest device memory in use seen after a step (GPU only; 0 on the CPU).
+    pub peak_device_bytes: u64,
+    /// A one-line notice for the user (e.g. a device fallback).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub notice: Option<String>,
+}
+
+/// Tracked bytes by category.
+#[derive(Clone, Debug, Serialize)]
+pub struct MemoryInfo {
+    pub weights: u64,
+    pub grads: u64,
+    pub optimizer_state: u64,
+    pub projector: u64,
+    pub activations: u64,
+    pub total: u64,
+}
+
+/// Seconds spent per phase since the start.
+#[derive(Clone, Debug, Serialize)]
+pub struct Timing {
+    pub forward_s: f64,
+    pub backward_s: f64,
+    pub optimizer_s: f64,
 }
 
 fn fmt_nf(x: f64) -> &'static str {
@@ -375,10 +423,10 @@ pub trait Session: Send {
     fn train_step(&mut self, tokens: &[i32], micro: usize, lr: f32) -> Result<StepStats>;
     fn eval(&mut self, tokens: &[i32], batches: usize) -> Result<f64>;
     fn memory(&self) -> [u64; 6];
-    fn info_json(&self) -> String;
+    fn info(&self) -> Info;
     fn save_state(&self) -> Result<Vec<u8>>;
     fn load_state(&mut self, bytes: &[u8]) -> Result<()>;
-    /// A one-line notice for the user (e.g. a device fallback), reported in `info_json`.
+    /// A one-line notice for the user (e.g. a device fallback), reported in `info`.
     fn set_notice(&mut self, text: &str);
 }
 
@@ -392,8 +440,8 @@ impl<B: Backend> Session for Engine<B> {
     fn memory(&self) -> [u64; 6] {
         Engine::memory(self)
     }
-    fn info_json(&self) -> String {
-        Engine::info_json(self)
+    fn info(&self) -> Info {
+        Engine::info(self)
     }
     fn save_state(&self) -> Result<Vec<u8>> {
         Engine::save_state(self)
@@ -407,18 +455,18 @@ impl<B: Backend> Session for Engine<B> {
 }
 
 /// Builds a session on the configured device. `auto` takes the GPU when a usable device
-/// and its libraries are found, else the CPU (and says so in `info_json`'s `notice`).
+/// and its libraries are found, else the CPU (and says so in `info`'s `notice`).
 pub fn open(cfg: EngineConfig) -> Result<Box<dyn Session>> {
     let cpu = |cfg: EngineConfig| -> Result<Box<dyn Session>> {
-        if cfg.precision == "bf16" {
-            return Err(Error::invalid("precision = bf16 needs a GPU, and none is usable; use --precision fp32 or auto"));
+        if cfg.precision == Precision::Bf16 {
+            return Err(Error::invalid("precision = bf16 needs a GPU, and none is usable; use precision fp32 or auto"));
         }
         Ok(Box::new(Engine::new(crate::backend::cpu::Cpu::new(cfg.threads)?, cfg)?))
     };
-    match cfg.device.as_str() {
-        "cpu" => cpu(cfg),
-        "cuda" => cuda(cfg),
-        "auto" => {
+    match cfg.device {
+        Device::Cpu => cpu(cfg),
+        Device::Cuda => cuda(cfg),
+        Device::Auto => {
             #[cfg(feature = "cuda")]
             if crate::backend::cuda::probe::device_count() > 0 {
                 return cuda(cfg);
@@ -427,18 +475,17 @@ pub fn open(cfg: EngineConfig) -> Result<Box<dyn Session>> {
             s.set_notice("no usable CUDA device found; running on the CPU");
             Ok(s)
         }
-        other => Err(Error::invalid(format!("device = {other}: must be cpu, cuda or auto"))),
     }
 }
 
 #[cfg(feature = "cuda")]
 fn cuda(cfg: EngineConfig) -> Result<Box<dyn Session>> {
-    let be = crate::backend::cuda::Cuda::new(0, cfg.precision != "fp32")
-        .map_err(|e| Error::backend(format!("--device cuda: {}; use --device cpu or auto", e.msg)))?;
+    let be = crate::backend::cuda::Cuda::new(0, cfg.precision != Precision::Fp32)
+        .map_err(|e| Error::backend(format!("device cuda: {}; use device cpu or auto", e.msg)))?;
     Ok(Box::new(Engine::new(be, cfg)?))
 }
 
 #[cfg(not(feature = "cuda"))]
 fn cuda(_: EngineConfig) -> Result<Box<dyn Session>> {
-    Err(Error::backend("--device cuda: this build has no CUDA support (feature `cuda`); use --device cpu or auto"))
+    Err(Error::backend("device cuda: this build has no CUDA support (feature `cuda`); use device cpu or auto"))
 }

@@ -16,7 +16,7 @@ fn llama9m() -> ModelConfig {
 /// Builds the engine, checks the plan before and after two updates.
 fn compare(cfg: EngineConfig) {
     let label = format!(
-        "{} fused {} ga {} ckpt {} rank {} bits w{}/p{} groups {}/{} block {}",
+        "{:?} fused {} ga {} ckpt {} rank {} bits w{}/p{} groups {}/{} block {}",
         cfg.optimizer.name,
         cfg.optimizer.fused,
         cfg.grad_accum,

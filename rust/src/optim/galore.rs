@@ -8,7 +8,8 @@
 
 use super::Optimizer;
 use crate::backend::{AdamHp, Backend, Category};
-use crate::config::OptimConfig;
+use crate::config::{CosMode, Named, OptimConfig};
+use crate::optim::{Gaps, Report};
 use crate::error::Result;
 use crate::model::{Llama, Param, Role, Weight};
 use crate::plan::{eight_bit_state, ProjGeom};
@@ -63,15 +64,6 @@ pub struct Family<B: Backend> {
     pub stats: Stats,
 }
 
-fn name_of(cfg: &OptimConfig) -> &'static str {
-    match cfg.name.as_str() {
-        "adam8bit" => "adam8bit",
-        "galore" => "galore",
-        "galore8bit" => "galore8bit",
-        _ => "qgalore",
-    }
-}
-
 impl<B: Backend> Family<B> {
     pub fn new(be: &B, model: &Llama<B>, cfg: &OptimConfig, seed: u64) -> Result<Self> {
         let mut states = Vec::with_capacity(model.params.len());
@@ -81,7 +73,7 @@ impl<B: Backend> Family<B> {
             // checked the projector group size against them (`plan::fit`)
             let geo = (cfg.projected() && p.role == Role::Linear).then(|| ProjGeom::new(p.rows, p.cols, cfg.rank));
             let proj = geo.map(|geo| {
-                let lazy = Lazy::new(cfg.update_gap, cfg.lazy, cfg.cos_threshold, cfg.queue_size, cfg.gamma, cfg.cos_mode == "abs");
+                let lazy = Lazy::new(cfg.update_gap, cfg.lazy, cfg.cos_threshold, cfg.queue_size, cfg.gamma, cfg.cos_mode == CosMode::Abs);
                 big_proj = big_proj.max(geo.numel);
                 big_low = big_low.max(geo.low);
                 Proj { right: geo.right, rank: geo.rank, numel: geo.numel, store: None, lazy, svd_count: 0 }
@@ -101,7 +93,7 @@ impl<B: Backend> Family<B> {
         let buf = |n: usize, c| if n > 0 { be.alloc(n, c).map(Some) } else { Ok(None) };
         Ok(Family {
             cfg: cfg.clone(),
-            name: name_of(cfg),
+            name: cfg.name.name(),
             seed,
             step: 0,
             states,
@@ -154,7 +146,7 @@ impl<B: Backend> Family<B> {
     fn refresh(&mut self, be: &B, idx: usize, p: &Param<B>, g: &B::Buf) -> bool {
         let t0 = Instant::now();
         let (rows, cols) = (p.rows, p.cols);
-        let method = self.cfg.refresh();
+        let method = self.cfg.proj_refresh;
         let key = rng::stream_key(self.seed, idx as u64, self.step);
         let st = self.states[idx].proj.as_mut().expect("projected parameter");
         let (pf, pnew) = (self.pf.as_mut().unwrap(), self.pnew.as_mut().unwrap());
@@ -198,7 +190,7 @@ impl<B: Backend> Family<B> {
                     st.store = Some(Weight::F(b));
                 }
                 Ok(Weight::Q(mut q)) => {
-                    be.q_quantize(&mut q, pnew, self.cfg.range());
+                    be.q_quantize(&mut q, pnew, self.cfg.quant_range);
                     st.store = Some(Weight::Q(q));
                 }
                 Err(_) => self.stats.refresh_failures += 1,
@@ -283,28 +275,22 @@ impl<B: Backend> Family<B> {
             }
             Weight::Q(q) => {
                 let sr = self.cfg.stochastic_round.then(|| rng::stream_key(self.seed, idx as u64, self.step));
-                be.q_update(q, g, decay, self.cfg.range(), sr);
+                be.q_update(q, g, decay, self.cfg.quant_range, sr);
             }
         }
         Ok(())
     }
 
     /// JSON fragment with refresh statistics and every projected matrix's final gap.
-    pub fn report(&self, model: &Llama<B>) -> String {
-        let gaps: Vec<String> = self
-            .states
-            .iter()
-            .zip(&model.params)
-            .filter_map(|(s, p)| s.proj.as_ref().map(|pr| format!("\"{}\":{}", p.name, pr.lazy.gap)))
-            .collect();
-        format!(
-            "\"svd_count\":{},\"refresh_failures\":{},\"nonfinite_grads\":{},\"refresh_seconds\":{:.6},\"gaps\":{{{}}}",
-            self.stats.svd_count,
-            self.stats.refresh_failures,
-            self.stats.nonfinite_grads,
-            self.stats.refresh_seconds,
-            gaps.join(",")
-        )
+    pub fn report(&self, model: &Llama<B>) -> Report {
+        let gaps = self.states.iter().zip(&model.params).filter_map(|(s, p)| s.proj.as_ref().map(|pr| (p.name.clone(), pr.lazy.gap))).collect();
+        Report {
+            svd_count: self.stats.svd_count,
+            refresh_failures: self.stats.refresh_failures,
+            nonfinite_grads: self.stats.nonfinite_grads,
+            refresh_seconds: (self.stats.refresh_seconds * 1e6).round() / 1e6,
+            gaps: Gaps(gaps),
+        }
     }
 }
 
@@ -435,7 +421,7 @@ impl<B: Backend> Optimizer<B> for Family<B> {
     fn as_any(&self) -> &dyn std::any::Any {
         self
     }
-    fn report(&self, model: &Llama<B>) -> String {
-        Family::report(self, model)
+    fn report(&self, model: &Llama<B>) -> Option<Report> {
+        Some(Family::report(self, model))
     }
 }

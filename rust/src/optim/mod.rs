@@ -9,6 +9,28 @@ use crate::backend::Backend;
 use crate::error::Result;
 use crate::model::{Llama, Param};
 
+/// Refresh counters of the GaLore family (part of the engine's info).
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Report {
+    pub svd_count: u64,
+    pub refresh_failures: u64,
+    pub nonfinite_grads: u64,
+    /// Seconds spent refreshing projectors, rounded to microseconds.
+    pub refresh_seconds: f64,
+    /// Current refresh gap of each projected matrix, by parameter name in model order.
+    pub gaps: Gaps,
+}
+
+/// Name → gap pairs that serialize as a JSON object in their order.
+#[derive(Clone, Debug, Default)]
+pub struct Gaps(pub Vec<(String, u64)>);
+
+impl serde::Serialize for Gaps {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.collect_map(self.0.iter().map(|(k, v)| (k, v)))
+    }
+}
+
 pub trait Optimizer<B: Backend>: Send {
     fn name(&self) -> &'static str;
     /// Called once per optimizer step, before any `update`: advances the step counter.
@@ -39,19 +61,17 @@ pub trait Optimizer<B: Backend>: Send {
     fn load(&mut self, be: &B, r: &mut crate::state::Reader) -> Result<()>;
     /// Downcasting, for tests and reports that need the concrete optimizer.
     fn as_any(&self) -> &dyn std::any::Any;
-    /// Extra JSON fields for the run summary (without braces).
-    fn report(&self, _model: &Llama<B>) -> String {
-        String::new()
+    /// Projector refresh counters for the run summary (the GaLore family and 8-bit Adam).
+    fn report(&self, _model: &Llama<B>) -> Option<Report> {
+        None
     }
 }
 
 /// Builds the optimizer named in the config.
 pub fn build<B: Backend>(be: &B, model: &Llama<B>, cfg: &crate::config::OptimConfig, seed: u64) -> Result<Box<dyn Optimizer<B>>> {
-    match cfg.name.as_str() {
-        "adamw" => Ok(Box::new(adamw::AdamW::new(be, model, cfg)?)),
-        "adam8bit" | "galore" | "galore8bit" | "qgalore" => Ok(Box::new(galore::Family::new(be, model, cfg, seed)?)),
-        other => Err(crate::error::Error::invalid(format!(
-            "optimizer = {other}: must be one of adamw, adam8bit, galore, galore8bit, qgalore"
-        ))),
+    use crate::config::Optimizer as O;
+    match cfg.name {
+        O::AdamW => Ok(Box::new(adamw::AdamW::new(be, model, cfg)?)),
+        O::Adam8bit | O::Galore | O::Galore8bit | O::QGalore => Ok(Box::new(galore::Family::new(be, model, cfg, seed)?)),
     }
 }

@@ -1,7 +1,7 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
-use qgalore::config::{EngineConfig, ModelConfig, OptimConfig};
+use qgalore::config::{Device, EngineConfig, ModelConfig, OptimConfig, Precision};
 
 pub fn tiny_model(vocab: usize, hidden: usize, inter: usize, heads: usize, kv: usize, layers: usize) -> ModelConfig {
     ModelConfig {
@@ -22,13 +22,17 @@ pub fn adamw(clip: f32) -> OptimConfig {
     optim("adamw", clip)
 }
 
-/// An optimizer config with the engine's defaults (as JSON would give them).
+/// An optimizer config with the engine's defaults (as JSON would give them), except the
+/// settings these tests were written against: β2 0.999, ε 1e-8, float weights and bf16
+/// projectors, no lazy refresh, global (not fused) steps.
 pub fn optim(name: &str, clip: f32) -> OptimConfig {
-    serde_json::from_str(&format!("{{\"name\":\"{name}\",\"clip\":{clip}}}")).unwrap()
+    let mut o: OptimConfig = serde_json::from_str(&format!("{{\"name\":\"{name}\",\"clip\":{clip}}}")).unwrap();
+    (o.beta2, o.eps, o.weight_bits, o.proj_bits, o.lazy, o.fused) = (0.999, 1e-8, 16, 16, false, false);
+    o
 }
 
 pub fn engine_cfg(model: ModelConfig, b: usize, t: usize, seed: u64) -> EngineConfig {
-    EngineConfig { model, batch_size: b, seq_len: t, optimizer: adamw(0.0), seed, device: "cpu".into(), threads: 2, grad_accum: 1, precision: "auto".into(), checkpointing: false }
+    EngineConfig { model, batch_size: b, seq_len: t, optimizer: adamw(0.0), seed, device: Device::Cpu, threads: 2, grad_accum: 1, precision: Precision::Auto, checkpointing: false }
 }
 
 /// Deterministic pseudo-random token windows: `rows` × (t + 1) ids below `vocab`.
