@@ -138,5 +138,5 @@ if (import.meta.main && Deno.args.includes("--write")) {
     console.log(c.name, out[c.name].val_losses.at(-1));
   }
   all[machineKey()] = out;
-  Deno.writeTextFileSync(PINNED_FIXTURE, JSON.stringify(all, null, 1) + "\n");
+  Deno.writeTextFileSync(PINNED_FIXTURE, JSON.stringify(all, null, 2) + "\n");
 }
