@@ -106,7 +106,7 @@ fn layer_ops<B: Backend>(be: &B) -> Vec<(&'static str, Vec<f32>)> {
     out.push(("rmsnorm_bwd dw", get(&dnw)));
     // RoPE both ways on (b, t, heads, hd)
     let (b, t, h, kvh, hd) = (2, 16, 4, 2, 8);
-    let table = f32buf(&qgalore::backend::cpu::ops::rope_table(t, hd, 10000.0));
+    let table = f32buf(&qgalore::host::rope::rope_table(t, hd, 10000.0));
     let mut r = buf(&values(b * t * h * hd, 11), act);
     be.rope(&mut r, &table, b, t, h, hd, false);
     out.push(("rope", get(&r)));
@@ -267,7 +267,7 @@ fn refresh_methods_agree_on_the_parity_matrix() {
         let (pn, side) = if right { (r * n, n) } else { (m * r, m) };
         let mut p = [vec![0.0f32; pn], vec![0.0f32; pn], vec![0.0f32; pn]];
         for (i, method) in [Refresh::Svd, Refresh::Eigh, Refresh::Randomized].into_iter().enumerate() {
-            qgalore::backend::cpu::linalg::top_subspace(&gm, m, n, r, right, method, None, 7, &mut p[i], 1).unwrap();
+            qgalore::host::linalg::top_subspace(&gm, m, n, r, right, method, None, 7, &mut p[i], 1).unwrap();
         }
         for i in 1..3 {
             let o = overlap(&p[0], &p[i], side, r, right);
@@ -275,7 +275,7 @@ fn refresh_methods_agree_on_the_parity_matrix() {
         }
         // the top subspace of an unrelated matrix scores near r/side, far below 1
         let mut q = vec![0.0f32; pn];
-        qgalore::backend::cpu::linalg::top_subspace(&values(m * n, 40), m, n, r, right, Refresh::Svd, None, 7, &mut q, 1).unwrap();
+        qgalore::host::linalg::top_subspace(&values(m * n, 40), m, n, r, right, Refresh::Svd, None, 7, &mut q, 1).unwrap();
         let other = overlap(&p[0], &q, side, r, right);
         assert!(other < 0.4, "overlap with an unrelated subspace {other}");
     }
@@ -299,7 +299,7 @@ fn gpu_parity_projector_refresh_same_subspace() {
         for right in [true, false] {
             let (pn, side) = if right { (r * n, n) } else { (m * r, m) };
             let mut cpu_p = vec![0.0f32; pn];
-            qgalore::backend::cpu::linalg::top_subspace(&gm, m, n, r, right, method, None, 7, &mut cpu_p, 1).unwrap();
+            qgalore::host::linalg::top_subspace(&gm, m, n, r, right, method, None, 7, &mut cpu_p, 1).unwrap();
             let mut gp = g.alloc(pn, Category::Projector).unwrap();
             g.top_subspace(&gg, m, n, r, right, method, None, 7, &mut gp).unwrap();
             let gpu_p = down(&g, &gp, pn);
@@ -313,7 +313,7 @@ fn gpu_parity_projector_refresh_same_subspace() {
                 let mut gp2 = g.alloc(pn, Category::Projector).unwrap();
                 g.top_subspace(&gg, m, n, r, right, method, Some(&gp), 7, &mut gp2).unwrap();
                 let mut cpu_p2 = vec![0.0f32; pn];
-                qgalore::backend::cpu::linalg::top_subspace(&gm, m, n, r, right, method, Some(&cpu_p), 7, &mut cpu_p2, 1).unwrap();
+                qgalore::host::linalg::top_subspace(&gm, m, n, r, right, method, Some(&cpu_p), 7, &mut cpu_p2, 1).unwrap();
                 let o2 = overlap(&cpu_p2, &down(&g, &gp2, pn), side, r, right);
                 assert!(o2 > 1.0 - 1e-3, "warm randomized right={right}: subspace overlap {o2}");
             }

@@ -2,7 +2,8 @@
 
 mod common;
 use common::*;
-use qgalore::backend::cpu::{linalg::top_subspace, matmul, ops, Cpu};
+use qgalore::backend::cpu::{ops, Cpu};
+use qgalore::host::{linalg::top_subspace, matmul};
 use qgalore::backend::{AdamHp, Refresh};
 use qgalore::config::EngineConfig;
 use qgalore::model::{Role, Weight};

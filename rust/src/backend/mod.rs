@@ -11,8 +11,9 @@ pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 
+pub use crate::adam::AdamHp;
+pub use crate::host::linalg::Refresh;
 use crate::error::Result;
-use crate::quant::adam8::BnbHp;
 use crate::quant::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -112,54 +113,6 @@ pub struct AttnDims {
     pub h: usize,
     pub kvh: usize,
     pub hd: usize,
-}
-
-/// Hyper-parameters of one AdamW update of one tensor (torch.optim.AdamW semantics).
-#[derive(Clone, Copy, Debug)]
-pub struct AdamHp {
-    pub lr: f32,
-    pub beta1: f32,
-    pub beta2: f32,
-    pub eps: f32,
-    pub weight_decay: f32,
-    /// 1-based count of updates of this tensor, for bias correction.
-    pub step: u64,
-}
-
-/// How a projector refresh finds the top-r singular subspace of a gradient.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Refresh {
-    /// Full thin SVD (the reference's `torch.linalg.svd(full_matrices=False)`).
-    Svd,
-    /// Gram matrix (GᵀG or GGᵀ) plus a symmetric eigensolver: exact, 6–8× cheaper.
-    Eigh,
-    /// Randomized subspace iteration warm-started from the previous projector, finished
-    /// with Rayleigh–Ritz so the basis is sorted like singular vectors.
-    Randomized,
-}
-
-impl AdamHp {
-    /// torch.optim.AdamW's factors: (η/(1−β1^t), 1/√(1−β2^t), 1 − η·λ).
-    pub fn torch_factors(&self) -> (f32, f32, f32) {
-        let t = self.step as i32;
-        let bc1 = 1.0 - (self.beta1 as f64).powi(t);
-        let bc2 = 1.0 - (self.beta2 as f64).powi(t);
-        ((self.lr as f64 / bc1) as f32, (1.0 / bc2.sqrt()) as f32, 1.0 - self.lr * self.weight_decay)
-    }
-
-    /// bitsandbytes' (step_size, ε·√(1−β2^t)): p += step_size · m / (√v + ε·√(1−β2^t)).
-    pub fn bnb_factors(&self) -> (f32, f32) {
-        let t = self.step as i32;
-        let c1 = 1.0 - (self.beta1 as f64).powi(t);
-        let c2 = (1.0 - (self.beta2 as f64).powi(t)).sqrt();
-        ((-(self.lr as f64) * c2 / c1) as f32, (self.eps as f64 * c2) as f32)
-    }
-
-    /// GaLore-AdamW's folded step size ŝ = η·√(1−β2^t)/(1−β1^t) (algorithm-spec §1.3).
-    pub fn galore_step(&self) -> f32 {
-        let t = self.step as i32;
-        (self.lr as f64 * (1.0 - (self.beta2 as f64).powi(t)).sqrt() / (1.0 - (self.beta1 as f64).powi(t))) as f32
-    }
 }
 
 /// Operations every backend provides. All buffers hold `len` logical f32 values.
@@ -281,10 +234,10 @@ pub trait Backend: Send + Sync + 'static {
     fn a8_new(&self, n: usize, block: usize, cat: Category) -> Result<Self::A8>;
     /// bnb 8-bit block-wise Adam on `p`; non-finite gradient elements are skipped and
     /// counted (see `take_nonfinite`).
-    fn a8_step(&self, p: &mut Self::Buf, g: &Self::Buf, st: &mut Self::A8, hp: BnbHp);
+    fn a8_step(&self, p: &mut Self::Buf, g: &Self::Buf, st: &mut Self::A8, hp: AdamHp);
     /// `a8_step` on elements [off, off + len) of `p` and `st` with the gradient in
     /// g[..len]; `off` is a multiple of the state's block size.
-    fn a8_step_range(&self, p: &mut Self::Buf, g: &Self::Buf, st: &mut Self::A8, off: usize, len: usize, hp: BnbHp);
+    fn a8_step_range(&self, p: &mut Self::Buf, g: &Self::Buf, st: &mut Self::A8, off: usize, len: usize, hp: AdamHp);
     /// Rows r0 .. r0 + rows of `matmul_dw`: dw[r, :] = Σ_i dout[i, r0 + r] · inp[i, :]
     /// (a row chunk of a weight gradient, overwritten).
     #[allow(clippy::too_many_arguments)]
@@ -294,7 +247,7 @@ pub trait Backend: Send + Sync + 'static {
     #[allow(clippy::too_many_arguments)]
     fn embedding_bwd_rows(&self, dchunk: &mut Self::Buf, dout: &Self::Buf, tokens: &[i32], c: usize, r0: usize, rows: usize);
     /// bnb 32-bit Adam (same formula, fp32 moments).
-    fn bnb32_step(&self, p: &mut Self::Buf, g: &Self::Buf, m: &mut Self::Buf, v: &mut Self::Buf, hp: BnbHp);
+    fn bnb32_step(&self, p: &mut Self::Buf, g: &Self::Buf, m: &mut Self::Buf, v: &mut Self::Buf, hp: AdamHp);
     /// GaLore-AdamW (algorithm-spec §1.3), in place: `buf` holds the gradient (m.len()
     /// values) and receives the update u = −ŝ·M/(√V + ε), ŝ = η·√(1−β2^t)/(1−β1^t),
     /// with ε added to the uncorrected √V.

@@ -2,8 +2,6 @@
 //! It is the bit-faithful reference that every GPU kernel is tested against.
 
 pub mod attention;
-pub mod linalg;
-pub mod matmul;
 pub mod ops;
 
 /// A raw pointer that parallel tasks may share: each task writes a disjoint region.
@@ -19,6 +17,7 @@ impl SendPtr {
 }
 
 use super::{AdamHp, AttnDims, Backend, Category, MemTracker, Refresh, Runner, Tracked};
+use crate::host::{linalg, matmul};
 use crate::quant::adam8::{self, BnbHp, State8};
 use crate::quant::{QTensor, Range};
 use crate::error::{Error, Result};

@@ -85,7 +85,7 @@ impl Cuda {
                 None => None,
             };
             let mut ho = vec![0.0f32; pn];
-            crate::backend::cpu::linalg::top_subspace(&hg, rows, cols, rank, right, method, hp.as_deref(), seed, &mut ho, 0)?;
+            crate::host::linalg::top_subspace(&hg, rows, cols, rank, right, method, hp.as_deref(), seed, &mut ho, 0)?;
             return self.upload(out, &ho);
         }
         let mut ws = self.ws.lock().unwrap_or_else(|e| e.into_inner());
