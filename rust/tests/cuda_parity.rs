@@ -6,7 +6,7 @@ mod common;
 use common::*;
 use qgalore::backend::cpu::Cpu;
 use qgalore::backend::cuda::{probe, Cuda};
-use qgalore::backend::{AdamHp, AttnDims, Backend, Category, Refresh};
+use qgalore::backend::{AdamHp, AttnDims, Backend, Category, Linalg, Memory, Optimizers, Quantization, Refresh};
 use qgalore::quant::Range;
 use qgalore::train::Engine;
 
@@ -28,19 +28,19 @@ fn tol(bf16: bool) -> f32 {
     }
 }
 
-fn up(g: &Cuda, v: &[f32]) -> <Cuda as Backend>::Buf {
+fn up(g: &Cuda, v: &[f32]) -> <Cuda as Memory>::Buf {
     let mut b = g.alloc(v.len(), Category::Activations).unwrap();
     g.upload(&mut b, v).unwrap();
     b
 }
 
-fn cb(cpu: &Cpu, v: &[f32]) -> <Cpu as Backend>::Buf {
+fn cb(cpu: &Cpu, v: &[f32]) -> <Cpu as Memory>::Buf {
     let mut b = cpu.alloc(v.len(), Category::Activations).unwrap();
     cpu.upload(&mut b, v).unwrap();
     b
 }
 
-fn down(g: &Cuda, b: &<Cuda as Backend>::Buf, n: usize) -> Vec<f32> {
+fn down(g: &Cuda, b: &<Cuda as Memory>::Buf, n: usize) -> Vec<f32> {
     let mut h = vec![0.0; n];
     g.download(b, &mut h).unwrap();
     h
@@ -198,9 +198,9 @@ fn gpu_parity_quantized_update_and_8bit_adam_bit_identical() {
         cpu.q_quantize(&mut cq, &cw, Range::WithZero);
         g.q_quantize(&mut gq, &gw, Range::WithZero);
         let mut buf = qgalore::state::Writer::new();
-        g.save_q(&gq, &mut buf);
+        buf.q(&g, &gq).unwrap();
         let mut cbuf = qgalore::state::Writer::new();
-        cpu.save_q(&cq, &mut cbuf);
+        cbuf.q(&cpu, &cq).unwrap();
         assert!(buf.buf == cbuf.buf, "{bits}-bit group {group}: quantization codes differ");
         if bits == 8 {
             let (cd, gd) = (cb(&cpu, &delta), up(&g, &delta));
@@ -208,8 +208,8 @@ fn gpu_parity_quantized_update_and_8bit_adam_bit_identical() {
             cpu.q_update(&mut cq, &cd, 0.999, Range::WithZero, Some(key));
             g.q_update(&mut gq, &gd, 0.999, Range::WithZero, Some(key));
             let (mut a, mut b) = (qgalore::state::Writer::new(), qgalore::state::Writer::new());
-            g.save_q(&gq, &mut a);
-            cpu.save_q(&cq, &mut b);
+            a.q(&g, &gq).unwrap();
+            b.q(&cpu, &cq).unwrap();
             assert!(a.buf == b.buf, "group {group}: INT8 stochastic-rounding update differs");
         }
     }
@@ -226,8 +226,8 @@ fn gpu_parity_quantized_update_and_8bit_adam_bit_identical() {
     }
     assert_eq!(down(&g, &gp, m), cp.data, "8-bit Adam weights differ");
     let (mut a, mut b) = (qgalore::state::Writer::new(), qgalore::state::Writer::new());
-    g.save_a8(&gs, &mut a);
-    cpu.save_a8(&cs, &mut b);
+    a.a8(&g, &gs).unwrap();
+    b.a8(&cpu, &cs).unwrap();
     assert!(a.buf == b.buf, "8-bit Adam states differ");
 }
 

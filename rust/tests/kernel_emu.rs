@@ -19,7 +19,7 @@
 use qgalore::backend::cpu::{attention, ops, Cpu};
 use qgalore::host::{linalg, matmul, rope};
 use qgalore::backend::cuda::kernels::{self, Module, MODULES, PRELUDE};
-use qgalore::backend::{AdamHp, AttnDims, Backend, Category, Refresh};
+use qgalore::backend::{AdamHp, AttnDims, Category, Memory, Optimizers, Refresh};
 use qgalore::quant::adam8::{self, State8};
 use qgalore::quant::{bf16_to_f32, f32_to_bf16, QTensor, Range};
 use qgalore::rng;
@@ -831,7 +831,7 @@ fn cpu() -> Cpu {
     Cpu::new(2).unwrap()
 }
 
-fn cbuf(be: &Cpu, v: &[f32]) -> <Cpu as Backend>::Buf {
+fn cbuf(be: &Cpu, v: &[f32]) -> <Cpu as Memory>::Buf {
     let mut b = be.alloc(v.len(), Category::Activations).unwrap();
     be.upload(&mut b, v).unwrap();
     b

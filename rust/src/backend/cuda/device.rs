@@ -19,11 +19,10 @@ use super::kernels::{self, MODULES};
 use super::launch::{self, Launch, DW_CHUNK, PARTS, THREADS};
 use super::plan::{self, Gemm};
 use super::probe;
-use crate::backend::{AdamHp, AttnDims, Backend, Category, MemTracker, Refresh, Runner, Tracked};
+use crate::backend::{AdamHp, AttnDims, Category, Layers, Linalg, MemTracker, Memory, Optimizers, Quantization, Refresh, Runner, Tracked};
 use crate::error::{Error, Result};
-use crate::quant::adam8::{self, BnbHp};
-use crate::quant::{bf16_to_f32, f32_to_bf16, Range};
-use crate::state::{Reader, Writer};
+use crate::quant::adam8::{self, BnbHp, State8};
+use crate::quant::{bf16_to_f32, f32_to_bf16, QTensor, Range};
 use cudarc::cublas::{result as blas_r, sys as blas_sys, CudaBlas};
 use cudarc::cusolver::DnHandle;
 use cudarc::driver::{
@@ -31,6 +30,7 @@ use cudarc::driver::{
     SyncOnDrop,
 };
 use cudarc::nvrtc::Ptx;
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
@@ -517,23 +517,14 @@ impl Cuda {
     }
 }
 
-impl Backend for Cuda {
+impl Memory for Cuda {
     type Buf = CudaBuf;
-    type Q = CudaQ;
-    type A8 = CudaA8;
 
     fn name(&self) -> &'static str {
         "cuda"
     }
     fn device_name(&self) -> String {
         self.name_of_device.clone()
-    }
-    fn precision(&self) -> &'static str {
-        if self.bf16 {
-            "bf16"
-        } else {
-            "fp32"
-        }
     }
     fn mem(&self) -> &MemTracker {
         &self.mem
@@ -544,6 +535,18 @@ impl Backend for Cuda {
     fn sync(&self) -> Result<()> {
         self.stream.synchronize().map_err(|e| dev_err("synchronize", e))?;
         self.take_sticky()
+    }
+
+    fn device_bytes_in_use(&self) -> Option<u64> {
+        let _ = self.stream.synchronize();
+        cudarc::driver::result::mem_get_info().ok().map(|(free, total)| (total - free) as u64)
+    }
+    fn precision(&self) -> &'static str {
+        if self.bf16 {
+            "bf16"
+        } else {
+            "fp32"
+        }
     }
 
     fn alloc(&self, n: usize, cat: Category) -> Result<CudaBuf> {
@@ -609,6 +612,12 @@ impl Backend for Cuda {
     fn add(&self, dst: &mut CudaBuf, src: &CudaBuf) {
         self.axpy(dst, 1.0, src);
     }
+    fn axpy(&self, dst: &mut CudaBuf, alpha: f32, src: &CudaBuf) {
+        let n = dst.data.len().min(src.data.len()) as u64;
+        let mut l = self.stream.launch_builder(self.f("axpy"));
+        l.arg(dst.data.f32_mut()).arg(&alpha).arg(src.data.f32()).arg(&n);
+        self.note("axpy", unsafe { l.launch(grid(n as usize)) });
+    }
     fn scale(&self, b: &mut CudaBuf, s: f32) {
         let n = b.data.len() as u64;
         let mut l = self.stream.launch_builder(self.f("scale"));
@@ -638,6 +647,9 @@ impl Backend for Cuda {
         self.note("memset", r);
         h[0]
     }
+}
+
+impl Layers for Cuda {
 
     fn matmul(&self, out: &mut CudaBuf, inp: &CudaBuf, w: &CudaBuf, n: usize, ic: usize, oc: usize, acc: bool) {
         self.gemm(&plan::matmul(n, ic, oc, acc), &inp.data, &w.data, &mut out.data);
@@ -775,6 +787,11 @@ impl Backend for Cuda {
         self.stream.memcpy_dtoh(&dl.slice(..n), &mut losses[..n]).map_err(|e| dev_err("copy", e))?;
         self.take_sticky()
     }
+}
+
+impl Optimizers for Cuda {
+    type A8 = CudaA8;
+
     fn adamw(&self, p: &mut CudaBuf, g: &CudaBuf, m: &mut CudaBuf, v: &mut CudaBuf, hp: AdamHp) {
         let (step, rbc2, decay) = hp.torch_factors();
         let n = m.data.len() as u64;
@@ -782,6 +799,82 @@ impl Backend for Cuda {
         l.arg(p.data.f32_mut()).arg(g.data.f32()).arg(m.data.f32_mut()).arg(v.data.f32_mut());
         l.arg(&step).arg(&rbc2).arg(&decay).arg(&hp.beta1).arg(&hp.beta2).arg(&hp.eps).arg(&n);
         self.note("adamw", unsafe { l.launch(grid(n as usize)) });
+    }
+    fn galore_adam(&self, buf: &mut CudaBuf, m: &mut CudaBuf, v: &mut CudaBuf, hp: AdamHp) {
+        let s = hp.galore_step();
+        let n = m.data.len() as u64;
+        let mut l = self.stream.launch_builder(self.f("galore_adam"));
+        l.arg(buf.data.f32_mut()).arg(m.data.f32_mut()).arg(v.data.f32_mut()).arg(&s).arg(&hp.beta1).arg(&hp.beta2).arg(&hp.eps).arg(&n);
+        self.note("galore_adam", unsafe { l.launch(grid(n as usize)) });
+    }
+    fn bnb32_step(&self, p: &mut CudaBuf, g: &CudaBuf, m: &mut CudaBuf, v: &mut CudaBuf, hp: BnbHp) {
+        let (step_size, eps2) = hp.bnb_factors();
+        let decay = 1.0 - hp.lr * hp.weight_decay;
+        let mut sc = self.scratch();
+        let n = m.data.len() as u64;
+        let name = if p.data.is_bf16() { "bnb32_w16" } else { "bnb32" };
+        let mut l = self.stream.launch_builder(self.f(name));
+        l.arg(&mut p.data).arg(g.data.f32()).arg(m.data.f32_mut()).arg(v.data.f32_mut()).arg(&step_size).arg(&eps2);
+        l.arg(&hp.beta1).arg(&hp.beta2).arg(&hp.weight_decay).arg(&decay).arg(&mut sc.count).arg(&n);
+        self.note("bnb32", unsafe { l.launch(grid(n as usize)) });
+    }
+
+    fn a8_new(&self, n: usize, block: usize, cat: Category) -> Result<CudaA8> {
+        let host = crate::quant::adam8::State8::new(n, block);
+        let st = CudaA8 {
+            block,
+            n,
+            m: self.stream.clone_htod(&host.m).map_err(|e| dev_err("alloc", e))?,
+            v: self.stream.clone_htod(&host.v).map_err(|e| dev_err("alloc", e))?,
+            absm: self.stream.clone_htod(&host.absmax_m).map_err(|e| dev_err("alloc", e))?,
+            absv: self.stream.clone_htod(&host.absmax_v).map_err(|e| dev_err("alloc", e))?,
+            _t: Tracked::new((), host.bytes(), cat, &self.mem),
+        };
+        Ok(st)
+    }
+    fn a8_step(&self, p: &mut CudaBuf, g: &CudaBuf, st: &mut CudaA8, hp: BnbHp) {
+        let n = st.n;
+        self.a8_step_range(p, g, st, 0, n, hp);
+    }
+    fn a8_step_range(&self, p: &mut CudaBuf, g: &CudaBuf, st: &mut CudaA8, off: usize, len: usize, hp: BnbHp) {
+        let (step_size, eps2) = hp.bnb_factors();
+        let decay = 1.0 - hp.lr * hp.weight_decay;
+        let bs = st.block;
+        if off % bs != 0 || off + len > st.n {
+            return self.note("adam8", Err::<(), _>(format!("range {off}+{len} is not block-aligned")));
+        }
+        let mut sc = self.scratch();
+        let (bsi, n) = (bs as i32, len as u64);
+        let name = if p.data.is_bf16() { "adam8_w16" } else { "adam8" };
+        let (pp, _gp) = p.data.ptr_mut(&self.stream, off);
+        let (mut cm, mut cv) = (st.m.slice_mut(off..off + len), st.v.slice_mut(off..off + len));
+        let blocks = (off / bs)..(off + len).div_ceil(bs);
+        let (mut am, mut av) = (st.absm.slice_mut(blocks.clone()), st.absv.slice_mut(blocks));
+        let mut l = self.stream.launch_builder(self.f(name));
+        l.arg(&pp).arg(g.data.f32()).arg(&mut cm).arg(&mut cv).arg(&mut am).arg(&mut av);
+        l.arg(&self.maps.0).arg(&self.maps.1).arg(&step_size).arg(&eps2).arg(&hp.beta1).arg(&hp.beta2);
+        l.arg(&hp.weight_decay).arg(&decay).arg(&bsi).arg(&mut sc.count).arg(&n);
+        let cfg = launch::adam8(len, bs).into();
+        self.note("adam8", unsafe { l.launch(cfg) });
+    }
+    fn a8_to_host<'a>(&self, s: &'a CudaA8) -> Result<Cow<'a, State8>> {
+        let mut h = State8::new(s.n, s.block);
+        let c = |e| dev_err("copy", e);
+        self.stream.memcpy_dtoh(&s.m, &mut h.m[..]).map_err(c)?;
+        self.stream.memcpy_dtoh(&s.v, &mut h.v[..]).map_err(c)?;
+        self.stream.memcpy_dtoh(&s.absm, &mut h.absmax_m[..]).map_err(c)?;
+        self.stream.memcpy_dtoh(&s.absv, &mut h.absmax_v[..]).map_err(c)?;
+        Ok(Cow::Owned(h))
+    }
+    fn a8_from_host(&self, s: &mut CudaA8, fill: impl FnOnce(&mut State8) -> Result<()>) -> Result<()> {
+        let mut h = State8::new(s.n, s.block);
+        fill(&mut h)?;
+        let c = |e| dev_err("copy", e);
+        self.stream.memcpy_htod(&h.m, &mut s.m).map_err(c)?;
+        self.stream.memcpy_htod(&h.v, &mut s.v).map_err(c)?;
+        self.stream.memcpy_htod(&h.absmax_m, &mut s.absm).map_err(c)?;
+        self.stream.memcpy_htod(&h.absmax_v, &mut s.absv).map_err(c)?;
+        Ok(())
     }
 
     fn sanitize(&self, b: &mut CudaBuf, n: usize) {
@@ -798,12 +891,11 @@ impl Backend for Cuda {
         self.note("memset", r);
         k
     }
-    fn axpy(&self, dst: &mut CudaBuf, alpha: f32, src: &CudaBuf) {
-        let n = dst.data.len().min(src.data.len()) as u64;
-        let mut l = self.stream.launch_builder(self.f("axpy"));
-        l.arg(dst.data.f32_mut()).arg(&alpha).arg(src.data.f32()).arg(&n);
-        self.note("axpy", unsafe { l.launch(grid(n as usize)) });
-    }
+}
+
+impl Quantization for Cuda {
+    type Q = CudaQ;
+
 
     fn q_new(&self, numel: usize, bits: u8, group: usize, cat: Category) -> Result<CudaQ> {
         // the CPU type validates shapes and gives the byte layout
@@ -862,63 +954,32 @@ impl Backend for Cuda {
     fn q_update(&self, q: &mut CudaQ, delta: &CudaBuf, decay: f32, range: Range, sr: Option<u64>) {
         self.requant(q, delta.data.f32(), decay, true, range, sr);
     }
-
-    fn a8_new(&self, n: usize, block: usize, cat: Category) -> Result<CudaA8> {
-        let host = crate::quant::adam8::State8::new(n, block);
-        let st = CudaA8 {
-            block,
-            n,
-            m: self.stream.clone_htod(&host.m).map_err(|e| dev_err("alloc", e))?,
-            v: self.stream.clone_htod(&host.v).map_err(|e| dev_err("alloc", e))?,
-            absm: self.stream.clone_htod(&host.absmax_m).map_err(|e| dev_err("alloc", e))?,
-            absv: self.stream.clone_htod(&host.absmax_v).map_err(|e| dev_err("alloc", e))?,
-            _t: Tracked::new((), host.bytes(), cat, &self.mem),
-        };
-        Ok(st)
-    }
-    fn a8_step(&self, p: &mut CudaBuf, g: &CudaBuf, st: &mut CudaA8, hp: BnbHp) {
-        let n = st.n;
-        self.a8_step_range(p, g, st, 0, n, hp);
-    }
-    fn a8_step_range(&self, p: &mut CudaBuf, g: &CudaBuf, st: &mut CudaA8, off: usize, len: usize, hp: BnbHp) {
-        let (step_size, eps2) = hp.bnb_factors();
-        let decay = 1.0 - hp.lr * hp.weight_decay;
-        let bs = st.block;
-        if off % bs != 0 || off + len > st.n {
-            return self.note("adam8", Err::<(), _>(format!("range {off}+{len} is not block-aligned")));
+    fn q_to_host<'a>(&self, q: &'a CudaQ) -> Result<Cow<'a, QTensor>> {
+        let mut h = QTensor::new(q.numel, q.bits, q.group)?;
+        let c = |e| dev_err("copy", e);
+        self.stream.memcpy_dtoh(&q.codes, &mut h.codes[..]).map_err(c)?;
+        if !h.scale.is_empty() {
+            let n = h.scale.len();
+            self.stream.memcpy_dtoh(&q.scale.slice(..n), &mut h.scale[..]).map_err(c)?;
+            self.stream.memcpy_dtoh(&q.zero.slice(..n), &mut h.zero[..]).map_err(c)?;
         }
-        let mut sc = self.scratch();
-        let (bsi, n) = (bs as i32, len as u64);
-        let name = if p.data.is_bf16() { "adam8_w16" } else { "adam8" };
-        let (pp, _gp) = p.data.ptr_mut(&self.stream, off);
-        let (mut cm, mut cv) = (st.m.slice_mut(off..off + len), st.v.slice_mut(off..off + len));
-        let blocks = (off / bs)..(off + len).div_ceil(bs);
-        let (mut am, mut av) = (st.absm.slice_mut(blocks.clone()), st.absv.slice_mut(blocks));
-        let mut l = self.stream.launch_builder(self.f(name));
-        l.arg(&pp).arg(g.data.f32()).arg(&mut cm).arg(&mut cv).arg(&mut am).arg(&mut av);
-        l.arg(&self.maps.0).arg(&self.maps.1).arg(&step_size).arg(&eps2).arg(&hp.beta1).arg(&hp.beta2);
-        l.arg(&hp.weight_decay).arg(&decay).arg(&bsi).arg(&mut sc.count).arg(&n);
-        let cfg = launch::adam8(len, bs).into();
-        self.note("adam8", unsafe { l.launch(cfg) });
+        Ok(Cow::Owned(h))
     }
-    fn bnb32_step(&self, p: &mut CudaBuf, g: &CudaBuf, m: &mut CudaBuf, v: &mut CudaBuf, hp: BnbHp) {
-        let (step_size, eps2) = hp.bnb_factors();
-        let decay = 1.0 - hp.lr * hp.weight_decay;
-        let mut sc = self.scratch();
-        let n = m.data.len() as u64;
-        let name = if p.data.is_bf16() { "bnb32_w16" } else { "bnb32" };
-        let mut l = self.stream.launch_builder(self.f(name));
-        l.arg(&mut p.data).arg(g.data.f32()).arg(m.data.f32_mut()).arg(v.data.f32_mut()).arg(&step_size).arg(&eps2);
-        l.arg(&hp.beta1).arg(&hp.beta2).arg(&hp.weight_decay).arg(&decay).arg(&mut sc.count).arg(&n);
-        self.note("bnb32", unsafe { l.launch(grid(n as usize)) });
+    fn q_from_host(&self, q: &mut CudaQ, fill: impl FnOnce(&mut QTensor) -> Result<()>) -> Result<()> {
+        // a host tensor of the same shape receives the values (nothing to download)
+        let mut h = QTensor::new(q.numel, q.bits, q.group)?;
+        fill(&mut h)?;
+        let c = |e| dev_err("copy", e);
+        self.stream.memcpy_htod(&h.codes, &mut q.codes).map_err(c)?;
+        if !h.scale.is_empty() {
+            self.stream.memcpy_htod(&h.scale, &mut q.scale.slice_mut(..h.scale.len())).map_err(c)?;
+            self.stream.memcpy_htod(&h.zero, &mut q.zero.slice_mut(..h.zero.len())).map_err(c)?;
+        }
+        Ok(())
     }
-    fn galore_adam(&self, buf: &mut CudaBuf, m: &mut CudaBuf, v: &mut CudaBuf, hp: AdamHp) {
-        let s = hp.galore_step();
-        let n = m.data.len() as u64;
-        let mut l = self.stream.launch_builder(self.f("galore_adam"));
-        l.arg(buf.data.f32_mut()).arg(m.data.f32_mut()).arg(v.data.f32_mut()).arg(&s).arg(&hp.beta1).arg(&hp.beta2).arg(&hp.eps).arg(&n);
-        self.note("galore_adam", unsafe { l.launch(grid(n as usize)) });
-    }
+}
+
+impl Linalg for Cuda {
     fn top_subspace(
         &self,
         g: &CudaBuf,
@@ -933,54 +994,11 @@ impl Backend for Cuda {
     ) -> Result<()> {
         self.refresh(g, rows, cols, rank, right, method, prev, seed, out)
     }
+}
 
-    fn save_buf(&self, b: &CudaBuf, n: usize, w: &mut Writer) {
-        let mut h = vec![0.0f32; n];
-        let r = self.download(b, &mut h);
-        self.note("copy", r.map_err(|e| e.msg));
-        w.f32s(&h);
-    }
-    fn load_buf(&self, b: &mut CudaBuf, n: usize, r: &mut Reader, what: &str) -> Result<()> {
-        let mut h = vec![0.0f32; n];
-        r.f32s_into(&mut h, what)?;
-        self.upload(b, &h)
-    }
-    fn save_q(&self, q: &CudaQ, w: &mut Writer) {
-        w.qtensor(&self.q_host(q));
-    }
-    fn load_q(&self, q: &mut CudaQ, r: &mut Reader, what: &str) -> Result<()> {
-        // a host tensor of the same shape receives the checkpoint (nothing to download)
-        let mut h = crate::quant::QTensor::new(q.numel, q.bits, q.group)?;
-        r.qtensor_into(&mut h, what)?;
-        let c = |e| dev_err("copy", e);
-        self.stream.memcpy_htod(&h.codes, &mut q.codes).map_err(c)?;
-        if !h.scale.is_empty() {
-            self.stream.memcpy_htod(&h.scale, &mut q.scale.slice_mut(..h.scale.len())).map_err(c)?;
-            self.stream.memcpy_htod(&h.zero, &mut q.zero.slice_mut(..h.zero.len())).map_err(c)?;
-        }
-        Ok(())
-    }
-    fn save_a8(&self, s: &CudaA8, w: &mut Writer) {
-        w.state8(&self.a8_host(s));
-    }
-    fn load_a8(&self, s: &mut CudaA8, r: &mut Reader, what: &str) -> Result<()> {
-        let mut h = crate::quant::adam8::State8::new(s.n, s.block);
-        r.state8_into(&mut h, what)?;
-        let c = |e| dev_err("copy", e);
-        self.stream.memcpy_htod(&h.m, &mut s.m).map_err(c)?;
-        self.stream.memcpy_htod(&h.v, &mut s.v).map_err(c)?;
-        self.stream.memcpy_htod(&h.absmax_m, &mut s.absm).map_err(c)?;
-        self.stream.memcpy_htod(&h.absmax_v, &mut s.absv).map_err(c)?;
-        Ok(())
-    }
-
-    fn device_bytes_in_use(&self) -> Option<u64> {
-        let _ = self.stream.synchronize();
-        cudarc::driver::result::mem_get_info().ok().map(|(free, total)| (total - free) as u64)
-    }
-
+impl Cuda {
     /// GEMM throughput of this precision's products (bf16 inputs under bf16).
-    fn gemm_gflops(&self, m: usize, n: usize, k: usize, iters: usize) -> f64 {
+    pub fn gemm_gflops(&self, m: usize, n: usize, k: usize, iters: usize) -> f64 {
         let cat = Category::Activations;
         let (Ok(a), Ok(b), Ok(mut c)) = (self.alloc(m * k, cat), self.alloc(k * n, cat), self.alloc(m * n, cat)) else {
             return -1.0;
@@ -1009,32 +1027,5 @@ impl Cuda {
         l.arg(&bits).arg(&wz).arg(&use_sr).arg(&key).arg(&group);
         let cfg = launch::requant(q.numel, q.group).into();
         self.note("q_requant", unsafe { l.launch(cfg) });
-    }
-
-    fn q_host(&self, q: &CudaQ) -> crate::quant::QTensor {
-        let mut h = crate::quant::QTensor::new(q.numel, q.bits, q.group).expect("validated at creation");
-        let r = self.stream.memcpy_dtoh(&q.codes, &mut h.codes[..]);
-        self.note("copy", r);
-        if !h.scale.is_empty() {
-            let n = h.scale.len();
-            let r1 = self.stream.memcpy_dtoh(&q.scale.slice(..n), &mut h.scale[..]);
-            let r2 = self.stream.memcpy_dtoh(&q.zero.slice(..n), &mut h.zero[..]);
-            self.note("copy", r1);
-            self.note("copy", r2);
-        }
-        h
-    }
-
-    fn a8_host(&self, s: &CudaA8) -> crate::quant::adam8::State8 {
-        let mut h = crate::quant::adam8::State8::new(s.n, s.block);
-        for r in [
-            self.stream.memcpy_dtoh(&s.m, &mut h.m[..]),
-            self.stream.memcpy_dtoh(&s.v, &mut h.v[..]),
-            self.stream.memcpy_dtoh(&s.absm, &mut h.absmax_m[..]),
-            self.stream.memcpy_dtoh(&s.absv, &mut h.absmax_v[..]),
-        ] {
-            self.note("copy", r);
-        }
-        h
     }
 }

@@ -10,7 +10,7 @@ use super::{dev_err, grid, Cuda};
 use crate::backend::cuda::launch;
 use crate::backend::cuda::plan;
 use super::CudaBuf;
-use crate::backend::{Backend, Refresh};
+use crate::backend::{Memory, Refresh};
 use crate::error::{Error, Result};
 use crate::rng;
 use cudarc::cusolver::sys as sol;
