@@ -21,6 +21,7 @@ pub struct AttnDims {
 }
 
 /// Forward and backward of the model's layers.
+#[allow(clippy::too_many_arguments)] // every shape is an explicit argument
 pub trait Layers: Memory {
     /// out[n, oc] (+)= inp[n, ic] · w[oc, ic]ᵀ
     fn matmul(&self, out: &mut Self::Buf, inp: &Self::Buf, w: &Self::Buf, n: usize, ic: usize, oc: usize, acc: bool);
@@ -30,7 +31,6 @@ pub trait Layers: Memory {
     fn matmul_dw(&self, dw: &mut Self::Buf, dout: &Self::Buf, inp: &Self::Buf, n: usize, ic: usize, oc: usize, acc: bool);
     /// Rows r0 .. r0 + rows of `matmul_dw`: dw[r, :] = Σ_i dout[i, r0 + r] · inp[i, :]
     /// (a row chunk of a weight gradient, overwritten).
-    #[allow(clippy::too_many_arguments)]
     fn matmul_dw_rows(&self, dw: &mut Self::Buf, dout: &Self::Buf, inp: &Self::Buf, n: usize, ic: usize, oc: usize, r0: usize, rows: usize);
 
     /// out[i, :] = table[tokens[i], :]
@@ -39,7 +39,6 @@ pub trait Layers: Memory {
     fn embedding_bwd(&self, dtable: &mut Self::Buf, dout: &Self::Buf, tokens: &[i32], c: usize);
     /// Rows r0 .. r0 + rows of `embedding_bwd`: dchunk[t − r0, :] += dout[i, :] for the
     /// tokens t = tokens[i] in that range, in row order.
-    #[allow(clippy::too_many_arguments)]
     fn embedding_bwd_rows(&self, dchunk: &mut Self::Buf, dout: &Self::Buf, tokens: &[i32], c: usize, r0: usize, rows: usize);
     /// out = w ⊙ x · rsqrt(mean(x²) + eps) per row; rstd keeps the rsqrt for backward.
     fn rmsnorm(&self, out: &mut Self::Buf, rstd: &mut Self::Buf, x: &Self::Buf, w: &Self::Buf, n: usize, c: usize, eps: f32);
@@ -49,7 +48,6 @@ pub trait Layers: Memory {
     /// `inverse` applies the transpose rotation (the backward).
     fn rope(&self, x: &mut Self::Buf, table: &Self::Buf, b: usize, t: usize, heads: usize, hd: usize, inverse: bool);
     fn attention(&self, out: &mut Self::Buf, att: &mut Self::Buf, q: &Self::Buf, k: &Self::Buf, v: &Self::Buf, d: AttnDims);
-    #[allow(clippy::too_many_arguments)]
     fn attention_bwd(
         &self,
         dq: &mut Self::Buf,

@@ -43,7 +43,8 @@ macro_rules! launch {
     ($cuda:expr, $kernel:expr, $shape:expr; $($arg:expr),+ $(,)?) => {{
         let mut l = $cuda.stream.launch_builder($kernel);
         $(cudarc::driver::PushKernelArg::arg(&mut l, $arg);)+
-        unsafe { l.launch(cudarc::driver::LaunchConfig::from($shape)) }.map(|_| ())
+        let cfg = cudarc::driver::LaunchConfig::from($shape);
+        unsafe { l.launch(cfg) }.map(|_| ())
     }};
 }
 
