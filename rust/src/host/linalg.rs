@@ -19,7 +19,7 @@ pub enum Refresh {
     Randomized,
 }
 
-/// Writes the top-`rank` subspace of g (rows × cols) into `out`; see `Backend::top_subspace`.
+/// Writes the top-`rank` subspace of g (rows × cols) into `out`; see `Linalg::top_subspace`.
 #[allow(clippy::too_many_arguments)]
 pub fn top_subspace(
     g: &[f32],

@@ -1,7 +1,7 @@
 //! Projector refresh on the device (engine-notes §3.3), in full fp32 whatever the
 //! activation precision: the Gram matrix plus cuSOLVER `Ssyevd` (the default), or warm-
 //! started randomized subspace iteration with cuSOLVER QR and a Rayleigh–Ritz finish,
-//! step for step the CPU's `linalg::right_vectors`. The exact thin SVD goes through the
+//! step for step `host::linalg::right_vectors`. The exact thin SVD goes through the
 //! host (faer), as the reference's `torch.linalg.svd` would on any device.
 //!
 //! Workspaces are kept between refreshes and only grow, so a run allocates them once.
