@@ -247,7 +247,6 @@ pub unsafe extern "C" fn qg_memory(h: *const Handle, out: *mut f64) -> i32 {
 pub extern "C" fn qg_gemm_gflops(m: u32, n: u32, k: u32, iters: u32, threads: u32) -> f64 {
     quiet_panics();
     catch_unwind(|| {
-        use crate::backend::Backend;
         match crate::backend::cpu::Cpu::new(threads as usize) {
             Ok(cpu) => cpu.gemm_gflops(m as usize, n as usize, k as usize, iters as usize),
             Err(_) => -1.0,

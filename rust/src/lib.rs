@@ -1,12 +1,16 @@
 //! qgalore engine: LLaMA pre-training with full-rank AdamW, GaLore and Q-GaLore.
 //!
-//! Layout: `backend` (the seam: CPU now, CUDA later), `model` (parameters, activations,
-//! forward/backward), `optim` (optimizers), `train` (one run), `ffi` (the C ABI).
+//! Layout: `backend` (the seam: CPU and CUDA), `host` (host numerics both backends use),
+//! `quant` (quantized tensors, 8-bit Adam state), `adam` (Adam hyper-parameters), `model`
+//! (parameters, activations, forward/backward), `optim` (optimizers), `state`
+//! (checkpoints), `train` (one run), `ffi` (the C ABI).
 
+pub mod adam;
 pub mod backend;
 pub mod config;
 pub mod error;
 pub mod ffi;
+pub mod host;
 pub mod model;
 pub mod optim;
 pub mod plan;

@@ -5,6 +5,7 @@
 //!
 //! Layout: "QGCK", u32 version, then length-prefixed little-endian sections.
 
+use crate::backend::{Memory, Optimizers, Quantization};
 use crate::error::{Error, Result};
 use crate::quant::adam8::State8;
 use crate::quant::QTensor;
@@ -63,6 +64,25 @@ impl Writer {
         self.bytes(&s.v);
         self.f32s(&s.absmax_m);
         self.f32s(&s.absmax_v);
+    }
+    /// The first `n` values of a backend buffer (as `f32s`).
+    pub fn buf<B: Memory>(&mut self, be: &B, b: &B::Buf, n: usize) -> Result<()> {
+        let mut h = vec![0.0f32; n];
+        be.download(b, &mut h)?;
+        self.f32s(&h);
+        Ok(())
+    }
+    /// A backend's quantized tensor (as `qtensor`).
+    pub fn q<B: Quantization>(&mut self, be: &B, q: &B::Q) -> Result<()> {
+        let h = be.q_to_host(q)?;
+        self.qtensor(&h);
+        Ok(())
+    }
+    /// A backend's 8-bit Adam state (as `state8`).
+    pub fn a8<B: Optimizers>(&mut self, be: &B, s: &B::A8) -> Result<()> {
+        let h = be.a8_to_host(s)?;
+        self.state8(&h);
+        Ok(())
     }
 }
 
@@ -168,6 +188,20 @@ impl<'a> Reader<'a> {
         st.absmax_m = a;
         st.absmax_v = b;
         Ok(())
+    }
+    /// `buf`'s output into the first `n` values of a backend buffer.
+    pub fn buf_into<B: Memory>(&mut self, be: &B, b: &mut B::Buf, n: usize, what: &str) -> Result<()> {
+        let mut h = vec![0.0f32; n];
+        self.f32s_into(&mut h, what)?;
+        be.upload(b, &h)
+    }
+    /// `q`'s output into a backend's quantized tensor of the same shape.
+    pub fn q_into<B: Quantization>(&mut self, be: &B, q: &mut B::Q, what: &str) -> Result<()> {
+        be.q_from_host(q, |h| self.qtensor_into(h, what))
+    }
+    /// `a8`'s output into a backend's 8-bit Adam state of the same shape.
+    pub fn a8_into<B: Optimizers>(&mut self, be: &B, s: &mut B::A8, what: &str) -> Result<()> {
+        be.a8_from_host(s, |h| self.state8_into(h, what))
     }
     pub fn done(&self) -> Result<()> {
         if self.pos == self.buf.len() {

@@ -272,15 +272,15 @@ impl<B: Backend> Engine<B> {
             match &p.data {
                 crate::model::Weight::F(b) => {
                     w.u8(0);
-                    be.save_buf(b, p.numel(), &mut w);
+                    w.buf(be, b, p.numel())?;
                 }
                 crate::model::Weight::Q(q) => {
                     w.u8(1);
-                    be.save_q(q, &mut w);
+                    w.q(be, q)?;
                 }
             }
         }
-        self.opt.save(be, &mut w);
+        self.opt.save(be, &mut w)?;
         self.be.sync()?;
         Ok(w.buf)
     }
@@ -310,8 +310,8 @@ impl<B: Backend> Engine<B> {
             ensure!(pname == p.name, "checkpoint tensor {pname} where this model has {}", p.name);
             let numel = p.numel();
             match (r.u8()?, &mut p.data) {
-                (0, Weight::F(b)) => be.load_buf(b, numel, &mut r, &pname)?,
-                (1, Weight::Q(q)) => be.load_q(q, &mut r, &pname)?,
+                (0, Weight::F(b)) => r.buf_into(be, b, numel, &pname)?,
+                (1, Weight::Q(q)) => r.q_into(be, q, &pname)?,
                 _ => return Err(Error::invalid(format!("checkpoint stores {pname} in another precision than this run"))),
             }
         }

@@ -6,7 +6,7 @@ mod common;
 use common::*;
 use qgalore::backend::cpu::Cpu;
 use qgalore::backend::cuda::{probe, Cuda};
-use qgalore::backend::{AdamHp, AttnDims, Backend, Category, Refresh};
+use qgalore::backend::{AdamHp, AttnDims, Backend, Category, Linalg, Memory, Optimizers, Quantization, Refresh};
 use qgalore::quant::Range;
 use qgalore::train::Engine;
 
@@ -28,19 +28,19 @@ fn tol(bf16: bool) -> f32 {
     }
 }
 
-fn up(g: &Cuda, v: &[f32]) -> <Cuda as Backend>::Buf {
+fn up(g: &Cuda, v: &[f32]) -> <Cuda as Memory>::Buf {
     let mut b = g.alloc(v.len(), Category::Activations).unwrap();
     g.upload(&mut b, v).unwrap();
     b
 }
 
-fn cb(cpu: &Cpu, v: &[f32]) -> <Cpu as Backend>::Buf {
+fn cb(cpu: &Cpu, v: &[f32]) -> <Cpu as Memory>::Buf {
     let mut b = cpu.alloc(v.len(), Category::Activations).unwrap();
     cpu.upload(&mut b, v).unwrap();
     b
 }
 
-fn down(g: &Cuda, b: &<Cuda as Backend>::Buf, n: usize) -> Vec<f32> {
+fn down(g: &Cuda, b: &<Cuda as Memory>::Buf, n: usize) -> Vec<f32> {
     let mut h = vec![0.0; n];
     g.download(b, &mut h).unwrap();
     h
@@ -106,7 +106,7 @@ fn layer_ops<B: Backend>(be: &B) -> Vec<(&'static str, Vec<f32>)> {
     out.push(("rmsnorm_bwd dw", get(&dnw)));
     // RoPE both ways on (b, t, heads, hd)
     let (b, t, h, kvh, hd) = (2, 16, 4, 2, 8);
-    let table = f32buf(&qgalore::backend::cpu::ops::rope_table(t, hd, 10000.0));
+    let table = f32buf(&qgalore::host::rope::rope_table(t, hd, 10000.0));
     let mut r = buf(&values(b * t * h * hd, 11), act);
     be.rope(&mut r, &table, b, t, h, hd, false);
     out.push(("rope", get(&r)));
@@ -198,9 +198,9 @@ fn gpu_parity_quantized_update_and_8bit_adam_bit_identical() {
         cpu.q_quantize(&mut cq, &cw, Range::WithZero);
         g.q_quantize(&mut gq, &gw, Range::WithZero);
         let mut buf = qgalore::state::Writer::new();
-        g.save_q(&gq, &mut buf);
+        buf.q(&g, &gq).unwrap();
         let mut cbuf = qgalore::state::Writer::new();
-        cpu.save_q(&cq, &mut cbuf);
+        cbuf.q(&cpu, &cq).unwrap();
         assert!(buf.buf == cbuf.buf, "{bits}-bit group {group}: quantization codes differ");
         if bits == 8 {
             let (cd, gd) = (cb(&cpu, &delta), up(&g, &delta));
@@ -208,8 +208,8 @@ fn gpu_parity_quantized_update_and_8bit_adam_bit_identical() {
             cpu.q_update(&mut cq, &cd, 0.999, Range::WithZero, Some(key));
             g.q_update(&mut gq, &gd, 0.999, Range::WithZero, Some(key));
             let (mut a, mut b) = (qgalore::state::Writer::new(), qgalore::state::Writer::new());
-            g.save_q(&gq, &mut a);
-            cpu.save_q(&cq, &mut b);
+            a.q(&g, &gq).unwrap();
+            b.q(&cpu, &cq).unwrap();
             assert!(a.buf == b.buf, "group {group}: INT8 stochastic-rounding update differs");
         }
     }
@@ -226,8 +226,8 @@ fn gpu_parity_quantized_update_and_8bit_adam_bit_identical() {
     }
     assert_eq!(down(&g, &gp, m), cp.data, "8-bit Adam weights differ");
     let (mut a, mut b) = (qgalore::state::Writer::new(), qgalore::state::Writer::new());
-    g.save_a8(&gs, &mut a);
-    cpu.save_a8(&cs, &mut b);
+    a.a8(&g, &gs).unwrap();
+    b.a8(&cpu, &cs).unwrap();
     assert!(a.buf == b.buf, "8-bit Adam states differ");
 }
 
@@ -267,7 +267,7 @@ fn refresh_methods_agree_on_the_parity_matrix() {
         let (pn, side) = if right { (r * n, n) } else { (m * r, m) };
         let mut p = [vec![0.0f32; pn], vec![0.0f32; pn], vec![0.0f32; pn]];
         for (i, method) in [Refresh::Svd, Refresh::Eigh, Refresh::Randomized].into_iter().enumerate() {
-            qgalore::backend::cpu::linalg::top_subspace(&gm, m, n, r, right, method, None, 7, &mut p[i], 1).unwrap();
+            qgalore::host::linalg::top_subspace(&gm, m, n, r, right, method, None, 7, &mut p[i], 1).unwrap();
         }
         for i in 1..3 {
             let o = overlap(&p[0], &p[i], side, r, right);
@@ -275,7 +275,7 @@ fn refresh_methods_agree_on_the_parity_matrix() {
         }
         // the top subspace of an unrelated matrix scores near r/side, far below 1
         let mut q = vec![0.0f32; pn];
-        qgalore::backend::cpu::linalg::top_subspace(&values(m * n, 40), m, n, r, right, Refresh::Svd, None, 7, &mut q, 1).unwrap();
+        qgalore::host::linalg::top_subspace(&values(m * n, 40), m, n, r, right, Refresh::Svd, None, 7, &mut q, 1).unwrap();
         let other = overlap(&p[0], &q, side, r, right);
         assert!(other < 0.4, "overlap with an unrelated subspace {other}");
     }
@@ -299,7 +299,7 @@ fn gpu_parity_projector_refresh_same_subspace() {
         for right in [true, false] {
             let (pn, side) = if right { (r * n, n) } else { (m * r, m) };
             let mut cpu_p = vec![0.0f32; pn];
-            qgalore::backend::cpu::linalg::top_subspace(&gm, m, n, r, right, method, None, 7, &mut cpu_p, 1).unwrap();
+            qgalore::host::linalg::top_subspace(&gm, m, n, r, right, method, None, 7, &mut cpu_p, 1).unwrap();
             let mut gp = g.alloc(pn, Category::Projector).unwrap();
             g.top_subspace(&gg, m, n, r, right, method, None, 7, &mut gp).unwrap();
             let gpu_p = down(&g, &gp, pn);
@@ -313,7 +313,7 @@ fn gpu_parity_projector_refresh_same_subspace() {
                 let mut gp2 = g.alloc(pn, Category::Projector).unwrap();
                 g.top_subspace(&gg, m, n, r, right, method, Some(&gp), 7, &mut gp2).unwrap();
                 let mut cpu_p2 = vec![0.0f32; pn];
-                qgalore::backend::cpu::linalg::top_subspace(&gm, m, n, r, right, method, Some(&cpu_p), 7, &mut cpu_p2, 1).unwrap();
+                qgalore::host::linalg::top_subspace(&gm, m, n, r, right, method, Some(&cpu_p), 7, &mut cpu_p2, 1).unwrap();
                 let o2 = overlap(&cpu_p2, &down(&g, &gp2, pn), side, r, right);
                 assert!(o2 > 1.0 - 1e-3, "warm randomized right={right}: subspace overlap {o2}");
             }

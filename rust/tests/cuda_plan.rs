@@ -8,7 +8,8 @@
 mod common;
 use common::values;
 use gemm::Parallelism;
-use qgalore::backend::cpu::{attention, matmul};
+use qgalore::backend::cpu::attention;
+use qgalore::host::matmul;
 use qgalore::backend::cuda::plan::{self, Gemm};
 use qgalore::backend::AttnDims;
 

@@ -2,7 +2,8 @@
 
 mod common;
 use common::*;
-use qgalore::backend::cpu::{linalg::top_subspace, matmul, ops, Cpu};
+use qgalore::backend::cpu::{ops, Cpu};
+use qgalore::host::{linalg::top_subspace, matmul};
 use qgalore::backend::{AdamHp, Refresh};
 use qgalore::config::EngineConfig;
 use qgalore::model::{Role, Weight};
@@ -212,7 +213,7 @@ fn i12_fused_per_layer_step_equals_global_step() {
 /// buffer shrinks to the largest other tensor and the run equals the global step.
 #[test]
 fn fused_step_updates_large_tables_in_row_chunks() {
-    use qgalore::backend::{Backend, Category};
+    use qgalore::backend::{Category, Memory};
     for name in ["adam8bit", "galore8bit", "qgalore"] {
         for clip in [0.0f32, 0.05] {
             let run = |fused: bool| {
@@ -334,7 +335,7 @@ fn i17_zero_and_nonfinite_gradients_keep_the_projector() {
     let mut f = Family::new(&be, &model, &e.cfg.optimizer, 3).unwrap();
     let idx = model.layers[0].q;
     let n = model.params[idx].numel();
-    let mut g = qgalore::backend::Backend::alloc(&be, n, qgalore::backend::Category::Grads).unwrap();
+    let mut g = qgalore::backend::Memory::alloc(&be, n, qgalore::backend::Category::Grads).unwrap();
     use qgalore::optim::Optimizer;
     // step 1: a normal gradient gives a projector
     g.data.copy_from_slice(&values(n, 1));

@@ -16,9 +16,10 @@
 //! Without a C++ compiler each test prints `skipped: no C++ compiler` and passes.
 #![cfg(feature = "cuda")]
 
-use qgalore::backend::cpu::{attention, linalg, matmul, ops, Cpu};
+use qgalore::backend::cpu::{attention, ops, Cpu};
+use qgalore::host::{linalg, matmul, rope};
 use qgalore::backend::cuda::kernels::{self, Module, MODULES, PRELUDE};
-use qgalore::backend::{AdamHp, AttnDims, Backend, Category, Refresh};
+use qgalore::backend::{AdamHp, AttnDims, Category, Memory, Optimizers, Refresh};
 use qgalore::quant::adam8::{self, State8};
 use qgalore::quant::{bf16_to_f32, f32_to_bf16, QTensor, Range};
 use qgalore::rng;
@@ -830,7 +831,7 @@ fn cpu() -> Cpu {
     Cpu::new(2).unwrap()
 }
 
-fn cbuf(be: &Cpu, v: &[f32]) -> <Cpu as Backend>::Buf {
+fn cbuf(be: &Cpu, v: &[f32]) -> <Cpu as Memory>::Buf {
     let mut b = be.alloc(v.len(), Category::Activations).unwrap();
     be.upload(&mut b, v).unwrap();
     b
@@ -1793,7 +1794,7 @@ fn nn_module(lib: &Lib, r: &mut Report) {
     if has("rope") {
         for hd in [80usize, 16] {
             let (b, t, heads) = (2usize, 5usize, 3usize);
-            let table = ops::rope_table(t, hd, 10000.0);
+            let table = rope::rope_table(t, hd, 10000.0);
             for inverse in [false, true] {
                 let x = vals(b * t * heads * hd, 13 + hd as u64, 1.0);
                 let mut a = vec![

@@ -156,7 +156,7 @@ fn param_count_matches_paper_totals() {
 
 #[test]
 fn checkpointing_gives_bit_identical_training_with_less_activation_memory() {
-    use qgalore::backend::{Backend, Category};
+    use qgalore::backend::{Category, Memory};
     // global step, fused step with and without clipping, gradient accumulation, INT8 weights
     for (name, fused, clip, ga) in
         [("adamw", false, 0.0, 1), ("qgalore", true, 0.0, 1), ("qgalore", true, 1e-2, 1), ("galore8bit", true, 0.0, 2), ("adam8bit", true, 1.0, 1)]

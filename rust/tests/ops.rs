@@ -2,7 +2,8 @@
 
 mod common;
 use common::*;
-use qgalore::backend::cpu::{attention, matmul, ops};
+use qgalore::backend::cpu::{attention, ops};
+use qgalore::host::{matmul, rope};
 use qgalore::backend::{AdamHp, AttnDims};
 
 fn dotf(a: &[f32], b: &[f32]) -> f64 {
@@ -97,7 +98,7 @@ fn rope_naive(x: &[f32], b: usize, t: usize, heads: usize, hd: usize, theta: f64
 fn rope_matches_hugging_face_rotate_half_and_inverts() {
     let (b, t, heads, hd) = (2, 9, 3, 8);
     let x = values(b * t * heads * hd, 20);
-    let tab = ops::rope_table(t, hd, 10000.0);
+    let tab = rope::rope_table(t, hd, 10000.0);
     let mut y = x.clone();
     ops::rope(&mut y, &tab, b, t, heads, hd, false);
     let want = rope_naive(&x, b, t, heads, hd, 10000.0);

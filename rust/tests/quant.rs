@@ -41,7 +41,7 @@ fn i7_int4_packed_projector_error_level() {
     let (r, n) = (32, 256);
     let g = normal(r * n, 1.0, 9);
     let mut out = vec![0.0f32; r * n];
-    qgalore::backend::cpu::linalg::top_subspace(&g, r, n, r, true, qgalore::backend::Refresh::Svd, None, 0, &mut out, 1).unwrap();
+    qgalore::host::linalg::top_subspace(&g, r, n, r, true, qgalore::backend::Refresh::Svd, None, 0, &mut out, 1).unwrap();
     let mut q = QTensor::new(r * n, 4, 256).unwrap();
     q.quantize(&out, Range::WithZero);
     assert_eq!(q.codes.len(), r * n / 2, "two codes per byte");

@@ -6,7 +6,7 @@
 //! per-layer buffers exist once (slot 0) and the backward recomputes each block's forward
 //! into them from x[l] before differentiating it.
 
-use crate::backend::cpu::ops::rope_table;
+use crate::host::rope::rope_table;
 use crate::backend::{AttnDims, Backend, Category};
 use crate::config::ModelConfig;
 use crate::error::Result;

@@ -45,19 +45,20 @@ impl<B: Backend> Optimizer<B> for AdamW<B> {
     fn steps(&self) -> u64 {
         self.step
     }
-    fn save(&self, be: &B, w: &mut crate::state::Writer) {
+    fn save(&self, be: &B, w: &mut crate::state::Writer) -> Result<()> {
         w.u64(self.step);
         for (m, v) in self.m.iter().zip(&self.v) {
-            be.save_buf(m, be.len(m), w);
-            be.save_buf(v, be.len(v), w);
+            w.buf(be, m, be.len(m))?;
+            w.buf(be, v, be.len(v))?;
         }
+        Ok(())
     }
     fn load(&mut self, be: &B, r: &mut crate::state::Reader) -> Result<()> {
         self.step = r.u64()?;
         for (m, v) in self.m.iter_mut().zip(self.v.iter_mut()) {
             let (nm, nv) = (be.len(m), be.len(v));
-            be.load_buf(m, nm, r, "AdamW m")?;
-            be.load_buf(v, nv, r, "AdamW v")?;
+            r.buf_into(be, m, nm, "AdamW m")?;
+            r.buf_into(be, v, nv, "AdamW v")?;
         }
         Ok(())
     }

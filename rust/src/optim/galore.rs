@@ -329,7 +329,7 @@ impl<B: Backend> Optimizer<B> for Family<B> {
     fn steps(&self) -> u64 {
         self.step
     }
-    fn save(&self, be: &B, w: &mut crate::state::Writer) {
+    fn save(&self, be: &B, w: &mut crate::state::Writer) -> Result<()> {
         w.u64(self.step);
         let s = &self.stats;
         w.u64(s.svd_count);
@@ -340,12 +340,12 @@ impl<B: Backend> Optimizer<B> for Family<B> {
             match &st.moments {
                 Moments::F32 { m, v } => {
                     w.u8(0);
-                    be.save_buf(m, be.len(m), w);
-                    be.save_buf(v, be.len(v), w);
+                    w.buf(be, m, be.len(m))?;
+                    w.buf(be, v, be.len(v))?;
                 }
                 Moments::Q8(a) => {
                     w.u8(1);
-                    be.save_a8(a, w);
+                    w.a8(be, a)?;
                 }
             }
             let Some(p) = &st.proj else {
@@ -361,14 +361,15 @@ impl<B: Backend> Optimizer<B> for Family<B> {
                 None => w.u8(0),
                 Some(Weight::F(b)) => {
                     w.u8(1);
-                    be.save_buf(b, be.len(b), w);
+                    w.buf(be, b, be.len(b))?;
                 }
                 Some(Weight::Q(q)) => {
                     w.u8(2);
-                    be.save_q(q, w);
+                    w.q(be, q)?;
                 }
             }
         }
+        Ok(())
     }
     fn load(&mut self, be: &B, r: &mut crate::state::Reader) -> Result<()> {
         let bad = |what: &str| crate::error::Error::invalid(format!("checkpoint does not match this run: {what}"));
@@ -384,10 +385,10 @@ impl<B: Backend> Optimizer<B> for Family<B> {
             match (r.u8()?, &mut st.moments) {
                 (0, Moments::F32 { m, v }) => {
                     let (nm, nv) = (be.len(m), be.len(v));
-                    be.load_buf(m, nm, r, "moment m")?;
-                    be.load_buf(v, nv, r, "moment v")?;
+                    r.buf_into(be, m, nm, "moment m")?;
+                    r.buf_into(be, v, nv, "moment v")?;
                 }
-                (1, Moments::Q8(a)) => be.load_a8(a, r, "8-bit moments")?,
+                (1, Moments::Q8(a)) => r.a8_into(be, a, "8-bit moments")?,
                 _ => return Err(bad("moment storage differs (8-bit vs fp32)")),
             }
             match (r.u8()?, &mut st.proj) {
@@ -402,12 +403,12 @@ impl<B: Backend> Optimizer<B> for Family<B> {
                         0 => None,
                         1 => {
                             let mut b = be.alloc(p.numel, Category::Projector)?;
-                            be.load_buf(&mut b, p.numel, r, "projector")?;
+                            r.buf_into(be, &mut b, p.numel, "projector")?;
                             Some(Weight::F(b))
                         }
                         2 => {
                             let mut q = be.q_new(p.numel, bits, group, Category::Projector)?;
-                            be.load_q(&mut q, r, "projector")?;
+                            r.q_into(be, &mut q, "projector")?;
                             Some(Weight::Q(q))
                         }
                         _ => return Err(bad("projector storage tag")),

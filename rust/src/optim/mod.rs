@@ -56,7 +56,7 @@ pub trait Optimizer<B: Backend>: Send {
     /// Completed optimizer steps.
     fn steps(&self) -> u64;
     /// Writes every piece of optimizer state (checkpoints).
-    fn save(&self, be: &B, w: &mut crate::state::Writer);
+    fn save(&self, be: &B, w: &mut crate::state::Writer) -> Result<()>;
     /// Restores what `save` wrote; fails on any mismatch with this run.
     fn load(&mut self, be: &B, r: &mut crate::state::Reader) -> Result<()>;
     /// Downcasting, for tests and reports that need the concrete optimizer.

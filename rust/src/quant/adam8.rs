@@ -90,8 +90,7 @@ pub fn quantize_reference(map: &[f32; 256], x: f32, signed: bool) -> u8 {
 }
 
 /// Hyper-parameters of one bnb Adam update (the same fields as AdamW's).
-pub type BnbHp = crate::backend::AdamHp;
-
+pub type BnbHp = crate::adam::AdamHp;
 
 /// Block-wise 8-bit state of one tensor.
 #[derive(Clone, Debug)]

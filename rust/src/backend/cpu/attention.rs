@@ -3,7 +3,7 @@
 //! are kept for the backward (seq 256 makes T² per head small; flash attention is not
 //! needed at the sizes the CPU trains).
 
-use super::matmul::gemm_raw;
+use crate::host::matmul::gemm_raw;
 use crate::backend::AttnDims;
 use gemm::Parallelism;
 use rayon::prelude::*;

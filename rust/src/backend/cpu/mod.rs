@@ -2,8 +2,6 @@
 //! It is the bit-faithful reference that every GPU kernel is tested against.
 
 pub mod attention;
-pub mod linalg;
-pub mod matmul;
 pub mod ops;
 
 /// A raw pointer that parallel tasks may share: each task writes a disjoint region.
@@ -18,10 +16,12 @@ impl SendPtr {
     }
 }
 
-use super::{AdamHp, AttnDims, Backend, Category, MemTracker, Refresh, Runner, Tracked};
+use super::{AdamHp, AttnDims, Category, Layers, Linalg, MemTracker, Memory, Optimizers, Quantization, Refresh, Runner, Tracked};
+use crate::host::{linalg, matmul};
 use crate::quant::adam8::{self, BnbHp, State8};
 use crate::quant::{QTensor, Range};
 use crate::error::{Error, Result};
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -102,10 +102,8 @@ impl Cpu {
 
 static MAPS: std::sync::OnceLock<adam8::Maps> = std::sync::OnceLock::new();
 
-impl Backend for Cpu {
+impl Memory for Cpu {
     type Buf = CpuBuf;
-    type Q = Tracked<QTensor>;
-    type A8 = Tracked<State8>;
 
     fn name(&self) -> &'static str {
         "cpu"
@@ -146,8 +144,19 @@ impl Backend for Cpu {
     fn copy(&self, dst: &mut CpuBuf, src: &CpuBuf) {
         dst.data.copy_from_slice(&src.data);
     }
+    fn copy_n(&self, dst: &mut CpuBuf, src: &CpuBuf, n: usize) {
+        dst.data[..n].copy_from_slice(&src.data[..n]);
+    }
     fn add(&self, dst: &mut CpuBuf, src: &CpuBuf) {
         ops::add(dst, src)
+    }
+    fn axpy(&self, dst: &mut CpuBuf, alpha: f32, src: &CpuBuf) {
+        use rayon::prelude::*;
+        dst.data.par_chunks_mut(8192).zip(src.data.par_chunks(8192)).for_each(|(d, s)| {
+            for (a, b) in d.iter_mut().zip(s) {
+                *a += alpha * *b;
+            }
+        });
     }
     fn scale(&self, b: &mut CpuBuf, s: f32) {
         ops::scale(b, s)
@@ -163,9 +172,9 @@ impl Backend for Cpu {
     fn take_sumsq(&self) -> f64 {
         std::mem::take(&mut *self.sumsq_total.lock().unwrap())
     }
-    fn copy_n(&self, dst: &mut CpuBuf, src: &CpuBuf, n: usize) {
-        dst.data[..n].copy_from_slice(&src.data[..n]);
-    }
+}
+
+impl Layers for Cpu {
     fn matmul(&self, out: &mut CpuBuf, inp: &CpuBuf, w: &CpuBuf, n: usize, ic: usize, oc: usize, acc: bool) {
         matmul::matmul(out, inp, w, n, ic, oc, acc, self.par())
     }
@@ -175,11 +184,17 @@ impl Backend for Cpu {
     fn matmul_dw(&self, dw: &mut CpuBuf, dout: &CpuBuf, inp: &CpuBuf, n: usize, ic: usize, oc: usize, acc: bool) {
         matmul::matmul_dw(dw, dout, inp, n, ic, oc, acc, self.par())
     }
+    fn matmul_dw_rows(&self, dw: &mut CpuBuf, dout: &CpuBuf, inp: &CpuBuf, n: usize, ic: usize, oc: usize, r0: usize, rows: usize) {
+        matmul::matmul_dw_rows(&mut dw.data, &dout.data, &inp.data, n, ic, oc, r0, rows, self.par())
+    }
     fn embedding(&self, out: &mut CpuBuf, tokens: &[i32], table: &CpuBuf, c: usize) {
         ops::embedding(out, tokens, table, c)
     }
     fn embedding_bwd(&self, dtable: &mut CpuBuf, dout: &CpuBuf, tokens: &[i32], c: usize) {
         ops::embedding_bwd(dtable, dout, tokens, c)
+    }
+    fn embedding_bwd_rows(&self, dchunk: &mut CpuBuf, dout: &CpuBuf, tokens: &[i32], c: usize, r0: usize, rows: usize) {
+        ops::embedding_bwd_rows(&mut dchunk.data, &dout.data, tokens, c, r0, rows)
     }
     fn rmsnorm(&self, out: &mut CpuBuf, rstd: &mut CpuBuf, x: &CpuBuf, w: &CpuBuf, n: usize, c: usize, eps: f32) {
         ops::rmsnorm(out, rstd, x, w, n, c, eps)
@@ -218,8 +233,41 @@ impl Backend for Cpu {
         ops::cross_entropy(logits, targets, losses, n, v, grad_scale);
         Ok(())
     }
+}
+
+impl Optimizers for Cpu {
+    type A8 = Tracked<State8>;
+
     fn adamw(&self, p: &mut CpuBuf, g: &CpuBuf, m: &mut CpuBuf, v: &mut CpuBuf, hp: AdamHp) {
         ops::adamw(p, g, m, v, hp)
+    }
+    fn galore_adam(&self, buf: &mut CpuBuf, m: &mut CpuBuf, v: &mut CpuBuf, hp: AdamHp) {
+        let n = m.len();
+        ops::galore_adam(&mut buf.data[..n], &mut m.data, &mut v.data, hp)
+    }
+    fn bnb32_step(&self, p: &mut CpuBuf, g: &CpuBuf, m: &mut CpuBuf, v: &mut CpuBuf, hp: BnbHp) {
+        let n = m.len();
+        self.count_nonfinite(adam8::step32(&mut p.data[..n], &g.data[..n], &mut m.data, &mut v.data[..n], hp));
+    }
+    fn a8_new(&self, n: usize, block: usize, cat: Category) -> Result<Self::A8> {
+        let st = State8::new(n, block);
+        let bytes = st.bytes();
+        Ok(self.track(st, bytes, cat))
+    }
+    fn a8_step(&self, p: &mut CpuBuf, g: &CpuBuf, st: &mut Self::A8, hp: BnbHp) {
+        let maps = MAPS.get_or_init(adam8::Maps::new);
+        let n = st.m.len();
+        self.count_nonfinite(adam8::step8(&mut p.data[..n], &g.data[..n], &mut st.inner, maps, hp));
+    }
+    fn a8_step_range(&self, p: &mut CpuBuf, g: &CpuBuf, st: &mut Self::A8, off: usize, len: usize, hp: BnbHp) {
+        let maps = MAPS.get_or_init(adam8::Maps::new);
+        self.count_nonfinite(adam8::step8_range(&mut p.data[off..off + len], &g.data[..len], &mut st.inner, off, len, maps, hp));
+    }
+    fn a8_to_host<'a>(&self, st: &'a Self::A8) -> Result<Cow<'a, State8>> {
+        Ok(Cow::Borrowed(&st.inner))
+    }
+    fn a8_from_host(&self, st: &mut Self::A8, fill: impl FnOnce(&mut State8) -> Result<()>) -> Result<()> {
+        fill(&mut st.inner)
     }
     fn sanitize(&self, b: &mut CpuBuf, n: usize) {
         use rayon::prelude::*;
@@ -241,14 +289,11 @@ impl Backend for Cpu {
     fn take_nonfinite(&self) -> u64 {
         self.nonfinite.swap(0, std::sync::atomic::Ordering::Relaxed)
     }
-    fn axpy(&self, dst: &mut CpuBuf, alpha: f32, src: &CpuBuf) {
-        use rayon::prelude::*;
-        dst.data.par_chunks_mut(8192).zip(src.data.par_chunks(8192)).for_each(|(d, s)| {
-            for (a, b) in d.iter_mut().zip(s) {
-                *a += alpha * *b;
-            }
-        });
-    }
+}
+
+impl Quantization for Cpu {
+    type Q = Tracked<QTensor>;
+
     fn q_new(&self, numel: usize, bits: u8, group: usize, cat: Category) -> Result<Self::Q> {
         let q = QTensor::new(numel, bits, group)?;
         let bytes = q.bytes();
@@ -266,34 +311,15 @@ impl Backend for Cpu {
     fn q_update(&self, q: &mut Self::Q, delta: &CpuBuf, decay: f32, range: Range, sr: Option<u64>) {
         q.inner.update(delta, decay, range, sr)
     }
-    fn a8_new(&self, n: usize, block: usize, cat: Category) -> Result<Self::A8> {
-        let st = State8::new(n, block);
-        let bytes = st.bytes();
-        Ok(self.track(st, bytes, cat))
+    fn q_to_host<'a>(&self, q: &'a Self::Q) -> Result<Cow<'a, QTensor>> {
+        Ok(Cow::Borrowed(&q.inner))
     }
-    fn a8_step(&self, p: &mut CpuBuf, g: &CpuBuf, st: &mut Self::A8, hp: BnbHp) {
-        let maps = MAPS.get_or_init(adam8::Maps::new);
-        let n = st.m.len();
-        self.count_nonfinite(adam8::step8(&mut p.data[..n], &g.data[..n], &mut st.inner, maps, hp));
+    fn q_from_host(&self, q: &mut Self::Q, fill: impl FnOnce(&mut QTensor) -> Result<()>) -> Result<()> {
+        fill(&mut q.inner)
     }
-    fn a8_step_range(&self, p: &mut CpuBuf, g: &CpuBuf, st: &mut Self::A8, off: usize, len: usize, hp: BnbHp) {
-        let maps = MAPS.get_or_init(adam8::Maps::new);
-        self.count_nonfinite(adam8::step8_range(&mut p.data[off..off + len], &g.data[..len], &mut st.inner, off, len, maps, hp));
-    }
-    fn matmul_dw_rows(&self, dw: &mut CpuBuf, dout: &CpuBuf, inp: &CpuBuf, n: usize, ic: usize, oc: usize, r0: usize, rows: usize) {
-        matmul::matmul_dw_rows(&mut dw.data, &dout.data, &inp.data, n, ic, oc, r0, rows, self.par())
-    }
-    fn embedding_bwd_rows(&self, dchunk: &mut CpuBuf, dout: &CpuBuf, tokens: &[i32], c: usize, r0: usize, rows: usize) {
-        ops::embedding_bwd_rows(&mut dchunk.data, &dout.data, tokens, c, r0, rows)
-    }
-    fn bnb32_step(&self, p: &mut CpuBuf, g: &CpuBuf, m: &mut CpuBuf, v: &mut CpuBuf, hp: BnbHp) {
-        let n = m.len();
-        self.count_nonfinite(adam8::step32(&mut p.data[..n], &g.data[..n], &mut m.data, &mut v.data[..n], hp));
-    }
-    fn galore_adam(&self, buf: &mut CpuBuf, m: &mut CpuBuf, v: &mut CpuBuf, hp: AdamHp) {
-        let n = m.len();
-        ops::galore_adam(&mut buf.data[..n], &mut m.data, &mut v.data, hp)
-    }
+}
+
+impl Linalg for Cpu {
     fn top_subspace(
         &self,
         g: &CpuBuf,
@@ -308,25 +334,11 @@ impl Backend for Cpu {
     ) -> Result<()> {
         linalg::top_subspace(g, rows, cols, rank, right, method, prev.map(|p| &p.data[..]), seed, out, self.threads)
     }
-    fn save_buf(&self, b: &CpuBuf, n: usize, w: &mut crate::state::Writer) {
-        w.f32s(&b.data[..n]);
-    }
-    fn load_buf(&self, b: &mut CpuBuf, n: usize, r: &mut crate::state::Reader, what: &str) -> Result<()> {
-        r.f32s_into(&mut b.data[..n], what)
-    }
-    fn save_q(&self, q: &Self::Q, w: &mut crate::state::Writer) {
-        w.qtensor(q);
-    }
-    fn load_q(&self, q: &mut Self::Q, r: &mut crate::state::Reader, what: &str) -> Result<()> {
-        r.qtensor_into(&mut q.inner, what)
-    }
-    fn save_a8(&self, s: &Self::A8, w: &mut crate::state::Writer) {
-        w.state8(s);
-    }
-    fn load_a8(&self, s: &mut Self::A8, r: &mut crate::state::Reader, what: &str) -> Result<()> {
-        r.state8_into(&mut s.inner, what)
-    }
-    fn gemm_gflops(&self, m: usize, n: usize, k: usize, iters: usize) -> f64 {
+}
+
+impl Cpu {
+    /// Measured GEMM throughput in GFLOP/s for an (m×k)·(k×n) product (benchmarks).
+    pub fn gemm_gflops(&self, m: usize, n: usize, k: usize, iters: usize) -> f64 {
         let a: Vec<f32> = (0..m * k).map(|i| ((i % 7) as f32 - 3.0) * 0.01).collect();
         let b: Vec<f32> = (0..k * n).map(|i| ((i % 5) as f32 - 2.0) * 0.01).collect();
         let mut c = vec![0.0f32; m * n];

@@ -93,22 +93,6 @@ pub fn rmsnorm_bwd(dx: &mut [f32], dw: &mut [f32], dout: &[f32], x: &[f32], w: &
     });
 }
 
-/// (t, hd/2) cos/sin table for Hugging Face LLaMA's rotate-half RoPE: position p,
-/// frequency i uses angle p · θ^(−2i/hd). Laid out as [cos(t×hd/2), sin(t×hd/2)].
-pub fn rope_table(t: usize, hd: usize, theta: f64) -> Vec<f32> {
-    let half = hd / 2;
-    let mut tab = vec![0.0f32; 2 * t * half];
-    for p in 0..t {
-        for i in 0..half {
-            let inv = 1.0 / theta.powf((2 * i) as f64 / hd as f64);
-            let a = p as f64 * inv;
-            tab[p * half + i] = a.cos() as f32;
-            tab[t * half + p * half + i] = a.sin() as f32;
-        }
-    }
-    tab
-}
-
 /// In place on x (b, t, heads, hd): x₁' = x₁cos − x₂sin, x₂' = x₂cos + x₁sin, where x₁, x₂
 /// are the two halves of each head (rotate_half). `inverse` rotates by −angle.
 #[allow(clippy::too_many_arguments)]

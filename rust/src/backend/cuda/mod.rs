@@ -5,10 +5,14 @@
 //! (`rust/tests/kernel_emu.rs`); the GEMM plan handed to cuBLAS (`plan.rs`) runs under a
 //! host emulation of cuBLAS (`rust/tests/cuda_plan.rs`); the device `Backend`
 //! (`device.rs`) builds everywhere but has not yet run on a GPU.
+//!
+//! Launch shapes (`launch.rs`) and GEMM layouts (`plan.rs`) are plain data, free of device
+//! types, so the emulations run the very shapes and layouts the device code uses.
 
 pub use device::Cuda;
 
 pub mod device;
 pub mod kernels;
+pub mod launch;
 pub mod plan;
 pub mod probe;

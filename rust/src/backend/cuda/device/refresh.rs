@@ -1,20 +1,21 @@
 //! Projector refresh on the device (engine-notes §3.3), in full fp32 whatever the
 //! activation precision: the Gram matrix plus cuSOLVER `Ssyevd` (the default), or warm-
 //! started randomized subspace iteration with cuSOLVER QR and a Rayleigh–Ritz finish,
-//! step for step the CPU's `linalg::right_vectors`. The exact thin SVD goes through the
+//! step for step `host::linalg::right_vectors`. The exact thin SVD goes through the
 //! host (faer), as the reference's `torch.linalg.svd` would on any device.
 //!
 //! Workspaces are kept between refreshes and only grow, so a run allocates them once.
 
-use super::{dev_err, grid, Cuda, THREADS};
+use super::memory::CudaBuf;
+use super::{dev_err, Cuda};
+use crate::backend::cuda::launch;
 use crate::backend::cuda::plan;
-use super::CudaBuf;
-use crate::backend::{Backend, Refresh};
+use crate::backend::{Linalg, Memory, Refresh};
 use crate::error::{Error, Result};
 use crate::rng;
 use cudarc::cusolver::sys as sol;
 use std::sync::Arc;
-use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
 
 /// Grow-only device scratch of the refresh.
 pub struct Ws {
@@ -52,8 +53,25 @@ fn ok(st: sol::cusolverStatus_t, what: &str) -> Result<()> {
     }
 }
 
+impl Linalg for Cuda {
+    fn top_subspace(
+        &self,
+        g: &CudaBuf,
+        rows: usize,
+        cols: usize,
+        rank: usize,
+        right: bool,
+        method: Refresh,
+        prev: Option<&CudaBuf>,
+        seed: u64,
+        out: &mut CudaBuf,
+    ) -> Result<()> {
+        self.refresh(g, rows, cols, rank, right, method, prev, seed, out)
+    }
+}
+
 impl Cuda {
-    /// `Backend::top_subspace` on the device.
+    /// `Linalg::top_subspace` on the device.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn refresh(
         &self,
@@ -84,7 +102,7 @@ impl Cuda {
                 None => None,
             };
             let mut ho = vec![0.0f32; pn];
-            crate::backend::cpu::linalg::top_subspace(&hg, rows, cols, rank, right, method, hp.as_deref(), seed, &mut ho, 0)?;
+            crate::host::linalg::top_subspace(&hg, rows, cols, rank, right, method, hp.as_deref(), seed, &mut ho, 0)?;
             return self.upload(out, &ho);
         }
         let mut ws = self.ws.lock().unwrap_or_else(|e| e.into_inner());
@@ -252,17 +270,12 @@ impl Cuda {
     fn extract(&self, c: &CudaSlice<f32>, n: usize, k: usize, rows: bool, out: &mut CudaSlice<f32>) -> Result<()> {
         let (ni, ki) = (n as i32, k as i32);
         let name = if rows { "top_eigvecs_rows" } else { "top_eigvecs_cols" };
-        let mut l = self.stream.launch_builder(self.f(name));
-        l.arg(out).arg(c).arg(&ni).arg(&ki);
-        let cfg = LaunchConfig { grid_dim: ((n as u32).div_ceil(THREADS), k as u32, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
-        unsafe { l.launch(cfg) }.map_err(|e| dev_err(name, e)).map(|_| ())
+        launch!(self, self.f(name), launch::eigvecs(n, k); out, c, &ni, &ki).map_err(|e| dev_err(name, e))
     }
 
     /// out (cols×rows) = inᵀ for the row-major rows×cols `inp`.
     fn transpose(&self, out: &mut CudaSlice<f32>, inp: &CudaSlice<f32>, rows: usize, cols: usize) -> Result<()> {
         let (r, c) = (rows as i32, cols as i32);
-        let mut l = self.stream.launch_builder(self.f("transpose"));
-        l.arg(out).arg(inp).arg(&r).arg(&c);
-        unsafe { l.launch(grid(rows * cols)) }.map_err(|e| dev_err("transpose", e)).map(|_| ())
+        launch!(self, self.f("transpose"), launch::elems(rows * cols); out, inp, &r, &c).map_err(|e| dev_err("transpose", e))
     }
 }

@@ -1,13 +1,25 @@
-//! Projector refresh on the CPU with faer: thin SVD, Gram + symmetric eigensolver, and
+//! Projector refresh on the host with faer (the CPU backend's, and the CUDA backend's
+//! exact-SVD route): thin SVD, Gram + symmetric eigensolver, and
 //! warm-started randomized subspace iteration (engine-notes §3.3).
 
 use super::matmul::{matmul, matmul_dw, par};
-use crate::backend::Refresh;
 use crate::error::{Error, Result};
 use crate::rng;
 use faer::{Mat, MatRef, Side};
 
-/// Writes the top-`rank` subspace of g (rows × cols) into `out`; see `Backend::top_subspace`.
+/// How a projector refresh finds the top-r singular subspace of a gradient.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refresh {
+    /// Full thin SVD (the reference's `torch.linalg.svd(full_matrices=False)`).
+    Svd,
+    /// Gram matrix (GᵀG or GGᵀ) plus a symmetric eigensolver: exact, 6–8× cheaper.
+    Eigh,
+    /// Randomized subspace iteration warm-started from the previous projector, finished
+    /// with Rayleigh–Ritz so the basis is sorted like singular vectors.
+    Randomized,
+}
+
+/// Writes the top-`rank` subspace of g (rows × cols) into `out`; see `Linalg::top_subspace`.
 #[allow(clippy::too_many_arguments)]
 pub fn top_subspace(
     g: &[f32],
