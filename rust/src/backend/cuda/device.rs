@@ -16,6 +16,7 @@
 //! emulation of the kernels in `rust/tests/kernel_emu.rs`.
 
 use super::kernels::{self, MODULES};
+use super::launch::{self, Launch, DW_CHUNK, PARTS, THREADS};
 use super::plan::{self, Gemm};
 use super::probe;
 use crate::backend::{AdamHp, AttnDims, Backend, Category, MemTracker, Refresh, Runner, Tracked};
@@ -195,19 +196,19 @@ pub struct Cuda {
     pub name_of_device: String,
 }
 
-const PARTS: usize = 256;
-/// Rows per partial sum of an RMSNorm weight gradient (2048 rows → 64 chunks).
-const DW_CHUNK: usize = 32;
-const THREADS: u32 = 256;
+impl From<Launch> for LaunchConfig {
+    fn from(l: Launch) -> LaunchConfig {
+        let d = |x: [u32; 3]| (x[0], x[1], x[2]);
+        LaunchConfig { grid_dim: d(l.grid), block_dim: d(l.block), shared_mem_bytes: l.shared }
+    }
+}
 
 fn grid(n: usize) -> LaunchConfig {
-    // counted in usize: a u32 element count would wrap at 2^32 (large logits)
-    let blocks = n.div_ceil(THREADS as usize).clamp(1, i32::MAX as usize);
-    LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 }
+    launch::elems(n).into()
 }
 
 fn rows_cfg(rows: usize, threads: u32) -> LaunchConfig {
-    LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 }
+    launch::rows(rows, threads).into()
 }
 
 impl Cuda {
@@ -479,7 +480,7 @@ impl Cuda {
         let [d_uniq, d_starts, d_order] = &sc.groups;
         let mut l = self.stream.launch_builder(self.a("embedding_bwd"));
         l.arg(dtable.data.f32_mut()).arg(&dout.data).arg(d_uniq).arg(d_starts).arg(d_order).arg(&ci);
-        let cfg = LaunchConfig { grid_dim: (uniq.len() as u32, (c as u32).div_ceil(THREADS), 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+        let cfg = launch::token_rows(uniq.len(), c).into();
         self.note("embedding_bwd", unsafe { l.launch(cfg) });
     }
 
@@ -489,11 +490,11 @@ impl Cuda {
         let (nn, parts, acc) = (n as u64, PARTS as i32, acc as i32);
         let mut l = self.stream.launch_builder(self.f("sumsq_partial"));
         l.arg(b.data.f32()).arg(&mut *partial).arg(&nn);
-        let cfg = LaunchConfig { grid_dim: (PARTS as u32, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 };
+        let cfg = launch::sumsq_partial().into();
         self.note("sumsq", unsafe { l.launch(cfg) });
         let mut l = self.stream.launch_builder(self.f("sum_partials"));
         l.arg(&*partial).arg(out).arg(&parts).arg(&acc);
-        self.note("sumsq", unsafe { l.launch(rows_cfg(1, 1)) });
+        self.note("sumsq", unsafe { l.launch(launch::sum_partials().into()) });
     }
 
     /// dst[..n] = src[..n] across element types (a bf16 ⇄ f32 cast when they differ).
@@ -661,7 +662,7 @@ impl Backend for Cuda {
         let name = if table.data.is_bf16() { "embedding_w16" } else { "embedding" };
         let mut l = self.stream.launch_builder(self.a(name));
         l.arg(&mut out.data).arg(&sc.tokens).arg(&table.data).arg(&ci);
-        let cfg = LaunchConfig { grid_dim: (tokens.len() as u32, (c as u32).div_ceil(THREADS), 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+        let cfg = launch::token_rows(tokens.len(), c).into();
         self.note("embedding", unsafe { l.launch(cfg) });
     }
     fn embedding_bwd(&self, dtable: &mut CudaBuf, dout: &CudaBuf, tokens: &[i32], c: usize) {
@@ -693,7 +694,7 @@ impl Backend for Cuda {
         let (chunk, nch) = (DW_CHUNK as i32, chunks as i32);
         let mut l = self.stream.launch_builder(self.a("rmsnorm_bwd_dw_part"));
         l.arg(&mut sc.dw_part).arg(&dout.data).arg(&x.data).arg(rstd.data.f32()).arg(&ni).arg(&ci).arg(&chunk);
-        let cfg = LaunchConfig { grid_dim: ((c as u32).div_ceil(THREADS), chunks as u32, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+        let cfg = launch::rmsnorm_dw_part(c, chunks).into();
         self.note("rmsnorm_bwd", unsafe { l.launch(cfg) });
         let mut l = self.stream.launch_builder(self.a("rmsnorm_bwd_dw_sum"));
         l.arg(dw.data.f32_mut()).arg(&sc.dw_part).arg(&nch).arg(&ci);
@@ -703,7 +704,7 @@ impl Backend for Cuda {
         let (ti, hi, hdi, inv) = (t as i32, heads as i32, hd as i32, inverse as i32);
         let mut l = self.stream.launch_builder(self.a("rope"));
         l.arg(&mut x.data).arg(table.data.f32()).arg(&ti).arg(&hi).arg(&hdi).arg(&inv);
-        let cfg = LaunchConfig { grid_dim: ((b * t) as u32, heads as u32, 1), block_dim: ((hd / 2).max(1) as u32, 1, 1), shared_mem_bytes: 0 };
+        let cfg = launch::rope(b, t, heads, hd).into();
         self.note("rope", unsafe { l.launch(cfg) });
     }
     fn attention(&self, out: &mut CudaBuf, att: &mut CudaBuf, q: &CudaBuf, k: &CudaBuf, v: &CudaBuf, d: AttnDims) {
@@ -897,7 +898,7 @@ impl Backend for Cuda {
         l.arg(&pp).arg(g.data.f32()).arg(&mut cm).arg(&mut cv).arg(&mut am).arg(&mut av);
         l.arg(&self.maps.0).arg(&self.maps.1).arg(&step_size).arg(&eps2).arg(&hp.beta1).arg(&hp.beta2);
         l.arg(&hp.weight_decay).arg(&decay).arg(&bsi).arg(&mut sc.count).arg(&n);
-        let cfg = LaunchConfig { grid_dim: (len.div_ceil(bs) as u32, 1, 1), block_dim: ((bs / 8) as u32, 1, 1), shared_mem_bytes: 0 };
+        let cfg = launch::adam8(len, bs).into();
         self.note("adam8", unsafe { l.launch(cfg) });
     }
     fn bnb32_step(&self, p: &mut CudaBuf, g: &CudaBuf, m: &mut CudaBuf, v: &mut CudaBuf, hp: BnbHp) {
@@ -1006,8 +1007,7 @@ impl Cuda {
         l.arg(&mut q.codes).arg(&mut q.scale).arg(&mut q.zero).arg(src).arg(src).arg(&decay).arg(&upd);
         let group = q.group as i32;
         l.arg(&bits).arg(&wz).arg(&use_sr).arg(&key).arg(&group);
-        let threads = (q.group as u32).div_ceil(32) * 32;
-        let cfg = LaunchConfig { grid_dim: ((q.numel / q.group) as u32, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
+        let cfg = launch::requant(q.numel, q.group).into();
         self.note("q_requant", unsafe { l.launch(cfg) });
     }
 

@@ -10,5 +10,6 @@ pub use device::Cuda;
 
 pub mod device;
 pub mod kernels;
+pub mod launch;
 pub mod plan;
 pub mod probe;

@@ -6,7 +6,8 @@
 //!
 //! Workspaces are kept between refreshes and only grow, so a run allocates them once.
 
-use super::{dev_err, grid, Cuda, THREADS};
+use super::{dev_err, grid, Cuda};
+use crate::backend::cuda::launch;
 use crate::backend::cuda::plan;
 use super::CudaBuf;
 use crate::backend::{Backend, Refresh};
@@ -14,7 +15,7 @@ use crate::error::{Error, Result};
 use crate::rng;
 use cudarc::cusolver::sys as sol;
 use std::sync::Arc;
-use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, PushKernelArg};
 
 /// Grow-only device scratch of the refresh.
 pub struct Ws {
@@ -254,7 +255,7 @@ impl Cuda {
         let name = if rows { "top_eigvecs_rows" } else { "top_eigvecs_cols" };
         let mut l = self.stream.launch_builder(self.f(name));
         l.arg(out).arg(c).arg(&ni).arg(&ki);
-        let cfg = LaunchConfig { grid_dim: ((n as u32).div_ceil(THREADS), k as u32, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+        let cfg = launch::eigvecs(n, k).into();
         unsafe { l.launch(cfg) }.map_err(|e| dev_err(name, e)).map(|_| ())
     }
 
