@@ -2,8 +2,8 @@
 //! `tests/emu/emu.h`, loaded, and launched on copies of Rust values; and `Report`, which
 //! compares what the kernels computed with the CPU's results.
 
-use crate::shapes::Cfg;
 use qgalore::backend::cuda::kernels::{self, Module, MODULES, PRELUDE};
+use qgalore::backend::cuda::launch::Launch;
 use qgalore::quant::{bf16_to_f32, f32_to_bf16};
 use std::ffi::{c_char, c_void, CStr, CString};
 use std::path::{Path, PathBuf};
@@ -446,13 +446,18 @@ impl Lib {
 
     /// Launches `kernel` twice (both thread orders) on copies of `args`, checks that the
     /// results agree, and leaves them in `args`. Panics on any problem.
-    pub fn launch(&self, kernel: &str, cfg: Cfg, args: &mut [Arg]) -> Launched {
+    pub fn launch(&self, kernel: &str, cfg: Launch, args: &mut [Arg]) -> Launched {
         self.try_launch(kernel, cfg, args)
             .unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// `launch`, with the kernel's own failures (undefined behaviour, faults) as `Err`.
-    pub fn try_launch(&self, kernel: &str, cfg: Cfg, args: &mut [Arg]) -> Result<Launched, String> {
+    pub fn try_launch(
+        &self,
+        kernel: &str,
+        cfg: Launch,
+        args: &mut [Arg],
+    ) -> Result<Launched, String> {
         assert!(
             self.kernels.contains(&kernel),
             "{}: {kernel} is not in the module's kernel list",
@@ -507,11 +512,21 @@ impl Lib {
     fn run(
         &self,
         kernel: &str,
-        (g, b): Cfg,
+        cfg: Launch,
         args: &[Arg],
         conv: &[bool],
         schedule: i32,
     ) -> Result<Vec<Option<Vec<u8>>>, String> {
+        let Launch {
+            grid: g,
+            block: b,
+            shared,
+        } = cfg;
+        assert_eq!(
+            shared, 0,
+            "{}/{kernel}: dynamic shared memory is not emulated",
+            self.module
+        );
         let _one = LAUNCH.lock().unwrap_or_else(PoisonError::into_inner);
         let n = args.len();
         let mut ptrs: Vec<*mut c_void> = vec![std::ptr::null_mut(); n];

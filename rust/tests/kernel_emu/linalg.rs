@@ -2,9 +2,9 @@
 //! against `linalg::top_subspace`.
 
 use crate::harness::{emu, Arg, Report};
-use crate::shapes::{eigvecs_cfg, grid};
 use crate::vals;
 use qgalore::backend::cpu::{linalg, matmul};
+use qgalore::backend::cuda::launch;
 use qgalore::backend::Refresh;
 
 /// The eigenvector matrix of `c` (n×n, symmetric) as cuSOLVER's syevd leaves it:
@@ -75,7 +75,7 @@ fn eigenvector_kernels_extract_the_cpu_projector() {
                 Arg::I32(n as i32),
                 Arg::I32(rank as i32),
             ];
-            lib.launch(name, eigvecs_cfg(n, rank), &mut args);
+            lib.launch(name, launch::eigvecs(n, rank), &mut args);
             r.same_f32(
                 &format!("{}/{name} {rows}×{cols} rank {rank}", lib.module),
                 args[0].f32s(),
@@ -99,7 +99,7 @@ fn eigenvector_kernels_extract_the_cpu_projector() {
                 Arg::I32(rows as i32),
                 Arg::I32(cols as i32),
             ];
-            lib.launch("transpose", grid(rows * cols), &mut args);
+            lib.launch("transpose", launch::elems(rows * cols), &mut args);
             r.same_f32(
                 &format!("{}/transpose {rows}×{cols}", lib.module),
                 args[0].f32s(),

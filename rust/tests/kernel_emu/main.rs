@@ -16,8 +16,9 @@
 //! Without a C++ compiler each test prints `skipped: no C++ compiler` and passes.
 //!
 //! Layout: `harness` builds, loads and launches the emulated modules and compares
-//! results; `shapes` holds the launch shapes; one file per kernel module (`quant`,
-//! `optim`, `linalg`, `nn`) holds its tests; `coverage` checks that every kernel of the
+//! results; one file per kernel module (`quant`, `optim`, `linalg`, `nn`) holds its
+//! tests, which launch every kernel with the shape the device code gives it
+//! (`backend/cuda/launch.rs`); `coverage` checks that every kernel of the
 //! sources is registered and exercised; `selftest` shows that the emulator catches the
 //! defects it promises to catch.
 #![cfg(feature = "cuda")]
@@ -29,7 +30,6 @@ mod nn;
 mod optim;
 mod quant;
 mod selftest;
-mod shapes;
 
 use qgalore::backend::cpu::Cpu;
 use qgalore::backend::{Backend, Category};

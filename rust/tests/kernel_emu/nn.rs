@@ -2,11 +2,9 @@
 //! from nn.cu (f32 and bf16 activations).
 
 use crate::harness::{emu, kernel_names, Arg, Lib, Report};
-use crate::shapes::{
-    dw_part_cfg, embedding_bwd_cfg, embedding_cfg, grid, rope_cfg, rows_cfg, THREADS,
-};
 use crate::{cbuf, cpu, ids, vals};
 use qgalore::backend::cpu::{attention, matmul, ops};
+use qgalore::backend::cuda::launch::{self, THREADS};
 use qgalore::backend::{AttnDims, Backend};
 use qgalore::quant::{bf16_to_f32, f32_to_bf16};
 
@@ -25,7 +23,7 @@ fn nn_module(lib: &Lib, r: &mut Report) {
     let y = vals(n, 2, 2.0);
     if has("fill") {
         let mut a = vec![Arg::F32s(x.clone()), Arg::F32(0.37), Arg::U64(n as u64)];
-        let l = lib.launch("fill", grid(n), &mut a);
+        let l = lib.launch("fill", launch::elems(n), &mut a);
         let mut b = cbuf(&be, &x);
         be.fill(&mut b, 0.37);
         r.close(
@@ -40,7 +38,7 @@ fn nn_module(lib: &Lib, r: &mut Report) {
     if has("fill_act") {
         // the activation fill stores v once rounded (exact, either type)
         let mut a = vec![Arg::F32s(x.clone()), Arg::F32(0.37), Arg::U64(n as u64)];
-        let l = lib.launch("fill_act", grid(n), &mut a);
+        let l = lib.launch("fill_act", launch::elems(n), &mut a);
         let v = if l.bf16[0] {
             bf16_to_f32(f32_to_bf16(0.37))
         } else {
@@ -56,7 +54,7 @@ fn nn_module(lib: &Lib, r: &mut Report) {
             Arg::F32s(y.clone()),
             Arg::U64(n as u64),
         ];
-        let l = lib.launch("axpy", grid(n), &mut a);
+        let l = lib.launch("axpy", launch::elems(n), &mut a);
         let mut d = cbuf(&be, l.before[0].f32s());
         be.axpy(&mut d, -0.7, &cbuf(&be, l.before[2].f32s()));
         r.close(
@@ -70,7 +68,7 @@ fn nn_module(lib: &Lib, r: &mut Report) {
     }
     if has("scale") {
         let mut a = vec![Arg::F32s(x.clone()), Arg::F32(1.3), Arg::U64(n as u64)];
-        let l = lib.launch("scale", grid(n), &mut a);
+        let l = lib.launch("scale", launch::elems(n), &mut a);
         let mut d = cbuf(&be, l.before[0].f32s());
         be.scale(&mut d, 1.3);
         r.close(
@@ -89,7 +87,7 @@ fn nn_module(lib: &Lib, r: &mut Report) {
             Arg::F32s(y.clone()),
             Arg::U64(n as u64),
         ];
-        let l = lib.launch("swiglu", grid(n), &mut a);
+        let l = lib.launch("swiglu", launch::elems(n), &mut a);
         let mut want = vec![0.0f32; n];
         ops::swiglu(&mut want, l.before[1].f32s(), l.before[2].f32s());
         r.close(
@@ -111,7 +109,7 @@ fn nn_module(lib: &Lib, r: &mut Report) {
             Arg::F32s(y.clone()),
             Arg::U64(n as u64),
         ];
-        let l = lib.launch("swiglu_bwd", grid(n), &mut a);
+        let l = lib.launch("swiglu_bwd", launch::elems(n), &mut a);
         let (mut dg, mut du) = (vec![0.0f32; n], vec![0.0f32; n]);
         ops::swiglu_bwd(
             &mut dg,
@@ -157,7 +155,7 @@ fn nn_module(lib: &Lib, r: &mut Report) {
             Arg::F32s(table),
             Arg::I32(c as i32),
         ];
-        let l = lib.launch(kname, embedding_cfg(rows, c), &mut a);
+        let l = lib.launch(kname, launch::token_rows(rows, c), &mut a);
         let mut want = vec![0.0f32; rows * c];
         ops::embedding(&mut want, &tokens, l.before[2].f32s(), c);
         r.close(
@@ -180,7 +178,7 @@ fn nn_module(lib: &Lib, r: &mut Report) {
             Arg::I32s(order),
             Arg::I32(c as i32),
         ];
-        let l = lib.launch("embedding_bwd", embedding_bwd_cfg(uniq.len(), c), &mut a);
+        let l = lib.launch("embedding_bwd", launch::token_rows(uniq.len(), c), &mut a);
         let mut want = l.before[0].f32s().to_vec();
         ops::embedding_bwd(&mut want, l.before[1].f32s(), &tokens, c);
         // the CPU's summation order: bit-identical, not only close
@@ -217,7 +215,7 @@ fn nn_module(lib: &Lib, r: &mut Report) {
                 Arg::I32(c as i32),
                 Arg::F32(eps),
             ];
-            let l = lib.launch("rmsnorm", rows_cfg(rows, THREADS), &mut a);
+            let l = lib.launch("rmsnorm", launch::rows(rows, THREADS), &mut a);
             let mut out = vec![0.0f32; rows * c];
             ops::rmsnorm(
                 &mut out,
@@ -259,7 +257,7 @@ fn nn_module(lib: &Lib, r: &mut Report) {
                 Arg::F32s(rstd_cpu.clone()),
                 Arg::I32(c as i32),
             ];
-            let l = lib.launch("rmsnorm_bwd_dx", rows_cfg(rows, THREADS), &mut a);
+            let l = lib.launch("rmsnorm_bwd_dx", launch::rows(rows, THREADS), &mut a);
             // device.rs's two stages, with small chunks so that several partial sums exist
             let chunk = 3usize;
             let chunks = rows.div_ceil(chunk);
@@ -272,14 +270,18 @@ fn nn_module(lib: &Lib, r: &mut Report) {
                 Arg::I32(c as i32),
                 Arg::I32(chunk as i32),
             ];
-            lib.launch("rmsnorm_bwd_dw_part", dw_part_cfg(c, chunks), &mut p);
+            lib.launch(
+                "rmsnorm_bwd_dw_part",
+                launch::rmsnorm_dw_part(c, chunks),
+                &mut p,
+            );
             let mut b = vec![
                 Arg::F32s(dw0),
                 Arg::F32s(p[0].f32s().to_vec()),
                 Arg::I32(chunks as i32),
                 Arg::I32(c as i32),
             ];
-            let l2 = lib.launch("rmsnorm_bwd_dw_sum", grid(c), &mut b);
+            let l2 = lib.launch("rmsnorm_bwd_dw_sum", launch::elems(c), &mut b);
             let (mut dx, mut dw) = (l.before[0].f32s().to_vec(), l2.before[0].f32s().to_vec());
             assert!(
                 p[0].f32s().iter().all(|v| v.is_finite()),
@@ -326,7 +328,7 @@ fn nn_module(lib: &Lib, r: &mut Report) {
                     Arg::I32(hd as i32),
                     Arg::I32(inverse as i32),
                 ];
-                let l = lib.launch("rope", rope_cfg(b * t, heads, hd), &mut a);
+                let l = lib.launch("rope", launch::rope(b, t, heads, hd), &mut a);
                 let mut want = l.before[0].f32s().to_vec();
                 ops::rope(&mut want, l.before[1].f32s(), b, t, heads, hd, inverse);
                 let what = format!("{m}/rope hd={hd} inverse={inverse}");
@@ -405,7 +407,7 @@ fn nn_module(lib: &Lib, r: &mut Report) {
         let rows = b * h * t;
         if has("causal_softmax") {
             let mut a = vec![Arg::F32s(scores.clone()), Arg::I32(t as i32)];
-            let l = lib.launch("causal_softmax", rows_cfg(rows, THREADS), &mut a);
+            let l = lib.launch("causal_softmax", launch::rows(rows, THREADS), &mut a);
             let want = if l.any_bf16() {
                 // bf16 scores in: recompute the CPU's softmax from what the kernel read
                 cpu_causal_softmax(l.before[0].f32s(), t)
@@ -437,7 +439,7 @@ fn nn_module(lib: &Lib, r: &mut Report) {
                 Arg::I32(t as i32),
                 Arg::F32(scale),
             ];
-            let l = lib.launch("causal_softmax_bwd", rows_cfg(rows, THREADS), &mut a);
+            let l = lib.launch("causal_softmax_bwd", launch::rows(rows, THREADS), &mut a);
             let want = if l.any_bf16() {
                 cpu_causal_softmax_bwd(l.before[0].f32s(), l.before[1].f32s(), t, scale)
             } else {
@@ -469,7 +471,7 @@ fn nn_module(lib: &Lib, r: &mut Report) {
                     Arg::I32(grad.is_some() as i32),
                     Arg::F32(grad.unwrap_or(0.0)),
                 ];
-                let l = lib.launch("cross_entropy", rows_cfg(n, THREADS), &mut a);
+                let l = lib.launch("cross_entropy", launch::rows(n, THREADS), &mut a);
                 let mut z = l.before[0].f32s().to_vec();
                 let mut losses = vec![0.0f32; n];
                 ops::cross_entropy(&mut z, &targets, &mut losses, n, v, grad);

@@ -2,9 +2,9 @@
 //! sanitizer and sum of squares.
 
 use crate::harness::{emu, Arg, Report};
-use crate::shapes::{adam8_cfg, grid, sum_partials_cfg, sumsq_cfg, PARTS};
 use crate::{cbuf, cpu, vals};
 use qgalore::backend::cpu::ops;
+use qgalore::backend::cuda::launch::{self, PARTS};
 use qgalore::backend::{AdamHp, Backend};
 use qgalore::quant::adam8::{self, State8};
 use qgalore::quant::{bf16_to_f32, f32_to_bf16};
@@ -60,7 +60,7 @@ fn optimizer_kernels_are_bit_identical_to_the_cpu_steps() {
             let mut args = a.clone();
             args.extend([s, rbc2, decay, h.beta1, h.beta2, h.eps].map(Arg::F32));
             args.push(Arg::U64(n as u64));
-            lib.launch("adamw", grid(n), &mut args);
+            lib.launch("adamw", launch::elems(n), &mut args);
             ops::adamw(&mut p, &g, &mut m, &mut v, h);
             let tag = format!("{}/adamw step {step}", lib.module);
             r.same_f32(&format!("{tag} p"), args[0].f32s(), &p);
@@ -86,7 +86,7 @@ fn optimizer_kernels_are_bit_identical_to_the_cpu_steps() {
                 Arg::F32(h.eps),
                 Arg::U64(n as u64),
             ];
-            lib.launch("galore_adam", grid(n), &mut args);
+            lib.launch("galore_adam", launch::elems(n), &mut args);
             ops::galore_adam(&mut buf, &mut m, &mut v, h);
             let tag = format!("{}/galore_adam step {step}", lib.module);
             r.same_f32(&format!("{tag} update"), args[0].f32s(), &buf);
@@ -128,7 +128,7 @@ fn optimizer_kernels_are_bit_identical_to_the_cpu_steps() {
                         Arg::U64s(vec![7]), // running count, not reset by the step
                         Arg::U64(n as u64),
                     ];
-                    lib.launch(kname, grid(n), &mut args);
+                    lib.launch(kname, launch::elems(n), &mut args);
                     let skipped = adam8::step32(&mut p, &g, &mut m, &mut v, h);
                     round_weights(&mut p, w16);
                     let tag = format!("{}/{kname} wd={wd} step {step}", lib.module);
@@ -183,7 +183,7 @@ fn optimizer_kernels_are_bit_identical_to_the_cpu_steps() {
                         Arg::U64s(vec![7]), // running count, not reset by the step
                         Arg::U64(n as u64),
                     ];
-                    lib.launch(kname, adam8_cfg(n, block), &mut args);
+                    lib.launch(kname, launch::adam8(n, block), &mut args);
                     let skipped = adam8::step8(&mut p, &g, &mut st, &maps, h);
                     round_weights(&mut p, w16);
                     let tag = format!("{}/{kname} block {block} step {step}", lib.module);
@@ -209,7 +209,7 @@ fn optimizer_kernels_are_bit_identical_to_the_cpu_steps() {
         let x = grads(n, 50, Some((1000, 300)));
         // the counter is a running total (read and reset by take_nonfinite)
         let mut args = vec![Arg::F32s(x.clone()), Arg::U64s(vec![5]), Arg::U64(n as u64)];
-        lib.launch("sanitize", grid(n), &mut args);
+        lib.launch("sanitize", launch::elems(n), &mut args);
         let mut b = cbuf(&be, &x);
         be.sanitize(&mut b, n);
         let count = be.take_nonfinite();
@@ -240,7 +240,7 @@ fn optimizer_kernels_are_bit_identical_to_the_cpu_steps() {
                 Arg::F64s(vec![0.0; PARTS]),
                 Arg::U64(n as u64),
             ];
-            lib.launch("sumsq_partial", sumsq_cfg(), &mut a);
+            lib.launch("sumsq_partial", launch::sumsq_partial(), &mut a);
             let exact: f64 = x.iter().map(|&v| v as f64 * v as f64).sum();
             let cpu_sum = be.sumsq(&cbuf(&be, &x), n);
             // sum_partials(part, out, parts[, acc]): with `acc` it adds to a running total
@@ -255,7 +255,7 @@ fn optimizer_kernels_are_bit_identical_to_the_cpu_steps() {
                 if accumulates {
                     b.push(Arg::I32(acc));
                 }
-                sum.launch("sum_partials", sum_partials_cfg(), &mut b);
+                sum.launch("sum_partials", launch::sum_partials(), &mut b);
                 let got = b[1].f64s()[0] - if acc == 1 { start } else { 0.0 };
                 for (what, want) in [("f64 sum", exact), ("CPU sumsq", cpu_sum)] {
                     let e = (got - want).abs() / want;

@@ -2,8 +2,8 @@
 //! `QTensor`.
 
 use crate::harness::{emu, Arg, Emu, Report};
-use crate::shapes::{grid, requant_cfg};
 use crate::vals;
+use qgalore::backend::cuda::launch;
 use qgalore::quant::{f32_to_bf16, QTensor, Range};
 use qgalore::rng;
 
@@ -99,7 +99,7 @@ fn requant_cases(emu: &Emu, r: &mut Report, kinds: usize) -> usize {
                 for sr in [None, Some(key)] {
                     let mut q = QTensor::new(numel, bits, group).unwrap();
                     let mut a = q_state_args(&q, &src, 1.0, false, range, sr);
-                    lib.launch("q_requant", requant_cfg(&q), &mut a);
+                    lib.launch("q_requant", launch::requant(q.numel, q.group), &mut a);
                     q.requantize(&src, range, sr);
                     check_q(r, &format!("{tag} quantize sr={}", sr.is_some()), &a, &q);
                     cases += 1;
@@ -116,7 +116,7 @@ fn requant_cases(emu: &Emu, r: &mut Report, kinds: usize) -> usize {
                 ] {
                     let mut q = q0.clone();
                     let mut a = q_state_args(&q, &delta, decay, true, range, sr);
-                    lib.launch("q_requant", requant_cfg(&q), &mut a);
+                    lib.launch("q_requant", launch::requant(q.numel, q.group), &mut a);
                     cpu_update(&mut q, &delta, decay, range, sr);
                     if bits == 8 {
                         // the composed reference is QTensor::update where that exists
@@ -168,7 +168,7 @@ fn dequant_cases(emu: &Emu, r: &mut Report, module: &str, q: &QTensor) {
         Arg::I32(group as i32),
         Arg::U64(n as u64),
     ];
-    lib.launch("q_dequant", grid(n), &mut d);
+    lib.launch("q_dequant", launch::elems(n), &mut d);
     let mut want = vec![0.0f32; n];
     q.dequantize(&mut want);
     r.same_f32(
@@ -179,7 +179,7 @@ fn dequant_cases(emu: &Emu, r: &mut Report, module: &str, q: &QTensor) {
     if lib.kernels.contains(&"q_dequant_bf16") {
         // the bf16 GEMM operand: the same values, rounded once
         d[0] = Arg::U16s(vec![0; n]);
-        lib.launch("q_dequant_bf16", grid(n), &mut d);
+        lib.launch("q_dequant_bf16", launch::elems(n), &mut d);
         let want: Vec<u16> = want.iter().map(|&x| f32_to_bf16(x)).collect();
         r.same(
             &format!("{module}/q_dequant_bf16 INT{bits} group {group}"),
@@ -231,7 +231,7 @@ fn quant_kernels_are_bit_identical_to_the_cpu_quantizer() {
             Arg::F32s(src.clone()),
             Arg::U64(n as u64),
         ];
-        lib.launch("bf16_quant", grid(n), &mut a);
+        lib.launch("bf16_quant", launch::elems(n), &mut a);
         r.same(&format!("{}/bf16_quant", lib.module), a[0].u16s(), &want);
     }
     for lib in emu.with("bf16_dequant") {
@@ -240,7 +240,7 @@ fn quant_kernels_are_bit_identical_to_the_cpu_quantizer() {
             Arg::U16s(want.clone()),
             Arg::U64(n as u64),
         ];
-        lib.launch("bf16_dequant", grid(n), &mut a);
+        lib.launch("bf16_dequant", launch::elems(n), &mut a);
         let mut back = vec![0.0f32; n];
         q.dequantize(&mut back);
         r.same_f32(&format!("{}/bf16_dequant", lib.module), a[0].f32s(), &back);
