@@ -1,6 +1,6 @@
 // CPU emulation of the CUDA execution model, enough to compile rust/kernels/*.cu with g++
 // (force-included with `-include emu.h`) and run the kernels on host memory. Used by
-// rust/tests/kernel_emu.rs, which checks every kernel against the CPU reference.
+// rust/tests/kernel_emu/ (harness.rs), which checks every kernel against the CPU reference.
 //
 // Model:
 //  * Blocks of a grid run one after another, so `__shared__` variables can be function
