@@ -7,7 +7,8 @@ import { checkOptions, engineOptimizerConfig, PROJECTED_OPTIMIZERS } from "../li
 
 /**
  * The engine's optimizer config for `name` with the CLI's per-optimizer defaults (the
- * spec's reference runs), at `rank` for the projected optimizers and without clipping.
+ * reference runs of docs/algorithm-spec.md §1.6, §1.7, §2.6), at `rank` for the projected optimizers
+ * and without clipping.
  */
 export function optimizerConfig(name: string, rank: number, model: string): OptimizerConfig {
   const projected = PROJECTED_OPTIMIZERS.includes(name);

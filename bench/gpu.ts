@@ -38,7 +38,7 @@ const { values } = parseArgs({
   },
 });
 
-/** Ranks of the reference runs (algorithm-spec §1.7): 128/256/256/1024 (1B as the scripts). */
+/** Ranks of the reference runs (docs/algorithm-spec.md §1.7): 128/256/256/1024 (1B as the scripts). */
 const RANK: Record<string, number> = {
   "llama-60m": 128,
   "llama-130m": 256,

@@ -1,8 +1,8 @@
 /**
  * Memory estimates without building an engine: {@link estimateMemory} is the engine's own
  * byte plan (`rust/src/plan.rs`, the code the engine allocates from), category by category
- * (algorithm spec I-15), and {@link paperMemory} gives the GaLore paper's full-rank estimate
- * (Table 6; spec §4.1).
+ * (docs/algorithm-spec.md I-15), and {@link paperMemory} gives the GaLore paper's full-rank estimate
+ * (Table 6; docs/algorithm-spec.md §4.1).
  *
  * @module
  */
@@ -164,7 +164,7 @@ export interface PaperMemory {
 }
 
 /**
- * Full-rank BF16 memory of GaLore paper Table 6 as algorithm spec I-15 defines it: weights
+ * Full-rank BF16 memory of GaLore paper Table 6 as docs/algorithm-spec.md I-15 defines it: weights
  * = params × 2 B and Adam states = params × 4 B, in GiB. `model` is a config or a preset
  * name, which here takes the paper's T5 vocabulary (32000). The paper's printed rows agree
  * with this only in part (no single unit or rounding reproduces all of them; see the

@@ -29,12 +29,12 @@ const SCHEMA = engineOptions();
 /** Optimizers the engine implements; the single list every check and message uses. */
 export const OPTIMIZERS: readonly string[] = Object.freeze(SCHEMA.optimizers.map((o) => o.name));
 
-/** Optimizers that project the 7 linear matrices of each block (GaLore, algorithm spec §1.4). */
+/** Optimizers that project the 7 linear matrices of each block (GaLore, docs/algorithm-spec.md §1.4). */
 export const PROJECTED_OPTIMIZERS: readonly string[] = Object.freeze(
   SCHEMA.optimizers.filter((o) => o.projected).map((o) => o.name),
 );
 
-/** Optimizers with bitsandbytes-style block-wise 8-bit Adam states (spec §1.6). */
+/** Optimizers with bitsandbytes-style block-wise 8-bit Adam states (docs/algorithm-spec.md §1.6). */
 export const EIGHT_BIT_OPTIMIZERS: readonly string[] = Object.freeze(
   SCHEMA.optimizers.filter((o) => o.eight_bit).map((o) => o.name),
 );
@@ -59,7 +59,7 @@ export const COS_MODES: readonly string[] = Object.freeze([...spec("cos_mode").c
 
 /**
  * Quantizer range: `zero` includes 0 in each group's range (fixes the reference clamp bug,
- * spec §2.2), `reference` is the reference's min–max range.
+ * docs/algorithm-spec.md §2.2), `reference` is the reference's min–max range.
  */
 export const QUANT_RANGES: readonly string[] = Object.freeze([...spec("quant_range").choices!]);
 
@@ -132,7 +132,7 @@ export interface TrainOptions {
   projGroupSize: number | null;
   /** Stochastic rounding of the INT8 weight update; only with INT8 weights. */
   stochasticRound: boolean | null;
-  /** Lazy layer-wise subspace refresh (spec §2.5); projected optimizers only. */
+  /** Lazy layer-wise subspace refresh (docs/algorithm-spec.md §2.5); projected optimizers only. */
   lazy: boolean | null;
   /** Mean cosine at which the lazy refresh doubles a matrix's gap; only with `lazy`. */
   cosThreshold: number | null;
@@ -713,7 +713,7 @@ function settingsOf(
 
 /**
  * The settings of `optimizer` when none are given: the engine's defaults (the reference runs
- * of the algorithm spec; see `rust/src/config.rs`) and {@link DEFAULT_LR}. The GaLore family
+ * of docs/algorithm-spec.md §1.6, §1.7, §2.6; see `rust/src/config.rs`) and {@link DEFAULT_LR}. The GaLore family
  * steps inside the backward (`fused`) when `gradAccum` is 1. Throws UsageError for an
  * unknown optimizer.
  */

@@ -1,6 +1,6 @@
 /**
  * Learning-rate schedule of the GaLore / Q-GaLore recipe: linear warmup, then cosine decay to
- * `minLrRatio · lr` (algorithm spec §1.7).
+ * `minLrRatio · lr` (docs/algorithm-spec.md §1.7).
  *
  * @module
  */

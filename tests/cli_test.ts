@@ -343,7 +343,7 @@ Deno.test("GaLore-family flags land in their options", () => {
   if (g !== "help") assert.equal(checkOptions(g).opts.quantRange, "zero");
 });
 
-Deno.test("per-optimizer defaults (spec §1.6, §1.7, §2.6)", () => {
+Deno.test("per-optimizer defaults (docs/algorithm-spec.md §1.6, §1.7, §2.6)", () => {
   const resolved = (optimizer: string, extra: Record<string, unknown> = {}) =>
     checkOptions({ optimizer, ...extra }).opts;
   const none = {

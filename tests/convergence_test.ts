@@ -10,7 +10,7 @@ import type { TrainOptions } from "../lib/options.ts";
 
 // llama-9m is 128 wide; rank 32 is a quarter of every matrix's smaller side. Each optimizer
 // runs at its default learning rate; the projectors refresh every 50 updates, so the run
-// crosses two subspace switches (moments carried over, spec §1.2).
+// crosses two subspace switches (moments carried over, docs/algorithm-spec.md §1.2).
 const run = (optimizer: string): Promise<Summary> => {
   const opts: Partial<TrainOptions> = {
     model: "llama-9m",

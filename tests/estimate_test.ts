@@ -1,5 +1,5 @@
 /**
- * The memory estimator against the engine's own accounting (spec I-15), and the GaLore
+ * The memory estimator against the engine's own accounting (docs/algorithm-spec.md I-15), and the GaLore
  * paper's Table 6 full-rank rows.
  */
 import assert from "node:assert/strict";
@@ -97,7 +97,7 @@ Deno.test("estimateMemory: bf16 activations halve all but the f32 buffers", () =
   assert.equal(bf16.total - fp32.total, bf16.activations - fp32.activations);
 });
 
-Deno.test("paperMemory: GaLore Table 6 full-rank rows (spec §4.1, I-15)", () => {
+Deno.test("paperMemory: GaLore Table 6 full-rank rows (docs/algorithm-spec.md §4.1, I-15)", () => {
   const gib = 2 ** 30;
   const rows: [string, number, number, number][] = [
     // preset, params, paper weights (GB), paper optimizer states (GB)
@@ -116,7 +116,7 @@ Deno.test("paperMemory: GaLore Table 6 full-rank rows (spec §4.1, I-15)", () =>
   }
   const r2 = (x: number) => x.toFixed(2);
   const m = (name: string) => paperMemory(name);
-  // The rows the spec's formula reproduces to the printed two decimals:
+  // The rows the formula of docs/algorithm-spec.md I-15 reproduces to the printed two decimals:
   assert.equal(r2(m("llama-130m").weightsGiB), "0.25");
   assert.equal(r2(m("llama-350m").optimizerStateGiB), "1.37");
   // 350M weights: 0.6854 GiB, printed 0.68 (truncated, not rounded).
@@ -218,7 +218,8 @@ Deno.test("planEngine: the engine's fit check names config fields; the engine re
   });
   assert.throws(
     () => planEngine({ ...cfg, batch_size: 0 }),
-    (e: unknown) => e instanceof EngineError && e.message === "batch_size = 0: must be an integer ≥ 1",
+    (e: unknown) =>
+      e instanceof EngineError && e.message === "batch_size = 0: must be an integer ≥ 1",
   );
   const adam = { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0, clip: 0 };
   await assert.rejects(

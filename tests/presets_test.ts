@@ -11,7 +11,7 @@ import {
 } from "../lib/presets.ts";
 import { paramCount } from "../lib/estimate.ts";
 
-Deno.test("paper parameter totals with the T5 vocabulary (spec §3, I-14)", () => {
+Deno.test("paper parameter totals with the T5 vocabulary (docs/algorithm-spec.md §3, I-14)", () => {
   const expected: Record<string, number> = {
     "llama-60m": 58.07,
     "llama-130m": 134.11,

@@ -11,7 +11,7 @@ const ref: ScheduleOptions = {
 const close = (a: number, b: number, tol = 1e-12) =>
   assert.ok(Math.abs(a - b) <= tol, `${a} != ${b} (tol ${tol})`);
 
-Deno.test("reference mode: I-13 anchor values", () => {
+Deno.test("reference mode: anchor values of docs/algorithm-spec.md I-13", () => {
   assert.equal(lrAt(0, ref), 0);
   close(lrAt(100, ref), 0.01);
   close(lrAt(1000, ref), 0.001);

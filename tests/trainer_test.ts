@@ -86,7 +86,7 @@ Deno.test("train: loop, schedule, evals, files and summary", async () => {
     assert.equal(summary.initial_val_loss, 5.5);
     assert.equal(summary.val_loss, 0.5);
     assert.equal(summary.val_ppl, Math.exp(0.5));
-    // evalBatches 2: the reference divides the sum of 2 batch losses by 3 (I-16).
+    // evalBatches 2: the reference divides the sum of 2 batch losses by 3 (docs/algorithm-spec.md I-16).
     assert.equal(summary.val_loss_ref, (0.5 * 2) / 3);
     assert.equal(summary.val_ppl_ref, Math.exp((0.5 * 2) / 3));
     // A stand-in without info(): no refreshes, fused from the options.

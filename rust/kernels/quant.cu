@@ -1,4 +1,4 @@
-// Group quantization (algorithm-spec §2.2–2.4), bit-identical to rust/src/quant/mod.rs
+// Group quantization (docs/algorithm-spec.md §2.2–2.4), bit-identical to rust/src/quant/mod.rs
 // when compiled with --fmad=false: one thread block per group (group ≤ 1024 elements).
 
 __device__ __forceinline__ void group_params(float lo, float hi, float qmax, int with_zero,

@@ -31,7 +31,7 @@ impl AdamHp {
         ((-(self.lr as f64) * c2 / c1) as f32, (self.eps as f64 * c2) as f32)
     }
 
-    /// GaLore-AdamW's folded step size ŝ = η·√(1−β2^t)/(1−β1^t) (algorithm-spec §1.3).
+    /// GaLore-AdamW's folded step size ŝ = η·√(1−β2^t)/(1−β1^t) (docs/algorithm-spec.md §1.3).
     pub fn galore_step(&self) -> f32 {
         let t = self.step as i32;
         (self.lr as f64 * (1.0 - (self.beta2 as f64).powi(t)).sqrt() / (1.0 - (self.beta1 as f64).powi(t))) as f32

@@ -11,7 +11,7 @@ use crate::quant::Range;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-/// LLaMA architecture (algorithm-spec §3). Field names follow `transformers.LlamaConfig`.
+/// LLaMA architecture (docs/algorithm-spec.md §3). Field names follow `transformers.LlamaConfig`.
 #[derive(Clone, Debug, Deserialize)]
 pub struct ModelConfig {
     pub vocab_size: usize,
@@ -134,12 +134,12 @@ impl Named for Optimizer {
 }
 
 impl Optimizer {
-    /// Projects the 7 linear matrices of each block (GaLore, algorithm-spec §1.4).
+    /// Projects the 7 linear matrices of each block (GaLore, docs/algorithm-spec.md §1.4).
     pub fn projected(self) -> bool {
         matches!(self, Optimizer::Galore | Optimizer::Galore8bit | Optimizer::QGalore)
     }
     /// bnb-style block-wise 8-bit Adam states (≥ 4096 elements) for the non-projected
-    /// tensors (spec §1.6).
+    /// tensors (docs/algorithm-spec.md §1.6).
     pub fn eight_bit(self) -> bool {
         matches!(self, Optimizer::Adam8bit | Optimizer::Galore8bit | Optimizer::QGalore)
     }
@@ -507,7 +507,7 @@ fn per<T: Copy>(other: T, qgalore: T) -> impl Fn(Optimizer, usize) -> T {
     move |o, _| if o == Optimizer::QGalore { qgalore } else { other }
 }
 
-// Defaults: the reference runs of algorithm spec §1.7 (GaLore: ε 1e-6, β2 0.999, r 128,
+// Defaults: the reference runs of docs/algorithm-spec.md §1.7 (GaLore: ε 1e-6, β2 0.999, r 128,
 // T 200, α 0.25, bf16 projectors), §1.6 (8-bit Adam: ε 1e-8, block 2048) and §2.6 (Q-GaLore
 // C4 runs: β2 0.95, INT8 weights with stochastic rounding, INT4 projectors, lazy refresh
 // with threshold 0.4, queue 5, γ 2). Projectors refresh by `eigh` (exact and faster than the
@@ -519,14 +519,14 @@ optim_options! {
     weight_decay: f32, Some(Bounds::at_least(0.0)), all(0.0), All;
     /// Global gradient-norm clipping threshold; 0 disables it.
     clip: f32, Some(Bounds::at_least(0.0)), all(0.0), All;
-    // GaLore / Q-GaLore (algorithm-spec §1.2–1.6, §2)
+    // GaLore / Q-GaLore (docs/algorithm-spec.md §1.2–1.6, §2)
     rank: usize, Some(Bounds::int(1.0)), all(128), Projected;
     update_gap: u64, Some(Bounds::int(1.0)), all(200), Projected;
     galore_scale: f32, Some(Bounds::above(0.0).max(F32_MAX)), all(0.25), Projected;
     /// 4 (packed INT4), 8, 16 (bf16) or 32 (f32) projector storage.
     proj_bits: u8, Some(Bounds::int(4.0).one_of(&[4.0, 8.0, 16.0, 32.0])), per(16, 4), Projected;
     proj_refresh: Refresh, None, all(Refresh::Eigh), Projected;
-    /// Lazy layer-wise subspace refresh (spec §2.5).
+    /// Lazy layer-wise subspace refresh (docs/algorithm-spec.md §2.5).
     lazy: bool, None, per(false, true), Projected;
     /// bnb block size for 8-bit states (2048 in bnb 0.43.1, 256 in later versions).
     block_size: usize, Some(Bounds::int(256.0).one_of(&[256.0, 2048.0])), all(2048), EightBit;
@@ -540,7 +540,7 @@ optim_options! {
     queue_size: usize, Some(Bounds::int(1.0).max(1e6)), all(5), Lazy;
     gamma: u64, Some(Bounds::int(1.0).max(1e6)), all(2), Lazy;
     cos_mode: CosMode, None, all(CosMode::Signed), Lazy;
-    /// Optimizer steps inside the backward pass (per-layer updates, §1.5).
+    /// Optimizer steps inside the backward pass (per-layer updates, docs/algorithm-spec.md §1.5).
     fused: bool, None, |o: Optimizer, ga: usize| o.projected() && ga == 1, OneMicroBatch;
 }
 

@@ -1,6 +1,6 @@
 //! The C ABI: the only place with `extern "C"`, raw pointers and `catch_unwind`.
 //!
-//! Conventions (deno-notes §0): opaque handles from `Box::into_raw`; `i32` status codes
+//! Conventions: opaque handles from `Box::into_raw`; `i32` status codes
 //! (0 = ok, negative = `error::Code`); error text stored per handle (nonblocking calls hop
 //! threads, so no thread-locals) and read with `qg_last_error`; every entry point is
 //! guarded so a Rust panic becomes status −2 instead of aborting the host process.

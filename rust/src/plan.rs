@@ -37,7 +37,7 @@ impl Bytes {
     }
 }
 
-/// Projector geometry of a rows×cols matrix at rank `rank` (algorithm-spec §1.2): the right
+/// Projector geometry of a rows×cols matrix at rank `rank` (docs/algorithm-spec.md §1.2): the right
 /// projector Q (r'×cols) when rows ≥ cols, else the left one P (rows×r'), with
 /// r' = min(rank, rows, cols).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -72,7 +72,7 @@ impl ProjGeom {
     }
 }
 
-/// INT8 projected weights (Q-GaLore, §2.1) when the config asks for them. Validation allows
+/// INT8 projected weights (Q-GaLore, docs/algorithm-spec.md §2.1) when the config asks for them. Validation allows
 /// `weight_bits = 8` only for qgalore.
 pub fn linear_quant(o: &OptimConfig) -> Option<LinearQuant> {
     o.int8_weights().then(|| LinearQuant { bits: 8, group: o.weight_group_size, range: o.quant_range })
@@ -92,7 +92,7 @@ pub fn eight_bit_state(o: &OptimConfig, n: usize) -> bool {
 }
 
 /// Whether the optimizer steps inside the backward: only with one micro-batch per step,
-/// since accumulated gradients must persist (GA > 1 takes the exact global step, I-12).
+/// since accumulated gradients must persist (GA > 1 takes the exact global step, docs/algorithm-spec.md I-12).
 pub fn fused(cfg: &EngineConfig) -> bool {
     cfg.optimizer.fused && cfg.grad_accum == 1
 }

@@ -1,9 +1,9 @@
 //! Counter-based random numbers: every draw is a pure function of (seed, stream, index),
-//! so results never depend on thread count or launch shape (algorithm-spec I-10), and a
+//! so results never depend on thread count or launch shape (docs/algorithm-spec.md I-10), and a
 //! GPU kernel can reproduce the CPU bit for bit with the same three integers.
 
-/// splitmix64 finaliser of `seed + golden·(i + 1)`; identical to `hash_u32`'s core in
-/// the CUDA kernels (engine-notes §5.4), but keeping all 64 bits.
+/// splitmix64 finaliser of `seed + golden·(i + 1)`; `mix64` in `rust/kernels/prelude.cu` is
+/// the same function, so GPU kernels draw the same numbers.
 #[inline]
 pub fn mix64(seed: u64, i: u64) -> u64 {
     let mut z = seed.wrapping_add(0x9e37_79b9_7f4a_7c15u64.wrapping_mul(i.wrapping_add(1)));

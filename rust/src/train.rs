@@ -27,7 +27,7 @@ pub struct Engine<B: Backend> {
     pub grads: Grads<B>,
     pub acts: Acts<B>,
     pub opt: Box<dyn Optimizer<B>>,
-    /// Optimizer steps run inside the backward (per-layer updates, algorithm-spec §1.5).
+    /// Optimizer steps run inside the backward (per-layer updates, docs/algorithm-spec.md §1.5).
     pub fused: bool,
     pub notice: Option<String>,
     /// Seconds spent per phase since the start: forward (with the loss), backward (with
@@ -246,7 +246,7 @@ impl<B: Backend> Engine<B> {
         Ok(st)
     }
 
-    /// Mean over `batches` of each batch's mean token cross-entropy (algorithm-spec I-16).
+    /// Mean over `batches` of each batch's mean token cross-entropy (docs/algorithm-spec.md I-16).
     pub fn eval(&mut self, tokens: &[i32], batches: usize) -> Result<f64> {
         self.window_rows(tokens, batches, "eval batches")?;
         let rows = self.cfg.batch_size * (self.cfg.seq_len + 1);

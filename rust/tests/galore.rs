@@ -1,4 +1,4 @@
-//! GaLore / Q-GaLore invariants I-1 … I-5, I-11, I-12, I-14, I-17, I-18.
+//! GaLore / Q-GaLore invariants I-1 … I-5, I-11, I-12, I-14, I-17, I-18 (docs/algorithm-spec.md §6).
 
 mod common;
 use common::*;

@@ -1,4 +1,4 @@
-//! Quantization invariants I-7 … I-11 and the 8-bit Adam invariants of I-6.
+//! Quantization invariants I-7 … I-11 and the 8-bit Adam invariants of I-6 (docs/algorithm-spec.md §6).
 
 mod common;
 use common::*;
@@ -31,7 +31,7 @@ fn i7_int8_round_trip_bound_and_error_level() {
         }
     }
     let e = rel_fro(&w, &back);
-    assert!((0.004..0.009).contains(&e), "INT8 relative error {e} (spec ≈ 0.0064)");
+    assert!((0.004..0.009).contains(&e), "INT8 relative error {e} (docs/algorithm-spec.md I-7: ≈ 0.0064)");
     assert_eq!(q.bytes(), w.len() + 64 * 8);
 }
 
@@ -48,7 +48,7 @@ fn i7_int4_packed_projector_error_level() {
     let mut back = vec![0.0; r * n];
     q.dequantize(&mut back);
     let e = rel_fro(&out, &back);
-    assert!((0.06..0.16).contains(&e), "INT4 relative error {e} (spec ≈ 0.11)");
+    assert!((0.06..0.16).contains(&e), "INT4 relative error {e} (docs/algorithm-spec.md I-7: ≈ 0.11)");
     for gi in 0..q.scale.len() {
         for j in 0..256 {
             let i = gi * 256 + j;

@@ -15,7 +15,7 @@ pub trait Optimizers: Memory {
 
     /// One AdamW update of `p` with gradient `g` and fp32 moments `m`, `v`.
     fn adamw(&self, p: &mut Self::Buf, g: &Self::Buf, m: &mut Self::Buf, v: &mut Self::Buf, hp: AdamHp);
-    /// GaLore-AdamW (algorithm-spec §1.3), in place: `buf` holds the gradient (m.len()
+    /// GaLore-AdamW (docs/algorithm-spec.md §1.3), in place: `buf` holds the gradient (m.len()
     /// values) and receives the update u = −ŝ·M/(√V + ε), ŝ = η·√(1−β2^t)/(1−β1^t),
     /// with ε added to the uncorrected √V.
     fn galore_adam(&self, buf: &mut Self::Buf, m: &mut Self::Buf, v: &mut Self::Buf, hp: AdamHp);

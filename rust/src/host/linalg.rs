@@ -1,6 +1,6 @@
 //! Projector refresh on the host with faer (the CPU backend's, and the CUDA backend's
 //! exact-SVD route): thin SVD, Gram + symmetric eigensolver, and
-//! warm-started randomized subspace iteration (engine-notes §3.3).
+//! warm-started randomized subspace iteration (docs/algorithm-spec.md §1.2).
 
 use super::matmul::{matmul, matmul_dw, par};
 use crate::error::{Error, Result};

@@ -1,4 +1,4 @@
-//! Parameters of a LLaMA decoder (algorithm-spec §3): token embedding, per block an
+//! Parameters of a LLaMA decoder (docs/algorithm-spec.md §3): token embedding, per block an
 //! RMSNorm + q/k/v/o attention + RMSNorm + gate/up/down SwiGLU MLP, a final RMSNorm and
 //! an untied lm_head. Matrices are row-major (out_features, in_features) like
 //! `nn.Linear.weight`; initialisation is normal(0, initializer_range), norms are ones.
@@ -18,7 +18,7 @@ pub enum Role {
     Head,
 }
 
-/// Storage of a parameter: f32, or quantized codes with no float master copy (§2.1).
+/// Storage of a parameter: f32, or quantized codes with no float master copy (docs/algorithm-spec.md §2.1).
 pub enum Weight<B: Backend> {
     F(B::Buf),
     Q(B::Q),
@@ -68,7 +68,7 @@ pub struct Layer {
 }
 
 impl Layer {
-    /// The seven projected matrices of the block (algorithm-spec §1.4).
+    /// The seven projected matrices of the block (docs/algorithm-spec.md §1.4).
     pub fn linears(&self) -> [usize; 7] {
         [self.q, self.k, self.v, self.o, self.gate, self.up, self.down]
     }
@@ -130,7 +130,7 @@ impl<B: Backend> Llama<B> {
     }
 
     /// Builds the model; with `quant`, each projected matrix is quantized (round to
-    /// nearest, §2.2) as soon as it is initialised, so a float copy of the whole model
+    /// nearest, docs/algorithm-spec.md §2.2) as soon as it is initialised, so a float copy of the whole model
     /// never exists (a 7B model fits where its f32 weights would not). `half` stores the
     /// embedding and lm_head with `Backend::alloc_half` (bf16 on a bf16-precision GPU; the
     /// caller sets it only for optimizers that update them with 8-bit Adam).
@@ -196,7 +196,7 @@ impl<B: Backend> Llama<B> {
     }
 
     /// A weight as f32 values: the stored buffer, or the quantized codes dequantized into
-    /// `scratch` with the same function the optimizer uses (invariant I-11).
+    /// `scratch` with the same function the optimizer uses (docs/algorithm-spec.md I-11).
     pub fn wv<'a>(&'a self, be: &B, idx: usize, scratch: &'a mut B::Buf) -> &'a B::Buf {
         match &self.params[idx].data {
             Weight::F(b) => b,

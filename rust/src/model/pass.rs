@@ -2,7 +2,7 @@
 //!
 //! The backward reports each parameter to `hook` as soon as that parameter's gradient
 //! for this micro-batch is complete and its weight will not be read again in this pass:
-//! a fused per-layer optimizer (algorithm-spec §1.5) updates it there and frees the
+//! a fused per-layer optimizer (docs/algorithm-spec.md §1.5) updates it there and frees the
 //! gradient buffer for the next parameter.
 
 use super::{Acts, Grads, Llama};

@@ -1,4 +1,4 @@
-//! Full-rank AdamW with fp32 moments: the baseline of algorithm-spec §1.7 (the paper's
+//! Full-rank AdamW with fp32 moments: the baseline of docs/algorithm-spec.md §1.7 (the paper's
 //! "Full-Rank" rows), with torch.optim.AdamW's decoupled weight decay p ← p·(1 − η·λ)
 //! applied before the moment update and textbook bias correction.
 

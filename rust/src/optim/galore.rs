@@ -1,10 +1,10 @@
 //! The memory-efficient family in one optimizer, each part switchable:
-//! - `adam8bit`: bnb block-wise 8-bit Adam on every tensor (algorithm-spec §1.6);
-//! - `galore`: GaLore-AdamW on the 7 linear matrices of each block (§1.2–1.3), fp32
+//! - `adam8bit`: bnb block-wise 8-bit Adam on every tensor (docs/algorithm-spec.md §1.6);
+//! - `galore`: GaLore-AdamW on the 7 linear matrices of each block (docs/algorithm-spec.md §1.2–1.3), fp32
 //!   moments, plain AdamW (same formula, no α) elsewhere;
-//! - `galore8bit`: the same with bnb 8-bit moments (§1.6);
-//! - `qgalore`: galore8bit plus INT8 weights updated with stochastic rounding (§2.4),
-//!   INT4 projectors (§2.3) and lazy layer-wise subspace refreshes (§2.5).
+//! - `galore8bit`: the same with bnb 8-bit moments (docs/algorithm-spec.md §1.6);
+//! - `qgalore`: galore8bit plus INT8 weights updated with stochastic rounding (docs/algorithm-spec.md §2.4),
+//!   INT4 projectors (docs/algorithm-spec.md §2.3) and lazy layer-wise subspace refreshes (docs/algorithm-spec.md §2.5).
 
 use super::Optimizer;
 use crate::backend::{AdamHp, Backend, Category};
@@ -23,7 +23,7 @@ enum Moments<B: Backend> {
     Q8(B::A8),
 }
 
-/// Projector state of one matrix (§1.2, §2.5).
+/// Projector state of one matrix (docs/algorithm-spec.md §1.2, §2.5).
 pub struct Proj<B: Backend> {
     /// Right projector Q (r×n) when rows ≥ cols, else left P (m×r). Stored once chosen.
     pub right: bool,
@@ -142,7 +142,7 @@ impl<B: Backend> Family<B> {
         }
     }
 
-    /// Recomputes the projector of `idx` from g; keeps the old one on failure (I-17).
+    /// Recomputes the projector of `idx` from g; keeps the old one on failure (docs/algorithm-spec.md I-17).
     fn refresh(&mut self, be: &B, idx: usize, p: &Param<B>, g: &B::Buf) -> bool {
         let t0 = Instant::now();
         let (rows, cols) = (p.rows, p.cols);
@@ -158,7 +158,7 @@ impl<B: Backend> Family<B> {
             }
             None => None,
         };
-        // An all-zero (or fully non-finite, hence zeroed) gradient has no subspace (I-17).
+        // An all-zero (or fully non-finite, hence zeroed) gradient has no subspace (docs/algorithm-spec.md I-17).
         let res = if be.sumsq(g, rows * cols) > 0.0 {
             be.top_subspace(g, rows, cols, st.rank, st.right, method, prev, key, pnew)
         } else {
@@ -166,7 +166,7 @@ impl<B: Backend> Family<B> {
         };
         let ok = res.is_ok();
         if ok {
-            // Top-1 singular vector, before quantization (§2.5 step 2).
+            // Top-1 singular vector, before quantization (docs/algorithm-spec.md §2.5 step 2).
             let k = st.rank;
             let mut host = vec![0.0f32; if st.right { cols } else { rows * k }];
             if be.download(pnew, &mut host).is_err() {
@@ -205,7 +205,7 @@ impl<B: Backend> Family<B> {
     fn update_projected(&mut self, be: &B, idx: usize, p: &mut Param<B>, g: &mut B::Buf, lr: f32) -> Result<()> {
         let (rows, cols) = (p.rows, p.cols);
         be.sanitize(g, rows * cols);
-        let iter = self.step - 1; // pre-increment counter (§1.2 item 3)
+        let iter = self.step - 1; // pre-increment counter (docs/algorithm-spec.md §1.2 item 3)
         let due = {
             let st = self.states[idx].proj.as_ref().unwrap();
             st.store.is_none() || st.lazy.due(iter)

@@ -1,4 +1,4 @@
-//! Lazy layer-wise subspace exploration (algorithm-spec §2.5): each matrix's refresh
+//! Lazy layer-wise subspace exploration (docs/algorithm-spec.md §2.5): each matrix's refresh
 //! interval doubles (×γ) once the mean of the last `queue_size` cosines between
 //! consecutive top-1 singular vectors reaches the threshold. The gap never shrinks.
 
@@ -13,7 +13,7 @@ pub struct Lazy {
     pub threshold: f32,
     pub queue_size: usize,
     pub gamma: u64,
-    /// Sign-invariant |cos| instead of the reference's signed cosine (§5.1-12).
+    /// Sign-invariant |cos| instead of the reference's signed cosine (docs/algorithm-spec.md §5.1-12).
     pub abs: bool,
 }
 

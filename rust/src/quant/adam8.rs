@@ -1,4 +1,4 @@
-//! bitsandbytes 0.43.1 block-wise 8-bit Adam (algorithm-spec §1.6): dynamic code books,
+//! bitsandbytes 0.43.1 block-wise 8-bit Adam (docs/algorithm-spec.md §1.6): dynamic code books,
 //! per-block absmax, non-finite gradient elements skipped, fp32 states for small tensors.
 
 use rayon::prelude::*;

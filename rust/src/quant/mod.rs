@@ -1,4 +1,4 @@
-//! Group-wise asymmetric min–max quantization (algorithm-spec §2.2–2.4): INT8 weights,
+//! Group-wise asymmetric min–max quantization (docs/algorithm-spec.md §2.2–2.4): INT8 weights,
 //! INT4 projectors (packed two codes per byte), bf16 storage, and the fused
 //! dequantize → update → requantize-with-stochastic-rounding step, all in f32.
 
@@ -27,7 +27,7 @@ pub struct QTensor {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Range {
     /// Range extended to include 0, so single-sign groups keep the s/2 error bound
-    /// (our default; fixes the reference's zero-point clamp bug, §2.2 / §5.1-9).
+    /// (our default; fixes the reference's zero-point clamp bug, docs/algorithm-spec.md §2.2 / §5.1-9).
     WithZero,
     /// The reference's [min, max]: a single-sign group is clipped by the clamped zero point.
     Reference,
@@ -85,7 +85,7 @@ impl QTensor {
     }
 
     /// Dequantizes into `out` (len = numel): ŵ = (q − z)·s (bf16 widened for 16-bit).
-    /// The forward pass and the optimizer both call this (invariant I-11).
+    /// The forward pass and the optimizer both call this (docs/algorithm-spec.md I-11).
     pub fn dequantize(&self, out: &mut [f32]) {
         assert!(out.len() >= self.numel);
         if self.bits == 16 {
@@ -160,7 +160,7 @@ impl QTensor {
             });
     }
 
-    /// The fused Q-GaLore weight update (§2.4 steps 2–7, in f32): per group, dequantize,
+    /// The fused Q-GaLore weight update (docs/algorithm-spec.md §2.4 steps 2–7, in f32): per group, dequantize,
     /// add `delta`, apply decoupled decay (`decay` = 1 − η·λ, after the update as the
     /// reference does), recompute scale and zero, requantize with stochastic rounding
     /// (or round-to-nearest when `sr` is None).
@@ -208,7 +208,7 @@ pub fn group_params(w: &[f32], qmax: f32, range: Range) -> (f32, f32) {
 }
 
 /// q = clamp(round(x) + z, 0, qmax); with a uniform `u`, round(x) is stochastic:
-/// ⌊x⌋ + 1 when u < x − ⌊x⌋ (§2.4 step 6), so E[q] = x + z inside the range.
+/// ⌊x⌋ + 1 when u < x − ⌊x⌋ (docs/algorithm-spec.md §2.4 step 6), so E[q] = x + z inside the range.
 #[inline]
 pub fn round_code(x: f32, z: f32, qmax: f32, u: Option<f32>) -> u8 {
     let r = match u {

@@ -206,7 +206,7 @@ pub fn scale(x: &mut [f32], s: f32) {
     x.par_chunks_mut(8192).for_each(|c| c.iter_mut().for_each(|v| *v *= s));
 }
 
-/// GaLore-AdamW on a low-rank gradient (algorithm-spec §1.3): out = −ŝ·M/(√V + ε) with
+/// GaLore-AdamW on a low-rank gradient (docs/algorithm-spec.md §1.3): out = −ŝ·M/(√V + ε) with
 /// ŝ = η·√(1−β2^t)/(1−β1^t); ε is added to the *uncorrected* √V, as the reference does.
 pub fn galore_adam(buf: &mut [f32], m: &mut [f32], v: &mut [f32], hp: AdamHp) {
     let s = hp.galore_step();

@@ -196,7 +196,7 @@ pub fn attn_dk(d: AttnDims) -> Vec<Gemm> {
 }
 
 // Randomized refresh on A = G (right) or Gᵀ (left), A m′×n′ and G stored rows×cols with
-// row stride `ldg` (= cols); Y is k×n′, Z is m′×k, E is k×k (engine-notes §3.3).
+// row stride `ldg` (= cols); Y is k×n′, Z is m′×k, E is k×k (the same steps as the CPU's randomized refresh).
 
 /// Z = A·Yᵀ (A = g, B = y, C = z).
 pub fn sketch_z(m: usize, n: usize, k: usize, right: bool, ldg: usize) -> Gemm {

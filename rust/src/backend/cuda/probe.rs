@@ -1,5 +1,5 @@
 //! Finding the CUDA libraries without ever panicking (cudarc panics when a library is
-//! missing, engine-notes §1.3): optional preloading from a folder named by
+//! missing): optional preloading from a folder named by
 //! `QGALORE_CUDA_LIB_DIR` (pip's `nvidia/cu13/lib` layout), then guarded presence checks.
 
 use std::panic::catch_unwind;

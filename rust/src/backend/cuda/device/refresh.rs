@@ -1,4 +1,4 @@
-//! Projector refresh on the device (engine-notes §3.3), in full fp32 whatever the
+//! Projector refresh on the device (docs/algorithm-spec.md §1.2), in full fp32 whatever the
 //! activation precision: the Gram matrix plus cuSOLVER `Ssyevd` (the default), or warm-
 //! started randomized subspace iteration with cuSOLVER QR and a Rayleigh–Ritz finish,
 //! step for step `host::linalg::right_vectors`. The exact thin SVD goes through the
