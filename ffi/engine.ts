@@ -5,7 +5,10 @@
 import { loadLibrary } from "./loader.ts";
 import type { NativeLib } from "./symbols.ts";
 
-/** LLaMA architecture, with Hugging Face `LlamaConfig` field names. */
+/**
+ * LLaMA architecture, with Hugging Face `LlamaConfig` field names. Defaults and rules are the
+ * engine's ({@link resolveModelConfig}, `rust/src/config/model.rs`).
+ */
 export interface ModelConfig {
   /** Vocabulary size (rows of the embedding and of lm_head). */
   vocab_size: number;
@@ -385,6 +388,49 @@ export function resolveOptimizerConfig(
   const r = JSON.parse(
     readText((b, n) => lib.symbols.qg_resolve_optimizer(json, BigInt(json.length), b, n)),
   ) as ResolvedOptimizer | { error: string };
+  if ("error" in r) throw new EngineError(ErrorCode.invalid, r.error);
+  return r;
+}
+
+/**
+ * One problem of a model config, as the engine reports it: `field value why`
+ * ("num_attention_heads 3 must divide hidden_size 128"). `field` is a config field, `seq_len`,
+ * or `head dim` (which `why` explains).
+ */
+export interface ModelProblem {
+  /** A required field is absent, a field is not a number, or a value breaks a rule. */
+  kind: "missing" | "type" | "range";
+  /** The field. */
+  field: string;
+  /** The value as the engine read it (null when missing). */
+  value: unknown;
+  /** The rule, worded to follow the value ("must be an integer ≥ 1"). */
+  why: string;
+}
+
+/** A model config resolved by the engine (`qg_resolve_model`). */
+export interface ResolvedModelConfig {
+  /** Every field filled (absent when a field is missing or not a number). */
+  config?: ModelConfig;
+  /** The first problem found, if any. */
+  problem?: ModelProblem;
+}
+
+/**
+ * Fills a model config (`LlamaConfig` field names; other keys are ignored) with the engine's
+ * defaults and checks it against the engine's rules; `vocab_size` replaces the config's,
+ * `seq_len` is checked against its positions. Problems come back as data for the caller to
+ * word; a malformed request throws {@link EngineError}.
+ */
+export function resolveModelConfig(
+  model: Readonly<Record<string, unknown>>,
+  run: { vocab_size?: number; seq_len?: number } = {},
+): ResolvedModelConfig {
+  const lib = loadLibrary();
+  const json = enc.encode(JSON.stringify({ model, ...run }));
+  const r = JSON.parse(
+    readText((b, n) => lib.symbols.qg_resolve_model(json, BigInt(json.length), b, n)),
+  ) as ResolvedModelConfig | { error: string };
   if ("error" in r) throw new EngineError(ErrorCode.invalid, r.error);
   return r;
 }

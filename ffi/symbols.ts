@@ -23,6 +23,7 @@ export const SYMBOLS = {
   qg_info: { parameters: ["pointer", "buffer", "usize"], result: "usize" },
   qg_options: { parameters: ["buffer", "usize"], result: "usize" },
   qg_resolve_optimizer: { parameters: ["buffer", "usize", "buffer", "usize"], result: "usize" },
+  qg_resolve_model: { parameters: ["buffer", "usize", "buffer", "usize"], result: "usize" },
   qg_train_step: {
     parameters: ["pointer", "buffer", "usize", "u32", "f32", "buffer"],
     result: "i32",

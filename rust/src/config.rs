@@ -11,92 +11,9 @@ use crate::quant::Range;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-/// LLaMA architecture (docs/algorithm-spec.md §3). Field names follow `transformers.LlamaConfig`.
-#[derive(Clone, Debug, Deserialize)]
-pub struct ModelConfig {
-    pub vocab_size: usize,
-    pub hidden_size: usize,
-    pub intermediate_size: usize,
-    pub num_attention_heads: usize,
-    #[serde(default)]
-    pub num_key_value_heads: Option<usize>,
-    pub num_hidden_layers: usize,
-    #[serde(default = "default_max_pos")]
-    pub max_position_embeddings: usize,
-    #[serde(default = "default_theta")]
-    pub rope_theta: f64,
-    #[serde(default = "default_eps")]
-    pub rms_norm_eps: f32,
-    #[serde(default = "default_init")]
-    pub initializer_range: f32,
-}
+pub mod model;
 
-fn default_max_pos() -> usize {
-    2048
-}
-fn default_theta() -> f64 {
-    10000.0
-}
-fn default_eps() -> f32 {
-    1e-6
-}
-fn default_init() -> f32 {
-    0.02
-}
-
-impl ModelConfig {
-    pub fn kv_heads(&self) -> usize {
-        self.num_key_value_heads.unwrap_or(self.num_attention_heads)
-    }
-    pub fn head_dim(&self) -> usize {
-        self.hidden_size / self.num_attention_heads
-    }
-    pub fn kv_dim(&self) -> usize {
-        self.kv_heads() * self.head_dim()
-    }
-
-    pub fn validate(&self) -> Result<()> {
-        let pos = |v: usize, name: &str| -> Result<()> {
-            ensure!(v > 0, "model {name} = {v}: must be ≥ 1");
-            Ok(())
-        };
-        pos(self.vocab_size, "vocab_size")?;
-        pos(self.hidden_size, "hidden_size")?;
-        pos(self.intermediate_size, "intermediate_size")?;
-        pos(self.num_attention_heads, "num_attention_heads")?;
-        pos(self.num_hidden_layers, "num_hidden_layers")?;
-        pos(self.kv_heads(), "num_key_value_heads")?;
-        pos(self.max_position_embeddings, "max_position_embeddings")?;
-        ensure!(
-            self.hidden_size % self.num_attention_heads == 0,
-            "model num_attention_heads = {}: must divide hidden_size = {}",
-            self.num_attention_heads,
-            self.hidden_size
-        );
-        ensure!(
-            self.num_attention_heads % self.kv_heads() == 0,
-            "model num_key_value_heads = {}: must divide num_attention_heads = {}",
-            self.kv_heads(),
-            self.num_attention_heads
-        );
-        ensure!(
-            self.head_dim() % 2 == 0,
-            "model head dim = {}: must be even for rotary embeddings",
-            self.head_dim()
-        );
-        ensure!(
-            self.rope_theta > 0.0 && self.rope_theta.is_finite(),
-            "model rope_theta = {}: must be > 0",
-            self.rope_theta
-        );
-        ensure!(
-            self.rms_norm_eps > 0.0 && self.rms_norm_eps.is_finite(),
-            "model rms_norm_eps = {}: must be > 0",
-            self.rms_norm_eps
-        );
-        Ok(())
-    }
-}
+pub use model::{ModelConfig, ModelProblem};
 
 /// A closed set of names that travels as a JSON string (`"qgalore"`, `"eigh"`, …).
 pub trait Named: Sized + Copy + PartialEq + 'static {
@@ -615,12 +532,16 @@ const DEFAULT_DEVICE: Device = Device::Cpu;
 const DEFAULT_PRECISION: Precision = Precision::Auto;
 const DEFAULT_GRAD_ACCUM: usize = 1;
 const DEFAULT_CHECKPOINTING: bool = false;
+const DEFAULT_SEED: u64 = 0;
+/// Worker threads; 0 means one per core.
+const DEFAULT_THREADS: usize = 0;
 
 fn run_spec<T: OptionValue>(name: &'static str, range: Option<Bounds>, default: Option<T>) -> RunSpec {
     RunSpec { name, kind: T::TYPE, choices: T::choices(), range, default: default.map(T::to_json) }
 }
 
-/// The run-level options: batch shape, accumulation, device, precision, checkpointing.
+/// The run-level options: batch shape, accumulation, device, precision, checkpointing,
+/// seed and threads.
 pub fn run_specs() -> Vec<RunSpec> {
     vec![
         run_spec::<usize>("batch_size", Some(AT_LEAST_ONE), None),
@@ -629,6 +550,8 @@ pub fn run_specs() -> Vec<RunSpec> {
         run_spec::<Device>("device", None, Some(DEFAULT_DEVICE)),
         run_spec::<Precision>("precision", None, Some(DEFAULT_PRECISION)),
         run_spec::<bool>("checkpointing", None, Some(DEFAULT_CHECKPOINTING)),
+        run_spec::<u64>("seed", None, Some(DEFAULT_SEED)),
+        run_spec::<usize>("threads", None, Some(DEFAULT_THREADS)),
     ]
 }
 
@@ -683,16 +606,16 @@ pub struct EngineConfig {
 /// serde so that errors name the field.
 #[derive(Deserialize)]
 struct RawConfig {
-    model: ModelConfig,
+    model: Map<String, Value>,
     batch_size: usize,
     seq_len: usize,
     optimizer: Map<String, Value>,
     #[serde(default)]
-    seed: u64,
+    seed: Option<u64>,
     #[serde(default)]
     device: Option<Value>,
     #[serde(default)]
-    threads: usize,
+    threads: Option<usize>,
     #[serde(default)]
     grad_accum: Option<usize>,
     #[serde(default)]
@@ -716,13 +639,13 @@ impl EngineConfig {
             optimizer.name.name()
         );
         let cfg = EngineConfig {
-            model: raw.model,
+            model: ModelConfig::from_map(&raw.model)?,
             batch_size: raw.batch_size,
             seq_len: raw.seq_len,
             optimizer,
-            seed: raw.seed,
+            seed: raw.seed.unwrap_or(DEFAULT_SEED),
             device: choice("device", raw.device)?.unwrap_or(DEFAULT_DEVICE),
-            threads: raw.threads,
+            threads: raw.threads.unwrap_or(DEFAULT_THREADS),
             grad_accum,
             precision: choice("precision", raw.precision)?.unwrap_or(DEFAULT_PRECISION),
             checkpointing: raw.checkpointing.unwrap_or(DEFAULT_CHECKPOINTING),
@@ -737,12 +660,9 @@ impl EngineConfig {
         for (field, v) in [("batch_size", self.batch_size), ("seq_len", self.seq_len), ("grad_accum", self.grad_accum)] {
             option::<usize>(field, &Value::from(v), Some(&AT_LEAST_ONE))?;
         }
-        ensure!(
-            self.seq_len <= self.model.max_position_embeddings,
-            "seq_len = {}: must be ≤ the model's max_position_embeddings = {}",
-            self.seq_len,
-            self.model.max_position_embeddings
-        );
+        if let Some(p) = model::check_seq_len(self.seq_len as f64, self.model.max_position_embeddings as f64) {
+            return Err(Error::invalid(p.text()));
+        }
         // Re-check every option against the schema (a config built in Rust skips `resolve`).
         let o = &self.optimizer;
         OptimConfig::resolve(&o.to_map(), self.grad_accum)?;

@@ -197,6 +197,20 @@ pub unsafe extern "C" fn qg_resolve_optimizer(cfg: *const u8, len: usize, buf: *
     write_text(&text, buf, cap)
 }
 
+/// Resolves a JSON `{ "model": {…}, "vocab_size"?: n, "seq_len"?: n }` (`config::model::resolve_json`):
+/// the model config with every default filled and its first problem as data (field, value,
+/// why), or the error; returns the byte length of the answer.
+#[no_mangle]
+pub unsafe extern "C" fn qg_resolve_model(cfg: *const u8, len: usize, buf: *mut u8, cap: usize) -> usize {
+    quiet_panics();
+    let text = catch_unwind(AssertUnwindSafe(|| {
+        let text = slice(cfg, len).ok().and_then(|b| std::str::from_utf8(b).ok()).unwrap_or("");
+        crate::config::model::resolve_json(text)
+    }))
+    .unwrap_or_else(|p| serde_json::json!({ "error": format!("internal engine error (panic): {}", panic_text(p)) }).to_string());
+    write_text(&text, buf, cap)
+}
+
 /// One optimizer step over `micro` micro-batches. `out` receives
 /// [loss, grad_norm, clipped (0/1)].
 #[no_mangle]
