@@ -423,15 +423,23 @@ export interface ResolvedModelConfig {
  * word; a malformed request throws {@link EngineError}.
  */
 export function resolveModelConfig(
-  model: Readonly<Record<string, unknown>>,
+  model: object,
   run: { vocab_size?: number; seq_len?: number } = {},
 ): ResolvedModelConfig {
   const lib = loadLibrary();
-  const json = enc.encode(JSON.stringify({ model, ...run }));
+  // JSON writes NaN and ±Infinity as null; name them, so the engine judges them as numbers.
+  const values = model as Readonly<Record<string, unknown>>;
+  const nonFinite = Object.keys(values).filter((k) =>
+    typeof values[k] === "number" && !Number.isFinite(values[k])
+  );
+  const json = enc.encode(JSON.stringify({ model, ...run, non_finite: nonFinite }));
   const r = JSON.parse(
     readText((b, n) => lib.symbols.qg_resolve_model(json, BigInt(json.length), b, n)),
   ) as ResolvedModelConfig | { error: string };
   if ("error" in r) throw new EngineError(ErrorCode.invalid, r.error);
+  // and give them back as they were
+  const config = r.config as Record<string, unknown> | undefined;
+  for (const k of nonFinite) if (config && k in config) config[k] = values[k];
   return r;
 }
 

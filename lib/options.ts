@@ -11,6 +11,7 @@
 
 import { UsageError } from "./errors.ts";
 import {
+  type EngineConfig,
   EngineError,
   engineOptions,
   type OptimizerConfig,
@@ -18,10 +19,11 @@ import {
   type OptionRange,
   type OptionSpec,
   planEngine,
+  resolveModelConfig,
   resolveOptimizerConfig,
   type RunSpec,
 } from "../ffi/engine.ts";
-import { type ModelConfig, type ResolvedModel, resolveModel, validateModel } from "./presets.ts";
+import { checkModel, type ModelConfig, type ResolvedModel, resolveModel } from "./presets.ts";
 import { ByteTokenizer } from "./tokenizer.ts";
 
 const SCHEMA = engineOptions();
@@ -545,14 +547,17 @@ const TABLE = {
   seed: {
     flag: "--seed",
     kind: "number",
+    run: "seed",
+    // JavaScript numbers are exact up to 2^53; the engine takes any u64.
     range: { int: true, min: 0, max: Number.MAX_SAFE_INTEGER },
-    default: 0,
     section: RUN,
     help: "--seed N              weight init and batch sampling seed [{default}]",
   },
   threads: {
     flag: "--threads",
     kind: "number",
+    run: "threads",
+    // null leaves the choice to the engine (its 0: one thread per core)
     range: { int: true, min: 1 },
     nullable: true,
     section: RUN,
@@ -903,14 +908,14 @@ export function checkOptions(input: Partial<TrainOptions> = {}): CheckedOptions 
     model = resolveModel(raw.model, vocab, `--model ${raw.model}`);
   } else {
     // As for presets and files, the tokenizer decides the vocabulary.
-    const config = { ...raw.model, vocab_size: vocab };
-    validateModel(config, "--model (config object)");
+    const config = checkModel({ ...raw.model, vocab_size: vocab }, "--model (config object)");
     model = { name: "custom", config };
   }
-  const maxPos = model.config.max_position_embeddings;
-  if (raw.seqLen > maxPos) {
+  // The engine judges the sequence against the model's positions.
+  if (resolveModelConfig(model.config, { seq_len: raw.seqLen }).problem) {
+    const maxPos = model.config.max_position_embeddings;
     throw new UsageError(
-      `--seq-len ${raw.seqLen}: must be ≤ ${maxPos} (max_position_embeddings of ${model.name})`,
+      `${FLAG.seqLen} ${raw.seqLen}: must be ≤ ${maxPos} (max_position_embeddings of ${model.name})`,
     );
   }
   const { settings, notices } = resolveOptimizer(raw, model);
@@ -1014,6 +1019,21 @@ export function engineOptimizerConfig(opts: ResolvedOptions): OptimizerConfig {
     if (field !== undefined && opts[key] !== null) cfg[field] = opts[key];
   }
   return cfg as OptimizerConfig;
+}
+
+/**
+ * The whole engine config (`rust/src/config.rs`) for resolved options and a model: the
+ * run-level fields the table maps (`run`), left out where null so the engine's default
+ * applies, and the optimizer section ({@link engineOptimizerConfig}).
+ */
+export function engineConfig(opts: ResolvedOptions, model: ModelConfig): EngineConfig {
+  const cfg: Record<string, unknown> = { model };
+  for (const key of KEYS) {
+    const field = def(key).run;
+    if (field !== undefined && opts[key] !== null) cfg[field] = opts[key];
+  }
+  cfg.optimizer = engineOptimizerConfig(opts);
+  return cfg as unknown as EngineConfig;
 }
 
 /**

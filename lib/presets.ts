@@ -1,14 +1,16 @@
 /**
- * LLaMA model presets (the `configs/llama_*.json` files of the GaLore / Q-GaLore repositories),
- * JSON config loading and validation. The parameter count is the engine's (`paramCount` in
- * lib/estimate.ts).
+ * LLaMA model presets (the `configs/llama_*.json` files of the GaLore / Q-GaLore repositories)
+ * and JSON config loading. Defaults and rules are the engine's (`rust/src/config/model.rs`,
+ * through {@link resolveModelConfig}); this module only words its problems with the name of
+ * the preset, file or flag they came from. The parameter count is the engine's (`paramCount`
+ * in lib/estimate.ts).
  *
  * @module
  */
 
 import { UsageError } from "./errors.ts";
 
-import type { ModelConfig } from "../ffi/engine.ts";
+import { type ModelConfig, type ModelProblem, resolveModelConfig } from "../ffi/engine.ts";
 
 /** Model shape, with Hugging Face `LlamaConfig` field names (defined next to the engine). */
 export type { ModelConfig };
@@ -20,17 +22,6 @@ export interface ResolvedModel {
   /** The full config. */
   config: ModelConfig;
 }
-
-/** Fields shared by every preset; the reference JSON files leave these to HF defaults. */
-export const MODEL_DEFAULTS: Readonly<
-  Pick<ModelConfig, "max_position_embeddings" | "rope_theta" | "rms_norm_eps" | "initializer_range">
-> = Object.freeze({
-  // The JSON key `max_sequence_length` is not a LlamaConfig field, so HF's 2048 applies.
-  max_position_embeddings: 2048,
-  rope_theta: 10000,
-  rms_norm_eps: 1e-6,
-  initializer_range: 0.02,
-});
 
 /** Shape of one preset: [hidden, intermediate, heads, layers]. */
 type Shape = readonly [number, number, number, number];
@@ -56,32 +47,19 @@ export function modelConfig(name: string, vocab: number): ModelConfig {
     throw new UsageError(`model ${name}: unknown preset; allowed: ${PRESET_NAMES.join(", ")}`);
   }
   const [hidden, inter, heads, layers] = shape;
-  return {
+  return resolveModelConfig({
     vocab_size: vocab,
     hidden_size: hidden,
     intermediate_size: inter,
     num_attention_heads: heads,
-    num_key_value_heads: heads,
     num_hidden_layers: layers,
-    ...MODEL_DEFAULTS,
-  };
+  }).config!;
 }
 
-const REQUIRED = ["hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers"];
-const NUMERIC: readonly (keyof ModelConfig)[] = [
-  "vocab_size",
-  ...REQUIRED as (keyof ModelConfig)[],
-  "num_key_value_heads",
-  "max_position_embeddings",
-  "rope_theta",
-  "rms_norm_eps",
-  "initializer_range",
-];
-
 /**
- * Reads a JSON file with `LlamaConfig` field names. Missing optional fields get
- * {@link MODEL_DEFAULTS}; `num_key_value_heads` defaults to the head count; other keys (such
- * as `max_sequence_length`) are ignored, as Hugging Face does. When `vocab` is given it
+ * Reads a JSON file with `LlamaConfig` field names. Missing optional fields get the engine's
+ * defaults (`num_key_value_heads`: the head count); other keys (such as
+ * `max_sequence_length`) are ignored, as Hugging Face does. When `vocab` is given it
  * replaces the file's `vocab_size`: the token ids come from our tokenizer, so an embedding
  * sized for another tokenizer would either miss ids or waste rows. Throws UsageError naming
  * the file and the field.
@@ -103,24 +81,19 @@ export function loadModelConfig(path: string, vocab?: number): ModelConfig {
   return configFromJson(raw, path, vocab);
 }
 
-/** Builds a config from parsed JSON; `source` names the origin in error messages. */
+/**
+ * Builds a config from parsed JSON; `source` names the origin in error messages. A missing
+ * or non-numeric field is an error here; the rules of a buildable model are checked by
+ * {@link validateModel}.
+ */
 export function configFromJson(raw: unknown, source: string, vocab?: number): ModelConfig {
   if (typeof raw !== "object" || raw === null || Array.isArray(raw)) {
     throw new UsageError(`model config ${source}: must be a JSON object`);
   }
   const obj = raw as Record<string, unknown>;
-  for (const key of REQUIRED) {
-    if (!(key in obj)) throw new UsageError(`model config ${source}: missing field ${key}`);
-  }
-  if (vocab === undefined && !("vocab_size" in obj)) {
-    throw new UsageError(`model config ${source}: missing field vocab_size`);
-  }
-  for (const key of NUMERIC) {
-    if (key in obj && typeof obj[key] !== "number") {
-      throw new UsageError(
-        `model config ${source}: ${key} ${JSON.stringify(obj[key])} must be a number`,
-      );
-    }
+  const r = resolveModelConfig(obj, vocab === undefined ? {} : { vocab_size: vocab });
+  if (r.problem && r.problem.kind !== "range") {
+    throw new UsageError(problemText(r.problem, `model config ${source}`, obj));
   }
   if ("hidden_act" in obj && obj.hidden_act !== "silu") {
     throw new UsageError(
@@ -134,65 +107,43 @@ export function configFromJson(raw: unknown, source: string, vocab?: number): Mo
       `model config ${source}: tie_word_embeddings true: only untied lm_head is supported`,
     );
   }
-  const num = (key: keyof ModelConfig): number | undefined => obj[key] as number | undefined;
-  const heads = num("num_attention_heads")!;
-  return {
-    vocab_size: vocab ?? num("vocab_size")!,
-    hidden_size: num("hidden_size")!,
-    intermediate_size: num("intermediate_size")!,
-    num_attention_heads: heads,
-    num_key_value_heads: num("num_key_value_heads") ?? heads,
-    num_hidden_layers: num("num_hidden_layers")!,
-    max_position_embeddings: num("max_position_embeddings") ??
-      MODEL_DEFAULTS.max_position_embeddings,
-    rope_theta: num("rope_theta") ?? MODEL_DEFAULTS.rope_theta,
-    rms_norm_eps: num("rms_norm_eps") ?? MODEL_DEFAULTS.rms_norm_eps,
-    initializer_range: num("initializer_range") ?? MODEL_DEFAULTS.initializer_range,
-  };
+  return r.config!;
 }
 
 /**
- * Checks that a config describes a buildable model; throws UsageError naming the field.
- * `source` prefixes the message (a flag and value, or a file).
+ * An engine problem worded for the user: `source: field value why`, the value as given in
+ * `given` (the config the user wrote) where it has the field.
+ */
+function problemText(
+  p: ModelProblem,
+  source: string,
+  given: Readonly<Record<string, unknown>>,
+): string {
+  const v = p.field in given ? given[p.field] : p.value;
+  if (p.kind === "missing") return `${source}: missing field ${p.field}`;
+  if (p.kind === "type") return `${source}: ${p.field} ${JSON.stringify(v)} ${p.why}`;
+  return `${source}: ${p.field} ${v} ${p.why}`;
+}
+
+/**
+ * Fills a config object with the engine's defaults and checks that it describes a buildable
+ * model; throws UsageError naming the field. `source` prefixes the message (a flag and
+ * value, or a file).
+ */
+export function checkModel(cfg: object, source: string): ModelConfig {
+  const r = resolveModelConfig(cfg);
+  if (r.problem) {
+    throw new UsageError(problemText(r.problem, source, cfg as Record<string, unknown>));
+  }
+  return r.config!;
+}
+
+/**
+ * Checks that a config describes a buildable model (the engine's rules); throws UsageError
+ * naming the field. `source` prefixes the message (a flag and value, or a file).
  */
 export function validateModel(cfg: ModelConfig, source = "model config"): void {
-  const ints: (keyof ModelConfig)[] = [
-    "vocab_size",
-    "hidden_size",
-    "intermediate_size",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "num_hidden_layers",
-    "max_position_embeddings",
-  ];
-  for (const key of ints) {
-    const v = cfg[key];
-    if (!Number.isInteger(v) || v < 1) {
-      throw new UsageError(`${source}: ${key} ${v} must be an integer ≥ 1`);
-    }
-  }
-  for (const key of ["rope_theta", "rms_norm_eps", "initializer_range"] as const) {
-    const v = cfg[key];
-    if (!Number.isFinite(v) || v <= 0) throw new UsageError(`${source}: ${key} ${v} must be > 0`);
-  }
-  const { hidden_size: h, num_attention_heads: heads, num_key_value_heads: kv } = cfg;
-  if (h % heads !== 0) {
-    throw new UsageError(
-      `${source}: num_attention_heads ${heads} must divide hidden_size ${h}`,
-    );
-  }
-  if (heads % kv !== 0) {
-    throw new UsageError(
-      `${source}: num_key_value_heads ${kv} must divide num_attention_heads ${heads}`,
-    );
-  }
-  if ((h / heads) % 2 !== 0) {
-    throw new UsageError(
-      `${source}: head dim ${
-        h / heads
-      } (hidden_size ${h} / num_attention_heads ${heads}) must be even for RoPE`,
-    );
-  }
+  checkModel(cfg, source);
 }
 
 /**

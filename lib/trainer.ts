@@ -21,7 +21,7 @@ import { formatCount, formatDuration, JsonlWriter, Progress } from "./log.ts";
 import { peakRssBytes } from "./memory.ts";
 import {
   checkOptions,
-  engineOptimizerConfig,
+  engineConfig,
   type ResolvedOptions,
   type TrainOptions,
   withFlags,
@@ -318,18 +318,7 @@ export class Run implements Disposable {
     const data: Dataset = openDataset(opts);
     const out = opts.out === undefined ? defaultOut() : opts.out;
     // The engine sizes its gradient buffers for `grad_accum` micro-batches per update.
-    const cfg: EngineConfig & { grad_accum: number } = {
-      model: model.config,
-      batch_size: opts.batchSize,
-      seq_len: opts.seqLen,
-      grad_accum: opts.gradAccum,
-      optimizer: engineOptimizerConfig(opts),
-      seed: opts.seed,
-      device: opts.device,
-      precision: opts.precision,
-      checkpointing: opts.checkpointing,
-      ...(opts.threads === null ? {} : { threads: opts.threads }),
-    };
+    const cfg = engineConfig(opts, model.config);
 
     const progress = new Progress({
       steps: opts.steps,

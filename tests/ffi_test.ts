@@ -42,7 +42,7 @@ Deno.test("a bad config is a one-line EngineError, not a crash", async () => {
   cfg.model.num_attention_heads = 3;
   await assert.rejects(() => Engine.create(cfg), (e: unknown) => {
     assert.ok(e instanceof EngineError);
-    assert.match(e.message, /num_attention_heads = 3: must divide hidden_size = 128/);
+    assert.match(e.message, /num_attention_heads = 3: must divide hidden_size 128/);
     assert.ok(!e.message.includes("\n"));
     return true;
   });

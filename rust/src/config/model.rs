@@ -181,8 +181,9 @@ fn number(v: f64) -> Value {
 /// config's `vocab_size` (a front end's tokenizer decides the vocabulary); keys that are not
 /// model fields are ignored, as Hugging Face does. Returns the filled config (model fields
 /// only) with the first rule it breaks, or — when no config can be built — the missing or
-/// non-numeric field.
-pub fn resolve(obj: &Map<String, Value>, vocab: Option<&Value>) -> Result<(Map<String, Value>, Option<ModelProblem>), ModelProblem> {
+/// non-numeric field. The fields named in `non_finite` hold NaN or an infinity, which JSON
+/// cannot carry (they arrive as null): numbers that break the rules, not wrong types.
+pub fn resolve(obj: &Map<String, Value>, vocab: Option<&Value>, non_finite: &[&str]) -> Result<(Map<String, Value>, Option<ModelProblem>), ModelProblem> {
     // vocab_size last: a caller usually supplies it
     let required = FIELDS.iter().filter(|f| matches!(f.default, Default::Required));
     for f in required.clone().filter(|f| f.name != "vocab_size").chain(required.filter(|f| f.name == "vocab_size")) {
@@ -191,7 +192,7 @@ pub fn resolve(obj: &Map<String, Value>, vocab: Option<&Value>) -> Result<(Map<S
         }
     }
     for f in FIELDS {
-        if let Some(v) = obj.get(f.name).filter(|v| !v.is_number()) {
+        if let Some(v) = obj.get(f.name).filter(|v| !v.is_number() && !non_finite.contains(&f.name)) {
             return Err(ModelProblem::new(ProblemKind::Type, f.name, v.clone(), "must be a number".into()));
         }
     }
@@ -264,7 +265,7 @@ impl ModelConfig {
 
     /// Parses a JSON model config: defaults filled, every rule checked.
     pub fn from_map(obj: &Map<String, Value>) -> crate::error::Result<Self> {
-        match resolve(obj, None) {
+        match resolve(obj, None, &[]) {
             Ok((m, None)) => Ok(ModelConfig::from_filled(&m)),
             Ok((_, Some(p))) | Err(p) => Err(crate::error::Error::invalid(p.text())),
         }
@@ -272,7 +273,9 @@ impl ModelConfig {
 
     /// The first problem of a config built in Rust (the rules of `resolve`).
     pub fn problem(&self) -> Option<ModelProblem> {
-        match resolve(&self.to_map(), None) {
+        let map = self.to_map();
+        let non_finite: Vec<&str> = FIELDS.iter().map(|f| f.name).filter(|n| map.get(*n).is_some_and(Value::is_null)).collect();
+        match resolve(&map, None, &non_finite) {
             Ok((_, p)) => p,
             Err(p) => Some(p),
         }
@@ -290,7 +293,8 @@ impl<'de> serde::Deserialize<'de> for ModelConfig {
     }
 }
 
-/// What `qg_resolve_model` returns for `{ "model": {…}, "vocab_size"?: n, "seq_len"?: n }`:
+/// What `qg_resolve_model` returns for `{ "model": {…}, "vocab_size"?: n, "seq_len"?: n,
+/// "non_finite"?: [field…] }`:
 /// `{ "config": {…every field filled…}, "problem"?: {…} }` (a rule broken), `{ "problem": {…} }`
 /// (a field missing or not a number), or `{ "error": "…" }` (not such a request). `seq_len`
 /// is checked against the config's `max_position_embeddings` when the config has no problem.
@@ -302,7 +306,8 @@ pub fn resolve_json(text: &str) -> String {
     let Some(obj) = v.get("model").and_then(Value::as_object) else {
         return serde_json::json!({ "error": "resolve model: `model` must be a JSON object" }).to_string();
     };
-    let answer = match resolve(obj, v.get("vocab_size")) {
+    let non_finite: Vec<&str> = v.get("non_finite").and_then(Value::as_array).map_or(Vec::new(), |a| a.iter().filter_map(Value::as_str).collect());
+    let answer = match resolve(obj, v.get("vocab_size"), &non_finite) {
         Err(p) => Answer { config: None, problem: Some(p) },
         Ok((m, mut problem)) => {
             if let (None, Some(t)) = (&problem, v.get("seq_len").and_then(Value::as_f64)) {
