@@ -10,10 +10,9 @@
  */
 import { parseArgs } from "node:util";
 import { Engine, gemmGflops } from "../ffi/engine.ts";
-import { modelConfig } from "../lib/presets.ts";
 import { defaultTrainOptions } from "../lib/options.ts";
 import { peakRssBytes } from "../lib/memory.ts";
-import { optimizerConfig } from "./common.ts";
+import { benchConfig } from "./common.ts";
 
 const { values } = parseArgs({
   options: {
@@ -29,17 +28,16 @@ const { values } = parseArgs({
 });
 
 async function runCase(name: string, opt: string, b: number, t: number, steps: number) {
-  const model = modelConfig(name, 256);
-  const rank = Number(values.rank);
-  const e = await Engine.create({
-    model,
-    batch_size: b,
-    seq_len: t,
-    optimizer: optimizerConfig(opt, rank, name) as never,
-    seed: 0,
+  const e = await Engine.create(benchConfig({
+    model: name,
+    vocab: 256,
+    optimizer: opt,
+    rank: Number(values.rank),
+    batchSize: b,
+    seqLen: t,
     device: "cpu",
     checkpointing: values.checkpointing,
-  });
+  }));
   const tokens = new Int32Array(b * (t + 1));
   let x = 12345;
   for (let i = 0; i < tokens.length; i++) tokens[i] = (x = (x * 1103515245 + 12345) >>> 0) % 256;

@@ -21,7 +21,7 @@ import { parseArgs } from "node:util";
 import { Engine, EngineError } from "../ffi/engine.ts";
 import { estimateMemory } from "../lib/estimate.ts";
 import { modelConfig } from "../lib/presets.ts";
-import { optimizerConfig } from "./common.ts";
+import { benchConfig } from "./common.ts";
 
 const { values } = parseArgs({
   options: {
@@ -72,16 +72,17 @@ async function runCase(
   const rank = RANK[name] ?? 128;
   let e: Engine;
   try {
-    e = await Engine.create({
-      model,
-      batch_size: batch,
-      seq_len: t,
-      optimizer: optimizerConfig(opt, rank, name) as never,
-      seed: 0,
+    e = await Engine.create(benchConfig({
+      model: name,
+      vocab: 32000,
+      optimizer: opt,
+      rank,
+      batchSize: batch,
+      seqLen: t,
       device: "cuda",
       precision,
       checkpointing,
-    });
+    }));
   } catch (err) {
     if (err instanceof EngineError) {
       emit({ case: name, optimizer: opt, batch, error: err.message });
@@ -138,14 +139,15 @@ async function runCase(
 }
 
 try {
-  using probe = await Engine.create({
-    model: modelConfig("llama-9m", 256),
-    batch_size: 1,
-    seq_len: 8,
-    optimizer: optimizerConfig("adamw", 8, "llama-9m") as never,
-    seed: 0,
+  using probe = await Engine.create(benchConfig({
+    model: "llama-9m",
+    vocab: 256,
+    optimizer: "adamw",
+    rank: 8,
+    batchSize: 1,
+    seqLen: 8,
     device: "cuda",
-  });
+  }));
   emit({
     device: probe.device,
     gpu: probe.info().device_name,

@@ -11,9 +11,8 @@
  * @module
  */
 import { parseArgs } from "node:util";
-import { Engine } from "../ffi/engine.ts";
-import { modelConfig } from "../lib/presets.ts";
-import { optimizerConfig } from "./common.ts";
+import { Engine, type OptimizerConfig } from "../ffi/engine.ts";
+import { benchConfig, optimizerConfig } from "./common.ts";
 
 const { values } = parseArgs({
   options: {
@@ -36,13 +35,10 @@ function batch(seed: number): Int32Array {
 }
 
 async function engine(opt: Record<string, unknown>): Promise<Engine> {
+  const run = { model: values.model!, vocab: 256, rank, batchSize: b, seqLen: t };
   return await Engine.create({
-    model: modelConfig(values.model!, 256),
-    batch_size: b,
-    seq_len: t,
-    optimizer: opt as never,
-    seed: 0,
-    device: "cpu",
+    ...benchConfig({ ...run, optimizer: String(opt.name), device: "cpu" }),
+    optimizer: opt as OptimizerConfig,
   });
 }
 
