@@ -317,12 +317,14 @@ export interface RunSpec {
 
 /** The engine's option schema (`qg_options`). */
 export interface OptionSchema {
-  /** Optimizers with their families. */
-  optimizers: readonly { name: string; projected: boolean; eight_bit: boolean }[];
+  /** Optimizers with their families (`int8`: may keep INT8 projected weights). */
+  optimizers: readonly { name: string; projected: boolean; eight_bit: boolean; int8: boolean }[];
   /** Optimizer options, in the order the engine reports options that do not apply. */
   options: readonly OptionSpec[];
   /** Run-level options: batch shape, accumulation, device, precision, checkpointing. */
   run: readonly RunSpec[];
+  /** The largest float the engine takes (it computes in f32; larger values become infinity). */
+  f32_max: number;
 }
 
 /** An optimizer config resolved by the engine (`qg_resolve_optimizer`). */

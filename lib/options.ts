@@ -41,6 +41,11 @@ export const EIGHT_BIT_OPTIMIZERS: readonly string[] = Object.freeze(
   SCHEMA.optimizers.filter((o) => o.eight_bit).map((o) => o.name),
 );
 
+/** Optimizers that may keep INT8 projected weights (Q-GaLore, docs/algorithm-spec.md §2). */
+export const INT8_OPTIMIZERS: readonly string[] = Object.freeze(
+  SCHEMA.optimizers.filter((o) => o.int8).map((o) => o.name),
+);
+
 function spec(field: string): OptionSpec {
   const s = SCHEMA.options.find((o) => o.name === field);
   if (!s) throw new Error(`engine option schema has no field ${field}`);
@@ -189,7 +194,7 @@ export interface TrainOptions {
 type Range = OptionRange;
 
 // The engine takes floats as f32; anything larger would arrive as infinity.
-const F32_MAX = 3.4e38;
+const F32_MAX = SCHEMA.f32_max;
 
 /** How one option is declared in {@link OPTION_TABLE}. */
 export interface OptionDef {
@@ -459,7 +464,7 @@ const TABLE = {
     engine: "weight_bits",
     nullable: true,
     section: GALORE,
-    help: "--weight-bits 8|16    8: INT8 projected weights (qgalore only) [{default}]",
+    help: "--weight-bits 8|16    8: INT8 projected weights ({int8} only) [{default}]",
     shows: (d: Readonly<Record<string, unknown>>) =>
       `${Object.entries(d).map(([o, v]) => `${o} ${v}`).join(", ")}, else 16`,
   },
@@ -805,6 +810,7 @@ export function optionHelp(fill: Readonly<Record<string, string>> = {}): Map<str
       if (name === "default") return defaultText(key);
       if (name === "choices") return CHOICES[key as ChoiceKey].join(", ");
       if (name === "eight_bit") return EIGHT_BIT_OPTIMIZERS.join(", ");
+      if (name === "int8") return INT8_OPTIMIZERS.join(", ");
       return fill[name] ?? m;
     });
     const lines = sections.get(d.section) ?? [];
@@ -973,8 +979,12 @@ function resolveOptimizer(
     projected: () => forProjected,
     eight_bit: () =>
       `applies only to the 8-bit optimizers ${EIGHT_BIT_OPTIMIZERS.join(", ")} (not ${name})`,
-    int8_capable: () => `INT8 weights need --optimizer qgalore (not ${name}); allowed here: 16`,
-    int8_weights: () => "applies only to INT8 weights (--optimizer qgalore with --weight-bits 8)",
+    int8_capable: () =>
+      `INT8 weights need --optimizer ${INT8_OPTIMIZERS.join(", ")} (not ${name}); allowed here: 16`,
+    int8_weights: () =>
+      `applies only to INT8 weights (--optimizer ${
+        INT8_OPTIMIZERS.join(", ")
+      } with --weight-bits 8)`,
     quantized_projector: () => `applies only with --proj-bits 4 or 8 (here ${config.proj_bits})`,
     quantized: () =>
       "applies only when something is quantized (--weight-bits 8 or --proj-bits 4/8)",

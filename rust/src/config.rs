@@ -555,13 +555,14 @@ pub fn run_specs() -> Vec<RunSpec> {
     ]
 }
 
-/// The schema `qg_options` returns: optimizers, optimizer options and run-level options.
+/// The schema `qg_options` returns: optimizers (with their families), optimizer options,
+/// run-level options, and the largest float the engine takes (`f32_max`).
 pub fn schema_json() -> String {
     let optimizers: Vec<Value> = Optimizer::ALL
         .iter()
-        .map(|&(o, name)| serde_json::json!({ "name": name, "projected": o.projected(), "eight_bit": o.eight_bit() }))
+        .map(|&(o, name)| serde_json::json!({ "name": name, "projected": o.projected(), "eight_bit": o.eight_bit(), "int8": o.int8_capable() }))
         .collect();
-    serde_json::json!({ "optimizers": optimizers, "options": OptimConfig::specs(), "run": run_specs() }).to_string()
+    serde_json::json!({ "optimizers": optimizers, "options": OptimConfig::specs(), "run": run_specs(), "f32_max": F32_MAX }).to_string()
 }
 
 /// What `qg_resolve_optimizer` returns for a JSON
