@@ -383,7 +383,10 @@ export function engineOptions(): OptionSchema {
  */
 export function resolveOptimizerConfig(
   optimizer: Partial<OptimizerConfig> & { name: string },
-  run: Partial<Pick<EngineConfig, "grad_accum" | "device" | "precision">> = {},
+  run: Partial<Pick<EngineConfig, "grad_accum" | "device" | "precision">> & {
+    /** Out-of-range values of options that do not apply are ignored, not errors. */
+    lenient?: boolean;
+  } = {},
 ): ResolvedOptimizer {
   const lib = loadLibrary();
   const json = enc.encode(JSON.stringify({ optimizer, ...run }));

@@ -7,8 +7,8 @@
  * @module
  */
 
-import { type MemoryBytes, planEngine } from "../ffi/engine.ts";
-import { EIGHT_BIT_OPTIMIZERS, optimizerDefaults, PROJECTED_OPTIMIZERS } from "./options.ts";
+import { type MemoryBytes, planEngine, resolveOptimizerConfig } from "../ffi/engine.ts";
+import { checkChoice, givenOptimizerConfig } from "./options.ts";
 import { type ModelConfig, modelConfig, resolveModel } from "./presets.ts";
 import { ByteTokenizer } from "./tokenizer.ts";
 
@@ -62,10 +62,6 @@ export interface EstimateWhen {
   afterFirstStep?: boolean;
 }
 
-function defined<T>(v: T | null | undefined, fallback: T): T {
-  return v === null || v === undefined ? fallback : v;
-}
-
 /**
  * Bytes the engine tracks for `model` trained by `optimizer` on `batch`, by category, as
  * `Engine.memory()` reports them after the first update (or before it, with
@@ -92,25 +88,12 @@ export function estimateMemory(
     : model;
   const s: MemorySettings = typeof optimizer === "string" ? { name: optimizer } : optimizer;
   const ga = batch.gradAccum ?? 1;
-  const d = optimizerDefaults(s.name, ga);
-  const projected = PROJECTED_OPTIMIZERS.includes(s.name);
-  const eight = EIGHT_BIT_OPTIMIZERS.includes(s.name);
-  // The optimizer's front-end defaults, and only the settings that apply to it; the
-  // engine's own defaults fill in the rest.
-  const o: Record<string, unknown> = { name: s.name, fused: defined(s.fused, d.fused) };
-  const put = (field: string, v: unknown) => {
-    if (v !== null && v !== undefined) o[field] = v;
-  };
-  if (s.name === "qgalore") {
-    put("weight_bits", defined(s.weightBits, d.weightBits));
-    if (o.weight_bits === 8) put("weight_group_size", s.weightGroupSize);
-  }
-  if (projected) {
-    put("rank", s.rank);
-    put("proj_bits", defined(s.projBits, d.projBits));
-    put("proj_group_size", s.projGroupSize);
-  }
-  if (eight) put("block_size", s.blockSize);
+  checkChoice("optimizer", s.name);
+  // The engine fills in its defaults and keeps only the settings that apply.
+  const { config } = resolveOptimizerConfig(givenOptimizerConfig(s.name, s), {
+    grad_accum: ga,
+    lenient: true,
+  });
   const bf16 = batch.precision === "bf16";
   const plan = planEngine({
     model: cfg,
@@ -121,7 +104,7 @@ export function estimateMemory(
     device: bf16 ? "cuda" : "cpu",
     precision: bf16 ? "bf16" : "fp32",
     checkpointing: batch.checkpointing ?? false,
-    optimizer: o as { name: string },
+    optimizer: config,
   });
   const m = (when.afterFirstStep ?? true) ? plan.stepped : plan.initial;
   return {

@@ -935,12 +935,18 @@ function keyOfField(field: string): OptimizerKey {
   return key;
 }
 
-/** The given options as an engine optimizer config (engine field names). */
-function givenConfig(raw: TrainOptions): Partial<OptimizerConfig> & { name: string } {
-  const out: Record<string, unknown> = { name: raw.optimizer };
+/**
+ * The optimizer settings given in `settings` (non-null, `TrainOptions` names) as an engine
+ * optimizer config for `name` (engine field names); the engine fills in the rest.
+ */
+export function givenOptimizerConfig(
+  name: string,
+  settings: Partial<TrainOptions>,
+): Partial<OptimizerConfig> & { name: string } {
+  const out: Record<string, unknown> = { name };
   for (const key of KEYS) {
     const field = def(key).engine;
-    if (field !== undefined && given(raw[key])) out[field] = raw[key];
+    if (field !== undefined && given(settings[key])) out[field] = settings[key];
   }
   return out as Partial<OptimizerConfig> & { name: string };
 }
@@ -961,7 +967,7 @@ function resolveOptimizer(
   };
   let resolved;
   try {
-    resolved = resolveOptimizerConfig(givenConfig(raw), {
+    resolved = resolveOptimizerConfig(givenOptimizerConfig(raw.optimizer, raw), {
       grad_accum: raw.gradAccum,
       device: raw.device,
       precision: raw.precision,

@@ -367,6 +367,12 @@ macro_rules! optim_options {
             /// and fills the others with `name`'s defaults. Returns the config and the given
             /// options that do not apply (front ends reject those; the engine ignores them).
             pub fn resolve(obj: &Map<String, Value>, grad_accum: usize) -> Result<(Self, Vec<NotApplicable>)> {
+                OptimConfig::resolve_with(obj, grad_accum, false)
+            }
+
+            /// `resolve`; when `lenient`, a given value out of range is an error only if its
+            /// option applies (an estimate ignores settings that do not apply, valid or not).
+            pub fn resolve_with(obj: &Map<String, Value>, grad_accum: usize, lenient: bool) -> Result<(Self, Vec<NotApplicable>)> {
                 let name: Optimizer = match obj.get("name") {
                     Some(v) => v.as_str().and_then(Optimizer::parse).ok_or_else(|| {
                         let shown = v.as_str().map_or_else(|| v.to_string(), str::to_string);
@@ -375,11 +381,22 @@ macro_rules! optim_options {
                     None => return Err(Error::invalid("optimizer name: missing")),
                 };
                 let mut cfg = OptimConfig::defaults(name, grad_accum);
+                // the invalid values, in declaration order (their options keep the default)
+                let mut bad: Vec<(&str, Error)> = Vec::new();
                 $(
                     if let Some(v) = obj.get(stringify!($field)).filter(|v| !v.is_null()) {
-                        cfg.$field = option(stringify!($field), v, $bounds.as_ref())?;
+                        match option(stringify!($field), v, $bounds.as_ref()) {
+                            Ok(x) => cfg.$field = x,
+                            Err(e) => bad.push((stringify!($field), e)),
+                        }
                     }
                 )*
+                if !lenient {
+                    if let Some((_, e)) = bad.into_iter().next() {
+                        return Err(e);
+                    }
+                    bad = Vec::new();
+                }
                 let mut off = Vec::new();
                 $(
                     let given = obj.get(stringify!($field)).is_some_and(|v| !v.is_null());
@@ -389,6 +406,9 @@ macro_rules! optim_options {
                         }
                     }
                 )*
+                if let Some((_, e)) = bad.into_iter().find(|(f, _)| !off.iter().any(|n| n.field == *f)) {
+                    return Err(e);
+                }
                 Ok((cfg, off))
             }
 
@@ -566,8 +586,8 @@ pub fn schema_json() -> String {
 }
 
 /// What `qg_resolve_optimizer` returns for a JSON
-/// `{ "optimizer": {…}, "grad_accum": n, "device": …, "precision": … }` (all but the optimizer
-/// name optional): `{ "config": {…the options that apply…}, "not_applicable": [{ field, when }] }`
+/// `{ "optimizer": {…}, "grad_accum": n, "device": …, "precision": … , "lenient": bool }` (all
+/// but the optimizer name optional; `lenient`: see `OptimConfig::resolve_with`): `{ "config": {…the options that apply…}, "not_applicable": [{ field, when }] }`
 /// or `{ "error": "…" }`.
 pub fn resolve_json(text: &str) -> String {
     let r = (|| -> Result<Value> {
@@ -577,7 +597,8 @@ pub fn resolve_json(text: &str) -> String {
         let empty = Map::new();
         let obj = v.get("optimizer").and_then(Value::as_object).unwrap_or(&empty);
         let ga = v.get("grad_accum").and_then(Value::as_u64).map_or(DEFAULT_GRAD_ACCUM, |n| n as usize);
-        let (cfg, off) = OptimConfig::resolve(obj, ga)?;
+        let lenient = v.get("lenient").and_then(Value::as_bool).unwrap_or(false);
+        let (cfg, off) = OptimConfig::resolve_with(obj, ga, lenient)?;
         Ok(serde_json::json!({ "config": cfg.applicable(obj), "not_applicable": off }))
     })();
     r.unwrap_or_else(|e| serde_json::json!({ "error": e.msg })).to_string()
@@ -720,6 +741,16 @@ mod tests {
         let got: Vec<_> = off.iter().map(|n| (n.field, n.when)).collect();
         assert_eq!(got, [("proj_group_size", When::QuantizedProjector), ("fused", When::OneMicroBatch)]);
         assert!(!c.applicable(&Map::new()).contains_key("proj_group_size"));
+    }
+
+    #[test]
+    fn lenient_resolution_ignores_invalid_values_that_do_not_apply() {
+        let adamw = obj(r#"{"name":"adamw","rank":0,"proj_bits":3}"#);
+        assert_eq!(OptimConfig::resolve(&adamw, 1).unwrap_err().msg, "rank = 0: must be an integer ≥ 1");
+        let (_, off) = OptimConfig::resolve_with(&adamw, 1, true).unwrap();
+        assert_eq!(off.iter().map(|n| n.field).collect::<Vec<_>>(), ["rank", "proj_bits"]);
+        let e = OptimConfig::resolve_with(&obj(r#"{"name":"galore","rank":0}"#), 1, true).unwrap_err();
+        assert_eq!(e.msg, "rank = 0: must be an integer ≥ 1");
     }
 
     #[test]
