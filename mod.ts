@@ -37,12 +37,28 @@ export * from "./lib/trainer.ts";
 export {
   Engine,
   engineAbiVersion,
+  type EngineConfig,
   EngineError,
+  type EngineInfo,
+  engineOptions,
+  type EnginePlan,
   ErrorCode,
   gemmGflops,
   type MemoryBytes,
+  type ModelConfig as EngineModelConfig,
   type OptimizerConfig,
+  type OptionCondition,
+  type OptionRange,
+  type OptionSchema,
+  type OptionSpec,
+  type PlanConfig,
+  planEngine,
+  type PlanNote,
+  type ResolvedOptimizer,
+  resolveOptimizerConfig,
+  type RunSpec,
   type StepStats,
+  type TensorPlan,
 } from "./ffi/engine.ts";
 export { LoadError } from "./ffi/loader.ts";
 export * from "./lib/estimate.ts";
