@@ -188,19 +188,9 @@ export function planEngine(config: PlanConfig, label = ""): EnginePlan {
   const json = enc.encode(JSON.stringify({ seed: 0, ...config }));
   const name = enc.encode(label);
   const need = new BigUint64Array(1);
-  let buf = new Uint8Array(64 * 1024);
-  let rc = lib.symbols.qg_plan(
-    json,
-    BigInt(json.length),
-    name,
-    BigInt(name.length),
-    buf,
-    BigInt(buf.length),
-    need,
-  );
-  if (Number(need[0]) > buf.length) {
-    buf = new Uint8Array(Number(need[0]));
-    rc = lib.symbols.qg_plan(
+  // The engine writes at most `cap` bytes and reports the full length: one retry suffices.
+  const call = (buf: Uint8Array) =>
+    lib.symbols.qg_plan(
       json,
       BigInt(json.length),
       name,
@@ -209,7 +199,9 @@ export function planEngine(config: PlanConfig, label = ""): EnginePlan {
       BigInt(buf.length),
       need,
     );
-  }
+  let buf = new Uint8Array(64 * 1024);
+  let rc = call(buf);
+  if (Number(need[0]) > buf.length) rc = call(buf = new Uint8Array(Number(need[0])));
   const text = dec.decode(buf.subarray(0, Number(need[0])));
   if (rc !== 0) throw new EngineError(rc, text);
   return JSON.parse(text);

@@ -190,9 +190,6 @@ export interface TrainOptions {
   handleSigint: boolean;
 }
 
-/** Allowed values of a front-end numeric option (engine options take the engine's). */
-type Range = OptionRange;
-
 // The engine takes floats as f32; anything larger would arrive as infinity.
 const F32_MAX = SCHEMA.f32_max;
 
@@ -210,7 +207,7 @@ export interface OptionDef {
   /** Engine run-level config field it sets; the engine's schema gives range, choices, default. */
   readonly run?: string;
   /** Range of a front-end numeric option. */
-  readonly range?: Range;
+  readonly range?: OptionRange;
   /** Choices of a front-end choice option. */
   readonly choices?: () => readonly string[];
   /** Null means "the default", filled in by {@link checkOptions}. */
@@ -257,7 +254,11 @@ const onFor = (d: Readonly<Record<string, unknown>>, v: boolean): string =>
 // Every option, once, in `--help` order. The default run: small enough to finish in about
 // two minutes on two CPU cores while driving the synthetic corpus's validation loss well
 // below its start.
-const TABLE = {
+/**
+ * Every option with its literal declaration ({@link OPTION_TABLE} is the same table, typed
+ * as {@link OptionDef}s); the key unions below are derived from it.
+ */
+export const OPTION_DECLARATIONS = {
   model: {
     flag: "--model",
     kind: "model",
@@ -607,10 +608,14 @@ const TABLE = {
 } as const satisfies Record<keyof TrainOptions, OptionDef>;
 
 /** Every option, once, in `--help` order: flag, help, engine field or own range and default. */
-export const OPTION_TABLE: Readonly<Record<keyof TrainOptions, OptionDef>> = TABLE;
+export const OPTION_TABLE: Readonly<Record<keyof TrainOptions, OptionDef>> = OPTION_DECLARATIONS;
 
-type Table = typeof TABLE;
-type KeysWhere<P> = { [K in keyof Table]: Table[K] extends P ? K : never }[keyof Table];
+/** The option table's literal type: what the key unions below are derived from. */
+export type OptionTable = typeof OPTION_DECLARATIONS;
+/** The keys of {@link OPTION_TABLE} whose declaration matches `P`. */
+export type KeysWhere<P> = {
+  [K in keyof OptionTable]: OptionTable[K] extends P ? K : never;
+}[keyof OptionTable];
 
 const KEYS = Object.keys(OPTION_TABLE) as (keyof TrainOptions)[];
 const def = (key: keyof TrainOptions): OptionDef => OPTION_TABLE[key];
@@ -664,7 +669,7 @@ export const CHOICES: Readonly<Record<ChoiceKey, readonly string[]>> = Object.fr
   ) as Record<ChoiceKey, readonly string[]>,
 );
 
-function rangeOf(key: NumericKey): Range {
+function rangeOf(key: NumericKey): OptionRange {
   const d = def(key);
   return d.range ?? (d.engine ? spec(d.engine) : runSpec(d.run!)).range!;
 }
@@ -733,7 +738,7 @@ export function optimizerDefaults(optimizer: string, gradAccum = 1): OptimizerDe
   return settingsOf(optimizer, config);
 }
 
-function describeRange(r: Range): string {
+function describeRange(r: OptionRange): string {
   if (r.oneOf) {
     return `one of ${r.oneOf.join(", ")}`;
   }

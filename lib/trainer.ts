@@ -26,7 +26,6 @@ import {
   type TrainOptions,
   withFlags,
 } from "./options.ts";
-import { paramCount } from "./estimate.ts";
 import type { ModelConfig, ResolvedModel } from "./presets.ts";
 import { Rng } from "./rng.ts";
 import { lrAt } from "./schedule.ts";
@@ -520,10 +519,6 @@ export class Run implements Disposable {
     try {
       const steps = this.#steps;
       const info = engine.info?.() ?? {};
-      const num = (key: keyof EngineInfo): number | null => {
-        const v = info[key];
-        return typeof v === "number" ? v : null;
-      };
       const finalRef = refLoss(finalLoss, opts.evalBatches);
       const lastLoss = this.#lastLoss;
       const failure = this.#failure;
@@ -542,13 +537,14 @@ export class Run implements Disposable {
         wall_s: this.elapsed(),
         params: engine.params,
         optimizer: opts.optimizer,
-        fused: typeof info.fused === "boolean" ? info.fused : opts.fused,
-        svd_count: num("svd_count") ?? 0,
-        gaps: (info.gaps ?? {}) as Record<string, number>,
-        refresh_failures: num("refresh_failures") ?? 0,
-        nonfinite_grads: num("nonfinite_grads"),
-        refresh_seconds: num("refresh_seconds") ?? 0,
-        timing: (info.timing ?? null) as Summary["timing"],
+        // stand-in engines (tests) may report less than the native one
+        fused: info.fused ?? opts.fused,
+        svd_count: info.svd_count ?? 0,
+        gaps: info.gaps ?? {},
+        refresh_failures: info.refresh_failures ?? 0,
+        nonfinite_grads: info.nonfinite_grads ?? null,
+        refresh_seconds: info.refresh_seconds ?? 0,
+        timing: info.timing ?? null,
         device: engine.device,
         precision: engine.precision ?? "fp32",
         model: { name: this.model.name, config: this.model.config },
@@ -558,7 +554,7 @@ export class Run implements Disposable {
           ...engine.memory(),
           peak_rss: peakRssBytes(),
           // measured by the driver on a GPU; the CPU has no device memory
-          peak_device: engine.device === "cuda" ? num("peak_device_bytes") : null,
+          peak_device: engine.device === "cuda" ? info.peak_device_bytes ?? null : null,
         },
         interrupted: this.#stop && failure === null,
         diverged: failure !== null,
@@ -566,12 +562,6 @@ export class Run implements Disposable {
         out: this.out,
         started_at: this.#startedAt,
       };
-      const expected = paramCount(this.model.config);
-      if (engine.params !== expected) {
-        this.#progress.note(
-          `warning: engine reports ${engine.params} params, expected ${expected}`,
-        );
-      }
       if (this.out !== null) {
         Deno.writeTextFileSync(
           join(this.out, "summary.json"),

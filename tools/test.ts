@@ -36,6 +36,8 @@ for (
     ["fmt", ["fmt", "--check"]],
     ["lint", ["lint"]],
     ["type check", ["check", "mod.ts", "examples/", "tests/", "bench/", "tools/"]],
+    // every public symbol documented, no public type naming a private one (JSR)
+    ["doc lint", ["doc", "--lint", "mod.ts"]],
   ] as const
 ) {
   const r = await run(deno, [...args]);
