@@ -9,6 +9,7 @@
  */
 
 import { UsageError } from "./errors.ts";
+import { checkNumber } from "./options.ts";
 import { Rng } from "./rng.ts";
 import { ByteTokenizer } from "./tokenizer.ts";
 
@@ -55,9 +56,7 @@ export class TextDataset implements Dataset {
   constructor(tokens: Int32Array, opts: TextDatasetOptions) {
     const label = opts.label ?? "text";
     const { valFraction, seqLen } = opts;
-    if (!(valFraction > 0 && valFraction < 1)) {
-      throw new UsageError(`--val-fraction ${valFraction}: must be a number in (0, 1)`);
-    }
+    checkNumber("valFraction", valFraction); // the option table's range
     const window = seqLen + 1;
     const nVal = Math.floor(tokens.length * valFraction);
     const nTrain = tokens.length - nVal;
