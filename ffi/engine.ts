@@ -421,7 +421,12 @@ export interface ResolvedModelConfig {
  */
 export function resolveModelConfig(
   model: object,
-  run: { vocab_size?: number; seq_len?: number } = {},
+  run: {
+    vocab_size?: number;
+    seq_len?: number;
+    /** false: no defaults; a field that is absent or not a number breaks its rule. */
+    defaults?: boolean;
+  } = {},
 ): ResolvedModelConfig {
   const lib = loadLibrary();
   // JSON writes NaN and ±Infinity as null; name them, so the engine judges them as numbers.

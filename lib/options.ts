@@ -23,7 +23,7 @@ import {
   resolveOptimizerConfig,
   type RunSpec,
 } from "../ffi/engine.ts";
-import { checkModel, type ModelConfig, type ResolvedModel, resolveModel } from "./presets.ts";
+import { type ModelConfig, type ResolvedModel, resolveModel, validateModel } from "./presets.ts";
 import { ByteTokenizer } from "./tokenizer.ts";
 
 const SCHEMA = engineOptions();
@@ -919,7 +919,8 @@ export function checkOptions(input: Partial<TrainOptions> = {}): CheckedOptions 
     model = resolveModel(raw.model, vocab, `--model ${raw.model}`);
   } else {
     // As for presets and files, the tokenizer decides the vocabulary.
-    const config = checkModel({ ...raw.model, vocab_size: vocab }, "--model (config object)");
+    const config = { ...raw.model, vocab_size: vocab };
+    validateModel(config, "--model (config object)");
     model = { name: "custom", config };
   }
   // The engine judges the sequence against the model's positions.

@@ -119,31 +119,23 @@ function problemText(
   source: string,
   given: Readonly<Record<string, unknown>>,
 ): string {
-  const v = p.field in given ? given[p.field] : p.value;
+  // the value as given (p.value is null for one that is absent or not a number)
+  const v = p.field in given || p.value === null ? given[p.field] : p.value;
   if (p.kind === "missing") return `${source}: missing field ${p.field}`;
   if (p.kind === "type") return `${source}: ${p.field} ${JSON.stringify(v)} ${p.why}`;
   return `${source}: ${p.field} ${v} ${p.why}`;
 }
 
 /**
- * Fills a config object with the engine's defaults and checks that it describes a buildable
- * model; throws UsageError naming the field. `source` prefixes the message (a flag and
+ * Checks that a complete config describes a buildable model (the engine's rules, no
+ * defaults); throws UsageError naming the field. `source` prefixes the message (a flag and
  * value, or a file).
  */
-export function checkModel(cfg: object, source: string): ModelConfig {
-  const r = resolveModelConfig(cfg);
-  if (r.problem) {
-    throw new UsageError(problemText(r.problem, source, cfg as Record<string, unknown>));
-  }
-  return r.config!;
-}
-
-/**
- * Checks that a config describes a buildable model (the engine's rules); throws UsageError
- * naming the field. `source` prefixes the message (a flag and value, or a file).
- */
 export function validateModel(cfg: ModelConfig, source = "model config"): void {
-  checkModel(cfg, source);
+  const r = resolveModelConfig(cfg, { defaults: false });
+  if (r.problem) {
+    throw new UsageError(problemText(r.problem, source, cfg as unknown as Record<string, unknown>));
+  }
 }
 
 /**

@@ -216,6 +216,14 @@ pub fn resolve(obj: &Map<String, Value>, vocab: Option<&Value>, non_finite: &[&s
     Ok((out, problem))
 }
 
+/// The first rule a complete config breaks, defaults not applied: a field that is absent or
+/// not a number breaks its field's rule (for callers whose configs always carry every field).
+pub fn check_complete(obj: &Map<String, Value>) -> (Map<String, Value>, Option<ModelProblem>) {
+    let out: Map<String, Value> = FIELDS.iter().map(|f| (f.name.to_string(), obj.get(f.name).filter(|v| v.is_number()).cloned().unwrap_or(Value::Null))).collect();
+    let problem = check(&out);
+    (out, problem)
+}
+
 /// The first rule a filled config breaks: counts are integers ≥ 1, reals are > 0, the
 /// heads divide the width, the key/value heads divide the heads, and the head dimension is
 /// even (RoPE rotates pairs).
@@ -294,7 +302,7 @@ impl<'de> serde::Deserialize<'de> for ModelConfig {
 }
 
 /// What `qg_resolve_model` returns for `{ "model": {…}, "vocab_size"?: n, "seq_len"?: n,
-/// "non_finite"?: [field…] }`:
+/// "non_finite"?: [field…], "defaults"?: bool }` (`defaults: false`: `check_complete`):
 /// `{ "config": {…every field filled…}, "problem"?: {…} }` (a rule broken), `{ "problem": {…} }`
 /// (a field missing or not a number), or `{ "error": "…" }` (not such a request). `seq_len`
 /// is checked against the config's `max_position_embeddings` when the config has no problem.
@@ -307,7 +315,9 @@ pub fn resolve_json(text: &str) -> String {
         return serde_json::json!({ "error": "resolve model: `model` must be a JSON object" }).to_string();
     };
     let non_finite: Vec<&str> = v.get("non_finite").and_then(Value::as_array).map_or(Vec::new(), |a| a.iter().filter_map(Value::as_str).collect());
-    let answer = match resolve(obj, v.get("vocab_size"), &non_finite) {
+    let defaults = v.get("defaults").and_then(Value::as_bool).unwrap_or(true);
+    let resolved = if defaults { resolve(obj, v.get("vocab_size"), &non_finite) } else { Ok(check_complete(obj)) };
+    let answer = match resolved {
         Err(p) => Answer { config: None, problem: Some(p) },
         Ok((m, mut problem)) => {
             if let (None, Some(t)) = (&problem, v.get("seq_len").and_then(Value::as_f64)) {
@@ -377,6 +387,8 @@ mod tests {
         assert_eq!(line(p(r#""hidden_size":128,"num_attention_heads":4,"rms_norm_eps":0"#)), "rms_norm_eps 0 must be > 0");
         assert_eq!(line(p(r#""hidden_size":128,"num_attention_heads":4"#)), "seq_len 4096 must be ≤ max_position_embeddings 2048");
         assert_eq!(p(r#""hidden_size":"128","num_attention_heads":4"#)["kind"], "type");
+        let strict = resolve_text(r#"{"model":{"vocab_size":8,"hidden_size":"128"},"defaults":false}"#);
+        assert_eq!((strict["problem"]["field"].as_str(), strict["problem"]["why"].as_str()), (Some("hidden_size"), Some("must be an integer ≥ 1")));
         let missing = resolve_text(r#"{"model":{"hidden_size":128}}"#);
         assert_eq!((missing["problem"]["kind"].as_str(), missing["problem"]["field"].as_str()), (Some("missing"), Some("intermediate_size")));
     }
