@@ -55,10 +55,8 @@ impl<B: Backend> Engine<B> {
         let (quant, half) = (plan::linear_quant(o), plan::half_tables(o));
         let model = be.runner().run(|| Llama::build(&be, &cfg.model, cfg.seed, quant, half))?;
         let fused = plan.fused;
-        let opt = optim::build(&be, &model, o, cfg.seed)?;
-        let rows = plan.table_chunk_rows;
-        let tables = [model.embed, model.head];
-        let grads = Grads::new(&be, &model, |_| fused, |i| rows.filter(|_| tables.contains(&i)))?;
+        let opt = optim::build(&be, &plan, o, cfg.seed)?;
+        let grads = Grads::new(&be, plan.tensors.iter().map(|t| (t.grad_len, t.grad_chunk_rows)), plan.shared_grad as usize)?;
         let acts = Acts::new(&be, &cfg.model, cfg.batch_size, cfg.seq_len, model.largest_quantized(), cfg.checkpointing)?;
         Ok(Engine { be, cfg, model, grads, acts, opt, fused, notice: None, timing: [0.0; 3], peak_device_bytes: 0 })
     }
