@@ -20,7 +20,8 @@ use crate::quant::adam8::{State8, MIN_8BIT_SIZE};
 use crate::quant::QTensor;
 use serde::Serialize;
 
-/// Bytes by memory category, as `Engine::memory` reports them.
+/// Bytes by memory category, as `Engine::memory` reports them (also the `memory` of the
+/// engine's info).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Bytes {
     pub weights: u64,
@@ -35,6 +36,12 @@ impl Bytes {
     /// The categories in `CATEGORIES` order, then the total (the layout of `Engine::memory`).
     pub fn to_array(self) -> [u64; 6] {
         [self.weights, self.grads, self.optimizer_state, self.projector, self.activations, self.total]
+    }
+
+    /// The inverse of `to_array`.
+    pub fn from_array(a: [u64; 6]) -> Self {
+        let [weights, grads, optimizer_state, projector, activations, total] = a;
+        Bytes { weights, grads, optimizer_state, projector, activations, total }
     }
 }
 

@@ -1,13 +1,13 @@
 //! One training run inside the engine: model, gradients, activations and optimizer for a
 //! fixed (batch, seq). `Session` is the object-safe face the C ABI holds.
 
-use crate::backend::{Backend, Category, CATEGORIES};
+use crate::backend::{Backend, CATEGORIES};
 use crate::config::{Device, EngineConfig, Precision};
 use crate::ensure;
 use crate::error::{Error, Result};
 use crate::model::{pass, Acts, Grads, Llama};
 use crate::optim::{self, Optimizer};
-use crate::plan::{self, Plan};
+use crate::plan::{self, Bytes, Plan};
 use serde::Serialize;
 use std::time::Instant;
 
@@ -329,7 +329,6 @@ impl<B: Backend> Engine<B> {
 
     /// Engine facts for the front end (`qg_info`).
     pub fn info(&self) -> Info {
-        let m = self.memory();
         let t = self.timing.map(micro);
         Info {
             params: self.model.numel(),
@@ -339,14 +338,7 @@ impl<B: Backend> Engine<B> {
             optimizer: self.opt.name(),
             fused: self.fused,
             steps: self.opt.steps(),
-            memory: MemoryInfo {
-                weights: m[Category::Weights as usize],
-                grads: m[Category::Grads as usize],
-                optimizer_state: m[Category::OptimizerState as usize],
-                projector: m[Category::Projector as usize],
-                activations: m[Category::Activations as usize],
-                total: m[5],
-            },
+            memory: Bytes::from_array(self.memory()),
             refresh: self.opt.report(&self.model),
             timing: Timing { forward_s: t[0], backward_s: t[1], optimizer_s: t[2] },
             peak_device_bytes: self.peak_device_bytes,
@@ -377,7 +369,7 @@ pub struct Info {
     /// Completed optimizer steps.
     pub steps: u64,
     /// Tracked bytes by category.
-    pub memory: MemoryInfo,
+    pub memory: Bytes,
     /// Projector refresh counters (GaLore family and 8-bit Adam only).
     #[serde(flatten, skip_serializing_if = "Option::is_none")]
     pub refresh: Option<crate::optim::Report>,
@@ -387,17 +379,6 @@ pub struct Info {
     /// A one-line notice for the user (e.g. a device fallback).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub notice: Option<String>,
-}
-
-/// Tracked bytes by category.
-#[derive(Clone, Debug, Serialize)]
-pub struct MemoryInfo {
-    pub weights: u64,
-    pub grads: u64,
-    pub optimizer_state: u64,
-    pub projector: u64,
-    pub activations: u64,
-    pub total: u64,
 }
 
 /// Seconds spent per phase since the start.
