@@ -154,12 +154,7 @@ impl<B: Backend> Engine<B> {
                 be.sumsq_acc(grads.get(i), model.params[i].numel());
             }
             st.grad_norm = be.take_sumsq().sqrt();
-            if !st.grad_norm.is_finite() {
-                return Err(Error::non_finite(format!("gradient norm is {}", fmt_nf(st.grad_norm))));
-            }
-            if clip > 0.0 && st.grad_norm > clip {
-                // torch.nn.utils.clip_grad_norm_: scale by max_norm / (norm + 1e-6)
-                let s = (clip / (st.grad_norm + 1e-6)) as f32;
+            if let Some(s) = clip_scale(st.grad_norm, clip)? {
                 for i in 0..model.params.len() {
                     be.scale(grads.get_mut(i), s);
                 }
@@ -198,11 +193,8 @@ impl<B: Backend> Engine<B> {
         if clip > 0.0 {
             pass::backward(be, m, g, a, false, &mut |i, rows, m, g| be.sumsq_acc(g.get(i), grad_len(m, i, rows)));
             st.grad_norm = be.take_sumsq().sqrt();
-            if !st.grad_norm.is_finite() {
-                return Err(Error::non_finite(format!("gradient norm is {}", fmt_nf(st.grad_norm))));
-            }
-            if st.grad_norm > clip {
-                scale = (clip / (st.grad_norm + 1e-6)) as f32;
+            if let Some(s) = clip_scale(st.grad_norm, clip)? {
+                scale = s;
                 st.clipped = true;
             }
         }
@@ -387,6 +379,16 @@ pub struct Timing {
     pub forward_s: f64,
     pub backward_s: f64,
     pub optimizer_s: f64,
+}
+
+/// Global-norm clipping: fails on a non-finite norm, and gives the factor the gradients
+/// are scaled by when `clip` > 0 and the norm exceeds it (torch.nn.utils.clip_grad_norm_:
+/// max_norm / (norm + 1e-6)).
+fn clip_scale(norm: f64, clip: f64) -> Result<Option<f32>> {
+    if !norm.is_finite() {
+        return Err(Error::non_finite(format!("gradient norm is {}", fmt_nf(norm))));
+    }
+    Ok((clip > 0.0 && norm > clip).then(|| (clip / (norm + 1e-6)) as f32))
 }
 
 fn fmt_nf(x: f64) -> &'static str {
