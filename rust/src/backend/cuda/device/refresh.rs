@@ -85,9 +85,7 @@ impl Cuda {
         seed: u64,
         out: &mut CudaBuf,
     ) -> Result<()> {
-        if rank > rows.min(cols) {
-            return Err(Error::invalid(format!("rank {rank} exceeds the matrix size {rows}×{cols}")));
-        }
+        crate::host::linalg::check_rank(rank, rows, cols)?;
         let pn = if right { rank * cols } else { rows * rank };
         if method == Refresh::Svd {
             // exact host route: copy, decompose with faer, copy back
