@@ -29,7 +29,7 @@ use crate::error::{Error, Result};
 use crate::quant::adam8;
 use cudarc::cublas::CudaBlas;
 use cudarc::cusolver::DnHandle;
-use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchConfig};
+use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DeviceRepr, DriverError, LaunchConfig, ValidAsZeroBits};
 use cudarc::nvrtc::Ptx;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -57,6 +57,15 @@ mod refresh;
 
 fn dev_err(what: &str, e: impl std::fmt::Debug) -> Error {
     Error::backend(format!("CUDA {what}: {e:?}"))
+}
+
+/// Grows scratch `x` to at least `n` elements (a fresh zeroed buffer; the old contents are
+/// dropped), or leaves it as it is; the caller words and reports the failure.
+fn grow<T: DeviceRepr + ValidAsZeroBits>(s: &Arc<CudaStream>, x: &mut CudaSlice<T>, n: usize) -> std::result::Result<(), DriverError> {
+    if x.len() < n {
+        *x = s.alloc_zeros::<T>(n)?;
+    }
+    Ok(())
 }
 
 /// Reduction, counter and cast scratch, reused by every call (grown, never shrunk).
@@ -234,9 +243,7 @@ impl Cuda {
     }
 
     fn upload_ids(&self, dst: &mut CudaSlice<i32>, ids: &[i32]) -> Result<()> {
-        if dst.len() < ids.len() {
-            *dst = self.stream.alloc_zeros::<i32>(ids.len()).map_err(|e| dev_err("alloc", e))?;
-        }
+        grow(&self.stream, dst, ids.len()).map_err(|e| dev_err("alloc", e))?;
         self.stream.memcpy_htod(ids, &mut dst.slice_mut(..ids.len())).map_err(|e| dev_err("copy", e))
     }
 
