@@ -199,7 +199,7 @@ fn nn_module(lib: &Lib, r: &mut Report) {
         );
     }
     if has("embedding_bwd") {
-        // rows grouped by token on the host as device.rs does
+        // rows grouped by token on the host as device/layers.rs does
         let (uniq, starts, order) = plan::token_groups(&tokens);
         let mut a = vec![
             Arg::F32s(vals(vocab * c, 6, 1.0)),
@@ -289,7 +289,7 @@ fn nn_module(lib: &Lib, r: &mut Report) {
                 Arg::I32(c as i32),
             ];
             let l = lib.launch("rmsnorm_bwd_dx", launch::rows(rows, THREADS), &mut a);
-            // device.rs's two stages, with small chunks so that several partial sums exist
+            // device/layers.rs's two stages, with small chunks so that several partial sums exist
             let chunk = 3usize;
             let chunks = rows.div_ceil(chunk);
             let mut p = vec![

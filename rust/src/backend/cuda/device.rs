@@ -19,7 +19,7 @@
 //! first step and is then reused, so steady-state steps make no device allocations.
 //! Unverified on hardware in the session that wrote it: see the parity tests in
 //! `rust/tests/cuda_parity.rs`, which run only where a GPU is present, and the CPU
-//! emulation of the kernels in `rust/tests/kernel_emu.rs`.
+//! emulation of the kernels in `rust/tests/kernel_emu/`.
 
 use super::kernels::{self, MODULES};
 use super::launch::{Launch, PARTS};
@@ -38,7 +38,7 @@ use std::sync::{Arc, Mutex};
 /// arguments in the order of the kernel's parameters, launches it with `shape` (a
 /// `launch::Launch`) and evaluates to the launch's result, for `note` or `?`. The
 /// arguments must match the kernel's parameters in number, order and type; the host
-/// emulation (`rust/tests/kernel_emu.rs`) runs every kernel with such argument lists.
+/// emulation (`rust/tests/kernel_emu/`) runs every kernel with such argument lists.
 macro_rules! launch {
     ($cuda:expr, $kernel:expr, $shape:expr; $($arg:expr),+ $(,)?) => {{
         let mut l = $cuda.stream.launch_builder($kernel);

@@ -1,6 +1,6 @@
 //! Launch shapes of the CUDA kernels as plain data: grid, block and shared memory of
 //! every launch the device backend makes, free of any device type, so the host emulation
-//! of the kernels (`rust/tests/kernel_emu.rs`) launches with the very same shapes, as
+//! of the kernels (`rust/tests/kernel_emu/`) launches with the very same shapes, as
 //! `plan.rs` does for the GEMMs.
 
 /// Threads per block of the element-wise and per-row kernels.
