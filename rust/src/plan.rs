@@ -6,9 +6,10 @@
 //! allocators take their sizes from the plan that `Engine::new` builds once: `Llama::build`
 //! (the layout, INT8 and bf16 tables), `Grads::new` (`TensorPlan::grad_len`,
 //! `grad_chunk_rows`, `Plan::shared_grad`), the optimizers (`TensorPlan::state_len`,
-//! `eight_bit_state`, `projector`, `Plan::work`), `Acts::new` (`acts::buffers`) and the
-//! storage types (`QTensor::storage_bytes`, `State8::storage_bytes`). So the plan and the
-//! engine's tracked bytes are one piece of code; `rust/tests/plan.rs` checks that they agree.
+//! `eight_bit_state`, `projector`, `Plan::work`), `Acts::new` (`Plan::activations`, the
+//! list of `acts::buffers`) and the storage types (`QTensor::storage_bytes`,
+//! `State8::storage_bytes`). So the plan and the engine's tracked bytes are one piece of
+//! code; `rust/tests/plan.rs` checks that they agree.
 //!
 //! Messages name engine-config fields (`weight_group_size = 6: …`); the front end maps the
 //! fields to its flags.

@@ -57,7 +57,7 @@ impl<B: Backend> Engine<B> {
         let fused = plan.fused;
         let opt = optim::build(&be, &plan, o, cfg.seed)?;
         let grads = Grads::new(&be, plan.tensors.iter().map(|t| (t.grad_len, t.grad_chunk_rows)), plan.shared_grad as usize)?;
-        let acts = Acts::new(&be, &cfg.model, cfg.batch_size, cfg.seq_len, model.largest_quantized(), cfg.checkpointing)?;
+        let acts = Acts::new(&be, &cfg.model, cfg.batch_size, cfg.seq_len, cfg.checkpointing, &plan.activations)?;
         Ok(Engine { be, cfg, model, grads, acts, opt, fused, notice: None, timing: [0.0; 3], peak_device_bytes: 0 })
     }
 

@@ -206,11 +206,6 @@ impl<B: Backend> Llama<B> {
             }
         }
     }
-
-    /// Elements of the largest quantized matrix (size of the dequantization scratch).
-    pub fn largest_quantized(&self) -> usize {
-        self.params.iter().filter(|p| matches!(p.data, Weight::Q(_))).map(|p| p.numel()).max().unwrap_or(0)
-    }
 }
 
 /// Gradient storage. Every parameter normally owns a buffer; a fused per-layer optimizer
