@@ -106,10 +106,15 @@ pub fn fused(cfg: &EngineConfig) -> bool {
     cfg.optimizer.fused && cfg.grad_accum == 1
 }
 
-/// Projector storage (`proj_bits`): an f32 buffer at 32 bits, else `QTensor` codes (bf16 at
-/// 16, group-quantized at 8 and 4).
+/// Whether a stored projector is a plain f32 buffer (`proj_bits = 32`); else it is `QTensor`
+/// codes (bf16 at 16, group-quantized at 8 and 4).
+pub fn f32_projector(bits: u8) -> bool {
+    bits == 32
+}
+
+/// Bytes of a stored projector of `numel` elements (`f32_projector`).
 pub fn projector_bytes(numel: usize, bits: u8, group: usize) -> usize {
-    if bits == 32 {
+    if f32_projector(bits) {
         4 * numel
     } else {
         QTensor::storage_bytes(numel, bits, group)

@@ -12,7 +12,7 @@ use crate::config::{CosMode, Named, OptimConfig};
 use crate::optim::{Gaps, Report};
 use crate::error::Result;
 use crate::model::{Llama, Param, Weight};
-use crate::plan::Plan;
+use crate::plan::{self, Plan};
 use crate::quant::adam8::BnbHp;
 use crate::rng;
 use super::lazy::Lazy;
@@ -180,7 +180,7 @@ impl<B: Backend> Family<B> {
             let n = st.numel;
             let store = match st.store.take() {
                 Some(s) => Ok(s),
-                None if self.cfg.proj_bits == 32 => be.alloc(n, Category::Projector).map(Weight::F),
+                None if plan::f32_projector(self.cfg.proj_bits) => be.alloc(n, Category::Projector).map(Weight::F),
                 None => be.q_new(n, self.cfg.proj_bits, self.cfg.proj_group_size, Category::Projector).map(Weight::Q),
             };
             match store {
