@@ -34,8 +34,8 @@ extern "C" __global__ void scale(float* x, float s, u64 n) {
     if (j < n) x[j] *= s;
 }
 
-// out[i, :] = table[tokens[i], :]; grid (rows, ceil(c/256)): rows on x, which has no
-// 65535 limit
+// out[i, :] = table[tokens[i], :]; grid launch::token_rows (rows, then c in blocks of
+// launch::THREADS): rows on x, which has no 65535 limit
 extern "C" __global__ void embedding(act_t* out, const int* tokens, const float* table, int c) {
     int col = blockIdx.y * blockDim.x + threadIdx.x;
     if (col >= c) return;
@@ -93,9 +93,9 @@ extern "C" __global__ void rmsnorm_bwd_dx(act_t* dx, const act_t* dout, const ac
 }
 
 // dw[j] += Σ_rows dout·x·r in two deterministic stages, so that thousands of rows do not
-// run serially on one thread per column: grid (ceil(c/256), ceil(rows/chunk)) writes the
-// partial sum of each chunk of rows (rows in order), then one thread per column adds the
-// chunks in order.
+// run serially on one thread per column: grid launch::rmsnorm_dw_part (c in blocks of
+// launch::THREADS, then chunks of rows) writes the partial sum of each chunk of rows (rows
+// in order), then one thread per column adds the chunks in order.
 extern "C" __global__ void rmsnorm_bwd_dw_part(float* part, const act_t* dout, const act_t* x,
                                                const float* rstd, int rows, int c, int chunk) {
     int j = blockIdx.x * blockDim.x + threadIdx.x;

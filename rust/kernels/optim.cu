@@ -76,8 +76,9 @@ __device__ __forceinline__ u32 nearest_code(const float* map, float x, int sign)
 }
 
 // bnb kOptimizerStatic8bit2StateBlockwise (adam8::step8): one thread block per state
-// block of `bs` elements (bs ≤ 2048); each thread handles ITEMS elements.
-#define ITEMS 8
+// block of `bs` elements (bs ≤ quant::adam8::MAX_BLOCK); each thread handles ITEMS elements
+// (launch::ADAM8_ITEMS, defined by kernels::size_defines).
+#define ITEMS QG_ADAM8_ITEMS
 template <typename W>
 __device__ void adam8_body(W* p, const float* g, u8* cm, u8* cv, float* absm, float* absv,
                            const float* smap, const float* umap, float step_size, float eps2,
@@ -152,7 +153,7 @@ extern "C" __global__ void sanitize(float* x, unsigned long long* count, u64 n) 
 // Σ x² in f64, stage 1: one partial per block over a fixed grid-stride (deterministic
 // for a fixed grid); stage 2 sums the partials in order on one thread.
 extern "C" __global__ void sumsq_partial(const float* x, double* part, u64 n) {
-    __shared__ double red[1024];
+    __shared__ double red[QG_SUMSQ_THREADS]; // launch::SUMSQ_THREADS, defined by kernels::size_defines
     double acc = 0.0;
     for (u64 j = (u64)blockIdx.x * blockDim.x + threadIdx.x; j < n; j += (u64)gridDim.x * blockDim.x) {
         double v = (double)x[j];

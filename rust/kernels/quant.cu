@@ -1,5 +1,5 @@
 // Group quantization (docs/algorithm-spec.md §2.2–2.4), bit-identical to rust/src/quant/mod.rs
-// when compiled with --fmad=false: one thread block per group (group ≤ 1024 elements).
+// when compiled with --fmad=false: one thread block per group (group ≤ QG_MAX_GROUP = quant::MAX_GROUP elements).
 
 __device__ __forceinline__ void group_params(float lo, float hi, float qmax, int with_zero,
                                              float* s, float* z) {
@@ -63,7 +63,7 @@ extern "C" __global__ void q_requant(u8* codes, float* scale, float* zero, const
                                      const float* delta, float decay, int update, int bits,
                                      int with_zero, int sr, u64 key, int group) {
     __shared__ float red[32];
-    __shared__ u8 packed[1024];
+    __shared__ u8 packed[QG_MAX_GROUP]; // quant::MAX_GROUP, defined by kernels::size_defines
     int g = blockIdx.x, j = threadIdx.x;
     bool live = j < group;
     u64 i = (u64)g * group + j;

@@ -470,8 +470,8 @@ optim_options! {
     /// 8: INT8 projected weights (Q-GaLore); 16: float weights.
     weight_bits: u8, Some(Bounds::int(8.0).one_of(&[8.0, 16.0])), per(16, 8), Int8Capable;
     stochastic_round: bool, None, all(true), Int8Weights;
-    weight_group_size: usize, Some(Bounds::int(2.0).max(1024.0).even()), all(256), Int8Weights;
-    proj_group_size: usize, Some(Bounds::int(2.0).max(1024.0).even()), all(256), QuantizedProjector;
+    weight_group_size: usize, Some(Bounds::int(2.0).max(crate::quant::MAX_GROUP as f64).even()), all(256), Int8Weights;
+    proj_group_size: usize, Some(Bounds::int(2.0).max(crate::quant::MAX_GROUP as f64).even()), all(256), QuantizedProjector;
     quant_range: Range, None, all(Range::WithZero), Quantized;
     cos_threshold: f32, Some(Bounds::at_least(-1.0).max(1.0)), all(0.4), Lazy;
     queue_size: usize, Some(Bounds::int(1.0).max(1e6)), all(5), Lazy;

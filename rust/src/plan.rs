@@ -2,10 +2,12 @@
 //! config alone (llm.c's size tables). Nothing is allocated, so planning a 7B model takes
 //! microseconds on any machine, GPU or not.
 //!
-//! The rules that decide a size live here (or in the storage types they name) and the
-//! allocating code calls them: `Engine::new` (INT8 and bf16 tables, the fused step, table
-//! chunks), `Llama::build` (the layout), `Acts::new` (`acts::buffers`), the optimizers
-//! (`ProjGeom`, `eight_bit_state`) and the storage types (`QTensor::storage_bytes`,
+//! The rules that decide a size live here (or in the storage types they name), and the
+//! allocators take their sizes from the plan that `Engine::new` builds once: `Llama::build`
+//! (the layout, INT8 and bf16 tables), `Grads::new` (`TensorPlan::grad_len`,
+//! `grad_chunk_rows`, `Plan::shared_grad`), the optimizers (`TensorPlan::state_len`,
+//! `eight_bit_state`, `projector`, `Plan::work`), `Acts::new` (`Plan::activations`, the
+//! list of `acts::buffers`) and the storage types (`QTensor::storage_bytes`,
 //! `State8::storage_bytes`). So the plan and the engine's tracked bytes are one piece of
 //! code; `rust/tests/plan.rs` checks that they agree.
 //!
@@ -19,7 +21,8 @@ use crate::quant::adam8::{State8, MIN_8BIT_SIZE};
 use crate::quant::QTensor;
 use serde::Serialize;
 
-/// Bytes by memory category, as `Engine::memory` reports them.
+/// Bytes by memory category, as `Engine::memory` reports them (also the `memory` of the
+/// engine's info).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Bytes {
     pub weights: u64,
@@ -34,6 +37,12 @@ impl Bytes {
     /// The categories in `CATEGORIES` order, then the total (the layout of `Engine::memory`).
     pub fn to_array(self) -> [u64; 6] {
         [self.weights, self.grads, self.optimizer_state, self.projector, self.activations, self.total]
+    }
+
+    /// The inverse of `to_array`.
+    pub fn from_array(a: [u64; 6]) -> Self {
+        let [weights, grads, optimizer_state, projector, activations, total] = a;
+        Bytes { weights, grads, optimizer_state, projector, activations, total }
     }
 }
 
@@ -97,10 +106,15 @@ pub fn fused(cfg: &EngineConfig) -> bool {
     cfg.optimizer.fused && cfg.grad_accum == 1
 }
 
-/// Projector storage (`proj_bits`): an f32 buffer at 32 bits, else `QTensor` codes (bf16 at
-/// 16, group-quantized at 8 and 4).
+/// Whether a stored projector is a plain f32 buffer (`proj_bits = 32`); else it is `QTensor`
+/// codes (bf16 at 16, group-quantized at 8 and 4).
+pub fn f32_projector(bits: u8) -> bool {
+    bits == 32
+}
+
+/// Bytes of a stored projector of `numel` elements (`f32_projector`).
 pub fn projector_bytes(numel: usize, bits: u8, group: usize) -> usize {
-    if bits == 32 {
+    if f32_projector(bits) {
         4 * numel
     } else {
         QTensor::storage_bytes(numel, bits, group)
@@ -233,8 +247,18 @@ pub struct TensorPlan {
     pub weight_bytes: u64,
     /// Its own f32 gradient buffer; 0 when the fused step routes it through the shared one.
     pub grad_bytes: u64,
+    /// Elements of its own gradient buffer (`grad_bytes`); None: the shared one.
+    #[serde(skip)]
+    pub grad_len: Option<usize>,
+    /// Rows per chunk in which the fused step hands over its gradient (the tables, when
+    /// chunked; `Plan::table_chunk_rows`).
+    #[serde(skip)]
+    pub grad_chunk_rows: Option<usize>,
     /// Adam moments: two f32 values per element, or 8-bit codes with f32 absmax per block.
     pub state_bytes: u64,
+    /// Elements the moments cover: the tensor's, or its low-rank gradient's when projected.
+    #[serde(skip)]
+    pub state_len: usize,
     pub eight_bit_state: bool,
     /// GaLore projector of a projected linear.
     pub projector: Option<ProjPlan>,
@@ -247,6 +271,24 @@ pub struct ProjPlan {
     pub geom: ProjGeom,
     /// Bytes of the stored projector, held from the matrix's first refresh on.
     pub stored_bytes: u64,
+}
+
+/// The optimizer's f32 working buffers, in elements (0: not allocated).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Work {
+    /// The projector in use (dequantized) and a fresh one during a refresh (`Projector`).
+    pub projector: usize,
+    pub projector_new: usize,
+    /// The low-rank gradient R, then the low-rank update; and the 8-bit update U (`Grads`).
+    pub low: usize,
+    pub update: usize,
+}
+
+impl Work {
+    /// (grads, projector) bytes.
+    fn bytes(&self) -> (u64, u64) {
+        (4 * (self.low + self.update) as u64, 4 * (self.projector + self.projector_new) as u64)
+    }
 }
 
 /// What an engine built from a config allocates.
@@ -266,6 +308,9 @@ pub struct Plan {
     /// optimizer's scratch and working copies).
     pub largest_low: u64,
     pub largest_projector: u64,
+    /// The optimizer's working buffers (from `largest_low` and `largest_projector`).
+    #[serde(skip)]
+    pub work: Work,
     /// Bytes tracked by a freshly built engine (no projector stored yet).
     pub initial: Bytes,
     /// Bytes tracked once every projector is stored (after the first update).
@@ -311,14 +356,18 @@ impl Plan {
             let sn = projector.as_ref().map_or(n, |p| p.geom.low);
             let eight = eight_bit_state(o, sn);
             let state_bytes = if eight { State8::storage_bytes(sn, o.block_size) } else { 2 * 4 * sn };
+            let grad_len = (!fused).then_some(n);
             tensors.push(TensorPlan {
                 name,
                 rows,
                 cols,
                 role,
                 weight_bytes: weight_bytes as u64,
-                grad_bytes: if fused { 0 } else { 4 * n as u64 },
+                grad_bytes: 4 * grad_len.unwrap_or(0) as u64,
+                grad_len,
+                grad_chunk_rows: None,
                 state_bytes: state_bytes as u64,
+                state_len: sn,
                 eight_bit_state: eight,
                 projector,
             });
@@ -326,26 +375,22 @@ impl Plan {
         let (v, c) = (m.vocab_size, m.hidden_size);
         let table_block = (fused && eight_bit_state(o, v * c)).then_some(o.block_size);
         let chunk = table_chunk_rows(v, c, other, table_block);
-        let shared_grad = if fused {
-            let len = |t: &TensorPlan| {
-                let table = matches!(t.role, Role::Embed | Role::Head);
-                shared_grad_len(t.rows * t.cols, t.cols, chunk.filter(|_| table))
-            };
-            tensors.iter().map(len).max().unwrap_or(0)
-        } else {
-            0
-        };
+        let mut shared_grad = 0;
+        for t in tensors.iter_mut().filter(|t| t.grad_len.is_none()) {
+            let table = matches!(t.role, Role::Embed | Role::Head);
+            t.grad_chunk_rows = chunk.filter(|_| table);
+            shared_grad = shared_grad.max(shared_grad_len(t.rows * t.cols, t.cols, t.grad_chunk_rows));
+        }
         let activations = acts::buffers(m, cfg.batch_size, cfg.seq_len, wq, cfg.checkpointing);
         let act_bytes: usize = activations.iter().map(|a| a.copies * a.len * if a.fp32 || !bf16 { 4 } else { 2 }).sum();
         let sum = |f: fn(&TensorPlan) -> u64| tensors.iter().map(f).sum::<u64>();
-        // the optimizer's low-rank gradient R (and the 8-bit update U), and the projector in
-        // use plus a fresh one during a refresh, all f32
-        let scratch = (if o.eight_bit() { 2 } else { 1 }) * 4 * big_low as u64;
+        let work = Work { projector: big_proj, projector_new: big_proj, low: big_low, update: if o.eight_bit() { big_low } else { 0 } };
+        let (work_grads, work_projector) = work.bytes();
         let mut initial = Bytes {
             weights: sum(|t| t.weight_bytes),
-            grads: sum(|t| t.grad_bytes) + 4 * shared_grad as u64 + scratch,
+            grads: sum(|t| t.grad_bytes) + 4 * shared_grad as u64 + work_grads,
             optimizer_state: sum(|t| t.state_bytes),
-            projector: 2 * 4 * big_proj as u64,
+            projector: work_projector,
             activations: act_bytes as u64,
             total: 0,
         };
@@ -360,6 +405,7 @@ impl Plan {
             shared_grad: shared_grad as u64,
             largest_low: big_low as u64,
             largest_projector: big_proj as u64,
+            work,
             initial,
             stepped,
             tensors,

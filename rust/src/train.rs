@@ -1,13 +1,13 @@
 //! One training run inside the engine: model, gradients, activations and optimizer for a
 //! fixed (batch, seq). `Session` is the object-safe face the C ABI holds.
 
-use crate::backend::{Backend, Category, CATEGORIES};
+use crate::backend::{Backend, CATEGORIES};
 use crate::config::{Device, EngineConfig, Precision};
 use crate::ensure;
 use crate::error::{Error, Result};
 use crate::model::{pass, Acts, Grads, Llama};
 use crate::optim::{self, Optimizer};
-use crate::plan::{self, Plan};
+use crate::plan::{self, Bytes, Plan};
 use serde::Serialize;
 use std::time::Instant;
 
@@ -55,11 +55,9 @@ impl<B: Backend> Engine<B> {
         let (quant, half) = (plan::linear_quant(o), plan::half_tables(o));
         let model = be.runner().run(|| Llama::build(&be, &cfg.model, cfg.seed, quant, half))?;
         let fused = plan.fused;
-        let opt = optim::build(&be, &model, o, cfg.seed)?;
-        let rows = plan.table_chunk_rows;
-        let tables = [model.embed, model.head];
-        let grads = Grads::new(&be, &model, |_| fused, |i| rows.filter(|_| tables.contains(&i)))?;
-        let acts = Acts::new(&be, &cfg.model, cfg.batch_size, cfg.seq_len, model.largest_quantized(), cfg.checkpointing)?;
+        let opt = optim::build(&be, &plan, o, cfg.seed)?;
+        let grads = Grads::new(&be, plan.tensors.iter().map(|t| (t.grad_len, t.grad_chunk_rows)), plan.shared_grad as usize)?;
+        let acts = Acts::new(&be, &cfg.model, cfg.batch_size, cfg.seq_len, cfg.checkpointing, &plan.activations)?;
         Ok(Engine { be, cfg, model, grads, acts, opt, fused, notice: None, timing: [0.0; 3], peak_device_bytes: 0 })
     }
 
@@ -156,12 +154,7 @@ impl<B: Backend> Engine<B> {
                 be.sumsq_acc(grads.get(i), model.params[i].numel());
             }
             st.grad_norm = be.take_sumsq().sqrt();
-            if !st.grad_norm.is_finite() {
-                return Err(Error::non_finite(format!("gradient norm is {}", fmt_nf(st.grad_norm))));
-            }
-            if clip > 0.0 && st.grad_norm > clip {
-                // torch.nn.utils.clip_grad_norm_: scale by max_norm / (norm + 1e-6)
-                let s = (clip / (st.grad_norm + 1e-6)) as f32;
+            if let Some(s) = clip_scale(st.grad_norm, clip)? {
                 for i in 0..model.params.len() {
                     be.scale(grads.get_mut(i), s);
                 }
@@ -200,11 +193,8 @@ impl<B: Backend> Engine<B> {
         if clip > 0.0 {
             pass::backward(be, m, g, a, false, &mut |i, rows, m, g| be.sumsq_acc(g.get(i), grad_len(m, i, rows)));
             st.grad_norm = be.take_sumsq().sqrt();
-            if !st.grad_norm.is_finite() {
-                return Err(Error::non_finite(format!("gradient norm is {}", fmt_nf(st.grad_norm))));
-            }
-            if st.grad_norm > clip {
-                scale = (clip / (st.grad_norm + 1e-6)) as f32;
+            if let Some(s) = clip_scale(st.grad_norm, clip)? {
+                scale = s;
                 st.clipped = true;
             }
         }
@@ -331,7 +321,6 @@ impl<B: Backend> Engine<B> {
 
     /// Engine facts for the front end (`qg_info`).
     pub fn info(&self) -> Info {
-        let m = self.memory();
         let t = self.timing.map(micro);
         Info {
             params: self.model.numel(),
@@ -341,14 +330,7 @@ impl<B: Backend> Engine<B> {
             optimizer: self.opt.name(),
             fused: self.fused,
             steps: self.opt.steps(),
-            memory: MemoryInfo {
-                weights: m[Category::Weights as usize],
-                grads: m[Category::Grads as usize],
-                optimizer_state: m[Category::OptimizerState as usize],
-                projector: m[Category::Projector as usize],
-                activations: m[Category::Activations as usize],
-                total: m[5],
-            },
+            memory: Bytes::from_array(self.memory()),
             refresh: self.opt.report(&self.model),
             timing: Timing { forward_s: t[0], backward_s: t[1], optimizer_s: t[2] },
             peak_device_bytes: self.peak_device_bytes,
@@ -379,7 +361,7 @@ pub struct Info {
     /// Completed optimizer steps.
     pub steps: u64,
     /// Tracked bytes by category.
-    pub memory: MemoryInfo,
+    pub memory: Bytes,
     /// Projector refresh counters (GaLore family and 8-bit Adam only).
     #[serde(flatten, skip_serializing_if = "Option::is_none")]
     pub refresh: Option<crate::optim::Report>,
@@ -391,23 +373,22 @@ pub struct Info {
     pub notice: Option<String>,
 }
 
-/// Tracked bytes by category.
-#[derive(Clone, Debug, Serialize)]
-pub struct MemoryInfo {
-    pub weights: u64,
-    pub grads: u64,
-    pub optimizer_state: u64,
-    pub projector: u64,
-    pub activations: u64,
-    pub total: u64,
-}
-
 /// Seconds spent per phase since the start.
 #[derive(Clone, Debug, Serialize)]
 pub struct Timing {
     pub forward_s: f64,
     pub backward_s: f64,
     pub optimizer_s: f64,
+}
+
+/// Global-norm clipping: fails on a non-finite norm, and gives the factor the gradients
+/// are scaled by when `clip` > 0 and the norm exceeds it (torch.nn.utils.clip_grad_norm_:
+/// max_norm / (norm + 1e-6)).
+fn clip_scale(norm: f64, clip: f64) -> Result<Option<f32>> {
+    if !norm.is_finite() {
+        return Err(Error::non_finite(format!("gradient norm is {}", fmt_nf(norm))));
+    }
+    Ok((clip > 0.0 && norm > clip).then(|| (clip / (norm + 1e-6)) as f32))
 }
 
 fn fmt_nf(x: f64) -> &'static str {

@@ -332,7 +332,8 @@ fn i17_zero_and_nonfinite_gradients_keep_the_projector() {
     let e = engine(galore_cfg("galore", 8, 3));
     let be = Cpu::new(1).unwrap();
     let mut model = qgalore::model::Llama::new(&be, &e.cfg.model, 3).unwrap();
-    let mut f = Family::new(&be, &model, &e.cfg.optimizer, 3).unwrap();
+    let plan = qgalore::plan::Plan::new(&e.cfg, false, "the model");
+    let mut f = Family::new(&be, &plan, &e.cfg.optimizer, 3).unwrap();
     let idx = model.layers[0].q;
     let n = model.params[idx].numel();
     let mut g = qgalore::backend::Memory::alloc(&be, n, qgalore::backend::Category::Grads).unwrap();

@@ -19,6 +19,15 @@ pub enum Refresh {
     Randomized,
 }
 
+/// Fails unless `rank` ≤ min(rows, cols): the optimizers clamp the rank per matrix
+/// (`plan::ProjGeom`), so a larger one here is a caller's error. Both backends check it.
+pub fn check_rank(rank: usize, rows: usize, cols: usize) -> Result<()> {
+    if rank > rows.min(cols) {
+        return Err(Error::invalid(format!("rank {rank} exceeds the matrix size {rows}×{cols}")));
+    }
+    Ok(())
+}
+
 /// Writes the top-`rank` subspace of g (rows × cols) into `out`; see `Linalg::top_subspace`.
 #[allow(clippy::too_many_arguments)]
 pub fn top_subspace(
@@ -33,10 +42,8 @@ pub fn top_subspace(
     out: &mut [f32],
     threads: usize,
 ) -> Result<()> {
-    let k = rank.min(rows).min(cols);
-    if rank != k {
-        return Err(Error::invalid(format!("rank {rank} exceeds the matrix size {rows}×{cols}")));
-    }
+    check_rank(rank, rows, cols)?;
+    let k = rank;
     if right {
         right_vectors(g, rows, cols, k, method, prev, seed, out, threads)
     } else {

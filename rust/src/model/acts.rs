@@ -122,13 +122,13 @@ fn take_one<T>(bufs: &mut [(&'static str, Vec<T>)], name: &str) -> T {
 }
 
 impl<B: Backend> Acts<B> {
-    /// `wq` is the size of the largest quantized matrix (0 for float models); `ckpt` keeps
-    /// one slot of per-layer buffers instead of one per layer (activation checkpointing).
-    /// Allocates exactly `buffers(..)`.
-    pub fn new(be: &B, cfg: &ModelConfig, b: usize, t: usize, wq: usize, ckpt: bool) -> Result<Self> {
+    /// Allocates exactly `planned`: the byte plan's `activations`, `buffers(cfg, b, t, wq,
+    /// ckpt)`. `ckpt` (activation checkpointing) is what the list was planned with: one slot
+    /// of per-layer buffers instead of one per layer.
+    pub fn new(be: &B, cfg: &ModelConfig, b: usize, t: usize, ckpt: bool, planned: &[ActBuf]) -> Result<Self> {
         let cat = Category::Activations;
-        let mut bufs = buffers(cfg, b, t, wq, ckpt)
-            .into_iter()
+        let mut bufs = planned
+            .iter()
             .map(|p| {
                 let copies = (0..p.copies)
                     .map(|_| if p.fp32 { be.alloc_fp32(p.len, cat) } else { be.alloc(p.len, cat) })

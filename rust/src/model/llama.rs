@@ -206,11 +206,6 @@ impl<B: Backend> Llama<B> {
             }
         }
     }
-
-    /// Elements of the largest quantized matrix (size of the dequantization scratch).
-    pub fn largest_quantized(&self) -> usize {
-        self.params.iter().filter(|p| matches!(p.data, Weight::Q(_))).map(|p| p.numel()).max().unwrap_or(0)
-    }
 }
 
 /// Gradient storage. Every parameter normally owns a buffer; a fused per-layer optimizer
@@ -225,24 +220,22 @@ pub struct Grads<B: Backend> {
 }
 
 impl<B: Backend> Grads<B> {
-    /// `share(i)` says whether parameter i uses the shared scratch buffer; `chunk(i)`
-    /// gives the rows per chunk of a shared parameter handled in row chunks.
-    pub fn new(be: &B, model: &Llama<B>, share: impl Fn(usize) -> bool, chunk: impl Fn(usize) -> Option<usize>) -> Result<Self> {
-        let mut own = Vec::with_capacity(model.params.len());
-        let mut chunks = Vec::with_capacity(model.params.len());
-        let mut largest = 0;
-        for (i, p) in model.params.iter().enumerate() {
-            let rows = if share(i) { chunk(i) } else { None };
-            chunks.push(rows);
-            if share(i) {
-                largest = largest.max(crate::plan::shared_grad_len(p.numel(), p.cols, rows));
-                own.push(None);
-            } else {
-                own.push(Some(be.alloc(p.numel(), Category::Grads)?));
-            }
+    /// Sizes come from the byte plan: per parameter in model order, the elements of its own
+    /// buffer (None: it uses the shared one) and the rows per chunk in which the fused step
+    /// hands its gradient over (`TensorPlan::grad_len`, `grad_chunk_rows`); `shared`
+    /// elements of the shared buffer (`Plan::shared_grad`; 0: none).
+    pub fn new(be: &B, tensors: impl IntoIterator<Item = (Option<usize>, Option<usize>)>, shared: usize) -> Result<Self> {
+        let mut own = Vec::new();
+        let mut chunk = Vec::new();
+        for (len, rows) in tensors {
+            own.push(match len {
+                Some(n) => Some(be.alloc(n, Category::Grads)?),
+                None => None,
+            });
+            chunk.push(rows);
         }
-        let shared = if largest > 0 { Some(be.alloc(largest, Category::Grads)?) } else { None };
-        Ok(Grads { own, shared, chunk: chunks })
+        let shared = if shared > 0 { Some(be.alloc(shared, Category::Grads)?) } else { None };
+        Ok(Grads { own, shared, chunk })
     }
 
     /// Rows per chunk when parameter `idx`'s gradient comes in row chunks.

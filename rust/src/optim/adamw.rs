@@ -6,7 +6,8 @@ use super::Optimizer;
 use crate::backend::{AdamHp, Backend, Category};
 use crate::config::OptimConfig;
 use crate::error::Result;
-use crate::model::{Llama, Param};
+use crate::model::Param;
+use crate::plan::Plan;
 
 pub struct AdamW<B: Backend> {
     m: Vec<B::Buf>,
@@ -19,12 +20,13 @@ pub struct AdamW<B: Backend> {
 }
 
 impl<B: Backend> AdamW<B> {
-    pub fn new(be: &B, model: &Llama<B>, cfg: &OptimConfig) -> Result<Self> {
+    /// Two f32 moments per parameter, of the plan's `state_len` elements.
+    pub fn new(be: &B, plan: &Plan, cfg: &OptimConfig) -> Result<Self> {
         let mut m = Vec::new();
         let mut v = Vec::new();
-        for p in &model.params {
-            m.push(be.alloc(p.numel(), Category::OptimizerState)?);
-            v.push(be.alloc(p.numel(), Category::OptimizerState)?);
+        for t in &plan.tensors {
+            m.push(be.alloc(t.state_len, Category::OptimizerState)?);
+            v.push(be.alloc(t.state_len, Category::OptimizerState)?);
         }
         Ok(AdamW { m, v, beta1: cfg.beta1, beta2: cfg.beta2, eps: cfg.eps, wd: cfg.weight_decay, step: 0 })
     }

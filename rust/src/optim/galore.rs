@@ -11,8 +11,8 @@ use crate::backend::{AdamHp, Backend, Category};
 use crate::config::{CosMode, Named, OptimConfig};
 use crate::optim::{Gaps, Report};
 use crate::error::Result;
-use crate::model::{Llama, Param, Role, Weight};
-use crate::plan::{eight_bit_state, ProjGeom};
+use crate::model::{Llama, Param, Weight};
+use crate::plan::{self, Plan};
 use crate::quant::adam8::BnbHp;
 use crate::rng;
 use super::lazy::Lazy;
@@ -65,22 +65,20 @@ pub struct Family<B: Backend> {
 }
 
 impl<B: Backend> Family<B> {
-    pub fn new(be: &B, model: &Llama<B>, cfg: &OptimConfig, seed: u64) -> Result<Self> {
-        let mut states = Vec::with_capacity(model.params.len());
-        let (mut big_low, mut big_proj) = (0usize, 0usize);
-        for p in &model.params {
-            // sizes and storage kinds come from the byte plan's rules; the engine has
-            // checked the projector group size against them (`plan::fit`)
-            let geo = (cfg.projected() && p.role == Role::Linear).then(|| ProjGeom::new(p.rows, p.cols, cfg.rank));
-            let proj = geo.map(|geo| {
+    /// Sizes and storage kinds come from the byte plan (`plan`, built from the same config):
+    /// the projector geometry, the moments' elements and kind, and the working buffers. The
+    /// engine has checked the projector group size against them (`plan::fit`).
+    pub fn new(be: &B, plan: &Plan, cfg: &OptimConfig, seed: u64) -> Result<Self> {
+        let mut states = Vec::with_capacity(plan.tensors.len());
+        for t in &plan.tensors {
+            let proj = t.projector.as_ref().map(|p| {
+                let geo = p.geom;
                 let lazy = Lazy::new(cfg.update_gap, cfg.lazy, cfg.cos_threshold, cfg.queue_size, cfg.gamma, cfg.cos_mode == CosMode::Abs);
-                big_proj = big_proj.max(geo.numel);
-                big_low = big_low.max(geo.low);
                 Proj { right: geo.right, rank: geo.rank, numel: geo.numel, store: None, lazy, svd_count: 0 }
             });
             // moments of the low-rank gradient when projected
-            let n = geo.map_or(p.numel(), |g| g.low);
-            let moments = if eight_bit_state(cfg, n) {
+            let n = t.state_len;
+            let moments = if t.eight_bit_state {
                 Moments::Q8(be.a8_new(n, cfg.block_size, Category::OptimizerState)?)
             } else {
                 Moments::F32 {
@@ -91,16 +89,17 @@ impl<B: Backend> Family<B> {
             states.push(State { moments, proj });
         }
         let buf = |n: usize, c| if n > 0 { be.alloc(n, c).map(Some) } else { Ok(None) };
+        let w = plan.work;
         Ok(Family {
             cfg: cfg.clone(),
             name: cfg.name.name(),
             seed,
             step: 0,
             states,
-            pf: buf(big_proj, Category::Projector)?,
-            pnew: buf(big_proj, Category::Projector)?,
-            r: buf(big_low, Category::Grads)?,
-            u: if cfg.eight_bit() { buf(big_low, Category::Grads)? } else { None },
+            pf: buf(w.projector, Category::Projector)?,
+            pnew: buf(w.projector_new, Category::Projector)?,
+            r: buf(w.low, Category::Grads)?,
+            u: buf(w.update, Category::Grads)?,
             stats: Stats::default(),
         })
     }
@@ -181,7 +180,7 @@ impl<B: Backend> Family<B> {
             let n = st.numel;
             let store = match st.store.take() {
                 Some(s) => Ok(s),
-                None if self.cfg.proj_bits == 32 => be.alloc(n, Category::Projector).map(Weight::F),
+                None if plan::f32_projector(self.cfg.proj_bits) => be.alloc(n, Category::Projector).map(Weight::F),
                 None => be.q_new(n, self.cfg.proj_bits, self.cfg.proj_group_size, Category::Projector).map(Weight::Q),
             };
             match store {

@@ -8,6 +8,7 @@ pub mod lazy;
 use crate::backend::Backend;
 use crate::error::Result;
 use crate::model::{Llama, Param};
+use crate::plan::Plan;
 
 /// Refresh counters of the GaLore family (part of the engine's info).
 #[derive(Clone, Debug, serde::Serialize)]
@@ -67,11 +68,12 @@ pub trait Optimizer<B: Backend>: Send {
     }
 }
 
-/// Builds the optimizer named in the config.
-pub fn build<B: Backend>(be: &B, model: &Llama<B>, cfg: &crate::config::OptimConfig, seed: u64) -> Result<Box<dyn Optimizer<B>>> {
+/// Builds the optimizer named in the config, with the buffers of its byte plan (`plan`,
+/// built from the same config).
+pub fn build<B: Backend>(be: &B, plan: &Plan, cfg: &crate::config::OptimConfig, seed: u64) -> Result<Box<dyn Optimizer<B>>> {
     use crate::config::Optimizer as O;
     match cfg.name {
-        O::AdamW => Ok(Box::new(adamw::AdamW::new(be, model, cfg)?)),
-        O::Adam8bit | O::Galore | O::Galore8bit | O::QGalore => Ok(Box::new(galore::Family::new(be, model, cfg, seed)?)),
+        O::AdamW => Ok(Box::new(adamw::AdamW::new(be, plan, cfg)?)),
+        O::Adam8bit | O::Galore | O::Galore8bit | O::QGalore => Ok(Box::new(galore::Family::new(be, plan, cfg, seed)?)),
     }
 }

@@ -6,6 +6,10 @@ use rayon::prelude::*;
 /// Tensors with fewer elements keep fp32 states (bnb `min_8bit_size`).
 pub const MIN_8BIT_SIZE: usize = 4096;
 
+/// Largest state block (the config allows 256 and 2048): a block's dequantized moments are
+/// kept on the stack, and the CUDA `adam8` kernel's block of `bs / ITEMS` threads covers it.
+pub const MAX_BLOCK: usize = 2048;
+
 /// `create_dynamic_map(signed, max_exponent_bits = 7, total_bits = 8)`: for exponent
 /// i = 0…6, the midpoints of linspace(0.1, 1, k_i) scaled by 10^(i−6), with
 /// k_i = 2^i + 1 (signed, mirrored) or 2^(i+1) + 1 (unsigned); plus 0 and 1; sorted.
@@ -168,8 +172,8 @@ pub fn step8_range(p: &mut [f32], g: &[f32], st: &mut State8, off: usize, len: u
         .enumerate()
         .map(|(bi, (((pb, mb), vb), (am, av)))| {
             let gb = &g[bi * bs..bi * bs + pb.len()];
-            let mut mv = [0.0f32; 2048];
-            let mut vv = [0.0f32; 2048];
+            let mut mv = [0.0f32; MAX_BLOCK];
+            let mut vv = [0.0f32; MAX_BLOCK];
             let (mut nm, mut nv, mut skipped) = (0.0f32, 0.0f32, 0u64);
             for j in 0..pb.len() {
                 let gj = gb[j];

@@ -9,6 +9,11 @@ use crate::error::Result;
 use crate::rng;
 use rayon::prelude::*;
 
+/// Largest quantization group: the CUDA kernels give a group one thread block of one thread
+/// per element (`q_requant`'s `QG_MAX_GROUP`, see `backend::cuda::kernels::size_defines`),
+/// and the host keeps a group on the stack.
+pub const MAX_GROUP: usize = 1024;
+
 /// A quantized tensor. `bits` is 4 or 8 (codes with per-group scale and zero point) or
 /// 16 (plain bf16, round-to-nearest-even, no groups).
 #[derive(Clone, Debug)]
@@ -43,7 +48,7 @@ impl QTensor {
                 "group size {group} does not divide a tensor of {numel} elements; choose a group size that divides it"
             );
             ensure!(bits != 4 || group % 2 == 0, "4-bit group size {group}: must be even");
-            ensure!(group <= 1024, "group size {group}: must be ≤ 1024");
+            ensure!(group <= MAX_GROUP, "group size {group}: must be ≤ {MAX_GROUP}");
         }
         let (bytes, groups) = Self::layout(numel, bits, group);
         Ok(QTensor { bits, group, numel, codes: vec![0; bytes], scale: vec![0.0; groups], zero: vec![0.0; groups] })
@@ -170,8 +175,8 @@ impl QTensor {
         let QTensor { codes, scale, zero, .. } = self;
         codes.par_chunks_mut(g).zip(scale.par_iter_mut()).zip(zero.par_iter_mut()).enumerate().for_each(
             |(gi, ((cg, s), z))| {
-                let mut w = [0.0f32; 1024];
-                let w = if g <= 1024 { &mut w[..g] } else { unreachable!("group sizes are capped at 1024") };
+                let mut w = [0.0f32; MAX_GROUP];
+                let w = if g <= MAX_GROUP { &mut w[..g] } else { unreachable!("group sizes are capped at {MAX_GROUP}") };
                 let d = &delta[gi * g..(gi + 1) * g];
                 for j in 0..g {
                     let v = (cg[j] as f32 - *z) * *s + d[j];

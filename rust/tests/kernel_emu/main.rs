@@ -4,11 +4,12 @@
 //! preprocessor defines its NVRTC options carry) is compiled by the host C++ compiler
 //! with `tests/emu/emu.h` force-included, a header that emulates the CUDA execution model
 //! (fibers for the threads of a block, real barriers and warp shuffles, guard pages after
-//! every buffer). Each kernel is launched with the grid, block and argument types that
-//! `backend/cuda/device.rs` uses, and its results must equal the CPU backend's: bit for
-//! bit for the quantization, optimizer and linear-algebra kernels (NVRTC compiles them
-//! with --fmad=false; here -ffp-contract=off), within a tolerance for the layer kernels
-//! (NVRTC may contract their multiply-adds, and their reductions run in another order).
+//! every buffer). Each kernel is launched with the grid and block of
+//! `backend/cuda/launch.rs` and the argument types that `backend/cuda/device/*.rs` passes,
+//! and its results must equal the CPU backend's: bit for bit for the quantization,
+//! optimizer and linear-algebra kernels (NVRTC compiles them with --fmad=false; here
+//! -ffp-contract=off), within a tolerance for the layer kernels (NVRTC may contract their
+//! multiply-adds, and their reductions run in another order).
 //!
 //! Every launch also runs twice, with the threads between two barriers taken in
 //! ascending and in descending order: different results mean a missing barrier. The

@@ -6,12 +6,42 @@ use crate::{cbuf, cpu, ids, vals};
 use qgalore::backend::cpu::{attention, ops};
 use qgalore::host::{matmul, rope};
 use qgalore::backend::cuda::launch::{self, THREADS};
+use qgalore::backend::cuda::plan::{self, Gemm};
 use qgalore::backend::{AttnDims, Memory};
 use qgalore::quant::{bf16_to_f32, f32_to_bf16};
 
 /// The source of the layer kernels, the one `kernels::MODULES` compiles once per
 /// activation type.
 const SRC: &str = include_str!("../../kernels/nn.cu");
+
+/// Runs one planned product (row-major, a strided batch; `plan::Gemm`) with the CPU's GEMM.
+fn run_gemm(g: &Gemm, a: &[f32], b: &[f32], c: &mut [f32]) {
+    let (a_rs, a_cs) = if g.ta { (1, g.lda) } else { (g.lda, 1) };
+    let (b_rs, b_cs) = if g.tb { (1, g.ldb) } else { (g.ldb, 1) };
+    assert!(g.beta == 0.0 || g.beta == 1.0, "beta {} is neither overwrite nor accumulate", g.beta);
+    for i in 0..g.batch.count {
+        let (ao, bo, co) = (g.a_off + i * g.batch.a, g.b_off + i * g.batch.b, g.c_off + i * g.batch.c);
+        unsafe {
+            matmul::gemm_raw(
+                g.m,
+                g.n,
+                g.k,
+                c.as_mut_ptr().add(co),
+                g.ldc as isize,
+                1,
+                g.beta == 1.0,
+                a.as_ptr().add(ao),
+                a_rs as isize,
+                a_cs as isize,
+                b.as_ptr().add(bo),
+                b_rs as isize,
+                b_cs as isize,
+                g.alpha,
+                matmul::par(1),
+            );
+        }
+    }
+}
 
 fn nn_module(lib: &Lib, r: &mut Report) {
     let be = cpu();
@@ -169,8 +199,8 @@ fn nn_module(lib: &Lib, r: &mut Report) {
         );
     }
     if has("embedding_bwd") {
-        // rows grouped by token on the host as device.rs does
-        let (uniq, starts, order) = qgalore::backend::cuda::plan::token_groups(&tokens);
+        // rows grouped by token on the host as device/layers.rs does
+        let (uniq, starts, order) = plan::token_groups(&tokens);
         let mut a = vec![
             Arg::F32s(vals(vocab * c, 6, 1.0)),
             Arg::F32s(vals(rows * c, 7, 1.0)),
@@ -259,7 +289,7 @@ fn nn_module(lib: &Lib, r: &mut Report) {
                 Arg::I32(c as i32),
             ];
             let l = lib.launch("rmsnorm_bwd_dx", launch::rows(rows, THREADS), &mut a);
-            // device.rs's two stages, with small chunks so that several partial sums exist
+            // device/layers.rs's two stages, with small chunks so that several partial sums exist
             let chunk = 3usize;
             let chunks = rows.div_ceil(chunk);
             let mut p = vec![
@@ -345,8 +375,8 @@ fn nn_module(lib: &Lib, r: &mut Report) {
         }
     }
 
-    // attention softmax: scores and their gradient formed exactly as the CPU forms them,
-    // the CPU's probabilities (attention::forward) and dscores (attention::backward's
+    // attention softmax: scores and their gradient formed by the device's planned products
+    // (`plan::attn_scores`, `attn_dscores`) on the CPU GEMM, the CPU's probabilities (attention::forward) and dscores (attention::backward's
     // scratch) as references; t = 300 rows are wider than a block, t = 37 narrower
     for (b, t, h, kvh, hd) in [(2usize, 37usize, 4usize, 2usize, 8usize), (1, 300, 2, 1, 8)] {
         let d = AttnDims { b, t, h, kvh, hd };
@@ -359,51 +389,11 @@ fn nn_module(lib: &Lib, r: &mut Report) {
         let (mut out, mut att) = (vec![0.0f32; b * t * c], vec![0.0f32; b * h * t * t]);
         attention::forward(&mut out, &mut att, &q, &k, &v, d);
         let (mut scores, mut datt) = (vec![0.0f32; b * h * t * t], vec![0.0f32; b * h * t * t]);
-        for bi in 0..b {
-            for hi in 0..h {
-                let g = hi / (h / kvh);
-                let (qo, ko, ao) = (
-                    bi * t * c + hi * hd,
-                    bi * t * kvd + g * hd,
-                    (bi * h + hi) * t * t,
-                );
-                unsafe {
-                    matmul::gemm_raw(
-                        t,
-                        t,
-                        hd,
-                        scores.as_mut_ptr().add(ao),
-                        t as isize,
-                        1,
-                        false,
-                        q.as_ptr().add(qo),
-                        c as isize,
-                        1,
-                        k.as_ptr().add(ko),
-                        1,
-                        kvd as isize,
-                        scale,
-                        matmul::par(1),
-                    );
-                    matmul::gemm_raw(
-                        t,
-                        t,
-                        hd,
-                        datt.as_mut_ptr().add(ao),
-                        t as isize,
-                        1,
-                        false,
-                        dout.as_ptr().add(qo),
-                        c as isize,
-                        1,
-                        v.as_ptr().add(ko),
-                        1,
-                        kvd as isize,
-                        1.0,
-                        matmul::par(1),
-                    );
-                }
-            }
+        for g in plan::attn_scores(d) {
+            run_gemm(&g, &q, &k, &mut scores);
+        }
+        for g in plan::attn_dscores(d) {
+            run_gemm(&g, &dout, &v, &mut datt);
         }
         let rows = b * h * t;
         if has("causal_softmax") {

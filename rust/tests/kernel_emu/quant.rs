@@ -39,7 +39,7 @@ fn q_state_args(
     range: Range,
     sr: Option<u64>,
 ) -> Vec<Arg> {
-    // device.rs `requant`: src is also passed as delta
+    // device/quant.rs `requant`: src is also passed as delta
     vec![
         Arg::U8s(q.codes.clone()),
         Arg::F32s(q.scale.clone()),
@@ -225,7 +225,7 @@ fn quant_kernels_are_bit_identical_to_the_cpu_quantizer() {
         .map(|c| u16::from_le_bytes([c[0], c[1]]))
         .collect();
     for lib in emu.with("bf16_quant") {
-        // device.rs passes the tensor's byte buffer; the kernel reads it as bf16_t
+        // device/quant.rs passes the tensor's byte buffer; the kernel reads it as bf16_t
         let mut a = vec![
             Arg::U16s(vec![0; n]),
             Arg::F32s(src.clone()),

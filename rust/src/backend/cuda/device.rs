@@ -19,7 +19,7 @@
 //! first step and is then reused, so steady-state steps make no device allocations.
 //! Unverified on hardware in the session that wrote it: see the parity tests in
 //! `rust/tests/cuda_parity.rs`, which run only where a GPU is present, and the CPU
-//! emulation of the kernels in `rust/tests/kernel_emu.rs`.
+//! emulation of the kernels in `rust/tests/kernel_emu/`.
 
 use super::kernels::{self, MODULES};
 use super::launch::{Launch, PARTS};
@@ -29,7 +29,7 @@ use crate::error::{Error, Result};
 use crate::quant::adam8;
 use cudarc::cublas::CudaBlas;
 use cudarc::cusolver::DnHandle;
-use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchConfig};
+use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DeviceRepr, DriverError, LaunchConfig, ValidAsZeroBits};
 use cudarc::nvrtc::Ptx;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -38,7 +38,7 @@ use std::sync::{Arc, Mutex};
 /// arguments in the order of the kernel's parameters, launches it with `shape` (a
 /// `launch::Launch`) and evaluates to the launch's result, for `note` or `?`. The
 /// arguments must match the kernel's parameters in number, order and type; the host
-/// emulation (`rust/tests/kernel_emu.rs`) runs every kernel with such argument lists.
+/// emulation (`rust/tests/kernel_emu/`) runs every kernel with such argument lists.
 macro_rules! launch {
     ($cuda:expr, $kernel:expr, $shape:expr; $($arg:expr),+ $(,)?) => {{
         let mut l = $cuda.stream.launch_builder($kernel);
@@ -57,6 +57,15 @@ mod refresh;
 
 fn dev_err(what: &str, e: impl std::fmt::Debug) -> Error {
     Error::backend(format!("CUDA {what}: {e:?}"))
+}
+
+/// Grows scratch `x` to at least `n` elements (a fresh zeroed buffer; the old contents are
+/// dropped), or leaves it as it is; the caller words and reports the failure.
+fn grow<T: DeviceRepr + ValidAsZeroBits>(s: &Arc<CudaStream>, x: &mut CudaSlice<T>, n: usize) -> std::result::Result<(), DriverError> {
+    if x.len() < n {
+        *x = s.alloc_zeros::<T>(n)?;
+    }
+    Ok(())
 }
 
 /// Reduction, counter and cast scratch, reused by every call (grown, never shrunk).
@@ -234,9 +243,7 @@ impl Cuda {
     }
 
     fn upload_ids(&self, dst: &mut CudaSlice<i32>, ids: &[i32]) -> Result<()> {
-        if dst.len() < ids.len() {
-            *dst = self.stream.alloc_zeros::<i32>(ids.len()).map_err(|e| dev_err("alloc", e))?;
-        }
+        grow(&self.stream, dst, ids.len()).map_err(|e| dev_err("alloc", e))?;
         self.stream.memcpy_htod(ids, &mut dst.slice_mut(..ids.len())).map_err(|e| dev_err("copy", e))
     }
 

@@ -91,7 +91,20 @@ pub fn options(m: &Module, arch: &str) -> Vec<String> {
         "--device-as-default-execution-space".into(),
     ];
     o.extend(m.defines.iter().map(|d| format!("-D{d}")));
+    o.extend(size_defines().iter().map(|d| format!("-D{d}")));
     o
+}
+
+/// Sizes the kernel sources share with the Rust side, defined for every module so that each
+/// has one owner: the largest quantization group (`quant::MAX_GROUP`, `q_requant`'s shared
+/// codes), the threads of `sumsq_partial` (`launch::SUMSQ_THREADS`, its shared reduction) and
+/// the state elements per thread of `adam8` (`launch::ADAM8_ITEMS`).
+pub fn size_defines() -> [String; 3] {
+    [
+        format!("QG_MAX_GROUP={}", crate::quant::MAX_GROUP),
+        format!("QG_SUMSQ_THREADS={}", super::launch::SUMSQ_THREADS),
+        format!("QG_ADAM8_ITEMS={}", super::launch::ADAM8_ITEMS),
+    ]
 }
 
 /// NVRTC's (major, minor) version; the library must be loadable.

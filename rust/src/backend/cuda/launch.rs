@@ -1,6 +1,6 @@
 //! Launch shapes of the CUDA kernels as plain data: grid, block and shared memory of
 //! every launch the device backend makes, free of any device type, so the host emulation
-//! of the kernels (`rust/tests/kernel_emu.rs`) launches with the very same shapes, as
+//! of the kernels (`rust/tests/kernel_emu/`) launches with the very same shapes, as
 //! `plan.rs` does for the GEMMs.
 
 /// Threads per block of the element-wise and per-row kernels.
@@ -9,6 +9,10 @@ pub const THREADS: u32 = 256;
 pub const PARTS: usize = 256;
 /// Rows per partial sum of an RMSNorm weight gradient (2048 rows → 64 chunks).
 pub const DW_CHUNK: usize = 32;
+/// Threads per block of `sumsq_partial` (its shared reduction array; `QG_SUMSQ_THREADS`).
+pub const SUMSQ_THREADS: u32 = 1024;
+/// State elements per thread of `adam8` (`QG_ADAM8_ITEMS`).
+pub const ADAM8_ITEMS: usize = 8;
 
 /// One launch: `grid` blocks of `block` threads with `shared` bytes of dynamic shared
 /// memory, as `cuLaunchKernel` takes them.
@@ -58,7 +62,7 @@ pub fn rope(b: usize, t: usize, heads: usize, hd: usize) -> Launch {
 /// `adam8` on `len` elements: one block per quantization block of `block` elements,
 /// eight elements per thread.
 pub fn adam8(len: usize, block: usize) -> Launch {
-    Launch::new([len.div_ceil(block) as u32, 1, 1], [(block / 8) as u32, 1, 1])
+    Launch::new([len.div_ceil(block) as u32, 1, 1], [(block / ADAM8_ITEMS) as u32, 1, 1])
 }
 
 /// `q_requant`: one block per group, the group's threads rounded up to whole warps.
@@ -66,9 +70,9 @@ pub fn requant(numel: usize, group: usize) -> Launch {
     Launch::new([(numel / group) as u32, 1, 1], [(group as u32).div_ceil(32) * 32, 1, 1])
 }
 
-/// `sumsq_partial`: `PARTS` blocks of 1024 threads.
+/// `sumsq_partial`: `PARTS` blocks of `SUMSQ_THREADS` threads.
 pub fn sumsq_partial() -> Launch {
-    Launch::new([PARTS as u32, 1, 1], [1024, 1, 1])
+    Launch::new([PARTS as u32, 1, 1], [SUMSQ_THREADS, 1, 1])
 }
 
 /// `sum_partials`: one thread adds the partials in order.

@@ -2,7 +2,7 @@
 //! layouts `../plan.rs` computes; bf16 inputs under bf16 precision.
 
 use super::memory::{CudaBuf, Store};
-use super::Cuda;
+use super::{grow, Cuda};
 use crate::backend::cuda::launch;
 use crate::backend::cuda::plan::{self, Gemm};
 use crate::backend::{Category, Memory};
@@ -17,14 +17,9 @@ impl Cuda {
     /// a sticky error) when the scratch cannot grow.
     fn cast_into(&self, slot: &mut CudaSlice<u16>, src: &CudaSlice<f32>, off: usize) -> bool {
         let n = src.len() - off;
-        if slot.len() < n {
-            match self.stream.alloc_zeros::<u16>(n) {
-                Ok(s) => *slot = s,
-                Err(e) => {
-                    self.note("alloc of the bf16 cast scratch", Err::<(), _>(e));
-                    return false;
-                }
-            }
+        if let Err(e) = grow(&self.stream, slot, n) {
+            self.note("alloc of the bf16 cast scratch", Err::<(), _>(e));
+            return false;
         }
         let nn = n as u64;
         let view = src.slice(off..);

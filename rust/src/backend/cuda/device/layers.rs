@@ -2,7 +2,7 @@
 //! type) and the attention and linear GEMMs (`gemm.rs`).
 
 use super::memory::CudaBuf;
-use super::{dev_err, Cuda, Scratch};
+use super::{dev_err, grow, Cuda, Scratch};
 use crate::backend::cuda::launch::{self, DW_CHUNK, THREADS};
 use crate::backend::cuda::plan;
 use crate::backend::{AttnDims, Layers};
@@ -68,11 +68,8 @@ impl Layers for Cuda {
         // dw in two stages: per-chunk partial sums, then their ordered sum per column
         let chunks = n.div_ceil(DW_CHUNK);
         let mut sc = self.scratch();
-        if sc.dw_part.len() < chunks * c {
-            match self.stream.alloc_zeros::<f32>(chunks * c) {
-                Ok(p) => sc.dw_part = p,
-                Err(e) => return self.note("alloc", Err::<(), _>(e)),
-            }
+        if let Err(e) = grow(&self.stream, &mut sc.dw_part, chunks * c) {
+            return self.note("alloc", Err::<(), _>(e));
         }
         let (chunk, nch) = (DW_CHUNK as i32, chunks as i32);
         self.note("rmsnorm_bwd", launch!(self, self.a("rmsnorm_bwd_dw_part"), launch::rmsnorm_dw_part(c, chunks); &mut sc.dw_part, &dout.data, &x.data, rstd.data.f32(), &ni, &ci, &chunk));
@@ -132,9 +129,7 @@ impl Layers for Cuda {
         let mut sc = self.scratch();
         let Scratch { targets: dt, losses: dl, .. } = &mut *sc;
         self.upload_ids(dt, &targets[..n])?;
-        if dl.len() < n {
-            *dl = self.stream.alloc_zeros::<f32>(n).map_err(|e| dev_err("alloc", e))?;
-        }
+        grow(&self.stream, dl, n).map_err(|e| dev_err("alloc", e))?;
         let (vi, g, s) = (v as i32, grad_scale.is_some() as i32, grad_scale.unwrap_or(0.0));
         launch!(self, self.f("cross_entropy"), launch::rows(n, THREADS); logits.data.f32_mut(), &*dt, &mut *dl, &vi, &g, &s).map_err(|e| dev_err("cross_entropy", e))?;
         self.stream.memcpy_dtoh(&dl.slice(..n), &mut losses[..n]).map_err(|e| dev_err("copy", e))?;

@@ -38,11 +38,9 @@ impl Ws {
     }
 }
 
+/// `device::grow` for the refresh workspace, whose failure names the size.
 fn grow(s: &Arc<CudaStream>, x: &mut CudaSlice<f32>, n: usize) -> Result<()> {
-    if x.len() < n {
-        *x = s.alloc_zeros::<f32>(n).map_err(|e| dev_err(&format!("alloc of {} MiB (refresh workspace)", (n * 4) >> 20), e))?;
-    }
-    Ok(())
+    super::grow(s, x, n).map_err(|e| dev_err(&format!("alloc of {} MiB (refresh workspace)", (n * 4) >> 20), e))
 }
 
 fn ok(st: sol::cusolverStatus_t, what: &str) -> Result<()> {
@@ -66,28 +64,7 @@ impl Linalg for Cuda {
         seed: u64,
         out: &mut CudaBuf,
     ) -> Result<()> {
-        self.refresh(g, rows, cols, rank, right, method, prev, seed, out)
-    }
-}
-
-impl Cuda {
-    /// `Linalg::top_subspace` on the device.
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn refresh(
-        &self,
-        g: &CudaBuf,
-        rows: usize,
-        cols: usize,
-        rank: usize,
-        right: bool,
-        method: Refresh,
-        prev: Option<&CudaBuf>,
-        seed: u64,
-        out: &mut CudaBuf,
-    ) -> Result<()> {
-        if rank > rows.min(cols) {
-            return Err(Error::invalid(format!("rank {rank} exceeds the matrix size {rows}×{cols}")));
-        }
+        crate::host::linalg::check_rank(rank, rows, cols)?;
         let pn = if right { rank * cols } else { rows * rank };
         if method == Refresh::Svd {
             // exact host route: copy, decompose with faer, copy back
@@ -124,7 +101,9 @@ impl Cuda {
             Err(Error::backend("decomposition produced non-finite values"))
         }
     }
+}
 
+impl Cuda {
     /// C = GᵀG (cols²) or GGᵀ (rows²) in fp32, then its top eigenvectors.
     #[allow(clippy::too_many_arguments)]
     fn eigh_refresh(&self, ws: &mut Ws, g: &CudaSlice<f32>, rows: usize, cols: usize, k: usize, right: bool, out: &mut CudaSlice<f32>) -> Result<()> {
