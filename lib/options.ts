@@ -17,6 +17,7 @@ import {
   type OptimizerConfig,
   type OptionCondition,
   type OptionRange,
+  type OptionSchema,
   type OptionSpec,
   planEngine,
   resolveModelConfig,
@@ -26,7 +27,7 @@ import {
 import { type ModelConfig, type ResolvedModel, resolveModel, validateModel } from "./presets.ts";
 import { ByteTokenizer } from "./tokenizer.ts";
 
-const SCHEMA = engineOptions();
+const SCHEMA: OptionSchema = engineOptions();
 
 /** Optimizers the engine implements; the single list every check and message uses. */
 export const OPTIMIZERS: readonly string[] = Object.freeze(SCHEMA.optimizers.map((o) => o.name));
