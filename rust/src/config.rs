@@ -64,6 +64,11 @@ impl Optimizer {
     pub fn int8_capable(self) -> bool {
         self == Optimizer::QGalore
     }
+    /// The refusal of `weight_bits = 8` for an optimizer that cannot keep INT8 weights.
+    fn no_int8(self) -> String {
+        let capable: Vec<&str> = Self::ALL.iter().filter(|(o, _)| o.int8_capable()).map(|(_, n)| *n).collect();
+        format!("weight_bits = 8: only {} keeps INT8 weights (not {})", capable.join(", "), self.name())
+    }
 }
 
 impl Named for Refresh {
@@ -526,7 +531,7 @@ impl<'de> Deserialize<'de> for OptimConfig {
         let obj = Map::deserialize(d)?;
         let (cfg, off) = OptimConfig::resolve(&obj, DEFAULT_GRAD_ACCUM).map_err(|e| serde::de::Error::custom(e.msg))?;
         if off.iter().any(|n| n.when == When::Int8Capable) {
-            return Err(serde::de::Error::custom(format!("weight_bits = 8: only qgalore keeps INT8 weights (not {})", cfg.name.name())));
+            return Err(serde::de::Error::custom(cfg.name.no_int8()));
         }
         Ok(cfg)
     }
@@ -655,11 +660,7 @@ impl EngineConfig {
         let raw: RawConfig = serde_json::from_str(text).map_err(|e| Error::invalid(format!("engine config: {e}")))?;
         let grad_accum = raw.grad_accum.unwrap_or(DEFAULT_GRAD_ACCUM);
         let (optimizer, off) = OptimConfig::resolve(&raw.optimizer, grad_accum)?;
-        ensure!(
-            !off.iter().any(|n| n.when == When::Int8Capable),
-            "weight_bits = 8: only qgalore keeps INT8 weights (not {})",
-            optimizer.name.name()
-        );
+        ensure!(!off.iter().any(|n| n.when == When::Int8Capable), "{}", optimizer.name.no_int8());
         let cfg = EngineConfig {
             model: ModelConfig::from_map(&raw.model)?,
             batch_size: raw.batch_size,
@@ -688,7 +689,7 @@ impl EngineConfig {
         // Re-check every option against the schema (a config built in Rust skips `resolve`).
         let o = &self.optimizer;
         OptimConfig::resolve(&o.to_map(), self.grad_accum)?;
-        ensure!(o.weight_bits == 16 || o.int8_weights(), "weight_bits = 8: only qgalore keeps INT8 weights (not {})", o.name.name());
+        ensure!(o.weight_bits == 16 || o.int8_weights(), "{}", o.name.no_int8());
         check_device(self.device, self.precision)
     }
 }
