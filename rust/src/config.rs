@@ -721,6 +721,9 @@ mod tests {
         assert_eq!(e.msg, "weight_group_size = 3: must be an even integer in [2, 1024]");
         let e = OptimConfig::resolve(&obj(r#"{"name":"qgalore","lazy":"yes"}"#), 1).unwrap_err();
         assert_eq!(e.msg, "lazy = yes: must be true or false");
+        let e = serde_json::from_str::<OptimConfig>(r#"{"name":"galore","weight_bits":8}"#).unwrap_err();
+        assert_eq!(e.to_string(), "weight_bits = 8: only qgalore keeps INT8 weights (not galore)");
+        assert_eq!(Optimizer::Galore8bit.no_int8(), "weight_bits = 8: only qgalore keeps INT8 weights (not galore8bit)");
     }
 
     #[test]
