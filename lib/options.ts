@@ -220,8 +220,9 @@ export interface OptionDef {
   /** `--help` section. */
   readonly section?: string;
   /**
-   * `--help` lines, with `{default}` (the default as `--help` shows it) and `{choices}`.
-   * Flags without help are API-only.
+   * `--help` lines, with `{default}` (the default as `--help` shows it), `{choices}`,
+   * `{values}` (the allowed numbers, `a|b`) and `{eight_bit}` / `{int8}` (the optimizers the
+   * engine's schema names). Flags without help are API-only.
    */
   readonly help?: string;
   /** How `--help` shows the default, from the per-optimizer defaults. */
@@ -365,7 +366,7 @@ export const OPTION_DECLARATIONS = {
     engine: "block_size",
     nullable: true,
     section: MODEL,
-    help: "--block-size 256|2048 8-bit Adam block ({eight_bit}) [{default}]",
+    help: "--block-size {values} 8-bit Adam block ({eight_bit}) [{default}]",
   },
   rank: {
     flag: "--rank",
@@ -466,7 +467,7 @@ export const OPTION_DECLARATIONS = {
     engine: "weight_bits",
     nullable: true,
     section: GALORE,
-    help: "--weight-bits 8|16    8: INT8 projected weights ({int8} only) [{default}]",
+    help: "--weight-bits {values}    8: INT8 projected weights ({int8} only) [{default}]",
     shows: (d: Readonly<Record<string, unknown>>) =>
       `${Object.entries(d).map(([o, v]) => `${o} ${v}`).join(", ")}, else 16`,
   },
@@ -815,6 +816,7 @@ export function optionHelp(fill: Readonly<Record<string, string>> = {}): Map<str
     const text = d.help.replace(/\{(\w+)\}/g, (m, name: string) => {
       if (name === "default") return defaultText(key);
       if (name === "choices") return CHOICES[key as ChoiceKey].join(", ");
+      if (name === "values") return rangeOf(key as NumericKey).oneOf!.join("|");
       if (name === "eight_bit") return EIGHT_BIT_OPTIMIZERS.join(", ");
       if (name === "int8") return INT8_OPTIMIZERS.join(", ");
       return fill[name] ?? m;
