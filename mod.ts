@@ -62,6 +62,7 @@ export {
   type RunSpec,
   type StepStats,
   type TensorPlan,
+  type ValueSpec,
 } from "./ffi/engine.ts";
 export { LoadError } from "./ffi/loader.ts";
 export * from "./lib/estimate.ts";

@@ -277,9 +277,9 @@ export type OptionCondition =
   | "lazy"
   | "one_micro_batch";
 
-/** One optimizer option of the engine's schema. */
-export interface OptionSpec {
-  /** Config field (`weight_group_size`). */
+/** A config field's name and allowed values (`ValueSpec` in `rust/src/config.rs`). */
+export interface ValueSpec {
+  /** Config field (`weight_group_size`, `batch_size`). */
   name: string;
   /** Value type. */
   type: "number" | "integer" | "switch" | "choice";
@@ -287,6 +287,10 @@ export interface OptionSpec {
   choices?: readonly string[];
   /** Allowed values of a number. */
   range?: OptionRange;
+}
+
+/** One optimizer option of the engine's schema. */
+export interface OptionSpec extends ValueSpec {
   /** When the option applies. */
   applies: OptionCondition;
   /** Default per optimizer, for the optimizers it applies to by default. */
@@ -294,15 +298,7 @@ export interface OptionSpec {
 }
 
 /** One run-level option of the engine's schema (top level of {@link EngineConfig}). */
-export interface RunSpec {
-  /** Config field (`batch_size`). */
-  name: string;
-  /** Value type. */
-  type: "number" | "integer" | "switch" | "choice";
-  /** Allowed values of a choice. */
-  choices?: readonly string[];
-  /** Allowed values of a number. */
-  range?: OptionRange;
+export interface RunSpec extends ValueSpec {
   /** The engine's default; absent when the field is required. */
   default?: number | boolean | string;
 }

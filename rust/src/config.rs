@@ -304,9 +304,9 @@ fn option<T: OptionValue>(field: &str, v: &Value, bounds: Option<&Bounds>) -> Re
     })
 }
 
-/// One optimizer option as the schema states it.
+/// A config field's name and allowed values, as the schema states them.
 #[derive(Clone, Debug, Serialize)]
-pub struct OptionSpec {
+pub struct ValueSpec {
     pub name: &'static str,
     #[serde(rename = "type")]
     pub kind: &'static str,
@@ -314,6 +314,19 @@ pub struct OptionSpec {
     pub choices: Vec<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub range: Option<Bounds>,
+}
+
+impl ValueSpec {
+    fn of<T: OptionValue>(name: &'static str, range: Option<Bounds>) -> Self {
+        ValueSpec { name, kind: T::TYPE, choices: T::choices(), range }
+    }
+}
+
+/// One optimizer option as the schema states it.
+#[derive(Clone, Debug, Serialize)]
+pub struct OptionSpec {
+    #[serde(flatten)]
+    pub value: ValueSpec,
     pub applies: When,
     /// Default per optimizer, for the optimizers it applies to by default.
     pub default: Map<String, Value>,
@@ -352,10 +365,7 @@ macro_rules! optim_options {
                         }
                     }
                     out.push(OptionSpec {
-                        name: stringify!($field),
-                        kind: <$t as OptionValue>::TYPE,
-                        choices: <$t as OptionValue>::choices(),
-                        range: $bounds,
+                        value: ValueSpec::of::<$t>(stringify!($field), $bounds),
                         applies: When::$when,
                         default,
                     });
@@ -540,13 +550,8 @@ impl<'de> Deserialize<'de> for OptimConfig {
 /// A run-level option (top level of `EngineConfig`) as the schema states it.
 #[derive(Clone, Debug, Serialize)]
 pub struct RunSpec {
-    pub name: &'static str,
-    #[serde(rename = "type")]
-    pub kind: &'static str,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub choices: Vec<&'static str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub range: Option<Bounds>,
+    #[serde(flatten)]
+    pub value: ValueSpec,
     /// The engine's default; absent when the field is required.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub default: Option<Value>,
@@ -562,7 +567,7 @@ const DEFAULT_SEED: u64 = 0;
 const DEFAULT_THREADS: usize = 0;
 
 fn run_spec<T: OptionValue>(name: &'static str, range: Option<Bounds>, default: Option<T>) -> RunSpec {
-    RunSpec { name, kind: T::TYPE, choices: T::choices(), range, default: default.map(T::to_json) }
+    RunSpec { value: ValueSpec::of::<T>(name, range), default: default.map(T::to_json) }
 }
 
 /// The run-level options: batch shape, accumulation, device, precision, checkpointing,
