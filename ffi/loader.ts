@@ -64,7 +64,16 @@ export function loadLibrary(path?: string): NativeLib {
   try {
     lib = Deno.dlopen(found, SYMBOLS);
   } catch (e) {
-    throw new LoadError(`cannot open ${found}: ${(e as Error).message}`, { cause: e });
+    const msg = (e as Error).message;
+    // A library built from older sources lacks the newest entry points.
+    const missing = msg.match(/undefined symbol: (\w+)/)?.[1];
+    if (missing) {
+      throw new LoadError(
+        `${found} was built from older sources (no ${missing}); rebuild with \`deno task build\``,
+        { cause: e },
+      );
+    }
+    throw new LoadError(`cannot open ${found}: ${msg}`, { cause: e });
   }
   const abi = lib.symbols.qg_abi_version();
   if (abi !== ABI_VERSION) {

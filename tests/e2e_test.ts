@@ -16,10 +16,10 @@ interface Result {
   stderr: string;
 }
 
-async function cli(args: string[]): Promise<Result> {
+async function cli(args: string[], env: Record<string, string> = {}): Promise<Result> {
   const out = await new Deno.Command(Deno.execPath(), {
     args: ["run", "-A", script, ...args],
-    env: { NO_COLOR: "1" },
+    env: { NO_COLOR: "1", ...env },
     stdout: "piped",
     stderr: "piped",
   }).output();
@@ -267,4 +267,11 @@ Deno.test("e2e: --checkpointing on gives the same run with less activation memor
   } finally {
     await Deno.remove(dir, { recursive: true });
   }
+});
+
+Deno.test("cli: a stale native library is one line naming the fix, --help included", async () => {
+  // libm stands in for a library built from older sources: it lacks every qg_ entry point.
+  const stale = await cli(["--help"], { QGALORE_LIB: "/lib/x86_64-linux-gnu/libm.so.6" });
+  assertOneLineError(stale, "was built from older sources (no qg_", "deno task build");
+  assert.equal(stale.code, 1);
 });
