@@ -1,0 +1,687 @@
+/**
+ * The option table: every training option declared once ({@link OPTION_TABLE}) — its flag,
+ * help text, and either the engine config field it sets (whose type, range, per-optimizer
+ * default and applicability the engine's schema states) or, for front-end options, its own
+ * range and default — and what derives from the declarations alone (flags, key unions,
+ * choices). `lib/options.ts` checks and resolves options with it.
+ *
+ * @module
+ */
+
+import {
+  engineOptions,
+  type OptionRange,
+  type OptionSchema,
+  type OptionSpec,
+  type RunSpec,
+} from "../ffi/engine.ts";
+import type { ModelConfig } from "./presets.ts";
+
+/** The engine's option schema (`qg_options`), read once. */
+export const OPTION_SCHEMA: OptionSchema = engineOptions();
+const SCHEMA = OPTION_SCHEMA;
+
+/** Optimizers the engine implements; the single list every check and message uses. */
+export const OPTIMIZERS: readonly string[] = Object.freeze(SCHEMA.optimizers.map((o) => o.name));
+
+/** Optimizers that project the 7 linear matrices of each block (GaLore, docs/algorithm-spec.md §1.4). */
+export const PROJECTED_OPTIMIZERS: readonly string[] = Object.freeze(
+  SCHEMA.optimizers.filter((o) => o.projected).map((o) => o.name),
+);
+
+/** Optimizers with bitsandbytes-style block-wise 8-bit Adam states (docs/algorithm-spec.md §1.6). */
+export const EIGHT_BIT_OPTIMIZERS: readonly string[] = Object.freeze(
+  SCHEMA.optimizers.filter((o) => o.eight_bit).map((o) => o.name),
+);
+
+/** Optimizers that may keep INT8 projected weights (Q-GaLore, docs/algorithm-spec.md §2). */
+export const INT8_OPTIMIZERS: readonly string[] = Object.freeze(
+  SCHEMA.optimizers.filter((o) => o.int8).map((o) => o.name),
+);
+
+/** The engine schema entry of an optimizer option. */
+export function optionSpec(field: string): OptionSpec {
+  const s = SCHEMA.options.find((o) => o.name === field);
+  if (!s) throw new Error(`engine option schema has no field ${field}`);
+  return s;
+}
+
+/** The engine schema entry of a run-level option. */
+export function runOptionSpec(field: string): RunSpec {
+  const s = SCHEMA.run.find((o) => o.name === field);
+  if (!s) throw new Error(`engine option schema has no run field ${field}`);
+  return s;
+}
+
+/** How a projector is recomputed: `svd` (the reference route), `eigh` (exact, faster), `randomized`. */
+export const PROJ_REFRESH: readonly string[] = Object.freeze([
+  ...optionSpec("proj_refresh").choices!,
+]);
+
+/** Lazy-refresh similarity: `signed` top-1 cosine (reference) or its absolute value. */
+export const COS_MODES: readonly string[] = Object.freeze([...optionSpec("cos_mode").choices!]);
+
+/**
+ * Quantizer range: `zero` includes 0 in each group's range (fixes the reference clamp bug,
+ * docs/algorithm-spec.md §2.2), `reference` is the reference's min–max range.
+ */
+export const QUANT_RANGES: readonly string[] = Object.freeze([
+  ...optionSpec("quant_range").choices!,
+]);
+
+/** Where the engine runs; "auto" picks CUDA when available. */
+export type Device = "cpu" | "cuda" | "auto";
+
+/** Devices `--device` accepts. */
+export const DEVICES: readonly Device[] = Object.freeze(
+  [...runOptionSpec("device").choices!] as Device[],
+);
+
+/**
+ * Activation and GEMM precision of the engine: `fp32` everywhere, `bf16` activations with
+ * bf16 GEMM inputs and fp32 accumulation (CUDA only; weights, gradients and optimizer state
+ * stay fp32), or `auto` (bf16 on a GPU, fp32 on the CPU).
+ */
+export type Precision = "auto" | "fp32" | "bf16";
+
+/** Precisions `--precision` accepts. */
+export const PRECISIONS: readonly Precision[] = Object.freeze(
+  [...runOptionSpec("precision").choices!] as Precision[],
+);
+
+/**
+ * Everything a training run needs. {@link defaultTrainOptions} fills in all of it; each key
+ * has its entry in {@link OPTION_TABLE}.
+ */
+export interface TrainOptions {
+  /** Preset name (`llama-9m` …), path to a JSON LlamaConfig, or a config object. */
+  model: string | ModelConfig;
+  /** Optimizer name, one of {@link OPTIMIZERS}. */
+  optimizer: string;
+  /** Peak learning rate; null takes the optimizer's default ({@link optimizerDefaults}). */
+  lr: number | null;
+  /** Cosine floor as a fraction of `lr`. */
+  minLrRatio: number;
+  /** Warmup updates; null means 10% of `steps`, as in the recipe. */
+  warmup: number | null;
+  /** Optimizer updates. */
+  steps: number;
+  /** Sequences per micro-batch. */
+  batchSize: number;
+  /** Tokens per sequence (inputs; each row carries one extra target token). */
+  seqLen: number;
+  /** Micro-batches accumulated per update. */
+  gradAccum: number;
+  /** Global gradient-norm clipping threshold; 0 disables clipping. */
+  clip: number;
+  /** Decoupled (AdamW) weight decay. */
+  weightDecay: number;
+  /** Adam β1. */
+  beta1: number;
+  /** Adam β2; null takes the optimizer's default. */
+  beta2: number | null;
+  /** Adam ε; null takes the optimizer's default. */
+  eps: number | null;
+  /** GaLore rank r (clamped per matrix to min(r, rows, cols)); projected optimizers only. */
+  rank: number | null;
+  /** Subspace refresh interval T in updates; projected optimizers only. */
+  updateGap: number | null;
+  /** GaLore scale α on the projected-back update; projected optimizers only. */
+  galoreScale: number | null;
+  /** 8: INT8 projected weights (qgalore only); 16: float weights. */
+  weightBits: number | null;
+  /** Elements per INT8 weight quantization group; only with INT8 weights. */
+  weightGroupSize: number | null;
+  /** Projector storage: 4 or 8 (quantized), 16 (bf16) or 32 (f32); projected optimizers only. */
+  projBits: number | null;
+  /** Elements per projector quantization group; only with `projBits` 4 or 8. */
+  projGroupSize: number | null;
+  /** Stochastic rounding of the INT8 weight update; only with INT8 weights. */
+  stochasticRound: boolean | null;
+  /** Lazy layer-wise subspace refresh (docs/algorithm-spec.md §2.5); projected optimizers only. */
+  lazy: boolean | null;
+  /** Mean cosine at which the lazy refresh doubles a matrix's gap; only with `lazy`. */
+  cosThreshold: number | null;
+  /** Cosines averaged by the lazy refresh; only with `lazy`. */
+  queueSize: number | null;
+  /** Gap growth factor γ of the lazy refresh; only with `lazy`. */
+  gamma: number | null;
+  /** Projector refresh route, one of {@link PROJ_REFRESH}; projected optimizers only. */
+  projRefresh: string | null;
+  /** Lazy-refresh similarity, one of {@link COS_MODES}; only with `lazy`. */
+  cosMode: string | null;
+  /** Quantizer range, one of {@link QUANT_RANGES}; only when something is quantized. */
+  quantRange: string | null;
+  /** Elements per 8-bit Adam block (256 or 2048); 8-bit optimizers only. */
+  blockSize: number | null;
+  /** Optimizer steps inside the backward (per-layer updates); needs `gradAccum` 1. */
+  fused: boolean | null;
+  /** Text file to train on (bytes); null uses the synthetic corpus. */
+  data: string | null;
+  /** Fraction of a text file held out for validation (its tail). */
+  valFraction: number;
+  /** Evaluate every this many updates (0: only at the start and the end). */
+  evalEvery: number;
+  /** Validation batches per evaluation (fixed windows, the same in every run). */
+  evalBatches: number;
+  /** Seed of the weight init and the batch sampling. */
+  seed: number;
+  /** Engine worker threads; null lets the engine decide. */
+  threads: number | null;
+  /** Device for the engine. */
+  device: Device;
+  /** Activation and GEMM precision ({@link PRECISIONS}). */
+  precision: Precision;
+  /**
+   * Activation checkpointing: keep only each block's input and recompute the block in the
+   * backward (one extra forward per step; identical results, far less activation memory).
+   */
+  checkpointing: boolean;
+  /** Output directory; undefined means `runs/<ISO timestamp>`, null writes no files. */
+  out?: string | null;
+  /** Plain-log interval in updates; 0 picks about 20 lines per run. */
+  logEvery: number;
+  /** No progress output at all (e.g. in a notebook). */
+  quiet: boolean;
+  /** Reference schedule: the first update uses lr 0 (see `lrAt` in lib/schedule.ts). */
+  zeroFirst: boolean;
+  /** Stop gracefully on Ctrl-C (SIGINT) instead of dying. */
+  handleSigint: boolean;
+}
+
+// The engine takes floats as f32; anything larger would arrive as infinity.
+const F32_MAX = SCHEMA.f32_max;
+
+/** How one option is declared in {@link OPTION_TABLE}. */
+export interface OptionDef {
+  /** CLI flag (`--rank`), or the option's name for options only the API has. */
+  readonly flag: string;
+  /**
+   * Value kind: a number, an on/off switch, one of a few choices, a path, the model, or
+   * an API-only value that is not checked.
+   */
+  readonly kind: "number" | "switch" | "choice" | "path" | "model" | "api";
+  /** Engine optimizer config field it sets; the engine's schema gives type, range, default. */
+  readonly engine?: string;
+  /** Engine run-level config field it sets; the engine's schema gives range, choices, default. */
+  readonly run?: string;
+  /** Range of a front-end numeric option. */
+  readonly range?: OptionRange;
+  /** Choices of a front-end choice option. */
+  readonly choices?: () => readonly string[];
+  /** Null means "the default", filled in by {@link checkOptions}. */
+  readonly nullable?: boolean;
+  /** Front-end default (engine options default to the engine's). */
+  readonly default?: unknown;
+  /** Front-end default per optimizer. */
+  readonly perOptimizer?: Readonly<Record<string, number>>;
+  /** `--help` section. */
+  readonly section?: string;
+  /**
+   * `--help` lines, with `{default}` (the default as `--help` shows it), `{choices}`,
+   * `{values}` (the allowed numbers, `a|b`) and `{eight_bit}` / `{int8}` (the optimizers the
+   * engine's schema names). Flags without help are API-only.
+   */
+  readonly help?: string;
+  /** How `--help` shows the default, from the per-optimizer defaults. */
+  readonly shows?: (d: Readonly<Record<string, unknown>>) => string;
+}
+
+const MODEL = "Model and optimizer";
+const GALORE = "GaLore family";
+const DATA = "Data";
+const RUN = "Run";
+
+/**
+ * Peak learning rates, measured on the default run (llama-9m, 300 updates of 8×128 tokens of
+ * the synthetic corpus, rank 128, seed 0) by sweeping ×2 steps: each is the best value
+ * whose halving and doubling also train well. AdamW and 8-bit Adam reach validation loss
+ * 1.890 at 5e-3 (1.888 at 1e-2, but 2e-2 degrades to 2.03 / 2.44); the GaLore family,
+ * whose projected update is scaled by α = 0.25, reaches 1.884 (galore, galore8bit) and
+ * 1.885 (qgalore) at 4e-2, within 0.002 of 2e-2 and 8e-2. The entropy floor is 1.859.
+ */
+export const DEFAULT_LR: Readonly<Record<string, number>> = Object.freeze({
+  adamw: 5e-3,
+  adam8bit: 5e-3,
+  galore: 4e-2,
+  galore8bit: 4e-2,
+  qgalore: 4e-2,
+});
+
+const onFor = (d: Readonly<Record<string, unknown>>, v: boolean): string =>
+  Object.keys(d).filter((o) => d[o] === v).join(", ");
+
+// Every option, once, in `--help` order. The default run: small enough to finish in about
+// two minutes on two CPU cores while driving the synthetic corpus's validation loss well
+// below its start.
+/**
+ * Every option with its literal declaration ({@link OPTION_TABLE} is the same table, typed
+ * as {@link OptionDef}s); the key unions below are derived from it.
+ */
+export const OPTION_DECLARATIONS = {
+  model: {
+    flag: "--model",
+    kind: "model",
+    default: "llama-9m",
+    section: MODEL,
+    help: "--model NAME|FILE     preset ({presets})\n" +
+      "                      or a JSON LlamaConfig file [{default}]",
+  },
+  optimizer: {
+    flag: "--optimizer",
+    kind: "choice",
+    choices: () => OPTIMIZERS,
+    default: "adamw",
+    section: MODEL,
+    help: "--optimizer NAME      {choices} [{default}]",
+  },
+  lr: {
+    flag: "--lr",
+    kind: "number",
+    range: { min: 0, open: true, max: F32_MAX },
+    nullable: true,
+    perOptimizer: DEFAULT_LR,
+    section: MODEL,
+    help: "--lr X                peak learning rate [{default}]",
+  },
+  minLrRatio: {
+    flag: "--min-lr-ratio",
+    kind: "number",
+    range: { min: 0, max: 1 },
+    default: 0.1,
+    section: MODEL,
+    help: "--min-lr-ratio X      cosine floor as a fraction of --lr [{default}]",
+  },
+  warmup: {
+    flag: "--warmup",
+    kind: "number",
+    range: { int: true, min: 0 },
+    nullable: true,
+    section: MODEL,
+    help: "--warmup N            linear warmup updates [10% of --steps]",
+  },
+  steps: {
+    flag: "--steps",
+    kind: "number",
+    range: { int: true, min: 1 },
+    default: 300,
+    section: MODEL,
+    help: "--steps N             optimizer updates [{default}]",
+  },
+  clip: {
+    flag: "--clip",
+    kind: "number",
+    engine: "clip",
+    // The recipe clips at 1; the engine's own default (for direct configs) is off.
+    default: 1.0,
+    section: MODEL,
+    help: "--clip X              gradient-norm clipping, 0 = off [{default}]",
+  },
+  weightDecay: {
+    flag: "--weight-decay",
+    kind: "number",
+    engine: "weight_decay",
+    section: MODEL,
+    help: "--weight-decay X      decoupled weight decay [{default}]",
+  },
+  beta1: {
+    flag: "--beta1",
+    kind: "number",
+    engine: "beta1",
+    section: MODEL,
+    help: "--beta1 X             Adam β1 [{default}]",
+  },
+  beta2: {
+    flag: "--beta2",
+    kind: "number",
+    engine: "beta2",
+    nullable: true,
+    section: MODEL,
+    help: "--beta2 X             Adam β2 [{default}]",
+  },
+  eps: {
+    flag: "--eps",
+    kind: "number",
+    engine: "eps",
+    nullable: true,
+    section: MODEL,
+    help: "--eps X               Adam ε [{default}]",
+  },
+  fused: {
+    flag: "--fused",
+    kind: "switch",
+    engine: "fused",
+    nullable: true,
+    section: MODEL,
+    help: "--fused on|off        optimizer steps inside the backward (needs --grad-accum 1)\n" +
+      "                      [{default}]",
+    shows: (d: Readonly<Record<string, unknown>>) =>
+      `on for ${onFor(d, true)}; off for ${onFor(d, false)}`,
+  },
+  blockSize: {
+    flag: "--block-size",
+    kind: "number",
+    engine: "block_size",
+    nullable: true,
+    section: MODEL,
+    help: "--block-size {values} 8-bit Adam block ({eight_bit}) [{default}]",
+  },
+  rank: {
+    flag: "--rank",
+    kind: "number",
+    engine: "rank",
+    nullable: true,
+    section: GALORE,
+    help:
+      "--rank N              projection rank, clamped per matrix to min(N, rows, cols) [{default}]",
+  },
+  updateGap: {
+    flag: "--update-gap",
+    kind: "number",
+    engine: "update_gap",
+    nullable: true,
+    section: GALORE,
+    help: "--update-gap N        projector refresh interval T in updates [{default}]",
+  },
+  galoreScale: {
+    flag: "--galore-scale",
+    kind: "number",
+    engine: "galore_scale",
+    nullable: true,
+    section: GALORE,
+    help: "--galore-scale X      scale α of the projected-back update [{default}]",
+  },
+  projBits: {
+    flag: "--proj-bits",
+    kind: "number",
+    engine: "proj_bits",
+    nullable: true,
+    section: GALORE,
+    help: "--proj-bits B         projector storage: 4, 8 (quantized), 16 (bf16), 32 (f32)\n" +
+      "                      [{default}]",
+  },
+  projGroupSize: {
+    flag: "--proj-group-size",
+    kind: "number",
+    engine: "proj_group_size",
+    nullable: true,
+    section: GALORE,
+    help:
+      "--proj-group-size N   projector quantization group (with --proj-bits 4 or 8) [{default}]",
+  },
+  projRefresh: {
+    flag: "--proj-refresh",
+    kind: "choice",
+    engine: "proj_refresh",
+    nullable: true,
+    section: GALORE,
+    help: "--proj-refresh M      svd (reference), eigh (exact, faster) or randomized [{default}]",
+  },
+  lazy: {
+    flag: "--lazy",
+    kind: "switch",
+    engine: "lazy",
+    nullable: true,
+    section: GALORE,
+    help: "--lazy on|off         lazy layer-wise refresh: double a matrix's gap while its top\n" +
+      "                      singular vector stays put [{default}]",
+    shows: (d: Readonly<Record<string, unknown>>) => `on for ${onFor(d, true)}, else off`,
+  },
+  cosThreshold: {
+    flag: "--cos-threshold",
+    kind: "number",
+    engine: "cos_threshold",
+    nullable: true,
+    section: GALORE,
+    help: "--cos-threshold X     mean cosine that doubles the gap (with --lazy on) [{default}]",
+  },
+  queueSize: {
+    flag: "--queue-size",
+    kind: "number",
+    engine: "queue_size",
+    nullable: true,
+    section: GALORE,
+    help: "--queue-size N        cosines averaged (with --lazy on) [{default}]",
+  },
+  gamma: {
+    flag: "--gamma",
+    kind: "number",
+    engine: "gamma",
+    nullable: true,
+    section: GALORE,
+    help: "--gamma N             gap growth factor (with --lazy on) [{default}]",
+  },
+  cosMode: {
+    flag: "--cos-mode",
+    kind: "choice",
+    engine: "cos_mode",
+    nullable: true,
+    section: GALORE,
+    help: "--cos-mode M          signed (reference) or abs cosine (with --lazy on) [{default}]",
+  },
+  weightBits: {
+    flag: "--weight-bits",
+    kind: "number",
+    engine: "weight_bits",
+    nullable: true,
+    section: GALORE,
+    help: "--weight-bits {values}    8: INT8 projected weights ({int8} only) [{default}]",
+    shows: (d: Readonly<Record<string, unknown>>) =>
+      `${Object.entries(d).map(([o, v]) => `${o} ${v}`).join(", ")}, else 16`,
+  },
+  weightGroupSize: {
+    flag: "--weight-group-size",
+    kind: "number",
+    engine: "weight_group_size",
+    nullable: true,
+    section: GALORE,
+    help: "--weight-group-size N INT8 weight quantization group (with --weight-bits 8) [{default}]",
+  },
+  stochasticRound: {
+    flag: "--stochastic-round",
+    kind: "switch",
+    engine: "stochastic_round",
+    nullable: true,
+    section: GALORE,
+    help: "--stochastic-round on|off\n" +
+      "                      stochastic rounding of INT8 weight updates (with --weight-bits 8) [{default}]",
+  },
+  quantRange: {
+    flag: "--quant-range",
+    kind: "choice",
+    engine: "quant_range",
+    nullable: true,
+    section: GALORE,
+    help: "--quant-range R       zero (range includes 0; fixes the reference clamp bug) or\n" +
+      "                      reference, for INT8 weights and 4/8-bit projectors [{default}]",
+  },
+  batchSize: {
+    flag: "--batch-size",
+    kind: "number",
+    run: "batch_size",
+    default: 8,
+    section: DATA,
+    help: "--batch-size N        sequences per micro-batch [{default}]",
+  },
+  seqLen: {
+    flag: "--seq-len",
+    kind: "number",
+    run: "seq_len",
+    default: 128,
+    section: DATA,
+    help: "--seq-len N           tokens per sequence [{default}]",
+  },
+  gradAccum: {
+    flag: "--grad-accum",
+    kind: "number",
+    run: "grad_accum",
+    section: DATA,
+    help: "--grad-accum N        micro-batches per update [{default}]",
+  },
+  data: {
+    flag: "--data",
+    kind: "path",
+    nullable: true,
+    section: DATA,
+    help:
+      "--data FILE           text file, byte-tokenized [synthetic corpus with a known entropy floor]",
+  },
+  valFraction: {
+    flag: "--val-fraction",
+    kind: "number",
+    range: { min: 0, open: true, max: 1, maxOpen: true },
+    default: 0.1,
+    section: DATA,
+    help: "--val-fraction X      tail of --data held out for validation [{default}]",
+  },
+  evalEvery: {
+    flag: "--eval-every",
+    kind: "number",
+    range: { int: true, min: 0 },
+    default: 100,
+    section: DATA,
+    help: "--eval-every N        validate every N updates, 0 = start and end only [{default}]",
+  },
+  evalBatches: {
+    flag: "--eval-batches",
+    kind: "number",
+    range: { int: true, min: 1 },
+    default: 8,
+    section: DATA,
+    help: "--eval-batches N      validation batches per evaluation [{default}]",
+  },
+  seed: {
+    flag: "--seed",
+    kind: "number",
+    run: "seed",
+    // JavaScript numbers are exact up to 2^53; the engine takes any u64.
+    range: { int: true, min: 0, max: Number.MAX_SAFE_INTEGER },
+    section: RUN,
+    help: "--seed N              weight init and batch sampling seed [{default}]",
+  },
+  threads: {
+    flag: "--threads",
+    kind: "number",
+    run: "threads",
+    // null leaves the choice to the engine (its 0: one thread per core)
+    range: { int: true, min: 1 },
+    nullable: true,
+    section: RUN,
+    help: "--threads N           engine threads [engine default]",
+  },
+  device: {
+    flag: "--device",
+    kind: "choice",
+    run: "device",
+    // The CLI takes a GPU when there is one; the engine's default (for direct configs) is cpu.
+    default: "auto",
+    section: RUN,
+    help: "--device D            {choices} [{default}]",
+  },
+  precision: {
+    flag: "--precision",
+    kind: "choice",
+    run: "precision",
+    section: RUN,
+    help: "--precision P         {choices}: bf16 activations and GEMM inputs\n" +
+      "                      need a GPU; auto = bf16 there, fp32 on the CPU [{default}]",
+  },
+  checkpointing: {
+    flag: "--checkpointing",
+    kind: "switch",
+    run: "checkpointing",
+    section: RUN,
+    help:
+      "--checkpointing on|off  recompute each block in the backward: less activation memory,\n" +
+      "                      one extra forward per step, identical results [{default}]",
+  },
+  out: {
+    flag: "--out",
+    kind: "path",
+    section: RUN,
+    help: "--out DIR             metrics.jsonl and summary.json go here [runs/<timestamp>]",
+  },
+  logEvery: { flag: "logEvery", kind: "number", range: { int: true, min: 0 }, default: 0 },
+  quiet: { flag: "quiet", kind: "api", default: false },
+  zeroFirst: { flag: "zeroFirst", kind: "api", default: false },
+  handleSigint: { flag: "handleSigint", kind: "api", default: true },
+} as const satisfies Record<keyof TrainOptions, OptionDef>;
+
+/** Every option, once, in `--help` order: flag, help, engine field or own range and default. */
+export const OPTION_TABLE: Readonly<Record<keyof TrainOptions, OptionDef>> = OPTION_DECLARATIONS;
+
+/** The option table's literal type: what the key unions below are derived from. */
+export type OptionTable = typeof OPTION_DECLARATIONS;
+/** The keys of {@link OPTION_TABLE} whose declaration matches `P`. */
+export type KeysWhere<P> = {
+  [K in keyof OptionTable]: OptionTable[K] extends P ? K : never;
+}[keyof OptionTable];
+
+/** Every option key, in table (`--help`) order. */
+export const OPTION_KEYS: readonly (keyof TrainOptions)[] = Object.freeze(
+  Object.keys(OPTION_TABLE) as (keyof TrainOptions)[],
+);
+const KEYS = OPTION_KEYS;
+const def = (key: keyof TrainOptions): OptionDef => OPTION_TABLE[key];
+
+/** CLI flag of each option. */
+export const FLAG: Readonly<Record<keyof TrainOptions, string>> = Object.freeze(
+  Object.fromEntries(KEYS.map((k) => [k, def(k).flag])) as Record<keyof TrainOptions, string>,
+);
+
+/** The options whose default depends on the optimizer (and which may not apply to it). */
+export type OptimizerKey =
+  | KeysWhere<{ engine: string; nullable: true }>
+  | KeysWhere<{ perOptimizer: unknown }>;
+
+/** The options whose default depends on the optimizer, in table order. */
+export const OPTIMIZER_KEYS: readonly OptimizerKey[] = KEYS.filter((k) =>
+  (def(k).engine !== undefined && def(k).nullable) || def(k).perOptimizer !== undefined
+) as OptimizerKey[];
+
+/** Options whose value is a number. */
+export type NumericKey = KeysWhere<{ kind: "number" }>;
+
+/** Options that are on/off switches (`--lazy on`). */
+export type SwitchKey = KeysWhere<{ kind: "switch" }>;
+
+/** Options that name one of a few choices. */
+export type ChoiceKey = KeysWhere<{ kind: "choice" }>;
+
+/** Values of the on/off switches, as the CLI spells them. */
+export const SWITCH_VALUES: readonly ["on", "off"] = Object.freeze(["on", "off"] as const);
+
+/** Numeric options, in a stable order. */
+export const NUMERIC_OPTIONS: readonly NumericKey[] = Object.freeze(
+  KEYS.filter((k) => def(k).kind === "number") as NumericKey[],
+);
+
+/** Switch options, in a stable order. */
+export const SWITCH_OPTIONS: readonly SwitchKey[] = Object.freeze(
+  KEYS.filter((k) => def(k).kind === "switch") as SwitchKey[],
+);
+
+/** Choice options, in table order. */
+export const CHOICE_OPTIONS: readonly ChoiceKey[] = KEYS.filter((k) =>
+  def(k).kind === "choice"
+) as ChoiceKey[];
+
+/** Allowed values of each choice option. */
+export const CHOICES: Readonly<Record<ChoiceKey, readonly string[]>> = Object.freeze(
+  Object.fromEntries(
+    CHOICE_OPTIONS.map((k) => {
+      const d = def(k);
+      const choices = d.choices?.() ??
+        (d.engine ? optionSpec(d.engine) : runOptionSpec(d.run!)).choices!;
+      return [k, choices];
+    }),
+  ) as Record<ChoiceKey, readonly string[]>,
+);
+
+/** `--help` section titles. */
+export const SECTIONS: Readonly<Record<string, string>> = Object.freeze({
+  model: MODEL,
+  galore: GALORE,
+  data: DATA,
+  run: RUN,
+});
