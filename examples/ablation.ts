@@ -14,6 +14,8 @@
  * @module
  */
 
+// First: a missing or stale engine library is one line, before the options open it.
+import "../ffi/preflight.ts";
 import { parseArgs } from "node:util";
 import { EngineError } from "../ffi/engine.ts";
 import { LoadError } from "../ffi/loader.ts";

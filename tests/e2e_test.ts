@@ -269,9 +269,21 @@ Deno.test("e2e: --checkpointing on gives the same run with less activation memor
   }
 });
 
-Deno.test("cli: a stale native library is one line naming the fix, --help included", async () => {
+Deno.test("cli: a stale native library is one line naming the fix (pretrain and ablation, --help included)", async () => {
   // libm stands in for a library built from older sources: it lacks every qg_ entry point.
   const stale = await cli(["--help"], { QGALORE_LIB: "/lib/x86_64-linux-gnu/libm.so.6" });
   assertOneLineError(stale, "was built from older sources (no qg_", "deno task build");
   assert.equal(stale.code, 1);
+  const ablation = await new Deno.Command(Deno.execPath(), {
+    args: ["run", "-A", new URL("../examples/ablation.ts", import.meta.url).pathname, "--help"],
+    env: { NO_COLOR: "1", QGALORE_LIB: "/lib/x86_64-linux-gnu/libm.so.6" },
+  }).output();
+  assertOneLineError(
+    {
+      code: ablation.code,
+      stdout: new TextDecoder().decode(ablation.stdout),
+      stderr: new TextDecoder().decode(ablation.stderr),
+    },
+    "was built from older sources",
+  );
 });
