@@ -10,20 +10,18 @@
  * @module
  */
 
+// First: a missing or stale engine library is one line, before the options open it.
+import "../ffi/preflight.ts";
 import { EngineError } from "../ffi/engine.ts";
 import { LoadError } from "../ffi/loader.ts";
+import { parsePretrainArgs, usage } from "../lib/cli.ts";
 import { UsageError } from "../lib/errors.ts";
+import { DivergedError, train } from "../lib/trainer.ts";
 
 /** Runs the CLI and returns the process exit code. */
 export async function main(argv: string[]): Promise<number> {
   let json = false;
-  let DivergedError: typeof import("../lib/trainer.ts").DivergedError | undefined;
   try {
-    // The options take their rules from the engine, so these modules open the library
-    // when they load: inside the try, a missing or stale library is one line, not a trace.
-    const { parsePretrainArgs, usage } = await import("../lib/cli.ts");
-    const trainer = await import("../lib/trainer.ts");
-    DivergedError = trainer.DivergedError;
     const args = parsePretrainArgs(argv);
     if (args === "help") {
       console.log(usage());
@@ -31,13 +29,13 @@ export async function main(argv: string[]): Promise<number> {
     }
     const { json: asJson, ...opts } = args;
     json = asJson;
-    const summary = await trainer.train(opts);
+    const summary = await train(opts);
     if (json) console.log(JSON.stringify(summary));
     else if (summary.out !== null) console.log(`summary: ${summary.out}/summary.json`);
     return summary.interrupted ? 130 : 0;
   } catch (e) {
     // Sweeps still get the partial run's numbers.
-    if (DivergedError && e instanceof DivergedError && json) {
+    if (e instanceof DivergedError && json) {
       console.log(JSON.stringify(e.summary));
     }
     if (e instanceof UsageError) return fail(e.message, 2);

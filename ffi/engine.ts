@@ -188,21 +188,11 @@ export function planEngine(config: PlanConfig, label = ""): EnginePlan {
   const json = enc.encode(JSON.stringify({ seed: 0, ...config }));
   const name = enc.encode(label);
   const need = new BigUint64Array(1);
-  // The engine writes at most `cap` bytes and reports the full length: one retry suffices.
-  const call = (buf: Uint8Array) =>
-    lib.symbols.qg_plan(
-      json,
-      BigInt(json.length),
-      name,
-      BigInt(name.length),
-      buf,
-      BigInt(buf.length),
-      need,
-    );
-  let buf = new Uint8Array(64 * 1024);
-  let rc = call(buf);
-  if (Number(need[0]) > buf.length) rc = call(buf = new Uint8Array(Number(need[0])));
-  const text = dec.decode(buf.subarray(0, Number(need[0])));
+  let rc = 0;
+  const text = readText((buf, cap) => {
+    rc = lib.symbols.qg_plan(json, BigInt(json.length), name, BigInt(name.length), buf, cap, need);
+    return need[0];
+  }, 64 * 1024);
   if (rc !== 0) throw new EngineError(rc, text);
   return JSON.parse(text);
 }
@@ -346,11 +336,16 @@ export class EngineError extends Error {
 const enc = new TextEncoder();
 const dec = new TextDecoder();
 
-function readText(fill: (buf: Uint8Array | null, cap: bigint) => number | bigint): string {
-  const need = Number(fill(null, 0n));
-  const buf = new Uint8Array(need);
-  fill(buf, BigInt(need));
-  return dec.decode(buf);
+/**
+ * Text an engine entry writes into a buffer: it copies at most `cap` bytes and returns the
+ * full length, so a second call is needed only when the first buffer was too small (each
+ * call redoes the engine's work: resolving a config, serializing a plan).
+ */
+function readText(fill: (buf: Uint8Array, cap: bigint) => number | bigint, cap = 4096): string {
+  let buf = new Uint8Array(cap);
+  let need = Number(fill(buf, BigInt(cap)));
+  if (need > cap) need = Number(fill(buf = new Uint8Array(need), BigInt(need)));
+  return dec.decode(buf.subarray(0, need));
 }
 
 let schema: OptionSchema | null = null;

@@ -12,6 +12,6 @@ try {
   loadLibrary();
 } catch (e) {
   if (!(e instanceof LoadError)) throw e;
-  console.error(`error: ${e.message}`);
+  console.error(`error: ${e.message.replace(/\s*\n\s*/g, " ")}`);
   Deno.exit(1);
 }

@@ -14,6 +14,7 @@ import {
   type OptionSchema,
   type OptionSpec,
   type RunSpec,
+  type ValueSpec,
 } from "../ffi/engine.ts";
 import type { ModelConfig } from "./presets.ts";
 
@@ -622,7 +623,18 @@ export const OPTION_KEYS: readonly (keyof TrainOptions)[] = Object.freeze(
   Object.keys(OPTION_TABLE) as (keyof TrainOptions)[],
 );
 const KEYS = OPTION_KEYS;
-const def = (key: keyof TrainOptions): OptionDef => OPTION_TABLE[key];
+/** The declaration of one option. */
+export function optionDef(key: keyof TrainOptions): OptionDef {
+  return OPTION_TABLE[key];
+}
+const def = optionDef;
+
+/** The engine's schema entry of an option that sets an engine field; undefined otherwise. */
+export function schemaOf(d: OptionDef): ValueSpec | undefined {
+  if (d.engine !== undefined) return optionSpec(d.engine);
+  if (d.run !== undefined) return runOptionSpec(d.run);
+  return undefined;
+}
 
 /** CLI flag of each option. */
 export const FLAG: Readonly<Record<keyof TrainOptions, string>> = Object.freeze(

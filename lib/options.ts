@@ -35,11 +35,11 @@ import {
   type OptimizerKey,
   OPTIMIZERS,
   OPTION_KEYS as KEYS,
-  OPTION_TABLE,
-  type OptionDef,
+  optionDef as def,
   optionSpec as spec,
   PROJECTED_OPTIMIZERS,
   runOptionSpec as runSpec,
+  schemaOf,
   SWITCH_OPTIONS,
   type SwitchKey,
   type TrainOptions,
@@ -47,11 +47,9 @@ import {
 
 export * from "./option_table.ts";
 
-const def = (key: keyof TrainOptions): OptionDef => OPTION_TABLE[key];
-
 function rangeOf(key: NumericKey): OptionRange {
   const d = def(key);
-  return d.range ?? (d.engine ? spec(d.engine) : runSpec(d.run!)).range!;
+  return d.range ?? schemaOf(d)!.range!;
 }
 
 /** The engine's default of `field` when it is the same for every optimizer it applies to. */
@@ -322,12 +320,17 @@ export function givenOptimizerConfig(
   name: string,
   settings: Partial<TrainOptions>,
 ): Partial<OptimizerConfig> & { name: string } {
-  const out: Record<string, unknown> = { name };
+  return { name, ...fields(settings, "engine") };
+}
+
+/** The given options that set engine config fields of `kind`, keyed by those fields. */
+function fields(settings: Partial<TrainOptions>, kind: "engine" | "run"): Record<string, unknown> {
+  const out: Record<string, unknown> = {};
   for (const key of KEYS) {
-    const field = def(key).engine;
+    const field = def(key)[kind];
     if (field !== undefined && given(settings[key])) out[field] = settings[key];
   }
-  return out as Partial<OptimizerConfig> & { name: string };
+  return out;
 }
 
 /**
@@ -408,12 +411,7 @@ function resolveOptimizer(
  * every setting that applies to the optimizer, none that does not.
  */
 export function engineOptimizerConfig(opts: ResolvedOptions): OptimizerConfig {
-  const cfg: Record<string, unknown> = { name: opts.optimizer };
-  for (const key of KEYS) {
-    const field = def(key).engine;
-    if (field !== undefined && opts[key] !== null) cfg[field] = opts[key];
-  }
-  return cfg as OptimizerConfig;
+  return givenOptimizerConfig(opts.optimizer, opts) as OptimizerConfig;
 }
 
 /**
@@ -422,12 +420,7 @@ export function engineOptimizerConfig(opts: ResolvedOptions): OptimizerConfig {
  * applies, and the optimizer section ({@link engineOptimizerConfig}).
  */
 export function engineConfig(opts: ResolvedOptions, model: ModelConfig): EngineConfig {
-  const cfg: Record<string, unknown> = { model };
-  for (const key of KEYS) {
-    const field = def(key).run;
-    if (field !== undefined && opts[key] !== null) cfg[field] = opts[key];
-  }
-  cfg.optimizer = engineOptimizerConfig(opts);
+  const cfg = { model, ...fields(opts, "run"), optimizer: engineOptimizerConfig(opts) };
   return cfg as unknown as EngineConfig;
 }
 
