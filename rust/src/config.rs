@@ -69,6 +69,12 @@ impl Optimizer {
         let capable: Vec<&str> = Self::ALL.iter().filter(|(o, _)| o.int8_capable()).map(|(_, n)| *n).collect();
         format!("weight_bits = 8: only {} keeps INT8 weights (not {})", capable.join(", "), self.name())
     }
+    /// Refuses INT8 weights that `resolve` found given to an optimizer without them (every
+    /// other option that does not apply is ignored by the engine).
+    fn refuse_int8(self, off: &[NotApplicable]) -> Result<()> {
+        ensure!(!off.iter().any(|n| n.when == When::Int8Capable), "{}", self.no_int8());
+        Ok(())
+    }
 }
 
 impl Named for Refresh {
@@ -256,10 +262,15 @@ impl OptionValue for f32 {
     fn from_json(v: &Value, bounds: Option<&Bounds>) -> Option<Self> {
         number(v, bounds).map(|x| x as f32)
     }
-    /// The shortest decimal that reads back as this f32 (0.95, not 0.949999988…).
     fn to_json(self) -> Value {
-        serde_json::json!(self.to_string().parse::<f64>().unwrap_or(self as f64))
+        f32_json(self)
     }
+}
+
+/// The shortest decimal that reads back as this f32 (0.95, not 0.949999988…): how every f32
+/// the engine reports (schema, resolved configs, messages) is written.
+pub(crate) fn f32_json(x: f32) -> Value {
+    serde_json::json!(x.to_string().parse::<f64>().unwrap_or(x as f64))
 }
 
 impl OptionValue for bool {
@@ -540,9 +551,7 @@ impl<'de> Deserialize<'de> for OptimConfig {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
         let obj = Map::deserialize(d)?;
         let (cfg, off) = OptimConfig::resolve(&obj, DEFAULT_GRAD_ACCUM).map_err(|e| serde::de::Error::custom(e.msg))?;
-        if off.iter().any(|n| n.when == When::Int8Capable) {
-            return Err(serde::de::Error::custom(cfg.name.no_int8()));
-        }
+        cfg.name.refuse_int8(&off).map_err(|e| serde::de::Error::custom(e.msg))?;
         Ok(cfg)
     }
 }
@@ -665,7 +674,7 @@ impl EngineConfig {
         let raw: RawConfig = serde_json::from_str(text).map_err(|e| Error::invalid(format!("engine config: {e}")))?;
         let grad_accum = raw.grad_accum.unwrap_or(DEFAULT_GRAD_ACCUM);
         let (optimizer, off) = OptimConfig::resolve(&raw.optimizer, grad_accum)?;
-        ensure!(!off.iter().any(|n| n.when == When::Int8Capable), "{}", optimizer.name.no_int8());
+        optimizer.name.refuse_int8(&off)?;
         let cfg = EngineConfig {
             model: ModelConfig::from_map(&raw.model)?,
             batch_size: raw.batch_size,
@@ -691,10 +700,11 @@ impl EngineConfig {
         if let Some(p) = model::check_seq_len(self.seq_len as f64, self.model.max_position_embeddings as f64) {
             return Err(Error::invalid(p.text()));
         }
-        // Re-check every option against the schema (a config built in Rust skips `resolve`).
+        // Re-check every option against the schema: a config built in Rust skips `resolve`,
+        // and from JSON this catches values that pass as f64 but not as f32 (eps 1e-50 → 0).
         let o = &self.optimizer;
-        OptimConfig::resolve(&o.to_map(), self.grad_accum)?;
-        ensure!(o.weight_bits == 16 || o.int8_weights(), "{}", o.name.no_int8());
+        let (_, off) = OptimConfig::resolve(&o.to_map(), self.grad_accum)?;
+        o.name.refuse_int8(&off)?;
         check_device(self.device, self.precision)
     }
 }

@@ -67,8 +67,7 @@ impl Writer {
     }
     /// The first `n` values of a backend buffer (as `f32s`).
     pub fn buf<B: Memory>(&mut self, be: &B, b: &B::Buf, n: usize) -> Result<()> {
-        let mut h = vec![0.0f32; n];
-        be.download(b, &mut h)?;
+        let h = be.to_host(b, n)?;
         self.f32s(&h);
         Ok(())
     }
@@ -191,9 +190,7 @@ impl<'a> Reader<'a> {
     }
     /// `buf`'s output into the first `n` values of a backend buffer.
     pub fn buf_into<B: Memory>(&mut self, be: &B, b: &mut B::Buf, n: usize, what: &str) -> Result<()> {
-        let mut h = vec![0.0f32; n];
-        self.f32s_into(&mut h, what)?;
-        be.upload(b, &h)
+        be.from_host(b, n, |h| self.f32s_into(h, what))
     }
     /// `q`'s output into a backend's quantized tensor of the same shape.
     pub fn q_into<B: Quantization>(&mut self, be: &B, q: &mut B::Q, what: &str) -> Result<()> {

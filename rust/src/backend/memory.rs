@@ -3,6 +3,7 @@
 //! other concern's trait works on `Memory::Buf`.
 
 use crate::error::Result;
+use std::borrow::Cow;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -134,6 +135,20 @@ pub trait Memory: Send + Sync + 'static {
     fn upload(&self, dst: &mut Self::Buf, src: &[f32]) -> Result<()>;
     /// dst = src[..dst.len()]
     fn download(&self, src: &Self::Buf, dst: &mut [f32]) -> Result<()>;
+    /// The first `n` values on the host (checkpoints): borrowed where the buffer already
+    /// lives there, downloaded otherwise.
+    fn to_host<'a>(&self, b: &'a Self::Buf, n: usize) -> Result<Cow<'a, [f32]>> {
+        let mut h = vec![0.0f32; n];
+        self.download(b, &mut h)?;
+        Ok(Cow::Owned(h))
+    }
+    /// Fills the first `n` values from the host (checkpoints): in place where the buffer
+    /// lives there, through an upload otherwise.
+    fn from_host(&self, b: &mut Self::Buf, n: usize, fill: impl FnOnce(&mut [f32]) -> Result<()>) -> Result<()> {
+        let mut h = vec![0.0f32; n];
+        fill(&mut h)?;
+        self.upload(b, &h)
+    }
     fn fill(&self, b: &mut Self::Buf, v: f32);
     fn copy(&self, dst: &mut Self::Buf, src: &Self::Buf);
     /// dst[..n] = src[..n]

@@ -59,9 +59,8 @@ impl FieldValue for f32 {
     fn from_f64(v: f64) -> Self {
         v as f32
     }
-    /// The shortest decimal that reads back as this f32 (1e-6, not 9.99999997e-7).
     fn to_json(&self) -> Option<Value> {
-        Some(Value::from(self.to_string().parse::<f64>().unwrap_or(*self as f64)))
+        Some(super::f32_json(*self))
     }
 }
 

@@ -300,10 +300,6 @@ impl<B: Backend> Optimizer<B> for Family<B> {
     fn begin_step(&mut self) {
         self.step += 1;
     }
-    fn row_block(&self, idx: usize) -> Option<usize> {
-        let st = &self.states[idx];
-        (st.proj.is_none() && matches!(st.moments, Moments::Q8(_))).then_some(self.cfg.block_size)
-    }
     fn update_rows(&mut self, be: &B, idx: usize, p: &mut Param<B>, g: &mut B::Buf, off: usize, len: usize, lr: f32) -> Result<()> {
         let hp8 = self.bnb_hp(lr, self.cfg.weight_decay);
         match &mut self.states[idx].moments {

@@ -36,18 +36,12 @@ pub trait Optimizer<B: Backend>: Send {
     fn name(&self) -> &'static str;
     /// Called once per optimizer step, before any `update`: advances the step counter.
     fn begin_step(&mut self);
-    /// Applies one update to parameter `idx` (its gradient is `g`).
     /// Applies one update to parameter `idx`. `g` is its gradient; the optimizer may
     /// overwrite it (GaLore reuses the buffer for the projected-back update).
     fn update(&mut self, be: &B, idx: usize, p: &mut Param<B>, g: &mut B::Buf, lr: f32) -> Result<()>;
-    /// The 8-bit block size when parameter `idx` is updated block by block (8-bit Adam,
-    /// not projected), so that row chunks whose size is a multiple of it can be updated
-    /// one at a time with `update_rows`.
-    fn row_block(&self, _idx: usize) -> Option<usize> {
-        None
-    }
     /// Updates elements [off, off + len) of parameter `idx` (a row chunk) from the
-    /// gradient in g[..len]; only for parameters with a `row_block`.
+    /// gradient in g[..len]; only for the parameters the byte plan chunks
+    /// (`TensorPlan::grad_chunk_rows`: 8-bit, unprojected tables in the fused step).
     #[allow(clippy::too_many_arguments)]
     fn update_rows(&mut self, _be: &B, idx: usize, _p: &mut Param<B>, _g: &mut B::Buf, _off: usize, _len: usize, _lr: f32) -> Result<()> {
         Err(crate::error::Error::backend(format!("internal: parameter {idx} cannot be updated in row chunks")))

@@ -138,6 +138,12 @@ impl Memory for Cpu {
         dst.copy_from_slice(&src.data[..n]);
         Ok(())
     }
+    fn to_host<'a>(&self, b: &'a CpuBuf, n: usize) -> Result<Cow<'a, [f32]>> {
+        Ok(Cow::Borrowed(&b.data[..n]))
+    }
+    fn from_host(&self, b: &mut CpuBuf, n: usize, fill: impl FnOnce(&mut [f32]) -> Result<()>) -> Result<()> {
+        fill(&mut b.data[..n])
+    }
     fn fill(&self, b: &mut CpuBuf, v: f32) {
         b.data.fill(v);
     }
