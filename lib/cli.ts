@@ -166,3 +166,95 @@ export function usage(): string {
     "current update, runs the final evaluation and writes the summary.",
   ].join("\n");
 }
+
+/** One flag of a small script ({@link parseScriptArgs}). */
+export interface ScriptFlag {
+  /** `string` (any non-empty text), `int` or `number` within `min`/`max`, or a `switch`. */
+  type: "string" | "int" | "number" | "switch";
+  /** Smallest allowed value (numbers). */
+  min?: number;
+  /** Largest allowed value (numbers). */
+  max?: number;
+  /** Whether `min` itself is excluded. */
+  open?: boolean;
+  /** The flag must be given. */
+  required?: boolean;
+}
+
+/**
+ * Strict parsing for the example scripts (`evaluate.ts`, `generate.ts`): unknown flags, stray
+ * arguments, missing values and out-of-range numbers are one-line UsageErrors naming the flag.
+ * Returns "help" for `--help`/`-h`; switches are booleans, numbers are numbers.
+ */
+export function parseScriptArgs(
+  argv: string[],
+  flags: Readonly<Record<string, ScriptFlag>>,
+): Record<string, string | number | boolean | undefined> | "help" {
+  const valueFlags = Object.fromEntries(
+    Object.entries(flags).filter(([, f]) => f.type !== "switch").map(([k]) => [k, k]),
+  );
+  let values: Record<string, string | boolean | undefined>;
+  const args: string[] = [];
+  for (let i = 0; i < argv.length; i++) {
+    const a = argv[i];
+    const next = argv[i + 1];
+    // `--temperature -1` reads as a value, so the range check can name it
+    if (
+      a.startsWith("--") && a.slice(2) in valueFlags && next !== undefined &&
+      /^-(\d|\.\d|inf|nan)/i.test(next)
+    ) {
+      args.push(`${a}=${next}`);
+      i++;
+    } else args.push(a);
+  }
+  try {
+    values = parseArgs({
+      args,
+      options: {
+        ...Object.fromEntries(
+          Object.entries(flags).map((
+            [k, f],
+          ) => [k, { type: f.type === "switch" ? "boolean" as const : "string" as const }]),
+        ),
+        help: { type: "boolean", short: "h" },
+      },
+      strict: true,
+      allowPositionals: false,
+    }).values;
+  } catch (e) {
+    throw parseError(e, argv);
+  }
+  if (values.help) return "help";
+  const out: Record<string, string | number | boolean | undefined> = {};
+  for (const [name, f] of Object.entries(flags)) {
+    const raw = values[name];
+    if (raw === undefined) {
+      if (f.required) throw new UsageError(`--${name}: required (see --help)`);
+      continue;
+    }
+    if (f.type === "switch") {
+      out[name] = raw === true;
+      continue;
+    }
+    const text = String(raw);
+    if (f.type === "string") {
+      if (text === "") throw new UsageError(`--${name} "": must not be empty`);
+      out[name] = text;
+      continue;
+    }
+    const v = text.trim() === "" ? NaN : Number(text);
+    const lo = f.min ?? -Infinity;
+    const hi = f.max ?? Number.MAX_SAFE_INTEGER;
+    const ok = Number.isFinite(v) && (f.type !== "int" || Number.isInteger(v)) &&
+      (f.open ? v > lo : v >= lo) && v <= hi;
+    if (!ok) {
+      const kind = f.type === "int" ? "an integer" : "a number";
+      const range = f.max === undefined
+        ? `${f.open ? ">" : "≥"} ${lo}`
+        : `in ${f.open ? "(" : "["}${lo}, ${hi}]`;
+      throw new UsageError(`--${name} ${text || '""'}: must be ${kind} ${range}`);
+    }
+    out[name] = v;
+  }
+  return out;
+}

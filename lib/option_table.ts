@@ -70,6 +70,9 @@ export const QUANT_RANGES: readonly string[] = Object.freeze([
   ...optionSpec("quant_range").choices!,
 ]);
 
+/** Weight dtypes an exported `model.safetensors` can hold. */
+export const EXPORT_DTYPES: readonly ("bf16" | "f32")[] = Object.freeze(["bf16", "f32"] as const);
+
 /** Where the engine runs; "auto" picks CUDA when available. */
 export type Device = "cpu" | "cuda" | "auto";
 
@@ -157,10 +160,31 @@ export interface TrainOptions {
   blockSize: number | null;
   /** Optimizer steps inside the backward (per-layer updates); needs `gradAccum` 1. */
   fused: boolean | null;
-  /** Text file to train on (bytes); null uses the synthetic corpus. */
+  /**
+   * Corpus to train on: a text file, a folder of files, JSONL (`textField`) or gzip'd JSONL;
+   * tokenized once into cached token shards. Null uses the synthetic corpus.
+   */
   data: string | null;
-  /** Fraction of a text file held out for validation (its tail). */
+  /** JSONL field holding each document's text. */
+  textField: string;
+  /** Fraction of the documents held out for validation (of the tokens for a single text). */
   valFraction: number;
+  /**
+   * Tokenizer: a `tokenizer.json` or a model folder holding one; null takes `initFrom`'s when
+   * it has one, else bytes (ids 0..255).
+   */
+  tokenizer: string | null;
+  /** Train a byte-level BPE tokenizer of this many tokens on `data` (saved into `out`). */
+  trainTokenizer: number | null;
+  /**
+   * A Hugging Face LLaMA folder (`config.json`, safetensors weights): its config is the model
+   * and its weights the starting point (fresh optimizer state).
+   */
+  initFrom: string | null;
+  /** Write the final model here as a Hugging Face folder; null writes none. */
+  export: string | null;
+  /** Weight dtype of the exported `model.safetensors`. */
+  exportDtype: "bf16" | "f32";
   /** Evaluate every this many updates (0: only at the start and the end). */
   evalEvery: number;
   /** Validation batches per evaluation (fixed windows, the same in every run). */
@@ -198,10 +222,10 @@ export interface OptionDef {
   /** CLI flag (`--rank`), or the option's name for options only the API has. */
   readonly flag: string;
   /**
-   * Value kind: a number, an on/off switch, one of a few choices, a path, the model, or
+   * Value kind: a number, an on/off switch, one of a few choices, a path, a name, the model, or
    * an API-only value that is not checked.
    */
-  readonly kind: "number" | "switch" | "choice" | "path" | "model" | "api";
+  readonly kind: "number" | "switch" | "choice" | "path" | "text" | "model" | "api";
   /** Engine optimizer config field it sets; the engine's schema gives type, range, default. */
   readonly engine?: string;
   /** Engine run-level config field it sets; the engine's schema gives range, choices, default. */
@@ -265,8 +289,17 @@ export const OPTION_DECLARATIONS = {
     kind: "model",
     default: "llama-9m",
     section: MODEL,
-    help: "--model NAME|FILE     preset ({presets})\n" +
-      "                      or a JSON LlamaConfig file [{default}]",
+    help: "--model NAME|FILE|DIR preset ({presets}),\n" +
+      "                      a JSON LlamaConfig file or a Hugging Face model folder's config\n" +
+      "                      (random init) [{default}]",
+  },
+  initFrom: {
+    flag: "--init-from",
+    kind: "path",
+    nullable: true,
+    section: MODEL,
+    help: "--init-from DIR       start from a Hugging Face LLaMA folder's config and weights\n" +
+      "                      (fresh optimizer state; replaces --model)",
   },
   optimizer: {
     flag: "--optimizer",
@@ -524,8 +557,15 @@ export const OPTION_DECLARATIONS = {
     kind: "path",
     nullable: true,
     section: DATA,
-    help:
-      "--data FILE           text file, byte-tokenized [synthetic corpus with a known entropy floor]",
+    help: "--data PATH           text file, folder, JSONL or .jsonl.gz, tokenized once into\n" +
+      "                      cached shards [synthetic corpus with a known entropy floor]",
+  },
+  textField: {
+    flag: "--text-field",
+    kind: "text",
+    default: "text",
+    section: DATA,
+    help: "--text-field NAME     JSONL field holding each document [{default}]",
   },
   valFraction: {
     flag: "--val-fraction",
@@ -533,7 +573,25 @@ export const OPTION_DECLARATIONS = {
     range: { min: 0, open: true, max: 1, maxOpen: true },
     default: 0.1,
     section: DATA,
-    help: "--val-fraction X      tail of --data held out for validation [{default}]",
+    help: "--val-fraction X      share of --data's documents held out for validation\n" +
+      "                      (of its tokens when it is one text) [{default}]",
+  },
+  tokenizer: {
+    flag: "--tokenizer",
+    kind: "path",
+    nullable: true,
+    section: DATA,
+    help: "--tokenizer PATH      tokenizer.json, or a model folder holding one\n" +
+      "                      [--init-from's tokenizer, else bytes]",
+  },
+  trainTokenizer: {
+    flag: "--train-tokenizer",
+    kind: "number",
+    range: { int: true, min: 260, max: 1 << 20 },
+    nullable: true,
+    section: DATA,
+    help: "--train-tokenizer N   train a byte-level BPE tokenizer of N tokens on --data\n" +
+      "                      and save it into --out [off]",
   },
   evalEvery: {
     flag: "--eval-every",
@@ -601,6 +659,22 @@ export const OPTION_DECLARATIONS = {
     kind: "path",
     section: RUN,
     help: "--out DIR             metrics.jsonl and summary.json go here [runs/<timestamp>]",
+  },
+  export: {
+    flag: "--export",
+    kind: "path",
+    nullable: true,
+    section: RUN,
+    help: "--export DIR          write the final model as a Hugging Face folder (config.json,\n" +
+      "                      model.safetensors, tokenizer files); DIR must not exist or be empty",
+  },
+  exportDtype: {
+    flag: "--export-dtype",
+    kind: "choice",
+    choices: () => EXPORT_DTYPES,
+    default: "bf16",
+    section: RUN,
+    help: "--export-dtype T      {choices} weights in the exported model.safetensors [{default}]",
   },
   logEvery: { flag: "logEvery", kind: "number", range: { int: true, min: 0 }, default: 0 },
   quiet: { flag: "quiet", kind: "api", default: false },

@@ -21,7 +21,7 @@ import {
   resolveOptimizerConfig,
 } from "../ffi/engine.ts";
 import { type ModelConfig, type ResolvedModel, resolveModel, validateModel } from "./presets.ts";
-import { ByteTokenizer } from "./tokenizer.ts";
+import { openTokenizer, type Tokenizer } from "./tokenizer.ts";
 import {
   CHOICE_OPTIONS,
   type ChoiceKey,
@@ -227,6 +227,11 @@ export interface CheckedOptions {
   opts: ResolvedOptions;
   /** The model's name and config (vocabulary from the tokenizer). */
   model: ResolvedModel;
+  /**
+   * The tokenizer (`--tokenizer`, else the model folder's, else bytes); null when
+   * `trainTokenizer` asks for one to be trained on the data first.
+   */
+  tokenizer: Tokenizer | null;
   /** One-line notices for the user, such as a rank clamped to a matrix's size. */
   notices: string[];
 }
@@ -275,8 +280,31 @@ export function checkOptions(input: Partial<TrainOptions> = {}): CheckedOptions 
     if (def(key).nullable && v !== null) checkChoice(key, v);
   }
   if (raw.data !== null && (typeof raw.data !== "string" || raw.data === "")) {
-    throw new UsageError(`--data ${JSON.stringify(raw.data)}: must be a path to a text file`);
+    throw new UsageError(
+      `--data ${JSON.stringify(raw.data)}: must be a path to a text file, folder or JSONL file`,
+    );
   }
+  for (const key of ["tokenizer", "initFrom", "export"] as const) {
+    const v = raw[key];
+    if (v !== null && (typeof v !== "string" || v === "")) {
+      throw new UsageError(`${FLAG[key]} ${JSON.stringify(v)}: must be a path`);
+    }
+  }
+  if (typeof raw.textField !== "string" || raw.textField === "") {
+    throw new UsageError(`${FLAG.textField} ${JSON.stringify(raw.textField)}: must be a name`);
+  }
+  checkChoice("exportDtype", raw.exportDtype);
+  if (raw.trainTokenizer !== null && raw.data === null) {
+    throw new UsageError(
+      `${FLAG.trainTokenizer} ${raw.trainTokenizer}: needs --data (the corpus to train it on)`,
+    );
+  }
+  if (raw.trainTokenizer !== null && raw.tokenizer !== null) {
+    throw new UsageError(
+      `${FLAG.trainTokenizer} ${raw.trainTokenizer}: give either it or --tokenizer, not both`,
+    );
+  }
+  if (raw.export !== null) checkExportDir(raw.export);
   if (raw.out !== undefined && raw.out !== null && (typeof raw.out !== "string" || !raw.out)) {
     throw new UsageError(`--out ${JSON.stringify(raw.out)}: must be a directory path`);
   }
@@ -284,13 +312,36 @@ export function checkOptions(input: Partial<TrainOptions> = {}): CheckedOptions 
   if (warmup > raw.steps) {
     throw new UsageError(`--warmup ${warmup}: must be ≤ --steps ${raw.steps}`);
   }
-  const vocab = new ByteTokenizer().vocabSize;
+  if (
+    raw.initFrom !== null && raw.model !== def("model").default && raw.model !== raw.initFrom
+  ) {
+    throw new UsageError(
+      `${FLAG.initFrom} ${raw.initFrom}: the folder's config is the model; leave out --model`,
+    );
+  }
+  // The folder a model comes from may hold its tokenizer.
+  const folder = raw.initFrom ??
+    (typeof raw.model === "string" && isDir(raw.model) ? raw.model : null);
+  let tokenizer: Tokenizer | null = null;
+  if (raw.trainTokenizer === null) {
+    const path = raw.tokenizer ?? (folder !== null && hasTokenizer(folder) ? folder : null);
+    tokenizer = openTokenizer(path);
+  }
+  const vocab = raw.trainTokenizer ?? tokenizer!.vocabSize;
   let model: ResolvedModel;
-  if (typeof raw.model === "string") {
+  if (raw.initFrom !== null) {
+    model = resolveModel(raw.initFrom, vocab, `${FLAG.initFrom} ${raw.initFrom}`);
+  } else if (typeof raw.model === "string") {
     model = resolveModel(raw.model, vocab, `--model ${raw.model}`);
   } else {
-    // As for presets and files, the tokenizer decides the vocabulary.
-    const config = { ...raw.model, vocab_size: vocab };
+    // As for files: the config's own vocabulary, which must hold every token id.
+    const given = raw.model.vocab_size;
+    if (typeof given === "number" && given < vocab) {
+      throw new UsageError(
+        `--model (config object): vocab_size ${given} is smaller than the tokenizer's ${vocab} tokens`,
+      );
+    }
+    const config = { ...raw.model, vocab_size: given ?? vocab };
     validateModel(config, "--model (config object)");
     model = { name: "custom", config };
   }
@@ -302,7 +353,42 @@ export function checkOptions(input: Partial<TrainOptions> = {}): CheckedOptions 
     );
   }
   const { settings, notices } = resolveOptimizer(raw, model);
-  return { opts: { ...raw, ...settings, warmup }, model, notices };
+  return { opts: { ...raw, ...settings, warmup }, model, tokenizer, notices };
+}
+
+function isDir(path: string): boolean {
+  try {
+    return Deno.statSync(path).isDirectory;
+  } catch {
+    return false;
+  }
+}
+
+function hasTokenizer(dir: string): boolean {
+  try {
+    return Deno.statSync(`${dir}/tokenizer.json`).isFile;
+  } catch {
+    return false;
+  }
+}
+
+/** `--export DIR` must be new or empty: an export never replaces a user's files. */
+function checkExportDir(dir: string): void {
+  let info: Deno.FileInfo;
+  try {
+    info = Deno.statSync(dir);
+  } catch (e) {
+    if (e instanceof Deno.errors.NotFound) return;
+    throw new UsageError(`${FLAG.export} ${dir}: cannot use it (${String(e).split("\n")[0]})`);
+  }
+  if (!info.isDirectory) {
+    throw new UsageError(`${FLAG.export} ${dir}: is a file; name a new or empty folder`);
+  }
+  for (const _ of Deno.readDirSync(dir)) {
+    throw new UsageError(
+      `${FLAG.export} ${dir}: folder is not empty; name a new or empty folder (nothing is replaced)`,
+    );
+  }
 }
 
 /** The engine option of `field`'s key in the table. */

@@ -15,7 +15,9 @@ import {
   type MemoryBytes,
   type StepStats,
 } from "../ffi/engine.ts";
-import { type Dataset, openDataset } from "./data.ts";
+import { type Dataset, openCorpus, SyntheticCorpus } from "./data.ts";
+import { exportModel } from "./hf.ts";
+import { type Tokenizer, trainTokenizer } from "./tokenizer.ts";
 import { UsageError } from "./errors.ts";
 import { formatCount, formatDuration, JsonlWriter, Progress } from "./log.ts";
 import { peakRssBytes } from "./memory.ts";
@@ -48,6 +50,8 @@ export interface TrainEngine extends Disposable {
   memory(): MemoryBytes;
   /** Engine facts (`svd_count`, `gaps`, …); optional for stand-ins. */
   info?(): Partial<EngineInfo>;
+  /** Loads a Hugging Face folder's weights (`--init-from`); optional for stand-ins. */
+  importHf?(path: string): Promise<void>;
 }
 
 /** A `metrics.jsonl` line for one update. */
@@ -157,6 +161,12 @@ export interface Summary {
   model: { name: string; config: ModelConfig };
   /** Data description. */
   data: string;
+  /** The tokenizer: kind, vocabulary, and where it came from (null: bytes). */
+  tokenizer: { kind: string; vocab_size: number; source: string | null };
+  /** The Hugging Face folder the weights started from, or null (random init). */
+  init_from: string | null;
+  /** The Hugging Face folder the final model was written to, or null. */
+  export: string | null;
   /** Every option of the run, defaults filled in (null: does not apply to the optimizer). */
   config: ResolvedOptions;
   /** Engine bytes by category, plus the process's peak resident set size. */
@@ -256,6 +266,8 @@ export class Run implements Disposable {
   readonly model: ResolvedModel;
   /** Training and validation data. */
   readonly data: Dataset;
+  /** The tokenizer of the data (bytes for the synthetic corpus). */
+  readonly tokenizer: Tokenizer;
   /** Directory of `metrics.jsonl` and `summary.json`, or null. */
   readonly out: string | null;
   /** The native engine (or the stand-in from {@link TrainHooks.createEngine}). */
@@ -284,6 +296,7 @@ export class Run implements Disposable {
       opts: ResolvedOptions;
       model: ResolvedModel;
       data: Dataset;
+      tokenizer: Tokenizer;
       out: string | null;
       engine: TrainEngine;
       metrics: JsonlWriter | null;
@@ -296,6 +309,7 @@ export class Run implements Disposable {
     this.opts = init.opts;
     this.model = init.model;
     this.data = init.data;
+    this.tokenizer = init.tokenizer;
     this.out = init.out;
     this.engine = init.engine;
     this.#metrics = init.metrics;
@@ -313,9 +327,23 @@ export class Run implements Disposable {
   static async start(options: Partial<TrainOptions> = {}, hooks: TrainHooks = {}): Promise<Run> {
     const started = performance.now();
     const startedAt = new Date().toISOString();
-    const { opts, model, notices } = checkOptions(options);
-    const data: Dataset = openDataset(opts);
+    const { opts, model, tokenizer: given, notices } = checkOptions(options);
     const out = opts.out === undefined ? defaultOut() : opts.out;
+    const tokenizer = given ?? await trainTokenizer({
+      inputs: [opts.data!],
+      vocabSize: opts.trainTokenizer!,
+      textField: opts.textField,
+      // saved with the run, so its token ids can be read back
+      out: out === null ? await Deno.makeTempDir({ prefix: "qgalore-tokenizer-" }) : join(out, "tokenizer"),
+    });
+    const data: Dataset = opts.data === null ? new SyntheticCorpus() : await openCorpus({
+      data: opts.data,
+      tokenizer,
+      textField: opts.textField,
+      valFraction: opts.valFraction,
+      seqLen: opts.seqLen,
+      progress: !opts.quiet,
+    });
     // The engine sizes its gradient buffers for `grad_accum` micro-batches per update.
     const cfg = engineConfig(opts, model.config);
 
@@ -333,11 +361,18 @@ export class Run implements Disposable {
     let metrics: JsonlWriter | null = null;
     let run: Run | undefined;
     try {
+      if (opts.initFrom !== null) {
+        if (!engine.importHf) throw new UsageError(`${"--init-from"}: this engine cannot load weights`);
+        await engine.importHf(opts.initFrom).catch((e: unknown) => {
+          throw withFlags(e);
+        });
+      }
       metrics = out === null ? null : openOut(out);
       run = new Run({
         opts,
         model,
         data,
+        tokenizer,
         out,
         engine,
         metrics,
@@ -513,6 +548,16 @@ export class Run implements Disposable {
     try {
       this.#progress.done();
       finalLoss = await this.evaluate();
+      if (opts.export !== null && this.#failure === null) {
+        if (!(engine instanceof Engine)) {
+          throw new UsageError("--export: this engine cannot write a model");
+        }
+        await exportModel(engine, opts.export, {
+          dtype: opts.exportDtype,
+          tokenizer: this.tokenizer,
+        });
+        this.#progress.note(`exported: ${opts.export} (${opts.exportDtype})`);
+      }
     } finally {
       this.#endLoop();
     }
@@ -549,6 +594,15 @@ export class Run implements Disposable {
         precision: engine.precision ?? "fp32",
         model: { name: this.model.name, config: this.model.config },
         data: this.data.describe(),
+        tokenizer: {
+          kind: this.tokenizer.kind,
+          vocab_size: this.tokenizer.vocabSize,
+          source: opts.trainTokenizer !== null
+            ? (this.out === null ? null : join(this.out, "tokenizer"))
+            : opts.tokenizer ?? null,
+        },
+        init_from: opts.initFrom,
+        export: opts.export !== null && this.#failure === null ? opts.export : null,
         config: { ...opts, out: this.out },
         memory: {
           ...engine.memory(),

@@ -1,0 +1,108 @@
+/**
+ * Perplexity of a trained model on a text, as standard perplexity evaluations compute it: the
+ * text is tokenized (with the tokenizer's special tokens), cut from its start into consecutive
+ * non-overlapping windows of N + 1 tokens (the last partial window dropped), and the mean
+ * cross-entropy of every window's N next-token predictions is reported with its exponential.
+ *
+ *     deno run -A examples/evaluate.ts --model runs/x/hf --data valid.txt --seq-len 256
+ *     deno run -A examples/evaluate.ts --model ckpt.qgck --data valid.txt --seq-len 128 --json
+ *
+ * `--json` prints `{"loss", "ppl", "tokens", "windows"}` as the last stdout line. Exit codes:
+ * 0 done, 1 engine failure, 2 usage error.
+ *
+ * @module
+ */
+
+// First: a missing or stale engine library is one line, before anything opens it.
+import "../ffi/preflight.ts";
+import { EngineError } from "../ffi/engine.ts";
+import { LoadError } from "../ffi/loader.ts";
+import { parseScriptArgs, type ScriptFlag } from "../lib/cli.ts";
+import { UsageError } from "../lib/errors.ts";
+import { evaluatePerplexity } from "../lib/evaluate.ts";
+import { openModel } from "../lib/open_model.ts";
+
+const FLAGS: Readonly<Record<string, ScriptFlag>> = {
+  model: { type: "string", required: true },
+  data: { type: "string", required: true },
+  "seq-len": { type: "int", min: 1, required: true },
+  tokenizer: { type: "string" },
+  device: { type: "string" },
+  threads: { type: "int", min: 1, max: 1024 },
+  json: { type: "switch" },
+};
+
+const USAGE = `Perplexity of a model on a text file.
+
+Usage: deno run -A examples/evaluate.ts --model DIR|CKPT --data FILE --seq-len N [flags]
+
+  --model DIR|CKPT      Hugging Face model folder, or a qgalore checkpoint (saveCheckpoint)
+  --data FILE           text file, tokenized whole with the model's tokenizer
+  --seq-len N           predictions per window; windows of N+1 tokens, not overlapping
+  --tokenizer PATH      tokenizer.json or folder [the model's, else bytes]
+  --device D            cpu, cuda or auto [cpu]
+  --threads N           engine threads [one per core]
+  --json                print {"loss","ppl","tokens","windows"} as the last stdout line
+  -h, --help            show this help`;
+
+/** Runs the script and returns the process exit code. */
+export async function main(argv: string[]): Promise<number> {
+  try {
+    const a = parseScriptArgs(argv, FLAGS);
+    if (a === "help") {
+      console.log(USAGE);
+      return 0;
+    }
+    const device = (a.device ?? "cpu") as string;
+    if (!["cpu", "cuda", "auto"].includes(device)) {
+      throw new UsageError(`--device ${device}: must be one of cpu, cuda, auto`);
+    }
+    const seqLen = a["seq-len"] as number;
+    const path = a.data as string;
+    let text: string;
+    try {
+      text = Deno.readTextFileSync(path);
+    } catch (e) {
+      const why = e instanceof Deno.errors.NotFound ? "file not found" : String(e).split("\n")[0];
+      throw new UsageError(`--data ${path}: ${why}`);
+    }
+    using m = await openModel({
+      model: a.model as string,
+      tokenizer: (a.tokenizer as string | undefined) ?? null,
+      seqLen,
+      device: device as "cpu" | "cuda" | "auto",
+      ...(a.threads === undefined ? {} : { threads: a.threads as number }),
+      label: `--model ${a.model}`,
+    });
+    const tokens = m.tokenizer.encode(text, { addSpecial: true });
+    if (tokens.length < seqLen + 1) {
+      throw new UsageError(
+        `--data ${path}: ${tokens.length} tokens, fewer than one window of --seq-len ${seqLen} + 1`,
+      );
+    }
+    const r = await evaluatePerplexity(m.engine, tokens, seqLen);
+    if (a.json) console.log(JSON.stringify(r));
+    else {
+      console.log(
+        `${a.model}: loss ${r.loss.toFixed(4)} ppl ${r.ppl.toFixed(3)} over ${r.tokens} tokens ` +
+          `(${r.windows} windows of ${seqLen + 1})`,
+      );
+    }
+    return 0;
+  } catch (e) {
+    return failure(e);
+  }
+}
+
+/** Exit code and one `error:` line for an error the scripts expect. */
+export function failure(e: unknown): number {
+  const line = (m: string) => console.error(`error: ${m.replace(/\s*\n\s*/g, " ")}`);
+  if (e instanceof UsageError) return (line(e.message), 2);
+  if (e instanceof EngineError || e instanceof LoadError) return (line(e.message), 1);
+  if (e instanceof Deno.errors.NotCapable) {
+    return (line(`${e.message.split("\n")[0]}; run with deno run -A`), 2);
+  }
+  throw e;
+}
+
+if (import.meta.main) Deno.exit(await main(Deno.args));
