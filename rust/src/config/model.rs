@@ -266,10 +266,14 @@ impl RopeScaling {
     }
 }
 
+/// A RoPE layout's key and its object.
+type RopeSource<'a> = (&'static str, &'a Map<String, Value>);
+
 /// Where a config keeps its RoPE settings: the newer `rope_parameters` object (rope_theta
-/// inside) or the older `rope_scaling` next to a top-level `rope_theta`.
-fn rope_source(obj: &Map<String, Value>) -> Result<Option<(&'static str, &Map<String, Value>)>, ModelProblem> {
-    for key in ["rope_parameters", "rope_scaling"] {
+/// inside) or the older `rope_scaling` next to a top-level `rope_theta`. When both are
+/// given, `rope_scaling` wins, as in transformers 5.24 (`convert_rope_params_to_dict`).
+fn rope_source(obj: &Map<String, Value>) -> Result<Option<RopeSource<'_>>, ModelProblem> {
+    for key in ["rope_scaling", "rope_parameters"] {
         match obj.get(key) {
             None | Some(Value::Null) => {}
             Some(Value::Object(m)) => return Ok(Some((key, m))),
@@ -733,6 +737,11 @@ mod tests {
         let plain = LLAMA31_NEW.replace(r#""rope_type":"llama3""#, r#""rope_type":"default""#);
         let m = ModelConfig::from_map(&map(&plain)).unwrap();
         assert_eq!((m.rope_scaling, m.rope_theta), (None, 500000.0));
+        // both layouts at once: rope_scaling wins, θ from it or the top level (as transformers does)
+        let both = map(r#"{"vocab_size":8,"hidden_size":64,"intermediate_size":128,"num_attention_heads":4,"num_hidden_layers":1,
+            "rope_scaling":{"rope_type":"linear","factor":2.0},"rope_parameters":{"rope_type":"default","rope_theta":5.0},"rope_theta":7.0}"#);
+        let m = ModelConfig::from_map(&both).unwrap();
+        assert_eq!((m.rope_scaling, m.rope_theta), (Some(RopeScaling::Linear { factor: 2.0 }), 7.0));
         // the filled config reads back as itself
         let again = resolve_text(&format!(r#"{{"model":{}}}"#, old["config"]));
         assert_eq!(again, old);
