@@ -289,3 +289,39 @@ fn tied_models_take_llama3_rope_from_their_config() {
     let table = qgalore::host::rope::rope_table_for(&m, 12);
     assert_eq!(table, qgalore::host::rope::rope_table(12, 4, 10000.0));
 }
+
+/// Writes a tied, GQA, llama3-RoPE model (config.json from `hf_config`, every tensor as raw
+/// little-endian f32, the token windows and the engine's loss) to $QG_HF_DUMP, for the hand
+/// check against `transformers` (`rust/tests/model_hf_check.py`: `LlamaForCausalLM` with these
+/// weights gives the same loss, measured within 1e-6);
+/// skipped without it.
+#[test]
+fn dump_for_transformers_check() {
+    use qgalore::config::model::RopeScaling;
+    let Ok(dir) = std::env::var("QG_HF_DUMP") else { return };
+    for (tie, scaled) in [(true, true), (false, false), (true, false), (false, true)] {
+        let mut m = tiny_model(96, 64, 112, 4, 2, 2);
+        m.tie_word_embeddings = tie;
+        m.initializer_range = 0.2;
+        m.max_position_embeddings = 64;
+        if scaled {
+            m.rope_theta = 500000.0;
+            m.rope_scaling = Some(RopeScaling::Llama3 { factor: 8.0, low_freq_factor: 1.0, high_freq_factor: 4.0, original_max_position_embeddings: 16 });
+        }
+        let (b, t) = (2, 24);
+        let mut e = engine(engine_cfg(m.clone(), b, t, 17));
+        let toks = tokens(b, t, 96, 5);
+        let loss = e.eval(&toks, 1).unwrap();
+        let out = std::path::Path::new(&dir).join(format!("tie{}_scaled{}", tie as u8, scaled as u8));
+        std::fs::create_dir_all(&out).unwrap();
+        std::fs::write(out.join("config.json"), serde_json::to_string_pretty(&m.hf_config()).unwrap()).unwrap();
+        let mut index = Vec::new();
+        for p in &e.model.params {
+            let bytes: Vec<u8> = p.f().data.iter().flat_map(|x| x.to_le_bytes()).collect();
+            std::fs::write(out.join(format!("{}.bin", p.name)), bytes).unwrap();
+            index.push(serde_json::json!({ "name": p.name, "shape": if p.rows == 1 { vec![p.cols] } else { vec![p.rows, p.cols] } }));
+        }
+        let run = serde_json::json!({ "tensors": index, "tokens": toks, "b": b, "t": t, "loss": loss });
+        std::fs::write(out.join("run.json"), run.to_string()).unwrap();
+    }
+}
