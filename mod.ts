@@ -59,6 +59,7 @@ export {
   type ResolvedOptimizer,
   resolveModelConfig,
   resolveOptimizerConfig,
+  type RopeScaling,
   type RunSpec,
   type StepStats,
   type TensorPlan,

@@ -30,6 +30,39 @@ export interface ModelConfig {
   rms_norm_eps: number;
   /** Standard deviation of the normal initialisation. */
   initializer_range: number;
+  /**
+   * Width of one attention head. Accepted only as hidden_size / num_attention_heads (other
+   * head sizes are not implemented); the engine fills it in. A config edited to another
+   * width or head count drops it.
+   */
+  head_dim?: number;
+  /**
+   * RoPE frequency scaling, or null for plain RoPE. A `config.json` may give it as
+   * `rope_scaling` (next to `rope_theta`) or inside the newer `rope_parameters` object
+   * (with `rope_theta`); the engine fills in this form either way.
+   */
+  rope_scaling?: RopeScaling | null;
+  /** One table serves the token embedding and lm_head (default false). */
+  tie_word_embeddings?: boolean;
+}
+
+/**
+ * RoPE frequency scaling as `transformers` computes it: `linear` divides every frequency by
+ * `factor`; `llama3` (Llama 3.1) divides long wavelengths by `factor`, keeps short ones and
+ * blends between, the bounds given by `original_max_position_embeddings` over the two
+ * frequency factors.
+ */
+export interface RopeScaling {
+  /** `linear` or `llama3` (`default` is written as no scaling). */
+  rope_type: "linear" | "llama3";
+  /** Frequency divisor. */
+  factor: number;
+  /** llama3: wavelengths above original_max_position_embeddings / low_freq_factor are divided by `factor`. */
+  low_freq_factor?: number;
+  /** llama3: wavelengths below original_max_position_embeddings / high_freq_factor are kept. */
+  high_freq_factor?: number;
+  /** llama3: the context length the model was pre-trained with. */
+  original_max_position_embeddings?: number;
 }
 
 /** Optimizer settings sent to the engine. */
@@ -386,9 +419,13 @@ export function resolveOptimizerConfig(
  * or `head dim` (which `why` explains).
  */
 export interface ModelProblem {
-  /** A required field is absent, a field is not a number, or a value breaks a rule. */
-  kind: "missing" | "type" | "range";
-  /** The field. */
+  /**
+   * A required field is absent, a field has the wrong type, a value breaks a rule, or a
+   * value asks for what the engine does not implement (biases, another activation, another
+   * RoPE type).
+   */
+  kind: "missing" | "type" | "range" | "unsupported";
+  /** The field (`rope_scaling.factor` for a key inside `rope_scaling` or `rope_parameters`). */
   field: string;
   /** The value as the engine read it (null when missing). */
   value: unknown;

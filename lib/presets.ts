@@ -8,6 +8,7 @@
  * @module
  */
 
+import { join } from "node:path";
 import { UsageError } from "./errors.ts";
 
 import { type ModelConfig, type ModelProblem, resolveModelConfig } from "../ffi/engine.ts";
@@ -17,10 +18,15 @@ export type { ModelConfig };
 
 /** A model config together with the name it was resolved from. */
 export interface ResolvedModel {
-  /** Preset name, JSON file path, or "custom" for an inline config. */
+  /** Preset name, JSON file path, model folder, or "custom" for an inline config. */
   name: string;
   /** The full config. */
   config: ModelConfig;
+  /**
+   * The Hugging Face model folder the config was read from (its `config.json`; the weights
+   * and tokenizer files live next to it). Absent for presets and JSON files.
+   */
+  dir?: string;
 }
 
 /** Shape of one preset: [hidden, intermediate, heads, layers]. */
@@ -57,12 +63,14 @@ export function modelConfig(name: string, vocab: number): ModelConfig {
 }
 
 /**
- * Reads a JSON file with `LlamaConfig` field names. Missing optional fields get the engine's
+ * Reads a JSON file with `LlamaConfig` field names (a Hugging Face `config.json` as
+ * `transformers` writes it, in either RoPE layout). Missing optional fields get the engine's
  * defaults (`num_key_value_heads`: the head count); other keys (such as
- * `max_sequence_length`) are ignored, as Hugging Face does. When `vocab` is given it
- * replaces the file's `vocab_size`: the token ids come from our tokenizer, so an embedding
- * sized for another tokenizer would either miss ids or waste rows. Throws UsageError naming
- * the file and the field.
+ * `max_sequence_length`) are ignored, as Hugging Face does; settings the engine does not
+ * implement are refused by name. The file's `vocab_size` is kept (its embedding is sized
+ * for its tokenizer); `vocab`, the tokenizer's vocabulary, fills it in when the file has
+ * none and must not exceed it (ids past the embedding would have no row). Throws UsageError
+ * naming the file and the field.
  */
 export function loadModelConfig(path: string, vocab?: number): ModelConfig {
   let text: string;
@@ -82,32 +90,32 @@ export function loadModelConfig(path: string, vocab?: number): ModelConfig {
 }
 
 /**
- * Builds a config from parsed JSON; `source` names the origin in error messages. A missing
- * or non-numeric field is an error here; the rules of a buildable model are checked by
- * {@link validateModel}.
+ * Builds a config from parsed JSON; `source` names the origin in error messages. A missing,
+ * mistyped or unsupported field is an error here; the rules of a buildable model are
+ * checked by {@link validateModel}. The config's own `vocab_size` is kept; `vocab` (the
+ * tokenizer's) fills it in when absent, and a tokenizer vocabulary larger than the
+ * config's is an error naming both.
  */
 export function configFromJson(raw: unknown, source: string, vocab?: number): ModelConfig {
   if (typeof raw !== "object" || raw === null || Array.isArray(raw)) {
     throw new UsageError(`model config ${source}: must be a JSON object`);
   }
   const obj = raw as Record<string, unknown>;
-  const r = resolveModelConfig(obj, vocab === undefined ? {} : { vocab_size: vocab });
-  if (r.problem && r.problem.kind !== "range") {
+  const own = "vocab_size" in obj;
+  const r = resolveModelConfig(obj, vocab === undefined || own ? {} : { vocab_size: vocab });
+  // range problems wait for validateModel, except inside rope_scaling / rope_parameters:
+  // the filled config names those keys after rope_scaling, whichever layout the file used
+  if (r.problem && (r.problem.kind !== "range" || r.problem.field.includes("."))) {
     throw new UsageError(problemText(r.problem, `model config ${source}`, obj));
   }
-  if ("hidden_act" in obj && obj.hidden_act !== "silu") {
+  const config = r.config!;
+  if (own && vocab !== undefined && vocab > config.vocab_size) {
     throw new UsageError(
-      `model config ${source}: hidden_act ${
-        JSON.stringify(obj.hidden_act)
-      }: only "silu" is supported`,
+      `model config ${source}: vocab_size ${config.vocab_size} is smaller than the ` +
+        `tokenizer's vocabulary of ${vocab} tokens`,
     );
   }
-  if (obj.tie_word_embeddings === true) {
-    throw new UsageError(
-      `model config ${source}: tie_word_embeddings true: only untied lm_head is supported`,
-    );
-  }
-  return r.config!;
+  return config;
 }
 
 /**
@@ -119,11 +127,18 @@ function problemText(
   source: string,
   given: Readonly<Record<string, unknown>>,
 ): string {
-  // the value as given (p.value is null for one that is absent or not a number)
-  const v = p.field in given || p.value === null ? given[p.field] : p.value;
   if (p.kind === "missing") return `${source}: missing field ${p.field}`;
-  if (p.kind === "type") return `${source}: ${p.field} ${JSON.stringify(v)} ${p.why}`;
-  return `${source}: ${p.field} ${v} ${p.why}`;
+  // the value as given (p.value is null for one that is absent or not a number); a key
+  // inside rope_scaling / rope_parameters is looked up there
+  const [outer, inner] = p.field.split(".");
+  const holder = inner === undefined ? given : given[outer];
+  const key = inner ?? outer;
+  const has = typeof holder === "object" && holder !== null && key in holder;
+  const v = has || p.value === null
+    ? (holder as Record<string, unknown> | undefined)?.[key]
+    : p.value;
+  const shown = typeof v === "number" ? String(v) : JSON.stringify(v);
+  return `${source}: ${p.field} ${shown} ${p.why}`;
 }
 
 /**
@@ -139,28 +154,58 @@ export function validateModel(cfg: ModelConfig, source = "model config"): void {
 }
 
 /**
- * Resolves a preset name or a JSON config path, with the tokenizer's vocabulary, and
- * validates it. `source` names where the value came from in error messages.
+ * Resolves a preset name, a JSON config path, or a Hugging Face model folder (one holding
+ * `config.json`), and validates it. A preset takes the tokenizer's vocabulary `vocab`; a
+ * file or folder keeps its own `vocab_size` (see {@link loadModelConfig}). `source` names
+ * where the value came from in error messages.
  */
 export function resolveModel(nameOrPath: string, vocab: number, source?: string): ResolvedModel {
   const label = source ?? `model ${nameOrPath}`;
   let config: ModelConfig;
+  let dir: string | undefined;
+  // a folder's problems name its config.json
+  let named = label;
   if (nameOrPath in SHAPES) {
     config = modelConfig(nameOrPath, vocab);
-  } else if (looksLikePath(nameOrPath)) {
+  } else if (isDirectory(nameOrPath) || looksLikePath(nameOrPath)) {
+    if (isDirectory(nameOrPath)) {
+      dir = nameOrPath;
+      named = `${label}${label.endsWith("/") ? "" : "/"}config.json`;
+    }
+    const file = dir === undefined ? nameOrPath : join(dir, "config.json");
     try {
-      config = loadModelConfig(nameOrPath, vocab);
+      if (dir !== undefined && !isFile(file)) {
+        throw new UsageError(`model config ${file}: no config.json in this folder`);
+      }
+      config = loadModelConfig(file, vocab);
     } catch (e) {
       if (!(e instanceof UsageError) || source === undefined) throw e;
-      throw new UsageError(e.message.replace(`model config ${nameOrPath}`, label));
+      throw new UsageError(e.message.replace(`model config ${file}`, named));
     }
   } else {
     throw new UsageError(
-      `${label}: unknown preset; allowed: ${PRESET_NAMES.join(", ")}, or a path to a JSON config`,
+      `${label}: unknown preset; allowed: ${PRESET_NAMES.join(", ")}, ` +
+        "a path to a JSON config, or a model folder with config.json",
     );
   }
-  validateModel(config, label);
-  return { name: nameOrPath, config };
+  validateModel(config, named);
+  return dir === undefined ? { name: nameOrPath, config } : { name: nameOrPath, config, dir };
+}
+
+function isDirectory(path: string): boolean {
+  try {
+    return Deno.statSync(path).isDirectory;
+  } catch {
+    return false;
+  }
+}
+
+function isFile(path: string): boolean {
+  try {
+    return Deno.statSync(path).isFile;
+  } catch {
+    return false;
+  }
 }
 
 function looksLikePath(s: string): boolean {

@@ -41,6 +41,9 @@ Deno.test("byte-vocabulary presets", () => {
     rope_theta: 10000,
     rms_norm_eps: 1e-6,
     initializer_range: 0.02,
+    head_dim: 32,
+    rope_scaling: null,
+    tie_word_embeddings: false,
   });
 });
 
@@ -74,7 +77,9 @@ Deno.test("GQA key/value heads shrink the parameter count", () => {
 });
 
 function bad(cfg: Partial<ModelConfig>, pattern: RegExp): void {
-  const c = { ...modelConfig("llama-9m", 256), ...cfg };
+  // head_dim is derived from the width and heads: an edited config drops it
+  const { head_dim: _, ...base } = modelConfig("llama-9m", 256);
+  const c = { ...base, ...cfg };
   assert.throws(() => validateModel(c, "--model x.json"), (e: unknown) => {
     assert.ok(e instanceof UsageError);
     assert.match(e.message, /^--model x\.json: /);
@@ -121,10 +126,23 @@ Deno.test("JSON configs: reference file, defaults, vocab override", () => {
       }),
     );
     assert.deepEqual(loadModelConfig(ref), modelConfig("llama-9m", 32000));
-    assert.deepEqual(loadModelConfig(ref, 256), modelConfig("llama-9m", 256));
+    // the file's vocabulary is kept: its embedding is sized for its tokenizer
+    assert.deepEqual(loadModelConfig(ref, 256), modelConfig("llama-9m", 32000));
     const r = resolveModel(ref, 256);
     assert.equal(r.name, ref);
-    assert.deepEqual(r.config, modelConfig("llama-9m", 256));
+    assert.equal(r.dir, undefined);
+    assert.deepEqual(r.config, modelConfig("llama-9m", 32000));
+    assert.throws(
+      () => resolveModel(ref, 32001, `--model ${ref}`),
+      (e: unknown) => {
+        assert.ok(e instanceof UsageError);
+        assert.equal(
+          e.message,
+          `--model ${ref}: vocab_size 32000 is smaller than the tokenizer's vocabulary of 32001 tokens`,
+        );
+        return true;
+      },
+    );
 
     const custom = join(dir, "custom.json");
     Deno.writeTextFileSync(
@@ -147,7 +165,19 @@ Deno.test("JSON configs: reference file, defaults, vocab override", () => {
     assert.equal(c.rope_theta, 500000);
     assert.equal(c.rms_norm_eps, 1e-6);
     assert.equal(c.initializer_range, 0.02);
-    assert.equal(loadModelConfig(custom, 256).vocab_size, 256);
+    assert.equal(loadModelConfig(custom, 256).vocab_size, 1000);
+    // without vocab_size, the tokenizer's
+    const novocab = join(dir, "novocab.json");
+    Deno.writeTextFileSync(
+      novocab,
+      JSON.stringify({
+        hidden_size: 64,
+        intermediate_size: 128,
+        num_attention_heads: 4,
+        num_hidden_layers: 2,
+      }),
+    );
+    assert.equal(resolveModel(novocab, 300).config.vocab_size, 300);
   } finally {
     Deno.removeSync(dir, { recursive: true });
   }
@@ -185,7 +215,7 @@ Deno.test("JSON config errors name the file and field", () => {
         "act.json",
         '{"hidden_act":"gelu","hidden_size":128,"intermediate_size":352,"num_attention_heads":4,"num_hidden_layers":2}',
       ),
-      /hidden_act "gelu": only "silu"/,
+      /hidden_act "gelu" must be "silu" \(other activations are not implemented\)/,
     ],
     [write("array.json", "[1,2]"), /must be a JSON object/],
     [join(dir, "nope.json"), /--model .*nope\.json: file not found/],
@@ -211,4 +241,148 @@ Deno.test("unknown preset lists the allowed names", () => {
     return true;
   });
   assert.throws(() => modelConfig("gpt2", 256), /model gpt2: unknown preset/);
+});
+
+/** A Llama-3.1-style `config.json` (small) as transformers 4.x writes it. */
+const LLAMA31_OLD = {
+  architectures: ["LlamaForCausalLM"],
+  attention_bias: false,
+  attention_dropout: 0.0,
+  bos_token_id: 128000,
+  eos_token_id: [128001, 128008, 128009],
+  head_dim: 16,
+  hidden_act: "silu",
+  hidden_size: 64,
+  initializer_range: 0.02,
+  intermediate_size: 128,
+  max_position_embeddings: 131072,
+  mlp_bias: false,
+  model_type: "llama",
+  num_attention_heads: 4,
+  num_hidden_layers: 2,
+  num_key_value_heads: 2,
+  pretraining_tp: 1,
+  rms_norm_eps: 1e-05,
+  rope_scaling: {
+    factor: 8.0,
+    high_freq_factor: 4.0,
+    low_freq_factor: 1.0,
+    original_max_position_embeddings: 8192,
+    rope_type: "llama3",
+  },
+  rope_theta: 500000.0,
+  tie_word_embeddings: true,
+  torch_dtype: "bfloat16",
+  transformers_version: "4.43.0.dev0",
+  use_cache: true,
+  vocab_size: 1000,
+};
+
+/** The same model in transformers 5.24's layout (`rope_parameters` holds rope_theta). */
+function llama31New(): Record<string, unknown> {
+  const { rope_scaling, rope_theta, torch_dtype: _, ...rest } = LLAMA31_OLD;
+  return {
+    ...rest,
+    dtype: "bfloat16",
+    rope_parameters: { ...rope_scaling, rope_theta },
+    transformers_version: "5.24.0",
+  };
+}
+
+Deno.test("Hugging Face folders and config.json in both RoPE layouts", () => {
+  const dir = Deno.makeTempDirSync();
+  try {
+    const oldDir = join(dir, "old");
+    const newDir = join(dir, "new");
+    Deno.mkdirSync(oldDir);
+    Deno.mkdirSync(newDir);
+    Deno.writeTextFileSync(join(oldDir, "config.json"), JSON.stringify(LLAMA31_OLD));
+    Deno.writeTextFileSync(join(newDir, "config.json"), JSON.stringify(llama31New()));
+    const a = resolveModel(oldDir, 256, `--model ${oldDir}`);
+    const b = resolveModel(newDir, 256);
+    assert.equal(a.dir, oldDir);
+    assert.equal(b.dir, newDir);
+    assert.equal(a.name, oldDir);
+    assert.deepEqual(a.config, b.config);
+    assert.deepEqual(a.config, {
+      vocab_size: 1000,
+      hidden_size: 64,
+      intermediate_size: 128,
+      num_attention_heads: 4,
+      num_key_value_heads: 2,
+      num_hidden_layers: 2,
+      max_position_embeddings: 131072,
+      rope_theta: 500000,
+      rms_norm_eps: 1e-5,
+      initializer_range: 0.02,
+      head_dim: 16,
+      rope_scaling: {
+        rope_type: "llama3",
+        factor: 8,
+        low_freq_factor: 1,
+        high_freq_factor: 4,
+        original_max_position_embeddings: 8192,
+      },
+      tie_word_embeddings: true,
+    });
+    // the filled config validates as it is
+    validateModel(a.config);
+    // the file itself, too
+    assert.deepEqual(loadModelConfig(join(newDir, "config.json")), a.config);
+
+    const empty = join(dir, "empty");
+    Deno.mkdirSync(empty);
+    assert.throws(
+      () => resolveModel(empty, 256, `--model ${empty}`),
+      (e: unknown) => {
+        assert.ok(e instanceof UsageError);
+        assert.equal(e.message, `--model ${empty}/config.json: no config.json in this folder`);
+        return true;
+      },
+    );
+  } finally {
+    Deno.removeSync(dir, { recursive: true });
+  }
+});
+
+Deno.test("settings the engine does not implement are one-line errors naming the field", () => {
+  const dir = Deno.makeTempDirSync();
+  try {
+    const cases: [Record<string, unknown>, string][] = [
+      [{ attention_bias: true }, "attention_bias true must be false (biases are not implemented)"],
+      [{ mlp_bias: true }, "mlp_bias true must be false (biases are not implemented)"],
+      [
+        { hidden_act: "gelu" },
+        'hidden_act "gelu" must be "silu" (other activations are not implemented)',
+      ],
+      [
+        { model_type: "mistral" },
+        'model_type "mistral" must be "llama" (other architectures are not implemented)',
+      ],
+      [
+        { head_dim: 64 },
+        "head_dim 64 must equal hidden_size / num_attention_heads = 16 (other head sizes are not implemented)",
+      ],
+      [
+        { rope_parameters: { rope_type: "yarn", factor: 4, rope_theta: 10000 } },
+        'rope_parameters.rope_type "yarn" must be one of "default", "linear", "llama3" (other RoPE types are not implemented)',
+      ],
+      [
+        { rope_parameters: { ...LLAMA31_OLD.rope_scaling, factor: 0 } },
+        "rope_parameters.factor 0 must be > 0",
+      ],
+      [{ tie_word_embeddings: "yes" }, 'tie_word_embeddings "yes" must be true or false'],
+    ];
+    for (const [change, message] of cases) {
+      const path = join(dir, "config.json");
+      Deno.writeTextFileSync(path, JSON.stringify({ ...llama31New(), ...change }));
+      assert.throws(() => resolveModel(path, 256, "--model m.json"), (e: unknown) => {
+        assert.ok(e instanceof UsageError, String(e));
+        assert.equal(e.message, `--model m.json: ${message}`);
+        return true;
+      });
+    }
+  } finally {
+    Deno.removeSync(dir, { recursive: true });
+  }
 });

@@ -360,3 +360,33 @@ fn i17_zero_and_nonfinite_gradients_keep_the_projector() {
     assert!(model.params[idx].f().data.iter().all(|x| x.is_finite()));
     assert_ne!(model.params[idx].f().data, w, "momentum still moves the weight");
 }
+
+/// Tied tables: the fused step (the table updated once, after the embedding's backward,
+/// whole or in row chunks) equals the global step.
+#[test]
+fn fused_step_equals_global_step_for_tied_tables() {
+    for (vocab, name) in [(64, "adamw"), (64, "galore"), (64, "qgalore"), (512, "adam8bit"), (512, "galore8bit"), (512, "qgalore")] {
+        for clip in [0.0f32, 0.05] {
+            let run = |fused: bool| {
+                let mut m = tiny_model(vocab, 64, 128, 4, 4, 2);
+                m.tie_word_embeddings = true;
+                let mut c = engine_cfg(m, 2, 16, 7);
+                c.optimizer = optim(name, clip);
+                c.optimizer.rank = 8;
+                c.optimizer.update_gap = 3;
+                c.optimizer.weight_group_size = 64;
+                c.optimizer.proj_group_size = 64;
+                c.optimizer.fused = fused;
+                let mut e = engine(c);
+                let losses: Vec<u64> = (0..4).map(|s| e.train_step(&tokens(2, 16, vocab, 70 + s), 1, 2e-3).unwrap().loss.to_bits()).collect();
+                (losses, e.eval(&tokens(2, 16, vocab, 98), 1).unwrap().to_bits(), e.grads.chunk_rows(e.model.head))
+            };
+            let (a, b) = (run(true), run(false));
+            if vocab == 512 {
+                assert_eq!(a.2, Some(128), "{name}: rows per chunk");
+            }
+            assert_eq!(a.0, b.0, "{name} vocab {vocab} clip {clip}: losses differ");
+            assert_eq!(a.1, b.1, "{name} vocab {vocab} clip {clip}: final weights differ");
+        }
+    }
+}

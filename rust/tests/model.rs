@@ -186,3 +186,142 @@ fn checkpointing_gives_bit_identical_training_with_less_activation_memory() {
         assert!(mem_ckpt < mem_plain, "{name}: activations {mem_ckpt} ≥ {mem_plain}");
     }
 }
+
+/// `m` with one table serving the embedding and lm_head.
+fn tied(mut m: qgalore::config::ModelConfig) -> qgalore::config::ModelConfig {
+    m.tie_word_embeddings = true;
+    m
+}
+
+#[test]
+fn tied_model_gradient_matches_finite_differences() {
+    // the table's gradient is the sum of its uses as embedding and as lm_head
+    let mut m = tied(tiny_model(32, 16, 24, 4, 2, 2));
+    m.initializer_range = 0.3;
+    let (b, t) = (2, 6);
+    let mut e = engine(engine_cfg(m.clone(), b, t, 3));
+    assert_eq!((e.model.head, e.model.embed), (0, 0));
+    assert_eq!(e.model.params.len(), 1 + 2 * 9 + 1, "no lm_head.weight");
+    assert!(e.model.params.iter().all(|p| p.name != "lm_head.weight"));
+    assert_eq!(e.model.numel(), qgalore::model::llama::param_count(&m));
+    let toks = tokens(b, t, 32, 9);
+    e.loss_and_grads(&toks, 1).unwrap();
+    for idx in 0..e.model.params.len() {
+        let name = e.model.params[idx].name.clone();
+        let analytic = e.grads.get(idx).data.clone();
+        let mut x = e.model.params[idx].f().data.clone();
+        grad_check(&name, &analytic, &mut x, 1e-2, 40, |xx| {
+            e.model.params[idx].f_mut().data.copy_from_slice(xx);
+            e.eval(&toks, 1).unwrap()
+        });
+        e.model.params[idx].f_mut().data.copy_from_slice(&x);
+    }
+}
+
+#[test]
+fn tied_model_equals_an_untied_one_whose_head_is_the_embedding() {
+    let mut m = tiny_model(32, 16, 24, 4, 2, 2);
+    m.initializer_range = 0.3;
+    let (b, t) = (2, 6);
+    let toks = tokens(b, t, 32, 11);
+    let mut u = engine(engine_cfg(m.clone(), b, t, 5));
+    let mut tt = engine(engine_cfg(tied(m), b, t, 5));
+    let table = tt.model.params[0].f().data.clone();
+    let head = u.model.head;
+    u.model.params[head].f_mut().data.copy_from_slice(&table);
+    // every other tensor is initialised alike (same seed, same index)
+    for i in 0..tt.model.params.len() {
+        assert_eq!(u.model.params[i].f().data, tt.model.params[i].f().data, "{}", tt.model.params[i].name);
+    }
+    let (lu, lt) = (u.loss_and_grads(&toks, 1).unwrap(), tt.loss_and_grads(&toks, 1).unwrap());
+    assert_eq!(lu.to_bits(), lt.to_bits(), "step-0 loss");
+    for i in 1..tt.model.params.len() {
+        assert_eq!(u.grads.get(i).data, tt.grads.get(i).data, "{}", tt.model.params[i].name);
+    }
+    // the table's gradient is the embedding's plus the head's
+    let sum: Vec<f32> = u.grads.get(0).data.iter().zip(&u.grads.get(head).data).map(|(a, b)| a + b).collect();
+    let got = &tt.grads.get(0).data;
+    let scale = sum.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+    for (a, b) in sum.iter().zip(got) {
+        assert!((a - b).abs() <= 1e-6 * scale, "{a} vs {b}");
+    }
+}
+
+#[test]
+fn every_optimizer_trains_a_tied_model() {
+    for name in ["adamw", "adam8bit", "galore", "galore8bit", "qgalore"] {
+        for (fused, ga, clip) in [(false, 1, 0.0), (true, 1, 0.0), (true, 1, 0.5), (false, 2, 0.5), (true, 2, 0.0)] {
+            let mut cfg = engine_cfg(tied(tiny_model(64, 64, 96, 4, 2, 2)), 2, 16, 21);
+            cfg.optimizer = optim(name, clip);
+            cfg.optimizer.rank = 16;
+            cfg.optimizer.update_gap = 10;
+            cfg.optimizer.fused = fused;
+            cfg.optimizer.weight_group_size = 64;
+            cfg.optimizer.proj_group_size = 64;
+            if name == "qgalore" {
+                cfg.optimizer.weight_bits = 8;
+            }
+            cfg.grad_accum = ga;
+            let mut e = engine(cfg);
+            let toks = tokens(2 * ga, 16, 64, 500);
+            let first = e.train_step(&toks, ga, 1e-2).unwrap().loss;
+            let mut last = first;
+            for _ in 0..25 {
+                last = e.train_step(&toks, ga, 1e-2).unwrap().loss;
+            }
+            assert!(last < 0.7 * first, "{name} fused={fused} ga={ga} clip={clip}: loss {first} → {last}");
+        }
+    }
+}
+
+#[test]
+fn tied_models_take_llama3_rope_from_their_config() {
+    use qgalore::config::model::RopeScaling;
+    // a scaled RoPE changes the model's loss; the default one is what the engine always ran
+    let m = tied(tiny_model(32, 16, 24, 4, 2, 2));
+    let toks = tokens(2, 12, 32, 3);
+    let loss = |m: qgalore::config::ModelConfig| engine(engine_cfg(m, 2, 12, 5)).eval(&toks, 1).unwrap();
+    let mut s = m.clone();
+    s.rope_theta = 500000.0;
+    s.rope_scaling = Some(RopeScaling::Llama3 { factor: 8.0, low_freq_factor: 1.0, high_freq_factor: 4.0, original_max_position_embeddings: 8 });
+    let (a, b) = (loss(m.clone()), loss(s));
+    assert!(a.is_finite() && b.is_finite() && a != b, "{a} vs {b}");
+    let table = qgalore::host::rope::rope_table_for(&m, 12);
+    assert_eq!(table, qgalore::host::rope::rope_table(12, 4, 10000.0));
+}
+
+/// Writes a tied, GQA, llama3-RoPE model (config.json from `hf_config`, every tensor as raw
+/// little-endian f32, the token windows and the engine's loss) to $QG_HF_DUMP, for the hand
+/// check against `transformers` (`rust/tests/model_hf_check.py`: `LlamaForCausalLM` with these
+/// weights gives the same loss, measured within 1e-6);
+/// skipped without it.
+#[test]
+fn dump_for_transformers_check() {
+    use qgalore::config::model::RopeScaling;
+    let Ok(dir) = std::env::var("QG_HF_DUMP") else { return };
+    for (tie, scaled) in [(true, true), (false, false), (true, false), (false, true)] {
+        let mut m = tiny_model(96, 64, 112, 4, 2, 2);
+        m.tie_word_embeddings = tie;
+        m.initializer_range = 0.2;
+        m.max_position_embeddings = 64;
+        if scaled {
+            m.rope_theta = 500000.0;
+            m.rope_scaling = Some(RopeScaling::Llama3 { factor: 8.0, low_freq_factor: 1.0, high_freq_factor: 4.0, original_max_position_embeddings: 16 });
+        }
+        let (b, t) = (2, 24);
+        let mut e = engine(engine_cfg(m.clone(), b, t, 17));
+        let toks = tokens(b, t, 96, 5);
+        let loss = e.eval(&toks, 1).unwrap();
+        let out = std::path::Path::new(&dir).join(format!("tie{}_scaled{}", tie as u8, scaled as u8));
+        std::fs::create_dir_all(&out).unwrap();
+        std::fs::write(out.join("config.json"), serde_json::to_string_pretty(&m.hf_config()).unwrap()).unwrap();
+        let mut index = Vec::new();
+        for p in &e.model.params {
+            let bytes: Vec<u8> = p.f().data.iter().flat_map(|x| x.to_le_bytes()).collect();
+            std::fs::write(out.join(format!("{}.bin", p.name)), bytes).unwrap();
+            index.push(serde_json::json!({ "name": p.name, "shape": if p.rows == 1 { vec![p.cols] } else { vec![p.rows, p.cols] } }));
+        }
+        let run = serde_json::json!({ "tensors": index, "tokens": toks, "b": b, "t": t, "loss": loss });
+        std::fs::write(out.join("run.json"), run.to_string()).unwrap();
+    }
+}

@@ -191,3 +191,35 @@ fn fit_names_config_fields() {
     let err = Engine::new(Cpu::new(1).unwrap(), c).err().unwrap();
     assert!(err.msg.starts_with("proj_group_size = 256: does not divide the 3×128 projector of the q matrix of the model"), "{}", err.msg);
 }
+
+#[test]
+fn plan_equals_tracked_bytes_for_tied_tables() {
+    let mut tied = llama9m();
+    tied.tie_word_embeddings = true;
+    let untied = Plan::new(&cfg(llama9m(), "adamw", |_| {}), false, "the model");
+    let plan = Plan::new(&cfg(tied.clone(), "adamw", |_| {}), false, "the model");
+    assert_eq!(untied.params - plan.params, 256 * 128, "the table is counted once");
+    assert!(plan.tensors.iter().all(|t| t.name != "lm_head.weight"));
+    for name in OPTS {
+        for (fused, ga, ckpt) in [(true, 1, false), (false, 1, false), (true, 2, false), (true, 1, true)] {
+            compare(cfg(tied.clone(), name, |c| {
+                c.optimizer.rank = 48;
+                c.optimizer.fused = fused;
+                c.grad_accum = ga;
+                c.checkpointing = ckpt;
+            }));
+        }
+    }
+    // a large tied table, taken in row chunks by the fused step
+    let mut big = tiny_model(4096, 128, 352, 4, 4, 1);
+    big.tie_word_embeddings = true;
+    for name in ["adam8bit", "galore8bit", "qgalore"] {
+        let c = cfg(big.clone(), name, |c| {
+            c.optimizer.rank = 32;
+            c.optimizer.fused = true;
+            c.batch_size = 1;
+        });
+        assert!(Plan::new(&c, false, "the model").table_chunk_rows.is_some(), "{name}");
+        compare(c);
+    }
+}

@@ -74,7 +74,8 @@ impl FieldValue for f64 {
 }
 
 /// Declares the model fields once: name, type, kind and default, in the order problems are
-/// looked for.
+/// looked for. The numeric fields come from the macro; `rope_scaling` and
+/// `tie_word_embeddings` (not numbers) follow them.
 macro_rules! model_fields {
     ($( $(#[$doc:meta])* $field:ident : $t:ty, $kind:ident, $default:expr; )*) => {
         /// LLaMA architecture (docs/algorithm-spec.md §3). Field names follow
@@ -82,21 +83,33 @@ macro_rules! model_fields {
         #[derive(Clone, Debug)]
         pub struct ModelConfig {
             $( $(#[$doc])* pub $field: $t, )*
+            /// RoPE frequency scaling (`rope_scaling`, or the scaling keys of
+            /// `rope_parameters`); None: plain RoPE (`rope_type` "default").
+            pub rope_scaling: Option<RopeScaling>,
+            /// One table serves the token embedding and lm_head.
+            pub tie_word_embeddings: bool,
         }
 
         const FIELDS: &[Field] = &[ $( Field { name: stringify!($field), kind: Kind::$kind, default: $default }, )* ];
 
         impl ModelConfig {
-            /// A config from a map that `resolve` filled (every field a number).
+            /// A config from a map that `resolve` filled (every numeric field a number).
             fn from_filled(m: &Map<String, Value>) -> Self {
                 let get = |name: &str| m.get(name).and_then(Value::as_f64).unwrap_or(f64::NAN);
-                ModelConfig { $( $field: FieldValue::from_f64(get(stringify!($field))), )* }
+                ModelConfig {
+                    $( $field: FieldValue::from_f64(get(stringify!($field))), )*
+                    rope_scaling: m.get("rope_scaling").and_then(RopeScaling::from_filled),
+                    tie_word_embeddings: m.get("tie_word_embeddings").and_then(Value::as_bool).unwrap_or(false),
+                }
             }
 
-            /// The fields as JSON (a key per field that has a value).
+            /// The fields as JSON (a key per field that has a value; `head_dim` is derived,
+            /// so left out).
             pub fn to_map(&self) -> Map<String, Value> {
                 let mut out = Map::new();
                 $( if let Some(v) = FieldValue::to_json(&self.$field) { out.insert(stringify!($field).into(), v); } )*
+                out.insert("rope_scaling".into(), self.rope_scaling.as_ref().map_or(Value::Null, RopeScaling::to_json));
+                out.insert("tie_word_embeddings".into(), Value::Bool(self.tie_word_embeddings));
                 out
             }
         }
@@ -135,14 +148,18 @@ model_fields! {
 pub enum ProblemKind {
     /// A required field is absent.
     Missing,
-    /// A field is not a JSON number.
+    /// A field has the wrong JSON type (`why` says which).
     Type,
     /// A value breaks a rule (`why` says which).
     Range,
+    /// A value asks for what the engine does not implement (biases, another activation,
+    /// another RoPE type; `why` names what is allowed).
+    Unsupported,
 }
 
 /// One problem of a model config: `field value why` ("num_attention_heads 3 must divide
-/// hidden_size 128"). `field` is a config field, or `head dim` (hidden_size /
+/// hidden_size 128"). `field` is a config field, a key inside `rope_scaling` or
+/// `rope_parameters` (`rope_scaling.factor`), or `head dim` (hidden_size /
 /// num_attention_heads, which `why` names).
 #[derive(Clone, Debug, Serialize)]
 pub struct ModelProblem {
@@ -176,12 +193,207 @@ fn number(v: f64) -> Value {
     }
 }
 
-/// Checks a JSON model config and fills in the defaults. `vocab`, when given, replaces the
-/// config's `vocab_size` (a front end's tokenizer decides the vocabulary); keys that are not
-/// model fields are ignored, as Hugging Face does. Returns the filled config (model fields
-/// only) with the first rule it breaks, or — when no config can be built — the missing or
-/// non-numeric field. The fields named in `non_finite` hold NaN or an infinity, which JSON
-/// cannot carry (they arrive as null): numbers that break the rules, not wrong types.
+/// RoPE frequency scaling, as `transformers` computes it (`modeling_rope_utils`:
+/// `_compute_linear_scaling_rope_parameters`, `_compute_llama3_parameters`).
+#[derive(Clone, Debug, PartialEq)]
+pub enum RopeScaling {
+    /// Every inverse frequency divided by `factor`.
+    Linear { factor: f64 },
+    /// Llama 3.1: long wavelengths divided by `factor`, short ones kept, a smooth blend
+    /// between (wavelengths bounded by original_max_position_embeddings / the two factors).
+    Llama3 { factor: f64, low_freq_factor: f64, high_freq_factor: f64, original_max_position_embeddings: usize },
+}
+
+/// The RoPE types the engine implements, as `rope_type` names them.
+const ROPE_TYPES: &str = r#""default", "linear", "llama3""#;
+
+/// The scaling keys of each implemented RoPE type (after `rope_type`), required ones first;
+/// llama3's original_max_position_embeddings defaults to max_position_embeddings, as
+/// `transformers`' `standardize_rope_params` does.
+fn rope_keys(rope_type: &str) -> &'static [&'static str] {
+    match rope_type {
+        "linear" => &["factor"],
+        "llama3" => &["factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"],
+        _ => &[],
+    }
+}
+
+impl RopeScaling {
+    /// The filled JSON form: `{ "rope_type", then the type's keys }`.
+    pub fn to_json(&self) -> Value {
+        match *self {
+            RopeScaling::Linear { factor } => serde_json::json!({ "rope_type": "linear", "factor": factor }),
+            RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
+                serde_json::json!({ "rope_type": "llama3", "factor": factor, "low_freq_factor": low_freq_factor,
+                    "high_freq_factor": high_freq_factor, "original_max_position_embeddings": original_max_position_embeddings })
+            }
+        }
+    }
+
+    /// From a filled `rope_scaling` (checked); None for null or the default type.
+    fn from_filled(v: &Value) -> Option<Self> {
+        let f = |k: &str| v.get(k).and_then(Value::as_f64).unwrap_or(f64::NAN);
+        match v.get("rope_type")?.as_str()? {
+            "linear" => Some(RopeScaling::Linear { factor: f("factor") }),
+            "llama3" => Some(RopeScaling::Llama3 {
+                factor: f("factor"),
+                low_freq_factor: f("low_freq_factor"),
+                high_freq_factor: f("high_freq_factor"),
+                original_max_position_embeddings: f("original_max_position_embeddings") as usize,
+            }),
+            _ => None,
+        }
+    }
+
+    /// Scales one inverse frequency (radians per position) as `transformers` does.
+    pub fn scale(&self, inv_freq: f64) -> f64 {
+        match *self {
+            RopeScaling::Linear { factor } => inv_freq / factor,
+            RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
+                let old = original_max_position_embeddings as f64;
+                let (low_wavelen, high_wavelen) = (old / low_freq_factor, old / high_freq_factor);
+                let wavelen = 2.0 * std::f64::consts::PI / inv_freq;
+                if wavelen < high_wavelen {
+                    inv_freq
+                } else if wavelen > low_wavelen {
+                    inv_freq / factor
+                } else {
+                    let smooth = (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                    (1.0 - smooth) * inv_freq / factor + smooth * inv_freq
+                }
+            }
+        }
+    }
+}
+
+/// A RoPE layout's key and its object.
+type RopeSource<'a> = (&'static str, &'a Map<String, Value>);
+
+/// Where a config keeps its RoPE settings: the newer `rope_parameters` object (rope_theta
+/// inside) or the older `rope_scaling` next to a top-level `rope_theta`. When both are
+/// given, `rope_scaling` wins, as in transformers 5.24 (`convert_rope_params_to_dict`).
+fn rope_source(obj: &Map<String, Value>) -> Result<Option<RopeSource<'_>>, ModelProblem> {
+    for key in ["rope_scaling", "rope_parameters"] {
+        match obj.get(key) {
+            None | Some(Value::Null) => {}
+            Some(Value::Object(m)) => return Ok(Some((key, m))),
+            Some(v) => return Err(ModelProblem::new(ProblemKind::Type, key, v.clone(), "must be null or an object".into())),
+        }
+    }
+    Ok(None)
+}
+
+/// Fills `rope_theta` and `rope_scaling` of `out` from either RoPE layout (both give the
+/// same filled config). Missing or mistyped keys, and RoPE types other than `ROPE_TYPES`,
+/// are problems; values are judged later by `check_rope`. Returns the layout's key.
+fn fill_rope(obj: &Map<String, Value>, out: &mut Map<String, Value>) -> Result<&'static str, ModelProblem> {
+    let Some((key, src)) = rope_source(obj)? else {
+        out.insert("rope_scaling".into(), Value::Null);
+        return Ok("rope_scaling");
+    };
+    let field = |k: &str| format!("{key}.{k}");
+    if let Some(theta) = src.get("rope_theta") {
+        if !theta.is_number() {
+            return Err(ModelProblem::new(ProblemKind::Type, &field("rope_theta"), theta.clone(), "must be a number".into()));
+        }
+        out.insert("rope_theta".into(), theta.clone());
+    }
+    // `type` is the legacy name of `rope_type`
+    let (type_key, rope_type) = match (src.get("rope_type"), src.get("type")) {
+        (Some(t), _) => ("rope_type", t),
+        (None, Some(t)) => ("type", t),
+        (None, None) => ("rope_type", &Value::Null),
+    };
+    let rope_type = match rope_type {
+        Value::Null => "default",
+        Value::String(s) => s.as_str(),
+        v => return Err(ModelProblem::new(ProblemKind::Type, &field(type_key), v.clone(), "must be a string".into())),
+    };
+    if !matches!(rope_type, "default" | "linear" | "llama3") {
+        let why = format!("must be one of {ROPE_TYPES} (other RoPE types are not implemented)");
+        return Err(ModelProblem::new(ProblemKind::Unsupported, &field(type_key), Value::from(rope_type), why));
+    }
+    if rope_type == "default" {
+        out.insert("rope_scaling".into(), Value::Null);
+        return Ok(key);
+    }
+    let mut scaling = Map::new();
+    scaling.insert("rope_type".into(), Value::from(rope_type));
+    for &k in rope_keys(rope_type) {
+        let v = match src.get(k) {
+            Some(v) if v.is_number() => v.clone(),
+            Some(v) => return Err(ModelProblem::new(ProblemKind::Type, &field(k), v.clone(), "must be a number".into())),
+            None if k == "original_max_position_embeddings" => out["max_position_embeddings"].clone(),
+            None => return Err(ModelProblem::new(ProblemKind::Missing, &field(k), Value::Null, "missing".into())),
+        };
+        scaling.insert(k.into(), v);
+    }
+    out.insert("rope_scaling".into(), Value::Object(scaling));
+    Ok(key)
+}
+
+/// The first rule a filled `rope_scaling` breaks (`key` names the layout it came from):
+/// factors > 0, high_freq_factor > low_freq_factor, original_max_position_embeddings an
+/// integer ≥ 1.
+fn check_rope(scaling: &Value, key: &str) -> Option<ModelProblem> {
+    let Value::Object(s) = scaling else {
+        return None;
+    };
+    let get = |k: &str| s.get(k).and_then(Value::as_f64).unwrap_or(f64::NAN);
+    let range = |k: &str, why: String| Some(ModelProblem::new(ProblemKind::Range, &format!("{key}.{k}"), number(get(k)), why));
+    let rope_type = s.get("rope_type").and_then(Value::as_str).unwrap_or("");
+    for &k in rope_keys(rope_type) {
+        let v = get(k);
+        if k == "original_max_position_embeddings" {
+            if !(v.is_finite() && v.fract() == 0.0 && v >= 1.0) {
+                return range(k, "must be an integer ≥ 1".into());
+            }
+        } else if !(v.is_finite() && v > 0.0) {
+            return range(k, "must be > 0".into());
+        }
+    }
+    if rope_type == "llama3" && get("high_freq_factor") <= get("low_freq_factor") {
+        return range("high_freq_factor", format!("must be > low_freq_factor {}", number(get("low_freq_factor"))));
+    }
+    None
+}
+
+/// Keys of a `config.json` whose values the engine does not implement: each must have the
+/// type and value given (absent is fine).
+const FIXED: &[(&str, &str)] = &[
+    ("model_type", "llama"),
+    ("hidden_act", "silu"),
+    ("attention_bias", "false"),
+    ("mlp_bias", "false"),
+];
+
+/// The first fixed key (`FIXED`) with another type or value.
+fn check_fixed(obj: &Map<String, Value>) -> Option<ModelProblem> {
+    for &(key, want) in FIXED {
+        let Some(v) = obj.get(key) else { continue };
+        let problem = |kind, why: &str| Some(ModelProblem::new(kind, key, v.clone(), why.into()));
+        match (want, v) {
+            ("false", Value::Bool(false)) => {}
+            ("false", Value::Bool(true)) => return problem(ProblemKind::Unsupported, "must be false (biases are not implemented)"),
+            ("false", _) => return problem(ProblemKind::Type, "must be true or false"),
+            (w, Value::String(s)) if s == w => {}
+            ("llama", Value::String(_)) => return problem(ProblemKind::Unsupported, r#"must be "llama" (other architectures are not implemented)"#),
+            (_, Value::String(_)) => return problem(ProblemKind::Unsupported, r#"must be "silu" (other activations are not implemented)"#),
+            _ => return problem(ProblemKind::Type, "must be a string"),
+        }
+    }
+    None
+}
+
+/// Checks a JSON model config and fills in the defaults. The config is a `config.json` as
+/// `transformers` writes it (either RoPE layout) or the engine's own filled form; `vocab`,
+/// when given, replaces the config's `vocab_size` (a front end's tokenizer decides the
+/// vocabulary); keys that are not model fields are ignored, as Hugging Face does, and keys
+/// whose values the engine does not implement (`FIXED`, RoPE types) are refused. Returns
+/// the filled config (model fields only, `head_dim` derived when absent) with the first
+/// rule it breaks, or — when no config can be built — the missing, mistyped or unsupported
+/// field. The fields named in `non_finite` hold NaN or an infinity, which JSON cannot carry
+/// (they arrive as null): numbers that break the rules, not wrong types.
 pub fn resolve(obj: &Map<String, Value>, vocab: Option<&Value>, non_finite: &[&str]) -> Result<(Map<String, Value>, Option<ModelProblem>), ModelProblem> {
     // vocab_size last: a caller usually supplies it
     let required = FIELDS.iter().filter(|f| matches!(f.default, Default::Required));
@@ -190,13 +402,21 @@ pub fn resolve(obj: &Map<String, Value>, vocab: Option<&Value>, non_finite: &[&s
             return Err(ModelProblem::new(ProblemKind::Missing, f.name, Value::Null, "missing".into()));
         }
     }
-    for f in FIELDS {
-        if let Some(v) = obj.get(f.name).filter(|v| !v.is_number() && !non_finite.contains(&f.name)) {
-            return Err(ModelProblem::new(ProblemKind::Type, f.name, v.clone(), "must be a number".into()));
+    for f in FIELDS.iter().map(|f| f.name).chain(["head_dim"]) {
+        // head_dim may be null (derived), as in LlamaConfig
+        let ok = |v: &Value| v.is_number() || non_finite.contains(&f) || (f == "head_dim" && v.is_null());
+        if let Some(v) = obj.get(f).filter(|v| !ok(v)) {
+            return Err(ModelProblem::new(ProblemKind::Type, f, v.clone(), "must be a number".into()));
         }
     }
     if let Some(v) = vocab.filter(|v| !v.is_number()) {
         return Err(ModelProblem::new(ProblemKind::Type, "vocab_size", v.clone(), "must be a number".into()));
+    }
+    if let Some(v) = obj.get("tie_word_embeddings").filter(|v| !v.is_boolean()) {
+        return Err(ModelProblem::new(ProblemKind::Type, "tie_word_embeddings", v.clone(), "must be true or false".into()));
+    }
+    if let Some(p) = check_fixed(obj) {
+        return Err(p);
     }
     let mut out = Map::new();
     for f in FIELDS {
@@ -211,22 +431,49 @@ pub fn resolve(obj: &Map<String, Value>, vocab: Option<&Value>, non_finite: &[&s
     if let Some(v) = vocab {
         out.insert("vocab_size".into(), v.clone());
     }
-    let problem = check(&out);
+    let rope_key = fill_rope(obj, &mut out)?;
+    let get = |name: &str| out.get(name).and_then(Value::as_f64).unwrap_or(f64::NAN);
+    let head_dim = match obj.get("head_dim") {
+        Some(v) if !v.is_null() => v.clone(),
+        _ => number(get("hidden_size") / get("num_attention_heads")),
+    };
+    out.insert("head_dim".into(), head_dim);
+    out.insert("tie_word_embeddings".into(), obj.get("tie_word_embeddings").cloned().unwrap_or(Value::Bool(false)));
+    let problem = check(&out, rope_key);
     Ok((out, problem))
 }
 
-/// The first rule a complete config breaks, defaults not applied: a field that is absent or
-/// not a number breaks its field's rule (for callers whose configs always carry every field).
+/// The first rule a complete config breaks, defaults not applied: a numeric field that is
+/// absent or not a number breaks its field's rule (for callers whose configs always carry
+/// every field); `head_dim`, `rope_scaling` and `tie_word_embeddings` may be absent
+/// (derived, none, false).
 pub fn check_complete(obj: &Map<String, Value>) -> (Map<String, Value>, Option<ModelProblem>) {
-    let out: Map<String, Value> = FIELDS.iter().map(|f| (f.name.to_string(), obj.get(f.name).filter(|v| v.is_number()).cloned().unwrap_or(Value::Null))).collect();
-    let problem = check(&out);
+    let mut out: Map<String, Value> =
+        FIELDS.iter().map(|f| (f.name.to_string(), obj.get(f.name).filter(|v| v.is_number()).cloned().unwrap_or(Value::Null))).collect();
+    if let Some(p) = check_fixed(obj) {
+        return (out, Some(p));
+    }
+    let rope_key = match fill_rope(obj, &mut out) {
+        Ok(k) => k,
+        Err(p) => return (out, Some(p)),
+    };
+    let get = |name: &str| out.get(name).and_then(Value::as_f64).unwrap_or(f64::NAN);
+    let head_dim = obj.get("head_dim").filter(|v| v.is_number()).cloned().unwrap_or_else(|| number(get("hidden_size") / get("num_attention_heads")));
+    out.insert("head_dim".into(), head_dim);
+    let tie = obj.get("tie_word_embeddings").cloned().unwrap_or(Value::Bool(false));
+    if !tie.is_boolean() {
+        return (out, Some(ModelProblem::new(ProblemKind::Type, "tie_word_embeddings", tie, "must be true or false".into())));
+    }
+    out.insert("tie_word_embeddings".into(), tie);
+    let problem = check(&out, rope_key);
     (out, problem)
 }
 
 /// The first rule a filled config breaks: counts are integers ≥ 1, reals are > 0, the
-/// heads divide the width, the key/value heads divide the heads, and the head dimension is
-/// even (RoPE rotates pairs).
-fn check(m: &Map<String, Value>) -> Option<ModelProblem> {
+/// heads divide the width, the key/value heads divide the heads, `head_dim` is the width
+/// per head (other head sizes are not implemented), the head dimension is even (RoPE
+/// rotates pairs), and the RoPE scaling's values are sound (`rope_key` names its layout).
+fn check(m: &Map<String, Value>, rope_key: &str) -> Option<ModelProblem> {
     let get = |name: &str| m.get(name).and_then(Value::as_f64).unwrap_or(f64::NAN);
     let range = |field: &str, value: f64, why: String| Some(ModelProblem::new(ProblemKind::Range, field, number(value), why));
     for kind in [Kind::Count, Kind::Positive] {
@@ -246,10 +493,14 @@ fn check(m: &Map<String, Value>) -> Option<ModelProblem> {
     if heads % kv != 0.0 {
         return range("num_key_value_heads", kv, format!("must divide num_attention_heads {heads}"));
     }
+    if let Some(hd) = m.get("head_dim").and_then(Value::as_f64).filter(|&hd| hd != h / heads) {
+        let why = format!("must equal hidden_size / num_attention_heads = {} (other head sizes are not implemented)", h / heads);
+        return range("head_dim", hd, why);
+    }
     if (h / heads) % 2.0 != 0.0 {
         return range("head dim", h / heads, format!("(hidden_size {h} / num_attention_heads {heads}) must be even for RoPE"));
     }
-    None
+    m.get("rope_scaling").and_then(|s| check_rope(s, rope_key))
 }
 
 /// A sequence longer than the model's positions.
@@ -270,7 +521,8 @@ impl ModelConfig {
         self.kv_heads() * self.head_dim()
     }
 
-    /// Parses a JSON model config: defaults filled, every rule checked.
+    /// Parses a JSON model config (a `config.json` as `transformers` writes it, or the
+    /// engine's filled form): defaults filled, every rule checked.
     pub fn from_map(obj: &Map<String, Value>) -> crate::error::Result<Self> {
         match resolve(obj, None, &[]) {
             Ok((m, None)) => Ok(ModelConfig::from_filled(&m)),
@@ -291,6 +543,28 @@ impl ModelConfig {
     pub fn validate(&self) -> crate::error::Result<()> {
         self.problem().map_or(Ok(()), |p| Err(crate::error::Error::invalid(p.text())))
     }
+
+    /// A complete Hugging Face `config.json` for this model: `transformers`'
+    /// `LlamaForCausalLM.from_pretrained` builds the same architecture from it. RoPE is
+    /// written in the `rope_theta` + `rope_scaling` layout, which transformers 4.x reads and
+    /// 5.x converts to its `rope_parameters`. The exporter adds dtype and token ids.
+    pub fn hf_config(&self) -> Map<String, Value> {
+        let mut m = Map::new();
+        m.insert("architectures".into(), serde_json::json!(["LlamaForCausalLM"]));
+        m.insert("model_type".into(), Value::from("llama"));
+        m.insert("hidden_act".into(), Value::from("silu"));
+        m.insert("attention_bias".into(), Value::Bool(false));
+        m.insert("attention_dropout".into(), Value::from(0.0));
+        m.insert("mlp_bias".into(), Value::Bool(false));
+        m.insert("pretraining_tp".into(), Value::from(1));
+        for (k, v) in self.to_map() {
+            m.insert(k, v);
+        }
+        m.insert("num_key_value_heads".into(), Value::from(self.kv_heads()));
+        m.insert("head_dim".into(), Value::from(self.head_dim()));
+        m.insert("rope_theta".into(), Value::from(self.rope_theta));
+        m
+    }
 }
 
 impl<'de> serde::Deserialize<'de> for ModelConfig {
@@ -303,8 +577,10 @@ impl<'de> serde::Deserialize<'de> for ModelConfig {
 /// What `qg_resolve_model` returns for `{ "model": {…}, "vocab_size"?: n, "seq_len"?: n,
 /// "non_finite"?: [field…], "defaults"?: bool }` (`defaults: false`: `check_complete`):
 /// `{ "config": {…every field filled…}, "problem"?: {…} }` (a rule broken), `{ "problem": {…} }`
-/// (a field missing or not a number), or `{ "error": "…" }` (not such a request). `seq_len`
-/// is checked against the config's `max_position_embeddings` when the config has no problem.
+/// (a field missing, mistyped or unsupported), or `{ "error": "…" }` (not such a request).
+/// `seq_len` is checked against the config's `max_position_embeddings` when the config has
+/// no problem. The filled config has the numeric fields, then `head_dim`, `rope_scaling`
+/// (null or `{ "rope_type", its keys }`) and `tie_word_embeddings`.
 pub fn resolve_json(text: &str) -> String {
     let v: Value = match serde_json::from_str(text) {
         Ok(v) => v,
@@ -336,15 +612,18 @@ struct Answer {
     problem: Option<ModelProblem>,
 }
 
+/// The keys of a filled config after the numeric fields.
+const FILLED_EXTRA: [&str; 3] = ["head_dim", "rope_scaling", "tie_word_embeddings"];
+
 /// A filled config written in the fields' declared order (`LlamaConfig`'s), not sorted.
 struct InFieldOrder(Map<String, Value>);
 
 impl Serialize for InFieldOrder {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeMap;
-        let mut m = s.serialize_map(Some(FIELDS.len()))?;
-        for f in FIELDS {
-            m.serialize_entry(f.name, &self.0[f.name])?;
+        let mut m = s.serialize_map(Some(FIELDS.len() + FILLED_EXTRA.len()))?;
+        for name in FIELDS.iter().map(|f| f.name).chain(FILLED_EXTRA) {
+            m.serialize_entry(name, self.0.get(name).unwrap_or(&Value::Null))?;
         }
         m.end()
     }
@@ -367,7 +646,7 @@ mod tests {
             r["config"],
             serde_json::json!({ "vocab_size": 256, "hidden_size": 128, "intermediate_size": 352, "num_attention_heads": 4,
                 "num_key_value_heads": 4, "num_hidden_layers": 4, "max_position_embeddings": 2048, "rope_theta": 10000,
-                "rms_norm_eps": 1e-6, "initializer_range": 0.02 })
+                "rms_norm_eps": 1e-6, "initializer_range": 0.02, "head_dim": 32, "rope_scaling": null, "tie_word_embeddings": false })
         );
         assert!(r.get("problem").is_none());
         let text = resolve_json(r#"{"model":{"vocab_size":8,"hidden_size":128,"intermediate_size":352,"num_attention_heads":4,"num_hidden_layers":4}}"#);
@@ -402,5 +681,133 @@ mod tests {
         bad = m.clone();
         bad.initializer_range = 0.0;
         assert_eq!(bad.validate().unwrap_err().msg, "model initializer_range = 0: must be > 0");
+    }
+
+    /// A Llama-3.1-style config (small), in the older layout transformers 4.x writes.
+    const LLAMA31_OLD: &str = r#"{"architectures":["LlamaForCausalLM"],"attention_bias":false,"attention_dropout":0.0,
+        "bos_token_id":128000,"eos_token_id":[128001,128008,128009],"head_dim":16,"hidden_act":"silu","hidden_size":64,
+        "initializer_range":0.02,"intermediate_size":128,"max_position_embeddings":131072,"mlp_bias":false,
+        "model_type":"llama","num_attention_heads":4,"num_hidden_layers":2,"num_key_value_heads":2,"pretraining_tp":1,
+        "rms_norm_eps":1e-05,"rope_scaling":{"factor":8.0,"high_freq_factor":4.0,"low_freq_factor":1.0,
+        "original_max_position_embeddings":8192,"rope_type":"llama3"},"rope_theta":500000.0,"tie_word_embeddings":true,
+        "torch_dtype":"bfloat16","transformers_version":"4.43.0.dev0","use_cache":true,"vocab_size":1000}"#;
+
+    /// The same model as transformers 5.24 writes it (`rope_parameters`, `dtype`).
+    const LLAMA31_NEW: &str = r#"{"architectures":["LlamaForCausalLM"],"attention_bias":false,"attention_dropout":0.0,
+        "bos_token_id":128000,"dtype":"bfloat16","eos_token_id":[128001,128008,128009],"head_dim":16,"hidden_act":"silu",
+        "hidden_size":64,"initializer_range":0.02,"intermediate_size":128,"max_position_embeddings":131072,"mlp_bias":false,
+        "model_type":"llama","num_attention_heads":4,"num_hidden_layers":2,"num_key_value_heads":2,"pad_token_id":null,
+        "pretraining_tp":1,"rms_norm_eps":1e-05,"rope_parameters":{"factor":8.0,"high_freq_factor":4.0,"low_freq_factor":1.0,
+        "original_max_position_embeddings":8192,"rope_theta":500000.0,"rope_type":"llama3"},"tie_word_embeddings":true,
+        "transformers_version":"5.24.0","use_cache":true,"vocab_size":1000}"#;
+
+    fn map(text: &str) -> Map<String, Value> {
+        serde_json::from_str(text).unwrap()
+    }
+
+    #[test]
+    fn hf_configs_in_both_rope_layouts_parse_alike() {
+        let old = resolve_text(&format!(r#"{{"model":{LLAMA31_OLD}}}"#));
+        let new = resolve_text(&format!(r#"{{"model":{LLAMA31_NEW}}}"#));
+        assert!(old.get("problem").is_none(), "{old}");
+        assert_eq!(old, new);
+        assert_eq!(
+            old["config"],
+            serde_json::json!({ "vocab_size": 1000, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
+                "num_key_value_heads": 2, "num_hidden_layers": 2, "max_position_embeddings": 131072, "rope_theta": 500000.0,
+                "rms_norm_eps": 1e-5, "initializer_range": 0.02, "head_dim": 16,
+                "rope_scaling": { "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                    "original_max_position_embeddings": 8192 },
+                "tie_word_embeddings": true })
+        );
+        let m = ModelConfig::from_map(&map(LLAMA31_NEW)).unwrap();
+        assert!(m.tie_word_embeddings);
+        assert_eq!(m.rope_theta, 500000.0);
+        assert_eq!(
+            m.rope_scaling,
+            Some(RopeScaling::Llama3 { factor: 8.0, low_freq_factor: 1.0, high_freq_factor: 4.0, original_max_position_embeddings: 8192 })
+        );
+        // the legacy `type`, and llama3 without original_max_position_embeddings (max positions)
+        let legacy = ModelConfig::from_map(&map(&LLAMA31_OLD.replace(r#""rope_type":"llama3""#, r#""type":"linear""#))).unwrap();
+        assert_eq!(legacy.rope_scaling, Some(RopeScaling::Linear { factor: 8.0 }));
+        let no_orig = LLAMA31_NEW.replace(r#""original_max_position_embeddings":8192,"#, "");
+        let m = ModelConfig::from_map(&map(&no_orig)).unwrap();
+        assert!(matches!(m.rope_scaling, Some(RopeScaling::Llama3 { original_max_position_embeddings: 131072, .. })));
+        // default rope in either layout is no scaling, with the given θ
+        let plain = LLAMA31_NEW.replace(r#""rope_type":"llama3""#, r#""rope_type":"default""#);
+        let m = ModelConfig::from_map(&map(&plain)).unwrap();
+        assert_eq!((m.rope_scaling, m.rope_theta), (None, 500000.0));
+        // both layouts at once: rope_scaling wins, θ from it or the top level (as transformers does)
+        let both = map(r#"{"vocab_size":8,"hidden_size":64,"intermediate_size":128,"num_attention_heads":4,"num_hidden_layers":1,
+            "rope_scaling":{"rope_type":"linear","factor":2.0},"rope_parameters":{"rope_type":"default","rope_theta":5.0},"rope_theta":7.0}"#);
+        let m = ModelConfig::from_map(&both).unwrap();
+        assert_eq!((m.rope_scaling, m.rope_theta), (Some(RopeScaling::Linear { factor: 2.0 }), 7.0));
+        // the filled config reads back as itself
+        let again = resolve_text(&format!(r#"{{"model":{}}}"#, old["config"]));
+        assert_eq!(again, old);
+    }
+
+    #[test]
+    fn unimplemented_settings_are_refused_by_name() {
+        let msg = |text: &str| ModelConfig::from_map(&map(text)).unwrap_err().msg;
+        let swap = |from: &str, to: &str| {
+            assert!(LLAMA31_NEW.contains(from), "{from}");
+            msg(&LLAMA31_NEW.replace(from, to))
+        };
+        assert_eq!(swap(r#""head_dim":16"#, r#""head_dim":64"#), "model head_dim = 64: must equal hidden_size / num_attention_heads = 16 (other head sizes are not implemented)");
+        assert_eq!(swap(r#""attention_bias":false"#, r#""attention_bias":true"#), "model attention_bias = true: must be false (biases are not implemented)");
+        assert_eq!(swap(r#""mlp_bias":false"#, r#""mlp_bias":true"#), "model mlp_bias = true: must be false (biases are not implemented)");
+        assert_eq!(swap(r#""hidden_act":"silu""#, r#""hidden_act":"gelu""#), r#"model hidden_act = "gelu": must be "silu" (other activations are not implemented)"#);
+        assert_eq!(swap(r#""model_type":"llama""#, r#""model_type":"mistral""#), r#"model model_type = "mistral": must be "llama" (other architectures are not implemented)"#);
+        assert_eq!(
+            swap(r#""rope_type":"llama3""#, r#""rope_type":"yarn""#),
+            r#"model rope_parameters.rope_type = "yarn": must be one of "default", "linear", "llama3" (other RoPE types are not implemented)"#
+        );
+        assert_eq!(swap(r#""factor":8.0"#, r#""factor":0"#), "model rope_parameters.factor = 0: must be > 0");
+        assert_eq!(swap(r#""factor":8.0,"#, ""), "model rope_parameters.factor: missing");
+        assert_eq!(swap(r#""high_freq_factor":4.0"#, r#""high_freq_factor":1"#), "model rope_parameters.high_freq_factor = 1: must be > low_freq_factor 1");
+        assert_eq!(swap(r#""tie_word_embeddings":true"#, r#""tie_word_embeddings":1"#), "model tie_word_embeddings = 1: must be true or false");
+        assert_eq!(swap(r#""head_dim":16"#, r#""head_dim":"16""#), r#"model head_dim = "16": must be a number"#);
+        let old_yarn = LLAMA31_OLD.replace(r#""rope_type":"llama3""#, r#""rope_type":"dynamic""#);
+        assert!(msg(&old_yarn).starts_with(r#"model rope_scaling.rope_type = "dynamic": must be one of"#));
+        assert_eq!(msg(&LLAMA31_OLD.replace(r#""rope_scaling":{"#, r#""rope_scaling":7,"x":{"#)), "model rope_scaling = 7: must be null or an object");
+        // the kinds a front end words
+        let r = resolve_text(&format!(r#"{{"model":{}}}"#, LLAMA31_NEW.replace(r#""mlp_bias":false"#, r#""mlp_bias":true"#)));
+        assert_eq!((r["problem"]["kind"].as_str(), r.get("config")), (Some("unsupported"), None));
+        // head_dim null is derived, as in LlamaConfig
+        let m = ModelConfig::from_map(&map(&LLAMA31_NEW.replace(r#""head_dim":16"#, r#""head_dim":null"#))).unwrap();
+        assert_eq!(m.head_dim(), 16);
+    }
+
+    #[test]
+    fn rust_configs_with_scaling_and_ties_pass_the_same_rules() {
+        let mut m = ModelConfig::from_map(&map(LLAMA31_OLD)).unwrap();
+        assert_eq!(m.validate().map_err(|e| e.msg), Ok(()));
+        m.rope_scaling = Some(RopeScaling::Linear { factor: -1.0 });
+        assert_eq!(m.validate().unwrap_err().msg, "model rope_scaling.factor = -1: must be > 0");
+    }
+
+    /// Writes `hf_config()` of a few configs to $QG_HF_CONFIG_OUT (a JSON array), for the
+    /// hand check against transformers (`LlamaConfig(**c)`); skipped without it.
+    #[test]
+    fn hf_config_is_complete() {
+        let cfgs: Vec<ModelConfig> = [LLAMA31_OLD.to_string(), LLAMA31_OLD.replace(r#""rope_type":"llama3""#, r#""rope_type":"linear""#),
+            r#"{"vocab_size":256,"hidden_size":128,"intermediate_size":352,"num_attention_heads":4,"num_hidden_layers":4}"#.to_string()]
+            .iter()
+            .map(|t| ModelConfig::from_map(&map(t)).unwrap())
+            .collect();
+        for c in &cfgs {
+            let hf = c.hf_config();
+            for k in ["architectures", "model_type", "hidden_act", "attention_bias", "mlp_bias", "head_dim", "tie_word_embeddings", "rope_theta", "rope_scaling", "num_key_value_heads"] {
+                assert!(hf.contains_key(k), "{k}");
+            }
+            // it reads back as the same model
+            let back = ModelConfig::from_map(&hf).unwrap();
+            assert_eq!(format!("{back:?}"), format!("{c:?}"));
+        }
+        if let Ok(path) = std::env::var("QG_HF_CONFIG_OUT") {
+            let all: Vec<Value> = cfgs.iter().map(|c| Value::Object(c.hf_config())).collect();
+            std::fs::write(path, serde_json::to_string_pretty(&all).unwrap()).unwrap();
+        }
     }
 }

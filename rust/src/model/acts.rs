@@ -6,7 +6,7 @@
 //! per-layer buffers exist once (slot 0) and the backward recomputes each block's forward
 //! into them from x[l] before differentiating it.
 
-use crate::host::rope::rope_table;
+use crate::host::rope::rope_table_for;
 use crate::backend::{AttnDims, Backend, Category};
 use crate::config::ModelConfig;
 use crate::error::Result;
@@ -138,7 +138,7 @@ impl<B: Backend> Acts<B> {
             .collect::<Result<Vec<_>>>()?;
         let bufs = &mut bufs[..];
         let mut rope = take_one(bufs, "rope");
-        be.upload(&mut rope, &rope_table(t, cfg.head_dim(), cfg.rope_theta))?;
+        be.upload(&mut rope, &rope_table_for(cfg, t))?;
         let n = b * t;
         Ok(Acts {
             b,

@@ -1,6 +1,6 @@
 //! Parameters of a LLaMA decoder (docs/algorithm-spec.md §3): token embedding, per block an
 //! RMSNorm + q/k/v/o attention + RMSNorm + gate/up/down SwiGLU MLP, a final RMSNorm and
-//! an untied lm_head. Matrices are row-major (out_features, in_features) like
+//! an lm_head — its own matrix, or the embedding itself (`tie_word_embeddings`). Matrices are row-major (out_features, in_features) like
 //! `nn.Linear.weight`; initialisation is normal(0, initializer_range), norms are ones.
 
 use crate::backend::{Backend, Category};
@@ -80,6 +80,7 @@ pub struct Llama<B: Backend> {
     pub layers: Vec<Layer>,
     pub embed: usize,
     pub final_norm: usize,
+    /// lm_head's parameter: `embed` itself when the embeddings are tied.
     pub head: usize,
 }
 
@@ -90,7 +91,8 @@ pub fn block_linears(cfg: &ModelConfig) -> [(&'static str, usize, usize); 7] {
     [("q", c, c), ("k", kv, c), ("v", kv, c), ("o", c, c), ("gate", i, c), ("up", i, c), ("down", c, i)]
 }
 
-/// Parameter shapes in creation order: (name, rows, cols, role).
+/// Parameter shapes in creation order: (name, rows, cols, role). Tied embeddings have no
+/// `lm_head.weight`: the embedding serves as the head.
 pub fn layout(cfg: &ModelConfig) -> Vec<(String, usize, usize, Role)> {
     let (c, v) = (cfg.hidden_size, cfg.vocab_size);
     let mut out = vec![("model.embed_tokens.weight".to_string(), v, c, Role::Embed)];
@@ -107,7 +109,9 @@ pub fn layout(cfg: &ModelConfig) -> Vec<(String, usize, usize, Role)> {
         }
     }
     out.push(("model.norm.weight".to_string(), 1, c, Role::Norm));
-    out.push(("lm_head.weight".to_string(), v, c, Role::Head));
+    if !cfg.tie_word_embeddings {
+        out.push(("lm_head.weight".to_string(), v, c, Role::Head));
+    }
     out
 }
 
@@ -182,12 +186,18 @@ impl<B: Backend> Llama<B> {
                 }
             })
             .collect();
-        let n = params.len();
-        Ok(Llama { cfg: cfg.clone(), params, layers, embed: 0, final_norm: n - 2, head: n - 1 })
+        let final_norm = 1 + cfg.num_hidden_layers * per;
+        let head = if cfg.tie_word_embeddings { 0 } else { final_norm + 1 };
+        Ok(Llama { cfg: cfg.clone(), params, layers, embed: 0, final_norm, head })
     }
 
     pub fn numel(&self) -> usize {
         self.params.iter().map(|p| p.numel()).sum()
+    }
+
+    /// Whether one table serves the embedding and lm_head.
+    pub fn tied(&self) -> bool {
+        self.head == self.embed
     }
 
     #[inline]

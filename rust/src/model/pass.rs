@@ -3,7 +3,8 @@
 //! The backward reports each parameter to `hook` as soon as that parameter's gradient
 //! for this micro-batch is complete and its weight will not be read again in this pass:
 //! a fused per-layer optimizer (docs/algorithm-spec.md §1.5) updates it there and frees the
-//! gradient buffer for the next parameter.
+//! gradient buffer for the next parameter. A tied embedding/head table is reported once, at
+//! the end, with the sum of both uses' gradients.
 
 use super::{Acts, Grads, Llama};
 use crate::backend::Backend;
@@ -77,7 +78,10 @@ pub fn backward<B: Backend>(
 
     let last = m.layers.len();
     be.matmul_dinp(&mut a.dxn, &a.logits, m.w(m.head), n, c, v, false);
-    if let Some(rows) = g.chunk_rows(m.head) {
+    if m.tied() {
+        // the head's share of a tied table's gradient is added at the end, with the
+        // embedding's (dlogits and xnf are kept until then)
+    } else if let Some(rows) = g.chunk_rows(m.head) {
         // row chunks of the head's gradient, each updated before the next is computed
         for r0 in (0..v).step_by(rows) {
             let nr = rows.min(v - r0);
@@ -138,16 +142,25 @@ pub fn backward<B: Backend>(
         hook(ly.attn_norm, None, m, g);
     }
     let e = m.embed;
+    let tied = m.tied();
     if let Some(rows) = g.chunk_rows(e) {
         for r0 in (0..v).step_by(rows) {
             let nr = rows.min(v - r0);
-            be.fill(g.get_mut(e), 0.0);
+            if tied {
+                be.matmul_dw_rows(g.get_mut(e), &a.logits, &a.xnf, n, c, v, r0, nr);
+            } else {
+                be.fill(g.get_mut(e), 0.0);
+            }
             be.embedding_bwd_rows(g.get_mut(e), &a.dres, &a.tokens, c, r0, nr);
             hook(e, Some((r0, nr)), m, g);
         }
         return;
     }
-    if !accum(g, e) {
+    if tied {
+        // the table's gradient is the sum of its two uses: as lm_head, then as embedding
+        let ac = accum(g, e);
+        be.matmul_dw(g.get_mut(e), &a.logits, &a.xnf, n, c, v, ac);
+    } else if !accum(g, e) {
         be.fill(g.get_mut(e), 0.0);
     }
     be.embedding_bwd(g.get_mut(e), &a.dres, &a.tokens, c);

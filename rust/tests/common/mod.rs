@@ -15,6 +15,8 @@ pub fn tiny_model(vocab: usize, hidden: usize, inter: usize, heads: usize, kv: u
         rope_theta: 10000.0,
         rms_norm_eps: 1e-6,
         initializer_range: 0.02,
+        rope_scaling: None,
+        tie_word_embeddings: false,
     }
 }
 
