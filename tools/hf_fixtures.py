@@ -127,10 +127,20 @@ def write_text(path, text):
         f.write(text)
 
 
+def to_json(obj, indent=0):
+    """Indented JSON, but a list of numbers stays on one line (ids and logits stay readable)."""
+    pad, inner = "  " * indent, "  " * (indent + 1)
+    if isinstance(obj, dict) and obj:
+        items = [f"{inner}{json.dumps(k, ensure_ascii=False)}: {to_json(v, indent + 1)}" for k, v in obj.items()]
+        return "{\n" + ",\n".join(items) + "\n" + pad + "}"
+    if isinstance(obj, list) and obj and not all(isinstance(x, (int, float)) for x in obj):
+        return "[\n" + ",\n".join(inner + to_json(v, indent + 1) for v in obj) + "\n" + pad + "]"
+    return json.dumps(obj, ensure_ascii=False, separators=(", ", ": "))
+
+
 def write_json(path, obj):
     with open(path, "w", encoding="utf-8", newline="\n") as f:
-        json.dump(obj, f, ensure_ascii=False, indent=1)
-        f.write("\n")
+        f.write(to_json(obj) + "\n")
 
 
 def train_spm(corpus_lines, vocab_size):
@@ -309,8 +319,11 @@ def reference_outputs(folder, single, batch, eos_id):
         margins.append(float(top2[0] - top2[1]))
 
     blocks = [logits[SINGLE_POSITIONS]] + [outb.logits[b][BATCH_POSITIONS] for b in range(len(batch))]
+    rotary = model.model.rotary_emb
     return {
         "model": model,
+        "inv_freq": rotary.inv_freq.tolist(),
+        "attention_scaling": float(rotary.attention_scaling),
         "loss": float(out.loss),
         "single_nll": single_nll,
         "argmax": logits.argmax(-1).tolist(),
@@ -348,6 +361,8 @@ def main():
     ap.add_argument("--out", default=os.path.join(here, "..", "tests", "fixtures", "hf"))
     args = ap.parse_args()
 
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
     out = os.path.abspath(args.out)
@@ -449,6 +464,8 @@ def main():
                 "batch_text": "AutoTokenizer.encode(tinyshakespeare[10000:14000], add_special_tokens=False), "
                               "rows [0:24] and [24:48]",
             },
+            "rope_inv_freq": ref["inv_freq"],
+            "rope_attention_scaling": ref["attention_scaling"],
             "loss": ref["loss"],
             "loss_note": "HF loss with labels=input_ids: mean over the 39 next-token predictions",
             "token_nll": ref["single_nll"],
