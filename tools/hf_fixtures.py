@@ -335,6 +335,78 @@ def reference_outputs(folder, single, batch, eos_id):
     }
 
 
+def rope_inv_freq_f64(rope, head_dim):
+    """Rotary inverse frequencies from the config alone, in float64 (llama3 as Llama 3.1 defines it)."""
+    import math
+
+    inv = [rope["rope_theta"] ** (-(2 * i) / head_dim) for i in range(head_dim // 2)]
+    if rope.get("rope_type", "default") == "default":
+        return inv
+    assert rope["rope_type"] == "llama3", rope
+    factor, low, high = rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"]
+    old = rope["original_max_position_embeddings"]
+    out = []
+    for f in inv:
+        wavelen = 2 * math.pi / f
+        if wavelen < old / high:
+            out.append(f)
+        elif wavelen > old / low:
+            out.append(f / factor)
+        else:
+            smooth = (old / wavelen - low) / (high - low)
+            out.append((1 - smooth) * f / factor + smooth * f)
+    return out
+
+
+def independent_logits(folder, rows):
+    """A plain float64 LLaMA forward from config.json and the stored tensors, sharing no code with
+    transformers' modeling: it shows the fixture is reproducible from the documented conventions
+    (rotate-half RoPE on [out, in] q/k weights, GQA by repeating kv heads, RMSNorm weight * x/rms,
+    SiLU-gated MLP, lm_head = embed_tokens when tied) and how far f32 rounding moves the logits."""
+    from safetensors.torch import load_file
+
+    with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
+        c = json.load(f)
+    w = {}
+    for fname in os.listdir(folder):
+        if fname.endswith(".safetensors"):
+            w.update({k: v.to(torch.float64) for k, v in load_file(os.path.join(folder, fname)).items()})
+    h_, nh, nkv, hd = c["hidden_size"], c["num_attention_heads"], c["num_key_value_heads"], c["head_dim"]
+    eps = c["rms_norm_eps"]
+    x_ids = torch.tensor(rows)
+    b, t = x_ids.shape
+    inv = torch.tensor(rope_inv_freq_f64(c["rope_parameters"], hd), dtype=torch.float64)
+    ang = torch.arange(t, dtype=torch.float64)[:, None] * inv[None, :]
+    cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
+
+    def rms(x, weight):
+        return weight * x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps)
+
+    def rope(q):
+        half = hd // 2
+        rot = torch.cat([-q[..., half:], q[..., :half]], -1)
+        return q * cos + rot * sin
+
+    x = w["model.embed_tokens.weight"][x_ids]
+    mask = torch.full((t, t), float("-inf"), dtype=torch.float64).triu(1)
+    for i in range(c["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        a = rms(x, w[p + "input_layernorm.weight"])
+        q = (a @ w[p + "self_attn.q_proj.weight"].T).view(b, t, nh, hd).transpose(1, 2)
+        k = (a @ w[p + "self_attn.k_proj.weight"].T).view(b, t, nkv, hd).transpose(1, 2)
+        v = (a @ w[p + "self_attn.v_proj.weight"].T).view(b, t, nkv, hd).transpose(1, 2)
+        q, k = rope(q), rope(k)
+        k, v = k.repeat_interleave(nh // nkv, 1), v.repeat_interleave(nh // nkv, 1)
+        att = torch.softmax(q @ k.transpose(-1, -2) / hd ** 0.5 + mask, -1)
+        o = (att @ v).transpose(1, 2).reshape(b, t, nh * hd)
+        x = x + o @ w[p + "self_attn.o_proj.weight"].T
+        m = rms(x, w[p + "post_attention_layernorm.weight"])
+        gate, up = m @ w[p + "mlp.gate_proj.weight"].T, m @ w[p + "mlp.up_proj.weight"].T
+        x = x + (torch.nn.functional.silu(gate) * up) @ w[p + "mlp.down_proj.weight"].T
+    head = w["model.embed_tokens.weight"] if c["tie_word_embeddings"] else w["lm_head.weight"]
+    return rms(x, w["model.norm.weight"]) @ head.T
+
+
 def safetensors_layout(folder):
     """Names, shapes and dtypes as stored (read from the headers, not through torch)."""
     files = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
@@ -438,6 +510,18 @@ def main():
                     b = ref["model"](torch.tensor([single])).logits
                 assert torch.equal(a, b), f"{name}: legacy config gives other logits"
 
+        # An independent float64 forward must land within the tolerance the engine's tests use.
+        exact_single = independent_logits(folder, [single])
+        exact_batch = independent_logits(folder, batch)
+        with torch.no_grad():
+            hf_single = ref["model"](torch.tensor([single])).logits.double()
+            hf_batch = ref["model"](torch.tensor(batch)).logits.double()
+        f64_diff = max(float((exact_single - hf_single).abs().max()), float((exact_batch - hf_batch).abs().max()))
+        assert f64_diff < 1e-4, f"{name}: transformers' f32 logits are {f64_diff} from a float64 forward"
+        inv_diff = max(abs(a - b) / b for a, b in zip(rope_inv_freq_f64(config_json["rope_parameters"],
+                                                                      config_json["head_dim"]), ref["inv_freq"]))
+        assert inv_diff < 1e-6, f"{name}: rope frequencies differ from the llama3 formula by {inv_diff}"
+
         offset = 0
         blocks = [{"input": "single", "row": 0, "positions": SINGLE_POSITIONS}] + [
             {"input": "batch", "row": r, "positions": BATCH_POSITIONS} for r in range(len(batch))
@@ -466,6 +550,9 @@ def main():
             },
             "rope_inv_freq": ref["inv_freq"],
             "rope_attention_scaling": ref["attention_scaling"],
+            "f64_max_abs_diff": f64_diff,
+            "f64_note": "max |transformers f32 logits - an independent float64 forward| over all positions "
+                        "of single and batch (tools/hf_fixtures.py independent_logits): f32 rounding alone",
             "loss": ref["loss"],
             "loss_note": "HF loss with labels=input_ids: mean over the 39 next-token predictions",
             "token_nll": ref["single_nll"],
@@ -496,7 +583,7 @@ def main():
         }
         write_json(os.path.join(folder, "expected.json"), expected)
         print(f"{name}: loss {ref['loss']:.6f} batch {ref['batch_loss']:.6f} greedy {ref['new_ids']} "
-              f"min margin {min(ref['margins']):.4f}{' (EOS)' if stopped else ''}")
+              f"min margin {min(ref['margins']):.4f}{' (EOS)' if stopped else ''}, f64 diff {f64_diff:.2e}")
 
     total = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(out) for f in fs)
     print(f"total {total} bytes in {out}")
