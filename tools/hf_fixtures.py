@@ -443,6 +443,9 @@ def main():
         shakespeare = f.read()
 
     write_text(os.path.join(out, "multilingual.txt"), MULTILINGUAL)
+    write_text(os.path.join(out, ".gitattributes"),
+               "# Fixtures are compared byte for byte: no line-ending conversion (multilingual.txt has CRLF lines).\n"
+               "* -text\n")
     versions = {
         "transformers": transformers.__version__, "torch": torch.__version__.split("+")[0],
         "tokenizers": tokenizers.__version__,
