@@ -6,7 +6,8 @@
 Loads DIR with LlamaForCausalLM.from_pretrained (weights upcast to float32, eager attention) and
 its tokenizer with AutoTokenizer when tokenizer files are there, and prints ONE JSON line:
 
-    {"dir", "stored_dtypes", "config": {...}, "tokens", "loss", "expected_loss"?,
+    {"dir", "stored_dtypes", "config": {...}, "loading": {"missing_keys", "unexpected_keys",
+     "mismatched_keys"}, "tokens", "loss", "expected_loss"?,
      "tokenizer": {...}?, "ref"?: {"dir", "loss", "max_abs_diff", "max_abs_diff_all",
      "bit_identical", "only_in_dir", "only_in_ref", "mismatched"}}
 
@@ -103,9 +104,12 @@ def load_model(folder):
 
     if not os.path.isfile(os.path.join(folder, "config.json")):
         raise CheckError(f"{folder}: no config.json")
-    model = LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager")
+    model, info = LlamaForCausalLM.from_pretrained(
+        folder, dtype=torch.float32, attn_implementation="eager", output_loading_info=True
+    )
     model.eval()
-    return model
+    # transformers fills a missing tensor with random values and only warns: surface it.
+    return model, {k: sorted(info.get(k) or []) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
 
 
 def loss_of(model, ids):
@@ -154,7 +158,7 @@ def main():
             raise CheckError(f"{args.dir}: --text needs a tokenizer (tokenizer.json) in the folder")
         ids = [tok.encode(args.text)]
 
-    model = load_model(args.dir)
+    model, loading = load_model(args.dir)
     cfg = model.config
     stored = read_tensors(args.dir)
     report["stored_dtypes"] = sorted({str(t.dtype).replace("torch.", "") for t in stored.values()})
@@ -163,6 +167,7 @@ def main():
         "heads": cfg.num_attention_heads, "kv_heads": cfg.num_key_value_heads, "head_dim": cfg.head_dim,
         "tie_word_embeddings": cfg.tie_word_embeddings, "rope_parameters": cfg.rope_parameters,
     }
+    report["loading"] = loading
     report["ids_from"] = ids_from
     report["tokens"] = sum(len(r) for r in ids)
     report["loss"] = loss_of(model, ids)
@@ -179,7 +184,7 @@ def main():
         }
 
     if args.ref:
-        ref_model = load_model(args.ref)
+        ref_model, _ = load_model(args.ref)
         ref_stored = read_tensors(args.ref)
         diffs, mismatched, identical = {}, [], True
         for name in sorted(set(stored) & set(ref_stored)):
