@@ -88,8 +88,11 @@ impl Request {
             }
         };
         let temperature = num("temperature", 0.0)?;
-        ensure!(temperature.is_finite() && temperature >= 0.0, "generate: temperature = {temperature}: must be a finite number ≥ 0 (0 = greedy)");
-        ensure!(temperature <= f32::MAX as f64, "generate: temperature = {temperature}: must be at most {}", f32::MAX);
+        // (f32 is what the engine computes in; larger values would become infinity)
+        ensure!(
+            (0.0..=f32::MAX as f64).contains(&temperature),
+            "generate: temperature = {temperature}: must be a finite number ≥ 0 (0 = greedy)"
+        );
         let top_p = num("top_p", 1.0)?;
         ensure!(top_p > 0.0 && top_p <= 1.0, "generate: top_p = {top_p}: must be in (0, 1] (1 = off)");
         let top_k = match o.get("top_k") {
