@@ -631,7 +631,13 @@ export class Engine implements Disposable {
   async generate(prompt: ArrayLike<number>, opts: GenerateRequest): Promise<GenerateResult> {
     const h = this.#handle();
     const json = enc.encode(JSON.stringify({ ...opts, prompt: Array.from(prompt) }));
-    const cap = 256 + 12 * Math.max(0, Math.min(Number(opts.max_new_tokens) || 0, 1 << 24));
+    // room for every new id (at most max_new_tokens, and the sequence never passes
+    // max_position_embeddings)
+    const most = Math.min(
+      Number(opts.max_new_tokens) || 0,
+      this.config.model.max_position_embeddings,
+    );
+    const cap = 256 + 12 * Math.max(0, most);
     let out = new Uint8Array(cap);
     const need = new BigUint64Array(1);
     const run = (buf: Uint8Array) => () =>

@@ -35,7 +35,8 @@ pub struct HostModel<'a> {
     embed: Cow<'a, [f32]>,
     blocks: Vec<Block<'a>>,
     final_norm: Cow<'a, [f32]>,
-    head: Cow<'a, [f32]>,
+    /// None when the embeddings are tied: the embedding table is the head.
+    head: Option<Cow<'a, [f32]>>,
     /// RoPE table for `positions` positions ([cos(t×hd/2), sin(t×hd/2)]).
     rope: Vec<f32>,
     /// Positions this decoder serves (cache capacity).
@@ -107,7 +108,7 @@ impl<'a> HostModel<'a> {
         }
         let final_norm = rd(m.final_norm)?;
         // Tied embeddings: `head` is the embedding's index, one table serves both.
-        let head = if m.head == m.embed { embed.clone() } else { rd(m.head)? };
+        let head = if m.head == m.embed { None } else { Some(rd(m.head)?) };
         be.sync()?;
         // TODO(merge): rope_table_for — the engine's table (with rope_scaling) once H1's
         // `rope_table_for(cfg, t)` lands; until then the plain θ table `Acts::new` uploads.
@@ -158,7 +159,8 @@ impl<'a> HostModel<'a> {
         let mut xf = vec![0.0f32; rows * c];
         rmsnorm(&mut xf, &x[first * c..], &self.final_norm, c, eps);
         let mut logits = vec![0.0f32; rows * vocab];
-        linear(&mut logits, &xf, &self.head, rows, c, vocab, false);
+        let head = self.head.as_deref().unwrap_or(&self.embed);
+        linear(&mut logits, &xf, head, rows, c, vocab, false);
         logits
     }
 
