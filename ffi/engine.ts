@@ -637,7 +637,7 @@ export class Engine implements Disposable {
       Number(opts.max_new_tokens) || 0,
       this.config.model.max_position_embeddings,
     );
-    const cap = 256 + 12 * Math.max(0, most);
+    const cap = 256 + 12 * (Number.isFinite(most) ? Math.max(0, most) : 0);
     let out = new Uint8Array(cap);
     const need = new BigUint64Array(1);
     const run = (buf: Uint8Array) => () =>
