@@ -128,12 +128,14 @@ impl<'a> HostModel<'a> {
         for (row, &t) in x.chunks_mut(c).zip(tokens) {
             row.copy_from_slice(&self.embed[t as usize * c..(t as usize + 1) * c]);
         }
-        let (mut xn, mut q, mut ao) = (vec![0.0f32; m * c], vec![0.0f32; m * c], vec![0.0f32; m * c]);
+        // query width h·hd (equal to c unless a config sets head_dim apart from c / h)
+        let qd = h * hd;
+        let (mut xn, mut q, mut ao) = (vec![0.0f32; m * c], vec![0.0f32; m * qd], vec![0.0f32; m * qd]);
         let (mut k, mut v) = (vec![0.0f32; m * kv], vec![0.0f32; m * kv]);
         let (mut gate, mut up) = (vec![0.0f32; m * inter], vec![0.0f32; m * inter]);
         for (l, b) in self.blocks.iter().enumerate() {
             rmsnorm(&mut xn, &x, &b.attn_norm, c, eps);
-            linear(&mut q, &xn, &b.q, m, c, c, false);
+            linear(&mut q, &xn, &b.q, m, c, qd, false);
             linear(&mut k, &xn, &b.k, m, c, kv, false);
             linear(&mut v, &xn, &b.v, m, c, kv, false);
             self.rotate(&mut q, p0, h, hd);
@@ -142,7 +144,7 @@ impl<'a> HostModel<'a> {
             cache.v[l][p0 * kv..(p0 + m) * kv].copy_from_slice(&v);
             attend(&mut ao, &q, &cache.k[l], &cache.v[l], p0, h, kvh, hd);
             // the residual stream takes the attention output in place (xm = x + ao·Woᵀ)
-            linear(&mut x, &ao, &b.o, m, c, c, true);
+            linear(&mut x, &ao, &b.o, m, qd, c, true);
             rmsnorm(&mut xn, &x, &b.mlp_norm, c, eps);
             linear(&mut gate, &xn, &b.gate, m, c, inter, false);
             linear(&mut up, &xn, &b.up, m, c, inter, false);
