@@ -34,6 +34,8 @@ export * from "./lib/log.ts";
 export * from "./lib/options.ts";
 export * from "./lib/cli.ts";
 export * from "./lib/trainer.ts";
+export * from "./lib/generate.ts";
+export * from "./lib/evaluate.ts";
 export {
   Engine,
   engineAbiVersion,
@@ -44,6 +46,8 @@ export {
   type EnginePlan,
   ErrorCode,
   gemmGflops,
+  type GenerateRequest,
+  type GenerateResult,
   type MemoryBytes,
   type ModelConfig as EngineModelConfig,
   type ModelProblem,

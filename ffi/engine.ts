@@ -630,4 +630,90 @@ export class Engine implements Disposable {
     this.#lib.symbols.qg_engine_free(this.#ptr);
     this.#ptr = null;
   }
+
+  /**
+   * Logits of the training forward pass on `batch × seq` input ids (`batch` and `seq` must be
+   * the engine's `batch_size` and `seq_len`): batch × seq × vocab values, row-major. Scoring
+   * them gives what {@link Engine.evalLoss} gives.
+   */
+  async logits(tokens: Int32Array, batch: number, seq: number): Promise<Float32Array> {
+    const h = this.#handle();
+    for (const [name, v] of [["batch", batch], ["seq", seq]] as const) {
+      if (!Number.isInteger(v) || v < 1) {
+        throw new EngineError(ErrorCode.invalid, `logits: ${name} = ${v}: must be an integer ≥ 1`);
+      }
+    }
+    const out = new Float32Array(batch * seq * this.config.model.vocab_size);
+    await this.#call(() =>
+      this.#lib.symbols.qg_logits(
+        h,
+        tokens,
+        BigInt(tokens.length),
+        batch,
+        seq,
+        out,
+        BigInt(out.length),
+      )
+    );
+    return out;
+  }
+
+  /**
+   * New tokens after `prompt`, from a decoder over this engine's weights with a key/value
+   * cache (each new token costs one position). Greedy at temperature 0; stops at an id of
+   * `eos` (returned as the last id), after `max_new_tokens`, or when the sequence fills
+   * `max_position_embeddings`. Rejects with a one-line {@link EngineError} naming the field
+   * of a bad request.
+   */
+  async generate(prompt: ArrayLike<number>, opts: GenerateRequest): Promise<GenerateResult> {
+    const h = this.#handle();
+    const json = enc.encode(JSON.stringify({ ...opts, prompt: Array.from(prompt) }));
+    // room for every new id (at most max_new_tokens, and the sequence never passes
+    // max_position_embeddings)
+    const most = Math.min(
+      Number(opts.max_new_tokens) || 0,
+      this.config.model.max_position_embeddings,
+    );
+    const cap = 256 + 12 * (Number.isFinite(most) ? Math.max(0, most) : 0);
+    let out = new Uint8Array(cap);
+    const need = new BigUint64Array(1);
+    const run = (buf: Uint8Array) => () =>
+      this.#lib.symbols.qg_generate(h, json, BigInt(json.length), buf, BigInt(buf.length), need);
+    await this.#call(run(out));
+    // the answer is sized from max_new_tokens; a larger one means running again
+    if (Number(need[0]) > out.length) await this.#call(run(out = new Uint8Array(Number(need[0]))));
+    return JSON.parse(dec.decode(out.subarray(0, Number(need[0])))) as GenerateResult;
+  }
+}
+
+/** A generation request as the engine reads it (`rust/src/infer/generate.rs`). */
+export interface GenerateRequest {
+  /** New tokens at most. */
+  max_new_tokens: number;
+  /** Softmax temperature; 0 (default) is greedy. */
+  temperature?: number;
+  /** Keep the k most likely tokens; 0 (default) is off. */
+  top_k?: number;
+  /** Keep the smallest set of most likely tokens reaching probability p; 1 (default) is off. */
+  top_p?: number;
+  /** Seed of the sampling draws (each draw is keyed by seed and position). */
+  seed?: number;
+  /** Ids that end the generation. */
+  eos?: readonly number[];
+  /** Use the key/value cache (default true); false recomputes the prefix for every token. */
+  cache?: boolean;
+}
+
+/** What {@link Engine.generate} returns. */
+export interface GenerateResult {
+  /** The new ids only (an EOS that stopped the generation is the last). */
+  ids: number[];
+  /** Why it stopped: an EOS id, `max_new_tokens`, or `max_position_embeddings`. */
+  stop: "eos" | "length" | "max_positions";
+  /** Seconds of prefill and decoding. */
+  seconds: number;
+  /** Seconds until the first new token's logits (the prompt's forward pass). */
+  prefill_seconds: number;
+  /** Seconds reading the weights to the host. */
+  load_seconds: number;
 }

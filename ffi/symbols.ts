@@ -43,6 +43,17 @@ export const SYMBOLS = {
   qg_save: { parameters: ["pointer", "buffer", "usize"], result: "i32", nonblocking: true },
   qg_load: { parameters: ["pointer", "buffer", "usize"], result: "i32", nonblocking: true },
   qg_debug_panic: { parameters: ["pointer"], result: "i32" },
+  // inference
+  qg_logits: {
+    parameters: ["pointer", "buffer", "usize", "u32", "u32", "buffer", "usize"],
+    result: "i32",
+    nonblocking: true,
+  },
+  qg_generate: {
+    parameters: ["pointer", "buffer", "usize", "buffer", "usize", "buffer"],
+    result: "i32",
+    nonblocking: true,
+  },
 } as const;
 
 /** The opened library with typed symbols. */

@@ -302,3 +302,37 @@ pub unsafe extern "C" fn qg_load(h: *const Handle, path: *const u8, len: usize) 
 pub unsafe extern "C" fn qg_debug_panic(h: *const Handle) -> i32 {
     with_session(h, |_| panic!("deliberate panic for testing"))
 }
+
+// inference
+
+/// Logits of the engine's own forward pass (the training numerics) on `batch × seq` input
+/// ids (`n` of them; batch and seq must be the engine's batch_size and seq_len), written
+/// into `out` (room for `cap` f32 values, at least batch × seq × vocab) row-major.
+#[no_mangle]
+pub unsafe extern "C" fn qg_logits(h: *const Handle, tokens: *const i32, n: usize, batch: u32, seq: u32, out: *mut f32, cap: usize) -> i32 {
+    with_session(h, |s| {
+        let toks = slice(tokens, n)?;
+        if out.is_null() {
+            return Err(Error::invalid("logits: null output buffer"));
+        }
+        s.logits(toks, batch as usize, seq as usize, std::slice::from_raw_parts_mut(out, cap))
+    })
+}
+
+/// Generates after a prompt: `json` is `{ "prompt": [ids], "max_new_tokens": n,
+/// "temperature"?, "top_k"?, "top_p"?, "seed"?, "eos"?: [ids], "cache"?: true }`
+/// (`infer::Request`). Writes `{ "ids", "stop", "seconds", "prefill_seconds",
+/// "load_seconds" }` into `out` when it fits; `*out_len` receives its full length.
+#[no_mangle]
+pub unsafe extern "C" fn qg_generate(h: *const Handle, json: *const u8, len: usize, out: *mut u8, cap: usize, out_len: *mut usize) -> i32 {
+    with_session(h, |s| {
+        let text = std::str::from_utf8(slice(json, len)?).map_err(|_| Error::invalid("generate: request is not UTF-8"))?;
+        let g = s.generate(&crate::infer::Request::from_json(text)?)?;
+        let answer = serde_json::to_string(&g).map_err(|e| Error::backend(format!("generate: {e}")))?;
+        let n = write_text(&answer, out, cap);
+        if !out_len.is_null() {
+            *out_len = n;
+        }
+        Ok(())
+    })
+}

@@ -11,6 +11,7 @@ pub mod config;
 pub mod error;
 pub mod ffi;
 pub mod host;
+pub mod infer;
 pub mod model;
 pub mod optim;
 pub mod plan;

@@ -409,6 +409,10 @@ pub trait Session: Send {
     fn load_state(&mut self, bytes: &[u8]) -> Result<()>;
     /// A one-line notice for the user (e.g. a device fallback), reported in `info`.
     fn set_notice(&mut self, text: &str);
+    /// Logits of batch × seq ids (`crate::infer`).
+    fn logits(&mut self, tokens: &[i32], batch: usize, seq: usize, out: &mut [f32]) -> Result<()>;
+    /// New tokens after a prompt (`crate::infer`).
+    fn generate(&mut self, req: &crate::infer::Request) -> Result<crate::infer::Generated>;
 }
 
 impl<B: Backend> Session for Engine<B> {
@@ -432,6 +436,12 @@ impl<B: Backend> Session for Engine<B> {
     }
     fn set_notice(&mut self, text: &str) {
         self.notice = Some(text.to_string());
+    }
+    fn logits(&mut self, tokens: &[i32], batch: usize, seq: usize, out: &mut [f32]) -> Result<()> {
+        self.be.runner().run(|| Engine::logits(self, tokens, batch, seq, out))
+    }
+    fn generate(&mut self, req: &crate::infer::Request) -> Result<crate::infer::Generated> {
+        self.be.runner().run(|| Engine::generate(self, req))
     }
 }
 
