@@ -1,14 +1,13 @@
 /**
  * Perplexity of a model on a token stream.
  *
- * Windows: the text is cut into consecutive windows of seqLen + 1 ids from its start; window i
- * holds ids [i·seqLen, i·seqLen + seqLen], so its seqLen inputs and seqLen targets do not
- * overlap with the next window's (the last id of one window is the first input of the next),
- * and every id after the first is scored exactly once, with up to seqLen − 1 ids of context
- * before it — how llm.c and nanoGPT evaluate, and `transformers`' perplexity guide with a
- * stride equal to the window, except that no target is lost at window boundaries. Ids that do
- * not fill a last window are dropped. Loss is the mean token cross-entropy (nats),
- * perplexity its exponential.
+ * Windows: the tokenized text is cut from its start into consecutive, non-overlapping windows
+ * of seqLen + 1 ids (window i holds ids [i·(seqLen+1), i·(seqLen+1) + seqLen]); in each, the
+ * first seqLen ids predict the next, so a window scores seqLen targets, and ids that do not fill
+ * a last window are dropped. This is `transformers`' perplexity guide with the stride equal to
+ * the window (max_length = seqLen + 1): every window starts without context, as the issue's
+ * definition and the guide's non-overlapping evaluation have it. Loss is the mean token
+ * cross-entropy (nats) over every scored target, perplexity its exponential.
  * @module
  */
 import type { Engine } from "../ffi/engine.ts";
@@ -35,19 +34,18 @@ export interface Perplexity {
 }
 
 /**
- * The consecutive windows of `seqLen` + 1 ids from the start of `tokens` (window i covers ids
- * i·seqLen … i·seqLen + seqLen), the last partial window dropped: 1000 ids at seqLen 100 give 9
- * windows and 900 targets.
+ * The consecutive non-overlapping windows of `seqLen` + 1 ids from the start of `tokens`
+ * (window i covers ids i·(seqLen+1) … i·(seqLen+1) + seqLen), the last partial window dropped:
+ * 1000 ids at seqLen 100 give 9 windows and 900 targets.
  */
 export function perplexityWindows(tokens: Int32Array, seqLen: number): PerplexityWindows {
   if (!Number.isSafeInteger(seqLen) || seqLen < 1) {
     throw new UsageError(`seq_len = ${seqLen}: must be an integer ≥ 1`);
   }
-  const count = tokens.length > seqLen ? Math.floor((tokens.length - 1) / seqLen) : 0;
-  const windows = new Int32Array(count * (seqLen + 1));
-  for (let i = 0; i < count; i++) {
-    windows.set(tokens.subarray(i * seqLen, i * seqLen + seqLen + 1), i * (seqLen + 1));
-  }
+  const row = seqLen + 1;
+  const count = Math.floor(tokens.length / row);
+  // consecutive windows are the text's first count × row ids, as they are
+  const windows = tokens.slice(0, count * row);
   return { windows, count };
 }
 

@@ -174,26 +174,27 @@ Deno.test("bad generation requests are one-line errors naming the field", async 
   assert.equal((await generateIds(e, [1], { maxNewTokens: 2 })).ids.length, 2);
 });
 
-Deno.test("perplexity windows: consecutive, sharing one id, the partial window dropped", () => {
+Deno.test("perplexity windows: consecutive, not overlapping, the partial window dropped", () => {
   const t = new Int32Array(1000).map((_, i) => i);
   const { windows, count } = perplexityWindows(t, 100);
   assert.equal(count, 9);
   assert.equal(windows.length, 9 * 101);
   for (let i = 0; i < 9; i++) {
-    assert.equal(windows[i * 101], i * 100);
-    assert.equal(windows[i * 101 + 100], i * 100 + 100);
+    assert.equal(windows[i * 101], i * 101);
+    assert.equal(windows[i * 101 + 100], i * 101 + 100);
   }
   assert.equal(perplexityWindows(t.subarray(0, 101), 100).count, 1);
   assert.equal(perplexityWindows(t.subarray(0, 100), 100).count, 0);
-  assert.equal(perplexityWindows(t.subarray(0, 201), 100).count, 2);
+  assert.equal(perplexityWindows(t.subarray(0, 201), 100).count, 1);
+  assert.equal(perplexityWindows(t.subarray(0, 202), 100).count, 2);
   assert.throws(() => perplexityWindows(t, 0), /seq_len = 0: must be an integer ≥ 1/);
 });
 
-Deno.test("evaluatePerplexity scores every id after the first once", async () => {
+Deno.test("evaluatePerplexity scores seq_len targets in each window of seq_len + 1", async () => {
   const seq = 16;
   using e = await Engine.create(config("adamw", 1, seq));
   await e.trainStep(ids(seq + 1, 8), 1, 1e-2);
-  const text = ids(16 * 70 + 5, 31); // 70 windows (two engine calls), 4 ids dropped
+  const text = ids(17 * 70 + 5, 31); // 70 windows (two engine calls), 5 ids dropped
   const r = await evaluatePerplexity(e, text, seq);
   assert.equal(r.windows, 70);
   assert.equal(r.tokens, 70 * seq);
@@ -201,7 +202,7 @@ Deno.test("evaluatePerplexity scores every id after the first once", async () =>
   // the same mean from the logits, window by window
   let sum = 0;
   for (let i = 0; i < 70; i++) {
-    const w = text.slice(i * seq, i * seq + seq + 1);
+    const w = text.slice(i * (seq + 1), i * (seq + 1) + seq + 1);
     sum += crossEntropy(await e.logits(w.subarray(0, seq), 1, seq), w, 1, seq);
   }
   assert.ok(Math.abs(sum / 70 - r.loss) < 1e-6, `${sum / 70} vs ${r.loss}`);

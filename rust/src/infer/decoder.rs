@@ -110,9 +110,8 @@ impl<'a> HostModel<'a> {
         // Tied embeddings: `head` is the embedding's index, one table serves both.
         let head = if m.head == m.embed { None } else { Some(rd(m.head)?) };
         be.sync()?;
-        // TODO(merge): rope_table_for — the engine's table (with rope_scaling) once H1's
-        // `rope_table_for(cfg, t)` lands; until then the plain θ table `Acts::new` uploads.
-        let rope = crate::host::rope::rope_table(positions, cfg.head_dim(), cfg.rope_theta);
+        // the engine's own table (rope_scaling included), so cached decoding equals the forward
+        let rope = crate::host::rope::rope_table_for(cfg, positions);
         Ok(HostModel { cfg, embed, blocks, final_norm, head, rope, positions })
     }
 
