@@ -111,7 +111,7 @@ impl<'a> HostModel<'a> {
         let head = if m.head == m.embed { None } else { Some(rd(m.head)?) };
         be.sync()?;
         // the engine's own table (rope_scaling included), so cached decoding equals the forward
-        let rope = crate::host::rope::rope_table_for(cfg, positions);
+        let rope = crate::host::rope::rope_table_for(&cfg, positions);
         Ok(HostModel { cfg, embed, blocks, final_norm, head, rope, positions })
     }
 
