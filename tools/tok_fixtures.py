@@ -1,6 +1,6 @@
 """Makes the tokenizer fixtures under tests/fixtures/tok/ (run by hand, not by CI):
 
-  /work/pyref/bin/python tools/tok_fixtures.py [tinyshakespeare.txt]
+  /work/pyref/bin/python tools/tok_fixtures.py [tinyshakespeare.txt] && deno fmt tests/fixtures/tok
 
 Two small tokenizers trained by Hugging Face `tokenizers` on tinyshakespeare (vocab < 1000,
 so the files stay small), each in a model folder as `transformers` reads it:
