@@ -152,6 +152,8 @@ export interface TokenizerTrainSpec {
 export class NativeTokenizer implements Disposable {
   #lib: NativeLib;
   #ptr: Deno.PointerValue;
+  /** Shard builds running with this tokenizer (it must outlive them). */
+  #builds = 0;
   /** What the engine reports about it. */
   readonly info: TokenizerInfo;
 
@@ -188,10 +190,21 @@ export class NativeTokenizer implements Disposable {
     return new NativeTokenizer(lib, ptr);
   }
 
-  /** The pointer handed to shard builds. */
+  /** The pointer handed to native calls. */
   get pointer(): Deno.PointerObject {
     if (this.#ptr === null) throw new EngineError(-1, "tokenizer already disposed");
     return this.#ptr;
+  }
+
+  /** Runs `f` (a call off the main thread using this tokenizer), keeping it from disposal. */
+  async lend<T>(f: (ptr: Deno.PointerObject) => Promise<T>): Promise<T> {
+    const ptr = this.pointer;
+    this.#builds++;
+    try {
+      return await f(ptr);
+    } finally {
+      this.#builds--;
+    }
   }
 
   #error(code: number): EngineError {
@@ -258,6 +271,9 @@ export class NativeTokenizer implements Disposable {
   /** Frees the native tokenizer. Safe to call twice. */
   [Symbol.dispose](): void {
     if (this.#ptr === null) return;
+    if (this.#builds > 0) {
+      throw new EngineError(-1, "cannot dispose a tokenizer while a shard build uses it");
+    }
     tokRegistry.unregister(this);
     this.#lib.symbols.qg_tok_free(this.#ptr);
     this.#ptr = null;
@@ -307,18 +323,20 @@ export class NativeShards implements Disposable {
   ): Promise<NativeShards> {
     const lib = loadLibrary();
     const json = enc.encode(JSON.stringify(spec));
-    const ptr = await create(
-      (e, c, l) =>
-        lib.symbols.qg_shards_build(
-          tok.pointer,
-          json,
-          BigInt(json.length),
-          progress?.pointer ?? null,
-          e,
-          c,
-          l,
-        ),
-      "building token shards",
+    const ptr = await tok.lend((t) =>
+      create(
+        (e, c, l) =>
+          lib.symbols.qg_shards_build(
+            t,
+            json,
+            BigInt(json.length),
+            progress?.pointer ?? null,
+            e,
+            c,
+            l,
+          ),
+        "building token shards",
+      )
     );
     return new NativeShards(lib, ptr);
   }

@@ -492,9 +492,28 @@ export class ShardDataset implements Dataset, Disposable {
     return this.#windows("val", starts, seqLen);
   }
 
+  /** Opens a finished shard folder (`info.dir` of an earlier {@link openCorpus}). */
+  static open(dir: string, seqLen: number): ShardDataset {
+    let shards: NativeShards;
+    try {
+      shards = NativeShards.open(dir);
+    } catch (e) {
+      throw e instanceof EngineError && e.code === -1 ? new UsageError(e.message) : e;
+    }
+    try {
+      return new ShardDataset(shards, seqLen, dir);
+    } catch (e) {
+      shards[Symbol.dispose]();
+      throw e;
+    }
+  }
+
   /** The whole split copied out (for small corpora; a large one would not fit). */
   tokens(split: "train" | "val"): Int32Array {
     const n = this.#count(split);
+    if (n > 2 ** 31 - 1) {
+      throw new RangeError(`the ${split} split has ${n} tokens, too many for one Int32Array`);
+    }
     const out = new Int32Array(n);
     if (n > 0) this.#shards.read(split, BigUint64Array.of(0n), n, out);
     return out;

@@ -1,9 +1,14 @@
 import assert from "node:assert/strict";
 import { join } from "node:path";
-import { openCorpus, type ShardDataset } from "../lib/data.ts";
+import { openCorpus, ShardDataset } from "../lib/data.ts";
 import { UsageError } from "../lib/errors.ts";
 import { Rng } from "../lib/rng.ts";
-import { ByteTokenizer, openTokenizer, type Tokenizer } from "../lib/tokenizer.ts";
+import {
+  ByteTokenizer,
+  type HfTokenizer,
+  openTokenizer,
+  type Tokenizer,
+} from "../lib/tokenizer.ts";
 
 const fixtures = new URL("./fixtures/tok/", import.meta.url).pathname;
 const multilingual: string = JSON.parse(Deno.readTextFileSync(join(fixtures, "ids.json"))).text;
@@ -168,6 +173,12 @@ Deno.test("a second open reuses the cache; a changed input rebuilds it", async (
     assert.equal(second.info.dir, first.info.dir);
     assert.deepEqual(Deno.statSync(shard).mtime, mtime);
     Deno.writeTextFileSync(data, docs.slice(1).map((d) => JSON.stringify({ text: d })).join("\n"));
+    using reopened = ShardDataset.open(second.info.dir, 8);
+    assert.deepEqual(reopened.tokens("val"), second.tokens("val"));
+    assert.throws(
+      () => ShardDataset.open(join(dir, "nowhere"), 8),
+      (e: Error) => e instanceof UsageError && /not a token shard folder/.test(e.message),
+    );
     using third = await open();
     assert.equal(third.cached, false);
     assert.notEqual(third.info.dir, first.info.dir);
@@ -289,3 +300,23 @@ function* safeReadDir(dir: string): Generator<string> {
     // not created yet
   }
 }
+
+Deno.test("a tokenizer cannot be freed while a build uses it", async () => {
+  await withDir(async (dir) => {
+    Deno.writeTextFileSync(join(dir, "c.txt"), words(1, 2000));
+    const tok = openTokenizer(join(fixtures, "llama2")) as HfTokenizer;
+    const building = openCorpus({
+      data: join(dir, "c.txt"),
+      tokenizer: tok,
+      valFraction: 0.1,
+      seqLen: 8,
+      cacheDir: join(dir, "cache"),
+      progress: false,
+    });
+    assert.throws(() => tok[Symbol.dispose](), /while a shard build uses it/);
+    using ds = await building;
+    assert.equal(ds.info.bos_id, 1);
+    tok[Symbol.dispose]();
+    assert.throws(() => tok.encode("x"), /disposed/);
+  });
+});
