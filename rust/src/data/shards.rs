@@ -352,7 +352,12 @@ impl Shards {
             }
             if len > 0 {
                 // SAFETY: cache files are written once and renamed into place, never modified.
-                maps[k] = Some(unsafe { Mmap::map(&f) }.map_err(|e| Error::invalid(format!("{}: cannot map ({e})", p.display())))?);
+                let map = unsafe { Mmap::map(&f) }.map_err(|e| Error::invalid(format!("{}: cannot map ({e})", p.display())))?;
+                // Windows are read at random starts: read-ahead would fetch (and keep
+                // resident) far more of the file than the windows need.
+                #[cfg(unix)]
+                let _ = map.advise(memmap2::Advice::Random);
+                maps[k] = Some(map);
             }
         }
         Ok(Shards { dir: dir.to_path_buf(), meta, cached: false, width, maps })
