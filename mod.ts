@@ -70,4 +70,13 @@ export {
   type ValueSpec,
 } from "./ffi/engine.ts";
 export { LoadError } from "./ffi/loader.ts";
+export {
+  NativeProgress,
+  NativeShards,
+  NativeTokenizer,
+  type ShardBuildSpec,
+  type ShardInfo,
+  type TokenizerInfo,
+  type TokenizerTrainSpec,
+} from "./ffi/data.ts";
 export * from "./lib/estimate.ts";

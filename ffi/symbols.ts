@@ -54,6 +54,45 @@ export const SYMBOLS = {
     result: "i32",
     nonblocking: true,
   },
+  // data: tokenizers and token shards
+  qg_progress_new: { parameters: [], result: "pointer" },
+  qg_progress_get: { parameters: ["pointer", "buffer"], result: "i32" },
+  qg_progress_cancel: { parameters: ["pointer"], result: "void" },
+  qg_progress_free: { parameters: ["pointer"], result: "void" },
+  qg_tok_open: { parameters: ["buffer", "usize", "buffer", "usize", "buffer"], result: "pointer" },
+  qg_tok_train: {
+    parameters: ["buffer", "usize", "pointer", "buffer", "usize", "buffer"],
+    result: "pointer",
+    nonblocking: true,
+  },
+  qg_tok_free: { parameters: ["pointer"], result: "void" },
+  qg_tok_last_error: { parameters: ["pointer", "buffer", "usize"], result: "usize" },
+  qg_tok_info: { parameters: ["pointer", "buffer", "usize"], result: "usize" },
+  qg_tok_encode: {
+    parameters: ["pointer", "buffer", "usize", "u32", "buffer", "usize", "buffer"],
+    result: "i32",
+  },
+  qg_tok_decode: {
+    parameters: ["pointer", "buffer", "usize", "u32", "buffer", "usize", "buffer"],
+    result: "i32",
+  },
+  qg_tok_save: { parameters: ["pointer", "buffer", "usize"], result: "i32" },
+  qg_shards_build: {
+    parameters: ["pointer", "buffer", "usize", "pointer", "buffer", "usize", "buffer"],
+    result: "pointer",
+    nonblocking: true,
+  },
+  qg_shards_open: {
+    parameters: ["buffer", "usize", "buffer", "usize", "buffer"],
+    result: "pointer",
+  },
+  qg_shards_free: { parameters: ["pointer"], result: "void" },
+  qg_shards_last_error: { parameters: ["pointer", "buffer", "usize"], result: "usize" },
+  qg_shards_info: { parameters: ["pointer", "buffer", "usize"], result: "usize" },
+  qg_shards_read: {
+    parameters: ["pointer", "u32", "buffer", "usize", "usize", "buffer"],
+    result: "i32",
+  },
 } as const;
 
 /** The opened library with typed symbols. */

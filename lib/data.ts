@@ -1,6 +1,8 @@
 /**
- * Training data: a byte-level text file, or the embedded synthetic corpus whose entropy per
- * token is known exactly (so a run can be judged against the best achievable loss).
+ * Training data: a byte-level text file, the embedded synthetic corpus whose entropy per
+ * token is known exactly (so a run can be judged against the best achievable loss), or a
+ * corpus of any size (text, JSONL, gzip'd JSONL, folders of them) tokenized once into
+ * cached, memory-mapped token shards ({@link openCorpus}).
  *
  * Batches use the engine's layout: rows of `seqLen + 1` token ids, row-major; the first
  * `seqLen` ids of a row are inputs and ids 1..seqLen the targets.
@@ -11,7 +13,9 @@
 import { UsageError } from "./errors.ts";
 import { checkNumber } from "./options.ts";
 import { Rng } from "./rng.ts";
-import { ByteTokenizer } from "./tokenizer.ts";
+import { ByteTokenizer, HfTokenizer, type Tokenizer } from "./tokenizer.ts";
+import { EngineError } from "../ffi/engine.ts";
+import { NativeProgress, NativeShards, NativeTokenizer, type ShardInfo } from "../ffi/data.ts";
 
 /** A token source with a training split (sampled) and a validation split (fixed). */
 export interface Dataset {
@@ -298,4 +302,232 @@ export function openDataset(opts: OpenDatasetOptions): Dataset {
     seqLen: opts.seqLen,
     label: `--data ${opts.data}`,
   });
+}
+
+/** Options of {@link openCorpus}. */
+export interface CorpusOptions {
+  /** A text file (one document), a JSONL file (one document per line), gzip'd JSONL, or a
+   * folder of such files (recursive, sorted by path). */
+  data: string;
+  /** The tokenizer: {@link ByteTokenizer} or one from `openTokenizer` / `trainTokenizer`. */
+  tokenizer: Tokenizer;
+  /** JSONL field holding the text (default `text`). */
+  textField?: string;
+  /** Share of the documents held out for validation, in (0, 1). */
+  valFraction: number;
+  /** Window length both splits must hold at least once (plus one target). */
+  seqLen: number;
+  /** Cache root (default `$QGALORE_CACHE/tokens`, else `~/.cache/qgalore/tokens`). */
+  cacheDir?: string;
+  /** Progress on stderr: a bar on a terminal, else one line at the end (default true). */
+  progress?: boolean;
+  /** Tokenizing threads (default: one per core). */
+  threads?: number;
+}
+
+/** The default cache root of token shards. */
+export function defaultTokenCache(): string {
+  const root = Deno.env.get("QGALORE_CACHE");
+  if (root) return `${root}/tokens`;
+  const home = Deno.env.get("HOME") ?? Deno.env.get("USERPROFILE") ?? ".";
+  return `${home}/.cache/qgalore/tokens`;
+}
+
+const MB = 1e6;
+
+function bar(label: string, read: number, total: number, seconds: number): string {
+  const f = total > 0 ? Math.min(1, read / total) : 0;
+  const width = 30;
+  const done = Math.round(f * width);
+  const rate = seconds > 0 ? read / MB / seconds : 0;
+  return `\r\x1b[K${label} [${"#".repeat(done)}${".".repeat(width - done)}] ` +
+    `${(100 * f).toFixed(0).padStart(3)}% ${(read / MB).toFixed(1)}/${
+      (total / MB).toFixed(1)
+    } MB ` +
+    `${rate.toFixed(1)} MB/s`;
+}
+
+/**
+ * Opens a corpus as token shards: tokenized once (in parallel, streaming, memory bounded
+ * whatever its size) into a cache folder keyed by the tokenizer and the inputs, reused by
+ * later calls. Each document is followed by EOS when the tokenizer has one; validation is
+ * split by documents. Bad input (a JSONL line that is not JSON or lacks the field, a
+ * truncated gzip stream, text that is not UTF-8, an empty corpus) is a one-line UsageError.
+ */
+export async function openCorpus(opts: CorpusOptions): Promise<ShardDataset> {
+  checkNumber("valFraction", opts.valFraction);
+  const tok = opts.tokenizer;
+  let native: NativeTokenizer;
+  let own = false;
+  if (tok instanceof HfTokenizer) native = tok.native;
+  else if (tok instanceof ByteTokenizer) [native, own] = [NativeTokenizer.open(""), true];
+  else {throw new UsageError(
+      "openCorpus: the tokenizer must be a ByteTokenizer or come from openTokenizer / trainTokenizer",
+    );}
+  const show = opts.progress ?? true;
+  const tty = show && Deno.stderr.isTerminal();
+  const label = `tokenizing ${opts.data}`;
+  const enc = new TextEncoder();
+  using progress = new NativeProgress();
+  const t0 = performance.now();
+  const timer = tty
+    ? setInterval(() => {
+      const [read, total] = progress.get();
+      Deno.stderr.writeSync(enc.encode(bar(label, read, total, (performance.now() - t0) / 1e3)));
+    }, 200)
+    : undefined;
+  let shards: NativeShards;
+  try {
+    shards = await NativeShards.build(native, {
+      data: opts.data,
+      text_field: opts.textField,
+      val_fraction: opts.valFraction,
+      cache_dir: opts.cacheDir ?? defaultTokenCache(),
+      threads: opts.threads ?? 0,
+    }, progress);
+  } catch (e) {
+    throw e instanceof EngineError && e.code === -1 ? new UsageError(e.message) : e;
+  } finally {
+    if (timer !== undefined) {
+      clearInterval(timer);
+      Deno.stderr.writeSync(enc.encode("\r\x1b[K"));
+    }
+    if (own) native[Symbol.dispose]();
+  }
+  if (show) {
+    const i = shards.info;
+    const s = (performance.now() - t0) / 1e3;
+    const what = i.cached
+      ? `token shards of ${opts.data}: cached in ${i.dir}`
+      : `tokenized ${opts.data}: ${(i.bytes / MB).toFixed(1)} MB in ${s.toFixed(1)} s ` +
+        `(${(i.bytes / MB / s).toFixed(1)} MB/s) into ${i.dir}`;
+    Deno.stderr.writeSync(
+      enc.encode(
+        `${what}; ${i.train_tokens} train + ${i.val_tokens} val tokens, ` +
+          `${i.docs.train} + ${i.docs.val} documents\n`,
+      ),
+    );
+  }
+  try {
+    return new ShardDataset(shards, opts.seqLen, opts.data);
+  } catch (e) {
+    shards[Symbol.dispose]();
+    throw e;
+  }
+}
+
+/** A uniform start in [0, n); `n` may exceed 2^32. */
+function drawStart(rng: Rng, n: number): number {
+  if (n <= 0x1_0000_0000) return rng.int(n);
+  // Two draws: high part, then the low 32 bits, rejecting the sliver past n.
+  for (;;) {
+    const hi = rng.int(Math.ceil(n / 0x1_0000_0000));
+    const s = hi * 0x1_0000_0000 + rng.nextU32();
+    if (s < n) return s;
+  }
+}
+
+/**
+ * A corpus as memory-mapped token shards ({@link openCorpus}). Windows are copied out by
+ * the engine; they may span documents (EOS separates them).
+ */
+export class ShardDataset implements Dataset, Disposable {
+  /** Token ids are in [0, vocabSize). */
+  readonly vocabSize: number;
+  /** What the engine reports: token and document counts, dtype, cache folder. */
+  readonly info: ShardInfo;
+  /** Whether the shards came from the cache (no tokenizing this time). */
+  readonly cached: boolean;
+  #shards: NativeShards;
+  #name: string;
+
+  /** Wraps opened shards; UsageError when a split cannot hold one window of `seqLen + 1`. */
+  constructor(shards: NativeShards, seqLen: number, label = "corpus") {
+    this.#shards = shards;
+    this.info = shards.info;
+    this.vocabSize = this.info.vocab_size;
+    this.cached = this.info.cached;
+    this.#name = label;
+    const window = seqLen + 1;
+    const { train_tokens: nTrain, val_tokens: nVal } = this.info;
+    if (nTrain < window || nVal < window) {
+      throw new UsageError(
+        `${label}: ${nTrain + nVal} tokens split into ${nTrain} train + ${nVal} validation ` +
+          `(${this.info.docs.train} + ${this.info.docs.val} documents); each split needs at ` +
+          `least ${window} (seq_len ${seqLen} + 1)`,
+      );
+    }
+  }
+
+  #count(split: "train" | "val"): number {
+    return split === "train" ? this.info.train_tokens : this.info.val_tokens;
+  }
+
+  #windows(split: "train" | "val", starts: number[], seqLen: number): Int32Array {
+    const window = seqLen + 1;
+    const n = this.#count(split);
+    if (!Number.isInteger(seqLen) || seqLen < 1 || window > n) {
+      throw new RangeError(`seq_len ${seqLen}: windows of ${window} exceed ${n} tokens`);
+    }
+    const out = new Int32Array(starts.length * window);
+    this.#shards.read(split, BigUint64Array.from(starts, BigInt), window, out);
+    return out;
+  }
+
+  /** `micro × batch` random windows of the training split, drawn with `rng`. */
+  trainBatch(rng: Rng, batch: number, seqLen: number, micro: number): Int32Array {
+    const n = this.#count("train") - seqLen;
+    const starts = Array.from({ length: micro * batch }, () => drawStart(rng, Math.max(1, n)));
+    return this.#windows("train", starts, seqLen);
+  }
+
+  /** `n × batch` evenly spaced windows covering the validation split. */
+  valBatches(n: number, batch: number, seqLen: number): Int32Array {
+    const rows = n * batch;
+    const last = this.#count("val") - (seqLen + 1);
+    const starts = Array.from(
+      { length: rows },
+      (_, r) => rows === 1 ? 0 : Math.floor((r * Math.max(0, last)) / (rows - 1)),
+    );
+    return this.#windows("val", starts, seqLen);
+  }
+
+  /** Opens a finished shard folder (`info.dir` of an earlier {@link openCorpus}). */
+  static open(dir: string, seqLen: number): ShardDataset {
+    let shards: NativeShards;
+    try {
+      shards = NativeShards.open(dir);
+    } catch (e) {
+      throw e instanceof EngineError && e.code === -1 ? new UsageError(e.message) : e;
+    }
+    try {
+      return new ShardDataset(shards, seqLen, dir);
+    } catch (e) {
+      shards[Symbol.dispose]();
+      throw e;
+    }
+  }
+
+  /** The whole split copied out (for small corpora; a large one would not fit). */
+  tokens(split: "train" | "val"): Int32Array {
+    const n = this.#count(split);
+    if (n > 2 ** 31 - 1) {
+      throw new RangeError(`the ${split} split has ${n} tokens, too many for one Int32Array`);
+    }
+    const out = new Int32Array(n);
+    if (n > 0) this.#shards.read(split, BigUint64Array.of(0n), n, out);
+    return out;
+  }
+
+  /** E.g. `corpus c4/: 1200000 tokens (1080000 train, 120000 val; 900 + 100 documents), uint16`. */
+  describe(): string {
+    const i = this.info;
+    return `corpus ${this.#name}: ${i.train_tokens + i.val_tokens} tokens (${i.train_tokens} ` +
+      `train, ${i.val_tokens} val; ${i.docs.train} + ${i.docs.val} documents), ${i.dtype}`;
+  }
+
+  /** Unmaps the shards. */
+  [Symbol.dispose](): void {
+    this.#shards[Symbol.dispose]();
+  }
 }

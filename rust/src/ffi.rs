@@ -336,3 +336,275 @@ pub unsafe extern "C" fn qg_generate(h: *const Handle, json: *const u8, len: usi
         Ok(())
     })
 }
+
+// data: tokenizers and token shards
+
+use crate::data::progress::Progress;
+use crate::data::shards::{BuildSpec, Shards, Split};
+use crate::data::tokenizer::Tokenizer;
+use crate::data::train::TrainSpec;
+
+/// A tokenizer (bytes or Hugging Face); read-only after creation, so calls share it.
+pub struct TokHandle {
+    tok: Tokenizer,
+    error: Mutex<String>,
+}
+
+/// An opened token shard set (memory-mapped).
+pub struct ShardHandle {
+    shards: Shards,
+    error: Mutex<String>,
+}
+
+/// Runs `f` with panic mapping; the error text goes to `error`.
+fn data_call(error: &Mutex<String>, f: impl FnOnce() -> Result<()>) -> i32 {
+    quiet_panics();
+    let (code, msg) = match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(Ok(())) => return 0,
+        Ok(Err(e)) => (e.code as i32, e.msg),
+        Err(p) => (Code::Panic as i32, format!("internal engine error (panic): {}", panic_text(p))),
+    };
+    *error.lock().unwrap_or_else(|e| e.into_inner()) = msg;
+    code
+}
+
+/// A new handle from `f`, or null with the one-line error in `err` (as `qg_engine_new`).
+unsafe fn data_new<T>(f: impl FnOnce() -> Result<T>, err: *mut u8, cap: usize, err_len: *mut usize) -> *mut T {
+    quiet_panics();
+    let msg = match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(Ok(v)) => return Box::into_raw(Box::new(v)),
+        Ok(Err(e)) => e.msg,
+        Err(p) => format!("internal engine error (panic): {}", panic_text(p)),
+    };
+    let n = write_text(&msg, err, cap);
+    if !err_len.is_null() {
+        *err_len = n;
+    }
+    std::ptr::null_mut()
+}
+
+fn json_arg<T: serde::de::DeserializeOwned>(p: *const u8, n: usize, what: &str) -> Result<T> {
+    let text = std::str::from_utf8(unsafe { slice(p, n)? }).map_err(|_| Error::invalid(format!("{what} is not UTF-8")))?;
+    serde_json::from_str(text).map_err(|e| Error::invalid(format!("{what}: {e}")))
+}
+
+/// A progress counter for `qg_shards_build` / `qg_tok_train`; free with `qg_progress_free`
+/// after the call it was given to has returned.
+#[no_mangle]
+pub extern "C" fn qg_progress_new() -> *mut Progress {
+    Box::into_raw(Box::new(Progress::new()))
+}
+
+/// `out` receives [bytes read, bytes in all]; returns 0, or −1 for a null argument.
+#[no_mangle]
+pub unsafe extern "C" fn qg_progress_get(p: *const Progress, out: *mut f64) -> i32 {
+    let (Some(p), false) = (p.as_ref(), out.is_null()) else { return Code::Invalid as i32 };
+    let (read, total) = p.get();
+    *out = read as f64;
+    *out.add(1) = total as f64;
+    0
+}
+
+/// Asks the call using `p` to stop at its next document (it then fails with "cancelled").
+#[no_mangle]
+pub unsafe extern "C" fn qg_progress_cancel(p: *const Progress) {
+    if let Some(p) = p.as_ref() {
+        p.cancel();
+    }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn qg_progress_free(p: *mut Progress) {
+    if !p.is_null() {
+        drop(Box::from_raw(p));
+    }
+}
+
+/// Opens a tokenizer: `tokenizer.json` or a model folder holding it (BOS/EOS from its
+/// `tokenizer_config.json` and `generation_config.json`); an empty path gives the byte
+/// tokenizer. On failure returns null with the one-line error in `err`.
+#[no_mangle]
+pub unsafe extern "C" fn qg_tok_open(path: *const u8, len: usize, err: *mut u8, cap: usize, err_len: *mut usize) -> *mut TokHandle {
+    data_new(
+        || {
+            let p = path_arg(path, len)?;
+            let tok = if p.is_empty() { Tokenizer::bytes() } else { Tokenizer::open(std::path::Path::new(p))? };
+            Ok(TokHandle { tok, error: Mutex::new(String::new()) })
+        },
+        err,
+        cap,
+        err_len,
+    )
+}
+
+/// Trains a byte-level BPE from a JSON `{ "inputs": [paths], "vocab_size": n,
+/// "text_field"?: s, "out": dir }`, saves it into `out` and opens it; `progress` (may be
+/// null) counts input bytes. On failure returns null with the one-line error in `err`.
+#[no_mangle]
+pub unsafe extern "C" fn qg_tok_train(cfg: *const u8, len: usize, progress: *const Progress, err: *mut u8, cap: usize, err_len: *mut usize) -> *mut TokHandle {
+    data_new(
+        || {
+            let spec: TrainSpec = json_arg(cfg, len, "tokenizer training config")?;
+            let tok = crate::data::train::train(&spec, progress.as_ref())?;
+            Ok(TokHandle { tok, error: Mutex::new(String::new()) })
+        },
+        err,
+        cap,
+        err_len,
+    )
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn qg_tok_free(h: *mut TokHandle) {
+    if !h.is_null() {
+        let _ = catch_unwind(AssertUnwindSafe(|| drop(Box::from_raw(h))));
+    }
+}
+
+/// The tokenizer handle's last error message; returns its byte length.
+#[no_mangle]
+pub unsafe extern "C" fn qg_tok_last_error(h: *const TokHandle, buf: *mut u8, cap: usize) -> usize {
+    match h.as_ref() {
+        Some(h) => write_text(&h.error.lock().unwrap_or_else(|e| e.into_inner()), buf, cap),
+        None => 0,
+    }
+}
+
+/// `{ kind, vocab_size, bos_id, eos_id, eos_ids, adds_bos, adds_eos, files }` as JSON;
+/// returns its byte length.
+#[no_mangle]
+pub unsafe extern "C" fn qg_tok_info(h: *const TokHandle, buf: *mut u8, cap: usize) -> usize {
+    let Some(h) = h.as_ref() else { return 0 };
+    let text = catch_unwind(AssertUnwindSafe(|| h.tok.info().to_string())).unwrap_or_default();
+    write_text(&text, buf, cap)
+}
+
+/// Token ids of the UTF-8 `text` (`add_special` ≠ 0 applies BOS/EOS as the model says).
+/// Copies them into `out` when they fit in `cap`; `*out_len` receives the count either
+/// way, so a caller retries with a larger buffer.
+#[no_mangle]
+pub unsafe extern "C" fn qg_tok_encode(h: *const TokHandle, text: *const u8, len: usize, add_special: u32, out: *mut i32, cap: usize, out_len: *mut usize) -> i32 {
+    let Some(h) = h.as_ref() else { return Code::Invalid as i32 };
+    data_call(&h.error, || {
+        let text = std::str::from_utf8(slice(text, len)?).map_err(|_| Error::invalid("text is not UTF-8"))?;
+        let ids = h.tok.encode(text, add_special != 0)?;
+        if !out.is_null() && cap >= ids.len() {
+            let o = std::slice::from_raw_parts_mut(out, ids.len());
+            for (o, &i) in o.iter_mut().zip(&ids) {
+                *o = i as i32;
+            }
+        }
+        if !out_len.is_null() {
+            *out_len = ids.len();
+        }
+        Ok(())
+    })
+}
+
+/// Text of `ids` (`skip_special` ≠ 0 drops special tokens) into `buf` when it fits;
+/// `*out_len` receives its byte length either way.
+#[no_mangle]
+pub unsafe extern "C" fn qg_tok_decode(h: *const TokHandle, ids: *const i32, n: usize, skip_special: u32, buf: *mut u8, cap: usize, out_len: *mut usize) -> i32 {
+    let Some(h) = h.as_ref() else { return Code::Invalid as i32 };
+    data_call(&h.error, || {
+        let ids = slice(ids, n)?;
+        if let Some((i, id)) = ids.iter().enumerate().find(|(_, &id)| id < 0) {
+            return Err(Error::invalid(format!("token id {id} at {i}: ids are ≥ 0")));
+        }
+        let ids: Vec<u32> = ids.iter().map(|&i| i as u32).collect();
+        let text = h.tok.decode(&ids, skip_special != 0)?;
+        let need = write_text(&text, buf, cap);
+        if !out_len.is_null() {
+            *out_len = need;
+        }
+        Ok(())
+    })
+}
+
+/// Writes the tokenizer's files (`tokenizer.json`, and `tokenizer_config.json` /
+/// `generation_config.json` when it has them) into the folder `dir`.
+#[no_mangle]
+pub unsafe extern "C" fn qg_tok_save(h: *const TokHandle, dir: *const u8, len: usize) -> i32 {
+    let Some(h) = h.as_ref() else { return Code::Invalid as i32 };
+    data_call(&h.error, || h.tok.save(std::path::Path::new(path_arg(dir, len)?)))
+}
+
+/// The token shards of a corpus under tokenizer `tok`, from a JSON `{ "data": path,
+/// "text_field"?: s, "val_fraction": f, "cache_dir": dir, "threads"?: n }`: reused from
+/// the cache when a finished build exists, else built (in parallel, streaming) and cached.
+/// `progress` (may be null) counts input bytes. On failure returns null with the one-line
+/// error in `err`.
+#[no_mangle]
+pub unsafe extern "C" fn qg_shards_build(tok: *const TokHandle, cfg: *const u8, len: usize, progress: *const Progress, err: *mut u8, cap: usize, err_len: *mut usize) -> *mut ShardHandle {
+    data_new(
+        || {
+            let tok = tok.as_ref().ok_or_else(|| Error::invalid("null tokenizer"))?;
+            let spec: BuildSpec = json_arg(cfg, len, "corpus config")?;
+            let shards = Shards::build(&tok.tok, &spec, progress.as_ref())?;
+            Ok(ShardHandle { shards, error: Mutex::new(String::new()) })
+        },
+        err,
+        cap,
+        err_len,
+    )
+}
+
+/// Opens a finished shard folder (the `dir` a build reports).
+#[no_mangle]
+pub unsafe extern "C" fn qg_shards_open(dir: *const u8, len: usize, err: *mut u8, cap: usize, err_len: *mut usize) -> *mut ShardHandle {
+    data_new(
+        || {
+            let shards = Shards::open(std::path::Path::new(path_arg(dir, len)?))?;
+            Ok(ShardHandle { shards, error: Mutex::new(String::new()) })
+        },
+        err,
+        cap,
+        err_len,
+    )
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn qg_shards_free(h: *mut ShardHandle) {
+    if !h.is_null() {
+        let _ = catch_unwind(AssertUnwindSafe(|| drop(Box::from_raw(h))));
+    }
+}
+
+/// The shard handle's last error message; returns its byte length.
+#[no_mangle]
+pub unsafe extern "C" fn qg_shards_last_error(h: *const ShardHandle, buf: *mut u8, cap: usize) -> usize {
+    match h.as_ref() {
+        Some(h) => write_text(&h.error.lock().unwrap_or_else(|e| e.into_inner()), buf, cap),
+        None => 0,
+    }
+}
+
+/// `{ train_tokens, val_tokens, dtype, vocab_size, docs: {train, val}, split, bos_id,
+/// eos_id, cached, dir, … }` as JSON; returns its byte length.
+#[no_mangle]
+pub unsafe extern "C" fn qg_shards_info(h: *const ShardHandle, buf: *mut u8, cap: usize) -> usize {
+    let Some(h) = h.as_ref() else { return 0 };
+    let text = catch_unwind(AssertUnwindSafe(|| h.shards.info().to_string())).unwrap_or_default();
+    write_text(&text, buf, cap)
+}
+
+/// Copies `n` windows of `window` tokens, starting at `starts[i]` of split `split`
+/// (0 = train, 1 = val), into `out` (n × window ids, row-major).
+#[no_mangle]
+pub unsafe extern "C" fn qg_shards_read(h: *const ShardHandle, split: u32, starts: *const u64, n: usize, window: usize, out: *mut i32) -> i32 {
+    let Some(h) = h.as_ref() else { return Code::Invalid as i32 };
+    data_call(&h.error, || {
+        let split = match split {
+            0 => Split::Train,
+            1 => Split::Val,
+            s => return Err(Error::invalid(format!("split {s}: 0 (train) or 1 (val)"))),
+        };
+        let starts = slice(starts, n)?;
+        let total = n.checked_mul(window).ok_or_else(|| Error::invalid("window count overflows"))?;
+        if total > 0 && out.is_null() {
+            return Err(Error::invalid("null output buffer"));
+        }
+        let out = if total == 0 { &mut [][..] } else { std::slice::from_raw_parts_mut(out, total) };
+        h.shards.read(split, starts, window, out)
+    })
+}

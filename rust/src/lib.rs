@@ -8,6 +8,7 @@
 pub mod adam;
 pub mod backend;
 pub mod config;
+pub mod data;
 pub mod error;
 pub mod ffi;
 pub mod host;

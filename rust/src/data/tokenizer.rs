@@ -1,0 +1,316 @@
+//! One tokenizer type for the whole pipeline: the byte tokenizer (id = byte, 256 ids, no
+//! BOS/EOS; the default) or a Hugging Face `tokenizer.json` run by the `tokenizers` crate,
+//! which gives exactly the ids Python's `tokenizers`/`transformers` give.
+
+use super::special::{self, Declared};
+use crate::error::{Error, Result};
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use tokenizers::processors::template::TemplateProcessing;
+use tokenizers::Tokenizer as HfTokenizer;
+
+pub enum Tokenizer {
+    Bytes,
+    Hf(Box<Hf>),
+}
+
+pub struct Hf {
+    inner: HfTokenizer,
+    /// tokenizer.json as read: part of the shard cache key.
+    json: Vec<u8>,
+    /// The model folder's tokenizer files, to copy on export.
+    files: Vec<PathBuf>,
+    declared: Declared,
+    vocab: usize,
+    bos: Option<u32>,
+    eos: Option<u32>,
+    eos_ids: Vec<u32>,
+    /// What `encode(…, add_special = true)` adds (found by encoding the empty text).
+    adds_bos: bool,
+    adds_eos: bool,
+}
+
+/// One line from a library error (some span several).
+fn one_line(e: impl std::fmt::Display) -> String {
+    e.to_string().split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+impl Tokenizer {
+    pub fn bytes() -> Self {
+        Tokenizer::Bytes
+    }
+
+    /// Opens `tokenizer.json`, given as the file or as the model folder holding it; BOS/EOS
+    /// from the folder's `tokenizer_config.json` and `generation_config.json`.
+    pub fn open(path: &Path) -> Result<Self> {
+        let (file, dir) = if path.is_dir() {
+            (path.join("tokenizer.json"), path.to_path_buf())
+        } else {
+            (path.to_path_buf(), path.parent().map(Path::to_path_buf).unwrap_or_default())
+        };
+        if !path.exists() {
+            return Err(Error::invalid(format!("tokenizer {}: not found", path.display())));
+        }
+        if !file.is_file() {
+            return Err(Error::invalid(format!("tokenizer {}: no tokenizer.json in this folder", path.display())));
+        }
+        let json = std::fs::read(&file).map_err(|e| Error::invalid(format!("{}: cannot read ({e})", file.display())))?;
+        let inner = HfTokenizer::from_bytes(&json)
+            .map_err(|e| Error::invalid(format!("{}: not a Hugging Face tokenizer.json ({})", file.display(), one_line(e))))?;
+        let declared = special::read(&dir)?;
+        let mut files = vec![file.clone()];
+        for name in ["tokenizer_config.json", "generation_config.json", "special_tokens_map.json"] {
+            let p = dir.join(name);
+            if p.is_file() {
+                files.push(p);
+            }
+        }
+        Self::resolve(inner, json, files, declared, &file, &dir)
+    }
+
+    fn resolve(mut inner: HfTokenizer, json: Vec<u8>, files: Vec<PathBuf>, declared: Declared, file: &Path, dir: &Path) -> Result<Self> {
+        let vocab = inner.get_vocab_size(true);
+        let tc = dir.join("tokenizer_config.json");
+        let lookup = |tok: &Option<String>, field: &str| -> Result<Option<u32>> {
+            match tok {
+                None => Ok(None),
+                Some(t) => inner.token_to_id(t).map(Some).ok_or_else(|| {
+                    Error::invalid(format!("{}: {field} {t:?} is not in the vocabulary of {}", tc.display(), file.display()))
+                }),
+            }
+        };
+        let bos = lookup(&declared.bos_token, "bos_token")?.or(declared.bos_ids.first().copied());
+        let eos = lookup(&declared.eos_token, "eos_token")?.or(declared.eos_ids.first().copied());
+        let mut eos_ids: Vec<u32> = eos.into_iter().collect();
+        for &id in &declared.eos_ids {
+            if !eos_ids.contains(&id) {
+                eos_ids.push(id);
+            }
+        }
+        for (name, id) in bos.iter().map(|&i| ("bos", i)).chain(eos_ids.iter().map(|&i| ("eos", i))) {
+            if id as usize >= vocab {
+                return Err(Error::invalid(format!(
+                    "{}: {name} token id {id} is outside the vocabulary of {} ({vocab} tokens)",
+                    dir.join("generation_config.json").display(),
+                    file.display()
+                )));
+            }
+        }
+        // As transformers does: an explicit add_bos_token/add_eos_token (or a tokenizer.json
+        // without a post-processor) replaces the post-processor with a template.
+        if declared.add_bos.is_some() || declared.add_eos.is_some() || inner.get_post_processor().is_none() {
+            let text = |id: Option<u32>, given: &Option<String>| given.clone().or_else(|| id.and_then(|i| inner.id_to_token(i)));
+            let add_bos = declared.add_bos.unwrap_or(false) && bos.is_some();
+            let add_eos = declared.add_eos.unwrap_or(false) && eos.is_some();
+            let (bt, et) = (text(bos, &declared.bos_token), text(eos, &declared.eos_token));
+            let mut single = String::new();
+            let mut specials: Vec<(String, u32)> = vec![];
+            if add_bos {
+                let t = bt.clone().unwrap_or_default();
+                single += &format!("{t}:0 ");
+                specials.push((t, bos.unwrap()));
+            }
+            single += "$A:0";
+            if add_eos {
+                let t = et.clone().unwrap_or_default();
+                single += &format!(" {t}:0");
+                if !specials.iter().any(|(s, _)| *s == t) {
+                    specials.push((t, eos.unwrap()));
+                }
+            }
+            let pair = format!("{single} {}", single.replace("$A:0", "$B:1").replace(":0", ":1"));
+            let tp = TemplateProcessing::builder()
+                .try_single(single.as_str())
+                .and_then(|b| b.try_pair(pair.as_str()))
+                .map_err(|e| Error::invalid(format!("{}: special tokens: {}", tc.display(), one_line(e))))?
+                .special_tokens(specials)
+                .build()
+                .map_err(|e| Error::invalid(format!("{}: special tokens: {}", tc.display(), one_line(e))))?;
+            inner.with_post_processor(Some(tp));
+        }
+        let probe = inner.encode_fast("", true).map_err(|e| Error::invalid(format!("{}: {}", file.display(), one_line(e))))?;
+        let ids = probe.get_ids();
+        let adds_bos = !ids.is_empty() && Some(ids[0]) == bos;
+        let adds_eos = ids.len() > adds_bos as usize && eos_ids.contains(&ids[ids.len() - 1]);
+        Ok(Tokenizer::Hf(Box::new(Hf { inner, json, files, declared, vocab, bos, eos, eos_ids, adds_bos, adds_eos })))
+    }
+
+    pub fn is_bytes(&self) -> bool {
+        matches!(self, Tokenizer::Bytes)
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        match self {
+            Tokenizer::Bytes => 256,
+            Tokenizer::Hf(h) => h.vocab,
+        }
+    }
+
+    pub fn bos(&self) -> Option<u32> {
+        match self {
+            Tokenizer::Bytes => None,
+            Tokenizer::Hf(h) => h.bos,
+        }
+    }
+
+    pub fn eos(&self) -> Option<u32> {
+        match self {
+            Tokenizer::Bytes => None,
+            Tokenizer::Hf(h) => h.eos,
+        }
+    }
+
+    pub fn eos_ids(&self) -> &[u32] {
+        match self {
+            Tokenizer::Bytes => &[],
+            Tokenizer::Hf(h) => &h.eos_ids,
+        }
+    }
+
+    /// Whether `encode(…, true)` ends with EOS itself (then a corpus adds none after it).
+    pub fn adds_eos(&self) -> bool {
+        match self {
+            Tokenizer::Bytes => false,
+            Tokenizer::Hf(h) => h.adds_eos,
+        }
+    }
+
+    /// Token ids of `text`; `add_special` applies the post-processor (BOS/EOS as the model
+    /// folder says).
+    pub fn encode(&self, text: &str, add_special: bool) -> Result<Vec<u32>> {
+        match self {
+            Tokenizer::Bytes => Ok(text.bytes().map(u32::from).collect()),
+            Tokenizer::Hf(h) => h
+                .inner
+                .encode_fast(text, add_special)
+                .map(|e| e.get_ids().to_vec())
+                .map_err(|e| Error::invalid(format!("tokenizer: cannot encode ({})", one_line(e)))),
+        }
+    }
+
+    /// Text of `ids`; `skip_special` drops special tokens (BOS, EOS, …). Bytes that are not
+    /// UTF-8 become U+FFFD.
+    pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
+        let vocab = self.vocab_size();
+        if let Some((i, id)) = ids.iter().enumerate().find(|(_, &id)| id as usize >= vocab) {
+            return Err(Error::invalid(format!("token id {id} at {i}: the vocabulary has {vocab} ids")));
+        }
+        match self {
+            Tokenizer::Bytes => Ok(String::from_utf8_lossy(&ids.iter().map(|&i| i as u8).collect::<Vec<u8>>()).into_owned()),
+            Tokenizer::Hf(h) => h.inner.decode(ids, skip_special).map_err(|e| Error::invalid(format!("tokenizer: cannot decode ({})", one_line(e)))),
+        }
+    }
+
+    /// The model folder's tokenizer files (empty for bytes).
+    pub fn files(&self) -> Vec<PathBuf> {
+        match self {
+            Tokenizer::Bytes => vec![],
+            Tokenizer::Hf(h) => h.files.clone(),
+        }
+    }
+
+    /// What decides the ids a corpus gets: part of the shard cache key.
+    pub fn identity(&self) -> Vec<u8> {
+        match self {
+            Tokenizer::Bytes => b"bytes".to_vec(),
+            Tokenizer::Hf(h) => {
+                let mut v = h.json.clone();
+                v.extend(format!("\n{:?} {:?} {:?} {} {} {:?}", h.bos, h.eos, h.eos_ids, h.adds_bos, h.adds_eos, h.declared).bytes());
+                v
+            }
+        }
+    }
+
+    pub fn info(&self) -> Value {
+        let files: Vec<String> = self.files().iter().map(|p| p.display().to_string()).collect();
+        match self {
+            Tokenizer::Bytes => json!({ "kind": "bytes", "vocab_size": 256, "bos_id": null, "eos_id": null,
+                "eos_ids": [], "adds_bos": false, "adds_eos": false, "files": files }),
+            Tokenizer::Hf(h) => json!({ "kind": "hf", "vocab_size": h.vocab, "bos_id": h.bos, "eos_id": h.eos,
+                "eos_ids": h.eos_ids, "adds_bos": h.adds_bos, "adds_eos": h.adds_eos, "files": files }),
+        }
+    }
+
+    /// Writes `tokenizer.json` (+ `tokenizer_config.json`, `generation_config.json` when
+    /// the source folder has them) into `dir`, each file atomically. The byte tokenizer is
+    /// written as a BPE of 256 `<0xNN>` tokens with byte fallback and no merges, which
+    /// Hugging Face loads giving the same ids.
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(|e| Error::invalid(format!("{}: cannot create folder ({e})", dir.display())))?;
+        match self {
+            Tokenizer::Bytes => {
+                write_atomic(&dir.join("tokenizer.json"), byte_tokenizer_json().to_string().as_bytes())?;
+                let cfg = json!({ "add_bos_token": false, "add_eos_token": false, "tokenizer_class": "PreTrainedTokenizerFast" });
+                write_atomic(&dir.join("tokenizer_config.json"), serde_json::to_string_pretty(&cfg).unwrap().as_bytes())
+            }
+            Tokenizer::Hf(h) => {
+                for src in &h.files {
+                    let name = if src == &h.files[0] { std::ffi::OsStr::new("tokenizer.json") } else { src.file_name().unwrap_or_default() };
+                    let dst = dir.join(name);
+                    if same_file(src, &dst) {
+                        continue;
+                    }
+                    let bytes = std::fs::read(src).map_err(|e| Error::invalid(format!("{}: cannot read ({e})", src.display())))?;
+                    write_atomic(&dst, &bytes)?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+fn same_file(a: &Path, b: &Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(x), Ok(y)) => x == y,
+        _ => false,
+    }
+}
+
+/// Writes `bytes` to a temporary name beside `path`, then renames it into place.
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    std::fs::write(&tmp, bytes).map_err(|e| Error::invalid(format!("{}: cannot write ({e})", tmp.display())))?;
+    std::fs::rename(&tmp, path).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        Error::invalid(format!("{}: cannot write ({e})", path.display()))
+    })
+}
+
+fn byte_tokenizer_json() -> Value {
+    let vocab: serde_json::Map<String, Value> = (0..256).map(|b| (format!("<0x{b:02X}>"), json!(b))).collect();
+    json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+        "normalizer": null, "pre_tokenizer": null, "post_processor": null,
+        "decoder": { "type": "Sequence", "decoders": [{ "type": "ByteFallback" }, { "type": "Fuse" }] },
+        "model": { "type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+            "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": true, "ignore_merges": false,
+            "vocab": vocab, "merges": [] }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bytes_round_trip() {
+        let t = Tokenizer::bytes();
+        let ids = t.encode("héllo", true).unwrap();
+        assert_eq!(ids, vec![104, 195, 169, 108, 108, 111]);
+        assert_eq!(t.decode(&ids, true).unwrap(), "héllo");
+        assert!(t.decode(&[256], false).unwrap_err().msg.contains("256"));
+    }
+
+    #[test]
+    fn saved_byte_tokenizer_gives_byte_ids() {
+        let dir = std::env::temp_dir().join(format!("qg-bytes-{}", std::process::id()));
+        Tokenizer::bytes().save(&dir).unwrap();
+        let t = Tokenizer::open(&dir).unwrap();
+        let text = "a b\n\tç中👋";
+        let want: Vec<u32> = text.bytes().map(u32::from).collect();
+        assert_eq!(t.encode(text, true).unwrap(), want);
+        assert_eq!(t.decode(&want, false).unwrap(), text);
+        assert_eq!((t.vocab_size(), t.bos(), t.eos()), (256, None, None));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
