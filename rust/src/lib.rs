@@ -10,6 +10,7 @@ pub mod backend;
 pub mod config;
 pub mod error;
 pub mod ffi;
+pub mod hf;
 pub mod host;
 pub mod model;
 pub mod optim;

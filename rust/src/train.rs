@@ -409,6 +409,8 @@ pub trait Session: Send {
     fn load_state(&mut self, bytes: &[u8]) -> Result<()>;
     /// A one-line notice for the user (e.g. a device fallback), reported in `info`.
     fn set_notice(&mut self, text: &str);
+    /// Hugging Face weights in and out (`crate::hf`).
+    fn hf(&mut self) -> &mut dyn crate::hf::HfSession;
 }
 
 impl<B: Backend> Session for Engine<B> {
@@ -432,6 +434,9 @@ impl<B: Backend> Session for Engine<B> {
     }
     fn set_notice(&mut self, text: &str) {
         self.notice = Some(text.to_string());
+    }
+    fn hf(&mut self) -> &mut dyn crate::hf::HfSession {
+        self
     }
 }
 
