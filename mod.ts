@@ -66,3 +66,10 @@ export {
 } from "./ffi/engine.ts";
 export { LoadError } from "./ffi/loader.ts";
 export * from "./lib/estimate.ts";
+export * from "./lib/hf.ts";
+export {
+  type HfExportOptions,
+  inspectSafetensors,
+  type SafetensorsInfo,
+  type SafetensorsTensor,
+} from "./ffi/hf.ts";
