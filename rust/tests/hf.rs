@@ -477,3 +477,51 @@ fn inspect_lists_validated_tensors() {
     assert_eq!(v["tensors"], json!([]));
     std::fs::remove_dir_all(&base).unwrap();
 }
+
+/// On a GPU: f32 weights travel exactly (import → export gives the same bytes), INT8
+/// weights are quantized on the device from the same values, and bf16 tables (8-bit
+/// optimizers under bf16 precision) hold the file's values rounded to bf16. Without a GPU
+/// the test prints `skipped: no GPU` and passes.
+#[cfg(feature = "cuda")]
+#[test]
+fn gpu_import_and_export_match_the_cpu() {
+    use qgalore::backend::cuda::{probe, Cuda};
+    if probe::device_count() == 0 {
+        println!("skipped: no GPU");
+        return;
+    }
+    let base = scratch("gpu");
+    let a = trained("adamw");
+    export(&a, &base.join("src"), Dtype::F32);
+    let source = tensors_of(&base.join("src/model.safetensors"));
+    let values = |ts: &[(String, safetensors::Dtype, Vec<usize>, Vec<u8>)], name: &str| -> Vec<f32> {
+        ts.iter().find(|t| t.0 == name).unwrap().3.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+    };
+    for (opt, bf16) in [("adamw", false), ("qgalore", false), ("adam8bit", true)] {
+        let mut g = Engine::new(Cuda::new(0, bf16).unwrap(), cfg(opt, 5)).unwrap();
+        g.import_hf(&base.join("src")).unwrap();
+        let out = base.join(format!("gpu-{opt}"));
+        g.export_hf(&out, Dtype::F32, &Map::new()).unwrap();
+        let mut c = engine(opt, 5);
+        c.import_hf(&base.join("src")).unwrap();
+        c.export_hf(&base.join(format!("cpu-{opt}")), Dtype::F32, &Map::new()).unwrap();
+        let (got, cpu) = (tensors_of(&out.join("model.safetensors")), tensors_of(&base.join(format!("cpu-{opt}/model.safetensors"))));
+        for (name, ..) in &source {
+            let (s, gv, cv) = (values(&source, name), values(&got, name), values(&cpu, name));
+            let half = bf16 && (name.contains("embed_tokens") || name.contains("lm_head"));
+            // one quantization step of the widest group (a GPU may round a tie the other way)
+            let step = 2.0 * s.iter().fold(0f32, |m, x| m.max(x.abs())) / 255.0 * 1.01;
+            for j in 0..s.len() {
+                let ok = if half {
+                    gv[j] == half::bf16::from_f32(s[j]).to_f32()
+                } else if opt == "qgalore" && name.contains("_proj") {
+                    (gv[j] - cv[j]).abs() <= step
+                } else {
+                    gv[j].to_bits() == s[j].to_bits()
+                };
+                assert!(ok, "{opt} {name}[{j}]: gpu {} cpu {} file {}", gv[j], cv[j], s[j]);
+            }
+        }
+    }
+    std::fs::remove_dir_all(&base).unwrap();
+}
