@@ -128,7 +128,14 @@ impl<B: Backend> Engine<B> {
             None => None,
         };
         be.runner().run(|| -> Result<()> {
-            for p in self.model.params.iter_mut() {
+            let names: Vec<String> = self.model.params.iter().map(|p| p.name.clone()).collect();
+            if let Some(first) = names.first() {
+                ck.prefetch(first);
+            }
+            for (i, p) in self.model.params.iter_mut().enumerate() {
+                if let Some(next) = names.get(i + 1) {
+                    ck.prefetch(next);
+                }
                 let n = p.numel();
                 match &mut p.data {
                     Weight::F(b) => be.from_host(b, n, |h| ck.read_f32(&p.name, h))?,
@@ -139,6 +146,7 @@ impl<B: Backend> Engine<B> {
                         be.q_quantize(q, s, range);
                     }
                 }
+                ck.release(&p.name);
             }
             Ok(())
         })?;

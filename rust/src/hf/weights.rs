@@ -224,6 +224,27 @@ impl Checkpoint {
         Some((e, &s.map[s.data_start + e.start..s.data_start + e.end]))
     }
 
+    /// Asks the kernel to start reading a tensor's pages (overlaps disk reads with the
+    /// conversion of the tensor before it when the file is not cached).
+    pub fn prefetch(&self, name: &str) {
+        if let Some(e) = self.tensors.get(name) {
+            let s = &self.shards[e.shard];
+            let _ = s.map.advise_range(memmap2::Advice::WillNeed, s.data_start + e.start, e.end - e.start);
+        }
+    }
+
+    /// Unmaps a tensor's pages once read, so the process's resident memory stays about one
+    /// tensor of the file, not the whole checkpoint (the page cache keeps the data).
+    pub fn release(&self, name: &str) {
+        #[cfg(unix)]
+        if let Some(e) = self.tensors.get(name) {
+            let s = &self.shards[e.shard];
+            // Safety: a read-only shared file mapping; dropped pages fault back in from the
+            // file if touched again (no data can be lost, unlike a private mapping).
+            let _ = unsafe { s.map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, s.data_start + e.start, e.end - e.start) };
+        }
+    }
+
     /// Converts a tensor to f32 into `out` (exactly `numel` values; F32, BF16 and F16
     /// convert exactly). Parallel over the calling rayon pool.
     pub fn read_f32(&self, name: &str, out: &mut [f32]) -> Result<()> {
