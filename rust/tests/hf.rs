@@ -54,7 +54,7 @@ fn scratch(tag: &str) -> PathBuf {
 
 /// Every parameter as f32 bits (quantized ones dequantized).
 fn weights(e: &Engine<Cpu>) -> Vec<(String, Vec<u32>)> {
-    let mut scratch = e.be.alloc(e.model.params.iter().map(|p| p.numel()).max().unwrap(), qgalore::backend::Category::Activations).unwrap();
+    let mut scratch = e.be.alloc(e.model.params.iter().map(|p| p.numel()).max().unwrap(), qgalore::backend::Category::Weights).unwrap();
     (0..e.model.params.len())
         .map(|i| {
             let p = &e.model.params[i];
@@ -497,15 +497,15 @@ fn gpu_import_and_export_match_the_cpu() {
     let values = |ts: &[(String, safetensors::Dtype, Vec<usize>, Vec<u8>)], name: &str| -> Vec<f32> {
         ts.iter().find(|t| t.0 == name).unwrap().3.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
     };
-    for (opt, bf16) in [("adamw", false), ("qgalore", false), ("adam8bit", true)] {
+    for (opt, bf16) in [("adamw", false), ("qgalore", false), ("qgalore", true), ("adam8bit", true)] {
         let mut g = Engine::new(Cuda::new(0, bf16).unwrap(), cfg(opt, 5)).unwrap();
         g.import_hf(&base.join("src")).unwrap();
-        let out = base.join(format!("gpu-{opt}"));
+        let out = base.join(format!("gpu-{opt}-{bf16}"));
         g.export_hf(&out, Dtype::F32, &Map::new()).unwrap();
         let mut c = engine(opt, 5);
         c.import_hf(&base.join("src")).unwrap();
-        c.export_hf(&base.join(format!("cpu-{opt}")), Dtype::F32, &Map::new()).unwrap();
-        let (got, cpu) = (tensors_of(&out.join("model.safetensors")), tensors_of(&base.join(format!("cpu-{opt}/model.safetensors"))));
+        c.export_hf(&base.join(format!("cpu-{opt}-{bf16}")), Dtype::F32, &Map::new()).unwrap();
+        let (got, cpu) = (tensors_of(&out.join("model.safetensors")), tensors_of(&base.join(format!("cpu-{opt}-{bf16}/model.safetensors"))));
         for (name, ..) in &source {
             let (s, gv, cv) = (values(&source, name), values(&got, name), values(&cpu, name));
             let half = bf16 && (name.contains("embed_tokens") || name.contains("lm_head"));

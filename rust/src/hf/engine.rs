@@ -123,8 +123,10 @@ impl<B: Backend> Engine<B> {
         let quant = crate::plan::linear_quant(&self.cfg.optimizer);
         let be = &self.be;
         let biggest = self.model.params.iter().filter(|p| matches!(p.data, Weight::Q(_))).map(|p| p.numel()).max();
+        // f32 under every precision (an Activations buffer would be bf16 on a bf16 GPU and
+        // round the weights before they are quantized), as the model builder's own buffer
         let mut scratch = match biggest {
-            Some(n) => Some(be.alloc(n, Category::Activations)?),
+            Some(n) => Some(be.alloc(n, Category::Weights)?),
             None => None,
         };
         be.runner().run(|| -> Result<()> {
@@ -219,7 +221,7 @@ impl<B: Backend> Engine<B> {
             eng: self,
             dtype,
             scratch: RefCell::new(match biggest {
-                Some(n) => Some(be.alloc(n, Category::Activations)?),
+                Some(n) => Some(be.alloc(n, Category::Weights)?),
                 None => None,
             }),
             err: RefCell::new(None),
