@@ -7,8 +7,9 @@
  *   - reading the whole file (16 MiB reads into one buffer): the ceiling,
  *   - `Engine.importHf` into a CPU engine built for adamw (f32 weights) and for qgalore
  *     (INT8 linears quantized as they stream in).
- * Prints one JSON line per measurement (seconds, GB/s) and the CPU model; the folder is
- * deleted at the end.
+ * Prints one JSON line per measurement (seconds, GB/s; for imports also how much the
+ * process's peak resident memory grew during the import: mapped file pages and scratch) and the CPU model; the
+ * folder is deleted at the end.
  *
  *   deno run -A bench/load.ts [--model llama-350m] [--vocab 32000] [--dtype f32|bf16]
  *                             [--repeat 3]
@@ -122,6 +123,22 @@ function cpuModel(): string {
   }
 }
 
+/** Resets the kernel's peak resident size of this process (Linux; else a no-op). */
+function resetPeak(): void {
+  try {
+    Deno.writeTextFileSync("/proc/self/clear_refs", "5");
+  } catch { /* not Linux */ }
+}
+
+/** Peak resident bytes since `resetPeak` (VmHWM), or the current size where unknown. */
+function peakRss(): number {
+  try {
+    const m = Deno.readTextFileSync("/proc/self/status").match(/VmHWM:\s+(\d+) kB/);
+    if (m) return Number(m[1]) * 1024;
+  } catch { /* not Linux */ }
+  return Deno.memoryUsage().rss;
+}
+
 /** The 1-minute load average: other work on the machine skews every number. */
 function loadAverage(): string {
   try {
@@ -170,6 +187,7 @@ try {
   }));
   for (const optimizer of ["adamw", "qgalore"]) {
     const times: number[] = [];
+    let rssGrowth = 0;
     for (let r = 0; r < repeat; r++) {
       using e = await Engine.create(benchConfig({
         model: values.model!,
@@ -180,9 +198,13 @@ try {
         seqLen: 16,
         device: "cpu",
       }));
+      const rss0 = Deno.memoryUsage().rss;
+      resetPeak();
       const t = performance.now();
       await e.importHf(dir);
       times.push((performance.now() - t) / 1000);
+      // the engine's own memory is already resident: growth is mapped file pages and scratch
+      rssGrowth = Math.max(rssGrowth, peakRss() - rss0);
     }
     console.log(JSON.stringify({
       what: `importHf ${optimizer}`,
@@ -190,6 +212,7 @@ try {
       gb_per_s: +(gb / best(times)).toFixed(2),
       vs_read: +(best(reads) / best(times)).toFixed(2),
       runs: times.map((s) => +s.toFixed(3)),
+      peak_rss_growth_mb: Math.round(rssGrowth / 2 ** 20),
       loadavg: loadAverage(),
     }));
   }
