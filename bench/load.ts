@@ -6,7 +6,8 @@
  * before any timing):
  *   - reading the whole file (16 MiB reads into one buffer): the ceiling,
  *   - `Engine.importHf` into a CPU engine built for adamw (f32 weights) and for qgalore
- *     (INT8 linears quantized as they stream in).
+ *     (INT8 linears quantized as they stream in),
+ *   - `Engine.exportHf` of each, in f32 and bf16 (written to the same disk, fsync'd).
  * Prints one JSON line per measurement (seconds, GB/s; for imports also how much the
  * process's peak resident memory grew during the import: mapped file pages and scratch) and the CPU model; the
  * folder is deleted at the end.
@@ -187,6 +188,7 @@ try {
   }));
   for (const optimizer of ["adamw", "qgalore"]) {
     const times: number[] = [];
+    const exports: Record<string, unknown>[] = [];
     let rssGrowth = 0;
     for (let r = 0; r < repeat; r++) {
       using e = await Engine.create(benchConfig({
@@ -205,6 +207,22 @@ try {
       times.push((performance.now() - t) / 1000);
       // the engine's own memory is already resident: growth is mapped file pages and scratch
       rssGrowth = Math.max(rssGrowth, peakRss() - rss0);
+      if (r === repeat - 1) {
+        // and back out (to the same disk; the written file's size over the time)
+        for (const d of ["f32", "bf16"] as const) {
+          const out = `${dir}/export-${optimizer}-${d}`;
+          const t = performance.now();
+          await e.exportHf(out, { dtype: d });
+          const s = (performance.now() - t) / 1000;
+          const size = (await Deno.stat(`${out}/model.safetensors`)).size;
+          exports.push({
+            what: `exportHf ${optimizer} ${d}`,
+            seconds: +s.toFixed(3),
+            gb_per_s: +(size / 1e9 / s).toFixed(2),
+          });
+          await Deno.remove(out, { recursive: true });
+        }
+      }
     }
     console.log(JSON.stringify({
       what: `importHf ${optimizer}`,
@@ -215,6 +233,7 @@ try {
       peak_rss_growth_mb: Math.round(rssGrowth / 2 ** 20),
       loadavg: loadAverage(),
     }));
+    for (const x of exports) console.log(JSON.stringify(x));
   }
 } finally {
   await Deno.remove(dir, { recursive: true });
