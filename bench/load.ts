@@ -1,9 +1,9 @@
 /**
  * Checkpoint loading speed (issue 9: "loading approaches disk read speed"). Writes a
  * Hugging Face safetensors checkpoint of a llama-shaped model (default llama-350m with a
- * 32000-token vocabulary in f32, ≈ 1.5 GB) into a temporary folder, then times, with the
- * file in the page cache for every measurement (it was just written, and is read once
- * before any timing):
+ * 32000-token vocabulary in f32, ≈ 1.5 GB) into a temporary folder, then times, once with
+ * the file in the page cache (read just before) and once with its pages dropped (cold, where
+ * `dd iflag=nocache` can drop them):
  *   - reading the whole file (16 MiB reads into one buffer): the ceiling,
  *   - `Engine.importHf` into a CPU engine built for adamw (f32 weights) and for qgalore
  *     (INT8 linears quantized as they stream in),
@@ -87,6 +87,7 @@ async function writeCheckpoint(path: string, m: ModelConfig): Promise<number> {
     await writeAll(f, bytes.subarray(0, n));
     left -= n;
   }
+  await f.sync(); // written back, so a cold run can drop its pages
   f.close();
   return 8 + text.length + off;
 }
@@ -150,6 +151,28 @@ function loadAverage(): string {
 }
 
 const best = (xs: number[]): number => Math.min(...xs);
+
+/**
+ * Drops the file's pages from the page cache (posix_fadvise DONTNEED through `dd
+ * iflag=nocache`: this file only, nothing else on the machine). Returns whether it could.
+ */
+function evict(path: string): boolean {
+  try {
+    const args = [`if=${path}`, "iflag=nocache", "count=0", "status=none"];
+    return new Deno.Command("dd", { args }).outputSync().success;
+  } catch {
+    return false;
+  }
+}
+
+/** A CPU engine for the benchmark's model with `optimizer`'s defaults. */
+async function engine(optimizer: string): Promise<Engine> {
+  const run = { batchSize: 1, seqLen: 16, device: "cpu" as const };
+  return await Engine.create(
+    benchConfig({ model: values.model!, vocab, optimizer, rank: 128, ...run }),
+  );
+}
+
 const dir = await Deno.makeTempDir({ prefix: "qgalore-load-" });
 try {
   const cfg = benchConfig({
@@ -165,6 +188,7 @@ try {
   const t0 = performance.now();
   const bytes = await writeCheckpoint(file, cfg.model);
   const gb = bytes / 1e9;
+  const cold = evict(file);
   console.log(JSON.stringify({
     file: "model.safetensors",
     model: values.model,
@@ -175,65 +199,69 @@ try {
     tensors: inspectSafetensors(dir).tensors.length,
     cpu: cpuModel(),
     cores: navigator.hardwareConcurrency,
-    page_cache: "warm (file just written, then read once before timing)",
+    page_cache: "warm: file read once before each timed run; cold: its pages dropped before",
+    cold_possible: cold,
     loadavg: loadAverage(),
   }));
-  await readAll(file); // warm
-  const reads: number[] = [];
-  for (let r = 0; r < repeat; r++) reads.push(await readAll(file));
-  console.log(JSON.stringify({
-    what: "read file",
-    seconds: +best(reads).toFixed(3),
-    gb_per_s: +(gb / best(reads)).toFixed(2),
-  }));
-  for (const optimizer of ["adamw", "qgalore"]) {
-    const times: number[] = [];
-    const exports: Record<string, unknown>[] = [];
-    let rssGrowth = 0;
+  for (const cache of cold ? ["warm", "cold"] : ["warm"]) {
+    const prepare = async (): Promise<void> => {
+      if (cache === "cold") evict(file);
+      else await readAll(file);
+    };
+    const reads: number[] = [];
     for (let r = 0; r < repeat; r++) {
-      using e = await Engine.create(benchConfig({
-        model: values.model!,
-        vocab,
-        optimizer,
-        rank: 128,
-        batchSize: 1,
-        seqLen: 16,
-        device: "cpu",
-      }));
-      const rss0 = Deno.memoryUsage().rss;
-      resetPeak();
-      const t = performance.now();
-      await e.importHf(dir);
-      times.push((performance.now() - t) / 1000);
-      // the engine's own memory is already resident: growth is mapped file pages and scratch
-      rssGrowth = Math.max(rssGrowth, peakRss() - rss0);
-      if (r === repeat - 1) {
-        // and back out (to the same disk; the written file's size over the time)
-        for (const d of ["f32", "bf16"] as const) {
-          const out = `${dir}/export-${optimizer}-${d}`;
-          const t = performance.now();
-          await e.exportHf(out, { dtype: d });
-          const s = (performance.now() - t) / 1000;
-          const size = (await Deno.stat(`${out}/model.safetensors`)).size;
-          exports.push({
-            what: `exportHf ${optimizer} ${d}`,
-            seconds: +s.toFixed(3),
-            gb_per_s: +(size / 1e9 / s).toFixed(2),
-          });
-          await Deno.remove(out, { recursive: true });
-        }
-      }
+      await prepare();
+      reads.push(await readAll(file));
     }
     console.log(JSON.stringify({
-      what: `importHf ${optimizer}`,
-      seconds: +best(times).toFixed(3),
-      gb_per_s: +(gb / best(times)).toFixed(2),
-      vs_read: +(best(reads) / best(times)).toFixed(2),
-      runs: times.map((s) => +s.toFixed(3)),
-      peak_rss_growth_mb: Math.round(rssGrowth / 2 ** 20),
-      loadavg: loadAverage(),
+      what: "read file",
+      cache,
+      seconds: +best(reads).toFixed(3),
+      gb_per_s: +(gb / best(reads)).toFixed(2),
     }));
-    for (const x of exports) console.log(JSON.stringify(x));
+    for (const optimizer of ["adamw", "qgalore"]) {
+      const times: number[] = [];
+      const exports: Record<string, unknown>[] = [];
+      let rssGrowth = 0;
+      for (let r = 0; r < repeat; r++) {
+        using e = await engine(optimizer);
+        await prepare();
+        const rss0 = Deno.memoryUsage().rss;
+        resetPeak();
+        const t = performance.now();
+        await e.importHf(dir);
+        times.push((performance.now() - t) / 1000);
+        // the engine's own memory is already resident: growth is mapped file pages, scratch
+        rssGrowth = Math.max(rssGrowth, peakRss() - rss0);
+        if (cache === "warm" && r === repeat - 1) {
+          // and back out (to the same disk; the written file's size over the time)
+          for (const d of ["f32", "bf16"] as const) {
+            const out = `${dir}/export-${optimizer}-${d}`;
+            const t = performance.now();
+            await e.exportHf(out, { dtype: d });
+            const s = (performance.now() - t) / 1000;
+            const size = (await Deno.stat(`${out}/model.safetensors`)).size;
+            exports.push({
+              what: `exportHf ${optimizer} ${d}`,
+              seconds: +s.toFixed(3),
+              gb_per_s: +(size / 1e9 / s).toFixed(2),
+            });
+            await Deno.remove(out, { recursive: true });
+          }
+        }
+      }
+      console.log(JSON.stringify({
+        what: `importHf ${optimizer}`,
+        cache,
+        seconds: +best(times).toFixed(3),
+        gb_per_s: +(gb / best(times)).toFixed(2),
+        vs_read: +(best(reads) / best(times)).toFixed(2),
+        runs: times.map((s) => +s.toFixed(3)),
+        peak_rss_growth_mb: Math.round(rssGrowth / 2 ** 20),
+        loadavg: loadAverage(),
+      }));
+      for (const x of exports) console.log(JSON.stringify(x));
+    }
   }
 } finally {
   await Deno.remove(dir, { recursive: true });
