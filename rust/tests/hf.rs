@@ -525,3 +525,13 @@ fn gpu_import_and_export_match_the_cpu() {
     }
     std::fs::remove_dir_all(&base).unwrap();
 }
+
+#[test]
+fn the_exported_config_reads_back_as_the_same_model() {
+    let c = cfg("adamw", 1).model;
+    let m = qgalore::hf::hf_config_of(&c);
+    let back = qgalore::config::ModelConfig::from_map(&m).unwrap();
+    assert_eq!(back.to_map(), c.to_map());
+    assert_eq!((m["head_dim"].as_u64(), m["tie_word_embeddings"].as_bool(), m["mlp_bias"].as_bool()), (Some(8), Some(false), Some(false)));
+    assert_eq!(m["rms_norm_eps"], json!(1e-6));
+}
