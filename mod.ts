@@ -80,3 +80,10 @@ export {
   type TokenizerTrainSpec,
 } from "./ffi/data.ts";
 export * from "./lib/estimate.ts";
+export * from "./lib/hf.ts";
+export {
+  type HfExportOptions,
+  inspectSafetensors,
+  type SafetensorsInfo,
+  type SafetensorsTensor,
+} from "./ffi/hf.ts";

@@ -4,6 +4,7 @@
  */
 import { loadLibrary } from "./loader.ts";
 import type { NativeLib } from "./symbols.ts";
+import type { HfExportOptions } from "./hf.ts";
 
 /**
  * LLaMA architecture, with Hugging Face `LlamaConfig` field names. Defaults and rules are the
@@ -683,6 +684,32 @@ export class Engine implements Disposable {
     // the answer is sized from max_new_tokens; a larger one means running again
     if (Number(need[0]) > out.length) await this.#call(run(out = new Uint8Array(Number(need[0]))));
     return JSON.parse(dec.decode(out.subarray(0, Number(need[0])))) as GenerateResult;
+  }
+
+  /**
+   * Loads Hugging Face LLaMA weights into this new engine: a folder with `model.safetensors`
+   * or `model.safetensors.index.json` and its shards, an index file, or one `.safetensors`
+   * file, in F32, BF16 or F16. Every header, name, shape and dtype is checked against the
+   * config first; a mismatch rejects with a one-line {@link EngineError} naming the file and
+   * changes nothing. INT8 weights (qgalore) are quantized as they stream in.
+   */
+  async importHf(path: string): Promise<void> {
+    const h = this.#handle();
+    const p = enc.encode(path);
+    await this.#call(() => this.#lib.symbols.qg_import_hf(h, p, BigInt(p.length)));
+  }
+
+  /**
+   * Writes the model as a Hugging Face folder `dir` (`config.json`, `model.safetensors` in
+   * bf16 or f32, `generation_config.json`, and the `copy` files). `dir` must not exist or be
+   * empty; the folder appears complete or not at all. INT8 weights are dequantized.
+   */
+  async exportHf(dir: string, opts: HfExportOptions): Promise<void> {
+    const h = this.#handle();
+    const json = enc.encode(
+      JSON.stringify({ dir, dtype: opts.dtype, extra: opts.extra ?? {}, copy: opts.copy ?? [] }),
+    );
+    await this.#call(() => this.#lib.symbols.qg_export_hf(h, json, BigInt(json.length)));
   }
 }
 

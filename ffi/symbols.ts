@@ -93,6 +93,10 @@ export const SYMBOLS = {
     parameters: ["pointer", "u32", "buffer", "usize", "usize", "buffer"],
     result: "i32",
   },
+  // H2 safetensors: Hugging Face weights in and out
+  qg_import_hf: { parameters: ["pointer", "buffer", "usize"], result: "i32", nonblocking: true },
+  qg_export_hf: { parameters: ["pointer", "buffer", "usize"], result: "i32", nonblocking: true },
+  qg_hf_inspect: { parameters: ["buffer", "usize", "buffer", "usize"], result: "usize" },
 } as const;
 
 /** The opened library with typed symbols. */

@@ -608,3 +608,41 @@ pub unsafe extern "C" fn qg_shards_read(h: *const ShardHandle, split: u32, start
         h.shards.read(split, starts, window, out)
     })
 }
+
+// ---- H2 safetensors: Hugging Face weights in and out (`crate::hf`) ----
+
+/// Loads Hugging Face LLaMA weights (a folder with `model.safetensors` or
+/// `model.safetensors.index.json`, an index file, or one `.safetensors` file; F32, BF16 or
+/// F16) into a new engine; a checkpoint that does not match the config changes nothing.
+#[no_mangle]
+pub unsafe extern "C" fn qg_import_hf(h: *const Handle, path: *const u8, len: usize) -> i32 {
+    with_session(h, |s| {
+        let path = path_arg(path, len)?;
+        s.hf().import_hf(std::path::Path::new(path))
+    })
+}
+
+/// Writes the model as a Hugging Face folder from a JSON `{"dir": "...", "dtype": "bf16" |
+/// "f32", "extra": {...}, "copy": ["file", ...]}` (`hf::ExportOptions`): the folder must not
+/// exist or be empty, and appears complete or not at all.
+#[no_mangle]
+pub unsafe extern "C" fn qg_export_hf(h: *const Handle, json: *const u8, len: usize) -> i32 {
+    with_session(h, |s| {
+        let text = std::str::from_utf8(slice(json, len)?).map_err(|_| Error::invalid("export options are not UTF-8"))?;
+        s.hf().export_hf(&crate::hf::ExportOptions::from_json(text)?)
+    })
+}
+
+/// Validates the safetensors headers at a path (as `qg_import_hf` finds them; no config
+/// check) and writes `{"files": [...], "bytes": n, "tensors": [{"name", "dtype", "shape"}],
+/// "error"?: "..."}` into `out` when it fits; returns its byte length.
+#[no_mangle]
+pub unsafe extern "C" fn qg_hf_inspect(path: *const u8, len: usize, out: *mut u8, cap: usize) -> usize {
+    quiet_panics();
+    let text = catch_unwind(AssertUnwindSafe(|| match path_arg(path, len) {
+        Ok(p) => crate::hf::inspect_json(p),
+        Err(e) => serde_json::json!({ "files": [], "bytes": 0, "tensors": [], "error": e.msg }).to_string(),
+    }))
+    .unwrap_or_else(|p| serde_json::json!({ "files": [], "bytes": 0, "tensors": [], "error": format!("internal engine error (panic): {}", panic_text(p)) }).to_string());
+    write_text(&text, out, cap)
+}

@@ -11,6 +11,7 @@ pub mod config;
 pub mod data;
 pub mod error;
 pub mod ffi;
+pub mod hf;
 pub mod host;
 pub mod infer;
 pub mod model;

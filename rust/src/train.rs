@@ -413,6 +413,8 @@ pub trait Session: Send {
     fn logits(&mut self, tokens: &[i32], batch: usize, seq: usize, out: &mut [f32]) -> Result<()>;
     /// New tokens after a prompt (`crate::infer`).
     fn generate(&mut self, req: &crate::infer::Request) -> Result<crate::infer::Generated>;
+    /// Hugging Face weights in and out (`crate::hf`).
+    fn hf(&mut self) -> &mut dyn crate::hf::HfSession;
 }
 
 impl<B: Backend> Session for Engine<B> {
@@ -442,6 +444,9 @@ impl<B: Backend> Session for Engine<B> {
     }
     fn generate(&mut self, req: &crate::infer::Request) -> Result<crate::infer::Generated> {
         self.be.runner().run(|| Engine::generate(self, req))
+    }
+    fn hf(&mut self) -> &mut dyn crate::hf::HfSession {
+        self
     }
 }
 
