@@ -4,7 +4,7 @@
  */
 
 /** ABI version this TypeScript expects; checked against `qg_abi_version()` at load. */
-export const ABI_VERSION = 3;
+export const ABI_VERSION = 4;
 
 /** Symbols of the qgalore engine library. */
 export const SYMBOLS = {

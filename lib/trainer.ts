@@ -334,7 +334,9 @@ export class Run implements Disposable {
       vocabSize: opts.trainTokenizer!,
       textField: opts.textField,
       // saved with the run, so its token ids can be read back
-      out: out === null ? await Deno.makeTempDir({ prefix: "qgalore-tokenizer-" }) : join(out, "tokenizer"),
+      out: out === null
+        ? await Deno.makeTempDir({ prefix: "qgalore-tokenizer-" })
+        : join(out, "tokenizer"),
     });
     const data: Dataset = opts.data === null ? new SyntheticCorpus() : await openCorpus({
       data: opts.data,
@@ -362,7 +364,9 @@ export class Run implements Disposable {
     let run: Run | undefined;
     try {
       if (opts.initFrom !== null) {
-        if (!engine.importHf) throw new UsageError(`${"--init-from"}: this engine cannot load weights`);
+        if (!engine.importHf) {
+          throw new UsageError(`${"--init-from"}: this engine cannot load weights`);
+        }
         await engine.importHf(opts.initFrom).catch((e: unknown) => {
           throw withFlags(e);
         });
