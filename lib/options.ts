@@ -325,7 +325,19 @@ export function checkOptions(input: Partial<TrainOptions> = {}): CheckedOptions 
   let tokenizer: Tokenizer | null = null;
   if (raw.trainTokenizer === null) {
     const path = raw.tokenizer ?? (folder !== null && hasTokenizer(folder) ? folder : null);
-    tokenizer = openTokenizer(path);
+    try {
+      tokenizer = openTokenizer(path);
+    } catch (e) {
+      if (!(e instanceof UsageError) || path === null) throw e;
+      // the engine names the tokenizer; the user knows the flag it came from
+      const flag = raw.tokenizer !== null
+        ? FLAG.tokenizer
+        : raw.initFrom !== null
+        ? FLAG.initFrom
+        : FLAG.model;
+      const m = e.message.replace(/^tokenizer /, "");
+      throw new UsageError(m.startsWith(path) ? `${flag} ${m}` : `${flag} ${path}: ${m}`);
+    }
   }
   const vocab = raw.trainTokenizer ?? tokenizer!.vocabSize;
   let model: ResolvedModel;

@@ -344,7 +344,11 @@ export class Run implements Disposable {
       textField: opts.textField,
       valFraction: opts.valFraction,
       seqLen: opts.seqLen,
-      progress: !opts.quiet,
+      // a bar at a terminal; logs get the token counts in the run's description line
+      progress: !opts.quiet && Deno.stderr.isTerminal(),
+      ...(opts.threads === null ? {} : { threads: opts.threads }),
+    }).catch((e: unknown) => {
+      throw flagged(e, "--data", opts.data!);
     });
     // The engine sizes its gradient buffers for `grad_accum` micro-batches per update.
     const cfg = engineConfig(opts, model.config);
@@ -601,9 +605,10 @@ export class Run implements Disposable {
         tokenizer: {
           kind: this.tokenizer.kind,
           vocab_size: this.tokenizer.vocabSize,
+          // the folder of its tokenizer.json; null for bytes (and a trained one without --out)
           source: opts.trainTokenizer !== null
             ? (this.out === null ? null : join(this.out, "tokenizer"))
-            : opts.tokenizer ?? null,
+            : opts.tokenizer ?? tokenizerFolder(this.tokenizer),
         },
         init_from: opts.initFrom,
         export: opts.export !== null && this.#failure === null ? opts.export : null,
@@ -687,6 +692,20 @@ function describeOptimizer(o: ResolvedOptions): string {
   if (o.lazy) parts.push("lazy refresh");
   if (o.fused) parts.push("fused");
   return parts.join(", ");
+}
+
+/** A UsageError about `value` worded with its flag: "--data x: …". */
+function flagged(e: unknown, flag: string, value: string): unknown {
+  if (!(e instanceof UsageError) || e.message.startsWith(`${flag} `)) return e;
+  const m = e.message;
+  return new UsageError(
+    m.startsWith(`${value}:`) ? `${flag} ${m}` : `${flag} ${value}: ${m}`,
+  );
+}
+
+function tokenizerFolder(t: Tokenizer): string | null {
+  const json = t.sourceFiles().find((f) => f.endsWith("tokenizer.json"));
+  return json === undefined ? null : json.slice(0, Math.max(0, json.lastIndexOf("/"))) || ".";
 }
 
 /** Creates the output directory and an empty `metrics.jsonl` in it. */

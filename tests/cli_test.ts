@@ -229,7 +229,12 @@ Deno.test("checkOptions: notebook-style partial options", () => {
     warmup: 0,
   });
   assert.equal(inline.model.name, "custom");
-  assert.equal(inline.model.config.vocab_size, 256);
+  // a config's own vocabulary is kept (it must hold every token id), as for files
+  assert.equal(inline.model.config.vocab_size, 32000);
+  assert.throws(
+    () => checkOptions({ model: { ...model.config, vocab_size: 100 } }),
+    /vocab_size 100 is smaller than the tokenizer's 256 tokens/,
+  );
   assert.equal(inline.opts.warmup, 0);
   assert.throws(() => checkOptions({ lr: Number.NaN }), /^UsageError: --lr NaN: must be/);
   assert.throws(

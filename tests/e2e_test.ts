@@ -203,6 +203,8 @@ Deno.test("e2e: --help", async () => {
   assert.equal(r.stderr, "");
 });
 
+const FIX = new URL("./fixtures/hf/", import.meta.url).pathname;
+
 Deno.test("e2e: bad inputs give one error line naming the flag and the value", async () => {
   const dir = Deno.makeTempDirSync();
   try {
@@ -216,6 +218,10 @@ Deno.test("e2e: bad inputs give one error line naming the flag and the value", a
       '{"hidden_size":96,"intermediate_size":256,"num_attention_heads":5,"num_hidden_layers":2}',
     );
     const missing = join(dir, "missing.txt");
+    const badJsonl = join(dir, "bad.jsonl");
+    Deno.writeTextFileSync(badJsonl, '{"text":"a"}\n{"text":\n');
+    const noField = join(dir, "nofield.jsonl");
+    Deno.writeTextFileSync(noField, '{"body":"a"}\n');
     const cases: [string[], string[]][] = [
       [["--batch-size", "0"], ["--batch-size 0", "integer ≥ 1"]],
       [["--batch-size", "1.5"], ["--batch-size 1.5"]],
@@ -226,7 +232,23 @@ Deno.test("e2e: bad inputs give one error line naming the flag and the value", a
       [["--seq-len", "4096"], ["--seq-len 4096", "2048", "max_position_embeddings"]],
       [["--model", heads], [`--model ${heads}`, "num_attention_heads 5", "hidden_size 96"]],
       [["--data", missing], [`--data ${missing}`, "not found"]],
-      [["--data", empty], [`--data ${empty}`, "empty", "0 tokens"]],
+      [["--data", empty], [`--data ${empty}`, "empty"]],
+      [["--data", badJsonl], [`--data ${badJsonl}`, "line 2", "not JSON"]],
+      [["--data", noField], [`--data ${noField}`, "line 1", 'no "text" field']],
+      [["--init-from", dir], [`--init-from ${dir}`, "config.json"]],
+      [["--init-from", `${FIX}gqa-tied-theta5e5`, "--model", "llama-20m"], [
+        "--init-from",
+        "--model",
+      ]],
+      [["--export", dir], [`--export ${dir}`, "not empty"]],
+      [["--export-dtype", "f16"], ["--export-dtype f16", "bf16, f32"]],
+      [["--tokenizer", missing], [`--tokenizer ${missing}`]],
+      [["--train-tokenizer", "100", "--data", short], ["--train-tokenizer 100", "260"]],
+      [["--train-tokenizer", "1000"], ["--train-tokenizer 1000", "needs --data"]],
+      [["--model", `${FIX}mha-untied-theta1e4`, "--tokenizer", `${FIX}tok-bbpe`], [
+        "vocab_size 500",
+        "600",
+      ]],
       [["--data", short, "--seq-len", "64"], [`--data ${short}`, "10 tokens", "65"]],
       [["--learning-rate", "1"], ["--learning-rate", "unknown flag"]],
       [["--device", "tpu"], ["--device tpu", "cpu, cuda, auto"]],

@@ -131,7 +131,7 @@ Deno.test("train: out null writes nothing; text data has no entropy floor", asyn
     });
     assert.equal(s.out, null);
     assert.equal(s.entropy_floor, null);
-    assert.match(s.data, /1000 byte tokens \(900 train, 100 val\)/);
+    assert.match(s.data, /1000 tokens \(900 train, 100 val; 1 \+ 0 documents\)/);
     assert.deepEqual([...Deno.readDirSync(dir)].map((e) => e.name), ["t.txt"]);
   } finally {
     Deno.chdir(cwd);
@@ -206,7 +206,7 @@ Deno.test("train: bad options fail before an engine is created", async () => {
   await assert.rejects(train({ batchSize: 0 }, { createEngine }), /--batch-size 0: must be/);
   await assert.rejects(
     train({ data: "/nonexistent/file.txt" }, { createEngine }),
-    /--data \/nonexistent\/file\.txt: file not found/,
+    /--data \/nonexistent\/file\.txt: not found/,
   );
   assert.equal(created, false);
 });
