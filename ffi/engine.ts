@@ -106,6 +106,11 @@ export interface EngineConfig {
   threads?: number;
   /** Micro-batches per optimizer step; every `trainStep` must pass this many (default 1). */
   grad_accum?: number;
+  /**
+   * A Hugging Face model folder or safetensors file whose weights replace the random
+   * initialisation (checked against the config first; optimizer state fresh).
+   */
+  init_from?: string;
 }
 
 /** Result of one optimizer step. */

@@ -119,18 +119,14 @@ export async function openModel(opts: OpenModelOptions): Promise<OpenedModel> {
         `--seq-len ${opts.seqLen}: must be ≤ ${config.max_position_embeddings} (max_position_embeddings of ${label})`,
       );
     }
+    // the weights load in place of a random initialisation
     const engine = await Engine.create({
       ...base,
       model: config,
       optimizer: { name: "adamw" } as EngineConfig["optimizer"],
       seed: 0,
+      init_from: opts.model,
     });
-    try {
-      await engine.importHf(opts.model);
-    } catch (e) {
-      engine[Symbol.dispose]();
-      throw e;
-    }
     return opened(engine, config, tokenizer, "hf");
   }
   const info = readCheckpointInfo(opts.model, label);

@@ -50,8 +50,6 @@ export interface TrainEngine extends Disposable {
   memory(): MemoryBytes;
   /** Engine facts (`svd_count`, `gaps`, …); optional for stand-ins. */
   info?(): Partial<EngineInfo>;
-  /** Loads a Hugging Face folder's weights (`--init-from`); optional for stand-ins. */
-  importHf?(path: string): Promise<void>;
 }
 
 /** A `metrics.jsonl` line for one update. */
@@ -360,21 +358,20 @@ export class Run implements Disposable {
     });
     for (const n of notices) progress.note(n);
 
+    // --init-from: the engine loads the checkpoint instead of drawing random weights
+    if (opts.initFrom !== null) cfg.init_from = opts.initFrom;
     const engine = await Promise.resolve(cfg).then(hooks.createEngine ?? Engine.create)
       .catch((e: unknown) => {
+        // a checkpoint that does not fit is bad input, named by its flag
+        if (
+          opts.initFrom !== null && e instanceof EngineError && e.code === ErrorCode.invalid &&
+          e.message.startsWith(opts.initFrom)
+        ) throw flagged(new UsageError(e.message), "--init-from", opts.initFrom);
         throw withFlags(e); // the engine names config fields; the user knows flags
       });
     let metrics: JsonlWriter | null = null;
     let run: Run | undefined;
     try {
-      if (opts.initFrom !== null) {
-        if (!engine.importHf) {
-          throw new UsageError(`${"--init-from"}: this engine cannot load weights`);
-        }
-        await engine.importHf(opts.initFrom).catch((e: unknown) => {
-          throw withFlags(e);
-        });
-      }
       metrics = out === null ? null : openOut(out);
       run = new Run({
         opts,
@@ -698,9 +695,8 @@ function describeOptimizer(o: ResolvedOptions): string {
 function flagged(e: unknown, flag: string, value: string): unknown {
   if (!(e instanceof UsageError) || e.message.startsWith(`${flag} `)) return e;
   const m = e.message;
-  return new UsageError(
-    m.startsWith(`${value}:`) ? `${flag} ${m}` : `${flag} ${value}: ${m}`,
-  );
+  // "--data x: why", or "--init-from x/model.safetensors: why" for a file inside it
+  return new UsageError(m.startsWith(value) ? `${flag} ${m}` : `${flag} ${value}: ${m}`);
 }
 
 function tokenizerFolder(t: Tokenizer): string | null {

@@ -222,6 +222,12 @@ Deno.test("e2e: bad inputs give one error line naming the flag and the value", a
     Deno.writeTextFileSync(badJsonl, '{"text":"a"}\n{"text":\n');
     const noField = join(dir, "nofield.jsonl");
     Deno.writeTextFileSync(noField, '{"body":"a"}\n');
+    // a model folder whose weights file was cut short
+    const cut = join(dir, "cut");
+    Deno.mkdirSync(cut);
+    Deno.copyFileSync(`${FIX}gqa-tied-theta5e5/config.json`, join(cut, "config.json"));
+    const st = Deno.readFileSync(`${FIX}gqa-tied-theta5e5/model.safetensors`);
+    Deno.writeFileSync(join(cut, "model.safetensors"), st.subarray(0, st.length - 100));
     const cases: [string[], string[]][] = [
       [["--batch-size", "0"], ["--batch-size 0", "integer ≥ 1"]],
       [["--batch-size", "1.5"], ["--batch-size 1.5"]],
@@ -236,6 +242,7 @@ Deno.test("e2e: bad inputs give one error line naming the flag and the value", a
       [["--data", badJsonl], [`--data ${badJsonl}`, "line 2", "not JSON"]],
       [["--data", noField], [`--data ${noField}`, "line 1", 'no "text" field']],
       [["--init-from", dir], [`--init-from ${dir}`, "config.json"]],
+      [["--init-from", cut], [`--init-from ${cut}/model.safetensors`]],
       [["--init-from", `${FIX}gqa-tied-theta5e5`, "--model", "llama-20m"], [
         "--init-from",
         "--model",

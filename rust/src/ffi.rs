@@ -93,15 +93,23 @@ pub extern "C" fn qg_abi_version() -> u32 {
     ABI_VERSION
 }
 
-/// Creates an engine from a JSON `EngineConfig`. On failure returns null and writes the
-/// message into `err` (up to `cap` bytes; `*err_len` receives the full length).
+/// Creates an engine from a JSON `EngineConfig` (plus an optional `init_from` path: the
+/// weights of a Hugging Face checkpoint, loaded instead of a random initialisation). On
+/// failure returns null and writes the message into `err` (up to `cap` bytes; `*err_len`
+/// receives the full length).
 #[no_mangle]
 pub unsafe extern "C" fn qg_engine_new(cfg: *const u8, len: usize, err: *mut u8, cap: usize, err_len: *mut usize) -> *mut Handle {
     quiet_panics();
     let r = catch_unwind(AssertUnwindSafe(|| -> Result<Box<dyn Session>> {
         let bytes = slice(cfg, len)?;
         let text = std::str::from_utf8(bytes).map_err(|_| Error::invalid("engine config is not UTF-8"))?;
-        train::open(EngineConfig::from_json(text)?)
+        // `init_from`: a Hugging Face checkpoint whose weights replace the initialisation
+        let init = match serde_json::from_str::<serde_json::Value>(text).ok().and_then(|v| v.get("init_from").cloned()) {
+            None | Some(serde_json::Value::Null) => None,
+            Some(serde_json::Value::String(p)) => Some(p),
+            Some(v) => return Err(Error::invalid(format!("init_from = {v}: must be a path"))),
+        };
+        train::open(EngineConfig::from_json(text)?, init.as_deref().map(std::path::Path::new))
     }));
     let msg = match r {
         Ok(Ok(session)) => {

@@ -44,6 +44,13 @@ fn grad_len<B: Backend>(m: &Llama<B>, i: usize, rows: Option<(usize, usize)>) ->
 
 impl<B: Backend> Engine<B> {
     pub fn new(be: B, cfg: EngineConfig) -> Result<Self> {
+        Self::build(be, cfg, None)
+    }
+
+    /// An engine whose weights are a Hugging Face checkpoint's (`init`: a model folder or
+    /// safetensors file, `crate::hf`), loaded over zeros instead of a random initialisation;
+    /// optimizer state fresh. Without `init`, `new`.
+    pub fn build(be: B, cfg: EngineConfig, init: Option<&std::path::Path>) -> Result<Self> {
         cfg.validate()?;
         // Sizes and storage kinds come from the byte plan (the same code `qg_plan` runs),
         // so the tracked bytes are what the plan says.
@@ -53,12 +60,17 @@ impl<B: Backend> Engine<B> {
         }
         let o = &cfg.optimizer;
         let (quant, half) = (plan::linear_quant(o), plan::half_tables(o));
-        let model = be.runner().run(|| Llama::build(&be, &cfg.model, cfg.seed, quant, half))?;
+        let seed = init.is_none().then_some(cfg.seed);
+        let model = be.runner().run(|| Llama::build(&be, &cfg.model, seed, quant, half))?;
         let fused = plan.fused;
         let opt = optim::build(&be, &plan, o, cfg.seed)?;
         let grads = Grads::new(&be, plan.tensors.iter().map(|t| (t.grad_len, t.grad_chunk_rows)), plan.shared_grad as usize)?;
         let acts = Acts::new(&be, &cfg.model, cfg.batch_size, cfg.seq_len, cfg.checkpointing, &plan.activations)?;
-        Ok(Engine { be, cfg, model, grads, acts, opt, fused, notice: None, timing: [0.0; 3], peak_device_bytes: 0 })
+        let mut e = Engine { be, cfg, model, grads, acts, opt, fused, notice: None, timing: [0.0; 3], peak_device_bytes: 0 };
+        if let Some(path) = init {
+            e.import_hf(path)?;
+        }
+        Ok(e)
     }
 
     fn window_rows(&self, tokens: &[i32], chunks: usize, what: &str) -> Result<()> {
@@ -452,20 +464,20 @@ impl<B: Backend> Session for Engine<B> {
 
 /// Builds a session on the configured device. `auto` takes the GPU when a usable device
 /// and its libraries are found, else the CPU (and says so in `info`'s `notice`).
-pub fn open(cfg: EngineConfig) -> Result<Box<dyn Session>> {
+pub fn open(cfg: EngineConfig, init: Option<&std::path::Path>) -> Result<Box<dyn Session>> {
     let cpu = |cfg: EngineConfig| -> Result<Box<dyn Session>> {
         if cfg.precision == Precision::Bf16 {
             return Err(Error::invalid("precision = bf16 needs a GPU, and none is usable; use precision fp32 or auto"));
         }
-        Ok(Box::new(Engine::new(crate::backend::cpu::Cpu::new(cfg.threads)?, cfg)?))
+        Ok(Box::new(Engine::build(crate::backend::cpu::Cpu::new(cfg.threads)?, cfg, init)?))
     };
     match cfg.device {
         Device::Cpu => cpu(cfg),
-        Device::Cuda => cuda(cfg),
+        Device::Cuda => cuda(cfg, init),
         Device::Auto => {
             #[cfg(feature = "cuda")]
             if crate::backend::cuda::probe::device_count() > 0 {
-                return cuda(cfg);
+                return cuda(cfg, init);
             }
             let mut s = cpu(cfg)?;
             s.set_notice("no usable CUDA device found; running on the CPU");
@@ -475,13 +487,13 @@ pub fn open(cfg: EngineConfig) -> Result<Box<dyn Session>> {
 }
 
 #[cfg(feature = "cuda")]
-fn cuda(cfg: EngineConfig) -> Result<Box<dyn Session>> {
+fn cuda(cfg: EngineConfig, init: Option<&std::path::Path>) -> Result<Box<dyn Session>> {
     let be = crate::backend::cuda::Cuda::new(0, cfg.precision != Precision::Fp32)
         .map_err(|e| Error::backend(format!("device cuda: {}; use device cpu or auto", e.msg)))?;
-    Ok(Box::new(Engine::new(be, cfg)?))
+    Ok(Box::new(Engine::build(be, cfg, init)?))
 }
 
 #[cfg(not(feature = "cuda"))]
-fn cuda(_: EngineConfig) -> Result<Box<dyn Session>> {
+fn cuda(_: EngineConfig, _: Option<&std::path::Path>) -> Result<Box<dyn Session>> {
     Err(Error::backend("device cuda: this build has no CUDA support (feature `cuda`); use device cpu or auto"))
 }

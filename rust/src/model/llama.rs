@@ -130,15 +130,17 @@ pub struct LinearQuant {
 
 impl<B: Backend> Llama<B> {
     pub fn new(be: &B, cfg: &ModelConfig, seed: u64) -> Result<Self> {
-        Self::build(be, cfg, seed, None, false)
+        Self::build(be, cfg, Some(seed), None, false)
     }
 
     /// Builds the model; with `quant`, each projected matrix is quantized (round to
     /// nearest, docs/algorithm-spec.md §2.2) as soon as it is initialised, so a float copy of the whole model
     /// never exists (a 7B model fits where its f32 weights would not). `half` stores the
     /// embedding and lm_head with `Backend::alloc_half` (bf16 on a bf16-precision GPU; the
-    /// caller sets it only for optimizers that update them with 8-bit Adam).
-    pub fn build(be: &B, cfg: &ModelConfig, seed: u64, quant: Option<LinearQuant>, half: bool) -> Result<Self> {
+    /// caller sets it only for optimizers that update them with 8-bit Adam). With `seed`
+    /// None the weights start at zero (norms at one) because the caller loads them next
+    /// (`Engine::import_hf`): a 7B model then costs no billions of random draws.
+    pub fn build(be: &B, cfg: &ModelConfig, seed: Option<u64>, quant: Option<LinearQuant>, half: bool) -> Result<Self> {
         let shapes = layout(cfg);
         let mut params = Vec::with_capacity(shapes.len());
         let mut host = Vec::new();
@@ -150,11 +152,13 @@ impl<B: Backend> Llama<B> {
                 be.alloc(n, Category::Weights)?
             };
             host.clear();
-            if role == Role::Norm {
-                host.resize(n, 1.0);
-            } else {
-                let key = rng::stream_key(seed, 0x1417 + idx as u64, 0);
-                host.extend((0..n as u64).map(|i| cfg.initializer_range * rng::normal(key, i)));
+            match seed {
+                _ if role == Role::Norm => host.resize(n, 1.0),
+                None => host.resize(n, 0.0),
+                Some(seed) => {
+                    let key = rng::stream_key(seed, 0x1417 + idx as u64, 0);
+                    host.extend((0..n as u64).map(|i| cfg.initializer_range * rng::normal(key, i)));
+                }
             }
             be.upload(&mut data, &host)?;
             let data = match quant {
