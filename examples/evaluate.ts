@@ -17,18 +17,15 @@
 import "../ffi/preflight.ts";
 import { EngineError } from "../ffi/engine.ts";
 import { LoadError } from "../ffi/loader.ts";
-import { parseScriptArgs, type ScriptFlag } from "../lib/cli.ts";
+import { MODEL_SCRIPT_FLAGS, modelArgs, parseScriptArgs, type ScriptFlag } from "../lib/cli.ts";
 import { UsageError } from "../lib/errors.ts";
 import { evaluatePerplexity } from "../lib/evaluate.ts";
 import { openModel } from "../lib/open_model.ts";
 
 const FLAGS: Readonly<Record<string, ScriptFlag>> = {
-  model: { type: "string", required: true },
+  ...MODEL_SCRIPT_FLAGS,
   data: { type: "string", required: true },
   "seq-len": { type: "int", min: 1, required: true },
-  tokenizer: { type: "string" },
-  device: { type: "string" },
-  threads: { type: "int", min: 1, max: 1024 },
   json: { type: "switch" },
 };
 
@@ -53,10 +50,6 @@ export async function main(argv: string[]): Promise<number> {
       console.log(USAGE);
       return 0;
     }
-    const device = (a.device ?? "cpu") as string;
-    if (!["cpu", "cuda", "auto"].includes(device)) {
-      throw new UsageError(`--device ${device}: must be one of cpu, cuda, auto`);
-    }
     const seqLen = a["seq-len"] as number;
     const path = a.data as string;
     let text: string;
@@ -66,14 +59,7 @@ export async function main(argv: string[]): Promise<number> {
       const why = e instanceof Deno.errors.NotFound ? "file not found" : String(e).split("\n")[0];
       throw new UsageError(`--data ${path}: ${why}`);
     }
-    using m = await openModel({
-      model: a.model as string,
-      tokenizer: (a.tokenizer as string | undefined) ?? null,
-      seqLen,
-      device: device as "cpu" | "cuda" | "auto",
-      ...(a.threads === undefined ? {} : { threads: a.threads as number }),
-      label: `--model ${a.model}`,
-    });
+    using m = await openModel(modelArgs(a, seqLen));
     const tokens = m.tokenizer.encode(text, { addSpecial: true });
     if (tokens.length < seqLen + 1) {
       throw new UsageError(

@@ -16,24 +16,21 @@
 
 // First: a missing or stale engine library is one line, before anything opens it.
 import "../ffi/preflight.ts";
-import { parseScriptArgs, type ScriptFlag } from "../lib/cli.ts";
+import { MODEL_SCRIPT_FLAGS, modelArgs, parseScriptArgs, type ScriptFlag } from "../lib/cli.ts";
 import { UsageError } from "../lib/errors.ts";
 import { generateIds } from "../lib/generate.ts";
 import { openModel } from "../lib/open_model.ts";
 import { failure } from "./evaluate.ts";
 
 const FLAGS: Readonly<Record<string, ScriptFlag>> = {
-  model: { type: "string", required: true },
+  ...MODEL_SCRIPT_FLAGS,
   prompt: { type: "string", required: true },
   "max-new-tokens": { type: "int", min: 1, max: 1 << 20, required: true },
   temperature: { type: "number", min: 0, max: 1e6 },
   "top-k": { type: "int", min: 0 },
   "top-p": { type: "number", min: 0, open: true, max: 1 },
   seed: { type: "int", min: 0 },
-  cache: { type: "string" },
-  tokenizer: { type: "string" },
-  device: { type: "string" },
-  threads: { type: "int", min: 1, max: 1024 },
+  cache: { type: "choice", choices: ["on", "off"] },
   json: { type: "switch" },
 };
 
@@ -63,23 +60,9 @@ export async function main(argv: string[]): Promise<number> {
       console.log(USAGE);
       return 0;
     }
-    const device = (a.device ?? "cpu") as string;
-    if (!["cpu", "cuda", "auto"].includes(device)) {
-      throw new UsageError(`--device ${device}: must be one of cpu, cuda, auto`);
-    }
     const cache = (a.cache ?? "on") as string;
-    if (cache !== "on" && cache !== "off") {
-      throw new UsageError(`--cache ${cache}: must be on or off`);
-    }
-    using m = await openModel({
-      model: a.model as string,
-      tokenizer: (a.tokenizer as string | undefined) ?? null,
-      // generation runs on its own KV-cache path; the engine's training shape stays small
-      seqLen: 1,
-      device: device as "cpu" | "cuda" | "auto",
-      ...(a.threads === undefined ? {} : { threads: a.threads as number }),
-      label: `--model ${a.model}`,
-    });
+    // generation runs on its own KV-cache path; the engine's training shape stays small
+    using m = await openModel(modelArgs(a, 1));
     const promptIds = m.tokenizer.encode(a.prompt as string, { addSpecial: true });
     if (promptIds.length === 0) throw new UsageError(`--prompt: gives no tokens`);
     const r = await generateIds(m.engine, promptIds, {

@@ -24,6 +24,7 @@ import {
   type SwitchKey,
   type TrainOptions,
 } from "./options.ts";
+import type { OpenModelOptions } from "./open_model.ts";
 import { PRESET_NAMES } from "./presets.ts";
 
 /** Parsed command line: training options plus the CLI-only `--json` switch. */
@@ -93,13 +94,16 @@ export function parsePretrainArgs(argv: string[]): PretrainArgs | "help" {
  * `--lr -1` would otherwise read as a missing value followed by a flag `-1`; joining it into
  * `--lr=-1` lets the range check report the value itself.
  */
-function joinNegativeValues(argv: string[]): string[] {
+function joinNegativeValues(
+  argv: string[],
+  valueFlags: Readonly<Record<string, unknown>> = VALUE_FLAGS,
+): string[] {
   const out: string[] = [];
   for (let i = 0; i < argv.length; i++) {
     const a = argv[i];
     const next = argv[i + 1];
     if (
-      a.startsWith("--") && a.slice(2) in VALUE_FLAGS && next !== undefined &&
+      a.startsWith("--") && a.slice(2) in valueFlags && next !== undefined &&
       /^-(\d|\.\d|inf|nan)/i.test(next)
     ) {
       out.push(`${a}=${next}`);
@@ -169,8 +173,13 @@ export function usage(): string {
 
 /** One flag of a small script ({@link parseScriptArgs}). */
 export interface ScriptFlag {
-  /** `string` (any non-empty text), `int` or `number` within `min`/`max`, or a `switch`. */
-  type: "string" | "int" | "number" | "switch";
+  /**
+   * `string` (any non-empty text), `choice` (one of `choices`), `int` or `number` within
+   * `min`/`max`, or a `switch`.
+   */
+  type: "string" | "choice" | "int" | "number" | "switch";
+  /** Allowed values of a `choice`. */
+  choices?: readonly string[];
   /** Smallest allowed value (numbers). */
   min?: number;
   /** Largest allowed value (numbers). */
@@ -194,19 +203,8 @@ export function parseScriptArgs(
     Object.entries(flags).filter(([, f]) => f.type !== "switch").map(([k]) => [k, k]),
   );
   let values: Record<string, string | boolean | undefined>;
-  const args: string[] = [];
-  for (let i = 0; i < argv.length; i++) {
-    const a = argv[i];
-    const next = argv[i + 1];
-    // `--temperature -1` reads as a value, so the range check can name it
-    if (
-      a.startsWith("--") && a.slice(2) in valueFlags && next !== undefined &&
-      /^-(\d|\.\d|inf|nan)/i.test(next)
-    ) {
-      args.push(`${a}=${next}`);
-      i++;
-    } else args.push(a);
-  }
+  // `--temperature -1` reads as a value, so the range check can name it
+  const args = joinNegativeValues(argv, valueFlags);
   try {
     values = parseArgs({
       args,
@@ -242,6 +240,13 @@ export function parseScriptArgs(
       out[name] = text;
       continue;
     }
+    if (f.type === "choice") {
+      if (!f.choices!.includes(text)) {
+        throw new UsageError(`--${name} ${text || '""'}: must be one of ${f.choices!.join(", ")}`);
+      }
+      out[name] = text;
+      continue;
+    }
     const v = text.trim() === "" ? NaN : Number(text);
     const lo = f.min ?? -Infinity;
     const hi = f.max ?? Number.MAX_SAFE_INTEGER;
@@ -257,4 +262,27 @@ export function parseScriptArgs(
     out[name] = v;
   }
   return out;
+}
+
+/** The flags `evaluate.ts` and `generate.ts` share: the model, its tokenizer, where it runs. */
+export const MODEL_SCRIPT_FLAGS: Readonly<Record<string, ScriptFlag>> = Object.freeze({
+  model: { type: "string", required: true },
+  tokenizer: { type: "string" },
+  device: { type: "choice", choices: ["cpu", "cuda", "auto"] },
+  threads: { type: "int", min: 1, max: 1024 },
+});
+
+/** {@link openModel}'s options from the parsed {@link MODEL_SCRIPT_FLAGS}. */
+export function modelArgs(
+  a: Readonly<Record<string, string | number | boolean | undefined>>,
+  seqLen: number,
+): OpenModelOptions {
+  return {
+    model: a.model as string,
+    tokenizer: (a.tokenizer as string | undefined) ?? null,
+    seqLen,
+    device: (a.device ?? "cpu") as "cpu" | "cuda" | "auto",
+    ...(a.threads === undefined ? {} : { threads: a.threads as number }),
+    label: `--model ${a.model}`,
+  };
 }

@@ -3,6 +3,7 @@
  * @module
  */
 import type { Engine } from "../ffi/engine.ts";
+import { isFile } from "./fs.ts";
 import type { Tokenizer } from "./tokenizer.ts";
 
 /** The tokenizer files a Hugging Face model folder carries, copied when present. */
@@ -29,14 +30,6 @@ export interface ExportModelOptions {
   extra?: Record<string, unknown>;
 }
 
-async function isFile(path: string): Promise<boolean> {
-  try {
-    return (await Deno.stat(path)).isFile;
-  } catch {
-    return false;
-  }
-}
-
 /**
  * Writes `engine`'s model as a Hugging Face folder `dir` that
  * `LlamaForCausalLM.from_pretrained` loads: `config.json`, `model.safetensors`,
@@ -53,7 +46,7 @@ export async function exportModel(
   if (opts.tokenizerDir !== undefined) {
     for (const f of TOKENIZER_FILES) {
       const p = `${opts.tokenizerDir}/${f}`;
-      if (await isFile(p)) copy.push(p);
+      if (isFile(p)) copy.push(p);
     }
   }
   const extra: Record<string, unknown> = {};

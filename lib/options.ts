@@ -10,6 +10,7 @@
  */
 
 import { UsageError } from "./errors.ts";
+import { isDirectory, isFile } from "./fs.ts";
 import {
   type EngineConfig,
   EngineError,
@@ -321,10 +322,11 @@ export function checkOptions(input: Partial<TrainOptions> = {}): CheckedOptions 
   }
   // The folder a model comes from may hold its tokenizer.
   const folder = raw.initFrom ??
-    (typeof raw.model === "string" && isDir(raw.model) ? raw.model : null);
+    (typeof raw.model === "string" && isDirectory(raw.model) ? raw.model : null);
   let tokenizer: Tokenizer | null = null;
   if (raw.trainTokenizer === null) {
-    const path = raw.tokenizer ?? (folder !== null && hasTokenizer(folder) ? folder : null);
+    const path = raw.tokenizer ??
+      (folder !== null && isFile(`${folder}/tokenizer.json`) ? folder : null);
     try {
       tokenizer = openTokenizer(path);
     } catch (e) {
@@ -366,22 +368,6 @@ export function checkOptions(input: Partial<TrainOptions> = {}): CheckedOptions 
   }
   const { settings, notices } = resolveOptimizer(raw, model);
   return { opts: { ...raw, ...settings, warmup }, model, tokenizer, notices };
-}
-
-function isDir(path: string): boolean {
-  try {
-    return Deno.statSync(path).isDirectory;
-  } catch {
-    return false;
-  }
-}
-
-function hasTokenizer(dir: string): boolean {
-  try {
-    return Deno.statSync(`${dir}/tokenizer.json`).isFile;
-  } catch {
-    return false;
-  }
 }
 
 /** `--export DIR` must be new or empty: an export never replaces a user's files. */

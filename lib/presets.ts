@@ -10,6 +10,7 @@
 
 import { join } from "node:path";
 import { UsageError } from "./errors.ts";
+import { isDirectory, isFile } from "./fs.ts";
 
 import { type ModelConfig, type ModelProblem, resolveModelConfig } from "../ffi/engine.ts";
 
@@ -190,22 +191,6 @@ export function resolveModel(nameOrPath: string, vocab: number, source?: string)
   }
   validateModel(config, named);
   return dir === undefined ? { name: nameOrPath, config } : { name: nameOrPath, config, dir };
-}
-
-function isDirectory(path: string): boolean {
-  try {
-    return Deno.statSync(path).isDirectory;
-  } catch {
-    return false;
-  }
-}
-
-function isFile(path: string): boolean {
-  try {
-    return Deno.statSync(path).isFile;
-  } catch {
-    return false;
-  }
 }
 
 function looksLikePath(s: string): boolean {

@@ -1,0 +1,155 @@
+/**
+ * examples/evaluate.ts and examples/generate.ts as a user runs them: on a Hugging Face folder
+ * and on a qgalore checkpoint, `--json` outputs equal to the library's answers, and bad flags
+ * as one `error:` line.
+ */
+import assert from "node:assert/strict";
+import { evaluatePerplexity } from "../lib/evaluate.ts";
+import { generateIds } from "../lib/generate.ts";
+import { openModel, saveCheckpoint } from "../lib/open_model.ts";
+
+const FIX = new URL("./fixtures/hf/", import.meta.url).pathname;
+const MODEL = `${FIX}gqa-tied-theta5e5`;
+const TEXT = `${FIX}multilingual.txt`;
+
+async function run(
+  name: string,
+  args: string[],
+): Promise<{ code: number; out: string; err: string }> {
+  const script = new URL(`../examples/${name}.ts`, import.meta.url).pathname;
+  const r = await new Deno.Command(Deno.execPath(), {
+    args: ["run", "-A", script, ...args],
+    stdout: "piped",
+    stderr: "piped",
+    env: { NO_COLOR: "1" },
+  }).output();
+  const dec = new TextDecoder();
+  return { code: r.code, out: dec.decode(r.stdout), err: dec.decode(r.stderr) };
+}
+
+const last = (s: string) => s.trim().split("\n").at(-1)!;
+
+Deno.test("evaluate.ts --json: the library's perplexity, on a folder and on a checkpoint", async () => {
+  const r = await run("evaluate", ["--model", MODEL, "--data", TEXT, "--seq-len", "32", "--json"]);
+  assert.equal(r.code, 0, r.err);
+  const got = JSON.parse(last(r.out));
+  assert.deepEqual(Object.keys(got).sort(), ["loss", "ppl", "tokens", "windows"]);
+  using m = await openModel({ model: MODEL, seqLen: 32 });
+  const ids = m.tokenizer.encode(Deno.readTextFileSync(TEXT));
+  const want = await evaluatePerplexity(m.engine, ids, 32);
+  assert.deepEqual(got, want);
+  assert.equal(want.windows, Math.floor(ids.length / 33));
+  assert.equal(want.tokens, want.windows * 32);
+  // the same weights as a qgalore checkpoint (engine state + config beside it)
+  const dir = await Deno.makeTempDir();
+  try {
+    await saveCheckpoint(m.engine, `${dir}/ckpt`, MODEL);
+    const c = await run("evaluate", [
+      "--model",
+      `${dir}/ckpt`,
+      "--data",
+      TEXT,
+      "--seq-len",
+      "32",
+      "--json",
+    ]);
+    assert.equal(c.code, 0, c.err);
+    assert.deepEqual(JSON.parse(last(c.out)), want);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("generate.ts --json: greedy equals the library's; sampling is reproducible", async () => {
+  const args = ["--model", MODEL, "--prompt", "ROMEO:", "--max-new-tokens", "12", "--json"];
+  const r = await run("generate", args);
+  assert.equal(r.code, 0, r.err);
+  const got = JSON.parse(last(r.out));
+  assert.deepEqual(Object.keys(got).sort(), ["ids", "prompt_ids", "text"]);
+  using m = await openModel({ model: MODEL, seqLen: 1 });
+  const prompt = m.tokenizer.encode("ROMEO:");
+  assert.deepEqual(got.prompt_ids, Array.from(prompt));
+  assert.equal(got.prompt_ids[0], 598); // the tokenizer's BOS
+  const want = await generateIds(m.engine, prompt, {
+    maxNewTokens: 12,
+    eosIds: m.tokenizer.eosIds,
+  });
+  assert.deepEqual(got.ids, want.ids);
+  assert.equal(got.text, m.tokenizer.decode(want.ids, { skipSpecial: true }));
+  const uncached = await run("generate", [...args, "--cache", "off"]);
+  assert.deepEqual(JSON.parse(last(uncached.out)).ids, got.ids);
+  const sample = ["--temperature", "0.9", "--top-k", "50", "--top-p", "0.9", "--seed", "7"];
+  const s1 = JSON.parse(last((await run("generate", [...args, ...sample])).out));
+  const s2 = JSON.parse(last((await run("generate", [...args, ...sample])).out));
+  assert.deepEqual(s1.ids, s2.ids);
+  assert.notDeepEqual(s1.ids, got.ids);
+});
+
+Deno.test("evaluate.ts and generate.ts: bad input is one error line", async () => {
+  const cases: [string, string[], RegExp][] = [
+    ["evaluate", ["--data", TEXT, "--seq-len", "8"], /--model: required/],
+    [
+      "evaluate",
+      ["--model", MODEL, "--data", TEXT, "--seq-len", "0"],
+      /--seq-len 0: must be an integer ≥ 1/,
+    ],
+    [
+      "evaluate",
+      ["--model", MODEL, "--data", TEXT, "--seq-len", "999"],
+      /--seq-len 999: must be ≤ 256/,
+    ],
+    [
+      "evaluate",
+      ["--model", MODEL, "--data", "/nonexistent", "--seq-len", "8"],
+      /--data \/nonexistent: file not found/,
+    ],
+    [
+      "evaluate",
+      ["--model", "/nonexistent", "--data", TEXT, "--seq-len", "8"],
+      /--model \/nonexistent: not found/,
+    ],
+    [
+      "evaluate",
+      ["--model", TEXT, "--data", TEXT, "--seq-len", "8"],
+      /not a Hugging Face folder or a qgalore checkpoint/,
+    ],
+    [
+      "evaluate",
+      ["--model", MODEL, "--data", TEXT, "--seq-len", "8", "--device", "tpu"],
+      /--device tpu: must be one of cpu, cuda, auto/,
+    ],
+    [
+      "generate",
+      ["--model", MODEL, "--prompt", "x", "--max-new-tokens", "1e9"],
+      /--max-new-tokens 1e9: must be an integer in \[1, 1048576\]/,
+    ],
+    [
+      "generate",
+      ["--model", MODEL, "--prompt", "x", "--max-new-tokens", "4", "--top-p", "0"],
+      /--top-p 0: must be a number in \(0, 1\]/,
+    ],
+    ["generate", [
+      "--model",
+      MODEL,
+      "--prompt",
+      "x",
+      "--max-new-tokens",
+      "4",
+      "--temperature",
+      "-1",
+    ], /--temperature -1: must be a number in \[0/],
+    [
+      "generate",
+      ["--model", MODEL, "--prompt", "x", "--max-new-tokens", "4", "--bogus"],
+      /--bogus: unknown flag/,
+    ],
+  ];
+  for (const [name, args, re] of cases) {
+    const r = await run(name, args);
+    assert.equal(r.code, 2, `${name} ${args.join(" ")}: exit ${r.code}\n${r.err}`);
+    const lines = r.err.trim().split("\n");
+    assert.equal(lines.length, 1, r.err);
+    assert.match(lines[0], /^error: /);
+    assert.match(lines[0], re);
+  }
+});
