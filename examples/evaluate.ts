@@ -52,13 +52,7 @@ export async function main(argv: string[]): Promise<number> {
     }
     const seqLen = a["seq-len"] as number;
     const path = a.data as string;
-    let text: string;
-    try {
-      text = Deno.readTextFileSync(path);
-    } catch (e) {
-      const why = e instanceof Deno.errors.NotFound ? "file not found" : String(e).split("\n")[0];
-      throw new UsageError(`--data ${path}: ${why}`);
-    }
+    const text = readText(path);
     using m = await openModel(modelArgs(a, seqLen));
     const tokens = m.tokenizer.encode(text, { addSpecial: true });
     if (tokens.length < seqLen + 1) {
@@ -77,6 +71,32 @@ export async function main(argv: string[]): Promise<number> {
     return 0;
   } catch (e) {
     return failure(e);
+  }
+}
+
+/**
+ * The evaluation text: a regular UTF-8 file. Corpora in other forms (JSONL, gzip, folders)
+ * are training data; scoring their bytes as text would measure the wrong thing.
+ */
+function readText(path: string): string {
+  const bad = (why: string): never => {
+    throw new UsageError(`--data ${path}: ${why}`);
+  };
+  let info: Deno.FileInfo | undefined;
+  try {
+    info = Deno.statSync(path);
+  } catch (e) {
+    bad(e instanceof Deno.errors.NotFound ? "file not found" : String(e).split("\n")[0]);
+  }
+  if (!info!.isFile) bad("not a regular file; give a text file");
+  if (/\.(jsonl|json|gz)$/i.test(path)) {
+    bad("evaluate scores a plain text file; extract the text of a JSONL or gzip'd corpus first");
+  }
+  try {
+    return new TextDecoder("utf-8", { fatal: true }).decode(Deno.readFileSync(path));
+  } catch (e) {
+    if (e instanceof TypeError) bad("not UTF-8 text");
+    throw e;
   }
 }
 

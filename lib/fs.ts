@@ -20,3 +20,13 @@ export function isFile(path: string): boolean {
     return false;
   }
 }
+
+/** Whether anything (a file, folder, link, FIFO, …) is at `path`. */
+export function exists(path: string): boolean {
+  try {
+    Deno.lstatSync(path);
+    return true;
+  } catch {
+    return false;
+  }
+}

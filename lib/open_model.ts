@@ -10,6 +10,7 @@
 import { Engine, type EngineConfig } from "../ffi/engine.ts";
 import { UsageError } from "./errors.ts";
 import { type ModelConfig, resolveModel } from "./presets.ts";
+import { exists } from "./fs.ts";
 import { openTokenizer, type Tokenizer } from "./tokenizer.ts";
 
 /** What {@link openModel} needs besides the model. */
@@ -110,10 +111,16 @@ export async function openModel(opts: OpenModelOptions): Promise<OpenedModel> {
     ...(opts.threads === undefined ? {} : { threads: opts.threads }),
   };
   if (st.isDirectory) {
-    const tokPath = opts.tokenizer ??
-      (statOf(`${opts.model}/tokenizer.json`)?.isFile ? opts.model : null);
+    // a tokenizer.json that is there but unreadable is an error, not a reason to use bytes
+    const tokPath = opts.tokenizer ?? (exists(`${opts.model}/tokenizer.json`) ? opts.model : null);
     const tokenizer = openTokenizer(tokPath);
     const { config } = resolveModel(opts.model, tokenizer.vocabSize, label);
+    if (tokPath === null && config.vocab_size > 256) {
+      throw new UsageError(
+        `${label}: no tokenizer.json for its ${config.vocab_size}-token vocabulary; ` +
+          "give --tokenizer (bytes would read text as ids 0..255)",
+      );
+    }
     if (opts.seqLen > config.max_position_embeddings) {
       throw new UsageError(
         `--seq-len ${opts.seqLen}: must be ≤ ${config.max_position_embeddings} (max_position_embeddings of ${label})`,

@@ -10,7 +10,8 @@
  */
 
 import { UsageError } from "./errors.ts";
-import { isDirectory, isFile } from "./fs.ts";
+import { resolve, sep as SEP } from "node:path";
+import { exists, isDirectory } from "./fs.ts";
 import {
   type EngineConfig,
   EngineError,
@@ -305,7 +306,28 @@ export function checkOptions(input: Partial<TrainOptions> = {}): CheckedOptions 
       `${FLAG.trainTokenizer} ${raw.trainTokenizer}: give either it or --tokenizer, not both`,
     );
   }
-  if (raw.export !== null) checkExportDir(raw.export);
+  if (raw.trainTokenizer !== null && raw.initFrom !== null) {
+    throw new UsageError(
+      `${FLAG.trainTokenizer} ${raw.trainTokenizer}: --init-from's embedding belongs to its own ` +
+        "tokenizer; give one or the other",
+    );
+  }
+  if (raw.tokenizer !== null && raw.data === null) {
+    throw new UsageError(
+      `${FLAG.tokenizer} ${raw.tokenizer}: needs --data (the synthetic corpus is bytes)`,
+    );
+  }
+  if (raw.data !== null) checkSource(FLAG.data, raw.data, "a file or folder");
+  if (raw.initFrom !== null) {
+    checkSource(FLAG.initFrom, raw.initFrom, "a Hugging Face model folder");
+    if (!isDirectory(raw.initFrom)) {
+      throw new UsageError(
+        `${FLAG.initFrom} ${raw.initFrom}: must be a Hugging Face model folder ` +
+          "(config.json and model.safetensors)",
+      );
+    }
+  }
+  if (raw.export !== null) checkExportDir(raw.export, raw.out);
   if (raw.out !== undefined && raw.out !== null && (typeof raw.out !== "string" || !raw.out)) {
     throw new UsageError(`--out ${JSON.stringify(raw.out)}: must be a directory path`);
   }
@@ -325,8 +347,9 @@ export function checkOptions(input: Partial<TrainOptions> = {}): CheckedOptions 
     (typeof raw.model === "string" && isDirectory(raw.model) ? raw.model : null);
   let tokenizer: Tokenizer | null = null;
   if (raw.trainTokenizer === null) {
+    // a tokenizer.json that is there but unreadable is an error, not a reason to use bytes
     const path = raw.tokenizer ??
-      (folder !== null && isFile(`${folder}/tokenizer.json`) ? folder : null);
+      (folder !== null && exists(`${folder}/tokenizer.json`) ? folder : null);
     try {
       tokenizer = openTokenizer(path);
     } catch (e) {
@@ -367,25 +390,64 @@ export function checkOptions(input: Partial<TrainOptions> = {}): CheckedOptions 
     );
   }
   const { settings, notices } = resolveOptimizer(raw, model);
+  if (
+    raw.data !== null && folder !== null && tokenizer?.kind === "bytes" &&
+    model.config.vocab_size > 256
+  ) {
+    notices.push(
+      `notice: ${folder} has no tokenizer.json: --data is read as bytes (ids 0..255 of its ` +
+        `${model.config.vocab_size}-token vocabulary); give --tokenizer to use the model's own`,
+    );
+  }
   return { opts: { ...raw, ...settings, warmup }, model, tokenizer, notices };
 }
 
-/** `--export DIR` must be new or empty: an export never replaces a user's files. */
-function checkExportDir(dir: string): void {
+/**
+ * A path the run reads must exist and be a regular file or folder: a FIFO or a device would
+ * block or never end. Throws UsageError naming the flag.
+ */
+function checkSource(flag: string, path: string, what: string): void {
   let info: Deno.FileInfo;
   try {
-    info = Deno.statSync(dir);
+    info = Deno.statSync(path);
   } catch (e) {
-    if (e instanceof Deno.errors.NotFound) return;
-    throw new UsageError(`${FLAG.export} ${dir}: cannot use it (${String(e).split("\n")[0]})`);
+    const why = e instanceof Deno.errors.NotFound ? "not found" : String(e).split("\n")[0];
+    throw new UsageError(`${flag} ${path}: ${why}`);
   }
-  if (!info.isDirectory) {
-    throw new UsageError(`${FLAG.export} ${dir}: is a file; name a new or empty folder`);
+  if (!info.isFile && !info.isDirectory) {
+    throw new UsageError(`${flag} ${path}: not a regular file or folder; must be ${what}`);
   }
-  for (const _ of Deno.readDirSync(dir)) {
-    throw new UsageError(
-      `${FLAG.export} ${dir}: folder is not empty; name a new or empty folder (nothing is replaced)`,
-    );
+}
+
+/**
+ * `--export DIR` must be new or an empty folder (not a link), outside the run's own folder,
+ * and its parent must exist: checked before training, so a run is never lost to an export
+ * that cannot be written. An export never replaces a user's files.
+ */
+function checkExportDir(dir: string, out: string | null | undefined): void {
+  const bad = (why: string): never => {
+    throw new UsageError(`${FLAG.export} ${dir}: ${why}`);
+  };
+  let info: Deno.FileInfo | null = null;
+  try {
+    info = Deno.lstatSync(dir);
+  } catch (e) {
+    if (!(e instanceof Deno.errors.NotFound)) bad(`cannot use it (${String(e).split("\n")[0]})`);
+  }
+  if (info !== null) {
+    if (info.isSymlink) bad("is a link; name a new or empty folder");
+    if (!info.isDirectory) bad("is a file; name a new or empty folder");
+    for (const _ of Deno.readDirSync(dir)) {
+      bad("folder is not empty; name a new or empty folder (nothing is replaced)");
+    }
+  } else if (!isDirectory(resolve(dir, ".."))) {
+    bad(`its parent folder ${resolve(dir, "..")} does not exist`);
+  }
+  if (typeof out === "string") {
+    const [e, o] = [resolve(dir), resolve(out)];
+    if (e === o || e.startsWith(`${o}${SEP}`) || o.startsWith(`${e}${SEP}`)) {
+      bad(`must be outside --out ${out} (the run writes its own files there)`);
+    }
   }
 }
 

@@ -17,7 +17,7 @@ import {
 } from "../ffi/engine.ts";
 import { type Dataset, openCorpus, SyntheticCorpus } from "./data.ts";
 import { exportModel } from "./hf.ts";
-import { type Tokenizer, trainTokenizer } from "./tokenizer.ts";
+import { openTokenizer, type Tokenizer, trainTokenizer } from "./tokenizer.ts";
 import { UsageError } from "./errors.ts";
 import { formatCount, formatDuration, JsonlWriter, Progress } from "./log.ts";
 import { peakRssBytes } from "./memory.ts";
@@ -173,7 +173,7 @@ export interface Summary {
   interrupted: boolean;
   /** Stopped early by a non-finite loss or gradient. */
   diverged: boolean;
-  /** The one-line reason a run stopped early on an error, else null. */
+  /** The one-line reason a run stopped early on an error, or why its export failed; else null. */
   error: string | null;
   /** Directory of `metrics.jsonl` and `summary.json`, or null. */
   out: string | null;
@@ -327,14 +327,17 @@ export class Run implements Disposable {
     const startedAt = new Date().toISOString();
     const { opts, model, tokenizer: given, notices } = checkOptions(options);
     const out = opts.out === undefined ? defaultOut() : opts.out;
-    const tokenizer = given ?? await trainTokenizer({
+    // A trained tokenizer goes to a temporary folder first: it moves into the run's folder
+    // only once the data and the engine are ready, so a failed set-up leaves no half run.
+    const staged = given === null ? await Deno.makeTempDir({ prefix: "qgalore-tokenizer-" }) : null;
+    let tokenizer = given ?? await trainTokenizer({
       inputs: [opts.data!],
       vocabSize: opts.trainTokenizer!,
       textField: opts.textField,
-      // saved with the run, so its token ids can be read back
-      out: out === null
-        ? await Deno.makeTempDir({ prefix: "qgalore-tokenizer-" })
-        : join(out, "tokenizer"),
+      out: staged!,
+    }).catch((e: unknown) => {
+      Deno.removeSync(staged!, { recursive: true });
+      throw flagged(e, "--data", opts.data!);
     });
     const data: Dataset = opts.data === null ? new SyntheticCorpus() : await openCorpus({
       data: opts.data,
@@ -373,6 +376,18 @@ export class Run implements Disposable {
     let run: Run | undefined;
     try {
       metrics = out === null ? null : openOut(out);
+      if (staged !== null && out !== null) {
+        // saved with the run, so its token ids can be read back
+        const dir = join(out, "tokenizer");
+        Deno.mkdirSync(dir);
+        for (const e of Deno.readDirSync(staged)) {
+          Deno.copyFileSync(join(staged, e.name), join(dir, e.name));
+        }
+        const moved = openTokenizer(dir);
+        (tokenizer as Partial<Disposable>)[Symbol.dispose]?.();
+        tokenizer = moved;
+        Deno.removeSync(staged, { recursive: true });
+      }
       run = new Run({
         opts,
         model,
@@ -550,18 +565,26 @@ export class Run implements Disposable {
     const opts = this.opts;
     const engine = this.engine;
     let finalLoss: number | null;
+    // an export that fails still leaves the run's summary, which says why
+    let exportFailure: string | null = null;
     try {
       this.#progress.done();
       finalLoss = await this.evaluate();
       if (opts.export !== null && this.#failure === null) {
-        if (!(engine instanceof Engine)) {
-          throw new UsageError("--export: this engine cannot write a model");
+        try {
+          if (!(engine instanceof Engine)) {
+            throw new UsageError(`${opts.export}: this engine cannot write a model`);
+          }
+          await exportModel(engine, opts.export, {
+            dtype: opts.exportDtype,
+            tokenizer: this.tokenizer,
+          });
+          this.#progress.note(`exported: ${opts.export} (${opts.exportDtype})`);
+        } catch (e) {
+          if (!(e instanceof UsageError || e instanceof EngineError)) throw e;
+          exportFailure = (flagged(new UsageError(e.message), "--export", opts.export) as Error)
+            .message;
         }
-        await exportModel(engine, opts.export, {
-          dtype: opts.exportDtype,
-          tokenizer: this.tokenizer,
-        });
-        this.#progress.note(`exported: ${opts.export} (${opts.exportDtype})`);
       }
     } finally {
       this.#endLoop();
@@ -608,7 +631,9 @@ export class Run implements Disposable {
             : opts.tokenizer ?? tokenizerFolder(this.tokenizer),
         },
         init_from: opts.initFrom,
-        export: opts.export !== null && this.#failure === null ? opts.export : null,
+        export: opts.export !== null && this.#failure === null && exportFailure === null
+          ? opts.export
+          : null,
         config: { ...opts, out: this.out },
         memory: {
           ...engine.memory(),
@@ -618,7 +643,7 @@ export class Run implements Disposable {
         },
         interrupted: this.#stop && failure === null,
         diverged: failure !== null,
-        error: failure,
+        error: failure ?? exportFailure,
         out: this.out,
         started_at: this.#startedAt,
       };
@@ -638,6 +663,7 @@ export class Run implements Disposable {
         }`,
       );
       if (failure !== null) throw new DivergedError(failure, summary);
+      if (exportFailure !== null) throw new UsageError(exportFailure);
       return summary;
     } finally {
       this[Symbol.dispose]();

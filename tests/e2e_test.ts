@@ -228,6 +228,8 @@ Deno.test("e2e: bad inputs give one error line naming the flag and the value", a
     Deno.copyFileSync(`${FIX}gqa-tied-theta5e5/config.json`, join(cut, "config.json"));
     const st = Deno.readFileSync(`${FIX}gqa-tied-theta5e5/model.safetensors`);
     Deno.writeFileSync(join(cut, "model.safetensors"), st.subarray(0, st.length - 100));
+    const fifo = join(dir, "fifo");
+    await new Deno.Command("mkfifo", { args: [fifo] }).output();
     const cases: [string[], string[]][] = [
       [["--batch-size", "0"], ["--batch-size 0", "integer ≥ 1"]],
       [["--batch-size", "1.5"], ["--batch-size 1.5"]],
@@ -248,11 +250,20 @@ Deno.test("e2e: bad inputs give one error line naming the flag and the value", a
         "--model",
       ]],
       [["--export", dir], [`--export ${dir}`, "not empty"]],
+      [["--export", join(dir, "no/such")], [`--export ${join(dir, "no/such")}`, "parent folder"]],
+      [["--export", join(dir, "hfx")], ["must be outside --out"]],
+      [["--init-from", heads], [`--init-from ${heads}`, "must be a Hugging Face model folder"]],
+      [["--data", fifo], [`--data ${fifo}`, "not a regular file or folder"]],
+      [["--tokenizer", `${FIX}tok-bbpe`], ["--tokenizer", "needs --data"]],
+      [["--train-tokenizer", "1000", "--data", short, "--init-from", `${FIX}gqa-f16`], [
+        "--train-tokenizer 1000",
+        "--init-from",
+      ]],
       [["--export-dtype", "f16"], ["--export-dtype f16", "bf16, f32"]],
       [["--tokenizer", missing], [`--tokenizer ${missing}`]],
       [["--train-tokenizer", "100", "--data", short], ["--train-tokenizer 100", "260"]],
       [["--train-tokenizer", "1000"], ["--train-tokenizer 1000", "needs --data"]],
-      [["--model", `${FIX}mha-untied-theta1e4`, "--tokenizer", `${FIX}tok-bbpe`], [
+      [["--model", `${FIX}mha-untied-theta1e4`, "--tokenizer", `${FIX}tok-bbpe`, "--data", short], [
         "vocab_size 500",
         "600",
       ]],
@@ -315,4 +326,33 @@ Deno.test("cli: a stale native library is one line naming the fix (pretrain and 
     },
     "was built from older sources",
   );
+});
+
+Deno.test("e2e: a failed set-up leaves no run folder, even with a trained tokenizer", async () => {
+  const dir = await Deno.makeTempDir();
+  try {
+    // enough text to train a tokenizer, too little for one validation window
+    const data = join(dir, "tiny.jsonl");
+    Deno.writeTextFileSync(
+      data,
+      '{"text":"to be or not to be"}\n{"text":"that is the question"}\n',
+    );
+    const out = join(dir, "run");
+    const r = await cli([
+      "--data",
+      data,
+      "--train-tokenizer",
+      "300",
+      "--seq-len",
+      "64",
+      "--out",
+      out,
+    ]);
+    assertOneLineError(r, `--data ${data}`);
+    assert.equal(r.code, 2);
+    assert.equal(Deno.statSync(dir).isDirectory, true);
+    assert.deepEqual([...Deno.readDirSync(dir)].map((e) => e.name), ["tiny.jsonl"]);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
 });

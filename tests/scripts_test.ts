@@ -153,3 +153,41 @@ Deno.test("evaluate.ts and generate.ts: bad input is one error line", async () =
     assert.match(lines[0], re);
   }
 });
+
+Deno.test("evaluate.ts refuses what is not a UTF-8 text file; a folder without tokenizer is refused", async () => {
+  const dir = await Deno.makeTempDir();
+  try {
+    const bin = `${dir}/x.bin`;
+    Deno.writeFileSync(bin, new Uint8Array([0xff, 0xfe, 0x00, 0x80]));
+    const jsonl = `${dir}/x.jsonl`;
+    Deno.writeTextFileSync(jsonl, '{"text":"hello"}\n');
+    const bare = `${dir}/bare`;
+    Deno.mkdirSync(bare);
+    for (const f of ["config.json", "model.safetensors"]) {
+      Deno.copyFileSync(`${MODEL}/${f}`, `${bare}/${f}`);
+    }
+    const cases: [string[], RegExp][] = [
+      [["--data", bin], /--data .*x\.bin: not UTF-8 text/],
+      [["--data", jsonl], /--data .*x\.jsonl: evaluate scores a plain text file/],
+      [["--data", dir], /not a regular file/],
+      [["--data", TEXT, "--model", bare], /no tokenizer\.json for its 600-token vocabulary/],
+    ];
+    for (const [args, re] of cases) {
+      const r = await run("evaluate", ["--model", MODEL, "--seq-len", "8", ...args]);
+      assert.equal(r.code, 2, r.err);
+      assert.equal(r.err.trim().split("\n").length, 1, r.err);
+      assert.match(r.err, re);
+    }
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("mod.ts exports the model-opening API", async () => {
+  const mod = await import("../mod.ts");
+  assert.equal(typeof mod.openModel, "function");
+  assert.equal(typeof mod.saveCheckpoint, "function");
+  assert.equal(typeof mod.exportModel, "function");
+  assert.equal(typeof mod.generateIds, "function");
+  assert.equal(typeof mod.evaluatePerplexity, "function");
+});

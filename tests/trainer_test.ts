@@ -332,3 +332,24 @@ Deno.test("train: GaLore settings reach the engine; info() fills the summary", a
     fused: false,
   });
 });
+
+Deno.test("train: an export that fails at the end still writes the summary, naming --export", async () => {
+  const dir = await Deno.makeTempDir();
+  try {
+    const out = join(dir, "run");
+    await assert.rejects(
+      train({ ...small, steps: 2, out, export: join(dir, "hf"), quiet: true }, {
+        // a stand-in engine cannot write a model: the export fails after training
+        createEngine: (cfg) => new FakeEngine(cfg),
+      }),
+      /^UsageError: --export .*hf: this engine cannot write a model/,
+    );
+    const s = JSON.parse(Deno.readTextFileSync(join(out, "summary.json")));
+    assert.equal(s.steps, 2);
+    assert.equal(s.export, null);
+    assert.match(s.error, /--export .*cannot write a model/);
+    assert.throws(() => Deno.statSync(join(dir, "hf")), Deno.errors.NotFound);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
