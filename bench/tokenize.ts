@@ -28,7 +28,10 @@ const { values: args } = parseArgs({
     mb: { type: "string", default: "50" },
     gb: { type: "string", default: "1" },
     vocab: { type: "string", default: "8192" },
-    text: { type: "string", default: "/work/shared/data/tinyshakespeare.txt" },
+    text: {
+      type: "string",
+      default: new URL("../../shared/data/tinyshakespeare.txt", import.meta.url).pathname,
+    },
     rounds: { type: "string", default: "2" },
     "skip-rss": { type: "boolean", default: false },
   },
