@@ -8,7 +8,12 @@ import { UsageError } from "./errors.ts";
 
 /** How to generate (camelCase mirror of the engine's request). */
 export interface GenerateOptions {
-  /** New tokens at most. */
+  /**
+   * New tokens at most: any safe integer ≥ 0 (e.g. `Number.MAX_SAFE_INTEGER` for "until EOS").
+   * Generation also stops when the sequence fills the model's `max_position_embeddings`
+   * (stop `"max_positions"`); the key/value cache grows with the tokens produced, so a large
+   * value reserves no memory up front.
+   */
   maxNewTokens: number;
   /** Softmax temperature; 0 (default) is greedy, the lowest id winning ties. */
   temperature?: number;
@@ -70,6 +75,11 @@ export function checkGenerateOptions(
 /**
  * Generates after `promptIds` with the engine's model (checked first; see
  * {@link checkGenerateOptions}): the new ids, why it stopped, and the time taken.
+ *
+ * Limitation: every call reads the model's weights to the host as f32. For float weights on
+ * the CPU they are shared, but INT8 (qgalore) weights and GPU weights are copied: a second,
+ * full f32 copy of the model (4 bytes per parameter) held in host memory for the call, and
+ * the time to make it (the result's `load_seconds`).
  */
 export async function generateIds(
   engine: Engine,

@@ -132,6 +132,17 @@ Deno.test("generation stops at EOS and at max_position_embeddings", async () => 
   const long = await generateIds(e, ids(120, 4), { maxNewTokens: 20 });
   assert.equal(long.stop, "max_positions");
   assert.equal(long.ids.length, 8);
+  // any count may be asked for: it stops at the last position (memory follows the tokens
+  // produced), the same ids, and the engine stays usable
+  for (const cache of [true, false]) {
+    const most = await generateIds(e, ids(120, 4), {
+      maxNewTokens: Number.MAX_SAFE_INTEGER,
+      cache,
+    });
+    assert.equal(most.stop, "max_positions");
+    assert.deepEqual(most.ids, long.ids);
+  }
+  assert.deepEqual((await generateIds(e, prompt, { maxNewTokens: 20 })).ids, free);
 });
 
 Deno.test("bad generation requests are one-line errors naming the field", async () => {
@@ -143,6 +154,9 @@ Deno.test("bad generation requests are one-line errors naming the field", async 
       return true;
     });
   usage({ maxNewTokens: -1 }, [1], /^maxNewTokens = -1: must be an integer ≥ 0$/);
+  usage({ maxNewTokens: 2.5 }, [1], /^maxNewTokens = 2.5: must be an integer ≥ 0$/);
+  // past 2^53 a number is no longer an exact integer
+  usage({ maxNewTokens: 2 ** 60 }, [1], /^maxNewTokens = 1152921504606847000: must be an integer/);
   usage({ maxNewTokens: 4, temperature: -0.5 }, [1], /^temperature = -0.5: must be a finite/);
   usage({ maxNewTokens: 4, topP: 0 }, [1], /^topP = 0: must be in \(0, 1\]/);
   usage({ maxNewTokens: 4, topK: -1 }, [1], /^topK = -1: must be an integer ≥ 0/);

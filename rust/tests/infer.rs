@@ -97,19 +97,21 @@ fn cached_logits_equal_the_full_forward_at_every_position() {
             e.logits(&ids, 1, t, &mut full).unwrap();
             let scale = full.iter().fold(0.0f32, |a, &z| a.max(z.abs()));
             assert!(scale > 0.05, "logits too small to test: {scale}");
-            let hm = HostModel::read(&e.be, &e.model, &mut e.acts.wq, t).unwrap();
+            let hm = HostModel::read(&e.be, &e.model, &mut e.acts.wq).unwrap();
             // prefill: all positions in one pass
-            let mut cache = Cache::new(&hm.cfg, t);
-            let pre = hm.forward(&mut cache, &ids, true);
+            let mut cache = Cache::new(&hm.cfg);
+            let pre = hm.forward(&mut cache, &ids, true).unwrap();
             let d = max_diff(&pre, &full);
             assert!(d < 1e-5, "{opt} heads {heads}/{kv}: prefill differs by {d}");
-            // one position at a time after a 5-token prefill
-            let mut cache = Cache::new(&hm.cfg, t);
-            let mut got = hm.forward(&mut cache, &ids[..5], true);
+            // one position at a time after a 5-token prefill: the cache grows 16 → 32
+            // positions on the way (and its RoPE table with it)
+            let mut cache = Cache::new(&hm.cfg);
+            let mut got = hm.forward(&mut cache, &ids[..5], true).unwrap();
+            assert_eq!(cache.capacity(), 16);
             for p in 5..t {
-                got.extend(hm.forward(&mut cache, &ids[p..p + 1], false));
+                got.extend(hm.forward(&mut cache, &ids[p..p + 1], false).unwrap());
             }
-            assert_eq!(cache.len(), t);
+            assert_eq!((cache.len(), cache.capacity()), (t, 32));
             let d = max_diff(&got, &full);
             assert!(d < 1e-5, "{opt} heads {heads}/{kv}: cached decoding differs by {d}");
             eprintln!("{opt} heads {heads}/{kv}: logits up to {scale}, cached decoding within {d}");
@@ -212,4 +214,74 @@ fn bad_requests_are_one_line_errors_naming_the_field() {
         run(&mut e, &format!(r#"{{"prompt":[{}],"max_new_tokens":4}}"#, long.join(","))),
         "generate: prompt has 513 tokens, more than max_position_embeddings 512"
     );
+}
+
+/// A model of `max_position_embeddings` positions, tiny otherwise.
+fn long_engine(max_positions: usize) -> Engine<Cpu> {
+    let mut m = tiny_model(64, 32, 48, 4, 2, 2);
+    m.max_position_embeddings = max_positions;
+    engine(engine_cfg(m, 1, 16, 9))
+}
+
+#[test]
+fn huge_max_new_tokens_stop_at_the_last_position_and_the_engine_stays_usable() {
+    let mut e = long_engine(40);
+    let before = e.generate(&request(r#"{"prompt":[3,1,4],"max_new_tokens":12}"#)).unwrap().ids;
+    // u64::MAX once overflowed prompt + max_new_tokens (to 2 positions, then a panic)
+    for max_new in [u64::MAX, 1 << 40] {
+        for cache in [true, false] {
+            let g = e.generate(&request(&format!(r#"{{"prompt":[3,1,4],"max_new_tokens":{max_new},"cache":{cache}}}"#))).unwrap();
+            assert_eq!((g.ids.len(), g.stop), (37, Stop::MaxPositions), "max_new_tokens {max_new}, cache {cache}");
+            assert_eq!(g.ids[..12], before[..], "max_new_tokens {max_new}, cache {cache}");
+        }
+    }
+    assert_eq!(e.generate(&request(r#"{"prompt":[3,1,4],"max_new_tokens":12}"#)).unwrap().ids, before);
+}
+
+#[test]
+fn memory_follows_the_tokens_produced_not_max_new_tokens() {
+    // 2^40 positions of K/V cache would be 2 layers × 2 × 2^40 × 16 floats = 280 TB: it must
+    // not be reserved up front (it used to abort the process)
+    let mut e = long_engine(1 << 40);
+    let free = e.generate(&request(r#"{"prompt":[3,1,4,1,5],"max_new_tokens":20}"#)).unwrap().ids;
+    let eos = free[9];
+    let first = free.iter().position(|&x| x == eos).unwrap();
+    for max_new in [u64::MAX, 1 << 40] {
+        let g = e.generate(&request(&format!(r#"{{"prompt":[3,1,4,1,5],"max_new_tokens":{max_new},"eos":[{eos}]}}"#))).unwrap();
+        assert_eq!((g.ids.clone(), g.stop), (free[..=first].to_vec(), Stop::Eos));
+    }
+    // the cache holds what was decoded, doubling: 16 positions, then 32, then 64
+    let hm = HostModel::read(&e.be, &e.model, &mut e.acts.wq).unwrap();
+    let mut cache = Cache::new(&hm.cfg);
+    assert_eq!(cache.capacity(), 0);
+    hm.forward(&mut cache, &[1, 2, 3], false).unwrap();
+    assert_eq!(cache.capacity(), 16);
+    for p in 3..40 {
+        hm.forward(&mut cache, &[(p % 64) as i32], false).unwrap();
+        assert_eq!(cache.capacity(), if p < 16 { 16 } else if p < 32 { 32 } else { 64 }, "position {p}");
+    }
+    // a prompt longer than the doubled capacity reserves exactly its length
+    let mut cache = Cache::new(&hm.cfg);
+    hm.forward(&mut cache, &[7; 100], false).unwrap();
+    assert_eq!(cache.capacity(), 100);
+}
+
+#[test]
+fn the_decoder_refuses_bad_input_instead_of_panicking() {
+    let mut e = long_engine(20);
+    let hm = HostModel::read(&e.be, &e.model, &mut e.acts.wq).unwrap();
+    let mut cache = Cache::new(&hm.cfg);
+    assert_eq!(hm.forward(&mut cache, &[], false).unwrap_err().msg, "generate: no token ids to run");
+    assert_eq!(hm.forward(&mut cache, &[1, 64], false).unwrap_err().msg, "generate: token id 64 is outside the vocabulary [0, 64)");
+    assert_eq!(hm.forward(&mut cache, &[-1], false).unwrap_err().msg, "generate: token id -1 is outside the vocabulary [0, 64)");
+    assert!(cache.is_empty());
+    hm.forward(&mut cache, &[1; 18], false).unwrap();
+    // the last position fills max_position_embeddings (and the capacity stops there)
+    let msg = hm.forward(&mut cache, &[1, 2, 3], false).unwrap_err().msg;
+    assert_eq!(msg, "generate: positions 18 + 3 exceed max_position_embeddings 20");
+    assert_eq!(cache.len(), 18);
+    hm.forward(&mut cache, &[1, 2], false).unwrap();
+    assert_eq!((cache.len(), cache.capacity()), (20, 20));
+    let msg = hm.forward(&mut cache, &[1], false).unwrap_err().msg;
+    assert_eq!(msg, "generate: positions 20 + 1 exceed max_position_embeddings 20");
 }

@@ -6,10 +6,20 @@
 //! `Llama::head`) in f32 on the host, one block of new positions at a time: the prompt in
 //! one pass (prefill), then one position per new token. Products of one row use a
 //! rayon-parallel matrix–vector loop; larger blocks use the engine's host GEMM.
+//!
+//! Memory follows the positions actually decoded: the cache's keys, values and RoPE table
+//! grow (capacity doubling, up to `max_position_embeddings`) as positions are added, so a
+//! large `max_new_tokens` reserves nothing up front, and a growth the allocator refuses is
+//! a one-line error rather than an abort of the host process.
+//!
+//! The weights are read once per `HostModel::read` as f32 on the host: borrowed for CPU
+//! float weights, but a second, full f32 copy for device buffers and INT8 weights (4 bytes
+//! per parameter on top of the engine's own weights).
 
 use crate::backend::Backend;
 use crate::config::ModelConfig;
-use crate::error::Result;
+use crate::ensure;
+use crate::error::{Error, Result};
 use crate::host::matmul::{matmul, par};
 use crate::model::{Llama, Weight};
 use rayon::prelude::*;
@@ -37,24 +47,28 @@ pub struct HostModel<'a> {
     final_norm: Cow<'a, [f32]>,
     /// None when the embeddings are tied: the embedding table is the head.
     head: Option<Cow<'a, [f32]>>,
-    /// RoPE table for `positions` positions ([cos(t×hd/2), sin(t×hd/2)]).
-    rope: Vec<f32>,
-    /// Positions this decoder serves (cache capacity).
-    pub positions: usize,
 }
 
-/// Keys and values of the positions seen so far: per layer [positions, kv_dim].
+/// Keys and values of the positions seen so far (per layer [len, kv_dim]) and the RoPE
+/// table of the positions reserved; both grow as positions are added (`reserve`).
 pub struct Cache {
     k: Vec<Vec<f32>>,
     v: Vec<Vec<f32>>,
+    /// The engine's RoPE table for `cap` positions ([cos(cap×hd/2), sin(cap×hd/2)]).
+    rope: Vec<f32>,
+    /// Positions reserved in `k`, `v` and `rope`.
+    cap: usize,
     len: usize,
 }
 
+/// Positions reserved by the first growth (small prompts then grow by doubling).
+const MIN_POSITIONS: usize = 16;
+
 impl Cache {
-    pub fn new(cfg: &ModelConfig, positions: usize) -> Self {
-        let n = positions * cfg.kv_dim();
+    /// An empty cache for a model of `cfg`'s layers; nothing is reserved yet.
+    pub fn new(cfg: &ModelConfig) -> Self {
         let l = cfg.num_hidden_layers;
-        Cache { k: vec![vec![0.0; n]; l], v: vec![vec![0.0; n]; l], len: 0 }
+        Cache { k: vec![Vec::new(); l], v: vec![Vec::new(); l], rope: Vec::new(), cap: 0, len: 0 }
     }
 
     /// Positions held.
@@ -66,9 +80,44 @@ impl Cache {
         self.len == 0
     }
 
+    /// Positions reserved (at most twice those held, or `MIN_POSITIONS`, or the prompt).
+    pub fn capacity(&self) -> usize {
+        self.cap
+    }
+
     /// Forgets every position (the buffers stay allocated).
     pub fn clear(&mut self) {
         self.len = 0;
+        for b in self.k.iter_mut().chain(self.v.iter_mut()) {
+            b.clear();
+        }
+    }
+
+    /// Makes room for `need` positions (≤ max_position_embeddings, checked by the caller):
+    /// doubles the capacity, at most to max_position_embeddings, with fallible reservations
+    /// so that a size the allocator refuses is an error, not an abort.
+    fn reserve(&mut self, cfg: &ModelConfig, need: usize) -> Result<()> {
+        if need <= self.cap {
+            return Ok(());
+        }
+        let cap = need.max(self.cap.saturating_mul(2)).max(MIN_POSITIONS).min(cfg.max_position_embeddings).max(need);
+        let (kv, half, layers) = (cfg.kv_dim(), cfg.head_dim() / 2, cfg.num_hidden_layers);
+        let refused = || {
+            let gb = 2.0 * layers as f64 * cap as f64 * kv as f64 * 4.0 / 1e9;
+            Error::invalid(format!("generate: {cap} positions of K/V cache need {gb:.1} GB, which could not be allocated"))
+        };
+        let n = cap.checked_mul(kv).ok_or_else(refused)?;
+        let rope_n = cap.checked_mul(2 * half).ok_or_else(refused)?;
+        for b in self.k.iter_mut().chain(self.v.iter_mut()) {
+            b.try_reserve_exact(n - b.len()).map_err(|_| refused())?;
+        }
+        // `rope_table_for` allocates infallibly: try its size first. It is rebuilt whole
+        // (values depend only on the position, so the table equals the engine's exactly);
+        // with doubling the rebuilds cost at most twice the final table.
+        Vec::<f32>::new().try_reserve_exact(rope_n).map_err(|_| refused())?;
+        self.rope = crate::host::rope::rope_table_for(cfg, cap);
+        self.cap = cap;
+        Ok(())
     }
 }
 
@@ -87,8 +136,9 @@ fn read<'a, B: Backend>(be: &B, m: &'a Llama<B>, idx: usize, scratch: &mut B::Bu
 }
 
 impl<'a> HostModel<'a> {
-    /// Reads every parameter of `m` once; `positions` bounds the sequences it will decode.
-    pub fn read<B: Backend>(be: &B, m: &'a Llama<B>, scratch: &mut B::Buf, positions: usize) -> Result<Self> {
+    /// Reads every parameter of `m` once (a full f32 copy unless `m` holds f32 weights on
+    /// the host).
+    pub fn read<B: Backend>(be: &B, m: &'a Llama<B>, scratch: &mut B::Buf) -> Result<Self> {
         let cfg = m.cfg.clone();
         let mut rd = |idx: usize| read(be, m, idx, scratch);
         let embed = rd(m.embed)?;
@@ -110,19 +160,24 @@ impl<'a> HostModel<'a> {
         // Tied embeddings: `head` is the embedding's index, one table serves both.
         let head = if m.head == m.embed { None } else { Some(rd(m.head)?) };
         be.sync()?;
-        // the engine's own table (rope_scaling included), so cached decoding equals the forward
-        let rope = crate::host::rope::rope_table_for(&cfg, positions);
-        Ok(HostModel { cfg, embed, blocks, final_norm, head, rope, positions })
+        Ok(HostModel { cfg, embed, blocks, final_norm, head })
     }
 
     /// Runs `tokens` at the positions after the cache's, appending their keys and values
-    /// to it; returns the logits of every row (`all`) or of the last row only.
-    pub fn forward(&self, cache: &mut Cache, tokens: &[i32], all: bool) -> Vec<f32> {
+    /// to it; returns the logits of every row (`all`) or of the last row only. No tokens,
+    /// ids outside the vocabulary, positions past max_position_embeddings and a cache
+    /// growth the allocator refuses are errors (the cache is then unchanged).
+    pub fn forward(&self, cache: &mut Cache, tokens: &[i32], all: bool) -> Result<Vec<f32>> {
         let cfg = &self.cfg;
         let (m, c, inter, kv, vocab) = (tokens.len(), cfg.hidden_size, cfg.intermediate_size, cfg.kv_dim(), cfg.vocab_size);
         let (h, kvh, hd, eps) = (cfg.num_attention_heads, cfg.kv_heads(), cfg.head_dim(), cfg.rms_norm_eps);
-        let p0 = cache.len;
-        assert!(m > 0 && p0 + m <= self.positions, "decoder: positions {p0}+{m} exceed its {}", self.positions);
+        let (p0, max) = (cache.len, cfg.max_position_embeddings);
+        ensure!(m > 0, "generate: no token ids to run");
+        ensure!(m <= max.saturating_sub(p0), "generate: positions {p0} + {m} exceed max_position_embeddings {max}");
+        if let Some(bad) = tokens.iter().find(|&&t| t < 0 || t as usize >= vocab) {
+            return Err(Error::invalid(format!("generate: token id {bad} is outside the vocabulary [0, {vocab})")));
+        }
+        cache.reserve(cfg, p0 + m)?;
         let mut x = vec![0.0f32; m * c];
         for (row, &t) in x.chunks_mut(c).zip(tokens) {
             row.copy_from_slice(&self.embed[t as usize * c..(t as usize + 1) * c]);
@@ -137,10 +192,11 @@ impl<'a> HostModel<'a> {
             linear(&mut q, &xn, &b.q, m, c, qd, false);
             linear(&mut k, &xn, &b.k, m, c, kv, false);
             linear(&mut v, &xn, &b.v, m, c, kv, false);
-            self.rotate(&mut q, p0, h, hd);
-            self.rotate(&mut k, p0, kvh, hd);
-            cache.k[l][p0 * kv..(p0 + m) * kv].copy_from_slice(&k);
-            cache.v[l][p0 * kv..(p0 + m) * kv].copy_from_slice(&v);
+            rotate(&mut q, &cache.rope, cache.cap, p0, h, hd);
+            rotate(&mut k, &cache.rope, cache.cap, p0, kvh, hd);
+            // within the reserved capacity: no reallocation, nothing can fail from here on
+            cache.k[l].extend_from_slice(&k);
+            cache.v[l].extend_from_slice(&v);
             attend(&mut ao, &q, &cache.k[l], &cache.v[l], p0, h, kvh, hd);
             // the residual stream takes the attention output in place (xm = x + ao·Woᵀ)
             linear(&mut x, &ao, &b.o, m, qd, c, true);
@@ -162,26 +218,27 @@ impl<'a> HostModel<'a> {
         let mut logits = vec![0.0f32; rows * vocab];
         let head = self.head.as_deref().unwrap_or(&self.embed);
         linear(&mut logits, &xf, head, rows, c, vocab, false);
-        logits
+        Ok(logits)
     }
+}
 
-    /// Rotary embedding of rows at positions p0, p0+1, … (the engine's rotate-half rule).
-    fn rotate(&self, x: &mut [f32], p0: usize, heads: usize, hd: usize) {
-        let half = hd / 2;
-        let (cos, sin) = self.rope.split_at(self.positions * half);
-        x.par_chunks_mut(heads * hd).enumerate().for_each(|(i, row)| {
-            let p = p0 + i;
-            let (cr, sr) = (&cos[p * half..(p + 1) * half], &sin[p * half..(p + 1) * half]);
-            for head in row.chunks_mut(hd) {
-                let (x1, x2) = head.split_at_mut(half);
-                for j in 0..half {
-                    let (a, b, c, s) = (x1[j], x2[j], cr[j], sr[j]);
-                    x1[j] = a * c - b * s;
-                    x2[j] = b * c + a * s;
-                }
+/// Rotary embedding of rows at positions p0, p0+1, … (the engine's rotate-half rule) from
+/// `rope`, a table of `cap` positions.
+fn rotate(x: &mut [f32], rope: &[f32], cap: usize, p0: usize, heads: usize, hd: usize) {
+    let half = hd / 2;
+    let (cos, sin) = rope.split_at(cap * half);
+    x.par_chunks_mut(heads * hd).enumerate().for_each(|(i, row)| {
+        let p = p0 + i;
+        let (cr, sr) = (&cos[p * half..(p + 1) * half], &sin[p * half..(p + 1) * half]);
+        for head in row.chunks_mut(hd) {
+            let (x1, x2) = head.split_at_mut(half);
+            for j in 0..half {
+                let (a, b, c, s) = (x1[j], x2[j], cr[j], sr[j]);
+                x1[j] = a * c - b * s;
+                x2[j] = b * c + a * s;
             }
-        });
-    }
+        }
+    });
 }
 
 /// Row-wise RMSNorm as the engine computes it: w ⊙ (x · rsqrt(mean(x²) + eps)).
@@ -248,4 +305,36 @@ fn attend(out: &mut [f32], q: &[f32], kc: &[f32], vc: &[f32], p0: usize, h: usiz
             }
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cache_growth_the_allocator_refuses_is_an_error() {
+        let cfg = ModelConfig {
+            vocab_size: 64,
+            hidden_size: 32,
+            intermediate_size: 48,
+            num_attention_heads: 4,
+            num_key_value_heads: Some(2),
+            num_hidden_layers: 2,
+            max_position_embeddings: 1 << 50,
+            rope_theta: 10000.0,
+            rms_norm_eps: 1e-6,
+            initializer_range: 0.02,
+            rope_scaling: None,
+            tie_word_embeddings: false,
+        };
+        let mut cache = Cache::new(&cfg);
+        // 2^50 positions × 16 values × 4 bytes per layer buffer: past any address space
+        let msg = cache.reserve(&cfg, 1 << 50).unwrap_err().msg;
+        assert_eq!(msg, "generate: 1125899906842624 positions of K/V cache need 288230376.2 GB, which could not be allocated");
+        assert_eq!(cache.capacity(), 0);
+        // still usable at a size that fits
+        cache.reserve(&cfg, 5).unwrap();
+        assert_eq!(cache.capacity(), 16);
+        assert_eq!(cache.rope, crate::host::rope::rope_table_for(&cfg, 16));
+    }
 }

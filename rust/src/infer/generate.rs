@@ -105,7 +105,8 @@ impl Request {
         };
         Ok(Request {
             prompt: ids(o, "prompt")?,
-            max_new_tokens: uint(o, "max_new_tokens", None)? as usize,
+            // (any count is allowed: generation also stops at max_position_embeddings)
+            max_new_tokens: usize::try_from(uint(o, "max_new_tokens", None)?).unwrap_or(usize::MAX),
             sampling: Sampling { temperature: temperature as f32, top_k: top_k as usize, top_p, seed: uint(o, "seed", Some(0))? },
             eos: ids(o, "eos")?,
             cache,
@@ -129,22 +130,18 @@ impl Request {
         }
         Ok(())
     }
-
-    /// Positions the decoder needs: the longest sequence it may see.
-    pub fn positions(&self, cfg: &ModelConfig) -> usize {
-        (self.prompt.len() + self.max_new_tokens).min(cfg.max_position_embeddings).max(self.prompt.len())
-    }
 }
 
 /// Generates from `req.prompt` with `model` (the request already checked). With the cache,
 /// the prompt is one forward pass and each new token one position; without it, every new
-/// token recomputes the whole sequence.
-pub fn run(model: &HostModel, req: &Request) -> Generated {
+/// token recomputes the whole sequence. The cache grows with the tokens produced, so memory
+/// follows the sequence's length, not `max_new_tokens`.
+pub fn run(model: &HostModel, req: &Request) -> Result<Generated> {
     let t0 = Instant::now();
     let max = model.cfg.max_position_embeddings;
     let mut seq = req.prompt.clone();
     let mut out = Vec::new();
-    let mut cache = Cache::new(&model.cfg, model.positions);
+    let mut cache = Cache::new(&model.cfg);
     let mut prefill = 0.0;
     let stop = loop {
         if out.len() >= req.max_new_tokens {
@@ -154,10 +151,10 @@ pub fn run(model: &HostModel, req: &Request) -> Generated {
             break Stop::MaxPositions;
         }
         let logits = if req.cache && !cache.is_empty() {
-            model.forward(&mut cache, &seq[seq.len() - 1..], false)
+            model.forward(&mut cache, &seq[seq.len() - 1..], false)?
         } else {
             cache.clear();
-            model.forward(&mut cache, &seq, false)
+            model.forward(&mut cache, &seq, false)?
         };
         if out.is_empty() {
             prefill = t0.elapsed().as_secs_f64();
@@ -169,5 +166,5 @@ pub fn run(model: &HostModel, req: &Request) -> Generated {
             break Stop::Eos;
         }
     };
-    Generated { ids: out, stop, seconds: t0.elapsed().as_secs_f64(), prefill_seconds: prefill, load_seconds: 0.0 }
+    Ok(Generated { ids: out, stop, seconds: t0.elapsed().as_secs_f64(), prefill_seconds: prefill, load_seconds: 0.0 })
 }

@@ -46,15 +46,20 @@ impl<B: Backend> Engine<B> {
         self.be.sync()
     }
 
-    /// Generates new tokens after `req.prompt` (see `generate::run`); the weights are read
-    /// to the host once per call.
+    /// Generates new tokens after `req.prompt` (see `generate::run`); it stops at
+    /// max_position_embeddings whatever `max_new_tokens` asks, and the key/value cache
+    /// grows with the tokens produced.
+    ///
+    /// Limitation: the weights are read to the host as f32 on every call. CPU float
+    /// weights are borrowed, but INT8 weights and GPU buffers are copied: a second, full
+    /// f32 copy of the model (4 bytes per parameter) for the call's duration, and the time
+    /// to make it (`load_seconds`).
     pub fn generate(&mut self, req: &Request) -> Result<Generated> {
         req.check(&self.cfg.model)?;
         let t0 = Instant::now();
-        let positions = req.positions(&self.cfg.model);
-        let model = HostModel::read(&self.be, &self.model, &mut self.acts.wq, positions)?;
+        let model = HostModel::read(&self.be, &self.model, &mut self.acts.wq)?;
         let load = t0.elapsed().as_secs_f64();
-        let mut g = generate::run(&model, req);
+        let mut g = generate::run(&model, req)?;
         g.load_seconds = load;
         Ok(g)
     }
