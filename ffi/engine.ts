@@ -675,10 +675,11 @@ export class Engine implements Disposable {
     const h = this.#handle();
     const json = enc.encode(JSON.stringify({ ...opts, prompt: Array.from(prompt) }));
     // room for every new id (at most max_new_tokens, and the sequence never passes
-    // max_position_embeddings)
+    // max_position_embeddings), up to 64 Ki ids: a longer answer is fetched by the retry
     const most = Math.min(
       Number(opts.max_new_tokens) || 0,
       this.config.model.max_position_embeddings,
+      1 << 16,
     );
     const cap = 256 + 12 * (Number.isFinite(most) ? Math.max(0, most) : 0);
     let out = new Uint8Array(cap);
