@@ -6,6 +6,10 @@
 //! pieces cut after a newline that is followed by a non-space (so a byte-level split regex
 //! such as LLaMA 3's cuts there anyway and the ids equal those of the whole text); pieces
 //! keep the document's index, and only its first piece gets BOS, its last EOS.
+//!
+//! A JSONL line is read whole (it is one JSON value), so a line longer than [`LINE_MAX`] is
+//! refused rather than read: a gzip'd line can expand without bound. A text file is read in
+//! pieces, so its memory stays bounded whatever its size.
 
 use super::progress::Progress;
 use crate::error::{Error, Result};
@@ -16,6 +20,11 @@ use std::path::{Path, PathBuf};
 
 /// Pieces of a long document are at most about this many bytes.
 pub const PIECE: usize = 1 << 20;
+/// The longest JSONL line read (bytes, newline excluded). A line is held twice while it is
+/// parsed (its bytes and the decoded text), so this bounds a reader's memory near 512 MiB.
+pub const LINE_MAX: usize = 256 << 20;
+/// The JSONL field holding a document's text unless the caller names another.
+pub const TEXT_FIELD: &str = "text";
 
 #[derive(Clone, Debug)]
 pub struct Input {
@@ -131,14 +140,22 @@ pub struct Docs<'p> {
     progress: Option<&'p Progress>,
     next_file: usize,
     open: Option<Open<'p>>,
-    pending: std::collections::VecDeque<Doc>,
+    /// A long JSONL document being handed out in pieces, and the byte its next piece starts at.
+    long: Option<(Doc, usize)>,
     index: u64,
     failed: bool,
+    line_max: usize,
 }
 
 impl<'p> Docs<'p> {
     pub fn new(inputs: Vec<Input>, field: &str, progress: Option<&'p Progress>) -> Self {
-        Docs { inputs, field: field.to_string(), progress, next_file: 0, open: None, pending: Default::default(), index: 0, failed: false }
+        Docs { inputs, field: field.to_string(), progress, next_file: 0, open: None, long: None, index: 0, failed: false, line_max: LINE_MAX }
+    }
+
+    /// The same reader with another line limit than [`LINE_MAX`] (tests use a small one).
+    pub fn with_line_max(mut self, n: usize) -> Self {
+        self.line_max = n;
+        self
     }
 
     fn read_error(path: &Path, gz: bool, e: std::io::Error) -> Error {
@@ -170,14 +187,19 @@ impl<'p> Docs<'p> {
     /// Next JSONL document of the open file, or None at its end.
     fn next_json(&mut self) -> Result<Option<Doc>> {
         let o = self.open.as_mut().unwrap();
+        let max = self.line_max;
         let mut line = Vec::new();
         loop {
             line.clear();
-            let n = o.reader.read_until(b'\n', &mut line).map_err(|e| Self::read_error(&o.path, o.gz, e))?;
+            // At most one byte past the limit is read: enough to know the line is too long.
+            let n = (&mut o.reader).take(max as u64 + 1).read_until(b'\n', &mut line).map_err(|e| Self::read_error(&o.path, o.gz, e))?;
             if n == 0 {
                 return Ok(None);
             }
             o.at += 1;
+            if line.len() - (line.last() == Some(&b'\n')) as usize > max {
+                return Err(Error::invalid(format!("{}: line {}: longer than {}", o.path.display(), o.at, size_text(max))));
+            }
             if line.iter().all(|b| b.is_ascii_whitespace()) {
                 continue;
             }
@@ -225,8 +247,12 @@ impl<'p> Docs<'p> {
     }
 
     fn next_doc(&mut self) -> Result<Option<Doc>> {
-        if let Some(d) = self.pending.pop_front() {
-            return Ok(Some(d));
+        if let Some((doc, at)) = self.long.take() {
+            let (piece, next) = next_piece(&doc, at);
+            if next < doc.text.len() {
+                self.long = Some((doc, next));
+            }
+            return Ok(Some(piece));
         }
         loop {
             if let Some(p) = self.progress {
@@ -248,8 +274,9 @@ impl<'p> Docs<'p> {
                 self.index += 1;
             }
             if jsonl && doc.text.len() > PIECE {
-                self.pending = split_long(doc).into();
-                return Ok(self.pending.pop_front());
+                // handed out one piece at a time: the document is not copied whole again
+                self.long = Some((doc, 0));
+                return self.next_doc();
             }
             return Ok(Some(doc));
         }
@@ -286,14 +313,29 @@ fn cut_point(buf: &[u8]) -> usize {
     if j == 0 { n } else { j }
 }
 
-fn split_long(doc: Doc) -> Vec<Doc> {
+/// The piece of `doc` starting at byte `at`, and where the next one starts.
+fn next_piece(doc: &Doc, at: usize) -> (Doc, usize) {
     let bytes = doc.text.as_bytes();
-    let mut out = vec![];
-    let mut at = 0;
-    while at < bytes.len() {
-        let end = if bytes.len() - at <= PIECE { bytes.len() } else { at + cut_point(&bytes[at..at + PIECE + 1]) };
-        out.push(Doc { index: doc.index, text: doc.text[at..end].to_string(), first: at == 0, last: end == bytes.len() });
-        at = end;
+    let end = if bytes.len() - at <= PIECE { bytes.len() } else { at + cut_point(&bytes[at..at + PIECE + 1]) };
+    (Doc { index: doc.index, text: doc.text[at..end].to_string(), first: at == 0, last: end == bytes.len() }, end)
+}
+
+/// `n` bytes as the largest whole unit: "256 MiB", "1 KiB", "100 bytes".
+fn size_text(n: usize) -> String {
+    match n {
+        n if n >= 1 << 20 && n % (1 << 20) == 0 => format!("{} MiB", n >> 20),
+        n if n >= 1 << 10 && n % (1 << 10) == 0 => format!("{} KiB", n >> 10),
+        n => format!("{n} bytes"),
+    }
+}
+
+#[cfg(test)]
+fn split_long(doc: Doc) -> Vec<Doc> {
+    let (mut out, mut at) = (vec![], 0);
+    while at < doc.text.len() {
+        let (piece, next) = next_piece(&doc, at);
+        out.push(piece);
+        at = next;
     }
     out
 }
@@ -316,5 +358,33 @@ mod tests {
         assert!(pieces.iter().all(|p| p.index == 7 && p.text.len() <= PIECE + 1));
         assert!(pieces[0].first && !pieces[0].last && pieces.last().unwrap().last);
         assert_eq!(pieces.iter().map(|p| p.text.as_str()).collect::<String>(), text);
+    }
+
+    fn jsonl_input(name: &str, bytes: &[u8]) -> Input {
+        let p = std::env::temp_dir().join(format!("qg-corpus-{name}-{}.jsonl", std::process::id()));
+        std::fs::write(&p, bytes).unwrap();
+        input(&p, true, false).unwrap()
+    }
+
+    #[test]
+    fn a_line_over_the_limit_is_refused_after_reading_the_limit() {
+        let ok = format!("{{\"text\": \"{}\"}}\n", "a".repeat(90));
+        let long = format!("{{\"text\": \"{}\"}}\n", "b".repeat(200));
+        let inp = jsonl_input("limit", format!("{ok}{ok}{long}{ok}").as_bytes());
+        let path = inp.path.clone();
+        let mut docs = Docs::new(vec![inp], TEXT_FIELD, None).with_line_max(ok.len() - 1);
+        assert_eq!(docs.next().unwrap().unwrap().text.len(), 90);
+        assert_eq!(docs.next().unwrap().unwrap().text.len(), 90);
+        let e = docs.next().unwrap().unwrap_err().msg;
+        assert_eq!(e, format!("{}: line 3: longer than {} bytes", path.display(), ok.len() - 1));
+        assert!(docs.next().is_none());
+        // A line exactly at the limit, without a final newline, is read.
+        let inp = jsonl_input("exact", ok.trim_end().as_bytes());
+        let mut docs = Docs::new(vec![inp.clone()], TEXT_FIELD, None).with_line_max(ok.len() - 1);
+        assert_eq!(docs.next().unwrap().unwrap().text.len(), 90);
+        assert!(docs.next().is_none());
+        std::fs::remove_file(&path).unwrap();
+        std::fs::remove_file(&inp.path).unwrap();
+        assert_eq!(size_text(LINE_MAX), "256 MiB");
     }
 }

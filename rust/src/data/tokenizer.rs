@@ -4,10 +4,35 @@
 
 use super::special::{self, Declared};
 use crate::error::{Error, Result};
+use crate::hf::folder::Staging;
+use std::io::Read;
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use tokenizers::processors::template::TemplateProcessing;
 use tokenizers::Tokenizer as HfTokenizer;
+
+/// The largest `tokenizer.json` read (LLaMA 3's is 9 MB; parsing costs several times the
+/// file's size in memory).
+pub const TOKENIZER_JSON_MAX: u64 = 512 << 20;
+/// The largest small JSON file read (`tokenizer_config.json`, `generation_config.json`, …).
+pub const CONFIG_JSON_MAX: u64 = 16 << 20;
+
+/// The whole of `path`, refused (one line) when longer than `max` bytes: checked before
+/// reading and bounded while reading, so a file that grows meanwhile costs no more.
+pub(crate) fn read_limited(path: &Path, max: u64) -> Result<Vec<u8>> {
+    let f = std::fs::File::open(path).map_err(|e| Error::invalid(format!("{}: cannot read ({e})", path.display())))?;
+    let too_big = || Error::invalid(format!("{}: larger than {} MiB", path.display(), max >> 20));
+    let len = f.metadata().map_err(|e| Error::invalid(format!("{}: cannot read ({e})", path.display())))?.len();
+    if len > max {
+        return Err(too_big());
+    }
+    let mut bytes = Vec::with_capacity(len as usize);
+    f.take(max + 1).read_to_end(&mut bytes).map_err(|e| Error::invalid(format!("{}: cannot read ({e})", path.display())))?;
+    if bytes.len() as u64 > max {
+        return Err(too_big());
+    }
+    Ok(bytes)
+}
 
 pub enum Tokenizer {
     Bytes,
@@ -54,7 +79,7 @@ impl Tokenizer {
         if !file.is_file() {
             return Err(Error::invalid(format!("tokenizer {}: no tokenizer.json in this folder", path.display())));
         }
-        let json = std::fs::read(&file).map_err(|e| Error::invalid(format!("{}: cannot read ({e})", file.display())))?;
+        let json = read_limited(&file, TOKENIZER_JSON_MAX)?;
         let inner = HfTokenizer::from_bytes(&json)
             .map_err(|e| Error::invalid(format!("{}: not a Hugging Face tokenizer.json ({})", file.display(), one_line(e))))?;
         let declared = special::read(&dir)?;
@@ -69,7 +94,9 @@ impl Tokenizer {
     }
 
     fn resolve(mut inner: HfTokenizer, json: Vec<u8>, files: Vec<PathBuf>, declared: Declared, file: &Path, dir: &Path) -> Result<Self> {
-        let vocab = inner.get_vocab_size(true);
+        // Ids may have gaps: the vocabulary spans 0..=the largest id (added tokens included),
+        // which is what an embedding table and a shard's integer width must hold.
+        let vocab = inner.get_vocab(true).values().max().map_or(0, |&m| m as usize + 1);
         let tc = dir.join("tokenizer_config.json");
         let lookup = |tok: &Option<String>, field: &str| -> Result<Option<u32>> {
             match tok {
@@ -232,48 +259,29 @@ impl Tokenizer {
     }
 
     /// Writes `tokenizer.json` (+ `tokenizer_config.json`, `generation_config.json` when
-    /// the source folder has them) into `dir`, each file atomically. The byte tokenizer is
-    /// written as a BPE of 256 `<0xNN>` tokens with byte fallback and no merges, which
-    /// Hugging Face loads giving the same ids.
+    /// the source folder has them) into `dir`, which must be new or empty: the files are
+    /// built in a sibling folder renamed into place, so a user's files are never replaced
+    /// and the folder appears complete or not at all. The byte tokenizer is written as a
+    /// BPE of 256 `<0xNN>` tokens with byte fallback and no merges, which Hugging Face loads
+    /// giving the same ids.
     pub fn save(&self, dir: &Path) -> Result<()> {
-        std::fs::create_dir_all(dir).map_err(|e| Error::invalid(format!("{}: cannot create folder ({e})", dir.display())))?;
+        let stage = Staging::named(dir, "tokenizer save")?;
         match self {
             Tokenizer::Bytes => {
-                write_atomic(&dir.join("tokenizer.json"), byte_tokenizer_json().to_string().as_bytes())?;
+                stage.write("tokenizer.json", byte_tokenizer_json().to_string().as_bytes())?;
                 let cfg = json!({ "add_bos_token": false, "add_eos_token": false, "tokenizer_class": "PreTrainedTokenizerFast" });
-                write_atomic(&dir.join("tokenizer_config.json"), serde_json::to_string_pretty(&cfg).unwrap().as_bytes())
+                stage.write("tokenizer_config.json", serde_json::to_string_pretty(&cfg).unwrap().as_bytes())?;
             }
             Tokenizer::Hf(h) => {
-                for src in &h.files {
-                    let name = if src == &h.files[0] { std::ffi::OsStr::new("tokenizer.json") } else { src.file_name().unwrap_or_default() };
-                    let dst = dir.join(name);
-                    if same_file(src, &dst) {
-                        continue;
-                    }
-                    let bytes = std::fs::read(src).map_err(|e| Error::invalid(format!("{}: cannot read ({e})", src.display())))?;
-                    write_atomic(&dst, &bytes)?;
+                stage.write("tokenizer.json", &h.json)?;
+                for src in &h.files[1..] {
+                    let name = src.file_name().unwrap_or_default().to_string_lossy();
+                    stage.write(&name, &read_limited(src, CONFIG_JSON_MAX)?)?;
                 }
-                Ok(())
             }
         }
+        stage.commit()
     }
-}
-
-fn same_file(a: &Path, b: &Path) -> bool {
-    match (a.canonicalize(), b.canonicalize()) {
-        (Ok(x), Ok(y)) => x == y,
-        _ => false,
-    }
-}
-
-/// Writes `bytes` to a temporary name beside `path`, then renames it into place.
-pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    std::fs::write(&tmp, bytes).map_err(|e| Error::invalid(format!("{}: cannot write ({e})", tmp.display())))?;
-    std::fs::rename(&tmp, path).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        Error::invalid(format!("{}: cannot write ({e})", path.display()))
-    })
 }
 
 fn byte_tokenizer_json() -> Value {
