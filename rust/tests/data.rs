@@ -407,7 +407,7 @@ fn save_and_training_never_touch_a_folder_in_use() {
     std::fs::write(user.join("tokenizer.json"), "my own file").unwrap();
     let llama2 = Tokenizer::open(&fixtures().join("llama2")).unwrap();
     for (t, what) in [(&Tokenizer::bytes(), "bytes"), (&llama2, "llama2")] {
-        let e = t.save(&user).err().expect(what).msg;
+        let e = t.save(&user).expect_err(what).msg;
         assert_eq!(e, format!("{}: folder is not empty; tokenizer save writes only into a new or empty folder", user.display()));
     }
     let corpus = d.0.join("c.txt");
@@ -461,4 +461,30 @@ fn threads_are_capped() {
     std::fs::write(&f, words(6, 200)).unwrap();
     let s = Shards::build(&Tokenizer::bytes(), &spec(&f, &d.0.join("cache"), 0.1, 1_000_000), None).unwrap();
     assert_eq!(s.meta.train_tokens + s.meta.val_tokens, std::fs::metadata(&f).unwrap().len());
+}
+
+#[test]
+fn a_long_document_gives_the_whole_texts_ids_for_a_sentencepiece_bpe() {
+    use qgalore::data::corpus::{CutRule, PIECE};
+    let d = TempDir::new("llama2long");
+    let t = Tokenizer::open(&fixtures().join("llama2")).unwrap();
+    assert!(matches!(t.cut_rule(), CutRule::Pairs(_)));
+    let text = ids_json()["text"].as_str().unwrap().to_string();
+    let mut doc = String::new();
+    let mut i = 0;
+    while doc.len() < 3 * PIECE + PIECE / 2 {
+        doc += &format!("{}\nThe {}. {text}\n\n", words(i, 40), words(i + 1, 7));
+        i += 1;
+    }
+    let mut want = t.encode(&doc, true).unwrap();
+    want.extend(t.eos());
+    std::fs::write(d.0.join("big.txt"), &doc).unwrap();
+    std::fs::write(d.0.join("big.jsonl"), serde_json::json!({ "text": doc }).to_string() + "\n").unwrap();
+    for name in ["big.txt", "big.jsonl"] {
+        let s = Shards::build(&t, &spec(&d.0.join(name), &d.0.join("cache"), 0.1, 2), None).unwrap();
+        let mut got = all(&s, Split::Train);
+        got.extend(all(&s, Split::Val));
+        let first = got.iter().zip(&want).position(|(a, b)| a != b);
+        assert!(got == want, "{name}: {} vs {} ids, first difference at {first:?}", got.len(), want.len());
+    }
 }

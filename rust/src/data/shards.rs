@@ -142,7 +142,7 @@ pub fn cache_key(tok: &Tokenizer, inputs: &[Input], field: &str, val_fraction: f
 /// Token ids of one document piece: BOS (if the post-processor adds it) only on a
 /// document's first piece, EOS after its last.
 fn encode_piece(tok: &Tokenizer, d: &Doc) -> Result<Vec<u32>> {
-    let mut ids = tok.encode(&d.text, d.first)?;
+    let mut ids = if d.first { tok.encode(&d.text, true)? } else { tok.encode_rest(&d.text)? };
     let post_eos = d.first && tok.adds_eos();
     if post_eos && !d.last {
         ids.pop();
@@ -204,7 +204,7 @@ fn write(tok: &Tokenizer, inputs: &[Input], spec: &BuildSpec, field: &str, stage
         .map_err(|e| Error::backend(format!("cannot start tokenizing threads ({e})")))?;
     std::thread::scope(|s| -> Result<()> {
         let (tx, rx) = std::sync::mpsc::sync_channel::<Result<Vec<Doc>>>(2);
-        let docs = Docs::new(inputs.to_vec(), field, progress);
+        let docs = Docs::new(inputs.to_vec(), field, progress).with_cut(tok.cut_rule());
         s.spawn(move || {
             let (mut batch, mut size) = (Vec::new(), 0);
             for d in docs {

@@ -2,6 +2,7 @@
 //! BOS/EOS; the default) or a Hugging Face `tokenizer.json` run by the `tokenizers` crate,
 //! which gives exactly the ids Python's `tokenizers`/`transformers` give.
 
+use super::corpus::{CutRule, Pairs};
 use super::special::{self, Declared};
 use crate::error::{Error, Result};
 use crate::hf::folder::Staging;
@@ -53,6 +54,87 @@ pub struct Hf {
     /// What `encode(…, add_special = true)` adds (found by encoding the empty text).
     adds_bos: bool,
     adds_eos: bool,
+    /// Where a long document may be cut with ids unchanged.
+    cut: CutRule,
+    /// Encodes the pieces after a document's first; None when `inner` does.
+    rest: Option<Rest>,
+}
+
+/// For a tokenizer whose normalizer prepends (`▁`) to each text segment: `tok` is the same
+/// without `Prepend`, for the segment a later piece starts with (it continues the previous
+/// piece's); segments after an added token are prepended to, as in the whole text, so
+/// those come from `inner`. `added`: the added tokens' ids and texts.
+struct Rest {
+    tok: HfTokenizer,
+    added: std::collections::HashMap<u32, String>,
+}
+
+/// The cut rule of a `tokenizer.json` and, for one that prepends to the text, the
+/// tokenizer for later pieces (see the corpus module doc). Only a BPE without
+/// pre-tokenizer whose normalizer is `Prepend`s and one-character `Replace`s gets `Pairs`.
+fn cut_rule(json: &Value) -> Result<(CutRule, Option<Rest>)> {
+    let newline = Ok((CutRule::Newline, None));
+    let model = &json["model"];
+    let plain_bpe = model["type"] == "BPE"
+        && model["dropout"].is_null()
+        && model["continuing_subword_prefix"].as_str().unwrap_or("").is_empty()
+        && model["end_of_word_suffix"].as_str().unwrap_or("").is_empty()
+        && model["ignore_merges"] != true
+        && (model["fuse_unk"] != true || model["byte_fallback"] == true);
+    // Added tokens matched as written, nothing stripped around them: a piece's segments
+    // are then found from the tokens' offsets.
+    let added = json["added_tokens"].as_array().cloned().unwrap_or_default();
+    let plain_added = added.iter().all(|a| ["lstrip", "rstrip", "single_word", "normalized"].iter().all(|k| a[*k] != true));
+    if !plain_bpe || !plain_added || !json["pre_tokenizer"].is_null() {
+        return newline;
+    }
+    let norm = &json["normalizer"];
+    let steps: Vec<&Value> = match norm["type"].as_str() {
+        None if norm.is_null() => vec![],
+        Some("Sequence") => norm["normalizers"].as_array().map(|a| a.iter().collect()).unwrap_or_default(),
+        Some(_) => vec![norm],
+        None => return newline,
+    };
+    let (mut replace, mut prepends) = (vec![], false);
+    for st in &steps {
+        match st["type"].as_str() {
+            Some("Prepend") => prepends = true,
+            Some("Replace") => {
+                let from = st["pattern"]["String"].as_str().unwrap_or("");
+                let mut chars = from.chars();
+                match (chars.next(), chars.next(), st["content"].as_str()) {
+                    (Some(c), None, Some(to)) => replace.push((c, to.to_string())),
+                    _ => return newline,
+                }
+            }
+            _ => return newline,
+        }
+    }
+    let Some(vocab) = model["vocab"].as_object() else { return newline };
+    let mut p = Pairs { replace, ..Default::default() };
+    for t in vocab.keys() {
+        let cs: Vec<char> = t.chars().collect();
+        if let [c] = cs[..] {
+            p.singles.insert(c);
+        }
+        p.joined.extend(cs.windows(2).map(|w| (w[0], w[1])));
+    }
+    for a in &added {
+        let cs: Vec<char> = a["content"].as_str().unwrap_or("").chars().collect();
+        p.joined.extend(cs.windows(2).map(|w| (w[0], w[1])));
+        p.added_edges.extend(cs.first().into_iter().chain(cs.last()));
+    }
+    let rest = if prepends {
+        let mut j = json.clone();
+        let kept: Vec<Value> = steps.iter().filter(|st| st["type"] != "Prepend").map(|&st| st.clone()).collect();
+        j["normalizer"] = json!({ "type": "Sequence", "normalizers": kept });
+        let tok = HfTokenizer::from_bytes(j.to_string().as_bytes()).map_err(|e| Error::backend(format!("tokenizer without Prepend: {}", one_line(e))))?;
+        let added = added.iter().filter_map(|a| Some((u32::try_from(a["id"].as_u64()?).ok()?, a["content"].as_str()?.to_string()))).collect();
+        Some(Rest { tok, added })
+    } else {
+        None
+    };
+    Ok((CutRule::Pairs(std::sync::Arc::new(p)), rest))
 }
 
 /// One line from a library error (some span several).
@@ -159,7 +241,9 @@ impl Tokenizer {
         let ids = probe.get_ids();
         let adds_bos = !ids.is_empty() && Some(ids[0]) == bos;
         let adds_eos = ids.len() > adds_bos as usize && eos_ids.contains(&ids[ids.len() - 1]);
-        Ok(Tokenizer::Hf(Box::new(Hf { inner, json, files, declared, vocab, bos, eos, eos_ids, adds_bos, adds_eos })))
+        let parsed: Value = serde_json::from_slice(&json).map_err(|e| Error::invalid(format!("{}: not valid JSON ({e})", file.display())))?;
+        let (cut, rest) = cut_rule(&parsed)?;
+        Ok(Tokenizer::Hf(Box::new(Hf { inner, json, files, declared, vocab, bos, eos, eos_ids, adds_bos, adds_eos, cut, rest })))
     }
 
     pub fn is_bytes(&self) -> bool {
@@ -212,6 +296,39 @@ impl Tokenizer {
                 .encode_fast(text, add_special)
                 .map(|e| e.get_ids().to_vec())
                 .map_err(|e| Error::invalid(format!("tokenizer: cannot encode ({})", one_line(e)))),
+        }
+    }
+
+    /// Ids of a piece of a document after its first piece: no special tokens, and nothing
+    /// the normalizer prepends to a whole text.
+    pub fn encode_rest(&self, text: &str) -> Result<Vec<u32>> {
+        let fail = |e: tokenizers::Error| Error::invalid(format!("tokenizer: cannot encode ({})", one_line(e)));
+        let (h, r) = match self {
+            Tokenizer::Hf(h) => match &h.rest {
+                Some(r) => (h, r),
+                None => return self.encode(text, false),
+            },
+            Tokenizer::Bytes => return self.encode(text, false),
+        };
+        let plain = |t: &str| r.tok.encode_fast(t, false).map(|e| e.get_ids().to_vec()).map_err(fail);
+        if !r.added.values().any(|c| text.contains(c.as_str())) {
+            return plain(text);
+        }
+        // Up to the first added token without `Prepend`, from it on as the whole text has it.
+        let full = h.inner.encode(text, false).map_err(fail)?;
+        let (ids, offs) = (full.get_ids(), full.get_offsets());
+        let k = ids.iter().zip(offs).position(|(id, &(s, e))| r.added.get(id).is_some_and(|c| text.get(s..e) == Some(c.as_str())));
+        let Some(k) = k else { return plain(text) };
+        let mut out = plain(&text[..offs[k].0])?;
+        out.extend_from_slice(&ids[k..]);
+        Ok(out)
+    }
+
+    /// Where a long document may be cut with ids unchanged (see the corpus module doc).
+    pub fn cut_rule(&self) -> CutRule {
+        match self {
+            Tokenizer::Bytes => CutRule::Newline,
+            Tokenizer::Hf(h) => h.cut.clone(),
         }
     }
 

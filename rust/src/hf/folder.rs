@@ -80,9 +80,8 @@ impl Staging {
             // lost.
             let empty_dir = fs::symlink_metadata(&self.target).is_ok_and(|m| m.is_dir()) && is_empty_dir(&self.target).unwrap_or(false);
             if empty_dir && fs::remove_dir(&self.target).is_ok() {
-                fs::rename(&self.tmp, &self.target).map_err(|e2| {
+                fs::rename(&self.tmp, &self.target).inspect_err(|_| {
                     let _ = fs::create_dir(&self.target);
-                    e2
                 })
             } else {
                 Err(e)
