@@ -321,7 +321,7 @@ export interface CorpusOptions {
   cacheDir?: string;
   /** Progress on stderr: a bar on a terminal, else one line at the end (default true). */
   progress?: boolean;
-  /** Tokenizing threads (default: one per core). */
+  /** Tokenizing threads (default: one per core; more than 4 per core are 4 per core). */
   threads?: number;
 }
 

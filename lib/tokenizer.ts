@@ -16,7 +16,7 @@ import { UsageError } from "./errors.ts";
 export interface Tokenizer {
   /** `bytes` (id = byte) or `hf` (a Hugging Face tokenizer.json). */
   readonly kind: "bytes" | "hf";
-  /** Number of ids, added tokens included. */
+  /** Number of ids: the largest id (added tokens included) + 1, so gaps count. */
   readonly vocabSize: number;
   /** Beginning-of-sequence id, or null when the tokenizer has none. */
   readonly bosId: number | null;
@@ -28,7 +28,10 @@ export interface Tokenizer {
   encode(text: string, opts?: { addSpecial?: boolean }): Int32Array;
   /** Text of `ids`; `skipSpecial` (default false) drops special tokens. */
   decode(ids: ArrayLike<number>, opts?: { skipSpecial?: boolean }): string;
-  /** Writes `tokenizer.json` (+ `tokenizer_config.json`) into the folder `dir`. */
+  /**
+   * Writes `tokenizer.json` (+ `tokenizer_config.json`) into the folder `dir`, which must be
+   * new or empty (a UsageError otherwise; nothing is replaced).
+   */
   save(dir: string): void;
   /** The tokenizer files to copy when a model is exported (none for bytes). */
   sourceFiles(): string[];
@@ -78,7 +81,8 @@ export class ByteTokenizer implements Tokenizer {
 
   /**
    * Writes a `tokenizer.json` Hugging Face loads giving the same ids (a BPE of 256 `<0xNN>`
-   * tokens with byte fallback and no merges) and a `tokenizer_config.json` into `dir`.
+   * tokens with byte fallback and no merges) and a `tokenizer_config.json` into `dir`, a new
+   * or empty folder.
    */
   save(dir: string): void {
     using native = NativeTokenizer.open("");
@@ -99,7 +103,7 @@ export class ByteTokenizer implements Tokenizer {
 export class HfTokenizer implements Tokenizer, Disposable {
   /** Always `hf`. */
   readonly kind = "hf" as const;
-  /** Number of ids, added tokens included. */
+  /** Number of ids: the largest id (added tokens included) + 1, so gaps count. */
   readonly vocabSize: number;
   /** Beginning-of-sequence id, or null. */
   readonly bosId: number | null;
@@ -134,7 +138,10 @@ export class HfTokenizer implements Tokenizer, Disposable {
     }
   }
 
-  /** Copies the tokenizer files (tokenizer.json and the folder's configs) into `dir`. */
+  /**
+   * Copies the tokenizer files (tokenizer.json and the folder's configs) into `dir`, a new or
+   * empty folder (a UsageError otherwise; nothing is replaced).
+   */
   save(dir: string): void {
     try {
       this.native.save(dir);
@@ -176,7 +183,7 @@ export interface TrainTokenizerOptions {
   vocabSize: number;
   /** JSONL field holding the text (default `text`). */
   textField?: string;
-  /** Folder the tokenizer files are written into. */
+  /** Folder the tokenizer files are written into: new or empty (checked before training). */
   out: string;
 }
 

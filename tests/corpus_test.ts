@@ -268,7 +268,7 @@ Deno.test("a killed build leaves no cache that is reused", async () => {
       const { value, done } = await reader.read();
       if (done) break;
       out += new TextDecoder().decode(value);
-      const building = [...safeReadDir(cacheDir)].some((n) => n.startsWith(".tmp-"));
+      const building = [...safeReadDir(cacheDir)].some((n) => n.includes(".partial-"));
       if (building || out.includes("done")) break;
     }
     assert.ok(!out.includes("done"), "the build finished before it could be killed");
@@ -277,7 +277,7 @@ Deno.test("a killed build leaves no cache that is reused", async () => {
     reader.releaseLock();
     await child.stdout.cancel();
     const left = [...safeReadDir(cacheDir)];
-    assert.ok(left.every((n) => n.startsWith(".tmp-")), `only a temporary folder: ${left}`);
+    assert.ok(left.every((n) => n.includes(".partial-")), `only a temporary folder: ${left}`);
     using ds = await openCorpus({
       data,
       tokenizer: llama3,

@@ -129,9 +129,23 @@ Deno.test("a trained tokenizer has the asked vocabulary, round-trips and saves",
       (e: Error) => e instanceof UsageError && /vocab_size 100/.test(e.message),
     );
     await assert.rejects(
-      () => trainTokenizer({ inputs: [corpus], vocabSize: 400, out }),
+      () => trainTokenizer({ inputs: [corpus], vocabSize: 400, out: join(dir, "tok2") }),
       (e: Error) => e instanceof UsageError && /line 1: no "text" field/.test(e.message),
     );
+    // A folder holding files is never trained into or saved over; nothing in it changes.
+    const before = Deno.readFileSync(join(out, "tokenizer.json"));
+    await assert.rejects(
+      () => trainTokenizer({ inputs: [corpus], vocabSize: 400, textField: "body", out }),
+      (e: Error) =>
+        e instanceof UsageError &&
+        e.message ===
+          `${out}: folder is not empty; tokenizer training writes only into a new or empty folder`,
+    );
+    assert.throws(
+      () => tok.save(copy),
+      (e: Error) => e instanceof UsageError && /copy: folder is not empty/.test(e.message),
+    );
+    assert.deepEqual(Deno.readFileSync(join(out, "tokenizer.json")), before);
   } finally {
     Deno.removeSync(dir, { recursive: true });
   }

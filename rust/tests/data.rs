@@ -285,7 +285,7 @@ fn a_failed_build_leaves_no_cache() {
     std::fs::write(folder.join("b.jsonl"), "{\"text\": \"fixed\"}\n").unwrap();
     let inputs = qgalore::data::corpus::list(&folder).unwrap();
     let key = qgalore::data::shards::cache_key(&t, &inputs, "text", 0.1);
-    let stale = cache.join(format!(".tmp-{key}-999999999-1"));
+    let stale = cache.join(format!(".{key}.partial-999999999-1"));
     std::fs::create_dir_all(&stale).unwrap();
     std::fs::write(stale.join("train.bin"), [0u8; 10]).unwrap();
     let s = Shards::build(&t, &spec(&folder, &cache, 0.1, 2), None).unwrap();
@@ -352,4 +352,139 @@ fn wide_vocabularies_use_uint32() {
     reopened.read(Split::Train, &[2], 2, &mut w).unwrap();
     assert_eq!(w, vec![65536, 2]);
     assert!(reopened.read(Split::Train, &[3], 2, &mut w).unwrap_err().msg.contains("exceeds the train split"));
+}
+
+fn word_level(dir: &Path, vocab: Value) {
+    let tj = serde_json::json!({ "version": "1.0", "added_tokens": [], "normalizer": null,
+        "pre_tokenizer": { "type": "WhitespaceSplit" }, "post_processor": null, "decoder": null,
+        "model": { "type": "WordLevel", "vocab": vocab, "unk_token": "[UNK]" } });
+    std::fs::write(dir.join("tokenizer.json"), tj.to_string()).unwrap();
+}
+
+#[test]
+fn a_vocabulary_with_gaps_spans_its_largest_id() {
+    let d = TempDir::new("gaps");
+    word_level(&d.0, serde_json::json!({ "[UNK]": 0, "a": 1, "b": 70000 }));
+    let t = Tokenizer::open(&d.0).unwrap();
+    assert_eq!(t.vocab_size(), 70001);
+    assert_eq!(t.decode(&[70000], false).unwrap(), "b");
+    let f = d.0.join("c.txt");
+    std::fs::write(&f, "a b b a").unwrap();
+    let s = Shards::build(&t, &spec(&f, &d.0.join("cache"), 0.25, 1), None).unwrap();
+    assert_eq!((s.meta.dtype.as_str(), s.meta.vocab_size), ("uint32", 70001));
+    let mut got = all(&s, Split::Train);
+    got.extend(all(&s, Split::Val));
+    assert_eq!(got, vec![1, 70000, 70000, 1]);
+}
+
+#[test]
+fn a_hostile_shard_meta_is_an_error_not_a_panic() {
+    let d = TempDir::new("meta");
+    let f = d.0.join("c.txt");
+    std::fs::write(&f, words(5, 300)).unwrap();
+    let s = Shards::build(&Tokenizer::bytes(), &spec(&f, &d.0.join("cache"), 0.1, 1), None).unwrap();
+    let mp = s.dir.join("meta.json");
+    let meta: Value = serde_json::from_slice(&std::fs::read(&mp).unwrap()).unwrap();
+    let n = meta["train_tokens"].as_u64().unwrap();
+    // 2^63 + n tokens of 2 bytes wraps around to the file's true size.
+    for bad in [(1u64 << 63) + n, u64::MAX, n + 1, n - 1] {
+        let mut m = meta.clone();
+        m["train_tokens"] = bad.into();
+        std::fs::write(&mp, m.to_string()).unwrap();
+        let e = Shards::open(&s.dir).err().expect("a bad token count is refused").msg;
+        assert!(e.contains("train.bin") && e.contains(&format!("says {bad} tokens")) && !e.contains('\n'), "{e}");
+    }
+    std::fs::write(&mp, "{").unwrap();
+    let e = Shards::open(&s.dir).err().unwrap().msg;
+    assert!(e.contains("meta.json: bad shard metadata"), "{e}");
+}
+
+#[test]
+fn save_and_training_never_touch_a_folder_in_use() {
+    let d = TempDir::new("inuse");
+    let user = d.0.join("mine");
+    std::fs::create_dir_all(&user).unwrap();
+    std::fs::write(user.join("tokenizer.json"), "my own file").unwrap();
+    let llama2 = Tokenizer::open(&fixtures().join("llama2")).unwrap();
+    for (t, what) in [(&Tokenizer::bytes(), "bytes"), (&llama2, "llama2")] {
+        let e = t.save(&user).expect_err(what).msg;
+        assert_eq!(e, format!("{}: folder is not empty; tokenizer save writes only into a new or empty folder", user.display()));
+    }
+    let corpus = d.0.join("c.txt");
+    std::fs::write(&corpus, words(1, 2000)).unwrap();
+    let spec = TrainSpec { inputs: vec![corpus.display().to_string()], vocab_size: 300, text_field: None, out: user.display().to_string() };
+    let e = train(&spec, None).err().unwrap().msg;
+    assert!(e.ends_with("folder is not empty; tokenizer training writes only into a new or empty folder"), "{e}");
+    assert_eq!(std::fs::read_to_string(user.join("tokenizer.json")).unwrap(), "my own file");
+    let names = |p: &Path| std::fs::read_dir(p).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect::<Vec<_>>();
+    assert_eq!(names(&user), ["tokenizer.json"]);
+    assert_eq!(names(&d.0).len(), 2, "no staging folder left: {:?}", names(&d.0));
+    // A new or empty folder is written whole, and opens as the same tokenizer.
+    let empty = d.0.join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    llama2.save(&empty).unwrap();
+    let mut got = names(&empty);
+    got.sort();
+    assert_eq!(got, ["generation_config.json", "tokenizer.json", "tokenizer_config.json"]);
+    assert_eq!(std::fs::read(empty.join("tokenizer.json")).unwrap(), std::fs::read(fixtures().join("llama2/tokenizer.json")).unwrap());
+    let trained = train(&TrainSpec { out: d.0.join("new/tok").display().to_string(), ..spec }, None).unwrap();
+    assert_eq!(trained.vocab_size(), 300);
+}
+
+#[test]
+fn oversized_tokenizer_files_are_refused_unread() {
+    use qgalore::data::tokenizer::{CONFIG_JSON_MAX, TOKENIZER_JSON_MAX};
+    let d = TempDir::new("huge");
+    std::fs::copy(fixtures().join("llama2/tokenizer.json"), d.0.join("tokenizer.json")).unwrap();
+    // sparse files: their size is what counts
+    for name in ["tokenizer_config.json", "generation_config.json"] {
+        let p = d.0.join(name);
+        std::fs::File::create(&p).unwrap().set_len(CONFIG_JSON_MAX + 1).unwrap();
+        let e = Tokenizer::open(&d.0).err().unwrap().msg;
+        assert_eq!(e, format!("{}: larger than 16 MiB", p.display()));
+        std::fs::remove_file(&p).unwrap();
+    }
+    let p = d.0.join("tokenizer.json");
+    std::fs::OpenOptions::new().write(true).open(&p).unwrap().set_len(TOKENIZER_JSON_MAX + 1).unwrap();
+    let e = Tokenizer::open(&d.0).err().unwrap().msg;
+    assert_eq!(e, format!("{}: larger than 512 MiB", p.display()));
+}
+
+#[test]
+fn threads_are_capped() {
+    use qgalore::data::shards::{max_threads, pool_threads};
+    assert_eq!(pool_threads(1_000_000), max_threads());
+    assert_eq!(pool_threads(3), 3.min(max_threads()));
+    assert!(pool_threads(0) >= 1);
+    let d = TempDir::new("manythreads");
+    let f = d.0.join("c.txt");
+    std::fs::write(&f, words(6, 200)).unwrap();
+    let s = Shards::build(&Tokenizer::bytes(), &spec(&f, &d.0.join("cache"), 0.1, 1_000_000), None).unwrap();
+    assert_eq!(s.meta.train_tokens + s.meta.val_tokens, std::fs::metadata(&f).unwrap().len());
+}
+
+#[test]
+fn a_long_document_gives_the_whole_texts_ids_for_a_sentencepiece_bpe() {
+    use qgalore::data::corpus::{CutRule, PIECE};
+    let d = TempDir::new("llama2long");
+    let t = Tokenizer::open(&fixtures().join("llama2")).unwrap();
+    assert!(matches!(t.cut_rule(), CutRule::Pairs(_)));
+    let text = ids_json()["text"].as_str().unwrap().to_string();
+    let mut doc = String::new();
+    let mut i = 0;
+    while doc.len() < 3 * PIECE + PIECE / 2 {
+        doc += &format!("{}\nThe {}. {text}\n\n", words(i, 40), words(i + 1, 7));
+        i += 1;
+    }
+    let mut want = t.encode(&doc, true).unwrap();
+    want.extend(t.eos());
+    std::fs::write(d.0.join("big.txt"), &doc).unwrap();
+    std::fs::write(d.0.join("big.jsonl"), serde_json::json!({ "text": doc }).to_string() + "\n").unwrap();
+    for name in ["big.txt", "big.jsonl"] {
+        let s = Shards::build(&t, &spec(&d.0.join(name), &d.0.join("cache"), 0.1, 2), None).unwrap();
+        let mut got = all(&s, Split::Train);
+        got.extend(all(&s, Split::Val));
+        let first = got.iter().zip(&want).position(|(a, b)| a != b);
+        assert!(got == want, "{name}: {} vs {} ids, first difference at {first:?}", got.len(), want.len());
+    }
 }

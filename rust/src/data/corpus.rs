@@ -3,19 +3,81 @@
 //! (recursive, sorted by path). Documents stream: memory holds one piece at a time.
 //!
 //! A text file is one document. A document longer than [`PIECE`] bytes is handed out in
-//! pieces cut after a newline that is followed by a non-space (so a byte-level split regex
-//! such as LLaMA 3's cuts there anyway and the ids equal those of the whole text); pieces
-//! keep the document's index, and only its first piece gets BOS, its last EOS.
+//! pieces (so memory stays bounded and pieces tokenize in parallel); pieces keep the
+//! document's index, and only its first piece gets BOS, its last EOS. Where a piece ends is
+//! the tokenizer's [`CutRule`], chosen so that the pieces' ids equal the whole text's:
+//!
+//! - `Newline`: after a newline followed by a non-space. A byte-level split regex such as
+//!   LLaMA 3's (and the byte tokenizer) cuts there anyway, so the ids are exact for those;
+//!   for other pre-tokenizers this is not proven.
+//! - `Pairs`, for a BPE without pre-tokenizer (SentencePiece-style, as LLaMA 2's
+//!   `tokenizer.json`): the whole text is one BPE word, and merges only ever join symbols
+//!   into tokens of the vocabulary. So between two characters that no token holds side by
+//!   side no merge can cross, the whole text's encoding has a boundary there, and encoding
+//!   the two sides apart gives the same ids (BPE's merges on one side never depend on the
+//!   other). Cuts are also kept away from added tokens and from characters outside the
+//!   vocabulary (byte fallback). Pieces after the first are encoded without the
+//!   normalizer's `Prepend`, which the whole text gets only once. When no such point exists
+//!   in a piece's last half (a vocabulary holding nearly every pair), the piece is cut at a
+//!   character boundary and its ids at that cut may differ from the whole's.
+//!
+//! A JSONL line is read whole (it is one JSON value), so a line longer than [`LINE_MAX`] is
+//! refused rather than read: a gzip'd line can expand without bound. A text file is read in
+//! pieces, so its memory stays bounded whatever its size.
 
 use super::progress::Progress;
 use crate::error::{Error, Result};
 use serde_json::Value;
+use std::collections::HashSet;
 use std::fs::File;
 use std::io::{BufRead, BufReader, ErrorKind, Read};
 use std::path::{Path, PathBuf};
 
 /// Pieces of a long document are at most about this many bytes.
 pub const PIECE: usize = 1 << 20;
+/// The longest JSONL line read (bytes, newline excluded). A line is held twice while it is
+/// parsed (its bytes and the decoded text), so this bounds a reader's memory near 512 MiB.
+pub const LINE_MAX: usize = 256 << 20;
+/// The JSONL field holding a document's text unless the caller names another.
+pub const TEXT_FIELD: &str = "text";
+
+/// Where a long document may be cut (see the module doc).
+#[derive(Clone, Debug, Default)]
+pub enum CutRule {
+    #[default]
+    Newline,
+    Pairs(std::sync::Arc<Pairs>),
+}
+
+/// What a BPE without pre-tokenizer can never merge across.
+#[derive(Clone, Debug, Default)]
+pub struct Pairs {
+    /// Adjacent characters of any token (normalized form) or added token (as written).
+    pub joined: HashSet<(char, char)>,
+    /// Characters that are tokens by themselves (others fall back to bytes).
+    pub singles: HashSet<char>,
+    /// First and last characters of added tokens: no cut beside them.
+    pub added_edges: HashSet<char>,
+    /// The normalizer's character replacements (`Replace` of one character).
+    pub replace: Vec<(char, String)>,
+}
+
+impl Pairs {
+    fn norm(&self, c: char) -> String {
+        self.replace.iter().find(|(from, _)| *from == c).map_or_else(|| c.to_string(), |(_, to)| to.clone())
+    }
+
+    /// Whether the text may be cut between `a` and `b` with ids unchanged.
+    pub fn may_cut(&self, a: char, b: char) -> bool {
+        let (na, nb) = (self.norm(a), self.norm(b));
+        let (Some(la), Some(fb)) = (na.chars().last(), nb.chars().next()) else { return false };
+        na.chars().chain(nb.chars()).all(|c| self.singles.contains(&c))
+            && !self.joined.contains(&(la, fb))
+            && !self.joined.contains(&(a, b))
+            && !self.added_edges.contains(&a)
+            && !self.added_edges.contains(&b)
+    }
+}
 
 #[derive(Clone, Debug)]
 pub struct Input {
@@ -131,14 +193,29 @@ pub struct Docs<'p> {
     progress: Option<&'p Progress>,
     next_file: usize,
     open: Option<Open<'p>>,
-    pending: std::collections::VecDeque<Doc>,
+    /// A long JSONL document being handed out in pieces, and the byte its next piece starts at.
+    long: Option<(Doc, usize)>,
     index: u64,
     failed: bool,
+    line_max: usize,
+    cut: CutRule,
 }
 
 impl<'p> Docs<'p> {
     pub fn new(inputs: Vec<Input>, field: &str, progress: Option<&'p Progress>) -> Self {
-        Docs { inputs, field: field.to_string(), progress, next_file: 0, open: None, pending: Default::default(), index: 0, failed: false }
+        Docs { inputs, field: field.to_string(), progress, next_file: 0, open: None, long: None, index: 0, failed: false, line_max: LINE_MAX, cut: CutRule::Newline }
+    }
+
+    /// The same reader cutting long documents by `cut` (the tokenizer's).
+    pub fn with_cut(mut self, cut: CutRule) -> Self {
+        self.cut = cut;
+        self
+    }
+
+    /// The same reader with another line limit than [`LINE_MAX`] (tests use a small one).
+    pub fn with_line_max(mut self, n: usize) -> Self {
+        self.line_max = n;
+        self
     }
 
     fn read_error(path: &Path, gz: bool, e: std::io::Error) -> Error {
@@ -170,14 +247,19 @@ impl<'p> Docs<'p> {
     /// Next JSONL document of the open file, or None at its end.
     fn next_json(&mut self) -> Result<Option<Doc>> {
         let o = self.open.as_mut().unwrap();
+        let max = self.line_max;
         let mut line = Vec::new();
         loop {
             line.clear();
-            let n = o.reader.read_until(b'\n', &mut line).map_err(|e| Self::read_error(&o.path, o.gz, e))?;
+            // At most one byte past the limit is read: enough to know the line is too long.
+            let n = (&mut o.reader).take(max as u64 + 1).read_until(b'\n', &mut line).map_err(|e| Self::read_error(&o.path, o.gz, e))?;
             if n == 0 {
                 return Ok(None);
             }
             o.at += 1;
+            if line.len() - (line.last() == Some(&b'\n')) as usize > max {
+                return Err(Error::invalid(format!("{}: line {}: longer than {}", o.path.display(), o.at, size_text(max))));
+            }
             if line.iter().all(|b| b.is_ascii_whitespace()) {
                 continue;
             }
@@ -212,7 +294,7 @@ impl<'p> Docs<'p> {
         if o.carry.is_empty() {
             return Ok(None);
         }
-        let cut = if eof { o.carry.len() } else { cut_point(&o.carry) };
+        let cut = if eof { o.carry.len() } else { cut_point(&o.carry, &self.cut) };
         let bytes: Vec<u8> = o.carry.drain(..cut).collect();
         let start = o.at;
         o.at += cut as u64;
@@ -225,8 +307,12 @@ impl<'p> Docs<'p> {
     }
 
     fn next_doc(&mut self) -> Result<Option<Doc>> {
-        if let Some(d) = self.pending.pop_front() {
-            return Ok(Some(d));
+        if let Some((doc, at)) = self.long.take() {
+            let (piece, next) = next_piece(&doc, at, &self.cut);
+            if next < doc.text.len() {
+                self.long = Some((doc, next));
+            }
+            return Ok(Some(piece));
         }
         loop {
             if let Some(p) = self.progress {
@@ -248,8 +334,9 @@ impl<'p> Docs<'p> {
                 self.index += 1;
             }
             if jsonl && doc.text.len() > PIECE {
-                self.pending = split_long(doc).into();
-                return Ok(self.pending.pop_front());
+                // handed out one piece at a time: the document is not copied whole again
+                self.long = Some((doc, 0));
+                return self.next_doc();
             }
             return Ok(Some(doc));
         }
@@ -270,9 +357,37 @@ impl Iterator for Docs<'_> {
     }
 }
 
-/// Where to end a piece of a full buffer: after the last newline followed by a non-space,
-/// else at the last character boundary.
-fn cut_point(buf: &[u8]) -> usize {
+/// Where to end a piece of a full buffer, by `rule`; else at the last character boundary.
+fn cut_point(buf: &[u8], rule: &CutRule) -> usize {
+    match rule {
+        CutRule::Newline => newline_cut(buf),
+        CutRule::Pairs(p) => pair_cut(buf, p).unwrap_or_else(|| newline_cut(buf)),
+    }
+}
+
+/// The last point of the buffer's second half between two characters `pairs` may cut.
+fn pair_cut(buf: &[u8], pairs: &Pairs) -> Option<usize> {
+    let valid = match std::str::from_utf8(buf) {
+        Ok(s) => s,
+        Err(e) => std::str::from_utf8(&buf[..e.valid_up_to()]).unwrap(),
+    };
+    let mut next: Option<(usize, char)> = None;
+    for (i, c) in valid.char_indices().rev() {
+        if let Some((j, b)) = next {
+            if j < buf.len() / 2 {
+                break;
+            }
+            if pairs.may_cut(c, b) {
+                return Some(j);
+            }
+        }
+        next = Some((i, c));
+    }
+    None
+}
+
+/// After the last newline followed by a non-space, else at the last character boundary.
+fn newline_cut(buf: &[u8]) -> usize {
     let n = buf.len();
     for i in (0..n - 1).rev() {
         if buf[i] == b'\n' && !buf[i + 1].is_ascii_whitespace() {
@@ -286,14 +401,29 @@ fn cut_point(buf: &[u8]) -> usize {
     if j == 0 { n } else { j }
 }
 
-fn split_long(doc: Doc) -> Vec<Doc> {
+/// The piece of `doc` starting at byte `at`, and where the next one starts.
+fn next_piece(doc: &Doc, at: usize, rule: &CutRule) -> (Doc, usize) {
     let bytes = doc.text.as_bytes();
-    let mut out = vec![];
-    let mut at = 0;
-    while at < bytes.len() {
-        let end = if bytes.len() - at <= PIECE { bytes.len() } else { at + cut_point(&bytes[at..at + PIECE + 1]) };
-        out.push(Doc { index: doc.index, text: doc.text[at..end].to_string(), first: at == 0, last: end == bytes.len() });
-        at = end;
+    let end = if bytes.len() - at <= PIECE { bytes.len() } else { at + cut_point(&bytes[at..at + PIECE + 1], rule) };
+    (Doc { index: doc.index, text: doc.text[at..end].to_string(), first: at == 0, last: end == bytes.len() }, end)
+}
+
+/// `n` bytes as the largest whole unit: "256 MiB", "1 KiB", "100 bytes".
+fn size_text(n: usize) -> String {
+    match n {
+        n if n >= 1 << 20 && n % (1 << 20) == 0 => format!("{} MiB", n >> 20),
+        n if n >= 1 << 10 && n % (1 << 10) == 0 => format!("{} KiB", n >> 10),
+        n => format!("{n} bytes"),
+    }
+}
+
+#[cfg(test)]
+fn split_long(doc: Doc) -> Vec<Doc> {
+    let (mut out, mut at) = (vec![], 0);
+    while at < doc.text.len() {
+        let (piece, next) = next_piece(&doc, at, &CutRule::Newline);
+        out.push(piece);
+        at = next;
     }
     out
 }
@@ -304,8 +434,12 @@ mod tests {
 
     #[test]
     fn cut_after_newline_before_text() {
-        assert_eq!(cut_point(b"ab\ncd\n  ef"), 3);
-        assert_eq!(cut_point("aé".as_bytes()), 1);
+        assert_eq!(cut_point(b"ab\ncd\n  ef", &CutRule::Newline), 3);
+        assert_eq!(cut_point("aé".as_bytes(), &CutRule::Newline), 1);
+        // "ab", "bc", "da" are tokens: the only cut is between c and d (in the second half).
+        let p = Pairs { joined: [('a', 'b'), ('b', 'c'), ('d', 'a')].into(), singles: "abcd".chars().collect(), ..Default::default() };
+        assert_eq!(pair_cut(b"abcdab", &p), Some(3));
+        assert_eq!(pair_cut(b"cdabc", &p), None, "c|d is in the first half");
     }
 
     #[test]
@@ -316,5 +450,33 @@ mod tests {
         assert!(pieces.iter().all(|p| p.index == 7 && p.text.len() <= PIECE + 1));
         assert!(pieces[0].first && !pieces[0].last && pieces.last().unwrap().last);
         assert_eq!(pieces.iter().map(|p| p.text.as_str()).collect::<String>(), text);
+    }
+
+    fn jsonl_input(name: &str, bytes: &[u8]) -> Input {
+        let p = std::env::temp_dir().join(format!("qg-corpus-{name}-{}.jsonl", std::process::id()));
+        std::fs::write(&p, bytes).unwrap();
+        input(&p, true, false).unwrap()
+    }
+
+    #[test]
+    fn a_line_over_the_limit_is_refused_after_reading_the_limit() {
+        let ok = format!("{{\"text\": \"{}\"}}\n", "a".repeat(90));
+        let long = format!("{{\"text\": \"{}\"}}\n", "b".repeat(200));
+        let inp = jsonl_input("limit", format!("{ok}{ok}{long}{ok}").as_bytes());
+        let path = inp.path.clone();
+        let mut docs = Docs::new(vec![inp], TEXT_FIELD, None).with_line_max(ok.len() - 1);
+        assert_eq!(docs.next().unwrap().unwrap().text.len(), 90);
+        assert_eq!(docs.next().unwrap().unwrap().text.len(), 90);
+        let e = docs.next().unwrap().unwrap_err().msg;
+        assert_eq!(e, format!("{}: line 3: longer than {} bytes", path.display(), ok.len() - 1));
+        assert!(docs.next().is_none());
+        // A line exactly at the limit, without a final newline, is read.
+        let inp = jsonl_input("exact", ok.trim_end().as_bytes());
+        let mut docs = Docs::new(vec![inp.clone()], TEXT_FIELD, None).with_line_max(ok.len() - 1);
+        assert_eq!(docs.next().unwrap().unwrap().text.len(), 90);
+        assert!(docs.next().is_none());
+        std::fs::remove_file(&path).unwrap();
+        std::fs::remove_file(&inp.path).unwrap();
+        assert_eq!(size_text(LINE_MAX), "256 MiB");
     }
 }

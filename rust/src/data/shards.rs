@@ -2,7 +2,8 @@
 //! file per split (`train.bin`, `val.bin`: little-endian uint16 when the vocabulary fits,
 //! else uint32) plus `meta.json`, in a cache folder keyed by a SHA-256 of everything that
 //! decides the tokens. A build writes into a temporary folder renamed into place when
-//! complete, so a killed or failed build never leaves a cache that is reused.
+//! complete (its files and folder fsync'd first, so after a crash the cache holds a whole
+//! build or none), so a killed or failed build never leaves a cache that is reused.
 //!
 //! Each document is followed by EOS when the tokenizer has one (BOS as its post-processor
 //! says). Validation is split by documents: a hash of the document's index against the
@@ -11,7 +12,8 @@
 
 use super::corpus::{self, Doc, Docs, Input};
 use super::progress::Progress;
-use super::tokenizer::{write_atomic, Tokenizer};
+use super::tokenizer::{read_limited, Tokenizer, CONFIG_JSON_MAX};
+use crate::hf::folder::Staging;
 use crate::error::{Error, Result};
 use memmap2::Mmap;
 use rayon::prelude::*;
@@ -37,9 +39,24 @@ pub struct BuildSpec {
     pub text_field: Option<String>,
     pub val_fraction: f64,
     pub cache_dir: String,
-    /// Tokenizing threads; 0 = one per core.
+    /// Tokenizing threads; 0 = one per core; more than [`max_threads`] are that many.
     #[serde(default)]
     pub threads: usize,
+}
+
+/// The most tokenizing threads a build starts: four per core (more only cost memory; a
+/// mistyped `threads` must not start a million).
+pub fn max_threads() -> usize {
+    4 * std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// The threads a build uses for `requested` (0 = one per core).
+pub fn pool_threads(requested: usize) -> usize {
+    if requested == 0 {
+        max_threads() / 4
+    } else {
+        requested.min(max_threads())
+    }
 }
 
 #[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -125,7 +142,7 @@ pub fn cache_key(tok: &Tokenizer, inputs: &[Input], field: &str, val_fraction: f
 /// Token ids of one document piece: BOS (if the post-processor adds it) only on a
 /// document's first piece, EOS after its last.
 fn encode_piece(tok: &Tokenizer, d: &Doc) -> Result<Vec<u32>> {
-    let mut ids = tok.encode(&d.text, d.first)?;
+    let mut ids = if d.first { tok.encode(&d.text, true)? } else { tok.encode_rest(&d.text)? };
     let post_eos = d.first && tok.adds_eos();
     if post_eos && !d.last {
         ids.pop();
@@ -153,7 +170,11 @@ impl Out {
     fn put(&mut self, ids: &[u32], width: usize, path: &Path) -> Result<()> {
         self.buf.clear();
         if width == 2 {
-            self.buf.extend(ids.iter().flat_map(|&i| (i as u16).to_le_bytes()));
+            // the width comes from the vocabulary size; an id past it is refused, never cut
+            if let Some(&id) = ids.iter().find(|&&i| i > u16::MAX as u32) {
+                return Err(Error::invalid(format!("{}: token id {id} does not fit uint16 (tokenizer ids beyond its vocabulary)", path.display())));
+            }
+            self.buf.extend(ids.iter().map(|&i| i as u16).flat_map(u16::to_le_bytes));
         } else {
             self.buf.extend(ids.iter().flat_map(|&i| i.to_le_bytes()));
         }
@@ -168,7 +189,8 @@ fn io_err(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
 }
 
 /// Tokenizes `inputs` into `dir` (train.bin, val.bin, meta.json).
-fn write(tok: &Tokenizer, inputs: &[Input], spec: &BuildSpec, field: &str, dir: &Path, progress: Option<&Progress>) -> Result<Meta> {
+fn write(tok: &Tokenizer, inputs: &[Input], spec: &BuildSpec, field: &str, stage: &Staging, progress: Option<&Progress>) -> Result<Meta> {
+    let dir = stage.tmp.as_path();
     let bytes: u64 = inputs.iter().map(|i| i.size).sum();
     if let Some(p) = progress {
         p.set_total(bytes);
@@ -177,12 +199,12 @@ fn write(tok: &Tokenizer, inputs: &[Input], spec: &BuildSpec, field: &str, dir: 
     let paths = [dir.join(Split::Train.file()), dir.join(Split::Val.file())];
     let mut outs = [Out::create(&paths[0])?, Out::create(&paths[1])?];
     let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(spec.threads)
+        .num_threads(pool_threads(spec.threads))
         .build()
         .map_err(|e| Error::backend(format!("cannot start tokenizing threads ({e})")))?;
     std::thread::scope(|s| -> Result<()> {
         let (tx, rx) = std::sync::mpsc::sync_channel::<Result<Vec<Doc>>>(2);
-        let docs = Docs::new(inputs.to_vec(), field, progress);
+        let docs = Docs::new(inputs.to_vec(), field, progress).with_cut(tok.cut_rule());
         s.spawn(move || {
             let (mut batch, mut size) = (Vec::new(), 0);
             for d in docs {
@@ -261,14 +283,18 @@ fn write(tok: &Tokenizer, inputs: &[Input], spec: &BuildSpec, field: &str, dir: 
         bytes,
         inputs: inputs.iter().map(|i| i.path.display().to_string()).collect(),
     };
-    write_atomic(&dir.join("meta.json"), serde_json::to_string_pretty(&meta).unwrap().as_bytes())?;
+    for split in [Split::Train, Split::Val] {
+        stage.sync(split.file())?;
+    }
+    stage.write("meta.json", serde_json::to_string_pretty(&meta).unwrap().as_bytes())?;
     Ok(meta)
 }
 
 /// Removes temporary folders of earlier builds of `key` whose process is gone.
 fn clean_stale(root: &Path, key: &str) {
     let Ok(rd) = std::fs::read_dir(root) else { return };
-    let prefix = format!(".tmp-{key}-");
+    // Staging's temporary name: `.{key}.partial-{pid}-{nanos}`.
+    let prefix = format!(".{key}.partial-");
     for e in rd.flatten() {
         let name = e.file_name().to_string_lossy().to_string();
         let Some(rest) = name.strip_prefix(&prefix) else { continue };
@@ -288,7 +314,7 @@ impl Shards {
             return Err(Error::invalid(format!("val_fraction {f}: must be in (0, 1)")));
         }
         let inputs = corpus::list(Path::new(&spec.data))?;
-        let field = spec.text_field.clone().unwrap_or_else(|| "text".into());
+        let field = spec.text_field.clone().unwrap_or_else(|| corpus::TEXT_FIELD.into());
         let key = cache_key(tok, &inputs, &field, f);
         let root = PathBuf::from(&spec.cache_dir);
         let dir = root.join(&key);
@@ -309,18 +335,13 @@ impl Shards {
         }
         std::fs::create_dir_all(&root).map_err(|e| Error::invalid(format!("{}: cannot create cache folder ({e})", root.display())))?;
         clean_stale(&root, &key);
-        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
-        let tmp = root.join(format!(".tmp-{key}-{}-{nanos}", std::process::id()));
-        std::fs::create_dir(&tmp).map_err(|e| Error::invalid(format!("{}: cannot create ({e})", tmp.display())))?;
-        if let Err(e) = write(tok, &inputs, spec, &field, &tmp, progress) {
-            let _ = std::fs::remove_dir_all(&tmp);
-            return Err(e);
-        }
-        if let Err(e) = std::fs::rename(&tmp, &dir) {
-            let _ = std::fs::remove_dir_all(&tmp);
+        // Files fsync'd, then the folder renamed into place (a failure removes it).
+        let stage = Staging::named(&dir, "shard build")?;
+        write(tok, &inputs, spec, &field, &stage, progress)?;
+        if let Err(e) = stage.commit() {
             // Another process may have finished the same build first.
             if !dir.join("meta.json").is_file() {
-                return Err(Error::invalid(format!("{}: cannot move the built shards into place ({e})", dir.display())));
+                return Err(e);
             }
         }
         if let Some(p) = progress {
@@ -332,8 +353,11 @@ impl Shards {
     /// Opens a finished shard folder (memory-mapped).
     pub fn open(dir: &Path) -> Result<Shards> {
         let mp = dir.join("meta.json");
-        let text = std::fs::read_to_string(&mp).map_err(|e| Error::invalid(format!("{}: not a token shard folder ({e})", dir.display())))?;
-        let meta: Meta = serde_json::from_str(&text).map_err(|e| Error::invalid(format!("{}: bad shard metadata ({e})", mp.display())))?;
+        if !mp.is_file() {
+            return Err(Error::invalid(format!("{}: not a token shard folder (no meta.json)", dir.display())));
+        }
+        let text = read_limited(&mp, CONFIG_JSON_MAX)?;
+        let meta: Meta = serde_json::from_slice(&text).map_err(|e| Error::invalid(format!("{}: bad shard metadata ({e})", mp.display())))?;
         if meta.format != FORMAT {
             return Err(Error::invalid(format!("{}: shard format {} (this build reads {FORMAT})", mp.display(), meta.format)));
         }
@@ -347,7 +371,8 @@ impl Shards {
             let p = dir.join(split.file());
             let f = File::open(&p).map_err(|e| Error::invalid(format!("{}: cannot open ({e})", p.display())))?;
             let len = f.metadata().map_err(|e| Error::invalid(format!("{}: cannot read ({e})", p.display())))?.len();
-            if len != n * width as u64 {
+            // checked: a hostile meta.json must not wrap around to the file's size
+            if n.checked_mul(width as u64) != Some(len) || usize::try_from(len).is_err() {
                 return Err(Error::invalid(format!("{}: {len} bytes, but meta.json says {n} tokens of {width} bytes", p.display())));
             }
             if len > 0 {

@@ -19,12 +19,11 @@ pub struct Declared {
 }
 
 fn read_json(path: &Path) -> Result<Option<Value>> {
-    let text = match std::fs::read_to_string(path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(Error::invalid(format!("{}: cannot read ({e})", path.display()))),
-    };
-    let v: Value = serde_json::from_str(&text)
+    if matches!(std::fs::metadata(path), Err(e) if e.kind() == std::io::ErrorKind::NotFound) {
+        return Ok(None);
+    }
+    let bytes = super::tokenizer::read_limited(path, super::tokenizer::CONFIG_JSON_MAX)?;
+    let v: Value = serde_json::from_slice(&bytes)
         .map_err(|e| Error::invalid(format!("{}: not valid JSON ({e})", path.display())))?;
     if !v.is_object() {
         return Err(Error::invalid(format!("{}: expected a JSON object", path.display())));

@@ -2,12 +2,38 @@
 //! BOS/EOS; the default) or a Hugging Face `tokenizer.json` run by the `tokenizers` crate,
 //! which gives exactly the ids Python's `tokenizers`/`transformers` give.
 
+use super::corpus::{CutRule, Pairs};
 use super::special::{self, Declared};
 use crate::error::{Error, Result};
+use crate::hf::folder::Staging;
+use std::io::Read;
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use tokenizers::processors::template::TemplateProcessing;
 use tokenizers::Tokenizer as HfTokenizer;
+
+/// The largest `tokenizer.json` read (LLaMA 3's is 9 MB; parsing costs several times the
+/// file's size in memory).
+pub const TOKENIZER_JSON_MAX: u64 = 512 << 20;
+/// The largest small JSON file read (`tokenizer_config.json`, `generation_config.json`, …).
+pub const CONFIG_JSON_MAX: u64 = 16 << 20;
+
+/// The whole of `path`, refused (one line) when longer than `max` bytes: checked before
+/// reading and bounded while reading, so a file that grows meanwhile costs no more.
+pub(crate) fn read_limited(path: &Path, max: u64) -> Result<Vec<u8>> {
+    let f = std::fs::File::open(path).map_err(|e| Error::invalid(format!("{}: cannot read ({e})", path.display())))?;
+    let too_big = || Error::invalid(format!("{}: larger than {} MiB", path.display(), max >> 20));
+    let len = f.metadata().map_err(|e| Error::invalid(format!("{}: cannot read ({e})", path.display())))?.len();
+    if len > max {
+        return Err(too_big());
+    }
+    let mut bytes = Vec::with_capacity(len as usize);
+    f.take(max + 1).read_to_end(&mut bytes).map_err(|e| Error::invalid(format!("{}: cannot read ({e})", path.display())))?;
+    if bytes.len() as u64 > max {
+        return Err(too_big());
+    }
+    Ok(bytes)
+}
 
 pub enum Tokenizer {
     Bytes,
@@ -28,6 +54,87 @@ pub struct Hf {
     /// What `encode(…, add_special = true)` adds (found by encoding the empty text).
     adds_bos: bool,
     adds_eos: bool,
+    /// Where a long document may be cut with ids unchanged.
+    cut: CutRule,
+    /// Encodes the pieces after a document's first; None when `inner` does.
+    rest: Option<Rest>,
+}
+
+/// For a tokenizer whose normalizer prepends (`▁`) to each text segment: `tok` is the same
+/// without `Prepend`, for the segment a later piece starts with (it continues the previous
+/// piece's); segments after an added token are prepended to, as in the whole text, so
+/// those come from `inner`. `added`: the added tokens' ids and texts.
+struct Rest {
+    tok: HfTokenizer,
+    added: std::collections::HashMap<u32, String>,
+}
+
+/// The cut rule of a `tokenizer.json` and, for one that prepends to the text, the
+/// tokenizer for later pieces (see the corpus module doc). Only a BPE without
+/// pre-tokenizer whose normalizer is `Prepend`s and one-character `Replace`s gets `Pairs`.
+fn cut_rule(json: &Value) -> Result<(CutRule, Option<Rest>)> {
+    let newline = Ok((CutRule::Newline, None));
+    let model = &json["model"];
+    let plain_bpe = model["type"] == "BPE"
+        && model["dropout"].is_null()
+        && model["continuing_subword_prefix"].as_str().unwrap_or("").is_empty()
+        && model["end_of_word_suffix"].as_str().unwrap_or("").is_empty()
+        && model["ignore_merges"] != true
+        && (model["fuse_unk"] != true || model["byte_fallback"] == true);
+    // Added tokens matched as written, nothing stripped around them: a piece's segments
+    // are then found from the tokens' offsets.
+    let added = json["added_tokens"].as_array().cloned().unwrap_or_default();
+    let plain_added = added.iter().all(|a| ["lstrip", "rstrip", "single_word", "normalized"].iter().all(|k| a[*k] != true));
+    if !plain_bpe || !plain_added || !json["pre_tokenizer"].is_null() {
+        return newline;
+    }
+    let norm = &json["normalizer"];
+    let steps: Vec<&Value> = match norm["type"].as_str() {
+        None if norm.is_null() => vec![],
+        Some("Sequence") => norm["normalizers"].as_array().map(|a| a.iter().collect()).unwrap_or_default(),
+        Some(_) => vec![norm],
+        None => return newline,
+    };
+    let (mut replace, mut prepends) = (vec![], false);
+    for st in &steps {
+        match st["type"].as_str() {
+            Some("Prepend") => prepends = true,
+            Some("Replace") => {
+                let from = st["pattern"]["String"].as_str().unwrap_or("");
+                let mut chars = from.chars();
+                match (chars.next(), chars.next(), st["content"].as_str()) {
+                    (Some(c), None, Some(to)) => replace.push((c, to.to_string())),
+                    _ => return newline,
+                }
+            }
+            _ => return newline,
+        }
+    }
+    let Some(vocab) = model["vocab"].as_object() else { return newline };
+    let mut p = Pairs { replace, ..Default::default() };
+    for t in vocab.keys() {
+        let cs: Vec<char> = t.chars().collect();
+        if let [c] = cs[..] {
+            p.singles.insert(c);
+        }
+        p.joined.extend(cs.windows(2).map(|w| (w[0], w[1])));
+    }
+    for a in &added {
+        let cs: Vec<char> = a["content"].as_str().unwrap_or("").chars().collect();
+        p.joined.extend(cs.windows(2).map(|w| (w[0], w[1])));
+        p.added_edges.extend(cs.first().into_iter().chain(cs.last()));
+    }
+    let rest = if prepends {
+        let mut j = json.clone();
+        let kept: Vec<Value> = steps.iter().filter(|st| st["type"] != "Prepend").map(|&st| st.clone()).collect();
+        j["normalizer"] = json!({ "type": "Sequence", "normalizers": kept });
+        let tok = HfTokenizer::from_bytes(j.to_string().as_bytes()).map_err(|e| Error::backend(format!("tokenizer without Prepend: {}", one_line(e))))?;
+        let added = added.iter().filter_map(|a| Some((u32::try_from(a["id"].as_u64()?).ok()?, a["content"].as_str()?.to_string()))).collect();
+        Some(Rest { tok, added })
+    } else {
+        None
+    };
+    Ok((CutRule::Pairs(std::sync::Arc::new(p)), rest))
 }
 
 /// One line from a library error (some span several).
@@ -54,7 +161,7 @@ impl Tokenizer {
         if !file.is_file() {
             return Err(Error::invalid(format!("tokenizer {}: no tokenizer.json in this folder", path.display())));
         }
-        let json = std::fs::read(&file).map_err(|e| Error::invalid(format!("{}: cannot read ({e})", file.display())))?;
+        let json = read_limited(&file, TOKENIZER_JSON_MAX)?;
         let inner = HfTokenizer::from_bytes(&json)
             .map_err(|e| Error::invalid(format!("{}: not a Hugging Face tokenizer.json ({})", file.display(), one_line(e))))?;
         let declared = special::read(&dir)?;
@@ -69,7 +176,9 @@ impl Tokenizer {
     }
 
     fn resolve(mut inner: HfTokenizer, json: Vec<u8>, files: Vec<PathBuf>, declared: Declared, file: &Path, dir: &Path) -> Result<Self> {
-        let vocab = inner.get_vocab_size(true);
+        // Ids may have gaps: the vocabulary spans 0..=the largest id (added tokens included),
+        // which is what an embedding table and a shard's integer width must hold.
+        let vocab = inner.get_vocab(true).values().max().map_or(0, |&m| m as usize + 1);
         let tc = dir.join("tokenizer_config.json");
         let lookup = |tok: &Option<String>, field: &str| -> Result<Option<u32>> {
             match tok {
@@ -132,7 +241,9 @@ impl Tokenizer {
         let ids = probe.get_ids();
         let adds_bos = !ids.is_empty() && Some(ids[0]) == bos;
         let adds_eos = ids.len() > adds_bos as usize && eos_ids.contains(&ids[ids.len() - 1]);
-        Ok(Tokenizer::Hf(Box::new(Hf { inner, json, files, declared, vocab, bos, eos, eos_ids, adds_bos, adds_eos })))
+        let parsed: Value = serde_json::from_slice(&json).map_err(|e| Error::invalid(format!("{}: not valid JSON ({e})", file.display())))?;
+        let (cut, rest) = cut_rule(&parsed)?;
+        Ok(Tokenizer::Hf(Box::new(Hf { inner, json, files, declared, vocab, bos, eos, eos_ids, adds_bos, adds_eos, cut, rest })))
     }
 
     pub fn is_bytes(&self) -> bool {
@@ -188,6 +299,39 @@ impl Tokenizer {
         }
     }
 
+    /// Ids of a piece of a document after its first piece: no special tokens, and nothing
+    /// the normalizer prepends to a whole text.
+    pub fn encode_rest(&self, text: &str) -> Result<Vec<u32>> {
+        let fail = |e: tokenizers::Error| Error::invalid(format!("tokenizer: cannot encode ({})", one_line(e)));
+        let (h, r) = match self {
+            Tokenizer::Hf(h) => match &h.rest {
+                Some(r) => (h, r),
+                None => return self.encode(text, false),
+            },
+            Tokenizer::Bytes => return self.encode(text, false),
+        };
+        let plain = |t: &str| r.tok.encode_fast(t, false).map(|e| e.get_ids().to_vec()).map_err(fail);
+        if !r.added.values().any(|c| text.contains(c.as_str())) {
+            return plain(text);
+        }
+        // Up to the first added token without `Prepend`, from it on as the whole text has it.
+        let full = h.inner.encode(text, false).map_err(fail)?;
+        let (ids, offs) = (full.get_ids(), full.get_offsets());
+        let k = ids.iter().zip(offs).position(|(id, &(s, e))| r.added.get(id).is_some_and(|c| text.get(s..e) == Some(c.as_str())));
+        let Some(k) = k else { return plain(text) };
+        let mut out = plain(&text[..offs[k].0])?;
+        out.extend_from_slice(&ids[k..]);
+        Ok(out)
+    }
+
+    /// Where a long document may be cut with ids unchanged (see the corpus module doc).
+    pub fn cut_rule(&self) -> CutRule {
+        match self {
+            Tokenizer::Bytes => CutRule::Newline,
+            Tokenizer::Hf(h) => h.cut.clone(),
+        }
+    }
+
     /// Text of `ids`; `skip_special` drops special tokens (BOS, EOS, …). Bytes that are not
     /// UTF-8 become U+FFFD.
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
@@ -232,48 +376,29 @@ impl Tokenizer {
     }
 
     /// Writes `tokenizer.json` (+ `tokenizer_config.json`, `generation_config.json` when
-    /// the source folder has them) into `dir`, each file atomically. The byte tokenizer is
-    /// written as a BPE of 256 `<0xNN>` tokens with byte fallback and no merges, which
-    /// Hugging Face loads giving the same ids.
+    /// the source folder has them) into `dir`, which must be new or empty: the files are
+    /// built in a sibling folder renamed into place, so a user's files are never replaced
+    /// and the folder appears complete or not at all. The byte tokenizer is written as a
+    /// BPE of 256 `<0xNN>` tokens with byte fallback and no merges, which Hugging Face loads
+    /// giving the same ids.
     pub fn save(&self, dir: &Path) -> Result<()> {
-        std::fs::create_dir_all(dir).map_err(|e| Error::invalid(format!("{}: cannot create folder ({e})", dir.display())))?;
+        let stage = Staging::named(dir, "tokenizer save")?;
         match self {
             Tokenizer::Bytes => {
-                write_atomic(&dir.join("tokenizer.json"), byte_tokenizer_json().to_string().as_bytes())?;
+                stage.write("tokenizer.json", byte_tokenizer_json().to_string().as_bytes())?;
                 let cfg = json!({ "add_bos_token": false, "add_eos_token": false, "tokenizer_class": "PreTrainedTokenizerFast" });
-                write_atomic(&dir.join("tokenizer_config.json"), serde_json::to_string_pretty(&cfg).unwrap().as_bytes())
+                stage.write("tokenizer_config.json", serde_json::to_string_pretty(&cfg).unwrap().as_bytes())?;
             }
             Tokenizer::Hf(h) => {
-                for src in &h.files {
-                    let name = if src == &h.files[0] { std::ffi::OsStr::new("tokenizer.json") } else { src.file_name().unwrap_or_default() };
-                    let dst = dir.join(name);
-                    if same_file(src, &dst) {
-                        continue;
-                    }
-                    let bytes = std::fs::read(src).map_err(|e| Error::invalid(format!("{}: cannot read ({e})", src.display())))?;
-                    write_atomic(&dst, &bytes)?;
+                stage.write("tokenizer.json", &h.json)?;
+                for src in &h.files[1..] {
+                    let name = src.file_name().unwrap_or_default().to_string_lossy();
+                    stage.write(&name, &read_limited(src, CONFIG_JSON_MAX)?)?;
                 }
-                Ok(())
             }
         }
+        stage.commit()
     }
-}
-
-fn same_file(a: &Path, b: &Path) -> bool {
-    match (a.canonicalize(), b.canonicalize()) {
-        (Ok(x), Ok(y)) => x == y,
-        _ => false,
-    }
-}
-
-/// Writes `bytes` to a temporary name beside `path`, then renames it into place.
-pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    std::fs::write(&tmp, bytes).map_err(|e| Error::invalid(format!("{}: cannot write ({e})", tmp.display())))?;
-    std::fs::rename(&tmp, path).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        Error::invalid(format!("{}: cannot write ({e})", path.display()))
-    })
 }
 
 fn byte_tokenizer_json() -> Value {

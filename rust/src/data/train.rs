@@ -1,11 +1,13 @@
 //! Training a tokenizer from a corpus, for pre-training from scratch: byte-level BPE as
 //! LLaMA 3 has it (its split regex, ByteLevel pre-tokenizer and decoder, so every input is
 //! encodable), `<|begin_of_text|>` / `<|end_of_text|>` as BOS / EOS, fed streaming from the
-//! corpus readers and saved as `tokenizer.json` + `tokenizer_config.json`.
+//! corpus readers and saved as `tokenizer.json` + `tokenizer_config.json` into a folder that
+//! must be new or empty (built beside it and renamed into place: no user file is replaced).
 
 use super::corpus::{self, Docs};
 use super::progress::Progress;
-use super::tokenizer::{write_atomic, Tokenizer};
+use super::tokenizer::Tokenizer;
+use crate::hf::folder::Staging;
 use crate::error::{Error, Result};
 use serde::Deserialize;
 use std::path::Path;
@@ -54,7 +56,10 @@ pub fn train(spec: &TrainSpec, progress: Option<&Progress>) -> Result<Tokenizer>
     if let Some(p) = progress {
         p.set_total(inputs.iter().map(|i| i.size).sum());
     }
-    let field = spec.text_field.clone().unwrap_or_else(|| "text".into());
+    let field = spec.text_field.clone().unwrap_or_else(|| corpus::TEXT_FIELD.into());
+    // Checked before training: a folder holding anything is refused before hours are spent.
+    let dir = Path::new(&spec.out);
+    let stage = Staging::named(dir, "tokenizer training")?;
     let split = Split::new(SplitPattern::Regex(SPLIT.into()), SplitDelimiterBehavior::Isolated, false).map_err(lib_err("split regex"))?;
     let pre = Sequence::new(vec![PreTokenizerWrapper::Split(split), PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, true, false))]);
     let mut tk: TokenizerImpl<BPE, NormalizerWrapper, PreTokenizerWrapper, PostProcessorWrapper, DecoderWrapper> = TokenizerImpl::new(BPE::default());
@@ -100,14 +105,13 @@ pub fn train(spec: &TrainSpec, progress: Option<&Progress>) -> Result<Tokenizer>
         PostProcessorWrapper::Template(template),
     ]))));
     let json = tk.to_string(false).map_err(lib_err("tokenizer serialization"))?;
-    let dir = Path::new(&spec.out);
-    std::fs::create_dir_all(dir).map_err(|e| Error::invalid(format!("{}: cannot create folder ({e})", dir.display())))?;
-    write_atomic(&dir.join("tokenizer.json"), json.as_bytes())?;
+    stage.write("tokenizer.json", json.as_bytes())?;
     let cfg = serde_json::json!({
         "bos_token": BOS, "eos_token": EOS, "add_bos_token": true, "add_eos_token": false,
         "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 1_000_000_000_000_000_000u64,
     });
-    write_atomic(&dir.join("tokenizer_config.json"), serde_json::to_string_pretty(&cfg).unwrap().as_bytes())?;
+    stage.write("tokenizer_config.json", serde_json::to_string_pretty(&cfg).unwrap().as_bytes())?;
+    stage.commit()?;
     if let Some(p) = progress {
         p.finish();
     }

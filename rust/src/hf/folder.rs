@@ -15,6 +15,7 @@ fn show(p: &Path) -> String {
 pub struct Staging {
     pub tmp: PathBuf,
     target: PathBuf,
+    what: String,
     done: bool,
 }
 
@@ -22,14 +23,18 @@ impl Staging {
     /// Checks that `target` does not exist or is an empty folder and creates the staging
     /// folder next to it (creating missing parent folders).
     pub fn new(target: &Path) -> Result<Self> {
+        Self::named(target, "export")
+    }
+
+    /// As `new`; `what` names the writer in the error ("export", "tokenizer save", …).
+    pub fn named(target: &Path, what: &str) -> Result<Self> {
         match fs::symlink_metadata(target) {
             Ok(m) if m.is_dir() => {
-                let mut it = fs::read_dir(target).map_err(|e| Error::invalid(format!("{}: cannot read folder: {e}", show(target))))?;
-                if it.next().is_some() {
-                    return Err(Error::invalid(format!("{}: folder is not empty; export writes only into a new or empty folder", show(target))));
+                if !is_empty_dir(target)? {
+                    return Err(Error::invalid(format!("{}: folder is not empty; {what} writes only into a new or empty folder", show(target))));
                 }
             }
-            Ok(_) => return Err(Error::invalid(format!("{}: exists and is not a folder; export writes only into a new or empty folder", show(target)))),
+            Ok(_) => return Err(Error::invalid(format!("{}: exists and is not a folder; {what} writes only into a new or empty folder", show(target)))),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(Error::invalid(format!("{}: cannot check the folder: {e}", show(target)))),
         }
@@ -43,7 +48,7 @@ impl Staging {
         let tmp = parent.join(format!(".{}.partial-{}-{nanos}", name.to_string_lossy(), std::process::id()));
         // create_dir fails if the name exists: we never take over a folder we did not make
         fs::create_dir(&tmp).map_err(|e| Error::invalid(format!("{}: cannot create folder: {e}", show(&tmp))))?;
-        Ok(Staging { tmp, target: target.to_path_buf(), done: false })
+        Ok(Staging { tmp, target: target.to_path_buf(), what: what.to_string(), done: false })
     }
 
     /// A path inside the staging folder.
@@ -69,15 +74,20 @@ impl Staging {
     pub fn commit(mut self) -> Result<()> {
         sync_dir(&self.tmp);
         let r = fs::rename(&self.tmp, &self.target).or_else(|e| {
-            // platforms that refuse to rename over an empty folder: remove it (this fails
-            // unless it is still empty) and retry
-            if fs::remove_dir(&self.target).is_ok() {
-                fs::rename(&self.tmp, &self.target)
+            // Platforms that refuse to rename over an empty folder: remove it and retry. Only
+            // a real folder (not a link) that is still empty is removed (remove_dir fails on
+            // any other), and it is put back if the retry fails, so a user's folder is never
+            // lost.
+            let empty_dir = fs::symlink_metadata(&self.target).is_ok_and(|m| m.is_dir()) && is_empty_dir(&self.target).unwrap_or(false);
+            if empty_dir && fs::remove_dir(&self.target).is_ok() {
+                fs::rename(&self.tmp, &self.target).inspect_err(|_| {
+                    let _ = fs::create_dir(&self.target);
+                })
             } else {
                 Err(e)
             }
         });
-        r.map_err(|e| Error::invalid(format!("{}: cannot move the export into place: {e}", show(&self.target))))?;
+        r.map_err(|e| Error::invalid(format!("{}: cannot move the {} into place: {e}", show(&self.target), self.what)))?;
         self.done = true;
         if let Some(p) = self.target.parent() {
             sync_dir(if p.as_os_str().is_empty() { Path::new(".") } else { p });
@@ -92,6 +102,11 @@ impl Drop for Staging {
             let _ = fs::remove_dir_all(&self.tmp);
         }
     }
+}
+
+fn is_empty_dir(p: &Path) -> Result<bool> {
+    let mut it = fs::read_dir(p).map_err(|e| Error::invalid(format!("{}: cannot read folder: {e}", show(p))))?;
+    Ok(it.next().is_none())
 }
 
 pub fn io_err(p: &Path, e: std::io::Error) -> Error {
