@@ -16,6 +16,7 @@ import {
   type StepStats,
 } from "../ffi/engine.ts";
 import { type Dataset, openCorpus, SyntheticCorpus } from "./data.ts";
+import { exists } from "./fs.ts";
 import { exportModel } from "./hf.ts";
 import { openTokenizer, type Tokenizer, trainTokenizer } from "./tokenizer.ts";
 import { UsageError } from "./errors.ts";
@@ -327,6 +328,12 @@ export class Run implements Disposable {
     const startedAt = new Date().toISOString();
     const { opts, model, tokenizer: given, notices } = checkOptions(options);
     const out = opts.out === undefined ? defaultOut() : opts.out;
+    if (given === null && out !== null && exists(join(out, "tokenizer"))) {
+      throw new UsageError(
+        `--out ${out}: already holds a tokenizer/ folder (an earlier run's); ` +
+          "choose a new --out for --train-tokenizer (nothing is replaced)",
+      );
+    }
     // A trained tokenizer goes to a temporary folder first: it moves into the run's folder
     // only once the data and the engine are ready, so a failed set-up leaves no half run.
     const staged = given === null ? await Deno.makeTempDir({ prefix: "qgalore-tokenizer-" }) : null;

@@ -356,3 +356,18 @@ Deno.test("e2e: a failed set-up leaves no run folder, even with a trained tokeni
     await Deno.remove(dir, { recursive: true });
   }
 });
+
+Deno.test("e2e: --train-tokenizer never replaces an earlier run's tokenizer in --out", async () => {
+  const dir = await Deno.makeTempDir();
+  try {
+    const data = join(dir, "t.txt");
+    Deno.writeTextFileSync(data, "to be or not to be, that is the question\n".repeat(400));
+    Deno.mkdirSync(join(dir, "run/tokenizer"), { recursive: true });
+    Deno.writeTextFileSync(join(dir, "run/tokenizer/tokenizer.json"), "mine");
+    const r = await cli(["--data", data, "--train-tokenizer", "300", "--out", join(dir, "run")]);
+    assertOneLineError(r, `--out ${join(dir, "run")}`, "already holds a tokenizer");
+    assert.equal(Deno.readTextFileSync(join(dir, "run/tokenizer/tokenizer.json")), "mine");
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
