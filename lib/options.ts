@@ -317,7 +317,6 @@ export function checkOptions(input: Partial<TrainOptions> = {}): CheckedOptions 
       `${FLAG.tokenizer} ${raw.tokenizer}: needs --data (the synthetic corpus is bytes)`,
     );
   }
-  if (raw.data !== null) checkSource(FLAG.data, raw.data, "a file or folder");
   if (raw.initFrom !== null) {
     checkSource(FLAG.initFrom, raw.initFrom, "a Hugging Face model folder");
     if (!isDirectory(raw.initFrom)) {
@@ -406,7 +405,7 @@ export function checkOptions(input: Partial<TrainOptions> = {}): CheckedOptions 
  * A path the run reads must exist and be a regular file or folder: a FIFO or a device would
  * block or never end. Throws UsageError naming the flag.
  */
-function checkSource(flag: string, path: string, what: string): void {
+export function checkSource(flag: string, path: string, what: string): void {
   let info: Deno.FileInfo;
   try {
     info = Deno.statSync(path);

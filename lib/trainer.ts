@@ -24,6 +24,7 @@ import { formatCount, formatDuration, JsonlWriter, Progress } from "./log.ts";
 import { peakRssBytes } from "./memory.ts";
 import {
   checkOptions,
+  checkSource,
   engineConfig,
   type ResolvedOptions,
   type TrainOptions,
@@ -328,6 +329,8 @@ export class Run implements Disposable {
     const startedAt = new Date().toISOString();
     const { opts, model, tokenizer: given, notices } = checkOptions(options);
     const out = opts.out === undefined ? defaultOut() : opts.out;
+    // read next: it must be a file or folder (a FIFO or a device would block or never end)
+    if (opts.data !== null) checkSource("--data", opts.data, "a file or folder");
     if (given === null && out !== null && exists(join(out, "tokenizer"))) {
       throw new UsageError(
         `--out ${out}: already holds a tokenizer/ folder (an earlier run's); ` +
