@@ -1,30 +1,7 @@
 import assert from "node:assert/strict";
 import { Engine, engineAbiVersion, EngineError, ErrorCode } from "../ffi/engine.ts";
-import type { EngineConfig } from "../ffi/engine.ts";
 import { ABI_VERSION } from "../ffi/symbols.ts";
-import { modelConfig } from "../lib/presets.ts";
-
-function config(optimizer = "adamw"): EngineConfig {
-  return {
-    model: { ...modelConfig("llama-9m", 256), num_hidden_layers: 2 },
-    batch_size: 2,
-    seq_len: 16,
-    optimizer: {
-      name: optimizer,
-      beta1: 0.9,
-      beta2: 0.999,
-      eps: 1e-8,
-      weight_decay: 0,
-      clip: 0,
-      rank: 16,
-      weight_bits: optimizer === "qgalore" ? 8 : 16,
-      proj_bits: optimizer === "qgalore" ? 4 : 16,
-      fused: optimizer !== "adamw",
-    },
-    seed: 1,
-    device: "cpu",
-  };
-}
+import { tinyConfig } from "./engine_config.ts";
 
 function batch(seed: number): Int32Array {
   const t = new Int32Array(2 * 17);
@@ -38,7 +15,7 @@ Deno.test("the library's ABI version matches the bindings", () => {
 });
 
 Deno.test("a bad config is a one-line EngineError, not a crash", async () => {
-  const cfg = config();
+  const cfg = tinyConfig();
   cfg.model.num_attention_heads = 3;
   await assert.rejects(() => Engine.create(cfg), (e: unknown) => {
     assert.ok(e instanceof EngineError);
@@ -49,7 +26,7 @@ Deno.test("a bad config is a one-line EngineError, not a crash", async () => {
 });
 
 Deno.test("a Rust panic becomes an exception and the process lives on", async () => {
-  const e = await Engine.create(config());
+  const e = await Engine.create(tinyConfig());
   assert.throws(() => e.debugPanic(), (err: unknown) => {
     assert.ok(err instanceof EngineError);
     assert.equal(err.code, ErrorCode.panic);
@@ -65,13 +42,13 @@ Deno.test("a Rust panic becomes an exception and the process lives on", async ()
   e[Symbol.dispose](); // twice is harmless
   await assert.rejects(() => e.trainStep(batch(1), 1, 1e-3), /disposed/);
   // a fresh engine still works
-  using f = await Engine.create(config());
+  using f = await Engine.create(tinyConfig());
   const st = await f.trainStep(batch(2), 1, 1e-3);
   assert.ok(st.loss > 5 && st.loss < 6, `${st.loss}`);
 });
 
 Deno.test("memory categories add up", async () => {
-  using e = await Engine.create(config("qgalore"));
+  using e = await Engine.create(tinyConfig({ optimizer: "qgalore", options: { fused: true } }));
   await e.trainStep(batch(3), 1, 1e-3);
   const m = e.memory();
   assert.equal(m.weights + m.grads + m.optimizer_state + m.projector + m.activations, m.total);
@@ -86,12 +63,16 @@ for (const opt of ["adamw", "qgalore"]) {
   Deno.test(`${opt}: a checkpoint resumes bit-exactly; a bad one changes nothing`, async () => {
     const dir = await Deno.makeTempDir();
     try {
-      using a = await Engine.create(config(opt));
+      using a = await Engine.create(
+        tinyConfig({ optimizer: opt, options: { fused: opt !== "adamw" } }),
+      );
       for (let s = 0; s < 3; s++) await a.trainStep(batch(10 + s), 1, 3e-3);
       await a.save(`${dir}/ck.bin`);
       const cont: number[] = [];
       for (let s = 3; s < 6; s++) cont.push((await a.trainStep(batch(10 + s), 1, 3e-3)).loss);
-      using b = await Engine.create(config(opt));
+      using b = await Engine.create(
+        tinyConfig({ optimizer: opt, options: { fused: opt !== "adamw" } }),
+      );
       await b.load(`${dir}/ck.bin`);
       const resumed: number[] = [];
       for (let s = 3; s < 6; s++) resumed.push((await b.trainStep(batch(10 + s), 1, 3e-3)).loss);

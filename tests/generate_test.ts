@@ -1,39 +1,22 @@
 import assert from "node:assert/strict";
 import { Engine, EngineError } from "../ffi/engine.ts";
 import type { EngineConfig } from "../ffi/engine.ts";
-import { modelConfig } from "../lib/presets.ts";
 import { checkGenerateOptions, generateIds } from "../lib/generate.ts";
 import { evaluatePerplexity, perplexityWindows } from "../lib/evaluate.ts";
 import { UsageError } from "../lib/errors.ts";
+import { tinyConfig } from "./engine_config.ts";
 
 const VOCAB = 256;
 
 function config(optimizer: string, batch: number, seq: number, kvHeads = 2): EngineConfig {
-  return {
-    model: {
-      ...modelConfig("llama-9m", VOCAB),
-      num_hidden_layers: 2,
-      num_key_value_heads: kvHeads,
-      initializer_range: 0.1,
-      max_position_embeddings: 128,
-    },
-    batch_size: batch,
-    seq_len: seq,
-    optimizer: {
-      name: optimizer,
-      beta1: 0.9,
-      beta2: 0.999,
-      eps: 1e-8,
-      weight_decay: 0,
-      clip: 0,
-      rank: 16,
-      weight_bits: optimizer === "qgalore" ? 8 : 16,
-      proj_bits: optimizer === "qgalore" ? 4 : 16,
-    },
+  return tinyConfig({
+    optimizer,
+    batch,
+    seq,
     seed: 3,
-    device: "cpu",
     threads: 2,
-  };
+    model: { num_key_value_heads: kvHeads, initializer_range: 0.1, max_position_embeddings: 128 },
+  });
 }
 
 function ids(n: number, seed: number): Int32Array {

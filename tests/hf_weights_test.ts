@@ -1,28 +1,8 @@
 import assert from "node:assert/strict";
 import { Engine, EngineError, ErrorCode } from "../ffi/engine.ts";
-import type { EngineConfig } from "../ffi/engine.ts";
 import { inspectSafetensors } from "../ffi/hf.ts";
 import { exportModel } from "../lib/hf.ts";
-import { modelConfig } from "../lib/presets.ts";
-
-function config(optimizer = "adamw", seed = 1): EngineConfig {
-  return {
-    model: { ...modelConfig("llama-9m", 256), num_hidden_layers: 2 },
-    batch_size: 2,
-    seq_len: 16,
-    optimizer: {
-      name: optimizer,
-      beta1: 0.9,
-      beta2: 0.999,
-      eps: 1e-8,
-      weight_decay: 0,
-      clip: 0,
-      rank: 16,
-    },
-    seed,
-    device: "cpu",
-  };
-}
+import { tinyConfig } from "./engine_config.ts";
 
 function batch(seed: number): Int32Array {
   const t = new Int32Array(2 * 17);
@@ -32,7 +12,7 @@ function batch(seed: number): Int32Array {
 }
 
 async function trained(optimizer = "adamw"): Promise<Engine> {
-  const e = await Engine.create(config(optimizer, 7));
+  const e = await Engine.create(tinyConfig({ optimizer, seed: 7 }));
   for (let s = 0; s < 3; s++) await e.trainStep(batch(s + 1), 1, 1e-2);
   return e;
 }
@@ -83,7 +63,7 @@ Deno.test("exportModel writes a complete Hugging Face folder that imports back e
     const norm = info.tensors.find((t) => t.name === "model.norm.weight");
     assert.deepEqual(norm?.shape, [128]);
 
-    using b = await Engine.create(config("adamw", 99));
+    using b = await Engine.create(tinyConfig({ optimizer: "adamw", seed: 99 }));
     const held = batch(999);
     assert.notEqual(await b.evalLoss(held, 1), await a.evalLoss(held, 1));
     await b.importHf(out);
@@ -105,7 +85,7 @@ Deno.test("bf16 export halves the file and qgalore re-imports it", async () => {
     await a.exportHf(`${base}/f32`, { dtype: "f32" });
     const big = inspectSafetensors(`${base}/f32`).bytes;
     assert.ok(info.bytes < 0.51 * big, `${info.bytes} vs ${big}`);
-    using b = await Engine.create(config("qgalore", 5));
+    using b = await Engine.create(tinyConfig({ optimizer: "qgalore", seed: 5 }));
     await b.importHf(`${base}/bf16`);
     const held = batch(31);
     const [la, lb] = [await a.evalLoss(held, 1), await b.evalLoss(held, 1)];
@@ -122,7 +102,7 @@ Deno.test("a bad checkpoint is a one-line error naming the file, and changes not
     await a.exportHf(`${base}/good`, { dtype: "f32" });
     const bytes = await Deno.readFile(`${base}/good/model.safetensors`);
     await Deno.writeFile(`${base}/cut.safetensors`, bytes.subarray(0, bytes.length - 100));
-    using b = await Engine.create(config("adamw", 3));
+    using b = await Engine.create(tinyConfig({ optimizer: "adamw", seed: 3 }));
     const held = batch(5);
     const before = await b.evalLoss(held, 1);
     await assert.rejects(() => b.importHf(`${base}/cut.safetensors`), (e: unknown) => {
@@ -135,8 +115,8 @@ Deno.test("a bad checkpoint is a one-line error naming the file, and changes not
     });
     // another shape of model
     using wide = await Engine.create({
-      ...config(),
-      model: { ...config().model, intermediate_size: 384 },
+      ...tinyConfig(),
+      model: { ...tinyConfig().model, intermediate_size: 384 },
     });
     await assert.rejects(
       () => wide.importHf(`${base}/good`),
