@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 pub mod model;
+pub mod rope;
 
 pub use model::{ModelConfig, ModelProblem};
 
