@@ -282,25 +282,26 @@ fn path_arg<'a>(p: *const u8, n: usize) -> Result<&'a str> {
     std::str::from_utf8(b).map_err(|_| Error::invalid("path is not UTF-8"))
 }
 
-/// Writes weights and optimizer state to `path` (atomically: a temporary file renamed
-/// into place, so an interrupted save never destroys an older checkpoint).
+/// Writes weights and optimizer state to `path`, atomically and durably (see
+/// `state::write_file`: an interrupted save never destroys an older checkpoint nor leaves
+/// a temporary file behind, and a symlink, folder, FIFO or device is never written through).
 #[no_mangle]
 pub unsafe extern "C" fn qg_save(h: *const Handle, path: *const u8, len: usize) -> i32 {
     with_session(h, |s| {
         let path = path_arg(path, len)?;
         let bytes = s.save_state()?;
-        let tmp = format!("{path}.tmp");
-        std::fs::write(&tmp, &bytes).map_err(|e| Error::invalid(format!("cannot write checkpoint {tmp}: {e}")))?;
-        std::fs::rename(&tmp, path).map_err(|e| Error::invalid(format!("cannot move checkpoint into {path}: {e}")))
+        crate::state::write_file(std::path::Path::new(path), &bytes)
     })
 }
 
 /// Restores a checkpoint written by `qg_save` into a session built with the same config.
+/// The file is checked (regular file, header, length, SHA-256) before it is parsed; a
+/// refused load changes nothing.
 #[no_mangle]
 pub unsafe extern "C" fn qg_load(h: *const Handle, path: *const u8, len: usize) -> i32 {
     with_session(h, |s| {
         let path = path_arg(path, len)?;
-        let bytes = std::fs::read(path).map_err(|e| Error::invalid(format!("cannot read checkpoint {path}: {e}")))?;
+        let bytes = crate::state::read_file(std::path::Path::new(path))?;
         s.load_state(&bytes).map_err(|e| Error { code: e.code, msg: format!("{path}: {}", e.msg) })
     })
 }

@@ -3,7 +3,9 @@
 //! gaps, cosine queues, previous top-1 vectors, counters. The random-number position is
 //! the step counter itself (every draw is keyed by seed, parameter and step).
 //!
-//! Layout: "QGCK", u32 version, then length-prefixed little-endian sections.
+//! Layout: "QGCK", u32 version, then length-prefixed little-endian sections. On disk
+//! (`write_file` / `read_file`) the payload after those 8 bytes is preceded by its length
+//! (u64) and its SHA-256, so a corrupted or truncated file is refused before it is parsed.
 
 use crate::backend::{Memory, Optimizers, Quantization};
 use crate::error::{Error, Result};
@@ -11,7 +13,9 @@ use crate::quant::adam8::State8;
 use crate::quant::QTensor;
 
 pub const MAGIC: &[u8; 4] = b"QGCK";
-pub const VERSION: u32 = 1;
+/// 2: the file carries the payload's length and SHA-256 (version 1 files had neither and
+/// are refused).
+pub const VERSION: u32 = 2;
 
 #[derive(Default)]
 pub struct Writer {
@@ -107,11 +111,10 @@ impl<'a> Reader<'a> {
         Ok(r)
     }
     fn take(&mut self, n: usize) -> Result<&'a [u8]> {
-        if self.pos + n > self.buf.len() {
-            return Err(corrupt("unexpected end"));
-        }
-        let s = &self.buf[self.pos..self.pos + n];
-        self.pos += n;
+        // checked: a hostile length near 2^64 must be an error, never a wrapped index
+        let end = self.pos.checked_add(n).filter(|&e| e <= self.buf.len()).ok_or_else(|| corrupt("unexpected end"))?;
+        let s = &self.buf[self.pos..end];
+        self.pos = end;
         Ok(s)
     }
     pub fn u8(&mut self) -> Result<u8> {
@@ -127,14 +130,18 @@ impl<'a> Reader<'a> {
         Ok(f64::from_le_bytes(self.take(8)?.try_into().unwrap()))
     }
     pub fn bytes(&mut self) -> Result<&'a [u8]> {
-        let n = self.u64()? as usize;
+        let n = self.len()?;
         self.take(n)
+    }
+    /// A stored length, refused if it cannot fit in memory on this machine.
+    fn len(&mut self) -> Result<usize> {
+        usize::try_from(self.u64()?).map_err(|_| corrupt("length"))
     }
     pub fn str(&mut self) -> Result<String> {
         String::from_utf8(self.bytes()?.to_vec()).map_err(|_| corrupt("string"))
     }
     pub fn f32s(&mut self) -> Result<Vec<f32>> {
-        let n = self.u64()? as usize;
+        let n = self.len()?;
         let b = self.take(n.checked_mul(4).ok_or_else(|| corrupt("length"))?)?;
         Ok(b.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect())
     }
@@ -207,4 +214,129 @@ impl<'a> Reader<'a> {
             Err(corrupt("trailing bytes"))
         }
     }
+}
+
+// Checkpoint files: the trust boundary, so every check happens here before any parsing.
+
+use sha2::{Digest, Sha256};
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+
+/// Magic, version, payload length, SHA-256 of the payload.
+const FILE_HEADER: usize = 8 + 8 + 32;
+
+fn io_err(what: &str, path: &Path, e: std::io::Error) -> Error {
+    Error::invalid(format!("cannot {what} checkpoint {}: {e}", path.display()))
+}
+
+/// Writes `save_state` bytes to `path` atomically and durably: a uniquely named temporary
+/// file in the same folder, fsync, rename over the target, fsync of the folder. The target
+/// must be absent or a regular file (a symlink, folder, FIFO or device is refused, never
+/// written through); on any failure the temporary file is removed.
+pub fn write_file(path: &Path, state: &[u8]) -> Result<()> {
+    if state.len() < 8 || &state[..4] != MAGIC {
+        return Err(Error::invalid("checkpoint bytes do not start with the checkpoint header"));
+    }
+    let name = path
+        .file_name()
+        .ok_or_else(|| Error::invalid(format!("checkpoint path {} names no file", path.display())))?;
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_symlink() => {
+            return Err(Error::invalid(format!("checkpoint path {} is a symlink; give the real file", path.display())))
+        }
+        Ok(m) if !m.is_file() => {
+            return Err(Error::invalid(format!("checkpoint path {} exists and is not a regular file", path.display())))
+        }
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io_err("check", path, e)),
+    }
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    let tmp = dir.join(format!(".{}.tmp-{}-{nanos}", name.to_string_lossy(), std::process::id()));
+    let r = write_tmp(&tmp, state).and_then(|()| std::fs::rename(&tmp, path).map_err(|e| io_err("move into place", path, e)));
+    if r.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+        return r;
+    }
+    // the rename is durable only once the folder's entry is on disk
+    File::open(&dir).and_then(|d| d.sync_all()).map_err(|e| io_err("sync the folder of", path, e))
+}
+
+fn write_tmp(tmp: &Path, state: &[u8]) -> Result<()> {
+    // create_new: never reuse (or follow a symlink at) an existing name
+    let mut f = OpenOptions::new().write(true).create_new(true).open(tmp).map_err(|e| io_err("create", tmp, e))?;
+    let payload = &state[8..];
+    let mut head = Vec::with_capacity(FILE_HEADER);
+    head.extend_from_slice(MAGIC);
+    head.extend_from_slice(&VERSION.to_le_bytes());
+    head.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+    head.extend_from_slice(&Sha256::digest(payload));
+    f.write_all(&head).and_then(|()| f.write_all(payload)).and_then(|()| f.sync_all()).map_err(|e| io_err("write", tmp, e))
+}
+
+/// Reads a checkpoint file written by `write_file` into `save_state` bytes. Refuses
+/// anything but a regular file without opening it (a FIFO must not block), checks the
+/// magic bytes, version and stored length against the file size before reading the
+/// payload, and the SHA-256 after.
+pub fn read_file(path: &Path) -> Result<Vec<u8>> {
+    let meta = std::fs::metadata(path).map_err(|e| io_err("read", path, e))?;
+    if !meta.is_file() {
+        return Err(Error::invalid(format!("checkpoint {} is not a regular file", path.display())));
+    }
+    let mut opts = OpenOptions::new();
+    opts.read(true);
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        // O_NONBLOCK: if the path was swapped for a FIFO after the check, open returns
+        const O_NONBLOCK: i32 = 0o4000;
+        opts.custom_flags(O_NONBLOCK);
+    }
+    let mut f = opts.open(path).map_err(|e| io_err("read", path, e))?;
+    let meta = f.metadata().map_err(|e| io_err("read", path, e))?;
+    if !meta.is_file() {
+        return Err(Error::invalid(format!("checkpoint {} is not a regular file", path.display())));
+    }
+    let bad = |what: String| Error::invalid(format!("{}: {what}", path.display()));
+    let mut head = [0u8; FILE_HEADER];
+    let size = meta.len();
+    if size < 8 {
+        return Err(bad("not a qgalore checkpoint (too short)".into()));
+    }
+    f.read_exact(&mut head[..8]).map_err(|e| io_err("read", path, e))?;
+    if &head[..4] != MAGIC {
+        return Err(bad("not a qgalore checkpoint (bad magic bytes)".into()));
+    }
+    let v = u32::from_le_bytes(head[4..8].try_into().unwrap());
+    if v != VERSION {
+        return Err(bad(format!(
+            "checkpoint format version {v}: this engine reads version {VERSION} only (version 1 files carry no checksum and are refused)"
+        )));
+    }
+    if size < FILE_HEADER as u64 {
+        return Err(bad("checkpoint is truncated (header)".into()));
+    }
+    f.read_exact(&mut head[8..]).map_err(|e| io_err("read", path, e))?;
+    let len = u64::from_le_bytes(head[8..16].try_into().unwrap());
+    if Some(size) != len.checked_add(FILE_HEADER as u64) {
+        return Err(bad(format!("checkpoint is truncated or corrupt (header says {len} payload bytes, file has {})", size - FILE_HEADER as u64)));
+    }
+    let len = usize::try_from(len).map_err(|_| bad("checkpoint is too large for this machine".into()))?;
+    let mut out = Vec::new();
+    out.try_reserve_exact(8 + len).map_err(|_| bad(format!("no memory for a {len}-byte checkpoint")))?;
+    out.extend_from_slice(&head[..8]);
+    // read exactly the stated length (the file may grow meanwhile; never more)
+    (&mut f).take(len as u64).read_to_end(&mut out).map_err(|e| io_err("read", path, e))?;
+    if out.len() != 8 + len {
+        return Err(bad("checkpoint is truncated (file shrank while reading)".into()));
+    }
+    if Sha256::digest(&out[8..])[..] != head[16..] {
+        return Err(bad("checkpoint is corrupt (SHA-256 of the payload does not match)".into()));
+    }
+    Ok(out)
 }
