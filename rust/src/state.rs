@@ -16,6 +16,8 @@ pub const MAGIC: &[u8; 4] = b"QGCK";
 /// 2: the file carries the payload's length and SHA-256 (version 1 files had neither and
 /// are refused).
 pub const VERSION: u32 = 2;
+/// Largest step or gap a checkpoint may hold (see `Reader::counter`).
+pub const MAX_COUNTER: u64 = 1 << 53;
 
 #[derive(Default)]
 pub struct Writer {
@@ -125,6 +127,23 @@ impl<'a> Reader<'a> {
     }
     pub fn u64(&mut self) -> Result<u64> {
         Ok(u64::from_le_bytes(self.take(8)?.try_into().unwrap()))
+    }
+    /// A step or refresh counter: at most 2^53 (exact in f64; far beyond any run), so a
+    /// hostile value near 2^64 cannot overflow the next step's arithmetic.
+    pub fn counter(&mut self, what: &str) -> Result<u64> {
+        let v = self.u64()?;
+        if v > MAX_COUNTER {
+            return Err(Error::invalid(format!("checkpoint field {what} is {v}, above the limit 2^53")));
+        }
+        Ok(v)
+    }
+    /// A refresh gap: a counter of at least 1 (a gap of 0 would divide by zero).
+    pub fn gap(&mut self, what: &str) -> Result<u64> {
+        let v = self.counter(what)?;
+        if v == 0 {
+            return Err(Error::invalid(format!("checkpoint field {what} is 0; a refresh gap is at least 1")));
+        }
+        Ok(v)
     }
     pub fn f64(&mut self) -> Result<f64> {
         Ok(f64::from_le_bytes(self.take(8)?.try_into().unwrap()))

@@ -56,7 +56,7 @@ impl<B: Backend> Optimizer<B> for AdamW<B> {
         Ok(())
     }
     fn load(&mut self, be: &B, r: &mut crate::state::Reader) -> Result<()> {
-        self.step = r.u64()?;
+        self.step = r.counter("AdamW step")?;
         for (m, v) in self.m.iter_mut().zip(self.v.iter_mut()) {
             let (nm, nv) = (be.len(m), be.len(v));
             r.buf_into(be, m, nm, "AdamW m")?;

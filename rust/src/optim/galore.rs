@@ -368,7 +368,7 @@ impl<B: Backend> Optimizer<B> for Family<B> {
     }
     fn load(&mut self, be: &B, r: &mut crate::state::Reader) -> Result<()> {
         let bad = |what: &str| crate::error::Error::invalid(format!("checkpoint does not match this run: {what}"));
-        self.step = r.u64()?;
+        self.step = r.counter("step")?;
         self.stats = Stats {
             svd_count: r.u64()?,
             refresh_failures: r.u64()?,
@@ -390,9 +390,17 @@ impl<B: Backend> Optimizer<B> for Family<B> {
                 (0, None) => continue,
                 (1, Some(p)) => {
                     p.svd_count = r.u64()?;
-                    p.lazy.gap = r.u64()?;
-                    p.lazy.queue = r.f32s()?.into_iter().collect();
+                    p.lazy.gap = r.gap("refresh gap")?;
+                    let queue = r.f32s()?;
+                    if queue.len() > p.lazy.queue_size || queue.iter().any(|c| !c.is_finite()) {
+                        return Err(bad("lazy-refresh cosine queue (length or values)"));
+                    }
+                    p.lazy.queue = queue.into_iter().collect();
                     let past = r.f32s()?;
+                    // the previous top-1 vector: one row of Q (right) or column of P (left)
+                    if !past.is_empty() && (past.len() != p.numel / p.rank.max(1) || past.iter().any(|x| !x.is_finite())) {
+                        return Err(bad("lazy-refresh top-1 vector (length or values)"));
+                    }
                     p.lazy.past = if past.is_empty() { None } else { Some(past) };
                     p.store = match r.u8()? {
                         0 => None,
