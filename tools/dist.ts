@@ -10,10 +10,50 @@ import { build, isStale } from "./build.ts";
 
 const root = new URL("..", import.meta.url).pathname;
 
-/** Builds the distribution folder; returns its path. */
+/** The file that marks a folder as made by `makeDist`, hence safe for it to replace. */
+export const DIST_MARKER = ".qgalore-dist";
+
+/**
+ * Makes `out` an empty folder owned by dist: a new or empty folder is taken, a folder
+ * holding the marker is replaced; anything else (another folder, a file, a symlink) is
+ * refused, so `--out` can never delete what dist did not create.
+ */
+async function claim(out: string): Promise<void> {
+  let st: Deno.FileInfo | null = null;
+  try {
+    st = await Deno.lstat(out);
+  } catch (e) {
+    if (!(e instanceof Deno.errors.NotFound)) throw e;
+  }
+  if (st) {
+    const refuse = (what: string): Error =>
+      new Error(
+        `--out ${out}: ${what}; dist only replaces a folder it made itself (one holding ${DIST_MARKER}) or an empty one`,
+      );
+    if (!st.isDirectory) throw refuse(st.isSymlink ? "is a symlink" : "exists and is not a folder");
+    let empty = true;
+    let marked = false;
+    for await (const e of Deno.readDir(out)) {
+      empty = false;
+      if (e.name === DIST_MARKER && e.isFile) marked = true;
+    }
+    if (!empty && !marked) throw refuse(`exists, is not empty and has no ${DIST_MARKER}`);
+    if (marked) await Deno.remove(out, { recursive: true });
+  }
+  await Deno.mkdir(out, { recursive: true });
+  await Deno.writeTextFile(
+    `${out}/${DIST_MARKER}`,
+    "made by `deno task dist`; it may replace this folder\n",
+  );
+}
+
+/**
+ * Builds the distribution folder; returns its path. `out` must be new, empty, or an
+ * earlier dist folder (see `DIST_MARKER`); anything else is refused untouched.
+ */
 export async function makeDist(out: string, withDeno: boolean): Promise<string> {
+  await claim(out);
   if (isStale()) await build();
-  await Deno.remove(out, { recursive: true }).catch(() => {});
   await Deno.mkdir(`${out}/native`, { recursive: true });
   await Deno.copyFile(`${root}rust/target/release/libqgalore.so`, `${out}/native/libqgalore.so`);
   for (const dir of ["lib", "ffi", "examples"]) await copyDir(`${root}${dir}`, `${out}/${dir}`);
@@ -54,5 +94,10 @@ if (import.meta.main) {
   });
   const version = JSON.parse(await Deno.readTextFile(`${root}deno.json`)).version;
   const out = values.out ?? `${root}dist/qgalore-${version}-x86_64-linux`;
-  console.log(await makeDist(out, !values["no-deno"]));
+  try {
+    console.log(await makeDist(out, !values["no-deno"]));
+  } catch (e) {
+    console.error(`dist: ${e instanceof Error ? e.message : String(e)}`);
+    Deno.exit(1);
+  }
 }
