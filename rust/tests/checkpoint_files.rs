@@ -294,3 +294,77 @@ fn the_reader_survives_random_corruption_without_a_checksum() {
         }
     }
 }
+
+mod ffi_level {
+    use super::*;
+    use qgalore::ffi::*;
+
+    unsafe fn new_engine() -> *mut Handle {
+        let cfg = r#"{"model":{"vocab_size":64,"hidden_size":32,"intermediate_size":48,"num_attention_heads":4,
+            "num_key_value_heads":4,"num_hidden_layers":2,"max_position_embeddings":64},
+            "batch_size":2,"seq_len":16,"optimizer":{"name":"galore","rank":8,"update_gap":2,"clip":0},
+            "seed":1,"device":"cpu","threads":2}"#;
+        let mut err = vec![0u8; 512];
+        let mut n = 0usize;
+        let h = qg_engine_new(cfg.as_ptr(), cfg.len(), err.as_mut_ptr(), err.len(), &mut n);
+        assert!(!h.is_null(), "{}", String::from_utf8_lossy(&err[..n.min(512)]));
+        h
+    }
+
+    unsafe fn step(h: *mut Handle, s: u64) -> u64 {
+        let t = tokens(2, 16, 64, s);
+        let mut out = [0f64; 3];
+        assert_eq!(qg_train_step(h, t.as_ptr(), t.len(), 1, 3e-3, out.as_mut_ptr()), 0);
+        out[0].to_bits()
+    }
+
+    unsafe fn error(h: *mut Handle) -> String {
+        let mut b = vec![0u8; 1024];
+        let n = qg_last_error(h, b.as_mut_ptr(), b.len());
+        String::from_utf8_lossy(&b[..n.min(1024)]).into_owned()
+    }
+
+    #[test]
+    fn a_hostile_file_leaves_the_live_engine_working_and_unchanged() {
+        let dir = tmpdir("ffi");
+        unsafe {
+            let (a, twin) = (new_engine(), new_engine());
+            for s in 0..3 {
+                assert_eq!(step(a, s), step(twin, s));
+            }
+            let p = dir.join("a.ckpt");
+            let ps = p.to_str().unwrap();
+            assert_eq!(qg_save(a, ps.as_ptr(), ps.len()), 0, "{}", error(a));
+            assert_eq!(names(&dir), ["a.ckpt"]);
+            let state = read_file(&p).unwrap();
+            // a reader length near 2^64 (valid checksum): once a panic that broke the engine
+            let f = walk(&state);
+            let mut bad = state.clone();
+            bad[f.first_queue..f.first_queue + 8].copy_from_slice(&u64::MAX.to_le_bytes());
+            write_file(&p, &bad).unwrap();
+            assert_ne!(qg_load(a, ps.as_ptr(), ps.len()), 0);
+            assert!(error(a).contains("corrupt"), "{}", error(a));
+            // a flipped payload byte: refused by the checksum
+            write_file(&p, &state).unwrap();
+            let mut raw = std::fs::read(&p).unwrap();
+            let k = raw.len() - 5;
+            raw[k] ^= 0x40;
+            std::fs::write(&p, &raw).unwrap();
+            assert_ne!(qg_load(a, ps.as_ptr(), ps.len()), 0);
+            assert!(error(a).contains("SHA-256"), "{}", error(a));
+            // a FIFO at the path is refused without blocking; a save refuses to write into it
+            std::fs::remove_file(&p).unwrap();
+            mkfifo(&p);
+            assert_ne!(qg_load(a, ps.as_ptr(), ps.len()), 0);
+            assert_ne!(qg_save(a, ps.as_ptr(), ps.len()), 0);
+            assert!(error(a).contains("not a regular file"), "{}", error(a));
+            // still the same engine: it trains exactly like its twin
+            for s in 3..5 {
+                assert_eq!(step(a, s), step(twin, s));
+            }
+            qg_engine_free(a);
+            qg_engine_free(twin);
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
