@@ -808,9 +808,10 @@ function likelyCause(o: ResolvedOptions): string {
   const base = DEFAULT_LR[o.optimizer];
   // 4x: the defaults were tuned so that 2x still trains well (see DEFAULT_LR)
   if (base !== undefined && o.lr > 4 * base) {
+    const times = o.lr / base;
     return `likely cause: --lr ${o.lr} is ${
-      Math.round(o.lr / base)
-    }x ${o.optimizer}'s default ${base}; lower --lr`;
+      times < 1e6 ? Math.round(times) : times.toExponential(0)
+    }x ${o.optimizer}'s default ${base}; lower --lr${o.clip === 0 ? " or set --clip" : ""}`;
   }
   // α scales the projected-back update like a learning rate (default 0.25)
   if (o.galoreScale !== null && o.galoreScale > 1) {
