@@ -150,10 +150,13 @@ export class JsonlWriter implements Disposable {
   readonly path: string;
   #file: Deno.FsFile | null;
 
-  /** Opens `path` for appending, creating it. */
+  /**
+   * Creates `path`; an existing file or symlink there is refused (AlreadyExists), never
+   * truncated or followed: the caller decides whether an earlier file may go.
+   */
   constructor(path: string) {
     this.path = path;
-    this.#file = Deno.openSync(path, { append: true, create: true });
+    this.#file = Deno.openSync(path, { write: true, createNew: true });
   }
 
   /** Writes `record` as one line; non-finite numbers become null, as JSON requires. */

@@ -204,6 +204,8 @@ export interface TrainOptions {
   checkpointing: boolean;
   /** Output directory; undefined means `runs/<ISO timestamp>`, null writes no files. */
   out?: string | null;
+  /** Replace an `out` folder that holds an earlier run (its summary.json, metrics.jsonl). */
+  overwrite: boolean;
   /** Plain-log interval in updates; 0 picks about 20 lines per run. */
   logEvery: number;
   /** No progress output at all (e.g. in a notebook). */
@@ -659,6 +661,13 @@ export const OPTION_DECLARATIONS = {
     kind: "path",
     section: RUN,
     help: "--out DIR             metrics.jsonl and summary.json go here [runs/<timestamp>]",
+  },
+  overwrite: {
+    flag: "--overwrite",
+    kind: "switch",
+    default: false,
+    section: RUN,
+    help: "--overwrite on|off    replace an --out folder that holds an earlier run [{default}]",
   },
   export: {
     flag: "--export",

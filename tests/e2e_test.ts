@@ -371,3 +371,42 @@ Deno.test("e2e: --train-tokenizer never replaces an earlier run's tokenizer in -
     await Deno.remove(dir, { recursive: true });
   }
 });
+
+Deno.test("e2e: --lr 10 and --lr 1e3 stop diverged with exit 2 and one line naming --lr", async () => {
+  for (const lr of ["10", "1e3"]) {
+    const dir = Deno.makeTempDirSync();
+    try {
+      const r = await cli([...tiny, "--steps", "60", "--lr", lr, "--out", dir]);
+      assert.equal(r.code, 2, r.stderr);
+      const error = lastLine(r.stderr);
+      assert.match(error, /^error: training diverged at step \d+: /);
+      assert.match(error, new RegExp(`likely cause: --lr ${Number(lr)} is \\d+x`));
+      const s: Summary = JSON.parse(Deno.readTextFileSync(join(dir, "summary.json")));
+      assert.equal(s.diverged, true);
+      assert.ok(s.steps < 60, `${s.steps}`);
+    } finally {
+      Deno.removeSync(dir, { recursive: true });
+    }
+  }
+});
+
+Deno.test("e2e: --out with an earlier run needs --overwrite on; a symlinked metrics.jsonl is refused", async () => {
+  const dir = Deno.makeTempDirSync();
+  try {
+    const args = [...tiny, "--steps", "2", "--out", dir];
+    assert.equal((await cli(args)).code, 0);
+    const before = Deno.readTextFileSync(join(dir, "summary.json"));
+    assertOneLineError(await cli(args), `--out ${dir}: holds an earlier run`, "--overwrite on");
+    assert.equal(Deno.readTextFileSync(join(dir, "summary.json")), before);
+    assert.equal((await cli([...args, "--overwrite", "on"])).code, 0);
+
+    const user = join(dir, "user.txt");
+    Deno.writeTextFileSync(user, "keep me\n");
+    Deno.removeSync(join(dir, "metrics.jsonl"));
+    Deno.symlinkSync(user, join(dir, "metrics.jsonl"));
+    assertOneLineError(await cli([...args, "--overwrite", "on"]), "metrics.jsonl is a symlink");
+    assert.equal(Deno.readTextFileSync(user), "keep me\n");
+  } finally {
+    Deno.removeSync(dir, { recursive: true });
+  }
+});

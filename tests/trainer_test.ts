@@ -151,7 +151,7 @@ Deno.test("train: a non-finite loss ends the run with a one-line error and a sum
       err.message,
       `training diverged at step 4: loss is NaN at micro-batch 0 (lr ${
         lrAt(3, { lr: 1e30, warmup: 1, steps: 10, minLrRatio: 0.1 }).toPrecision(3)
-      }); lower --lr or set --clip`,
+      }); likely cause: --lr 1e+30 is 2e+32x adamw's default 0.005; lower --lr or set --clip`,
     );
     assert.ok(engine?.disposed);
     const s: Summary = JSON.parse(Deno.readTextFileSync(join(dir, "summary.json")));
