@@ -217,6 +217,13 @@ export interface TrainOptions {
 // The engine takes floats as f32; anything larger would arrive as infinity.
 const F32_MAX = SCHEMA.f32_max;
 
+/**
+ * The largest count any option takes (2^31): the engine's `MAX_COUNT` (rust/src/config.rs,
+ * stated in its schema), also the cap of the front end's own counts (`--steps`,
+ * `--eval-batches` …) so that no loop or buffer size runs away.
+ */
+export const MAX_COUNT: number = (SCHEMA as { max_count?: number }).max_count ?? 2 ** 31;
+
 /** How one option is declared in {@link OPTION_TABLE}. */
 export interface OptionDef {
   /** CLI flag (`--rank`), or the option's name for options only the API has. */
@@ -329,7 +336,7 @@ export const OPTION_DECLARATIONS = {
   warmup: {
     flag: "--warmup",
     kind: "number",
-    range: { int: true, min: 0 },
+    range: { int: true, min: 0, max: MAX_COUNT },
     nullable: true,
     section: MODEL,
     help: "--warmup N            linear warmup updates [10% of --steps]",
@@ -337,7 +344,7 @@ export const OPTION_DECLARATIONS = {
   steps: {
     flag: "--steps",
     kind: "number",
-    range: { int: true, min: 1 },
+    range: { int: true, min: 1, max: MAX_COUNT },
     default: 300,
     section: MODEL,
     help: "--steps N             optimizer updates [{default}]",
@@ -596,7 +603,7 @@ export const OPTION_DECLARATIONS = {
   evalEvery: {
     flag: "--eval-every",
     kind: "number",
-    range: { int: true, min: 0 },
+    range: { int: true, min: 0, max: MAX_COUNT },
     default: 100,
     section: DATA,
     help: "--eval-every N        validate every N updates, 0 = start and end only [{default}]",
@@ -604,7 +611,7 @@ export const OPTION_DECLARATIONS = {
   evalBatches: {
     flag: "--eval-batches",
     kind: "number",
-    range: { int: true, min: 1 },
+    range: { int: true, min: 1, max: MAX_COUNT },
     default: 8,
     section: DATA,
     help: "--eval-batches N      validation batches per evaluation [{default}]",
@@ -623,7 +630,7 @@ export const OPTION_DECLARATIONS = {
     kind: "number",
     run: "threads",
     // null leaves the choice to the engine (its 0: one thread per core)
-    range: { int: true, min: 1 },
+    range: { int: true, min: 1, max: MAX_COUNT },
     nullable: true,
     section: RUN,
     help: "--threads N           engine threads [engine default]",
@@ -676,7 +683,7 @@ export const OPTION_DECLARATIONS = {
     section: RUN,
     help: "--export-dtype T      {choices} weights in the exported model.safetensors [{default}]",
   },
-  logEvery: { flag: "logEvery", kind: "number", range: { int: true, min: 0 }, default: 0 },
+  logEvery: { flag: "logEvery", kind: "number", range: { int: true, min: 0, max: MAX_COUNT }, default: 0 },
   quiet: { flag: "quiet", kind: "api", default: false },
   zeroFirst: { flag: "zeroFirst", kind: "api", default: false },
   handleSigint: { flag: "handleSigint", kind: "api", default: true },

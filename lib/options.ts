@@ -31,6 +31,7 @@ import {
   EIGHT_BIT_OPTIMIZERS,
   FLAG,
   INT8_OPTIMIZERS,
+  MAX_COUNT,
   NUMERIC_OPTIONS,
   type NumericKey,
   OPTIMIZER_KEYS,
@@ -125,6 +126,7 @@ function describeRange(r: OptionRange): string {
   const kind = r.even ? "an even integer" : r.int ? "an integer" : "a number";
   if (r.max === undefined) return `${kind} ${r.open ? ">" : "≥"} ${r.min}`;
   if (r.max === Number.MAX_SAFE_INTEGER) return `${kind} ≥ ${r.min}`;
+  if (r.max === MAX_COUNT && !r.open) return `${kind} ≥ ${r.min} and ≤ ${r.max}`;
   return `${kind} in ${r.open ? "(" : "["}${r.min}, ${r.max}${r.maxOpen ? ")" : "]"}`;
 }
 
