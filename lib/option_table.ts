@@ -224,6 +224,13 @@ const F32_MAX = SCHEMA.f32_max;
  */
 export const MAX_COUNT: number = (SCHEMA as { max_count?: number }).max_count ?? 2 ** 31;
 
+/**
+ * The most tokens one update (`--batch-size` × (`--seq-len` + 1) × `--grad-accum`) or one
+ * evaluation (× `--eval-batches`) may hold: 2^28 int32 ids, 1 GiB, which the front end
+ * allocates at once; real runs use a few million.
+ */
+export const MAX_BATCH_TOKENS: number = 2 ** 28;
+
 /** How one option is declared in {@link OPTION_TABLE}. */
 export interface OptionDef {
   /** CLI flag (`--rank`), or the option's name for options only the API has. */
@@ -683,7 +690,12 @@ export const OPTION_DECLARATIONS = {
     section: RUN,
     help: "--export-dtype T      {choices} weights in the exported model.safetensors [{default}]",
   },
-  logEvery: { flag: "logEvery", kind: "number", range: { int: true, min: 0, max: MAX_COUNT }, default: 0 },
+  logEvery: {
+    flag: "logEvery",
+    kind: "number",
+    range: { int: true, min: 0, max: MAX_COUNT },
+    default: 0,
+  },
   quiet: { flag: "quiet", kind: "api", default: false },
   zeroFirst: { flag: "zeroFirst", kind: "api", default: false },
   handleSigint: { flag: "handleSigint", kind: "api", default: true },
