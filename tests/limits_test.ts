@@ -121,7 +121,7 @@ Deno.test("engine counts out of range are one line naming the field, not a serde
     assert.ok(e instanceof EngineError, String(e));
     assert.match(
       e.message,
-      /^max_position_embeddings 1e\+?300 must be an integer ≥ 1 and ≤ 2147483648/,
+      /^model max_position_embeddings = 1e\+300: must be an integer ≥ 1 and ≤ 2147483648$/,
     );
     assert.ok(!e.message.includes("\n") && !e.message.includes("column"));
     return true;
