@@ -18,6 +18,9 @@ enum Kind {
     Positive,
 }
 
+/// The largest `max_position_embeddings`: the largest integer a JSON number holds exactly.
+const MAX_POSITIONS: f64 = 9007199254740992.0;
+
 /// A field's default.
 #[derive(Clone, Copy, Debug)]
 enum Default {
@@ -317,9 +320,12 @@ fn check(m: &Map<String, Value>, rope_key: &str) -> Option<ModelProblem> {
     for kind in [Kind::Count, Kind::Positive] {
         for f in FIELDS.iter().filter(|f| f.kind == kind) {
             let v = get(f.name);
-            let ok = v.is_finite() && if kind == Kind::Count { v.fract() == 0.0 && (1.0..=super::MAX_COUNT).contains(&v) } else { v > 0.0 };
+            // positions only bound seq_len (nothing is sized by them), so any exact integer
+            // (≤ 2^53) is allowed there; every other count sizes buffers (MAX_COUNT)
+            let max = if f.name == "max_position_embeddings" { MAX_POSITIONS } else { super::MAX_COUNT };
+            let ok = v.is_finite() && if kind == Kind::Count { v.fract() == 0.0 && (1.0..=max).contains(&v) } else { v > 0.0 };
             if !ok {
-                let why = if kind == Kind::Count { format!("must be an integer ≥ 1 and ≤ {}", super::MAX_COUNT) } else { "must be > 0".into() };
+                let why = if kind == Kind::Count { format!("must be an integer ≥ 1 and ≤ {max}") } else { "must be > 0".into() };
                 return range(f.name, v, why);
             }
         }
