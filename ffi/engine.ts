@@ -579,6 +579,7 @@ export class Engine implements Disposable {
    */
   async trainStep(tokens: Int32Array, microBatches: number, lr: number): Promise<StepStats> {
     const h = this.#handle();
+    checkTokens("trainStep", tokens);
     const out = new Float64Array(3);
     await this.#call(() =>
       this.#lib.symbols.qg_train_step(h, tokens, BigInt(tokens.length), microBatches, lr, out)
@@ -589,6 +590,7 @@ export class Engine implements Disposable {
   /** Mean over `batches` batches of the mean token cross-entropy (nats). */
   async evalLoss(tokens: Int32Array, batches: number): Promise<number> {
     const h = this.#handle();
+    checkTokens("evalLoss", tokens);
     const out = new Float64Array(1);
     await this.#call(() =>
       this.#lib.symbols.qg_eval(h, tokens, BigInt(tokens.length), batches, out)
@@ -644,6 +646,7 @@ export class Engine implements Disposable {
    */
   async logits(tokens: Int32Array, batch: number, seq: number): Promise<Float32Array> {
     const h = this.#handle();
+    checkTokens("logits", tokens);
     for (const [name, v] of [["batch", batch], ["seq", seq]] as const) {
       if (!Number.isInteger(v) || v < 1) {
         throw new EngineError(ErrorCode.invalid, `logits: ${name} = ${v}: must be an integer ≥ 1`);
@@ -749,4 +752,19 @@ export interface GenerateResult {
   prefill_seconds: number;
   /** Seconds reading the weights to the host. */
   load_seconds: number;
+}
+
+/**
+ * Token ids travel as raw int32 memory: any other array (a Float32Array, a plain array)
+ * would be reinterpreted bit for bit, so it is refused.
+ */
+function checkTokens(method: string, tokens: unknown): void {
+  if (!(tokens instanceof Int32Array)) {
+    const kind = (tokens as { constructor?: { name?: string } } | null)?.constructor?.name ??
+      typeof tokens;
+    throw new EngineError(
+      ErrorCode.invalid,
+      `${method}: tokens is a ${kind}; must be an Int32Array of token ids`,
+    );
+  }
 }

@@ -219,6 +219,20 @@ export interface TrainOptions {
 // The engine takes floats as f32; anything larger would arrive as infinity.
 const F32_MAX = SCHEMA.f32_max;
 
+/**
+ * The largest count any option takes (2^31): the engine's `MAX_COUNT` (rust/src/config.rs,
+ * stated in its schema), also the cap of the front end's own counts (`--steps`,
+ * `--eval-batches` …) so that no loop or buffer size runs away.
+ */
+export const MAX_COUNT: number = (SCHEMA as { max_count?: number }).max_count ?? 2 ** 31;
+
+/**
+ * The most tokens one update (`--batch-size` × (`--seq-len` + 1) × `--grad-accum`) or one
+ * evaluation (× `--eval-batches`) may hold: 2^28 int32 ids, 1 GiB, which the front end
+ * allocates at once; real runs use a few million.
+ */
+export const MAX_BATCH_TOKENS: number = 2 ** 28;
+
 /** How one option is declared in {@link OPTION_TABLE}. */
 export interface OptionDef {
   /** CLI flag (`--rank`), or the option's name for options only the API has. */
@@ -331,7 +345,7 @@ export const OPTION_DECLARATIONS = {
   warmup: {
     flag: "--warmup",
     kind: "number",
-    range: { int: true, min: 0 },
+    range: { int: true, min: 0, max: MAX_COUNT },
     nullable: true,
     section: MODEL,
     help: "--warmup N            linear warmup updates [10% of --steps]",
@@ -339,7 +353,7 @@ export const OPTION_DECLARATIONS = {
   steps: {
     flag: "--steps",
     kind: "number",
-    range: { int: true, min: 1 },
+    range: { int: true, min: 1, max: MAX_COUNT },
     default: 300,
     section: MODEL,
     help: "--steps N             optimizer updates [{default}]",
@@ -598,7 +612,7 @@ export const OPTION_DECLARATIONS = {
   evalEvery: {
     flag: "--eval-every",
     kind: "number",
-    range: { int: true, min: 0 },
+    range: { int: true, min: 0, max: MAX_COUNT },
     default: 100,
     section: DATA,
     help: "--eval-every N        validate every N updates, 0 = start and end only [{default}]",
@@ -606,7 +620,7 @@ export const OPTION_DECLARATIONS = {
   evalBatches: {
     flag: "--eval-batches",
     kind: "number",
-    range: { int: true, min: 1 },
+    range: { int: true, min: 1, max: MAX_COUNT },
     default: 8,
     section: DATA,
     help: "--eval-batches N      validation batches per evaluation [{default}]",
@@ -625,7 +639,7 @@ export const OPTION_DECLARATIONS = {
     kind: "number",
     run: "threads",
     // null leaves the choice to the engine (its 0: one thread per core)
-    range: { int: true, min: 1 },
+    range: { int: true, min: 1, max: MAX_COUNT },
     nullable: true,
     section: RUN,
     help: "--threads N           engine threads [engine default]",
@@ -685,7 +699,12 @@ export const OPTION_DECLARATIONS = {
     section: RUN,
     help: "--export-dtype T      {choices} weights in the exported model.safetensors [{default}]",
   },
-  logEvery: { flag: "logEvery", kind: "number", range: { int: true, min: 0 }, default: 0 },
+  logEvery: {
+    flag: "logEvery",
+    kind: "number",
+    range: { int: true, min: 0, max: MAX_COUNT },
+    default: 0,
+  },
   quiet: { flag: "quiet", kind: "api", default: false },
   zeroFirst: { flag: "zeroFirst", kind: "api", default: false },
   handleSigint: { flag: "handleSigint", kind: "api", default: true },

@@ -31,6 +31,8 @@ import {
   EIGHT_BIT_OPTIMIZERS,
   FLAG,
   INT8_OPTIMIZERS,
+  MAX_BATCH_TOKENS,
+  MAX_COUNT,
   NUMERIC_OPTIONS,
   type NumericKey,
   OPTIMIZER_KEYS,
@@ -125,6 +127,7 @@ function describeRange(r: OptionRange): string {
   const kind = r.even ? "an even integer" : r.int ? "an integer" : "a number";
   if (r.max === undefined) return `${kind} ${r.open ? ">" : "≥"} ${r.min}`;
   if (r.max === Number.MAX_SAFE_INTEGER) return `${kind} ≥ ${r.min}`;
+  if (r.max === MAX_COUNT && !r.open) return `${kind} ≥ ${r.min} and ≤ ${r.max}`;
   return `${kind} in ${r.open ? "(" : "["}${r.min}, ${r.max}${r.maxOpen ? ")" : "]"}`;
 }
 
@@ -330,6 +333,30 @@ export function checkOptions(input: Partial<TrainOptions> = {}): CheckedOptions 
   if (raw.out !== undefined && raw.out !== null && (typeof raw.out !== "string" || !raw.out)) {
     throw new UsageError(`--out ${JSON.stringify(raw.out)}: must be a directory path`);
   }
+  // The front end holds a whole update's and a whole evaluation's tokens as one Int32Array.
+  const rowTokens = raw.batchSize * (raw.seqLen + 1);
+  for (const key of ["gradAccum", "evalBatches"] as const) {
+    if (rowTokens * raw[key] > MAX_BATCH_TOKENS) {
+      throw new UsageError(
+        `${FLAG[key]} ${raw[key]}: ${FLAG.batchSize} × (${FLAG.seqLen} + 1) × ${FLAG[key]} = ` +
+          `${rowTokens * raw[key]} tokens; must be ≤ ${MAX_BATCH_TOKENS}`,
+      );
+    }
+  }
+  // Decoupled decay multiplies the weights by 1 − lr·wd each step: at lr·wd ≥ 1 it zeroes
+  // or flips them, whatever the learning rate alone would do.
+  const peakLr = raw.lr ?? def("lr").perOptimizer![raw.optimizer] as number;
+  if (raw.weightDecay * peakLr >= 1) {
+    throw new UsageError(
+      `${FLAG.weightDecay} ${raw.weightDecay}: ${FLAG.lr} ${peakLr} × ${FLAG.weightDecay} must be < 1 ` +
+        `(each step scales the weights by 1 − lr·wd); use ${FLAG.weightDecay} < ${1 / peakLr}`,
+    );
+  }
+  const cores = navigator.hardwareConcurrency;
+  const threadNotice = raw.threads !== null && cores > 0 && raw.threads > cores
+    ? `notice: ${FLAG.threads} ${raw.threads} capped at this machine's ${cores} processors`
+    : null;
+  if (threadNotice !== null) raw.threads = cores;
   const warmup = raw.warmup ?? Math.round(raw.steps * 0.1);
   if (warmup > raw.steps) {
     throw new UsageError(`--warmup ${warmup}: must be ≤ --steps ${raw.steps}`);
@@ -389,6 +416,7 @@ export function checkOptions(input: Partial<TrainOptions> = {}): CheckedOptions 
     );
   }
   const { settings, notices } = resolveOptimizer(raw, model);
+  if (threadNotice !== null) notices.push(threadNotice);
   if (
     raw.data !== null && folder !== null && tokenizer?.kind === "bytes" &&
     model.config.vocab_size > 256
@@ -576,6 +604,12 @@ export function engineConfig(opts: ResolvedOptions, model: ModelConfig): EngineC
  */
 export function flagNames(message: string): string {
   let out = message;
+  // the engine's memory refusal (rust/src/train.rs `memory_refusal`) suggests settings
+  if (/ available; try /.test(out)) {
+    out = out.replace(/\bcheckpointing true\b/g, `${FLAG.checkpointing} on`)
+      .replace(/\boptimizer (\w+)/g, `${FLAG.optimizer} $1`)
+      .replace(/\bbatch_size\b/g, FLAG.batchSize).replace(/\bseq_len\b/g, FLAG.seqLen);
+  }
   for (const key of CHOICE_OPTIONS) {
     const field = def(key).engine ?? def(key).run;
     if (field === undefined) continue;

@@ -118,8 +118,8 @@ function rejects(argv: string[], start: string, ...patterns: RegExp[]): void {
 }
 
 Deno.test("bad numbers name the flag, the value and the allowed range", () => {
-  rejects(["--batch-size", "0"], "--batch-size 0: must be an integer ≥ 1");
-  rejects(["--batch-size", "2.5"], "--batch-size 2.5: must be an integer ≥ 1");
+  rejects(["--batch-size", "0"], "--batch-size 0: must be an integer ≥ 1 and ≤ 2147483648");
+  rejects(["--batch-size", "2.5"], "--batch-size 2.5: must be an integer ≥ 1 and ≤ 2147483648");
   rejects(["--lr", "abc"], "--lr abc: must be a number in (0, 3.4e+38]");
   rejects(["--lr", "0"], "--lr 0: must be a number in (0, 3.4e+38]");
   rejects(["--lr", "-1"], "--lr -1: must be a number in (0, 3.4e+38]");
@@ -127,16 +127,16 @@ Deno.test("bad numbers name the flag, the value and the allowed range", () => {
   rejects(["--lr", "Infinity"], "--lr Infinity: must be a number in (0, 3.4e+38]");
   rejects(["--lr", "1e39"], "--lr 1e39: must be a number in (0, 3.4e+38]");
   rejects(["--lr="], '--lr "": must be a number in (0, 3.4e+38]');
-  rejects(["--steps", "1e9.5"], "--steps 1e9.5: must be an integer ≥ 1");
-  rejects(["--seq-len", "0"], "--seq-len 0: must be an integer ≥ 1");
-  rejects(["--grad-accum", "-2"], "--grad-accum -2: must be an integer ≥ 1");
+  rejects(["--steps", "1e9.5"], "--steps 1e9.5: must be an integer ≥ 1 and ≤ 2147483648");
+  rejects(["--seq-len", "0"], "--seq-len 0: must be an integer ≥ 1 and ≤ 2147483648");
+  rejects(["--grad-accum", "-2"], "--grad-accum -2: must be an integer ≥ 1 and ≤ 2147483648");
   rejects(["--min-lr-ratio", "1.5"], "--min-lr-ratio 1.5: must be a number in [0, 1]");
   rejects(["--beta2", "1"], "--beta2 1: must be a number in [0, 1)");
   rejects(["--val-fraction", "0"], "--val-fraction 0: must be a number in (0, 1)");
   rejects(["--clip", "-1"], "--clip -1: must be a number ≥ 0");
-  rejects(["--threads", "0"], "--threads 0: must be an integer ≥ 1");
+  rejects(["--threads", "0"], "--threads 0: must be an integer ≥ 1 and ≤ 2147483648");
   rejects(["--seed", "-3"], "--seed -3: must be an integer ≥ 0");
-  rejects(["--eval-batches", "0"], "--eval-batches 0: must be an integer ≥ 1");
+  rejects(["--eval-batches", "0"], "--eval-batches 0: must be an integer ≥ 1 and ≤ 2147483648");
   rejects(["--warmup", "50", "--steps", "10"], "--warmup 50: must be ≤ --steps 10");
 });
 
@@ -460,10 +460,10 @@ Deno.test("bad values of the optimizer flags name the flag, the value and what i
   rejects(["--optimizer", "sgd"], "--optimizer sgd: unknown optimizer; allowed: adamw, adam8bit");
   rejects(["--optimizer", ""], '--optimizer "": unknown optimizer');
   const q = ["--optimizer", "qgalore"];
-  rejects([...q, "--rank", "0"], "--rank 0: must be an integer ≥ 1");
-  rejects([...q, "--rank", "-4"], "--rank -4: must be an integer ≥ 1");
-  rejects([...q, "--rank", "2.5"], "--rank 2.5: must be an integer ≥ 1");
-  rejects([...q, "--update-gap", "0"], "--update-gap 0: must be an integer ≥ 1");
+  rejects([...q, "--rank", "0"], "--rank 0: must be an integer ≥ 1 and ≤ 2147483648");
+  rejects([...q, "--rank", "-4"], "--rank -4: must be an integer ≥ 1 and ≤ 2147483648");
+  rejects([...q, "--rank", "2.5"], "--rank 2.5: must be an integer ≥ 1 and ≤ 2147483648");
+  rejects([...q, "--update-gap", "0"], "--update-gap 0: must be an integer ≥ 1 and ≤ 2147483648");
   rejects([...q, "--galore-scale", "0"], "--galore-scale 0: must be a number in (0, 3.4e+38]");
   rejects([...q, "--weight-bits", "4"], "--weight-bits 4: must be one of 8, 16");
   rejects([...q, "--proj-bits", "2"], "--proj-bits 2: must be one of 4, 8, 16, 32");

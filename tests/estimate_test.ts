@@ -219,7 +219,8 @@ Deno.test("planEngine: the engine's fit check names config fields; the engine re
   assert.throws(
     () => planEngine({ ...cfg, batch_size: 0 }),
     (e: unknown) =>
-      e instanceof EngineError && e.message === "batch_size = 0: must be an integer ≥ 1",
+      e instanceof EngineError &&
+      e.message === "batch_size = 0: must be an integer ≥ 1 and ≤ 2147483648",
   );
   const adam = { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0, clip: 0 };
   await assert.rejects(

@@ -151,6 +151,11 @@ fn is_false(b: &bool) -> bool {
 // The engine takes floats as f32; anything larger would arrive as infinity.
 const F32_MAX: f64 = 3.4e38;
 
+/// The largest count (batch, sequence, rank, gap, threads, model sizes) the engine takes:
+/// 2^31 keeps every product of two counts inside an i64/usize index and any loop bounded,
+/// and is far beyond anything a real run addresses.
+pub const MAX_COUNT: f64 = 2147483648.0;
+
 impl Bounds {
     const fn at_least(min: f64) -> Self {
         Bounds { int: false, min, open: false, max: None, max_open: false, one_of: &[], even: false }
@@ -190,6 +195,8 @@ impl Bounds {
         }
         let kind = if self.even { "an even integer" } else if self.int { "an integer" } else { "a number" };
         match self.max {
+            // the count limit reads as a cap on "≥ min", so "≥ 1" messages keep their start
+            Some(m) if m == MAX_COUNT && !self.open => format!("{kind} ≥ {} and ≤ {m}", self.min),
             None => format!("{kind} {} {}", if self.open { ">" } else { "≥" }, self.min),
             Some(m) => format!(
                 "{kind} in {}{}, {}{}",
@@ -484,8 +491,8 @@ optim_options! {
     /// Global gradient-norm clipping threshold; 0 disables it.
     clip: f32, Some(Bounds::at_least(0.0)), all(0.0), All;
     // GaLore / Q-GaLore (docs/algorithm-spec.md §1.2–1.6, §2)
-    rank: usize, Some(Bounds::int(1.0)), all(128), Projected;
-    update_gap: u64, Some(Bounds::int(1.0)), all(200), Projected;
+    rank: usize, Some(COUNT), all(128), Projected;
+    update_gap: u64, Some(COUNT), all(200), Projected;
     galore_scale: f32, Some(Bounds::above(0.0).max(F32_MAX)), all(0.25), Projected;
     /// 4 (packed INT4), 8, 16 (bf16) or 32 (f32) projector storage.
     proj_bits: u8, Some(Bounds::int(4.0).one_of(&[4.0, 8.0, 16.0, 32.0])), per(16, 4), Projected;
@@ -567,7 +574,10 @@ pub struct RunSpec {
     pub default: Option<Value>,
 }
 
-const AT_LEAST_ONE: Bounds = Bounds::int(1.0);
+/// A count: an integer in [1, MAX_COUNT].
+const COUNT: Bounds = Bounds::int(1.0).max(MAX_COUNT);
+/// A thread count: 0 (one per core) up to MAX_COUNT; the CPU backend caps it at the cores.
+const THREADS: Bounds = Bounds::int(0.0).max(MAX_COUNT);
 const DEFAULT_DEVICE: Device = Device::Cpu;
 const DEFAULT_PRECISION: Precision = Precision::Auto;
 const DEFAULT_GRAD_ACCUM: usize = 1;
@@ -584,14 +594,14 @@ fn run_spec<T: OptionValue>(name: &'static str, range: Option<Bounds>, default: 
 /// seed and threads.
 pub fn run_specs() -> Vec<RunSpec> {
     vec![
-        run_spec::<usize>("batch_size", Some(AT_LEAST_ONE), None),
-        run_spec::<usize>("seq_len", Some(AT_LEAST_ONE), None),
-        run_spec::<usize>("grad_accum", Some(AT_LEAST_ONE), Some(DEFAULT_GRAD_ACCUM)),
+        run_spec::<usize>("batch_size", Some(COUNT), None),
+        run_spec::<usize>("seq_len", Some(COUNT), None),
+        run_spec::<usize>("grad_accum", Some(COUNT), Some(DEFAULT_GRAD_ACCUM)),
         run_spec::<Device>("device", None, Some(DEFAULT_DEVICE)),
         run_spec::<Precision>("precision", None, Some(DEFAULT_PRECISION)),
         run_spec::<bool>("checkpointing", None, Some(DEFAULT_CHECKPOINTING)),
         run_spec::<u64>("seed", None, Some(DEFAULT_SEED)),
-        run_spec::<usize>("threads", None, Some(DEFAULT_THREADS)),
+        run_spec::<usize>("threads", Some(THREADS), Some(DEFAULT_THREADS)),
     ]
 }
 
@@ -602,7 +612,7 @@ pub fn schema_json() -> String {
         .iter()
         .map(|&(o, name)| serde_json::json!({ "name": name, "projected": o.projected(), "eight_bit": o.eight_bit(), "int8": o.int8_capable() }))
         .collect();
-    serde_json::json!({ "optimizers": optimizers, "options": OptimConfig::specs(), "run": run_specs(), "f32_max": F32_MAX }).to_string()
+    serde_json::json!({ "optimizers": optimizers, "options": OptimConfig::specs(), "run": run_specs(), "f32_max": F32_MAX, "max_count": MAX_COUNT }).to_string()
 }
 
 /// What `qg_resolve_optimizer` returns for a JSON
@@ -649,17 +659,18 @@ pub struct EngineConfig {
 #[derive(Deserialize)]
 struct RawConfig {
     model: Map<String, Value>,
-    batch_size: usize,
-    seq_len: usize,
+    // counts arrive as JSON values and are checked by `option` so that errors name the field
+    batch_size: Value,
+    seq_len: Value,
     optimizer: Map<String, Value>,
     #[serde(default)]
     seed: Option<u64>,
     #[serde(default)]
     device: Option<Value>,
     #[serde(default)]
-    threads: Option<usize>,
+    threads: Option<Value>,
     #[serde(default)]
-    grad_accum: Option<usize>,
+    grad_accum: Option<Value>,
     #[serde(default)]
     precision: Option<Value>,
     #[serde(default)]
@@ -673,17 +684,23 @@ fn choice<T: OptionValue>(field: &str, v: Option<Value>) -> Result<Option<T>> {
 impl EngineConfig {
     pub fn from_json(text: &str) -> Result<Self> {
         let raw: RawConfig = serde_json::from_str(text).map_err(|e| Error::invalid(format!("engine config: {e}")))?;
-        let grad_accum = raw.grad_accum.unwrap_or(DEFAULT_GRAD_ACCUM);
+        let count = |field: &str, v: Option<&Value>, bounds: &Bounds, default: usize| -> Result<usize> {
+            v.map_or(Ok(default), |v| option::<usize>(field, v, Some(bounds)))
+        };
+        let grad_accum = count("grad_accum", raw.grad_accum.as_ref(), &COUNT, DEFAULT_GRAD_ACCUM)?;
+        let batch_size = count("batch_size", Some(&raw.batch_size), &COUNT, 0)?;
+        let seq_len = count("seq_len", Some(&raw.seq_len), &COUNT, 0)?;
+        let threads = count("threads", raw.threads.as_ref(), &THREADS, DEFAULT_THREADS)?;
         let (optimizer, off) = OptimConfig::resolve(&raw.optimizer, grad_accum)?;
         optimizer.name.refuse_int8(&off)?;
         let cfg = EngineConfig {
             model: ModelConfig::from_map(&raw.model)?,
-            batch_size: raw.batch_size,
-            seq_len: raw.seq_len,
+            batch_size,
+            seq_len,
             optimizer,
             seed: raw.seed.unwrap_or(DEFAULT_SEED),
             device: choice("device", raw.device)?.unwrap_or(DEFAULT_DEVICE),
-            threads: raw.threads.unwrap_or(DEFAULT_THREADS),
+            threads,
             grad_accum,
             precision: choice("precision", raw.precision)?.unwrap_or(DEFAULT_PRECISION),
             checkpointing: raw.checkpointing.unwrap_or(DEFAULT_CHECKPOINTING),
@@ -696,7 +713,7 @@ impl EngineConfig {
     pub fn validate(&self) -> Result<()> {
         self.model.validate()?;
         for (field, v) in [("batch_size", self.batch_size), ("seq_len", self.seq_len), ("grad_accum", self.grad_accum)] {
-            option::<usize>(field, &Value::from(v), Some(&AT_LEAST_ONE))?;
+            option::<usize>(field, &Value::from(v), Some(&COUNT))?;
         }
         if let Some(p) = model::check_seq_len(self.seq_len as f64, self.model.max_position_embeddings as f64) {
             return Err(Error::invalid(p.text()));
@@ -766,11 +783,11 @@ mod tests {
     #[test]
     fn lenient_resolution_ignores_invalid_values_that_do_not_apply() {
         let adamw = obj(r#"{"name":"adamw","rank":0,"proj_bits":3}"#);
-        assert_eq!(OptimConfig::resolve(&adamw, 1).unwrap_err().msg, "rank = 0: must be an integer ≥ 1");
+        assert_eq!(OptimConfig::resolve(&adamw, 1).unwrap_err().msg, "rank = 0: must be an integer ≥ 1 and ≤ 2147483648");
         let (_, off) = OptimConfig::resolve_with(&adamw, 1, true).unwrap();
         assert_eq!(off.iter().map(|n| n.field).collect::<Vec<_>>(), ["rank", "proj_bits"]);
         let e = OptimConfig::resolve_with(&obj(r#"{"name":"galore","rank":0}"#), 1, true).unwrap_err();
-        assert_eq!(e.msg, "rank = 0: must be an integer ≥ 1");
+        assert_eq!(e.msg, "rank = 0: must be an integer ≥ 1 and ≤ 2147483648");
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! fixed (batch, seq). `Session` is the object-safe face the C ABI holds.
 
 use crate::backend::{Backend, CATEGORIES};
-use crate::config::{Device, EngineConfig, Precision};
+use crate::config::{Device, EngineConfig, Named, Precision};
 use crate::ensure;
 use crate::error::{Error, Result};
 use crate::model::{pass, Acts, Grads, Llama};
@@ -463,27 +463,86 @@ impl<B: Backend> Session for Engine<B> {
 }
 
 /// Builds a session on the configured device. `auto` takes the GPU when a usable device
-/// and its libraries are found, else the CPU (and says so in `info`'s `notice`).
+/// and its libraries are found, else the CPU (and says so in `info`'s `notice`). On the CPU,
+/// `threads` beyond the machine's processors is capped (with a notice), and a run whose
+/// memory plan exceeds the host's available memory is refused before anything is allocated.
 pub fn open(cfg: EngineConfig, init: Option<&std::path::Path>) -> Result<Box<dyn Session>> {
-    let cpu = |cfg: EngineConfig| -> Result<Box<dyn Session>> {
+    let cpu = |mut cfg: EngineConfig, fallback: Option<&str>| -> Result<Box<dyn Session>> {
         if cfg.precision == Precision::Bf16 {
             return Err(Error::invalid("precision = bf16 needs a GPU, and none is usable; use precision fp32 or auto"));
         }
-        Ok(Box::new(Engine::build(crate::backend::cpu::Cpu::new(cfg.threads)?, cfg, init)?))
+        let mut notices: Vec<String> = fallback.map(String::from).into_iter().collect();
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        if cfg.threads > cores {
+            notices.push(format!("threads = {} capped at this machine's {cores} processors", cfg.threads));
+            cfg.threads = cores;
+        }
+        refuse_beyond_host_memory(&cfg)?;
+        let mut s: Box<dyn Session> = Box::new(Engine::build(crate::backend::cpu::Cpu::new(cfg.threads)?, cfg, init)?);
+        if !notices.is_empty() {
+            s.set_notice(&notices.join("; "));
+        }
+        Ok(s)
     };
     match cfg.device {
-        Device::Cpu => cpu(cfg),
+        Device::Cpu => cpu(cfg, None),
         Device::Cuda => cuda(cfg, init),
         Device::Auto => {
             #[cfg(feature = "cuda")]
             if crate::backend::cuda::probe::device_count() > 0 {
                 return cuda(cfg, init);
             }
-            let mut s = cpu(cfg)?;
-            s.set_notice("no usable CUDA device found; running on the CPU");
-            Ok(s)
+            cpu(cfg, Some("no usable CUDA device found; running on the CPU"))
         }
     }
+}
+
+/// Bytes the host can still hand out without swapping (Linux `MemAvailable`); None where
+/// the system does not say (then nothing is refused).
+pub fn host_available_bytes() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib.saturating_mul(1024))
+}
+
+/// Refuses a CPU run whose memory plan (`Plan`, the bytes the engine tracks once every
+/// projector is stored) exceeds the host's available memory: allocating it would end in
+/// the kernel's out-of-memory kill after minutes of paging, with nothing said. Only an
+/// impossible run is refused; the plan leaves out the process's own overhead.
+fn refuse_beyond_host_memory(cfg: &EngineConfig) -> Result<()> {
+    cfg.validate()?;
+    let Some(free) = host_available_bytes() else { return Ok(()) };
+    let need = Plan::new(cfg, false, "the model").stepped.total;
+    if need <= free {
+        return Ok(());
+    }
+    Err(Error::invalid(memory_refusal(cfg, need, free)))
+}
+
+/// The one-line refusal: the estimate, what is available, and the options that shrink it.
+pub fn memory_refusal(cfg: &EngineConfig, need: u64, free: u64) -> String {
+    let gb = |b: u64| format!("{:.1} GB", b as f64 / 1e9);
+    let o = &cfg.optimizer;
+    let mut tries = Vec::new();
+    if o.name != crate::config::Optimizer::QGalore {
+        tries.push("optimizer qgalore".to_string());
+    }
+    if !cfg.checkpointing {
+        tries.push("checkpointing true".to_string());
+    }
+    tries.push("a smaller batch_size or seq_len".to_string());
+    let params: u64 = Plan::new(cfg, false, "the model").params;
+    format!(
+        "the model ({:.2}B parameters) with optimizer {} needs {} (batch_size {}, seq_len {}); this machine has {} available; try {}",
+        params as f64 / 1e9,
+        o.name.name(),
+        gb(need),
+        cfg.batch_size,
+        cfg.seq_len,
+        gb(free),
+        tries.join(", ")
+    )
 }
 
 #[cfg(feature = "cuda")]

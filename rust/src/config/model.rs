@@ -18,6 +18,9 @@ enum Kind {
     Positive,
 }
 
+/// The largest `max_position_embeddings`: the largest integer a JSON number holds exactly.
+const MAX_POSITIONS: f64 = 9007199254740992.0;
+
 /// A field's default.
 #[derive(Clone, Copy, Debug)]
 enum Default {
@@ -317,10 +320,13 @@ fn check(m: &Map<String, Value>, rope_key: &str) -> Option<ModelProblem> {
     for kind in [Kind::Count, Kind::Positive] {
         for f in FIELDS.iter().filter(|f| f.kind == kind) {
             let v = get(f.name);
-            let ok = v.is_finite() && if kind == Kind::Count { v.fract() == 0.0 && v >= 1.0 } else { v > 0.0 };
+            // positions only bound seq_len (nothing is sized by them), so any exact integer
+            // (≤ 2^53) is allowed there; every other count sizes buffers (MAX_COUNT)
+            let max = if f.name == "max_position_embeddings" { MAX_POSITIONS } else { super::MAX_COUNT };
+            let ok = v.is_finite() && if kind == Kind::Count { v.fract() == 0.0 && (1.0..=max).contains(&v) } else { v > 0.0 };
             if !ok {
-                let why = if kind == Kind::Count { "must be an integer ≥ 1" } else { "must be > 0" };
-                return range(f.name, v, why.into());
+                let why = if kind == Kind::Count { format!("must be an integer ≥ 1 and ≤ {max}") } else { "must be > 0".into() };
+                return range(f.name, v, why);
             }
         }
     }
@@ -499,12 +505,12 @@ mod tests {
         assert_eq!(line(p(r#""hidden_size":128,"num_attention_heads":3"#)), "num_attention_heads 3 must divide hidden_size 128");
         assert_eq!(line(p(r#""hidden_size":132,"num_attention_heads":4"#)), "head dim 33 (hidden_size 132 / num_attention_heads 4) must be even for RoPE");
         assert_eq!(line(p(r#""hidden_size":128,"num_attention_heads":4,"num_key_value_heads":3"#)), "num_key_value_heads 3 must divide num_attention_heads 4");
-        assert_eq!(line(p(r#""hidden_size":1.5,"num_attention_heads":4"#)), "hidden_size 1.5 must be an integer ≥ 1");
+        assert_eq!(line(p(r#""hidden_size":1.5,"num_attention_heads":4"#)), "hidden_size 1.5 must be an integer ≥ 1 and ≤ 2147483648");
         assert_eq!(line(p(r#""hidden_size":128,"num_attention_heads":4,"rms_norm_eps":0"#)), "rms_norm_eps 0 must be > 0");
         assert_eq!(line(p(r#""hidden_size":128,"num_attention_heads":4"#)), "seq_len 4096 must be ≤ max_position_embeddings 2048");
         assert_eq!(p(r#""hidden_size":"128","num_attention_heads":4"#)["kind"], "type");
         let strict = resolve_text(r#"{"model":{"vocab_size":8,"hidden_size":"128"},"defaults":false}"#);
-        assert_eq!((strict["problem"]["field"].as_str(), strict["problem"]["why"].as_str()), (Some("hidden_size"), Some("must be an integer ≥ 1")));
+        assert_eq!((strict["problem"]["field"].as_str(), strict["problem"]["why"].as_str()), (Some("hidden_size"), Some("must be an integer ≥ 1 and ≤ 2147483648")));
         let missing = resolve_text(r#"{"model":{"hidden_size":128}}"#);
         assert_eq!((missing["problem"]["kind"].as_str(), missing["problem"]["field"].as_str()), (Some("missing"), Some("intermediate_size")));
     }
