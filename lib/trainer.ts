@@ -20,9 +20,10 @@ import { exists } from "./fs.ts";
 import { exportModel } from "./hf.ts";
 import { openTokenizer, type Tokenizer, trainTokenizer } from "./tokenizer.ts";
 import { UsageError } from "./errors.ts";
-import { formatCount, formatDuration, JsonlWriter, Progress } from "./log.ts";
+import { formatCount, formatDuration, type JsonlWriter, Progress } from "./log.ts";
 import { peakRssBytes } from "./memory.ts";
-import { DEFAULT_LR } from "./option_table.ts";
+import { DivergenceWatch, likelyCause } from "./diverge.ts";
+import { checkOut, openOut, writeSummary } from "./run_files.ts";
 import {
   checkOptions,
   checkSource,
@@ -723,109 +724,6 @@ export class Run implements Disposable {
   };
 }
 
-// Divergence thresholds. A healthy run's training loss is noisy step to step (a batch of 8
-// sequences) but its short moving average only falls, or rises by a few percent at a warmup
-// peak or a projector refresh; a diverging one rises by whole nats and stays up (--lr 10 on
-// llama-9m: 5.6 → thousands within ~20 steps). So the alarm needs all of: the moving average
-// of the last LOSS_WINDOW losses above the best such average by LOSS_RISE_FACTOR *and* by
-// LOSS_RISE_NATS (the factor alone would fire on fine-tuning runs whose loss is near 0, the
-// margin alone on large-vocabulary runs whose loss starts near 10), for LOSS_PATIENCE updates
-// in a row (one bad batch or a transient spike never stops a run).
-/** Updates averaged per loss sample (smooths the batch-to-batch noise). */
-const LOSS_WINDOW = 5;
-/** The averaged loss must exceed the best average by this factor … */
-const LOSS_RISE_FACTOR = 1.5;
-/** … and by this many nats … */
-const LOSS_RISE_NATS = 1.0;
-/** … for this many consecutive updates. */
-const LOSS_PATIENCE = 10;
-// A gradient norm of exactly 0 means no parameter can move any more (a dead model: e.g. after
-// --lr 1e3 every logit is equal and the loss sits at ln(vocab)); a live model's gradient is
-// never exactly zero in floating point, so a few updates in a row is conclusive.
-/** Consecutive updates with a gradient norm of exactly 0 that end a run. */
-const ZERO_GRAD_PATIENCE = 3;
-// Validation uses fixed batches, so it is far less noisy: LOSS_RISE_* above its minimum at
-// EVAL_PATIENCE evaluations in a row (a single bad evaluation is tolerated).
-/** Consecutive evaluations far above the best validation loss that end a run. */
-const EVAL_PATIENCE = 3;
-
-/** Watches a run's losses and gradient norms; says why once the run has clearly diverged. */
-class DivergenceWatch {
-  readonly #recent: number[] = [];
-  #bestAvg = Infinity;
-  #highSteps = 0;
-  #zeroGrads = 0;
-  #bestVal = Infinity;
-  #highEvals = 0;
-
-  /** One update's loss and gradient norm; a reason once diverged, else null. */
-  step(loss: number, gradNorm: number): string | null {
-    if (!Number.isFinite(loss) || !Number.isFinite(gradNorm)) {
-      return `non-finite ${Number.isFinite(loss) ? "gradient norm" : "loss"}`;
-    }
-    this.#zeroGrads = gradNorm === 0 ? this.#zeroGrads + 1 : 0;
-    if (this.#zeroGrads >= ZERO_GRAD_PATIENCE) {
-      return `gradient norm exactly 0 for ${this.#zeroGrads} updates (loss ${
-        loss.toFixed(4)
-      }): the model no longer learns`;
-    }
-    this.#recent.push(loss);
-    if (this.#recent.length > LOSS_WINDOW) this.#recent.shift();
-    // the first updates average what there is: a run that rises from its very first update
-    // (--lr 10) must be measured against its starting loss, not an already exploded one
-    const avg = this.#recent.reduce((a, b) => a + b, 0) / this.#recent.length;
-    this.#bestAvg = Math.min(this.#bestAvg, avg);
-    this.#highSteps = far(avg, this.#bestAvg) ? this.#highSteps + 1 : 0;
-    if (this.#highSteps < LOSS_PATIENCE) return null;
-    return `loss ${
-      avg.toPrecision(4)
-    } (mean of the last ${this.#recent.length} updates) has stayed ` +
-      `far above its best ${this.#bestAvg.toPrecision(4)} for ${this.#highSteps} updates`;
-  }
-
-  /** One validation loss (null: not finite); a reason once diverged, else null. */
-  evaluation(loss: number | null): string | null {
-    if (loss === null) return "non-finite validation loss";
-    this.#bestVal = Math.min(this.#bestVal, loss);
-    this.#highEvals = far(loss, this.#bestVal) ? this.#highEvals + 1 : 0;
-    if (this.#highEvals < EVAL_PATIENCE) return null;
-    return `validation loss ${loss.toPrecision(4)} has stayed far above its best ${
-      this.#bestVal.toPrecision(4)
-    } for ${this.#highEvals} evaluations`;
-  }
-}
-
-function far(value: number, best: number): boolean {
-  return value > best * LOSS_RISE_FACTOR && value > best + LOSS_RISE_NATS;
-}
-
-/**
- * The flag that most probably made a run diverge, as advice: a learning rate well above the
- * optimizer's tuned default first, then a large GaLore scale or weight decay, else the data
- * or the starting weights.
- */
-function likelyCause(o: ResolvedOptions): string {
-  const base = DEFAULT_LR[o.optimizer];
-  // 4x: the defaults were tuned so that 2x still trains well (see DEFAULT_LR)
-  if (base !== undefined && o.lr > 4 * base) {
-    const times = o.lr / base;
-    return `likely cause: --lr ${o.lr} is ${
-      times < 1e6 ? Math.round(times) : times.toExponential(0)
-    }x ${o.optimizer}'s default ${base}; lower --lr${o.clip === 0 ? " or set --clip" : ""}`;
-  }
-  // α scales the projected-back update like a learning rate (default 0.25)
-  if (o.galoreScale !== null && o.galoreScale > 1) {
-    return `likely cause: --galore-scale ${o.galoreScale} (default 0.25); lower it`;
-  }
-  // decoupled decay multiplies each weight by (1 − lr·wd) per update
-  if (o.lr * o.weightDecay > 0.1) {
-    return `likely cause: --weight-decay ${o.weightDecay} (with --lr ${o.lr}); lower it`;
-  }
-  return `likely cause: the data or the model${
-    o.initFrom === null ? "" : ` (--init-from ${o.initFrom})`
-  }; try a lower --lr${o.clip === 0 ? " or set --clip" : ""}`;
-}
-
 /** e.g. "qgalore lr 0.04 (warmup 30), rank 128, T 200, INT8 weights, INT4 projectors, lazy, fused". */
 function describeOptimizer(o: ResolvedOptions): string {
   const parts = [`${o.optimizer} lr ${o.lr} (warmup ${o.warmup})`];
@@ -854,97 +752,4 @@ function flagged(e: unknown, flag: string, value: string): unknown {
 function tokenizerFolder(t: Tokenizer): string | null {
   const json = t.sourceFiles().find((f) => f.endsWith("tokenizer.json"));
   return json === undefined ? null : json.slice(0, Math.max(0, json.lastIndexOf("/"))) || ".";
-}
-
-/** The files a run writes into its `--out` folder. */
-const RUN_FILES = ["metrics.jsonl", "summary.json"] as const;
-
-/**
- * Refuses an `--out` folder holding an earlier run (unless `overwrite`), and one whose run
- * files are symlinks or not regular files (never written through, even with `overwrite`).
- */
-function checkOut(out: string, overwrite: boolean): void {
-  let earlier = false;
-  for (const name of RUN_FILES) {
-    const path = join(out, name);
-    let info: Deno.FileInfo;
-    try {
-      info = Deno.lstatSync(path);
-    } catch (e) {
-      if (e instanceof Deno.errors.NotFound || e instanceof Deno.errors.NotADirectory) continue;
-      throw e;
-    }
-    if (!info.isFile) {
-      throw new UsageError(
-        `--out ${out}: ${name} is ${
-          info.isSymlink ? "a symlink" : "not a regular file"
-        }; refusing to write through it (remove it or choose another --out)`,
-      );
-    }
-    earlier = true;
-  }
-  if (earlier && !overwrite) {
-    throw new UsageError(
-      `--out ${out}: holds an earlier run; pass --overwrite on to replace it ` +
-        "(or --resume once it exists)",
-    );
-  }
-}
-
-/**
- * Creates the output directory and a new `metrics.jsonl` in it, after {@link checkOut}: an
- * earlier run's regular files are removed (`--overwrite`), a symlink is never followed.
- */
-function openOut(out: string): JsonlWriter {
-  try {
-    Deno.mkdirSync(out, { recursive: true });
-  } catch (e) {
-    throw cannotWrite(out, e);
-  }
-  for (const name of RUN_FILES) {
-    const path = join(out, name);
-    try {
-      // removes a regular file only; lstat again, the folder may have changed since the check
-      if (Deno.lstatSync(path).isFile) Deno.removeSync(path);
-    } catch (e) {
-      if (!(e instanceof Deno.errors.NotFound)) throw cannotWrite(out, e);
-    }
-  }
-  try {
-    return new JsonlWriter(join(out, "metrics.jsonl"));
-  } catch (e) {
-    if (e instanceof Deno.errors.AlreadyExists) {
-      throw new UsageError(
-        `--out ${out}: metrics.jsonl appeared while starting (a symlink or another run?); ` +
-          "refusing to write through it",
-      );
-    }
-    throw cannotWrite(out, e);
-  }
-}
-
-/** Writes `summary.json` via a new temporary file and a rename: never through a symlink. */
-function writeSummary(out: string, text: string): void {
-  const path = join(out, "summary.json");
-  const tmp = join(out, `.summary.json.${Deno.pid}.tmp`);
-  try {
-    using f = Deno.openSync(tmp, { write: true, createNew: true });
-    const bytes = new TextEncoder().encode(text);
-    let done = 0;
-    while (done < bytes.length) done += f.writeSync(bytes.subarray(done));
-    f.syncSync();
-  } catch (e) {
-    try {
-      Deno.removeSync(tmp);
-    } catch { /* it may never have been created */ }
-    throw cannotWrite(out, e);
-  }
-  // rename replaces a symlink named summary.json itself, never its target
-  Deno.renameSync(tmp, path);
-}
-
-function cannotWrite(out: string, e: unknown): unknown {
-  if (e instanceof Deno.errors.NotCapable || e instanceof UsageError) return e;
-  const why = (e instanceof Error ? e.message : String(e)).split("\n")[0];
-  return new UsageError(`--out ${out}: cannot write there (${why})`);
 }

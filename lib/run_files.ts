@@ -1,0 +1,102 @@
+/**
+ * The files a run writes into its `--out` folder (`metrics.jsonl`, `summary.json`): never
+ * through a symlink, never over an earlier run unless asked.
+ * @module
+ */
+
+import { join } from "node:path";
+import { UsageError } from "./errors.ts";
+import { JsonlWriter } from "./log.ts";
+
+/** The files a run writes into its `--out` folder. */
+const RUN_FILES = ["metrics.jsonl", "summary.json"] as const;
+
+/**
+ * Refuses an `--out` folder holding an earlier run (unless `overwrite`), and one whose run
+ * files are symlinks or not regular files (never written through, even with `overwrite`).
+ */
+export function checkOut(out: string, overwrite: boolean): void {
+  let earlier = false;
+  for (const name of RUN_FILES) {
+    const path = join(out, name);
+    let info: Deno.FileInfo;
+    try {
+      info = Deno.lstatSync(path);
+    } catch (e) {
+      if (e instanceof Deno.errors.NotFound || e instanceof Deno.errors.NotADirectory) continue;
+      throw e;
+    }
+    if (!info.isFile) {
+      throw new UsageError(
+        `--out ${out}: ${name} is ${
+          info.isSymlink ? "a symlink" : "not a regular file"
+        }; refusing to write through it (remove it or choose another --out)`,
+      );
+    }
+    earlier = true;
+  }
+  if (earlier && !overwrite) {
+    throw new UsageError(
+      `--out ${out}: holds an earlier run; pass --overwrite on to replace it ` +
+        "(or --resume once it exists)",
+    );
+  }
+}
+
+/**
+ * Creates the output directory and a new `metrics.jsonl` in it, after {@link checkOut}: an
+ * earlier run's regular files are removed (`--overwrite`), a symlink is never followed.
+ */
+export function openOut(out: string): JsonlWriter {
+  try {
+    Deno.mkdirSync(out, { recursive: true });
+  } catch (e) {
+    throw cannotWrite(out, e);
+  }
+  for (const name of RUN_FILES) {
+    const path = join(out, name);
+    try {
+      // removes a regular file only; lstat again, the folder may have changed since the check
+      if (Deno.lstatSync(path).isFile) Deno.removeSync(path);
+    } catch (e) {
+      if (!(e instanceof Deno.errors.NotFound)) throw cannotWrite(out, e);
+    }
+  }
+  try {
+    return new JsonlWriter(join(out, "metrics.jsonl"));
+  } catch (e) {
+    if (e instanceof Deno.errors.AlreadyExists) {
+      throw new UsageError(
+        `--out ${out}: metrics.jsonl appeared while starting (a symlink or another run?); ` +
+          "refusing to write through it",
+      );
+    }
+    throw cannotWrite(out, e);
+  }
+}
+
+/** Writes `summary.json` via a new temporary file and a rename: never through a symlink. */
+export function writeSummary(out: string, text: string): void {
+  const path = join(out, "summary.json");
+  const tmp = join(out, `.summary.json.${Deno.pid}.tmp`);
+  try {
+    using f = Deno.openSync(tmp, { write: true, createNew: true });
+    const bytes = new TextEncoder().encode(text);
+    let done = 0;
+    while (done < bytes.length) done += f.writeSync(bytes.subarray(done));
+    f.syncSync();
+  } catch (e) {
+    try {
+      Deno.removeSync(tmp);
+    } catch { /* it may never have been created */ }
+    throw cannotWrite(out, e);
+  }
+  // rename replaces a symlink named summary.json itself, never its target
+  Deno.renameSync(tmp, path);
+}
+
+function cannotWrite(out: string, e: unknown): unknown {
+  if (e instanceof Deno.errors.NotCapable || e instanceof UsageError) return e;
+  const why = (e instanceof Error ? e.message : String(e)).split("\n")[0];
+  return new UsageError(`--out ${out}: cannot write there (${why})`);
+}
