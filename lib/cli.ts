@@ -4,7 +4,7 @@
  * @module
  */
 
-import { parseArgs } from "node:util";
+import { parseArgs, type ParseArgsConfig } from "node:util";
 import { UsageError } from "./errors.ts";
 import {
   checkChoice,
@@ -54,17 +54,7 @@ const PARSE_OPTIONS = Object.freeze({
  * message naming the flag and the value.
  */
 export function parsePretrainArgs(argv: string[]): PretrainArgs | "help" {
-  let values: Record<string, string | boolean | undefined>;
-  try {
-    values = parseArgs({
-      args: joinNegativeValues(argv),
-      options: PARSE_OPTIONS,
-      strict: true,
-      allowPositionals: false,
-    }).values;
-  } catch (e) {
-    throw parseError(e, argv);
-  }
+  const values = strictParse(argv, PARSE_OPTIONS, VALUE_FLAGS);
   if (values.help) return "help";
 
   const opts: PretrainArgs = { ...defaultTrainOptions(), json: values.json === true };
@@ -88,6 +78,27 @@ export function parsePretrainArgs(argv: string[]): PretrainArgs | "help" {
   }
   checkOptions(opts);
   return opts;
+}
+
+/**
+ * `parseArgs` in strict mode (unknown flags and stray arguments are errors), its errors as
+ * one-line UsageErrors; values that start with `-` are joined to their flag first.
+ */
+function strictParse(
+  argv: string[],
+  options: ParseArgsConfig["options"],
+  valueFlags: Readonly<Record<string, unknown>>,
+): Record<string, string | boolean | undefined> {
+  try {
+    return parseArgs({
+      args: joinNegativeValues(argv, valueFlags),
+      options,
+      strict: true,
+      allowPositionals: false,
+    }).values as Record<string, string | boolean | undefined>;
+  } catch (e) {
+    throw parseError(e, argv);
+  }
 }
 
 /**
@@ -202,26 +213,15 @@ export function parseScriptArgs(
   const valueFlags = Object.fromEntries(
     Object.entries(flags).filter(([, f]) => f.type !== "switch").map(([k]) => [k, k]),
   );
-  let values: Record<string, string | boolean | undefined>;
   // `--temperature -1` reads as a value, so the range check can name it
-  const args = joinNegativeValues(argv, valueFlags);
-  try {
-    values = parseArgs({
-      args,
-      options: {
-        ...Object.fromEntries(
-          Object.entries(flags).map((
-            [k, f],
-          ) => [k, { type: f.type === "switch" ? "boolean" as const : "string" as const }]),
-        ),
-        help: { type: "boolean", short: "h" },
-      },
-      strict: true,
-      allowPositionals: false,
-    }).values;
-  } catch (e) {
-    throw parseError(e, argv);
-  }
+  const values = strictParse(argv, {
+    ...Object.fromEntries(
+      Object.entries(flags).map((
+        [k, f],
+      ) => [k, { type: f.type === "switch" ? "boolean" as const : "string" as const }]),
+    ),
+    help: { type: "boolean", short: "h" },
+  }, valueFlags);
   if (values.help) return "help";
   const out: Record<string, string | number | boolean | undefined> = {};
   for (const [name, f] of Object.entries(flags)) {
