@@ -517,11 +517,12 @@ fn refuse_beyond_host_memory(cfg: &EngineConfig) -> Result<()> {
     if need <= free {
         return Ok(());
     }
-    Err(Error::invalid(memory_refusal(cfg, need, free)))
+    Err(Error::invalid(memory_refusal(cfg, need, free, "this machine has")))
 }
 
-/// The one-line refusal: the estimate, what is available, and the options that shrink it.
-pub fn memory_refusal(cfg: &EngineConfig, need: u64, free: u64) -> String {
+/// The one-line refusal: the estimate, what is available (`place`: "this machine has",
+/// "the GPU has"), and the options that shrink it.
+pub fn memory_refusal(cfg: &EngineConfig, need: u64, free: u64, place: &str) -> String {
     let gb = |b: u64| format!("{:.1} GB", b as f64 / 1e9);
     let o = &cfg.optimizer;
     let mut tries = Vec::new();
@@ -534,7 +535,7 @@ pub fn memory_refusal(cfg: &EngineConfig, need: u64, free: u64) -> String {
     tries.push("a smaller batch_size or seq_len".to_string());
     let params: u64 = Plan::new(cfg, false, "the model").params;
     format!(
-        "the model ({:.2}B parameters) with optimizer {} needs {} (batch_size {}, seq_len {}); this machine has {} available; try {}",
+        "the model ({:.2}B parameters) with optimizer {} needs {} (batch_size {}, seq_len {}); {place} {} available; try {}",
         params as f64 / 1e9,
         o.name.name(),
         gb(need),
@@ -547,8 +548,20 @@ pub fn memory_refusal(cfg: &EngineConfig, need: u64, free: u64) -> String {
 
 #[cfg(feature = "cuda")]
 fn cuda(cfg: EngineConfig, init: Option<&std::path::Path>) -> Result<Box<dyn Session>> {
-    let be = crate::backend::cuda::Cuda::new(0, cfg.precision != Precision::Fp32)
+    cfg.validate()?;
+    let bf16 = cfg.precision != Precision::Fp32;
+    let be = crate::backend::cuda::Cuda::new(0, bf16)
         .map_err(|e| Error::backend(format!("device cuda: {}; use device cpu or auto", e.msg)))?;
+    // As on the host: a plan beyond the device's free memory would fail at some allocation
+    // deep in the build (or later, in the first backward); refuse it up front with the
+    // estimate. Only impossible runs are refused: the plan leaves out the CUDA context and
+    // the cuBLAS workspaces.
+    if let Some(free) = be.device_free_bytes() {
+        let need = Plan::new(&cfg, bf16, "the model").stepped.total;
+        if need > free {
+            return Err(Error::invalid(memory_refusal(&cfg, need, free, "the GPU has")));
+        }
+    }
     Ok(Box::new(Engine::build(be, cfg, init)?))
 }
 

@@ -223,3 +223,18 @@ fn plan_equals_tracked_bytes_for_tied_tables() {
         compare(c);
     }
 }
+
+/// The refusal names the estimate, the place that lacks the memory (host or GPU) and the
+/// options that shrink the plan; qgalore with checkpointing on suggests neither again.
+#[test]
+fn memory_refusal_names_the_place_and_the_remedies() {
+    let cfg = engine_cfg(llama9m(), 8, 256, 1);
+    let need = Plan::new(&cfg, false, "the model").stepped.total;
+    let gpu = qgalore::train::memory_refusal(&cfg, need, 16_000_000_000, "the GPU has");
+    assert!(gpu.contains("with optimizer adamw needs"), "{gpu}");
+    assert!(gpu.contains("; the GPU has 16.0 GB available; try optimizer qgalore, checkpointing true, a smaller batch_size or seq_len"), "{gpu}");
+    let mut q = engine_cfg(llama9m(), 8, 256, 1);
+    (q.optimizer, q.checkpointing) = (optim("qgalore", 0.0), true);
+    let host = qgalore::train::memory_refusal(&q, need, 1_000_000_000, "this machine has");
+    assert!(host.ends_with("this machine has 1.0 GB available; try a smaller batch_size or seq_len"), "{host}");
+}

@@ -124,6 +124,16 @@ impl Cuda {
         }
     }}
 
+impl Cuda {
+    /// Device memory the driver can still hand out (`cuMemGetInfo`), or None when it does
+    /// not answer (then nothing is refused).
+    pub fn device_free_bytes(&self) -> Option<u64> {
+        // the driver answers for the context current on this thread
+        self.stream.context().bind_to_thread().ok()?;
+        cudarc::driver::result::mem_get_info().ok().map(|(free, _)| free as u64)
+    }
+}
+
 impl Memory for Cuda {
     type Buf = CudaBuf;
 
