@@ -33,6 +33,25 @@ const ZERO_GRAD_PATIENCE = 3;
 /** Consecutive evaluations far above the best validation loss that end a run. */
 const EVAL_PATIENCE = 3;
 
+/**
+ * What a {@link DivergenceWatch} has seen, as JSON (a checkpoint carries it, so a resumed run
+ * raises the alarm at the step the uninterrupted one would). Infinity (nothing seen) is null.
+ */
+export interface WatchState {
+  /** The last losses (at most the averaging window). */
+  recent: number[];
+  /** Best moving average so far. */
+  best_avg: number | null;
+  /** Consecutive updates far above it. */
+  high_steps: number;
+  /** Consecutive updates with a gradient norm of exactly 0. */
+  zero_grads: number;
+  /** Best validation loss so far. */
+  best_val: number | null;
+  /** Consecutive evaluations far above it. */
+  high_evals: number;
+}
+
 /** Watches a run's losses and gradient norms; says why once the run has clearly diverged. */
 export class DivergenceWatch {
   readonly #recent: number[] = [];
@@ -41,6 +60,52 @@ export class DivergenceWatch {
   #zeroGrads = 0;
   #bestVal = Infinity;
   #highEvals = 0;
+
+  /**
+   * Whether nothing is counting towards an alarm: only such a state is saved as a checkpoint
+   * during a run, so the newest checkpoint of a diverged run is one from before the trouble
+   * began (its last good one).
+   */
+  get calm(): boolean {
+    return this.#highSteps === 0 && this.#zeroGrads === 0 && this.#highEvals === 0;
+  }
+
+  /** What the watch has seen, for a checkpoint. */
+  state(): WatchState {
+    const orNull = (x: number) => Number.isFinite(x) ? x : null;
+    return {
+      recent: [...this.#recent],
+      best_avg: orNull(this.#bestAvg),
+      high_steps: this.#highSteps,
+      zero_grads: this.#zeroGrads,
+      best_val: orNull(this.#bestVal),
+      high_evals: this.#highEvals,
+    };
+  }
+
+  /** A watch that continues from `state` ({@link DivergenceWatch.state}); RangeError if malformed. */
+  static restore(state: WatchState): DivergenceWatch {
+    const count = (x: unknown) => typeof x === "number" && Number.isInteger(x) && x >= 0;
+    const best = (x: unknown) => x === null || (typeof x === "number" && Number.isFinite(x));
+    const s = state as Partial<WatchState> | null;
+    if (
+      typeof s !== "object" || s === null || !Array.isArray(s.recent) ||
+      s.recent.length > LOSS_WINDOW ||
+      !s.recent.every((x) => typeof x === "number" && Number.isFinite(x)) ||
+      !best(s.best_avg) || !best(s.best_val) || !count(s.high_steps) || !count(s.zero_grads) ||
+      !count(s.high_evals)
+    ) {
+      throw new RangeError("divergence watch state: malformed");
+    }
+    const w = new DivergenceWatch();
+    w.#recent.push(...s.recent);
+    w.#bestAvg = s.best_avg ?? Infinity;
+    w.#highSteps = s.high_steps!;
+    w.#zeroGrads = s.zero_grads!;
+    w.#bestVal = s.best_val ?? Infinity;
+    w.#highEvals = s.high_evals!;
+    return w;
+  }
 
   /** One update's loss and gradient norm; a reason once diverged, else null. */
   step(loss: number, gradNorm: number): string | null {

@@ -75,6 +75,55 @@ export function openOut(out: string): JsonlWriter {
   }
 }
 
+/**
+ * A resumed run's `metrics.jsonl`: its first `lines` records (those written up to the
+ * checkpoint; later ones, by the run that was stopped or killed, are dropped) rewritten to a
+ * new file that atomically replaces it, then open for appending. Returns the writer and the
+ * number of records kept (fewer than `lines` only when the file lost some).
+ */
+export function resumeMetrics(out: string, lines: number): { writer: JsonlWriter; kept: number } {
+  const path = join(out, "metrics.jsonl");
+  let text = "";
+  try {
+    const info = Deno.lstatSync(path);
+    if (!info.isFile) {
+      throw new UsageError(
+        `--resume ${out}: metrics.jsonl is ${
+          info.isSymlink ? "a symlink" : "not a regular file"
+        }; refusing to write through it`,
+      );
+    }
+    text = Deno.readTextFileSync(path);
+  } catch (e) {
+    if (!(e instanceof Deno.errors.NotFound)) throw cannotWrite(out, e);
+  }
+  const records = text.split("\n").filter((l) => l !== "").slice(0, lines);
+  const tmp = join(out, `.metrics.jsonl.${Deno.pid}.tmp`);
+  let writer: JsonlWriter;
+  try {
+    writer = new JsonlWriter(tmp);
+  } catch (e) {
+    throw cannotWrite(out, e);
+  }
+  try {
+    // JSON.stringify(JSON.parse(line)) gives the line back byte for byte
+    for (const line of records) writer.write(JSON.parse(line));
+    using f = Deno.openSync(tmp, { read: true });
+    f.syncSync();
+    // the writer keeps appending to the file under its new name
+    Deno.renameSync(tmp, path);
+  } catch (e) {
+    writer.close();
+    try {
+      Deno.removeSync(tmp);
+    } catch { /* renamed or never written */ }
+    throw e instanceof SyntaxError
+      ? new UsageError(`--resume ${out}: metrics.jsonl: a record is not JSON (${e.message})`)
+      : cannotWrite(out, e);
+  }
+  return { writer, kept: records.length };
+}
+
 /** Writes `summary.json` via a new temporary file and a rename: never through a symlink. */
 export function writeSummary(out: string, text: string): void {
   const path = join(out, "summary.json");
