@@ -109,10 +109,11 @@ export async function writeCheckpoint(
     throw new UsageError(`--out ${out}: cannot create ${CHECKPOINT_DIR}/ (${why})`);
   }
   const path = join(dir, checkpointName(record.step));
-  await engine.save(path);
+  // the record first: the checkpoint's name appears (atomically) only once both exist
   const tmp = `${path}${SIDECAR}.${Deno.pid}.tmp`;
   Deno.writeTextFileSync(tmp, JSON.stringify(record), { createNew: true });
   Deno.renameSync(tmp, `${path}${SIDECAR}`);
+  await engine.save(path);
   return path;
 }
 
@@ -288,11 +289,13 @@ export async function dataFingerprint(
 }
 
 /**
- * Renames an invalid checkpoint to `<name>.invalid` so that neither a resume nor pruning
- * takes it for one of the run's checkpoints again; nothing is deleted. Returns the new path.
+ * Renames a checkpoint the run must not resume from to `<name>.invalid` (not readable) or
+ * `<name>.diverged` (written after the loss's best, by a run that then diverged), so that
+ * neither a resume nor pruning takes it for one of the run's checkpoints again; nothing is
+ * deleted. Returns the new path.
  */
-export function setAside(path: string): string {
-  const to = `${path}.invalid`;
+export function setAside(path: string, why: "invalid" | "diverged"): string {
+  const to = `${path}.${why}`;
   Deno.renameSync(path, to);
   try {
     Deno.renameSync(`${path}${SIDECAR}`, `${to}${SIDECAR}`);

@@ -42,6 +42,10 @@ export interface WatchState {
   recent: number[];
   /** Best moving average so far. */
   best_avg: number | null;
+  /** Updates seen. */
+  updates: number;
+  /** The update after which the best moving average was reached (0: none yet). */
+  best_at: number;
   /** Consecutive updates far above it. */
   high_steps: number;
   /** Consecutive updates with a gradient norm of exactly 0. */
@@ -56,6 +60,8 @@ export interface WatchState {
 export class DivergenceWatch {
   readonly #recent: number[] = [];
   #bestAvg = Infinity;
+  #updates = 0;
+  #bestAt = 0;
   #highSteps = 0;
   #zeroGrads = 0;
   #bestVal = Infinity;
@@ -70,12 +76,22 @@ export class DivergenceWatch {
     return this.#highSteps === 0 && this.#zeroGrads === 0 && this.#highEvals === 0;
   }
 
+  /**
+   * The update after which the loss's moving average was at its best (0 before any): after
+   * a divergence, the state worth going back to is the newest saved at or before it.
+   */
+  get bestAt(): number {
+    return this.#bestAt;
+  }
+
   /** What the watch has seen, for a checkpoint. */
   state(): WatchState {
     const orNull = (x: number) => Number.isFinite(x) ? x : null;
     return {
       recent: [...this.#recent],
       best_avg: orNull(this.#bestAvg),
+      updates: this.#updates,
+      best_at: this.#bestAt,
       high_steps: this.#highSteps,
       zero_grads: this.#zeroGrads,
       best_val: orNull(this.#bestVal),
@@ -93,6 +109,8 @@ export class DivergenceWatch {
       s.recent.length > LOSS_WINDOW ||
       !s.recent.every((x) => typeof x === "number" && Number.isFinite(x)) ||
       !best(s.best_avg) || !best(s.best_val) || !count(s.high_steps) || !count(s.zero_grads) ||
+      !count(s.updates) ||
+      !count(s.best_at) ||
       !count(s.high_evals)
     ) {
       throw new RangeError("divergence watch state: malformed");
@@ -100,6 +118,8 @@ export class DivergenceWatch {
     const w = new DivergenceWatch();
     w.#recent.push(...s.recent);
     w.#bestAvg = s.best_avg ?? Infinity;
+    w.#updates = s.updates!;
+    w.#bestAt = s.best_at!;
     w.#highSteps = s.high_steps!;
     w.#zeroGrads = s.zero_grads!;
     w.#bestVal = s.best_val ?? Infinity;
@@ -123,7 +143,8 @@ export class DivergenceWatch {
     // the first updates average what there is: a run that rises from its very first update
     // (--lr 10) must be measured against its starting loss, not an already exploded one
     const avg = this.#recent.reduce((a, b) => a + b, 0) / this.#recent.length;
-    this.#bestAvg = Math.min(this.#bestAvg, avg);
+    this.#updates++;
+    if (avg < this.#bestAvg) [this.#bestAvg, this.#bestAt] = [avg, this.#updates];
     this.#highSteps = far(avg, this.#bestAvg) ? this.#highSteps + 1 : 0;
     if (this.#highSteps < LOSS_PATIENCE) return null;
     return `loss ${

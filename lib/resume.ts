@@ -57,6 +57,7 @@ export interface ResumePlan extends Resumable {
 }
 
 function shown(v: unknown): string {
+  if (v === null || v === undefined) return "the default";
   if (typeof v === "boolean") return v ? "on" : "off";
   if (typeof v === "object" && v !== null) return "(a config object)";
   return String(v);

@@ -26,6 +26,7 @@ import { DivergenceWatch, likelyCause } from "./diverge.ts";
 import { checkOut, openOut, resumeMetrics, writeSummary } from "./run_files.ts";
 import {
   dataFingerprint,
+  listCheckpoints,
   pruneCheckpoints,
   RUN_RECORD_VERSION,
   type RunRecord,
@@ -338,7 +339,6 @@ export class Run implements Disposable {
   #savedStep = 0;
   #checkpoint: string | null = null;
   #savedAt: number;
-  #lastGood: string | null = null;
 
   private constructor(
     init: {
@@ -394,7 +394,7 @@ export class Run implements Disposable {
       this.#initialLoss = r.counters.initial_val_loss;
       this.#metricsLines = init.resume!.kept;
       this.#savedStep = r.step;
-      this.#checkpoint = this.#lastGood = this.resumedFrom;
+      this.#checkpoint = this.resumedFrom;
     }
   }
 
@@ -503,7 +503,7 @@ export class Run implements Disposable {
         // newer checkpoints that are not valid are renamed, so no later resume or pruning
         // mistakes them for the run's (nothing is deleted)
         for (const s of plan.skipped) {
-          progress.note(`notice: skipped ${s.why}; renamed to ${setAside(s.path)}`);
+          progress.note(`notice: skipped ${s.why}; renamed to ${setAside(s.path, "invalid")}`);
         }
         const { writer, kept } = resumeMetrics(plan.dir, plan.record.metrics_lines);
         metrics = writer;
@@ -651,10 +651,38 @@ export class Run implements Disposable {
     this.#savedStep = record.step;
     this.#savedAt = performance.now();
     this.#checkpoint = path;
-    // saved while nothing counted towards a divergence alarm (DivergenceWatch.calm)
-    if (DivergenceWatch.restore(record.counters.watch).calm) this.#lastGood = path;
-    pruneCheckpoints(this.out!, this.opts.keep, this.#lastGood);
+    // the one to go back to should the run diverge later: never pruned
+    pruneCheckpoints(
+      this.out!,
+      this.opts.keep,
+      this.#goodCheckpoint(record.counters.watch.best_at),
+    );
     return path;
+  }
+
+  /** The newest checkpoint of the run at or before update `bestAt` (the loss's best), or null. */
+  #goodCheckpoint(bestAt: number): string | null {
+    return this.out === null
+      ? null
+      : listCheckpoints(this.out).find((c) => c.step <= bestAt)?.path ?? null;
+  }
+
+  /**
+   * After a divergence: the newest checkpoint at or before the loss's best is the last good
+   * one; newer ones hold states already on the way up and are renamed `….diverged`, so that
+   * `--resume` starts from the last good one. Returns it, or null.
+   */
+  #keepLastGood(): string | null {
+    if (this.out === null) return null;
+    const good = this.#goodCheckpoint(this.#watch.bestAt);
+    for (const c of listCheckpoints(this.out)) {
+      if (c.path === good) break;
+      this.#progress.note(
+        `notice: ${c.path} was written after the loss's best (update ${this.#watch.bestAt}); ` +
+          `renamed to ${setAside(c.path, "diverged")}`,
+      );
+    }
+    return good;
   }
 
   /** Everything a resume needs besides the engine state, as of now. */
@@ -852,6 +880,8 @@ export class Run implements Disposable {
       const finalRef = refLoss(finalLoss, opts.evalBatches);
       const lastLoss = this.#lastLoss;
       const failure = this.#failure;
+      // a diverged run's newest good state; a healthy run's newest
+      const lastGood = failure === null ? this.#checkpoint : this.#keepLastGood();
       const summary: Summary = {
         steps,
         steps_planned: opts.steps,
@@ -899,8 +929,8 @@ export class Run implements Disposable {
         diverged: failure !== null,
         error: failure ?? exportFailure,
         out: this.out,
-        checkpoint: this.#checkpoint,
-        last_good_checkpoint: this.#lastGood,
+        checkpoint: failure === null ? this.#checkpoint : lastGood,
+        last_good_checkpoint: lastGood,
         resumed_from: this.resumedFrom,
         started_at: this.#startedAt,
       };
@@ -918,9 +948,9 @@ export class Run implements Disposable {
       );
       if (failure !== null) {
         this.#progress.note(
-          this.#lastGood === null
+          lastGood === null
             ? "no checkpoint was saved before the divergence"
-            : `last good checkpoint: ${this.#lastGood} (continue from it with --resume ${this.out} ` +
+            : `last good checkpoint: ${lastGood} (continue from it with --resume ${this.out} ` +
               "and a lower --lr)",
         );
         throw new DivergedError(failure, summary);
