@@ -7,6 +7,8 @@
 //! (`write_file` / `read_file`) the payload after those 8 bytes is preceded by its length
 //! (u64) and its SHA-256, so a corrupted or truncated file is refused before it is parsed.
 
+pub mod meta;
+
 use crate::backend::{Memory, Optimizers, Quantization};
 use crate::error::{Error, Result};
 use crate::quant::adam8::State8;
@@ -358,4 +360,58 @@ pub fn read_file(path: &Path) -> Result<Vec<u8>> {
         return Err(bad("checkpoint is corrupt (SHA-256 of the payload does not match)".into()));
     }
     Ok(out)
+}
+
+/// What `qg_checkpoint_info` returns for the file at `path`, checked (header, length,
+/// SHA-256) without an engine: `{"format_version", "optimizer", "step", "engine_config",
+/// "run", "error"}`; on any problem the fields are null and `error` is the one-line message.
+pub fn info_json(path: &Path) -> String {
+    let r = (|| -> Result<serde_json::Value> {
+        let bytes = read_file(path)?;
+        let mut r = Reader::new(&bytes)?;
+        let m = Meta::parse(&r.str()?)?;
+        Ok(serde_json::json!({
+            "format_version": VERSION,
+            "optimizer": m.optimizer,
+            "step": m.step,
+            "engine_config": m.engine_config,
+            "run": m.run,
+            "error": null,
+        }))
+    })();
+    r.unwrap_or_else(|e| {
+        serde_json::json!({ "format_version": null, "optimizer": null, "step": null, "engine_config": null, "run": null, "error": e.msg })
+    })
+    .to_string()
+}
+
+/// The checkpoint's first section (JSON text): optimizer name, step counter, engine config,
+/// the precision the engine computed in, and the front end's run JSON (or null).
+pub struct Meta {
+    pub optimizer: String,
+    pub step: u64,
+    pub engine_config: serde_json::Value,
+    pub precision: String,
+    pub run: serde_json::Value,
+}
+
+impl Meta {
+    pub fn to_json(&self) -> String {
+        serde_json::json!({
+            "optimizer": self.optimizer,
+            "step": self.step,
+            "engine_config": self.engine_config,
+            "precision": self.precision,
+            "run": self.run,
+        })
+        .to_string()
+    }
+
+    pub fn parse(text: &str) -> Result<Meta> {
+        let v: serde_json::Value = serde_json::from_str(text).map_err(|e| corrupt(&format!("metadata: {e}")))?;
+        let s = |k: &str| v.get(k).and_then(|x| x.as_str()).map(String::from).ok_or_else(|| corrupt(&format!("metadata {k}")));
+        let step = v.get("step").and_then(|x| x.as_u64()).filter(|&n| n <= MAX_COUNTER).ok_or_else(|| corrupt("metadata step"))?;
+        let engine_config = v.get("engine_config").filter(|x| x.is_object()).cloned().ok_or_else(|| corrupt("metadata engine_config"))?;
+        Ok(Meta { optimizer: s("optimizer")?, step, engine_config, precision: s("precision")?, run: v.get("run").cloned().unwrap_or(serde_json::Value::Null) })
+    }
 }

@@ -265,8 +265,29 @@ impl<B: Backend> Engine<B> {
     /// Every piece of state as bytes; fails if a device copy failed (never a checkpoint
     /// of zeros).
     pub fn save_state(&self) -> Result<Vec<u8>> {
+        self.save_state_run(None)
+    }
+
+    /// `save_state` with the front end's run description (`run`: JSON text, stored
+    /// verbatim and returned by `qg_checkpoint_info`).
+    pub fn save_state_run(&self, run: Option<&str>) -> Result<Vec<u8>> {
         let be = &self.be;
+        let run = match run {
+            Some(text) => {
+                crate::state::meta::check_run(text)?;
+                serde_json::from_str(text).map_err(|e| Error::invalid(format!("run description: {e}")))?
+            }
+            None => serde_json::Value::Null,
+        };
+        let meta = crate::state::Meta {
+            optimizer: self.opt.name().into(),
+            step: self.opt.steps(),
+            engine_config: crate::state::meta::config_json(&self.cfg),
+            precision: self.be.precision().into(),
+            run,
+        };
         let mut w = crate::state::Writer::new();
+        w.str(&meta.to_json());
         w.str(self.opt.name());
         w.u64(self.model.params.len() as u64);
         for p in &self.model.params {
@@ -303,6 +324,9 @@ impl<B: Backend> Engine<B> {
         use crate::model::Weight;
         let be = &self.be;
         let mut r = crate::state::Reader::new(bytes)?;
+        let meta = crate::state::Meta::parse(&r.str()?)?;
+        ensure!(meta.optimizer == self.opt.name(), "checkpoint is for optimizer {}, this run uses {}", meta.optimizer, self.opt.name());
+        crate::state::meta::check_config(&meta.engine_config, &self.cfg, &meta.precision, self.be.precision())?;
         let name = r.str()?;
         ensure!(name == self.opt.name(), "checkpoint is for optimizer {name}, this run uses {}", self.opt.name());
         let n = r.u64()? as usize;
@@ -418,6 +442,8 @@ pub trait Session: Send {
     fn memory(&self) -> [u64; 6];
     fn info(&self) -> Info;
     fn save_state(&self) -> Result<Vec<u8>>;
+    /// `save_state` with the front end's run JSON text.
+    fn save_state_run(&self, run: Option<&str>) -> Result<Vec<u8>>;
     fn load_state(&mut self, bytes: &[u8]) -> Result<()>;
     /// A one-line notice for the user (e.g. a device fallback), reported in `info`.
     fn set_notice(&mut self, text: &str);
@@ -444,6 +470,9 @@ impl<B: Backend> Session for Engine<B> {
     }
     fn save_state(&self) -> Result<Vec<u8>> {
         Engine::save_state(self)
+    }
+    fn save_state_run(&self, run: Option<&str>) -> Result<Vec<u8>> {
+        Engine::save_state_run(self, run)
     }
     fn load_state(&mut self, bytes: &[u8]) -> Result<()> {
         Engine::load_state(self, bytes)

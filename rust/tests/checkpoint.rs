@@ -100,3 +100,32 @@ fn tied_models_resume_bit_exactly() {
         assert_eq!(u.save_state().unwrap(), before);
     }
 }
+
+#[test]
+fn another_trajectory_config_is_refused_naming_the_field() {
+    let mut a = engine(cfg("qgalore"));
+    a.train_step(&tokens(2, 16, 64, 1), 1, 3e-3).unwrap();
+    let good = a.save_state().unwrap();
+    let cases: Vec<(Box<dyn Fn(&mut EngineConfig)>, &str)> = vec![
+        (Box::new(|c| c.seed = 13), "seed is 12 in the checkpoint and 13 in this engine"),
+        (Box::new(|c| c.optimizer.beta2 = 0.99), "optimizer.beta2 is 0.999 in the checkpoint and 0.99 in this engine"),
+        (Box::new(|c| c.optimizer.cos_threshold = 0.5), "optimizer.cos_threshold is 0.4 in the checkpoint and 0.5 in this engine"),
+        (Box::new(|c| c.optimizer.update_gap = 3), "optimizer.update_gap is 2 in the checkpoint and 3 in this engine"),
+        (Box::new(|c| c.model.rope_theta = 5e5), "model.rope_theta is 10000.0 in the checkpoint and 500000.0 in this engine"),
+    ];
+    for (change, want) in cases {
+        let mut c = cfg("qgalore");
+        change(&mut c);
+        let mut b = engine(c);
+        let before = b.save_state().unwrap();
+        let e = b.load_state(&good).unwrap_err();
+        assert!(e.msg.contains(want), "{}", e.msg);
+        assert!(!e.msg.contains('\n'));
+        assert!(b.save_state().unwrap() == before, "{want}: engine changed");
+    }
+    // speed and memory settings are not the trajectory's: threads, checkpointing
+    let mut c = cfg("qgalore");
+    c.threads = 1;
+    c.checkpointing = true;
+    engine(c).load_state(&good).unwrap();
+}

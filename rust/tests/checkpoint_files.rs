@@ -157,6 +157,7 @@ fn walk(b: &[u8]) -> Fields {
         let n = u64_at(*pos);
         *pos += 8 + n * elem;
     };
+    skip_bytes(&mut pos, 1); // metadata JSON
     skip_bytes(&mut pos, 1); // optimizer name
     let n = u64_at(pos);
     pos += 8;
@@ -335,7 +336,7 @@ mod ffi_level {
             }
             let p = dir.join("a.ckpt");
             let ps = p.to_str().unwrap();
-            assert_eq!(qg_save(a, ps.as_ptr(), ps.len()), 0, "{}", error(a));
+            assert_eq!(qg_save(a, ps.as_ptr(), ps.len(), std::ptr::null(), 0), 0, "{}", error(a));
             assert_eq!(names(&dir), ["a.ckpt"]);
             let state = read_file(&p).unwrap();
             // a reader length near 2^64 (valid checksum): once a panic that broke the engine
@@ -357,7 +358,7 @@ mod ffi_level {
             std::fs::remove_file(&p).unwrap();
             mkfifo(&p);
             assert_ne!(qg_load(a, ps.as_ptr(), ps.len()), 0);
-            assert_ne!(qg_save(a, ps.as_ptr(), ps.len()), 0);
+            assert_ne!(qg_save(a, ps.as_ptr(), ps.len(), std::ptr::null(), 0), 0);
             assert!(error(a).contains("not a regular file"), "{}", error(a));
             // still the same engine: it trains exactly like its twin
             for s in 3..5 {
