@@ -8,7 +8,7 @@
  */
 
 import { join } from "node:path";
-import { EngineError } from "../ffi/engine.ts";
+import { EngineError, inspectCheckpoint } from "../ffi/engine.ts";
 import { UsageError } from "./errors.ts";
 import type { Dataset } from "./data.ts";
 import type { WatchState } from "./diverge.ts";
@@ -75,26 +75,16 @@ export interface RunRecord {
   started_at: string;
 }
 
-/** What {@link inspect} says about a checkpoint file. */
-interface Inspected {
-  /** The engine's optimizer step counter. */
-  step: number;
-  /** The run record stored with it, unchecked. */
-  run: unknown;
-}
-
 /** Something that writes checkpoints with a run record (the native engine). */
 export interface CheckpointWriter {
   /** Writes the engine state and `run` (as JSON) to `path`, atomically and durably. */
   save(path: string, run?: unknown): Promise<void>;
 }
 
-// Until the engine stores the run record inside the checkpoint, it goes to a file next to it.
-const SIDECAR = ".run.json";
-
 /**
- * Writes the checkpoint of `step` into `out/checkpoints/` with its run record; returns its
- * path. The engine writes atomically: a killed save leaves no file under the final name.
+ * Writes the checkpoint of `record.step` into `out/checkpoints/` with the run record inside;
+ * returns its path. The engine writes atomically and durably (temporary file, fsync, rename):
+ * a killed save leaves no file under the final name.
  */
 export async function writeCheckpoint(
   engine: CheckpointWriter,
@@ -109,23 +99,8 @@ export async function writeCheckpoint(
     throw new UsageError(`--out ${out}: cannot create ${CHECKPOINT_DIR}/ (${why})`);
   }
   const path = join(dir, checkpointName(record.step));
-  // the record first: the checkpoint's name appears (atomically) only once both exist
-  const tmp = `${path}${SIDECAR}.${Deno.pid}.tmp`;
-  Deno.writeTextFileSync(tmp, JSON.stringify(record), { createNew: true });
-  Deno.renameSync(tmp, `${path}${SIDECAR}`);
-  await engine.save(path);
+  await engine.save(path, record);
   return path;
-}
-
-function inspect(path: string): Inspected {
-  let run: unknown;
-  try {
-    run = JSON.parse(Deno.readTextFileSync(`${path}${SIDECAR}`));
-  } catch (e) {
-    throw new EngineError(-1, `${path}: no run record (${String(e).split("\n")[0]})`);
-  }
-  const step = (run as { step?: unknown } | null)?.step;
-  return { step: typeof step === "number" ? step : -1, run };
 }
 
 /** One checkpoint file of a run. */
@@ -173,9 +148,6 @@ export function pruneCheckpoints(out: string, keep: number, protect: string | nu
     } catch (e) {
       if (!(e instanceof Deno.errors.NotFound)) throw e;
     }
-    try {
-      Deno.removeSync(`${c.path}${SIDECAR}`);
-    } catch { /* the record may be inside the checkpoint, or already gone */ }
   }
   return removed;
 }
@@ -185,9 +157,10 @@ export function pruneCheckpoints(out: string, keep: number, protect: string | nu
  * when the file is not a valid checkpoint or its record is missing or malformed.
  */
 export function readRunRecord(path: string): RunRecord {
-  let info: Inspected;
+  let info: { step: number; run: unknown };
   try {
-    info = inspect(path);
+    // checks the header and the checksum of the whole payload without building an engine
+    info = inspectCheckpoint(path);
   } catch (e) {
     if (e instanceof EngineError || e instanceof UsageError) throw new UsageError(e.message);
     throw e;
@@ -297,8 +270,36 @@ export async function dataFingerprint(
 export function setAside(path: string, why: "invalid" | "diverged"): string {
   const to = `${path}.${why}`;
   Deno.renameSync(path, to);
-  try {
-    Deno.renameSync(`${path}${SIDECAR}`, `${to}${SIDECAR}`);
-  } catch { /* the record may be inside the checkpoint, or missing */ }
   return to;
+}
+
+/**
+ * Removes what killed saves of the run left in `out/checkpoints/`: the engine's temporary
+ * files of the run's checkpoint names (`.step-00000120.safetensors.tmp-<pid>-<ns>`) whose
+ * process no longer exists (known from /proc; where there is none, nothing is removed).
+ * Returns the removed paths.
+ */
+export function removeStaleTemps(out: string): string[] {
+  const dir = join(out, CHECKPOINT_DIR);
+  const removed: string[] = [];
+  const alive = (pid: number): boolean => {
+    try {
+      Deno.statSync(`/proc/${pid}`);
+      return true;
+    } catch {
+      return false;
+    }
+  };
+  try {
+    Deno.statSync("/proc/self");
+  } catch {
+    return removed;
+  }
+  for (const e of Deno.readDirSync(dir)) {
+    const m = /^\.step-\d{8,}\.safetensors\.tmp-(\d+)-\d+$/.exec(e.name);
+    if (m === null || !e.isFile || alive(Number(m[1]))) continue;
+    Deno.removeSync(join(dir, e.name));
+    removed.push(join(dir, e.name));
+  }
+  return removed;
 }

@@ -28,6 +28,7 @@ import {
   dataFingerprint,
   listCheckpoints,
   pruneCheckpoints,
+  removeStaleTemps,
   RUN_RECORD_VERSION,
   type RunRecord,
   setAside,
@@ -504,6 +505,10 @@ export class Run implements Disposable {
         // mistakes them for the run's (nothing is deleted)
         for (const s of plan.skipped) {
           progress.note(`notice: skipped ${s.why}; renamed to ${setAside(s.path, "invalid")}`);
+        }
+        // temporary files of saves cut short by a kill
+        for (const path of removeStaleTemps(plan.dir)) {
+          progress.note(`notice: removed ${path}, left by a save that was killed`);
         }
         const { writer, kept } = resumeMetrics(plan.dir, plan.record.metrics_lines);
         metrics = writer;

@@ -54,8 +54,7 @@ function summary(dir: string): Summary {
 }
 
 function names(dir: string): string[] {
-  return [...Deno.readDirSync(dir)].map((e) => e.name).filter((n) => !n.endsWith(".run.json"))
-    .sort();
+  return [...Deno.readDirSync(dir)].map((e) => e.name).sort();
 }
 
 function withTiny(f: (dir: string, model: string) => Promise<void>): () => Promise<void> {
