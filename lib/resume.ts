@@ -134,6 +134,13 @@ export function planResume(dir: string, given: Partial<TrainOptions>): ResumePla
   }
   if (o.export !== null) checkExportDir(o.export, dir);
   const notices: string[] = [];
+  const diverged = divergedAt(dir);
+  if (diverged !== null && o.lr === record.options.lr) {
+    notices.push(
+      `notice: this run diverged at step ${diverged}; resumed with the same options it will ` +
+        `diverge again the same way (give a lower ${FLAG.lr})`,
+    );
+  }
   if (o.lr !== record.options.lr) {
     notices.push(
       `notice: ${FLAG.lr} ${o.lr} replaces the run's peak ${record.options.lr} from step ` +
@@ -165,4 +172,14 @@ export function resumeTokenizer(plan: ResumePlan): Tokenizer {
     );
   }
   return tok;
+}
+
+/** The step at which the run in `dir` last diverged (its summary.json says so), else null. */
+function divergedAt(dir: string): number | null {
+  try {
+    const s = JSON.parse(Deno.readTextFileSync(join(dir, "summary.json")));
+    return s?.diverged === true && typeof s.steps === "number" ? s.steps : null;
+  } catch {
+    return null; // no summary (a killed run) or an unreadable one: nothing to say
+  }
 }

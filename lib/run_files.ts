@@ -7,16 +7,19 @@
 import { join } from "node:path";
 import { UsageError } from "./errors.ts";
 import { JsonlWriter } from "./log.ts";
+import { listCheckpoints } from "./checkpoints.ts";
 
 /** The files a run writes into its `--out` folder. */
 const RUN_FILES = ["metrics.jsonl", "summary.json"] as const;
 
 /**
- * Refuses an `--out` folder holding an earlier run (unless `overwrite`), and one whose run
- * files are symlinks or not regular files (never written through, even with `overwrite`).
+ * Refuses an `--out` folder holding an earlier run (its files, or checkpoints in its
+ * `checkpoints/`) unless `overwrite`, and one whose run files are symlinks or not regular
+ * files (never written through, even with `overwrite`).
  */
 export function checkOut(out: string, overwrite: boolean): void {
-  let earlier = false;
+  // a new run's checkpoints must not mix with an earlier run's: --resume would take theirs
+  let earlier = listCheckpoints(out).length > 0;
   for (const name of RUN_FILES) {
     const path = join(out, name);
     let info: Deno.FileInfo;
@@ -37,19 +40,21 @@ export function checkOut(out: string, overwrite: boolean): void {
   }
   if (earlier && !overwrite) {
     throw new UsageError(
-      `--out ${out}: holds an earlier run; pass --overwrite on to replace it ` +
-        "(or --resume once it exists)",
+      `--out ${out}: holds an earlier run; continue it with --resume ${out}, or pass ` +
+        "--overwrite on to replace it",
     );
   }
 }
 
 /**
  * Creates the output directory and a new `metrics.jsonl` in it, after {@link checkOut}: an
- * earlier run's regular files are removed (`--overwrite`), a symlink is never followed.
+ * earlier run's regular files and checkpoints are removed (`--overwrite`), a symlink is never
+ * followed, and nothing in `checkpoints/` not named as a run names its checkpoints is touched.
  */
 export function openOut(out: string): JsonlWriter {
   try {
     Deno.mkdirSync(out, { recursive: true });
+    for (const c of listCheckpoints(out)) Deno.removeSync(c.path);
   } catch (e) {
     throw cannotWrite(out, e);
   }

@@ -204,8 +204,9 @@ export interface Summary {
   /** The run's newest checkpoint (`out/checkpoints/step-….safetensors`), or null. */
   checkpoint: string | null;
   /**
-   * The newest checkpoint saved while the run was healthy: after a divergence, the state to
-   * resume from (with a lower `--lr`); a diverged state is never saved. Null when none.
+   * The checkpoint to go back to: for a healthy run its newest; after a divergence the newest
+   * saved at or before the loss's best (later ones are renamed `….diverged`), to resume from
+   * with a lower `--lr`. Null when there is none.
    */
   last_good_checkpoint: string | null;
   /** The checkpoint this run was resumed from (`--resume`), or null. */

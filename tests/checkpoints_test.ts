@@ -57,6 +57,15 @@ function names(dir: string): string[] {
   return [...Deno.readDirSync(dir)].map((e) => e.name).sort();
 }
 
+/** Copies a run folder (files and one level of subfolders). */
+function copyDir(from: string, to: string): void {
+  Deno.mkdirSync(to);
+  for (const e of Deno.readDirSync(from)) {
+    if (e.isDirectory) copyDir(join(from, e.name), join(to, e.name));
+    else Deno.copyFileSync(join(from, e.name), join(to, e.name));
+  }
+}
+
 function withTiny(f: (dir: string, model: string) => Promise<void>): () => Promise<void> {
   return async () => {
     const dir = Deno.makeTempDirSync({ prefix: "qgalore-ckpt-" });
@@ -223,6 +232,12 @@ Deno.test(
     for (const n of later) assert.ok(Number(/step-(\d+)/.exec(n)![1]) > goodStep, n);
     console.log(`diverged at ${s.steps}; last good ${goodStep}; set aside ${later.length}`);
 
+    // the same options would diverge the same way: said, before anything runs
+    const copy = join(dir, "copy");
+    copyDir(out, copy);
+    const same = await cli(["--resume", copy, "--steps", String(goodStep + 1)]);
+    assert.equal(same.code, 0, same.stderr);
+    assert.match(same.stderr, /notice: this run diverged at step \d+; resumed with the same/);
     // a resume starts from it, here with a learning rate that trains
     const again = await cli(["--resume", out, "--lr", "0.005", "--steps", "30"]);
     assert.equal(again.code, 0, again.stderr);
