@@ -52,6 +52,11 @@ export interface RunRecord {
   options: ResolvedOptions;
   /** The model's name and config. */
   model: { name: string; config: ModelConfig };
+  /**
+   * Where the engine ran and in what precision (what `auto` became): a resume asks for the
+   * same, since another device or precision computes other losses.
+   */
+  engine: { device: string; precision: string };
   /** The tokenizer: where it came from (null: bytes), its kind and vocabulary. */
   tokenizer: { kind: string; vocab_size: number; source: string | null };
   /** The data: its description and a SHA-256 over sampled windows ({@link dataFingerprint}). */
@@ -181,6 +186,9 @@ export function readRunRecord(path: string): RunRecord {
   if (typeof r.options !== "object" || r.options === null) bad("options missing");
   if (typeof r.model?.config !== "object" || typeof r.model?.name !== "string") {
     bad("model missing");
+  }
+  if (typeof r.engine?.device !== "string" || typeof r.engine?.precision !== "string") {
+    bad("engine device or precision missing");
   }
   if (typeof r.tokenizer?.vocab_size !== "number") bad("tokenizer missing");
   if (typeof r.data?.fingerprint !== "string") bad("data fingerprint missing");

@@ -99,6 +99,9 @@ export function planResume(dir: string, given: Partial<TrainOptions>): ResumePla
     }
     // null means "the default" for the options resolved per optimizer: nothing given
     if (value === null || JSON.stringify(value) === JSON.stringify(run[key])) continue;
+    // what `auto` became is the same run
+    if (key === "device" && value === record.engine.device) continue;
+    if (key === "precision" && value === record.engine.precision) continue;
     throw new UsageError(
       `${FLAG[key]} ${shown(value)}: cannot change when resuming (the run in ${dir} has ${
         shown(run[key])
@@ -106,6 +109,10 @@ export function planResume(dir: string, given: Partial<TrainOptions>): ResumePla
     );
   }
   const o = opts as unknown as ResolvedOptions;
+  // what `auto` became when the run started: the same device and precision, or the engine
+  // says why not (no GPU here); never silently another trajectory
+  o.device = checkChoice("device", record.engine.device) as ResolvedOptions["device"];
+  o.precision = checkChoice("precision", record.engine.precision) as ResolvedOptions["precision"];
   // the values given, checked as a new run checks them
   checkNumber("steps", o.steps);
   checkNumber("lr", o.lr);

@@ -701,6 +701,7 @@ export class Run implements Disposable {
       metrics_lines: this.#metricsLines,
       options: { ...this.opts, out: this.out, resume: null, overwrite: false },
       model: { name: this.model.name, config: this.model.config },
+      engine: { device: this.engine.device, precision: this.engine.precision ?? "fp32" },
       tokenizer: {
         kind: this.tokenizer.kind,
         vocab_size: this.tokenizer.vocabSize,
