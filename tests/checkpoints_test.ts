@@ -6,6 +6,7 @@
 import assert from "node:assert/strict";
 import { join } from "node:path";
 import { checkInterval } from "../lib/options.ts";
+import { parsePretrainArgs } from "../lib/cli.ts";
 import { checkpointName, listCheckpoints, pruneCheckpoints } from "../lib/checkpoints.ts";
 import { DivergenceWatch } from "../lib/diverge.ts";
 import { UsageError } from "../lib/errors.ts";
@@ -97,6 +98,17 @@ Deno.test("--save-every: updates, wall time, off; anything else is one line nami
     });
   }
   assert.throws(() => checkInterval(1.5), /--save-every 1.5: must be/);
+  // from the command line, with --keep's range
+  assert.throws(() => parsePretrainArgs(["--save-every", "10x"]), /^UsageError: --save-every 10x:/);
+  assert.throws(() => parsePretrainArgs(["--keep", "0"]), /--keep 0: must be an integer ≥ 1/);
+  const ok = parsePretrainArgs(["--save-every", "2h", "--keep", "5"]);
+  assert.ok(ok !== "help" && ok.saveEvery === "2h" && ok.keep === 5);
+  // a resume keeps only what was given: everything else comes from the checkpoint
+  assert.deepEqual(parsePretrainArgs(["--resume", "runs/x", "--steps", "900"]), {
+    resume: "runs/x",
+    steps: 900,
+    json: false,
+  });
 });
 
 Deno.test("Rng.state / Rng.restore: the sequence continues exactly; bad states are refused", () => {
@@ -266,13 +278,18 @@ Deno.test(
         ["--batch-size", "4", "has 2"],
         ["--threads", "1", "has the default"],
         ["--clip", "0", "has 1"],
+        ["--precision", "bf16", "has auto"],
       ]
     ) {
       const r = await cli(["--resume", out, flag, value, "--steps", "9"], env);
       oneLineError(r, `${flag} ${value}: cannot change when resuming`, has, "--steps, --lr");
     }
     // the same value as the run's is not a change
-    const same = await cli(["--resume", out, "--seed", "0", "--steps", "8"], env);
+    // (nor is the device `auto` became)
+    const same = await cli(
+      ["--resume", out, "--seed", "0", "--device", "cpu", "--steps", "8"],
+      env,
+    );
     assert.equal(same.code, 0, same.stderr);
     assert.equal(summary(out).steps, 8);
 
@@ -296,6 +313,16 @@ Deno.test(
       `--resume ${out}: the data changed since the checkpoint (--data ${data}`,
     );
     assert.equal(summary(out).steps, 8); // nothing was touched
+
+    // a new run never writes into a folder with another run's checkpoints: --resume would
+    // find theirs
+    const other = join(dir, "other");
+    Deno.mkdirSync(join(other, "checkpoints"), { recursive: true });
+    Deno.writeTextFileSync(join(other, "checkpoints", "step-00000004.safetensors"), "x");
+    oneLineError(
+      await cli([...args, "--out", other], env),
+      `--out ${other}: holds an earlier run; continue it with --resume ${other}`,
+    );
 
     const empty = join(dir, "empty");
     Deno.mkdirSync(empty);
