@@ -192,7 +192,8 @@ export function usage(): string {
     "  -h, --help            show this help",
     "",
     "Switches that do not apply to the chosen optimizer are errors. Ctrl-C stops after the",
-    "current update, runs the final evaluation and writes the summary.",
+    "current update, saves a checkpoint, runs the final evaluation and writes the summary;",
+    "--resume DIR continues it.",
   ].join("\n");
 }
 
