@@ -223,6 +223,45 @@ Deno.test(
 );
 
 Deno.test(
+  "TrainHooks.signal stops the run with a checkpoint, and train({ resume }) continues it",
+  withTiny(async (dir, model) => {
+    const { train } = await import("../lib/trainer.ts");
+    const opts = {
+      model,
+      optimizer: "galore",
+      rank: 8,
+      steps: 12,
+      batchSize: 2,
+      seqLen: 16,
+      evalBatches: 1,
+      saveEvery: "off",
+      quiet: true,
+    };
+    const stop = new AbortController();
+    const losses: number[] = [];
+    const first = await train({ ...opts, out: join(dir, "a") }, {
+      signal: stop.signal,
+      onStep: (r) => {
+        losses.push(r.loss);
+        if (r.step === 5) stop.abort();
+      },
+    });
+    assert.equal(first.interrupted, true);
+    assert.equal(first.steps, 5);
+    assert.equal(first.checkpoint, join(dir, "a", "checkpoints", checkpointName(5)));
+    const rest = await train({ resume: join(dir, "a"), quiet: true }, {
+      onStep: (r) => void losses.push(r.loss),
+    });
+    assert.equal(rest.steps, 12);
+    assert.equal(rest.resumed_from, first.checkpoint);
+    const whole: number[] = [];
+    const ref = await train({ ...opts, out: null }, { onStep: (r) => void whole.push(r.loss) });
+    assert.deepEqual(losses, whole);
+    assert.equal(rest.val_loss, ref.val_loss);
+  }),
+);
+
+Deno.test(
   "divergence: the last good checkpoint is kept and named; no diverged state is saved",
   withTiny(async (dir, model) => {
     const out = join(dir, "run");
