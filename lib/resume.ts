@@ -78,7 +78,8 @@ export function planResume(dir: string, given: Partial<TrainOptions>): ResumePla
   const defaults = defaultTrainOptions() as unknown as Record<string, unknown>;
   for (const key of SESSION) opts[key] = defaults[key];
   for (const [key, value] of Object.entries(given) as [keyof TrainOptions, unknown][]) {
-    if (key === "resume" || value === undefined) continue;
+    // (keys that are no option are ignored, as a new run ignores them)
+    if (key === "resume" || value === undefined || !(key in FLAG)) continue;
     if (key === "out") {
       if (value !== null && resolve(String(value)) === resolve(dir)) continue;
       throw new UsageError(
