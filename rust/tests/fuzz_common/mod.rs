@@ -3,6 +3,8 @@
 //! header JSON that are re-sealed with a valid checksum so they reach the validators.
 #![allow(dead_code)]
 
+pub mod driver;
+
 use qgalore::state::{CHECKSUM_AT, CHECKSUM_HEX};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -101,8 +103,9 @@ pub fn raw(rng: &mut Rng, good: &[u8]) -> (Vec<u8>, &'static str) {
             }
             2 => {
                 // a header byte: the JSON is where most parsing happens
-                let n = u64::from_le_bytes(b[..8].try_into().unwrap()) as usize;
-                let k = 8 + rng.below(n);
+                let n = u64::from_le_bytes(b[..8].try_into().unwrap());
+                // (an index JSON file has no length prefix: any byte then)
+                let k = if n < b.len() as u64 - 8 { 8 + rng.below(n as usize) } else { rng.below(b.len()) };
                 b[k] = *rng.pick(b"{}[]\",:0123456789-eE.ntfu \\");
                 "header byte"
             }
@@ -138,7 +141,7 @@ pub fn raw(rng: &mut Rng, good: &[u8]) -> (Vec<u8>, &'static str) {
 }
 
 /// Values no validator may accept in place of a counter, size or offset.
-const HOSTILE_INTS: &[u64] = &[u64::MAX, u64::MAX - 1, 1 << 63, (1 << 53) + 1, 1 << 62, u32::MAX as u64 + 1];
+const HOSTILE_INTS: &[u64] = &[u64::MAX, u64::MAX - 1, 1 << 63, (1 << 53) + 1, 1 << 62, 1 << 54];
 
 /// An edit of the header that makes the file invalid, re-sealed so only the validators
 /// can catch it: offsets, dtypes, shapes, names, metadata values and the state scalars.
