@@ -282,30 +282,30 @@ fn path_arg<'a>(p: *const u8, n: usize) -> Result<&'a str> {
     std::str::from_utf8(b).map_err(|_| Error::invalid("path is not UTF-8"))
 }
 
-/// Writes weights and optimizer state to `path`, atomically and durably (see
-/// `state::write_file`: an interrupted save never destroys an older checkpoint nor leaves
-/// a temporary file behind, and a symlink, folder, FIFO or device is never written through).
-/// `run` (UTF-8 JSON text, may be empty = none) is the front end's description of the run,
-/// stored verbatim and returned by `qg_checkpoint_info`.
+/// Writes weights and optimizer state to `path` as a safetensors checkpoint (see
+/// `state`), atomically and durably (`state::file::write_atomic`: an interrupted save never
+/// destroys an older checkpoint nor leaves a temporary file behind, and a symlink, folder,
+/// FIFO or device is never written through). `run` (UTF-8 JSON text, may be empty = none)
+/// is the front end's description of the run, stored verbatim and returned by
+/// `qg_checkpoint_info`.
 #[no_mangle]
 pub unsafe extern "C" fn qg_save(h: *const Handle, path: *const u8, len: usize, run: *const u8, run_len: usize) -> i32 {
     with_session(h, |s| {
         let path = path_arg(path, len)?;
         let run = std::str::from_utf8(slice(run, run_len)?).map_err(|_| Error::invalid("checkpoint run description is not UTF-8"))?;
-        let bytes = s.save_state_run((!run.is_empty()).then_some(run))?;
-        crate::state::write_file(std::path::Path::new(path), &bytes)
+        s.save_file(std::path::Path::new(path), (!run.is_empty()).then_some(run))
     })
 }
 
-/// Restores a checkpoint written by `qg_save` into a session built with the same config.
-/// The file is checked (regular file, header, length, SHA-256) before it is parsed; a
+/// Restores a checkpoint written by `qg_save` into a session whose trajectory-relevant
+/// config matches (the message names the first differing field). The file is checked whole
+/// (regular file, header, checksum, every value and field) before the engine is touched; a
 /// refused load changes nothing.
 #[no_mangle]
 pub unsafe extern "C" fn qg_load(h: *const Handle, path: *const u8, len: usize) -> i32 {
     with_session(h, |s| {
         let path = path_arg(path, len)?;
-        let bytes = crate::state::read_file(std::path::Path::new(path))?;
-        s.load_state(&bytes).map_err(|e| Error { code: e.code, msg: format!("{path}: {}", e.msg) })
+        s.load_file(std::path::Path::new(path))
     })
 }
 

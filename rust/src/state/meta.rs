@@ -87,3 +87,40 @@ pub fn check_run(run: &str) -> Result<()> {
     serde_json::from_str::<Value>(run).map_err(|e| Error::invalid(format!("checkpoint run description is not JSON: {e}")))?;
     Ok(())
 }
+
+/// The `state` metadata: the optimizer, its step counter (also inside `optim`), the
+/// precision the engine computed in, and the optimizer's own scalars (`Optimizer::scalars`:
+/// counters, statistics, refresh gaps, queue lengths, storage kinds).
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EngineState {
+    pub optimizer: String,
+    pub step: u64,
+    pub precision: String,
+    pub optim: Value,
+}
+
+impl EngineState {
+    /// Parses and range-checks the engine-level fields (the optimizer checks `optim`).
+    pub fn parse(v: &Value) -> Result<EngineState> {
+        let st: EngineState = serde_json::from_value(v.clone()).map_err(|e| Error::invalid(format!("checkpoint state: {e}")))?;
+        if st.step > super::MAX_COUNTER {
+            return Err(Error::invalid(format!("checkpoint field step is {}, above the limit 2^53", st.step)));
+        }
+        if st.optim.get("step").and_then(Value::as_u64) != Some(st.step) {
+            return Err(Error::invalid("checkpoint state: step differs from the optimizer's step"));
+        }
+        if !["fp32", "bf16"].contains(&st.precision.as_str()) {
+            return Err(Error::invalid(format!("checkpoint state: precision {}; must be fp32 or bf16", st.precision)));
+        }
+        Ok(st)
+    }
+}
+
+/// A counter from a checkpoint's scalars: at most 2^53 (`super::MAX_COUNTER`).
+pub fn counter(what: &str, v: u64) -> Result<u64> {
+    if v > super::MAX_COUNTER {
+        return Err(Error::invalid(format!("checkpoint field {what} is {v}, above the limit 2^53")));
+    }
+    Ok(v)
+}
