@@ -88,7 +88,7 @@ export function openOut(out: string): JsonlWriter {
  */
 export function resumeMetrics(out: string, lines: number): { writer: JsonlWriter; kept: number } {
   const path = join(out, "metrics.jsonl");
-  let text = "";
+  let source: Deno.FsFile | null = null;
   try {
     const info = Deno.lstatSync(path);
     if (!info.isFile) {
@@ -98,21 +98,29 @@ export function resumeMetrics(out: string, lines: number): { writer: JsonlWriter
         }; refusing to write through it`,
       );
     }
-    text = Deno.readTextFileSync(path);
+    source = Deno.openSync(path, { read: true });
   } catch (e) {
     if (!(e instanceof Deno.errors.NotFound)) throw cannotWrite(out, e);
   }
-  const records = text.split("\n").filter((l) => l !== "").slice(0, lines);
   const tmp = join(out, `.metrics.jsonl.${Deno.pid}.tmp`);
   let writer: JsonlWriter;
   try {
     writer = new JsonlWriter(tmp);
   } catch (e) {
+    source?.close();
     throw cannotWrite(out, e);
   }
+  let kept = 0;
   try {
-    // JSON.stringify(JSON.parse(line)) gives the line back byte for byte
-    for (const line of records) writer.write(JSON.parse(line));
+    if (source !== null) {
+      // JSON.stringify(JSON.parse(line)) gives the line back byte for byte
+      for (const line of readLines(source)) {
+        if (kept === lines) break;
+        if (line === "") continue;
+        writer.write(JSON.parse(line));
+        kept++;
+      }
+    }
     using f = Deno.openSync(tmp, { read: true });
     f.syncSync();
     // the writer keeps appending to the file under its new name
@@ -125,8 +133,24 @@ export function resumeMetrics(out: string, lines: number): { writer: JsonlWriter
     throw e instanceof SyntaxError
       ? new UsageError(`--resume ${out}: metrics.jsonl: a record is not JSON (${e.message})`)
       : cannotWrite(out, e);
+  } finally {
+    source?.close();
   }
-  return { writer, kept: records.length };
+  return { writer, kept };
+}
+
+/** The lines of a file, read 1 MiB at a time (a long run's metrics need not fit in memory). */
+function* readLines(file: Deno.FsFile): Generator<string> {
+  const buf = new Uint8Array(1 << 20);
+  const dec = new TextDecoder();
+  let rest = "";
+  for (let n = file.readSync(buf); n !== null; n = file.readSync(buf)) {
+    const parts = (rest + dec.decode(buf.subarray(0, n), { stream: true })).split("\n");
+    rest = parts.pop()!;
+    yield* parts;
+  }
+  rest += dec.decode();
+  if (rest !== "") yield rest;
 }
 
 /** Writes `summary.json` via a new temporary file and a rename: never through a symlink. */
