@@ -240,6 +240,8 @@ Deno.test("resume: an invalid newest checkpoint is skipped with a notice and set
     const bytes = Deno.readFileSync(newest);
     bytes[bytes.length - 100] ^= 0x40;
     Deno.writeFileSync(newest, bytes);
+    // and a record torn by the kill at the end of metrics.jsonl
+    Deno.writeTextFileSync(join(cut, "metrics.jsonl"), '{"type":"step","ste', { append: true });
     const r = await cli(["--resume", cut, "--steps", "12"]);
     assert.equal(r.code, 0, r.stderr);
     assert.match(
