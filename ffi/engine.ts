@@ -665,6 +665,17 @@ export class Engine implements Disposable {
     await this.#call(() => this.#lib.symbols.qg_load(h, p, BigInt(p.length)));
   }
 
+  /**
+   * {@link Engine.load} for an engine that will not continue the run (inference or
+   * evaluation at another batch_size, seq_len, seed or precision): only the model and the
+   * optimizer config must match the checkpoint's; every other check is the same.
+   */
+  async loadWeights(path: string): Promise<void> {
+    const h = this.#handle();
+    const p = enc.encode(path);
+    await this.#call(() => this.#lib.symbols.qg_load_weights(h, p, BigInt(p.length)));
+  }
+
   /** Test hook: makes the engine panic inside its guard; must surface as an EngineError. */
   debugPanic(): never {
     const rc = this.#lib.symbols.qg_debug_panic(this.#handle());

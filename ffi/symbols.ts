@@ -46,6 +46,11 @@ export const SYMBOLS = {
     nonblocking: true,
   },
   qg_load: { parameters: ["pointer", "buffer", "usize"], result: "i32", nonblocking: true },
+  qg_load_weights: {
+    parameters: ["pointer", "buffer", "usize"],
+    result: "i32",
+    nonblocking: true,
+  },
   qg_checkpoint_info: { parameters: ["buffer", "usize", "buffer", "usize"], result: "usize" },
   qg_debug_panic: { parameters: ["pointer"], result: "i32" },
   // inference

@@ -86,7 +86,10 @@ for (const opt of ["adamw", "qgalore"]) {
 
       await Deno.writeFile(`${dir}/bad.bin`, new TextEncoder().encode("not a checkpoint"));
       const before = await b.evalLoss(batch(99), 1);
-      await assert.rejects(() => b.load(`${dir}/bad.bin`), /bad\.bin: not a qgalore checkpoint/);
+      await assert.rejects(
+        () => b.load(`${dir}/bad.bin`),
+        /bad\.bin: checkpoint is corrupt or not a qgalore checkpoint/,
+      );
       await assert.rejects(() => b.load(`${dir}/missing.bin`), /cannot read checkpoint/);
       assert.equal(await b.evalLoss(batch(99), 1), before);
     } finally {
@@ -110,7 +113,7 @@ Deno.test("a checkpoint carries the run and the engine config; another seed is r
     assert.equal(info.engine_config.seed, 7);
     assert.equal(info.engine_config.batch_size, 2);
     assert.equal((info.engine_config.optimizer as Record<string, unknown>).rank, 16);
-    assert.ok(info.format_version >= 2);
+    assert.equal(info.format_version, 3);
     // no run: null
     await a.save(`${dir}/plain.bin`);
     assert.equal(inspectCheckpoint(`${dir}/plain.bin`).run, null);
@@ -124,6 +127,14 @@ Deno.test("a checkpoint carries the run and the engine config; another seed is r
       return true;
     });
     assert.equal(await other.evalLoss(batch(99), 1), before);
+    // an engine for inference at another batch shape and seed takes the weights
+    using infer = await Engine.create({ ...cfg, batch_size: 1, seq_len: 8, seed: 3 });
+    await assert.rejects(
+      () => infer.load(`${dir}/ck.bin`),
+      /seed is 7 in the checkpoint and 3 in this engine/,
+    );
+    await infer.loadWeights(`${dir}/ck.bin`);
+    assert.equal(infer.info().steps, 2);
     using same = await Engine.create(cfg);
     await same.load(`${dir}/ck.bin`);
     assert.equal(same.info().steps, 2);
@@ -135,7 +146,7 @@ Deno.test("a checkpoint carries the run and the engine config; another seed is r
     assert.throws(() => inspectCheckpoint(`${dir}/bad.bin`), (e: unknown) => {
       assert.ok(e instanceof EngineError);
       assert.equal(e.code, ErrorCode.invalid);
-      assert.match(e.message, /bad\.bin: .*corrupt/);
+      assert.match(e.message, /bad\.bin: .*SHA-256 checksum does not match/);
       return true;
     });
     assert.throws(() => inspectCheckpoint(`${dir}/missing.bin`), /cannot read checkpoint/);

@@ -305,7 +305,18 @@ pub unsafe extern "C" fn qg_save(h: *const Handle, path: *const u8, len: usize, 
 pub unsafe extern "C" fn qg_load(h: *const Handle, path: *const u8, len: usize) -> i32 {
     with_session(h, |s| {
         let path = path_arg(path, len)?;
-        s.load_file(std::path::Path::new(path))
+        s.load_file(std::path::Path::new(path), crate::state::engine::Check::Resume)
+    })
+}
+
+/// `qg_load` for an engine that will not continue the run (inference or evaluation at
+/// another batch_size, seq_len, seed or precision): only the model and optimizer config
+/// must match the checkpoint's. Every other check is the same.
+#[no_mangle]
+pub unsafe extern "C" fn qg_load_weights(h: *const Handle, path: *const u8, len: usize) -> i32 {
+    with_session(h, |s| {
+        let path = path_arg(path, len)?;
+        s.load_file(std::path::Path::new(path), crate::state::engine::Check::Weights)
     })
 }
 

@@ -365,7 +365,8 @@ pub trait Session: Send {
     fn load_state(&mut self, bytes: &[u8]) -> Result<()>;
     /// Writes a checkpoint file; `run`: the front end's JSON text.
     fn save_file(&mut self, path: &std::path::Path, run: Option<&str>) -> Result<()>;
-    fn load_file(&mut self, path: &std::path::Path) -> Result<()>;
+    /// Loads a checkpoint file, checking the config as `check` says.
+    fn load_file(&mut self, path: &std::path::Path, check: crate::state::engine::Check) -> Result<()>;
     /// A one-line notice for the user (e.g. a device fallback), reported in `info`.
     fn set_notice(&mut self, text: &str);
     /// Logits of batch × seq ids (`crate::infer`).
@@ -402,10 +403,10 @@ impl<B: Backend> Session for Engine<B> {
         let me = &mut *self;
         runner.run(move || Engine::save_file(me, path, run))
     }
-    fn load_file(&mut self, path: &std::path::Path) -> Result<()> {
+    fn load_file(&mut self, path: &std::path::Path, check: crate::state::engine::Check) -> Result<()> {
         let runner = self.be.runner();
         let me = &mut *self;
-        runner.run(move || Engine::load_file(me, path))
+        runner.run(move || Engine::load_file_checked(me, path, check))
     }
     fn set_notice(&mut self, text: &str) {
         self.notice = Some(text.to_string());

@@ -129,3 +129,23 @@ fn another_trajectory_config_is_refused_naming_the_field() {
     c.checkpointing = true;
     engine(c).load_state(&good).unwrap();
 }
+
+#[test]
+fn a_weights_load_ignores_the_batch_shape_but_not_the_model_or_optimizer() {
+    let mut a = engine(cfg("qgalore"));
+    a.train_step(&tokens(2, 16, 64, 1), 1, 3e-3).unwrap();
+    let good = a.save_state().unwrap();
+    let mut c = cfg("qgalore");
+    (c.batch_size, c.seq_len, c.seed) = (1, 5, 99);
+    let mut b = engine(c.clone());
+    assert!(b.load_state(&good).unwrap_err().msg.contains("seed is 12 in the checkpoint and 99 in this engine"));
+    b.load_state_weights(&good).unwrap();
+    let held_out = tokens(1, 5, 64, 3);
+    let mut d = engine(c.clone());
+    d.load_state_weights(&good).unwrap();
+    assert_eq!(b.eval(&held_out, 1).unwrap().to_bits(), d.eval(&held_out, 1).unwrap().to_bits());
+    c.optimizer.rank = 4;
+    let mut e = engine(c);
+    let msg = e.load_state_weights(&good).unwrap_err().msg;
+    assert!(msg.contains("optimizer.rank is 8 in the checkpoint and 4 in this engine"), "{msg}");
+}

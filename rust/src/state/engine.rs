@@ -14,6 +14,15 @@ use crate::model::Weight;
 use crate::train::Engine;
 use std::path::Path;
 
+/// How much of the stored engine config must equal the live engine's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Check {
+    /// Every trajectory-relevant field (`meta::check_config`): the run continues.
+    Resume,
+    /// Model and optimizer only: the engine uses the state without continuing the run.
+    Weights,
+}
+
 impl<B: Backend> Engine<B> {
     /// The `state` metadata of this engine now.
     fn state(&self) -> EngineState {
@@ -90,13 +99,23 @@ impl<B: Backend> Engine<B> {
     /// Only a read failure or a file that changes during the final pass can leave the
     /// engine half-loaded; it then refuses all work until a load succeeds.
     pub fn load_from(&mut self, src: &dyn Source) -> Result<()> {
+        self.load_checked(src, Check::Resume)
+    }
+
+    /// `load_from` for an engine that will not continue the run (inference, evaluation):
+    /// only the model and optimizer config must match (`Check::Weights`).
+    pub fn load_weights_from(&mut self, src: &dyn Source) -> Result<()> {
+        self.load_checked(src, Check::Weights)
+    }
+
+    fn load_checked(&mut self, src: &dyn Source, check: Check) -> Result<()> {
         let p = read::parse(src)?;
         read::verify(src, &p)?;
         let st = EngineState::parse(&p.state)?;
         if st.optimizer != self.opt.name() {
             return Err(Error::invalid(format!("checkpoint is for optimizer {}, this engine uses {}", st.optimizer, self.opt.name())));
         }
-        meta::check_config(&p.engine_config, &self.cfg, &st.precision, self.be.precision())?;
+        meta::check_config(&p.engine_config, &self.cfg, &st.precision, self.be.precision(), check == Check::Resume)?;
         read::match_layout(&p, &self.expected(&st)?)?;
         // nothing above touched the engine; from here on it is overwritten
         let r = In::new(src, &p).and_then(|mut inp| {
@@ -132,11 +151,21 @@ impl<B: Backend> Engine<B> {
         self.load_from(&super::Mem(bytes))
     }
 
-    /// `load_from` a checkpoint file (a regular file, opened without blocking); messages
-    /// name the file.
-    pub fn load_file(&mut self, path: &Path) -> Result<()> {
+    /// `load_weights_from` a checkpoint in memory.
+    pub fn load_state_weights(&mut self, bytes: &[u8]) -> Result<()> {
+        self.load_weights_from(&super::Mem(bytes))
+    }
+
+    /// Loads a checkpoint file (a regular file, opened without blocking); messages name
+    /// the file.
+    pub fn load_file_checked(&mut self, path: &Path, check: Check) -> Result<()> {
         let f = super::file::open_read(path)?;
-        self.load_from(&f).map_err(|e| Error { code: e.code, msg: format!("{}: {}", path.display(), e.msg) })
+        self.load_checked(&f, check).map_err(|e| Error { code: e.code, msg: format!("{}: {}", path.display(), e.msg) })
+    }
+
+    /// `load_from` a checkpoint file.
+    pub fn load_file(&mut self, path: &Path) -> Result<()> {
+        self.load_file_checked(path, Check::Resume)
     }
 
     /// Refuses work after a load that failed part-way.

@@ -36,20 +36,24 @@ const TRAJECTORY: &[&str] = &["model", "optimizer", "seed", "batch_size", "seq_l
 /// Refuses a checkpoint whose engine config (`saved`, as stored) differs from the live
 /// engine's in a trajectory-relevant field: the message names the first differing field
 /// and both values. `saved_precision` / `live_precision`: `fp32` or `bf16` as computed.
-pub fn check_config(saved: &Value, live: &EngineConfig, saved_precision: &str, live_precision: &str) -> Result<()> {
+/// `trajectory` false (`Check::Weights`): only `model` and `optimizer` (the fields that
+/// decide the state's layout) are compared, for an engine that will not continue the run
+/// (inference or evaluation at another batch shape, seq_len or precision).
+pub fn check_config(saved: &Value, live: &EngineConfig, saved_precision: &str, live_precision: &str, trajectory: bool) -> Result<()> {
     // The live config goes through the same text round trip as the stored one, so float
     // fields compare equal exactly when they were equal when written (serde_json's parser
     // is not guaranteed to round-trip every f64 bit-exactly, but it is deterministic).
     let live = serde_json::to_string(&config_json(live)).map_err(|e| Error::invalid(format!("engine config: {e}")))?;
     let live: Value = serde_json::from_str(&live).map_err(|e| Error::invalid(format!("engine config: {e}")))?;
     let saved = saved.as_object().ok_or_else(|| Error::invalid("checkpoint engine_config is not a JSON object"))?;
-    for &field in TRAJECTORY {
+    let fields = if trajectory { TRAJECTORY } else { &TRAJECTORY[..2] };
+    for &field in fields {
         let (a, b) = (saved.get(field).unwrap_or(&Value::Null), live.get(field).unwrap_or(&Value::Null));
         if let Some((path, x, y)) = first_difference(field, a, b) {
             return Err(mismatch(&path, &x, &y));
         }
     }
-    if saved_precision != live_precision {
+    if trajectory && saved_precision != live_precision {
         return Err(mismatch("precision", &Value::from(saved_precision), &Value::from(live_precision)));
     }
     Ok(())
