@@ -38,6 +38,7 @@ export * from "./lib/open_model.ts";
 export * from "./lib/generate.ts";
 export * from "./lib/evaluate.ts";
 export {
+  type CheckpointInfo,
   Engine,
   engineAbiVersion,
   type EngineConfig,
@@ -49,6 +50,7 @@ export {
   gemmGflops,
   type GenerateRequest,
   type GenerateResult,
+  inspectCheckpoint,
   type MemoryBytes,
   type ModelConfig as EngineModelConfig,
   type ModelProblem,

@@ -4,8 +4,12 @@
  *     deno run -A examples/pretrain.ts                  # default CPU run, synthetic corpus
  *     deno run -A examples/pretrain.ts --help
  *     deno run -A examples/pretrain.ts --data book.txt --model llama-20m --steps 1000 --json
+ *     deno run -A examples/pretrain.ts --resume runs/2026-12-02T17-00-00-000Z   # after a kill
  *
- * Exit codes: 0 done, 1 engine failure, 2 usage error or divergence, 130 interrupted.
+ * Checkpoints go to `<out>/checkpoints/` (`--save-every`, at the end, on Ctrl-C); `--resume DIR`
+ * continues a run from its newest one.
+ *
+ * Exit codes: 0 done, 1 engine failure, 2 usage error or divergence, 130 interrupted (resumable).
  *
  * @module
  */

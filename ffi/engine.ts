@@ -479,6 +479,39 @@ export function resolveModelConfig(
   return r;
 }
 
+/** What {@link inspectCheckpoint} reads from a checkpoint without building an engine. */
+export interface CheckpointInfo {
+  /** Checkpoint format version. */
+  format_version: number;
+  /** Optimizer that wrote it (`adamw`, `qgalore`, …). */
+  optimizer: string;
+  /** Completed optimizer steps at the save. */
+  step: number;
+  /** The full engine config of the engine that wrote it. */
+  engine_config: Record<string, unknown>;
+  /** The `run` value given to {@link Engine.save}, or null. */
+  run: unknown;
+}
+
+/**
+ * Checks the checkpoint at `path` (regular file, header, checksum) without an engine and
+ * returns what it says. Throws {@link EngineError} (code `invalid`) with a one-line message
+ * when it is not a valid checkpoint.
+ */
+export function inspectCheckpoint(path: string): CheckpointInfo {
+  const lib = loadLibrary();
+  const p = enc.encode(path);
+  // a big first buffer: each call re-checks the whole file
+  const text = readText(
+    (b, n) => lib.symbols.qg_checkpoint_info(p, BigInt(p.length), b, n),
+    1 << 16,
+  );
+  const r = JSON.parse(text) as CheckpointInfo & { error: string | null };
+  if (r.error !== null) throw new EngineError(ErrorCode.invalid, r.error);
+  const { error: _, ...info } = r;
+  return info;
+}
+
 /** The engine library's ABI version (loads the library). */
 export function engineAbiVersion(): number {
   return loadLibrary().symbols.qg_abi_version();
@@ -608,20 +641,39 @@ export class Engine implements Disposable {
   }
 
   /**
-   * Writes weights and every piece of optimizer state to `path` (atomically), so a run can
-   * resume bit-exactly with {@link Engine.load} on an engine built from the same config.
+   * Writes weights and every piece of optimizer state to `path` (atomically and durably), so
+   * a run can resume bit-exactly with {@link Engine.load} on an engine built from the same
+   * config. `run` (any JSON value; undefined = none) is stored verbatim with the checkpoint
+   * and comes back from {@link inspectCheckpoint}.
    */
-  async save(path: string): Promise<void> {
+  async save(path: string, run?: unknown): Promise<void> {
     const h = this.#handle();
     const p = enc.encode(path);
-    await this.#call(() => this.#lib.symbols.qg_save(h, p, BigInt(p.length)));
+    const r = enc.encode(run === undefined ? "" : JSON.stringify(run));
+    await this.#call(() => this.#lib.symbols.qg_save(h, p, BigInt(p.length), r, BigInt(r.length)));
   }
 
-  /** Restores a checkpoint written by {@link Engine.save}; a mismatch changes nothing. */
+  /**
+   * Restores a checkpoint written by {@link Engine.save}. Refused (and nothing changed) when
+   * the file is corrupt, or when the engine that wrote it had another trajectory-relevant
+   * config (model, optimizer settings, seed, batch_size, seq_len, grad_accum, precision):
+   * the message names the first differing field and both values.
+   */
   async load(path: string): Promise<void> {
     const h = this.#handle();
     const p = enc.encode(path);
     await this.#call(() => this.#lib.symbols.qg_load(h, p, BigInt(p.length)));
+  }
+
+  /**
+   * {@link Engine.load} for an engine that will not continue the run (inference or
+   * evaluation at another batch_size, seq_len, seed or precision): only the model and the
+   * optimizer config must match the checkpoint's; every other check is the same.
+   */
+  async loadWeights(path: string): Promise<void> {
+    const h = this.#handle();
+    const p = enc.encode(path);
+    await this.#call(() => this.#lib.symbols.qg_load_weights(h, p, BigInt(p.length)));
   }
 
   /** Test hook: makes the engine panic inside its guard; must surface as an EngineError. */

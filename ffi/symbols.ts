@@ -4,7 +4,7 @@
  */
 
 /** ABI version this TypeScript expects; checked against `qg_abi_version()` at load. */
-export const ABI_VERSION = 4;
+export const ABI_VERSION = 5;
 
 /** Symbols of the qgalore engine library. */
 export const SYMBOLS = {
@@ -40,8 +40,18 @@ export const SYMBOLS = {
     result: "f64",
     nonblocking: true,
   },
-  qg_save: { parameters: ["pointer", "buffer", "usize"], result: "i32", nonblocking: true },
+  qg_save: {
+    parameters: ["pointer", "buffer", "usize", "buffer", "usize"],
+    result: "i32",
+    nonblocking: true,
+  },
   qg_load: { parameters: ["pointer", "buffer", "usize"], result: "i32", nonblocking: true },
+  qg_load_weights: {
+    parameters: ["pointer", "buffer", "usize"],
+    result: "i32",
+    nonblocking: true,
+  },
+  qg_checkpoint_info: { parameters: ["buffer", "usize", "buffer", "usize"], result: "usize" },
   qg_debug_panic: { parameters: ["pointer"], result: "i32" },
   // inference
   qg_logits: {

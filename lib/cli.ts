@@ -33,6 +33,17 @@ export interface PretrainArgs extends TrainOptions {
   json: boolean;
 }
 
+/**
+ * Parsed command line of a resume (`--resume DIR`): only the flags given, since every other
+ * option comes from the run's checkpoint (the trainer checks which ones may be given).
+ */
+export interface ResumeArgs extends Partial<TrainOptions> {
+  /** The run folder to continue. */
+  resume: string;
+  /** Print the summary as one JSON object on the last stdout line. */
+  json: boolean;
+}
+
 /** Flag name (without `--`) → option key, for the flags that carry a value. */
 const VALUE_FLAGS: Readonly<Record<string, keyof TrainOptions>> = Object.freeze(
   Object.fromEntries(
@@ -53,17 +64,17 @@ const PARSE_OPTIONS = Object.freeze({
  * validates every value. Returns "help" for `--help`/`-h`. Throws UsageError with a one-line
  * message naming the flag and the value.
  */
-export function parsePretrainArgs(argv: string[]): PretrainArgs | "help" {
+export function parsePretrainArgs(argv: string[]): PretrainArgs | ResumeArgs | "help" {
   const values = strictParse(argv, PARSE_OPTIONS, VALUE_FLAGS);
   if (values.help) return "help";
 
-  const opts: PretrainArgs = { ...defaultTrainOptions(), json: values.json === true };
+  const given: Partial<TrainOptions> = {};
   const numeric = new Set<string>(NUMERIC_OPTIONS);
   const switches = new Set<string>(SWITCH_OPTIONS);
   for (const [flag, key] of Object.entries(VALUE_FLAGS)) {
     const raw = values[flag];
     if (typeof raw !== "string") continue;
-    const o = opts as unknown as Record<string, unknown>;
+    const o = given as unknown as Record<string, unknown>;
     if (numeric.has(key)) {
       o[key] = checkNumber(key as NumericKey, raw);
     } else if (switches.has(key)) {
@@ -76,6 +87,9 @@ export function parsePretrainArgs(argv: string[]): PretrainArgs | "help" {
       o[key] = raw;
     }
   }
+  const json = values.json === true;
+  if (typeof given.resume === "string") return { ...given, resume: given.resume, json };
+  const opts: PretrainArgs = { ...defaultTrainOptions(), ...given, json };
   checkOptions(opts);
   return opts;
 }
@@ -178,7 +192,8 @@ export function usage(): string {
     "  -h, --help            show this help",
     "",
     "Switches that do not apply to the chosen optimizer are errors. Ctrl-C stops after the",
-    "current update, runs the final evaluation and writes the summary.",
+    "current update, saves a checkpoint, runs the final evaluation and writes the summary;",
+    "--resume DIR continues it.",
   ].join("\n");
 }
 

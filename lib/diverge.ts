@@ -33,14 +33,99 @@ const ZERO_GRAD_PATIENCE = 3;
 /** Consecutive evaluations far above the best validation loss that end a run. */
 const EVAL_PATIENCE = 3;
 
+/**
+ * What a {@link DivergenceWatch} has seen, as JSON (a checkpoint carries it, so a resumed run
+ * raises the alarm at the step the uninterrupted one would). Infinity (nothing seen) is null.
+ */
+export interface WatchState {
+  /** The last losses (at most the averaging window). */
+  recent: number[];
+  /** Best moving average so far. */
+  best_avg: number | null;
+  /** Updates seen. */
+  updates: number;
+  /** The update after which the best moving average was reached (0: none yet). */
+  best_at: number;
+  /** Consecutive updates far above it. */
+  high_steps: number;
+  /** Consecutive updates with a gradient norm of exactly 0. */
+  zero_grads: number;
+  /** Best validation loss so far. */
+  best_val: number | null;
+  /** Consecutive evaluations far above it. */
+  high_evals: number;
+}
+
 /** Watches a run's losses and gradient norms; says why once the run has clearly diverged. */
 export class DivergenceWatch {
   readonly #recent: number[] = [];
   #bestAvg = Infinity;
+  #updates = 0;
+  #bestAt = 0;
   #highSteps = 0;
   #zeroGrads = 0;
   #bestVal = Infinity;
   #highEvals = 0;
+
+  /**
+   * Whether nothing is counting towards an alarm: only such a state is saved as a checkpoint
+   * during a run, so the newest checkpoint of a diverged run is one from before the trouble
+   * began (its last good one).
+   */
+  get calm(): boolean {
+    return this.#highSteps === 0 && this.#zeroGrads === 0 && this.#highEvals === 0;
+  }
+
+  /**
+   * The update after which the loss's moving average was at its best (0 before any): after
+   * a divergence, the state worth going back to is the newest saved at or before it.
+   */
+  get bestAt(): number {
+    return this.#bestAt;
+  }
+
+  /** What the watch has seen, for a checkpoint. */
+  state(): WatchState {
+    const orNull = (x: number) => Number.isFinite(x) ? x : null;
+    return {
+      recent: [...this.#recent],
+      best_avg: orNull(this.#bestAvg),
+      updates: this.#updates,
+      best_at: this.#bestAt,
+      high_steps: this.#highSteps,
+      zero_grads: this.#zeroGrads,
+      best_val: orNull(this.#bestVal),
+      high_evals: this.#highEvals,
+    };
+  }
+
+  /** A watch that continues from `state` ({@link DivergenceWatch.state}); RangeError if malformed. */
+  static restore(state: WatchState): DivergenceWatch {
+    const count = (x: unknown) => typeof x === "number" && Number.isInteger(x) && x >= 0;
+    const best = (x: unknown) => x === null || (typeof x === "number" && Number.isFinite(x));
+    const s = state as Partial<WatchState> | null;
+    if (
+      typeof s !== "object" || s === null || !Array.isArray(s.recent) ||
+      s.recent.length > LOSS_WINDOW ||
+      !s.recent.every((x) => typeof x === "number" && Number.isFinite(x)) ||
+      !best(s.best_avg) || !best(s.best_val) || !count(s.high_steps) || !count(s.zero_grads) ||
+      !count(s.updates) ||
+      !count(s.best_at) ||
+      !count(s.high_evals)
+    ) {
+      throw new RangeError("divergence watch state: malformed");
+    }
+    const w = new DivergenceWatch();
+    w.#recent.push(...s.recent);
+    w.#bestAvg = s.best_avg ?? Infinity;
+    w.#updates = s.updates!;
+    w.#bestAt = s.best_at!;
+    w.#highSteps = s.high_steps!;
+    w.#zeroGrads = s.zero_grads!;
+    w.#bestVal = s.best_val ?? Infinity;
+    w.#highEvals = s.high_evals!;
+    return w;
+  }
 
   /** One update's loss and gradient norm; a reason once diverged, else null. */
   step(loss: number, gradNorm: number): string | null {
@@ -58,7 +143,8 @@ export class DivergenceWatch {
     // the first updates average what there is: a run that rises from its very first update
     // (--lr 10) must be measured against its starting loss, not an already exploded one
     const avg = this.#recent.reduce((a, b) => a + b, 0) / this.#recent.length;
-    this.#bestAvg = Math.min(this.#bestAvg, avg);
+    this.#updates++;
+    if (avg < this.#bestAvg) [this.#bestAvg, this.#bestAt] = [avg, this.#updates];
     this.#highSteps = far(avg, this.#bestAvg) ? this.#highSteps + 1 : 0;
     if (this.#highSteps < LOSS_PATIENCE) return null;
     return `loss ${

@@ -204,6 +204,19 @@ export interface TrainOptions {
   checkpointing: boolean;
   /** Output directory; undefined means `runs/<ISO timestamp>`, null writes no files. */
   out?: string | null;
+  /**
+   * Periodic checkpoints into `out/checkpoints/`: every N updates (a number, or its text
+   * `"500"`), every so much wall time (`"30s"`, `"10m"`, `"2h"`), or never (`0`, `"off"`).
+   * A run also saves at its end and when stopped (Ctrl-C, the abort signal).
+   */
+  saveEvery: number | string;
+  /** Periodic checkpoints kept: older ones the run wrote itself are removed. */
+  keep: number;
+  /**
+   * Continue the run in this folder from its newest valid checkpoint, with the options stored
+   * in it; only options that cannot change the losses may be given with it.
+   */
+  resume: string | null;
   /** Replace an `out` folder that holds an earlier run (its summary.json, metrics.jsonl). */
   overwrite: boolean;
   /** Plain-log interval in updates; 0 picks about 20 lines per run. */
@@ -238,10 +251,10 @@ export interface OptionDef {
   /** CLI flag (`--rank`), or the option's name for options only the API has. */
   readonly flag: string;
   /**
-   * Value kind: a number, an on/off switch, one of a few choices, a path, a name, the model, or
-   * an API-only value that is not checked.
+   * Value kind: a number, an on/off switch, one of a few choices, a path, a name, the model, a
+   * number of updates or a wall time (`--save-every`), or an API-only value that is not checked.
    */
-  readonly kind: "number" | "switch" | "choice" | "path" | "text" | "model" | "api";
+  readonly kind: "number" | "switch" | "choice" | "path" | "text" | "model" | "interval" | "api";
   /** Engine optimizer config field it sets; the engine's schema gives type, range, default. */
   readonly engine?: string;
   /** Engine run-level config field it sets; the engine's schema gives range, choices, default. */
@@ -675,6 +688,33 @@ export const OPTION_DECLARATIONS = {
     kind: "path",
     section: RUN,
     help: "--out DIR             metrics.jsonl and summary.json go here [runs/<timestamp>]",
+  },
+  saveEvery: {
+    flag: "--save-every",
+    kind: "interval",
+    default: "10m",
+    section: RUN,
+    help: "--save-every N|T      checkpoint into --out/checkpoints every N updates or every\n" +
+      "                      T of wall time (30s, 10m, 2h); 0 or off: only at the end and\n" +
+      "                      on Ctrl-C [{default}]",
+  },
+  keep: {
+    flag: "--keep",
+    kind: "number",
+    range: { int: true, min: 1, max: MAX_COUNT },
+    default: 3,
+    section: RUN,
+    help: "--keep K              periodic checkpoints kept; older ones are removed [{default}]",
+  },
+  resume: {
+    flag: "--resume",
+    kind: "path",
+    nullable: true,
+    section: RUN,
+    help: "--resume DIR          continue the run in DIR from its newest valid checkpoint with\n" +
+      "                      its own options; allowed with it: --steps (more updates),\n" +
+      "                      --lr (a new peak from here on), --save-every, --keep,\n" +
+      "                      --eval-every, --checkpointing, --export, --export-dtype, --json",
   },
   overwrite: {
     flag: "--overwrite",

@@ -149,6 +149,42 @@ export function checkNumber(key: NumericKey, raw: number | string): number {
   return v;
 }
 
+/** When periodic checkpoints are due: every `steps` updates or every `seconds` of wall time. */
+export type SaveInterval = { steps: number; seconds?: undefined } | {
+  seconds: number;
+  steps?: undefined;
+};
+
+const TIME_UNITS: Readonly<Record<string, number>> = Object.freeze({ s: 1, m: 60, h: 3600 });
+
+/**
+ * Parses `--save-every`: a count of updates (`500`), a wall time (`30s`, `10m`, `1.5h`), or
+ * `0` / `off` (null: no periodic checkpoints). Throws UsageError naming the flag.
+ */
+export function checkInterval(raw: number | string): SaveInterval | null {
+  const bad = (): never => {
+    throw new UsageError(
+      `${FLAG.saveEvery} ${
+        typeof raw === "string" ? raw || '""' : JSON.stringify(raw)
+      }: must be a number of updates ` +
+        `(an integer in [0, ${MAX_COUNT}]), a wall time (30s, 10m, 2h; at most ${MAX_COUNT}s) or off`,
+    );
+  };
+  if (raw === "off") return null;
+  let steps: number | null = null;
+  if (typeof raw === "number") steps = raw;
+  else if (typeof raw === "string" && /^\d+$/.test(raw)) steps = Number(raw);
+  if (steps !== null) {
+    if (!Number.isInteger(steps) || steps < 0 || steps > MAX_COUNT) bad();
+    return steps === 0 ? null : { steps };
+  }
+  const m = typeof raw === "string" ? /^(\d+(?:\.\d+)?)([smh])$/.exec(raw) : null;
+  if (m === null) return bad();
+  const seconds = Number(m[1]) * TIME_UNITS[m[2]];
+  if (!(seconds > 0) || seconds > MAX_COUNT) bad();
+  return { seconds };
+}
+
 /** Parses an on/off switch as the CLI spells it; throws UsageError naming the flag. */
 export function checkSwitch(key: SwitchKey, raw: string | boolean): boolean {
   if (typeof raw === "boolean") return raw;
@@ -289,7 +325,8 @@ export function checkOptions(input: Partial<TrainOptions> = {}): CheckedOptions 
       `--data ${JSON.stringify(raw.data)}: must be a path to a text file, folder or JSONL file`,
     );
   }
-  for (const key of ["tokenizer", "initFrom", "export"] as const) {
+  checkInterval(raw.saveEvery);
+  for (const key of ["tokenizer", "initFrom", "export", "resume"] as const) {
     const v = raw[key];
     if (v !== null && (typeof v !== "string" || v === "")) {
       throw new UsageError(`${FLAG[key]} ${JSON.stringify(v)}: must be a path`);
@@ -451,7 +488,7 @@ export function checkSource(flag: string, path: string, what: string): void {
  * and its parent must exist: checked before training, so a run is never lost to an export
  * that cannot be written. An export never replaces a user's files.
  */
-function checkExportDir(dir: string, out: string | null | undefined): void {
+export function checkExportDir(dir: string, out: string | null | undefined): void {
   const bad = (why: string): never => {
     throw new UsageError(`${FLAG.export} ${dir}: ${why}`);
   };

@@ -25,6 +25,33 @@ export class Rng {
     if ((this.#s[0] | this.#s[1] | this.#s[2] | this.#s[3]) === 0) this.#s[0] = 1;
   }
 
+  /**
+   * The generator's position: its four 32-bit state words. {@link Rng.restore} continues the
+   * sequence exactly from here (a resumed run draws the batches the uninterrupted one would).
+   */
+  state(): [number, number, number, number] {
+    const s = this.#s;
+    return [s[0], s[1], s[2], s[3]];
+  }
+
+  /**
+   * A generator at a position saved by {@link Rng.state}. Throws RangeError unless `state` is
+   * four integers in [0, 2^32), not all zero (that state would emit zeros forever).
+   */
+  static restore(state: readonly unknown[]): Rng {
+    const ok = Array.isArray(state) && state.length === 4 &&
+      state.every((w) => typeof w === "number" && Number.isInteger(w) && w >= 0 && w < 2 ** 32) &&
+      state.some((w) => w !== 0);
+    if (!ok) {
+      throw new RangeError(
+        `Rng state ${JSON.stringify(state)}: must be 4 integers in [0, 2^32), not all 0`,
+      );
+    }
+    const rng = new Rng(0);
+    rng.#s.set(state as number[]);
+    return rng;
+  }
+
   /** Next uniform 32-bit unsigned integer. */
   nextU32(): number {
     const s = this.#s;

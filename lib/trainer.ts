@@ -23,12 +23,25 @@ import { UsageError } from "./errors.ts";
 import { formatCount, formatDuration, type JsonlWriter, Progress } from "./log.ts";
 import { peakRssBytes } from "./memory.ts";
 import { DivergenceWatch, likelyCause } from "./diverge.ts";
-import { checkOut, openOut, writeSummary } from "./run_files.ts";
+import { checkOut, openOut, resumeMetrics, writeSummary } from "./run_files.ts";
 import {
+  dataFingerprint,
+  listCheckpoints,
+  pruneCheckpoints,
+  removeStaleTemps,
+  RUN_RECORD_VERSION,
+  type RunRecord,
+  setAside,
+  writeCheckpoint,
+} from "./checkpoints.ts";
+import { planResume, type ResumePlan, resumeTokenizer } from "./resume.ts";
+import {
+  checkInterval,
   checkOptions,
   checkSource,
   engineConfig,
   type ResolvedOptions,
+  type SaveInterval,
   type TrainOptions,
   withFlags,
 } from "./options.ts";
@@ -54,6 +67,13 @@ export interface TrainEngine extends Disposable {
   memory(): MemoryBytes;
   /** Engine facts (`svd_count`, `gaps`, …); optional for stand-ins. */
   info?(): Partial<EngineInfo>;
+  /**
+   * Writes a checkpoint with the run record `run` stored in it; a stand-in without it makes
+   * a run that saves none.
+   */
+  save?(path: string, run?: unknown): Promise<void>;
+  /** Restores a checkpoint (for `resume`); a refused load changes nothing. */
+  load?(path: string): Promise<void>;
 }
 
 /** A `metrics.jsonl` line for one update. */
@@ -181,7 +201,17 @@ export interface Summary {
   error: string | null;
   /** Directory of `metrics.jsonl` and `summary.json`, or null. */
   out: string | null;
-  /** Start time (ISO 8601). */
+  /** The run's newest checkpoint (`out/checkpoints/step-….safetensors`), or null. */
+  checkpoint: string | null;
+  /**
+   * The checkpoint to go back to: for a healthy run its newest; after a divergence the newest
+   * saved at or before the loss's best (later ones are renamed `….diverged`), to resume from
+   * with a lower `--lr`. Null when there is none.
+   */
+  last_good_checkpoint: string | null;
+  /** The checkpoint this run was resumed from (`--resume`), or null. */
+  resumed_from: string | null;
+  /** Start time of the run (ISO 8601; a resumed run keeps its first start). */
   started_at: string;
 }
 
@@ -230,9 +260,12 @@ export async function train(
   hooks: TrainHooks = {},
 ): Promise<Summary> {
   using run = await startRun(options, hooks);
-  await run.evaluate();
+  // a resumed run's earlier evaluations are already in its metrics.jsonl
+  if (run.resumedFrom === null) await run.evaluate();
   while (!run.done) {
-    if ((await run.step()) !== null && run.evalDue) await run.evaluate();
+    if ((await run.step()) === null) continue;
+    if (run.evalDue) await run.evaluate();
+    if (run.saveDue) await run.save();
   }
   return await run.finish();
 }
@@ -277,6 +310,9 @@ export class Run implements Disposable {
   /** Training tokens per update (grad_accum × batch × seq_len). */
   readonly tokensPerStep: number;
 
+  /** The checkpoint the run was resumed from, or null. */
+  readonly resumedFrom: string | null;
+
   readonly #hooks: TrainHooks;
   readonly #progress: Progress;
   readonly #metrics: JsonlWriter | null;
@@ -284,6 +320,13 @@ export class Run implements Disposable {
   readonly #rng: Rng;
   readonly #started: number;
   readonly #startedAt: string;
+  readonly #watch: DivergenceWatch;
+  /** The cosine schedule's length (the first run's --steps; kept when a resume extends it). */
+  readonly #scheduleSteps: number;
+  /** Seconds the run had already run before this process resumed it. */
+  readonly #elapsedBefore: number;
+  readonly #fingerprint: string | null;
+  readonly #saveEvery: SaveInterval | null;
   #listening = false;
   #stop = false;
   #steps = 0;
@@ -292,7 +335,12 @@ export class Run implements Disposable {
   #failure: string | null = null;
   #initialLoss: number | null | undefined = undefined;
   #closed = false;
-  readonly #watch = new DivergenceWatch();
+  /** Lines in metrics.jsonl. */
+  #metricsLines = 0;
+  /** Step of the newest checkpoint, its path, and when it was written (performance.now). */
+  #savedStep = 0;
+  #checkpoint: string | null = null;
+  #savedAt: number;
 
   private constructor(
     init: {
@@ -307,6 +355,8 @@ export class Run implements Disposable {
       hooks: TrainHooks;
       started: number;
       startedAt: string;
+      fingerprint: string | null;
+      resume: { plan: ResumePlan; kept: number } | null;
     },
   ) {
     this.opts = init.opts;
@@ -323,18 +373,60 @@ export class Run implements Disposable {
     const opts = init.opts;
     this.tokensPerStep = opts.gradAccum * opts.batchSize * opts.seqLen;
     this.#valTokens = init.data.valBatches(opts.evalBatches, opts.batchSize, opts.seqLen);
-    this.#rng = new Rng(opts.seed);
+    this.#fingerprint = init.fingerprint;
+    this.#saveEvery = checkInterval(opts.saveEvery);
+    this.#savedAt = init.started;
+    const r = init.resume?.plan.record;
+    if (r === undefined) {
+      this.resumedFrom = null;
+      this.#rng = new Rng(opts.seed);
+      this.#watch = new DivergenceWatch();
+      this.#scheduleSteps = opts.steps;
+      this.#elapsedBefore = 0;
+    } else {
+      // the state of the run when it wrote the checkpoint, so it goes on as if never stopped
+      this.resumedFrom = init.resume!.plan.path;
+      this.#rng = Rng.restore(r.sampler);
+      this.#watch = DivergenceWatch.restore(r.counters.watch);
+      this.#scheduleSteps = r.schedule_steps;
+      this.#elapsedBefore = r.counters.elapsed_s;
+      this.#steps = r.step;
+      this.#trainS = r.counters.train_s;
+      this.#lastLoss = r.counters.last_loss;
+      this.#initialLoss = r.counters.initial_val_loss;
+      this.#metricsLines = init.resume!.kept;
+      this.#savedStep = r.step;
+      this.#checkpoint = this.resumedFrom;
+    }
   }
 
   /** The set-up phase; see {@link startRun}. */
   static async start(options: Partial<TrainOptions> = {}, hooks: TrainHooks = {}): Promise<Run> {
     const started = performance.now();
-    const startedAt = new Date().toISOString();
-    const { opts, model, tokenizer: given, notices } = checkOptions(options);
-    const out = opts.out === undefined ? defaultOut() : opts.out;
+    let startedAt = new Date().toISOString();
+    let plan: ResumePlan | null = null;
+    let checked;
+    if (options.resume !== undefined && options.resume !== null) {
+      if (typeof options.resume !== "string" || options.resume === "") {
+        throw new UsageError(`--resume ${JSON.stringify(options.resume)}: must be a run folder`);
+      }
+      // every option from the checkpoint's run record; the model and tokenizer as they were
+      plan = planResume(options.resume, options);
+      checked = {
+        opts: plan.opts,
+        model: plan.record.model,
+        tokenizer: resumeTokenizer(plan),
+        notices: plan.notices,
+      };
+      startedAt = plan.record.started_at;
+    } else {
+      checked = checkOptions(options);
+    }
+    const { opts, model, tokenizer: given, notices } = checked;
+    const out = plan !== null ? plan.dir : opts.out === undefined ? defaultOut() : opts.out;
     // read next: it must be a file or folder (a FIFO or a device would block or never end)
     if (opts.data !== null) checkSource("--data", opts.data, "a file or folder");
-    if (out !== null) checkOut(out, opts.overwrite);
+    if (out !== null && plan === null) checkOut(out, opts.overwrite);
     if (given === null && out !== null && exists(join(out, "tokenizer"))) {
       throw new UsageError(
         `--out ${out}: already holds a tokenizer/ folder (an earlier run's); ` +
@@ -365,6 +457,15 @@ export class Run implements Disposable {
     }).catch((e: unknown) => {
       throw flagged(e, "--data", opts.data!);
     });
+    // what the run reads, so that a resume can tell whether the data changed
+    const fingerprint = out === null ? null : await dataFingerprint(data, opts);
+    if (plan !== null && fingerprint !== plan.record.data.fingerprint) {
+      throw new UsageError(
+        `--resume ${plan.dir}: the data changed since the checkpoint (${
+          opts.data === null ? "the synthetic corpus" : `--data ${opts.data}`
+        } now reads differently); a resumed run needs the data it started with`,
+      );
+    }
     // The engine sizes its gradient buffers for `grad_accum` micro-batches per update.
     const cfg = engineConfig(opts, model.config);
 
@@ -375,8 +476,9 @@ export class Run implements Disposable {
     });
     for (const n of notices) progress.note(n);
 
-    // --init-from: the engine loads the checkpoint instead of drawing random weights
-    if (opts.initFrom !== null) cfg.init_from = opts.initFrom;
+    // --init-from: the engine loads the checkpoint instead of drawing random weights (a
+    // resumed run's weights come from its own checkpoint)
+    if (opts.initFrom !== null && plan === null) cfg.init_from = opts.initFrom;
     const engine = await Promise.resolve(cfg).then(hooks.createEngine ?? Engine.create)
       .catch((e: unknown) => {
         // a checkpoint that does not fit is bad input, named by its flag
@@ -388,8 +490,33 @@ export class Run implements Disposable {
       });
     let metrics: JsonlWriter | null = null;
     let run: Run | undefined;
+    let resume: { plan: ResumePlan; kept: number } | null = null;
     try {
-      metrics = out === null ? null : openOut(out);
+      if (plan !== null) {
+        if (engine.load === undefined) {
+          throw new UsageError(`--resume ${plan.dir}: this engine cannot load a checkpoint`);
+        }
+        try {
+          await engine.load(plan.path);
+        } catch (e) {
+          if (!(e instanceof EngineError)) throw e;
+          throw new UsageError(`--resume ${plan.dir}: ${e.message}`);
+        }
+        // newer checkpoints that are not valid are renamed, so no later resume or pruning
+        // mistakes them for the run's (nothing is deleted)
+        for (const s of plan.skipped) {
+          progress.note(`notice: skipped ${s.why}; renamed to ${setAside(s.path, "invalid")}`);
+        }
+        // temporary files of saves cut short by a kill
+        for (const path of removeStaleTemps(plan.dir)) {
+          progress.note(`notice: removed ${path}, left by a save that was killed`);
+        }
+        const { writer, kept } = resumeMetrics(plan.dir, plan.record.metrics_lines);
+        metrics = writer;
+        resume = { plan, kept };
+      } else {
+        metrics = out === null ? null : openOut(out);
+      }
       if (staged !== null && out !== null) {
         // saved with the run, so its token ids can be read back
         const dir = join(out, "tokenizer");
@@ -414,6 +541,8 @@ export class Run implements Disposable {
         hooks,
         started,
         startedAt,
+        fingerprint,
+        resume,
       });
       const engineNotice = engine.info?.().notice;
       if (typeof engineNotice === "string") progress.note(`notice: ${engineNotice}`);
@@ -425,6 +554,9 @@ export class Run implements Disposable {
           `${formatCount(run.tokensPerStep)} tokens; data: ${data.describe()}` +
           (out === null ? "" : `; out: ${out}`),
       );
+      if (plan !== null) {
+        progress.note(`resumed from ${plan.path} (step ${plan.record.step} of ${opts.steps})`);
+      }
       if (opts.handleSigint) {
         try {
           Deno.addSignalListener("SIGINT", run.#onSigint);
@@ -476,9 +608,130 @@ export class Run implements Disposable {
       !this.#stop;
   }
 
-  /** Seconds since the set-up began. */
+  /** Seconds since the set-up began (for a resumed run: since the run first started). */
   elapsed(): number {
-    return (performance.now() - this.#started) / 1000;
+    return this.#elapsedBefore + (performance.now() - this.#started) / 1000;
+  }
+
+  /** The run's newest checkpoint, or null. */
+  get checkpoint(): string | null {
+    return this.#checkpoint;
+  }
+
+  /**
+   * Whether `saveEvery` asks for a checkpoint now: a multiple of its updates, or its wall
+   * time, has passed since the last one. Deferred while the divergence watch is counting
+   * towards an alarm, so that every checkpoint of a run that then diverges is a good one.
+   */
+  get saveDue(): boolean {
+    const every = this.#saveEvery;
+    if (every === null || !this.#canSave() || !this.#watch.calm) return false;
+    if (every.steps !== undefined) {
+      return Math.floor(this.#steps / every.steps) > Math.floor(this.#savedStep / every.steps);
+    }
+    return (performance.now() - this.#savedAt) / 1000 >= every.seconds;
+  }
+
+  /**
+   * Writes a checkpoint of the run now into `out/checkpoints/` (the engine state with the
+   * run record inside) and removes the oldest beyond `keep`. Returns its path; null when
+   * there is nothing to save (no `out`, no update since the last checkpoint, or diverged).
+   */
+  async save(): Promise<string | null> {
+    this.#checkOpen();
+    if (!this.#canSave()) return this.#steps === this.#savedStep ? this.#checkpoint : null;
+    return await this.#write(this.#runRecord());
+  }
+
+  #canSave(): boolean {
+    return this.out !== null && this.engine.save !== undefined && this.#failure === null &&
+      this.#steps > this.#savedStep;
+  }
+
+  async #write(record: RunRecord): Promise<string> {
+    const path = await writeCheckpoint(
+      { save: (p, run) => this.engine.save!(p, run) },
+      this.out!,
+      record,
+    );
+    this.#savedStep = record.step;
+    this.#savedAt = performance.now();
+    this.#checkpoint = path;
+    // the one to go back to should the run diverge later: never pruned
+    pruneCheckpoints(
+      this.out!,
+      this.opts.keep,
+      this.#goodCheckpoint(record.counters.watch.best_at),
+    );
+    return path;
+  }
+
+  /** The newest checkpoint of the run at or before update `bestAt` (the loss's best), or null. */
+  #goodCheckpoint(bestAt: number): string | null {
+    return this.out === null
+      ? null
+      : listCheckpoints(this.out).find((c) => c.step <= bestAt)?.path ?? null;
+  }
+
+  /**
+   * After a divergence: the newest checkpoint at or before the loss's best is the last good
+   * one; newer ones hold states already on the way up and are renamed `….diverged`, so that
+   * `--resume` starts from the last good one. Returns it, or null.
+   */
+  #keepLastGood(): string | null {
+    if (this.out === null) return null;
+    const good = this.#goodCheckpoint(this.#watch.bestAt);
+    for (const c of listCheckpoints(this.out)) {
+      if (c.path === good) break;
+      this.#progress.note(
+        `notice: ${c.path} was written after the loss's best (update ${this.#watch.bestAt}); ` +
+          `renamed to ${setAside(c.path, "diverged")}`,
+      );
+    }
+    return good;
+  }
+
+  /** Everything a resume needs besides the engine state, as of now. */
+  #runRecord(): RunRecord {
+    return {
+      kind: "qgalore-run",
+      version: RUN_RECORD_VERSION,
+      step: this.#steps,
+      schedule_steps: this.#scheduleSteps,
+      metrics_lines: this.#metricsLines,
+      options: { ...this.opts, out: this.out, resume: null, overwrite: false },
+      model: { name: this.model.name, config: this.model.config },
+      engine: { device: this.engine.device, precision: this.engine.precision ?? "fp32" },
+      tokenizer: {
+        kind: this.tokenizer.kind,
+        vocab_size: this.tokenizer.vocabSize,
+        source: this.#tokenizerSource(),
+      },
+      data: { description: this.data.describe(), fingerprint: this.#fingerprint ?? "" },
+      sampler: this.#rng.state(),
+      counters: {
+        train_s: this.#trainS,
+        elapsed_s: this.elapsed(),
+        last_loss: this.#lastLoss,
+        initial_val_loss: this.#initialLoss ?? null,
+        watch: this.#watch.state(),
+      },
+      started_at: this.#startedAt,
+    };
+  }
+
+  /** The folder of the run's tokenizer.json; null for bytes (and a trained one without out). */
+  #tokenizerSource(): string | null {
+    if (this.opts.trainTokenizer !== null) {
+      return this.out === null ? null : join(this.out, "tokenizer");
+    }
+    return this.opts.tokenizer ?? tokenizerFolder(this.tokenizer);
+  }
+
+  #writeMetrics(record: StepRecord | EvalRecord): void {
+    if (this.#metrics === null) return;
+    this.#metrics.write({ ...record });
+    this.#metricsLines++;
   }
 
   /**
@@ -506,7 +759,7 @@ export class Run implements Disposable {
       tokens: this.#steps * this.tokensPerStep,
       elapsed_s: this.elapsed(),
     };
-    this.#metrics?.write({ ...record });
+    this.#writeMetrics(record);
     const floor = this.data.entropyFloor;
     this.#progress.note(
       `eval step ${this.#steps}: val loss ${loss?.toFixed(4) ?? "n/a"} ppl ${
@@ -535,7 +788,8 @@ export class Run implements Disposable {
     if (this.#failure !== null) throw new UsageError(`the run has diverged: ${this.#failure}`);
     const opts = this.opts;
     const steps = this.#steps;
-    const lr = lrAt(steps, opts);
+    // the schedule keeps its first length when a resume extends the run (then: the floor)
+    const lr = lrAt(steps, { ...opts, steps: this.#scheduleSteps });
     const t0 = performance.now();
     const tokens = this.data.trainBatch(this.#rng, opts.batchSize, opts.seqLen, opts.gradAccum);
     let stats: StepStats;
@@ -562,7 +816,7 @@ export class Run implements Disposable {
       tokens_per_s: (done * this.tokensPerStep) / this.#trainS,
       elapsed_s: this.elapsed(),
     };
-    this.#metrics?.write({ ...record });
+    this.#writeMetrics(record);
     this.#progress.step({
       step: done,
       loss: stats.loss,
@@ -596,7 +850,18 @@ export class Run implements Disposable {
     let exportFailure: string | null = null;
     try {
       this.#progress.done();
+      // the run as it stands before the final evaluation, which a resume must not find in
+      // metrics.jsonl (the uninterrupted run has none at this step)
+      const last = this.#canSave() ? this.#runRecord() : null;
       finalLoss = await this.evaluate();
+      if (last !== null && this.#failure === null) {
+        try {
+          await this.#write(last);
+        } catch (e) {
+          if (!(e instanceof UsageError || e instanceof EngineError)) throw e;
+          exportFailure = `the final checkpoint was not written: ${e.message}`;
+        }
+      }
       if (opts.export !== null && this.#failure === null) {
         try {
           if (!(engine instanceof Engine)) {
@@ -622,6 +887,8 @@ export class Run implements Disposable {
       const finalRef = refLoss(finalLoss, opts.evalBatches);
       const lastLoss = this.#lastLoss;
       const failure = this.#failure;
+      // a diverged run's newest good state; a healthy run's newest
+      const lastGood = failure === null ? this.#checkpoint : this.#keepLastGood();
       const summary: Summary = {
         steps,
         steps_planned: opts.steps,
@@ -652,10 +919,7 @@ export class Run implements Disposable {
         tokenizer: {
           kind: this.tokenizer.kind,
           vocab_size: this.tokenizer.vocabSize,
-          // the folder of its tokenizer.json; null for bytes (and a trained one without --out)
-          source: opts.trainTokenizer !== null
-            ? (this.out === null ? null : join(this.out, "tokenizer"))
-            : opts.tokenizer ?? tokenizerFolder(this.tokenizer),
+          source: this.#tokenizerSource(),
         },
         init_from: opts.initFrom,
         export: opts.export !== null && this.#failure === null && exportFailure === null
@@ -672,6 +936,9 @@ export class Run implements Disposable {
         diverged: failure !== null,
         error: failure ?? exportFailure,
         out: this.out,
+        checkpoint: failure === null ? this.#checkpoint : lastGood,
+        last_good_checkpoint: lastGood,
+        resumed_from: this.resumedFrom,
         started_at: this.#startedAt,
       };
       if (this.out !== null) {
@@ -686,7 +953,15 @@ export class Run implements Disposable {
           finalLoss?.toFixed(4) ?? "n/a"
         }`,
       );
-      if (failure !== null) throw new DivergedError(failure, summary);
+      if (failure !== null) {
+        this.#progress.note(
+          lastGood === null
+            ? "no checkpoint was saved before the divergence"
+            : `last good checkpoint: ${lastGood} (continue from it with --resume ${this.out} ` +
+              "and a lower --lr)",
+        );
+        throw new DivergedError(failure, summary);
+      }
       if (exportFailure !== null) throw new UsageError(exportFailure);
       return summary;
     } finally {

@@ -1,6 +1,6 @@
 import assert from "node:assert/strict";
 import { join } from "node:path";
-import { parsePretrainArgs, usage } from "../lib/cli.ts";
+import { parsePretrainArgs, type PretrainArgs, usage } from "../lib/cli.ts";
 import { openDataset, SyntheticCorpus, TextDataset } from "../lib/data.ts";
 import { UsageError } from "../lib/errors.ts";
 import {
@@ -250,7 +250,7 @@ Deno.test("--data errors: missing, empty, shorter than a window", () => {
     const o = parsePretrainArgs(argv);
     assert.notEqual(o, "help");
     if (o === "help") return;
-    return openDataset(o);
+    return openDataset(o as PretrainArgs);
   };
   const fails = (argv: string[], start: string, ...patterns: RegExp[]) =>
     assert.throws(() => open(argv), (e: unknown) => {

@@ -153,8 +153,8 @@ Deno.test("run folder: an earlier run is refused unless overwrite; symlinks neve
       train(opts),
       (e: Error) =>
         e instanceof UsageError &&
-        e.message === `--out ${dir}: holds an earlier run; pass --overwrite on to replace it ` +
-            "(or --resume once it exists)",
+        e.message === `--out ${dir}: holds an earlier run; continue it with --resume ${dir}, ` +
+            "or pass --overwrite on to replace it",
     );
     const again = await train({ ...opts, overwrite: true, steps: 3 });
     assert.equal(again.steps, 3);
@@ -163,8 +163,13 @@ Deno.test("run folder: an earlier run is refused unless overwrite; symlinks neve
     assert.equal(lines.length, 5);
     assert.equal(JSON.parse(Deno.readTextFileSync(join(dir, "summary.json"))).steps, 3);
     assert.deepEqual([...Deno.readDirSync(dir)].map((e) => e.name).sort(), [
+      "checkpoints",
       "metrics.jsonl",
       "summary.json",
+    ]);
+    // the first run's checkpoint (step 2) went with it: a resume finds only the second's
+    assert.deepEqual([...Deno.readDirSync(join(dir, "checkpoints"))].map((e) => e.name), [
+      "step-00000003.safetensors",
     ]);
     assert.equal(Deno.readTextFileSync(user), "user data\n");
   } finally {

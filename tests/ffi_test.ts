@@ -1,5 +1,11 @@
 import assert from "node:assert/strict";
-import { Engine, engineAbiVersion, EngineError, ErrorCode } from "../ffi/engine.ts";
+import {
+  Engine,
+  engineAbiVersion,
+  EngineError,
+  ErrorCode,
+  inspectCheckpoint,
+} from "../ffi/engine.ts";
 import { ABI_VERSION } from "../ffi/symbols.ts";
 import { tinyConfig } from "./engine_config.ts";
 
@@ -80,7 +86,10 @@ for (const opt of ["adamw", "qgalore"]) {
 
       await Deno.writeFile(`${dir}/bad.bin`, new TextEncoder().encode("not a checkpoint"));
       const before = await b.evalLoss(batch(99), 1);
-      await assert.rejects(() => b.load(`${dir}/bad.bin`), /bad\.bin: not a qgalore checkpoint/);
+      await assert.rejects(
+        () => b.load(`${dir}/bad.bin`),
+        /bad\.bin: checkpoint is corrupt or not a qgalore checkpoint/,
+      );
       await assert.rejects(() => b.load(`${dir}/missing.bin`), /cannot read checkpoint/);
       assert.equal(await b.evalLoss(batch(99), 1), before);
     } finally {
@@ -88,3 +97,60 @@ for (const opt of ["adamw", "qgalore"]) {
     }
   });
 }
+
+Deno.test("a checkpoint carries the run and the engine config; another seed is refused", async () => {
+  const dir = await Deno.makeTempDir();
+  try {
+    const cfg = tinyConfig({ optimizer: "qgalore", seed: 7 });
+    using a = await Engine.create(cfg);
+    for (let s = 0; s < 2; s++) await a.trainStep(batch(20 + s), 1, 3e-3);
+    const run = { data: { position: 1234 }, tokenizer: "bytes", note: "ünïcode" };
+    await a.save(`${dir}/ck.bin`, run);
+    const info = inspectCheckpoint(`${dir}/ck.bin`);
+    assert.equal(info.optimizer, "qgalore");
+    assert.equal(info.step, 2);
+    assert.deepEqual(info.run, run);
+    assert.equal(info.engine_config.seed, 7);
+    assert.equal(info.engine_config.batch_size, 2);
+    assert.equal((info.engine_config.optimizer as Record<string, unknown>).rank, 16);
+    assert.equal(info.format_version, 3);
+    // no run: null
+    await a.save(`${dir}/plain.bin`);
+    assert.equal(inspectCheckpoint(`${dir}/plain.bin`).run, null);
+
+    using other = await Engine.create(tinyConfig({ optimizer: "qgalore", seed: 8 }));
+    const before = await other.evalLoss(batch(99), 1);
+    await assert.rejects(() => other.load(`${dir}/ck.bin`), (e: unknown) => {
+      assert.ok(e instanceof EngineError);
+      assert.match(e.message, /seed is 7 in the checkpoint and 8 in this engine/);
+      assert.ok(!e.message.includes("\n"));
+      return true;
+    });
+    assert.equal(await other.evalLoss(batch(99), 1), before);
+    // an engine for inference at another batch shape and seed takes the weights
+    using infer = await Engine.create({ ...cfg, batch_size: 1, seq_len: 8, seed: 3 });
+    await assert.rejects(
+      () => infer.load(`${dir}/ck.bin`),
+      /seed is 7 in the checkpoint and 3 in this engine/,
+    );
+    await infer.loadWeights(`${dir}/ck.bin`);
+    assert.equal(infer.info().steps, 2);
+    using same = await Engine.create(cfg);
+    await same.load(`${dir}/ck.bin`);
+    assert.equal(same.info().steps, 2);
+
+    // a damaged file: one byte flipped in the middle
+    const bytes = await Deno.readFile(`${dir}/ck.bin`);
+    bytes[bytes.length >> 1] ^= 0x10;
+    await Deno.writeFile(`${dir}/bad.bin`, bytes);
+    assert.throws(() => inspectCheckpoint(`${dir}/bad.bin`), (e: unknown) => {
+      assert.ok(e instanceof EngineError);
+      assert.equal(e.code, ErrorCode.invalid);
+      assert.match(e.message, /bad\.bin: .*SHA-256 checksum does not match/);
+      return true;
+    });
+    assert.throws(() => inspectCheckpoint(`${dir}/missing.bin`), /cannot read checkpoint/);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, Once};
 
 /// Bumped whenever a signature or the meaning of an output slot changes.
-pub const ABI_VERSION: u32 = 4;
+pub const ABI_VERSION: u32 = 5;
 
 pub struct Handle {
     session: Mutex<Box<dyn Session>>,
@@ -282,28 +282,59 @@ fn path_arg<'a>(p: *const u8, n: usize) -> Result<&'a str> {
     std::str::from_utf8(b).map_err(|_| Error::invalid("path is not UTF-8"))
 }
 
-/// Writes weights and optimizer state to `path`, atomically and durably (see
-/// `state::write_file`: an interrupted save never destroys an older checkpoint nor leaves
-/// a temporary file behind, and a symlink, folder, FIFO or device is never written through).
+/// Writes weights and optimizer state to `path` as a safetensors checkpoint (see
+/// `state`), atomically and durably (`state::file::write_atomic`: an interrupted save never
+/// destroys an older checkpoint nor leaves a temporary file behind, and a symlink, folder,
+/// FIFO or device is never written through). `run` (UTF-8 JSON text, may be empty = none)
+/// is the front end's description of the run, stored verbatim and returned by
+/// `qg_checkpoint_info`.
 #[no_mangle]
-pub unsafe extern "C" fn qg_save(h: *const Handle, path: *const u8, len: usize) -> i32 {
+pub unsafe extern "C" fn qg_save(h: *const Handle, path: *const u8, len: usize, run: *const u8, run_len: usize) -> i32 {
     with_session(h, |s| {
         let path = path_arg(path, len)?;
-        let bytes = s.save_state()?;
-        crate::state::write_file(std::path::Path::new(path), &bytes)
+        let run = std::str::from_utf8(slice(run, run_len)?).map_err(|_| Error::invalid("checkpoint run description is not UTF-8"))?;
+        s.save_file(std::path::Path::new(path), (!run.is_empty()).then_some(run))
     })
 }
 
-/// Restores a checkpoint written by `qg_save` into a session built with the same config.
-/// The file is checked (regular file, header, length, SHA-256) before it is parsed; a
+/// Restores a checkpoint written by `qg_save` into a session whose trajectory-relevant
+/// config matches (the message names the first differing field). The file is checked whole
+/// (regular file, header, checksum, every value and field) before the engine is touched; a
 /// refused load changes nothing.
 #[no_mangle]
 pub unsafe extern "C" fn qg_load(h: *const Handle, path: *const u8, len: usize) -> i32 {
     with_session(h, |s| {
         let path = path_arg(path, len)?;
-        let bytes = crate::state::read_file(std::path::Path::new(path))?;
-        s.load_state(&bytes).map_err(|e| Error { code: e.code, msg: format!("{path}: {}", e.msg) })
+        s.load_file(std::path::Path::new(path), crate::state::engine::Check::Resume)
     })
+}
+
+/// `qg_load` for an engine that will not continue the run (inference or evaluation at
+/// another batch_size, seq_len, seed or precision): only the model and optimizer config
+/// must match the checkpoint's. Every other check is the same.
+#[no_mangle]
+pub unsafe extern "C" fn qg_load_weights(h: *const Handle, path: *const u8, len: usize) -> i32 {
+    with_session(h, |s| {
+        let path = path_arg(path, len)?;
+        s.load_file(std::path::Path::new(path), crate::state::engine::Check::Weights)
+    })
+}
+
+/// Checks the checkpoint at `path` (regular file, header, checksum) without an engine and
+/// writes `{"format_version", "optimizer", "step", "engine_config", "run", "error"}` into
+/// `out` when it fits (`error`: null, or the one-line problem); returns its byte length.
+#[no_mangle]
+pub unsafe extern "C" fn qg_checkpoint_info(path: *const u8, len: usize, out: *mut u8, cap: usize) -> usize {
+    quiet_panics();
+    let fail = |msg: String| {
+        serde_json::json!({ "format_version": null, "optimizer": null, "step": null, "engine_config": null, "run": null, "error": msg }).to_string()
+    };
+    let text = catch_unwind(AssertUnwindSafe(|| match path_arg(path, len) {
+        Ok(p) => crate::state::info_json(std::path::Path::new(p)),
+        Err(e) => fail(e.msg),
+    }))
+    .unwrap_or_else(|p| fail(format!("internal engine error (panic): {}", panic_text(p))));
+    write_text(&text, out, cap)
 }
 
 /// Deliberately panics inside the guard: lets tests prove a panic becomes an error.

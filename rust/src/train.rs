@@ -35,6 +35,9 @@ pub struct Engine<B: Backend> {
     pub timing: [f64; 3],
     /// Highest device memory in use seen after a step (measured; GPU only).
     pub peak_device_bytes: u64,
+    /// Set when a checkpoint load failed part-way (`state::engine`): the state is then a
+    /// mix of two runs, and every call but a new load is refused with this reason.
+    pub poisoned: Option<String>,
 }
 
 /// Elements of the gradient the backward hands over: the parameter, or a row chunk of it.
@@ -66,7 +69,7 @@ impl<B: Backend> Engine<B> {
         let opt = optim::build(&be, &plan, o, cfg.seed)?;
         let grads = Grads::new(&be, plan.tensors.iter().map(|t| (t.grad_len, t.grad_chunk_rows)), plan.shared_grad as usize)?;
         let acts = Acts::new(&be, &cfg.model, cfg.batch_size, cfg.seq_len, cfg.checkpointing, &plan.activations)?;
-        let mut e = Engine { be, cfg, model, grads, acts, opt, fused, notice: None, timing: [0.0; 3], peak_device_bytes: 0 };
+        let mut e = Engine { be, cfg, model, grads, acts, opt, fused, notice: None, timing: [0.0; 3], peak_device_bytes: 0, poisoned: None };
         if let Some(path) = init {
             e.import_hf(path)?;
         }
@@ -261,66 +264,6 @@ impl<B: Backend> Engine<B> {
         Ok(total / batches as f64)
     }
 
-    /// Serializes weights and optimizer state (see `state.rs`).
-    /// Every piece of state as bytes; fails if a device copy failed (never a checkpoint
-    /// of zeros).
-    pub fn save_state(&self) -> Result<Vec<u8>> {
-        let be = &self.be;
-        let mut w = crate::state::Writer::new();
-        w.str(self.opt.name());
-        w.u64(self.model.params.len() as u64);
-        for p in &self.model.params {
-            w.str(&p.name);
-            match &p.data {
-                crate::model::Weight::F(b) => {
-                    w.u8(0);
-                    w.buf(be, b, p.numel())?;
-                }
-                crate::model::Weight::Q(q) => {
-                    w.u8(1);
-                    w.q(be, q)?;
-                }
-            }
-        }
-        self.opt.save(be, &mut w)?;
-        self.be.sync()?;
-        Ok(w.buf)
-    }
-
-    /// Restores `save_state` output into this engine (same model, optimizer and switches).
-    /// Nothing is changed unless the whole checkpoint matches.
-    pub fn load_state(&mut self, bytes: &[u8]) -> Result<()> {
-        let before = self.save_state()?;
-        let r = self.load_state_inner(bytes);
-        if r.is_err() {
-            // leave the engine exactly as it was
-            self.load_state_inner(&before).expect("restoring the engine's own state");
-        }
-        r
-    }
-
-    fn load_state_inner(&mut self, bytes: &[u8]) -> Result<()> {
-        use crate::model::Weight;
-        let be = &self.be;
-        let mut r = crate::state::Reader::new(bytes)?;
-        let name = r.str()?;
-        ensure!(name == self.opt.name(), "checkpoint is for optimizer {name}, this run uses {}", self.opt.name());
-        let n = r.u64()? as usize;
-        ensure!(n == self.model.params.len(), "checkpoint has {n} tensors, this model has {}", self.model.params.len());
-        for p in self.model.params.iter_mut() {
-            let pname = r.str()?;
-            ensure!(pname == p.name, "checkpoint tensor {pname} where this model has {}", p.name);
-            let numel = p.numel();
-            match (r.u8()?, &mut p.data) {
-                (0, Weight::F(b)) => r.buf_into(be, b, numel, &pname)?,
-                (1, Weight::Q(q)) => r.q_into(be, q, &pname)?,
-                _ => return Err(Error::invalid(format!("checkpoint stores {pname} in another precision than this run"))),
-            }
-        }
-        self.opt.load(be, &mut r)?;
-        r.done()
-    }
-
     pub fn memory(&self) -> [u64; 6] {
         let m = self.be.mem();
         let mut out = [0u64; 6];
@@ -417,8 +360,13 @@ pub trait Session: Send {
     fn eval(&mut self, tokens: &[i32], batches: usize) -> Result<f64>;
     fn memory(&self) -> [u64; 6];
     fn info(&self) -> Info;
+    /// The checkpoint as bytes (`state::engine`).
     fn save_state(&self) -> Result<Vec<u8>>;
     fn load_state(&mut self, bytes: &[u8]) -> Result<()>;
+    /// Writes a checkpoint file; `run`: the front end's JSON text.
+    fn save_file(&mut self, path: &std::path::Path, run: Option<&str>) -> Result<()>;
+    /// Loads a checkpoint file, checking the config as `check` says.
+    fn load_file(&mut self, path: &std::path::Path, check: crate::state::engine::Check) -> Result<()>;
     /// A one-line notice for the user (e.g. a device fallback), reported in `info`.
     fn set_notice(&mut self, text: &str);
     /// Logits of batch × seq ids (`crate::infer`).
@@ -431,9 +379,11 @@ pub trait Session: Send {
 
 impl<B: Backend> Session for Engine<B> {
     fn train_step(&mut self, tokens: &[i32], micro: usize, lr: f32) -> Result<StepStats> {
+        self.usable()?;
         self.be.runner().run(|| Engine::train_step(self, tokens, micro, lr))
     }
     fn eval(&mut self, tokens: &[i32], batches: usize) -> Result<f64> {
+        self.usable()?;
         self.be.runner().run(|| Engine::eval(self, tokens, batches))
     }
     fn memory(&self) -> [u64; 6] {
@@ -448,13 +398,25 @@ impl<B: Backend> Session for Engine<B> {
     fn load_state(&mut self, bytes: &[u8]) -> Result<()> {
         Engine::load_state(self, bytes)
     }
+    fn save_file(&mut self, path: &std::path::Path, run: Option<&str>) -> Result<()> {
+        let runner = self.be.runner();
+        let me = &mut *self;
+        runner.run(move || Engine::save_file(me, path, run))
+    }
+    fn load_file(&mut self, path: &std::path::Path, check: crate::state::engine::Check) -> Result<()> {
+        let runner = self.be.runner();
+        let me = &mut *self;
+        runner.run(move || Engine::load_file_checked(me, path, check))
+    }
     fn set_notice(&mut self, text: &str) {
         self.notice = Some(text.to_string());
     }
     fn logits(&mut self, tokens: &[i32], batch: usize, seq: usize, out: &mut [f32]) -> Result<()> {
+        self.usable()?;
         self.be.runner().run(|| Engine::logits(self, tokens, batch, seq, out))
     }
     fn generate(&mut self, req: &crate::infer::Request) -> Result<crate::infer::Generated> {
+        self.usable()?;
         self.be.runner().run(|| Engine::generate(self, req))
     }
     fn hf(&mut self) -> &mut dyn crate::hf::HfSession {

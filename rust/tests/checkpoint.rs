@@ -65,7 +65,7 @@ fn mismatched_or_corrupt_checkpoints_change_nothing() {
     assert!(other.save_state().unwrap() == before);
     let mut b = engine(cfg("galore"));
     let before = b.save_state().unwrap();
-    assert!(b.load_state(&good[..good.len() / 2]).unwrap_err().msg.contains("truncated"));
+    assert!(b.load_state(&good[..good.len() / 2]).unwrap_err().msg.contains("corrupt"));
     assert!(b.load_state(b"nonsense").unwrap_err().msg.contains("not a qgalore checkpoint"));
     assert!(b.save_state().unwrap() == before);
     let mut wide = cfg("galore");
@@ -99,4 +99,53 @@ fn tied_models_resume_bit_exactly() {
         assert!(u.load_state(&ckpt).is_err(), "{name}");
         assert_eq!(u.save_state().unwrap(), before);
     }
+}
+
+#[test]
+fn another_trajectory_config_is_refused_naming_the_field() {
+    let mut a = engine(cfg("qgalore"));
+    a.train_step(&tokens(2, 16, 64, 1), 1, 3e-3).unwrap();
+    let good = a.save_state().unwrap();
+    let cases: Vec<(Box<dyn Fn(&mut EngineConfig)>, &str)> = vec![
+        (Box::new(|c| c.seed = 13), "seed is 12 in the checkpoint and 13 in this engine"),
+        (Box::new(|c| c.optimizer.beta2 = 0.99), "optimizer.beta2 is 0.999 in the checkpoint and 0.99 in this engine"),
+        (Box::new(|c| c.optimizer.cos_threshold = 0.5), "optimizer.cos_threshold is 0.4 in the checkpoint and 0.5 in this engine"),
+        (Box::new(|c| c.optimizer.update_gap = 3), "optimizer.update_gap is 2 in the checkpoint and 3 in this engine"),
+        (Box::new(|c| c.model.rope_theta = 5e5), "model.rope_theta is 10000.0 in the checkpoint and 500000.0 in this engine"),
+    ];
+    for (change, want) in cases {
+        let mut c = cfg("qgalore");
+        change(&mut c);
+        let mut b = engine(c);
+        let before = b.save_state().unwrap();
+        let e = b.load_state(&good).unwrap_err();
+        assert!(e.msg.contains(want), "{}", e.msg);
+        assert!(!e.msg.contains('\n'));
+        assert!(b.save_state().unwrap() == before, "{want}: engine changed");
+    }
+    // speed and memory settings are not the trajectory's: threads, checkpointing
+    let mut c = cfg("qgalore");
+    c.threads = 1;
+    c.checkpointing = true;
+    engine(c).load_state(&good).unwrap();
+}
+
+#[test]
+fn a_weights_load_ignores_the_batch_shape_but_not_the_model_or_optimizer() {
+    let mut a = engine(cfg("qgalore"));
+    a.train_step(&tokens(2, 16, 64, 1), 1, 3e-3).unwrap();
+    let good = a.save_state().unwrap();
+    let mut c = cfg("qgalore");
+    (c.batch_size, c.seq_len, c.seed) = (1, 5, 99);
+    let mut b = engine(c.clone());
+    assert!(b.load_state(&good).unwrap_err().msg.contains("seed is 12 in the checkpoint and 99 in this engine"));
+    b.load_state_weights(&good).unwrap();
+    let held_out = tokens(1, 5, 64, 3);
+    let mut d = engine(c.clone());
+    d.load_state_weights(&good).unwrap();
+    assert_eq!(b.eval(&held_out, 1).unwrap().to_bits(), d.eval(&held_out, 1).unwrap().to_bits());
+    c.optimizer.rank = 4;
+    let mut e = engine(c);
+    let msg = e.load_state_weights(&good).unwrap_err().msg;
+    assert!(msg.contains("optimizer.rank is 8 in the checkpoint and 4 in this engine"), "{msg}");
 }

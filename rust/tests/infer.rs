@@ -38,7 +38,7 @@ fn trained(heads: usize, kv: usize, optimizer: &str, b: usize, t: usize) -> Engi
 /// An engine with `e`'s weights for batch 1 × seq `t` (to score other lengths).
 fn sibling(e: &Engine<Cpu>, heads: usize, kv: usize, optimizer: &str, t: usize) -> Engine<Cpu> {
     let mut s = engine(config(heads, kv, optimizer, 1, t));
-    s.load_state(&e.save_state().unwrap()).unwrap();
+    s.load_state_weights(&e.save_state().unwrap()).unwrap();
     s
 }
 

@@ -8,6 +8,9 @@ use crate::config::OptimConfig;
 use crate::error::Result;
 use crate::model::Param;
 use crate::plan::Plan;
+use crate::state::read::In;
+use crate::state::tensors::matrix;
+use crate::state::write::Out;
 
 pub struct AdamW<B: Backend> {
     m: Vec<B::Buf>,
@@ -47,24 +50,43 @@ impl<B: Backend> Optimizer<B> for AdamW<B> {
     fn steps(&self) -> u64 {
         self.step
     }
-    fn save(&self, be: &B, w: &mut crate::state::Writer) -> Result<()> {
-        w.u64(self.step);
-        for (m, v) in self.m.iter().zip(&self.v) {
-            w.buf(be, m, be.len(m))?;
-            w.buf(be, v, be.len(v))?;
+    fn scalars(&self) -> serde_json::Value {
+        serde_json::json!({ "step": self.step })
+    }
+    fn describe(&self, be: &B, params: &[Param<B>], scalars: &serde_json::Value, out: &mut Out) -> Result<()> {
+        scalars_step(scalars)?;
+        for (i, p) in params.iter().enumerate() {
+            let (m, v) = (&self.m[i], &self.v[i]);
+            let n = be.len(m);
+            // the moments have the parameter's shape (the plan may size them otherwise)
+            let shape = if n == p.numel() { matrix(p.rows, p.cols) } else { vec![n] };
+            out.buf(be, format!("optim.{}.m", p.name), shape.clone(), m, n)?;
+            out.buf(be, format!("optim.{}.v", p.name), shape, v, n)?;
         }
         Ok(())
     }
-    fn load(&mut self, be: &B, r: &mut crate::state::Reader) -> Result<()> {
-        self.step = r.counter("AdamW step")?;
-        for (m, v) in self.m.iter_mut().zip(self.v.iter_mut()) {
-            let (nm, nv) = (be.len(m), be.len(v));
-            r.buf_into(be, m, nm, "AdamW m")?;
-            r.buf_into(be, v, nv, "AdamW v")?;
+    fn load(&mut self, be: &B, params: &[Param<B>], scalars: &serde_json::Value, inp: &mut In) -> Result<()> {
+        let step = scalars_step(scalars)?;
+        for (i, p) in params.iter().enumerate() {
+            let n = be.len(&self.m[i]);
+            inp.buf(be, &format!("optim.{}.m", p.name), &mut self.m[i], n)?;
+            inp.buf(be, &format!("optim.{}.v", p.name), &mut self.v[i], n)?;
         }
+        self.step = step;
         Ok(())
     }
     fn as_any(&self) -> &dyn std::any::Any {
         self
     }
+}
+
+/// AdamW's checkpoint scalars: `{"step": n}` with n ≤ 2^53.
+fn scalars_step(v: &serde_json::Value) -> Result<u64> {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct S {
+        step: u64,
+    }
+    let s: S = serde_json::from_value(v.clone()).map_err(|e| crate::error::Error::invalid(format!("checkpoint state of adamw: {e}")))?;
+    crate::state::meta::counter("step", s.step)
 }

@@ -16,7 +16,43 @@ use crate::plan::{self, Plan};
 use crate::quant::adam8::BnbHp;
 use crate::rng;
 use super::lazy::Lazy;
+use crate::error::Error;
+use crate::state::meta::counter;
+use crate::state::read::In;
+use crate::state::tensors::matrix;
+use crate::state::write::Out;
+use std::borrow::Cow;
 use std::time::Instant;
+
+/// The family's checkpoint scalars (`Optimizer::scalars`).
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Scalars {
+    step: u64,
+    svd_count: u64,
+    refresh_failures: u64,
+    nonfinite_grads: u64,
+    /// Seconds spent refreshing, in integer nanoseconds.
+    refresh_ns: u64,
+    projectors: Vec<ProjScalars>,
+}
+
+/// One projected matrix's scalars; its tensors are `optim.<param>.queue` (when `queue` >
+/// 0), `.past` (when `past`) and `.proj` (when `store` is not `none`).
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ProjScalars {
+    /// Index of the parameter in model order.
+    param: usize,
+    svd_count: u64,
+    gap: u64,
+    /// Cosines in the lazy-refresh queue.
+    queue: usize,
+    /// Whether a previous top-1 vector is kept.
+    past: bool,
+    /// `none`, `f32`, `bf16`, `int8` or `int4`.
+    store: String,
+}
 
 enum Moments<B: Backend> {
     F32 { m: B::Buf, v: B::Buf },
@@ -62,6 +98,8 @@ pub struct Family<B: Backend> {
     r: Option<B::Buf>,
     u: Option<B::Buf>,
     pub stats: Stats,
+    /// Elements of each parameter's moments (the plan's `state_len`).
+    lens: Vec<usize>,
 }
 
 impl<B: Backend> Family<B> {
@@ -101,6 +139,7 @@ impl<B: Backend> Family<B> {
             r: buf(w.low, Category::Grads)?,
             u: buf(w.update, Category::Grads)?,
             stats: Stats::default(),
+            lens: plan.tensors.iter().map(|t| t.state_len).collect(),
         })
     }
 
@@ -280,6 +319,66 @@ impl<B: Backend> Family<B> {
         Ok(())
     }
 
+    /// How this run stores projectors: `f32`, `bf16`, `int8` or `int4` (the checkpoint's
+    /// storage tag of a projector that exists).
+    fn store_kind(&self) -> &'static str {
+        match self.cfg.proj_bits {
+            4 => "int4",
+            8 => "int8",
+            16 => "bf16",
+            _ => "f32",
+        }
+    }
+
+    /// Stored shape of a parameter's `n`-element moments: the low-rank gradient's when
+    /// projected (R = G Qᵀ is m×r, Pᵀ G is r×n), else the parameter's.
+    fn moment_shape(&self, st: &State<B>, p: &Param<B>, n: usize) -> Vec<usize> {
+        let shape = match &st.proj {
+            Some(pr) if pr.right => vec![p.rows, pr.rank],
+            Some(pr) => vec![pr.rank, p.cols],
+            None => matrix(p.rows, p.cols),
+        };
+        if shape.iter().product::<usize>() == n {
+            shape
+        } else {
+            vec![n]
+        }
+    }
+
+    /// A checkpoint's scalars, parsed and checked against this run: counters ≤ 2^53, one
+    /// entry per projected matrix in model order, gaps ≥ 1, queues no longer than
+    /// `queue_size`, storage tags `none` or this run's kind.
+    fn check(&self, params: &[Param<B>], v: &serde_json::Value) -> Result<Scalars> {
+        let bad = |what: String| Error::invalid(format!("checkpoint state of {}: {what}", self.name));
+        let sc: Scalars = serde_json::from_value(v.clone()).map_err(|e| bad(e.to_string()))?;
+        for (what, x) in [("step", sc.step), ("svd_count", sc.svd_count), ("refresh_failures", sc.refresh_failures), ("nonfinite_grads", sc.nonfinite_grads), ("refresh_ns", sc.refresh_ns)] {
+            counter(what, x)?;
+        }
+        let projected: Vec<usize> = self.states.iter().enumerate().filter(|(_, s)| s.proj.is_some()).map(|(i, _)| i).collect();
+        if sc.projectors.len() != projected.len() {
+            return Err(bad(format!("{} projectors listed, this run projects {} matrices", sc.projectors.len(), projected.len())));
+        }
+        for (ps, &i) in sc.projectors.iter().zip(&projected) {
+            let name = &params[i].name;
+            if ps.param != i {
+                return Err(bad(format!("projector of parameter {} listed where this run projects {name} (parameter {i})", ps.param)));
+            }
+            counter(&format!("{name} svd_count"), ps.svd_count)?;
+            counter(&format!("{name} gap"), ps.gap)?;
+            if ps.gap == 0 {
+                return Err(Error::invalid(format!("checkpoint field {name} gap is 0; a refresh gap is at least 1")));
+            }
+            let lazy = &self.states[i].proj.as_ref().unwrap().lazy;
+            if ps.queue > lazy.queue_size {
+                return Err(bad(format!("{name} has {} queued cosines; queue_size is {}", ps.queue, lazy.queue_size)));
+            }
+            if ps.store != "none" && ps.store != self.store_kind() {
+                return Err(bad(format!("{name} projector stored as {}; this run stores none or {}", ps.store, self.store_kind())));
+            }
+        }
+        Ok(sc)
+    }
+
     /// JSON fragment with refresh statistics and every projected matrix's final gap.
     pub fn report(&self, model: &Llama<B>) -> Report {
         let gaps = self.states.iter().zip(&model.params).filter_map(|(s, p)| s.proj.as_ref().map(|pr| (p.name.clone(), pr.lazy.gap))).collect();
@@ -324,102 +423,131 @@ impl<B: Backend> Optimizer<B> for Family<B> {
     fn steps(&self) -> u64 {
         self.step
     }
-    fn save(&self, be: &B, w: &mut crate::state::Writer) -> Result<()> {
-        w.u64(self.step);
+    fn scalars(&self) -> serde_json::Value {
         let s = &self.stats;
-        w.u64(s.svd_count);
-        w.u64(s.refresh_failures);
-        w.u64(s.nonfinite_grads);
-        w.f64(s.refresh_seconds);
-        for st in &self.states {
+        let projectors = self
+            .states
+            .iter()
+            .enumerate()
+            .filter_map(|(i, st)| st.proj.as_ref().map(|p| (i, p)))
+            .map(|(i, p)| ProjScalars {
+                param: i,
+                svd_count: p.svd_count,
+                gap: p.lazy.gap,
+                queue: p.lazy.queue.len(),
+                past: p.lazy.past.is_some(),
+                store: match &p.store {
+                    None => "none".into(),
+                    Some(_) => self.store_kind().into(),
+                },
+            })
+            .collect();
+        let sc = Scalars {
+            step: self.step,
+            svd_count: s.svd_count,
+            refresh_failures: s.refresh_failures,
+            nonfinite_grads: s.nonfinite_grads,
+            // integer nanoseconds: a JSON float need not read back bit-exactly
+            refresh_ns: (s.refresh_seconds * 1e9).round() as u64,
+            projectors,
+        };
+        serde_json::to_value(sc).unwrap_or_default()
+    }
+
+    fn describe(&self, be: &B, params: &[Param<B>], scalars: &serde_json::Value, out: &mut Out) -> Result<()> {
+        let sc = self.check(params, scalars)?;
+        let (bits, group) = (self.cfg.proj_bits, self.cfg.proj_group_size);
+        let mut k = 0;
+        for (i, (st, p)) in self.states.iter().zip(params).enumerate() {
+            let base = format!("optim.{}", p.name);
+            let n = self.lens[i];
+            let shape = self.moment_shape(st, p, n);
             match &st.moments {
                 Moments::F32 { m, v } => {
-                    w.u8(0);
-                    w.buf(be, m, be.len(m))?;
-                    w.buf(be, v, be.len(v))?;
+                    out.buf(be, format!("{base}.m"), shape.clone(), m, n)?;
+                    out.buf(be, format!("{base}.v"), shape, v, n)?;
                 }
-                Moments::Q8(a) => {
-                    w.u8(1);
-                    w.a8(be, a)?;
-                }
+                Moments::Q8(a) => out.a8(be, &base, a, n, self.cfg.block_size)?,
             }
-            let Some(p) = &st.proj else {
-                w.u8(0);
-                continue;
-            };
-            w.u8(1);
-            w.u64(p.svd_count);
-            w.u64(p.lazy.gap);
-            w.f32s(&p.lazy.queue.iter().cloned().collect::<Vec<_>>());
-            w.f32s(p.lazy.past.as_deref().unwrap_or(&[]));
-            match &p.store {
-                None => w.u8(0),
-                Some(Weight::F(b)) => {
-                    w.u8(1);
-                    w.buf(be, b, be.len(b))?;
-                }
-                Some(Weight::Q(q)) => {
-                    w.u8(2);
-                    w.q(be, q)?;
-                }
+            let Some(pr) = &st.proj else { continue };
+            let ps = &sc.projectors[k];
+            k += 1;
+            let missing = || Error::backend(format!("internal: {base}: the checkpoint plan names state this optimizer lacks"));
+            if ps.queue > 0 {
+                out.f32s(format!("{base}.queue"), vec![ps.queue], || Ok(Cow::Owned(pr.lazy.queue.iter().copied().collect())))?;
+            }
+            if ps.past {
+                let len = if pr.right { p.cols } else { p.rows };
+                out.f32s(format!("{base}.past"), vec![len], || pr.lazy.past.as_deref().map(Cow::Borrowed).ok_or_else(missing))?;
+            }
+            let pshape = if pr.right { vec![pr.rank, p.cols] } else { vec![p.rows, pr.rank] };
+            match ps.store.as_str() {
+                "none" => {}
+                "f32" => out.f32s(format!("{base}.proj"), pshape, || match &pr.store {
+                    Some(Weight::F(b)) => be.to_host(b, pr.numel),
+                    _ => Err(missing()),
+                })?,
+                _ => out.q(be, &format!("{base}.proj"), pshape, (bits, group, pr.numel), || match &pr.store {
+                    Some(Weight::Q(q)) => Ok(q),
+                    _ => Err(missing()),
+                })?,
             }
         }
         Ok(())
     }
-    fn load(&mut self, be: &B, r: &mut crate::state::Reader) -> Result<()> {
-        let bad = |what: &str| crate::error::Error::invalid(format!("checkpoint does not match this run: {what}"));
-        self.step = r.counter("step")?;
-        self.stats = Stats {
-            svd_count: r.u64()?,
-            refresh_failures: r.u64()?,
-            nonfinite_grads: r.u64()?,
-            refresh_seconds: r.f64()?,
-        };
+
+    fn load(&mut self, be: &B, params: &[Param<B>], scalars: &serde_json::Value, inp: &mut In) -> Result<()> {
+        let sc = self.check(params, scalars)?;
         let (bits, group) = (self.cfg.proj_bits, self.cfg.proj_group_size);
-        for st in self.states.iter_mut() {
-            match (r.u8()?, &mut st.moments) {
-                (0, Moments::F32 { m, v }) => {
-                    let (nm, nv) = (be.len(m), be.len(v));
-                    r.buf_into(be, m, nm, "moment m")?;
-                    r.buf_into(be, v, nv, "moment v")?;
+        let kind = self.store_kind();
+        let mut k = 0;
+        for (i, (st, p)) in self.states.iter_mut().zip(params).enumerate() {
+            let base = format!("optim.{}", p.name);
+            let n = self.lens[i];
+            match &mut st.moments {
+                Moments::F32 { m, v } => {
+                    inp.buf(be, &format!("{base}.m"), m, n)?;
+                    inp.buf(be, &format!("{base}.v"), v, n)?;
                 }
-                (1, Moments::Q8(a)) => r.a8_into(be, a, "8-bit moments")?,
-                _ => return Err(bad("moment storage differs (8-bit vs fp32)")),
+                Moments::Q8(a) => inp.a8(be, &base, a)?,
             }
-            match (r.u8()?, &mut st.proj) {
-                (0, None) => continue,
-                (1, Some(p)) => {
-                    p.svd_count = r.u64()?;
-                    p.lazy.gap = r.gap("refresh gap")?;
-                    let queue = r.f32s()?;
-                    if queue.len() > p.lazy.queue_size || queue.iter().any(|c| !c.is_finite()) {
-                        return Err(bad("lazy-refresh cosine queue (length or values)"));
-                    }
-                    p.lazy.queue = queue.into_iter().collect();
-                    let past = r.f32s()?;
-                    // the previous top-1 vector: one row of Q (right) or column of P (left)
-                    if !past.is_empty() && (past.len() != p.numel / p.rank.max(1) || past.iter().any(|x| !x.is_finite())) {
-                        return Err(bad("lazy-refresh top-1 vector (length or values)"));
-                    }
-                    p.lazy.past = if past.is_empty() { None } else { Some(past) };
-                    p.store = match r.u8()? {
-                        0 => None,
-                        1 => {
-                            let mut b = be.alloc(p.numel, Category::Projector)?;
-                            r.buf_into(be, &mut b, p.numel, "projector")?;
-                            Some(Weight::F(b))
-                        }
-                        2 => {
-                            let mut q = be.q_new(p.numel, bits, group, Category::Projector)?;
-                            r.q_into(be, &mut q, "projector")?;
-                            Some(Weight::Q(q))
-                        }
-                        _ => return Err(bad("projector storage tag")),
+            let Some(pr) = &mut st.proj else { continue };
+            let ps = &sc.projectors[k];
+            k += 1;
+            let queue = if ps.queue > 0 { inp.f32s(&format!("{base}.queue"), ps.queue)? } else { Vec::new() };
+            let past = if ps.past { Some(inp.f32s(&format!("{base}.past"), if pr.right { p.cols } else { p.rows })?) } else { None };
+            pr.store = match (ps.store.as_str(), pr.store.take()) {
+                ("none", _) => None,
+                ("f32", old) => {
+                    let mut b = match old {
+                        Some(Weight::F(b)) => b,
+                        _ => be.alloc(pr.numel, Category::Projector)?,
                     };
+                    inp.buf(be, &format!("{base}.proj"), &mut b, pr.numel)?;
+                    Some(Weight::F(b))
                 }
-                _ => return Err(bad("projected parameters differ")),
-            }
+                (_, old) => {
+                    debug_assert_eq!(ps.store, kind);
+                    let mut q = match old {
+                        Some(Weight::Q(q)) => q,
+                        _ => be.q_new(pr.numel, bits, group, Category::Projector)?,
+                    };
+                    inp.q(be, &format!("{base}.proj"), &mut q)?;
+                    Some(Weight::Q(q))
+                }
+            };
+            pr.svd_count = ps.svd_count;
+            pr.lazy.gap = ps.gap;
+            pr.lazy.queue = queue.into_iter().collect();
+            pr.lazy.past = past;
         }
+        self.step = sc.step;
+        self.stats = Stats {
+            svd_count: sc.svd_count,
+            refresh_failures: sc.refresh_failures,
+            nonfinite_grads: sc.nonfinite_grads,
+            refresh_seconds: sc.refresh_ns as f64 / 1e9,
+        };
         Ok(())
     }
     fn as_any(&self) -> &dyn std::any::Any {

@@ -50,10 +50,16 @@ pub trait Optimizer<B: Backend>: Send {
     fn end_step(&mut self, _be: &B) {}
     /// Completed optimizer steps.
     fn steps(&self) -> u64;
-    /// Writes every piece of optimizer state (checkpoints).
-    fn save(&self, be: &B, w: &mut crate::state::Writer) -> Result<()>;
-    /// Restores what `save` wrote; fails on any mismatch with this run.
-    fn load(&mut self, be: &B, r: &mut crate::state::Reader) -> Result<()>;
+    /// Checkpoint scalars (`state::meta::EngineState::optim`): step counter, statistics,
+    /// refresh gaps, queue lengths, storage kinds. Must hold `"step"`.
+    fn scalars(&self) -> serde_json::Value;
+    /// The optimizer's checkpoint tensors, in order, as `scalars` (this optimizer's own, or
+    /// a checkpoint's) imply them: planned, or written from this optimizer's state. Checks
+    /// the scalars' ranges against this run first (`params`: the model's, same order).
+    fn describe(&self, be: &B, params: &[Param<B>], scalars: &serde_json::Value, out: &mut crate::state::write::Out) -> Result<()>;
+    /// Restores the state `describe` wrote from `inp` (checked already: `scalars` passed
+    /// `describe` and the file holds exactly its tensors).
+    fn load(&mut self, be: &B, params: &[Param<B>], scalars: &serde_json::Value, inp: &mut crate::state::read::In) -> Result<()>;
     /// Downcasting, for tests and reports that need the concrete optimizer.
     fn as_any(&self) -> &dyn std::any::Any;
     /// Projector refresh counters for the run summary (the GaLore family and 8-bit Adam).

@@ -1,0 +1,193 @@
+/**
+ * The options of a resumed run (`--resume DIR`): every option comes from the run record of
+ * the checkpoint it continues from; only options that cannot change the losses may be given
+ * with it, plus `--steps` (more updates) and `--lr` (a deliberate new peak, e.g. after a
+ * divergence). Anything else is refused with one line naming the flag.
+ *
+ * @module
+ */
+
+import { join, resolve } from "node:path";
+import { openTokenizer, type Tokenizer } from "./tokenizer.ts";
+import { UsageError } from "./errors.ts";
+import { findResumable, type Resumable } from "./checkpoints.ts";
+import {
+  checkChoice,
+  checkExportDir,
+  checkInterval,
+  checkNumber,
+  checkSwitch,
+  defaultTrainOptions,
+  FLAG,
+  type ResolvedOptions,
+  type TrainOptions,
+} from "./options.ts";
+
+/**
+ * Options a resume may be given: they decide how long the run goes, what it writes and how
+ * it reports, never what an update computes. `--lr` is the one deliberate exception (see
+ * {@link planResume}). `--threads` is not among them: the engine's reductions split work by
+ * thread, so another count changes qgalore's losses in the last bits (measured on llama-9m).
+ */
+export const RESUME_FREE: readonly (keyof TrainOptions)[] = Object.freeze([
+  "steps",
+  "lr",
+  "saveEvery",
+  "keep",
+  "evalEvery",
+  "checkpointing",
+  "export",
+  "exportDtype",
+  "logEvery",
+  "quiet",
+  "handleSigint",
+]);
+
+/** Options of this session only: not inherited from the run record. */
+const SESSION: readonly (keyof TrainOptions)[] = ["logEvery", "quiet", "handleSigint"];
+
+/** What a resumed run starts from. */
+export interface ResumePlan extends Resumable {
+  /** The run folder. */
+  dir: string;
+  /** The run's options with the allowed ones given replaced; `out` and `resume` are `dir`. */
+  opts: ResolvedOptions;
+  /** One-line notices (a skipped checkpoint, a new --lr). */
+  notices: string[];
+}
+
+function shown(v: unknown): string {
+  if (v === null || v === undefined) return "the default";
+  if (typeof v === "boolean") return v ? "on" : "off";
+  if (typeof v === "object" && v !== null) return "(a config object)";
+  return String(v);
+}
+
+/**
+ * Finds the checkpoint to resume the run in `dir` from and the options to resume it with.
+ * `given` are the options passed along (`resume` itself aside); each must be one of
+ * {@link RESUME_FREE} or equal the run's own value. Throws a one-line UsageError.
+ */
+export function planResume(dir: string, given: Partial<TrainOptions>): ResumePlan {
+  const found = findResumable(dir);
+  const { record } = found;
+  const run = record.options as unknown as Record<string, unknown>;
+  const free = new Set<string>(RESUME_FREE);
+  const allowed = RESUME_FREE.filter((k) => FLAG[k].startsWith("--")).map((k) => FLAG[k]);
+  const opts = { ...record.options } as unknown as Record<string, unknown>;
+  const defaults = defaultTrainOptions() as unknown as Record<string, unknown>;
+  for (const key of SESSION) opts[key] = defaults[key];
+  for (const [key, value] of Object.entries(given) as [keyof TrainOptions, unknown][]) {
+    // (keys that are no option are ignored, as a new run ignores them)
+    if (key === "resume" || value === undefined || !(key in FLAG)) continue;
+    if (key === "out") {
+      if (value !== null && resolve(String(value)) === resolve(dir)) continue;
+      throw new UsageError(
+        `--out ${value}: not with --resume (the run continues in its own folder ${dir})`,
+      );
+    }
+    if (key === "overwrite") {
+      if (value === false) continue;
+      throw new UsageError(
+        `--overwrite ${
+          shown(value)
+        }: not with --resume (the run keeps its files up to the checkpoint)`,
+      );
+    }
+    if (free.has(key)) {
+      if (value !== null) opts[key] = value;
+      continue;
+    }
+    // null means "the default" for the options resolved per optimizer: nothing given
+    if (value === null || JSON.stringify(value) === JSON.stringify(run[key])) continue;
+    // what `auto` became is the same run
+    if (key === "device" && value === record.engine.device) continue;
+    if (key === "precision" && value === record.engine.precision) continue;
+    throw new UsageError(
+      `${FLAG[key]} ${shown(value)}: cannot change when resuming (the run in ${dir} has ${
+        shown(run[key])
+      }, and the losses would change); with --resume only ${allowed.join(", ")} may be given`,
+    );
+  }
+  const o = opts as unknown as ResolvedOptions;
+  // what `auto` became when the run started: the same device and precision, or the engine
+  // says why not (no GPU here); never silently another trajectory
+  o.device = checkChoice("device", record.engine.device) as ResolvedOptions["device"];
+  o.precision = checkChoice("precision", record.engine.precision) as ResolvedOptions["precision"];
+  // the values given, checked as a new run checks them
+  checkNumber("steps", o.steps);
+  checkNumber("lr", o.lr);
+  checkNumber("keep", o.keep);
+  checkNumber("evalEvery", o.evalEvery);
+  checkNumber("logEvery", o.logEvery);
+  checkInterval(o.saveEvery);
+  o.checkpointing = checkSwitch("checkpointing", o.checkpointing);
+  o.exportDtype = checkChoice("exportDtype", o.exportDtype) as ResolvedOptions["exportDtype"];
+  for (const key of ["quiet", "handleSigint"] as const) {
+    if (typeof o[key] !== "boolean") {
+      throw new UsageError(`${key} ${JSON.stringify(o[key])}: must be true or false`);
+    }
+  }
+  if (o.steps <= record.step) {
+    throw new UsageError(
+      given.steps === undefined
+        ? `--resume ${dir}: the run finished all its ${record.step} steps; give --steps N > ${record.step} to continue it`
+        : `--steps ${o.steps}: the checkpoint is already at step ${record.step}; give more to continue`,
+    );
+  }
+  if (o.lr * o.weightDecay >= 1) {
+    throw new UsageError(
+      `${FLAG.lr} ${o.lr}: ${FLAG.lr} × ${FLAG.weightDecay} ${o.weightDecay} must be < 1`,
+    );
+  }
+  if (o.export !== null) checkExportDir(o.export, dir);
+  const notices: string[] = [];
+  const diverged = divergedAt(dir);
+  if (diverged !== null && o.lr === record.options.lr) {
+    notices.push(
+      `notice: this run diverged at step ${diverged}; resumed with the same options it will ` +
+        `diverge again the same way (give a lower ${FLAG.lr})`,
+    );
+  }
+  if (o.lr !== record.options.lr) {
+    notices.push(
+      `notice: ${FLAG.lr} ${o.lr} replaces the run's peak ${record.options.lr} from step ` +
+        `${record.step + 1} on: the losses leave the first run's trajectory`,
+    );
+  }
+  return { ...found, dir, opts: { ...o, out: dir, resume: dir, overwrite: false }, notices };
+}
+
+/**
+ * The tokenizer of a resumed run: the one its record names (a trained one from the run's own
+ * `tokenizer/` folder), which must still have the kind and vocabulary it had.
+ */
+export function resumeTokenizer(plan: ResumePlan): Tokenizer {
+  const t = plan.record.tokenizer;
+  const source = plan.opts.trainTokenizer !== null ? join(plan.dir, "tokenizer") : t.source;
+  let tok: Tokenizer;
+  try {
+    tok = openTokenizer(source);
+  } catch (e) {
+    if (!(e instanceof UsageError)) throw e;
+    throw new UsageError(`--resume ${plan.dir}: the run's tokenizer ${source}: ${e.message}`);
+  }
+  if (tok.kind !== t.kind || tok.vocabSize !== t.vocab_size) {
+    (tok as Partial<Disposable>)[Symbol.dispose]?.();
+    throw new UsageError(
+      `--resume ${plan.dir}: the tokenizer ${source} changed (${tok.kind}, ${tok.vocabSize} ids; ` +
+        `the run used ${t.kind}, ${t.vocab_size} ids); a resumed run needs the one it started with`,
+    );
+  }
+  return tok;
+}
+
+/** The step at which the run in `dir` last diverged (its summary.json says so), else null. */
+function divergedAt(dir: string): number | null {
+  try {
+    const s = JSON.parse(Deno.readTextFileSync(join(dir, "summary.json")));
+    return s?.diverged === true && typeof s.steps === "number" ? s.steps : null;
+  } catch {
+    return null; // no summary (a killed run) or an unreadable one: nothing to say
+  }
+}
