@@ -33,7 +33,7 @@ const USAGE = `Perplexity of a model on a text file.
 
 Usage: deno run -A examples/evaluate.ts --model DIR|CKPT --data FILE --seq-len N [flags]
 
-  --model DIR|CKPT      Hugging Face model folder, or a qgalore checkpoint (saveCheckpoint)
+  --model DIR|CKPT      Hugging Face model folder, a qgalore checkpoint, or a run folder
   --data FILE           text file, tokenized whole with the model's tokenizer
   --seq-len N           predictions per window; windows of N+1 tokens, not overlapping
   --tokenizer PATH      tokenizer.json or folder [the model's, else bytes]

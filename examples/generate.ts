@@ -38,7 +38,7 @@ const USAGE = `Generate text with a model.
 
 Usage: deno run -A examples/generate.ts --model DIR|CKPT --prompt TEXT --max-new-tokens N [flags]
 
-  --model DIR|CKPT      Hugging Face model folder, or a qgalore checkpoint (saveCheckpoint)
+  --model DIR|CKPT      Hugging Face model folder, a qgalore checkpoint, or a run folder
   --prompt TEXT         the text to continue
   --max-new-tokens N    at most N new tokens (fewer at EOS or the model's last position)
   --temperature T       0 = greedy [0]

@@ -1,13 +1,15 @@
 /**
- * Opening a trained model to look at it: a Hugging Face LLaMA folder or a qgalore checkpoint
- * (an {@link Engine.save} file with the engine config beside it, written by
- * {@link saveCheckpoint}), as an engine sized for one evaluation or generation shape, with
- * the tokenizer that goes with it.
+ * Opening a trained model to look at it: a Hugging Face LLaMA folder, a qgalore checkpoint
+ * (an {@link Engine.save} file, which carries its engine config; a training run's or one
+ * written by {@link saveCheckpoint}), or a training run's folder (its newest checkpoint), as
+ * an engine sized for one evaluation or generation shape, with the tokenizer that goes with it.
  *
  * @module
  */
 
-import { Engine, type EngineConfig } from "../ffi/engine.ts";
+import { join } from "node:path";
+import { Engine, type EngineConfig, EngineError, inspectCheckpoint } from "../ffi/engine.ts";
+import { listCheckpoints } from "./checkpoints.ts";
 import { UsageError } from "./errors.ts";
 import { type ModelConfig, resolveModel } from "./presets.ts";
 import { exists } from "./fs.ts";
@@ -15,7 +17,7 @@ import { openTokenizer, type Tokenizer } from "./tokenizer.ts";
 
 /** What {@link openModel} needs besides the model. */
 export interface OpenModelOptions {
-  /** A Hugging Face model folder, or a qgalore checkpoint file. */
+  /** A Hugging Face model folder, a qgalore checkpoint file, or a training run's folder. */
   model: string;
   /** Tokenizer file or folder; default: the model folder's, else the checkpoint's, else bytes. */
   tokenizer?: string | null;
@@ -43,31 +45,26 @@ export interface OpenedModel extends Disposable {
   kind: "hf" | "checkpoint";
 }
 
-/** The sidecar of a qgalore checkpoint (`<file>.json`). */
-export interface CheckpointInfo {
-  /** Always `qgalore-checkpoint`. */
-  format: "qgalore-checkpoint";
-  /** The engine config the checkpoint was saved from. */
-  engine: EngineConfig;
-  /** Tokenizer file or folder of the run, or null for bytes. */
+/** What {@link saveCheckpoint} stores in a checkpoint besides the engine's tensors. */
+export interface ModelRecord {
+  /** Always `qgalore-model`. */
+  kind: "qgalore-model";
+  /** Tokenizer file or folder of the model, or null for bytes. */
   tokenizer: string | null;
 }
 
 /**
- * Saves `engine` (weights and optimizer state, {@link Engine.save}) to `path` and its config
- * and tokenizer source to `path.json`, so {@link openModel} can open it without the run's
- * options.
+ * Saves `engine` (weights and optimizer state, {@link Engine.save}) to `path` with the
+ * tokenizer's source inside the checkpoint, so {@link openModel} can open it alone (the
+ * engine config is always stored in a checkpoint).
  */
 export async function saveCheckpoint(
   engine: Engine,
   path: string,
   tokenizer: string | null = null,
 ): Promise<void> {
-  await engine.save(path);
-  const info: CheckpointInfo = { format: "qgalore-checkpoint", engine: engine.config, tokenizer };
-  const tmp = `${path}.json.tmp`;
-  Deno.writeTextFileSync(tmp, JSON.stringify(info, null, 2) + "\n");
-  Deno.renameSync(tmp, `${path}.json`);
+  const record: ModelRecord = { kind: "qgalore-model", tokenizer };
+  await engine.save(path, record);
 }
 
 function statOf(path: string): Deno.FileInfo | null {
@@ -78,21 +75,43 @@ function statOf(path: string): Deno.FileInfo | null {
   }
 }
 
-function readCheckpointInfo(path: string, label: string): CheckpointInfo {
-  let raw: unknown;
+/** A checkpoint's engine config and tokenizer source; one-line UsageError when unreadable. */
+function readCheckpoint(
+  path: string,
+  label: string,
+): { engine: EngineConfig; tokenizer: string | null } {
+  let info: ReturnType<typeof inspectCheckpoint>;
   try {
-    raw = JSON.parse(Deno.readTextFileSync(`${path}.json`));
+    info = inspectCheckpoint(path);
   } catch (e) {
-    const why = e instanceof Deno.errors.NotFound
-      ? `no ${path}.json beside it (checkpoints from saveCheckpoint carry their config there)`
-      : String(e).split("\n")[0];
-    throw new UsageError(`${label}: not a Hugging Face folder or a qgalore checkpoint: ${why}`);
+    if (!(e instanceof EngineError)) throw e;
+    throw new UsageError(
+      `${label}: not a Hugging Face folder or a qgalore checkpoint: ${e.message}`,
+    );
   }
-  const info = raw as Partial<CheckpointInfo>;
-  if (info?.format !== "qgalore-checkpoint" || typeof info.engine !== "object") {
-    throw new UsageError(`${label}: ${path}.json is not a qgalore checkpoint description`);
+  // a training run's record (lib/checkpoints.ts) or saveCheckpoint's
+  const run = info.run as { kind?: string; tokenizer?: unknown } | null;
+  let tokenizer: string | null = null;
+  if (run?.kind === "qgalore-run") {
+    const t = run.tokenizer as { source?: unknown } | undefined;
+    tokenizer = typeof t?.source === "string" ? t.source : null;
+  } else if (run?.kind === "qgalore-model" && typeof run.tokenizer === "string") {
+    tokenizer = run.tokenizer;
   }
-  return info as CheckpointInfo;
+  return { engine: info.engine_config as unknown as EngineConfig, tokenizer };
+}
+
+/** The newest readable checkpoint of a run folder (`<out>/checkpoints/`), or null. */
+function newestCheckpoint(dir: string): string | null {
+  for (const c of listCheckpoints(dir)) {
+    try {
+      inspectCheckpoint(c.path);
+      return c.path;
+    } catch (e) {
+      if (!(e instanceof EngineError)) throw e;
+    }
+  }
+  return null;
 }
 
 /**
@@ -110,7 +129,11 @@ export async function openModel(opts: OpenModelOptions): Promise<OpenedModel> {
     device: opts.device ?? "cpu",
     ...(opts.threads === undefined ? {} : { threads: opts.threads }),
   };
-  if (st.isDirectory) {
+  // a training run's folder: its newest valid checkpoint
+  const runCkpt = st.isDirectory && !exists(join(opts.model, "config.json"))
+    ? newestCheckpoint(opts.model)
+    : null;
+  if (st.isDirectory && runCkpt === null) {
     // a tokenizer.json that is there but unreadable is an error, not a reason to use bytes
     const tokPath = opts.tokenizer ?? (exists(`${opts.model}/tokenizer.json`) ? opts.model : null);
     const tokenizer = openTokenizer(tokPath);
@@ -136,7 +159,8 @@ export async function openModel(opts: OpenModelOptions): Promise<OpenedModel> {
     });
     return opened(engine, config, tokenizer, "hf");
   }
-  const info = readCheckpointInfo(opts.model, label);
+  const file = runCkpt ?? opts.model;
+  const info = readCheckpoint(file, label);
   const tokenizer = openTokenizer(opts.tokenizer ?? info.tokenizer);
   const config = info.engine.model;
   if (opts.seqLen > config.max_position_embeddings) {
@@ -144,14 +168,11 @@ export async function openModel(opts: OpenModelOptions): Promise<OpenedModel> {
       `--seq-len ${opts.seqLen}: must be ≤ ${config.max_position_embeddings} (max_position_embeddings of ${label})`,
     );
   }
-  // The optimizer's state is part of the checkpoint, so the engine is built for it.
-  const engine = await Engine.create({
-    ...info.engine,
-    ...base,
-    grad_accum: info.engine.grad_accum ?? 1,
-  });
+  // The optimizer's state is part of the checkpoint, so the engine is built for it; the
+  // batch shape is this use's, which loadWeights allows (it checks model and optimizer).
+  const engine = await Engine.create({ ...info.engine, ...base, grad_accum: 1 });
   try {
-    await engine.load(opts.model);
+    await engine.loadWeights(file);
   } catch (e) {
     engine[Symbol.dispose]();
     throw e;

@@ -55,6 +55,21 @@ Deno.test("evaluate.ts --json: the library's perplexity, on a folder and on a ch
     ]);
     assert.equal(c.code, 0, c.err);
     assert.deepEqual(JSON.parse(last(c.out)), want);
+    // a run folder: its newest checkpoint that reads back (a damaged newer one is passed over)
+    Deno.mkdirSync(`${dir}/run/checkpoints`, { recursive: true });
+    Deno.copyFileSync(`${dir}/ckpt`, `${dir}/run/checkpoints/step-00000001.safetensors`);
+    Deno.writeTextFileSync(`${dir}/run/checkpoints/step-00000002.safetensors`, "torn");
+    const f = await run("evaluate", [
+      "--model",
+      `${dir}/run`,
+      "--data",
+      TEXT,
+      "--seq-len",
+      "32",
+      "--json",
+    ]);
+    assert.equal(f.code, 0, f.err);
+    assert.deepEqual(JSON.parse(last(f.out)), want);
   } finally {
     await Deno.remove(dir, { recursive: true });
   }
