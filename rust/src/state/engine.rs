@@ -110,10 +110,10 @@ impl<B: Backend> Engine<B> {
 
     fn load_checked(&mut self, src: &dyn Source, check: Check) -> Result<()> {
         // every message is one bounded line, whatever names the file holds
-        self.load_unchecked_text(src, check).map_err(|e| Error { code: e.code, msg: super::tensors::printable(&e.msg, 2000) })
+        self.load_inner(src, check).map_err(|e| Error { code: e.code, msg: super::tensors::printable(&e.msg, 2000) })
     }
 
-    fn load_unchecked_text(&mut self, src: &dyn Source, check: Check) -> Result<()> {
+    fn load_inner(&mut self, src: &dyn Source, check: Check) -> Result<()> {
         let p = read::parse(src)?;
         read::verify(src, &p)?;
         let st = EngineState::parse(&p.state)?;
