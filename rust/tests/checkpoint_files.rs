@@ -195,9 +195,15 @@ fn refused(e: &mut Engine<Cpu>, bad: &[u8], want: &str) {
 fn a_corrupted_payload_is_refused_by_the_checksum() {
     let mut e = trained();
     let good = e.save_state().unwrap();
-    for k in [good.len() - 1, good.len() / 2, 100] {
+    let n = u64::from_le_bytes(good[..8].try_into().unwrap()) as usize;
+    // the last byte, the middle, the first data byte, a digit of the stored checksum
+    // (changed to another hex digit), and a header byte inside the engine config
+    let at = qgalore::state::CHECKSUM_AT;
+    let cfg_at = 8 + std::str::from_utf8(&good[8..8 + n]).unwrap().find("\"seed\\\":").unwrap() + 8; // the first digit of the seed
+    for (k, v) in [(good.len() - 1, None), (good.len() / 2, None), (8 + n, None), (at, Some(if good[at] == b'0' { b'1' } else { b'0' })), (cfg_at, Some(b'9'))] {
         let mut b = good.clone();
-        b[k] ^= 0x04;
+        b[k] = v.unwrap_or(b[k] ^ 0x04);
+        assert_ne!(b, good);
         refused(&mut e, &b, "checksum does not match");
     }
 }
@@ -273,6 +279,19 @@ fn hostile_scalars_and_layouts_are_refused_and_change_nothing() {
         h["model.norm.weight"][field] = v;
         refused(&mut e, &join(&h, data), "checkpoint is corrupt");
     }
+    // names with a newline, or a megabyte long: the message stays one bounded line
+    for name in ["optim.bo\ngus".to_string(), "x".repeat(1 << 20)] {
+        let mut h = h0.clone();
+        let e0 = h.as_object_mut().unwrap().remove("model.norm.weight").unwrap();
+        h[name.as_str()] = e0;
+        let msg = e.load_state(&join(&h, data)).unwrap_err().msg;
+        assert!(!msg.contains('\n') && msg.chars().count() < 2100, "{}", &msg[..200.min(msg.len())]);
+        assert!(msg.contains("tensor model.norm.weight is missing"), "{}", &msg[..200.min(msg.len())]);
+    }
+    let mut h = h0.clone();
+    h["__metadata__"]["zz\nkey"] = "1".into();
+    let msg = e.load_state(&join(&h, data)).unwrap_err().msg;
+    assert!(msg.contains("unknown metadata key zz\\nkey"), "{msg}");
     // the engine still trains exactly like an untouched copy
     let mut twin = trained();
     let a = e.train_step(&tokens(2, 16, 64, 9), 1, 3e-3).unwrap().loss.to_bits();

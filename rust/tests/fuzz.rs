@@ -66,3 +66,33 @@ fn mutated_hf_safetensors_never_panic() {
     assert!(all.refused > all.cases / 3, "{} of {} refused", all.refused, all.cases);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn hostile_names_in_hf_files_give_one_bounded_line() {
+    // found by the long run: a name holding an escaped newline was echoed as two lines
+    let dir = tmpdir("hfname");
+    let src = hf_fixtures()[0].join("model.safetensors");
+    let good = std::fs::read(&src).unwrap();
+    let n = u64::from_le_bytes(good[..8].try_into().unwrap()) as usize;
+    let mut h: serde_json::Value = serde_json::from_slice(&good[8..8 + n]).unwrap();
+    for name in ["model.norm.we\night".to_string(), "y".repeat(1 << 20)] {
+        let mut h = h.clone();
+        let e = h.as_object_mut().unwrap().remove("model.norm.weight").unwrap();
+        h[name.as_str()] = e;
+        let mut head = serde_json::to_vec(&h).unwrap();
+        while head.len() % 8 != 0 {
+            head.push(b' ');
+        }
+        let mut b = (head.len() as u64).to_le_bytes().to_vec();
+        b.extend_from_slice(&head);
+        b.extend_from_slice(&good[8 + n..]);
+        let p = dir.join("model.safetensors");
+        std::fs::write(&p, &b).unwrap();
+        let cfg: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&std::fs::read(hf_fixtures()[0].join("config.json")).unwrap()).unwrap();
+        let model = qgalore::config::ModelConfig::from_map(&cfg).unwrap();
+        let msg = qgalore::hf::Checkpoint::open(&p).and_then(|c| c.match_layout(&model).map(|_| ())).unwrap_err().msg;
+        assert!(!msg.contains('\n') && msg.chars().count() < 2100, "{}", &msg[..300.min(msg.len())]);
+    }
+    h["__metadata__"] = serde_json::json!({});
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -68,8 +68,14 @@ fn show(p: &Path) -> String {
     p.display().to_string()
 }
 
+/// Every message is one bounded line: names from a hostile file may hold a newline or be
+/// megabytes long (found by the checkpoint fuzzer, tests/fuzz.rs).
+fn line(msg: String) -> Error {
+    Error::invalid(crate::state::tensors::printable(&msg, 2000))
+}
+
 fn bad(path: &Path, what: impl std::fmt::Display) -> Error {
-    Error::invalid(format!("{}: {what}", show(path)))
+    line(format!("{}: {what}", show(path)))
 }
 
 /// The dtypes the engine converts (exactly) to f32.
@@ -200,18 +206,18 @@ impl Checkpoint {
         let tied = !shapes.iter().any(|(n, ..)| n == "lm_head.weight");
         for (name, rows, cols, _) in &shapes {
             let Some(e) = self.tensors.get(name) else {
-                return Err(Error::invalid(format!("{}: tensor {name} is missing (the config needs [{rows}, {cols}])", self.label())));
+                return Err(line(format!("{}: tensor {name} is missing (the config needs [{rows}, {cols}])", self.label())));
             };
             let fits = e.shape == [*rows, *cols] || (*rows == 1 && e.shape == [*cols]);
             if !fits {
                 let need = if *rows == 1 { format!("[{cols}]") } else { format!("[{rows}, {cols}]") };
-                return Err(Error::invalid(format!("{}: tensor {name} has shape {:?}, the config needs {need}", self.file_of(name), e.shape)));
+                return Err(line(format!("{}: tensor {name} has shape {:?}, the config needs {need}", self.file_of(name), e.shape)));
             }
         }
         for name in self.tensors.keys() {
             let known = shapes.iter().any(|(n, ..)| n == name);
             if !(known || ignored(name) || (tied && name == "lm_head.weight")) {
-                return Err(Error::invalid(format!("{}: unexpected tensor {name} (not a parameter of this LLaMA config)", self.file_of(name))));
+                return Err(line(format!("{}: unexpected tensor {name} (not a parameter of this LLaMA config)", self.file_of(name))));
             }
         }
         Ok(shapes.into_iter().map(|(name, rows, cols, role)| Match { name, rows, cols, role }).collect())
@@ -248,8 +254,8 @@ impl Checkpoint {
     /// Converts a tensor to f32 into `out` (exactly `numel` values; F32, BF16 and F16
     /// convert exactly). Parallel over the calling rayon pool.
     pub fn read_f32(&self, name: &str, out: &mut [f32]) -> Result<()> {
-        let (e, bytes) = self.raw(name).ok_or_else(|| Error::invalid(format!("{}: tensor {name} is missing", self.label())))?;
-        to_f32(e.dtype, bytes, out).map_err(|m| Error::invalid(format!("{}: tensor {name}: {m}", self.file_of(name))))
+        let (e, bytes) = self.raw(name).ok_or_else(|| line(format!("{}: tensor {name} is missing", self.label())))?;
+        to_f32(e.dtype, bytes, out).map_err(|m| line(format!("{}: tensor {name}: {m}", self.file_of(name))))
     }
 
     /// What `qg_hf_inspect` reports: the files, their total bytes, every tensor.

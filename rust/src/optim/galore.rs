@@ -373,7 +373,7 @@ impl<B: Backend> Family<B> {
                 return Err(bad(format!("{name} has {} queued cosines; queue_size is {}", ps.queue, lazy.queue_size)));
             }
             if ps.store != "none" && ps.store != self.store_kind() {
-                return Err(bad(format!("{name} projector stored as {}; this run stores none or {}", ps.store, self.store_kind())));
+                return Err(bad(format!("{name} projector stored as {}; this run stores none or {}", crate::state::tensors::shown(&ps.store), self.store_kind())));
             }
         }
         Ok(sc)

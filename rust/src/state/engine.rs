@@ -109,11 +109,16 @@ impl<B: Backend> Engine<B> {
     }
 
     fn load_checked(&mut self, src: &dyn Source, check: Check) -> Result<()> {
+        // every message is one bounded line, whatever names the file holds
+        self.load_inner(src, check).map_err(|e| Error { code: e.code, msg: super::tensors::printable(&e.msg, 2000) })
+    }
+
+    fn load_inner(&mut self, src: &dyn Source, check: Check) -> Result<()> {
         let p = read::parse(src)?;
         read::verify(src, &p)?;
         let st = EngineState::parse(&p.state)?;
         if st.optimizer != self.opt.name() {
-            return Err(Error::invalid(format!("checkpoint is for optimizer {}, this engine uses {}", st.optimizer, self.opt.name())));
+            return Err(Error::invalid(format!("checkpoint is for optimizer {}, this engine uses {}", super::tensors::shown(&st.optimizer), self.opt.name())));
         }
         meta::check_config(&p.engine_config, &self.cfg, &st.precision, self.be.precision(), check == Check::Resume)?;
         read::match_layout(&p, &self.expected(&st)?)?;

@@ -115,7 +115,7 @@ impl EngineState {
             return Err(Error::invalid("checkpoint state: step differs from the optimizer's step"));
         }
         if !["fp32", "bf16"].contains(&st.precision.as_str()) {
-            return Err(Error::invalid(format!("checkpoint state: precision {}; must be fp32 or bf16", st.precision)));
+            return Err(Error::invalid(format!("checkpoint state: precision {}; must be fp32 or bf16", super::tensors::shown(&st.precision))));
         }
         Ok(st)
     }

@@ -78,7 +78,8 @@ pub fn info_json(path: &std::path::Path) -> String {
         }))
     })();
     r.unwrap_or_else(|e| {
-        serde_json::json!({ "format_version": null, "optimizer": null, "step": null, "engine_config": null, "run": null, "error": e.msg })
+        let msg = tensors::printable(&e.msg, 2000);
+        serde_json::json!({ "format_version": null, "optimizer": null, "step": null, "engine_config": null, "run": null, "error": msg })
     })
     .to_string()
 }

@@ -4,7 +4,7 @@
 //! one at a time at their offsets, hashed again on the way, so a file that changed between
 //! the passes is noticed.
 
-use super::tensors::{check_values, fill_f32, rule, Dtype, Entry, MAX_RANK};
+use super::tensors::{check_values, fill_f32, rule, shown, Dtype, Entry, MAX_RANK};
 use super::{CHECKSUM_AT, CHECKSUM_HEX, FORMAT, FORMAT_VERSION, HEADER_PREFIX, MAX_HEADER, MAX_TENSORS, MAX_COUNTER};
 use crate::error::{Error, Result};
 use serde_json::Value;
@@ -67,13 +67,6 @@ pub struct Parsed {
     pub run: Value,
 }
 
-impl Parsed {
-    /// Offset of the first data byte.
-    fn data_start(&self) -> u64 {
-        8 + self.header_len
-    }
-}
-
 /// Reads and checks the header: size bounds, the format and version, the metadata keys, and
 /// every tensor's dtype, shape and offsets (contiguous from 0 in index order, ending at
 /// the end of the file: no overlap, gap or trailing byte).
@@ -117,7 +110,7 @@ pub fn parse(src: &dyn Source) -> Result<Parsed> {
     let text = |k: &str| meta.get(k).map(|v| v.as_str().ok_or_else(|| corrupt(&format!("metadata {k} is not a string")))).transpose();
     for k in meta.keys() {
         if !["checksum", "format", "format_version", "engine_config", "state", "run"].contains(&k.as_str()) {
-            return Err(corrupt(&format!("unknown metadata key {k}")));
+            return Err(corrupt(&format!("unknown metadata key {}", shown(k))));
         }
     }
     if text("format")? != Some(FORMAT) {
@@ -126,7 +119,7 @@ pub fn parse(src: &dyn Source) -> Result<Parsed> {
     match text("format_version")? {
         Some(FORMAT_VERSION) => {}
         Some(v) => {
-            return Err(Error::invalid(format!("checkpoint format version {v}: this engine reads version {FORMAT_VERSION} only")))
+            return Err(Error::invalid(format!("checkpoint format version {}: this engine reads version {FORMAT_VERSION} only", shown(v))))
         }
         None => return Err(corrupt("metadata format_version missing")),
     }
@@ -147,9 +140,9 @@ pub fn parse(src: &dyn Source) -> Result<Parsed> {
     let mut tensors = Vec::with_capacity(top.len() - 1);
     for (name, v) in top.iter().filter(|(k, _)| *k != "__metadata__") {
         let (e, begin, end) = tensor_entry(name, v)?;
-        let bytes = e.bytes().ok_or_else(|| corrupt(&format!("tensor {name} is too large")))?;
+        let bytes = e.bytes().ok_or_else(|| corrupt(&format!("tensor {} is too large", shown(name))))?;
         if end.checked_sub(begin) != Some(bytes as u64) {
-            return Err(corrupt(&format!("tensor {name}: offsets [{begin}, {end}] do not hold {}", e.describe())));
+            return Err(corrupt(&format!("tensor {}: offsets [{begin}, {end}] do not hold {}", shown(name), e.describe())));
         }
         tensors.push((e, begin, end));
     }
@@ -157,7 +150,7 @@ pub fn parse(src: &dyn Source) -> Result<Parsed> {
     let mut pos = 0u64;
     for (e, b, end) in &tensors {
         if *b != pos {
-            return Err(corrupt(&format!("tensor {} starts at {b}, expected {pos} (overlap or gap)", e.name)));
+            return Err(corrupt(&format!("tensor {} starts at {b}, expected {pos} (overlap or gap)", shown(&e.name))));
         }
         pos = *end;
     }
@@ -169,13 +162,13 @@ pub fn parse(src: &dyn Source) -> Result<Parsed> {
 }
 
 fn tensor_entry(name: &str, v: &Value) -> Result<(Entry, u64, u64)> {
-    let bad = |what: &str| corrupt(&format!("tensor {name}: {what}"));
+    let bad = |what: &str| corrupt(&format!("tensor {}: {what}", shown(name)));
     let o = v.as_object().ok_or_else(|| bad("not an object"))?;
     if o.len() != 3 {
         return Err(bad("entry must hold exactly dtype, shape and data_offsets"));
     }
     let dtype = o.get("dtype").and_then(Value::as_str).ok_or_else(|| bad("dtype missing"))?;
-    let dtype = Dtype::parse(dtype).ok_or_else(|| bad(&format!("dtype {dtype}; this format uses F32, BF16 and U8")))?;
+    let dtype = Dtype::parse(dtype).ok_or_else(|| bad(&format!("dtype {}; this format uses F32, BF16 and U8", shown(dtype))))?;
     let shape = o.get("shape").and_then(Value::as_array).ok_or_else(|| bad("shape missing"))?;
     if shape.len() > MAX_RANK {
         return Err(bad(&format!("rank {}; at most {MAX_RANK}", shape.len())));
@@ -211,17 +204,18 @@ pub fn verify(src: &dyn Source, p: &Parsed) -> Result<()> {
     let mut h = Sha256::new();
     hash_header(src, p, &mut h)?;
     let mut first_bad: Option<Error> = None;
-    let mut buf = vec![0u8; CHUNK];
+    let largest = p.tensors.iter().map(|(e, _)| e.bytes().unwrap_or(0)).max().unwrap_or(0);
+    let mut buf = vec![0u8; largest.min(CHUNK)];
     for (e, at) in &p.tensors {
         let (size, r) = (e.dtype.size(), rule(&e.name, e.dtype));
         let total = e.bytes().unwrap_or(0) as u64;
         let mut done = 0u64;
         while done < total {
-            let n = (total - done).min(CHUNK as u64) as usize;
+            let n = (total - done).min(buf.len() as u64) as usize;
             src.read_at(at + done, &mut buf[..n])?;
             h.update(&buf[..n]);
             if first_bad.is_none() {
-                if let Err(err) = check_values(&e.name, e.dtype, r, &buf[..n], (done / size as u64) as usize) {
+                if let Err(err) = check_values(&shown(&e.name), e.dtype, r, &buf[..n], (done / size as u64) as usize) {
                     first_bad = Some(err);
                 }
             }
@@ -254,11 +248,11 @@ pub fn match_layout(p: &Parsed, want: &[Entry]) -> Result<()> {
         }
     }
     if let Some((e, _)) = p.tensors.iter().find(|(e, _)| !wanted.contains(e.name.as_str())) {
-        return Err(Error::invalid(format!("checkpoint does not match this engine: unexpected tensor {}", e.name)));
+        return Err(Error::invalid(format!("checkpoint does not match this engine: unexpected tensor {}", shown(&e.name))));
     }
     for (i, ((e, _), w)) in p.tensors.iter().zip(want).enumerate() {
         if e.name != w.name {
-            return Err(corrupt(&format!("tensor {} stored at position {i}, where the engine writes {}", e.name, w.name)));
+            return Err(corrupt(&format!("tensor {} stored at position {i}, where the engine writes {}", shown(&e.name), w.name)));
         }
     }
     Ok(())
@@ -347,9 +341,4 @@ impl<'a> In<'a> {
         }
         Ok(())
     }
-}
-
-/// Offset of the first data byte (for tests that edit files).
-pub fn data_start(p: &Parsed) -> u64 {
-    p.data_start()
 }

@@ -163,3 +163,27 @@ pub fn fill_f32(dst: &mut [f32], fill: impl FnOnce(&mut [u8]) -> Result<()>) -> 
         Ok(())
     }
 }
+
+/// Text from a file as a one-line message shows it: control characters (and the Unicode
+/// line separators) escaped, at most `max` characters, then "…". A hostile tensor name
+/// may hold a newline or be megabytes long.
+pub fn printable(s: &str, max: usize) -> String {
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i == max {
+            out.push('…');
+            break;
+        }
+        if c.is_control() || c == '\u{2028}' || c == '\u{2029}' {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// A name from a checkpoint as messages show it.
+pub fn shown(name: &str) -> String {
+    printable(name, 200)
+}
