@@ -7,11 +7,12 @@
  * @module
  */
 
+import { createHash } from "node:crypto";
 import { join } from "node:path";
 import { EngineError, inspectCheckpoint } from "../ffi/engine.ts";
 import { UsageError } from "./errors.ts";
 import type { Dataset } from "./data.ts";
-import type { WatchState } from "./diverge.ts";
+import { DivergenceWatch, type WatchState } from "./diverge.ts";
 import type { ResolvedOptions } from "./options.ts";
 import type { ModelConfig } from "./presets.ts";
 import { Rng } from "./rng.ts";
@@ -56,10 +57,21 @@ export interface RunRecord {
    * Where the engine ran and in what precision (what `auto` became): a resume asks for the
    * same, since another device or precision computes other losses.
    */
-  engine: { device: string; precision: string };
+  engine: {
+    device: string;
+    precision: string;
+    /**
+     * Worker threads the engine used (the CPU's reductions split work by thread, so another
+     * count changes qgalore's losses in the last bits); absent in records of older builds.
+     */
+    threads?: number;
+  };
   /** The tokenizer: where it came from (null: bytes), its kind and vocabulary. */
   tokenizer: { kind: string; vocab_size: number; source: string | null };
-  /** The data: its description and a SHA-256 over sampled windows ({@link dataFingerprint}). */
+  /**
+   * The data: its description and a SHA-256 of the description and the complete train and
+   * validation token streams ({@link dataFingerprint}).
+   */
   data: { description: string; fingerprint: string };
   /** The batch sampler's position ({@link Rng.state}). */
   sampler: number[];
@@ -193,6 +205,19 @@ export function readRunRecord(path: string): RunRecord {
   if (typeof r.tokenizer?.vocab_size !== "number") bad("tokenizer missing");
   if (typeof r.data?.fingerprint !== "string") bad("data fingerprint missing");
   if (typeof r.counters !== "object" || r.counters === null) bad("counters missing");
+  const c = r.counters!;
+  const seconds = (x: unknown) => typeof x === "number" && Number.isFinite(x) && x >= 0;
+  if (!seconds(c.train_s) || !seconds(c.elapsed_s)) bad("counters: seconds malformed");
+  if (typeof c.watch !== "object" || c.watch === null) bad("counters: watch missing");
+  try {
+    DivergenceWatch.restore(c.watch);
+  } catch (e) {
+    bad(`counters: watch: ${(e as Error).message.split("\n")[0]}`);
+  }
+  const threads = r.engine!.threads;
+  if (threads !== undefined && !(count(threads) && threads >= 1)) {
+    bad(`engine threads ${threads}: must be an integer ≥ 1`);
+  }
   try {
     Rng.restore(r.sampler ?? []);
   } catch (e) {
@@ -249,24 +274,28 @@ export function findResumable(dir: string): Resumable {
 }
 
 /**
- * A SHA-256 (hex) of what a run reads from its data: its description, the validation
- * windows and training windows drawn with a fixed seed. Any change to the text, the
- * tokenizer or the split changes it, without reading a large corpus whole.
+ * A SHA-256 (hex) of what a run reads from its data: its description (less `path`, the
+ * `--data` it was opened by, which a move changes), then the complete
+ * training and validation token streams (int32 ids, little-endian), each followed by its
+ * length. Any change to a single token, the tokenizer or the split changes it. A sharded
+ * corpus is hashed chunk by chunk ({@link Dataset.tokenChunks}), never copied whole.
  */
-export async function dataFingerprint(
-  data: Dataset,
-  o: Pick<ResolvedOptions, "batchSize" | "seqLen" | "evalBatches">,
-): Promise<string> {
-  const parts: Uint8Array[] = [new TextEncoder().encode(data.describe())];
-  const val = data.valBatches(o.evalBatches, o.batchSize, o.seqLen);
-  // its own generator: the run's sampler must not move
-  const train = data.trainBatch(new Rng(0x6a09e667), o.batchSize, o.seqLen, 4);
-  for (const t of [val, train]) parts.push(new Uint8Array(t.buffer, t.byteOffset, t.byteLength));
-  const all = new Uint8Array(parts.reduce((n, p) => n + p.length, 0));
-  let at = 0;
-  for (const p of parts) all.set(p, (at += p.length) - p.length);
-  const hash = new Uint8Array(await crypto.subtle.digest("SHA-256", all));
-  return [...hash].map((b) => b.toString(16).padStart(2, "0")).join("");
+export function dataFingerprint(data: Dataset, path: string | null = null): string {
+  const hash = createHash("sha256");
+  // without the path it was opened by: moved data is the same data
+  const described = path === null ? data.describe() : data.describe().replace(path, "");
+  hash.update(new TextEncoder().encode(described));
+  for (const split of ["train", "val"] as const) {
+    const chunks: Iterable<Int32Array> = data.tokenChunks?.(split) ?? [data.tokens(split)];
+    let n = 0;
+    for (const t of chunks) {
+      hash.update(new Uint8Array(t.buffer, t.byteOffset, t.byteLength));
+      n += t.length;
+    }
+    // the split's length after it, so that moving tokens from one split to the other changes it
+    hash.update(new TextEncoder().encode(`|${split}:${n}`));
+  }
+  return hash.digest("hex");
 }
 
 /**
@@ -276,36 +305,41 @@ export async function dataFingerprint(
  * deleted. Returns the new path.
  */
 export function setAside(path: string, why: "invalid" | "diverged"): string {
-  const to = `${path}.${why}`;
-  Deno.renameSync(path, to);
-  return to;
+  // never onto an earlier one set aside under the same name (e.g. two divergences)
+  for (let i = 0;; i++) {
+    const to = i === 0 ? `${path}.${why}` : `${path}.${why}.${i}`;
+    try {
+      Deno.lstatSync(to);
+      continue;
+    } catch (e) {
+      if (!(e instanceof Deno.errors.NotFound)) throw e;
+    }
+    // a link (not a rename) cannot replace a file that appeared in between
+    Deno.linkSync(path, to);
+    Deno.removeSync(path);
+    return to;
+  }
 }
 
 /**
  * Removes what killed saves of the run left in `out/checkpoints/`: the engine's temporary
- * files of the run's checkpoint names (`.step-00000120.safetensors.tmp-<pid>-<ns>`) whose
- * process no longer exists (known from /proc; where there is none, nothing is removed).
- * Returns the removed paths.
+ * files of the run's checkpoint names (`.step-00000120.safetensors.tmp-<pid>-<ns>`). Call it
+ * only while holding the run's lock ({@link lockRun}): no other process then saves into the
+ * folder, so every such file is stale whatever process id it names (a pid may be reused: in a
+ * container it is often 1). Returns the removed paths.
  */
 export function removeStaleTemps(out: string): string[] {
   const dir = join(out, CHECKPOINT_DIR);
   const removed: string[] = [];
-  const alive = (pid: number): boolean => {
-    try {
-      Deno.statSync(`/proc/${pid}`);
-      return true;
-    } catch {
-      return false;
-    }
-  };
+  let entries: Deno.DirEntry[];
   try {
-    Deno.statSync("/proc/self");
-  } catch {
-    return removed;
+    entries = [...Deno.readDirSync(dir)];
+  } catch (e) {
+    if (e instanceof Deno.errors.NotFound || e instanceof Deno.errors.NotADirectory) return [];
+    throw e;
   }
-  for (const e of Deno.readDirSync(dir)) {
-    const m = /^\.step-\d{8,}\.safetensors\.tmp-(\d+)-\d+$/.exec(e.name);
-    if (m === null || !e.isFile || alive(Number(m[1]))) continue;
+  for (const e of entries) {
+    if (!/^\.step-\d{8,}\.safetensors\.tmp-\d+-\d+$/.test(e.name) || !e.isFile) continue;
     Deno.removeSync(join(dir, e.name));
     removed.push(join(dir, e.name));
   }

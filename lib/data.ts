@@ -32,6 +32,11 @@ export interface Dataset {
   valBatches(n: number, batch: number, seqLen: number): Int32Array;
   /** The whole token stream of a split. */
   tokens(split: "train" | "val"): Int32Array;
+  /**
+   * The token stream of a split in consecutive pieces (for a corpus too large to copy whole);
+   * absent when {@link Dataset.tokens} holds it in memory already.
+   */
+  tokenChunks?(split: "train" | "val"): Iterable<Int32Array>;
   /** One-line human description. */
   describe(): string;
 }
@@ -517,6 +522,18 @@ export class ShardDataset implements Dataset, Disposable {
     const out = new Int32Array(n);
     if (n > 0) this.#shards.read(split, BigUint64Array.of(0n), n, out);
     return out;
+  }
+
+  /** The split in consecutive pieces of 1 Mi tokens, each read into the same buffer. */
+  *tokenChunks(split: "train" | "val"): Generator<Int32Array> {
+    const n = this.#count(split);
+    const buf = new Int32Array(Math.min(n, 1 << 20));
+    for (let at = 0; at < n; at += buf.length) {
+      const len = Math.min(buf.length, n - at);
+      const out = buf.subarray(0, len);
+      this.#shards.read(split, BigUint64Array.of(BigInt(at)), len, out);
+      yield out;
+    }
   }
 
   /** E.g. `corpus c4/: 1200000 tokens (1080000 train, 120000 val; 900 + 100 documents), uint16`. */

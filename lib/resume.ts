@@ -26,8 +26,9 @@ import {
 /**
  * Options a resume may be given: they decide how long the run goes, what it writes and how
  * it reports, never what an update computes. `--lr` is the one deliberate exception (see
- * {@link planResume}). `--threads` is not among them: the engine's reductions split work by
- * thread, so another count changes qgalore's losses in the last bits (measured on llama-9m).
+ * {@link planResume}). `--threads` is handled apart: the engine's reductions split work by
+ * thread, so another count changes qgalore's losses in the last bits (measured on llama-9m);
+ * the run record stores the count used, a resume uses it, another is allowed with a notice.
  */
 export const RESUME_FREE: readonly (keyof TrainOptions)[] = Object.freeze([
   "steps",
@@ -42,6 +43,9 @@ export const RESUME_FREE: readonly (keyof TrainOptions)[] = Object.freeze([
   "quiet",
   "handleSigint",
 ]);
+
+/** Options holding a path: compared with the run's after both are made absolute. */
+const PATHS = new Set<string>(["data", "tokenizer", "initFrom"]);
 
 /** Options of this session only: not inherited from the run record. */
 const SESSION: readonly (keyof TrainOptions)[] = ["logEvery", "quiet", "handleSigint"];
@@ -76,6 +80,7 @@ export function planResume(dir: string, given: Partial<TrainOptions>): ResumePla
   const allowed = RESUME_FREE.filter((k) => FLAG[k].startsWith("--")).map((k) => FLAG[k]);
   const opts = { ...record.options } as unknown as Record<string, unknown>;
   const defaults = defaultTrainOptions() as unknown as Record<string, unknown>;
+  let threadsGiven: number | null = null;
   for (const key of SESSION) opts[key] = defaults[key];
   for (const [key, value] of Object.entries(given) as [keyof TrainOptions, unknown][]) {
     // (keys that are no option are ignored, as a new run ignores them)
@@ -94,13 +99,30 @@ export function planResume(dir: string, given: Partial<TrainOptions>): ResumePla
         }: not with --resume (the run keeps its files up to the checkpoint)`,
       );
     }
-    if (free.has(key)) {
-      if (value !== null) opts[key] = value;
+    if (key === "threads") {
+      if (value !== null) threadsGiven = value as number;
       continue;
+    }
+    if (free.has(key)) {
+      if (value !== null) {
+        opts[key] = key === "export" && typeof value === "string" ? resolve(value) : value;
+      }
+      continue;
+    }
+    // paths are stored absolute (older records: as typed, relative to where the run started)
+    if (PATHS.has(key) && typeof value === "string" && typeof run[key] === "string") {
+      if (resolve(value) === resolve(run[key] as string)) continue;
+      // moved data is the same run when it reads the same tokens (the set-up compares the
+      // data's fingerprint with the checkpoint's and refuses any difference)
+      if (key === "data") {
+        opts.data = resolve(value);
+        continue;
+      }
     }
     // null means "the default" for the options resolved per optimizer: nothing given
     if (value === null || JSON.stringify(value) === JSON.stringify(run[key])) continue;
     // what `auto` became is the same run
+    if ((key === "device" || key === "precision") && value === "auto") continue;
     if (key === "device" && value === record.engine.device) continue;
     if (key === "precision" && value === record.engine.precision) continue;
     throw new UsageError(
@@ -142,11 +164,33 @@ export function planResume(dir: string, given: Partial<TrainOptions>): ResumePla
   }
   if (o.export !== null) checkExportDir(o.export, dir);
   const notices: string[] = [];
-  const diverged = divergedAt(dir);
-  if (diverged !== null && o.lr === record.options.lr) {
+  // the thread count the run used (older records: the option, maybe null = one per core)
+  const recorded = record.engine.threads ?? record.options.threads ?? null;
+  const differ = "the last bits of the losses will differ from the uninterrupted run's";
+  o.threads = recorded;
+  if (threadsGiven !== null) {
+    checkNumber("threads", threadsGiven);
+    if (recorded !== null && threadsGiven !== recorded) {
+      notices.push(
+        `notice: ${FLAG.threads} ${threadsGiven} replaces the run's ${recorded}: ${differ}`,
+      );
+    }
+    o.threads = threadsGiven;
+  }
+  const cores = navigator.hardwareConcurrency;
+  if (o.threads !== null && cores > 0 && o.threads > cores) {
     notices.push(
-      `notice: this run diverged at step ${diverged}; resumed with the same options it will ` +
-        `diverge again the same way (give a lower ${FLAG.lr})`,
+      `notice: ${FLAG.threads} ${o.threads} capped at this machine's ${cores} processors: ` +
+        differ,
+    );
+    o.threads = cores;
+  }
+  const diverged = divergedAt(dir);
+  // only a divergence after this checkpoint, by the options it is resumed with, repeats
+  if (diverged !== null && diverged.step > record.step && o.lr === diverged.lr) {
+    notices.push(
+      `notice: this run diverged at step ${diverged.step}; resumed with the same options it ` +
+        `will diverge again the same way (give a lower ${FLAG.lr})`,
     );
   }
   if (o.lr !== record.options.lr) {
@@ -182,11 +226,17 @@ export function resumeTokenizer(plan: ResumePlan): Tokenizer {
   return tok;
 }
 
-/** The step at which the run in `dir` last diverged (its summary.json says so), else null. */
-function divergedAt(dir: string): number | null {
+/**
+ * The step at which the run in `dir` last diverged and its peak `--lr` then (its summary.json
+ * says so), else null.
+ */
+function divergedAt(dir: string): { step: number; lr: number } | null {
   try {
     const s = JSON.parse(Deno.readTextFileSync(join(dir, "summary.json")));
-    return s?.diverged === true && typeof s.steps === "number" ? s.steps : null;
+    return s?.diverged === true && typeof s.steps === "number" &&
+        typeof s.config?.lr === "number"
+      ? { step: s.steps, lr: s.config.lr }
+      : null;
   } catch {
     return null; // no summary (a killed run) or an unreadable one: nothing to say
   }

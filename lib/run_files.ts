@@ -39,19 +39,25 @@ export function checkOut(out: string, overwrite: boolean): void {
     earlier = true;
   }
   if (earlier && !overwrite) {
+    // only a run that saved a checkpoint can be continued
     throw new UsageError(
-      `--out ${out}: holds an earlier run; continue it with --resume ${out}, or pass ` +
-        "--overwrite on to replace it",
+      listCheckpoints(out).length > 0
+        ? `--out ${out}: holds an earlier run; continue it with --resume ${out}, or pass ` +
+          "--overwrite on to replace it"
+        : `--out ${out}: holds an earlier run's files but no checkpoint to resume from; pass ` +
+          "--overwrite on to replace it, or choose a new --out",
     );
   }
 }
 
 /**
  * Creates the output directory and a new `metrics.jsonl` in it, after {@link checkOut}: an
- * earlier run's regular files and checkpoints are removed (`--overwrite`), a symlink is never
- * followed, and nothing in `checkpoints/` not named as a run names its checkpoints is touched.
+ * earlier run's regular files and checkpoints are removed only with `overwrite` (checked
+ * again here: another run may have written them since), a symlink is never followed, and
+ * nothing in `checkpoints/` not named as a run names its checkpoints is touched.
  */
-export function openOut(out: string): JsonlWriter {
+export function openOut(out: string, overwrite: boolean): JsonlWriter {
+  checkOut(out, overwrite);
   try {
     Deno.mkdirSync(out, { recursive: true });
     for (const c of listCheckpoints(out)) Deno.removeSync(c.path);
@@ -83,10 +89,19 @@ export function openOut(out: string): JsonlWriter {
 /**
  * A resumed run's `metrics.jsonl`: its first `lines` records (those written up to the
  * checkpoint; later ones, by the run that was stopped or killed, are dropped) rewritten to a
- * new file that atomically replaces it, then open for appending. Returns the writer and the
- * number of records kept (fewer than `lines` only when the file lost some).
+ * new file that atomically replaces it, then open for appending. Returns the writer, the
+ * number of records kept (fewer than `lines` only when the file lost some: a damaged file
+ * keeps its parsable prefix, and `notice` says how many were lost) and the last one kept.
  */
-export function resumeMetrics(out: string, lines: number): { writer: JsonlWriter; kept: number } {
+export function resumeMetrics(
+  out: string,
+  lines: number,
+): {
+  writer: JsonlWriter;
+  kept: number;
+  last: Record<string, unknown> | null;
+  notice: string | null;
+} {
   const path = join(out, "metrics.jsonl");
   let source: Deno.FsFile | null = null;
   try {
@@ -111,13 +126,23 @@ export function resumeMetrics(out: string, lines: number): { writer: JsonlWriter
     throw cannotWrite(out, e);
   }
   let kept = 0;
+  let last: Record<string, unknown> | null = null;
   try {
     if (source !== null) {
       // JSON.stringify(JSON.parse(line)) gives the line back byte for byte
+      // a damaged file (torn or zero-filled by a power loss) keeps its parsable prefix
       for (const line of readLines(source)) {
         if (kept === lines) break;
         if (line === "") continue;
-        writer.write(JSON.parse(line));
+        let record: unknown;
+        try {
+          record = JSON.parse(line);
+        } catch {
+          break;
+        }
+        if (typeof record !== "object" || record === null || Array.isArray(record)) break;
+        last = record as Record<string, unknown>;
+        writer.write(last);
         kept++;
       }
     }
@@ -130,13 +155,102 @@ export function resumeMetrics(out: string, lines: number): { writer: JsonlWriter
     try {
       Deno.removeSync(tmp);
     } catch { /* renamed or never written */ }
-    throw e instanceof SyntaxError
-      ? new UsageError(`--resume ${out}: metrics.jsonl: a record is not JSON (${e.message})`)
-      : cannotWrite(out, e);
+    throw cannotWrite(out, e);
   } finally {
     source?.close();
   }
-  return { writer, kept };
+  const notice = kept < lines
+    ? `notice: ${out}/metrics.jsonl lost ${lines - kept} of the ${lines} records written up ` +
+      `to the checkpoint (damaged or cut short); kept the first ${kept}`
+    : null;
+  return { writer, kept, last, notice };
+}
+
+/** Flushes `out/metrics.jsonl` to the disk (with each checkpoint: a resume needs its lines). */
+export function syncMetrics(out: string): void {
+  try {
+    using f = Deno.openSync(join(out, "metrics.jsonl"), { read: true });
+    f.syncSync();
+  } catch (e) {
+    if (!(e instanceof Deno.errors.NotFound)) throw cannotWrite(out, e);
+  }
+}
+
+/** The lock of a run folder held by this process ({@link lockRun}). */
+export interface RunLock {
+  /** A one-line notice when a stale lock (of a process that no longer runs) was taken over. */
+  notice: string | null;
+  /** Removes the lock; safe to call twice. */
+  release(): void;
+}
+
+/** The start time of process `pid` (from /proc), or null when it does not run (or unknown). */
+function startTime(pid: number): string | null {
+  try {
+    const stat = Deno.readTextFileSync(`/proc/${pid}/stat`);
+    // field 22, counted after the parenthesised command name (which may hold spaces)
+    return stat.slice(stat.lastIndexOf(")") + 2).split(" ")[19] ?? null;
+  } catch {
+    return null;
+  }
+}
+
+/**
+ * Takes the lock of the run folder `out` (`out/.lock`, created exclusively, holding this
+ * process's id and start time), before anything of the run is written: a second run on the
+ * same folder, or a `--resume` while the run still goes on, is refused with one line naming
+ * the process. A lock left by a process that no longer runs (killed) is taken over with a
+ * notice; where that cannot be known (no /proc) the user is told to remove it.
+ */
+export function lockRun(out: string): RunLock {
+  const path = join(out, ".lock");
+  const me = `${Deno.pid} ${startTime(Deno.pid) ?? "?"}\n`;
+  let notice: string | null = null;
+  try {
+    Deno.mkdirSync(out, { recursive: true });
+  } catch (e) {
+    throw cannotWrite(out, e);
+  }
+  for (let attempt = 0;; attempt++) {
+    try {
+      using f = Deno.openSync(path, { write: true, createNew: true });
+      f.writeSync(new TextEncoder().encode(me));
+      break;
+    } catch (e) {
+      if (!(e instanceof Deno.errors.AlreadyExists) || attempt > 2) throw cannotWrite(out, e);
+    }
+    let held = "";
+    try {
+      held = Deno.readTextFileSync(path);
+    } catch { /* removed meanwhile: try again */ }
+    const [pid, started] = held.trim().split(" ");
+    const live = /^\d+$/.test(pid ?? "") ? startTime(Number(pid)) : null;
+    const procs = startTime(Deno.pid) !== null;
+    if (!procs || (live !== null && (started === "?" || live === started))) {
+      throw new UsageError(
+        `--out ${out}: in use by process ${pid || "?"} (its lock ${path}); wait for it to ` +
+          `end or choose another --out${procs ? "" : " (remove the lock if it no longer runs)"}`,
+      );
+    }
+    try {
+      Deno.removeSync(path);
+    } catch (e) {
+      if (!(e instanceof Deno.errors.NotFound)) throw cannotWrite(out, e);
+    }
+    notice = `notice: took over ${path} left by process ${pid || "?"}, which no longer runs`;
+  }
+  let held = true;
+  return {
+    notice,
+    release(): void {
+      if (!held) return;
+      held = false;
+      try {
+        // only our own lock: never one a later run took over
+        if (Deno.readTextFileSync(path) === me) Deno.removeSync(path);
+      } catch { /* already gone */ }
+    },
+  };
 }
 
 /** The lines of a file, read 1 MiB at a time (a long run's metrics need not fit in memory). */

@@ -5,7 +5,7 @@
  * @module
  */
 
-import { join } from "node:path";
+import { join, resolve } from "node:path";
 import {
   Engine,
   type EngineConfig,
@@ -23,7 +23,15 @@ import { UsageError } from "./errors.ts";
 import { formatCount, formatDuration, type JsonlWriter, Progress } from "./log.ts";
 import { peakRssBytes } from "./memory.ts";
 import { DivergenceWatch, likelyCause } from "./diverge.ts";
-import { checkOut, openOut, resumeMetrics, writeSummary } from "./run_files.ts";
+import {
+  checkOut,
+  lockRun,
+  openOut,
+  resumeMetrics,
+  type RunLock,
+  syncMetrics,
+  writeSummary,
+} from "./run_files.ts";
 import {
   dataFingerprint,
   listCheckpoints,
@@ -260,8 +268,9 @@ export async function train(
   hooks: TrainHooks = {},
 ): Promise<Summary> {
   using run = await startRun(options, hooks);
-  // a resumed run's earlier evaluations are already in its metrics.jsonl
-  if (run.resumedFrom === null) await run.evaluate();
+  // a resumed run's earlier evaluations are already in its metrics.jsonl, except one due at
+  // its checkpoint's step that it never made (stopped there, or extended after its end)
+  if (run.resumedFrom === null || run.evalDue) await run.evaluate();
   while (!run.done) {
     if ((await run.step()) === null) continue;
     if (run.evalDue) await run.evaluate();
@@ -327,6 +336,14 @@ export class Run implements Disposable {
   readonly #elapsedBefore: number;
   readonly #fingerprint: string | null;
   readonly #saveEvery: SaveInterval | null;
+  /** The lock of the run folder, held until the run is disposed. */
+  readonly #lock: RunLock | null;
+  /** Worker threads the engine uses (stored in the run record; a resume asks for the same). */
+  readonly #threads: number | null;
+  /** The options as the run record stores them: paths made absolute at the start. */
+  readonly #recordOptions: ResolvedOptions;
+  /** Step of the last evaluation in metrics.jsonl (-1: none). */
+  #evalStep = -1;
   #listening = false;
   #stop = false;
   #steps = 0;
@@ -356,7 +373,9 @@ export class Run implements Disposable {
       started: number;
       startedAt: string;
       fingerprint: string | null;
-      resume: { plan: ResumePlan; kept: number } | null;
+      resume: { plan: ResumePlan; kept: number; last: Record<string, unknown> | null } | null;
+      lock: RunLock | null;
+      threads: number | null;
     },
   ) {
     this.opts = init.opts;
@@ -374,6 +393,9 @@ export class Run implements Disposable {
     this.tokensPerStep = opts.gradAccum * opts.batchSize * opts.seqLen;
     this.#valTokens = init.data.valBatches(opts.evalBatches, opts.batchSize, opts.seqLen);
     this.#fingerprint = init.fingerprint;
+    this.#lock = init.lock;
+    this.#threads = init.threads;
+    this.#recordOptions = absolutePaths(opts);
     this.#saveEvery = checkInterval(opts.saveEvery);
     this.#savedAt = init.started;
     const r = init.resume?.plan.record;
@@ -397,6 +419,8 @@ export class Run implements Disposable {
       this.#metricsLines = init.resume!.kept;
       this.#savedStep = r.step;
       this.#checkpoint = this.resumedFrom;
+      const last = init.resume!.last;
+      if (last?.type === "eval" && typeof last.step === "number") this.#evalStep = last.step;
     }
   }
 
@@ -422,7 +446,8 @@ export class Run implements Disposable {
     } else {
       checked = checkOptions(options);
     }
-    const { opts, model, tokenizer: given, notices } = checked;
+    const { opts, model, tokenizer: given } = checked;
+    const notices = [...checked.notices];
     const out = plan !== null ? plan.dir : opts.out === undefined ? defaultOut() : opts.out;
     // read next: it must be a file or folder (a FIFO or a device would block or never end)
     if (opts.data !== null) checkSource("--data", opts.data, "a file or folder");
@@ -433,6 +458,35 @@ export class Run implements Disposable {
           "choose a new --out for --train-tokenizer (nothing is replaced)",
       );
     }
+    // before anything of the run is written: no second process writes into the same folder
+    const lock = out === null ? null : lockRun(out);
+    if (lock?.notice) notices.push(lock.notice);
+    try {
+      return await Run.#setUp(
+        { opts, model, given, notices, out, plan, lock, started, startedAt },
+        hooks,
+      );
+    } catch (e) {
+      lock?.release();
+      throw e;
+    }
+  }
+
+  static async #setUp(
+    s: {
+      opts: ResolvedOptions;
+      model: ResolvedModel;
+      given: Tokenizer | null;
+      notices: string[];
+      out: string | null;
+      plan: ResumePlan | null;
+      lock: RunLock | null;
+      started: number;
+      startedAt: string;
+    },
+    hooks: TrainHooks,
+  ): Promise<Run> {
+    const { opts, model, given, notices, out, plan, lock, started, startedAt } = s;
     // A trained tokenizer goes to a temporary folder first: it moves into the run's folder
     // only once the data and the engine are ready, so a failed set-up leaves no half run.
     const staged = given === null ? await Deno.makeTempDir({ prefix: "qgalore-tokenizer-" }) : null;
@@ -458,14 +512,16 @@ export class Run implements Disposable {
       throw flagged(e, "--data", opts.data!);
     });
     // what the run reads, so that a resume can tell whether the data changed
-    const fingerprint = out === null ? null : await dataFingerprint(data, opts);
+    const fingerprint = out === null ? null : dataFingerprint(data, opts.data);
     if (plan !== null && fingerprint !== plan.record.data.fingerprint) {
       throw new UsageError(
         `--resume ${plan.dir}: the data changed since the checkpoint (${
           opts.data === null ? "the synthetic corpus" : `--data ${opts.data}`
-        } now reads differently); a resumed run needs the data it started with`,
+        } now reads other tokens); a resumed run needs the data it started with`,
       );
     }
+    // the worker threads the engine will use: the CPU's reductions split work by thread
+    const threads = opts.threads ?? (navigator.hardwareConcurrency || null);
     // The engine sizes its gradient buffers for `grad_accum` micro-batches per update.
     const cfg = engineConfig(opts, model.config);
 
@@ -490,7 +546,8 @@ export class Run implements Disposable {
       });
     let metrics: JsonlWriter | null = null;
     let run: Run | undefined;
-    let resume: { plan: ResumePlan; kept: number } | null = null;
+    let resume: { plan: ResumePlan; kept: number; last: Record<string, unknown> | null } | null =
+      null;
     try {
       if (plan !== null) {
         if (engine.load === undefined) {
@@ -511,11 +568,12 @@ export class Run implements Disposable {
         for (const path of removeStaleTemps(plan.dir)) {
           progress.note(`notice: removed ${path}, left by a save that was killed`);
         }
-        const { writer, kept } = resumeMetrics(plan.dir, plan.record.metrics_lines);
+        const { writer, kept, last, notice } = resumeMetrics(plan.dir, plan.record.metrics_lines);
+        if (notice !== null) progress.note(notice);
         metrics = writer;
-        resume = { plan, kept };
+        resume = { plan, kept, last };
       } else {
-        metrics = out === null ? null : openOut(out);
+        metrics = out === null ? null : openOut(out, opts.overwrite);
       }
       if (staged !== null && out !== null) {
         // saved with the run, so its token ids can be read back
@@ -543,6 +601,8 @@ export class Run implements Disposable {
         startedAt,
         fingerprint,
         resume,
+        lock,
+        threads,
       });
       const engineNotice = engine.info?.().notice;
       if (typeof engineNotice === "string") progress.note(`notice: ${engineNotice}`);
@@ -558,11 +618,14 @@ export class Run implements Disposable {
         progress.note(`resumed from ${plan.path} (step ${plan.record.step} of ${opts.steps})`);
       }
       if (opts.handleSigint) {
-        try {
-          Deno.addSignalListener("SIGINT", run.#onSigint);
-          run.#listening = true;
-        } catch {
-          // Signals are unsupported on some platforms; Ctrl-C then simply ends the process.
+        // SIGTERM too: `docker stop` and a Slurm preemption save and stop like Ctrl-C
+        for (const sig of ["SIGINT", "SIGTERM"] as const) {
+          try {
+            Deno.addSignalListener(sig, run.#onSigint);
+            run.#listening = true;
+          } catch {
+            // Signals are unsupported on some platforms; Ctrl-C then simply ends the process.
+          }
         }
       }
       return run;
@@ -601,11 +664,15 @@ export class Run implements Disposable {
     return this.#failure !== null || this.#steps >= this.opts.steps || this.stopped;
   }
 
-  /** Whether `evalEvery` asks for an evaluation now (never after the last update). */
+  /**
+   * Whether `evalEvery` asks for an evaluation now that metrics.jsonl does not have (never
+   * after the last update). True at the start of a resumed run whose checkpoint was written
+   * at such a step before its evaluation (stopped there, or a finished run extended).
+   */
   get evalDue(): boolean {
     const o = this.opts;
     return o.evalEvery > 0 && this.#steps % o.evalEvery === 0 && this.#steps < o.steps &&
-      !this.#stop;
+      this.#evalStep !== this.#steps && !this.#stop;
   }
 
   /** Seconds since the set-up began (for a resumed run: since the run first started). */
@@ -649,6 +716,8 @@ export class Run implements Disposable {
   }
 
   async #write(record: RunRecord): Promise<string> {
+    // the lines the checkpoint counts must survive a power loss as the checkpoint does
+    syncMetrics(this.out!);
     const path = await writeCheckpoint(
       { save: (p, run) => this.engine.save!(p, run) },
       this.out!,
@@ -699,9 +768,18 @@ export class Run implements Disposable {
       step: this.#steps,
       schedule_steps: this.#scheduleSteps,
       metrics_lines: this.#metricsLines,
-      options: { ...this.opts, out: this.out, resume: null, overwrite: false },
+      options: {
+        ...this.#recordOptions,
+        out: this.out === null ? null : resolve(this.out),
+        resume: null,
+        overwrite: false,
+      },
       model: { name: this.model.name, config: this.model.config },
-      engine: { device: this.engine.device, precision: this.engine.precision ?? "fp32" },
+      engine: {
+        device: this.engine.device,
+        precision: this.engine.precision ?? "fp32",
+        ...(this.#threads === null ? {} : { threads: this.#threads }),
+      },
       tokenizer: {
         kind: this.tokenizer.kind,
         vocab_size: this.tokenizer.vocabSize,
@@ -722,10 +800,12 @@ export class Run implements Disposable {
 
   /** The folder of the run's tokenizer.json; null for bytes (and a trained one without out). */
   #tokenizerSource(): string | null {
+    // absolute: a resume or an evaluation may run from another working directory
     if (this.opts.trainTokenizer !== null) {
-      return this.out === null ? null : join(this.out, "tokenizer");
+      return this.out === null ? null : resolve(this.out, "tokenizer");
     }
-    return this.opts.tokenizer ?? tokenizerFolder(this.tokenizer);
+    const folder = this.#recordOptions.tokenizer ?? tokenizerFolder(this.tokenizer);
+    return folder === null ? null : resolve(folder);
   }
 
   #writeMetrics(record: StepRecord | EvalRecord): void {
@@ -760,6 +840,7 @@ export class Run implements Disposable {
       elapsed_s: this.elapsed(),
     };
     this.#writeMetrics(record);
+    this.#evalStep = this.#steps;
     const floor = this.data.entropyFloor;
     this.#progress.note(
       `eval step ${this.#steps}: val loss ${loss?.toFixed(4) ?? "n/a"} ppl ${
@@ -977,13 +1058,23 @@ export class Run implements Disposable {
     try {
       this.#metrics?.[Symbol.dispose]();
     } finally {
-      this.engine[Symbol.dispose]();
+      try {
+        this.engine[Symbol.dispose]();
+      } finally {
+        this.#lock?.release();
+      }
     }
   }
 
   #endLoop(): void {
     this.#progress.done();
-    if (this.#listening) Deno.removeSignalListener("SIGINT", this.#onSigint);
+    if (this.#listening) {
+      for (const sig of ["SIGINT", "SIGTERM"] as const) {
+        try {
+          Deno.removeSignalListener(sig, this.#onSigint);
+        } catch { /* never added (unsupported) */ }
+      }
+    }
     this.#listening = false;
   }
 
@@ -1014,6 +1105,18 @@ function describeOptimizer(o: ResolvedOptions): string {
   if (o.lazy) parts.push("lazy refresh");
   if (o.fused) parts.push("fused");
   return parts.join(", ");
+}
+
+/** The options with their paths made absolute (as the run record stores them). */
+function absolutePaths(o: ResolvedOptions): ResolvedOptions {
+  const abs = (p: string | null | undefined) => typeof p === "string" ? resolve(p) : p ?? null;
+  return {
+    ...o,
+    data: abs(o.data),
+    tokenizer: abs(o.tokenizer),
+    initFrom: abs(o.initFrom),
+    export: abs(o.export),
+  };
 }
 
 /** A UsageError about `value` worded with its flag: "--data x: …". */
