@@ -7,7 +7,17 @@ import assert from "node:assert/strict";
 import { join } from "node:path";
 import { checkInterval } from "../lib/options.ts";
 import { parsePretrainArgs } from "../lib/cli.ts";
-import { checkpointName, listCheckpoints, pruneCheckpoints } from "../lib/checkpoints.ts";
+import {
+  checkpointName,
+  dataFingerprint,
+  listCheckpoints,
+  pruneCheckpoints,
+  readRunRecord,
+  setAside,
+} from "../lib/checkpoints.ts";
+import { TextDataset } from "../lib/data.ts";
+import { checkOut, lockRun, openOut } from "../lib/run_files.ts";
+import { train } from "../lib/trainer.ts";
 import { DivergenceWatch } from "../lib/diverge.ts";
 import { UsageError } from "../lib/errors.ts";
 import { Rng } from "../lib/rng.ts";
@@ -315,7 +325,6 @@ Deno.test(
         ["--seed", "5", "has 0"],
         ["--optimizer", "galore", "has adamw"],
         ["--batch-size", "4", "has 2"],
-        ["--threads", "1", "has the default"],
         ["--clip", "0", "has 1"],
         ["--precision", "bf16", "has auto"],
       ]
@@ -368,5 +377,277 @@ Deno.test(
     oneLineError(await cli(["--resume", empty], env), `--resume ${empty}: no checkpoints in`);
     oneLineError(await cli(["--resume", join(dir, "nope")], env), "not found");
     oneLineError(await cli(["--resume", data], env), "not a folder");
+  }),
+);
+
+/** metrics.jsonl without the fields that measure time. */
+function metrics(dir: string): Record<string, unknown>[] {
+  return Deno.readTextFileSync(join(dir, "metrics.jsonl")).split("\n").filter((l) => l)
+    .map((l) => {
+      const { elapsed_s: _e, tokens_per_s: _t, ...rest } = JSON.parse(l);
+      return rest;
+    });
+}
+
+const QGALORE = ["--optimizer", "qgalore", "--rank", "8", "--update-gap", "3"];
+
+Deno.test(
+  "--threads: stored in the run record; a resume uses it (bit-exact), accepts it, and allows another with a notice",
+  withTiny(async (dir, model) => {
+    const args = [...BASE, ...QGALORE, "--model", model, "--steps", "8", "--threads", "1"];
+    const whole = join(dir, "whole");
+    assert.equal((await cli([...args, "--out", whole, "--save-every", "off"])).code, 0);
+    // as if killed after update 4: the newer checkpoints gone
+    const killedAt4 = async (out: string): Promise<void> => {
+      const first = await cli([...args, "--out", out, "--save-every", "2", "--keep", "9"]);
+      assert.equal(first.code, 0, first.stderr);
+      for (const step of [6, 8]) Deno.removeSync(join(out, "checkpoints", checkpointName(step)));
+    };
+    const run = join(dir, "run");
+    await killedAt4(run);
+    const ckpt = join(run, "checkpoints", checkpointName(4));
+    assert.equal(readRunRecord(ckpt).engine.threads, 1);
+    // no --threads: the run's 1, not this machine's default; the losses equal the whole run's
+    const r = await cli(["--resume", run, "--save-every", "off"]);
+    assert.equal(r.code, 0, r.stderr);
+    assert.doesNotMatch(r.stderr, /threads/);
+    assert.deepEqual(metrics(run), metrics(whole));
+    // the same count given is no change; another is allowed, with a notice
+    const again = join(dir, "again");
+    await killedAt4(again);
+    const same = await cli(["--resume", again, "--steps", "6", "--threads", "1"]);
+    assert.equal(same.code, 0, same.stderr);
+    assert.doesNotMatch(same.stderr, /threads/);
+    const other = await cli(["--resume", again, "--steps", "8", "--threads", "2"]);
+    assert.equal(other.code, 0, other.stderr);
+    assert.match(
+      other.stderr,
+      /notice: --threads 2 replaces the run's 1: the last bits of the losses will differ/,
+    );
+    assert.equal(readRunRecord(join(again, "checkpoints", checkpointName(8))).engine.threads, 2);
+  }),
+);
+
+Deno.test(
+  "paths are stored absolute: resume from another working directory; moved data is accepted, other data refused",
+  withTiny(async (dir, model) => {
+    const a = join(dir, "a");
+    Deno.mkdirSync(a);
+    const text = "the quick brown fox jumps over the lazy dog. ".repeat(200);
+    Deno.writeTextFileSync(join(a, "corpus.txt"), text);
+    const env = { QGALORE_CACHE: join(dir, "cache") };
+    const args = [...BASE, "--model", model, "--steps", "4", "--save-every", "2"];
+    const run = (cwd: string, more: string[]) =>
+      new Deno.Command(Deno.execPath(), {
+        args: ["run", "-A", script, ...args, ...more],
+        env: { NO_COLOR: "1", ...env },
+        cwd,
+      }).output();
+    const first = await run(a, ["--data", "corpus.txt", "--out", "run"]);
+    assert.equal(first.code, 0, dec.decode(first.stderr));
+    const record = readRunRecord(join(a, "run", "checkpoints", checkpointName(4)));
+    assert.equal(record.options.data, join(a, "corpus.txt"));
+    assert.equal(record.options.out, join(a, "run"));
+    // from another folder, by its relative name: the record's absolute path
+    const b = join(dir, "b");
+    Deno.mkdirSync(b);
+    const r = await run(b, ["--resume", "../a/run", "--steps", "6"]);
+    assert.equal(r.code, 0, dec.decode(r.stderr));
+    assert.equal(summary(join(a, "run")).steps, 6);
+    // the same file named relative to here is no change
+    const same = await run(b, [
+      "--resume",
+      "../a/run",
+      "--data",
+      "../a/corpus.txt",
+      "--steps",
+      "7",
+    ]);
+    assert.equal(same.code, 0, dec.decode(same.stderr));
+    // moved: the same tokens elsewhere
+    Deno.renameSync(join(a, "corpus.txt"), join(b, "moved.txt"));
+    const moved = await run(b, ["--resume", "../a/run", "--data", "moved.txt", "--steps", "8"]);
+    assert.equal(moved.code, 0, dec.decode(moved.stderr));
+    assert.equal(summary(join(a, "run")).steps, 8);
+    // other data under another name: refused, nothing touched
+    Deno.writeTextFileSync(join(b, "other.txt"), text.replace("lazy", "lazi"));
+    const o = await run(b, ["--resume", "../a/run", "--data", "other.txt", "--steps", "9"]);
+    oneLineError(
+      { code: o.code, stdout: "", stderr: dec.decode(o.stderr) },
+      "the data changed since the checkpoint",
+    );
+    assert.equal(summary(join(a, "run")).steps, 8);
+  }),
+);
+
+Deno.test("dataFingerprint: hashes every token of both splits, not a sample", () => {
+  const n = 200_000;
+  const tokens = Int32Array.from({ length: n }, (_, i) => (i * 7919) % 251);
+  const fp = (t: Int32Array) =>
+    dataFingerprint(new TextDataset(t, { valFraction: 0.1, seqLen: 16, label: "x" }));
+  const base = fp(tokens);
+  assert.match(base, /^[0-9a-f]{64}$/);
+  assert.equal(fp(tokens.slice()), base);
+  for (const at of [1, 77_777, n - 2]) {
+    const t = tokens.slice();
+    t[at] = (t[at] + 1) % 251; // one token anywhere: in train, in val
+    assert.notEqual(fp(t), base, `token ${at}`);
+  }
+  // the same tokens split elsewhere differ
+  const other = dataFingerprint(
+    new TextDataset(tokens, { valFraction: 0.2, seqLen: 16, label: "x" }),
+  );
+  assert.notEqual(other, base);
+  // the path it was opened by is not part of it (moved data)
+  const at = (label: string) =>
+    dataFingerprint(new TextDataset(tokens, { valFraction: 0.1, seqLen: 16, label }), label);
+  assert.equal(at("/a/x.txt"), at("/b/moved.txt"));
+});
+
+Deno.test(
+  "the run folder's lock: a live holder is refused naming its pid; a dead one's is taken over",
+  withTiny(async (dir, model) => {
+    const out = join(dir, "run");
+    Deno.mkdirSync(out);
+    const args = [...BASE, "--model", model, "--steps", "2", "--out", out];
+    // held by this (live) test process
+    Deno.writeTextFileSync(join(out, ".lock"), `${Deno.pid} ?\n`);
+    oneLineError(await cli(args), `--out ${out}: in use by process ${Deno.pid}`);
+    assert.deepEqual(names(out), [".lock"]); // nothing written
+    // in-process too: a second lock on the same folder is refused while the first is held
+    Deno.removeSync(join(out, ".lock"));
+    const held = lockRun(out);
+    assert.throws(() => lockRun(out), UsageError);
+    held.release();
+    assert.deepEqual(names(out), []);
+    // left by a process that no longer runs
+    Deno.writeTextFileSync(join(out, ".lock"), "999999999 1\n");
+    const r = await cli(args);
+    assert.equal(r.code, 0, r.stderr);
+    assert.match(r.stderr, /notice: took over .*\.lock left by process 999999999/);
+    assert.ok(!names(out).includes(".lock")); // released at the end
+    // a resume while the run still goes on is refused, and changes nothing
+    const before = Deno.readTextFileSync(join(out, "metrics.jsonl"));
+    Deno.writeTextFileSync(join(out, ".lock"), `${Deno.pid} ?\n`);
+    oneLineError(await cli(["--resume", out, "--steps", "4"]), `in use by process ${Deno.pid}`);
+    assert.equal(Deno.readTextFileSync(join(out, "metrics.jsonl")), before);
+  }),
+);
+
+Deno.test("openOut: re-checks at open time; never deletes an earlier run's files without --overwrite", () => {
+  const out = Deno.makeTempDirSync({ prefix: "qgalore-out-" });
+  try {
+    checkOut(out, false); // empty: fine
+    // another run wrote its files meanwhile
+    Deno.writeTextFileSync(join(out, "metrics.jsonl"), '{"type":"step"}\n');
+    assert.throws(() => openOut(out, false), UsageError);
+    assert.equal(Deno.readTextFileSync(join(out, "metrics.jsonl")), '{"type":"step"}\n');
+    openOut(out, true).close(); // asked for
+    assert.equal(Deno.readTextFileSync(join(out, "metrics.jsonl")), "");
+  } finally {
+    Deno.removeSync(out, { recursive: true });
+  }
+});
+
+Deno.test("setAside: never renames onto an earlier file set aside under the same name", () => {
+  const dir = Deno.makeTempDirSync({ prefix: "qgalore-aside-" });
+  try {
+    const path = join(dir, checkpointName(4));
+    Deno.writeTextFileSync(path, "first");
+    assert.equal(setAside(path, "diverged"), `${path}.diverged`);
+    Deno.writeTextFileSync(path, "second");
+    assert.equal(setAside(path, "diverged"), `${path}.diverged.1`);
+    assert.equal(Deno.readTextFileSync(`${path}.diverged`), "first");
+    assert.equal(Deno.readTextFileSync(`${path}.diverged.1`), "second");
+  } finally {
+    Deno.removeSync(dir, { recursive: true });
+  }
+});
+
+Deno.test(
+  "--resume: a damaged metrics.jsonl keeps its parsable prefix; stale temps go whatever their pid; --precision auto; no false divergence notice",
+  withTiny(async (dir, model) => {
+    const out = join(dir, "run");
+    const args = [...BASE, "--model", model, "--steps", "6", "--save-every", "2", "--out", out];
+    assert.equal((await cli(args)).code, 0);
+    // zero-filled from the middle of the 5th line on (a power loss), within the kept lines
+    const path = join(out, "metrics.jsonl");
+    const text = Deno.readTextFileSync(path);
+    const cut = text.split("\n").slice(0, 4).join("\n").length + 10;
+    const bytes = new TextEncoder().encode(text);
+    bytes.fill(0, cut);
+    Deno.writeFileSync(path, bytes);
+    // a temp file of a killed save by a pid that exists (1, in a container the runner)
+    const temp = join(out, "checkpoints", ".step-00000008.safetensors.tmp-1-123");
+    Deno.writeTextFileSync(temp, "x");
+    // a divergence recorded before the checkpoint resumed from (step 6): no repeat to warn of
+    const s = summary(out);
+    Deno.writeTextFileSync(
+      join(out, "summary.json"),
+      JSON.stringify({ ...s, diverged: true, steps: 3 }),
+    );
+    const r = await cli(["--resume", out, "--steps", "8", "--precision", "auto"]);
+    assert.equal(r.code, 0, r.stderr);
+    const lines = text.split("\n").filter((l) => l).length - 1; // less the final evaluation
+    assert.match(
+      r.stderr,
+      new RegExp(`notice: .*metrics.jsonl lost ${lines - 4} of the ${lines} records`),
+    );
+    assert.doesNotMatch(r.stderr, /diverge again/);
+    assert.match(r.stderr, /notice: removed .*\.tmp-1-123, left by a save that was killed/);
+    assert.equal(metrics(out).length, 4 + 2 + 1); // the kept 4, steps 7-8, the final eval
+    assert.equal(summary(out).steps, 8);
+  }),
+);
+
+Deno.test(
+  "a folder with run files but no checkpoint: the hint is --overwrite or a new --out, not --resume",
+  withTiny(async (dir, model) => {
+    const out = join(dir, "run");
+    Deno.mkdirSync(out);
+    Deno.writeTextFileSync(join(out, "metrics.jsonl"), "");
+    const line = oneLineError(
+      await cli([...BASE, "--model", model, "--steps", "2", "--out", out]),
+      "no checkpoint to resume from",
+      "--overwrite on",
+    );
+    assert.doesNotMatch(line, /--resume/);
+  }),
+);
+
+Deno.test(
+  "evaluations: a stop at a step with an evaluation due, and extending a finished run, keep the uninterrupted run's eval records",
+  withTiny(async (dir, model) => {
+    const base = {
+      model,
+      batchSize: 2,
+      seqLen: 16,
+      evalBatches: 2,
+      evalEvery: 4,
+      steps: 12,
+      saveEvery: "off",
+      quiet: true,
+      handleSigint: false,
+    } as const;
+    const whole = join(dir, "whole");
+    await train({ ...base, out: whole });
+    // stopped right after update 4, where an evaluation is due
+    const stopped = join(dir, "stopped");
+    const stop = new AbortController();
+    await train({ ...base, out: stopped }, {
+      signal: stop.signal,
+      onStep: (r) => {
+        if (r.step === 4) stop.abort();
+      },
+    });
+    assert.equal(summary(stopped).steps, 4);
+    await train({ resume: stopped, quiet: true, handleSigint: false });
+    assert.deepEqual(metrics(stopped), metrics(whole));
+    // a finished 8-step run extended to 12: its evaluation at 8 is one the plan has
+    const ext = join(dir, "ext");
+    await train({ ...base, steps: 8, out: ext });
+    await train({ resume: ext, steps: 12, quiet: true, handleSigint: false });
+    const evals = metrics(ext).filter((m) => m.type === "eval").map((m) => m.step);
+    assert.deepEqual(evals, [0, 4, 8, 12]);
   }),
 );
