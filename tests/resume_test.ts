@@ -7,6 +7,7 @@ import assert from "node:assert/strict";
 import { join } from "node:path";
 import { OPTIMIZERS, PROJECTED_OPTIMIZERS } from "../lib/options.ts";
 import { Rng } from "../lib/rng.ts";
+import { listCheckpoints, readRunRecord } from "../lib/checkpoints.ts";
 import type { Summary } from "../lib/trainer.ts";
 
 const script = new URL("../examples/pretrain.ts", import.meta.url).pathname;
@@ -99,15 +100,28 @@ Deno.test({
   sanitizeResources: false,
   fn: async () => {
     const rng = new Rng(SEED);
+    let dropped = 0;
     const dir = Deno.makeTempDirSync({ prefix: "qgalore-resume-" });
     try {
       const model = join(dir, "tiny.json");
       Deno.writeTextFileSync(model, JSON.stringify(TINY_MODEL));
       for (const [i, c] of CASES.entries()) {
-        const args = [...BASE, "--model", model, "--steps", String(STEPS), ...c.args];
+        // an evaluation every 3 updates: some fall between the newest checkpoint and the kill
+        const args = [
+          ...BASE,
+          "--model",
+          model,
+          "--steps",
+          String(STEPS),
+          "--eval-every",
+          "3",
+          ...c.args,
+        ];
         const whole = join(dir, `whole-${i}`);
         const killed = join(dir, `killed-${i}`);
-        const kill = 2 + rng.int(STEPS / 4); // SIGKILL once this many updates are done
+        // SIGKILL once this many updates are done; odd, so that the newest checkpoint (every 2)
+        // is older than the records already written
+        const kill = 3 + 2 * rng.int(STEPS / 8);
         console.log(`${c.name}: kill -9 after ${kill} updates`);
 
         const ref = await cli([...args, "--save-every", "off", "--out", whole]);
@@ -129,6 +143,13 @@ Deno.test({
         assert.equal(st.signal, "SIGKILL", `${c.name}: the run ended before the kill`);
         const before = metrics(killed).filter((r) => r.type === "step").length;
         assert.ok(before < STEPS, `${c.name}: killed after ${before} updates`);
+        // the records written past the newest checkpoint: the resume must drop them
+        const newest = listCheckpoints(killed)[0];
+        const kept = readRunRecord(newest.path).metrics_lines;
+        const written = Deno.readTextFileSync(join(killed, "metrics.jsonl")).split("\n")
+          .filter((l) => l.startsWith("{")).length;
+        assert.ok(written >= kept, `${c.name}: ${written} records, checkpoint counts ${kept}`);
+        dropped += written - kept;
 
         const resumed = await cli(["--resume", killed, "--save-every", "off"]);
         assert.equal(resumed.code, 0, resumed.stderr);
@@ -144,6 +165,8 @@ Deno.test({
         assert.match(resumed.stderr, new RegExp(`resumed from .*step-0*${from}\\.safetensors`));
         // every step and evaluation record, bit for bit (the JSON of the same doubles)
         assert.deepEqual(metrics(killed), metrics(whole), c.name);
+        const evals = metrics(whole).filter((m) => m.type === "eval").length;
+        assert.equal(evals, 1 + Math.ceil(STEPS / 3)); // at 0, every 3, and the final one
         const w = summary(whole);
         assert.equal(s.steps, STEPS);
         assert.equal(s.val_loss, w.val_loss);
@@ -151,6 +174,8 @@ Deno.test({
         assert.equal(s.final_train_loss, w.final_train_loss);
         assert.deepEqual(s.gaps, w.gaps);
       }
+      // the kills landed after records the checkpoints did not count, which were dropped
+      assert.ok(dropped > 0, "no kill landed past a checkpoint's records");
     } finally {
       Deno.removeSync(dir, { recursive: true });
     }
