@@ -232,8 +232,11 @@ export interface Resumable {
   path: string;
   /** Its run record. */
   record: RunRecord;
-  /** Newer checkpoints that were not valid, with the reason (one line each). */
-  skipped: { path: string; why: string }[];
+  /**
+   * Newer checkpoints that were not valid, with the reason (one line each); `corrupt` when
+   * the file itself is bad (not when it could not be read, or is of a newer format).
+   */
+  skipped: { path: string; why: string; corrupt: boolean }[];
 }
 
 /**
@@ -257,19 +260,30 @@ export function findResumable(dir: string): Resumable {
         "it was started without an --out, or stopped before its first save)",
     );
   }
-  const skipped: { path: string; why: string }[] = [];
+  const skipped: { path: string; why: string; corrupt: boolean }[] = [];
   for (const f of files) {
     try {
       return { path: f.path, record: readRunRecord(f.path), skipped };
     } catch (e) {
       if (!(e instanceof UsageError)) throw e;
-      skipped.push({ path: f.path, why: e.message });
+      skipped.push({ path: f.path, why: e.message, corrupt: isCorrupt(e.message) });
     }
   }
   throw new UsageError(
     `--resume ${dir}: none of its ${files.length} checkpoints is valid; the newest: ${
       skipped[0].why
     }`,
+  );
+}
+
+/**
+ * Whether a checkpoint's refusal says the file is bad, rather than unreadable here (an I/O
+ * error, a permission) or written by a newer build (a format or record version): only a bad
+ * file may be set aside; the others stay as they are, for a build or a machine that reads them.
+ */
+export function isCorrupt(why: string): boolean {
+  return !/cannot read checkpoint|cannot open|os error \d+|format version|record version/i.test(
+    why,
   );
 }
 

@@ -562,7 +562,11 @@ export class Run implements Disposable {
         // newer checkpoints that are not valid are renamed, so no later resume or pruning
         // mistakes them for the run's (nothing is deleted)
         for (const s of plan.skipped) {
-          progress.note(`notice: skipped ${s.why}; renamed to ${setAside(s.path, "invalid")}`);
+          progress.note(
+            s.corrupt
+              ? `notice: skipped ${s.why}; renamed to ${setAside(s.path, "invalid")}`
+              : `notice: skipped ${s.why}; left in place`,
+          );
         }
         // temporary files of saves cut short by a kill
         for (const path of removeStaleTemps(plan.dir)) {

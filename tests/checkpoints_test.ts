@@ -10,6 +10,7 @@ import { parsePretrainArgs } from "../lib/cli.ts";
 import {
   checkpointName,
   dataFingerprint,
+  isCorrupt,
   listCheckpoints,
   pruneCheckpoints,
   readRunRecord,
@@ -17,7 +18,8 @@ import {
 } from "../lib/checkpoints.ts";
 import { TextDataset } from "../lib/data.ts";
 import { checkOut, lockRun, openOut } from "../lib/run_files.ts";
-import { train } from "../lib/trainer.ts";
+import { train, type TrainEngine } from "../lib/trainer.ts";
+import { Engine, type EngineConfig } from "../ffi/engine.ts";
 import { DivergenceWatch } from "../lib/diverge.ts";
 import { UsageError } from "../lib/errors.ts";
 import { Rng } from "../lib/rng.ts";
@@ -649,5 +651,74 @@ Deno.test(
     await train({ resume: ext, steps: 12, quiet: true, handleSigint: false });
     const evals = metrics(ext).filter((m) => m.type === "eval").map((m) => m.step);
     assert.deepEqual(evals, [0, 4, 8, 12]);
+  }),
+);
+
+Deno.test(
+  "readRunRecord: a malformed counter is a one-line error naming it, not a RangeError",
+  withTiny(async (dir, model) => {
+    const out = join(dir, "run");
+    // an engine whose checkpoints carry a crafted run record
+    const createEngine = async (cfg: EngineConfig): Promise<TrainEngine> => {
+      const e = await Engine.create(cfg);
+      const save = e.save.bind(e);
+      e.save = (path: string, run?: unknown) => {
+        const r = run as { counters: Record<string, unknown> };
+        return save(path, { ...r, counters: { ...r.counters, watch: { recent: "x" } } });
+      };
+      return e;
+    };
+    await train(
+      { model, batchSize: 2, seqLen: 16, evalBatches: 2, steps: 2, out, quiet: true },
+      { createEngine },
+    );
+    const path = join(out, "checkpoints", checkpointName(2));
+    assert.throws(() => readRunRecord(path), (e: Error) => {
+      assert.ok(e instanceof UsageError, String(e));
+      assert.match(e.message, /run record counters: watch: .*malformed/);
+      assert.doesNotMatch(e.message, /\n/);
+      return true;
+    });
+    const r = await cli(["--resume", out, "--steps", "4"]);
+    oneLineError(r, "none of its 1 checkpoints is valid", "counters");
+  }),
+);
+
+Deno.test("isCorrupt: only a bad file is set aside, not an unreadable one or a newer format", () => {
+  assert.equal(isCorrupt("x: checkpoint is corrupt or not a qgalore checkpoint (checksum)"), true);
+  assert.equal(isCorrupt('x: run record kind "y": not a run record'), true);
+  assert.equal(isCorrupt("cannot read checkpoint: Permission denied (os error 13)"), false);
+  assert.equal(isCorrupt("checkpoint format version 9: this engine reads version 3 only"), false);
+  assert.equal(isCorrupt("x: run record version 2: this build reads version 1"), false);
+});
+
+Deno.test(
+  "SIGTERM (docker stop, a Slurm preemption) saves a checkpoint and stops like Ctrl-C",
+  withTiny(async (dir, model) => {
+    const out = join(dir, "run");
+    const child = new Deno.Command(Deno.execPath(), {
+      args: ["run", "-A", script, ...BASE, "--model", model, "--steps", "5000", "--out", out],
+      env: { NO_COLOR: "1" },
+      stdout: "null",
+      stderr: "piped",
+    }).spawn();
+    let err = "";
+    const reader = child.stderr.getReader();
+    while (!/step +1\//.test(err)) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      err += dec.decode(value, { stream: true });
+    }
+    child.kill("SIGTERM");
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      err += dec.decode(value, { stream: true });
+    }
+    assert.equal((await child.status).code, 130, err);
+    const s = summary(out);
+    assert.equal(s.interrupted, true);
+    assert.equal(s.checkpoint, join(out, "checkpoints", checkpointName(s.steps)));
+    assert.ok(!names(out).includes(".lock"));
   }),
 );
