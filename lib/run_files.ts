@@ -4,7 +4,8 @@
  * @module
  */
 
-import { join } from "node:path";
+import { dirname, join, resolve } from "node:path";
+import { exists } from "./fs.ts";
 import { UsageError } from "./errors.ts";
 import { JsonlWriter } from "./log.ts";
 import { listCheckpoints } from "./checkpoints.ts";
@@ -180,8 +181,11 @@ export function syncMetrics(out: string): void {
 export interface RunLock {
   /** A one-line notice when a stale lock (of a process that no longer runs) was taken over. */
   notice: string | null;
-  /** Removes the lock; safe to call twice. */
-  release(): void;
+  /**
+   * Removes the lock; safe to call twice. With `removeFolders`, also the folders taking the
+   * lock created (`out` and missing parents), where nothing else was written into them.
+   */
+  release(removeFolders?: boolean): void;
 }
 
 /** The start time of process `pid` (from /proc), or null when it does not run (or unknown). */
@@ -206,6 +210,9 @@ export function lockRun(out: string): RunLock {
   const path = join(out, ".lock");
   const me = `${Deno.pid} ${startTime(Deno.pid) ?? "?"}\n`;
   let notice: string | null = null;
+  // the folders this creates, innermost first
+  const created: string[] = [];
+  for (let d = resolve(out); !exists(d) && dirname(d) !== d; d = dirname(d)) created.push(d);
   try {
     Deno.mkdirSync(out, { recursive: true });
   } catch (e) {
@@ -242,13 +249,21 @@ export function lockRun(out: string): RunLock {
   let held = true;
   return {
     notice,
-    release(): void {
+    release(removeFolders = false): void {
       if (!held) return;
       held = false;
       try {
         // only our own lock: never one a later run took over
         if (Deno.readTextFileSync(path) === me) Deno.removeSync(path);
       } catch { /* already gone */ }
+      if (!removeFolders) return;
+      for (const d of created) {
+        try {
+          Deno.removeSync(d); // an empty folder only
+        } catch {
+          return;
+        }
+      }
     },
   };
 }

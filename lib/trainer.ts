@@ -458,18 +458,10 @@ export class Run implements Disposable {
           "choose a new --out for --train-tokenizer (nothing is replaced)",
       );
     }
-    // before anything of the run is written: no second process writes into the same folder
-    const lock = out === null ? null : lockRun(out);
-    if (lock?.notice) notices.push(lock.notice);
-    try {
-      return await Run.#setUp(
-        { opts, model, given, notices, out, plan, lock, started, startedAt },
-        hooks,
-      );
-    } catch (e) {
-      lock?.release();
-      throw e;
-    }
+    return await Run.#setUp(
+      { opts, model, given, notices, out, plan, started, startedAt },
+      hooks,
+    );
   }
 
   static async #setUp(
@@ -480,13 +472,12 @@ export class Run implements Disposable {
       notices: string[];
       out: string | null;
       plan: ResumePlan | null;
-      lock: RunLock | null;
       started: number;
       startedAt: string;
     },
     hooks: TrainHooks,
   ): Promise<Run> {
-    const { opts, model, given, notices, out, plan, lock, started, startedAt } = s;
+    const { opts, model, given, notices, out, plan, started, startedAt } = s;
     // A trained tokenizer goes to a temporary folder first: it moves into the run's folder
     // only once the data and the engine are ready, so a failed set-up leaves no half run.
     const staged = given === null ? await Deno.makeTempDir({ prefix: "qgalore-tokenizer-" }) : null;
@@ -546,9 +537,14 @@ export class Run implements Disposable {
       });
     let metrics: JsonlWriter | null = null;
     let run: Run | undefined;
+    let lock: RunLock | null = null;
     let resume: { plan: ResumePlan; kept: number; last: Record<string, unknown> | null } | null =
       null;
     try {
+      // before anything of the run is written into its folder: no second process writes
+      // there at the same time (a second run on the same --out, or a resume while it runs)
+      lock = out === null ? null : lockRun(out);
+      if (lock?.notice) progress.note(lock.notice);
       if (plan !== null) {
         if (engine.load === undefined) {
           throw new UsageError(`--resume ${plan.dir}: this engine cannot load a checkpoint`);
@@ -639,6 +635,8 @@ export class Run implements Disposable {
         metrics?.close();
         engine[Symbol.dispose]();
       }
+      // a failed set-up leaves no run folder it created
+      lock?.release(true);
       throw e;
     }
   }
