@@ -45,7 +45,7 @@ export const RESUME_FREE: readonly (keyof TrainOptions)[] = Object.freeze([
 ]);
 
 /** Options holding a path: compared with the run's after both are made absolute. */
-const PATHS = new Set<string>(["data", "tokenizer", "initFrom"]);
+const PATHS = new Set<string>(["model", "data", "tokenizer", "initFrom"]);
 
 /** Options of this session only: not inherited from the run record. */
 const SESSION: readonly (keyof TrainOptions)[] = ["logEvery", "quiet", "handleSigint"];
@@ -187,7 +187,8 @@ export function planResume(dir: string, given: Partial<TrainOptions>): ResumePla
   }
   const diverged = divergedAt(dir);
   // only a divergence after this checkpoint, by the options it is resumed with, repeats
-  if (diverged !== null && diverged.step > record.step && o.lr === diverged.lr) {
+  // (at: the state before the non-finite update at step + 1, which the engine refused)
+  if (diverged !== null && diverged.step >= record.step && o.lr === diverged.lr) {
     notices.push(
       `notice: this run diverged at step ${diverged.step}; resumed with the same options it ` +
         `will diverge again the same way (give a lower ${FLAG.lr})`,

@@ -350,6 +350,12 @@ export class Run implements Disposable {
   #trainS = 0;
   #lastLoss: number | null = null;
   #failure: string | null = null;
+  /**
+   * Whether the engine state is still good after the divergence: a non-finite update that the
+   * engine refused (the weights untouched) while the loss was calm; then it is saved and is
+   * the last good checkpoint.
+   */
+  #intact = false;
   #initialLoss: number | null | undefined = undefined;
   #closed = false;
   /** Lines in metrics.jsonl. */
@@ -713,8 +719,8 @@ export class Run implements Disposable {
   }
 
   #canSave(): boolean {
-    return this.out !== null && this.engine.save !== undefined && this.#failure === null &&
-      this.#steps > this.#savedStep;
+    return this.out !== null && this.engine.save !== undefined &&
+      (this.#failure === null || this.#intact) && this.#steps > this.#savedStep;
   }
 
   async #write(record: RunRecord): Promise<string> {
@@ -880,6 +886,7 @@ export class Run implements Disposable {
       stats = await this.engine.trainStep(tokens, opts.gradAccum, lr);
     } catch (e) {
       if (!(e instanceof EngineError) || e.code !== ErrorCode.nonFinite) throw e;
+      this.#intact = this.#watch.calm;
       this.#failure = `training diverged at step ${steps + 1}: ${e.message} (lr ${
         lr.toPrecision(3)
       }); ${likelyCause(opts)}`;
@@ -937,7 +944,7 @@ export class Run implements Disposable {
       // metrics.jsonl (the uninterrupted run has none at this step)
       const last = this.#canSave() ? this.#runRecord() : null;
       finalLoss = await this.evaluate();
-      if (last !== null && this.#failure === null) {
+      if (last !== null && (this.#failure === null || this.#intact)) {
         try {
           await this.#write(last);
         } catch (e) {
@@ -971,7 +978,7 @@ export class Run implements Disposable {
       const lastLoss = this.#lastLoss;
       const failure = this.#failure;
       // a diverged run's newest good state; a healthy run's newest
-      const lastGood = failure === null ? this.#checkpoint : this.#keepLastGood();
+      const lastGood = failure === null || this.#intact ? this.#checkpoint : this.#keepLastGood();
       const summary: Summary = {
         steps,
         steps_planned: opts.steps,
@@ -1114,6 +1121,8 @@ function absolutePaths(o: ResolvedOptions): ResolvedOptions {
   const abs = (p: string | null | undefined) => typeof p === "string" ? resolve(p) : p ?? null;
   return {
     ...o,
+    // a config file or folder (a preset's name stays a name)
+    model: typeof o.model === "string" && exists(o.model) ? resolve(o.model) : o.model,
     data: abs(o.data),
     tokenizer: abs(o.tokenizer),
     initFrom: abs(o.initFrom),

@@ -18,8 +18,8 @@ import {
 } from "../lib/checkpoints.ts";
 import { TextDataset } from "../lib/data.ts";
 import { checkOut, lockRun, openOut } from "../lib/run_files.ts";
-import { train, type TrainEngine } from "../lib/trainer.ts";
-import { Engine, type EngineConfig } from "../ffi/engine.ts";
+import { DivergedError, train, type TrainEngine } from "../lib/trainer.ts";
+import { Engine, type EngineConfig, EngineError, ErrorCode } from "../ffi/engine.ts";
 import { DivergenceWatch } from "../lib/diverge.ts";
 import { UsageError } from "../lib/errors.ts";
 import { Rng } from "../lib/rng.ts";
@@ -720,5 +720,44 @@ Deno.test(
     assert.equal(s.interrupted, true);
     assert.equal(s.checkpoint, join(out, "checkpoints", checkpointName(s.steps)));
     assert.ok(!names(out).includes(".lock"));
+  }),
+);
+
+Deno.test(
+  "divergence by a non-finite update the engine refused: the state is intact, saved as the last good checkpoint",
+  withTiny(async (dir, model) => {
+    const out = join(dir, "run");
+    // the 5th update is non-finite: the engine refuses it and leaves the weights as they were
+    const createEngine = async (cfg: EngineConfig): Promise<TrainEngine> => {
+      const e = await Engine.create(cfg);
+      const step = e.trainStep.bind(e);
+      let n = 0;
+      e.trainStep = (t: Int32Array, m: number, lr: number) =>
+        ++n === 5
+          ? Promise.reject(new EngineError(ErrorCode.nonFinite, "loss is not finite"))
+          : step(t, m, lr);
+      return e;
+    };
+    const opts = {
+      model,
+      batchSize: 2,
+      seqLen: 16,
+      evalBatches: 2,
+      steps: 8,
+      saveEvery: "off",
+      out,
+      quiet: true,
+      handleSigint: false,
+    } as const;
+    const err = await train(opts, { createEngine }).catch((e) => e);
+    assert.ok(err instanceof DivergedError, String(err));
+    const good = join(out, "checkpoints", checkpointName(4));
+    assert.equal(err.summary.last_good_checkpoint, good);
+    assert.equal(err.summary.checkpoint, good);
+    assert.equal(readRunRecord(good).step, 4);
+    // resumed with the same options it meets the same update: the notice says so
+    const r = await cli(["--resume", out]);
+    assert.match(r.stderr, /resumed from .*step-00000004/);
+    assert.match(r.stderr, /notice: this run diverged at step 4; resumed with the same options/);
   }),
 );
