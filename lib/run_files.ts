@@ -206,7 +206,7 @@ function startTime(pid: number): string | null {
  * the process. A lock left by a process that no longer runs (killed) is taken over with a
  * notice; where that cannot be known (no /proc) the user is told to remove it.
  */
-export function lockRun(out: string): RunLock {
+export function lockRun(out: string, flag = "--out"): RunLock {
   const path = join(out, ".lock");
   const me = `${Deno.pid} ${startTime(Deno.pid) ?? "?"}\n`;
   let notice: string | null = null;
@@ -235,8 +235,10 @@ export function lockRun(out: string): RunLock {
     const procs = startTime(Deno.pid) !== null;
     if (!procs || (live !== null && (started === "?" || live === started))) {
       throw new UsageError(
-        `--out ${out}: in use by process ${pid || "?"} (its lock ${path}); wait for it to ` +
-          `end or choose another --out${procs ? "" : " (remove the lock if it no longer runs)"}`,
+        `${flag} ${out}: in use by process ${pid || "?"} (its lock ${path}); wait for it to ` +
+          `end${flag === "--out" ? " or choose another --out" : ""}${
+            procs ? "" : " (remove the lock if it no longer runs)"
+          }`,
       );
     }
     try {

@@ -549,7 +549,7 @@ export class Run implements Disposable {
     try {
       // before anything of the run is written into its folder: no second process writes
       // there at the same time (a second run on the same --out, or a resume while it runs)
-      lock = out === null ? null : lockRun(out);
+      lock = out === null ? null : lockRun(out, plan !== null ? "--resume" : "--out");
       if (lock?.notice) progress.note(lock.notice);
       if (plan !== null) {
         if (engine.load === undefined) {

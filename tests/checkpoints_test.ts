@@ -531,7 +531,10 @@ Deno.test(
     // a resume while the run still goes on is refused, and changes nothing
     const before = Deno.readTextFileSync(join(out, "metrics.jsonl"));
     Deno.writeTextFileSync(join(out, ".lock"), `${Deno.pid} ?\n`);
-    oneLineError(await cli(["--resume", out, "--steps", "4"]), `in use by process ${Deno.pid}`);
+    oneLineError(
+      await cli(["--resume", out, "--steps", "4"]),
+      `--resume ${out}: in use by process ${Deno.pid}`,
+    );
     assert.equal(Deno.readTextFileSync(join(out, "metrics.jsonl")), before);
   }),
 );
