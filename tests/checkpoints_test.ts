@@ -764,3 +764,34 @@ Deno.test(
     assert.match(r.stderr, /notice: this run diverged at step 4; resumed with the same options/);
   }),
 );
+
+Deno.test(
+  "--resume of a run that used more threads than this machine has: capped, with a notice",
+  withTiny(async (dir, model) => {
+    const out = join(dir, "run");
+    const many = navigator.hardwareConcurrency + 7;
+    // a run record as a machine with more processors writes it
+    const createEngine = async (cfg: EngineConfig): Promise<TrainEngine> => {
+      const e = await Engine.create(cfg);
+      const save = e.save.bind(e);
+      e.save = (path: string, run?: unknown) => {
+        const r = run as { engine: Record<string, unknown> };
+        return save(path, { ...r, engine: { ...r.engine, threads: many } });
+      };
+      return e;
+    };
+    await train(
+      { model, batchSize: 2, seqLen: 16, evalBatches: 2, steps: 2, out, quiet: true },
+      { createEngine },
+    );
+    const r = await cli(["--resume", out, "--steps", "4"]);
+    assert.equal(r.code, 0, r.stderr);
+    assert.match(
+      r.stderr,
+      new RegExp(
+        `notice: --threads ${many} capped at this machine's ${navigator.hardwareConcurrency} ` +
+          "processors: the last bits of the losses will differ",
+      ),
+    );
+  }),
+);
