@@ -328,8 +328,15 @@ export function setAside(path: string, why: "invalid" | "diverged"): string {
     } catch (e) {
       if (!(e instanceof Deno.errors.NotFound)) throw e;
     }
-    // a link (not a rename) cannot replace a file that appeared in between
-    Deno.linkSync(path, to);
+    try {
+      // a link (not a rename) cannot replace a file that appeared in between
+      Deno.linkSync(path, to);
+    } catch (e) {
+      if (e instanceof Deno.errors.AlreadyExists) continue;
+      // a file system without hard links: the name was free a moment ago
+      Deno.renameSync(path, to);
+      return to;
+    }
     Deno.removeSync(path);
     return to;
   }
