@@ -128,6 +128,16 @@ export interface CheckpointFile {
   path: string;
 }
 
+/** The entries of the checkpoint folder `dir`; none when it does not exist. */
+function entries(dir: string): Deno.DirEntry[] {
+  try {
+    return [...Deno.readDirSync(dir)];
+  } catch (e) {
+    if (e instanceof Deno.errors.NotFound || e instanceof Deno.errors.NotADirectory) return [];
+    throw e;
+  }
+}
+
 /**
  * The checkpoints a run wrote into `out/checkpoints/` (regular files named by
  * {@link checkpointName}; anything else there is not ours), newest first.
@@ -135,14 +145,7 @@ export interface CheckpointFile {
 export function listCheckpoints(out: string): CheckpointFile[] {
   const dir = join(out, CHECKPOINT_DIR);
   const found: CheckpointFile[] = [];
-  let entries: Deno.DirEntry[];
-  try {
-    entries = [...Deno.readDirSync(dir)];
-  } catch (e) {
-    if (e instanceof Deno.errors.NotFound || e instanceof Deno.errors.NotADirectory) return [];
-    throw e;
-  }
-  for (const e of entries) {
+  for (const e of entries(dir)) {
     const m = NAME.exec(e.name);
     if (m === null || !e.isFile) continue; // a link or a folder with our name is not ours
     found.push({ step: Number(m[1]), path: join(dir, e.name) });
@@ -352,14 +355,7 @@ export function setAside(path: string, why: "invalid" | "diverged"): string {
 export function removeStaleTemps(out: string): string[] {
   const dir = join(out, CHECKPOINT_DIR);
   const removed: string[] = [];
-  let entries: Deno.DirEntry[];
-  try {
-    entries = [...Deno.readDirSync(dir)];
-  } catch (e) {
-    if (e instanceof Deno.errors.NotFound || e instanceof Deno.errors.NotADirectory) return [];
-    throw e;
-  }
-  for (const e of entries) {
+  for (const e of entries(dir)) {
     if (!/^\.step-\d{8,}\.safetensors\.tmp-\d+-\d+$/.test(e.name) || !e.isFile) continue;
     Deno.removeSync(join(dir, e.name));
     removed.push(join(dir, e.name));

@@ -18,39 +18,24 @@ import {
 } from "../lib/checkpoints.ts";
 import { TextDataset } from "../lib/data.ts";
 import { checkOut, lockRun, openOut } from "../lib/run_files.ts";
-import { DivergedError, train, type TrainEngine } from "../lib/trainer.ts";
+import { DivergedError, type Summary, train, type TrainEngine } from "../lib/trainer.ts";
 import { Engine, type EngineConfig, EngineError, ErrorCode } from "../ffi/engine.ts";
 import { DivergenceWatch } from "../lib/diverge.ts";
 import { UsageError } from "../lib/errors.ts";
 import { Rng } from "../lib/rng.ts";
-import type { Summary } from "../lib/trainer.ts";
+import {
+  type Cli,
+  cli,
+  metrics,
+  script,
+  stopAfterFirstStep,
+  summary,
+  TINY_MODEL,
+} from "./pretrain_cli.ts";
 
-const script = new URL("../examples/pretrain.ts", import.meta.url).pathname;
 const dec = new TextDecoder();
 
-const TINY_MODEL = {
-  vocab_size: 256,
-  hidden_size: 64,
-  intermediate_size: 128,
-  num_attention_heads: 2,
-  num_hidden_layers: 2,
-  max_position_embeddings: 64,
-};
 const BASE = ["--batch-size", "2", "--seq-len", "16", "--eval-batches", "2"];
-
-interface Cli {
-  code: number;
-  stdout: string;
-  stderr: string;
-}
-
-async function cli(args: string[], env: Record<string, string> = {}): Promise<Cli> {
-  const r = await new Deno.Command(Deno.execPath(), {
-    args: ["run", "-A", script, ...args],
-    env: { NO_COLOR: "1", ...env },
-  }).output();
-  return { code: r.code, stdout: dec.decode(r.stdout), stderr: dec.decode(r.stderr) };
-}
 
 /** Exit 2 and exactly one stderr line, `error: …` with every part. */
 function oneLineError(r: Cli, ...parts: string[]): string {
@@ -60,10 +45,6 @@ function oneLineError(r: Cli, ...parts: string[]): string {
   assert.doesNotMatch(r.stderr, /^\s+at |panicked/m);
   for (const p of parts) assert.ok(lines[0].includes(p), `${lines[0]} lacks ${p}`);
   return lines[0];
-}
-
-function summary(dir: string): Summary {
-  return JSON.parse(Deno.readTextFileSync(join(dir, "summary.json")));
 }
 
 function names(dir: string): string[] {
@@ -382,15 +363,6 @@ Deno.test(
   }),
 );
 
-/** metrics.jsonl without the fields that measure time. */
-function metrics(dir: string): Record<string, unknown>[] {
-  return Deno.readTextFileSync(join(dir, "metrics.jsonl")).split("\n").filter((l) => l)
-    .map((l) => {
-      const { elapsed_s: _e, tokens_per_s: _t, ...rest } = JSON.parse(l);
-      return rest;
-    });
-}
-
 const QGALORE = ["--optimizer", "qgalore", "--rank", "8", "--update-gap", "3"];
 
 Deno.test(
@@ -699,26 +671,16 @@ Deno.test(
   "SIGTERM (docker stop, a Slurm preemption) saves a checkpoint and stops like Ctrl-C",
   withTiny(async (dir, model) => {
     const out = join(dir, "run");
-    const child = new Deno.Command(Deno.execPath(), {
-      args: ["run", "-A", script, ...BASE, "--model", model, "--steps", "5000", "--out", out],
-      env: { NO_COLOR: "1" },
-      stdout: "null",
-      stderr: "piped",
-    }).spawn();
-    let err = "";
-    const reader = child.stderr.getReader();
-    while (!/step +1\//.test(err)) {
-      const { value, done } = await reader.read();
-      if (done) break;
-      err += dec.decode(value, { stream: true });
-    }
-    child.kill("SIGTERM");
-    for (;;) {
-      const { value, done } = await reader.read();
-      if (done) break;
-      err += dec.decode(value, { stream: true });
-    }
-    assert.equal((await child.status).code, 130, err);
+    const { code, stderr: err } = await stopAfterFirstStep([
+      ...BASE,
+      "--model",
+      model,
+      "--steps",
+      "5000",
+      "--out",
+      out,
+    ], "SIGTERM");
+    assert.equal(code, 130, err);
     const s = summary(out);
     assert.equal(s.interrupted, true);
     assert.equal(s.checkpoint, join(out, "checkpoints", checkpointName(s.steps)));

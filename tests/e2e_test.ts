@@ -5,27 +5,10 @@
 import assert from "node:assert/strict";
 import { join } from "node:path";
 import type { Summary } from "../lib/trainer.ts";
+import { type Cli as Result, cli, stopAfterFirstStep } from "./pretrain_cli.ts";
 
-const script = new URL("../examples/pretrain.ts", import.meta.url).pathname;
 // Tiny runs: a few seconds each on two cores.
 const tiny = ["--batch-size", "4", "--seq-len", "32", "--eval-batches", "2"];
-
-interface Result {
-  code: number;
-  stdout: string;
-  stderr: string;
-}
-
-async function cli(args: string[], env: Record<string, string> = {}): Promise<Result> {
-  const out = await new Deno.Command(Deno.execPath(), {
-    args: ["run", "-A", script, ...args],
-    env: { NO_COLOR: "1", ...env },
-    stdout: "piped",
-    stderr: "piped",
-  }).output();
-  const dec = new TextDecoder();
-  return { code: out.code, stdout: dec.decode(out.stdout), stderr: dec.decode(out.stderr) };
-}
 
 function lastLine(text: string): string {
   return text.trimEnd().split("\n").at(-1) ?? "";
@@ -163,28 +146,14 @@ Deno.test("e2e: a diverging run stops with one error line and still writes the s
 Deno.test("e2e: Ctrl-C stops after the current step and writes the summary", async () => {
   const dir = Deno.makeTempDirSync();
   try {
-    const child = new Deno.Command(Deno.execPath(), {
-      args: ["run", "-A", script, ...tiny, "--steps", "100000", "--out", dir],
-      env: { NO_COLOR: "1" },
-      stdout: "piped",
-      stderr: "piped",
-    }).spawn();
-    const dec = new TextDecoder();
-    let err = "";
-    const reader = child.stderr.getReader();
-    while (!/step +1\//.test(err)) {
-      const { value, done } = await reader.read();
-      if (done) break;
-      err += dec.decode(value, { stream: true });
-    }
-    child.kill("SIGINT");
-    for (;;) {
-      const { value, done } = await reader.read();
-      if (done) break;
-      err += dec.decode(value, { stream: true });
-    }
-    const [status] = await Promise.all([child.status, child.stdout.cancel()]);
-    assert.equal(status.code, 130, err);
+    const { code, stderr: err } = await stopAfterFirstStep([
+      ...tiny,
+      "--steps",
+      "100000",
+      "--out",
+      dir,
+    ], "SIGINT");
+    assert.equal(code, 130, err);
     assert.match(err, /interrupted: stopping after the current step/);
     const s: Summary = JSON.parse(Deno.readTextFileSync(join(dir, "summary.json")));
     assert.equal(s.interrupted, true);

@@ -8,52 +8,12 @@ import { join } from "node:path";
 import { OPTIMIZERS, PROJECTED_OPTIMIZERS } from "../lib/options.ts";
 import { Rng } from "../lib/rng.ts";
 import { listCheckpoints, readRunRecord } from "../lib/checkpoints.ts";
-import type { Summary } from "../lib/trainer.ts";
-
-const script = new URL("../examples/pretrain.ts", import.meta.url).pathname;
-const dec = new TextDecoder();
-
-/** A model small enough for ~1 ms updates: 2 blocks of width 64, byte vocabulary. */
-const TINY_MODEL = {
-  vocab_size: 256,
-  hidden_size: 64,
-  intermediate_size: 128,
-  num_attention_heads: 2,
-  num_hidden_layers: 2,
-  max_position_embeddings: 64,
-};
+import { cli, metrics, script, stopAfterFirstStep, summary, TINY_MODEL } from "./pretrain_cli.ts";
 
 // --clip 0.5 is below the tiny model's gradient norms (about 2): clipping scales every update.
 const BASE = ["--batch-size", "2", "--seq-len", "16", "--eval-batches", "2", "--clip", "0.5"];
 /** Updates of each run; long enough that a kill always lands well before the end. */
 const STEPS = 40;
-
-interface Cli {
-  code: number;
-  stdout: string;
-  stderr: string;
-}
-
-async function cli(args: string[], env: Record<string, string> = {}): Promise<Cli> {
-  const r = await new Deno.Command(Deno.execPath(), {
-    args: ["run", "-A", script, ...args],
-    env: { NO_COLOR: "1", ...env },
-  }).output();
-  return { code: r.code, stdout: dec.decode(r.stdout), stderr: dec.decode(r.stderr) };
-}
-
-/** metrics.jsonl without the fields that measure time. */
-function metrics(dir: string): Record<string, unknown>[] {
-  return Deno.readTextFileSync(join(dir, "metrics.jsonl")).split("\n").filter((l) => l)
-    .map((l) => {
-      const { elapsed_s: _e, tokens_per_s: _t, ...rest } = JSON.parse(l);
-      return rest;
-    });
-}
-
-function summary(dir: string): Summary {
-  return JSON.parse(Deno.readTextFileSync(join(dir, "summary.json")));
-}
 
 function checkpointSteps(dir: string): number[] {
   return [...Deno.readDirSync(join(dir, "checkpoints"))]
@@ -207,26 +167,8 @@ Deno.test("resume: Ctrl-C saves a checkpoint and --resume continues identically"
       "off",
     ];
     const stopped = join(dir, "stopped");
-    const child = new Deno.Command(Deno.execPath(), {
-      args: ["run", "-A", script, ...args, "--out", stopped],
-      env: { NO_COLOR: "1" },
-      stdout: "null",
-      stderr: "piped",
-    }).spawn();
-    let err = "";
-    const reader = child.stderr.getReader();
-    while (!/step +1\//.test(err)) {
-      const { value, done } = await reader.read();
-      if (done) break;
-      err += dec.decode(value, { stream: true });
-    }
-    child.kill("SIGINT");
-    for (;;) {
-      const { value, done } = await reader.read();
-      if (done) break;
-      err += dec.decode(value, { stream: true });
-    }
-    assert.equal((await child.status).code, 130, err);
+    const { code, stderr: err } = await stopAfterFirstStep([...args, "--out", stopped], "SIGINT");
+    assert.equal(code, 130, err);
     const first = summary(stopped);
     assert.equal(first.interrupted, true);
     const k = first.steps;
