@@ -149,3 +149,59 @@ fn a_weights_load_ignores_the_batch_shape_but_not_the_model_or_optimizer() {
     let msg = e.load_state_weights(&good).unwrap_err().msg;
     assert!(msg.contains("optimizer.rank is 8 in the checkpoint and 4 in this engine"), "{msg}");
 }
+
+/// `fused` is not compared: the fused per-layer step is bit-identical to the global one
+/// (tests/galore.rs i12) and its default follows grad_accum, so a run resumed with the
+/// other setting continues exactly as the original would have.
+#[test]
+fn a_resume_ignores_fused_and_continues_bit_exactly() {
+    let mut fused = cfg("qgalore");
+    fused.optimizer.fused = true;
+    let mut a = engine(fused);
+    for s in 0..3 {
+        a.train_step(&tokens(2, 16, 64, s), 1, 3e-3).unwrap();
+    }
+    let ckpt = a.save_state().unwrap();
+    let mut b = engine(cfg("qgalore"));
+    b.load_state(&ckpt).unwrap();
+    for s in 3..6 {
+        let (x, y) = (a.train_step(&tokens(2, 16, 64, s), 1, 3e-3).unwrap(), b.train_step(&tokens(2, 16, 64, s), 1, 3e-3).unwrap());
+        assert_eq!(x.loss.to_bits(), y.loss.to_bits(), "step {s}");
+    }
+}
+
+/// A weights load compares only what decides the state's layout and the model's function:
+/// the update's hyperparameters, the initializer, grad_accum (and the `fused` default it
+/// sets) and the precision may differ; the storage options may not.
+#[test]
+fn a_weights_load_compares_only_layout_and_function() {
+    let mut a = engine(cfg("qgalore"));
+    a.train_step(&tokens(2, 16, 64, 1), 1, 3e-3).unwrap();
+    let good = a.save_state().unwrap();
+    let mut c = cfg("qgalore");
+    (c.optimizer.beta1, c.optimizer.beta2, c.optimizer.eps, c.optimizer.clip) = (0.8, 0.95, 1e-6, 1.0);
+    (c.optimizer.weight_decay, c.optimizer.galore_scale, c.optimizer.cos_threshold, c.optimizer.gamma) = (0.1, 0.5, 0.3, 3);
+    (c.optimizer.fused, c.grad_accum, c.model.initializer_range) = (true, 4, 0.05);
+    (c.batch_size, c.seq_len, c.seed) = (1, 8, 5);
+    let mut b = engine(c.clone());
+    assert!(b.load_state(&good).is_err(), "a resume still compares the hyperparameters");
+    b.load_state_weights(&good).unwrap();
+    // the same function: its loss on held-out tokens equals that of an engine differing
+    // from the saving one in the batch shape only
+    let mut same = cfg("qgalore");
+    (same.batch_size, same.seq_len) = (1, 8);
+    let mut d = engine(same);
+    d.load_state_weights(&good).unwrap();
+    let held_out = tokens(1, 8, 64, 3);
+    assert_eq!(b.eval(&held_out, 1).unwrap().to_bits(), d.eval(&held_out, 1).unwrap().to_bits());
+    for (change, field) in [
+        (Box::new(|c: &mut EngineConfig| c.optimizer.weight_group_size = 32) as Box<dyn Fn(&mut EngineConfig)>, "optimizer.weight_group_size"),
+        (Box::new(|c: &mut EngineConfig| c.optimizer.proj_bits = 8), "optimizer.proj_bits"),
+        (Box::new(|c: &mut EngineConfig| c.model.rms_norm_eps = 1e-5), "model.rms_norm_eps"),
+    ] {
+        let mut d = c.clone();
+        change(&mut d);
+        let msg = engine(d).load_state_weights(&good).unwrap_err().msg;
+        assert!(msg.contains(&format!("{field} is")), "{field}: {msg}");
+    }
+}

@@ -196,16 +196,22 @@ fn a_corrupted_payload_is_refused_by_the_checksum() {
     let mut e = trained();
     let good = e.save_state().unwrap();
     let n = u64::from_le_bytes(good[..8].try_into().unwrap()) as usize;
-    // the last byte, the middle, the first data byte, a digit of the stored checksum
-    // (changed to another hex digit), and a header byte inside the engine config
+    // the last byte, the middle, the first data byte, and a digit of the stored checksum
+    // (changed to another hex digit)
     let at = qgalore::state::CHECKSUM_AT;
     let cfg_at = 8 + std::str::from_utf8(&good[8..8 + n]).unwrap().find("\"seed\\\":").unwrap() + 8; // the first digit of the seed
-    for (k, v) in [(good.len() - 1, None), (good.len() / 2, None), (8 + n, None), (at, Some(if good[at] == b'0' { b'1' } else { b'0' })), (cfg_at, Some(b'9'))] {
+    for (k, v) in [(good.len() - 1, None), (good.len() / 2, None), (8 + n, None), (at, Some(if good[at] == b'0' { b'1' } else { b'0' }))] {
         let mut b = good.clone();
         b[k] = v.unwrap_or(b[k] ^ 0x04);
         assert_ne!(b, good);
         refused(&mut e, &b, "checksum does not match");
     }
+    // the header is compared with the engine before the payload is read (so a crafted
+    // file cannot make a load read more than the engine's own state): a damaged config
+    // byte is refused by that comparison, naming the field
+    let mut b = good.clone();
+    b[cfg_at] = b'9';
+    refused(&mut e, &b, "seed is 92 in the checkpoint and 12 in this engine");
 }
 
 #[test]
@@ -456,4 +462,219 @@ mod ffi_level {
         }
         std::fs::remove_dir_all(&dir).unwrap();
     }
+}
+
+/// A source that claims `size` bytes: `head` at its start, zeros after it (a sparse file
+/// of any size, without the disk), counting the bytes read.
+struct Sparse {
+    head: Vec<u8>,
+    size: u64,
+    read: std::cell::Cell<u64>,
+}
+
+impl Source for Sparse {
+    fn size(&self) -> Result<u64> {
+        Ok(self.size)
+    }
+    fn read_at(&self, at: u64, buf: &mut [u8]) -> Result<()> {
+        self.read.set(self.read.get() + buf.len() as u64);
+        for (i, b) in buf.iter_mut().enumerate() {
+            *b = self.head.get((at as usize).saturating_add(i)).copied().unwrap_or(0);
+        }
+        Ok(())
+    }
+}
+
+/// A header listing `tensors` (name, dtype, shape, bytes) with valid metadata, padded.
+fn crafted_header(good: &[u8], tensors: &[(&str, &str, Vec<u64>, u64)]) -> Vec<u8> {
+    let (h0, _) = split(good);
+    let mut h = serde_json::json!({ "__metadata__": h0["__metadata__"].clone() });
+    let mut at = 0u64;
+    for (name, dtype, shape, bytes) in tensors {
+        h[*name] = serde_json::json!({ "dtype": dtype, "shape": shape, "data_offsets": [at, at + bytes] });
+        at += bytes;
+    }
+    join(&h, &[])
+}
+
+#[test]
+fn a_file_claiming_a_huge_tensor_is_refused_before_its_payload_is_read() {
+    let good = trained().save_state().unwrap();
+    // one 1 TiB tensor the engine does not hold: refused from the header alone
+    let tib = 1u64 << 40;
+    let head = crafted_header(&good, &[("model.embed_tokens.weight", "U8", vec![tib], tib)]);
+    let src = Sparse { size: head.len() as u64 + tib, head, read: 0.into() };
+    let mut e = trained();
+    let before = e.save_state().unwrap();
+    let msg = e.load_from(&src).unwrap_err().msg;
+    assert!(msg.contains("does not match this engine"), "{msg}");
+    assert!(src.read.get() < 1 << 20, "{} bytes read", src.read.get());
+    assert_eq!(e.save_state().unwrap(), before);
+    // the same through a real sparse file
+    let dir = tmpdir("sparse");
+    let p = dir.join("huge.ckpt");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&p).unwrap();
+        f.write_all(&src.head).unwrap();
+        f.set_len(src.size).unwrap();
+    }
+    let msg = e.load_file(&p).unwrap_err().msg;
+    assert!(msg.contains("does not match this engine"), "{msg}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_header_is_bounded_and_parsed_without_a_json_tree() {
+    let good = trained().save_state().unwrap();
+    let mut e = trained();
+    // over 16 MiB: refused by its length alone
+    let big = qgalore::state::MAX_HEADER as u64 + 8;
+    let mut b = good.clone();
+    b[..8].copy_from_slice(&big.to_le_bytes());
+    b.resize(8 + big as usize, b' ');
+    let msg = e.load_state(&b).unwrap_err().msg;
+    assert!(msg.contains(&format!("header length {big}")) && msg.contains("at most 16777216"), "{msg}");
+    // a shape of a million dimensions: refused at the fifth, not built
+    let (mut h, data) = split(&good);
+    h["model.norm.weight"]["shape"] = serde_json::Value::Array(vec![0.into(); 1 << 20]);
+    let msg = e.load_state(&join(&h, data)).unwrap_err().msg;
+    assert!(msg.contains("tensor model.norm.weight") && msg.contains("more than 4 elements"), "{msg}");
+    // a state text over 1 MiB, and an array in the metadata
+    let (mut h, data) = split(&good);
+    let mut st = state(&h);
+    st["optim"]["pad"] = "x".repeat(1 << 20).into();
+    set_state(&mut h, &st);
+    let msg = e.load_state(&join(&h, data)).unwrap_err().msg;
+    assert!(msg.contains("metadata state is") && msg.contains("at most 1048576"), "{msg}");
+    let (mut h, data) = split(&good);
+    h["__metadata__"]["run"] = serde_json::Value::Array(vec![0.into(); 1000]);
+    let msg = e.load_state(&join(&h, data)).unwrap_err().msg;
+    assert!(msg.contains("metadata run is not a string"), "{msg}");
+    // a tensor listed twice
+    let n = u64::from_le_bytes(good[..8].try_into().unwrap()) as usize;
+    let text = std::str::from_utf8(&good[8..8 + n]).unwrap();
+    let entry = text.find(",\"model.norm.weight\":").unwrap();
+    let end = entry + text[entry..].find('}').unwrap() + 1;
+    let dup = format!("{}{}{}", &text[..end], &text[entry..end], &text[end..]);
+    let mut b = (dup.len() as u64).to_le_bytes().to_vec();
+    b.extend_from_slice(dup.as_bytes());
+    b.extend_from_slice(&good[8 + n..]);
+    fuzz_common::reseal(&mut b);
+    let msg = e.load_state(&b).unwrap_err().msg;
+    assert!(msg.contains("appears twice"), "{msg}");
+    // still the same engine
+    let mut twin = trained();
+    assert_eq!(e.train_step(&tokens(2, 16, 64, 9), 1, 3e-3).unwrap().loss.to_bits(), twin.train_step(&tokens(2, 16, 64, 9), 1, 3e-3).unwrap().loss.to_bits());
+}
+
+fn qcfg() -> EngineConfig {
+    let mut c = cfg();
+    c.optimizer = common::optim("qgalore", 0.0);
+    (c.optimizer.rank, c.optimizer.update_gap, c.optimizer.weight_bits, c.optimizer.proj_bits) = (8, 2, 8, 4);
+    (c.optimizer.weight_group_size, c.optimizer.proj_group_size) = (64, 64);
+    c
+}
+
+#[test]
+fn finite_scales_that_dequantize_to_infinity_are_refused() {
+    let mut a = Engine::new(Cpu::new(2).unwrap(), qcfg()).unwrap();
+    for s in 0..3 {
+        a.train_step(&tokens(2, 16, 64, s), 1, 1e-3).unwrap();
+    }
+    let good = a.save_state().unwrap();
+    let names = fuzz_common::tensor_names(&split(&good).0);
+    let weight = names.iter().find(|n| n.starts_with("model.") && n.ends_with(".weight.scale")).unwrap();
+    let proj = names.iter().find(|n| n.ends_with(".proj.scale")).unwrap();
+    let zero = names.iter().find(|n| n.ends_with(".weight.zero")).unwrap();
+    let mut b = Engine::new(Cpu::new(2).unwrap(), qcfg()).unwrap();
+    let before = b.save_state().unwrap();
+    // a zero far outside the code range, with a scale of 10: (255 + 3e38)·10 overflows
+    let big_zero = set_f32(&set_f32(&good, zero, 0, -3.0e38), weight, 0, 10.0);
+    for (name, bad) in [(weight, set_f32(&good, weight, 0, 3.0e38)), (proj, set_f32(&good, proj, 0, 3.0e38)), (zero, big_zero)] {
+        let msg = b.load_state(&bad).unwrap_err().msg;
+        let base = name.rsplit_once('.').unwrap().0;
+        assert!(msg.contains(&format!("tensor {base}: group 0")) && msg.contains("non-finite"), "{msg}");
+        assert_eq!(b.save_state().unwrap(), before);
+    }
+    // a large but harmless scale still loads
+    b.load_state(&set_f32(&good, weight, 0, 1.0e30)).unwrap();
+}
+
+#[test]
+fn a_half_loaded_engine_refuses_export_and_import() {
+    let e = trained();
+    let good = e.save_state().unwrap();
+    let mut fresh = Engine::new(Cpu::new(2).unwrap(), cfg()).unwrap();
+    let n = split(&good).0.as_object().unwrap().len() + 2;
+    let src = Changing { bytes: good.clone(), reads: 0.into(), flip_after: n };
+    assert!(fresh.load_from(&src).is_err());
+    let dir = tmpdir("poisoned_export");
+    let out = dir.join("hf");
+    let opts = qgalore::hf::ExportOptions::from_json(&serde_json::json!({ "dir": out.to_str().unwrap(), "dtype": "f32" }).to_string()).unwrap();
+    let msg = qgalore::hf::HfSession::export_hf(&mut fresh, &opts).unwrap_err().msg;
+    assert!(msg.contains("engine state is incomplete"), "{msg}");
+    assert!(!out.exists());
+    // an export of a good engine to import from
+    e.export_hf_with(&opts).unwrap();
+    let msg = qgalore::hf::HfSession::import_hf(&mut fresh, &out).unwrap_err().msg;
+    assert!(msg.contains("engine state is incomplete"), "{msg}");
+    let s: &mut dyn Session = &mut fresh;
+    for msg in [
+        s.eval(&tokens(2, 16, 64, 1), 1).unwrap_err().msg,
+        s.logits(&tokens(1, 4, 64, 1)[..4], 1, 4, &mut vec![0.0; 4 * 64]).unwrap_err().msg,
+        s.save_file(&dir.join("x.ckpt"), None).unwrap_err().msg,
+    ] {
+        assert!(msg.contains("engine state is incomplete"), "{msg}");
+    }
+    assert!(!dir.join("x.ckpt").exists());
+    fresh.load_state(&good).unwrap();
+    qgalore::hf::HfSession::export_hf(&mut fresh, &qgalore::hf::ExportOptions::from_json(&serde_json::json!({ "dir": dir.join("hf2").to_str().unwrap(), "dtype": "f32" }).to_string()).unwrap()).unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn messages_naming_a_path_are_one_line_and_name_the_checkpoint() {
+    let dir = tmpdir("newline");
+    let odd = dir.join("a\nb");
+    std::fs::create_dir_all(&odd).unwrap();
+    let p = odd.join("ck");
+    std::fs::write(&p, b"not a checkpoint at all").unwrap();
+    let mut e = trained();
+    let msg = e.load_file(&p).unwrap_err().msg;
+    assert!(!msg.contains('\n') && msg.contains("a\\nb/ck") && msg.contains("not a qgalore checkpoint"), "{msg}");
+    let target = odd.join("missing/x.ckpt");
+    let msg = e.save_file(&target, None).unwrap_err().msg;
+    assert!(!msg.contains('\n') && msg.contains("a\\nb/missing/x.ckpt") && !msg.contains(".tmp"), "{msg}");
+    let msg = e.load_file(&odd.join("none")).unwrap_err().msg;
+    assert!(!msg.contains('\n'), "{msg}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn names_up_to_255_bytes_save_and_a_panicking_save_leaves_no_temporary_file() {
+    let dir = tmpdir("longname");
+    let e = trained();
+    for len in [200, 230, 255] {
+        let p = dir.join("c".repeat(len));
+        e.save_file(&p, None).unwrap();
+        assert_eq!(names(&dir), ["c".repeat(len)]);
+        let mut back = Engine::new(Cpu::new(2).unwrap(), cfg()).unwrap();
+        back.load_file(&p).unwrap();
+        std::fs::remove_file(&p).unwrap();
+    }
+    // a fill that panics: the temporary file is removed on unwind, the old file kept
+    let p = dir.join("a.ckpt");
+    e.save_file(&p, None).unwrap();
+    let old = std::fs::read(&p).unwrap();
+    let r = std::panic::catch_unwind(|| {
+        let _ = qgalore::state::file::write_atomic(&p, |f| {
+            std::io::Write::write_all(f, b"partial").unwrap();
+            panic!("fill failed");
+        });
+    });
+    assert!(r.is_err());
+    assert_eq!(names(&dir), ["a.ckpt"]);
+    assert_eq!(std::fs::read(&p).unwrap(), old);
+    std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -109,6 +109,8 @@ impl<B: Backend> Engine<B> {
     /// file) into this engine's parameters. The optimizer state stays as built (fresh), so
     /// this is for a new engine; a checkpoint that does not match changes nothing.
     pub fn import_hf(&mut self, path: &Path) -> Result<()> {
+        // a half-loaded engine's optimizer state is neither fresh nor a checkpoint's
+        self.usable()?;
         let steps = self.opt.steps();
         crate::ensure!(steps == 0, "{}: this engine has already run {steps} optimizer steps; import Hugging Face weights into a new engine (its optimizer state would not match them)", path.display());
         let ck = Checkpoint::open(path)?;
@@ -164,6 +166,8 @@ impl<B: Backend> Engine<B> {
     /// `export_hf` with files to copy into the folder (tokenizer files). The folder must not
     /// exist or be empty; it appears complete or not at all.
     pub fn export_hf_with(&self, o: &ExportOptions) -> Result<()> {
+        // never export the weights of a load that failed part-way
+        self.usable()?;
         let mut names: Vec<String> = Vec::new();
         for src in &o.copy {
             let name = src.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();

@@ -94,8 +94,9 @@ impl<B: Backend> Engine<B> {
         })
     }
 
-    /// Restores a checkpoint from `src`. Everything is checked first — header, checksum,
-    /// values, engine config, scalars, the tensor list — and a refusal changes nothing.
+    /// Restores a checkpoint from `src`. Everything is checked first — header, engine
+    /// config, scalars, the tensor list, then checksum and values — and a refusal changes
+    /// nothing.
     /// Only a read failure or a file that changes during the final pass can leave the
     /// engine half-loaded; it then refuses all work until a load succeeds.
     pub fn load_from(&mut self, src: &dyn Source) -> Result<()> {
@@ -115,13 +116,16 @@ impl<B: Backend> Engine<B> {
 
     fn load_inner(&mut self, src: &dyn Source, check: Check) -> Result<()> {
         let p = read::parse(src)?;
-        read::verify(src, &p)?;
+        // the header against this engine first: a file whose tensors this engine would not
+        // hold is refused before its payload is read, so the read below is bounded by the
+        // engine's own state size (not by what a crafted, sparse file claims)
         let st = EngineState::parse(&p.state)?;
         if st.optimizer != self.opt.name() {
             return Err(Error::invalid(format!("checkpoint is for optimizer {}, this engine uses {}", super::tensors::shown(&st.optimizer), self.opt.name())));
         }
         meta::check_config(&p.engine_config, &self.cfg, &st.precision, self.be.precision(), check == Check::Resume)?;
         read::match_layout(&p, &self.expected(&st)?)?;
+        read::verify(src, &p)?;
         // nothing above touched the engine; from here on it is overwritten
         let r = In::new(src, &p).and_then(|mut inp| {
             self.apply(&st, &mut inp)?;
@@ -165,7 +169,7 @@ impl<B: Backend> Engine<B> {
     /// the file.
     pub fn load_file_checked(&mut self, path: &Path, check: Check) -> Result<()> {
         let f = super::file::open_read(path)?;
-        self.load_checked(&f, check).map_err(|e| Error { code: e.code, msg: format!("{}: {}", path.display(), e.msg) })
+        self.load_checked(&f, check).map_err(|e| super::file::at_path(path, e))
     }
 
     /// `load_from` a checkpoint file.

@@ -33,12 +33,39 @@ pub fn config_json(cfg: &EngineConfig) -> Value {
 /// engine computed in (`auto` resolves per device), passed separately.
 const TRAJECTORY: &[&str] = &["model", "optimizer", "seed", "batch_size", "seq_len", "grad_accum"];
 
+/// Optimizer options a resume does not compare: `fused` (the per-layer fused step is
+/// bit-identical to the global one, tests/galore.rs i12, and its default follows
+/// grad_accum).
+const NOT_TRAJECTORY: &[&str] = &["fused"];
+
+/// The optimizer options a weights-only load compares: those that decide the state's
+/// layout (which tensors, their shapes and storage) — not the update's hyperparameters.
+const LAYOUT_OPTIONS: &[&str] =
+    &["name", "rank", "proj_bits", "weight_bits", "weight_group_size", "proj_group_size", "block_size", "lazy", "queue_size"];
+
+/// Model fields a weights-only load does not compare: they do not change what the
+/// weights compute (`initializer_range` only draws the initial weights).
+const NOT_FUNCTION: &[&str] = &["initializer_range"];
+
+/// `v` (a model or optimizer section) with only the keys a check compares.
+fn compared(field: &str, v: &Value, trajectory: bool) -> Value {
+    let Some(m) = v.as_object() else { return v.clone() };
+    let keep = |k: &str| match (field, trajectory) {
+        ("optimizer", true) => !NOT_TRAJECTORY.contains(&k),
+        ("optimizer", false) => LAYOUT_OPTIONS.contains(&k),
+        ("model", false) => !NOT_FUNCTION.contains(&k),
+        _ => true,
+    };
+    Value::Object(m.iter().filter(|(k, _)| keep(k)).map(|(k, v)| (k.clone(), v.clone())).collect())
+}
+
 /// Refuses a checkpoint whose engine config (`saved`, as stored) differs from the live
 /// engine's in a trajectory-relevant field: the message names the first differing field
 /// and both values. `saved_precision` / `live_precision`: `fp32` or `bf16` as computed.
-/// `trajectory` false (`Check::Weights`): only `model` and `optimizer` (the fields that
-/// decide the state's layout) are compared, for an engine that will not continue the run
-/// (inference or evaluation at another batch shape, seq_len or precision).
+/// `trajectory` false (`Check::Weights`): only what decides the state's layout and the
+/// model's function is compared — the model (but `initializer_range`) and the optimizer's
+/// storage options (`LAYOUT_OPTIONS`) — for an engine that will not continue the run
+/// (inference or evaluation at another batch shape, seq_len, precision or hyperparameters).
 pub fn check_config(saved: &Value, live: &EngineConfig, saved_precision: &str, live_precision: &str, trajectory: bool) -> Result<()> {
     // The live config goes through the same text round trip as the stored one, so float
     // fields compare equal exactly when they were equal when written (serde_json's parser
@@ -49,7 +76,8 @@ pub fn check_config(saved: &Value, live: &EngineConfig, saved_precision: &str, l
     let fields = if trajectory { TRAJECTORY } else { &TRAJECTORY[..2] };
     for &field in fields {
         let (a, b) = (saved.get(field).unwrap_or(&Value::Null), live.get(field).unwrap_or(&Value::Null));
-        if let Some((path, x, y)) = first_difference(field, a, b) {
+        let (a, b) = (compared(field, a, trajectory), compared(field, b, trajectory));
+        if let Some((path, x, y)) = first_difference(field, &a, &b) {
             return Err(mismatch(&path, &x, &y));
         }
     }
@@ -106,8 +134,8 @@ pub struct EngineState {
 
 impl EngineState {
     /// Parses and range-checks the engine-level fields (the optimizer checks `optim`).
-    pub fn parse(v: &Value) -> Result<EngineState> {
-        let st: EngineState = serde_json::from_value(v.clone()).map_err(|e| Error::invalid(format!("checkpoint state: {e}")))?;
+    pub fn parse(text: &str) -> Result<EngineState> {
+        let st: EngineState = serde_json::from_str(text).map_err(|e| Error::invalid(format!("checkpoint state: {e}")))?;
         if st.step > super::MAX_COUNTER {
             return Err(Error::invalid(format!("checkpoint field step is {}, above the limit 2^53", st.step)));
         }

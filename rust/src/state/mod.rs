@@ -23,9 +23,10 @@
 //! streams and patches the digits in last; a reader zeroes them and hashes the same bytes.
 //!
 //! Loading checks everything before the engine is touched (`engine.rs`): header bounds and
-//! offsets (`read::parse`), the checksum and every value (`read::verify`), the engine
-//! config (`meta::check_config`), the state scalars and the tensor list the engine expects
-//! from them (`read::match_layout`). Only then are tensors read, one at a time, straight
+//! offsets (`read::parse`), the engine config (`meta::check_config`), the state scalars
+//! and the tensor list the engine expects from them (`read::match_layout`) — so the
+//! payload read next is bounded by the engine's own state size — then the checksum, every
+//! value and every quantized tensor's dequantized range (`read::verify`). Only then are tensors read, one at a time, straight
 //! into the engine; they are hashed again on the way, so a file rewritten in place between
 //! the passes leaves the engine marked unusable until a good load (no whole-state snapshot
 //! needs to be kept in memory).
@@ -49,8 +50,16 @@ pub const HEADER_PREFIX: &str = r#"{"__metadata__":{"checksum":"sha256:"#;
 pub const CHECKSUM_HEX: usize = 64;
 /// File offset of the checksum digits.
 pub const CHECKSUM_AT: usize = 8 + HEADER_PREFIX.len();
-/// Largest header accepted (the safetensors library's own limit).
-pub const MAX_HEADER: usize = 100_000_000;
+/// Largest header accepted: 16 MiB. The header grows with the tensor count (~110 bytes a
+/// tensor); a Q-GaLore llama-7b checkpoint lists ~3,000 tensors (~0.4 MB of header), a
+/// 70B-shaped one (80 layers) ~7,500 (~1 MB), so this leaves ~16× headroom while bounding
+/// what a hostile header costs to parse (the safetensors library allows 100 MB).
+pub const MAX_HEADER: usize = 16 << 20;
+/// Largest `engine_config` metadata (a real one is ~2 KB).
+pub const MAX_CONFIG_BYTES: usize = 64 << 10;
+/// Largest `state` metadata: ~100 bytes per projected matrix (a 70B-shaped model projects
+/// 560: ~60 KB).
+pub const MAX_STATE_BYTES: usize = 1 << 20;
 /// Most tensors a checkpoint may list.
 pub const MAX_TENSORS: usize = 1_000_000;
 /// Largest step, gap or dimension a checkpoint may hold: 2^53 (exact in f64; far beyond any
@@ -64,7 +73,7 @@ pub const MAX_COUNTER: u64 = 1 << 53;
 pub fn info_json(path: &std::path::Path) -> String {
     let r = (|| -> crate::error::Result<serde_json::Value> {
         let f = file::open_read(path)?;
-        let at = |e: crate::error::Error| crate::error::Error { code: e.code, msg: format!("{}: {}", path.display(), e.msg) };
+        let at = |e: crate::error::Error| file::at_path(path, e);
         let p = read::parse(&f).map_err(at)?;
         read::verify(&f, &p).map_err(at)?;
         let st = meta::EngineState::parse(&p.state).map_err(at)?;

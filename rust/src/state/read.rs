@@ -5,7 +5,7 @@
 //! the passes is noticed.
 
 use super::tensors::{check_values, fill_f32, rule, shown, Dtype, Entry, MAX_RANK};
-use super::{CHECKSUM_AT, CHECKSUM_HEX, FORMAT, FORMAT_VERSION, HEADER_PREFIX, MAX_HEADER, MAX_TENSORS, MAX_COUNTER};
+use super::{CHECKSUM_AT, CHECKSUM_HEX, FORMAT, FORMAT_VERSION, HEADER_PREFIX, MAX_CONFIG_BYTES, MAX_COUNTER, MAX_HEADER, MAX_STATE_BYTES, MAX_TENSORS};
 use crate::error::{Error, Result};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -61,8 +61,8 @@ pub struct Parsed {
     /// The stored SHA-256.
     pub checksum: [u8; 32],
     pub engine_config: Value,
-    /// The `state` metadata (JSON text, parsed by the engine).
-    pub state: Value,
+    /// The `state` metadata (JSON text, at most `MAX_STATE_BYTES`, parsed by the engine).
+    pub state: String,
     /// The front end's run JSON, parsed, or Null.
     pub run: Value,
 }
@@ -104,10 +104,15 @@ pub fn parse(src: &dyn Source) -> Result<Parsed> {
             _ => return Err(corrupt("checksum is not 64 lowercase hex digits")),
         }
     }
-    let json: Value = serde_json::from_slice(&head).map_err(|e| corrupt(&format!("header JSON: {e}")))?;
-    let top = json.as_object().ok_or_else(|| corrupt("header is not a JSON object"))?;
-    let meta = top.get("__metadata__").and_then(Value::as_object).ok_or_else(|| corrupt("no __metadata__"))?;
-    let text = |k: &str| meta.get(k).map(|v| v.as_str().ok_or_else(|| corrupt(&format!("metadata {k} is not a string")))).transpose();
+    // typed and bounded while it is parsed: no JSON tree of the header is ever built (a
+    // `Value` costs ~16 bytes per input byte on an array of small numbers)
+    let hdr: Header = serde_json::from_slice(&head).map_err(|e| corrupt(&format!("header JSON: {}", shown(&e.to_string()))))?;
+    drop(head);
+    let meta = hdr.meta.ok_or_else(|| corrupt("no __metadata__"))?;
+    let text = |k: &str| meta.get(k).map(|v| match v {
+        MetaVal::Str(s) => Ok(s.as_str()),
+        MetaVal::Other => Err(corrupt(&format!("metadata {k} is not a string"))),
+    }).transpose();
     for k in meta.keys() {
         if !["checksum", "format", "format_version", "engine_config", "state", "run"].contains(&k.as_str()) {
             return Err(corrupt(&format!("unknown metadata key {}", shown(k))));
@@ -123,23 +128,26 @@ pub fn parse(src: &dyn Source) -> Result<Parsed> {
         }
         None => return Err(corrupt("metadata format_version missing")),
     }
-    let json_of = |k: &str| -> Result<Value> {
+    let bounded = |k: &str, max: usize| -> Result<&str> {
         let t = text(k)?.ok_or_else(|| corrupt(&format!("metadata {k} missing")))?;
-        serde_json::from_str(t).map_err(|e| corrupt(&format!("metadata {k}: {e}")))
+        if t.len() > max {
+            return Err(corrupt(&format!("metadata {k} is {} bytes; at most {max}", t.len())));
+        }
+        Ok(t)
     };
-    let engine_config = json_of("engine_config")?;
+    let json_of = |k: &str, max: usize| -> Result<Value> {
+        serde_json::from_str(bounded(k, max)?).map_err(|e| corrupt(&format!("metadata {k}: {e}")))
+    };
+    let engine_config = json_of("engine_config", MAX_CONFIG_BYTES)?;
     if !engine_config.is_object() {
         return Err(corrupt("metadata engine_config is not a JSON object"));
     }
-    let state = json_of("state")?;
-    let run = if meta.contains_key("run") { json_of("run")? } else { Value::Null };
-    if top.len() - 1 > MAX_TENSORS {
-        return Err(corrupt(&format!("{} tensors; at most {MAX_TENSORS}", top.len() - 1)));
-    }
+    let state = bounded("state", MAX_STATE_BYTES)?.to_string();
+    let run = if meta.contains_key("run") { json_of("run", super::meta::MAX_RUN_BYTES)? } else { Value::Null };
     let data_start = 8 + n;
-    let mut tensors = Vec::with_capacity(top.len() - 1);
-    for (name, v) in top.iter().filter(|(k, _)| *k != "__metadata__") {
-        let (e, begin, end) = tensor_entry(name, v)?;
+    let mut tensors = Vec::with_capacity(hdr.tensors.len());
+    for (name, raw) in &hdr.tensors {
+        let (e, begin, end) = tensor_entry(name, raw)?;
         let bytes = e.bytes().ok_or_else(|| corrupt(&format!("tensor {} is too large", shown(name))))?;
         if end.checked_sub(begin) != Some(bytes as u64) {
             return Err(corrupt(&format!("tensor {}: offsets [{begin}, {end}] do not hold {}", shown(name), e.describe())));
@@ -161,28 +169,144 @@ pub fn parse(src: &dyn Source) -> Result<Parsed> {
     Ok(Parsed { header_len: n, tensors, checksum, engine_config, state, run })
 }
 
-fn tensor_entry(name: &str, v: &Value) -> Result<(Entry, u64, u64)> {
+fn tensor_entry(name: &str, raw: &RawTensor) -> Result<(Entry, u64, u64)> {
     let bad = |what: &str| corrupt(&format!("tensor {}: {what}", shown(name)));
-    let o = v.as_object().ok_or_else(|| bad("not an object"))?;
-    if o.len() != 3 {
-        return Err(bad("entry must hold exactly dtype, shape and data_offsets"));
-    }
-    let dtype = o.get("dtype").and_then(Value::as_str).ok_or_else(|| bad("dtype missing"))?;
-    let dtype = Dtype::parse(dtype).ok_or_else(|| bad(&format!("dtype {}; this format uses F32, BF16 and U8", shown(dtype))))?;
-    let shape = o.get("shape").and_then(Value::as_array).ok_or_else(|| bad("shape missing"))?;
-    if shape.len() > MAX_RANK {
-        return Err(bad(&format!("rank {}; at most {MAX_RANK}", shape.len())));
-    }
-    let shape = shape
+    let dtype = Dtype::parse(&raw.dtype).ok_or_else(|| bad(&format!("dtype {}; this format uses F32, BF16 and U8", shown(&raw.dtype))))?;
+    let shape = raw
+        .shape
+        .0
         .iter()
-        .map(|d| d.as_u64().filter(|&d| d <= MAX_COUNTER).and_then(|d| usize::try_from(d).ok()).ok_or_else(|| bad("dimension is not an integer in [0, 2^53]")))
+        .map(|&d| Some(d).filter(|&d| d <= MAX_COUNTER).and_then(|d| usize::try_from(d).ok()).ok_or_else(|| bad("dimension is not an integer in [0, 2^53]")))
         .collect::<Result<Vec<usize>>>()?;
-    let offs = o.get("data_offsets").and_then(Value::as_array).filter(|a| a.len() == 2).ok_or_else(|| bad("data_offsets is not [begin, end]"))?;
-    let (b, e) = match (offs[0].as_u64(), offs[1].as_u64()) {
-        (Some(b), Some(e)) if b <= e => (b, e),
-        _ => return Err(bad("data_offsets are not integers with begin ≤ end")),
+    let (b, e) = match raw.data_offsets.0[..] {
+        [b, e] if b <= e => (b, e),
+        _ => return Err(bad("data_offsets are not [begin, end] with begin ≤ end")),
     };
     Ok((Entry::new(name, dtype, shape), b, e))
+}
+
+/// The header as parsed: the metadata's values and the tensor entries in file order.
+struct Header {
+    meta: Option<std::collections::HashMap<String, MetaVal>>,
+    tensors: Vec<(String, RawTensor)>,
+}
+
+/// A metadata value: safetensors allows strings only; anything else is skipped unbuilt
+/// and refused by name.
+enum MetaVal {
+    Str(String),
+    Other,
+}
+
+/// One tensor entry as written: `{"dtype", "shape", "data_offsets"}`, nothing else.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTensor {
+    dtype: String,
+    shape: Ints<MAX_RANK>,
+    data_offsets: Ints<2>,
+}
+
+/// A JSON array of at most `N` unsigned integers, refused at element `N + 1` (a
+/// megabyte-long shape costs nothing).
+struct Ints<const N: usize>(Vec<u64>);
+
+impl<'de, const N: usize> serde::Deserialize<'de> for Ints<N> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct V<const N: usize>;
+        impl<'de, const N: usize> serde::de::Visitor<'de> for V<N> {
+            type Value = Ints<N>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                write!(f, "an array of at most {N} unsigned integers")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut a: A) -> std::result::Result<Ints<N>, A::Error> {
+                let mut v = Vec::new();
+                while let Some(x) = a.next_element::<u64>()? {
+                    if v.len() == N {
+                        return Err(serde::de::Error::custom(format!("more than {N} elements")));
+                    }
+                    v.push(x);
+                }
+                Ok(Ints(v))
+            }
+        }
+        d.deserialize_seq(V::<N>)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for MetaVal {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = MetaVal;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a metadata value")
+            }
+            fn visit_str<E>(self, s: &str) -> std::result::Result<MetaVal, E> {
+                Ok(MetaVal::Str(s.to_string()))
+            }
+            fn visit_string<E>(self, s: String) -> std::result::Result<MetaVal, E> {
+                Ok(MetaVal::Str(s))
+            }
+            fn visit_bool<E>(self, _: bool) -> std::result::Result<MetaVal, E> {
+                Ok(MetaVal::Other)
+            }
+            fn visit_i64<E>(self, _: i64) -> std::result::Result<MetaVal, E> {
+                Ok(MetaVal::Other)
+            }
+            fn visit_u64<E>(self, _: u64) -> std::result::Result<MetaVal, E> {
+                Ok(MetaVal::Other)
+            }
+            fn visit_f64<E>(self, _: f64) -> std::result::Result<MetaVal, E> {
+                Ok(MetaVal::Other)
+            }
+            fn visit_unit<E>(self) -> std::result::Result<MetaVal, E> {
+                Ok(MetaVal::Other)
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut a: A) -> std::result::Result<MetaVal, A::Error> {
+                while a.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+                Ok(MetaVal::Other)
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut a: A) -> std::result::Result<MetaVal, A::Error> {
+                while a.next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?.is_some() {}
+                Ok(MetaVal::Other)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Header {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Header;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut a: A) -> std::result::Result<Header, A::Error> {
+                use serde::de::Error as _;
+                let mut h = Header { meta: None, tensors: Vec::new() };
+                let mut seen = std::collections::HashSet::new();
+                while let Some(k) = a.next_key::<String>()? {
+                    if !seen.insert(k.clone()) {
+                        return Err(A::Error::custom(format!("key {} appears twice", shown(&k))));
+                    }
+                    if k == "__metadata__" {
+                        h.meta = Some(a.next_value()?);
+                        continue;
+                    }
+                    if h.tensors.len() == MAX_TENSORS {
+                        return Err(A::Error::custom(format!("more than {MAX_TENSORS} tensors")));
+                    }
+                    let t = a.next_value::<RawTensor>().map_err(|e| A::Error::custom(format!("tensor {}: {e}", shown(&k))))?;
+                    h.tensors.push((k, t));
+                }
+                Ok(h)
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// Chunk of the streaming passes.
@@ -225,7 +349,41 @@ pub fn verify(src: &dyn Source, p: &Parsed) -> Result<()> {
     if h.finalize()[..] != p.checksum {
         return Err(corrupt("the SHA-256 checksum does not match: the file is damaged"));
     }
-    first_bad.map_or(Ok(()), Err)
+    first_bad.map_or(Ok(()), Err)?;
+    check_dequantized(src, p)
+}
+
+/// Largest code of a quantized tensor. INT4 codes (≤ 15) are bounded by the INT8 range
+/// too, so one bound serves both without knowing the group size.
+const MAX_CODE: f32 = 255.0;
+
+/// Every quantized tensor (`X.codes`, `X.scale`, `X.zero`: weights and projectors)
+/// dequantizes to finite values: ŵ = (q − z)·s (`QTensor::dequantize`, in f32) is
+/// monotonic in q, so its values for q = 0 and q = 255 bound every code's. Finite scales
+/// and zeros alone are not enough (s = 3e38 gives ±inf).
+fn check_dequantized(src: &dyn Source, p: &Parsed) -> Result<()> {
+    let by_name: std::collections::HashMap<&str, &(Entry, u64)> = p.tensors.iter().map(|t| (t.0.name.as_str(), t)).collect();
+    for (e, at) in &p.tensors {
+        let Some(base) = e.name.strip_suffix(".scale") else { continue };
+        let (Some(_), Some((z, zat))) = (by_name.get(format!("{base}.codes").as_str()), by_name.get(format!("{base}.zero").as_str())) else { continue };
+        if e.dtype != Dtype::F32 || z.dtype != Dtype::F32 || z.shape != e.shape {
+            continue; // not the engine's layout: `match_layout` refuses it
+        }
+        let n = e.numel().unwrap_or(0);
+        let (mut s, mut zs) = (vec![0f32; n], vec![0f32; n]);
+        fill_f32(&mut s, |b| src.read_at(*at, b))?;
+        fill_f32(&mut zs, |b| src.read_at(*zat, b))?;
+        for (g, (&s, &z)) in s.iter().zip(&zs).enumerate() {
+            let (lo, hi) = ((0.0 - z) * s, (MAX_CODE - z) * s);
+            if !lo.is_finite() || !hi.is_finite() {
+                return Err(Error::invalid(format!(
+                    "checkpoint tensor {}: group {g} (scale {s:e}, zero {z:e}) dequantizes to non-finite weights; (code − zero)·scale must be finite for codes 0..255",
+                    shown(base)
+                )));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Checks the file's tensors against the engine's expected list: same names in the same
