@@ -128,6 +128,9 @@ export interface CheckpointFile {
   path: string;
 }
 
+/** Temporary files of the engine's saves into the checkpoint folder. */
+const TEMP = /^(\.step-\d{8,}\.safetensors\.tmp-\d+-\d+|\.qg-\d+-\d+\.tmp)$/;
+
 /** The entries of the checkpoint folder `dir`; none when it does not exist. */
 function entries(dir: string): Deno.DirEntry[] {
   try {
@@ -356,7 +359,9 @@ export function removeStaleTemps(out: string): string[] {
   const dir = join(out, CHECKPOINT_DIR);
   const removed: string[] = [];
   for (const e of entries(dir)) {
-    if (!/^\.step-\d{8,}\.safetensors\.tmp-\d+-\d+$/.test(e.name) || !e.isFile) continue;
+    // the engine's temporary names: `.<name>.tmp-<pid>-<ns>`, or `.qg-<pid>-<ns>.tmp` when
+    // that would be too long for the file system (rust/src/state/file.rs)
+    if (!TEMP.test(e.name) || !e.isFile) continue;
     Deno.removeSync(join(dir, e.name));
     removed.push(join(dir, e.name));
   }
