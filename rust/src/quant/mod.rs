@@ -3,6 +3,7 @@
 //! dequantize → update → requantize-with-stochastic-rounding step, all in f32.
 
 pub mod adam8;
+pub mod nf4;
 
 use crate::ensure;
 use crate::error::Result;
