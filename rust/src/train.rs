@@ -171,9 +171,11 @@ impl<B: Backend> Engine<B> {
         Ok(self.loss_and_grads_masked(tokens, None, micro)?.0)
     }
 
-    /// `loss_and_grads` with an optional loss mask (docs/algorithm-spec.md, masked loss):
-    /// the loss and the gradients are the mean over the N targets that carry loss in all
-    /// micro-batches together (token-weighted accumulation); returns (loss, N).
+    /// `loss_and_grads` with an optional loss mask (completion-only loss, padding): the
+    /// loss and the gradients are the mean over the N targets that carry loss in all
+    /// micro-batches together (token-weighted accumulation, as transformers ≥ 4.46
+    /// does with `num_items_in_batch`), not the mean of per-micro-batch means; returns (loss, N).
+    /// Without a mask N = micro × b × t and the result is bit-identical to the unmasked code.
     pub fn loss_and_grads_masked(&mut self, tokens: &[i32], mask: Option<&[u8]>, micro: usize) -> Result<(f64, u64)> {
         let sh = self.window_rows(tokens, mask, micro, "train batch", "micro-batches")?;
         let count = self.update_count(micro, sh.t, mask)?;
