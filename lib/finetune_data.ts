@@ -32,6 +32,7 @@
  */
 
 import { createHash } from "node:crypto";
+import { dirname } from "node:path";
 import { type ChatMessage, type ChatTemplate, loadChatTemplate } from "./chat_template.ts";
 import { UsageError } from "./errors.ts";
 import { Rng } from "./rng.ts";
@@ -306,7 +307,7 @@ export async function loadFinetuneData(
       if (!conv.some((m) => m.role === "assistant")) {
         throw new UsageError(`${at}: no "assistant" message, so nothing would carry loss`);
       }
-      if (chat === null) chat = templateFor(path, tokenizer, opts.modelDir);
+      if (chat === null) chat = templateFor(at, tokenizer, opts.modelDir);
       fit(messagesDraft(at, chat, tokenizer, conv));
     }
   }
@@ -338,15 +339,20 @@ export async function loadFinetuneData(
 }
 
 /** The chat template for `messages` data: opts.modelDir's, else the tokenizer folder's. */
-function templateFor(path: string, tok: Tokenizer, modelDir: string | undefined): ChatTemplate {
-  const dir = modelDir ?? tok.sourceFiles().find((f) => f.endsWith("tokenizer.json"));
+function templateFor(at: string, tok: Tokenizer, modelDir: string | undefined): ChatTemplate {
+  const json = tok.sourceFiles().find((f) => f.endsWith("tokenizer.json"));
+  const dir = modelDir ?? (json === undefined ? undefined : dirname(json));
   if (dir === undefined) {
     throw new UsageError(
-      `${path} uses messages, which need a chat template, but the ${tok.kind} tokenizer has no ` +
-        `model folder; give a Hugging Face model folder (or use prompt/completion or text data)`,
+      `${at}: messages need a chat template, but the ${tok.kind} tokenizer has no model ` +
+        `folder; give a Hugging Face model folder (or use prompt/completion or text data)`,
     );
   }
-  return loadChatTemplate(dir);
+  try {
+    return loadChatTemplate(dir);
+  } catch (e) {
+    throw e instanceof UsageError ? new UsageError(`${at}: ${e.message}`) : e;
+  }
 }
 
 /** Renders a conversation and marks its assistant turns (see the module doc). */

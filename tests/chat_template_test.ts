@@ -112,7 +112,7 @@ Deno.test("bad templates and configs are one-line UsageErrors", () => {
       join(dir, "tokenizer_config.json"),
       JSON.stringify({ eos_token: "</s>" }),
     );
-    oneLine(() => loadChatTemplate(dir), /uses messages but .* has no chat_template/);
+    oneLine(() => loadChatTemplate(dir), /has no chat template .*which messages data needs/);
     Deno.writeTextFileSync(join(dir, "tokenizer_config.json"), "{not json");
     oneLine(() => loadChatTemplate(dir), /tokenizer_config\.json: not readable JSON/);
     Deno.writeTextFileSync(join(dir, "tokenizer_config.json"), "[1]");
