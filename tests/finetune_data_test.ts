@@ -450,9 +450,10 @@ Deno.test("sampler: grouping by length pads far less than random batches", () =>
   }
   const grouped = 1 - real / slots;
   const random = 1 - real / randomSlots;
-  // Uniform lengths 1..256 targets: random batches of 8 are ~44% padding, grouped ones ~3%.
+  // Uniform lengths 1..256 targets: random batches of 8 are 44.6% padding, grouped
+  // ones 4.5% (most of it the rounding of t up to a multiple of 8).
   assert.ok(random > 0.35, `random padding ${random}`);
-  assert.ok(grouped < 0.06, `grouped padding ${grouped}`);
+  assert.ok(grouped < 0.06 && grouped < random / 8, `grouped padding ${grouped}`);
 });
 
 Deno.test("evalBatches: every example exactly once, micro = 1, the last batch padded with empty rows", () => {
