@@ -394,6 +394,17 @@ function messagesDraft(
 }
 
 /**
+ * One line for logs and summaries, e.g. `train.jsonl (prompt): 120 lines, 118 examples
+ * (3 truncated from the left, 2 refused), 20345 tokens, 5012 carrying loss`.
+ */
+export function describeFinetuneData(data: FinetuneData): string {
+  const c = data.counts;
+  return `${data.path} (${data.kind}): ${c.lines} lines, ${c.examples} examples ` +
+    `(${c.truncated} truncated from the left, ${c.refused} refused), ${c.tokens} tokens, ` +
+    `${c.lossTokens} carrying loss`;
+}
+
+/**
  * Splits off a validation part: `valFraction` of the examples (rounded, at least one each side)
  * chosen by a seeded shuffle; both parts keep file order. Text windows of one document may land
  * on both sides. A fraction outside (0, 1) or fewer than 2 examples is a one-line UsageError.

@@ -2,6 +2,7 @@ import assert from "node:assert/strict";
 import { join } from "node:path";
 import { UsageError } from "../lib/errors.ts";
 import {
+  describeFinetuneData,
   evalBatches,
   type FinetuneBatch,
   type FinetuneData,
@@ -150,6 +151,11 @@ Deno.test("too long: truncated from the left keeping the whole answer, or refuse
   assert.equal(data.counts.lossTokens, nAnswer + sum(data.examples[1].mask));
 
   // "refuse" skips every too-long example.
+  assert.equal(
+    describeFinetuneData(data),
+    `${p} (prompt): 3 lines, 2 examples (1 truncated from the left, 1 refused), ` +
+      `${data.counts.tokens} tokens, ${data.counts.lossTokens} carrying loss`,
+  );
   const refused = await loadFinetuneData(p, llama3, { seqLen, tooLong: "refuse" });
   assert.deepEqual([refused.counts.examples, refused.counts.truncated, refused.counts.refused], [
     1,
