@@ -266,6 +266,20 @@ Deno.test("bad inputs are one-line UsageErrors naming the file, the line and the
   );
 });
 
+Deno.test("CRLF lines, a UTF-8 BOM and blank lines are fine; bytes that are not UTF-8 are not", async () => {
+  const p = join(tmp, "crlf.jsonl");
+  Deno.writeTextFileSync(p, '\uFEFF{"text": "one"}\r\n\r\n{"text": "two"}\r\n');
+  const data = await loadFinetuneData(p, llama3, { seqLen: 32 });
+  assert.equal(data.counts.lines, 2);
+  assert.deepEqual([...data.examples[1].tokens], [...llama3.encode("two"), llama3.eosId!]);
+  const q = join(tmp, "latin1.jsonl");
+  Deno.writeFileSync(q, new Uint8Array([0x7b, 0x22, 0x74, 0x22, 0x3a, 0x22, 0xe9, 0x22, 0x7d]));
+  await assert.rejects(
+    loadFinetuneData(q, llama3, { seqLen: 32 }),
+    /latin1\.jsonl: not UTF-8 text/,
+  );
+});
+
 Deno.test("fingerprint: same file, tokenizer and options give the same one; any change another", async () => {
   const lines = [{ prompt: "a", completion: "b" }];
   const p = jsonl(lines);
