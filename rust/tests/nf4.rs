@@ -272,9 +272,9 @@ fn zero_block_and_midpoint_ties_as_bitsandbytes() {
     // block 10 holds NF4_MID[i]·0.5 at element 1 + i with absmax 0.5: a value exactly on a
     // midpoint takes the LOWER code (bucketize, right=False)
     assert_eq!(f.f32s("absmax")[10], 0.5);
-    for i in 0..15 {
+    for (i, mid) in NF4_MID.iter().enumerate() {
         let k = 10 * 64 + 1 + i;
-        assert_eq!(x[k], NF4_MID[i] * 0.5);
+        assert_eq!(x[k], mid * 0.5);
         assert_eq!(code(k) as usize, i, "midpoint {i}");
     }
     // and ours agree on both (covered bitwise above; named here for the rule)
