@@ -302,7 +302,13 @@ fn write_never_replaces_an_adapter_unless_asked_and_keeps_other_files() {
     let mut bad = a.clone();
     bad.tensors.remove(1);
     assert!(peft::write(&scratch("bad3"), &bad).unwrap_err().msg.contains("lacks model.layers.0.self_attn.v_proj"));
-    for t in ["bad1", "bad2", "bad3", "ow"] {
+    let mut bad = a.clone();
+    bad.tensors.clear();
+    assert!(peft::write(&scratch("bad4"), &bad).unwrap_err().msg.contains("adapter has no tensors"));
+    let mut bad = a.clone();
+    bad.config.target_modules.push("lm_head".into());
+    assert!(peft::write(&scratch("bad5"), &bad).unwrap_err().msg.contains("target module lm_head: must be one of q_proj"));
+    for t in ["bad1", "bad2", "bad3", "bad4", "bad5", "ow"] {
         let _ = std::fs::remove_dir_all(scratch(t));
     }
 }

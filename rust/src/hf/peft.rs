@@ -443,6 +443,7 @@ fn check(a: &Adapter) -> Result<()> {
         bits |= 1 << k;
     }
     crate::ensure!(bits != 0, "adapter has no target modules");
+    crate::ensure!(!a.tensors.is_empty(), "adapter has no tensors (a pair A, B per target module of every layer)");
     let mut seen: HashMap<(usize, usize), ()> = HashMap::new();
     let mut dims: [Option<(usize, usize)>; 7] = [None; 7];
     let mut layers = 0;
