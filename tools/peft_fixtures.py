@@ -130,6 +130,22 @@ def make_nf4(out: str) -> None:
         "absmax2_ref": a2_ref.float().contiguous(),
         "dequantized_ref": deq_ref.contiguous(),
     }
+    # the same tensor stored as bf16, as a Hugging Face bf16 checkpoint hands it to Linear4bit:
+    # bnb quantizes its f32 conversion (`A.reshape(-1).float()`), so the engine's import (bf16 →
+    # f32, exact) followed by its f32 quantization must give these codes and constants
+    xb = x.to(torch.bfloat16)
+    packed_b, qs_b = bnbf.quantize_4bit(xb, blocksize=64, compress_statistics=True, quant_type="nf4")
+    q_ref_b, _ = default_quantize_blockwise(
+        bnbf.quantize_4bit(xb, blocksize=64, compress_statistics=False, quant_type="nf4")[1].absmax.float() - qs_b.offset.float(),
+        qs_b.state2.code, 256,
+    )
+    tensors.update({
+        "input_bf16": xb.contiguous(),
+        "codes_bf16": packed_b.reshape(-1).contiguous(),
+        "qabsmax_bf16": qs_b.absmax.reshape(-1).contiguous(),
+        "absmax2_bf16": qs_b.state2.absmax.float().contiguous(),
+        "offset_bf16": qs_b.offset.float().reshape(1).contiguous(),
+    })
     save_file(tensors, os.path.join(out, "nf4.safetensors"), metadata={"format": "pt"})
     state = qs.as_dict(packed=False)
     fields = {k: v for k, v in state.items() if not isinstance(v, torch.Tensor)}
@@ -141,6 +157,7 @@ def make_nf4(out: str) -> None:
     fields["blocksize"] = qs.blocksize
     fields["numel"] = x.numel()
     fields["qabsmax_diff_native_vs_ref"] = [int(i) for i in torch.nonzero(qs.absmax.reshape(-1) != q_ref.reshape(-1)).reshape(-1)]
+    fields["qabsmax_bf16_diff_native_vs_ref"] = [int(i) for i in torch.nonzero(qs_b.absmax.reshape(-1) != q_ref_b.reshape(-1)).reshape(-1)]
     doc = {
         "made_with": made_with(),
         "quantize": "bitsandbytes.functional.quantize_4bit(input, blocksize=64, compress_statistics=True, quant_type='nf4')",

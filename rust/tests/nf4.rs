@@ -282,3 +282,23 @@ fn zero_block_and_midpoint_ties_as_bitsandbytes() {
     assert_eq!(t.codes[10 * 32..11 * 32], codes[10 * 32..11 * 32]);
     assert_eq!(t.codes[3 * 32..4 * 32], codes[3 * 32..4 * 32]);
 }
+
+#[test]
+fn a_bf16_checkpoint_quantizes_as_bitsandbytes_quantizes_it() {
+    // bnb quantizes a bf16 weight's f32 conversion; the engine imports bf16 exactly into f32
+    // and quantizes that: the same codes and constants
+    let f = Fixture::load();
+    let st = f.st();
+    let t = st.tensor("input_bf16").unwrap();
+    assert_eq!(t.dtype(), safetensors::Dtype::BF16);
+    let x: Vec<f32> = t.data().chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect();
+    assert_eq!(x.len(), 16899);
+    let q = Nf4Tensor::quantize(&x).unwrap();
+    assert_eq!(json()["quant_state"]["qabsmax_bf16_diff_native_vs_ref"].as_array().unwrap().len(), 0);
+    assert_eq!(q.codes, f.u8s("codes_bf16"));
+    assert_eq!(q.qabsmax, f.u8s("qabsmax_bf16"));
+    assert_eq!(bit_diffs(&q.absmax2, &f.f32s("absmax2_bf16")), Vec::<usize>::new());
+    assert_eq!(q.offset.to_bits(), f.f32s("offset_bf16")[0].to_bits());
+    // and rounding to bf16 moved some codes, so this is a second, different check
+    assert_ne!(q.codes, f.u8s("codes"));
+}
