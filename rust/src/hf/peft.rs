@@ -477,7 +477,8 @@ fn check(a: &Adapter) -> Result<()> {
 /// names weights that are not there).
 pub fn write_with(dir: &Path, adapter: &Adapter, o: &WriteOptions) -> Result<()> {
     check(adapter)?;
-    match fs::symlink_metadata(dir) {
+    // a link to a folder is that folder (an output folder may be linked elsewhere)
+    match fs::metadata(dir) {
         Ok(m) if m.is_dir() => {}
         Ok(_) => return Err(line(format!("{}: exists and is not a folder; an adapter is written into a folder", show(dir)))),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
