@@ -300,3 +300,68 @@ fn a_lora_checkpoint_restores_the_run_exactly_and_checks_the_base() {
         assert_eq!(before, other.adapter_tensors().unwrap());
     }
 }
+
+#[test]
+fn checkpointing_gives_identical_adapter_gradients() {
+    for name in ["lora", "qlora"] {
+        let o = lora_opt(name, |o| {
+            o.lora_targets = Targets::ALL;
+            o.lora_dropout = 0.2;
+        });
+        let mut a = engine(cfg(model(), o.clone()));
+        let mut c = cfg(model(), o);
+        c.checkpointing = true;
+        let mut b = engine(c);
+        randomize_b(&mut a, 3);
+        randomize_b(&mut b, 3);
+        let toks = tokens(2, 6, 32, 5);
+        assert_eq!(a.loss_and_grads(&toks, 1).unwrap(), b.loss_and_grads(&toks, 1).unwrap());
+        for i in adapter_indices(&a) {
+            assert_eq!(a.grads.get(i).data, b.grads.get(i).data, "{name}: {}", a.model.params[i].name);
+        }
+    }
+}
+
+#[test]
+fn a_hugging_face_base_loads_into_the_frozen_storage() {
+    let dir = std::env::temp_dir().join(format!("qg-lora-base-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut base = engine(cfg(model(), optim("adamw", 0.0)));
+    base.train_step(&tokens(2, 6, 32, 1), 1, 1e-2).unwrap(); // not the seed's initialisation
+    base.export_hf(&dir, qgalore::hf::Dtype::F32, &serde_json::Map::new()).unwrap();
+    let toks: Vec<i32> = tokens(2, 6, 32, 3).into_iter().take(12).collect();
+    let want = logits(&mut base, &toks);
+    let load = |name: &str, seed: u64| {
+        let mut c = cfg(model(), lora_opt(name, |o| o.lora_targets = Targets::ALL));
+        c.seed = seed;
+        Engine::build(Cpu::new(2).unwrap(), c, Some(&dir)).unwrap()
+    };
+    // lora: the base as it was, and step 0 is the base model
+    let mut l = load("lora", 3);
+    assert_eq!(logits(&mut l, &toks), want);
+    // qlora: every linear is the NF4 quantization of the file's weight
+    let q = load("qlora", 3);
+    for ly in &q.model.layers {
+        for idx in ly.linears() {
+            let w = base.model.params[idx].f().data.clone();
+            let mut d = vec![0.0; w.len()];
+            qgalore::quant::nf4::Nf4Tensor::quantize(&w).unwrap().dequantize(&mut d);
+            assert_eq!(host(&q, idx), d, "{}", q.model.params[idx].name);
+        }
+    }
+    assert!(q.memory()[0] < l.memory()[0] / 2, "NF4 base is far smaller");
+    // the fingerprint depends on the base, not on the adapters' seed
+    assert_eq!(load("qlora", 9).base_fingerprint().unwrap(), q.base_fingerprint().unwrap());
+    assert_ne!(l.base_fingerprint().unwrap(), q.base_fingerprint().unwrap());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn rslora_scales_by_the_square_root_of_the_rank() {
+    let mut o = lora_opt("lora", |o| o.lora_rank = 16);
+    let spec = |o: &OptimConfig| qgalore::model::AdapterSpec::from_optim(o).unwrap();
+    assert_eq!(spec(&o).scale(), 0.5);
+    o.lora_rslora = true;
+    assert_eq!(spec(&o).scale(), 2.0);
+    assert!(qgalore::model::AdapterSpec::from_optim(&optim("adamw", 0.0)).is_none());
+}
