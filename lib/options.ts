@@ -650,6 +650,10 @@ export function flagNames(message: string): string {
       .replace(/\boptimizer (\w+)/g, `${FLAG.optimizer} $1`)
       .replace(/\bbatch_size\b/g, FLAG.batchSize).replace(/\bseq_len\b/g, FLAG.seqLen);
   }
+  // a text value only the engine checks (`lora_targets = q_proj,lm_head: must be …`)
+  const lead = /^(\w+) = /.exec(out);
+  const leadKey = lead && KEYS.find((k) => def(k).kind === "text" && def(k).engine === lead[1]);
+  if (lead && leadKey) out = `${FLAG[leadKey]} ${out.slice(lead[0].length)}`;
   for (const key of CHOICE_OPTIONS) {
     const field = def(key).engine ?? def(key).run;
     if (field === undefined) continue;

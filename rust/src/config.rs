@@ -866,6 +866,14 @@ mod tests {
         assert_eq!(beta2["range"], serde_json::json!({ "min": 0.0, "max": 1.0, "maxOpen": true }));
         let block = s["options"].as_array().unwrap().iter().find(|o| o["name"] == "block_size").unwrap();
         assert_eq!(block["default"], serde_json::json!({ "adam8bit": 2048, "galore8bit": 2048, "qgalore": 2048 }));
+        let find = |n: &str| s["options"].as_array().unwrap().iter().find(|o| o["name"] == n).unwrap().clone();
+        assert_eq!(find("lora_rank")["default"], serde_json::json!({ "lora": 8, "qlora": 8 }));
+        assert_eq!(find("lora_targets")["default"], serde_json::json!({ "lora": "q_proj,v_proj", "qlora": "q_proj,v_proj" }));
+        assert_eq!(find("lora_targets")["type"], "string");
+        assert_eq!(find("lora_base")["default"], serde_json::json!({ "lora": "bf16" }));
+        assert_eq!(find("lora_dropout")["range"], serde_json::json!({ "min": 0.0, "max": 1.0, "maxOpen": true }));
+        let lora = s["optimizers"].as_array().unwrap().iter().find(|o| o["name"] == "qlora").unwrap();
+        assert_eq!((lora["family"].as_str(), lora["adapter"].as_bool()), (Some("adapter"), Some(true)));
         let device = s["run"].as_array().unwrap().iter().find(|o| o["name"] == "device").unwrap();
         assert_eq!(device["choices"], serde_json::json!(["cpu", "cuda", "auto"]));
     }
