@@ -234,6 +234,9 @@ fn merged_export_gives_the_adapted_logits() {
         let mut plain = Engine::build(Cpu::new(2).unwrap(), cfg(model(), optim("adamw", 0.0)), Some(&dir)).unwrap();
         let got = logits(&mut plain, &toks);
         let _ = std::fs::remove_dir_all(&dir);
+        // generation runs the adapted model too: greedy ids equal the merged model's
+        let req = qgalore::infer::Request::from_json(r#"{"prompt":[1,2,3,4,5],"max_new_tokens":12}"#).unwrap();
+        assert_eq!(e.generate(&req).unwrap().ids, plain.generate(&req).unwrap().ids, "{name}: generate");
         let err = want.iter().zip(&got).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
         assert!(err < 1e-4, "{name}: merged logits differ by {err}");
         // the merge is not the base: the adapters changed the logits
