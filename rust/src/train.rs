@@ -214,6 +214,14 @@ impl<B: Backend> Engine<B> {
     /// measures the global norm, and a second one applies the clipped updates (the
     /// forward activations are reused, so it costs one extra backward, not a forward).
     fn fused_step(&mut self, tokens: &[i32], lr: f32) -> Result<StepStats> {
+        // adapter dropout on for this step's forward and backward(s), off afterwards
+        self.set_dropout(Some((self.opt.steps(), 0)));
+        let r = self.fused_step_inner(tokens, lr);
+        self.set_dropout(None);
+        r
+    }
+
+    fn fused_step_inner(&mut self, tokens: &[i32], lr: f32) -> Result<StepStats> {
         self.window_rows(tokens, 1, "train batch")?;
         let ntok = (self.cfg.batch_size * self.cfg.seq_len) as f64;
         let sum = self.forward_loss(tokens, Some((1.0 / ntok) as f32))?;

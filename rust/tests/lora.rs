@@ -368,3 +368,27 @@ fn rslora_scales_by_the_square_root_of_the_rank() {
     assert_eq!(spec(&o).scale(), 2.0);
     assert!(qgalore::model::AdapterSpec::from_optim(&optim("adamw", 0.0)).is_none());
 }
+
+#[test]
+fn fused_steps_equal_global_steps() {
+    for (name, clip) in [("lora", 0.0), ("qlora", 0.0), ("lora", 0.01)] {
+        let o = lora_opt(name, |o| {
+            o.lora_targets = Targets::ALL;
+            o.lora_dropout = 0.1;
+            o.clip = clip;
+        });
+        let mut f = o.clone();
+        f.fused = true;
+        let mut a = engine(cfg(model(), o));
+        let mut b = engine(cfg(model(), f));
+        assert!(b.fused && !a.fused);
+        let toks = tokens(2, 6, 32, 6);
+        for _ in 0..4 {
+            let (x, y) = (a.train_step(&toks, 1, 1e-2).unwrap(), b.train_step(&toks, 1, 1e-2).unwrap());
+            assert_eq!(x.loss, y.loss, "{name}");
+            assert!(y.grad_norm > 0.0);
+            assert_eq!(x.clipped, y.clipped);
+        }
+        assert_eq!(a.adapter_tensors().unwrap(), b.adapter_tensors().unwrap(), "{name}");
+    }
+}

@@ -259,10 +259,14 @@ pub fn backward<B: Backend>(
     let (r, s, p, key) = (lm.spec.rank, lm.scale, lm.spec.dropout, lm.dropout_key);
     let LoraActs { v, du, xd, .. } = la;
     let v = v[l][k].as_ref().expect("adapter activation");
-    let accb = acc && !g.is_shared(ib);
-    be.matmul_dw(g.get_mut(ib), dy, v, n, r, cout, accb);
+    // Each matrix is read before `hook` may update it (a fused step updates inside the
+    // backward), and each gradient is reported before the next one is written (a fused
+    // step routes them through one shared buffer).
     be.matmul_dinp(du, dy, m.w(ib), n, r, cout, false);
     be.scale(du, s);
+    let accb = acc && !g.is_shared(ib);
+    be.matmul_dw(g.get_mut(ib), dy, v, n, r, cout, accb);
+    hook(ib, None, m, g);
     let dropped = match (key, xd.as_mut()) {
         (Some(key), Some(xd)) if p > 0.0 => {
             dropout(be, key, p, l, k, x, xd, n * cin).expect("adapter dropout");
@@ -278,19 +282,21 @@ pub fn backward<B: Backend>(
             be.matmul_dinp(xd, du, m.w(ia), n, cin, r, false);
             let key2 = rng::mix64(key.unwrap_or(0), (l * 7 + k) as u64);
             let keep = 1.0 / (1.0 - p);
-            let mut h = be.to_host(xd, n * cin).expect("adapter dropout").into_owned();
-            for (i, v) in h.iter_mut().enumerate() {
-                *v = if rng::uniform(key2, i as u64) >= p { *v * keep } else { 0.0 };
+            let h = be.to_host(xd, n * cin).expect("adapter dropout");
+            let mut out = be.to_host(dx, n * cin).expect("adapter dropout").into_owned();
+            for (i, (o, v)) in out.iter_mut().zip(h.iter()).enumerate() {
+                if rng::uniform(key2, i as u64) >= p {
+                    *o += *v * keep;
+                }
             }
-            be.upload(xd, &h).expect("adapter dropout");
-            be.axpy(dx, 1.0, xd);
+            // only the first n·cin values: the scratch xd may be wider than dx
+            be.upload(dx, &out).expect("adapter dropout");
         }
         None => {
             be.matmul_dw(g.get_mut(ia), du, x, n, cin, r, acca);
             be.matmul_dinp(dx, du, m.w(ia), n, cin, r, true);
         }
     }
-    hook(ib, None, m, g);
     hook(ia, None, m, g);
 }
 
