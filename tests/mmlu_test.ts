@@ -12,10 +12,13 @@ import {
   mmluPrompt,
   parseMcJsonl,
   parseMmluCsv,
+  perplexity,
   scoreMultipleChoice,
   subjectFromPath,
 } from "../lib/mmlu.ts";
-import { ByteTokenizer } from "../lib/tokenizer.ts";
+import { loadFinetuneData } from "../lib/finetune_data.ts";
+import { openModel } from "../lib/open_model.ts";
+import { ByteTokenizer, type Tokenizer } from "../lib/tokenizer.ts";
 
 const FIX = new URL("./fixtures/mmlu/", import.meta.url).pathname;
 const DEV = `${FIX}toy_science_dev.csv`;
@@ -296,4 +299,183 @@ Deno.test("scoreMultipleChoice: k-shot prompts drop shots that do not fit (k -= 
     () => scoreMultipleChoice(e, bytes, test, { batch: 2, seqLen }),
     /engine is built for batch_size 4/,
   );
+});
+
+const MODEL = new URL("./fixtures/hf/gqa-tied-theta5e5", import.meta.url).pathname;
+
+/** Σ -log p(tokens[p] | tokens[<p]) over p in start..end-1, from the engine's logits. */
+async function nllFromLogits(
+  e: Engine,
+  tokens: Int32Array,
+  start: number,
+  end: number,
+): Promise<number> {
+  const seq = e.config.seq_len;
+  const vocab = e.config.model.vocab_size;
+  const input = new Int32Array(seq); // causal: padding after the row changes nothing before it
+  input.set(tokens.subarray(0, end - 1));
+  const logits = await e.logits(input, 1, seq);
+  let nll = 0;
+  for (let p = start; p < end; p++) {
+    const z = logits.subarray((p - 1) * vocab, p * vocab);
+    let max = -Infinity;
+    for (const v of z) max = Math.max(max, v);
+    let s = 0;
+    for (const v of z) s += Math.exp(v - max);
+    nll += Math.log(s) + max - z[tokens[p]];
+  }
+  return nll;
+}
+
+/** The row of `prompt` + `cont` and where the continuation starts (lm-eval's split). */
+function pairOf(tok: Tokenizer, prompt: string, cont: string): { row: Int32Array; start: number } {
+  const ctx = tok.encode(prompt);
+  const row = tok.encode(prompt + cont);
+  assert.deepEqual(row.subarray(0, ctx.length), ctx);
+  assert.ok(row.length > ctx.length);
+  return { row, start: ctx.length };
+}
+
+Deno.test("scoreMultipleChoice on a model: each score is -Σ log p of the continuation from its logits", async () => {
+  const dev = await loadMultipleChoice(DEV);
+  const test = await loadMultipleChoice(TEST);
+  const seqLen = 200;
+  using m = await openModel({ model: MODEL, seqLen, batchSize: 3 });
+  using ref = await openModel({ model: MODEL, seqLen, batchSize: 1 });
+  for (const [shots, scoring] of [[0, "letter"], [2, "letter"], [1, "text"]] as const) {
+    const r = await scoreMultipleChoice(m.engine, m.tokenizer, test, {
+      batch: 3,
+      seqLen,
+      shots,
+      dev,
+      scoring,
+    });
+    assert.equal(r.shotsDropped, 0);
+    assert.equal(r.truncated, 0);
+    let correct = 0;
+    for (let i = 0; i < test.length; i++) {
+      const prompt = mmluPrompt(test[i], dev.slice(0, shots));
+      const want: number[] = [];
+      for (let j = 0; j < 4; j++) {
+        const cont = scoring === "letter" ? ` ${"ABCD"[j]}` : ` ${test[i].choices[j]}`;
+        const { row, start } = pairOf(m.tokenizer, prompt, cont);
+        if (scoring === "letter") assert.equal(row.length - start, 1); // " A" is one token
+        const ll = -await nllFromLogits(ref.engine, row, start, row.length);
+        want.push(scoring === "letter" ? ll : ll / cont.length);
+      }
+      for (let j = 0; j < 4; j++) {
+        const tol = 1e-4 * Math.max(1, Math.abs(want[j]));
+        assert.ok(
+          Math.abs(r.scores[i][j] - want[j]) < tol,
+          `${shots}-shot ${scoring} item ${i} choice ${j}: ${r.scores[i][j]} vs ${want[j]}`,
+        );
+      }
+      const pred = want.indexOf(Math.max(...want));
+      assert.equal(r.predictions[i], pred);
+      if (pred === test[i].answer) correct++;
+    }
+    assert.equal(r.correct, correct);
+    assert.equal(r.accuracy, correct / 4);
+    assert.deepEqual(r.bySubject, { toy_science: { correct, total: 4 } });
+  }
+});
+
+Deno.test("evaluate.ts --mc --json: the library's accuracy and predictions", async () => {
+  const script = new URL("../examples/evaluate.ts", import.meta.url).pathname;
+  const args = [
+    "run",
+    "-A",
+    script,
+    "--model",
+    MODEL,
+    "--seq-len",
+    "200",
+    "--batch-size",
+    "3",
+    "--mc",
+    TEST,
+    "--mc",
+    TEST_JSONL,
+    "--shots",
+    "2",
+    "--shots-file",
+    DEV,
+    "--json",
+  ];
+  const p = await new Deno.Command(Deno.execPath(), { args, stdout: "piped", stderr: "piped" })
+    .output();
+  const err = new TextDecoder().decode(p.stderr);
+  assert.equal(p.code, 0, err);
+  const lines = new TextDecoder().decode(p.stdout).trim().split("\n");
+  const got = JSON.parse(lines.at(-1)!);
+  assert.deepEqual(Object.keys(got), ["mc"]);
+  const items = [...await loadMultipleChoice(TEST), ...await loadMultipleChoice(TEST_JSONL)];
+  using m = await openModel({ model: MODEL, seqLen: 200, batchSize: 3 });
+  const want = await scoreMultipleChoice(m.engine, m.tokenizer, items, {
+    batch: 3,
+    seqLen: 200,
+    shots: 2,
+    dev: await loadMultipleChoice(DEV),
+  });
+  assert.deepEqual(got.mc, {
+    accuracy: want.accuracy,
+    correct: want.correct,
+    total: 8,
+    chance: 0.25,
+    scoring: "letter",
+    shots: 2,
+    shots_dropped: 0,
+    truncated: 0,
+    by_subject: { toy_science: { correct: want.correct, total: 8 } },
+    predictions: want.predictions,
+  });
+  // the same questions twice (CSV and JSONL) get the same predictions
+  assert.deepEqual(want.predictions.slice(0, 4), want.predictions.slice(4));
+});
+
+const HELDOUT = `${FIX}heldout.jsonl`;
+
+Deno.test("perplexity on held-out fine-tuning JSONL counts exactly the completion tokens", async () => {
+  const seqLen = 48;
+  using m = await openModel({ model: MODEL, seqLen, batchSize: 2 });
+  using ref = await openModel({ model: MODEL, seqLen, batchSize: 1 });
+  const data = await loadFinetuneData(HELDOUT, m.tokenizer, { seqLen });
+  assert.equal(data.kind, "prompt");
+  assert.equal(data.examples.length, 5);
+  const r = await perplexity(m.engine, data, 2, seqLen);
+  // the same from the logits, example by example, over the masked (completion) targets only
+  let nll = 0;
+  let count = 0;
+  for (const ex of data.examples) {
+    for (let p = 1; p < ex.tokens.length; p++) {
+      if (ex.mask[p]) {
+        nll += await nllFromLogits(ref.engine, ex.tokens, p, p + 1);
+        count++;
+      }
+    }
+  }
+  assert.equal(r.tokens, count);
+  assert.equal(r.tokens, data.counts.lossTokens);
+  assert.ok(Math.abs(r.loss - nll / count) < 1e-5 * Math.max(1, nll / count), `${r.loss}`);
+  assert.equal(r.perplexity, Math.exp(r.loss));
+  await assert.rejects(() => perplexity(m.engine, data, 3, seqLen), /batch_size 2/);
+
+  // examples/evaluate.ts --data FILE.jsonl --json: the same numbers
+  const script = new URL("../examples/evaluate.ts", import.meta.url).pathname;
+  const args = ["run", "-A", script, "--model", MODEL, "--seq-len", `${seqLen}`];
+  const p = await new Deno.Command(Deno.execPath(), {
+    args: [...args, "--batch-size", "2", "--data", HELDOUT, "--json"],
+    stdout: "piped",
+    stderr: "piped",
+  }).output();
+  assert.equal(p.code, 0, new TextDecoder().decode(p.stderr));
+  const got = JSON.parse(new TextDecoder().decode(p.stdout).trim().split("\n").at(-1)!);
+  assert.deepEqual(got, {
+    loss: r.loss,
+    ppl: r.perplexity,
+    tokens: r.tokens,
+    examples: 5,
+    truncated: 0,
+    refused: 0,
+  });
 });
