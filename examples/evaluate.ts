@@ -89,11 +89,12 @@ function joinRepeated(argv: string[]): string[] {
   for (let i = 0; i < argv.length; i++) {
     const m = /^--([a-z-]+)(?:=(.*))?$/s.exec(argv[i]);
     if (m && REPEATABLE.includes(m[1])) {
-      const v = m[2] ?? argv[++i];
-      if (v === undefined) {
-        out.push(argv[i - 1]); // the parser names the missing value
+      const v = m[2] ?? argv[i + 1];
+      if (v === undefined || (m[2] === undefined && v.startsWith("--"))) {
+        out.push(argv[i]); // the parser names the missing value
         continue;
       }
+      if (m[2] === undefined) i++;
       if (!joined.has(m[1])) joined.set(m[1], []);
       joined.get(m[1])!.push(v);
     } else out.push(argv[i]);
