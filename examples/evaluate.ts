@@ -75,7 +75,7 @@ Usage: deno run -A examples/evaluate.ts --model DIR|CKPT --seq-len N (--data FIL
   --shots-file FILE     dev questions for the shots (same formats; folder; repeatable)
   --mc-score S          letter: log-likelihood of " A".." D" after "Answer:" (MMLU);
                         text: of the choice text, per character [letter]
-  --batch-size N        sequences per engine call (fine-tuning data, multiple choice) [1]
+  --batch-size N        sequences per engine batch [1]
   --tokenizer PATH      tokenizer.json or folder [the model's, else bytes]
   --device D            cpu, cuda or auto [cpu]
   --threads N           engine threads [one per core]
@@ -177,12 +177,6 @@ export async function main(argv: string[]): Promise<number> {
     // files first, so a bad file is reported before the model loads
     const items = mc === undefined ? undefined : await loadItems("mc", mc);
     const dev = shotsFile === undefined ? undefined : await loadItems("shots-file", shotsFile);
-    if (text !== undefined && batch !== 1) {
-      throw new UsageError(
-        `--batch-size ${batch}: perplexity on a text file takes one window per call; ` +
-          "use --batch-size 1 (or a .jsonl --data)",
-      );
-    }
     using m = await openModel({ ...modelArgs(a, seqLen), batchSize: batch });
     const out: Record<string, unknown> = {};
     const lines: string[] = [];

@@ -71,6 +71,24 @@ Deno.test("evaluate.ts --json: the library's perplexity, on a folder and on a ch
     ]);
     assert.equal(f.code, 0, f.err);
     assert.deepEqual(JSON.parse(last(f.out)), want);
+    // three windows per engine batch (the last one filled with windows that carry no loss)
+    const b = await run("evaluate", [
+      "--model",
+      MODEL,
+      "--data",
+      TEXT,
+      "--seq-len",
+      "32",
+      "--batch-size",
+      "3",
+      "--json",
+    ]);
+    assert.equal(b.code, 0, b.err);
+    const got3 = JSON.parse(last(b.out));
+    assert.equal(want.windows % 3 === 0, false, "the test wants a short last batch");
+    assert.equal(got3.windows, want.windows);
+    assert.equal(got3.tokens, want.tokens);
+    assert.ok(Math.abs(got3.loss - want.loss) < 1e-5, `${got3.loss} vs ${want.loss}`);
   } finally {
     await Deno.remove(dir, { recursive: true });
   }
@@ -137,8 +155,8 @@ Deno.test("evaluate.ts and generate.ts: bad input is one error line", async () =
     ],
     [
       "evaluate",
-      ["--model", MODEL, "--data", TEXT, "--seq-len", "8", "--batch-size", "2"],
-      /--batch-size 2: perplexity on a text file takes one window per call/,
+      ["--model", MODEL, "--data", TEXT, "--seq-len", "8", "--batch-size", "0"],
+      /--batch-size 0: must be an integer in \[1, 4096\]/,
     ],
     [
       "evaluate",
