@@ -33,6 +33,7 @@ import { LoadError } from "../ffi/loader.ts";
 import { MODEL_SCRIPT_FLAGS, modelArgs, parseScriptArgs, type ScriptFlag } from "../lib/cli.ts";
 import { UsageError } from "../lib/errors.ts";
 import { evaluatePerplexity } from "../lib/evaluate.ts";
+import { loadFinetuneData } from "../lib/finetune_data.ts";
 import {
   loadMultipleChoice,
   type McItem,
@@ -194,7 +195,6 @@ export async function main(argv: string[]): Promise<number> {
           `(${r.windows} windows of ${seqLen + 1})`,
       );
     } else if (data !== undefined) {
-      const { loadFinetuneData } = await import("../lib/finetune_data.ts");
       const d = await loadFinetuneData(data, m.tokenizer, {
         seqLen,
         ...(m.kind === "hf" ? { modelDir: a.model as string } : {}),

@@ -38,7 +38,7 @@ import { basename } from "node:path";
 import { parse as parseCsv } from "csv-parse/sync";
 import type { Engine } from "../ffi/engine.ts";
 import { UsageError } from "./errors.ts";
-import type { FinetuneData } from "./finetune_data.ts";
+import { evalBatches, type FinetuneData } from "./finetune_data.ts";
 import type { Tokenizer } from "./tokenizer.ts";
 
 /** One multiple-choice question. */
@@ -472,8 +472,6 @@ export async function perplexity(
         `seq_len ${engine.config.seq_len}; asked for ${batch} × ${seqLen}`,
     );
   }
-  // loaded when used, until lib/finetune_data.ts is on main (interface D)
-  const { evalBatches } = await import("./finetune_data.ts");
   let sum = 0;
   let count = 0;
   for (const b of evalBatches(data, batch, seqLen)) {
