@@ -296,9 +296,21 @@ interface Row {
   choice: number;
 }
 
+/**
+ * `text` with the tokenizer's BOS as the model saw text in training, without a trailing EOS
+ * (a tokenizer that appends one would put it between prompt and continuation).
+ */
+function encodeText(tok: Tokenizer, text: string): Int32Array {
+  const ids = tok.encode(text, { addSpecial: true });
+  const n = ids.length;
+  return n > 0 && tok.eosIds.includes(ids[n - 1]) && !text.endsWith(tok.decode([ids[n - 1]]))
+    ? ids.subarray(0, n - 1)
+    : ids;
+}
+
 /** The tokens of prompt + continuation and the continuation's first index (lm-eval's split). */
 function encodePair(tok: Tokenizer, ctx: Int32Array, prompt: string, cont: string): Row {
-  const whole = tok.encode(prompt + cont, { addSpecial: true });
+  const whole = encodeText(tok, prompt + cont);
   if (whole.length > ctx.length) return { tokens: whole, start: ctx.length, item: 0, choice: 0 };
   // the continuation merged into the prompt's last token: score it encoded on its own
   const c = tok.encode(cont, { addSpecial: false });
@@ -362,7 +374,7 @@ export async function scoreMultipleChoice(
     let pair: Row[] = [];
     for (;;) {
       const prompt = mmluPrompt(item, shots.slice(0, k));
-      const ctx = tokenizer.encode(prompt, { addSpecial: true });
+      const ctx = encodeText(tokenizer, prompt);
       pair = conts.map((c) => encodePair(tokenizer, ctx, prompt, c));
       if (k === 0 || pair.every((r) => r.tokens.length <= maxLen)) break;
       k -= 1;
