@@ -21,9 +21,9 @@ import { openModel } from "../lib/open_model.ts";
 import { ByteTokenizer, type Tokenizer } from "../lib/tokenizer.ts";
 
 const FIX = new URL("./fixtures/mmlu/", import.meta.url).pathname;
-const DEV = `${FIX}toy_science_dev.csv`;
-const TEST = `${FIX}toy_science_test.csv`;
-const TEST_JSONL = `${FIX}toy_science_test.jsonl`;
+const DEV = `${FIX}dev/toy_science_dev.csv`;
+const TEST = `${FIX}test/toy_science_test.csv`;
+const TEST_JSONL = `${FIX}test/toy_science_test.jsonl`;
 
 const RHYME = "Complete the rhyme:\nTwinkle, twinkle, little ...";
 
@@ -402,13 +402,11 @@ Deno.test("evaluate.ts --mc --json: the library's accuracy and predictions", asy
     "--batch-size",
     "3",
     "--mc",
-    TEST,
-    "--mc",
-    TEST_JSONL,
+    `${FIX}test`, // a folder: its .csv and .jsonl files, sorted
     "--shots",
     "2",
     "--shots-file",
-    DEV,
+    `${FIX}dev`,
     "--json",
   ];
   const p = await new Deno.Command(Deno.execPath(), { args, stdout: "piped", stderr: "piped" })

@@ -11,7 +11,7 @@ import { openModel, saveCheckpoint } from "../lib/open_model.ts";
 const FIX = new URL("./fixtures/hf/", import.meta.url).pathname;
 const MODEL = `${FIX}gqa-tied-theta5e5`;
 const TEXT = `${FIX}multilingual.txt`;
-const MC = new URL("./fixtures/mmlu/toy_science_test.csv", import.meta.url).pathname;
+const MC = new URL("./fixtures/mmlu/test/toy_science_test.csv", import.meta.url).pathname;
 
 async function run(
   name: string,
