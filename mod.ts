@@ -47,6 +47,7 @@ export {
   engineOptions,
   type EnginePlan,
   ErrorCode,
+  type EvalResult,
   gemmGflops,
   type GenerateRequest,
   type GenerateResult,

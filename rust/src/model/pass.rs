@@ -51,7 +51,7 @@ fn block_forward<B: Backend>(be: &B, m: &Llama<B>, a: &mut Acts<B>, l: usize, ou
     be.rope(&mut a.q[s], &a.rope, b, t, h, hd, false);
     be.rope(&mut a.k[s], &a.rope, b, t, kvh, hd, false);
     be.attention(&mut a.ao[s], &mut a.att[s], &a.q[s], &a.k[s], &a.v[s], dims);
-    be.copy(&mut a.xm[s], x_in);
+    be.copy_n(&mut a.xm[s], x_in, n * c);
     be.matmul(&mut a.xm[s], &a.ao[s], m.wv(be, ly.o, &mut a.wq), n, c, c, true);
     if let Some(la) = a.lora.as_mut() {
         lora::forward(be, m, la, l, 3, &a.ao[s], &mut a.xm[s], n, c, c);
@@ -63,10 +63,10 @@ fn block_forward<B: Backend>(be: &B, m: &Llama<B>, a: &mut Acts<B>, l: usize, ou
         lora::forward(be, m, la, l, 4, &a.xn2[s], &mut a.gate[s], n, c, i);
         lora::forward(be, m, la, l, 5, &a.xn2[s], &mut a.up[s], n, c, i);
     }
-    be.swiglu(&mut a.act[s], &a.gate[s], &a.up[s]);
+    be.swiglu(&mut a.act[s], &a.gate[s], &a.up[s], n * i);
     if out {
         let x_out = &mut rest[0];
-        be.copy(x_out, &a.xm[s]);
+        be.copy_n(x_out, &a.xm[s], n * c);
         be.matmul(x_out, &a.act[s], m.wv(be, ly.down, &mut a.wq), n, i, c, true);
         if let Some(la) = a.lora.as_mut() {
             lora::forward(be, m, la, l, 6, &a.act[s], x_out, n, i, c);
@@ -142,7 +142,7 @@ pub fn backward<B: Backend>(
             lora::backward(be, m, g, la, l, 6, &a.act[s], &a.dres, &mut a.dact, n, i, c, acc, hook);
         }
         dw(be, m, g, hook, ly.down, &a.dres, &a.act[s], i, c);
-        be.swiglu_bwd(&mut a.dgate, &mut a.dup, &a.dact, &a.gate[s], &a.up[s]);
+        be.swiglu_bwd(&mut a.dgate, &mut a.dup, &a.dact, &a.gate[s], &a.up[s], n * i);
         be.matmul_dinp(&mut a.dxn, &a.dgate, m.wv(be, ly.gate, &mut a.wq), n, c, i, false);
         be.matmul_dinp(&mut a.dxn, &a.dup, m.wv(be, ly.up, &mut a.wq), n, c, i, true);
         if let Some(la) = la.as_mut() {
