@@ -402,7 +402,7 @@ impl<B: Backend> Engine<B> {
     }
 
     /// The adapters as (PEFT parameter name, shape [rows, cols], values), in model order.
-    pub fn adapter_tensors(&self) -> Result<Vec<(String, Vec<usize>, Vec<f32>)>> {
+    pub fn adapter_tensors(&self) -> Result<lora::HostTensors> {
         let mut out = Vec::new();
         for p in self.model.params.iter().filter(|p| p.role.adapter()) {
             out.push((p.name.clone(), vec![p.rows, p.cols], self.be.to_host(p.f(), p.numel())?.into_owned()));

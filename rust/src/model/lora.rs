@@ -61,6 +61,9 @@ impl Targets {
     }
 }
 
+/// Adapters on the host: (PEFT parameter name, shape [rows, cols], values), in model order.
+pub type HostTensors = Vec<(String, Vec<usize>, Vec<f32>)>;
+
 /// The adapter settings of a run (`Engine::adapters`).
 #[derive(Clone, Debug, PartialEq)]
 pub struct AdapterSpec {
@@ -74,7 +77,7 @@ pub struct AdapterSpec {
 impl AdapterSpec {
     /// The spec of an adapter optimizer's config; None for the others.
     pub fn from_optim(o: &OptimConfig) -> Option<Self> {
-        o.name.adapter().then(|| AdapterSpec {
+        o.name.adapter().then_some(AdapterSpec {
             rank: o.lora_rank,
             alpha: o.lora_alpha,
             dropout: o.lora_dropout,
