@@ -286,6 +286,14 @@ impl<B: Backend> Engine<B> {
     /// measures the global norm, and a second one applies the clipped updates (the
     /// forward activations are reused, so it costs one extra backward, not a forward).
     fn fused_step(&mut self, tokens: &[i32], mask: Option<&[u8]>, lr: f32) -> Result<StepStats> {
+        // adapter dropout on for this step's forward and backward(s), off afterwards
+        self.set_dropout(Some((self.opt.steps(), 0)));
+        let r = self.fused_step_inner(tokens, mask, lr);
+        self.set_dropout(None);
+        r
+    }
+
+    fn fused_step_inner(&mut self, tokens: &[i32], mask: Option<&[u8]>, lr: f32) -> Result<StepStats> {
         let sh = self.window_rows(tokens, mask, 1, "train batch", "micro-batches")?;
         let count = self.update_count(1, sh.t, mask)?;
         let ntok = count as f64;
@@ -394,7 +402,7 @@ impl<B: Backend> Engine<B> {
     }
 
     /// The adapters as (PEFT parameter name, shape [rows, cols], values), in model order.
-    pub fn adapter_tensors(&self) -> Result<Vec<(String, Vec<usize>, Vec<f32>)>> {
+    pub fn adapter_tensors(&self) -> Result<lora::HostTensors> {
         let mut out = Vec::new();
         for p in self.model.params.iter().filter(|p| p.role.adapter()) {
             out.push((p.name.clone(), vec![p.rows, p.cols], self.be.to_host(p.f(), p.numel())?.into_owned()));

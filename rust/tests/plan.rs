@@ -259,6 +259,8 @@ fn plan_equals_tracked_bytes_for_lora_and_qlora() {
                     c.optimizer.lora_dropout = dropout;
                     c.checkpointing = ckpt;
                     c.grad_accum = ga;
+                    // fused steps route the adapters' gradients through one shared buffer
+                    c.optimizer.fused = ckpt && ga == 1;
                 });
                 let plan = Plan::new(&c, false, "the model");
                 assert!(plan.initial.adapters > 0 && plan.initial.projector == 0);

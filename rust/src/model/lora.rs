@@ -61,6 +61,9 @@ impl Targets {
     }
 }
 
+/// Adapters on the host: (PEFT parameter name, shape [rows, cols], values), in model order.
+pub type HostTensors = Vec<(String, Vec<usize>, Vec<f32>)>;
+
 /// The adapter settings of a run (`Engine::adapters`).
 #[derive(Clone, Debug, PartialEq)]
 pub struct AdapterSpec {
@@ -74,7 +77,7 @@ pub struct AdapterSpec {
 impl AdapterSpec {
     /// The spec of an adapter optimizer's config; None for the others.
     pub fn from_optim(o: &OptimConfig) -> Option<Self> {
-        o.name.adapter().then(|| AdapterSpec {
+        o.name.adapter().then_some(AdapterSpec {
             rank: o.lora_rank,
             alpha: o.lora_alpha,
             dropout: o.lora_dropout,
@@ -152,8 +155,10 @@ pub fn act_buffers(cfg: &ModelConfig, spec: &AdapterSpec, b: usize, t: usize) ->
     let pairs = adapter_list(cfg, spec);
     let big_in = pairs.iter().map(|p| p.3).max().unwrap_or(0);
     let mut out = vec![
-        ActBuf { name: "lora_v", len: n * r, copies: pairs.len(), fp32: false },
-        ActBuf { name: "lora_du", len: n * r, copies: 1, fp32: false },
+        // f32 under every precision: the adapter scale is applied to them in place
+        // (`Memory::scale` works on f32 buffers), and they are only n × r
+        ActBuf { name: "lora_v", len: n * r, copies: pairs.len(), fp32: true },
+        ActBuf { name: "lora_du", len: n * r, copies: 1, fp32: true },
         ActBuf { name: "lora_dnorm", len: cfg.hidden_size, copies: 1, fp32: true },
     ];
     if spec.dropout > 0.0 {
@@ -178,11 +183,11 @@ impl<B: Backend> LoraActs<B> {
         let pairs = adapter_list(cfg, spec);
         let mut v: Vec<[Option<B::Buf>; 7]> = (0..cfg.num_hidden_layers).map(|_| Default::default()).collect();
         for &(l, k, _, _) in &pairs {
-            v[l][k] = Some(be.alloc(n * spec.rank, cat)?);
+            v[l][k] = Some(be.alloc_fp32(n * spec.rank, cat)?);
         }
         let big_in = pairs.iter().map(|p| p.3).max().unwrap_or(0);
         let xd = if spec.dropout > 0.0 { Some(be.alloc(n * big_in, cat)?) } else { None };
-        Ok(LoraActs { v, du: be.alloc(n * spec.rank, cat)?, dnorm: be.alloc_fp32(cfg.hidden_size, cat)?, xd })
+        Ok(LoraActs { v, du: be.alloc_fp32(n * spec.rank, cat)?, dnorm: be.alloc_fp32(cfg.hidden_size, cat)?, xd })
     }
 }
 
@@ -259,10 +264,14 @@ pub fn backward<B: Backend>(
     let (r, s, p, key) = (lm.spec.rank, lm.scale, lm.spec.dropout, lm.dropout_key);
     let LoraActs { v, du, xd, .. } = la;
     let v = v[l][k].as_ref().expect("adapter activation");
-    let accb = acc && !g.is_shared(ib);
-    be.matmul_dw(g.get_mut(ib), dy, v, n, r, cout, accb);
+    // Each matrix is read before `hook` may update it (a fused step updates inside the
+    // backward), and each gradient is reported before the next one is written (a fused
+    // step routes them through one shared buffer).
     be.matmul_dinp(du, dy, m.w(ib), n, r, cout, false);
     be.scale(du, s);
+    let accb = acc && !g.is_shared(ib);
+    be.matmul_dw(g.get_mut(ib), dy, v, n, r, cout, accb);
+    hook(ib, None, m, g);
     let dropped = match (key, xd.as_mut()) {
         (Some(key), Some(xd)) if p > 0.0 => {
             dropout(be, key, p, l, k, x, xd, n * cin).expect("adapter dropout");
@@ -278,19 +287,21 @@ pub fn backward<B: Backend>(
             be.matmul_dinp(xd, du, m.w(ia), n, cin, r, false);
             let key2 = rng::mix64(key.unwrap_or(0), (l * 7 + k) as u64);
             let keep = 1.0 / (1.0 - p);
-            let mut h = be.to_host(xd, n * cin).expect("adapter dropout").into_owned();
-            for (i, v) in h.iter_mut().enumerate() {
-                *v = if rng::uniform(key2, i as u64) >= p { *v * keep } else { 0.0 };
+            let h = be.to_host(xd, n * cin).expect("adapter dropout");
+            let mut out = be.to_host(dx, n * cin).expect("adapter dropout").into_owned();
+            for (i, (o, v)) in out.iter_mut().zip(h.iter()).enumerate() {
+                if rng::uniform(key2, i as u64) >= p {
+                    *o += *v * keep;
+                }
             }
-            be.upload(xd, &h).expect("adapter dropout");
-            be.axpy(dx, 1.0, xd);
+            // only the first n·cin values: the scratch xd may be wider than dx
+            be.upload(dx, &out).expect("adapter dropout");
         }
         None => {
             be.matmul_dw(g.get_mut(ia), du, x, n, cin, r, acca);
             be.matmul_dinp(dx, du, m.w(ia), n, cin, r, true);
         }
     }
-    hook(ib, None, m, g);
     hook(ia, None, m, g);
 }
 
