@@ -23,6 +23,7 @@
 import "../ffi/preflight.ts";
 import { MODEL_SCRIPT_FLAGS, modelArgs, parseScriptArgs, type ScriptFlag } from "../lib/cli.ts";
 import { UsageError } from "../lib/errors.ts";
+import { ADAPTER_SCRIPT_FLAGS, ADAPTER_USAGE, adapterArgs } from "../lib/adapter.ts";
 import { generateIds } from "../lib/generate.ts";
 import { openModel } from "../lib/open_model.ts";
 import { failure } from "./evaluate.ts";
@@ -30,8 +31,7 @@ import { failure } from "./evaluate.ts";
 const FLAGS: Readonly<Record<string, ScriptFlag>> = {
   ...MODEL_SCRIPT_FLAGS,
   prompt: { type: "string", required: true },
-  adapter: { type: "string" },
-  "adapter-base": { type: "choice", choices: ["lora", "qlora"] },
+  ...ADAPTER_SCRIPT_FLAGS,
   "max-new-tokens": { type: "int", min: 1, max: 1 << 20, required: true },
   temperature: { type: "number", min: 0, max: 1e6 },
   "top-k": { type: "int", min: 0 },
@@ -47,8 +47,7 @@ Usage: deno run -A examples/generate.ts --model DIR|CKPT --prompt TEXT --max-new
 
   --model DIR|CKPT      Hugging Face model folder, a qgalore checkpoint, or a run folder
   --prompt TEXT         the text to continue
-  --adapter DIR         PEFT LoRA adapter folder applied to the Hugging Face --model
-  --adapter-base B      lora (f32 base) or qlora (NF4 base, as QLoRA trained it) [lora]
+${ADAPTER_USAGE}
   --max-new-tokens N    at most N new tokens (fewer at EOS or the model's last position)
   --temperature T       0 = greedy [0]
   --top-k K             sample among the K most likely tokens, 0 = all [0]
@@ -71,15 +70,7 @@ export async function main(argv: string[]): Promise<number> {
     }
     const cache = (a.cache ?? "on") as string;
     // generation runs on its own KV-cache path; the engine's training shape stays small
-    if (a["adapter-base"] !== undefined && a.adapter === undefined) {
-      throw new UsageError("--adapter-base: needs --adapter DIR");
-    }
-    using m = await openModel({
-      ...modelArgs(a, 1),
-      adapter: (a.adapter as string | undefined) ?? null,
-      adapterBase: (a["adapter-base"] ?? "lora") as "lora" | "qlora",
-      adapterLabel: `--adapter ${a.adapter}`,
-    });
+    using m = await openModel({ ...modelArgs(a, 1), ...adapterArgs(a) });
     const promptIds = m.tokenizer.encode(a.prompt as string, { addSpecial: true });
     if (promptIds.length === 0) throw new UsageError(`--prompt: gives no tokens`);
     const r = await generateIds(m.engine, promptIds, {

@@ -21,7 +21,9 @@ import {
   ErrorCode,
   type OptimizerConfig,
 } from "../ffi/engine.ts";
+import type { ScriptFlag } from "./cli.ts";
 import { UsageError } from "./errors.ts";
+import type { OpenModelOptions } from "./open_model.ts";
 
 /** How a base model carries its adapter in an engine. */
 export type AdapterBase = "lora" | "qlora";
@@ -76,4 +78,35 @@ export async function loadAdapterInto(
     }
     throw e;
   }
+}
+
+/** The example scripts' adapter flags (`generate.ts`, `evaluate.ts`): `--adapter`, `--adapter-base`. */
+export const ADAPTER_SCRIPT_FLAGS: Readonly<Record<string, ScriptFlag>> = Object.freeze({
+  adapter: { type: "string" },
+  "adapter-base": { type: "choice", choices: ["lora", "qlora"] },
+});
+
+/** `--help` lines of {@link ADAPTER_SCRIPT_FLAGS}. */
+export const ADAPTER_USAGE =
+  `  --adapter DIR         PEFT LoRA adapter folder applied to the Hugging Face --model
+  --adapter-base B      lora (f32 base) or qlora (NF4 base, as QLoRA trained it) [lora]`;
+
+/**
+ * {@link openModel}'s adapter options from parsed {@link ADAPTER_SCRIPT_FLAGS} (none without
+ * `--adapter`; `--adapter-base` alone is a one-line {@link UsageError}).
+ */
+export function adapterArgs(
+  a: Readonly<Record<string, string | number | boolean | undefined>>,
+): Pick<OpenModelOptions, "adapter" | "adapterBase" | "adapterLabel"> {
+  if (a.adapter === undefined) {
+    if (a["adapter-base"] !== undefined) {
+      throw new UsageError("--adapter-base: needs --adapter DIR");
+    }
+    return {};
+  }
+  return {
+    adapter: a.adapter as string,
+    adapterBase: (a["adapter-base"] ?? "lora") as AdapterBase,
+    adapterLabel: `--adapter ${a.adapter}`,
+  };
 }

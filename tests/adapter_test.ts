@@ -9,6 +9,7 @@ import assert from "node:assert/strict";
 import { adapterConfig, Engine, EngineError } from "../ffi/engine.ts";
 import { adapterOptimizer } from "../lib/adapter.ts";
 import { UsageError } from "../lib/errors.ts";
+import { evaluatePerplexity } from "../lib/evaluate.ts";
 import { generateIds } from "../lib/generate.ts";
 import { mergeAdapter } from "../lib/merge.ts";
 import { openModel, saveCheckpoint } from "../lib/open_model.ts";
@@ -291,4 +292,28 @@ Deno.test("merge.ts: a plain folder equal to mergeAdapter's; refuses an occupied
   } finally {
     await Deno.remove(dir, { recursive: true });
   }
+});
+
+Deno.test("evaluate.ts --adapter: the library's perplexity of base + adapter; errors", async () => {
+  const text = `${HF}multilingual.txt`;
+  const args = ["--model", MHA, "--data", text, "--seq-len", "16", "--threads", "2", "--json"];
+  const r = await run("evaluate", [...args, "--adapter", QV]);
+  assert.equal(r.code, 0, r.err);
+  const got = JSON.parse(last(r.out));
+  using m = await openModel({ model: MHA, adapter: QV, seqLen: 16, threads: 2 });
+  const want = await evaluatePerplexity(
+    m.engine,
+    m.tokenizer.encode(Deno.readTextFileSync(text)),
+    16,
+  );
+  assert.deepEqual(got, want);
+  // the adapter is applied: the base model's perplexity differs
+  const b = await run("evaluate", args);
+  assert.equal(b.code, 0, b.err);
+  assert.notEqual(JSON.parse(last(b.out)).loss, got.loss);
+  usage(await run("evaluate", [...args, "--adapter", GQA]), `--adapter ${GQA}: `);
+  usage(
+    await run("evaluate", [...args, "--adapter-base", "qlora"]),
+    "--adapter-base: needs --adapter",
+  );
 });
