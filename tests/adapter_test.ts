@@ -317,3 +317,22 @@ Deno.test("evaluate.ts --adapter: the library's perplexity of base + adapter; er
     "--adapter-base: needs --adapter",
   );
 });
+
+Deno.test("adapterBase qlora: the adapter on the NF4 base; its merge is that model", async () => {
+  const l = fixtureLogits(QV);
+  const opts = { model: MHA, adapter: QV, batchSize: l.rows, seqLen: l.seq, threads: 2 };
+  using q = await openModel({ ...opts, adapterBase: "qlora" });
+  assert.equal(q.engine.config.optimizer.name, "qlora");
+  const got = await q.engine.logits(l.ids, l.rows, l.seq);
+  // NF4 moves the toy model's logits: not peft's f32 ones
+  assert.ok(maxDiff(got, l.by.adapted) > 1e-3);
+  const dir = await Deno.makeTempDir();
+  try {
+    await mergeAdapter(MHA, QV, `${dir}/m`, { base: "qlora", threads: 2 });
+    using p = await openModel({ model: `${dir}/m`, batchSize: l.rows, seqLen: l.seq, threads: 2 });
+    const d = maxDiff(await p.engine.logits(l.ids, l.rows, l.seq), got);
+    assert.ok(d < 1e-4, `${d}`);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});

@@ -112,7 +112,7 @@ fn mismatch(spec: &AdapterSpec, c: &AdapterConfig) -> Option<String> {
 impl<B: Backend> Engine<B> {
     /// The engine's adapters as a PEFT adapter (config from the engine's settings,
     /// `base_model_name_or_path` = `base`).
-    pub fn adapter(&self, base: Option<String>) -> Result<Adapter> {
+    pub fn peft_adapter(&self, base: Option<String>) -> Result<Adapter> {
         let spec = self.adapters().ok_or_else(|| no_adapters(&self.cfg.optimizer.name))?;
         let config = AdapterConfig {
             r: spec.rank,
@@ -136,7 +136,7 @@ impl<B: Backend> Engine<B> {
     /// Writes the engine's adapters as a PEFT adapter folder (`peft::write_with`).
     pub fn save_adapter(&self, o: &SaveAdapterOptions) -> Result<()> {
         self.usable()?;
-        let a = self.adapter(o.base_model.clone())?;
+        let a = self.peft_adapter(o.base_model.clone())?;
         peft::write_with(&o.dir, &a, &WriteOptions { dtype: o.dtype, overwrite: o.overwrite })
     }
 
