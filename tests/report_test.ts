@@ -16,9 +16,15 @@ import {
 } from "../lib/report.ts";
 import { UsageError } from "../lib/errors.ts";
 
+const temps: string[] = [];
+globalThis.addEventListener("unload", () => {
+  for (const t of temps) Deno.removeSync(t, { recursive: true });
+});
+
 /** A finished qgalore run (refreshes every 4 updates) in a fresh folder. */
 async function qgaloreRun(): Promise<string> {
   const tmp = Deno.makeTempDirSync({ prefix: "qg-report-" });
+  temps.push(tmp);
   const model = join(tmp, "tiny.json");
   Deno.writeTextFileSync(model, JSON.stringify(TINY_MODEL));
   const out = join(tmp, "run");
@@ -108,6 +114,7 @@ Deno.test("thin keeps at most max points, evenly, and the last", () => {
 
 Deno.test("report: a folder without a run is one line; a symlink is replaced, not followed", async () => {
   const tmp = Deno.makeTempDirSync({ prefix: "qg-report-" });
+  temps.push(tmp);
   let e: Error | null = null;
   try {
     await writeRunReport(tmp);
