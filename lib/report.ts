@@ -19,7 +19,16 @@ import type { TopLevelSpec } from "vega-lite";
 import { UsageError } from "./errors.ts";
 import type { EvalRecord, StepRecord, Summary } from "./trainer.ts";
 
-export type { TopLevelSpec };
+/**
+ * A Vega-Lite (v6) specification as plain JSON: what `Deno.jupyter` displays as
+ * `application/vnd.vegalite.v6+json` and what {@link renderSvg} draws.
+ */
+export type VegaLiteSpec = { [key: string]: unknown };
+
+/** The builders type-check their specs against vega-lite's types; callers get plain JSON. */
+function spec(s: TopLevelSpec): VegaLiteSpec {
+  return s as unknown as VegaLiteSpec;
+}
 
 /** What a run folder holds for a report. */
 export interface RunData {
@@ -110,9 +119,9 @@ function stepLine(
   values: { step: number; value: number }[],
   yTitle: string,
   opts: { log?: boolean } = {},
-): TopLevelSpec {
+): VegaLiteSpec {
   const log = opts.log === true && values.every((v) => v.value > 0);
-  return {
+  return spec({
     $schema: "https://vega.github.io/schema/vega-lite/v6.json",
     title,
     width: WIDTH,
@@ -128,14 +137,14 @@ function stepLine(
         scale: log ? { type: "log" } : { zero: false },
       },
     },
-  };
+  });
 }
 
 /** Training loss per step with the validation loss of each evaluation, as two series. */
 export function lossChartSpec(
   steps: readonly StepRecord[],
   evals: readonly EvalRecord[],
-): TopLevelSpec {
+): VegaLiteSpec {
   const values = [
     ...thin(steps.filter((s) => finite(s.loss))).map((s) => ({
       step: s.step,
@@ -148,7 +157,7 @@ export function lossChartSpec(
       series: "validation",
     })),
   ];
-  return {
+  return spec({
     $schema: "https://vega.github.io/schema/vega-lite/v6.json",
     title: "Loss",
     width: WIDTH,
@@ -165,12 +174,12 @@ export function lossChartSpec(
       },
       color: { field: "series", type: "nominal", title: null },
     },
-  };
+  });
 }
 
 /** Validation loss at each evaluation (points joined by a line). */
-export function valLossChartSpec(evals: readonly EvalRecord[]): TopLevelSpec {
-  return {
+export function valLossChartSpec(evals: readonly EvalRecord[]): VegaLiteSpec {
+  return spec({
     $schema: "https://vega.github.io/schema/vega-lite/v6.json",
     title: "Validation loss",
     width: WIDTH,
@@ -191,11 +200,11 @@ export function valLossChartSpec(evals: readonly EvalRecord[]): TopLevelSpec {
         scale: { zero: false },
       },
     },
-  };
+  });
 }
 
 /** Learning rate per step. */
-export function lrChartSpec(steps: readonly StepRecord[]): TopLevelSpec {
+export function lrChartSpec(steps: readonly StepRecord[]): VegaLiteSpec {
   return stepLine(
     "Learning rate",
     steps.filter((s) => finite(s.lr)).map((s) => ({ step: s.step, value: s.lr })),
@@ -204,7 +213,7 @@ export function lrChartSpec(steps: readonly StepRecord[]): TopLevelSpec {
 }
 
 /** Gradient norm (before clipping) per step, on a log scale when all are positive. */
-export function gradNormChartSpec(steps: readonly StepRecord[]): TopLevelSpec {
+export function gradNormChartSpec(steps: readonly StepRecord[]): VegaLiteSpec {
   return stepLine(
     "Gradient norm",
     steps.filter((s) => finite(s.grad_norm)).map((s) => ({ step: s.step, value: s.grad_norm })),
@@ -214,7 +223,7 @@ export function gradNormChartSpec(steps: readonly StepRecord[]): TopLevelSpec {
 }
 
 /** Training throughput so far, per step. */
-export function throughputChartSpec(steps: readonly StepRecord[]): TopLevelSpec {
+export function throughputChartSpec(steps: readonly StepRecord[]): VegaLiteSpec {
   return stepLine(
     "Throughput",
     steps.filter((s) => finite(s.tokens_per_s)).map((s) => ({
@@ -234,9 +243,9 @@ export function refreshChartSpec(
   steps: readonly StepRecord[],
   refreshes: readonly { step: number; count: number }[],
   summary: Summary | null,
-): TopLevelSpec | null {
+): VegaLiteSpec | null {
   if (refreshes.length > 0) {
-    return {
+    return spec({
       $schema: "https://vega.github.io/schema/vega-lite/v6.json",
       title: "Refresh events (rules) over the training loss",
       width: WIDTH,
@@ -264,11 +273,11 @@ export function refreshChartSpec(
           },
         },
       ],
-    };
+    });
   }
   const gaps = Object.entries(summary?.gaps ?? {}).filter(([, g]) => finite(g));
   if (gaps.length === 0) return null;
-  return {
+  return spec({
     $schema: "https://vega.github.io/schema/vega-lite/v6.json",
     title: `Final refresh interval per matrix (${summary?.svd_count ?? 0} refreshes in all)`,
     width: WIDTH,
@@ -278,7 +287,7 @@ export function refreshChartSpec(
       y: { field: "name", type: "nominal", title: null, sort: null },
       x: { field: "gap", type: "quantitative", title: "refresh interval (updates)" },
     },
-  };
+  });
 }
 
 /** Memory categories of a summary (bytes), without the total and the process measures. */
@@ -290,10 +299,10 @@ export function memoryCategories(summary: Summary | null): { category: string; b
 }
 
 /** Engine memory by category (MiB), one bar each. Null without a summary. */
-export function memoryChartSpec(summary: Summary | null): TopLevelSpec | null {
+export function memoryChartSpec(summary: Summary | null): VegaLiteSpec | null {
   const cats = memoryCategories(summary);
   if (cats.length === 0) return null;
-  return {
+  return spec({
     $schema: "https://vega.github.io/schema/vega-lite/v6.json",
     title: "Memory by category",
     width: WIDTH,
@@ -304,15 +313,15 @@ export function memoryChartSpec(summary: Summary | null): TopLevelSpec | null {
       x: { field: "mib", type: "quantitative", title: "MiB" },
       color: { field: "category", type: "nominal", legend: null },
     },
-  };
+  });
 }
 
 /**
  * Renders a Vega-Lite spec to an SVG string headlessly (no DOM, no canvas; text widths are
  * estimated).
  */
-export async function renderSvg(spec: TopLevelSpec): Promise<string> {
-  const compiled = vl.compile(spec).spec;
+export async function renderSvg(spec: VegaLiteSpec): Promise<string> {
+  const compiled = vl.compile(spec as unknown as TopLevelSpec).spec;
   const view = new vega.View(vega.parse(compiled), { renderer: "none" });
   try {
     return await view.toSVG();
@@ -399,10 +408,10 @@ function summaryTable(s: Summary | null): string {
 }
 
 /** The charts of a run, in page order; null entries have nothing to draw. */
-export function runChartSpecs(data: RunData): { name: string; spec: TopLevelSpec | null }[] {
+export function runChartSpecs(data: RunData): { name: string; spec: VegaLiteSpec | null }[] {
   const { steps, evals, refreshes, summary } = data;
-  const some = <T>(xs: readonly T[], spec: () => TopLevelSpec): TopLevelSpec | null =>
-    xs.length > 0 ? spec() : null;
+  const some = <T>(xs: readonly T[], make: () => VegaLiteSpec): VegaLiteSpec | null =>
+    xs.length > 0 ? make() : null;
   return [
     { name: "loss", spec: some([...steps, ...evals], () => lossChartSpec(steps, evals)) },
     { name: "validation loss", spec: some(evals, () => valLossChartSpec(evals)) },

@@ -38,7 +38,7 @@ import {
   readRun,
   renderSvg,
   thin,
-  type TopLevelSpec,
+  type VegaLiteSpec,
   writeFileAtomic,
   writeRunReport,
 } from "./report.ts";
@@ -131,9 +131,12 @@ export interface SweepOutcome {
 }
 
 /** One run of a sweep, before it runs. */
-interface PlannedRun {
+export interface PlannedRun {
+  /** Its id: a slug of the swept values and a hash of its options (its folder's name). */
   id: string;
+  /** The swept options' values, flag name → value. */
   swept: Record<string, string>;
+  /** Every flag it is given (fixed and swept). */
   flags: Record<string, string>;
 }
 
@@ -391,7 +394,7 @@ export function metricVsParamSpec(
   results: readonly SweepResult[],
   param: string,
   metric: string,
-): TopLevelSpec {
+): VegaLiteSpec {
   const points = results.flatMap((r) => {
     const m = metricOf(r.summary, metric);
     const v = r.swept[param];
@@ -426,7 +429,7 @@ export function metricVsParamSpec(
 export function lossCurvesSpec(
   curves: readonly { id: string; steps: readonly { step: number; loss: number }[] }[],
   title = "Training loss of the best runs",
-): TopLevelSpec {
+): VegaLiteSpec {
   return {
     $schema: "https://vega.github.io/schema/vega-lite/v6.json",
     title,
