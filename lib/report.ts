@@ -59,7 +59,8 @@ export function readRun(runDir: string): RunData {
   } catch (e) {
     if (!(e instanceof Deno.errors.NotFound)) throw e;
   }
-  let lastCount: number | null = null;
+  // cumulative counts start at 0: the first step's refreshes (the initial projectors) count
+  let lastCount = 0;
   for (const line of text.split("\n")) {
     if (line.trim() === "") continue;
     let r: Record<string, unknown>;
@@ -77,7 +78,7 @@ export function readRun(runDir: string): RunData {
         ? r.refreshes
         : null;
       if (count !== null) {
-        if (lastCount !== null && count > lastCount) {
+        if (count > lastCount) {
           refreshes.push({ step: r.step, count: count - lastCount });
         }
         lastCount = count;

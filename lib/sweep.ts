@@ -497,8 +497,15 @@ async function writeSweepFiles(
     `<p>${results.length} runs, sorted by ${escapeHtml(metric)} (${
       HIGHER_IS_BETTER.has(metric) ? "highest" : "lowest"
     } first).</p>\n<table>\n<tr>${rows[0].map((h) => `<th>${escapeHtml(h)}</th>`).join("")}</tr>\n${
-      rows.slice(1).map((r) => `<tr>${r.map((c) => `<td>${escapeHtml(c)}</td>`).join("")}</tr>`)
-        .join("\n")
+      rows.slice(1).map((r, i) => {
+        const id = results[i].id;
+        // the run's own report, next to it in the sweep folder
+        const link = exists(join(out, "runs", id, "report.html"))
+          ? `<a href="runs/${encodeURIComponent(id)}/report.html">${escapeHtml(id)}</a>`
+          : escapeHtml(id);
+        return `<tr>${r.slice(0, -1).map((c) => `<td>${escapeHtml(c)}</td>`).join("")}` +
+          `<td>${link}</td></tr>`;
+      }).join("\n")
     }\n</table>\n` +
       charts.map((c) => `<div class="chart">${c.svg}</div>`).join("\n"),
   );

@@ -148,3 +148,35 @@ Deno.test("report: a folder without a run is one line; a symlink is replaced, no
   assert(html.includes("No summary.json"), "says the run has no summary");
   assert(/<svg/.test(html));
 });
+
+Deno.test("report: refresh events from step records become rules over the loss", async () => {
+  const tmp = Deno.makeTempDirSync({ prefix: "qg-report-" });
+  temps.push(tmp);
+  const step = (n: number, svd: number) =>
+    JSON.stringify({
+      type: "step",
+      step: n,
+      loss: 6 - n / 10,
+      lr: 1e-3,
+      grad_norm: 1,
+      clipped: false,
+      tokens: 64 * n,
+      tokens_per_s: 100,
+      elapsed_s: n,
+      svd_count: svd,
+    });
+  // 14 refreshes at step 1, 14 more at step 4; a record of kind "refresh" at step 6
+  Deno.writeTextFileSync(
+    join(tmp, "metrics.jsonl"),
+    [step(1, 14), step(2, 14), step(3, 14), step(4, 28), step(5, 28)].join("\n") +
+      "\n" + JSON.stringify({ type: "refresh", step: 6, count: 3 }) + "\n",
+  );
+  const data = readRun(tmp);
+  assert.deepStrictEqual(data.refreshes, [
+    { step: 1, count: 14 },
+    { step: 4, count: 14 },
+    { step: 6, count: 3 },
+  ]);
+  const html = Deno.readTextFileSync(await writeRunReport(tmp));
+  assert.ok(html.includes(">Refresh events (rules) over the training loss"));
+});

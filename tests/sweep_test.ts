@@ -100,7 +100,8 @@ Deno.test("sweep: a 2×2 grid: one results line per run, table sorted by val_los
   const html = Deno.readTextFileSync(join(straight, "sweep.html"));
   assert.equal(html.match(/<svg[\s>]/g)?.length, 3);
   assert.equal(html.match(/(src|href)\s*=\s*["']?\s*(https?:)?\/\//gi), null);
-  for (const id of byLoss) assert.ok(html.includes(id), id);
+  // each id links to its run's report
+  for (const id of byLoss) assert.ok(html.includes(`<a href="runs/${id}/report.html">`), id);
 
   // the same command again: every run is done, nothing starts
   const started = lines(join(straight, "started.jsonl")).length;
