@@ -646,6 +646,7 @@ export async function sweep(opts: SweepOptions): Promise<SweepOutcome> {
       }
       let args: string[];
       let mode: string;
+      let why = "";
       if (listCheckpoints(dir).length > 0) {
         args = ["--resume", dir, "--json"];
         mode = "resuming";
@@ -656,15 +657,16 @@ export async function sweep(opts: SweepOptions): Promise<SweepOutcome> {
         if (exists(dir)) {
           // the sweep's own folder, stopped before its first checkpoint
           args.push("--overwrite", "on");
-          mode = "restarting (stopped before its first checkpoint)";
+          mode = "restarting";
+          why = " (stopped before its first checkpoint)";
         }
       }
       appendJsonl(startedPath, {
         id: run.id,
-        mode: mode.split(" ")[0],
+        mode,
         at: new Date().toISOString(),
       });
-      log(`${mode} ${run.id}`);
+      log(`${mode} ${run.id}${why}`);
       const child = new Deno.Command(Deno.execPath(), {
         args: ["run", "-A", script, ...args],
         env: { NO_COLOR: "1" },

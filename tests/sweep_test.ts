@@ -204,7 +204,45 @@ Deno.test("sweep: a diverged run is a result, ranked last", async () => {
   assert.match(bad.error!, /diverged/);
   assert.ok(bad.summary!.steps < 20);
   assert.equal(rs.find((x) => x.swept.lr === "1e-3")!.status, "done");
-  assert.deepEqual(tableIds(dir), [rs.find((x) => x.swept.lr === "1e-3")!.id, bad.id]);
+  const good = rs.find((x) => x.swept.lr === "1e-3")!;
+  assert.deepEqual(tableIds(dir), [good.id, bad.id]);
+  // without --threads each of the 1 workers gets all the cores
+  assert.equal(good.summary?.config.threads, navigator.hardwareConcurrency);
+
+  // a sweep killed outright (no ledger line for either run): the diverged run's summary is
+  // taken from its folder, the other run, killed before its first checkpoint, starts over
+  Deno.removeSync(join(dir, "results.jsonl"));
+  const goodDir = join(dir, "runs", good.id);
+  Deno.removeSync(join(goodDir, "checkpoints"), { recursive: true });
+  Deno.removeSync(join(goodDir, "summary.json"));
+  const again = await sweepCli([
+    "--out",
+    dir,
+    "--grid",
+    "lr=1e-3,1e6",
+    "--model",
+    model,
+    "--steps",
+    "20",
+    "--batch-size",
+    "4",
+    "--seq-len",
+    "32",
+    "--eval-batches",
+    "2",
+  ]); // deno-fmt-ignore
+  assert.equal(again.code, 0, again.stderr);
+  assert.match(
+    again.stderr,
+    new RegExp(`restarting ${good.id} \\(stopped before its first checkpoint\\)`),
+  );
+  assert.doesNotMatch(again.stderr, new RegExp(`(starting|resuming) ${bad.id}`));
+  const rs2 = results(dir);
+  assert.deepEqual(rs2.map((x) => [x.id, x.status]).sort(), rs.map((x) => [x.id, x.status]).sort());
+  assert.equal(
+    rs2.find((x) => x.id === good.id)!.summary!.val_loss,
+    good.summary!.val_loss,
+  );
 });
 
 Deno.test("sweep: bad flags and another grid on a sweep folder are one-line errors", async () => {
