@@ -521,6 +521,22 @@ function pretrainScript(): string {
   return url.protocol === "file:" ? fileURLToPath(url) : url.href;
 }
 
+/**
+ * The process still running the run in `dir` (its `.lock`, as lib/run_files.ts writes it: pid
+ * and start time), or null. A sweep killed outright leaves its runs going; the next one waits.
+ */
+function lockHolder(dir: string): number | null {
+  try {
+    const [pid, started] = Deno.readTextFileSync(join(dir, ".lock")).trim().split(" ");
+    if (!/^\d+$/.test(pid ?? "") || Number(pid) === Deno.pid) return null;
+    const stat = Deno.readTextFileSync(`/proc/${pid}/stat`);
+    const now = stat.slice(stat.lastIndexOf(")") + 2).split(" ")[19];
+    return started === "?" || now === started ? Number(pid) : null;
+  } catch {
+    return null; // no lock, or no such process (or no /proc: the run's own lock decides)
+  }
+}
+
 function readSummary(dir: string): Summary | null {
   try {
     return JSON.parse(Deno.readTextFileSync(join(dir, "summary.json")));
@@ -619,7 +635,7 @@ export async function sweep(opts: SweepOptions): Promise<SweepOutcome> {
     }
     log(
       `sweep ${out}: ${pending.length} runs to go, ${Math.min(workers, pending.length)} at a ` +
-        `time, ${threads} threads each`,
+        `time, ${runs[0]?.flags.threads ?? threads} threads each`,
     );
 
     const script = pretrainScript();
@@ -638,6 +654,15 @@ export async function sweep(opts: SweepOptions): Promise<SweepOutcome> {
 
     const runOne = async (run: PlannedRun): Promise<void> => {
       const dir = join(out, "runs", run.id);
+      for (let holder = lockHolder(dir), said = false; holder !== null && !stopping;) {
+        if (!said) {
+          log(`waiting for ${run.id}: still run by process ${holder} (an earlier sweep's)`);
+        }
+        said = true;
+        await new Promise((r) => setTimeout(r, 200));
+        holder = lockHolder(dir);
+      }
+      if (stopping) return;
       const earlier = readSummary(dir);
       if (earlier !== null && !earlier.interrupted) {
         // finished before the sweep could record it (the sweep was killed)
