@@ -515,10 +515,16 @@ async function writeSweepFiles(
   return files;
 }
 
-/** The pretraining CLI next to this module (a path for `file:`, else its URL). */
-function pretrainScript(): string {
-  const url = new URL("../examples/pretrain.ts", import.meta.url);
-  return url.protocol === "file:" ? fileURLToPath(url) : url.href;
+/**
+ * The pretraining CLI of this copy of the package: a path in a checkout, the package's
+ * `./pretrain` entry point when loaded from JSR (`jsr:@scope/name@version/pretrain`: a file
+ * fetched from jsr.io by URL would lack the package's import map), else its URL.
+ */
+export function pretrainScript(base: string = import.meta.url): string {
+  const url = new URL("../examples/pretrain.ts", base);
+  if (url.protocol === "file:") return fileURLToPath(url);
+  const jsr = /^https:\/\/jsr\.io\/(@[^/]+\/[^/]+)\/([^/]+)\//.exec(url.href);
+  return jsr ? `jsr:${jsr[1]}@${jsr[2]}/pretrain` : url.href;
 }
 
 /**

@@ -7,7 +7,7 @@ import assert from "node:assert/strict";
 import { join } from "node:path";
 import { TINY_MODEL } from "./pretrain_cli.ts";
 import { parseSweepArgs } from "../examples/sweep.ts";
-import { planSweep, type SweepResult } from "../lib/sweep.ts";
+import { planSweep, pretrainScript, type SweepResult } from "../lib/sweep.ts";
 import { UsageError } from "../lib/errors.ts";
 
 const script = new URL("../examples/sweep.ts", import.meta.url).pathname;
@@ -331,4 +331,19 @@ Deno.test("sweep: --random draws a fixed subset of the grid for a seed", () => {
   const also =
     planSweep({ out: tmp, grid: { lr: ["0.001"] }, fixed: { model, seqLen: 32 } }).runs[0];
   assert.equal(same.id.split("_").at(-1), also.id.split("_").at(-1));
+});
+
+Deno.test("sweep: the pretraining CLI of the package the sweep was loaded from", () => {
+  assert.equal(
+    pretrainScript(new URL("../lib/sweep.ts", import.meta.url).href),
+    new URL("../examples/pretrain.ts", import.meta.url).pathname,
+  );
+  assert.equal(
+    pretrainScript("https://jsr.io/@qgalore/qgalore/0.2.0/lib/sweep.ts"),
+    "jsr:@qgalore/qgalore@0.2.0/pretrain",
+  );
+  assert.equal(
+    pretrainScript("http://localhost:8000/pkg/lib/sweep.ts"),
+    "http://localhost:8000/pkg/examples/pretrain.ts",
+  );
 });
