@@ -39,13 +39,19 @@ export const RESUME_FREE: readonly (keyof TrainOptions)[] = Object.freeze([
   "checkpointing",
   "export",
   "exportDtype",
+  "mc",
+  "mcShots",
+  "saveAdapter",
   "logEvery",
   "quiet",
   "handleSigint",
 ]);
 
 /** Options holding a path: compared with the run's after both are made absolute. */
-const PATHS = new Set<string>(["model", "data", "tokenizer", "initFrom"]);
+const PATHS = new Set<string>(["model", "data", "tokenizer", "initFrom", "valData", "adapter"]);
+
+/** Free options holding a path: stored absolute. */
+const PATH_FREE = new Set<string>(["export", "mc", "saveAdapter"]);
 
 /** Options of this session only: not inherited from the run record. */
 const SESSION: readonly (keyof TrainOptions)[] = ["logEvery", "quiet", "handleSigint"];
@@ -105,7 +111,7 @@ export function planResume(dir: string, given: Partial<TrainOptions>): ResumePla
     }
     if (free.has(key)) {
       if (value !== null) {
-        opts[key] = key === "export" && typeof value === "string" ? resolve(value) : value;
+        opts[key] = PATH_FREE.has(key) && typeof value === "string" ? resolve(value) : value;
       }
       continue;
     }
