@@ -236,6 +236,11 @@ export interface RunTask {
   summarize?(run: Run): Promise<Record<string, unknown>>;
   /** Throws a one-line UsageError when the options name something the task does not use. */
   check?(opts: Partial<TrainOptions>): void;
+  /**
+   * After the engine is built (and a resume's checkpoint loaded): e.g. loading an adapter
+   * into a new run. A UsageError fails the set-up, leaving no run folder.
+   */
+  prepare?(engine: TrainEngine, opts: ResolvedOptions, resumed: boolean): Promise<void>;
 }
 
 /** A `metrics.jsonl` line for one update. */
@@ -754,7 +759,9 @@ export class Run implements Disposable {
     // --init-from: the engine loads the checkpoint instead of drawing random weights (a
     // resumed run's weights come from its own checkpoint)
     if (opts.initFrom !== null && plan === null) cfg.init_from = opts.initFrom;
-    const engine = await Promise.resolve(cfg).then(hooks.createEngine ?? Engine.create)
+    const create: (c: EngineConfig) => TrainEngine | Promise<TrainEngine> = hooks.createEngine ??
+      Engine.create;
+    const engine = await Promise.resolve(cfg).then(create)
       .catch((e: unknown) => {
         // a checkpoint that does not fit is bad input, named by its flag
         if (
@@ -815,6 +822,7 @@ export class Run implements Disposable {
         tokenizer = moved;
         Deno.removeSync(staged, { recursive: true });
       }
+      await task.prepare?.(engine, opts, plan !== null);
       run = new Run({
         opts,
         model,
