@@ -1,0 +1,302 @@
+/**
+ * The fine-tuning driver (lib/finetune.ts, examples/finetune.ts) on the tiny Hugging Face
+ * fixture model with small generated JSONL files: counts, loss tokens per update, learning,
+ * resume with the identical batches, and one-line errors from the CLI.
+ */
+import assert from "node:assert/strict";
+import { join } from "node:path";
+import { Engine, type EngineConfig } from "../ffi/engine.ts";
+import { finetune } from "../lib/finetune.ts";
+import { FinetuneSampler, loadFinetuneData, splitFinetuneData } from "../lib/finetune_data.ts";
+import { openTokenizer } from "../lib/tokenizer.ts";
+import { Rng } from "../lib/rng.ts";
+import type { StepRecord, Summary, TrainEngine } from "../lib/trainer.ts";
+
+const MODEL = new URL("./fixtures/hf/gqa-tied-theta5e5", import.meta.url).pathname;
+const SCRIPT = new URL("../examples/finetune.ts", import.meta.url).pathname;
+const SEQ = 16;
+
+/**
+ * The engine for a run: the native one; until it evaluates masked batches (interface A) a
+ * view of it whose `eval` is its unmasked mean (exact for the batches of these tests, whose
+ * rows are all full: t = seq_len and every target of a counted row is weighted the same).
+ */
+async function engineFor(cfg: EngineConfig): Promise<TrainEngine> {
+  const e = await Engine.create(cfg);
+  if (typeof (e as unknown as TrainEngine).eval === "function") return e;
+  const evalFn = async (tokens: Int32Array, batches: number, mask?: Uint8Array) => {
+    const mean = await e.evalLoss(tokens, batches);
+    let count = 0;
+    if (mask !== undefined) {
+      const w = tokens.length / (batches * cfg.batch_size);
+      for (let i = 0; i < mask.length; i++) if (i % w !== 0) count += mask[i];
+    }
+    return { mean, sum: mean * count, count };
+  };
+  return new Proxy(e, {
+    get(t, k) {
+      if (k === "eval") return evalFn;
+      const v = Reflect.get(t, k, t);
+      return typeof v === "function" ? v.bind(t) : v;
+    },
+  }) as unknown as TrainEngine;
+}
+
+/** Whether the engine takes masks and short windows (interface A). */
+const MASKED = "eval" in Engine.prototype;
+
+/**
+ * `n` prompt/completion lines of a learnable task: the completion repeats the prompt's
+ * words (a fixed function of the prompt). With the fixture's small vocabulary every example
+ * is longer than SEQ + 1 tokens and loses the start of its prompt (never its answer), so every
+ * batch is a full window of SEQ (the engine before interface A needs that).
+ */
+function lines(n: number, seed: number): string[] {
+  const words = ["apple", "river", "stone", "cloud", "green", "house", "light", "music"];
+  const rng = new Rng(seed);
+  const out: string[] = [];
+  for (let i = 0; i < n; i++) {
+    const a = words[rng.int(words.length)];
+    const b = words[rng.int(words.length)];
+    out.push(
+      JSON.stringify({ prompt: `say ${a} ${b} twice:`, completion: ` ${a} ${b} ${a} ${b}` }),
+    );
+  }
+  return out;
+}
+
+function readMetrics(out: string): Record<string, unknown>[] {
+  return Deno.readTextFileSync(join(out, "metrics.jsonl")).split("\n").filter((l) => l !== "")
+    .map((l) => JSON.parse(l));
+}
+
+const BASE = {
+  model: MODEL,
+  optimizer: "adamw",
+  batchSize: 2,
+  gradAccum: 2,
+  seqLen: SEQ,
+  device: "cpu" as const,
+  threads: 1,
+  quiet: true,
+  handleSigint: false,
+  saveEvery: "off",
+};
+
+Deno.test({
+  name: "finetune: counts, loss tokens per update equal the sampler's, val loss falls",
+  sanitizeResources: false,
+  fn: async () => {
+    const dir = Deno.makeTempDirSync({ prefix: "qgalore-ft-" });
+    try {
+      const data = join(dir, "train.jsonl");
+      // two lines too long for SEQ + 1 tokens, even with the prompt cut: refused
+      const long = JSON.stringify({ prompt: "hi", completion: " word".repeat(40) });
+      Deno.writeTextFileSync(data, [...lines(40, 1), long, long].join("\n") + "\n");
+      const out = join(dir, "run");
+      const s: Summary = await finetune(
+        { ...BASE, data, steps: 12, lr: 1e-2, evalEvery: 6, out },
+        { createEngine: engineFor },
+      );
+      const f = s.finetune as Record<string, Record<string, number>>;
+      assert.equal(s.steps, 12);
+      assert.equal(f.train.lines, 42);
+      assert.equal(f.train.refused, 2);
+      assert.equal(f.train.examples + f.val.examples, 40);
+      assert.equal(f.val.examples, 4); // --val-fraction 0.1
+      assert.equal(f.train.truncated, 40); // every example lost the start of its prompt
+
+      // the loss tokens of each update are the sampler's counts, replayed
+      const tok = openTokenizer(MODEL);
+      const all = await loadFinetuneData(data, tok, { seqLen: SEQ, tooLong: "truncate" });
+      const { train } = splitFinetuneData(all, 0.1, 0);
+      const sampler = new FinetuneSampler(train, { batch: 2, micro: 2, seqLen: SEQ, seed: 0 });
+      const steps = readMetrics(out).filter((m) => m.type === "step") as unknown as StepRecord[];
+      assert.equal(steps.length, 12);
+      for (const r of steps) {
+        const b = sampler.next();
+        assert.equal(b.t, SEQ);
+        assert.equal(r.loss_tokens, b.count, `update ${r.step}`);
+      }
+      // real tokens: padding-free windows count every target
+      assert.equal(s.tokens, 12 * 2 * 2 * SEQ);
+      assert.ok(s.tokens_per_s > 0);
+      // learning: the validation loss falls well below its start
+      const v0 = s.initial_val_loss!;
+      assert.ok(
+        (f.val_loss as unknown as number) < v0 - 0.5,
+        `val loss ${v0} → ${f.val_loss}`,
+      );
+      assert.equal(f.val_loss as unknown as number, s.val_loss);
+      assert.ok(s.memory.total > 0 && s.memory.weights > 0);
+      const sum = JSON.parse(Deno.readTextFileSync(join(out, "summary.json")));
+      assert.equal(sum.finetune.train.refused, 2);
+    } finally {
+      Deno.removeSync(dir, { recursive: true });
+    }
+  },
+});
+
+Deno.test({
+  name: "finetune: a run stopped and resumed ends bit-exact with the uninterrupted one",
+  sanitizeResources: false,
+  fn: async () => {
+    const dir = Deno.makeTempDirSync({ prefix: "qgalore-ft-" });
+    try {
+      const data = join(dir, "train.jsonl");
+      Deno.writeTextFileSync(data, lines(30, 2).join("\n") + "\n");
+      const val = join(dir, "val.jsonl");
+      Deno.writeTextFileSync(val, lines(6, 3).join("\n") + "\n");
+      const opts = { ...BASE, data, valData: val, steps: 10, lr: 5e-3, evalEvery: 4 };
+      const whole = await finetune({ ...opts, out: join(dir, "whole") }, {
+        createEngine: engineFor,
+      });
+      // stopped after 3 updates (a checkpoint at the stop), then resumed to the end; the
+      // sampler wraps into a second epoch (10 updates × 4 examples > 30)
+      const stop = new AbortController();
+      const part = join(dir, "part");
+      const first = await finetune({ ...opts, out: part }, {
+        createEngine: engineFor,
+        signal: stop.signal,
+        onStep: (r) => {
+          if (r.step === 3) stop.abort();
+        },
+      });
+      assert.equal(first.steps, 3);
+      assert.ok(first.interrupted);
+      const resumed = await finetune(
+        { resume: part, quiet: true, handleSigint: false },
+        { createEngine: engineFor },
+      );
+      assert.equal(resumed.steps, 10);
+      assert.equal(resumed.final_train_loss, whole.final_train_loss);
+      assert.equal(resumed.val_loss, whole.val_loss);
+      assert.equal(resumed.tokens, whole.tokens);
+      const steps = (out: string) =>
+        readMetrics(out).filter((m) => m.type === "step").map((m) => [m.loss, m.loss_tokens]);
+      assert.deepEqual(steps(part), steps(join(dir, "whole")));
+      const w = whole.finetune as Record<string, unknown>;
+      const r = resumed.finetune as Record<string, unknown>;
+      assert.equal(r.epochs, w.epochs);
+      assert.ok((w.epochs as number) > 1);
+    } finally {
+      Deno.removeSync(dir, { recursive: true });
+    }
+  },
+});
+
+const dec = new TextDecoder();
+
+async function cli(args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
+  const r = await new Deno.Command(Deno.execPath(), {
+    args: ["run", "-A", SCRIPT, ...args],
+    env: { NO_COLOR: "1" },
+    stdout: "piped",
+    stderr: "piped",
+  }).output();
+  return { code: r.code, stdout: dec.decode(r.stdout), stderr: dec.decode(r.stderr) };
+}
+
+Deno.test({
+  name: "finetune CLI: bad flags and data are one-line errors with exit code 2",
+  sanitizeResources: false,
+  fn: async () => {
+    const dir = Deno.makeTempDirSync({ prefix: "qgalore-ft-cli-" });
+    try {
+      const good = join(dir, "good.jsonl");
+      Deno.writeTextFileSync(good, lines(10, 4).join("\n") + "\n");
+      const bad = join(dir, "bad.jsonl");
+      Deno.writeTextFileSync(bad, `${lines(1, 5)[0]}\n{"question": "no fields"}\n`);
+      const out = join(dir, "out");
+      const cases: [string[], RegExp][] = [
+        [[], /^error: --model and --data: required/],
+        [["--data", good], /^error: --model: required/],
+        [["--model", join(dir, "nope"), "--data", good], /^error: --model .*nope: not found/],
+        [
+          ["--model", good, "--data", good],
+          /^error: --model .*good\.jsonl: must be a Hugging Face/,
+        ],
+        [["--model", MODEL], /^error: --data: required/],
+        [["--model", MODEL, "--data", bad, "--out", out], /^error: --data .*bad\.jsonl.*:2: /],
+        [
+          ["--model", MODEL, "--data", join(dir, "x.jsonl")],
+          /^error: --data .*x\.jsonl: not found/,
+        ],
+        [["--model", MODEL, "--data", good, "--init-from", MODEL], /^error: --init-from .*--model/],
+        [["--model", MODEL, "--data", good, "--lr", "-1"], /^error: --lr -1: must be/],
+        [
+          ["--model", MODEL, "--data", good, "--too-long", "cut"],
+          /^error: --too-long cut: must be one of truncate, refuse/,
+        ],
+        [
+          ["--model", MODEL, "--data", good, "--save-adapter", join(dir, "a")],
+          /^error: --save-adapter .*: applies only to --optimizer lora, qlora \(not adamw\)/,
+        ],
+        [["--model", MODEL, "--data", good, "--mc-shots", "2"], /^error: --mc-shots 2: needs --mc/],
+        [["--model", MODEL, "--data", good, "--bogus", "1"], /^error: --bogus: unknown flag/],
+      ];
+      for (const [args, want] of cases) {
+        const r = await cli(args);
+        assert.equal(r.code, 2, `${args.join(" ")}: ${r.stderr}`);
+        const errLines = r.stderr.trim().split("\n");
+        assert.equal(errLines.length, 1, r.stderr);
+        assert.match(errLines[0], want, args.join(" "));
+      }
+      // a refused set-up leaves no run folder
+      assert.ok(!exists(out));
+      const help = await cli(["--help"]);
+      assert.equal(help.code, 0);
+      assert.match(help.stdout, /--model DIR/);
+      assert.match(help.stdout, /--val-data FILE/);
+      assert.doesNotMatch(help.stdout, /--init-from|--eval-batches|--train-tokenizer/);
+    } finally {
+      Deno.removeSync(dir, { recursive: true });
+    }
+  },
+});
+
+Deno.test({
+  name: "finetune CLI: a short run prints its summary as JSON",
+  sanitizeResources: false,
+  ignore: !MASKED, // the CLI uses the native engine, which must take masks (interface A)
+  fn: async () => {
+    const dir = Deno.makeTempDirSync({ prefix: "qgalore-ft-cli-" });
+    try {
+      const data = join(dir, "train.jsonl");
+      Deno.writeTextFileSync(data, lines(12, 6).join("\n") + "\n");
+      const r = await cli([
+        "--model",
+        MODEL,
+        "--data",
+        data,
+        "--steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "32",
+        "--device",
+        "cpu",
+        "--out",
+        join(dir, "run"),
+        "--json",
+      ]);
+      assert.equal(r.code, 0, r.stderr);
+      const s = JSON.parse(r.stdout.trim().split("\n").at(-1)!);
+      assert.equal(s.steps, 2);
+      assert.equal(s.config.lr, 2e-5); // fine-tuning's default for adamw
+      assert.equal(s.finetune.train.examples + s.finetune.val.examples, 12);
+    } finally {
+      Deno.removeSync(dir, { recursive: true });
+    }
+  },
+});
+
+function exists(p: string): boolean {
+  try {
+    Deno.lstatSync(p);
+    return true;
+  } catch {
+    return false;
+  }
+}
