@@ -468,7 +468,8 @@ export function finetuneTrainOptions(options: Partial<FinetuneOptions>): Partial
   checkSource("--model", model, "a Hugging Face model folder");
   if (!isDirectory(model)) {
     throw new UsageError(
-      `--model ${model}: must be a Hugging Face model folder (config.json, safetensors weights, tokenizer.json)`,
+      `--model ${model}: must be a Hugging Face model folder (config.json, safetensors weights, ` +
+        "tokenizer.json); a qgalore run writes one with --export DIR",
     );
   }
   o.initFrom = model;

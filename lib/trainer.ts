@@ -91,7 +91,9 @@ export interface TrainEngine extends Disposable {
     tokens: Int32Array,
     batches: number,
     mask?: Uint8Array,
-  ): Promise<{ mean: number; sum: number; count: number }>;
+  ):
+    | Promise<{ mean: number; sum: number; count: number }>
+    | { mean: number; sum: number; count: number };
   /** Engine-tracked bytes by category. */
   memory(): MemoryBytes;
   /** Engine facts (`svd_count`, `gaps`, …); optional for stand-ins. */
