@@ -32,6 +32,14 @@ export async function main(argv: string[]): Promise<number> {
     const { json: asJson, ...opts } = args;
     json = asJson;
     const summary = await finetune(opts);
+    const mc = (summary.finetune as { mc?: { accuracy: number; total: number; chance: number } })
+      ?.mc;
+    if (mc && !json) {
+      console.error(
+        `multiple choice: accuracy ${(100 * mc.accuracy).toFixed(2)}% of ${mc.total} ` +
+          `(chance ${(100 * mc.chance).toFixed(2)}%)`,
+      );
+    }
     if (json) console.log(JSON.stringify(summary));
     else if (summary.out !== null) console.log(`summary: ${summary.out}/summary.json`);
     return summary.interrupted ? 130 : 0;

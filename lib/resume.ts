@@ -120,8 +120,8 @@ export function planResume(dir: string, given: Partial<TrainOptions>): ResumePla
       if (resolve(value) === resolve(run[key] as string)) continue;
       // moved data is the same run when it reads the same tokens (the set-up compares the
       // data's fingerprint with the checkpoint's and refuses any difference)
-      if (key === "data") {
-        opts.data = resolve(value);
+      if (key === "data" || key === "valData") {
+        opts[key] = resolve(value);
         continue;
       }
     }

@@ -10,7 +10,7 @@ import { finetune } from "../lib/finetune.ts";
 import { FinetuneSampler, loadFinetuneData, splitFinetuneData } from "../lib/finetune_data.ts";
 import { openTokenizer } from "../lib/tokenizer.ts";
 import { Rng } from "../lib/rng.ts";
-import type { StepRecord, Summary, TrainEngine } from "../lib/trainer.ts";
+import { type StepRecord, type Summary, train, type TrainEngine } from "../lib/trainer.ts";
 
 const MODEL = new URL("./fixtures/hf/gqa-tied-theta5e5", import.meta.url).pathname;
 const SCRIPT = new URL("../examples/finetune.ts", import.meta.url).pathname;
@@ -179,6 +179,19 @@ Deno.test({
       const r = resumed.finetune as Record<string, unknown>;
       assert.equal(r.epochs, w.epochs);
       assert.ok((w.epochs as number) > 1);
+      // other validation data, or resuming it as a pre-training run: refused, one line
+      const other = join(dir, "other.jsonl");
+      Deno.writeTextFileSync(other, lines(6, 9).join("\n") + "\n");
+      await assert.rejects(
+        finetune({ resume: part, valData: other, steps: 12, quiet: true }, {
+          createEngine: engineFor,
+        }),
+        /^UsageError: --resume .*part: the data changed since the checkpoint/,
+      );
+      await assert.rejects(
+        train({ resume: part, steps: 12, quiet: true }),
+        /a fine-tuning run; continue it with examples\/finetune\.ts --resume/,
+      );
     } finally {
       Deno.removeSync(dir, { recursive: true });
     }
