@@ -191,8 +191,8 @@ export function loadChatTemplate(model: string): ChatTemplate {
   const text = templateTextOf(config, configPath);
   if (text === null) {
     throw new UsageError(
-      `--data uses messages but ${model} has no chat_template in tokenizer_config.json ` +
-        `(nor a chat_template.jinja); use prompt/completion or text data`,
+      `${model} has no chat template (no chat_template in tokenizer_config.json, no ` +
+        `chat_template.jinja), which messages data needs; use prompt/completion or text data`,
     );
   }
   return new ChatTemplate(text, special, configPath);

@@ -89,7 +89,7 @@ export interface FinetuneSummary {
   train: { path: string; kind: string } & FinetuneData["counts"];
   /** Validation data: its file (the training file for a split) and counts. */
   val: { path: string; kind: string; split: boolean } & FinetuneData["counts"];
-  /** Epochs completed by the sampler (fractional: examples used / examples). */
+  /** Epochs completed by the sampler (fractional: updates of the epoch done / its updates). */
   epochs: number;
   /** Final validation: token-weighted masked loss, its perplexity, targets counted. */
   val_loss: number | null;
@@ -372,7 +372,7 @@ function finetuneTask(): RunTask {
       const out: FinetuneSummary = {
         train: { path: s.train.path, kind: s.train.kind, ...s.train.counts },
         val: { path: s.val.path, kind: s.val.kind, split: s.split, ...s.val.counts },
-        epochs: st.epoch + st.pos / s.train.examples.length,
+        epochs: st.epoch + st.step / s.sampler.updatesPerEpoch,
         val_loss: loss,
         val_ppl: loss === null ? null : Math.exp(loss),
         val_tokens: v?.count ?? 0,

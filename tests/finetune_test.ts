@@ -92,7 +92,7 @@ Deno.test({
       const data = join(dir, "train.jsonl");
       // two lines too long for SEQ + 1 tokens, even with the prompt cut: refused
       const long = JSON.stringify({ prompt: "hi", completion: " word".repeat(40) });
-      Deno.writeTextFileSync(data, [...lines(40, 1), long, long].join("\n") + "\n");
+      Deno.writeTextFileSync(data, [...lines(41, 1), long, long].join("\n") + "\n");
       const out = join(dir, "run");
       const s: Summary = await finetune(
         { ...BASE, data, steps: 12, lr: 1e-2, evalEvery: 6, out },
@@ -100,11 +100,11 @@ Deno.test({
       );
       const f = s.finetune as Record<string, Record<string, number>>;
       assert.equal(s.steps, 12);
-      assert.equal(f.train.lines, 42);
+      assert.equal(f.train.lines, 43);
       assert.equal(f.train.refused, 2);
-      assert.equal(f.train.examples + f.val.examples, 40);
+      assert.equal(f.train.examples + f.val.examples, 41);
       assert.equal(f.val.examples, 4); // --val-fraction 0.1
-      assert.equal(f.train.truncated, 40); // every example lost the start of its prompt
+      assert.equal(f.train.truncated, 41); // every example lost the start of its prompt
 
       // the loss tokens of each update are the sampler's counts, replayed
       const tok = openTokenizer(MODEL);
@@ -113,13 +113,18 @@ Deno.test({
       const sampler = new FinetuneSampler(train, { batch: 2, micro: 2, seqLen: SEQ, seed: 0 });
       const steps = readMetrics(out).filter((m) => m.type === "step") as unknown as StepRecord[];
       assert.equal(steps.length, 12);
+      let real = 0;
       for (const r of steps) {
         const b = sampler.next();
         assert.equal(b.t, SEQ);
         assert.equal(r.loss_tokens, b.count, `update ${r.step}`);
+        // every example is a full window: a row holds SEQ real targets, a padding row none
+        for (let row = 0; row < 4; row++) real += b.mask[row * (SEQ + 1) + SEQ] ? SEQ : 0;
+        assert.equal(r.tokens, real);
       }
-      // real tokens: padding-free windows count every target
-      assert.equal(s.tokens, 12 * 2 * 2 * SEQ);
+      // real tokens: the epoch's last update has a padding row, not counted
+      assert.equal(s.tokens, real);
+      assert.ok(real < 12 * 2 * 2 * SEQ);
       assert.ok(s.tokens_per_s > 0);
       // learning: the validation loss falls well below its start
       const v0 = s.initial_val_loss!;
