@@ -87,7 +87,11 @@ export type FinetuneOptions = Omit<TrainOptions, "model" | "initFrom"> & {
 export interface FinetuneSummary {
   /** Training data: its file, kind and counts. */
   train: { path: string; kind: string } & FinetuneData["counts"];
-  /** Validation data: its file (the training file for a split) and counts. */
+  /**
+   * Validation data: its file (the training file for a split) and counts (for a split:
+   * examples, tokens and loss tokens of the held-out part; lines, truncated and refused of
+   * the whole file, as in `train`).
+   */
   val: { path: string; kind: string; split: boolean } & FinetuneData["counts"];
   /** Epochs completed by the sampler (fractional: updates of the epoch done / its updates). */
   epochs: number;
@@ -297,16 +301,6 @@ function finetuneTask(): RunTask {
           );
         }
         ({ train, val } = splitFinetuneData(all, opts.valFraction, opts.seed));
-        // the counts of the file as read (truncated, refused) stay with the training side
-        train = {
-          ...train,
-          counts: {
-            ...train.counts,
-            lines: all.counts.lines,
-            truncated: all.counts.truncated,
-            refused: all.counts.refused,
-          },
-        };
       } else {
         train = all;
         val = await load(FLAG.valData, opts.valData!);

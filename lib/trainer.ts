@@ -736,7 +736,14 @@ export class Run implements Disposable {
       Deno.removeSync(staged!, { recursive: true });
       throw flagged(e, "--data", opts.data!);
     });
-    const source = await task.openSource(opts, tokenizer, plan?.record.sampler ?? null);
+    const source = await task.openSource(opts, tokenizer, plan?.record.sampler ?? null)
+      .catch((e: unknown) => {
+        // a sampler that cannot continue on this data says so as the resume's error
+        if (plan === null || !(e instanceof UsageError) || !e.message.startsWith("resume: ")) {
+          throw e;
+        }
+        throw new UsageError(`--resume ${plan.dir}: ${e.message.slice("resume: ".length)}`);
+      });
     // what the run reads, so that a resume can tell whether the data changed
     const fingerprint = out === null ? null : source.fingerprint();
     if (plan !== null && fingerprint !== plan.record.data.fingerprint) {

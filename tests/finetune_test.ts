@@ -193,6 +193,12 @@ Deno.test({
         }),
         /^UsageError: --resume .*part: the data changed since the checkpoint/,
       );
+      // other training data: the sampler cannot continue on it
+      Deno.writeTextFileSync(data, lines(30, 12).join("\n") + "\n");
+      await assert.rejects(
+        finetune({ resume: part, steps: 12, quiet: true }, { createEngine: engineFor }),
+        /^UsageError: --resume .*part: the fine-tuning data is not the data of the checkpoint/,
+      );
       await assert.rejects(
         train({ resume: part, steps: 12, quiet: true }),
         /a fine-tuning run; continue it with examples\/finetune\.ts --resume/,
