@@ -209,6 +209,51 @@ Deno.test({
   },
 });
 
+Deno.test({
+  name: "finetune: messages render with the model folder's chat template; loss on replies",
+  sanitizeResources: false,
+  fn: async () => {
+    const dir = Deno.makeTempDirSync({ prefix: "qgalore-ft-" });
+    try {
+      // the fixture model with a chat template in its tokenizer_config.json
+      const model = join(dir, "model");
+      Deno.mkdirSync(model);
+      for (const e of Deno.readDirSync(MODEL)) {
+        Deno.copyFileSync(join(MODEL, e.name), join(model, e.name));
+      }
+      const cfg = JSON.parse(Deno.readTextFileSync(join(model, "tokenizer_config.json")));
+      cfg.chat_template = "{{ bos_token }}{% for m in messages %}{{ m.role }}: {{ m.content }}" +
+        "{{ eos_token }}{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}";
+      Deno.writeTextFileSync(join(model, "tokenizer_config.json"), JSON.stringify(cfg));
+      const data = join(dir, "chat.jsonl");
+      const rows = lines(20, 7).map((l) => {
+        const { prompt, completion } = JSON.parse(l);
+        return JSON.stringify({
+          messages: [{ role: "user", content: prompt }, { role: "assistant", content: completion }],
+        });
+      });
+      Deno.writeTextFileSync(data, rows.join("\n") + "\n");
+      const s = await finetune(
+        { ...BASE, model, data, steps: 2, lr: 1e-3, out: null },
+        { createEngine: engineFor },
+      );
+      const f = s.finetune as Record<string, Record<string, number | string>>;
+      assert.equal(f.train.kind, "messages");
+      assert.equal((f.train.examples as number) + (f.val.examples as number), 20);
+      // the replies carry loss, the user turns do not
+      assert.ok((f.train.lossTokens as number) > 0);
+      assert.ok((f.train.lossTokens as number) < (f.train.tokens as number));
+      // the fixture as it is has no chat template: a one-line error naming the file
+      await assert.rejects(
+        finetune({ ...BASE, data, steps: 2, out: null }, { createEngine: engineFor }),
+        /^UsageError: --data .*chat\.jsonl.*chat template/,
+      );
+    } finally {
+      Deno.removeSync(dir, { recursive: true });
+    }
+  },
+});
+
 const dec = new TextDecoder();
 
 async function cli(args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
