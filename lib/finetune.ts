@@ -72,7 +72,7 @@ export const FINETUNE_LR: Readonly<Record<string, number>> = Object.freeze({
 });
 
 /** The optimizers that train adapters only (`--save-adapter`, `--adapter`). */
-export const ADAPTER_OPTIMIZERS: readonly string[] = Object.freeze(["lora", "qlora"]);
+const ADAPTER_OPTIMIZERS: readonly string[] = Object.freeze(["lora", "qlora"]);
 
 /**
  * Options of {@link finetune}: the training options, with `model` the Hugging Face folder
