@@ -48,6 +48,7 @@ export {
   engineOptions,
   type EnginePlan,
   ErrorCode,
+  type EvalResult,
   gemmGflops,
   type GenerateRequest,
   type GenerateResult,

@@ -121,6 +121,22 @@ export interface StepStats {
   gradNorm: number;
   /** Whether clipping scaled the gradient. */
   clipped: boolean;
+  /** Targets that carried loss in the step (N, the mean's denominator, over all micro-batches). */
+  count: number;
+}
+
+/** Loss of held-out batches ({@link Engine.eval}). */
+export interface EvalResult {
+  /** Mean token cross-entropy over the counted targets (nats): sum / count. */
+  mean: number;
+  /** Σ −log p(target) over the counted targets. */
+  sum: number;
+  /** Targets that carried loss. */
+  count: number;
+  /** Per row (batches × batch_size, batch-major): the sum of its counted targets' −log p. */
+  rowSums: Float64Array;
+  /** Per row: how many of its targets carried loss. */
+  rowCounts: Float64Array;
 }
 
 /** Engine-tracked bytes by category. */
@@ -606,27 +622,85 @@ export class Engine implements Disposable {
 
   /**
    * One optimizer step over `microBatches` micro-batches. `tokens` holds
-   * microBatches × batch_size × (seq_len + 1) ids, row-major; each row's first seq_len ids
-   * are inputs and ids 1..seq_len the targets. Rejects with code −3 when the loss or the
-   * gradient is not finite (the weights are then left untouched).
+   * microBatches × batch_size × (t + 1) ids, row-major, for any 1 ≤ t ≤ seq_len (shorter
+   * windows cost less); each row's first t ids are inputs and ids 1..t the targets.
+   * `mask` (one entry per id, same layout): a target whose entry is 0 carries no loss
+   * (prompts, padding); the loss and gradient are the mean over the counted targets of all
+   * micro-batches. Rejects with code −3 when the loss or the gradient is not finite (the
+   * weights are then left untouched).
    */
-  async trainStep(tokens: Int32Array, microBatches: number, lr: number): Promise<StepStats> {
+  async trainStep(
+    tokens: Int32Array,
+    microBatches: number,
+    lr: number,
+    mask?: Uint8Array,
+  ): Promise<StepStats> {
     const h = this.#handle();
     checkTokens("trainStep", tokens);
-    const out = new Float64Array(3);
+    checkMask("trainStep", mask, tokens);
+    const out = new Float64Array(4);
     await this.#call(() =>
-      this.#lib.symbols.qg_train_step(h, tokens, BigInt(tokens.length), microBatches, lr, out)
+      this.#lib.symbols.qg_train_step(
+        h,
+        tokens,
+        mask ?? null,
+        BigInt(tokens.length),
+        microBatches,
+        lr,
+        out,
+      )
     );
-    return { loss: out[0], gradNorm: out[1], clipped: out[2] !== 0 };
+    return { loss: out[0], gradNorm: out[1], clipped: out[2] !== 0, count: out[3] };
   }
 
-  /** Mean over `batches` batches of the mean token cross-entropy (nats). */
-  async evalLoss(tokens: Int32Array, batches: number): Promise<number> {
+  /**
+   * Loss of `batches` batches of batch_size rows of t + 1 ids (1 ≤ t ≤ seq_len), over the
+   * targets `mask` keeps (every target without one), with each row's sum and count: the
+   * log-likelihood of a row's counted targets is −rowSums[row].
+   */
+  async eval(tokens: Int32Array, batches: number, mask?: Uint8Array): Promise<EvalResult> {
+    const h = this.#handle();
+    checkTokens("eval", tokens);
+    checkMask("eval", mask, tokens);
+    const out = new Float64Array(3);
+    const rows = Number.isInteger(batches) && batches > 0 ? batches * this.config.batch_size : 0;
+    const perRow = new Float64Array(2 * rows);
+    await this.#call(() =>
+      this.#lib.symbols.qg_eval(
+        h,
+        tokens,
+        mask ?? null,
+        BigInt(tokens.length),
+        batches,
+        out,
+        rows > 0 ? perRow : null,
+      )
+    );
+    return {
+      mean: out[0],
+      sum: out[1],
+      count: out[2],
+      rowSums: perRow.subarray(0, rows),
+      rowCounts: perRow.subarray(rows),
+    };
+  }
+
+  /** Mean token cross-entropy (nats) of `batches` batches: {@link Engine.eval}'s `mean`. */
+  async evalLoss(tokens: Int32Array, batches: number, mask?: Uint8Array): Promise<number> {
     const h = this.#handle();
     checkTokens("evalLoss", tokens);
-    const out = new Float64Array(1);
+    checkMask("evalLoss", mask, tokens);
+    const out = new Float64Array(3);
     await this.#call(() =>
-      this.#lib.symbols.qg_eval(h, tokens, BigInt(tokens.length), batches, out)
+      this.#lib.symbols.qg_eval(
+        h,
+        tokens,
+        mask ?? null,
+        BigInt(tokens.length),
+        batches,
+        out,
+        null,
+      )
     );
     return out[0];
   }
@@ -810,6 +884,28 @@ export interface GenerateResult {
  * Token ids travel as raw int32 memory: any other array (a Float32Array, a plain array)
  * would be reinterpreted bit for bit, so it is refused.
  */
+/**
+ * A mask is a Uint8Array of one entry per token id: the native call reads as many mask bytes
+ * as there are ids, so a shorter one must never reach it.
+ */
+function checkMask(method: string, mask: unknown, tokens: Int32Array): void {
+  if (mask === undefined) return;
+  if (!(mask instanceof Uint8Array)) {
+    const kind = (mask as { constructor?: { name?: string } } | null)?.constructor?.name ??
+      typeof mask;
+    throw new EngineError(
+      ErrorCode.invalid,
+      `${method}: mask is a ${kind}; must be a Uint8Array (1 = the target carries loss) or absent`,
+    );
+  }
+  if (mask.length !== tokens.length) {
+    throw new EngineError(
+      ErrorCode.invalid,
+      `${method}: the mask has ${mask.length} entries, the tokens ${tokens.length}: one entry per token id is needed`,
+    );
+  }
+}
+
 function checkTokens(method: string, tokens: unknown): void {
   if (!(tokens instanceof Int32Array)) {
     const kind = (tokens as { constructor?: { name?: string } } | null)?.constructor?.name ??

@@ -4,7 +4,7 @@
  */
 
 /** ABI version this TypeScript expects; checked against `qg_abi_version()` at load. */
-export const ABI_VERSION = 5;
+export const ABI_VERSION = 6;
 
 /** Symbols of the qgalore engine library. */
 export const SYMBOLS = {
@@ -24,13 +24,15 @@ export const SYMBOLS = {
   qg_options: { parameters: ["buffer", "usize"], result: "usize" },
   qg_resolve_optimizer: { parameters: ["buffer", "usize", "buffer", "usize"], result: "usize" },
   qg_resolve_model: { parameters: ["buffer", "usize", "buffer", "usize"], result: "usize" },
+  // tokens, mask (null = every target counts), n, micro, lr, out [loss, norm, clipped, count]
   qg_train_step: {
-    parameters: ["pointer", "buffer", "usize", "u32", "f32", "buffer"],
+    parameters: ["pointer", "buffer", "buffer", "usize", "u32", "f32", "buffer"],
     result: "i32",
     nonblocking: true,
   },
+  // tokens, mask (or null), n, batches, out [mean, sum, count], rows (or null)
   qg_eval: {
-    parameters: ["pointer", "buffer", "usize", "u32", "buffer"],
+    parameters: ["pointer", "buffer", "buffer", "usize", "u32", "buffer", "buffer"],
     result: "i32",
     nonblocking: true,
   },

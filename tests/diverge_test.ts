@@ -20,7 +20,12 @@ class ScriptedEngine implements TrainEngine {
   ) {}
   trainStep(): Promise<StepStats> {
     const i = ++this.#n;
-    return Promise.resolve({ loss: this.losses(i), gradNorm: this.grads(i), clipped: false });
+    return Promise.resolve({
+      loss: this.losses(i),
+      gradNorm: this.grads(i),
+      clipped: false,
+      count: 1,
+    });
   }
   evalLoss(): Promise<number> {
     return Promise.resolve(this.losses(Math.max(1, this.#n)));

@@ -154,3 +154,63 @@ Deno.test("a checkpoint carries the run and the engine config; another seed is r
     await Deno.remove(dir, { recursive: true });
   }
 });
+
+// Completion-only loss (interface A): a mask changes the loss, counts its targets, and eval
+// returns per-row sums that add up; short windows (t < seq_len) and bad inputs.
+Deno.test("a loss mask selects the targets; eval gives per-row sums and counts", async () => {
+  using e = await Engine.create(tinyConfig());
+  using f = await Engine.create(tinyConfig());
+  const toks = batch(5);
+  // row 0: targets 1..16 from position 9 on (8 targets); row 1: every target (16)
+  const mask = new Uint8Array(toks.length);
+  for (let j = 9; j <= 16; j++) mask[j] = 1;
+  mask.fill(1, 17);
+  const full = await e.eval(toks, 1);
+  assert.equal(full.count, 32);
+  assert.equal(full.mean, await e.evalLoss(toks, 1));
+  const m = await e.eval(toks, 1, mask);
+  assert.equal(m.count, 24);
+  assert.deepEqual([...m.rowCounts], [8, 16]);
+  assert.ok(Math.abs(m.rowSums[0] + m.rowSums[1] - m.sum) <= 1e-12 * m.sum);
+  assert.equal(m.mean, m.sum / m.count);
+  assert.equal(m.mean, await e.evalLoss(toks, 1, mask));
+  // row 1 counts every target in both: the same sum
+  assert.equal(m.rowSums[1], full.rowSums[1]);
+  assert.ok(Math.abs(m.mean - full.mean) > 1e-4, `${m.mean} vs ${full.mean}`);
+  // the step's loss is that mean, over N = 24 targets; unmasked, all 32
+  const sm = await e.trainStep(toks, 1, 1e-3, mask);
+  const sf = await f.trainStep(toks, 1, 1e-3);
+  assert.equal(sm.count, 24);
+  assert.equal(sf.count, 32);
+  assert.equal(sm.loss, m.mean);
+  assert.equal(sf.loss, full.mean);
+});
+
+Deno.test("short windows and bad masks", async () => {
+  using e = await Engine.create(tinyConfig());
+  // t = 7 < seq_len 16: 2 rows of 8 ids
+  const short = batch(6).subarray(0, 16);
+  const st = await e.trainStep(short, 1, 1e-3);
+  assert.equal(st.count, 14);
+  const r = await e.eval(short, 1);
+  assert.equal(r.count, 14);
+  assert.deepEqual([...r.rowCounts], [7, 7]);
+  await assert.rejects(() => e.trainStep(batch(1).subarray(0, 33), 1, 1e-3), (err: unknown) => {
+    assert.ok(err instanceof EngineError);
+    assert.match(err.message, /got 33 token ids.*batch 2.*seq_len 16/);
+    assert.ok(!err.message.includes("\n"));
+    return true;
+  });
+  await assert.rejects(
+    () => e.trainStep(batch(1), 1, 1e-3, new Uint8Array(34)),
+    /no target in this update carries loss \(every mask entry is 0\)/,
+  );
+  await assert.rejects(
+    () => e.eval(batch(1), 1, new Uint8Array(3)),
+    /mask has 3 entries/,
+  );
+  await assert.rejects(
+    () => e.trainStep(batch(1), 1, 1e-3, [1, 2] as unknown as Uint8Array),
+    /trainStep: mask is a Array; must be a Uint8Array/,
+  );
+});

@@ -113,7 +113,7 @@ class FailingEngine implements TrainEngine {
     if (++this.#calls === this.failAt) {
       return Promise.reject(new EngineError(-3, "loss is NaN at micro-batch 0"));
     }
-    return Promise.resolve({ loss: 5 / this.#calls, gradNorm: 1, clipped: false });
+    return Promise.resolve({ loss: 5 / this.#calls, gradNorm: 1, clipped: false, count: 1 });
   }
   evalLoss(): Promise<number> {
     return Promise.resolve(5);

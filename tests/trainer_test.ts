@@ -24,7 +24,7 @@ class FakeEngine implements TrainEngine {
     if (this.calls.length === this.failAt) {
       return Promise.reject(new EngineError(-3, "loss is NaN at micro-batch 0"));
     }
-    return Promise.resolve({ loss: 5 / this.calls.length, gradNorm: 1, clipped: false });
+    return Promise.resolve({ loss: 5 / this.calls.length, gradNorm: 1, clipped: false, count: 1 });
   }
   evalLoss(tokens: Int32Array, batches: number): Promise<number> {
     const c = this.cfg;

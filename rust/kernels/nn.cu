@@ -184,6 +184,14 @@ extern "C" __global__ void cross_entropy(float* logits, const int* targets, floa
     __shared__ float red[32];
     float* z = logits + (u64)blockIdx.x * v;
     int tgt = targets[blockIdx.x];
+    // An ignored target (< 0: masked out of the loss) gives loss 0 and gradient 0; the
+    // branch is the same for the whole block, so no thread skips a barrier.
+    if (tgt < 0) {
+        if (threadIdx.x == 0) losses[blockIdx.x] = 0.0f;
+        if (grad)
+            for (int j = threadIdx.x; j < v; j += blockDim.x) z[j] = 0.0f;
+        return;
+    }
     float mx = __int_as_float(0xff800000);
     for (int j = threadIdx.x; j < v; j += blockDim.x) mx = fmaxf(mx, z[j]);
     mx = block_max(mx, red);

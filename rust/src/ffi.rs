@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, Once};
 
 /// Bumped whenever a signature or the meaning of an output slot changes.
-pub const ABI_VERSION: u32 = 5;
+pub const ABI_VERSION: u32 = 6;
 
 pub struct Handle {
     session: Mutex<Box<dyn Session>>,
@@ -219,29 +219,69 @@ pub unsafe extern "C" fn qg_resolve_model(cfg: *const u8, len: usize, buf: *mut 
     write_text(&text, buf, cap)
 }
 
-/// One optimizer step over `micro` micro-batches. `out` receives
-/// [loss, grad_norm, clipped (0/1)].
+/// The optional loss mask beside `n` token ids: null = every target carries loss.
+unsafe fn mask<'a>(m: *const u8, n: usize) -> Result<Option<&'a [u8]>> {
+    if m.is_null() {
+        Ok(None)
+    } else {
+        slice(m, n).map(Some)
+    }
+}
+
+/// One optimizer step over `micro` micro-batches of batch_size rows of t + 1 ids (`n` =
+/// micro × batch_size × (t + 1), t ≤ seq_len). `mask` (null, or `n` bytes): a target
+/// whose entry is 0 carries no loss. `out` receives [loss, grad_norm, clipped (0/1),
+/// count (targets that carried loss)].
 #[no_mangle]
-pub unsafe extern "C" fn qg_train_step(h: *const Handle, tokens: *const i32, n: usize, micro: u32, lr: f32, out: *mut f64) -> i32 {
+pub unsafe extern "C" fn qg_train_step(
+    h: *const Handle,
+    tokens: *const i32,
+    mask_ptr: *const u8,
+    n: usize,
+    micro: u32,
+    lr: f32,
+    out: *mut f64,
+) -> i32 {
     with_session(h, |s| {
-        let st = s.train_step(slice(tokens, n)?, micro as usize, lr)?;
+        let st = s.train_step_masked(slice(tokens, n)?, mask(mask_ptr, n)?, micro as usize, lr)?;
         if !out.is_null() {
-            let o = std::slice::from_raw_parts_mut(out, 3);
+            let o = std::slice::from_raw_parts_mut(out, 4);
             o[0] = st.loss;
             o[1] = st.grad_norm;
             o[2] = st.clipped as u8 as f64;
+            o[3] = st.count as f64;
         }
         Ok(())
     })
 }
 
-/// Mean validation loss over `batches` batches into `out[0]`.
+/// Validation loss of `batches` batches of batch_size rows of t + 1 ids (`n` = batches ×
+/// batch_size × (t + 1), t ≤ seq_len), `mask` as in `qg_train_step`. `out` receives [mean,
+/// sum, count]; `rows` (null, or 2 × batches × batch_size values) the per-row NLL sums,
+/// then the per-row counts.
 #[no_mangle]
-pub unsafe extern "C" fn qg_eval(h: *const Handle, tokens: *const i32, n: usize, batches: u32, out: *mut f64) -> i32 {
+pub unsafe extern "C" fn qg_eval(
+    h: *const Handle,
+    tokens: *const i32,
+    mask_ptr: *const u8,
+    n: usize,
+    batches: u32,
+    out: *mut f64,
+    rows: *mut f64,
+) -> i32 {
     with_session(h, |s| {
-        let l = s.eval(slice(tokens, n)?, batches as usize)?;
+        let e = s.eval_masked(slice(tokens, n)?, mask(mask_ptr, n)?, batches as usize)?;
         if !out.is_null() {
-            *out = l;
+            let o = std::slice::from_raw_parts_mut(out, 3);
+            o[0] = e.mean;
+            o[1] = e.sum;
+            o[2] = e.count as f64;
+        }
+        if !rows.is_null() {
+            let r = e.row_sums.len();
+            let o = std::slice::from_raw_parts_mut(rows, 2 * r);
+            o[..r].copy_from_slice(&e.row_sums);
+            o[r..].copy_from_slice(&e.row_counts);
         }
         Ok(())
     })

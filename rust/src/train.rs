@@ -18,6 +18,32 @@ pub struct StepStats {
     /// Global gradient norm before clipping.
     pub grad_norm: f64,
     pub clipped: bool,
+    /// Targets that carried loss over all micro-batches (N, the loss's denominator).
+    pub count: u64,
+}
+
+/// What `eval_masked` returns: the loss over the counted targets of every batch, and per
+/// row (batch-major, `batches` × batch_size rows) the NLL sum and count of its targets.
+#[derive(Clone, Debug, Default)]
+pub struct EvalOut {
+    /// Mean token cross-entropy, sum / count; when every target counts (no mask, or one
+    /// of all ones) computed as the mean over batches of each batch's mean: the same value
+    /// in exact arithmetic, kept as before masks existed so unmasked results stay
+    /// bit-identical.
+    pub mean: f64,
+    /// Σ −log p(target) over counted targets (each row's f32 losses summed in f64).
+    pub sum: f64,
+    pub count: u64,
+    pub row_sums: Vec<f64>,
+    pub row_counts: Vec<f64>,
+}
+
+/// A checked batch: `t` the active sequence length its size implies; `rows` token ids per
+/// micro-batch (batch_size × (t + 1)).
+#[derive(Clone, Copy, Debug)]
+struct Shape {
+    t: usize,
+    rows: usize,
 }
 
 pub struct Engine<B: Backend> {
@@ -76,26 +102,47 @@ impl<B: Backend> Engine<B> {
         Ok(e)
     }
 
-    fn window_rows(&self, tokens: &[i32], chunks: usize, what: &str) -> Result<()> {
-        let (b, t, v) = (self.cfg.batch_size, self.cfg.seq_len, self.cfg.model.vocab_size);
-        ensure!(chunks > 0, "{what}: count must be ≥ 1");
-        let want = chunks * b * (t + 1);
+    /// Checks `chunks` (micro-batches or eval batches, named `unit`) of batch_size rows of
+    /// t + 1 ids each, derives t from the length (1 ≤ t ≤ seq_len), checks the ids and the
+    /// mask, and sets the activations' active length to t.
+    fn window_rows(&mut self, tokens: &[i32], mask: Option<&[u8]>, chunks: usize, what: &str, unit: &str) -> Result<Shape> {
+        let (b, cap, v) = (self.cfg.batch_size, self.cfg.seq_len, self.cfg.model.vocab_size);
+        ensure!(chunks > 0, "{what}: {unit} = 0: must be ≥ 1");
+        let n = tokens.len();
+        let per = chunks * b;
+        let t = (n % per == 0).then(|| n / per).and_then(|w| w.checked_sub(1)).unwrap_or(0);
         ensure!(
-            tokens.len() == want,
-            "{what}: got {} token ids, expected {chunks} × batch {b} × (seq {t} + 1) = {want}",
-            tokens.len()
+            (1..=cap).contains(&t),
+            "{what}: got {n} token ids, expected {chunks} × batch {b} × (t + 1) with t in 1..=seq_len {cap} \
+             ({unit} {chunks}, batch_size {b}: a multiple of {per} from {} to {})",
+            per * 2,
+            per * (cap + 1)
         );
+        if let Some(m) = mask {
+            ensure!(m.len() == n, "{what}: the mask has {} entries, the tokens {n}: one entry per token id is needed", m.len());
+        }
         if let Some(bad) = tokens.iter().find(|&&x| x < 0 || x as usize >= v) {
             return Err(Error::invalid(format!("{what}: token id {bad} is outside the vocabulary [0, {v})")));
         }
-        Ok(())
+        self.acts.set_len(&self.be, t)?;
+        Ok(Shape { t, rows: b * (t + 1) })
     }
 
-    /// Forward + loss (+ gradient into the logits when `grad_scale` is set); returns Σ loss.
-    fn forward_loss(&mut self, window: &[i32], grad_scale: Option<f32>) -> Result<f64> {
+    /// Targets that carry loss in `mask`'s windows of t + 1 (a window's first entry is an
+    /// input only); every target without a mask.
+    fn counted(windows: usize, t: usize, mask: Option<&[u8]>) -> u64 {
+        match mask {
+            None => (windows * t) as u64,
+            Some(m) => m.chunks(t + 1).map(|w| w[1..].iter().filter(|&&x| x != 0).count() as u64).sum(),
+        }
+    }
+
+    /// Forward + loss (+ gradient into the logits when `grad_scale` is set); returns Σ loss
+    /// over the counted targets (a target masked out adds 0).
+    fn forward_loss(&mut self, window: &[i32], mask: Option<&[u8]>, grad_scale: Option<f32>) -> Result<f64> {
         let t0 = Instant::now();
         let (n, v) = (self.acts.b * self.acts.t, self.cfg.model.vocab_size);
-        self.acts.load_tokens(window);
+        self.acts.load_tokens(window, mask);
         pass::forward(&self.be, &self.model, &mut self.acts);
         let a = &mut self.acts;
         self.be.cross_entropy(&mut a.logits, &a.targets, &mut a.losses, n, v, grad_scale)?;
@@ -121,19 +168,37 @@ impl<B: Backend> Engine<B> {
     /// Forward and backward over `micro` micro-batches, accumulating gradients; returns
     /// the mean token loss. Gradients are scaled so they equal the full batch's mean.
     pub fn loss_and_grads(&mut self, tokens: &[i32], micro: usize) -> Result<f64> {
-        self.window_rows(tokens, micro, "train batch")?;
-        let rows = self.cfg.batch_size * (self.cfg.seq_len + 1);
-        let ntok = (self.cfg.batch_size * self.cfg.seq_len * micro) as f64;
+        Ok(self.loss_and_grads_masked(tokens, None, micro)?.0)
+    }
+
+    /// `loss_and_grads` with an optional loss mask (completion-only loss, padding): the
+    /// loss and the gradients are the mean over the N targets that carry loss in all
+    /// micro-batches together (token-weighted accumulation, as transformers ≥ 4.46
+    /// does with `num_items_in_batch`), not the mean of per-micro-batch means; returns (loss, N).
+    /// Without a mask N = micro × b × t and the result is bit-identical to the unmasked code.
+    pub fn loss_and_grads_masked(&mut self, tokens: &[i32], mask: Option<&[u8]>, micro: usize) -> Result<(f64, u64)> {
+        let sh = self.window_rows(tokens, mask, micro, "train batch", "micro-batches")?;
+        let count = self.update_count(micro, sh.t, mask)?;
+        let ntok = count as f64;
         let scale = (1.0 / ntok) as f32;
+        let rows = sh.rows;
         let mut sum = 0.0;
         for mb in 0..micro {
-            sum += self.forward_loss(&tokens[mb * rows..(mb + 1) * rows], Some(scale))?;
+            let mw = mask.map(|m| &m[mb * rows..(mb + 1) * rows]);
+            sum += self.forward_loss(&tokens[mb * rows..(mb + 1) * rows], mw, Some(scale))?;
             if !sum.is_finite() {
                 return Err(Error::non_finite(format!("loss is {} at micro-batch {mb}", fmt_nf(sum))));
             }
             self.timed_backward(mb > 0, &mut |_, _, _, _| {})?;
         }
-        Ok(sum / ntok)
+        Ok((sum / ntok, count))
+    }
+
+    /// N of an update: the targets carrying loss over its `micro` micro-batches; 0 is refused.
+    fn update_count(&self, micro: usize, t: usize, mask: Option<&[u8]>) -> Result<u64> {
+        let count = Self::counted(micro * self.cfg.batch_size, t, mask);
+        ensure!(count > 0, "no target in this update carries loss (every mask entry is 0)");
+        Ok(count)
     }
 
     /// Global norm of the gradient buffers after `loss_and_grads` (the global step's
@@ -148,6 +213,13 @@ impl<B: Backend> Engine<B> {
     }
 
     pub fn train_step(&mut self, tokens: &[i32], micro: usize, lr: f32) -> Result<StepStats> {
+        self.train_step_masked(tokens, None, micro, lr)
+    }
+
+    /// One optimizer step over `micro` micro-batches of batch_size rows of t + 1 ids (t ≤
+    /// seq_len, derived from the length); with `mask` (one entry per id) only the targets
+    /// whose entry is not 0 carry loss.
+    pub fn train_step_masked(&mut self, tokens: &[i32], mask: Option<&[u8]>, micro: usize, lr: f32) -> Result<StepStats> {
         ensure!(lr.is_finite() && lr >= 0.0, "lr = {lr}: must be a finite number ≥ 0");
         ensure!(
             micro == self.cfg.grad_accum,
@@ -155,11 +227,11 @@ impl<B: Backend> Engine<B> {
             self.cfg.grad_accum
         );
         if self.fused {
-            return self.fused_step(tokens, lr);
+            return self.fused_step(tokens, mask, lr);
         }
-        let loss = self.loss_and_grads(tokens, micro)?;
+        let (loss, count) = self.loss_and_grads_masked(tokens, mask, micro)?;
         let t0 = Instant::now();
-        let mut st = StepStats { loss, ..Default::default() };
+        let mut st = StepStats { loss, count, ..Default::default() };
         let be = &self.be;
         let (model, grads, opt) = (&mut self.model, &mut self.grads, &mut self.opt);
         let clip = self.cfg.optimizer.clip as f64;
@@ -193,14 +265,15 @@ impl<B: Backend> Engine<B> {
     /// is one tensor's). Clipping stays exact: when it is on, a first backward only
     /// measures the global norm, and a second one applies the clipped updates (the
     /// forward activations are reused, so it costs one extra backward, not a forward).
-    fn fused_step(&mut self, tokens: &[i32], lr: f32) -> Result<StepStats> {
-        self.window_rows(tokens, 1, "train batch")?;
-        let ntok = (self.cfg.batch_size * self.cfg.seq_len) as f64;
-        let sum = self.forward_loss(tokens, Some((1.0 / ntok) as f32))?;
+    fn fused_step(&mut self, tokens: &[i32], mask: Option<&[u8]>, lr: f32) -> Result<StepStats> {
+        let sh = self.window_rows(tokens, mask, 1, "train batch", "micro-batches")?;
+        let count = self.update_count(1, sh.t, mask)?;
+        let ntok = count as f64;
+        let sum = self.forward_loss(tokens, mask, Some((1.0 / ntok) as f32))?;
         if !sum.is_finite() {
             return Err(Error::non_finite(format!("loss is {}", fmt_nf(sum))));
         }
-        let mut st = StepStats { loss: sum / ntok, ..Default::default() };
+        let mut st = StepStats { loss: sum / ntok, count, ..Default::default() };
         let clip = self.cfg.optimizer.clip as f64;
         let t0 = Instant::now();
         let (be, m, g, a, opt) = (&self.be, &mut self.model, &mut self.grads, &mut self.acts, &mut self.opt);
@@ -253,15 +326,35 @@ impl<B: Backend> Engine<B> {
 
     /// Mean over `batches` of each batch's mean token cross-entropy (docs/algorithm-spec.md I-16).
     pub fn eval(&mut self, tokens: &[i32], batches: usize) -> Result<f64> {
-        self.window_rows(tokens, batches, "eval batches")?;
-        let rows = self.cfg.batch_size * (self.cfg.seq_len + 1);
-        let ntok = (self.cfg.batch_size * self.cfg.seq_len) as f64;
+        Ok(self.eval_masked(tokens, None, batches)?.mean)
+    }
+
+    /// Loss of `batches` batches of batch_size rows of t + 1 ids (t ≤ seq_len, derived
+    /// from the length), over the targets `mask` keeps (all without one), with per-row
+    /// sums and counts (for scoring continuations by log-likelihood).
+    pub fn eval_masked(&mut self, tokens: &[i32], mask: Option<&[u8]>, batches: usize) -> Result<EvalOut> {
+        let sh = self.window_rows(tokens, mask, batches, "eval batches", "batches")?;
+        let (b, t, rows) = (self.cfg.batch_size, sh.t, sh.rows);
+        let count = Self::counted(batches * b, t, mask);
+        ensure!(count > 0, "eval batches: no target carries loss (every mask entry is 0)");
+        let ntok = (b * t) as f64;
+        let mut out = EvalOut { count, row_sums: Vec::with_capacity(batches * b), row_counts: Vec::with_capacity(batches * b), ..Default::default() };
         let mut total = 0.0;
         for bi in 0..batches {
-            let window = &tokens[bi * rows..(bi + 1) * rows];
-            total += self.forward_loss(window, None)? / ntok;
+            let mw = mask.map(|m| &m[bi * rows..(bi + 1) * rows]);
+            let s = self.forward_loss(&tokens[bi * rows..(bi + 1) * rows], mw, None)?;
+            total += s / ntok;
+            out.sum += s;
+            for (r, l) in self.acts.losses.chunks(t).enumerate() {
+                out.row_sums.push(l.iter().map(|&x| x as f64).sum());
+                out.row_counts.push(Self::counted(1, t, mw.map(|m| &m[r * (t + 1)..(r + 1) * (t + 1)])) as f64);
+            }
         }
-        Ok(total / batches as f64)
+        // every batch counts b·t targets when all do: the mean of batch means is then the
+        // token mean, computed as before masks existed (bit-identical without a mask)
+        let all = (batches * b * t) as u64;
+        out.mean = if count == all { total / batches as f64 } else { out.sum / count as f64 };
+        Ok(out)
     }
 
     pub fn memory(&self) -> [u64; 6] {
@@ -356,8 +449,16 @@ fn fmt_nf(x: f64) -> &'static str {
 
 /// What the C ABI needs from a run, independent of the backend type.
 pub trait Session: Send {
-    fn train_step(&mut self, tokens: &[i32], micro: usize, lr: f32) -> Result<StepStats>;
-    fn eval(&mut self, tokens: &[i32], batches: usize) -> Result<f64>;
+    /// One optimizer step (`Engine::train_step_masked`).
+    fn train_step_masked(&mut self, tokens: &[i32], mask: Option<&[u8]>, micro: usize, lr: f32) -> Result<StepStats>;
+    /// Loss of held-out batches with per-row sums (`Engine::eval_masked`).
+    fn eval_masked(&mut self, tokens: &[i32], mask: Option<&[u8]>, batches: usize) -> Result<EvalOut>;
+    fn train_step(&mut self, tokens: &[i32], micro: usize, lr: f32) -> Result<StepStats> {
+        self.train_step_masked(tokens, None, micro, lr)
+    }
+    fn eval(&mut self, tokens: &[i32], batches: usize) -> Result<f64> {
+        Ok(self.eval_masked(tokens, None, batches)?.mean)
+    }
     fn memory(&self) -> [u64; 6];
     fn info(&self) -> Info;
     /// The checkpoint as bytes (`state::engine`).
@@ -378,13 +479,13 @@ pub trait Session: Send {
 }
 
 impl<B: Backend> Session for Engine<B> {
-    fn train_step(&mut self, tokens: &[i32], micro: usize, lr: f32) -> Result<StepStats> {
+    fn train_step_masked(&mut self, tokens: &[i32], mask: Option<&[u8]>, micro: usize, lr: f32) -> Result<StepStats> {
         self.usable()?;
-        self.be.runner().run(|| Engine::train_step(self, tokens, micro, lr))
+        self.be.runner().run(|| Engine::train_step_masked(self, tokens, mask, micro, lr))
     }
-    fn eval(&mut self, tokens: &[i32], batches: usize) -> Result<f64> {
+    fn eval_masked(&mut self, tokens: &[i32], mask: Option<&[u8]>, batches: usize) -> Result<EvalOut> {
         self.usable()?;
-        self.be.runner().run(|| Engine::eval(self, tokens, batches))
+        self.be.runner().run(|| Engine::eval_masked(self, tokens, mask, batches))
     }
     fn memory(&self) -> [u64; 6] {
         Engine::memory(self)

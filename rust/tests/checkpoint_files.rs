@@ -396,8 +396,8 @@ mod ffi_level {
 
     unsafe fn step(h: *mut Handle, s: u64) -> u64 {
         let t = tokens(2, 16, 64, s);
-        let mut out = [0f64; 3];
-        assert_eq!(qg_train_step(h, t.as_ptr(), t.len(), 1, 3e-3, out.as_mut_ptr()), 0);
+        let mut out = [0f64; 4];
+        assert_eq!(qg_train_step(h, t.as_ptr(), std::ptr::null(), t.len(), 1, 3e-3, out.as_mut_ptr()), 0);
         out[0].to_bits()
     }
 

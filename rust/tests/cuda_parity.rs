@@ -116,10 +116,10 @@ fn layer_ops<B: Backend>(be: &B) -> Vec<(&'static str, Vec<f32>)> {
     let m = n * 72;
     let (gate, upv, dout) = (buf(&values(m, 12), act), buf(&values(m, 13), act), buf(&values(m, 14), act));
     let mut s = be.alloc(m, act).unwrap();
-    be.swiglu(&mut s, &gate, &upv);
+    be.swiglu(&mut s, &gate, &upv, m);
     out.push(("swiglu", get(&s)));
     let (mut dg, mut du) = (be.alloc(m, act).unwrap(), be.alloc(m, act).unwrap());
-    be.swiglu_bwd(&mut dg, &mut du, &dout, &gate, &upv);
+    be.swiglu_bwd(&mut dg, &mut du, &dout, &gate, &upv, m);
     out.push(("swiglu_bwd dgate", get(&dg)));
     out.push(("swiglu_bwd dup", get(&du)));
     // embedding forward and backward (repeated tokens accumulate)

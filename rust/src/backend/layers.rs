@@ -61,11 +61,12 @@ pub trait Layers: Memory {
         att: &Self::Buf,
         d: AttnDims,
     );
-    /// out = silu(gate) ⊙ up
-    fn swiglu(&self, out: &mut Self::Buf, gate: &Self::Buf, up: &Self::Buf);
-    fn swiglu_bwd(&self, dgate: &mut Self::Buf, dup: &mut Self::Buf, dout: &Self::Buf, gate: &Self::Buf, up: &Self::Buf);
+    /// out = silu(gate) ⊙ up on the first `n` values (the active rows × intermediate size)
+    fn swiglu(&self, out: &mut Self::Buf, gate: &Self::Buf, up: &Self::Buf, n: usize);
+    fn swiglu_bwd(&self, dgate: &mut Self::Buf, dup: &mut Self::Buf, dout: &Self::Buf, gate: &Self::Buf, up: &Self::Buf, n: usize);
     /// Softmax cross-entropy of `n` rows of `v` logits against `targets`. Writes the
     /// per-row loss into `losses` (host) and, when `grad_scale` is given, overwrites the
-    /// logits with `grad_scale · (softmax − onehot)` (llm.c's fused classifier).
+    /// logits with `grad_scale · (softmax − onehot)` (llm.c's fused classifier). A target
+    /// < 0 is ignored (completion-only loss, padding): its row's loss and gradient are 0.
     fn cross_entropy(&self, logits: &mut Self::Buf, targets: &[i32], losses: &mut [f32], n: usize, v: usize, grad_scale: Option<f32>) -> Result<()>;
 }

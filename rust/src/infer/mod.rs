@@ -40,7 +40,8 @@ impl<B: Backend> Engine<B> {
             windows.extend_from_slice(row);
             windows.push(0);
         }
-        self.acts.load_tokens(&windows);
+        self.acts.set_len(&self.be, t)?;
+        self.acts.load_tokens(&windows, None);
         pass::forward(&self.be, &self.model, &mut self.acts);
         self.be.download(&self.acts.logits, &mut out[..n])?;
         self.be.sync()

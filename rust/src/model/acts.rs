@@ -13,7 +13,18 @@ use crate::error::Result;
 
 pub struct Acts<B: Backend> {
     pub b: usize,
+    /// Active sequence length (`set_len`): every op of the passes runs on b × t rows, the
+    /// first b·t rows of buffers sized for `cap`.
     pub t: usize,
+    /// Sequence length the buffers were sized for (the engine's seq_len).
+    pub cap: usize,
+    /// The RoPE table laid out for `t` positions ([cos(t×hd/2), sin(t×hd/2)]): re-uploaded
+    /// when the active length changes, as the rope kernels index it by t.
+    rope_t: usize,
+    /// Host copy of the full (cap-position) table: a shorter table is its first rows.
+    rope_host: Vec<f32>,
+    /// Half the head size (columns of the RoPE table).
+    rope_half: usize,
     /// Activation checkpointing: one slot of per-layer buffers, recomputed in the backward.
     pub ckpt: bool,
     /// Residual stream: x[l] enters block l; x[L] enters the final norm.
@@ -138,11 +149,16 @@ impl<B: Backend> Acts<B> {
             .collect::<Result<Vec<_>>>()?;
         let bufs = &mut bufs[..];
         let mut rope = take_one(bufs, "rope");
-        be.upload(&mut rope, &rope_table_for(cfg, t))?;
+        let rope_host = rope_table_for(cfg, t);
+        be.upload(&mut rope, &rope_host)?;
         let n = b * t;
         Ok(Acts {
             b,
             t,
+            cap: t,
+            rope_t: t,
+            rope_host,
+            rope_half: cfg.head_dim() / 2,
             ckpt,
             x: take(bufs, "x"),
             xn1: take(bufs, "xn1"),
@@ -198,12 +214,43 @@ impl<B: Backend> Acts<B> {
         }
     }
 
-    /// Splits `rows` windows of t+1 ids into inputs (first t) and targets (last t).
-    pub fn load_tokens(&mut self, windows: &[i32]) {
+    /// Sets the active sequence length (1 ≤ t ≤ cap): the passes then run on b × t rows
+    /// and cost what a t-long batch costs. Positions are 0..t as in a full window, so a
+    /// row's values equal the first t positions of a longer row (causal attention).
+    pub fn set_len(&mut self, be: &B, t: usize) -> Result<()> {
+        assert!((1..=self.cap).contains(&t), "active length {t} outside 1..={}", self.cap);
+        let n = self.b * t;
+        self.t = t;
+        self.tokens.resize(n, 0);
+        self.targets.resize(n, 0);
+        self.losses.resize(n, 0.0);
+        if self.rope_t != t {
+            // [cos, sin] of the first t positions: the same values as the full table's rows
+            let (h, cap) = (self.rope_half, self.cap);
+            let (cos, sin) = self.rope_host.split_at(cap * h);
+            let tab: Vec<f32> = cos[..t * h].iter().chain(&sin[..t * h]).copied().collect();
+            be.upload(&mut self.rope, &tab)?;
+            self.rope_t = t;
+        }
+        Ok(())
+    }
+
+    /// Splits `rows` windows of t+1 ids into inputs (first t) and targets (last t). With
+    /// `mask` (same layout as `windows`), a target whose mask entry is 0 becomes −1: the
+    /// cross-entropy gives it no loss and no gradient.
+    pub fn load_tokens(&mut self, windows: &[i32], mask: Option<&[u8]>) {
         let t = self.t;
         for (r, w) in windows.chunks(t + 1).enumerate() {
             self.tokens[r * t..(r + 1) * t].copy_from_slice(&w[..t]);
             self.targets[r * t..(r + 1) * t].copy_from_slice(&w[1..]);
+            if let Some(m) = mask {
+                let mr = &m[r * (t + 1) + 1..(r + 1) * (t + 1)];
+                for (tg, &keep) in self.targets[r * t..(r + 1) * t].iter_mut().zip(mr) {
+                    if keep == 0 {
+                        *tg = -1;
+                    }
+                }
+            }
         }
     }
 }

@@ -45,15 +45,15 @@ fn block_forward<B: Backend>(be: &B, m: &Llama<B>, a: &mut Acts<B>, l: usize, ou
     be.rope(&mut a.q[s], &a.rope, b, t, h, hd, false);
     be.rope(&mut a.k[s], &a.rope, b, t, kvh, hd, false);
     be.attention(&mut a.ao[s], &mut a.att[s], &a.q[s], &a.k[s], &a.v[s], dims);
-    be.copy(&mut a.xm[s], x_in);
+    be.copy_n(&mut a.xm[s], x_in, n * c);
     be.matmul(&mut a.xm[s], &a.ao[s], m.wv(be, ly.o, &mut a.wq), n, c, c, true);
     be.rmsnorm(&mut a.xn2[s], &mut a.rstd2[s], &a.xm[s], m.w(ly.mlp_norm), n, c, eps);
     be.matmul(&mut a.gate[s], &a.xn2[s], m.wv(be, ly.gate, &mut a.wq), n, c, i, false);
     be.matmul(&mut a.up[s], &a.xn2[s], m.wv(be, ly.up, &mut a.wq), n, c, i, false);
-    be.swiglu(&mut a.act[s], &a.gate[s], &a.up[s]);
+    be.swiglu(&mut a.act[s], &a.gate[s], &a.up[s], n * i);
     if out {
         let x_out = &mut rest[0];
-        be.copy(x_out, &a.xm[s]);
+        be.copy_n(x_out, &a.xm[s], n * c);
         be.matmul(x_out, &a.act[s], m.wv(be, ly.down, &mut a.wq), n, i, c, true);
     }
 }
@@ -110,7 +110,7 @@ pub fn backward<B: Backend>(
         let ac = accum(g, ly.down);
         be.matmul_dw(g.get_mut(ly.down), &a.dres, &a.act[s], n, i, c, ac);
         hook(ly.down, None, m, g);
-        be.swiglu_bwd(&mut a.dgate, &mut a.dup, &a.dact, &a.gate[s], &a.up[s]);
+        be.swiglu_bwd(&mut a.dgate, &mut a.dup, &a.dact, &a.gate[s], &a.up[s], n * i);
         be.matmul_dinp(&mut a.dxn, &a.dgate, m.wv(be, ly.gate, &mut a.wq), n, c, i, false);
         be.matmul_dinp(&mut a.dxn, &a.dup, m.wv(be, ly.up, &mut a.wq), n, c, i, true);
         let ac = accum(g, ly.gate);

@@ -447,11 +447,16 @@ fn nn_module(lib: &Lib, r: &mut Report) {
         }
     }
 
-    // cross-entropy: vocabularies wider (1000) and narrower (50) than the block
+    // cross-entropy: vocabularies wider (1000) and narrower (50) than the block; with
+    // ignored targets (< 0, masked out of the loss: loss 0 and a zero gradient row)
     if has("cross_entropy") {
-        for v in [1000usize, 50] {
+        for (v, ignore) in [(1000usize, false), (50, false), (1000, true), (50, true)] {
             let n = 6;
-            let targets = ids(n, 30 + v as u64, v);
+            let mut targets = ids(n, 30 + v as u64, v);
+            if ignore {
+                targets[1] = -1;
+                targets[4] = -7;
+            }
             let logits = vals(n * v, 31 + v as u64, 4.0);
             for grad in [None, Some(1.0f32 / n as f32)] {
                 let mut a = vec![
@@ -466,7 +471,19 @@ fn nn_module(lib: &Lib, r: &mut Report) {
                 let mut z = l.before[0].f32s().to_vec();
                 let mut losses = vec![0.0f32; n];
                 ops::cross_entropy(&mut z, &targets, &mut losses, n, v, grad);
-                let tag = format!("{m}/cross_entropy v={v} grad={}", grad.is_some());
+                if ignore {
+                    // the reference itself: ignored rows are exactly 0 (and untouched without grad)
+                    for i in [1, 4] {
+                        assert_eq!(losses[i], 0.0);
+                        let row = &z[i * v..(i + 1) * v];
+                        let want = if grad.is_some() { vec![0.0; v] } else { logits[i * v..(i + 1) * v].to_vec() };
+                        assert_eq!(row, &want[..]);
+                        // and the kernel's, bit for bit
+                        assert_eq!(a[2].f32s()[i], 0.0, "{m}/cross_entropy v={v}: ignored row {i}'s loss");
+                        assert_eq!(&a[0].f32s()[i * v..(i + 1) * v], &want[..], "{m}/cross_entropy v={v}: ignored row {i}");
+                    }
+                }
+                let tag = format!("{m}/cross_entropy v={v} grad={} ignore={ignore}", grad.is_some());
                 r.close(
                     &format!("{m}/cross_entropy"),
                     &format!("{tag} losses"),

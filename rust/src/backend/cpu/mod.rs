@@ -229,11 +229,11 @@ impl Layers for Cpu {
     ) {
         attention::backward(dq, dk, dv, scratch, dout, q, k, v, att, d)
     }
-    fn swiglu(&self, out: &mut CpuBuf, gate: &CpuBuf, up: &CpuBuf) {
-        ops::swiglu(out, gate, up)
+    fn swiglu(&self, out: &mut CpuBuf, gate: &CpuBuf, up: &CpuBuf, n: usize) {
+        ops::swiglu(&mut out.data[..n], &gate.data[..n], &up.data[..n])
     }
-    fn swiglu_bwd(&self, dgate: &mut CpuBuf, dup: &mut CpuBuf, dout: &CpuBuf, gate: &CpuBuf, up: &CpuBuf) {
-        ops::swiglu_bwd(dgate, dup, dout, gate, up)
+    fn swiglu_bwd(&self, dgate: &mut CpuBuf, dup: &mut CpuBuf, dout: &CpuBuf, gate: &CpuBuf, up: &CpuBuf, n: usize) {
+        ops::swiglu_bwd(&mut dgate.data[..n], &mut dup.data[..n], &dout.data[..n], &gate.data[..n], &up.data[..n])
     }
     fn cross_entropy(&self, logits: &mut CpuBuf, targets: &[i32], losses: &mut [f32], n: usize, v: usize, grad_scale: Option<f32>) -> Result<()> {
         ops::cross_entropy(logits, targets, losses, n, v, grad_scale);

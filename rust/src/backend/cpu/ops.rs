@@ -142,9 +142,17 @@ pub fn swiglu_bwd(dgate: &mut [f32], dup: &mut [f32], dout: &[f32], gate: &[f32]
 }
 
 /// Per-row softmax cross-entropy; optionally overwrites logits with the scaled gradient.
+/// A row whose target is < 0 is ignored (masked out of the loss): loss 0, gradient 0.
 #[allow(clippy::too_many_arguments)]
 pub fn cross_entropy(logits: &mut [f32], targets: &[i32], losses: &mut [f32], n: usize, v: usize, grad_scale: Option<f32>) {
     logits[..n * v].par_chunks_mut(v).zip(losses[..n].par_iter_mut()).enumerate().for_each(|(i, (row, loss))| {
+        if targets[i] < 0 {
+            *loss = 0.0;
+            if grad_scale.is_some() {
+                row.fill(0.0);
+            }
+            return;
+        }
         let tgt = targets[i] as usize;
         let mx = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
         let mut sum = 0.0f32;

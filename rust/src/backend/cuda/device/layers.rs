@@ -117,12 +117,12 @@ impl Layers for Cuda {
             self.gemm(&g, &scratch.data, &q.data, &mut dk.data);
         }
     }
-    fn swiglu(&self, out: &mut CudaBuf, gate: &CudaBuf, up: &CudaBuf) {
-        let n = out.data.len() as u64;
+    fn swiglu(&self, out: &mut CudaBuf, gate: &CudaBuf, up: &CudaBuf, n: usize) {
+        let n = n as u64;
         self.note("swiglu", launch!(self, self.a("swiglu"), launch::elems(n as usize); &mut out.data, &gate.data, &up.data, &n));
     }
-    fn swiglu_bwd(&self, dgate: &mut CudaBuf, dup: &mut CudaBuf, dout: &CudaBuf, gate: &CudaBuf, up: &CudaBuf) {
-        let n = dgate.data.len() as u64;
+    fn swiglu_bwd(&self, dgate: &mut CudaBuf, dup: &mut CudaBuf, dout: &CudaBuf, gate: &CudaBuf, up: &CudaBuf, n: usize) {
+        let n = n as u64;
         self.note("swiglu_bwd", launch!(self, self.a("swiglu_bwd"), launch::elems(n as usize); &mut dgate.data, &mut dup.data, &dout.data, &gate.data, &up.data, &n));
     }
     fn cross_entropy(&self, logits: &mut CudaBuf, targets: &[i32], losses: &mut [f32], n: usize, v: usize, grad_scale: Option<f32>) -> Result<()> {
