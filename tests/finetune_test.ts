@@ -5,51 +5,20 @@
  */
 import assert from "node:assert/strict";
 import { join } from "node:path";
-import { Engine, type EngineConfig } from "../ffi/engine.ts";
 import { finetune } from "../lib/finetune.ts";
 import { FinetuneSampler, loadFinetuneData, splitFinetuneData } from "../lib/finetune_data.ts";
 import { openTokenizer } from "../lib/tokenizer.ts";
 import { Rng } from "../lib/rng.ts";
-import { type StepRecord, type Summary, train, type TrainEngine } from "../lib/trainer.ts";
+import { type StepRecord, type Summary, train } from "../lib/trainer.ts";
 
 const MODEL = new URL("./fixtures/hf/gqa-tied-theta5e5", import.meta.url).pathname;
 const SCRIPT = new URL("../examples/finetune.ts", import.meta.url).pathname;
 const SEQ = 16;
 
 /**
- * The engine for a run: the native one; until it evaluates masked batches (interface A) a
- * view of it whose `eval` is its unmasked mean (exact for the batches of these tests, whose
- * rows are all full: t = seq_len and every target of a counted row is weighted the same).
- */
-async function engineFor(cfg: EngineConfig): Promise<TrainEngine> {
-  const e = await Engine.create(cfg);
-  if (typeof (e as unknown as TrainEngine).eval === "function") return e;
-  const evalFn = async (tokens: Int32Array, batches: number, mask?: Uint8Array) => {
-    const mean = await e.evalLoss(tokens, batches);
-    let count = 0;
-    if (mask !== undefined) {
-      const w = tokens.length / (batches * cfg.batch_size);
-      for (let i = 0; i < mask.length; i++) if (i % w !== 0) count += mask[i];
-    }
-    return { mean, sum: mean * count, count };
-  };
-  return new Proxy(e, {
-    get(t, k) {
-      if (k === "eval") return evalFn;
-      const v = Reflect.get(t, k, t);
-      return typeof v === "function" ? v.bind(t) : v;
-    },
-  }) as unknown as TrainEngine;
-}
-
-/** Whether the engine takes masks and short windows (interface A). */
-const MASKED = "eval" in Engine.prototype;
-
-/**
  * `n` prompt/completion lines of a learnable task: the completion repeats the prompt's
  * words (a fixed function of the prompt). With the fixture's small vocabulary every example
- * is longer than SEQ + 1 tokens and loses the start of its prompt (never its answer), so every
- * batch is a full window of SEQ (the engine before interface A needs that).
+ * is longer than SEQ + 1 tokens and loses the start of its prompt (never its answer).
  */
 function lines(n: number, seed: number): string[] {
   const words = ["apple", "river", "stone", "cloud", "green", "house", "light", "music"];
@@ -96,7 +65,6 @@ Deno.test({
       const out = join(dir, "run");
       const s: Summary = await finetune(
         { ...BASE, data, steps: 12, lr: 1e-2, evalEvery: 6, out },
-        { createEngine: engineFor },
       );
       const f = s.finetune as Record<string, Record<string, number>>;
       assert.equal(s.steps, 12);
@@ -153,15 +121,12 @@ Deno.test({
       const val = join(dir, "val.jsonl");
       Deno.writeTextFileSync(val, lines(6, 3).join("\n") + "\n");
       const opts = { ...BASE, data, valData: val, steps: 10, lr: 5e-3, evalEvery: 4 };
-      const whole = await finetune({ ...opts, out: join(dir, "whole") }, {
-        createEngine: engineFor,
-      });
+      const whole = await finetune({ ...opts, out: join(dir, "whole") });
       // stopped after 3 updates (a checkpoint at the stop), then resumed to the end; the
       // sampler wraps into a second epoch (10 updates × 4 examples > 30)
       const stop = new AbortController();
       const part = join(dir, "part");
       const first = await finetune({ ...opts, out: part }, {
-        createEngine: engineFor,
         signal: stop.signal,
         onStep: (r) => {
           if (r.step === 3) stop.abort();
@@ -171,7 +136,6 @@ Deno.test({
       assert.ok(first.interrupted);
       const resumed = await finetune(
         { resume: part, quiet: true, handleSigint: false },
-        { createEngine: engineFor },
       );
       assert.equal(resumed.steps, 10);
       assert.equal(resumed.final_train_loss, whole.final_train_loss);
@@ -188,15 +152,13 @@ Deno.test({
       const other = join(dir, "other.jsonl");
       Deno.writeTextFileSync(other, lines(6, 9).join("\n") + "\n");
       await assert.rejects(
-        finetune({ resume: part, valData: other, steps: 12, quiet: true }, {
-          createEngine: engineFor,
-        }),
+        finetune({ resume: part, valData: other, steps: 12, quiet: true }),
         /^UsageError: --resume .*part: the data changed since the checkpoint/,
       );
       // other training data: the sampler cannot continue on it
       Deno.writeTextFileSync(data, lines(30, 12).join("\n") + "\n");
       await assert.rejects(
-        finetune({ resume: part, steps: 12, quiet: true }, { createEngine: engineFor }),
+        finetune({ resume: part, steps: 12, quiet: true }),
         /^UsageError: --resume .*part: the fine-tuning data is not the data of the checkpoint/,
       );
       await assert.rejects(
@@ -235,7 +197,6 @@ Deno.test({
       Deno.writeTextFileSync(data, rows.join("\n") + "\n");
       const s = await finetune(
         { ...BASE, model, data, steps: 2, lr: 1e-3, out: null },
-        { createEngine: engineFor },
       );
       const f = s.finetune as Record<string, Record<string, number | string>>;
       assert.equal(f.train.kind, "messages");
@@ -245,7 +206,7 @@ Deno.test({
       assert.ok((f.train.lossTokens as number) < (f.train.tokens as number));
       // the fixture as it is has no chat template: a one-line error naming the file
       await assert.rejects(
-        finetune({ ...BASE, data, steps: 2, out: null }, { createEngine: engineFor }),
+        finetune({ ...BASE, data, steps: 2, out: null }),
         /^UsageError: --data .*chat\.jsonl.*chat template/,
       );
     } finally {
@@ -327,7 +288,6 @@ Deno.test({
 Deno.test({
   name: "finetune CLI: a short run prints its summary as JSON",
   sanitizeResources: false,
-  ignore: !MASKED, // the CLI uses the native engine, which must take masks (interface A)
   fn: async () => {
     const dir = Deno.makeTempDirSync({ prefix: "qgalore-ft-cli-" });
     try {
