@@ -41,6 +41,7 @@ import {
   type ResolvedOptions,
   type TrainOptions,
 } from "./options.ts";
+import { loadMultipleChoice, type McResult, scoreMultipleChoice } from "./mmlu.ts";
 import type { Tokenizer } from "./tokenizer.ts";
 import {
   type BatchSource,
@@ -102,7 +103,16 @@ export interface FinetuneSummary {
   /** Targets counted by the validation. */
   val_tokens: number;
   /** Multiple-choice accuracy with `--mc`, else null. */
-  mc: { accuracy: number; correct: number; total: number; chance: number; shots: number } | null;
+  mc: {
+    accuracy: number;
+    correct: number;
+    total: number;
+    chance: number;
+    shots: number;
+    /** Shots dropped so that prompts fit (the harness's k -= 1). */
+    shots_dropped: number;
+    by_subject: Record<string, { correct: number; total: number }>;
+  } | null;
   /** The PEFT adapter folder written (`--save-adapter`), else null. */
   adapter_saved: string | null;
   /** The PEFT adapter the run started from (`--adapter`), else null. */
@@ -239,7 +249,7 @@ function finetuneTask(): RunTask {
   const task: RunTask = {
     name: "finetune",
     check(o: Partial<TrainOptions>): void {
-      for (const key of ["valData", "mc", "saveAdapter", "adapter"] as const) {
+      for (const key of ["valData", "mc", "mcDev", "saveAdapter", "adapter"] as const) {
         pathOption(FLAG[key], o[key]);
       }
       if (o.resume !== undefined && o.resume !== null) return;
@@ -274,8 +284,18 @@ function finetuneTask(): RunTask {
       if (o.saveAdapter !== undefined && o.saveAdapter !== null) {
         checkNewDir(FLAG.saveAdapter, o.saveAdapter);
       }
-      if (o.mcShots !== undefined && o.mcShots !== null && (o.mc === undefined || o.mc === null)) {
+      const given = (v: unknown) => v !== undefined && v !== null;
+      if (given(o.mcShots) && !given(o.mc)) {
         throw new UsageError(`${FLAG.mcShots} ${o.mcShots}: needs --mc (the items to score)`);
+      }
+      if (given(o.mcShots) && o.mcShots! > 0 && !given(o.mcDev)) {
+        throw new UsageError(`${FLAG.mcShots} ${o.mcShots}: needs --mc-dev with dev questions`);
+      }
+      if (given(o.mcDev)) {
+        if (!given(o.mcShots) || o.mcShots === 0) {
+          throw new UsageError(`${FLAG.mcDev} ${o.mcDev}: give --mc-shots K (≥ 1) to use it`);
+        }
+        checkSource(FLAG.mcDev, o.mcDev!, "a CSV or JSONL file or a folder of them");
       }
     },
     async openSource(opts, tok, sampler): Promise<BatchSource> {
@@ -380,56 +400,39 @@ function finetuneTask(): RunTask {
   return task;
 }
 
-/** Multiple-choice accuracy (lib/mmlu.ts, interface E) with the run's engine. */
+/** Multiple-choice accuracy (lib/mmlu.ts) with the run's engine. */
 async function scoreMc(
   run: Run,
   opts: ResolvedOptions,
   tokenizer: Tokenizer,
 ): Promise<FinetuneSummary["mc"]> {
-  // lib/mmlu.ts is h-eval's module; a computed specifier keeps this file checkable before it lands
-  const spec = "./mmlu.ts";
-  let mmlu: {
-    loadMultipleChoice(path: string): Promise<unknown[]>;
-    scoreMultipleChoice(
-      engine: Engine,
-      tokenizer: Tokenizer,
-      items: unknown[],
-      o: { shots?: number; dev?: unknown[]; batch: number; seqLen: number },
-    ):
-      | { accuracy: number; correct: number; total: number; chance: number }
-      | Promise<{
-        accuracy: number;
-        correct: number;
-        total: number;
-        chance: number;
-      }>;
-  };
+  const load = (flag: string, path: string) =>
+    loadMultipleChoice(path).catch((e: unknown) => {
+      throw flagged(e, flag, path);
+    });
+  const items = await load(FLAG.mc, opts.mc!);
+  const dev = opts.mcDev === null ? undefined : await load(FLAG.mcDev, opts.mcDev);
+  const shots = opts.mcShots ?? 0;
+  let r: McResult;
   try {
-    mmlu = await import(spec);
-  } catch {
-    throw new UsageError(`${FLAG.mc} ${opts.mc}: this build cannot score multiple choice yet`);
-  }
-  let items: unknown[];
-  try {
-    items = await mmlu.loadMultipleChoice(opts.mc!);
+    r = await scoreMultipleChoice(run.engine as Engine, tokenizer, items, {
+      shots,
+      ...(dev === undefined ? {} : { dev }),
+      batch: opts.batchSize,
+      seqLen: opts.seqLen,
+    });
   } catch (e) {
     throw flagged(e, FLAG.mc, opts.mc!);
   }
-  const shots = opts.mcShots ?? 0;
-  if (shots >= items.length) {
-    throw new UsageError(
-      `${FLAG.mcShots} ${shots}: --mc ${opts.mc} has ${items.length} items; shots come from its first items`,
-    );
-  }
-  const dev = items.slice(0, shots);
-  const test = items.slice(shots);
-  const r = await mmlu.scoreMultipleChoice(run.engine as unknown as Engine, tokenizer, test, {
-    shots,
-    dev,
-    batch: opts.batchSize,
-    seqLen: opts.seqLen,
-  });
-  return { accuracy: r.accuracy, correct: r.correct, total: r.total, chance: r.chance, shots };
+  return {
+    accuracy: r.accuracy,
+    correct: r.correct,
+    total: r.total,
+    chance: r.chance,
+    shots: r.shots,
+    shots_dropped: r.shotsDropped,
+    by_subject: r.bySubject,
+  };
 }
 
 /** A UsageError about `value` worded with its flag: "--data x: …". */

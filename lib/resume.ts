@@ -41,6 +41,7 @@ export const RESUME_FREE: readonly (keyof TrainOptions)[] = Object.freeze([
   "exportDtype",
   "mc",
   "mcShots",
+  "mcDev",
   "saveAdapter",
   "logEvery",
   "quiet",
@@ -51,7 +52,7 @@ export const RESUME_FREE: readonly (keyof TrainOptions)[] = Object.freeze([
 const PATHS = new Set<string>(["model", "data", "tokenizer", "initFrom", "valData", "adapter"]);
 
 /** Free options holding a path: stored absolute. */
-const PATH_FREE = new Set<string>(["export", "mc", "saveAdapter"]);
+const PATH_FREE = new Set<string>(["export", "mc", "mcDev", "saveAdapter"]);
 
 /** Options of this session only: not inherited from the run record. */
 const SESSION: readonly (keyof TrainOptions)[] = ["logEvery", "quiet", "handleSigint"];

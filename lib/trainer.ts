@@ -1380,6 +1380,7 @@ function absolutePaths(o: ResolvedOptions): ResolvedOptions {
     export: abs(o.export),
     valData: abs(o.valData),
     mc: abs(o.mc),
+    mcDev: abs(o.mcDev),
     saveAdapter: abs(o.saveAdapter),
     adapter: abs(o.adapter),
   };

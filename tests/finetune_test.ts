@@ -7,6 +7,8 @@ import assert from "node:assert/strict";
 import { join } from "node:path";
 import { finetune } from "../lib/finetune.ts";
 import { FinetuneSampler, loadFinetuneData, splitFinetuneData } from "../lib/finetune_data.ts";
+import { loadMultipleChoice, scoreMultipleChoice } from "../lib/mmlu.ts";
+import { openModel } from "../lib/open_model.ts";
 import { openTokenizer } from "../lib/tokenizer.ts";
 import { Rng } from "../lib/rng.ts";
 import { type StepRecord, type Summary, train } from "../lib/trainer.ts";
@@ -215,6 +217,59 @@ Deno.test({
   },
 });
 
+Deno.test({
+  name: "finetune: --mc scores the trained model as the exported one scores (k-shot, --mc-dev)",
+  sanitizeResources: false,
+  fn: async () => {
+    const dir = Deno.makeTempDirSync({ prefix: "qgalore-ft-" });
+    try {
+      const data = join(dir, "train.jsonl");
+      Deno.writeTextFileSync(data, lines(12, 8).join("\n") + "\n");
+      const mc = new URL("./fixtures/mmlu/test/toy_science_test.csv", import.meta.url).pathname;
+      const dev = new URL("./fixtures/mmlu/dev/toy_science_dev.csv", import.meta.url).pathname;
+      const exported = join(dir, "export");
+      const s = await finetune({
+        ...BASE,
+        seqLen: 128,
+        data,
+        steps: 3,
+        lr: 1e-2,
+        mc,
+        mcShots: 1,
+        mcDev: dev,
+        export: exported,
+        exportDtype: "f32",
+        out: null,
+      });
+      const got = (s.finetune as { mc: Record<string, number> }).mc;
+      const items = await loadMultipleChoice(mc);
+      using m = await openModel({ model: exported, batchSize: 2, seqLen: 128, threads: 1 });
+      const want = await scoreMultipleChoice(m.engine, m.tokenizer, items, {
+        shots: 1,
+        dev: await loadMultipleChoice(dev),
+        batch: 2,
+        seqLen: 128,
+      });
+      assert.equal(got.total, items.length);
+      assert.equal(got.correct, want.correct);
+      assert.equal(got.accuracy, want.accuracy);
+      assert.equal(got.chance, 0.25);
+      assert.equal(got.shots, 1);
+      // the trained model is not the base model: the scores moved
+      using base = await openModel({ model: MODEL, batchSize: 2, seqLen: 128, threads: 1 });
+      const before = await scoreMultipleChoice(base.engine, base.tokenizer, items, {
+        shots: 1,
+        dev: await loadMultipleChoice(dev),
+        batch: 2,
+        seqLen: 128,
+      });
+      assert.notDeepEqual(before.scores, want.scores);
+    } finally {
+      Deno.removeSync(dir, { recursive: true });
+    }
+  },
+});
+
 const dec = new TextDecoder();
 
 async function cli(args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
@@ -263,6 +318,14 @@ Deno.test({
           /^error: --save-adapter .*: applies only to --optimizer lora, qlora \(not adamw\)/,
         ],
         [["--model", MODEL, "--data", good, "--mc-shots", "2"], /^error: --mc-shots 2: needs --mc/],
+        [
+          ["--model", MODEL, "--data", good, "--mc", good, "--mc-shots", "2"],
+          /^error: --mc-shots 2: needs --mc-dev/,
+        ],
+        [
+          ["--model", MODEL, "--data", good, "--mc", join(dir, "none.csv"), "--out", out],
+          /^error: --mc .*none\.csv: not found/,
+        ],
         [["--model", MODEL, "--data", good, "--bogus", "1"], /^error: --bogus: unknown flag/],
       ];
       for (const [args, want] of cases) {
