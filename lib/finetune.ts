@@ -41,10 +41,11 @@ import {
   type ResolvedOptions,
   type TrainOptions,
 } from "./options.ts";
-import { loadMultipleChoice, type McResult, scoreMultipleChoice } from "./mmlu.ts";
+import { loadMultipleChoice, type McItem, type McResult, scoreMultipleChoice } from "./mmlu.ts";
 import type { Tokenizer } from "./tokenizer.ts";
 import {
   type BatchSource,
+  type EvalRecord,
   type Run,
   type RunTask,
   type Summary,
@@ -246,6 +247,8 @@ function finetuneTask(): RunTask {
   let source: FinetuneBatches | null = null;
   let tokenizer: Tokenizer | null = null;
   let adapterFrom: string | null = null;
+  let mcItems: { items: McItem[]; dev: McItem[] | undefined } | null = null;
+  let lastMc: NonNullable<FinetuneSummary["mc"]> | null = null;
   const task: RunTask = {
     name: "finetune",
     check(o: Partial<TrainOptions>): void {
@@ -365,11 +368,21 @@ function finetuneTask(): RunTask {
       }
       if (opts.adapter !== null && resumed) adapterFrom = opts.adapter;
     },
+    async onEvaluate(run: Run): Promise<{ record: Partial<EvalRecord>; note?: string }> {
+      const opts = run.opts;
+      if (opts.mc === null) return { record: {} };
+      mcItems ??= await loadMc(opts);
+      lastMc = await scoreMc(run, opts, tokenizer!, mcItems);
+      return {
+        record: { mc_accuracy: lastMc.accuracy },
+        note: `multiple choice ${(100 * lastMc.accuracy).toFixed(2)}% of ${lastMc.total}`,
+      };
+    },
     async summarize(run: Run): Promise<Record<string, unknown>> {
       const s = source!;
       const opts = run.opts;
-      let mc: FinetuneSummary["mc"] = null;
-      if (opts.mc !== null && run.failure === null) mc = await scoreMc(run, opts, tokenizer!);
+      // the final evaluation's (none after a divergence)
+      const mc = run.failure === null ? lastMc : null;
       let saved: string | null = null;
       if (opts.saveAdapter !== null && run.failure === null) {
         const e = run.engine as unknown as { saveAdapter: (dir: string) => Promise<void> };
@@ -400,24 +413,31 @@ function finetuneTask(): RunTask {
   return task;
 }
 
-/** Multiple-choice accuracy (lib/mmlu.ts) with the run's engine. */
-async function scoreMc(
-  run: Run,
+/** The `--mc` items and the `--mc-dev` shots, read once per run. */
+async function loadMc(
   opts: ResolvedOptions,
-  tokenizer: Tokenizer,
-): Promise<FinetuneSummary["mc"]> {
+): Promise<{ items: McItem[]; dev: McItem[] | undefined }> {
   const load = (flag: string, path: string) =>
     loadMultipleChoice(path).catch((e: unknown) => {
       throw flagged(e, flag, path);
     });
   const items = await load(FLAG.mc, opts.mc!);
   const dev = opts.mcDev === null ? undefined : await load(FLAG.mcDev, opts.mcDev);
-  const shots = opts.mcShots ?? 0;
+  return { items, dev };
+}
+
+/** Multiple-choice accuracy (lib/mmlu.ts) of the run's engine as it is now. */
+async function scoreMc(
+  run: Run,
+  opts: ResolvedOptions,
+  tokenizer: Tokenizer,
+  mc: { items: McItem[]; dev: McItem[] | undefined },
+): Promise<NonNullable<FinetuneSummary["mc"]>> {
   let r: McResult;
   try {
-    r = await scoreMultipleChoice(run.engine as Engine, tokenizer, items, {
-      shots,
-      ...(dev === undefined ? {} : { dev }),
+    r = await scoreMultipleChoice(run.engine as Engine, tokenizer, mc.items, {
+      shots: opts.mcShots ?? 0,
+      ...(mc.dev === undefined ? {} : { dev: mc.dev }),
       batch: opts.batchSize,
       seqLen: opts.seqLen,
     });

@@ -768,8 +768,9 @@ export const OPTION_DECLARATIONS = {
     kind: "path",
     nullable: true,
     section: FINETUNE,
-    help: "--mc FILE             multiple-choice items (MMLU CSV or JSONL) scored at the end\n" +
-      "                      by each choice's log-likelihood [none]",
+    help: "--mc FILE             multiple-choice items (MMLU CSV or JSONL, or a folder) scored\n" +
+      "                      by each choice's log-likelihood at every evaluation (--eval-every;\n" +
+      "                      0: before training and at the end) [none]",
   },
   mcShots: {
     flag: "--mc-shots",

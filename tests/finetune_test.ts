@@ -11,7 +11,7 @@ import { loadMultipleChoice, scoreMultipleChoice } from "../lib/mmlu.ts";
 import { openModel } from "../lib/open_model.ts";
 import { openTokenizer } from "../lib/tokenizer.ts";
 import { Rng } from "../lib/rng.ts";
-import { type StepRecord, type Summary, train } from "../lib/trainer.ts";
+import { type EvalRecord, type StepRecord, type Summary, train } from "../lib/trainer.ts";
 
 const MODEL = new URL("./fixtures/hf/gqa-tied-theta5e5", import.meta.url).pathname;
 const SCRIPT = new URL("../examples/finetune.ts", import.meta.url).pathname;
@@ -122,7 +122,8 @@ Deno.test({
       Deno.writeTextFileSync(data, lines(30, 2).join("\n") + "\n");
       const val = join(dir, "val.jsonl");
       Deno.writeTextFileSync(val, lines(6, 3).join("\n") + "\n");
-      const opts = { ...BASE, data, valData: val, steps: 10, lr: 5e-3, evalEvery: 4 };
+      const mc = new URL("./fixtures/mmlu/test/toy_science_test.jsonl", import.meta.url).pathname;
+      const opts = { ...BASE, data, valData: val, steps: 10, lr: 5e-3, evalEvery: 4, mc };
       const whole = await finetune({ ...opts, out: join(dir, "whole") });
       // stopped after 3 updates (a checkpoint at the stop), then resumed to the end; the
       // sampler wraps into a second epoch (10 updates × 4 examples > 30)
@@ -146,6 +147,14 @@ Deno.test({
       const steps = (out: string) =>
         readMetrics(out).filter((m) => m.type === "step").map((m) => [m.loss, m.loss_tokens]);
       assert.deepEqual(steps(part), steps(join(dir, "whole")));
+      const evals = (out: string) =>
+        readMetrics(out).filter((m) => m.type === "eval").map((m) => [
+          m.step,
+          m.val_loss,
+          m.mc_accuracy,
+        ]);
+      assert.deepEqual(evals(part), evals(join(dir, "whole")));
+      assert.equal(evals(part).length, 4); // at 0, 4, 8 and the end
       const w = whole.finetune as Record<string, unknown>;
       const r = resumed.finetune as Record<string, unknown>;
       assert.equal(r.epochs, w.epochs);
@@ -228,6 +237,7 @@ Deno.test({
       const mc = new URL("./fixtures/mmlu/test/toy_science_test.csv", import.meta.url).pathname;
       const dev = new URL("./fixtures/mmlu/dev/toy_science_dev.csv", import.meta.url).pathname;
       const exported = join(dir, "export");
+      const evals: EvalRecord[] = [];
       const s = await finetune({
         ...BASE,
         seqLen: 128,
@@ -240,7 +250,7 @@ Deno.test({
         export: exported,
         exportDtype: "f32",
         out: null,
-      });
+      }, { onEval: (r) => void evals.push(r) });
       const got = (s.finetune as { mc: Record<string, number> }).mc;
       const items = await loadMultipleChoice(mc);
       using m = await openModel({ model: exported, batchSize: 2, seqLen: 128, threads: 1 });
@@ -264,6 +274,10 @@ Deno.test({
         seqLen: 128,
       });
       assert.notDeepEqual(before.scores, want.scores);
+      // scored at each evaluation: the base model's before training, the final one at the end
+      assert.equal(evals.length, 2);
+      assert.equal(evals[0].mc_accuracy, before.accuracy);
+      assert.equal(evals[1].mc_accuracy, want.accuracy);
     } finally {
       Deno.removeSync(dir, { recursive: true });
     }
