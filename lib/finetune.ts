@@ -45,6 +45,7 @@ import { loadMultipleChoice, type McItem, type McResult, scoreMultipleChoice } f
 import type { Tokenizer } from "./tokenizer.ts";
 import {
   type BatchSource,
+  DivergedError,
   type EvalRecord,
   type Run,
   type RunTask,
@@ -513,5 +514,12 @@ export function finetune(
   } catch (e) {
     return Promise.reject(e);
   }
-  return trainWith(finetuneTask(), o, hooks);
+  return trainWith(finetuneTask(), o, hooks).catch((e: unknown) => {
+    // the shared checks name the weights' folder as pre-training's flag; here it is --model
+    if (e instanceof UsageError && !(e instanceof DivergedError)) {
+      const m = e.message.replace(/^--init-from /, "--model ");
+      if (m !== e.message) throw new UsageError(m);
+    }
+    throw e;
+  });
 }

@@ -121,7 +121,9 @@ export function planResume(dir: string, given: Partial<TrainOptions>): ResumePla
       if (resolve(value) === resolve(run[key] as string)) continue;
       // moved data is the same run when it reads the same tokens (the set-up compares the
       // data's fingerprint with the checkpoint's and refuses any difference)
-      if (key === "data" || key === "valData") {
+      // a moved base model: an adapter method's checkpoint names the base it needs by a
+      // fingerprint the engine compares; other methods' checkpoints hold every weight
+      if (key === "data" || key === "valData" || key === "initFrom") {
         opts[key] = resolve(value);
         continue;
       }

@@ -50,6 +50,7 @@ import {
   engineConfig,
   FLAG,
   OPTION_KEYS,
+  OPTION_SCHEMA,
   optionDef,
   type ResolvedOptions,
   type SaveInterval,
@@ -774,8 +775,13 @@ export class Run implements Disposable {
     for (const n of notices) progress.note(n);
 
     // --init-from: the engine loads the checkpoint instead of drawing random weights (a
-    // resumed run's weights come from its own checkpoint)
-    if (opts.initFrom !== null && plan === null) cfg.init_from = opts.initFrom;
+    // resumed run's weights come from its own checkpoint; but an adapter method's checkpoint
+    // holds the adapters only, and its frozen base comes from the same folder again, which
+    // the engine checks against the fingerprint the checkpoint records)
+    const adapters = OPTION_SCHEMA.optimizers.some((o) =>
+      o.name === opts.optimizer && (o as { adapter?: boolean }).adapter === true
+    );
+    if (opts.initFrom !== null && (plan === null || adapters)) cfg.init_from = opts.initFrom;
     const create: (c: EngineConfig) => TrainEngine | Promise<TrainEngine> = hooks.createEngine ??
       Engine.create;
     const engine = await Promise.resolve(cfg).then(create)

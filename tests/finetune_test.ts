@@ -5,9 +5,11 @@
  */
 import assert from "node:assert/strict";
 import { join } from "node:path";
-import { finetune } from "../lib/finetune.ts";
+import { Engine } from "../ffi/engine.ts";
+import { finetune, type FinetuneOptions } from "../lib/finetune.ts";
 import { FinetuneSampler, loadFinetuneData, splitFinetuneData } from "../lib/finetune_data.ts";
-import { loadMultipleChoice, scoreMultipleChoice } from "../lib/mmlu.ts";
+import { loadMultipleChoice, perplexity, scoreMultipleChoice } from "../lib/mmlu.ts";
+import { OPTIMIZERS } from "../lib/options.ts";
 import { openModel } from "../lib/open_model.ts";
 import { openTokenizer } from "../lib/tokenizer.ts";
 import { Rng } from "../lib/rng.ts";
@@ -278,6 +280,89 @@ Deno.test({
       assert.equal(evals.length, 2);
       assert.equal(evals[0].mc_accuracy, before.accuracy);
       assert.equal(evals[1].mc_accuracy, want.accuracy);
+    } finally {
+      Deno.removeSync(dir, { recursive: true });
+    }
+  },
+});
+
+Deno.test({
+  name: "finetune: lora and qlora train adapters; merged export, resume bit-exact, adapters",
+  sanitizeResources: false,
+  ignore: !OPTIMIZERS.includes("lora"), // the engine's adapter methods (interface B)
+  fn: async () => {
+    const dir = Deno.makeTempDirSync({ prefix: "qgalore-ft-" });
+    try {
+      const data = join(dir, "train.jsonl");
+      Deno.writeTextFileSync(data, lines(30, 10).join("\n") + "\n");
+      const val = join(dir, "val.jsonl");
+      Deno.writeTextFileSync(val, lines(6, 11).join("\n") + "\n");
+      for (const optimizer of ["lora", "qlora"]) {
+        const opts = {
+          ...BASE,
+          optimizer,
+          seqLen: 32,
+          data,
+          valData: val,
+          steps: 8,
+          lr: 1e-2,
+          evalEvery: 0,
+          loraRank: 4,
+          loraTargets: "all-linear",
+        } as Partial<FinetuneOptions>;
+        const exported = join(dir, `${optimizer}-export`);
+        const whole = await finetune({
+          ...opts,
+          out: join(dir, optimizer),
+          export: exported,
+          exportDtype: "f32",
+        });
+        // adapters only: the base is frozen (no gradients or state for it)
+        const mem = whole.memory as unknown as Record<string, number>;
+        assert.ok(mem.adapters > 0, optimizer);
+        assert.equal(mem.grads, mem.adapters, optimizer);
+        assert.ok(whole.val_loss! < whole.initial_val_loss! - 0.3, optimizer);
+        // the merged export computes the adapted model's validation loss
+        using m = await openModel({ model: exported, batchSize: 2, seqLen: 32, threads: 1 });
+        const tok = openTokenizer(MODEL);
+        const v = await loadFinetuneData(val, tok, { seqLen: 32 });
+        const p = await perplexity(m.engine, v, 2, 32);
+        assert.ok(
+          Math.abs(p.loss - whole.val_loss!) < 1e-4,
+          `${optimizer}: ${p.loss} vs ${whole.val_loss}`,
+        );
+        // stopped after 3 updates and resumed: the same adapters, the same losses
+        const stop = new AbortController();
+        const part = join(dir, `${optimizer}-part`);
+        await finetune({ ...opts, out: part }, {
+          signal: stop.signal,
+          onStep: (r) => {
+            if (r.step === 3) stop.abort();
+          },
+        });
+        const resumed = await finetune({ resume: part, quiet: true, handleSigint: false });
+        assert.equal(resumed.final_train_loss, whole.final_train_loss, optimizer);
+        assert.equal(resumed.val_loss, whole.val_loss, optimizer);
+      }
+      // --save-adapter: PEFT files, or (before the engine writes them) a one-line refusal
+      const adapter = join(dir, "adapter");
+      const run = finetune({
+        ...BASE,
+        optimizer: "lora",
+        seqLen: 32,
+        data,
+        steps: 1,
+        saveAdapter: adapter,
+        out: null,
+      });
+      if ("saveAdapter" in Engine.prototype) {
+        const s = await run;
+        assert.equal((s.finetune as Record<string, unknown>).adapter_saved, adapter);
+        assert.ok(exists(join(adapter, "adapter_config.json")));
+        assert.ok(exists(join(adapter, "adapter_model.safetensors")));
+      } else {
+        await assert.rejects(run, /^UsageError: --save-adapter .*adapter: this build's engine/);
+      }
     } finally {
       Deno.removeSync(dir, { recursive: true });
     }
