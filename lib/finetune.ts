@@ -35,6 +35,7 @@ import {
   splitFinetuneData,
 } from "./finetune_data.ts";
 import {
+  ADAPTER_OPTIMIZERS,
   checkExportDir,
   checkSource,
   FLAG,
@@ -73,9 +74,6 @@ export const FINETUNE_LR: Readonly<Record<string, number>> = Object.freeze({
   lora: 2e-4,
   qlora: 2e-4,
 });
-
-/** The optimizers that train adapters only (`--save-adapter`, `--adapter`). */
-const ADAPTER_OPTIMIZERS: readonly string[] = Object.freeze(["lora", "qlora"]);
 
 /**
  * Options of {@link finetune}: the training options, with `model` the Hugging Face folder

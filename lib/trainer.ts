@@ -44,13 +44,13 @@ import {
 } from "./checkpoints.ts";
 import { planResume, type ResumePlan, resumeTokenizer } from "./resume.ts";
 import {
+  ADAPTER_OPTIMIZERS,
   checkInterval,
   checkOptions,
   checkSource,
   engineConfig,
   FLAG,
   OPTION_KEYS,
-  OPTION_SCHEMA,
   optionDef,
   type ResolvedOptions,
   type SaveInterval,
@@ -778,9 +778,7 @@ export class Run implements Disposable {
     // resumed run's weights come from its own checkpoint; but an adapter method's checkpoint
     // holds the adapters only, and its frozen base comes from the same folder again, which
     // the engine checks against the fingerprint the checkpoint records)
-    const adapters = OPTION_SCHEMA.optimizers.some((o) =>
-      o.name === opts.optimizer && (o as { adapter?: boolean }).adapter === true
-    );
+    const adapters = ADAPTER_OPTIMIZERS.includes(opts.optimizer);
     if (opts.initFrom !== null && (plan === null || adapters)) cfg.init_from = opts.initFrom;
     const create: (c: EngineConfig) => TrainEngine | Promise<TrainEngine> = hooks.createEngine ??
       Engine.create;
