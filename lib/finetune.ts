@@ -24,6 +24,7 @@ import { createHash } from "node:crypto";
 import { resolve } from "node:path";
 import type { Engine } from "../ffi/engine.ts";
 import { UsageError } from "./errors.ts";
+import { readAdapterConfig } from "./adapter.ts";
 import { isDirectory } from "./fs.ts";
 import {
   evalBatches,
@@ -490,6 +491,17 @@ export function finetuneTrainOptions(options: Partial<FinetuneOptions>): Partial
   }
   o.initFrom = model;
   o.model = model;
+  if (typeof o.adapter === "string" && o.adapter !== "" && isDirectory(o.adapter)) {
+    // continuing from a PEFT adapter: its rank, alpha, targets and rsLoRA are the run's
+    // unless given (a given value that disagrees is the engine's one-line refusal)
+    const a = readAdapterConfig(o.adapter, `${FLAG.adapter} ${o.adapter}`);
+    const unset = (v: unknown) => v === undefined || v === null;
+    if (unset(o.optimizer)) o.optimizer = "lora";
+    if (unset(o.loraRank)) o.loraRank = a.r;
+    if (unset(o.loraAlpha)) o.loraAlpha = a.lora_alpha;
+    if (unset(o.loraTargets)) o.loraTargets = a.target_modules.join(",");
+    if (unset(o.loraRslora)) o.loraRslora = a.use_rslora;
+  }
   if (o.lr === undefined || o.lr === null) {
     o.lr = FINETUNE_LR[o.optimizer ?? "adamw"] ?? FINETUNE_LR.adamw;
   }
