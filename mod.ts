@@ -34,10 +34,15 @@ export * from "./lib/log.ts";
 export * from "./lib/options.ts";
 export * from "./lib/cli.ts";
 export * from "./lib/trainer.ts";
+export * from "./lib/finetune.ts";
 export * from "./lib/open_model.ts";
 export * from "./lib/generate.ts";
 export * from "./lib/evaluate.ts";
+export * from "./lib/adapter.ts";
+export * from "./lib/merge.ts";
 export {
+  type AdapterConfig,
+  adapterConfig,
   type CheckpointInfo,
   Engine,
   engineAbiVersion,
@@ -69,6 +74,7 @@ export {
   resolveOptimizerConfig,
   type RopeScaling,
   type RunSpec,
+  type SaveAdapterOptions,
   type StepStats,
   type TensorPlan,
   type ValueSpec,
