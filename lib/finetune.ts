@@ -469,6 +469,22 @@ function flagged(e: unknown, flag: string, value: string): unknown {
 export function finetuneTrainOptions(options: Partial<FinetuneOptions>): Partial<TrainOptions> {
   const { model, ...rest } = options;
   const o: Partial<TrainOptions> = { ...rest };
+  if (typeof o.merge === "string") {
+    // --merge is --export for the adapter methods, whose export is the merged model
+    const opt = o.optimizer ?? (typeof o.adapter === "string" ? "lora" : "adamw");
+    if (!ADAPTER_OPTIMIZERS.includes(opt)) {
+      throw new UsageError(
+        `${FLAG.merge} ${o.merge}: applies only to --optimizer ${
+          ADAPTER_OPTIMIZERS.join(", ")
+        } (not ${opt}); a full-parameter run writes its model with --export DIR`,
+      );
+    }
+    if (o.export !== undefined && o.export !== null) {
+      throw new UsageError(`${FLAG.merge} ${o.merge}: give --merge or --export, not both`);
+    }
+    o.export = o.merge;
+    o.merge = null;
+  }
   if (options.resume !== undefined && options.resume !== null) {
     // a resume takes the model from its run record
     if (model !== undefined && model !== null) {

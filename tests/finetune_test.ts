@@ -314,7 +314,8 @@ Deno.test({
         const whole = await finetune({
           ...opts,
           out: join(dir, optimizer),
-          export: exported,
+          // --merge is --export for the adapter methods
+          ...(optimizer === "lora" ? { merge: exported } : { export: exported }),
           exportDtype: "f32",
         });
         // adapters only: the base is frozen (no gradients or state for it)
@@ -447,6 +448,25 @@ Deno.test({
           /^error: --mc .*none\.csv: not found/,
         ],
         [["--model", MODEL, "--data", good, "--bogus", "1"], /^error: --bogus: unknown flag/],
+        [
+          ["--model", MODEL, "--data", good, "--merge", join(dir, "m")],
+          /^error: --merge .*: applies only to --optimizer lora, qlora \(not adamw\)/,
+        ],
+        [
+          [
+            "--model",
+            MODEL,
+            "--data",
+            good,
+            "--optimizer",
+            "lora",
+            "--merge",
+            join(dir, "m"),
+            "--export",
+            join(dir, "e"),
+          ],
+          /^error: --merge .*: give --merge or --export, not both/,
+        ],
       ];
       for (const [args, want] of cases) {
         const r = await cli(args);
