@@ -54,8 +54,9 @@ const CHUNK = 64;
 
 /**
  * Mean cross-entropy and perplexity of `engine`'s model over `tokens` (see the module notes
- * for the windows). The engine must be built with batch_size 1 and seq_len `seqLen`; its
- * training forward scores the windows, so the loss is what training reports.
+ * for the windows). The engine must be built with seq_len `seqLen`; with batch_size B it
+ * scores B windows per batch (a last, short batch is filled with windows that carry no loss),
+ * and its training forward scores them, so the loss is what training reports.
  */
 export async function evaluatePerplexity(
   engine: Engine,
@@ -63,11 +64,10 @@ export async function evaluatePerplexity(
   seqLen: number,
   onProgress?: (done: number, total: number) => void,
 ): Promise<Perplexity> {
-  const { batch_size, seq_len } = engine.config;
-  if (batch_size !== 1 || seq_len !== seqLen) {
+  const { batch_size: batch, seq_len } = engine.config;
+  if (seq_len !== seqLen) {
     throw new UsageError(
-      `evaluate: the engine is built for batch_size ${batch_size} × seq_len ${seq_len}; ` +
-        `perplexity needs batch_size 1 and seq_len ${seqLen}`,
+      `evaluate: the engine is built for seq_len ${seq_len}; perplexity needs seq_len ${seqLen}`,
     );
   }
   const { windows, count } = perplexityWindows(tokens, seqLen);
@@ -78,10 +78,31 @@ export async function evaluatePerplexity(
   }
   const row = seqLen + 1;
   let sum = 0; // Σ over windows of each window's mean token loss
-  for (let i = 0; i < count; i += CHUNK) {
-    const k = Math.min(CHUNK, count - i);
-    sum += k * await engine.evalLoss(windows.subarray(i * row, (i + k) * row), k);
-    onProgress?.(i + k, count);
+  if (batch === 1) {
+    for (let i = 0; i < count; i += CHUNK) {
+      const k = Math.min(CHUNK, count - i);
+      sum += k * await engine.evalLoss(windows.subarray(i * row, (i + k) * row), k);
+      onProgress?.(i + k, count);
+    }
+  } else {
+    // whole batches in chunks, then the rest padded with copies that carry no loss
+    const per = Math.max(1, Math.floor(CHUNK / batch)) * batch;
+    for (let i = 0; i < count; i += per) {
+      const k = Math.min(per, count - i);
+      const nb = Math.ceil(k / batch);
+      let ids = windows.subarray(i * row, (i + k) * row);
+      let mask: Uint8Array | undefined;
+      if (k % batch !== 0) {
+        const padded = new Int32Array(nb * batch * row);
+        padded.set(ids);
+        mask = new Uint8Array(padded.length);
+        mask.fill(1, 0, k * row);
+        ids = padded;
+      }
+      const r = await engine.eval(ids, nb, mask);
+      sum += r.sum / seqLen; // every window scores seqLen targets
+      onProgress?.(i + k, count);
+    }
   }
   const loss = sum / count;
   return { loss, ppl: Math.exp(loss), tokens: count * seqLen, windows: count };

@@ -11,6 +11,7 @@ import { openModel, saveCheckpoint } from "../lib/open_model.ts";
 const FIX = new URL("./fixtures/hf/", import.meta.url).pathname;
 const MODEL = `${FIX}gqa-tied-theta5e5`;
 const TEXT = `${FIX}multilingual.txt`;
+const MC = new URL("./fixtures/mmlu/test/toy_science_test.csv", import.meta.url).pathname;
 
 async function run(
   name: string,
@@ -70,6 +71,24 @@ Deno.test("evaluate.ts --json: the library's perplexity, on a folder and on a ch
     ]);
     assert.equal(f.code, 0, f.err);
     assert.deepEqual(JSON.parse(last(f.out)), want);
+    // five windows per engine batch (the last one filled with windows that carry no loss)
+    const b = await run("evaluate", [
+      "--model",
+      MODEL,
+      "--data",
+      TEXT,
+      "--seq-len",
+      "32",
+      "--batch-size",
+      "5",
+      "--json",
+    ]);
+    assert.equal(b.code, 0, b.err);
+    const got3 = JSON.parse(last(b.out));
+    assert.equal(want.windows % 5 === 0, false, "the test wants a short last batch");
+    assert.equal(got3.windows, want.windows);
+    assert.equal(got3.tokens, want.tokens);
+    assert.ok(Math.abs(got3.loss - want.loss) < 1e-5, `${got3.loss} vs ${want.loss}`);
   } finally {
     await Deno.remove(dir, { recursive: true });
   }
@@ -103,6 +122,42 @@ Deno.test("generate.ts --json: greedy equals the library's; sampling is reproduc
 Deno.test("evaluate.ts and generate.ts: bad input is one error line", async () => {
   const cases: [string, string[], RegExp][] = [
     ["evaluate", ["--data", TEXT, "--seq-len", "8"], /--model: required/],
+    ["evaluate", ["--model", MODEL, "--seq-len", "8"], /nothing to evaluate: give --data/],
+    [
+      "evaluate",
+      ["--model", MODEL, "--data", TEXT, "--seq-len", "8", "--shots", "2"],
+      /--shots: applies to --mc only/,
+    ],
+    [
+      "evaluate",
+      ["--model", MODEL, "--mc", MC, "--seq-len", "8", "--shots", "2"],
+      /--shots 2: needs --shots-file/,
+    ],
+    [
+      "evaluate",
+      ["--model", MODEL, "--mc", MC, "--seq-len", "8", "--shots-file", MC],
+      /--shots-file: give --shots K/,
+    ],
+    [
+      "evaluate",
+      ["--model", MODEL, "--mc", MC, "--seq-len", "8", "--mc-score", "prob"],
+      /--mc-score prob: must be one of letter, text/,
+    ],
+    [
+      "evaluate",
+      ["--model", MODEL, "--mc", `${MC},/nonexistent.csv`, "--seq-len", "8"],
+      /--mc \/nonexistent\.csv: file not found/,
+    ],
+    [
+      "evaluate",
+      ["--model", MODEL, "--mc", MC, "--mc", TEXT, "--seq-len", "8"],
+      /--mc .*multilingual\.txt: unknown multiple-choice format/,
+    ],
+    [
+      "evaluate",
+      ["--model", MODEL, "--data", TEXT, "--seq-len", "8", "--batch-size", "0"],
+      /--batch-size 0: must be an integer in \[1, 4096\]/,
+    ],
     [
       "evaluate",
       ["--model", MODEL, "--data", TEXT, "--seq-len", "0"],
@@ -174,8 +229,8 @@ Deno.test("evaluate.ts refuses what is not a UTF-8 text file; a folder without t
   try {
     const bin = `${dir}/x.bin`;
     Deno.writeFileSync(bin, new Uint8Array([0xff, 0xfe, 0x00, 0x80]));
-    const jsonl = `${dir}/x.jsonl`;
-    Deno.writeTextFileSync(jsonl, '{"text":"hello"}\n');
+    const json = `${dir}/x.json`;
+    Deno.writeTextFileSync(json, '{"text":"hello"}\n');
     const bare = `${dir}/bare`;
     Deno.mkdirSync(bare);
     for (const f of ["config.json", "model.safetensors"]) {
@@ -183,7 +238,7 @@ Deno.test("evaluate.ts refuses what is not a UTF-8 text file; a folder without t
     }
     const cases: [string[], RegExp][] = [
       [["--data", bin], /--data .*x\.bin: not UTF-8 text/],
-      [["--data", jsonl], /--data .*x\.jsonl: evaluate scores a plain text file/],
+      [["--data", json], /--data .*x\.json: evaluate scores a plain text file or fine-tuning/],
       [["--data", dir], /not a regular file/],
       [["--data", TEXT, "--model", bare], /no tokenizer\.json for its 600-token vocabulary/],
     ];
