@@ -4,6 +4,7 @@
 
 pub mod engine;
 pub mod folder;
+pub mod peft;
 pub mod weights;
 
 pub use engine::{Dtype, ExportOptions, HfSession};
