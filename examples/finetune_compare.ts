@@ -11,8 +11,9 @@
  *     deno run -A examples/finetune_compare.ts --help
  *
  * The base: `--model DIR` (a Hugging Face LLaMA folder); without it a random-init model of
- * the preset `--preset` (default llama-9m) with the byte tokenizer, written once as a Hugging
- * Face folder in a temporary directory so that every method starts from the same bytes.
+ * the preset `--preset` (default llama-9m) with a 512-id byte-level BPE trained on the
+ * training text, written once as a Hugging Face folder in a temporary directory so that every
+ * method starts from the same bytes.
  * The data: `--data`/`--val-data`/`--mc` files, or (`--synthetic`, the default without
  * `--data`) the seeded keyword → group multiple-choice task of lib/synthetic_mc.ts.
  *
@@ -47,7 +48,7 @@ import { formatCount } from "../lib/log.ts";
 import { checkOptions, engineConfig } from "../lib/options.ts";
 import { modelConfig, PRESET_NAMES } from "../lib/presets.ts";
 import { syntheticMc, writeSyntheticMc } from "../lib/synthetic_mc.ts";
-import { ByteTokenizer } from "../lib/tokenizer.ts";
+import { trainTokenizer } from "../lib/tokenizer.ts";
 import { DivergedError, type Summary } from "../lib/trainer.ts";
 
 /** The seven methods, in the table's order. */
@@ -81,7 +82,7 @@ export const SYNTHETIC_LR: Readonly<Record<string, number>> = Object.freeze({
 
 /** Settings of {@link compareMethods}. */
 export interface CompareOptions {
-  /** Hugging Face model folder; null: a random-init `preset` with the byte tokenizer. */
+  /** Hugging Face model folder; null: a random-init `preset` with a BPE of the training text. */
   model: string | null;
   /** Preset of the built-in base. */
   preset: string;
@@ -388,7 +389,7 @@ function rowOf(
   scope: "method" | "process",
   error: string | null,
 ): CompareRow {
-  const m = s.memory as Summary["memory"] & { adapters?: number };
+  const m = s.memory;
   const f = (s.finetune ?? {}) as {
     val_loss?: number | null;
     mc?: CompareRow["mc"];
@@ -397,7 +398,7 @@ function rowOf(
     method,
     lr,
     weights: m.weights,
-    adapters: m.adapters ?? 0,
+    adapters: m.adapters,
     optimizer_state: m.optimizer_state,
     projector: m.projector,
     grads: m.grads,
@@ -428,8 +429,11 @@ async function runOne(
   }
 }
 
-/** One method in a child process (this script with `--child`): its summary, or a thrown error. */
-async function runChild(
+/**
+ * {@link finetune} with `opts` in a child process (this script with `--child`), so that the
+ * summary's peak RSS is this run's alone: its summary and, for a divergence, the reason.
+ */
+export async function runIsolated(
   opts: Partial<FinetuneOptions>,
 ): Promise<{ summary: Summary; error: string | null }> {
   const script = new URL(import.meta.url).pathname;
@@ -451,21 +455,38 @@ async function runChild(
 }
 
 /**
- * Writes a random-init model of `preset` (byte tokenizer, seed `seed`) as a Hugging Face
- * folder `dir`: the base every method of a comparison without `--model` starts from.
+ * Writes a random-init model of `preset` (seed `seed`) as a Hugging Face folder `dir`: the
+ * base every method of a comparison without `--model` starts from. Its tokenizer is a
+ * byte-level BPE of `vocab` ids trained on `corpus` (the task's training text), so that the
+ * task's words are single tokens as they are for a real model's tokenizer; a byte tokenizer
+ * would make a tiny random-init model spell every keyword out (it stays at chance for
+ * hundreds of updates).
  */
-export async function writePresetBase(preset: string, seed: number, dir: string): Promise<void> {
-  const tok = new ByteTokenizer();
-  const { opts } = checkOptions({
-    model: preset,
-    optimizer: "adamw",
-    seed,
-    seqLen: 8,
-    batchSize: 1,
-    device: "cpu",
-  });
-  using engine = await Engine.create(engineConfig(opts, modelConfig(preset, tok.vocabSize)));
-  await exportModel(engine, dir, { dtype: "f32", tokenizer: tok });
+export async function writePresetBase(
+  preset: string,
+  seed: number,
+  dir: string,
+  corpus: string,
+  vocab = 512,
+): Promise<void> {
+  const work = await Deno.makeTempDir({ prefix: "qgalore-base-" });
+  try {
+    const text = join(work, "corpus.txt");
+    await Deno.writeTextFile(text, corpus);
+    const tok = await trainTokenizer({ inputs: [text], vocabSize: vocab, out: join(work, "tok") });
+    const { opts } = checkOptions({
+      model: preset,
+      optimizer: "adamw",
+      seed,
+      seqLen: 8,
+      batchSize: 1,
+      device: "cpu",
+    });
+    using engine = await Engine.create(engineConfig(opts, modelConfig(preset, tok.vocabSize)));
+    await exportModel(engine, dir, { dtype: "f32", tokenizer: tok });
+  } finally {
+    await Deno.remove(work, { recursive: true });
+  }
 }
 
 /**
@@ -478,33 +499,36 @@ export async function compareMethods(
 ): Promise<CompareResult> {
   const tmp = await Deno.makeTempDir({ prefix: "qgalore-compare-" });
   try {
-    let model = o.model;
-    let base: string;
-    if (model === null) {
-      model = join(tmp, "base");
-      await writePresetBase(o.preset, o.seed, model);
-      base = `${o.preset} random init (seed ${o.seed}), byte tokenizer`;
-    } else {
-      base = model;
-    }
     let files: { data: string; valData: string | null; mc: string | null };
     let data: string;
+    let corpus: string;
     if (o.data === null) {
       const task = syntheticMc({ seed: o.seed, ...o.synthetic });
       const f = await writeSyntheticMc(join(tmp, "task"), task);
       files = { data: f.train, valData: f.val, mc: f.test };
       data = `synthetic multiple choice (${o.synthetic.order} order, seed ${o.seed}): ` +
         `${o.synthetic.train} training examples, ${o.synthetic.test} held-out questions`;
+      corpus = task.train.map((p) => p.prompt + p.completion).join("\n\n");
     } else {
       files = { data: o.data, valData: o.valData, mc: o.mc };
       data = o.data;
+      corpus = o.model === null ? await Deno.readTextFile(o.data) : "";
+    }
+    let model = o.model;
+    let base: string;
+    if (model === null) {
+      model = join(tmp, "base");
+      await writePresetBase(o.preset, o.seed, model, corpus);
+      base = `${o.preset} random init (seed ${o.seed}), 512-id BPE trained on the training text`;
+    } else {
+      base = model;
     }
     const rows: CompareRow[] = [];
     for (const method of o.methods) {
       const opts = methodOptions(o, method, { model, ...files });
       if (o.verbose) log(`${method}: ${o.steps} updates at lr ${opts.lr}…`);
       const t0 = performance.now();
-      const { summary, error } = o.isolate ? await runChild(opts) : await runOne(opts);
+      const { summary, error } = o.isolate ? await runIsolated(opts) : await runOne(opts);
       const wall = (performance.now() - t0) / 1000;
       const row = rowOf(method, opts.lr!, summary, wall, o.isolate ? "method" : "process", error);
       rows.push(row);
@@ -617,7 +641,8 @@ const HELP = `Fine-tune one base with several methods and compare them in one ta
 Usage: deno run -A examples/finetune_compare.ts [flags]
 
 Base and data:
-  --model DIR            Hugging Face LLaMA folder (default: a random-init --preset, byte tokenizer)
+  --model DIR            Hugging Face LLaMA folder (default: a random-init --preset with a BPE
+                         trained on the training text)
   --preset NAME          built-in base without --model: ${
   PRESET_NAMES.slice(0, 4).join(", ")
 } [llama-9m]
