@@ -47,7 +47,14 @@ import { exportModel } from "../lib/hf.ts";
 import { formatCount } from "../lib/log.ts";
 import { checkOptions, engineConfig } from "../lib/options.ts";
 import { modelConfig, PRESET_NAMES } from "../lib/presets.ts";
-import { syntheticMc, writeSyntheticMc } from "../lib/synthetic_mc.ts";
+import {
+  knowledgePairs,
+  pairsJsonl,
+  type PromptCompletion,
+  syntheticMc,
+  WARMUP_GROUPS,
+  writeSyntheticMc,
+} from "../lib/synthetic_mc.ts";
 import { trainTokenizer } from "../lib/tokenizer.ts";
 import { DivergedError, type Summary } from "../lib/trainer.ts";
 
@@ -98,6 +105,12 @@ export interface CompareOptions {
   synthetic: { train: number; test: number; order: "fixed" | "shuffled" };
   /** Updates per method. */
   steps: number;
+  /**
+   * Synthetic task only: full AdamW updates that warm the base up first on the same format
+   * with other groups (WARMUP_GROUPS) and on the task's facts without the format
+   * (knowledgePairs); 0: none.
+   */
+  warmSteps: number;
   /** Sequences per micro-batch. */
   batchSize: number;
   /** Longest example in tokens. */
@@ -192,6 +205,7 @@ const FLAGS: Readonly<Record<string, ScriptFlag>> = Object.freeze({
   "test-items": { type: "int", min: 4, max: 10_000 },
   order: { type: "choice", choices: ["fixed", "shuffled"] },
   steps: { type: "int", min: 1, max: 1_000_000 },
+  "warm-steps": { type: "int", min: 0, max: 1_000_000 },
   "batch-size": { type: "int", min: 1, max: 4096 },
   "seq-len": { type: "int", min: 8, max: 1 << 20 },
   "grad-accum": { type: "int", min: 1, max: 4096 },
@@ -222,6 +236,7 @@ export function defaultCompareOptions(): CompareOptions {
     mc: null,
     synthetic: { train: 800, test: 64, order: "fixed" },
     steps: 300,
+    warmSteps: 300,
     batchSize: 8,
     seqLen: 256,
     gradAccum: 1,
@@ -315,6 +330,12 @@ export function parseCompareArgs(
     order: (str("order") ?? o.synthetic.order) as "fixed" | "shuffled",
   };
   o.steps = int("steps") ?? o.steps;
+  if (o.model !== null && a["warm-steps"] !== undefined) {
+    throw new UsageError(
+      `--warm-steps ${a["warm-steps"]}: only for the built-in base (not --model)`,
+    );
+  }
+  o.warmSteps = int("warm-steps") ?? o.warmSteps;
   o.batchSize = int("batch-size") ?? o.batchSize;
   o.seqLen = int("seq-len") ?? o.seqLen;
   o.gradAccum = int("grad-accum") ?? o.gradAccum;
@@ -514,14 +535,51 @@ export async function compareMethods(
       data = o.data;
       corpus = o.model === null ? await Deno.readTextFile(o.data) : "";
     }
+    // the warm-up (synthetic task only): this format on other groups, and the task's facts
+    // without the format, so that the base knows the answers but not how to give them
+    const warmTask = syntheticMc({
+      seed: o.seed + 1,
+      train: 800,
+      test: 16,
+      order: o.synthetic.order,
+      groups: WARMUP_GROUPS,
+    });
+    const warmPairs = interleave(warmTask.train, knowledgePairs(o.seed, 800));
+    const warming = o.warmSteps > 0 && o.data === null;
     let model = o.model;
     let base: string;
+    let init = model;
     if (model === null) {
-      model = join(tmp, "base");
-      await writePresetBase(o.preset, o.seed, model, corpus);
+      init = join(tmp, "init");
+      const text = corpus + "\n\n" + warmPairs.map((p) => p.prompt + p.completion).join("\n\n");
+      await writePresetBase(o.preset, o.seed, init, text);
       base = `${o.preset} random init (seed ${o.seed}), 512-id BPE trained on the training text`;
     } else {
       base = model;
+    }
+    if (warming) {
+      await Deno.mkdir(join(tmp, "warm"));
+      const warm = { train: join(tmp, "warm", "train.jsonl"), val: join(tmp, "warm", "val.jsonl") };
+      await Deno.writeTextFile(warm.train, pairsJsonl(warmPairs));
+      await Deno.writeTextFile(warm.val, pairsJsonl(warmTask.val));
+      model = join(tmp, "base");
+      if (o.verbose) log(`base: ${o.warmSteps} full AdamW updates on the warm-up task…`);
+      const w = await finetune({
+        ...methodOptions({ ...o, steps: o.warmSteps, out: null }, "adamw", {
+          model: init!,
+          data: warm.train,
+          valData: warm.val,
+          mc: files.mc,
+        }),
+        export: model,
+        exportDtype: "f32",
+      });
+      const acc = (w.finetune as { mc?: { accuracy: number } | null }).mc?.accuracy;
+      base += `, warmed up by ${o.warmSteps} AdamW updates on the format with other groups ` +
+        `(${Object.keys(WARMUP_GROUPS).join(", ")}) and on the task's facts without it` +
+        (acc === undefined ? "" : ` (its accuracy on the task: ${(100 * acc).toFixed(1)}%)`);
+    } else {
+      model = init!;
     }
     const rows: CompareRow[] = [];
     for (const method of o.methods) {
@@ -546,6 +604,16 @@ export async function compareMethods(
   } finally {
     await Deno.remove(tmp, { recursive: true });
   }
+}
+
+/** a0, b0, a1, b1, …, then the rest of the longer one. */
+function interleave(a: PromptCompletion[], b: PromptCompletion[]): PromptCompletion[] {
+  const out: PromptCompletion[] = [];
+  for (let i = 0; i < Math.max(a.length, b.length); i++) {
+    if (i < a.length) out.push(a[i]);
+    if (i < b.length) out.push(b[i]);
+  }
+  return out;
 }
 
 function fmt(x: number | null): string {
@@ -669,6 +737,11 @@ Methods:
 
 Run:
   --steps N              updates per method [300]
+  --warm-steps N         synthetic task: full AdamW updates first on the format with other
+                         groups and on the task's facts without the format, so the base
+                         knows the answers but not how to give them (a pretrained
+                         stand-in; its accuracy starts at chance) [300 for the built-in
+                         base, 0 with --model]
   --batch-size N         sequences per micro-batch [8]
   --seq-len N            longest example in tokens [256]
   --grad-accum N         micro-batches per update [1]

@@ -41,6 +41,18 @@ export const SYNTHETIC_GROUPS: Readonly<Record<string, readonly string[]>> = Obj
   metal: Object.freeze(["iron", "zinc", "gold", "lead", "tin", "nickel", "cobalt", "copper"]),
 });
 
+/**
+ * Other groups and keywords in the same format, for warming a random-init base up before it
+ * is fine-tuned on {@link SYNTHETIC_GROUPS} (see examples/finetune_compare.ts): a base that
+ * has learned the format and to answer with a letter, but none of the task's answers.
+ */
+export const WARMUP_GROUPS: Readonly<Record<string, readonly string[]>> = Object.freeze({
+  vehicle: Object.freeze(["car", "bus", "truck", "train", "boat", "plane", "bike", "tram"]),
+  body: Object.freeze(["hand", "foot", "nose", "knee", "elbow", "ear", "neck", "chin"]),
+  music: Object.freeze(["piano", "drum", "flute", "violin", "guitar", "harp", "cello", "banjo"]),
+  weather: Object.freeze(["rain", "snow", "wind", "fog", "hail", "storm", "sleet", "frost"]),
+});
+
 const TEMPLATES: readonly string[] = Object.freeze([
   'Which group does the word "{w}" belong to?',
   'The word "{w}" names what?',
@@ -72,6 +84,8 @@ export interface SyntheticMcOptions {
   order?: ChoiceOrder;
   /** Subject of the MMLU prompt line; default `word_groups` ("… about  word groups."). */
   subject?: string;
+  /** Groups (choices, 2 to 10) and their keywords; default {@link SYNTHETIC_GROUPS}. */
+  groups?: Readonly<Record<string, readonly string[]>>;
 }
 
 /** A prompt/completion line (interface D's `prompt` kind). */
@@ -94,19 +108,26 @@ export interface SyntheticMc {
   options: Required<SyntheticMcOptions>;
 }
 
-const LETTERS = "ABCD";
-const KEYWORDS = Object.values(SYNTHETIC_GROUPS).reduce((n, w) => n + w.length, 0);
-/** Distinct questions of each order (keyword × template × filler, × 4! choice orders). */
-const QUESTIONS: Readonly<Record<ChoiceOrder, number>> = {
-  fixed: KEYWORDS * TEMPLATES.length * FILLERS.length,
-  shuffled: KEYWORDS * TEMPLATES.length * FILLERS.length * 24,
-};
+const LETTERS = "ABCDEFGHIJ";
+
+/** Distinct questions (keyword × template × filler, × the choice orders when shuffled). */
+function questionCount(groups: Readonly<Record<string, readonly string[]>>, order: ChoiceOrder) {
+  const keywords = Object.values(groups).reduce((n, w) => n + w.length, 0);
+  let orders = 1;
+  for (let k = 2; k <= Object.keys(groups).length && order === "shuffled"; k++) orders *= k;
+  return keywords * TEMPLATES.length * FILLERS.length * orders;
+}
 const MAX_ITEMS = 1_000_000;
 
-function question(rng: Rng, order: ChoiceOrder, subject: string): McItem {
-  const groups = Object.keys(SYNTHETIC_GROUPS);
+function question(
+  rng: Rng,
+  order: ChoiceOrder,
+  subject: string,
+  table: Readonly<Record<string, readonly string[]>>,
+): McItem {
+  const groups = Object.keys(table);
   const g = rng.int(groups.length);
-  const words = SYNTHETIC_GROUPS[groups[g]];
+  const words = table[groups[g]];
   const w = words[rng.int(words.length)];
   const q = FILLERS[rng.int(FILLERS.length)] +
     TEMPLATES[rng.int(TEMPLATES.length)].replace("{w}", w);
@@ -133,8 +154,20 @@ export function syntheticMc(opts: SyntheticMcOptions): SyntheticMc {
   const o: Required<SyntheticMcOptions> = {
     order: "fixed",
     subject: "word_groups",
+    groups: SYNTHETIC_GROUPS,
     ...opts,
   };
+  const names = Object.keys(o.groups);
+  if (
+    names.length < 2 || names.length > LETTERS.length ||
+    names.some((g) => !Array.isArray(o.groups[g]) || o.groups[g].length === 0)
+  ) {
+    throw new UsageError(
+      `synthetic groups ${
+        names.join(",") || '""'
+      }: need 2 to ${LETTERS.length} groups, each with keywords`,
+    );
+  }
   for (const k of ["train", "test"] as const) {
     const n = o[k];
     if (!Number.isInteger(n) || n < 1 || n > MAX_ITEMS) {
@@ -150,9 +183,12 @@ export function syntheticMc(opts: SyntheticMcOptions): SyntheticMc {
   // separate streams: the test set does not change when the training set grows
   const trainRng = new Rng(o.seed * 2 + 1);
   const testRng = new Rng(o.seed * 2 + 2);
-  const test = Array.from({ length: o.test }, () => question(testRng, o.order, o.subject));
+  const test = Array.from(
+    { length: o.test },
+    () => question(testRng, o.order, o.subject, o.groups),
+  );
   const held = new Set(test.map((i) => formatExample(i, false)));
-  if (held.size >= QUESTIONS[o.order]) {
+  if (held.size >= questionCount(o.groups, o.order)) {
     throw new UsageError(
       `synthetic test count ${o.test}: covers every question of the ${o.order} task; ` +
         "fewer test items leave questions to train on",
@@ -160,10 +196,30 @@ export function syntheticMc(opts: SyntheticMcOptions): SyntheticMc {
   }
   const trainItems: McItem[] = [];
   while (trainItems.length < o.train) {
-    const q = question(trainRng, o.order, o.subject);
+    const q = question(trainRng, o.order, o.subject, o.groups);
     if (!held.has(formatExample(q, false))) trainItems.push(q);
   }
   return { train: trainItems.map(trainingPair), val: test.map(trainingPair), test, options: o };
+}
+
+/**
+ * The keywords' groups as plain questions answered by the group's name (no choices, no
+ * letters): `Think first. What kind of thing is "tiger"?\nAnswer:` → ` animal`. Training a
+ * random-init base on these (with the multiple-choice format on other groups,
+ * {@link WARMUP_GROUPS}) makes a stand-in for a pretrained model: it knows the facts but
+ * has never answered this task's questions with a letter, so its accuracy starts at chance
+ * and fine-tuning, adapters included, only has to connect the two, as with a real model.
+ */
+export function knowledgePairs(
+  seed: number,
+  n: number,
+  groups: Readonly<Record<string, readonly string[]>> = SYNTHETIC_GROUPS,
+): PromptCompletion[] {
+  const rng = new Rng(seed * 2 + 3);
+  return Array.from({ length: n }, () => {
+    const q = question(rng, "fixed", "", groups);
+    return { prompt: `${q.question}\nAnswer:`, completion: ` ${q.choices[q.answer]}` };
+  });
 }
 
 /** JSONL of prompt/completion pairs (one object a line, trailing newline). */
