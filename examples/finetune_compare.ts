@@ -667,8 +667,10 @@ export function formatTable(r: CompareResult): string {
     line(head),
     ...body.map(line),
     chance === undefined ? "" : `multiple-choice chance: ${(100 * chance).toFixed(1)}%`,
-    "bytes are the engine's tracked bytes at the end of each run; peak RSS is each method's " +
-    "own process",
+    "bytes are the engine's tracked bytes at the end of each run; " +
+    (r.rows.some((x) => x.peak_scope === "process")
+      ? "peak RSS (≥) is the shared process's peak so far"
+      : "peak RSS is each method's own process"),
   ].filter((l) => l !== "").join("\n");
 }
 

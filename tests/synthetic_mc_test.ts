@@ -8,7 +8,14 @@ import assert from "node:assert/strict";
 import { join } from "node:path";
 import { loadMultipleChoice, mmluPrompt, parseMmluCsv } from "../lib/mmlu.ts";
 import { UsageError } from "../lib/errors.ts";
-import { itemsCsv, SYNTHETIC_GROUPS, syntheticMc, writeSyntheticMc } from "../lib/synthetic_mc.ts";
+import {
+  itemsCsv,
+  knowledgePairs,
+  SYNTHETIC_GROUPS,
+  syntheticMc,
+  WARMUP_GROUPS,
+  writeSyntheticMc,
+} from "../lib/synthetic_mc.ts";
 
 Deno.test("synthetic_mc: same seed same task, another seed another", () => {
   const a = syntheticMc({ seed: 7, train: 50, test: 20 });
@@ -77,4 +84,26 @@ Deno.test("synthetic_mc: bad counts and orders are one-line errors", () => {
     /fixed or shuffled/,
   );
   assert.throws(() => syntheticMc({ seed: 1, train: 5, test: 100_000 }), /covers every question/);
+});
+
+Deno.test("synthetic_mc: facts name the keyword's group without choices; other groups", () => {
+  const facts = knowledgePairs(2, 200);
+  assert.deepEqual(knowledgePairs(2, 200), facts);
+  for (const f of facts) {
+    const word = /"([a-z]+)"/.exec(f.prompt)![1];
+    assert.ok(SYNTHETIC_GROUPS[f.completion.slice(1)].includes(word), `${f.prompt}${f.completion}`);
+    assert.ok(f.prompt.endsWith("?\nAnswer:"));
+    assert.ok(!f.prompt.includes("\nA. "), "no choices");
+  }
+  // the warm-up groups share no keyword and no group name with the task's
+  const words = (g: Readonly<Record<string, readonly string[]>>): string[] =>
+    Object.entries(g).flatMap(([name, ws]) => [name, ...ws]);
+  const task = new Set(words(SYNTHETIC_GROUPS));
+  for (const w of words(WARMUP_GROUPS)) assert.ok(!task.has(w), w);
+  const warm = syntheticMc({ seed: 1, train: 20, test: 10, groups: WARMUP_GROUPS });
+  for (const i of warm.test) assert.deepEqual(i.choices, Object.keys(WARMUP_GROUPS));
+  assert.throws(
+    () => syntheticMc({ seed: 1, train: 5, test: 5, groups: { a: ["x"] } }),
+    /need 2 to 10 groups/,
+  );
 });
