@@ -70,3 +70,25 @@ Deno.test({
     assert.ok(by.adam8bit.optimizer_state < by.adamw.optimizer_state);
   },
 });
+
+Deno.test("finetune_compare CLI: bad flags are one-line errors with exit code 2", async () => {
+  const script = new URL("../examples/finetune_compare.ts", import.meta.url).pathname;
+  const cases: [string[], RegExp][] = [
+    [["--methods", "adamw,sgd"], /^error: --methods adamw,sgd: unknown method sgd; allowed: /],
+    [["--lr", "lora=0"], /^error: --lr lora=0: 0 is not a number > 0/],
+    [["--mc", "x.csv"], /^error: --mc x.csv: needs --data/],
+    [["--model", MODEL, "--preset", "llama-9m"], /^error: --preset llama-9m: not with --model/],
+    [["--data", "x.jsonl", "--order", "shuffled"], /^error: --order shuffled: only with/],
+  ];
+  for (const [args, want] of cases) {
+    const out = await new Deno.Command(Deno.execPath(), {
+      args: ["run", "-A", script, ...args],
+      stdout: "piped",
+      stderr: "piped",
+    }).output();
+    const err = new TextDecoder().decode(out.stderr);
+    assert.equal(out.code, 2, `${args.join(" ")}: ${err}`);
+    assert.match(err, want);
+    assert.equal(err.trim().split("\n").length, 1, err);
+  }
+});
