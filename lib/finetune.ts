@@ -35,15 +35,19 @@ import {
   splitFinetuneData,
 } from "./finetune_data.ts";
 import {
+  ADAPTER_OPTIMIZERS,
   checkExportDir,
   checkSource,
   FLAG,
   type ResolvedOptions,
   type TrainOptions,
 } from "./options.ts";
+import { loadMultipleChoice, type McItem, type McResult, scoreMultipleChoice } from "./mmlu.ts";
 import type { Tokenizer } from "./tokenizer.ts";
 import {
   type BatchSource,
+  DivergedError,
+  type EvalRecord,
   type Run,
   type RunTask,
   type Summary,
@@ -70,9 +74,6 @@ export const FINETUNE_LR: Readonly<Record<string, number>> = Object.freeze({
   lora: 2e-4,
   qlora: 2e-4,
 });
-
-/** The optimizers that train adapters only (`--save-adapter`, `--adapter`). */
-const ADAPTER_OPTIMIZERS: readonly string[] = Object.freeze(["lora", "qlora"]);
 
 /**
  * Options of {@link finetune}: the training options, with `model` the Hugging Face folder
@@ -102,7 +103,16 @@ export interface FinetuneSummary {
   /** Targets counted by the validation. */
   val_tokens: number;
   /** Multiple-choice accuracy with `--mc`, else null. */
-  mc: { accuracy: number; correct: number; total: number; chance: number; shots: number } | null;
+  mc: {
+    accuracy: number;
+    correct: number;
+    total: number;
+    chance: number;
+    shots: number;
+    /** Shots dropped so that prompts fit (the harness's k -= 1). */
+    shots_dropped: number;
+    by_subject: Record<string, { correct: number; total: number }>;
+  } | null;
   /** The PEFT adapter folder written (`--save-adapter`), else null. */
   adapter_saved: string | null;
   /** The PEFT adapter the run started from (`--adapter`), else null. */
@@ -236,10 +246,12 @@ function finetuneTask(): RunTask {
   let source: FinetuneBatches | null = null;
   let tokenizer: Tokenizer | null = null;
   let adapterFrom: string | null = null;
+  let mcItems: { items: McItem[]; dev: McItem[] | undefined } | null = null;
+  let lastMc: NonNullable<FinetuneSummary["mc"]> | null = null;
   const task: RunTask = {
     name: "finetune",
     check(o: Partial<TrainOptions>): void {
-      for (const key of ["valData", "mc", "saveAdapter", "adapter"] as const) {
+      for (const key of ["valData", "mc", "mcDev", "saveAdapter", "adapter"] as const) {
         pathOption(FLAG[key], o[key]);
       }
       if (o.resume !== undefined && o.resume !== null) return;
@@ -274,8 +286,18 @@ function finetuneTask(): RunTask {
       if (o.saveAdapter !== undefined && o.saveAdapter !== null) {
         checkNewDir(FLAG.saveAdapter, o.saveAdapter);
       }
-      if (o.mcShots !== undefined && o.mcShots !== null && (o.mc === undefined || o.mc === null)) {
+      const given = (v: unknown) => v !== undefined && v !== null;
+      if (given(o.mcShots) && !given(o.mc)) {
         throw new UsageError(`${FLAG.mcShots} ${o.mcShots}: needs --mc (the items to score)`);
+      }
+      if (given(o.mcShots) && o.mcShots! > 0 && !given(o.mcDev)) {
+        throw new UsageError(`${FLAG.mcShots} ${o.mcShots}: needs --mc-dev with dev questions`);
+      }
+      if (given(o.mcDev)) {
+        if (!given(o.mcShots) || o.mcShots === 0) {
+          throw new UsageError(`${FLAG.mcDev} ${o.mcDev}: give --mc-shots K (≥ 1) to use it`);
+        }
+        checkSource(FLAG.mcDev, o.mcDev!, "a CSV or JSONL file or a folder of them");
       }
     },
     async openSource(opts, tok, sampler): Promise<BatchSource> {
@@ -345,11 +367,21 @@ function finetuneTask(): RunTask {
       }
       if (opts.adapter !== null && resumed) adapterFrom = opts.adapter;
     },
+    async onEvaluate(run: Run): Promise<{ record: Partial<EvalRecord>; note?: string }> {
+      const opts = run.opts;
+      if (opts.mc === null) return { record: {} };
+      mcItems ??= await loadMc(opts);
+      lastMc = await scoreMc(run, opts, tokenizer!, mcItems);
+      return {
+        record: { mc_accuracy: lastMc.accuracy },
+        note: `multiple choice ${(100 * lastMc.accuracy).toFixed(2)}% of ${lastMc.total}`,
+      };
+    },
     async summarize(run: Run): Promise<Record<string, unknown>> {
       const s = source!;
       const opts = run.opts;
-      let mc: FinetuneSummary["mc"] = null;
-      if (opts.mc !== null && run.failure === null) mc = await scoreMc(run, opts, tokenizer!);
+      // the final evaluation's (none after a divergence)
+      const mc = run.failure === null ? lastMc : null;
       let saved: string | null = null;
       if (opts.saveAdapter !== null && run.failure === null) {
         const e = run.engine as unknown as { saveAdapter: (dir: string) => Promise<void> };
@@ -380,56 +412,46 @@ function finetuneTask(): RunTask {
   return task;
 }
 
-/** Multiple-choice accuracy (lib/mmlu.ts, interface E) with the run's engine. */
+/** The `--mc` items and the `--mc-dev` shots, read once per run. */
+async function loadMc(
+  opts: ResolvedOptions,
+): Promise<{ items: McItem[]; dev: McItem[] | undefined }> {
+  const load = (flag: string, path: string) =>
+    loadMultipleChoice(path).catch((e: unknown) => {
+      throw flagged(e, flag, path);
+    });
+  const items = await load(FLAG.mc, opts.mc!);
+  const dev = opts.mcDev === null ? undefined : await load(FLAG.mcDev, opts.mcDev);
+  return { items, dev };
+}
+
+/** Multiple-choice accuracy (lib/mmlu.ts) of the run's engine as it is now. */
 async function scoreMc(
   run: Run,
   opts: ResolvedOptions,
   tokenizer: Tokenizer,
-): Promise<FinetuneSummary["mc"]> {
-  // lib/mmlu.ts is h-eval's module; a computed specifier keeps this file checkable before it lands
-  const spec = "./mmlu.ts";
-  let mmlu: {
-    loadMultipleChoice(path: string): Promise<unknown[]>;
-    scoreMultipleChoice(
-      engine: Engine,
-      tokenizer: Tokenizer,
-      items: unknown[],
-      o: { shots?: number; dev?: unknown[]; batch: number; seqLen: number },
-    ):
-      | { accuracy: number; correct: number; total: number; chance: number }
-      | Promise<{
-        accuracy: number;
-        correct: number;
-        total: number;
-        chance: number;
-      }>;
-  };
+  mc: { items: McItem[]; dev: McItem[] | undefined },
+): Promise<NonNullable<FinetuneSummary["mc"]>> {
+  let r: McResult;
   try {
-    mmlu = await import(spec);
-  } catch {
-    throw new UsageError(`${FLAG.mc} ${opts.mc}: this build cannot score multiple choice yet`);
-  }
-  let items: unknown[];
-  try {
-    items = await mmlu.loadMultipleChoice(opts.mc!);
+    r = await scoreMultipleChoice(run.engine as Engine, tokenizer, mc.items, {
+      shots: opts.mcShots ?? 0,
+      ...(mc.dev === undefined ? {} : { dev: mc.dev }),
+      batch: opts.batchSize,
+      seqLen: opts.seqLen,
+    });
   } catch (e) {
     throw flagged(e, FLAG.mc, opts.mc!);
   }
-  const shots = opts.mcShots ?? 0;
-  if (shots >= items.length) {
-    throw new UsageError(
-      `${FLAG.mcShots} ${shots}: --mc ${opts.mc} has ${items.length} items; shots come from its first items`,
-    );
-  }
-  const dev = items.slice(0, shots);
-  const test = items.slice(shots);
-  const r = await mmlu.scoreMultipleChoice(run.engine as unknown as Engine, tokenizer, test, {
-    shots,
-    dev,
-    batch: opts.batchSize,
-    seqLen: opts.seqLen,
-  });
-  return { accuracy: r.accuracy, correct: r.correct, total: r.total, chance: r.chance, shots };
+  return {
+    accuracy: r.accuracy,
+    correct: r.correct,
+    total: r.total,
+    chance: r.chance,
+    shots: r.shots,
+    shots_dropped: r.shotsDropped,
+    by_subject: r.bySubject,
+  };
 }
 
 /** A UsageError about `value` worded with its flag: "--data x: …". */
@@ -490,5 +512,12 @@ export function finetune(
   } catch (e) {
     return Promise.reject(e);
   }
-  return trainWith(finetuneTask(), o, hooks);
+  return trainWith(finetuneTask(), o, hooks).catch((e: unknown) => {
+    // the shared checks name the weights' folder as pre-training's flag; here it is --model
+    if (e instanceof UsageError && !(e instanceof DivergedError)) {
+      const m = e.message.replace(/^--init-from /, "--model ");
+      if (m !== e.message) throw new UsageError(m);
+    }
+    throw e;
+  });
 }

@@ -241,8 +241,10 @@ export interface TrainOptions {
   valData: string | null;
   /** Multiple-choice file (MMLU CSV or JSONL) scored at the end of a fine-tuning run. */
   mc: string | null;
-  /** Examples of `mc` shown before each question (k-shot); null: 0 (zero-shot). */
+  /** k-shot prompts for `mc`: the first k questions of the same subject from `mcDev`; null: 0. */
   mcShots: number | null;
+  /** Dev questions (MMLU CSV or JSONL, or a folder of them) the `mcShots` shots come from. */
+  mcDev: string | null;
   /** An example longer than `seqLen`: `truncate` its prompt side, or `refuse` it; null: truncate. */
   tooLong: string | null;
   /** Write the trained adapter (lora, qlora) here in PEFT's format at the end. */
@@ -841,8 +843,9 @@ export const OPTION_DECLARATIONS = {
     kind: "path",
     nullable: true,
     section: FINETUNE,
-    help: "--mc FILE             multiple-choice items (MMLU CSV or JSONL) scored at the end\n" +
-      "                      by each choice's log-likelihood [none]",
+    help: "--mc FILE             multiple-choice items (MMLU CSV or JSONL, or a folder) scored\n" +
+      "                      by each choice's log-likelihood at every evaluation (--eval-every;\n" +
+      "                      0: before training and at the end) [none]",
   },
   mcShots: {
     flag: "--mc-shots",
@@ -850,7 +853,15 @@ export const OPTION_DECLARATIONS = {
     range: { int: true, min: 0, max: 64 },
     nullable: true,
     section: FINETUNE,
-    help: "--mc-shots K          k-shot prompts for --mc, taken from its first items [0]",
+    help: "--mc-shots K          k-shot prompts for --mc: the first K questions of the same\n" +
+      "                      subject from --mc-dev [0]",
+  },
+  mcDev: {
+    flag: "--mc-dev",
+    kind: "path",
+    nullable: true,
+    section: FINETUNE,
+    help: "--mc-dev FILE         dev questions for the --mc-shots shots (same formats)",
   },
   tooLong: {
     flag: "--too-long",

@@ -41,6 +41,7 @@ export const RESUME_FREE: readonly (keyof TrainOptions)[] = Object.freeze([
   "exportDtype",
   "mc",
   "mcShots",
+  "mcDev",
   "saveAdapter",
   "logEvery",
   "quiet",
@@ -51,7 +52,7 @@ export const RESUME_FREE: readonly (keyof TrainOptions)[] = Object.freeze([
 const PATHS = new Set<string>(["model", "data", "tokenizer", "initFrom", "valData", "adapter"]);
 
 /** Free options holding a path: stored absolute. */
-const PATH_FREE = new Set<string>(["export", "mc", "saveAdapter"]);
+const PATH_FREE = new Set<string>(["export", "mc", "mcDev", "saveAdapter"]);
 
 /** Options of this session only: not inherited from the run record. */
 const SESSION: readonly (keyof TrainOptions)[] = ["logEvery", "quiet", "handleSigint"];
@@ -120,7 +121,9 @@ export function planResume(dir: string, given: Partial<TrainOptions>): ResumePla
       if (resolve(value) === resolve(run[key] as string)) continue;
       // moved data is the same run when it reads the same tokens (the set-up compares the
       // data's fingerprint with the checkpoint's and refuses any difference)
-      if (key === "data" || key === "valData") {
+      // a moved base model: an adapter method's checkpoint names the base it needs by a
+      // fingerprint the engine compares; other methods' checkpoints hold every weight
+      if (key === "data" || key === "valData" || key === "initFrom") {
         opts[key] = resolve(value);
         continue;
       }

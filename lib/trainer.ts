@@ -44,6 +44,7 @@ import {
 } from "./checkpoints.ts";
 import { planResume, type ResumePlan, resumeTokenizer } from "./resume.ts";
 import {
+  ADAPTER_OPTIMIZERS,
   checkInterval,
   checkOptions,
   checkSource,
@@ -234,6 +235,12 @@ export interface RunTask {
     tokenizer: Tokenizer,
     sampler: unknown | null,
   ): Promise<BatchSource>;
+  /**
+   * At each evaluation, after the validation loss: what the task adds to the evaluation's
+   * record (e.g. `mc_accuracy`) and to its progress line. Must not change the engine's state
+   * (a resumed run repeats the uninterrupted run's evaluations).
+   */
+  onEvaluate?(run: Run): Promise<{ record: Partial<EvalRecord>; note?: string }>;
   /** What the task adds to the summary (as `finetune`), evaluated before the engine is freed. */
   summarize?(run: Run): Promise<Record<string, unknown>>;
   /** Throws a one-line UsageError when the options name something the task does not use. */
@@ -279,6 +286,8 @@ export interface EvalRecord {
   val_loss: number | null;
   /** exp(val_loss). */
   val_ppl: number | null;
+  /** Multiple-choice accuracy (fine-tuning with `--mc`). */
+  mc_accuracy?: number;
   /** The reference's loss: sum of batch losses / (batches + 1) (docs/algorithm-spec.md §1.7, I-16). */
   val_loss_ref: number | null;
   /** Training tokens consumed so far. */
@@ -766,8 +775,11 @@ export class Run implements Disposable {
     for (const n of notices) progress.note(n);
 
     // --init-from: the engine loads the checkpoint instead of drawing random weights (a
-    // resumed run's weights come from its own checkpoint)
-    if (opts.initFrom !== null && plan === null) cfg.init_from = opts.initFrom;
+    // resumed run's weights come from its own checkpoint; but an adapter method's checkpoint
+    // holds the adapters only, and its frozen base comes from the same folder again, which
+    // the engine checks against the fingerprint the checkpoint records)
+    const adapters = ADAPTER_OPTIMIZERS.includes(opts.optimizer);
+    if (opts.initFrom !== null && (plan === null || adapters)) cfg.init_from = opts.initFrom;
     const create: (c: EngineConfig) => TrainEngine | Promise<TrainEngine> = hooks.createEngine ??
       Engine.create;
     const engine = await Promise.resolve(cfg).then(create)
@@ -1083,6 +1095,11 @@ export class Run implements Disposable {
       if (this.#failure !== null && e instanceof EngineError) loss = null;
       else throw e;
     }
+    // what the task measures besides (fine-tuning: multiple-choice accuracy); not after a
+    // divergence, whose weights may hold anything
+    const extra = this.task.onEvaluate === undefined || this.#failure !== null
+      ? null
+      : await this.task.onEvaluate(this);
     const record: EvalRecord = {
       type: "eval",
       step: this.#steps,
@@ -1091,6 +1108,7 @@ export class Run implements Disposable {
       val_loss_ref: refBatches === null ? null : refLoss(loss, refBatches),
       tokens: this.#tokens,
       elapsed_s: this.elapsed(),
+      ...extra?.record,
     };
     this.#writeMetrics(record);
     this.#evalStep = this.#steps;
@@ -1098,7 +1116,8 @@ export class Run implements Disposable {
     this.#progress.note(
       `eval step ${this.#steps}: val loss ${loss?.toFixed(4) ?? "n/a"} ppl ${
         record.val_ppl?.toFixed(2) ?? "n/a"
-      }` + (floor === undefined ? "" : ` (floor ${floor.toFixed(4)})`),
+      }` + (floor === undefined ? "" : ` (floor ${floor.toFixed(4)})`) +
+        (extra?.note ? `; ${extra.note}` : ""),
     );
     if (this.#steps === 0 && this.#initialLoss === undefined) this.#initialLoss = loss;
     if (this.#failure === null) {
@@ -1380,6 +1399,7 @@ function absolutePaths(o: ResolvedOptions): ResolvedOptions {
     export: abs(o.export),
     valData: abs(o.valData),
     mc: abs(o.mc),
+    mcDev: abs(o.mcDev),
     saveAdapter: abs(o.saveAdapter),
     adapter: abs(o.adapter),
   };

@@ -5,51 +5,24 @@
  */
 import assert from "node:assert/strict";
 import { join } from "node:path";
-import { Engine, type EngineConfig } from "../ffi/engine.ts";
-import { finetune } from "../lib/finetune.ts";
+import { Engine } from "../ffi/engine.ts";
+import { finetune, type FinetuneOptions } from "../lib/finetune.ts";
 import { FinetuneSampler, loadFinetuneData, splitFinetuneData } from "../lib/finetune_data.ts";
+import { loadMultipleChoice, perplexity, scoreMultipleChoice } from "../lib/mmlu.ts";
+import { OPTIMIZERS } from "../lib/options.ts";
+import { openModel } from "../lib/open_model.ts";
 import { openTokenizer } from "../lib/tokenizer.ts";
 import { Rng } from "../lib/rng.ts";
-import { type StepRecord, type Summary, train, type TrainEngine } from "../lib/trainer.ts";
+import { type EvalRecord, type StepRecord, type Summary, train } from "../lib/trainer.ts";
 
 const MODEL = new URL("./fixtures/hf/gqa-tied-theta5e5", import.meta.url).pathname;
 const SCRIPT = new URL("../examples/finetune.ts", import.meta.url).pathname;
 const SEQ = 16;
 
 /**
- * The engine for a run: the native one; until it evaluates masked batches (interface A) a
- * view of it whose `eval` is its unmasked mean (exact for the batches of these tests, whose
- * rows are all full: t = seq_len and every target of a counted row is weighted the same).
- */
-async function engineFor(cfg: EngineConfig): Promise<TrainEngine> {
-  const e = await Engine.create(cfg);
-  if (typeof (e as unknown as TrainEngine).eval === "function") return e;
-  const evalFn = async (tokens: Int32Array, batches: number, mask?: Uint8Array) => {
-    const mean = await e.evalLoss(tokens, batches);
-    let count = 0;
-    if (mask !== undefined) {
-      const w = tokens.length / (batches * cfg.batch_size);
-      for (let i = 0; i < mask.length; i++) if (i % w !== 0) count += mask[i];
-    }
-    return { mean, sum: mean * count, count };
-  };
-  return new Proxy(e, {
-    get(t, k) {
-      if (k === "eval") return evalFn;
-      const v = Reflect.get(t, k, t);
-      return typeof v === "function" ? v.bind(t) : v;
-    },
-  }) as unknown as TrainEngine;
-}
-
-/** Whether the engine takes masks and short windows (interface A). */
-const MASKED = "eval" in Engine.prototype;
-
-/**
  * `n` prompt/completion lines of a learnable task: the completion repeats the prompt's
  * words (a fixed function of the prompt). With the fixture's small vocabulary every example
- * is longer than SEQ + 1 tokens and loses the start of its prompt (never its answer), so every
- * batch is a full window of SEQ (the engine before interface A needs that).
+ * is longer than SEQ + 1 tokens and loses the start of its prompt (never its answer).
  */
 function lines(n: number, seed: number): string[] {
   const words = ["apple", "river", "stone", "cloud", "green", "house", "light", "music"];
@@ -96,7 +69,6 @@ Deno.test({
       const out = join(dir, "run");
       const s: Summary = await finetune(
         { ...BASE, data, steps: 12, lr: 1e-2, evalEvery: 6, out },
-        { createEngine: engineFor },
       );
       const f = s.finetune as Record<string, Record<string, number>>;
       assert.equal(s.steps, 12);
@@ -152,16 +124,14 @@ Deno.test({
       Deno.writeTextFileSync(data, lines(30, 2).join("\n") + "\n");
       const val = join(dir, "val.jsonl");
       Deno.writeTextFileSync(val, lines(6, 3).join("\n") + "\n");
-      const opts = { ...BASE, data, valData: val, steps: 10, lr: 5e-3, evalEvery: 4 };
-      const whole = await finetune({ ...opts, out: join(dir, "whole") }, {
-        createEngine: engineFor,
-      });
+      const mc = new URL("./fixtures/mmlu/test/toy_science_test.jsonl", import.meta.url).pathname;
+      const opts = { ...BASE, data, valData: val, steps: 10, lr: 5e-3, evalEvery: 4, mc };
+      const whole = await finetune({ ...opts, out: join(dir, "whole") });
       // stopped after 3 updates (a checkpoint at the stop), then resumed to the end; the
       // sampler wraps into a second epoch (10 updates × 4 examples > 30)
       const stop = new AbortController();
       const part = join(dir, "part");
       const first = await finetune({ ...opts, out: part }, {
-        createEngine: engineFor,
         signal: stop.signal,
         onStep: (r) => {
           if (r.step === 3) stop.abort();
@@ -171,7 +141,6 @@ Deno.test({
       assert.ok(first.interrupted);
       const resumed = await finetune(
         { resume: part, quiet: true, handleSigint: false },
-        { createEngine: engineFor },
       );
       assert.equal(resumed.steps, 10);
       assert.equal(resumed.final_train_loss, whole.final_train_loss);
@@ -180,6 +149,14 @@ Deno.test({
       const steps = (out: string) =>
         readMetrics(out).filter((m) => m.type === "step").map((m) => [m.loss, m.loss_tokens]);
       assert.deepEqual(steps(part), steps(join(dir, "whole")));
+      const evals = (out: string) =>
+        readMetrics(out).filter((m) => m.type === "eval").map((m) => [
+          m.step,
+          m.val_loss,
+          m.mc_accuracy,
+        ]);
+      assert.deepEqual(evals(part), evals(join(dir, "whole")));
+      assert.equal(evals(part).length, 4); // at 0, 4, 8 and the end
       const w = whole.finetune as Record<string, unknown>;
       const r = resumed.finetune as Record<string, unknown>;
       assert.equal(r.epochs, w.epochs);
@@ -188,15 +165,13 @@ Deno.test({
       const other = join(dir, "other.jsonl");
       Deno.writeTextFileSync(other, lines(6, 9).join("\n") + "\n");
       await assert.rejects(
-        finetune({ resume: part, valData: other, steps: 12, quiet: true }, {
-          createEngine: engineFor,
-        }),
+        finetune({ resume: part, valData: other, steps: 12, quiet: true }),
         /^UsageError: --resume .*part: the data changed since the checkpoint/,
       );
       // other training data: the sampler cannot continue on it
       Deno.writeTextFileSync(data, lines(30, 12).join("\n") + "\n");
       await assert.rejects(
-        finetune({ resume: part, steps: 12, quiet: true }, { createEngine: engineFor }),
+        finetune({ resume: part, steps: 12, quiet: true }),
         /^UsageError: --resume .*part: the fine-tuning data is not the data of the checkpoint/,
       );
       await assert.rejects(
@@ -235,7 +210,6 @@ Deno.test({
       Deno.writeTextFileSync(data, rows.join("\n") + "\n");
       const s = await finetune(
         { ...BASE, model, data, steps: 2, lr: 1e-3, out: null },
-        { createEngine: engineFor },
       );
       const f = s.finetune as Record<string, Record<string, number | string>>;
       assert.equal(f.train.kind, "messages");
@@ -245,9 +219,150 @@ Deno.test({
       assert.ok((f.train.lossTokens as number) < (f.train.tokens as number));
       // the fixture as it is has no chat template: a one-line error naming the file
       await assert.rejects(
-        finetune({ ...BASE, data, steps: 2, out: null }, { createEngine: engineFor }),
+        finetune({ ...BASE, data, steps: 2, out: null }),
         /^UsageError: --data .*chat\.jsonl.*chat template/,
       );
+    } finally {
+      Deno.removeSync(dir, { recursive: true });
+    }
+  },
+});
+
+Deno.test({
+  name: "finetune: --mc scores the trained model as the exported one scores (k-shot, --mc-dev)",
+  sanitizeResources: false,
+  fn: async () => {
+    const dir = Deno.makeTempDirSync({ prefix: "qgalore-ft-" });
+    try {
+      const data = join(dir, "train.jsonl");
+      Deno.writeTextFileSync(data, lines(12, 8).join("\n") + "\n");
+      const mc = new URL("./fixtures/mmlu/test/toy_science_test.csv", import.meta.url).pathname;
+      const dev = new URL("./fixtures/mmlu/dev/toy_science_dev.csv", import.meta.url).pathname;
+      const exported = join(dir, "export");
+      const evals: EvalRecord[] = [];
+      const s = await finetune({
+        ...BASE,
+        seqLen: 128,
+        data,
+        steps: 3,
+        lr: 1e-2,
+        mc,
+        mcShots: 1,
+        mcDev: dev,
+        export: exported,
+        exportDtype: "f32",
+        out: null,
+      }, { onEval: (r) => void evals.push(r) });
+      const got = (s.finetune as { mc: Record<string, number> }).mc;
+      const items = await loadMultipleChoice(mc);
+      using m = await openModel({ model: exported, batchSize: 2, seqLen: 128, threads: 1 });
+      const want = await scoreMultipleChoice(m.engine, m.tokenizer, items, {
+        shots: 1,
+        dev: await loadMultipleChoice(dev),
+        batch: 2,
+        seqLen: 128,
+      });
+      assert.equal(got.total, items.length);
+      assert.equal(got.correct, want.correct);
+      assert.equal(got.accuracy, want.accuracy);
+      assert.equal(got.chance, 0.25);
+      assert.equal(got.shots, 1);
+      // the trained model is not the base model: the scores moved
+      using base = await openModel({ model: MODEL, batchSize: 2, seqLen: 128, threads: 1 });
+      const before = await scoreMultipleChoice(base.engine, base.tokenizer, items, {
+        shots: 1,
+        dev: await loadMultipleChoice(dev),
+        batch: 2,
+        seqLen: 128,
+      });
+      assert.notDeepEqual(before.scores, want.scores);
+      // scored at each evaluation: the base model's before training, the final one at the end
+      assert.equal(evals.length, 2);
+      assert.equal(evals[0].mc_accuracy, before.accuracy);
+      assert.equal(evals[1].mc_accuracy, want.accuracy);
+    } finally {
+      Deno.removeSync(dir, { recursive: true });
+    }
+  },
+});
+
+Deno.test({
+  name: "finetune: lora and qlora train adapters; merged export, resume bit-exact, adapters",
+  sanitizeResources: false,
+  ignore: !OPTIMIZERS.includes("lora"), // the engine's adapter methods (interface B)
+  fn: async () => {
+    const dir = Deno.makeTempDirSync({ prefix: "qgalore-ft-" });
+    try {
+      const data = join(dir, "train.jsonl");
+      Deno.writeTextFileSync(data, lines(30, 10).join("\n") + "\n");
+      const val = join(dir, "val.jsonl");
+      Deno.writeTextFileSync(val, lines(6, 11).join("\n") + "\n");
+      for (const optimizer of ["lora", "qlora"]) {
+        const opts = {
+          ...BASE,
+          optimizer,
+          seqLen: 32,
+          data,
+          valData: val,
+          steps: 8,
+          lr: 1e-2,
+          evalEvery: 0,
+          loraRank: 4,
+          loraTargets: "all-linear",
+        } as Partial<FinetuneOptions>;
+        const exported = join(dir, `${optimizer}-export`);
+        const whole = await finetune({
+          ...opts,
+          out: join(dir, optimizer),
+          export: exported,
+          exportDtype: "f32",
+        });
+        // adapters only: the base is frozen (no gradients or state for it)
+        const mem = whole.memory as unknown as Record<string, number>;
+        assert.ok(mem.adapters > 0, optimizer);
+        assert.equal(mem.grads, mem.adapters, optimizer);
+        assert.ok(whole.val_loss! < whole.initial_val_loss! - 0.3, optimizer);
+        // the merged export computes the adapted model's validation loss
+        using m = await openModel({ model: exported, batchSize: 2, seqLen: 32, threads: 1 });
+        const tok = openTokenizer(MODEL);
+        const v = await loadFinetuneData(val, tok, { seqLen: 32 });
+        const p = await perplexity(m.engine, v, 2, 32);
+        assert.ok(
+          Math.abs(p.loss - whole.val_loss!) < 1e-4,
+          `${optimizer}: ${p.loss} vs ${whole.val_loss}`,
+        );
+        // stopped after 3 updates and resumed: the same adapters, the same losses
+        const stop = new AbortController();
+        const part = join(dir, `${optimizer}-part`);
+        await finetune({ ...opts, out: part }, {
+          signal: stop.signal,
+          onStep: (r) => {
+            if (r.step === 3) stop.abort();
+          },
+        });
+        const resumed = await finetune({ resume: part, quiet: true, handleSigint: false });
+        assert.equal(resumed.final_train_loss, whole.final_train_loss, optimizer);
+        assert.equal(resumed.val_loss, whole.val_loss, optimizer);
+      }
+      // --save-adapter: PEFT files, or (before the engine writes them) a one-line refusal
+      const adapter = join(dir, "adapter");
+      const run = finetune({
+        ...BASE,
+        optimizer: "lora",
+        seqLen: 32,
+        data,
+        steps: 1,
+        saveAdapter: adapter,
+        out: null,
+      });
+      if ("saveAdapter" in Engine.prototype) {
+        const s = await run;
+        assert.equal((s.finetune as Record<string, unknown>).adapter_saved, adapter);
+        assert.ok(exists(join(adapter, "adapter_config.json")));
+        assert.ok(exists(join(adapter, "adapter_model.safetensors")));
+      } else {
+        await assert.rejects(run, /^UsageError: --save-adapter .*adapter: this build's engine/);
+      }
     } finally {
       Deno.removeSync(dir, { recursive: true });
     }
@@ -302,6 +417,14 @@ Deno.test({
           /^error: --save-adapter .*: applies only to --optimizer lora, qlora \(not adamw\)/,
         ],
         [["--model", MODEL, "--data", good, "--mc-shots", "2"], /^error: --mc-shots 2: needs --mc/],
+        [
+          ["--model", MODEL, "--data", good, "--mc", good, "--mc-shots", "2"],
+          /^error: --mc-shots 2: needs --mc-dev/,
+        ],
+        [
+          ["--model", MODEL, "--data", good, "--mc", join(dir, "none.csv"), "--out", out],
+          /^error: --mc .*none\.csv: not found/,
+        ],
         [["--model", MODEL, "--data", good, "--bogus", "1"], /^error: --bogus: unknown flag/],
       ];
       for (const [args, want] of cases) {
@@ -327,7 +450,6 @@ Deno.test({
 Deno.test({
   name: "finetune CLI: a short run prints its summary as JSON",
   sanitizeResources: false,
-  ignore: !MASKED, // the CLI uses the native engine, which must take masks (interface A)
   fn: async () => {
     const dir = Deno.makeTempDirSync({ prefix: "qgalore-ft-cli-" });
     try {

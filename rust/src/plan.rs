@@ -408,7 +408,7 @@ impl Plan {
         let table_block = (fused && eight_bit_state(o, v * c)).then_some(o.block_size);
         let chunk = table_chunk_rows(v, c, other, table_block);
         let mut shared_grad = 0;
-        for t in tensors.iter_mut().filter(|t| t.grad_len.is_none() && !(lb.is_some() && !t.role.adapter())) {
+        for t in tensors.iter_mut().filter(|t| t.grad_len.is_none() && (lb.is_none() || t.role.adapter())) {
             let table = matches!(t.role, Role::Embed | Role::Head);
             t.grad_chunk_rows = chunk.filter(|_| table);
             shared_grad = shared_grad.max(shared_grad_len(t.rows * t.cols, t.cols, t.grad_chunk_rows));

@@ -61,6 +61,9 @@ impl Targets {
     }
 }
 
+/// Adapters on the host: (PEFT parameter name, shape [rows, cols], values), in model order.
+pub type HostTensors = Vec<(String, Vec<usize>, Vec<f32>)>;
+
 /// The adapter settings of a run (`Engine::adapters`).
 #[derive(Clone, Debug, PartialEq)]
 pub struct AdapterSpec {
@@ -74,7 +77,7 @@ pub struct AdapterSpec {
 impl AdapterSpec {
     /// The spec of an adapter optimizer's config; None for the others.
     pub fn from_optim(o: &OptimConfig) -> Option<Self> {
-        o.name.adapter().then(|| AdapterSpec {
+        o.name.adapter().then_some(AdapterSpec {
             rank: o.lora_rank,
             alpha: o.lora_alpha,
             dropout: o.lora_dropout,
@@ -152,8 +155,10 @@ pub fn act_buffers(cfg: &ModelConfig, spec: &AdapterSpec, b: usize, t: usize) ->
     let pairs = adapter_list(cfg, spec);
     let big_in = pairs.iter().map(|p| p.3).max().unwrap_or(0);
     let mut out = vec![
-        ActBuf { name: "lora_v", len: n * r, copies: pairs.len(), fp32: false },
-        ActBuf { name: "lora_du", len: n * r, copies: 1, fp32: false },
+        // f32 under every precision: the adapter scale is applied to them in place
+        // (`Memory::scale` works on f32 buffers), and they are only n × r
+        ActBuf { name: "lora_v", len: n * r, copies: pairs.len(), fp32: true },
+        ActBuf { name: "lora_du", len: n * r, copies: 1, fp32: true },
         ActBuf { name: "lora_dnorm", len: cfg.hidden_size, copies: 1, fp32: true },
     ];
     if spec.dropout > 0.0 {
@@ -178,11 +183,11 @@ impl<B: Backend> LoraActs<B> {
         let pairs = adapter_list(cfg, spec);
         let mut v: Vec<[Option<B::Buf>; 7]> = (0..cfg.num_hidden_layers).map(|_| Default::default()).collect();
         for &(l, k, _, _) in &pairs {
-            v[l][k] = Some(be.alloc(n * spec.rank, cat)?);
+            v[l][k] = Some(be.alloc_fp32(n * spec.rank, cat)?);
         }
         let big_in = pairs.iter().map(|p| p.3).max().unwrap_or(0);
         let xd = if spec.dropout > 0.0 { Some(be.alloc(n * big_in, cat)?) } else { None };
-        Ok(LoraActs { v, du: be.alloc(n * spec.rank, cat)?, dnorm: be.alloc_fp32(cfg.hidden_size, cat)?, xd })
+        Ok(LoraActs { v, du: be.alloc_fp32(n * spec.rank, cat)?, dnorm: be.alloc_fp32(cfg.hidden_size, cat)?, xd })
     }
 }
 
