@@ -20,6 +20,7 @@
  *     deno run -A bench/finetune.ts                        # (a) and (b), ~5 min on 2 cores
  *     deno run -A bench/finetune.ts --estimate-only        # (a) only, milliseconds
  *     deno run -A bench/finetune.ts --model llama-20m --steps 40 --write
+ *     deno run -A bench/finetune.ts --skip-speed --dequant-steps 20 --repeat 3   # dequant only
  *
  * Prints one JSON line per row; `--write` also appends them to
  * bench/results/finetune-cpu-<date>.jsonl (first line: the machine).
@@ -50,6 +51,8 @@ const { values } = parseArgs({
     batch: { type: "string", default: "8" },
     seq: { type: "string", default: "160" },
     threads: { type: "string" },
+    "skip-speed": { type: "boolean", default: false },
+    repeat: { type: "string", default: "1" },
     write: { type: "boolean", default: false },
   },
 });
@@ -224,7 +227,7 @@ if (!values["estimate-only"]) {
     // tokens/s of each method (synthetic task, small preset)
     const small = join(tmp, "base-small");
     await writePresetBase(values.model!, 0, small, corpus);
-    for (const method of METHODS) {
+    for (const method of values["skip-speed"] ? [] : METHODS) {
       const { summary } = await runIsolated(methodOptions(o, method, { model: small, ...files }));
       const m = summary.memory;
       emit({
@@ -248,31 +251,37 @@ if (!values["estimate-only"]) {
     const big = join(tmp, "base-dequant");
     await writePresetBase(values["dequant-model"]!, 0, big, corpus);
     const dq = { ...o, steps: Number(values["dequant-steps"]) };
-    const per: Record<string, number> = {};
-    for (
-      const [label, method, base] of [
-        ["lora f32 base", "lora", "f32"],
-        ["lora bf16 base", "lora", "bf16"],
-        ["qlora NF4 base", "qlora", null],
-      ] as const
-    ) {
-      const opts = {
-        ...methodOptions(dq, method, { model: big, ...files }),
-        ...(base === null ? {} : { loraBase: base }),
-      };
-      const { summary } = await runIsolated(opts);
-      const stepS = (summary.tokens as number) / summary.tokens_per_s / dq.steps;
-      per[label] = stepS;
-      emit({
-        part: "dequant",
-        model: values["dequant-model"],
-        method: label,
-        steps: dq.steps,
-        tokens_per_s: Math.round(summary.tokens_per_s),
-        step_s: r3(stepS),
-        weights: summary.memory.weights,
-      });
+    const runs: Record<string, number[]> = {};
+    // the three bases alternate (repeat rounds), so that load changes hit them alike
+    for (let round = 0; round < Number(values.repeat); round++) {
+      for (
+        const [label, method, base] of [
+          ["lora f32 base", "lora", "f32"],
+          ["lora bf16 base", "lora", "bf16"],
+          ["qlora NF4 base", "qlora", null],
+        ] as const
+      ) {
+        const opts = {
+          ...methodOptions(dq, method, { model: big, ...files }),
+          ...(base === null ? {} : { loraBase: base }),
+        };
+        const { summary } = await runIsolated(opts);
+        const stepS = (summary.tokens as number) / summary.tokens_per_s / dq.steps;
+        (runs[label] ??= []).push(stepS);
+        emit({
+          part: "dequant",
+          model: values["dequant-model"],
+          method: label,
+          round,
+          steps: dq.steps,
+          tokens_per_s: Math.round(summary.tokens_per_s),
+          step_s: r3(stepS),
+          weights: summary.memory.weights,
+        });
+      }
     }
+    const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)];
+    const per = Object.fromEntries(Object.entries(runs).map(([k, v]) => [k, median(v)]));
     emit({
       part: "dequant_cost",
       model: values["dequant-model"],

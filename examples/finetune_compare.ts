@@ -15,7 +15,14 @@
  * training text, written once as a Hugging Face folder in a temporary directory so that every
  * method starts from the same bytes.
  * The data: `--data`/`--val-data`/`--mc` files, or (`--synthetic`, the default without
- * `--data`) the seeded keyword → group multiple-choice task of lib/synthetic_mc.ts.
+ * `--data`) the seeded keyword → group multiple-choice task of lib/synthetic_mc.ts. With the
+ * synthetic task the base is first warmed up (`--warm-steps`, default 300 for the built-in
+ * base): full AdamW on the same format with other groups and on the task's facts without
+ * the format, so that it knows the answers but starts at chance, as a pretrained model
+ * would (a random-init base's frozen embeddings and head leave LoRA at chance; see
+ * lib/synthetic_mc.ts). Measured on llama-9m, 300 updates, 64 held-out questions (chance
+ * 25%, the warmed base 17%): adamw 93.8%, adam8bit 95.3%, galore 93.8%, galore8bit 82.8%,
+ * qgalore 92.2%, lora 90.6%, qlora 90.6%.
  *
  * Ranks: `--rank` (GaLore family, default 8) and `--lora-rank` (default 8, alpha 16,
  * targets all-linear as the QLoRA paper trains): the GaLore paper's fine-tuning
