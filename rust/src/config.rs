@@ -496,6 +496,7 @@ macro_rules! optim_options {
                 if let Some((_, e)) = bad.into_iter().find(|(f, _)| !off.iter().any(|n| n.field == *f)) {
                     return Err(e);
                 }
+                cfg.check_freeze()?;
                 Ok((cfg, off))
             }
 
@@ -579,6 +580,10 @@ optim_options! {
     lora_rslora: bool, None, all(false), Adapter;
     /// lora's frozen base storage (qlora's is NF4).
     lora_base: LoraBase, None, all(LoraBase::Bf16), Lora;
+    /// Freezes the token embedding and the lm_head (one table when tied): no gradient, no
+    /// optimizer state, weights unchanged (`OptimConfig::frozen`). Always on for lora and
+    /// qlora (their default; false is refused there).
+    freeze_embeddings: bool, None, |o: Optimizer, _| o.adapter(), All;
 }
 
 impl OptimConfig {
@@ -614,6 +619,29 @@ impl OptimConfig {
 
     pub fn projected(&self) -> bool {
         self.name.projected()
+    }
+
+    /// Whether a parameter of `role` is frozen (no gradient, no optimizer state, never
+    /// updated): the one owner of the rule. An adapter run trains only its adapters; with
+    /// `freeze_embeddings` the token embedding and the lm_head are frozen.
+    pub fn frozen(&self, role: crate::model::llama::Role) -> bool {
+        use crate::model::llama::Role;
+        if self.name.adapter() {
+            !role.adapter()
+        } else {
+            self.freeze_embeddings && matches!(role, Role::Embed | Role::Head)
+        }
+    }
+
+    /// lora and qlora always freeze the embedding and the head: `freeze_embeddings = false`
+    /// is refused there rather than ignored.
+    fn check_freeze(&self) -> Result<()> {
+        ensure!(
+            self.freeze_embeddings || !self.name.adapter(),
+            "freeze_embeddings = false: {} always freezes the token embedding and lm_head (only true is allowed)",
+            self.name.name()
+        );
+        Ok(())
     }
     pub fn eight_bit(&self) -> bool {
         self.name.eight_bit()

@@ -359,8 +359,8 @@ impl Plan {
         let mut tensors = Vec::with_capacity(shapes.len());
         for (name, rows, cols, role) in shapes {
             let n = rows * cols;
-            // a LoRA model trains only its adapters; the base is frozen (no grad, no state)
-            let frozen = lb.is_some() && !role.adapter();
+            // frozen (no grad, no state): a LoRA model's base; the tables with freeze_embeddings
+            let frozen = o.frozen(role);
             let weight_bytes = match (role, quant) {
                 (Role::Linear, _) if lb.as_ref().is_some_and(|l| l.nf4) => {
                     wq = wq.max(n);
@@ -406,9 +406,9 @@ impl Plan {
         }
         let (v, c) = (m.vocab_size, m.hidden_size);
         let table_block = (fused && eight_bit_state(o, v * c)).then_some(o.block_size);
-        let chunk = table_chunk_rows(v, c, other, table_block);
+        let chunk = table_chunk_rows(v, c, other, table_block).filter(|_| !o.frozen(Role::Embed));
         let mut shared_grad = 0;
-        for t in tensors.iter_mut().filter(|t| t.grad_len.is_none() && (lb.is_none() || t.role.adapter())) {
+        for t in tensors.iter_mut().filter(|t| t.grad_len.is_none() && !o.frozen(t.role)) {
             let table = matches!(t.role, Role::Embed | Role::Head);
             t.grad_chunk_rows = chunk.filter(|_| table);
             shared_grad = shared_grad.max(shared_grad_len(t.rows * t.cols, t.cols, t.grad_chunk_rows));
@@ -435,7 +435,7 @@ impl Plan {
         let stored = sum(|t| t.projector.as_ref().map_or(0, |p| p.stored_bytes));
         let stepped = Bytes { projector: initial.projector + stored, total: initial.total + stored, ..initial };
         Plan {
-            params: tensors.iter().filter(|t| lb.is_none() || t.role.adapter()).map(|t| (t.rows * t.cols) as u64).sum(),
+            params: tensors.iter().filter(|t| !o.frozen(t.role)).map(|t| (t.rows * t.cols) as u64).sum(),
             precision: if bf16 { "bf16" } else { "fp32" },
             fused,
             table_chunk_rows: chunk,

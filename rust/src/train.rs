@@ -91,7 +91,8 @@ impl<B: Backend> Engine<B> {
         let (quant, half) = (plan::linear_quant(o), plan::half_tables(o));
         let seed = init.is_none().then_some(cfg.seed);
         let lb = plan::lora_build(o, cfg.seed);
-        let model = be.runner().run(|| Llama::build_with(&be, &cfg.model, seed, quant, half, lb.as_ref()))?;
+        let mut model = be.runner().run(|| Llama::build_with(&be, &cfg.model, seed, quant, half, lb.as_ref()))?;
+        model.frozen_tables = o.frozen(crate::model::llama::Role::Embed);
         let fused = plan.fused;
         let opt = optim::build(&be, &plan, o, cfg.seed)?;
         let grads = Grads::new(&be, plan.tensors.iter().map(|t| (t.grad_len, t.grad_chunk_rows)), plan.shared_grad as usize)?;
@@ -255,7 +256,8 @@ impl<B: Backend> Engine<B> {
         let (model, grads, opt) = (&mut self.model, &mut self.grads, &mut self.opt);
         let clip = self.cfg.optimizer.clip as f64;
         (|| -> Result<()> {
-            // a LoRA model's frozen base has no gradient: norm, clipping and updates cover the adapters
+            // frozen parameters (a LoRA model's base, frozen tables) have no gradient: norm,
+            // clipping and updates cover the trained ones
             let train: Vec<usize> = (0..model.params.len()).filter(|&i| model.trainable(i)).collect();
             for &i in &train {
                 be.sumsq_acc(grads.get(i), model.params[i].numel());

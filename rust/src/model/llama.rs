@@ -99,6 +99,8 @@ pub struct Llama<B: Backend> {
     pub head: usize,
     /// LoRA adapters (lora, qlora): the base parameters are then frozen.
     pub lora: Option<super::lora::LoraModel>,
+    /// The token embedding and lm_head are frozen (`OptimConfig::frozen`, freeze_embeddings).
+    pub frozen_tables: bool,
 }
 
 /// The seven linear matrices of every block, in creation order: (kind, rows = out_features,
@@ -237,7 +239,7 @@ impl<B: Backend> Llama<B> {
             .collect();
         let final_norm = 1 + cfg.num_hidden_layers * per;
         let head = if cfg.tie_word_embeddings { 0 } else { final_norm + 1 };
-        let mut m = Llama { cfg: cfg.clone(), params, layers, embed: 0, final_norm, head, lora: None };
+        let mut m = Llama { cfg: cfg.clone(), params, layers, embed: 0, final_norm, head, lora: None, frozen_tables: false };
         if let Some(lb) = lora {
             m.add_adapters(be, lb)?;
         }
@@ -278,10 +280,16 @@ impl<B: Backend> Llama<B> {
     }
 
     /// Whether parameter `idx` is trained: every parameter, or only the adapters of a
-    /// LoRA model (its base is frozen: no gradient, no optimizer state).
+    /// LoRA model (its base is frozen: no gradient, no optimizer state), less the
+    /// embedding and lm_head when `frozen_tables` (the engine sets it from
+    /// `OptimConfig::frozen`, which the plan follows too).
     #[inline]
     pub fn trainable(&self, idx: usize) -> bool {
-        self.lora.is_none() || self.params[idx].role.adapter()
+        let role = self.params[idx].role;
+        match &self.lora {
+            Some(_) => role.adapter(),
+            None => !(self.frozen_tables && matches!(role, Role::Embed | Role::Head)),
+        }
     }
 
     /// Trainable parameter count.

@@ -14,7 +14,7 @@ use crate::state::write::Out;
 
 pub struct AdamW<B: Backend> {
     name: &'static str,
-    /// None for a frozen parameter (a LoRA model's base: no state).
+    /// None for a frozen parameter (a LoRA model's base, frozen tables: no state).
     m: Vec<Option<B::Buf>>,
     v: Vec<Option<B::Buf>>,
     beta1: f32,
@@ -30,9 +30,8 @@ impl<B: Backend> AdamW<B> {
     pub fn new(be: &B, plan: &Plan, cfg: &OptimConfig) -> Result<Self> {
         let mut m = Vec::new();
         let mut v = Vec::new();
-        let frozen = cfg.name.adapter();
         for t in &plan.tensors {
-            let on = !(frozen && t.state_len == 0);
+            let on = !cfg.frozen(t.role);
             m.push(if on { Some(be.alloc(t.state_len, Category::OptimizerState)?) } else { None });
             v.push(if on { Some(be.alloc(t.state_len, Category::OptimizerState)?) } else { None });
         }

@@ -57,6 +57,8 @@ struct ProjScalars {
 enum Moments<B: Backend> {
     F32 { m: B::Buf, v: B::Buf },
     Q8(B::A8),
+    /// A frozen parameter (`OptimConfig::frozen`): no state, never updated.
+    Frozen,
 }
 
 /// Projector state of one matrix (docs/algorithm-spec.md §1.2, §2.5).
@@ -116,7 +118,9 @@ impl<B: Backend> Family<B> {
             });
             // moments of the low-rank gradient when projected
             let n = t.state_len;
-            let moments = if t.eight_bit_state {
+            let moments = if cfg.frozen(t.role) {
+                Moments::Frozen
+            } else if t.eight_bit_state {
                 Moments::Q8(be.a8_new(n, cfg.block_size, Category::OptimizerState)?)
             } else {
                 Moments::F32 {
@@ -166,6 +170,7 @@ impl<B: Backend> Family<B> {
         let n = p.numel();
         let w = p.f_mut();
         match &mut self.states[idx].moments {
+            Moments::Frozen => {}
             Moments::Q8(st) => be.a8_step(w, g, st, hp8),
             Moments::F32 { m, v } if eight => be.bnb32_step(w, g, m, v, hp8),
             Moments::F32 { m, v } => {
@@ -282,6 +287,7 @@ impl<B: Backend> Family<B> {
         }
         // Low-rank Adam step → U (−ŝ·N), then α·U.
         let upd: &mut B::Buf = match moments {
+            Moments::Frozen => unreachable!("update refuses frozen parameters"),
             Moments::F32 { m, v } if !eight => {
                 be.galore_adam(r, m, v, hp);
                 r
@@ -417,6 +423,9 @@ impl<B: Backend> Optimizer<B> for Family<B> {
         self.stats.nonfinite_grads += be.take_nonfinite();
     }
     fn update(&mut self, be: &B, idx: usize, p: &mut Param<B>, g: &mut B::Buf, lr: f32) -> Result<()> {
+        if matches!(self.states[idx].moments, Moments::Frozen) {
+            return Err(Error::backend(format!("internal: {} is frozen and has no optimizer state", p.name)));
+        }
         if self.states[idx].proj.is_some() {
             self.update_projected(be, idx, p, g, lr)
         } else {
@@ -472,6 +481,7 @@ impl<B: Backend> Optimizer<B> for Family<B> {
                     out.buf(be, format!("{base}.v"), shape, v, n)?;
                 }
                 Moments::Q8(a) => out.a8(be, &base, a, n, self.cfg.block_size)?,
+                Moments::Frozen => {}
             }
             let Some(pr) = &st.proj else { continue };
             let ps = &sc.projectors[k];
@@ -514,6 +524,7 @@ impl<B: Backend> Optimizer<B> for Family<B> {
                     inp.buf(be, &format!("{base}.v"), v, n)?;
                 }
                 Moments::Q8(a) => inp.a8(be, &base, a)?,
+                Moments::Frozen => {}
             }
             let Some(pr) = &mut st.proj else { continue };
             let ps = &sc.projectors[k];
