@@ -283,3 +283,52 @@ fn plan_equals_tracked_bytes_for_lora_and_qlora() {
     let lf = Plan::new(&cfg(llama9m(), "lora", |c| c.optimizer.lora_base = LoraBase::F32), false, "m");
     assert_eq!(q.initial.weights, lf.initial.weights - lin + nf4);
 }
+
+/// freeze_embeddings: the embedding and lm_head have no gradient and no optimizer state,
+/// their weights keep their storage, and the plan still equals the tracked bytes (every
+/// optimizer, fused or accumulated, tied or untied, a table large enough to be chunked).
+#[test]
+fn plan_equals_tracked_bytes_with_frozen_embeddings() {
+    let mut tied = llama9m();
+    tied.tie_word_embeddings = true;
+    let big = tiny_model(4096, 128, 352, 4, 4, 1);
+    for model in [llama9m(), tied, big] {
+        let (v, c) = (model.vocab_size, model.hidden_size);
+        let tables = if model.tie_word_embeddings { 1 } else { 2 };
+        for name in OPTS {
+            for (fused, ga, ckpt) in [(true, 1, false), (false, 1, false), (true, 2, false), (false, 2, true)] {
+                let set = |freeze: bool| {
+                    cfg(model.clone(), name, move |c| {
+                        c.optimizer.rank = 32;
+                        c.optimizer.fused = fused;
+                        c.grad_accum = ga;
+                        c.checkpointing = ckpt;
+                        c.batch_size = 1;
+                        c.optimizer.freeze_embeddings = freeze;
+                    })
+                };
+                let (on, off) = (set(true), set(false));
+                let (p, q) = (Plan::new(&on, false, "m"), Plan::new(&off, false, "m"));
+                let label = format!("{name} fused {fused} ga {ga} vocab {v} tied {}", model.tie_word_embeddings);
+                assert_eq!(q.params - p.params, (tables * v * c) as u64, "{label}: params");
+                for t in p.tensors.iter().filter(|t| t.name.contains("embed_tokens") || t.name == "lm_head.weight") {
+                    assert!(t.grad_len.is_none() && t.grad_chunk_rows.is_none() && t.state_bytes == 0, "{label}: {}", t.name);
+                }
+                // the same weights (qgalore's 16-bit tables stay 16-bit), strictly less state
+                assert_eq!(p.initial.weights, q.initial.weights, "{label}");
+                assert_eq!(Plan::new(&on, true, "m").initial.weights, Plan::new(&off, true, "m").initial.weights, "{label}: bf16");
+                assert!(p.initial.optimizer_state < q.initial.optimizer_state, "{label}");
+                assert!(p.table_chunk_rows.is_none(), "{label}");
+                compare(on);
+            }
+        }
+    }
+    // lora and qlora: always frozen, and false is refused with one line
+    let mut o = serde_json::Map::new();
+    o.insert("name".into(), "lora".into());
+    o.insert("freeze_embeddings".into(), false.into());
+    let e = qgalore::config::OptimConfig::resolve(&o, 1).unwrap_err();
+    assert!(e.msg.contains("freeze_embeddings = false: lora always freezes"), "{}", e.msg);
+    o.insert("freeze_embeddings".into(), true.into());
+    assert!(qgalore::config::OptimConfig::resolve(&o, 1).unwrap().0.freeze_embeddings);
+}
