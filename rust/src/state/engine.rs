@@ -38,8 +38,10 @@ impl<B: Backend> Engine<B> {
     fn describe(&self, optim: &serde_json::Value, out: &mut Out) -> Result<()> {
         let be = &self.be;
         let quant = crate::plan::linear_quant(&self.cfg.optimizer);
-        // a LoRA model's frozen base is not stored (its fingerprint is): only the adapters
-        for (_, p) in self.model.params.iter().enumerate().filter(|(i, _)| self.model.trainable(*i)) {
+        // a LoRA model's frozen base is not stored (its fingerprint is): only the adapters;
+        // other runs store every weight (frozen tables too: the checkpoint is the model)
+        let lora = self.model.lora.is_some();
+        for p in self.model.params.iter().filter(|p| !lora || p.role.adapter()) {
             let shape = matrix(p.rows, p.cols);
             match &p.data {
                 Weight::F(b) => out.buf(be, p.name.clone(), shape, b, p.numel())?,
