@@ -41,6 +41,8 @@ export interface MemorySettings {
   loraTargets?: string | null;
   /** lora's frozen base storage: `bf16` or `f32`. */
   loraBase?: string | null;
+  /** Freeze the token embedding and lm_head: no gradient, no optimizer state (lora, qlora: always). */
+  freezeEmbeddings?: boolean | null;
 }
 
 /** The batch shape, named as in `TrainOptions`. */

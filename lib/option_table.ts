@@ -165,6 +165,11 @@ export interface TrainOptions {
   blockSize: number | null;
   /** Optimizer steps inside the backward (per-layer updates); needs `gradAccum` 1. */
   fused: boolean | null;
+  /**
+   * Freeze the token embedding and the lm_head (one table when tied): no gradient, no
+   * optimizer state, unchanged by steps. Every optimizer; always on for lora and qlora.
+   */
+  freezeEmbeddings: boolean | null;
   /** LoRA rank r (≤ min(rows, cols) of every target matrix); lora and qlora only. */
   loraRank: number | null;
   /** LoRA alpha: the adapter scale is alpha / r (alpha / √r with `loraRslora`). */
@@ -458,6 +463,18 @@ export const OPTION_DECLARATIONS = {
     section: MODEL,
     help: "--fused on|off        optimizer steps inside the backward (needs --grad-accum 1)\n" +
       "                      [{default}]",
+    shows: (d: Readonly<Record<string, unknown>>) =>
+      `on for ${onFor(d, true)}; off for ${onFor(d, false)}`,
+  },
+  freezeEmbeddings: {
+    flag: "--freeze-embeddings",
+    kind: "switch",
+    engine: "freeze_embeddings",
+    nullable: true,
+    section: MODEL,
+    help: "--freeze-embeddings on|off\n" +
+      "                      freeze the token embedding and lm_head: no gradient, no optimizer\n" +
+      "                      state (always on for lora, qlora) [{default}]",
     shows: (d: Readonly<Record<string, unknown>>) =>
       `on for ${onFor(d, true)}; off for ${onFor(d, false)}`,
   },
