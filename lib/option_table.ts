@@ -475,8 +475,7 @@ export const OPTION_DECLARATIONS = {
     help: "--freeze-embeddings on|off\n" +
       "                      freeze the token embedding and lm_head: no gradient, no optimizer\n" +
       "                      state (always on for lora, qlora) [{default}]",
-    shows: (d: Readonly<Record<string, unknown>>) =>
-      `on for ${onFor(d, true)}; off for ${onFor(d, false)}`,
+    shows: (d: Readonly<Record<string, unknown>>) => `on for ${onFor(d, true)}, else off`,
   },
   blockSize: {
     flag: "--block-size",

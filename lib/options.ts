@@ -654,6 +654,12 @@ export function flagNames(message: string): string {
   const lead = /^(\w+) = /.exec(out);
   const leadKey = lead && KEYS.find((k) => def(k).kind === "text" && def(k).engine === lead[1]);
   if (lead && leadKey) out = `${FLAG[leadKey]} ${out.slice(lead[0].length)}`;
+  // a switch value only the engine refuses (`freeze_embeddings = false: lora always …`)
+  const sw = /^(\w+) = (true|false)\b/.exec(out);
+  const swKey = sw && KEYS.find((k) => def(k).kind === "switch" && def(k).engine === sw[1]);
+  if (sw && swKey) {
+    out = `${FLAG[swKey]} ${sw[2] === "true" ? "on" : "off"}${out.slice(sw[0].length)}`;
+  }
   for (const key of CHOICE_OPTIONS) {
     const field = def(key).engine ?? def(key).run;
     if (field === undefined) continue;

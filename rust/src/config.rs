@@ -638,7 +638,7 @@ impl OptimConfig {
     fn check_freeze(&self) -> Result<()> {
         ensure!(
             self.freeze_embeddings || !self.name.adapter(),
-            "freeze_embeddings = false: {} always freezes the token embedding and lm_head (only true is allowed)",
+            "freeze_embeddings = false: {} always freezes the token embedding and lm_head (it cannot be turned off)",
             self.name.name()
         );
         Ok(())
