@@ -49,12 +49,15 @@ Deno.test("jsr: deno publish uploads the build inputs and the CLIs, not tests or
   for (const target of Object.values(config.exports) as string[]) {
     assert.ok(files.includes(target.slice(2)), `export ${target} is not published`);
   }
-  assert.deepEqual(Object.keys(config.exports).filter((k) => k !== "."), [
-    "./pretrain",
-    "./evaluate",
-    "./generate",
-    "./ablation",
-  ]);
+  // every command-line example runs straight from the package: jsr:@qgalore/qgalore/<name>
+  for (const e of Deno.readDirSync(`${root}examples`)) {
+    const name = e.name.replace(/\.ts$/, "");
+    assert.equal(
+      config.exports[`./${name}`],
+      `./examples/${e.name}`,
+      `deno.json exports ./${name}`,
+    );
+  }
   const unwanted = files.filter((f) => /^(tests|bench|tools|rust\/target|rust\/tests)\//.test(f));
   assert.deepEqual(unwanted, []);
   assert.ok(files.includes("mod.ts") && files.includes("ffi/sources.ts"));
@@ -168,28 +171,35 @@ Deno.test({
         },
       );
 
-      await t.step("first import: one progress line, builds into the empty cache", async () => {
-        await Deno.writeTextFile(
-          `${dir}/first.ts`,
-          `import { engineAbiVersion, engineOptions } from "${base}/pkg/mod.ts";\n` +
-            `console.log(JSON.stringify({ abi: engineAbiVersion(), optimizers: engineOptions().optimizers.map((o) => o.name) }));\n`,
-        );
-        const r = await denoRun(dir, ["first.ts"], shared);
-        assert.equal(r.code, 0, r.stderr);
-        const lines = ownLines(r.stderr);
-        assert.equal(lines.length, 1, r.stderr);
-        assert.match(lines[0], /^qgalore: building the native engine .* into /);
-        const out = JSON.parse(r.stdout.trim());
-        assert.equal(out.abi, ABI_VERSION);
-        assert.ok(["adamw", "qgalore"].every((o) => out.optimizers.includes(o)), r.stdout);
-        assert.ok(Deno.statSync(cacheLib(cache)).isFile);
-        // the sources and any temporary file are gone; the lock and the log stay
-        const left = [
-          ...Deno.readDirSync(`${cache}/native/${PACKAGE_VERSION}/${Deno.build.target}`),
-        ]
-          .map((e) => e.name).sort();
-        assert.deepEqual(left, [".lock", "build.log", libName]);
-      });
+      await t.step(
+        "two first imports at once: one builds into the empty cache, one waits",
+        async () => {
+          await Deno.writeTextFile(
+            `${dir}/first.ts`,
+            `import { engineAbiVersion, engineOptions } from "${base}/pkg/mod.ts";\n` +
+              `const optimizers = engineOptions().optimizers.map((o) => o.name);\n` +
+              `console.log(JSON.stringify({ abi: engineAbiVersion(), optimizers }));\n`,
+          );
+          const runs = await Promise.all([1, 2].map(() => denoRun(dir, ["first.ts"], shared)));
+          for (const r of runs) {
+            assert.equal(r.code, 0, r.stderr);
+            const out = JSON.parse(r.stdout.trim());
+            assert.equal(out.abi, ABI_VERSION);
+            assert.ok(["adamw", "qgalore"].every((o) => out.optimizers.includes(o)), r.stdout);
+          }
+          // exactly one progress line between them, and nothing else
+          const lines = runs.flatMap((r) => ownLines(r.stderr));
+          assert.equal(lines.length, 1, runs.map((r) => r.stderr).join("\n---\n"));
+          assert.match(lines[0], /^qgalore: building the native engine .* into /);
+          assert.ok(Deno.statSync(cacheLib(cache)).isFile);
+          // the sources and any temporary file are gone; the lock and the log stay
+          const left = [
+            ...Deno.readDirSync(`${cache}/native/${PACKAGE_VERSION}/${Deno.build.target}`),
+          ]
+            .map((e) => e.name).sort();
+          assert.deepEqual(left, [".lock", "build.log", libName]);
+        },
+      );
 
       await t.step("second run, the CLI from the package: no build, trains 2 steps", async () => {
         const before = Deno.statSync(cacheLib(cache)).mtime?.getTime();
