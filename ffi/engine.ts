@@ -141,8 +141,11 @@ export interface EvalResult {
 
 /** Engine-tracked bytes by category. */
 export interface MemoryBytes {
-  /** Parameters (f32, or INT8 codes with group scales and zeros). */
+  /** Parameters (f32, or INT8 codes with group scales and zeros); lora/qlora: the frozen base
+   * (bf16/f32, or NF4 codes with double-quantized constants). */
   weights: number;
+  /** LoRA adapters (f32 A and B); 0 for the other optimizers. */
+  adapters: number;
   /** Gradient buffers and low-rank gradient scratch. */
   grads: number;
   /** Optimizer moments (fp32 or 8-bit with block absmax). */
@@ -320,14 +323,16 @@ export type OptionCondition =
   | "quantized_projector"
   | "quantized"
   | "lazy"
-  | "one_micro_batch";
+  | "one_micro_batch"
+  | "adapter"
+  | "lora";
 
 /** A config field's name and allowed values (`ValueSpec` in `rust/src/config.rs`). */
 export interface ValueSpec {
   /** Config field (`weight_group_size`, `batch_size`). */
   name: string;
   /** Value type. */
-  type: "number" | "integer" | "switch" | "choice";
+  type: "number" | "integer" | "switch" | "choice" | "string";
   /** Allowed values of a choice. */
   choices?: readonly string[];
   /** Allowed values of a number. */
@@ -351,7 +356,16 @@ export interface RunSpec extends ValueSpec {
 /** The engine's option schema (`qg_options`). */
 export interface OptionSchema {
   /** Optimizers with their families (`int8`: may keep INT8 projected weights). */
-  optimizers: readonly { name: string; projected: boolean; eight_bit: boolean; int8: boolean }[];
+  optimizers: readonly {
+    name: string;
+    /** "full", "galore" or "adapter" (lora, qlora). */
+    family: string;
+    projected: boolean;
+    eight_bit: boolean;
+    int8: boolean;
+    /** Trains LoRA adapters on a frozen base. */
+    adapter: boolean;
+  }[];
   /** Optimizer options, in the order the engine reports options that do not apply. */
   options: readonly OptionSpec[];
   /** Run-level options: batch shape, accumulation, device, precision, checkpointing. */
@@ -707,11 +721,11 @@ export class Engine implements Disposable {
 
   /** Engine-tracked bytes by category. */
   memory(): MemoryBytes {
-    const out = new Float64Array(6);
+    const out = new Float64Array(7);
     const rc = this.#lib.symbols.qg_memory(this.#handle(), out);
     if (rc !== 0) throw this.#error(rc);
-    const [weights, grads, optimizer_state, projector, activations, total] = out;
-    return { weights, grads, optimizer_state, projector, activations, total };
+    const [weights, adapters, grads, optimizer_state, projector, activations, total] = out;
+    return { weights, adapters, grads, optimizer_state, projector, activations, total };
   }
 
   /**

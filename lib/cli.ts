@@ -7,6 +7,7 @@
 import { parseArgs, type ParseArgsConfig } from "node:util";
 import { UsageError } from "./errors.ts";
 import {
+  ADAPTER_OPTIMIZERS,
   checkChoice,
   checkNumber,
   checkOptions,
@@ -184,6 +185,8 @@ export function usage(): string {
     ...section("Model and optimizer", "model"),
     "",
     ...section(`GaLore family (${PROJECTED_OPTIMIZERS.join(", ")})`, "galore"),
+    "",
+    ...section(`LoRA and QLoRA (${ADAPTER_OPTIMIZERS.join(", ")})`, "lora"),
     "",
     ...section("Data", "data"),
     "",

@@ -33,6 +33,14 @@ export interface MemorySettings {
   blockSize?: number | null;
   /** Optimizer steps inside the backward (effective only with gradAccum 1). */
   fused?: boolean | null;
+  /** LoRA rank (lora, qlora). */
+  loraRank?: number | null;
+  /** Adapter dropout: a non-zero value adds the dropped-out input buffer. */
+  loraDropout?: number | null;
+  /** Adapted modules: a comma list of module names or `all-linear`. */
+  loraTargets?: string | null;
+  /** lora's frozen base storage: `bf16` or `f32`. */
+  loraBase?: string | null;
 }
 
 /** The batch shape, named as in `TrainOptions`. */
@@ -71,7 +79,9 @@ export interface EstimateWhen {
  *
  * This is the engine's byte plan (`rust/src/plan.rs`), the same code it sizes its
  * allocations with, computed without allocating or touching a device: a 7B model takes
- * milliseconds. Categories: weights (f32, bf16 tables, or INT8 codes with group scales);
+ * milliseconds. Categories: weights (f32, bf16 tables, or INT8 codes with group scales; for
+ * lora and qlora the frozen base: bf16/f32, or NF4 codes with double-quantized constants);
+ * adapters (lora, qlora: the f32 A and B matrices; 0 otherwise);
  * grads (gradient buffers, or the fused step's shared one, and the low-rank scratch);
  * optimizer_state (f32 or block-wise 8-bit moments); projector (working copies, plus the
  * stored projectors once refreshed); activations (the forward's kept buffers and the
@@ -109,6 +119,7 @@ export function estimateMemory(
   const m = (when.afterFirstStep ?? true) ? plan.stepped : plan.initial;
   return {
     weights: m.weights,
+    adapters: m.adapters,
     grads: m.grads,
     optimizer_state: m.optimizer_state,
     projector: m.projector,

@@ -35,6 +35,11 @@ export const EIGHT_BIT_OPTIMIZERS: readonly string[] = Object.freeze(
   SCHEMA.optimizers.filter((o) => o.eight_bit).map((o) => o.name),
 );
 
+/** Optimizers that train LoRA adapters on a frozen base (lora; qlora on an NF4 base). */
+export const ADAPTER_OPTIMIZERS: readonly string[] = Object.freeze(
+  SCHEMA.optimizers.filter((o) => o.adapter).map((o) => o.name),
+);
+
 /** Optimizers that may keep INT8 projected weights (Q-GaLore, docs/algorithm-spec.md §2). */
 export const INT8_OPTIMIZERS: readonly string[] = Object.freeze(
   SCHEMA.optimizers.filter((o) => o.int8).map((o) => o.name),
@@ -160,6 +165,18 @@ export interface TrainOptions {
   blockSize: number | null;
   /** Optimizer steps inside the backward (per-layer updates); needs `gradAccum` 1. */
   fused: boolean | null;
+  /** LoRA rank r (≤ min(rows, cols) of every target matrix); lora and qlora only. */
+  loraRank: number | null;
+  /** LoRA alpha: the adapter scale is alpha / r (alpha / √r with `loraRslora`). */
+  loraAlpha: number | null;
+  /** Dropout on the adapters' input during training, in [0, 1). */
+  loraDropout: number | null;
+  /** Adapted modules: a comma list of q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj, or `all-linear`. */
+  loraTargets: string | null;
+  /** Rank-stabilized LoRA: scale alpha / √r. */
+  loraRslora: boolean | null;
+  /** lora's frozen base storage: `bf16` (bf16 under bf16 precision) or `f32`; qlora's is NF4. */
+  loraBase: string | null;
   /**
    * Corpus to train on: a text file, a folder of files, JSONL (`textField`) or gzip'd JSONL;
    * tokenized once into cached token shards. Null uses the synthetic corpus.
@@ -283,6 +300,7 @@ export interface OptionDef {
 
 const MODEL = "Model and optimizer";
 const GALORE = "GaLore family";
+const LORA = "LoRA and QLoRA";
 const DATA = "Data";
 const RUN = "Run";
 
@@ -300,6 +318,10 @@ export const DEFAULT_LR: Readonly<Record<string, number>> = Object.freeze({
   galore: 4e-2,
   galore8bit: 4e-2,
   qgalore: 4e-2,
+  // not swept: LoRA fine-tuning rates are ~1e-4..1e-3 (QLoRA: 2e-4 at 7B and above, 1e-4 at
+  // 33B+); the adapters of a tiny model take the upper end
+  lora: 1e-3,
+  qlora: 1e-3,
 });
 
 const onFor = (d: Readonly<Record<string, unknown>>, v: boolean): string =>
@@ -548,6 +570,59 @@ export const OPTION_DECLARATIONS = {
     section: GALORE,
     help: "--stochastic-round on|off\n" +
       "                      stochastic rounding of INT8 weight updates (with --weight-bits 8) [{default}]",
+  },
+  loraRank: {
+    flag: "--lora-rank",
+    kind: "number",
+    engine: "lora_rank",
+    nullable: true,
+    section: LORA,
+    help: "--lora-rank N         adapter rank r, ≤ min(rows, cols) of every target [{default}]",
+  },
+  loraAlpha: {
+    flag: "--lora-alpha",
+    kind: "number",
+    engine: "lora_alpha",
+    nullable: true,
+    section: LORA,
+    help:
+      "--lora-alpha X        adapter scale alpha/r (alpha/√r with --lora-rslora on) [{default}]",
+  },
+  loraDropout: {
+    flag: "--lora-dropout",
+    kind: "number",
+    engine: "lora_dropout",
+    nullable: true,
+    section: LORA,
+    help: "--lora-dropout P      dropout on the adapters' input in training, in [0, 1) [{default}]",
+  },
+  loraTargets: {
+    flag: "--lora-targets",
+    kind: "text",
+    engine: "lora_targets",
+    nullable: true,
+    section: LORA,
+    help:
+      "--lora-targets LIST   adapted modules: a comma list of q_proj, k_proj, v_proj, o_proj,\n" +
+      "                      gate_proj, up_proj, down_proj, or all-linear [{default}]",
+  },
+  loraRslora: {
+    flag: "--lora-rslora",
+    kind: "switch",
+    engine: "lora_rslora",
+    nullable: true,
+    section: LORA,
+    help: "--lora-rslora on|off  rank-stabilized scale alpha/√r [{default}]",
+  },
+  loraBase: {
+    flag: "--lora-base",
+    kind: "choice",
+    engine: "lora_base",
+    nullable: true,
+    section: LORA,
+    help:
+      "--lora-base B         lora's frozen base: bf16 (bf16 on a bf16 GPU, f32 on the CPU) or\n" +
+      "                      f32; qlora's base is NF4 with double quantization [{default}]",
   },
   quantRange: {
     flag: "--quant-range",
@@ -836,6 +911,7 @@ export const CHOICES: Readonly<Record<ChoiceKey, readonly string[]>> = Object.fr
 export const SECTIONS: Readonly<Record<string, string>> = Object.freeze({
   model: MODEL,
   galore: GALORE,
+  lora: LORA,
   data: DATA,
   run: RUN,
 });

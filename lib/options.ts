@@ -25,6 +25,7 @@ import {
 import { type ModelConfig, type ResolvedModel, resolveModel, validateModel } from "./presets.ts";
 import { openTokenizer, type Tokenizer } from "./tokenizer.ts";
 import {
+  ADAPTER_OPTIMIZERS,
   CHOICE_OPTIONS,
   type ChoiceKey,
   CHOICES,
@@ -589,6 +590,8 @@ function resolveOptimizer(
     lazy: () => "applies only with --lazy on",
     one_micro_batch: () =>
       `needs --grad-accum 1 (here ${raw.gradAccum}): accumulated gradients must persist`,
+    adapter: () => `applies only to --optimizer ${ADAPTER_OPTIMIZERS.join(", ")} (not ${name})`,
+    lora: () => `applies only to --optimizer lora (qlora's base is always NF4, not ${name})`,
   };
   for (const n of not_applicable) reject(keyOfField(n.field), why[n.when]());
 
@@ -599,7 +602,7 @@ function resolveOptimizer(
   // The engine judges group sizes and ranks against the model's matrices (one check,
   // `plan::fit` in rust/src/plan.rs); its notes name engine-config fields, shown here as flags.
   const notices: string[] = [];
-  if (int8 || projected) {
+  if (int8 || projected || ADAPTER_OPTIMIZERS.includes(name)) {
     const fit = planEngine({
       model: model.config,
       batch_size: raw.batchSize,
@@ -647,6 +650,10 @@ export function flagNames(message: string): string {
       .replace(/\boptimizer (\w+)/g, `${FLAG.optimizer} $1`)
       .replace(/\bbatch_size\b/g, FLAG.batchSize).replace(/\bseq_len\b/g, FLAG.seqLen);
   }
+  // a text value only the engine checks (`lora_targets = q_proj,lm_head: must be …`)
+  const lead = /^(\w+) = /.exec(out);
+  const leadKey = lead && KEYS.find((k) => def(k).kind === "text" && def(k).engine === lead[1]);
+  if (lead && leadKey) out = `${FLAG[leadKey]} ${out.slice(lead[0].length)}`;
   for (const key of CHOICE_OPTIONS) {
     const field = def(key).engine ?? def(key).run;
     if (field === undefined) continue;

@@ -449,11 +449,47 @@ Deno.test("per-optimizer defaults (docs/algorithm-spec.md §1.6, §1.7, §2.6)",
   // The help text shows each optimizer's defaults.
   assert.match(
     usage(),
-    /--eps X +Adam ε \[adamw 1e-8, adam8bit 1e-8, galore 1e-6, galore8bit 1e-8, qgalore 1e-8\]/,
+    /--eps X +Adam ε \[adamw 1e-8, adam8bit 1e-8, galore 1e-6, galore8bit 1e-8, qgalore 1e-8, lora 1e-8, qlora 1e-8\]/,
   );
+  // lora and qlora: PEFT's LLaMA defaults; lora_base is lora's only
+  const lo = resolved("lora");
+  assert.deepEqual(
+    [lo.loraRank, lo.loraAlpha, lo.loraDropout, lo.loraTargets, lo.loraRslora, lo.loraBase],
+    [8, 8, 0, "q_proj,v_proj", false, "bf16"],
+  );
+  assert.deepEqual([lo.rank, lo.projBits, lo.blockSize, lo.fused], [null, null, null, false]);
+  assert.equal(resolved("qlora").loraBase, null);
+  assert.equal(resolved("adamw").loraRank, null);
+  for (const flag of ["--lora-rank", "--lora-targets", "--lora-base", "--lora-rslora"]) {
+    assert.ok(usage().includes(flag), `usage lacks ${flag}`);
+  }
   for (const flag of ["--rank", "--proj-bits", "--stochastic-round", "--cos-mode", "--fused"]) {
     assert.ok(usage().includes(flag), `usage lacks ${flag}`);
   }
+});
+
+Deno.test("bad lora flags are one-line errors naming the flag and what is allowed", () => {
+  const l = ["--optimizer", "lora"];
+  rejects(
+    [...l, "--lora-targets", "q_proj,lm_head"],
+    "--lora-targets q_proj,lm_head: must be a comma list of q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj, or all-linear",
+  );
+  rejects([...l, "--lora-dropout", "1"], "--lora-dropout 1: must be a number in [0, 1)");
+  rejects([...l, "--lora-rank", "0"], "--lora-rank 0: must be an integer ≥ 1 and ≤ 2147483648");
+  rejects([...l, "--lora-base", "int4"], "--lora-base int4: must be one of bf16, f32");
+  rejects(
+    ["--optimizer", "qlora", "--lora-base", "f32"],
+    "--lora-base f32: applies only to --optimizer lora",
+  );
+  rejects(
+    ["--optimizer", "adamw", "--lora-rank", "4"],
+    "--lora-rank 4: applies only to --optimizer lora, qlora",
+  );
+  // llama-9m's k_proj is 128×128: a rank above it is refused by the engine's fit check
+  rejects(
+    [...l, "--lora-rank", "200", "--lora-targets", "k_proj"],
+    "--lora-rank 200: exceeds the 128×128 k_proj matrix",
+  );
 });
 
 Deno.test("bad values of the optimizer flags name the flag, the value and what is allowed", () => {

@@ -31,7 +31,15 @@ class ScriptedEngine implements TrainEngine {
     return Promise.resolve(this.losses(Math.max(1, this.#n)));
   }
   memory() {
-    return { weights: 4, grads: 4, optimizer_state: 8, projector: 0, activations: 2, total: 18 };
+    return {
+      weights: 4,
+      adapters: 0,
+      grads: 4,
+      optimizer_state: 8,
+      projector: 0,
+      activations: 2,
+      total: 18,
+    };
   }
   [Symbol.dispose](): void {}
 }

@@ -50,7 +50,10 @@ Deno.test("e2e: a short run learns and writes its files", async () => {
     assert.ok(s.tokens_per_s > 0 && s.wall_s > 0);
     const m = s.memory;
     assert.ok(m.total > 0 && m.weights === 869_504 * 4, JSON.stringify(m));
-    assert.equal(m.total, m.weights + m.grads + m.optimizer_state + m.projector + m.activations);
+    assert.equal(
+      m.total,
+      m.weights + m.adapters + m.grads + m.optimizer_state + m.projector + m.activations,
+    );
     assert.ok(m.peak_rss! > m.weights);
     assert.equal(s.config.gradAccum, 2);
     assert.equal(s.interrupted, false);

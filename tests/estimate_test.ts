@@ -40,12 +40,32 @@ async function compare(opts: Partial<TrainOptions>): Promise<void> {
   assert.deepEqual(est, e.memory(), `${label} after two updates`);
   assert.equal(
     est.total,
-    est.weights + est.grads + est.optimizer_state + est.projector +
+    est.weights + est.adapters + est.grads + est.optimizer_state + est.projector +
       est.activations,
   );
 }
 
 const OPTS = ["adamw", "adam8bit", "galore", "galore8bit", "qgalore"];
+
+Deno.test("estimateMemory equals the engine's tracked bytes for lora and qlora", async () => {
+  for (const model of [base, gqa]) {
+    for (const optimizer of ["lora", "qlora"]) {
+      await compare({ model, optimizer, loraRank: 16, loraTargets: "all-linear" });
+      await compare({ model, optimizer, loraDropout: 0.1, checkpointing: true, gradAccum: 2 });
+    }
+  }
+  const lora = estimateMemory(base, { name: "lora", loraBase: "f32" }, {
+    batchSize: 2,
+    seqLen: 16,
+  });
+  const qlora = estimateMemory(base, "qlora", { batchSize: 2, seqLen: 16 });
+  // the same adapters (q_proj, v_proj at rank 8), no projector; NF4 linears are ~1/8 of f32
+  assert.equal(lora.adapters, qlora.adapters);
+  assert.equal(lora.adapters, 4 * 4 * 2 * 8 * (128 + 128));
+  assert.equal(lora.projector, 0);
+  assert.equal(lora.optimizer_state, 2 * lora.adapters);
+  assert.ok(qlora.weights < lora.weights / 2);
+});
 
 Deno.test("estimateMemory equals the engine's tracked bytes: 5 optimizers × fused × GA", async () => {
   for (const model of [base, gqa]) {

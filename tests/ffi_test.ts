@@ -57,7 +57,10 @@ Deno.test("memory categories add up", async () => {
   using e = await Engine.create(tinyConfig({ optimizer: "qgalore", options: { fused: true } }));
   await e.trainStep(batch(3), 1, 1e-3);
   const m = e.memory();
-  assert.equal(m.weights + m.grads + m.optimizer_state + m.projector + m.activations, m.total);
+  assert.equal(
+    m.weights + m.adapters + m.grads + m.optimizer_state + m.projector + m.activations,
+    m.total,
+  );
   assert.ok(m.projector > 0 && m.weights > 0);
   const info = e.info();
   assert.equal(info.optimizer, "qgalore");

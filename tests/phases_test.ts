@@ -119,7 +119,15 @@ class FailingEngine implements TrainEngine {
     return Promise.resolve(5);
   }
   memory() {
-    return { weights: 4, grads: 4, optimizer_state: 8, projector: 0, activations: 2, total: 18 };
+    return {
+      weights: 4,
+      adapters: 0,
+      grads: 4,
+      optimizer_state: 8,
+      projector: 0,
+      activations: 2,
+      total: 18,
+    };
   }
   [Symbol.dispose](): void {
     this.disposed = true;

@@ -33,7 +33,15 @@ class FakeEngine implements TrainEngine {
     return Promise.resolve(5.5 / (1 + this.calls.length));
   }
   memory() {
-    return { weights: 4, grads: 4, optimizer_state: 8, projector: 0, activations: 2, total: 18 };
+    return {
+      weights: 4,
+      adapters: 0,
+      grads: 4,
+      optimizer_state: 8,
+      projector: 0,
+      activations: 2,
+      total: 18,
+    };
   }
   [Symbol.dispose](): void {
     this.disposed = true;

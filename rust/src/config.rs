@@ -39,6 +39,10 @@ pub enum Optimizer {
     Galore,
     Galore8bit,
     QGalore,
+    /// Frozen base (bf16 or f32), trainable low-rank adapters (LoRA), AdamW on the adapters.
+    Lora,
+    /// Frozen NF4 base with double quantization (QLoRA), adapters as `Lora`.
+    QLora,
 }
 
 impl Named for Optimizer {
@@ -48,6 +52,8 @@ impl Named for Optimizer {
         (Optimizer::Galore, "galore"),
         (Optimizer::Galore8bit, "galore8bit"),
         (Optimizer::QGalore, "qgalore"),
+        (Optimizer::Lora, "lora"),
+        (Optimizer::QLora, "qlora"),
     ];
 }
 
@@ -60,6 +66,18 @@ impl Optimizer {
     /// tensors (docs/algorithm-spec.md §1.6).
     pub fn eight_bit(self) -> bool {
         matches!(self, Optimizer::Adam8bit | Optimizer::Galore8bit | Optimizer::QGalore)
+    }
+    /// Trains low-rank adapters on a frozen base (the "adapter" family: lora, qlora).
+    pub fn adapter(self) -> bool {
+        matches!(self, Optimizer::Lora | Optimizer::QLora)
+    }
+    /// The optimizer family the schema reports.
+    pub fn family(self) -> &'static str {
+        match self {
+            Optimizer::AdamW | Optimizer::Adam8bit => "full",
+            Optimizer::Galore | Optimizer::Galore8bit | Optimizer::QGalore => "galore",
+            Optimizer::Lora | Optimizer::QLora => "adapter",
+        }
     }
     /// May keep INT8 projected weights (Q-GaLore).
     pub fn int8_capable(self) -> bool {
@@ -76,6 +94,18 @@ impl Optimizer {
         ensure!(!off.iter().any(|n| n.when == When::Int8Capable), "{}", self.no_int8());
         Ok(())
     }
+}
+
+/// Storage of lora's frozen base: bf16 (`Backend::alloc_half`: bf16 under bf16 precision,
+/// f32 on the CPU) or f32. qlora's base is always NF4.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LoraBase {
+    Bf16,
+    F32,
+}
+
+impl Named for LoraBase {
+    const ALL: &'static [(Self, &'static str)] = &[(LoraBase::Bf16, "bf16"), (LoraBase::F32, "f32")];
 }
 
 impl Named for Refresh {
@@ -231,6 +261,10 @@ pub enum When {
     Lazy,
     /// Fused steps need one micro-batch per update (accumulated gradients must persist).
     OneMicroBatch,
+    /// The adapter optimizers (lora, qlora).
+    Adapter,
+    /// lora only (qlora's base is always NF4).
+    Lora,
 }
 
 /// How an option's value travels as JSON and where it is checked.
@@ -242,6 +276,24 @@ pub trait OptionValue: Sized + Copy {
     }
     fn from_json(v: &Value, bounds: Option<&Bounds>) -> Option<Self>;
     fn to_json(self) -> Value;
+    /// What is allowed, in words, when the type says more than its bounds (lists).
+    fn allowed() -> Option<String> {
+        None
+    }
+}
+
+/// `lora_targets`: a comma list of module names or `all-linear` (`model::lora::Targets`).
+impl OptionValue for crate::model::lora::Targets {
+    const TYPE: &'static str = "string";
+    fn from_json(v: &Value, _: Option<&Bounds>) -> Option<Self> {
+        v.as_str().and_then(crate::model::lora::Targets::parse)
+    }
+    fn to_json(self) -> Value {
+        Value::String(self.text())
+    }
+    fn allowed() -> Option<String> {
+        Some(format!("a comma list of {}, or all-linear", crate::model::lora::MODULES.join(", ")))
+    }
 }
 
 fn number(v: &Value, bounds: Option<&Bounds>) -> Option<f64> {
@@ -307,13 +359,14 @@ macro_rules! choice_value {
         }
     )*};
 }
-choice_value!(Refresh, Range, CosMode, Device, Precision);
+choice_value!(Refresh, Range, CosMode, Device, Precision, LoraBase);
 
 /// Parses one option; the message names the field, the value and what is allowed.
 fn option<T: OptionValue>(field: &str, v: &Value, bounds: Option<&Bounds>) -> Result<T> {
     T::from_json(v, bounds).ok_or_else(|| {
         let shown = v.as_str().map_or_else(|| v.to_string(), str::to_string);
         let allowed = match (T::TYPE, bounds) {
+            _ if T::allowed().is_some() => T::allowed().unwrap_or_default(),
             ("switch", _) => "true or false".to_string(),
             ("choice", _) => format!("one of {}", T::choices().join(", ")),
             (_, Some(b)) => b.describe(),
@@ -513,6 +566,19 @@ optim_options! {
     cos_mode: CosMode, None, all(CosMode::Signed), Lazy;
     /// Optimizer steps inside the backward pass (per-layer updates, docs/algorithm-spec.md §1.5).
     fused: bool, None, |o: Optimizer, ga: usize| o.projected() && ga == 1, OneMicroBatch;
+    // LoRA / QLoRA (PEFT's LoraConfig defaults for LLaMA: r 8, alpha 8, dropout 0, q_proj and v_proj)
+    /// Adapter rank r (≤ min(rows, cols) of every target matrix).
+    lora_rank: usize, Some(COUNT), all(8), Adapter;
+    /// Adapter scale alpha/r (alpha/√r with lora_rslora).
+    lora_alpha: f32, Some(Bounds::above(0.0).max(F32_MAX)), all(8.0), Adapter;
+    /// Dropout on the adapter's input during training (PEFT's lora_dropout).
+    lora_dropout: f32, Some(Bounds::at_least(0.0).below(1.0)), all(0.0), Adapter;
+    /// The adapted modules of every block.
+    lora_targets: crate::model::lora::Targets, None, all(crate::model::lora::Targets::DEFAULT), Adapter;
+    /// Rank-stabilized scale alpha/√r (PEFT's use_rslora).
+    lora_rslora: bool, None, all(false), Adapter;
+    /// lora's frozen base storage (qlora's is NF4).
+    lora_base: LoraBase, None, all(LoraBase::Bf16), Lora;
 }
 
 impl OptimConfig {
@@ -541,6 +607,8 @@ impl OptimConfig {
             When::Quantized => ok(self.int8_weights() || self.quantized_projector(), when),
             When::Lazy => projected.and(ok(self.lazy, when)),
             When::OneMicroBatch => ok(!(given && self.fused && grad_accum > 1), when),
+            When::Adapter => ok(self.name.adapter(), when),
+            When::Lora => ok(self.name == Optimizer::Lora, when),
         }
     }
 
@@ -610,7 +678,7 @@ pub fn run_specs() -> Vec<RunSpec> {
 pub fn schema_json() -> String {
     let optimizers: Vec<Value> = Optimizer::ALL
         .iter()
-        .map(|&(o, name)| serde_json::json!({ "name": name, "projected": o.projected(), "eight_bit": o.eight_bit(), "int8": o.int8_capable() }))
+        .map(|&(o, name)| serde_json::json!({ "name": name, "family": o.family(), "projected": o.projected(), "eight_bit": o.eight_bit(), "int8": o.int8_capable(), "adapter": o.adapter() }))
         .collect();
     serde_json::json!({ "optimizers": optimizers, "options": OptimConfig::specs(), "run": run_specs(), "f32_max": F32_MAX, "max_count": MAX_COUNT }).to_string()
 }
@@ -749,7 +817,7 @@ mod tests {
         let e = OptimConfig::resolve(&obj(r#"{"name":"galore","proj_refresh":"qr"}"#), 1).unwrap_err();
         assert_eq!(e.msg, "proj_refresh = qr: must be one of svd, eigh, randomized");
         let e = OptimConfig::resolve(&obj(r#"{"name":"sgd"}"#), 1).unwrap_err();
-        assert_eq!(e.msg, "optimizer = sgd: must be one of adamw, adam8bit, galore, galore8bit, qgalore");
+        assert_eq!(e.msg, "optimizer = sgd: must be one of adamw, adam8bit, galore, galore8bit, qgalore, lora, qlora");
         let e = OptimConfig::resolve(&obj(r#"{"name":"qgalore","weight_group_size":3}"#), 1).unwrap_err();
         assert_eq!(e.msg, "weight_group_size = 3: must be an even integer in [2, 1024]");
         let e = OptimConfig::resolve(&obj(r#"{"name":"qgalore","lazy":"yes"}"#), 1).unwrap_err();
@@ -798,6 +866,14 @@ mod tests {
         assert_eq!(beta2["range"], serde_json::json!({ "min": 0.0, "max": 1.0, "maxOpen": true }));
         let block = s["options"].as_array().unwrap().iter().find(|o| o["name"] == "block_size").unwrap();
         assert_eq!(block["default"], serde_json::json!({ "adam8bit": 2048, "galore8bit": 2048, "qgalore": 2048 }));
+        let find = |n: &str| s["options"].as_array().unwrap().iter().find(|o| o["name"] == n).unwrap().clone();
+        assert_eq!(find("lora_rank")["default"], serde_json::json!({ "lora": 8, "qlora": 8 }));
+        assert_eq!(find("lora_targets")["default"], serde_json::json!({ "lora": "q_proj,v_proj", "qlora": "q_proj,v_proj" }));
+        assert_eq!(find("lora_targets")["type"], "string");
+        assert_eq!(find("lora_base")["default"], serde_json::json!({ "lora": "bf16" }));
+        assert_eq!(find("lora_dropout")["range"], serde_json::json!({ "min": 0.0, "max": 1.0, "maxOpen": true }));
+        let lora = s["optimizers"].as_array().unwrap().iter().find(|o| o["name"] == "qlora").unwrap();
+        assert_eq!((lora["family"].as_str(), lora["adapter"].as_bool()), (Some("adapter"), Some(true)));
         let device = s["run"].as_array().unwrap().iter().find(|o| o["name"] == "device").unwrap();
         assert_eq!(device["choices"], serde_json::json!(["cpu", "cuda", "auto"]));
     }

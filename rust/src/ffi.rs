@@ -287,7 +287,7 @@ pub unsafe extern "C" fn qg_eval(
     })
 }
 
-/// Engine-tracked bytes: [weights, grads, optimizer_state, projector, activations, total].
+/// Engine-tracked bytes: [weights, adapters, grads, optimizer_state, projector, activations, total].
 #[no_mangle]
 pub unsafe extern "C" fn qg_memory(h: *const Handle, out: *mut f64) -> i32 {
     with_session(h, |s| {
@@ -295,8 +295,8 @@ pub unsafe extern "C" fn qg_memory(h: *const Handle, out: *mut f64) -> i32 {
             return Err(Error::invalid("null output buffer"));
         }
         let m = s.memory();
-        let o = std::slice::from_raw_parts_mut(out, 6);
-        for i in 0..6 {
+        let o = std::slice::from_raw_parts_mut(out, 7);
+        for i in 0..7 {
             o[i] = m[i] as f64;
         }
         Ok(())

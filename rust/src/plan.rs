@@ -14,9 +14,11 @@
 //! Messages name engine-config fields (`weight_group_size = 6: …`); the front end maps the
 //! fields to its flags.
 
-use crate::config::{Device, EngineConfig, ModelConfig, OptimConfig, Precision};
+use crate::config::{Device, EngineConfig, LoraBase, ModelConfig, OptimConfig, Optimizer, Precision};
 use crate::model::acts::{self, ActBuf};
-use crate::model::llama::{block_linears, layout, LinearQuant, Role};
+use crate::model::llama::{block_linears, layout, LinearQuant, LoraBuild, Role};
+use crate::model::lora::{self, AdapterSpec};
+use crate::quant::nf4::Nf4Tensor;
 use crate::quant::adam8::{State8, MIN_8BIT_SIZE};
 use crate::quant::QTensor;
 use serde::Serialize;
@@ -26,6 +28,8 @@ use serde::Serialize;
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Bytes {
     pub weights: u64,
+    /// LoRA adapters (0 for the other optimizers).
+    pub adapters: u64,
     pub grads: u64,
     pub optimizer_state: u64,
     pub projector: u64,
@@ -35,14 +39,14 @@ pub struct Bytes {
 
 impl Bytes {
     /// The categories in `CATEGORIES` order, then the total (the layout of `Engine::memory`).
-    pub fn to_array(self) -> [u64; 6] {
-        [self.weights, self.grads, self.optimizer_state, self.projector, self.activations, self.total]
+    pub fn to_array(self) -> [u64; 7] {
+        [self.weights, self.adapters, self.grads, self.optimizer_state, self.projector, self.activations, self.total]
     }
 
     /// The inverse of `to_array`.
-    pub fn from_array(a: [u64; 6]) -> Self {
-        let [weights, grads, optimizer_state, projector, activations, total] = a;
-        Bytes { weights, grads, optimizer_state, projector, activations, total }
+    pub fn from_array(a: [u64; 7]) -> Self {
+        let [weights, adapters, grads, optimizer_state, projector, activations, total] = a;
+        Bytes { weights, adapters, grads, optimizer_state, projector, activations, total }
     }
 }
 
@@ -85,6 +89,14 @@ impl ProjGeom {
 /// `weight_bits = 8` only for qgalore.
 pub fn linear_quant(o: &OptimConfig) -> Option<LinearQuant> {
     o.int8_weights().then(|| LinearQuant { bits: 8, group: o.weight_group_size, range: o.quant_range })
+}
+
+/// How an adapter run (lora, qlora) builds its model: the spec, NF4 linears (qlora), and
+/// `alloc_half` base tensors (lora_base bf16, and qlora's embedding, head).
+pub fn lora_build(o: &OptimConfig, seed: u64) -> Option<LoraBuild> {
+    let spec = AdapterSpec::from_optim(o)?;
+    let nf4 = o.name == Optimizer::QLora;
+    Some(LoraBuild { spec, seed, nf4, half: nf4 || o.lora_base == LoraBase::Bf16 })
 }
 
 /// Whether the embedding and lm_head take `Backend::alloc_half` storage (bf16 under bf16
@@ -179,6 +191,12 @@ pub struct Fit {
 pub fn fit(model: &ModelConfig, o: &OptimConfig, label: &str) -> Fit {
     let linears = block_linears(model);
     let mut out = Fit::default();
+    if let Some(spec) = AdapterSpec::from_optim(o) {
+        if let Some(why) = lora::rank_problem(model, &spec) {
+            out.problem = Some(Note { field: "lora_rank", value: spec.rank as u64, why: format!("{why} ({label})") });
+        }
+        return out;
+    }
     if let Some(q) = linear_quant(o) {
         let g = q.group;
         if let Some(&(kind, rows, cols)) = linears.iter().find(|(_, r, c)| (r * c) % g != 0) {
@@ -318,6 +336,8 @@ pub struct Plan {
     pub tensors: Vec<TensorPlan>,
     /// The forward's kept buffers and the backward's scratch, one entry per kind.
     pub activations: Vec<ActBuf>,
+    /// The LoRA adapters' activation buffers (`lora::act_buffers`; empty without adapters).
+    pub lora_activations: Vec<ActBuf>,
     #[serde(flatten)]
     pub fit: Fit,
 }
@@ -330,16 +350,28 @@ impl Plan {
         let quant = linear_quant(o);
         let half = bf16 && half_tables(o);
         let fused = fused(cfg);
-        let shapes = layout(m);
+        let lb = lora_build(o, cfg.seed);
+        let mut shapes = layout(m);
+        if let Some(lb) = &lb {
+            shapes.extend(lora::layout(m, &lb.spec));
+        }
         let (mut big_low, mut big_proj, mut wq, mut other) = (0usize, 0usize, 0usize, 0usize);
         let mut tensors = Vec::with_capacity(shapes.len());
         for (name, rows, cols, role) in shapes {
             let n = rows * cols;
+            // a LoRA model trains only its adapters; the base is frozen (no grad, no state)
+            let frozen = lb.is_some() && !role.adapter();
             let weight_bytes = match (role, quant) {
+                (Role::Linear, _) if lb.as_ref().is_some_and(|l| l.nf4) => {
+                    wq = wq.max(n);
+                    Nf4Tensor::storage_bytes(n)
+                }
                 (Role::Linear, Some(q)) => {
                     wq = wq.max(n);
                     QTensor::storage_bytes(n, q.bits, q.group)
                 }
+                (Role::LoraA | Role::LoraB, _) => 4 * n,
+                (Role::Linear | Role::Embed | Role::Head, _) if bf16 && lb.as_ref().is_some_and(|l| l.half) => 2 * n,
                 (Role::Embed | Role::Head, _) if half => 2 * n,
                 _ => 4 * n,
             };
@@ -353,10 +385,10 @@ impl Plan {
                 let stored_bytes = projector_bytes(geom.numel, o.proj_bits, o.proj_group_size) as u64;
                 ProjPlan { geom, stored_bytes }
             });
-            let sn = projector.as_ref().map_or(n, |p| p.geom.low);
+            let sn = if frozen { 0 } else { projector.as_ref().map_or(n, |p| p.geom.low) };
             let eight = eight_bit_state(o, sn);
             let state_bytes = if eight { State8::storage_bytes(sn, o.block_size) } else { 2 * 4 * sn };
-            let grad_len = (!fused).then_some(n);
+            let grad_len = (!fused && !frozen).then_some(n);
             tensors.push(TensorPlan {
                 name,
                 rows,
@@ -376,29 +408,34 @@ impl Plan {
         let table_block = (fused && eight_bit_state(o, v * c)).then_some(o.block_size);
         let chunk = table_chunk_rows(v, c, other, table_block);
         let mut shared_grad = 0;
-        for t in tensors.iter_mut().filter(|t| t.grad_len.is_none()) {
+        for t in tensors.iter_mut().filter(|t| t.grad_len.is_none() && (lb.is_none() || t.role.adapter())) {
             let table = matches!(t.role, Role::Embed | Role::Head);
             t.grad_chunk_rows = chunk.filter(|_| table);
             shared_grad = shared_grad.max(shared_grad_len(t.rows * t.cols, t.cols, t.grad_chunk_rows));
         }
         let activations = acts::buffers(m, cfg.batch_size, cfg.seq_len, wq, cfg.checkpointing);
-        let act_bytes: usize = activations.iter().map(|a| a.copies * a.len * if a.fp32 || !bf16 { 4 } else { 2 }).sum();
+        let lora_activations = lb.as_ref().map_or_else(Vec::new, |l| lora::act_buffers(m, &l.spec, cfg.batch_size, cfg.seq_len));
+        let act_bytes: usize =
+            activations.iter().chain(&lora_activations).map(|a| a.copies * a.len * if a.fp32 || !bf16 { 4 } else { 2 }).sum();
         let sum = |f: fn(&TensorPlan) -> u64| tensors.iter().map(f).sum::<u64>();
+        let base_w = |t: &TensorPlan| if t.role.adapter() { 0 } else { t.weight_bytes };
+        let adapter_w = |t: &TensorPlan| if t.role.adapter() { t.weight_bytes } else { 0 };
         let work = Work { projector: big_proj, projector_new: big_proj, low: big_low, update: if o.eight_bit() { big_low } else { 0 } };
         let (work_grads, work_projector) = work.bytes();
         let mut initial = Bytes {
-            weights: sum(|t| t.weight_bytes),
+            weights: tensors.iter().map(base_w).sum(),
+            adapters: tensors.iter().map(adapter_w).sum(),
             grads: sum(|t| t.grad_bytes) + 4 * shared_grad as u64 + work_grads,
             optimizer_state: sum(|t| t.state_bytes),
             projector: work_projector,
             activations: act_bytes as u64,
             total: 0,
         };
-        initial.total = initial.weights + initial.grads + initial.optimizer_state + initial.projector + initial.activations;
+        initial.total = initial.weights + initial.adapters + initial.grads + initial.optimizer_state + initial.projector + initial.activations;
         let stored = sum(|t| t.projector.as_ref().map_or(0, |p| p.stored_bytes));
         let stepped = Bytes { projector: initial.projector + stored, total: initial.total + stored, ..initial };
         Plan {
-            params: tensors.iter().map(|t| (t.rows * t.cols) as u64).sum(),
+            params: tensors.iter().filter(|t| lb.is_none() || t.role.adapter()).map(|t| (t.rows * t.cols) as u64).sum(),
             precision: if bf16 { "bf16" } else { "fp32" },
             fused,
             table_chunk_rows: chunk,
@@ -410,6 +447,7 @@ impl Plan {
             stepped,
             tensors,
             activations,
+            lora_activations,
             fit: fit(m, o, label),
         }
     }

@@ -5,7 +5,7 @@ use crate::backend::{Backend, CATEGORIES};
 use crate::config::{Device, EngineConfig, Named, Precision};
 use crate::ensure;
 use crate::error::{Error, Result};
-use crate::model::{pass, Acts, Grads, Llama};
+use crate::model::{lora, pass, Acts, Grads, Llama, LoraActs};
 use crate::optim::{self, Optimizer};
 use crate::plan::{self, Bytes, Plan};
 use serde::Serialize;
@@ -90,11 +90,15 @@ impl<B: Backend> Engine<B> {
         let o = &cfg.optimizer;
         let (quant, half) = (plan::linear_quant(o), plan::half_tables(o));
         let seed = init.is_none().then_some(cfg.seed);
-        let model = be.runner().run(|| Llama::build(&be, &cfg.model, seed, quant, half))?;
+        let lb = plan::lora_build(o, cfg.seed);
+        let model = be.runner().run(|| Llama::build_with(&be, &cfg.model, seed, quant, half, lb.as_ref()))?;
         let fused = plan.fused;
         let opt = optim::build(&be, &plan, o, cfg.seed)?;
         let grads = Grads::new(&be, plan.tensors.iter().map(|t| (t.grad_len, t.grad_chunk_rows)), plan.shared_grad as usize)?;
-        let acts = Acts::new(&be, &cfg.model, cfg.batch_size, cfg.seq_len, cfg.checkpointing, &plan.activations)?;
+        let mut acts = Acts::new(&be, &cfg.model, cfg.batch_size, cfg.seq_len, cfg.checkpointing, &plan.activations)?;
+        if let Some(lb) = &lb {
+            acts.lora = Some(LoraActs::new(&be, &cfg.model, &lb.spec, cfg.batch_size, cfg.seq_len)?);
+        }
         let mut e = Engine { be, cfg, model, grads, acts, opt, fused, notice: None, timing: [0.0; 3], peak_device_bytes: 0, poisoned: None };
         if let Some(path) = init {
             e.import_hf(path)?;
@@ -183,15 +187,30 @@ impl<B: Backend> Engine<B> {
         let scale = (1.0 / ntok) as f32;
         let rows = sh.rows;
         let mut sum = 0.0;
-        for mb in 0..micro {
-            let mw = mask.map(|m| &m[mb * rows..(mb + 1) * rows]);
-            sum += self.forward_loss(&tokens[mb * rows..(mb + 1) * rows], mw, Some(scale))?;
-            if !sum.is_finite() {
-                return Err(Error::non_finite(format!("loss is {} at micro-batch {mb}", fmt_nf(sum))));
+        let step = self.opt.steps();
+        let r = (|| -> Result<()> {
+            for mb in 0..micro {
+                self.set_dropout(Some((step, mb)));
+                let mw = mask.map(|m| &m[mb * rows..(mb + 1) * rows]);
+                sum += self.forward_loss(&tokens[mb * rows..(mb + 1) * rows], mw, Some(scale))?;
+                if !sum.is_finite() {
+                    return Err(Error::non_finite(format!("loss is {} at micro-batch {mb}", fmt_nf(sum))));
+                }
+                self.timed_backward(mb > 0, &mut |_, _, _, _| {})?;
             }
-            self.timed_backward(mb > 0, &mut |_, _, _, _| {})?;
+            Ok(())
+        })();
+        self.set_dropout(None);
+        r.map(|_| (sum / ntok, count))
+    }
+
+    /// Turns the adapters' dropout on for micro-batch `mb` of optimizer step `step` (its
+    /// masks are a function of the seed, step and micro-batch), or off (eval, logits).
+    fn set_dropout(&mut self, at: Option<(u64, usize)>) {
+        let seed = self.cfg.seed;
+        if let Some(lm) = self.model.lora.as_mut() {
+            lm.dropout_key = at.map(|(step, mb)| lora::dropout_key(seed, step, mb));
         }
-        Ok((sum / ntok, count))
     }
 
     /// N of an update: the targets carrying loss over its `micro` micro-batches; 0 is refused.
@@ -205,7 +224,7 @@ impl<B: Backend> Engine<B> {
     /// gradients; a fused engine's shared buffer holds only its last tensor or chunk).
     pub fn grad_norm(&self) -> f64 {
         let p = &self.model.params;
-        for (i, q) in p.iter().enumerate() {
+        for (i, q) in p.iter().enumerate().filter(|(i, _)| self.model.trainable(*i)) {
             let g = self.grads.get(i);
             self.be.sumsq_acc(g, q.numel().min(self.be.len(g)));
         }
@@ -236,19 +255,20 @@ impl<B: Backend> Engine<B> {
         let (model, grads, opt) = (&mut self.model, &mut self.grads, &mut self.opt);
         let clip = self.cfg.optimizer.clip as f64;
         (|| -> Result<()> {
-            let np = model.params.len();
-            for i in 0..np {
+            // a LoRA model's frozen base has no gradient: norm, clipping and updates cover the adapters
+            let train: Vec<usize> = (0..model.params.len()).filter(|&i| model.trainable(i)).collect();
+            for &i in &train {
                 be.sumsq_acc(grads.get(i), model.params[i].numel());
             }
             st.grad_norm = be.take_sumsq().sqrt();
             if let Some(s) = clip_scale(st.grad_norm, clip)? {
-                for i in 0..model.params.len() {
+                for &i in &train {
                     be.scale(grads.get_mut(i), s);
                 }
                 st.clipped = true;
             }
             opt.begin_step();
-            for i in 0..model.params.len() {
+            for &i in &train {
                 opt.update(be, i, &mut model.params[i], grads.get_mut(i), lr)?;
             }
             opt.end_step(be);
@@ -266,6 +286,14 @@ impl<B: Backend> Engine<B> {
     /// measures the global norm, and a second one applies the clipped updates (the
     /// forward activations are reused, so it costs one extra backward, not a forward).
     fn fused_step(&mut self, tokens: &[i32], mask: Option<&[u8]>, lr: f32) -> Result<StepStats> {
+        // adapter dropout on for this step's forward and backward(s), off afterwards
+        self.set_dropout(Some((self.opt.steps(), 0)));
+        let r = self.fused_step_inner(tokens, mask, lr);
+        self.set_dropout(None);
+        r
+    }
+
+    fn fused_step_inner(&mut self, tokens: &[i32], mask: Option<&[u8]>, lr: f32) -> Result<StepStats> {
         let sh = self.window_rows(tokens, mask, 1, "train batch", "micro-batches")?;
         let count = self.update_count(1, sh.t, mask)?;
         let ntok = count as f64;
@@ -357,21 +385,78 @@ impl<B: Backend> Engine<B> {
         Ok(out)
     }
 
-    pub fn memory(&self) -> [u64; 6] {
+    /// Tracked bytes: [weights, adapters, grads, optimizer_state, projector, activations, total].
+    pub fn memory(&self) -> [u64; 7] {
         let m = self.be.mem();
-        let mut out = [0u64; 6];
+        let mut out = [0u64; 7];
         for (i, &c) in CATEGORIES.iter().enumerate() {
             out[i] = m.get(c);
         }
-        out[5] = m.total();
+        out[6] = m.total();
         out
+    }
+
+    /// The adapter settings of a lora/qlora run (None for the other optimizers).
+    pub fn adapters(&self) -> Option<lora::AdapterSpec> {
+        self.model.lora.as_ref().map(|l| l.spec.clone())
+    }
+
+    /// The adapters as (PEFT parameter name, shape [rows, cols], values), in model order.
+    pub fn adapter_tensors(&self) -> Result<lora::HostTensors> {
+        let mut out = Vec::new();
+        for p in self.model.params.iter().filter(|p| p.role.adapter()) {
+            out.push((p.name.clone(), vec![p.rows, p.cols], self.be.to_host(p.f(), p.numel())?.into_owned()));
+        }
+        Ok(out)
+    }
+
+    /// Overwrites adapter `name` with `values` (row-major, its shape's element count).
+    pub fn set_adapter_tensor(&mut self, name: &str, values: &[f32]) -> Result<()> {
+        let first = self.model.params.iter().find(|p| p.role.adapter()).map_or("none: this run has no adapters".to_string(), |p| p.name.clone());
+        let Some(p) = self.model.params.iter_mut().find(|p| p.role.adapter() && p.name == name) else {
+            return Err(Error::invalid(format!("adapter tensor {name}: not in this model (its adapters are named like {first})")));
+        };
+        ensure!(
+            values.len() == p.numel(),
+            "adapter tensor {name}: got {} values, its shape [{}, {}] holds {}",
+            values.len(),
+            p.rows,
+            p.cols,
+            p.numel()
+        );
+        self.be.upload(p.f_mut(), values)
+    }
+
+    /// A fingerprint of the frozen base: FNV-1a over every base parameter's name, shape and
+    /// stored values (the dequantized ones for NF4), hex. Adapter checkpoints record it.
+    pub fn base_fingerprint(&self) -> Result<String> {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        let mut eat = |bytes: &[u8]| {
+            for &b in bytes {
+                h ^= b as u64;
+                h = h.wrapping_mul(0x0100_0000_01b3);
+            }
+        };
+        let mut scratch = self.be.alloc_fp32(0, crate::backend::Category::Activations)?;
+        for (i, p) in self.model.params.iter().enumerate().filter(|(_, p)| !p.role.adapter()) {
+            eat(p.name.as_bytes());
+            eat(&(p.rows as u64).to_le_bytes());
+            eat(&(p.cols as u64).to_le_bytes());
+            if matches!(p.data, crate::model::Weight::Q(_)) {
+                scratch = self.be.alloc_fp32(p.numel(), crate::backend::Category::Activations)?;
+            }
+            for v in self.model.read_host(&self.be, i, &mut scratch)?.iter() {
+                eat(&v.to_bits().to_le_bytes());
+            }
+        }
+        Ok(format!("{h:016x}"))
     }
 
     /// Engine facts for the front end (`qg_info`).
     pub fn info(&self) -> Info {
         let t = self.timing.map(micro);
         Info {
-            params: self.model.numel(),
+            params: self.model.trainable_numel(),
             device: self.be.name(),
             device_name: self.be.device_name(),
             precision: self.be.precision(),
@@ -459,7 +544,7 @@ pub trait Session: Send {
     fn eval(&mut self, tokens: &[i32], batches: usize) -> Result<f64> {
         Ok(self.eval_masked(tokens, None, batches)?.mean)
     }
-    fn memory(&self) -> [u64; 6];
+    fn memory(&self) -> [u64; 7];
     fn info(&self) -> Info;
     /// The checkpoint as bytes (`state::engine`).
     fn save_state(&self) -> Result<Vec<u8>>;
@@ -487,7 +572,7 @@ impl<B: Backend> Session for Engine<B> {
         self.usable()?;
         self.be.runner().run(|| Engine::eval_masked(self, tokens, mask, batches))
     }
-    fn memory(&self) -> [u64; 6] {
+    fn memory(&self) -> [u64; 7] {
         Engine::memory(self)
     }
     fn info(&self) -> Info {

@@ -273,6 +273,7 @@ fn every_tensor_is_updated_once_per_step() {
                 .map(|p| match &p.data {
                     Weight::F(b) => b.data.clone(),
                     Weight::Q(q) => q.codes.iter().map(|&c| c as f32).chain(q.scale.iter().cloned()).collect(),
+                    Weight::N(..) => unreachable!("no NF4 weights here"),
                 })
                 .collect()
         };
@@ -297,6 +298,7 @@ fn i11_forward_uses_the_optimizers_dequantized_weights() {
         match &pq.data {
             Weight::Q(qt) => qt.dequantize(&mut pf.f_mut().data),
             Weight::F(b) => pf.f_mut().data.copy_from_slice(&b.data),
+            Weight::N(..) => unreachable!("no NF4 weights here"),
         }
     }
     let toks = tokens(2, 16, 64, 8);

@@ -32,7 +32,7 @@ fn compare(cfg: EngineConfig) {
     assert!(plan.fit.problem.is_none(), "{label}: {:?}", plan.fit.problem);
     let (ga, b, t, v) = (cfg.grad_accum, cfg.batch_size, cfg.seq_len, cfg.model.vocab_size);
     let mut e = Engine::new(Cpu::new(2).unwrap(), cfg).unwrap();
-    assert_eq!(plan.params as usize, e.model.numel(), "{label}: params");
+    assert_eq!(plan.params as usize, e.model.trainable_numel(), "{label}: params");
     assert_eq!(plan.fused, e.fused, "{label}: fused");
     assert_eq!(e.memory(), plan.initial.to_array(), "{label}: before the first update");
     for s in 0..2 {
@@ -237,4 +237,49 @@ fn memory_refusal_names_the_place_and_the_remedies() {
     (q.optimizer, q.checkpointing) = (optim("qgalore", 0.0), true);
     let host = qgalore::train::memory_refusal(&q, need, 1_000_000_000, "this machine has");
     assert!(host.ends_with("this machine has 1.0 GB available; try a smaller batch_size or seq_len"), "{host}");
+}
+
+#[test]
+fn plan_equals_tracked_bytes_for_lora_and_qlora() {
+    use qgalore::config::LoraBase;
+    use qgalore::model::Targets;
+    let gqa = tiny_model(256, 128, 384, 4, 2, 4);
+    for model in [llama9m(), gqa] {
+        for name in ["lora", "qlora"] {
+            for (targets, base, dropout, ckpt, ga) in [
+                (Targets::DEFAULT, LoraBase::Bf16, 0.0, false, 1),
+                (Targets::ALL, LoraBase::F32, 0.1, false, 2),
+                (Targets::ALL, LoraBase::Bf16, 0.0, true, 1),
+                (Targets::parse("k_proj,down_proj").unwrap(), LoraBase::F32, 0.05, true, 2),
+            ] {
+                let c = cfg(model.clone(), name, |c| {
+                    c.optimizer.lora_rank = 16;
+                    c.optimizer.lora_targets = targets;
+                    c.optimizer.lora_base = base;
+                    c.optimizer.lora_dropout = dropout;
+                    c.checkpointing = ckpt;
+                    c.grad_accum = ga;
+                    // fused steps route the adapters' gradients through one shared buffer
+                    c.optimizer.fused = ckpt && ga == 1;
+                });
+                let plan = Plan::new(&c, false, "the model");
+                assert!(plan.initial.adapters > 0 && plan.initial.projector == 0);
+                assert_eq!(plan.initial, plan.stepped);
+                compare(c);
+            }
+        }
+    }
+    // bf16 precision halves a bf16 base, never the adapters; qlora's linears are NF4
+    let c = cfg(llama9m(), "lora", |_| {});
+    let (p32, p16) = (Plan::new(&c, false, "m"), Plan::new(&c, true, "m"));
+    // norms (2 per block + the final one, 128 wide) stay f32
+    assert_eq!(p16.initial.weights, p32.initial.weights / 2 + 2 * 9 * 128);
+    assert_eq!(p16.initial.adapters, p32.initial.adapters);
+    let q = Plan::new(&cfg(llama9m(), "qlora", |_| {}), false, "m");
+    // 4 blocks of four 128×128 and three 128×352 linears
+    let sb = qgalore::quant::nf4::Nf4Tensor::storage_bytes;
+    let lin: u64 = 4 * 4 * (4 * 128 * 128 + 3 * 128 * 352) as u64;
+    let nf4: u64 = 4 * (4 * sb(128 * 128) + 3 * sb(128 * 352)) as u64;
+    let lf = Plan::new(&cfg(llama9m(), "lora", |c| c.optimizer.lora_base = LoraBase::F32), false, "m");
+    assert_eq!(q.initial.weights, lf.initial.weights - lin + nf4);
 }

@@ -24,14 +24,17 @@ impl Runner {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Category {
     Weights = 0,
-    Grads = 1,
-    OptimizerState = 2,
-    Projector = 3,
-    Activations = 4,
+    /// LoRA adapters (lora, qlora): the trained low-rank matrices.
+    Adapters = 1,
+    Grads = 2,
+    OptimizerState = 3,
+    Projector = 4,
+    Activations = 5,
 }
 
-pub const CATEGORIES: [Category; 5] = [
+pub const CATEGORIES: [Category; 6] = [
     Category::Weights,
+    Category::Adapters,
     Category::Grads,
     Category::OptimizerState,
     Category::Projector,
@@ -41,7 +44,7 @@ pub const CATEGORIES: [Category; 5] = [
 /// Bytes held per category (engine-tracked, not measured from the OS).
 #[derive(Default, Debug)]
 pub struct MemTracker {
-    bytes: [AtomicU64; 5],
+    bytes: [AtomicU64; 6],
 }
 
 impl MemTracker {
@@ -102,6 +105,9 @@ pub trait Memory: Send + Sync + 'static {
         self.name().to_string()
     }
     fn mem(&self) -> &MemTracker;
+    /// Counts `bytes` of storage held outside the backend's buffers (QLoRA's host NF4
+    /// codes) under `cat` while the returned guard lives.
+    fn track(&self, bytes: usize, cat: Category) -> Tracked<()>;
     /// Runs closures on the backend's worker threads (a rayon pool on the CPU).
     fn runner(&self) -> Runner;
     /// Waits for queued work (a no-op on the CPU).

@@ -115,7 +115,7 @@ impl<B: Backend> Engine<B> {
         crate::ensure!(steps == 0, "{}: this engine has already run {steps} optimizer steps; import Hugging Face weights into a new engine (its optimizer state would not match them)", path.display());
         let ck = Checkpoint::open(path)?;
         let layout = ck.match_layout(&self.cfg.model)?;
-        for p in &self.model.params {
+        for p in self.model.params.iter().filter(|p| !p.role.adapter()) {
             // the engine's parameters are the layout's (an engine bug otherwise)
             if !layout.iter().any(|m| m.name == p.name && m.rows * m.cols == p.numel()) {
                 return Err(Error::invalid(format!("{}: the engine's parameter {} is not in the layout", ck.label(), p.name)));
@@ -131,11 +131,12 @@ impl<B: Backend> Engine<B> {
             None => None,
         };
         be.runner().run(|| -> Result<()> {
-            let names: Vec<String> = self.model.params.iter().map(|p| p.name.clone()).collect();
+            // adapters are not in a base checkpoint: they keep their initialisation
+            let names: Vec<String> = self.model.params.iter().filter(|p| !p.role.adapter()).map(|p| p.name.clone()).collect();
             if let Some(first) = names.first() {
                 ck.prefetch(first);
             }
-            for (i, p) in self.model.params.iter_mut().enumerate() {
+            for (i, p) in self.model.params.iter_mut().filter(|p| !p.role.adapter()).enumerate() {
                 if let Some(next) = names.get(i + 1) {
                     ck.prefetch(next);
                 }
@@ -147,6 +148,14 @@ impl<B: Backend> Engine<B> {
                         be.from_host(s, n, |h| ck.read_f32(&p.name, h))?;
                         let range = quant.map(|q| q.range).ok_or_else(|| Error::invalid(format!("{} is quantized but the optimizer keeps float weights", p.name)))?;
                         be.q_quantize(q, s, range);
+                    }
+                    Weight::N(t, track) => {
+                        // QLoRA: the base is quantized to NF4 as it loads (bnb's Linear4bit)
+                        let mut h = vec![0.0f32; n];
+                        ck.read_f32(&p.name, &mut h)?;
+                        let q = crate::quant::nf4::Nf4Tensor::quantize(&h).map_err(|e| Error::invalid(format!("{}: {}", p.name, e.msg)))?;
+                        *track = be.track(q.bytes(), Category::Weights);
+                        **t = q;
                     }
                 }
                 ck.release(&p.name);
@@ -220,6 +229,7 @@ impl<B: Backend> Engine<B> {
     fn write_safetensors(&self, path: &Path, dtype: Dtype) -> Result<()> {
         let be = &self.be;
         let biggest = self.model.params.iter().filter(|p| matches!(p.data, Weight::Q(_))).map(|p| p.numel()).max();
+        // a LoRA model exports merged: W + s·B·A in place of each adapted W, no adapters
         let src = Source {
             eng: self,
             dtype,
@@ -234,6 +244,7 @@ impl<B: Backend> Engine<B> {
             .params
             .iter()
             .enumerate()
+            .filter(|(_, p)| !p.role.adapter())
             .map(|(idx, p)| {
                 let shape = if p.rows == 1 { vec![p.cols] } else { vec![p.rows, p.cols] };
                 (p.name.clone(), Lazy { src: &src, idx, shape })
@@ -267,7 +278,16 @@ impl<B: Backend> Source<'_, B> {
         let (be, p) = (&self.eng.be, &self.eng.model.params[idx]);
         let n = p.numel();
         let r = match &p.data {
-            Weight::F(b) => be.to_host(b, n).map(|h| encode(&h, self.dtype)),
+            Weight::F(b) if self.eng.model.lora.is_none() => be.to_host(b, n).map(|h| encode(&h, self.dtype)),
+            Weight::F(_) | Weight::N(..) => {
+                let mut s = self.scratch.borrow_mut();
+                match s.as_mut() {
+                    Some(s) => crate::model::lora::merged(be, &self.eng.model, idx, s).map(|h| encode(&h, self.dtype)),
+                    None => be
+                        .alloc_fp32(0, Category::Activations)
+                        .and_then(|mut s| crate::model::lora::merged(be, &self.eng.model, idx, &mut s).map(|h| encode(&h, self.dtype))),
+                }
+            }
             Weight::Q(q) => {
                 let mut s = self.scratch.borrow_mut();
                 let s = s.as_mut().expect("scratch for quantized weights");

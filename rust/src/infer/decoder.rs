@@ -21,7 +21,7 @@ use crate::config::ModelConfig;
 use crate::ensure;
 use crate::error::{Error, Result};
 use crate::host::matmul::{matmul, par};
-use crate::model::{Llama, Weight};
+use crate::model::Llama;
 use rayon::prelude::*;
 use std::borrow::Cow;
 
@@ -125,14 +125,8 @@ impl Cache {
 /// `q_dequantize` into `scratch` (the engine's own dequantization buffer), exactly the
 /// values the training forward multiplies with.
 fn read<'a, B: Backend>(be: &B, m: &'a Llama<B>, idx: usize, scratch: &mut B::Buf) -> Result<Cow<'a, [f32]>> {
-    let n = m.params[idx].numel();
-    match &m.params[idx].data {
-        Weight::F(b) => be.to_host(b, n),
-        Weight::Q(q) => {
-            be.q_dequantize(scratch, q);
-            Ok(Cow::Owned(be.to_host(scratch, n)?.into_owned()))
-        }
-    }
+    // a LoRA model's linears are read with their adapters merged in (the adapted model)
+    crate::model::lora::merged(be, m, idx, scratch)
 }
 
 impl<'a> HostModel<'a> {

@@ -64,6 +64,8 @@ pub struct Acts<B: Backend> {
     pub tokens: Vec<i32>,
     pub targets: Vec<i32>,
     pub losses: Vec<f32>,
+    /// LoRA adapters' buffers (`model::lora`; planned apart, set by the engine).
+    pub lora: Option<super::lora::LoraActs<B>>,
 }
 
 /// One kind of activation buffer: `copies` buffers of `len` values each.
@@ -192,6 +194,7 @@ impl<B: Backend> Acts<B> {
             tokens: vec![0; n],
             targets: vec![0; n],
             losses: vec![0.0; n],
+            lora: None,
         })
     }
 

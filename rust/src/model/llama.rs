@@ -16,12 +16,26 @@ pub enum Role {
     Norm,
     Linear,
     Head,
+    /// LoRA's A [r, in] of a target linear (`model::lora`).
+    #[serde(rename = "lora_a")]
+    LoraA,
+    /// LoRA's B [out, r].
+    #[serde(rename = "lora_b")]
+    LoraB,
+}
+
+impl Role {
+    pub fn adapter(self) -> bool {
+        matches!(self, Role::LoraA | Role::LoraB)
+    }
 }
 
 /// Storage of a parameter: f32, or quantized codes with no float master copy (docs/algorithm-spec.md §2.1).
 pub enum Weight<B: Backend> {
     F(B::Buf),
     Q(B::Q),
+    /// QLoRA's frozen NF4 base (host codes, counted under weights), dequantized per use.
+    N(Box<crate::quant::nf4::Nf4Tensor>, crate::backend::Tracked<()>),
 }
 
 pub struct Param<B: Backend> {
@@ -41,14 +55,14 @@ impl<B: Backend> Param<B> {
     pub fn f(&self) -> &B::Buf {
         match &self.data {
             Weight::F(b) => b,
-            Weight::Q(_) => panic!("{} is quantized; read it through Llama::wv", self.name),
+            Weight::Q(_) | Weight::N(..) => panic!("{} is quantized; read it through Llama::wv", self.name),
         }
     }
 
     pub fn f_mut(&mut self) -> &mut B::Buf {
         match &mut self.data {
             Weight::F(b) => b,
-            Weight::Q(_) => panic!("{} is quantized", self.name),
+            Weight::Q(_) | Weight::N(..) => panic!("{} is quantized", self.name),
         }
     }
 }
@@ -82,6 +96,8 @@ pub struct Llama<B: Backend> {
     pub final_norm: usize,
     /// lm_head's parameter: `embed` itself when the embeddings are tied.
     pub head: usize,
+    /// LoRA adapters (lora, qlora): the base parameters are then frozen.
+    pub lora: Option<super::lora::LoraModel>,
 }
 
 /// The seven linear matrices of every block, in creation order: (kind, rows = out_features,
@@ -120,6 +136,18 @@ pub fn param_count(cfg: &ModelConfig) -> usize {
     layout(cfg).iter().map(|(_, r, c, _)| r * c).sum()
 }
 
+/// How an adapter run stores its frozen base (`Llama::build_with`).
+#[derive(Clone, Debug)]
+pub struct LoraBuild {
+    pub spec: super::lora::AdapterSpec,
+    /// Seeds the adapters' A (also when the base is loaded from a file).
+    pub seed: u64,
+    /// Linears in NF4 (qlora).
+    pub nf4: bool,
+    /// Base tensors in `alloc_half` storage (lora with lora_base bf16; qlora's tables).
+    pub half: bool,
+}
+
 /// Quantization applied to the projected matrices while the model is built.
 #[derive(Clone, Copy, Debug)]
 pub struct LinearQuant {
@@ -141,12 +169,23 @@ impl<B: Backend> Llama<B> {
     /// None the weights start at zero (norms at one) because the caller loads them next
     /// (`Engine::import_hf`): a 7B model then costs no billions of random draws.
     pub fn build(be: &B, cfg: &ModelConfig, seed: Option<u64>, quant: Option<LinearQuant>, half: bool) -> Result<Self> {
+        Self::build_with(be, cfg, seed, quant, half, None)
+    }
+
+    /// `build`, with LoRA adapters appended after the base parameters when `lora` is set:
+    /// the base is frozen in its storage (NF4 linears for qlora, `alloc_half` tensors for a
+    /// bf16 base) and A ~ U(−1/√in, 1/√in), B = 0 as PEFT initialises them.
+    pub fn build_with(be: &B, cfg: &ModelConfig, seed: Option<u64>, quant: Option<LinearQuant>, half: bool, lora: Option<&LoraBuild>) -> Result<Self> {
         let shapes = layout(cfg);
         let mut params = Vec::with_capacity(shapes.len());
         let mut host = Vec::new();
         for (idx, (name, rows, cols, role)) in shapes.into_iter().enumerate() {
             let n = rows * cols;
-            let mut data = if half && matches!(role, Role::Embed | Role::Head) {
+            let nf4 = lora.is_some_and(|l| l.nf4) && role == Role::Linear;
+            let lhalf = lora.is_some_and(|l| l.half && (role != Role::Norm) && !nf4);
+            let mut data = if nf4 {
+                be.alloc_fp32(0, Category::Weights)?
+            } else if lhalf || (half && matches!(role, Role::Embed | Role::Head)) {
                 be.alloc_half(n, Category::Weights)?
             } else {
                 be.alloc(n, Category::Weights)?
@@ -159,6 +198,12 @@ impl<B: Backend> Llama<B> {
                     let key = rng::stream_key(seed, 0x1417 + idx as u64, 0);
                     host.extend((0..n as u64).map(|i| cfg.initializer_range * rng::normal(key, i)));
                 }
+            }
+            if nf4 {
+                let t = crate::quant::nf4::Nf4Tensor::quantize(&host)?;
+                let track = be.track(t.bytes(), Category::Weights);
+                params.push(Param { name, rows, cols, role, data: Weight::N(Box::new(t), track) });
+                continue;
             }
             be.upload(&mut data, &host)?;
             let data = match quant {
@@ -192,7 +237,74 @@ impl<B: Backend> Llama<B> {
             .collect();
         let final_norm = 1 + cfg.num_hidden_layers * per;
         let head = if cfg.tie_word_embeddings { 0 } else { final_norm + 1 };
-        Ok(Llama { cfg: cfg.clone(), params, layers, embed: 0, final_norm, head })
+        let mut m = Llama { cfg: cfg.clone(), params, layers, embed: 0, final_norm, head, lora: None };
+        if let Some(lb) = lora {
+            m.add_adapters(be, lb)?;
+        }
+        Ok(m)
+    }
+
+    /// Appends the adapters of `lb.spec` (`lora::layout` order) and records their pairs.
+    fn add_adapters(&mut self, be: &B, lb: &LoraBuild) -> Result<()> {
+        let cfg = self.cfg.clone();
+        let mut pairs: Vec<[Option<(usize, usize)>; 7]> = vec![[None; 7]; cfg.num_hidden_layers];
+        let list = super::lora::adapter_list(&cfg, &lb.spec);
+        let shapes = super::lora::layout(&cfg, &lb.spec);
+        for (j, (name, rows, cols, role)) in shapes.into_iter().enumerate() {
+            let n = rows * cols;
+            let mut data = be.alloc_fp32(n, Category::Adapters)?;
+            if role == Role::LoraA {
+                // kaiming_uniform_(a=√5) on [r, in]: bound = √(6 / ((1 + 5)·in)) = 1/√in
+                let bound = 1.0 / (cols as f64).sqrt();
+                let key = rng::stream_key(lb.seed, 0x10_4a00 + j as u64, 0);
+                let host: Vec<f32> = (0..n as u64).map(|i| ((2.0 * rng::uniform(key, i) as f64 - 1.0) * bound) as f32).collect();
+                be.upload(&mut data, &host)?;
+            }
+            let idx = self.params.len();
+            let (l, k, _, _) = list[j / 2];
+            match role {
+                Role::LoraA => pairs[l][k] = Some((idx, usize::MAX)),
+                _ => {
+                    if let Some(p) = pairs[l][k].as_mut() {
+                        p.1 = idx;
+                    }
+                }
+            }
+            self.params.push(Param { name, rows, cols, role, data: Weight::F(data) });
+        }
+        let scale = lb.spec.scale();
+        self.lora = Some(super::lora::LoraModel { spec: lb.spec.clone(), scale, pairs, dropout_key: None });
+        Ok(())
+    }
+
+    /// Whether parameter `idx` is trained: every parameter, or only the adapters of a
+    /// LoRA model (its base is frozen: no gradient, no optimizer state).
+    #[inline]
+    pub fn trainable(&self, idx: usize) -> bool {
+        self.lora.is_none() || self.params[idx].role.adapter()
+    }
+
+    /// Trainable parameter count.
+    pub fn trainable_numel(&self) -> usize {
+        (0..self.params.len()).filter(|&i| self.trainable(i)).map(|i| self.params[i].numel()).sum()
+    }
+
+    /// Parameter `idx` as f32 values on the host: borrowed where it already lives there,
+    /// else copied (quantized weights dequantized through `scratch`, as `wv`).
+    pub fn read_host<'a>(&'a self, be: &B, idx: usize, scratch: &mut B::Buf) -> Result<std::borrow::Cow<'a, [f32]>> {
+        let n = self.params[idx].numel();
+        match &self.params[idx].data {
+            Weight::F(b) => be.to_host(b, n),
+            Weight::Q(q) => {
+                be.q_dequantize(scratch, q);
+                Ok(std::borrow::Cow::Owned(be.to_host(scratch, n)?.into_owned()))
+            }
+            Weight::N(t, _) => {
+                let mut h = vec![0.0f32; n];
+                t.dequantize(&mut h);
+                Ok(std::borrow::Cow::Owned(h))
+            }
+        }
     }
 
     pub fn numel(&self) -> usize {
@@ -216,6 +328,15 @@ impl<B: Backend> Llama<B> {
             Weight::F(b) => b,
             Weight::Q(q) => {
                 be.q_dequantize(scratch, q);
+                scratch
+            }
+            Weight::N(t, _) => {
+                // QLoRA computes with the dequantized base (bnb dequantize_4bit, then the GEMM)
+                be.from_host(scratch, t.numel, |h| {
+                    t.dequantize(h);
+                    Ok(())
+                })
+                .expect("NF4 dequantize into the scratch buffer");
                 scratch
             }
         }

@@ -3,7 +3,9 @@
 
 pub mod acts;
 pub mod llama;
+pub mod lora;
 pub mod pass;
 
 pub use acts::Acts;
-pub use llama::{Grads, Layer, LinearQuant, Llama, Param, Role, Weight};
+pub use llama::{Grads, Layer, LinearQuant, Llama, LoraBuild, Param, Role, Weight};
+pub use lora::{AdapterSpec, LoraActs, LoraModel, Targets};

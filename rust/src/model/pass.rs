@@ -6,7 +6,7 @@
 //! gradient buffer for the next parameter. A tied embedding/head table is reported once, at
 //! the end, with the sum of both uses' gradients.
 
-use super::{Acts, Grads, Llama};
+use super::{lora, Acts, Grads, Llama};
 use crate::backend::Backend;
 
 /// Called by the backward for each parameter whose gradient is complete: (index, the
@@ -42,24 +42,44 @@ fn block_forward<B: Backend>(be: &B, m: &Llama<B>, a: &mut Acts<B>, l: usize, ou
     be.matmul(&mut a.q[s], &a.xn1[s], m.wv(be, ly.q, &mut a.wq), n, c, c, false);
     be.matmul(&mut a.k[s], &a.xn1[s], m.wv(be, ly.k, &mut a.wq), n, c, kv, false);
     be.matmul(&mut a.v[s], &a.xn1[s], m.wv(be, ly.v, &mut a.wq), n, c, kv, false);
+    if let Some(la) = a.lora.as_mut() {
+        // LoRA adapters on q, k, v: added before RoPE, as PEFT wraps the projections
+        lora::forward(be, m, la, l, 0, &a.xn1[s], &mut a.q[s], n, c, c);
+        lora::forward(be, m, la, l, 1, &a.xn1[s], &mut a.k[s], n, c, kv);
+        lora::forward(be, m, la, l, 2, &a.xn1[s], &mut a.v[s], n, c, kv);
+    }
     be.rope(&mut a.q[s], &a.rope, b, t, h, hd, false);
     be.rope(&mut a.k[s], &a.rope, b, t, kvh, hd, false);
     be.attention(&mut a.ao[s], &mut a.att[s], &a.q[s], &a.k[s], &a.v[s], dims);
     be.copy_n(&mut a.xm[s], x_in, n * c);
     be.matmul(&mut a.xm[s], &a.ao[s], m.wv(be, ly.o, &mut a.wq), n, c, c, true);
+    if let Some(la) = a.lora.as_mut() {
+        lora::forward(be, m, la, l, 3, &a.ao[s], &mut a.xm[s], n, c, c);
+    }
     be.rmsnorm(&mut a.xn2[s], &mut a.rstd2[s], &a.xm[s], m.w(ly.mlp_norm), n, c, eps);
     be.matmul(&mut a.gate[s], &a.xn2[s], m.wv(be, ly.gate, &mut a.wq), n, c, i, false);
     be.matmul(&mut a.up[s], &a.xn2[s], m.wv(be, ly.up, &mut a.wq), n, c, i, false);
+    if let Some(la) = a.lora.as_mut() {
+        lora::forward(be, m, la, l, 4, &a.xn2[s], &mut a.gate[s], n, c, i);
+        lora::forward(be, m, la, l, 5, &a.xn2[s], &mut a.up[s], n, c, i);
+    }
     be.swiglu(&mut a.act[s], &a.gate[s], &a.up[s], n * i);
     if out {
         let x_out = &mut rest[0];
         be.copy_n(x_out, &a.xm[s], n * c);
         be.matmul(x_out, &a.act[s], m.wv(be, ly.down, &mut a.wq), n, i, c, true);
+        if let Some(la) = a.lora.as_mut() {
+            lora::forward(be, m, la, l, 6, &a.act[s], x_out, n, i, c);
+        }
+    } else if let Some(la) = a.lora.as_mut() {
+        // the down adapter's v is needed by the backward; x[l+1] already holds its output
+        lora::forward_keep(be, m, la, l, 6, &a.act[s], n, i);
     }
 }
 
 /// Backward from `a.logits` holding dLoss/dlogits. `acc` adds into the gradient buffers
-/// (gradient accumulation) instead of overwriting them.
+/// (gradient accumulation) instead of overwriting them. Frozen parameters (a LoRA model's
+/// base) get no gradient and are not reported; the input gradients still flow through them.
 pub fn backward<B: Backend>(
     be: &B,
     m: &mut Llama<B>,
@@ -75,10 +95,18 @@ pub fn backward<B: Backend>(
     let (b, t) = (a.b, a.t);
     // A shared gradient buffer holds only the current parameter, so never accumulate there.
     let accum = |g: &Grads<B>, idx: usize| acc && !g.is_shared(idx);
+    // a linear's weight gradient, unless it is frozen
+    let dw = |be: &B, m: &mut Llama<B>, g: &mut Grads<B>, hook: &mut Hook<B>, idx: usize, dout: &B::Buf, inp: &B::Buf, ic: usize, oc: usize| {
+        if m.trainable(idx) {
+            let ac = acc && !g.is_shared(idx);
+            be.matmul_dw(g.get_mut(idx), dout, inp, n, ic, oc, ac);
+            hook(idx, None, m, g);
+        }
+    };
 
     let last = m.layers.len();
     be.matmul_dinp(&mut a.dxn, &a.logits, m.w(m.head), n, c, v, false);
-    if m.tied() {
+    if m.tied() || !m.trainable(m.head) {
         // the head's share of a tied table's gradient is added at the end, with the
         // embedding's (dlogits and xnf are kept until then)
     } else if let Some(rows) = g.chunk_rows(m.head) {
@@ -95,53 +123,65 @@ pub fn backward<B: Backend>(
     }
     be.fill(&mut a.dres, 0.0);
     let fnorm = m.final_norm;
-    norm_bwd(be, m, g, acc, fnorm, &mut a.dres, &a.dxn, &a.x[last], &a.rstdf, n, c);
-    hook(fnorm, None, m, g);
+    let mut la = a.lora.take();
+    let dn = la.as_mut().map(|la| &mut la.dnorm);
+    norm_bwd(be, m, g, acc, fnorm, &mut a.dres, &a.dxn, &a.x[last], &a.rstdf, n, c, dn, hook);
 
     for l in (0..last).rev() {
         let ly = m.layers[l];
         if a.ckpt {
             // this block's weights are not updated yet: the recomputation is exact
+            a.lora = la.take();
             block_forward(be, &*m, a, l, false);
+            la = a.lora.take();
         }
         let s = a.slot(l);
         // MLP: x[l+1] = xm + down(silu(gate(xn2)) ⊙ up(xn2))
         be.matmul_dinp(&mut a.dact, &a.dres, m.wv(be, ly.down, &mut a.wq), n, i, c, false);
-        let ac = accum(g, ly.down);
-        be.matmul_dw(g.get_mut(ly.down), &a.dres, &a.act[s], n, i, c, ac);
-        hook(ly.down, None, m, g);
+        if let Some(la) = la.as_mut() {
+            lora::backward(be, m, g, la, l, 6, &a.act[s], &a.dres, &mut a.dact, n, i, c, acc, hook);
+        }
+        dw(be, m, g, hook, ly.down, &a.dres, &a.act[s], i, c);
         be.swiglu_bwd(&mut a.dgate, &mut a.dup, &a.dact, &a.gate[s], &a.up[s], n * i);
         be.matmul_dinp(&mut a.dxn, &a.dgate, m.wv(be, ly.gate, &mut a.wq), n, c, i, false);
         be.matmul_dinp(&mut a.dxn, &a.dup, m.wv(be, ly.up, &mut a.wq), n, c, i, true);
-        let ac = accum(g, ly.gate);
-        be.matmul_dw(g.get_mut(ly.gate), &a.dgate, &a.xn2[s], n, c, i, ac);
-        hook(ly.gate, None, m, g);
-        let ac = accum(g, ly.up);
-        be.matmul_dw(g.get_mut(ly.up), &a.dup, &a.xn2[s], n, c, i, ac);
-        hook(ly.up, None, m, g);
-        norm_bwd(be, m, g, acc, ly.mlp_norm, &mut a.dres, &a.dxn, &a.xm[s], &a.rstd2[s], n, c);
-        hook(ly.mlp_norm, None, m, g);
+        if let Some(la) = la.as_mut() {
+            lora::backward(be, m, g, la, l, 4, &a.xn2[s], &a.dgate, &mut a.dxn, n, c, i, acc, hook);
+            lora::backward(be, m, g, la, l, 5, &a.xn2[s], &a.dup, &mut a.dxn, n, c, i, acc, hook);
+        }
+        dw(be, m, g, hook, ly.gate, &a.dgate, &a.xn2[s], c, i);
+        dw(be, m, g, hook, ly.up, &a.dup, &a.xn2[s], c, i);
+        let dn = la.as_mut().map(|la| &mut la.dnorm);
+        norm_bwd(be, m, g, acc, ly.mlp_norm, &mut a.dres, &a.dxn, &a.xm[s], &a.rstd2[s], n, c, dn, hook);
 
         // Attention: xm = x[l] + o(attn(rope(q(xn1)), rope(k(xn1)), v(xn1)))
         be.matmul_dinp(&mut a.dao, &a.dres, m.wv(be, ly.o, &mut a.wq), n, c, c, false);
-        let ac = accum(g, ly.o);
-        be.matmul_dw(g.get_mut(ly.o), &a.dres, &a.ao[s], n, c, c, ac);
-        hook(ly.o, None, m, g);
+        if let Some(la) = la.as_mut() {
+            lora::backward(be, m, g, la, l, 3, &a.ao[s], &a.dres, &mut a.dao, n, c, c, acc, hook);
+        }
+        dw(be, m, g, hook, ly.o, &a.dres, &a.ao[s], c, c);
         be.attention_bwd(&mut a.dq, &mut a.dk, &mut a.dv, &mut a.datt, &a.dao, &a.q[s], &a.k[s], &a.v[s], &a.att[s], dims);
         be.rope(&mut a.dq, &a.rope, b, t, h, hd, true);
         be.rope(&mut a.dk, &a.rope, b, t, kvh, hd, true);
         be.matmul_dinp(&mut a.dxn, &a.dq, m.wv(be, ly.q, &mut a.wq), n, c, c, false);
         be.matmul_dinp(&mut a.dxn, &a.dk, m.wv(be, ly.k, &mut a.wq), n, c, kv, true);
         be.matmul_dinp(&mut a.dxn, &a.dv, m.wv(be, ly.v, &mut a.wq), n, c, kv, true);
-        for (idx, d, oc) in [(ly.q, &a.dq, c), (ly.k, &a.dk, kv), (ly.v, &a.dv, kv)] {
-            let ac = accum(g, idx);
-            be.matmul_dw(g.get_mut(idx), d, &a.xn1[s], n, c, oc, ac);
-            hook(idx, None, m, g);
+        if let Some(la) = la.as_mut() {
+            lora::backward(be, m, g, la, l, 0, &a.xn1[s], &a.dq, &mut a.dxn, n, c, c, acc, hook);
+            lora::backward(be, m, g, la, l, 1, &a.xn1[s], &a.dk, &mut a.dxn, n, c, kv, acc, hook);
+            lora::backward(be, m, g, la, l, 2, &a.xn1[s], &a.dv, &mut a.dxn, n, c, kv, acc, hook);
         }
-        norm_bwd(be, m, g, acc, ly.attn_norm, &mut a.dres, &a.dxn, &a.x[l], &a.rstd1[s], n, c);
-        hook(ly.attn_norm, None, m, g);
+        for (idx, d, oc) in [(ly.q, &a.dq, c), (ly.k, &a.dk, kv), (ly.v, &a.dv, kv)] {
+            dw(be, m, g, hook, idx, d, &a.xn1[s], c, oc);
+        }
+        let dn = la.as_mut().map(|la| &mut la.dnorm);
+        norm_bwd(be, m, g, acc, ly.attn_norm, &mut a.dres, &a.dxn, &a.x[l], &a.rstd1[s], n, c, dn, hook);
     }
+    a.lora = la;
     let e = m.embed;
+    if !m.trainable(e) {
+        return;
+    }
     let tied = m.tied();
     if let Some(rows) = g.chunk_rows(e) {
         for r0 in (0..v).step_by(rows) {
@@ -167,11 +207,12 @@ pub fn backward<B: Backend>(
     hook(e, None, m, g);
 }
 
-/// RMSNorm backward into `dres` (+=) and the norm's weight gradient.
+/// RMSNorm backward into `dres` (+=) and the norm's weight gradient (reported to `hook`);
+/// a frozen norm's weight gradient goes to `frozen` (scratch) and is dropped.
 #[allow(clippy::too_many_arguments)]
 fn norm_bwd<B: Backend>(
     be: &B,
-    m: &Llama<B>,
+    m: &mut Llama<B>,
     g: &mut Grads<B>,
     acc: bool,
     idx: usize,
@@ -181,9 +222,18 @@ fn norm_bwd<B: Backend>(
     rstd: &B::Buf,
     n: usize,
     c: usize,
+    frozen: Option<&mut B::Buf>,
+    hook: &mut Hook<B>,
 ) {
+    if !m.trainable(idx) {
+        let s = frozen.expect("scratch for a frozen norm's gradient");
+        be.fill(s, 0.0);
+        be.rmsnorm_bwd(dres, s, dout, x, m.w(idx), rstd, n, c);
+        return;
+    }
     if !(acc && !g.is_shared(idx)) {
         be.fill(g.get_mut(idx), 0.0);
     }
     be.rmsnorm_bwd(dres, g.get_mut(idx), dout, x, m.w(idx), rstd, n, c);
+    hook(idx, None, m, g);
 }

@@ -4,7 +4,7 @@
 
 use super::Optimizer;
 use crate::backend::{AdamHp, Backend, Category};
-use crate::config::OptimConfig;
+use crate::config::{Named, OptimConfig};
 use crate::error::Result;
 use crate::model::Param;
 use crate::plan::Plan;
@@ -13,8 +13,10 @@ use crate::state::tensors::matrix;
 use crate::state::write::Out;
 
 pub struct AdamW<B: Backend> {
-    m: Vec<B::Buf>,
-    v: Vec<B::Buf>,
+    name: &'static str,
+    /// None for a frozen parameter (a LoRA model's base: no state).
+    m: Vec<Option<B::Buf>>,
+    v: Vec<Option<B::Buf>>,
     beta1: f32,
     beta2: f32,
     eps: f32,
@@ -23,28 +25,35 @@ pub struct AdamW<B: Backend> {
 }
 
 impl<B: Backend> AdamW<B> {
-    /// Two f32 moments per parameter, of the plan's `state_len` elements.
+    /// Two f32 moments per trained parameter, of the plan's `state_len` elements (0: a
+    /// frozen parameter, none). Also lora's and qlora's optimizer, over the adapters.
     pub fn new(be: &B, plan: &Plan, cfg: &OptimConfig) -> Result<Self> {
         let mut m = Vec::new();
         let mut v = Vec::new();
+        let frozen = cfg.name.adapter();
         for t in &plan.tensors {
-            m.push(be.alloc(t.state_len, Category::OptimizerState)?);
-            v.push(be.alloc(t.state_len, Category::OptimizerState)?);
+            let on = !(frozen && t.state_len == 0);
+            m.push(if on { Some(be.alloc(t.state_len, Category::OptimizerState)?) } else { None });
+            v.push(if on { Some(be.alloc(t.state_len, Category::OptimizerState)?) } else { None });
         }
-        Ok(AdamW { m, v, beta1: cfg.beta1, beta2: cfg.beta2, eps: cfg.eps, wd: cfg.weight_decay, step: 0 })
+        let name = cfg.name.name();
+        Ok(AdamW { name, m, v, beta1: cfg.beta1, beta2: cfg.beta2, eps: cfg.eps, wd: cfg.weight_decay, step: 0 })
     }
 }
 
 impl<B: Backend> Optimizer<B> for AdamW<B> {
     fn name(&self) -> &'static str {
-        "adamw"
+        self.name
     }
     fn begin_step(&mut self) {
         self.step += 1;
     }
     fn update(&mut self, be: &B, idx: usize, p: &mut Param<B>, g: &mut B::Buf, lr: f32) -> Result<()> {
         let hp = AdamHp { lr, beta1: self.beta1, beta2: self.beta2, eps: self.eps, weight_decay: self.wd, step: self.step };
-        be.adamw(p.f_mut(), g, &mut self.m[idx], &mut self.v[idx], hp);
+        let (Some(m), Some(v)) = (self.m[idx].as_mut(), self.v[idx].as_mut()) else {
+            return Err(crate::error::Error::backend(format!("internal: {} is frozen and has no optimizer state", p.name)));
+        };
+        be.adamw(p.f_mut(), g, m, v, hp);
         Ok(())
     }
     fn steps(&self) -> u64 {
@@ -56,7 +65,7 @@ impl<B: Backend> Optimizer<B> for AdamW<B> {
     fn describe(&self, be: &B, params: &[Param<B>], scalars: &serde_json::Value, out: &mut Out) -> Result<()> {
         scalars_step(scalars)?;
         for (i, p) in params.iter().enumerate() {
-            let (m, v) = (&self.m[i], &self.v[i]);
+            let (Some(m), Some(v)) = (&self.m[i], &self.v[i]) else { continue };
             let n = be.len(m);
             // the moments have the parameter's shape (the plan may size them otherwise)
             let shape = if n == p.numel() { matrix(p.rows, p.cols) } else { vec![n] };
@@ -68,9 +77,10 @@ impl<B: Backend> Optimizer<B> for AdamW<B> {
     fn load(&mut self, be: &B, params: &[Param<B>], scalars: &serde_json::Value, inp: &mut In) -> Result<()> {
         let step = scalars_step(scalars)?;
         for (i, p) in params.iter().enumerate() {
-            let n = be.len(&self.m[i]);
-            inp.buf(be, &format!("optim.{}.m", p.name), &mut self.m[i], n)?;
-            inp.buf(be, &format!("optim.{}.v", p.name), &mut self.v[i], n)?;
+            let (Some(m), Some(v)) = (self.m[i].as_mut(), self.v[i].as_mut()) else { continue };
+            let n = be.len(m);
+            inp.buf(be, &format!("optim.{}.m", p.name), m, n)?;
+            inp.buf(be, &format!("optim.{}.v", p.name), v, n)?;
         }
         self.step = step;
         Ok(())

@@ -194,6 +194,7 @@ impl<B: Backend> Family<B> {
                 be.q_dequantize(pf, q);
                 Some(&*pf)
             }
+            Some(Weight::N(..)) => unreachable!("projectors are never NF4"),
             None => None,
         };
         // An all-zero (or fully non-finite, hence zeroed) gradient has no subspace (docs/algorithm-spec.md I-17).
@@ -231,6 +232,7 @@ impl<B: Backend> Family<B> {
                     be.q_quantize(&mut q, pnew, self.cfg.quant_range);
                     st.store = Some(Weight::Q(q));
                 }
+                Ok(Weight::N(..)) => unreachable!("projectors are never NF4"),
                 Err(_) => self.stats.refresh_failures += 1,
             }
         } else {
@@ -268,6 +270,7 @@ impl<B: Backend> Family<B> {
                 be.q_dequantize(pf, q);
                 pf
             }
+            Weight::N(..) => unreachable!("projectors are never NF4"),
         };
         let k = st.rank;
         let r = self.r.as_mut().unwrap();
@@ -315,6 +318,7 @@ impl<B: Backend> Family<B> {
                 let sr = self.cfg.stochastic_round.then(|| rng::stream_key(self.seed, idx as u64, self.step));
                 be.q_update(q, g, decay, self.cfg.quant_range, sr);
             }
+            Weight::N(..) => return Err(crate::error::Error::backend(format!("internal: {} is frozen (NF4)", p.name))),
         }
         Ok(())
     }

@@ -73,7 +73,7 @@ pub trait Optimizer<B: Backend>: Send {
 pub fn build<B: Backend>(be: &B, plan: &Plan, cfg: &crate::config::OptimConfig, seed: u64) -> Result<Box<dyn Optimizer<B>>> {
     use crate::config::Optimizer as O;
     match cfg.name {
-        O::AdamW => Ok(Box::new(adamw::AdamW::new(be, plan, cfg)?)),
+        O::AdamW | O::Lora | O::QLora => Ok(Box::new(adamw::AdamW::new(be, plan, cfg)?)),
         O::Adam8bit | O::Galore | O::Galore8bit | O::QGalore => Ok(Box::new(galore::Family::new(be, plan, cfg, seed)?)),
     }
 }

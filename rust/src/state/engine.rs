@@ -25,8 +25,12 @@ pub enum Check {
 
 impl<B: Backend> Engine<B> {
     /// The `state` metadata of this engine now.
-    fn state(&self) -> EngineState {
-        EngineState { optimizer: self.opt.name().into(), step: self.opt.steps(), precision: self.be.precision().into(), optim: self.opt.scalars() }
+    fn state(&self) -> Result<EngineState> {
+        let base = match self.model.lora {
+            Some(_) => Some(self.base_fingerprint()?),
+            None => None,
+        };
+        Ok(EngineState { optimizer: self.opt.name().into(), step: self.opt.steps(), precision: self.be.precision().into(), optim: self.opt.scalars(), base })
     }
 
     /// Every tensor, in data order: the weights, then the optimizer's tensors as
@@ -34,7 +38,8 @@ impl<B: Backend> Engine<B> {
     fn describe(&self, optim: &serde_json::Value, out: &mut Out) -> Result<()> {
         let be = &self.be;
         let quant = crate::plan::linear_quant(&self.cfg.optimizer);
-        for p in &self.model.params {
+        // a LoRA model's frozen base is not stored (its fingerprint is): only the adapters
+        for (_, p) in self.model.params.iter().enumerate().filter(|(i, _)| self.model.trainable(*i)) {
             let shape = matrix(p.rows, p.cols);
             match &p.data {
                 Weight::F(b) => out.buf(be, p.name.clone(), shape, b, p.numel())?,
@@ -42,6 +47,7 @@ impl<B: Backend> Engine<B> {
                     let l = quant.as_ref().ok_or_else(|| Error::backend("internal: INT8 weights without a quantization config"))?;
                     out.q(be, &p.name, shape, (l.bits, l.group, p.numel()), || Ok(q))?
                 }
+                Weight::N(..) => return Err(Error::backend("internal: an NF4 weight is frozen and never stored")),
             }
         }
         self.opt.describe(be, &self.model.params, optim, out)
@@ -61,7 +67,7 @@ impl<B: Backend> Engine<B> {
         if let Some(r) = run {
             meta::check_run(r)?;
         }
-        let st = self.state();
+        let st = self.state()?;
         let entries = self.expected(&st)?;
         let state = serde_json::to_string(&st).map_err(|e| Error::backend(format!("checkpoint state: {e}")))?;
         let mut meta = vec![
@@ -124,6 +130,19 @@ impl<B: Backend> Engine<B> {
             return Err(Error::invalid(format!("checkpoint is for optimizer {}, this engine uses {}", super::tensors::shown(&st.optimizer), self.opt.name())));
         }
         meta::check_config(&p.engine_config, &self.cfg, &st.precision, self.be.precision(), check == Check::Resume)?;
+        if self.model.lora.is_some() {
+            let mine = self.base_fingerprint()?;
+            match &st.base {
+                Some(b) if *b == mine => {}
+                Some(b) => {
+                    return Err(Error::invalid(format!(
+                        "checkpoint's adapters were trained on another base model (fingerprint {}, this engine's base is {mine}); load the base it was trained on",
+                        super::tensors::shown(b)
+                    )))
+                }
+                None => return Err(Error::invalid("checkpoint has no base fingerprint; it is not a lora/qlora checkpoint")),
+            }
+        }
         read::match_layout(&p, &self.expected(&st)?)?;
         read::verify(src, &p)?;
         // nothing above touched the engine; from here on it is overwritten
@@ -145,11 +164,13 @@ impl<B: Backend> Engine<B> {
 
     fn apply(&mut self, st: &EngineState, inp: &mut In) -> Result<()> {
         let be = &self.be;
-        for p in self.model.params.iter_mut() {
+        let frozen = self.model.lora.is_some();
+        for p in self.model.params.iter_mut().filter(|p| !frozen || p.role.adapter()) {
             let n = p.numel();
             match &mut p.data {
                 Weight::F(b) => inp.buf(be, &p.name, b, n)?,
                 Weight::Q(q) => inp.q(be, &p.name, q)?,
+                Weight::N(..) => return Err(Error::backend("internal: an NF4 weight is frozen and never loaded")),
             }
         }
         self.opt.load(be, &self.model.params, &st.optim, inp)

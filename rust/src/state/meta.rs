@@ -130,6 +130,10 @@ pub struct EngineState {
     pub step: u64,
     pub precision: String,
     pub optim: Value,
+    /// lora / qlora: the frozen base's fingerprint (`Engine::base_fingerprint`); the base
+    /// itself is not in the checkpoint, only the adapters and their optimizer state.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base: Option<String>,
 }
 
 impl EngineState {

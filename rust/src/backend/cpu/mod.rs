@@ -111,6 +111,9 @@ impl Memory for Cpu {
     fn mem(&self) -> &MemTracker {
         &self.mem
     }
+    fn track(&self, bytes: usize, cat: Category) -> Tracked<()> {
+        Tracked::new((), bytes, cat, &self.mem)
+    }
     fn runner(&self) -> Runner {
         Runner(Some(self.pool.clone()))
     }
