@@ -10,7 +10,7 @@ export const PACKAGE_VERSION: string = "0.1.0";
 
 /** SHA-256 of the list below as `sha256sum` prints it; names the cached library. */
 export const SOURCES_DIGEST: string =
-  "32cc144a4b1838d0f958aafd797d2458840b07bb921aebb2ca7fe962228fded6";
+  "44ed1d832acba62cf51fd1124cf69c07df12318bbf9a630ef0ef9b1285cd4dc2";
 
 /** Every file the build needs: path from the package root and SHA-256 of its bytes. */
 export const SOURCES: readonly { readonly path: string; readonly sha256: string }[] = [
@@ -52,7 +52,7 @@ export const SOURCES: readonly { readonly path: string; readonly sha256: string 
   },
   {
     path: "rust/src/backend/cpu/mod.rs",
-    sha256: "ef2aa5371b82c4f0a7033fa0be9b6c23a2c7eb09fd76d941aa7d7d1577ab629b",
+    sha256: "497cab1e392a8f6cb8a0eedae87d8e0e4d1f3c551f8ef8a8ce67c16860b19c94",
   },
   {
     path: "rust/src/backend/cpu/ops.rs",
@@ -72,7 +72,7 @@ export const SOURCES: readonly { readonly path: string; readonly sha256: string 
   },
   {
     path: "rust/src/backend/cuda/device/memory.rs",
-    sha256: "905f8b67c4a445db834265361f7a3a5d7b986cb0b0d5a119d13786cc6656c410",
+    sha256: "cf435a52077c98f4eafdd7a7e403f43e090045219f34d234c1258a409dceee72",
   },
   {
     path: "rust/src/backend/cuda/device/optim.rs",
@@ -116,7 +116,7 @@ export const SOURCES: readonly { readonly path: string; readonly sha256: string 
   },
   {
     path: "rust/src/backend/memory.rs",
-    sha256: "761543c103265e15544c5d5fec53cb5ba391869a54de1720d44a75f537919416",
+    sha256: "566c62a4b3f2d83e3034c698344c2482b107a331660c468a20b6a02ff8842e43",
   },
   {
     path: "rust/src/backend/mod.rs",
@@ -132,7 +132,7 @@ export const SOURCES: readonly { readonly path: string; readonly sha256: string 
   },
   {
     path: "rust/src/config.rs",
-    sha256: "ca6f0915b04342398822d4d804153b22861a12f29ff8cd93a01c8ba964a7a5d2",
+    sha256: "72fc4faaeec6ac310b60e323ea5690c648f2847b4bb3f3c497dae79bf99b3d5c",
   },
   {
     path: "rust/src/config/model.rs",
@@ -176,11 +176,11 @@ export const SOURCES: readonly { readonly path: string; readonly sha256: string 
   },
   {
     path: "rust/src/ffi.rs",
-    sha256: "c266bbf1c4175dc8fe6c87650b181d04b5adf1a6aca8a5fd7f201e4b407712dd",
+    sha256: "00b5ffefc8c2c9696f064ca4fe4a33a7e622cad0b3552894467d95aea7b7cb17",
   },
   {
     path: "rust/src/hf/engine.rs",
-    sha256: "ebe8d340a6a3da626da935ce2bb27961c4f72e31c4112c7f5cd27129ddd636d8",
+    sha256: "89cb5aa3219c14e5cc7ea4218e20c4836281331f33845bb25f0bdb3cd869edb9",
   },
   {
     path: "rust/src/hf/folder.rs",
@@ -216,7 +216,7 @@ export const SOURCES: readonly { readonly path: string; readonly sha256: string 
   },
   {
     path: "rust/src/infer/decoder.rs",
-    sha256: "77b17b241bf3ec40bbbc02b4c73623c4219fa3074a33c2d1776491e76d73fac7",
+    sha256: "6b90c059e52ebaeacebd8994a846e9a3ad1d9dcdde5ab463062a4b5bb41094b8",
   },
   {
     path: "rust/src/infer/generate.rs",
@@ -236,27 +236,31 @@ export const SOURCES: readonly { readonly path: string; readonly sha256: string 
   },
   {
     path: "rust/src/model/acts.rs",
-    sha256: "b86576d9c7f6ce5c97633439c15bc1eeed2bc334543bdb2ecfe59f6556cfa07b",
+    sha256: "3d71d55cd9d08625d6e92421ed02ac4e3a853913b2f9d5574f4a977d5ee06f3f",
   },
   {
     path: "rust/src/model/llama.rs",
-    sha256: "a298b28290fafbe850d78d93fe5fc8718bfada36ce7fe3ad462b9fc3353a3f48",
+    sha256: "a78dac1cff13f498ba80eefbce65a950a19e4a29620cb0e7bde0da15521c4e6d",
+  },
+  {
+    path: "rust/src/model/lora.rs",
+    sha256: "bf660ccd1879a78fe28738b21d414c7542a293902a67446c8a2c28864b61b260",
   },
   {
     path: "rust/src/model/mod.rs",
-    sha256: "718f57862013c595c5ab63b1bdc12f0064c5bd42a500a7566fcf4f00675fbe08",
+    sha256: "bca000542047905da61cf3774c56bf78bd8cebf5ed4371aaad3331d6bcfca5fd",
   },
   {
     path: "rust/src/model/pass.rs",
-    sha256: "ac7d690e7b0f2ea89a54796478810656285580a6a7c538a5efd716a58efc45ff",
+    sha256: "58448bf877728fdc3a376b9d9ad05b7a1c8c79461509409155f59d016a249aec",
   },
   {
     path: "rust/src/optim/adamw.rs",
-    sha256: "0f027e3b5c5a75da3a2be92a7e8cf607f88dd58921fc7f88c6cb5976b1f1883a",
+    sha256: "fc46852f68c9a4466a815e180509cff2754c462631774d24e8f9b887fa5e7437",
   },
   {
     path: "rust/src/optim/galore.rs",
-    sha256: "a9473f661f24e86fd248dfb289e0118e93dd8c4e3d7c1035254c585d24344f4c",
+    sha256: "bf0840fad8044ae7b27173a86c2dd7e76e70878851772471ab2aee583fe8cccb",
   },
   {
     path: "rust/src/optim/lazy.rs",
@@ -264,11 +268,11 @@ export const SOURCES: readonly { readonly path: string; readonly sha256: string 
   },
   {
     path: "rust/src/optim/mod.rs",
-    sha256: "8a857326f16a2386b9af7023ccb7b29d052e1e9f16090868bb24358295244444",
+    sha256: "33e75915c1d13150cb8512ef175494d0dc8ec935b0b6ed2d648f6379e9862ad4",
   },
   {
     path: "rust/src/plan.rs",
-    sha256: "3e29f4a2ddb31c7b94da199251d13982d3fc89fcf11411090c5268abd9310699",
+    sha256: "42147f1e252d702d56b01f00af6e90a783e2365e80698d695414367a21e4978f",
   },
   {
     path: "rust/src/quant/adam8.rs",
@@ -288,7 +292,7 @@ export const SOURCES: readonly { readonly path: string; readonly sha256: string 
   },
   {
     path: "rust/src/state/engine.rs",
-    sha256: "c2f550e694aee365b50397ef58eb697bf34d88d924760bc9eeba98f52186b828",
+    sha256: "d3bdbbae4eb2a16cd1473d9a0455608ee65393a95c89e20c6341928760091e0f",
   },
   {
     path: "rust/src/state/file.rs",
@@ -296,7 +300,7 @@ export const SOURCES: readonly { readonly path: string; readonly sha256: string 
   },
   {
     path: "rust/src/state/meta.rs",
-    sha256: "14aeed9ca7014eb44e80722f8c610b24b72cb02cdbd0c74dcc1cb91ecfa85e55",
+    sha256: "a9f20b46341ba858562572e171557272206e3f50c261937979fe10f531b5865c",
   },
   {
     path: "rust/src/state/mod.rs",
@@ -316,6 +320,6 @@ export const SOURCES: readonly { readonly path: string; readonly sha256: string 
   },
   {
     path: "rust/src/train.rs",
-    sha256: "43873fb74eb687c0c3017668ed796c24b72e166f6e5d75eaa681f6bf59b7b28f",
+    sha256: "7242d859b4d27968926d026c5ac9c222d5bff3893741702e4c2b59bc81f0d452",
   },
 ];
