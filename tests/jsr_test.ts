@@ -121,20 +121,41 @@ function assertOneLine(r: Ran, ...parts: string[]): void {
   for (const p of parts) assert.ok(lines[0].includes(p), `"${lines[0]}" lacks "${p}"`);
 }
 
+function exists(path: string): boolean {
+  try {
+    return Deno.statSync(path).isFile;
+  } catch {
+    return false;
+  }
+}
+
 const libName = `libqgalore-${SOURCES_DIGEST.slice(0, 16)}.so`;
 const cacheLib = (cache: string) =>
   `${cache}/native/${PACKAGE_VERSION}/${Deno.build.target}/${libName}`;
 
-Deno.test({
-  name: "jsr: imported over HTTP from a fresh folder, the package builds, caches and runs",
-  ignore: Deno.build.os !== "linux",
-  async fn(t) {
-    const dir = await Deno.makeTempDir({ prefix: "qgalore-jsr-" });
-    const { base, server } = serve(await publishedFiles());
-    try {
-      const cache = `${dir}/cache`;
-      const shared = { QGALORE_CACHE: cache, CARGO_TARGET_DIR: `${root}rust/target` };
+/** Serves the published files for `body`, run from a fresh temp folder; cleans up after. */
+async function withServer(
+  body: (dir: string, base: string, shared: Record<string, string>) => Promise<void>,
+): Promise<void> {
+  const dir = await Deno.makeTempDir({ prefix: "qgalore-jsr-" });
+  const { base, server } = serve(await publishedFiles());
+  try {
+    await body(dir, base, {
+      QGALORE_CACHE: `${dir}/cache`,
+      CARGO_TARGET_DIR: `${root}rust/target`,
+    });
+  } finally {
+    await server.shutdown();
+    await Deno.remove(dir, { recursive: true });
+  }
+}
 
+Deno.test({
+  name:
+    "jsr: over HTTP, every refusal is one line (tampered source, QGALORE_LIB, no or failing cargo)",
+  ignore: Deno.build.os !== "linux",
+  fn: (t) =>
+    withServer(async (dir, base, shared) => {
       await t.step("a tampered source is refused in one line, nothing built", async () => {
         const r = await denoRun(dir, [`${base}/tampered/examples/pretrain.ts`, "--help"], {
           ...shared,
@@ -171,6 +192,47 @@ Deno.test({
         },
       );
 
+      await t.step(
+        "a failed cargo build: one line with cargo's first error and the log",
+        async () => {
+          // A stand-in cargo that fails the way a compile error does.
+          await Deno.mkdir(`${dir}/fake-bin`);
+          await Deno.writeTextFile(
+            `${dir}/fake-bin/cargo`,
+            `#!/bin/sh\n[ "$1" = --version ] && exit 0\n` +
+              `printf '   Compiling qgalore v0.1.0\\nerror[E0425]: cannot find value x\\n' >&2\n` +
+              `printf 'error: could not compile qgalore\\n' >&2\nexit 101\n`,
+          );
+          await Deno.chmod(`${dir}/fake-bin/cargo`, 0o755);
+          const failed = `${dir}/cache-failed`;
+          const r = await denoRun(dir, [`${base}/pkg/examples/pretrain.ts`, "--help"], {
+            ...shared,
+            QGALORE_CACHE: failed,
+            PATH: `${dir}/fake-bin`,
+          });
+          assert.equal(r.code, 1, r.stderr);
+          const folder = `${failed}/native/${PACKAGE_VERSION}/${Deno.build.target}`;
+          const lines = ownLines(r.stderr);
+          assert.equal(lines.length, 2, r.stderr);
+          assert.match(lines[0], /^qgalore: building the native engine /);
+          assert.equal(
+            lines[1],
+            "error: cargo build of the native engine failed (exit 101): " +
+              `error[E0425]: cannot find value x; full log: ${folder}/build.log`,
+          );
+          assert.match(await Deno.readTextFile(`${folder}/build.log`), /could not compile qgalore/);
+          assert.ok(!exists(`${folder}/${libName}`));
+        },
+      );
+    }),
+});
+
+Deno.test({
+  name: "jsr: imported over HTTP from a fresh folder, the package builds, caches and runs",
+  ignore: Deno.build.os !== "linux",
+  fn: (t) =>
+    withServer(async (dir, base, shared) => {
+      const cache = shared.QGALORE_CACHE;
       await t.step(
         "two first imports at once: one builds into the empty cache, one waits",
         async () => {
@@ -224,9 +286,5 @@ Deno.test({
         assert.ok(Number.isFinite(summary.val_loss), r.stdout);
         assert.equal(Deno.statSync(cacheLib(cache)).mtime?.getTime(), before);
       });
-    } finally {
-      await server.shutdown();
-      await Deno.remove(dir, { recursive: true });
-    }
-  },
+    }),
 });
