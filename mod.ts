@@ -34,6 +34,7 @@ export * from "./lib/log.ts";
 export * from "./lib/options.ts";
 export * from "./lib/cli.ts";
 export * from "./lib/trainer.ts";
+export * from "./lib/finetune.ts";
 export * from "./lib/open_model.ts";
 export * from "./lib/generate.ts";
 export * from "./lib/evaluate.ts";

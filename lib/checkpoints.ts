@@ -73,12 +73,19 @@ export interface RunRecord {
    * validation token streams ({@link dataFingerprint}).
    */
   data: { description: string; fingerprint: string };
-  /** The batch sampler's position ({@link Rng.state}). */
-  sampler: number[];
+  /**
+   * The batch sampler's position: pre-training's {@link Rng.state}; fine-tuning's sampler
+   * state (lib/finetune_data.ts `SamplerState`).
+   */
+  sampler: unknown;
+  /** `finetune` for a fine-tuning run (lib/finetune.ts); absent for pre-training. */
+  task?: "finetune";
   /** Counters the summary and the divergence watch continue from. */
   counters: {
     /** Seconds spent in updates (tokens/s). */
     train_s: number;
+    /** Training tokens consumed (absent in older records: steps × tokens per update). */
+    tokens?: number;
     /** Seconds since the run first started. */
     elapsed_s: number;
     /** Loss of the last update. */
@@ -224,10 +231,16 @@ export function readRunRecord(path: string): RunRecord {
   if (threads !== undefined && !(count(threads) && threads >= 1)) {
     bad(`engine threads ${threads}: must be an integer ≥ 1`);
   }
-  try {
-    Rng.restore(r.sampler ?? []);
-  } catch (e) {
-    bad(`sampler: ${(e as Error).message}`);
+  if (r.task !== undefined && r.task !== "finetune") bad(`task ${JSON.stringify(r.task)}: unknown`);
+  if (c.tokens !== undefined && !count(c.tokens)) bad("counters: tokens malformed");
+  if (r.task === undefined) {
+    try {
+      Rng.restore((r.sampler ?? []) as number[]);
+    } catch (e) {
+      bad(`sampler: ${(e as Error).message}`);
+    }
+  } else if (typeof r.sampler !== "object" || r.sampler === null) {
+    bad("sampler missing");
   }
   return r as RunRecord;
 }

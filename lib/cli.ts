@@ -66,6 +66,17 @@ const PARSE_OPTIONS = Object.freeze({
  * message naming the flag and the value.
  */
 export function parsePretrainArgs(argv: string[]): PretrainArgs | ResumeArgs | "help" {
+  const parsed = parseGiven(argv);
+  if (parsed === "help") return "help";
+  const { given, json } = parsed;
+  if (typeof given.resume === "string") return { ...given, resume: given.resume, json };
+  const opts: PretrainArgs = { ...defaultTrainOptions(), ...given, json };
+  checkOptions(opts);
+  return opts;
+}
+
+/** The flags given on a command line, each value checked alone; "help" for `--help`. */
+function parseGiven(argv: string[]): { given: Partial<TrainOptions>; json: boolean } | "help" {
   const values = strictParse(argv, PARSE_OPTIONS, VALUE_FLAGS);
   if (values.help) return "help";
 
@@ -88,11 +99,117 @@ export function parsePretrainArgs(argv: string[]): PretrainArgs | ResumeArgs | "
       o[key] = raw;
     }
   }
-  const json = values.json === true;
-  if (typeof given.resume === "string") return { ...given, resume: given.resume, json };
-  const opts: PretrainArgs = { ...defaultTrainOptions(), ...given, json };
-  checkOptions(opts);
-  return opts;
+  return { given, json: values.json === true };
+}
+
+/**
+ * Parsed command line of `examples/finetune.ts`: the flags given (values checked; the whole
+ * set is checked when the run starts), `model` the folder to fine-tune.
+ */
+export interface FinetuneArgs extends Partial<Omit<TrainOptions, "model" | "initFrom">> {
+  /** The Hugging Face model folder (absent with `--resume`). */
+  model?: string;
+  /** Print the summary as one JSON object on the last stdout line. */
+  json: boolean;
+}
+
+/** Pre-training flags fine-tuning has no use for, and what to use instead. */
+const NOT_FOR_FINETUNING: Readonly<Partial<Record<keyof TrainOptions, string>>> = Object.freeze({
+  initFrom: "give the model folder as --model",
+  trainTokenizer: "fine-tuning uses the model's own tokenizer",
+  textField: "the JSONL fields are text, prompt + completion, or messages",
+});
+
+/**
+ * Parses fine-tuning flags (strictly, as {@link parsePretrainArgs}): each value is checked
+ * here; `--model` and `--data` are required unless `--resume` is given. Returns "help" for
+ * `--help`. Throws a one-line UsageError naming the flag.
+ */
+export function parseFinetuneArgs(argv: string[]): FinetuneArgs | "help" {
+  const parsed = parseGiven(argv);
+  if (parsed === "help") return "help";
+  const { given, json } = parsed;
+  for (const [key, why] of Object.entries(NOT_FOR_FINETUNING)) {
+    const v = given[key as keyof TrainOptions];
+    if (v !== undefined) throw new UsageError(`${FLAG[key as keyof TrainOptions]} ${v}: ${why}`);
+  }
+  if (given.resume === undefined) {
+    if (given.model === undefined && given.data === undefined) {
+      throw new UsageError(
+        "--model and --data: required: a Hugging Face model folder and a JSONL file (see --help)",
+      );
+    }
+    if (given.model === undefined) {
+      throw new UsageError("--model: required: the Hugging Face model folder to fine-tune");
+    }
+    if (given.data === undefined) {
+      throw new UsageError(
+        "--data: required: a JSONL file of text, prompt + completion or messages lines",
+      );
+    }
+  }
+  const { model, ...rest } = given;
+  return { ...rest, ...(model === undefined ? {} : { model: model as string }), json };
+}
+
+/** `--help` rows that read differently for fine-tuning (an empty list drops the flag). */
+const FINETUNE_ROWS: Readonly<Record<string, string[]>> = Object.freeze({
+  "--model": ["--model DIR           the Hugging Face LLaMA folder to fine-tune (required)"],
+  "--lr": [
+    "--lr X                peak learning rate [adamw, adam8bit 2e-5; galore, galore8bit,",
+    "                      qgalore, lora, qlora 2e-4]",
+  ],
+  "--data": [
+    "--data FILE           JSONL: text, prompt + completion, or messages lines (required)",
+  ],
+  "--val-fraction": [
+    "--val-fraction X      share of --data's examples held out when there is no --val-data",
+    "                      [0.1]",
+  ],
+  "--tokenizer": ["--tokenizer PATH      tokenizer.json [the model folder's]"],
+  "--eval-every": [
+    "--eval-every N        validate (every held-out example) every N updates, 0 = start",
+    "                      and end only [100]",
+  ],
+  "--eval-batches": [],
+});
+
+/** The `--help` text of `examples/finetune.ts`. */
+export function finetuneUsage(): string {
+  const help = optionHelp({ presets: PRESET_NAMES.join(", ") });
+  const skip = new Set(
+    Object.keys(NOT_FOR_FINETUNING).map((k) => FLAG[k as keyof TrainOptions]),
+  );
+  // every section, those added later (adapters) included; the model flag reads as a folder
+  const lines: string[] = [];
+  for (const [title, rows] of help) {
+    const kept: string[] = [];
+    let drop = false;
+    for (const row of rows) {
+      const flag = /^ {2}(--[a-z0-9-]+)/.exec(row)?.[1];
+      if (flag !== undefined) {
+        drop = skip.has(flag) || flag in FINETUNE_ROWS;
+        if (flag in FINETUNE_ROWS) kept.push(...FINETUNE_ROWS[flag].map((l) => `  ${l}`));
+      }
+      if (!drop) kept.push(row);
+    }
+    lines.push(title, ...kept, "");
+  }
+  return [
+    "Fine-tune a pretrained LLaMA-style model with the qgalore engine.",
+    "",
+    "Usage: deno run -A examples/finetune.ts --model DIR --data FILE.jsonl [flags]",
+    "",
+    ...lines,
+    "  --json                print the summary as one JSON line on stdout",
+    "  -h, --help            show this help",
+    "",
+    "--data lines hold `text` (loss on every token), `prompt` + `completion` (loss on the",
+    "completion only) or `messages` (the model's chat template; loss on assistant turns).",
+    "Learning rates default to fine-tuning's: 2e-5 for adamw and adam8bit, 2e-4 for the",
+    "GaLore family and the adapters. Ctrl-C stops after the current update and saves a",
+    "checkpoint; --resume DIR continues it with the identical batches.",
+  ].join("\n");
 }
 
 /**

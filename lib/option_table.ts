@@ -236,6 +236,21 @@ export interface TrainOptions {
   resume: string | null;
   /** Replace an `out` folder that holds an earlier run (its summary.json, metrics.jsonl). */
   overwrite: boolean;
+  // ---- fine-tuning only (lib/finetune.ts; a pre-training run refuses them) ----
+  /** Validation JSONL (same format as `data`); null splits `valFraction` off `data`. */
+  valData: string | null;
+  /** Multiple-choice file (MMLU CSV or JSONL) scored at the end of a fine-tuning run. */
+  mc: string | null;
+  /** k-shot prompts for `mc`: the first k questions of the same subject from `mcDev`; null: 0. */
+  mcShots: number | null;
+  /** Dev questions (MMLU CSV or JSONL, or a folder of them) the `mcShots` shots come from. */
+  mcDev: string | null;
+  /** An example longer than `seqLen`: `truncate` its prompt side, or `refuse` it; null: truncate. */
+  tooLong: string | null;
+  /** Write the trained adapter (lora, qlora) here in PEFT's format at the end. */
+  saveAdapter: string | null;
+  /** Start from this PEFT adapter (lora, qlora) on top of the base model. */
+  adapter: string | null;
   /** Plain-log interval in updates; 0 picks about 20 lines per run. */
   logEvery: number;
   /** No progress output at all (e.g. in a notebook). */
@@ -303,6 +318,7 @@ const GALORE = "GaLore family";
 const LORA = "LoRA and QLoRA";
 const DATA = "Data";
 const RUN = "Run";
+const FINETUNE = "Fine-tuning";
 
 /**
  * Peak learning rates, measured on the default run (llama-9m, 300 updates of 8×128 tokens of
@@ -814,6 +830,62 @@ export const OPTION_DECLARATIONS = {
     section: RUN,
     help: "--export-dtype T      {choices} weights in the exported model.safetensors [{default}]",
   },
+  valData: {
+    flag: "--val-data",
+    kind: "path",
+    nullable: true,
+    section: FINETUNE,
+    help: "--val-data FILE       held-out JSONL for validation (same format as --data)\n" +
+      "                      [--val-fraction of --data's examples]",
+  },
+  mc: {
+    flag: "--mc",
+    kind: "path",
+    nullable: true,
+    section: FINETUNE,
+    help: "--mc FILE             multiple-choice items (MMLU CSV or JSONL, or a folder) scored\n" +
+      "                      by each choice's log-likelihood at every evaluation (--eval-every;\n" +
+      "                      0: before training and at the end) [none]",
+  },
+  mcShots: {
+    flag: "--mc-shots",
+    kind: "number",
+    range: { int: true, min: 0, max: 64 },
+    nullable: true,
+    section: FINETUNE,
+    help: "--mc-shots K          k-shot prompts for --mc: the first K questions of the same\n" +
+      "                      subject from --mc-dev [0]",
+  },
+  mcDev: {
+    flag: "--mc-dev",
+    kind: "path",
+    nullable: true,
+    section: FINETUNE,
+    help: "--mc-dev FILE         dev questions for the --mc-shots shots (same formats)",
+  },
+  tooLong: {
+    flag: "--too-long",
+    kind: "choice",
+    choices: () => ["truncate", "refuse"],
+    nullable: true,
+    section: FINETUNE,
+    help: "--too-long M          an example longer than --seq-len + 1: truncate (from the\n" +
+      "                      prompt side, never the answer) or refuse it [truncate]",
+  },
+  saveAdapter: {
+    flag: "--save-adapter",
+    kind: "path",
+    nullable: true,
+    section: FINETUNE,
+    help: "--save-adapter DIR    write the trained adapter in PEFT's format (lora, qlora)",
+  },
+  adapter: {
+    flag: "--adapter",
+    kind: "path",
+    nullable: true,
+    section: FINETUNE,
+    help: "--adapter DIR         start from a PEFT adapter on the base model (lora, qlora)",
+  },
   logEvery: {
     flag: "logEvery",
     kind: "number",
@@ -914,4 +986,5 @@ export const SECTIONS: Readonly<Record<string, string>> = Object.freeze({
   lora: LORA,
   data: DATA,
   run: RUN,
+  finetune: FINETUNE,
 });

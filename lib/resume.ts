@@ -39,13 +39,20 @@ export const RESUME_FREE: readonly (keyof TrainOptions)[] = Object.freeze([
   "checkpointing",
   "export",
   "exportDtype",
+  "mc",
+  "mcShots",
+  "mcDev",
+  "saveAdapter",
   "logEvery",
   "quiet",
   "handleSigint",
 ]);
 
 /** Options holding a path: compared with the run's after both are made absolute. */
-const PATHS = new Set<string>(["model", "data", "tokenizer", "initFrom"]);
+const PATHS = new Set<string>(["model", "data", "tokenizer", "initFrom", "valData", "adapter"]);
+
+/** Free options holding a path: stored absolute. */
+const PATH_FREE = new Set<string>(["export", "mc", "mcDev", "saveAdapter"]);
 
 /** Options of this session only: not inherited from the run record. */
 const SESSION: readonly (keyof TrainOptions)[] = ["logEvery", "quiet", "handleSigint"];
@@ -105,7 +112,7 @@ export function planResume(dir: string, given: Partial<TrainOptions>): ResumePla
     }
     if (free.has(key)) {
       if (value !== null) {
-        opts[key] = key === "export" && typeof value === "string" ? resolve(value) : value;
+        opts[key] = PATH_FREE.has(key) && typeof value === "string" ? resolve(value) : value;
       }
       continue;
     }
@@ -114,8 +121,10 @@ export function planResume(dir: string, given: Partial<TrainOptions>): ResumePla
       if (resolve(value) === resolve(run[key] as string)) continue;
       // moved data is the same run when it reads the same tokens (the set-up compares the
       // data's fingerprint with the checkpoint's and refuses any difference)
-      if (key === "data") {
-        opts.data = resolve(value);
+      // a moved base model: an adapter method's checkpoint names the base it needs by a
+      // fingerprint the engine compares; other methods' checkpoints hold every weight
+      if (key === "data" || key === "valData" || key === "initFrom") {
+        opts[key] = resolve(value);
         continue;
       }
     }

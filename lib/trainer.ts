@@ -44,12 +44,17 @@ import {
 } from "./checkpoints.ts";
 import { planResume, type ResumePlan, resumeTokenizer } from "./resume.ts";
 import {
+  ADAPTER_OPTIMIZERS,
   checkInterval,
   checkOptions,
   checkSource,
   engineConfig,
+  FLAG,
+  OPTION_KEYS,
+  optionDef,
   type ResolvedOptions,
   type SaveInterval,
+  SECTIONS,
   type TrainOptions,
   withFlags,
 } from "./options.ts";
@@ -67,10 +72,29 @@ export interface TrainEngine extends Disposable {
   readonly device: string;
   /** Precision actually used (`fp32`, `bf16`); stand-ins may leave it out (fp32). */
   readonly precision?: string;
-  /** One optimizer update over `microBatches` micro-batches. */
-  trainStep(tokens: Int32Array, microBatches: number, lr: number): Promise<StepStats>;
+  /**
+   * One optimizer update over `microBatches` micro-batches; `mask` (fine-tuning) marks the
+   * targets that carry loss (docs: interface A), absent for pre-training.
+   */
+  trainStep(
+    tokens: Int32Array,
+    microBatches: number,
+    lr: number,
+    mask?: Uint8Array,
+  ): Promise<StepStats & { count?: number }>;
   /** Mean validation loss over `batches` batches. */
   evalLoss(tokens: Int32Array, batches: number): Promise<number>;
+  /**
+   * Masked evaluation (fine-tuning): the sum and count of the counted targets' losses over
+   * `batches` batches; absent on engines without masks.
+   */
+  eval?(
+    tokens: Int32Array,
+    batches: number,
+    mask?: Uint8Array,
+  ):
+    | Promise<{ mean: number; sum: number; count: number }>
+    | { mean: number; sum: number; count: number };
   /** Engine-tracked bytes by category. */
   memory(): MemoryBytes;
   /** Engine facts (`svd_count`, `gaps`, …); optional for stand-ins. */
@@ -82,6 +106,150 @@ export interface TrainEngine extends Disposable {
   save?(path: string, run?: unknown): Promise<void>;
   /** Restores a checkpoint (for `resume`); a refused load changes nothing. */
   load?(path: string): Promise<void>;
+}
+
+/** One update's training tokens, from a {@link BatchSource}. */
+export interface TrainBatch {
+  /** `micro × batch` rows of `t + 1` ids (t ≤ seq_len; the engine derives t). */
+  tokens: Int32Array;
+  /** Which targets carry loss (1) and which not (0, padding, prompts); absent: all do. */
+  mask?: Uint8Array;
+  /** Targets that carry loss in the update (the engine's count must agree). */
+  count: number;
+  /** Real (non-padding) input tokens of the update, for tokens/s. */
+  tokens_real: number;
+}
+
+/** A validation result of a {@link BatchSource}. */
+export interface ValResult {
+  /** Mean loss per counted target (nats); may be non-finite. */
+  loss: number;
+  /**
+   * Batches of the evaluation, for the reference's n + 1 divisor (`val_loss_ref`); null
+   * where that reading does not apply (fine-tuning's token-weighted mean).
+   */
+  refBatches: number | null;
+}
+
+/**
+ * Where a run's batches come from: pre-training's corpus windows ({@link CorpusBatches}) or
+ * a fine-tuning sampler (lib/finetune.ts). The loop, checkpoints and resume are the same;
+ * the source's {@link BatchSource.state} is the run record's `sampler`, from which it is
+ * rebuilt on `--resume` to draw the batches the uninterrupted run would.
+ */
+export interface BatchSource {
+  /** One-line description (the summary's `data`). */
+  describe(): string;
+  /** Best achievable loss when known analytically (the synthetic corpus). */
+  readonly entropyFloor?: number;
+  /** What the run reads, as a hash: a resume refuses other data. */
+  fingerprint(): string;
+  /** The next update's batch. */
+  next(): TrainBatch;
+  /** The sampler's position (JSON), stored in each checkpoint's run record. */
+  state(): unknown;
+  /** The validation loss with `engine`. */
+  validate(engine: TrainEngine): Promise<ValResult>;
+}
+
+/** Pre-training's batches: random windows of a {@link Dataset}, drawn with a seeded {@link Rng}. */
+export class CorpusBatches implements BatchSource {
+  /** The corpus. */
+  readonly data: Dataset;
+  readonly #rng: Rng;
+  readonly #path: string | null;
+  readonly #shape: { batch: number; seqLen: number; micro: number; evalBatches: number };
+  #valTokens: Int32Array | null = null;
+
+  /**
+   * Windows of `data` in the run's shape; `sampler` is a saved {@link Rng.state} (resume),
+   * else the generator starts from `seed`. `path` is the `--data` it was opened by.
+   */
+  constructor(
+    data: Dataset,
+    opts: Pick<ResolvedOptions, "batchSize" | "seqLen" | "gradAccum" | "evalBatches" | "seed">,
+    path: string | null,
+    sampler: number[] | null = null,
+  ) {
+    this.data = data;
+    this.#path = path;
+    this.#rng = sampler === null ? new Rng(opts.seed) : Rng.restore(sampler);
+    this.#shape = {
+      batch: opts.batchSize,
+      seqLen: opts.seqLen,
+      micro: opts.gradAccum,
+      evalBatches: opts.evalBatches,
+    };
+    // the validation windows are fixed: taken once, as the run starts
+    this.#valTokens = data.valBatches(opts.evalBatches, opts.batchSize, opts.seqLen);
+  }
+
+  /** The corpus's best achievable loss, if known. */
+  get entropyFloor(): number | undefined {
+    return this.data.entropyFloor;
+  }
+
+  /** The corpus's description. */
+  describe(): string {
+    return this.data.describe();
+  }
+
+  /** {@link dataFingerprint} of the corpus. */
+  fingerprint(): string {
+    return dataFingerprint(this.data, this.#path);
+  }
+
+  /** `micro × batch` random windows of `seq_len + 1` tokens; every target counts. */
+  next(): TrainBatch {
+    const { batch, seqLen, micro } = this.#shape;
+    const tokens = this.data.trainBatch(this.#rng, batch, seqLen, micro);
+    const n = micro * batch * seqLen;
+    return { tokens, count: n, tokens_real: n };
+  }
+
+  /** The generator's state. */
+  state(): number[] {
+    return this.#rng.state();
+  }
+
+  /** Mean of the batch means over the fixed validation windows. */
+  async validate(engine: TrainEngine): Promise<ValResult> {
+    const n = this.#shape.evalBatches;
+    return { loss: await engine.evalLoss(this.#valTokens!, n), refBatches: n };
+  }
+}
+
+/**
+ * What differs between pre-training and fine-tuning around the shared loop: where the
+ * batches come from and what the summary adds. {@link train} uses pre-training's.
+ */
+export interface RunTask {
+  /** `pretrain` or `finetune`: stored in the run record; a resume must be the same task. */
+  readonly name: "pretrain" | "finetune";
+  /**
+   * Opens the run's batch source: `sampler` is the run record's (resume) or null.
+   * Errors are one-line UsageErrors naming the flag.
+   */
+  openSource(
+    opts: ResolvedOptions,
+    tokenizer: Tokenizer,
+    sampler: unknown | null,
+  ): Promise<BatchSource>;
+  /**
+   * At each evaluation, after the validation loss: what the task adds to the evaluation's
+   * record (e.g. `mc_accuracy`) and to its progress line. Must not change the engine's state
+   * (a resumed run repeats the uninterrupted run's evaluations).
+   */
+  onEvaluate?(run: Run): Promise<{ record: Partial<EvalRecord>; note?: string }>;
+  /** What the task adds to the summary (as `finetune`), evaluated before the engine is freed. */
+  summarize?(run: Run): Promise<Record<string, unknown>>;
+  /** Throws a one-line UsageError when the options name something the task does not use. */
+  check?(opts: Partial<TrainOptions>): void;
+  /**
+   * After the engine is built (and a resume's checkpoint loaded): e.g. loading an adapter
+   * into a new run. A UsageError fails the set-up, leaving no run folder.
+   */
+  prepare?(engine: TrainEngine, opts: ResolvedOptions, resumed: boolean): Promise<void>;
 }
 
 /** A `metrics.jsonl` line for one update. */
@@ -98,8 +266,10 @@ export interface StepRecord {
   grad_norm: number;
   /** Whether clipping scaled the gradient. */
   clipped: boolean;
-  /** Training tokens consumed so far. */
+  /** Training tokens consumed so far (fine-tuning: real tokens, padding not counted). */
   tokens: number;
+  /** Targets that carried loss in this update (fine-tuning only; the engine's count). */
+  loss_tokens?: number;
   /** Training throughput so far (excludes evaluation time). */
   tokens_per_s: number;
   /** Seconds since the run started. */
@@ -116,6 +286,8 @@ export interface EvalRecord {
   val_loss: number | null;
   /** exp(val_loss). */
   val_ppl: number | null;
+  /** Multiple-choice accuracy (fine-tuning with `--mc`). */
+  mc_accuracy?: number;
   /** The reference's loss: sum of batch losses / (batches + 1) (docs/algorithm-spec.md §1.7, I-16). */
   val_loss_ref: number | null;
   /** Training tokens consumed so far. */
@@ -221,6 +393,8 @@ export interface Summary {
   resumed_from: string | null;
   /** Start time of the run (ISO 8601; a resumed run keeps its first start). */
   started_at: string;
+  /** Fine-tuning's additions (data counts, validation, multiple-choice accuracy); absent otherwise. */
+  finetune?: Record<string, unknown>;
 }
 
 /** Training stopped on a non-finite loss; `summary` has what the run did until then. */
@@ -254,6 +428,45 @@ function defaultOut(): string {
   return join("runs", new Date().toISOString().replace(/[:.]/g, "-"));
 }
 
+/** Options only fine-tuning reads (lib/finetune.ts); a pre-training run refuses them. */
+const FINETUNE_ONLY: readonly (keyof TrainOptions)[] = Object.freeze(
+  OPTION_KEYS.filter((k) => optionDef(k).section === SECTIONS.finetune),
+);
+
+/** Pre-training: corpus windows (the synthetic corpus without `--data`). */
+export const PRETRAIN: RunTask = Object.freeze({
+  name: "pretrain" as const,
+  async openSource(
+    opts: ResolvedOptions,
+    tokenizer: Tokenizer,
+    sampler: unknown | null,
+  ): Promise<BatchSource> {
+    const data: Dataset = opts.data === null ? new SyntheticCorpus() : await openCorpus({
+      data: opts.data,
+      tokenizer,
+      textField: opts.textField,
+      valFraction: opts.valFraction,
+      seqLen: opts.seqLen,
+      // a bar at a terminal; logs get the token counts in the run's description line
+      progress: !opts.quiet && Deno.stderr.isTerminal(),
+      ...(opts.threads === null ? {} : { threads: opts.threads }),
+    }).catch((e: unknown) => {
+      throw flagged(e, "--data", opts.data!);
+    });
+    return new CorpusBatches(data, opts, opts.data, sampler as number[] | null);
+  },
+  check(opts: Partial<TrainOptions>): void {
+    for (const key of FINETUNE_ONLY) {
+      const v = opts[key];
+      if (v !== undefined && v !== null) {
+        throw new UsageError(
+          `${FLAG[key]} ${String(v)}: applies only to fine-tuning (examples/finetune.ts)`,
+        );
+      }
+    }
+  },
+});
+
 /**
  * Pretrains a model. Options not given take {@link defaultTrainOptions} values. Validates
  * everything before an engine is created; invalid options throw UsageError. Ctrl-C
@@ -263,11 +476,23 @@ function defaultOut(): string {
  * It composes the phases a notebook can also call one by one: {@link startRun} (set-up),
  * {@link Run.evaluate}, {@link Run.step} and {@link Run.finish}.
  */
-export async function train(
+export function train(
   options: Partial<TrainOptions> = {},
   hooks: TrainHooks = {},
 ): Promise<Summary> {
-  using run = await startRun(options, hooks);
+  return trainWith(PRETRAIN, options, hooks);
+}
+
+/**
+ * {@link train}'s loop for a {@link RunTask}: lib/finetune.ts runs fine-tuning through it
+ * with its own batch source, so both share checkpoints, resume, divergence handling, export.
+ */
+export async function trainWith(
+  task: RunTask,
+  options: Partial<TrainOptions>,
+  hooks: TrainHooks = {},
+): Promise<Summary> {
+  using run = await Run.start(options, hooks, task);
   // a resumed run's earlier evaluations are already in its metrics.jsonl, except one due at
   // its checkpoint's step that it never made (stopped there, or extended after its end)
   if (run.resumedFrom === null || run.evalDue) await run.evaluate();
@@ -294,8 +519,9 @@ export async function train(
 export function startRun(
   options: Partial<TrainOptions> = {},
   hooks: TrainHooks = {},
+  task: RunTask = PRETRAIN,
 ): Promise<Run> {
-  return Run.start(options, hooks);
+  return Run.start(options, hooks, task);
 }
 
 /**
@@ -308,15 +534,22 @@ export class Run implements Disposable {
   readonly opts: ResolvedOptions;
   /** The model's name and config. */
   readonly model: ResolvedModel;
-  /** Training and validation data. */
-  readonly data: Dataset;
+  /** Training and validation data of a pre-training run; null for fine-tuning. */
+  readonly data: Dataset | null;
+  /** Where the run's batches come from. */
+  readonly source: BatchSource;
+  /** Pre-training or fine-tuning. */
+  readonly task: RunTask;
   /** The tokenizer of the data (bytes for the synthetic corpus). */
   readonly tokenizer: Tokenizer;
   /** Directory of `metrics.jsonl` and `summary.json`, or null. */
   readonly out: string | null;
   /** The native engine (or the stand-in from {@link TrainHooks.createEngine}). */
   readonly engine: TrainEngine;
-  /** Training tokens per update (grad_accum × batch × seq_len). */
+  /**
+   * Training tokens per update (grad_accum × batch × seq_len); fine-tuning's updates hold at
+   * most this many, fewer when their examples are short.
+   */
   readonly tokensPerStep: number;
 
   /** The checkpoint the run was resumed from, or null. */
@@ -325,8 +558,6 @@ export class Run implements Disposable {
   readonly #hooks: TrainHooks;
   readonly #progress: Progress;
   readonly #metrics: JsonlWriter | null;
-  readonly #valTokens: Int32Array;
-  readonly #rng: Rng;
   readonly #started: number;
   readonly #startedAt: string;
   readonly #watch: DivergenceWatch;
@@ -348,6 +579,8 @@ export class Run implements Disposable {
   #stop = false;
   #steps = 0;
   #trainS = 0;
+  /** Training tokens consumed (real ones: fine-tuning's padding is not counted). */
+  #tokens = 0;
   #lastLoss: number | null = null;
   #failure: string | null = null;
   /**
@@ -369,7 +602,8 @@ export class Run implements Disposable {
     init: {
       opts: ResolvedOptions;
       model: ResolvedModel;
-      data: Dataset;
+      source: BatchSource;
+      task: RunTask;
       tokenizer: Tokenizer;
       out: string | null;
       engine: TrainEngine;
@@ -386,7 +620,9 @@ export class Run implements Disposable {
   ) {
     this.opts = init.opts;
     this.model = init.model;
-    this.data = init.data;
+    this.source = init.source;
+    this.task = init.task;
+    this.data = init.source instanceof CorpusBatches ? init.source.data : null;
     this.tokenizer = init.tokenizer;
     this.out = init.out;
     this.engine = init.engine;
@@ -397,7 +633,6 @@ export class Run implements Disposable {
     this.#startedAt = init.startedAt;
     const opts = init.opts;
     this.tokensPerStep = opts.gradAccum * opts.batchSize * opts.seqLen;
-    this.#valTokens = init.data.valBatches(opts.evalBatches, opts.batchSize, opts.seqLen);
     this.#fingerprint = init.fingerprint;
     this.#lock = init.lock;
     this.#threads = init.threads;
@@ -407,19 +642,18 @@ export class Run implements Disposable {
     const r = init.resume?.plan.record;
     if (r === undefined) {
       this.resumedFrom = null;
-      this.#rng = new Rng(opts.seed);
       this.#watch = new DivergenceWatch();
       this.#scheduleSteps = opts.steps;
       this.#elapsedBefore = 0;
     } else {
       // the state of the run when it wrote the checkpoint, so it goes on as if never stopped
       this.resumedFrom = init.resume!.plan.path;
-      this.#rng = Rng.restore(r.sampler);
       this.#watch = DivergenceWatch.restore(r.counters.watch);
       this.#scheduleSteps = r.schedule_steps;
       this.#elapsedBefore = r.counters.elapsed_s;
       this.#steps = r.step;
       this.#trainS = r.counters.train_s;
+      this.#tokens = r.counters.tokens ?? r.step * this.tokensPerStep;
       this.#lastLoss = r.counters.last_loss;
       this.#initialLoss = r.counters.initial_val_loss;
       this.#metricsLines = init.resume!.kept;
@@ -430,18 +664,31 @@ export class Run implements Disposable {
     }
   }
 
-  /** The set-up phase; see {@link startRun}. */
-  static async start(options: Partial<TrainOptions> = {}, hooks: TrainHooks = {}): Promise<Run> {
+  /** The set-up phase; see {@link startRun}. `task` defaults to pre-training. */
+  static async start(
+    options: Partial<TrainOptions> = {},
+    hooks: TrainHooks = {},
+    task: RunTask = PRETRAIN,
+  ): Promise<Run> {
     const started = performance.now();
     let startedAt = new Date().toISOString();
     let plan: ResumePlan | null = null;
     let checked;
+    task.check?.(options);
     if (options.resume !== undefined && options.resume !== null) {
       if (typeof options.resume !== "string" || options.resume === "") {
         throw new UsageError(`--resume ${JSON.stringify(options.resume)}: must be a run folder`);
       }
       // every option from the checkpoint's run record; the model and tokenizer as they were
       plan = planResume(options.resume, options);
+      const was = plan.record.task ?? "pretrain";
+      if (was !== task.name) {
+        throw new UsageError(
+          `--resume ${options.resume}: a ${
+            was === "finetune" ? "fine-tuning" : "pre-training"
+          } run; continue it with examples/${was}.ts --resume`,
+        );
+      }
       checked = {
         opts: plan.opts,
         model: plan.record.model,
@@ -467,6 +714,7 @@ export class Run implements Disposable {
     return await Run.#setUp(
       { opts, model, given, notices, out, plan, started, startedAt },
       hooks,
+      task,
     );
   }
 
@@ -482,6 +730,7 @@ export class Run implements Disposable {
       startedAt: string;
     },
     hooks: TrainHooks,
+    task: RunTask,
   ): Promise<Run> {
     const { opts, model, given, notices, out, plan, started, startedAt } = s;
     // A trained tokenizer goes to a temporary folder first: it moves into the run's folder
@@ -496,20 +745,16 @@ export class Run implements Disposable {
       Deno.removeSync(staged!, { recursive: true });
       throw flagged(e, "--data", opts.data!);
     });
-    const data: Dataset = opts.data === null ? new SyntheticCorpus() : await openCorpus({
-      data: opts.data,
-      tokenizer,
-      textField: opts.textField,
-      valFraction: opts.valFraction,
-      seqLen: opts.seqLen,
-      // a bar at a terminal; logs get the token counts in the run's description line
-      progress: !opts.quiet && Deno.stderr.isTerminal(),
-      ...(opts.threads === null ? {} : { threads: opts.threads }),
-    }).catch((e: unknown) => {
-      throw flagged(e, "--data", opts.data!);
-    });
+    const source = await task.openSource(opts, tokenizer, plan?.record.sampler ?? null)
+      .catch((e: unknown) => {
+        // a sampler that cannot continue on this data says so as the resume's error
+        if (plan === null || !(e instanceof UsageError) || !e.message.startsWith("resume: ")) {
+          throw e;
+        }
+        throw new UsageError(`--resume ${plan.dir}: ${e.message.slice("resume: ".length)}`);
+      });
     // what the run reads, so that a resume can tell whether the data changed
-    const fingerprint = out === null ? null : dataFingerprint(data, opts.data);
+    const fingerprint = out === null ? null : source.fingerprint();
     if (plan !== null && fingerprint !== plan.record.data.fingerprint) {
       throw new UsageError(
         `--resume ${plan.dir}: the data changed since the checkpoint (${
@@ -530,9 +775,14 @@ export class Run implements Disposable {
     for (const n of notices) progress.note(n);
 
     // --init-from: the engine loads the checkpoint instead of drawing random weights (a
-    // resumed run's weights come from its own checkpoint)
-    if (opts.initFrom !== null && plan === null) cfg.init_from = opts.initFrom;
-    const engine = await Promise.resolve(cfg).then(hooks.createEngine ?? Engine.create)
+    // resumed run's weights come from its own checkpoint; but an adapter method's checkpoint
+    // holds the adapters only, and its frozen base comes from the same folder again, which
+    // the engine checks against the fingerprint the checkpoint records)
+    const adapters = ADAPTER_OPTIMIZERS.includes(opts.optimizer);
+    if (opts.initFrom !== null && (plan === null || adapters)) cfg.init_from = opts.initFrom;
+    const create: (c: EngineConfig) => TrainEngine | Promise<TrainEngine> = hooks.createEngine ??
+      Engine.create;
+    const engine = await Promise.resolve(cfg).then(create)
       .catch((e: unknown) => {
         // a checkpoint that does not fit is bad input, named by its flag
         if (
@@ -593,10 +843,12 @@ export class Run implements Disposable {
         tokenizer = moved;
         Deno.removeSync(staged, { recursive: true });
       }
+      await task.prepare?.(engine, opts, plan !== null);
       run = new Run({
         opts,
         model,
-        data,
+        source,
+        task,
         tokenizer,
         out,
         engine,
@@ -617,7 +869,7 @@ export class Run implements Disposable {
           engine.precision ?? "fp32"
         }), ` +
           `${describeOptimizer(opts)}, ${opts.steps} steps × ` +
-          `${formatCount(run.tokensPerStep)} tokens; data: ${data.describe()}` +
+          `${formatCount(run.tokensPerStep)} tokens; data: ${source.describe()}` +
           (out === null ? "" : `; out: ${out}`),
       );
       if (plan !== null) {
@@ -793,10 +1045,12 @@ export class Run implements Disposable {
         vocab_size: this.tokenizer.vocabSize,
         source: this.#tokenizerSource(),
       },
-      data: { description: this.data.describe(), fingerprint: this.#fingerprint ?? "" },
-      sampler: this.#rng.state(),
+      data: { description: this.source.describe(), fingerprint: this.#fingerprint ?? "" },
+      sampler: this.source.state(),
+      ...(this.task.name === "pretrain" ? {} : { task: this.task.name }),
       counters: {
         train_s: this.#trainS,
+        tokens: this.#tokens,
         elapsed_s: this.elapsed(),
         last_loss: this.#lastLoss,
         initial_val_loss: this.#initialLoss ?? null,
@@ -831,29 +1085,39 @@ export class Run implements Disposable {
     this.#checkOpen();
     const opts = this.opts;
     let loss: number | null;
+    let refBatches: number | null = opts.evalBatches;
     try {
-      loss = finiteOrNull(await this.engine.evalLoss(this.#valTokens, opts.evalBatches));
+      const v = await this.source.validate(this.engine);
+      loss = finiteOrNull(v.loss);
+      refBatches = v.refBatches;
     } catch (e) {
       // After a divergence the weights may already hold huge values; report, don't crash.
       if (this.#failure !== null && e instanceof EngineError) loss = null;
       else throw e;
     }
+    // what the task measures besides (fine-tuning: multiple-choice accuracy); not after a
+    // divergence, whose weights may hold anything
+    const extra = this.task.onEvaluate === undefined || this.#failure !== null
+      ? null
+      : await this.task.onEvaluate(this);
     const record: EvalRecord = {
       type: "eval",
       step: this.#steps,
       val_loss: loss,
       val_ppl: ppl(loss),
-      val_loss_ref: refLoss(loss, opts.evalBatches),
-      tokens: this.#steps * this.tokensPerStep,
+      val_loss_ref: refBatches === null ? null : refLoss(loss, refBatches),
+      tokens: this.#tokens,
       elapsed_s: this.elapsed(),
+      ...extra?.record,
     };
     this.#writeMetrics(record);
     this.#evalStep = this.#steps;
-    const floor = this.data.entropyFloor;
+    const floor = this.source.entropyFloor;
     this.#progress.note(
       `eval step ${this.#steps}: val loss ${loss?.toFixed(4) ?? "n/a"} ppl ${
         record.val_ppl?.toFixed(2) ?? "n/a"
-      }` + (floor === undefined ? "" : ` (floor ${floor.toFixed(4)})`),
+      }` + (floor === undefined ? "" : ` (floor ${floor.toFixed(4)})`) +
+        (extra?.note ? `; ${extra.note}` : ""),
     );
     if (this.#steps === 0 && this.#initialLoss === undefined) this.#initialLoss = loss;
     if (this.#failure === null) {
@@ -880,10 +1144,12 @@ export class Run implements Disposable {
     // the schedule keeps its first length when a resume extends the run (then: the floor)
     const lr = lrAt(steps, { ...opts, steps: this.#scheduleSteps });
     const t0 = performance.now();
-    const tokens = this.data.trainBatch(this.#rng, opts.batchSize, opts.seqLen, opts.gradAccum);
-    let stats: StepStats;
+    const batch = this.source.next();
+    let stats: StepStats & { count?: number };
     try {
-      stats = await this.engine.trainStep(tokens, opts.gradAccum, lr);
+      stats = batch.mask === undefined
+        ? await this.engine.trainStep(batch.tokens, opts.gradAccum, lr)
+        : await this.engine.trainStep(batch.tokens, opts.gradAccum, lr, batch.mask);
     } catch (e) {
       if (!(e instanceof EngineError) || e.code !== ErrorCode.nonFinite) throw e;
       this.#intact = this.#watch.calm;
@@ -894,6 +1160,7 @@ export class Run implements Disposable {
     }
     this.#trainS += (performance.now() - t0) / 1000;
     const done = ++this.#steps;
+    this.#tokens += batch.tokens_real;
     this.#lastLoss = stats.loss;
     const record: StepRecord = {
       type: "step",
@@ -902,8 +1169,9 @@ export class Run implements Disposable {
       lr,
       grad_norm: stats.gradNorm,
       clipped: stats.clipped,
-      tokens: done * this.tokensPerStep,
-      tokens_per_s: (done * this.tokensPerStep) / this.#trainS,
+      tokens: this.#tokens,
+      ...(batch.mask === undefined ? {} : { loss_tokens: stats.count ?? batch.count }),
+      tokens_per_s: this.#tokens / this.#trainS,
       elapsed_s: this.elapsed(),
     };
     this.#writeMetrics(record);
@@ -974,7 +1242,8 @@ export class Run implements Disposable {
     try {
       const steps = this.#steps;
       const info = engine.info?.() ?? {};
-      const finalRef = refLoss(finalLoss, opts.evalBatches);
+      const finalRef = this.task.name === "pretrain" ? refLoss(finalLoss, opts.evalBatches) : null;
+      const extra = this.task.summarize === undefined ? undefined : await this.task.summarize(this);
       const lastLoss = this.#lastLoss;
       const failure = this.#failure;
       // a diverged run's newest good state; a healthy run's newest
@@ -982,15 +1251,15 @@ export class Run implements Disposable {
       const summary: Summary = {
         steps,
         steps_planned: opts.steps,
-        tokens: steps * this.tokensPerStep,
+        tokens: this.#tokens,
         initial_val_loss: this.#initialLoss ?? null,
         final_train_loss: lastLoss === null ? null : finiteOrNull(lastLoss),
         val_loss: finalLoss,
         val_ppl: ppl(finalLoss),
         val_loss_ref: finalRef,
         val_ppl_ref: ppl(finalRef),
-        entropy_floor: this.data.entropyFloor ?? null,
-        tokens_per_s: this.#trainS > 0 ? (steps * this.tokensPerStep) / this.#trainS : 0,
+        entropy_floor: this.source.entropyFloor ?? null,
+        tokens_per_s: this.#trainS > 0 ? this.#tokens / this.#trainS : 0,
         wall_s: this.elapsed(),
         params: engine.params,
         optimizer: opts.optimizer,
@@ -1005,7 +1274,7 @@ export class Run implements Disposable {
         device: engine.device,
         precision: engine.precision ?? "fp32",
         model: { name: this.model.name, config: this.model.config },
-        data: this.data.describe(),
+        data: this.source.describe(),
         tokenizer: {
           kind: this.tokenizer.kind,
           vocab_size: this.tokenizer.vocabSize,
@@ -1030,6 +1299,7 @@ export class Run implements Disposable {
         last_good_checkpoint: lastGood,
         resumed_from: this.resumedFrom,
         started_at: this.#startedAt,
+        ...(extra === undefined ? {} : { finetune: extra }),
       };
       if (this.out !== null) {
         writeSummary(this.out, JSON.stringify(summary, null, 2) + "\n");
@@ -1127,6 +1397,11 @@ function absolutePaths(o: ResolvedOptions): ResolvedOptions {
     tokenizer: abs(o.tokenizer),
     initFrom: abs(o.initFrom),
     export: abs(o.export),
+    valData: abs(o.valData),
+    mc: abs(o.mc),
+    mcDev: abs(o.mcDev),
+    saveAdapter: abs(o.saveAdapter),
+    adapter: abs(o.adapter),
   };
 }
 
