@@ -63,10 +63,17 @@ Deno.test("jsr: deno publish uploads the build inputs and the CLIs, not tests or
   assert.ok(files.includes("mod.ts") && files.includes("ffi/sources.ts"));
 });
 
-/** What JSR does to a published module: bare specifiers of the import map become full ones. */
+/**
+ * What JSR does to a published module: specifiers of the import map become full ones, a
+ * subpath of an `npm:` entry included (`"csv-parse/sync"` -> `"npm:csv-parse@5.6.0/sync"`).
+ */
 function unfurl(text: string): string {
   for (const [key, value] of Object.entries(config.imports as Record<string, string>)) {
-    text = text.replaceAll(`"${key}"`, `"${value}"`);
+    const escaped = key.replace(/[.*+?^${}()|[\]\\/]/g, "\\$&");
+    text = text.replace(
+      new RegExp(`(["'])${escaped}(/[^"'\\s]*)?\\1`, "g"),
+      (_m, q: string, sub = "") => `${q}${value}${sub}${q}`,
+    );
   }
   return text;
 }
