@@ -38,7 +38,11 @@ export * from "./lib/finetune.ts";
 export * from "./lib/open_model.ts";
 export * from "./lib/generate.ts";
 export * from "./lib/evaluate.ts";
+export * from "./lib/adapter.ts";
+export * from "./lib/merge.ts";
 export {
+  type AdapterConfig,
+  adapterConfig,
   type CheckpointInfo,
   Engine,
   engineAbiVersion,
@@ -70,6 +74,7 @@ export {
   resolveOptimizerConfig,
   type RopeScaling,
   type RunSpec,
+  type SaveAdapterOptions,
   type StepStats,
   type TensorPlan,
   type ValueSpec,

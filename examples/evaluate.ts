@@ -16,6 +16,10 @@
  *     deno run -A examples/evaluate.ts --model ckpt.qgck --data valid.txt --seq-len 128 --json
  *     deno run -A examples/evaluate.ts --model out/hf --seq-len 1024 --batch-size 4 \
  *       --mc mmlu/data/test --shots 5 --shots-file mmlu/data/dev --data held_out.jsonl --json
+ *     deno run -A examples/evaluate.ts --model BASE --adapter ADAPTER --mc test.csv --seq-len 512
+ *
+ * `--adapter DIR` evaluates a Hugging Face `--model` with a PEFT LoRA adapter folder applied
+ * (lib/adapter.ts; `--adapter-base qlora` on the NF4 base a QLoRA adapter was trained on).
  *
  * `--json` prints one JSON object as the last stdout line: with `--data`, its `loss`, `ppl`,
  * `tokens` (and `windows` for text, `examples` for JSONL); with `--mc`, an `mc` object
@@ -30,6 +34,7 @@ import "../ffi/preflight.ts";
 import { join } from "node:path";
 import { EngineError } from "../ffi/engine.ts";
 import { LoadError } from "../ffi/loader.ts";
+import { ADAPTER_SCRIPT_FLAGS, ADAPTER_USAGE, adapterArgs } from "../lib/adapter.ts";
 import { MODEL_SCRIPT_FLAGS, modelArgs, parseScriptArgs, type ScriptFlag } from "../lib/cli.ts";
 import { UsageError } from "../lib/errors.ts";
 import { evaluatePerplexity } from "../lib/evaluate.ts";
@@ -52,6 +57,7 @@ const FLAGS: Readonly<Record<string, ScriptFlag>> = {
   "mc-score": { type: "choice", choices: ["letter", "text"] },
   "seq-len": { type: "int", min: 1, required: true },
   "batch-size": { type: "int", min: 1, max: 4096 },
+  ...ADAPTER_SCRIPT_FLAGS,
   json: { type: "switch" },
 };
 
@@ -77,6 +83,7 @@ Usage: deno run -A examples/evaluate.ts --model DIR|CKPT --seq-len N (--data FIL
   --mc-score S          letter: log-likelihood of " A".." D" after "Answer:" (MMLU);
                         text: of the choice text, per character [letter]
   --batch-size N        sequences per engine batch [1]
+${ADAPTER_USAGE}
   --tokenizer PATH      tokenizer.json or folder [the model's, else bytes]
   --device D            cpu, cuda or auto [cpu]
   --threads N           engine threads [one per core]
@@ -178,7 +185,7 @@ export async function main(argv: string[]): Promise<number> {
     // files first, so a bad file is reported before the model loads
     const items = mc === undefined ? undefined : await loadItems("mc", mc);
     const dev = shotsFile === undefined ? undefined : await loadItems("shots-file", shotsFile);
-    using m = await openModel({ ...modelArgs(a, seqLen), batchSize: batch });
+    using m = await openModel({ ...modelArgs(a, seqLen), batchSize: batch, ...adapterArgs(a) });
     const out: Record<string, unknown> = {};
     const lines: string[] = [];
     if (text !== undefined) {

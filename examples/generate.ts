@@ -7,6 +7,11 @@
  *     deno run -A examples/generate.ts --model runs/x/hf --prompt "ROMEO:" --max-new-tokens 64
  *     deno run -A examples/generate.ts --model DIR --prompt "Hi" --max-new-tokens 20 \
  *       --temperature 0.8 --top-k 40 --top-p 0.95 --seed 1 --json
+ *     deno run -A examples/generate.ts --model BASE --adapter ADAPTER --prompt "Hi" --max-new-tokens 20
+ *
+ * `--adapter` applies a PEFT LoRA adapter folder (one `peft` saved, or qgalore's
+ * `--save-adapter`) to a Hugging Face `--model`: an engine built from the adapter's settings
+ * on the f32 base (`--adapter-base qlora`: on the NF4 base a QLoRA adapter was trained on).
  *
  * `--json` prints `{"prompt_ids", "ids", "text"}` (new tokens only in `ids` and `text`) as
  * the last stdout line. Exit codes: 0 done, 1 engine failure, 2 usage error.
@@ -18,6 +23,7 @@
 import "../ffi/preflight.ts";
 import { MODEL_SCRIPT_FLAGS, modelArgs, parseScriptArgs, type ScriptFlag } from "../lib/cli.ts";
 import { UsageError } from "../lib/errors.ts";
+import { ADAPTER_SCRIPT_FLAGS, ADAPTER_USAGE, adapterArgs } from "../lib/adapter.ts";
 import { generateIds } from "../lib/generate.ts";
 import { openModel } from "../lib/open_model.ts";
 import { failure } from "./evaluate.ts";
@@ -25,6 +31,7 @@ import { failure } from "./evaluate.ts";
 const FLAGS: Readonly<Record<string, ScriptFlag>> = {
   ...MODEL_SCRIPT_FLAGS,
   prompt: { type: "string", required: true },
+  ...ADAPTER_SCRIPT_FLAGS,
   "max-new-tokens": { type: "int", min: 1, max: 1 << 20, required: true },
   temperature: { type: "number", min: 0, max: 1e6 },
   "top-k": { type: "int", min: 0 },
@@ -40,6 +47,7 @@ Usage: deno run -A examples/generate.ts --model DIR|CKPT --prompt TEXT --max-new
 
   --model DIR|CKPT      Hugging Face model folder, a qgalore checkpoint, or a run folder
   --prompt TEXT         the text to continue
+${ADAPTER_USAGE}
   --max-new-tokens N    at most N new tokens (fewer at EOS or the model's last position)
   --temperature T       0 = greedy [0]
   --top-k K             sample among the K most likely tokens, 0 = all [0]
@@ -62,7 +70,7 @@ export async function main(argv: string[]): Promise<number> {
     }
     const cache = (a.cache ?? "on") as string;
     // generation runs on its own KV-cache path; the engine's training shape stays small
-    using m = await openModel(modelArgs(a, 1));
+    using m = await openModel({ ...modelArgs(a, 1), ...adapterArgs(a) });
     const promptIds = m.tokenizer.encode(a.prompt as string, { addSpecial: true });
     if (promptIds.length === 0) throw new UsageError(`--prompt: gives no tokens`);
     const r = await generateIds(m.engine, promptIds, {

@@ -542,6 +542,51 @@ export function inspectCheckpoint(path: string): CheckpointInfo {
   return info;
 }
 
+/** A PEFT LoRA adapter's settings, as {@link adapterConfig} reads them. */
+export interface AdapterConfig {
+  /** Rank of every adapter pair (engine option `lora_rank`). */
+  r: number;
+  /** Scale numerator (`lora_alpha`). */
+  lora_alpha: number;
+  /** Training dropout on the adapter's input (`lora_dropout`). */
+  lora_dropout: number;
+  /** The adapted modules (PEFT names: `q_proj`, …), in block order (`lora_targets`). */
+  target_modules: string[];
+  /** alpha/√r instead of alpha/r (`lora_rslora`). */
+  use_rslora: boolean;
+  /** The base model the adapter was saved for, as its config names it. */
+  base_model_name_or_path: string | null;
+}
+
+/**
+ * Reads the settings of the PEFT adapter folder `dir` (`adapter_config.json`, checked, and
+ * the presence of `adapter_model.safetensors`) without an engine: what an engine must be
+ * built with to {@link Engine.loadAdapter} it. Throws {@link EngineError} (code `invalid`)
+ * with a one-line message naming the folder or file when it is not a usable LoRA adapter.
+ */
+export function adapterConfig(dir: string): AdapterConfig {
+  const lib = loadLibrary();
+  const p = enc.encode(dir);
+  const text = readText((b, n) => lib.symbols.qg_adapter_config(p, BigInt(p.length), b, n));
+  const r = JSON.parse(text) as AdapterConfig & { error: string | null };
+  if (r.error !== null) throw new EngineError(ErrorCode.invalid, r.error);
+  const { error: _, ...config } = r;
+  return config;
+}
+
+/** Options of {@link Engine.saveAdapter}. */
+export interface SaveAdapterOptions {
+  /** Element type of the adapter tensors: `f32` (default, exact) or `bf16`. */
+  dtype?: "f32" | "bf16";
+  /**
+   * `base_model_name_or_path` written into `adapter_config.json` (what `peft` loads the base
+   * from); default: the engine's `init_from` (the Hugging Face folder it was loaded from), else null.
+   */
+  baseModel?: string | null;
+  /** Replace adapter files already in `dir` (other files are never touched). Default false. */
+  overwrite?: boolean;
+}
+
 /** The engine library's ABI version (loads the library). */
 export function engineAbiVersion(): number {
   return loadLibrary().symbols.qg_abi_version();
@@ -859,6 +904,38 @@ export class Engine implements Disposable {
       JSON.stringify({ dir, dtype: opts.dtype, extra: opts.extra ?? {}, copy: opts.copy ?? [] }),
     );
     await this.#call(() => this.#lib.symbols.qg_export_hf(h, json, BigInt(json.length)));
+  }
+
+  /**
+   * Loads the PEFT LoRA adapter folder `dir` (`adapter_config.json`,
+   * `adapter_model.safetensors`, as `peft` saves them) into this new `lora` or `qlora`
+   * engine's adapters. The engine must have been built with the adapter's settings
+   * (`lora_rank` = r, `lora_alpha`, `lora_targets` = target_modules, `lora_rslora` =
+   * use_rslora; see {@link adapterConfig}); `lora_dropout` may differ. The folder is checked
+   * whole first; an adapter for another model, other settings, missing files or an engine
+   * without adapters reject with a one-line {@link EngineError}, and nothing changes.
+   */
+  async loadAdapter(dir: string): Promise<void> {
+    const h = this.#handle();
+    const p = enc.encode(dir);
+    await this.#call(() => this.#lib.symbols.qg_load_adapter(h, p, BigInt(p.length)));
+  }
+
+  /**
+   * Writes this `lora` / `qlora` engine's adapters as a PEFT adapter folder `dir`
+   * (`adapter_config.json` and `adapter_model.safetensors` with PEFT's names, which
+   * `PeftModel.from_pretrained` loads); the folder is created if missing and may hold other
+   * files, but adapter files already there are replaced only with `overwrite`.
+   */
+  async saveAdapter(dir: string, opts: SaveAdapterOptions = {}): Promise<void> {
+    const h = this.#handle();
+    const json = enc.encode(JSON.stringify({
+      dir,
+      dtype: opts.dtype ?? "f32",
+      base_model: opts.baseModel === undefined ? (this.config.init_from ?? null) : opts.baseModel,
+      overwrite: opts.overwrite ?? false,
+    }));
+    await this.#call(() => this.#lib.symbols.qg_save_adapter(h, json, BigInt(json.length)));
   }
 }
 

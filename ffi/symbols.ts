@@ -109,6 +109,10 @@ export const SYMBOLS = {
   qg_import_hf: { parameters: ["pointer", "buffer", "usize"], result: "i32", nonblocking: true },
   qg_export_hf: { parameters: ["pointer", "buffer", "usize"], result: "i32", nonblocking: true },
   qg_hf_inspect: { parameters: ["buffer", "usize", "buffer", "usize"], result: "usize" },
+  // PEFT adapters in and out of a lora / qlora engine
+  qg_load_adapter: { parameters: ["pointer", "buffer", "usize"], result: "i32", nonblocking: true },
+  qg_save_adapter: { parameters: ["pointer", "buffer", "usize"], result: "i32", nonblocking: true },
+  qg_adapter_config: { parameters: ["buffer", "usize", "buffer", "usize"], result: "usize" },
 } as const;
 
 /** The opened library with typed symbols. */

@@ -9,6 +9,12 @@
 
 import { join } from "node:path";
 import { Engine, type EngineConfig, EngineError, inspectCheckpoint } from "../ffi/engine.ts";
+import {
+  type AdapterBase,
+  adapterOptimizer,
+  loadAdapterInto,
+  readAdapterConfig,
+} from "./adapter.ts";
 import { listCheckpoints } from "./checkpoints.ts";
 import { UsageError } from "./errors.ts";
 import { type ModelConfig, resolveModel } from "./presets.ts";
@@ -31,6 +37,15 @@ export interface OpenModelOptions {
   threads?: number;
   /** How errors name the model (e.g. `--model x`). Default `model <path>`. */
   label?: string;
+  /**
+   * A PEFT LoRA adapter folder applied to a Hugging Face model (lib/adapter.ts): the engine
+   * is built from the adapter's settings and holds base + adapter. Not for checkpoints.
+   */
+  adapter?: string | null;
+  /** `lora` (f32 base, default) or `qlora` (NF4 base) for {@link OpenModelOptions.adapter}. */
+  adapterBase?: AdapterBase;
+  /** How errors name the adapter (e.g. `--adapter x`). Default `adapter <path>`. */
+  adapterLabel?: string;
 }
 
 /** An engine holding a trained model, its config and its tokenizer. */
@@ -133,6 +148,13 @@ export async function openModel(opts: OpenModelOptions): Promise<OpenedModel> {
   const runCkpt = st.isDirectory && !exists(join(opts.model, "config.json"))
     ? newestCheckpoint(opts.model)
     : null;
+  const adapter = opts.adapter ?? null;
+  const adapterLabel = opts.adapterLabel ?? `adapter ${adapter}`;
+  if (adapter !== null && !(st.isDirectory && runCkpt === null)) {
+    throw new UsageError(
+      `${adapterLabel}: applies to a Hugging Face model folder; ${label} is a qgalore checkpoint (its adapters, if any, are inside it)`,
+    );
+  }
   if (st.isDirectory && runCkpt === null) {
     // a tokenizer.json that is there but unreadable is an error, not a reason to use bytes
     const tokPath = opts.tokenizer ?? (exists(`${opts.model}/tokenizer.json`) ? opts.model : null);
@@ -149,14 +171,26 @@ export async function openModel(opts: OpenModelOptions): Promise<OpenedModel> {
         `--seq-len ${opts.seqLen}: must be ≤ ${config.max_position_embeddings} (max_position_embeddings of ${label})`,
       );
     }
+    // the adapter's settings build the engine (lib/adapter.ts), checked before the weights load
+    const optimizer = adapter === null
+      ? { name: "adamw" } as EngineConfig["optimizer"]
+      : adapterOptimizer(readAdapterConfig(adapter, adapterLabel), opts.adapterBase);
     // the weights load in place of a random initialisation
     const engine = await Engine.create({
       ...base,
       model: config,
-      optimizer: { name: "adamw" } as EngineConfig["optimizer"],
+      optimizer,
       seed: 0,
       init_from: opts.model,
     });
+    if (adapter !== null) {
+      try {
+        await loadAdapterInto(engine, adapter, adapterLabel);
+      } catch (e) {
+        engine[Symbol.dispose]();
+        throw e;
+      }
+    }
     return opened(engine, config, tokenizer, "hf");
   }
   const file = runCkpt ?? opts.model;

@@ -726,3 +726,44 @@ pub unsafe extern "C" fn qg_hf_inspect(path: *const u8, len: usize, out: *mut u8
     .unwrap_or_else(|p| serde_json::json!({ "files": [], "bytes": 0, "tensors": [], "error": format!("internal engine error (panic): {}", panic_text(p)) }).to_string());
     write_text(&text, out, cap)
 }
+
+// ---- PEFT adapters in and out of a lora / qlora engine (`crate::hf::adapter`) ----
+
+/// Loads a PEFT LoRA adapter folder (`adapter_config.json`, `adapter_model.safetensors`)
+/// into a new lora/qlora engine built with the adapter's settings (r, lora_alpha,
+/// target_modules, use_rslora; see `qg_adapter_config`). Checked whole first; a refused
+/// load changes nothing.
+#[no_mangle]
+pub unsafe extern "C" fn qg_load_adapter(h: *const Handle, dir: *const u8, len: usize) -> i32 {
+    with_session(h, |s| {
+        let dir = path_arg(dir, len)?;
+        s.adapter().load_adapter(std::path::Path::new(dir))
+    })
+}
+
+/// Writes the engine's adapters as a PEFT adapter folder from a JSON `{"dir": "...",
+/// "dtype"?: "f32" | "bf16", "base_model"?: "path", "overwrite"?: false}`
+/// (`hf::adapter::SaveAdapterOptions`); adapter files already in the folder are kept unless
+/// `overwrite`.
+#[no_mangle]
+pub unsafe extern "C" fn qg_save_adapter(h: *const Handle, json: *const u8, len: usize) -> i32 {
+    with_session(h, |s| {
+        let text = std::str::from_utf8(slice(json, len)?).map_err(|_| Error::invalid("adapter save options are not UTF-8"))?;
+        s.adapter().save_adapter(&crate::hf::adapter::SaveAdapterOptions::from_json(text)?)
+    })
+}
+
+/// The settings of the PEFT adapter folder at `path` without an engine (`peft::read_config`):
+/// writes `{"r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora",
+/// "base_model_name_or_path", "error"}` (`error`: null or the one-line problem) into `out`
+/// when it fits; returns its byte length.
+#[no_mangle]
+pub unsafe extern "C" fn qg_adapter_config(path: *const u8, len: usize, out: *mut u8, cap: usize) -> usize {
+    quiet_panics();
+    let text = catch_unwind(AssertUnwindSafe(|| match path_arg(path, len) {
+        Ok(p) => crate::hf::adapter::config_json(std::path::Path::new(p)),
+        Err(e) => serde_json::json!({ "error": e.msg }).to_string(),
+    }))
+    .unwrap_or_else(|p| serde_json::json!({ "error": format!("internal engine error (panic): {}", panic_text(p)) }).to_string());
+    write_text(&text, out, cap)
+}

@@ -561,6 +561,8 @@ pub trait Session: Send {
     fn generate(&mut self, req: &crate::infer::Request) -> Result<crate::infer::Generated>;
     /// Hugging Face weights in and out (`crate::hf`).
     fn hf(&mut self) -> &mut dyn crate::hf::HfSession;
+    /// PEFT adapters in and out (`crate::hf::adapter`).
+    fn adapter(&mut self) -> &mut dyn crate::hf::adapter::AdapterSession;
 }
 
 impl<B: Backend> Session for Engine<B> {
@@ -606,6 +608,9 @@ impl<B: Backend> Session for Engine<B> {
         self.be.runner().run(|| Engine::generate(self, req))
     }
     fn hf(&mut self) -> &mut dyn crate::hf::HfSession {
+        self
+    }
+    fn adapter(&mut self) -> &mut dyn crate::hf::adapter::AdapterSession {
         self
     }
 }

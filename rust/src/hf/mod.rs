@@ -2,6 +2,7 @@
 //! engine and written back out (`engine`) as a folder `transformers` loads (`config`,
 //! `folder`).
 
+pub mod adapter;
 pub mod engine;
 pub mod folder;
 pub mod peft;

@@ -31,23 +31,9 @@ pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
 /// What `PeftModelForCausalLM` puts before the base model's module paths when it saves.
 pub const PREFIX: &str = "base_model.model.";
 
-/// PEFT's names of the seven block linears, in `model::llama::block_linears` order
-/// (`{kind}_proj`; rust/tests/peft.rs checks the two agree).
-pub const MODULES: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
-
-/// The block submodule a linear lives in (`self_attn` or `mlp`), as in `model::llama::layout`.
-fn part_of(k: usize) -> &'static str {
-    if k >= 4 {
-        "mlp"
-    } else {
-        "self_attn"
-    }
-}
-
-/// The hf module path of block `l`'s linear `k` (`model.layers.0.self_attn.q_proj`).
-pub fn module_path(l: usize, k: usize) -> String {
-    format!("model.layers.{l}.{}.{}", part_of(k), MODULES[k])
-}
+// The seven block linears' PEFT names and their module paths have one owner, the engine's
+// adapters (`model::lora`); re-exported here for the adapter files' users.
+pub use crate::model::lora::{module_path, MODULES};
 
 /// The settings of a LoRA adapter, with PEFT's field names.
 #[derive(Clone, Debug, PartialEq)]
@@ -111,7 +97,8 @@ fn parse_name(name: &str) -> Option<(usize, usize, bool)> {
         "B.weight" => false,
         _ => return None,
     };
-    let k = (0..7).find(|&k| module.strip_prefix(part_of(k)).and_then(|m| m.strip_prefix('.')) == Some(MODULES[k]))?;
+    let path = format!("model.layers.{l}.{module}");
+    let k = (0..MODULES.len()).find(|&k| module_path(l, k) == path)?;
     Some((l, k, is_a))
 }
 
@@ -253,9 +240,8 @@ fn bit_names(bits: u8) -> Vec<String> {
     MODULES.iter().enumerate().filter(|(k, _)| bits & (1 << k) != 0).map(|(_, n)| n.to_string()).collect()
 }
 
-/// Reads and validates a PEFT LoRA adapter folder for the model of `cfg` (see the module
-/// doc). Every problem is one line naming the file and what is wrong.
-pub fn read(dir: &Path, cfg: &ModelConfig) -> Result<Adapter> {
+/// The two files of an adapter folder, checked to be there (one line naming what is not).
+fn files(dir: &Path) -> Result<(PathBuf, PathBuf)> {
     match fs::metadata(dir) {
         Ok(m) if m.is_dir() => {}
         Ok(_) => return Err(line(format!("{}: not a folder (a PEFT adapter is a folder holding {CONFIG_FILE} and {WEIGHTS_FILE})", show(dir)))),
@@ -274,6 +260,31 @@ pub fn read(dir: &Path, cfg: &ModelConfig) -> Result<Adapter> {
         };
         return Err(line(format!("{}: no {WEIGHTS_FILE} next to {CONFIG_FILE}: {why}", show(dir))));
     }
+    Ok((cpath, wpath))
+}
+
+/// The config of an adapter folder without a model: what an engine for it must be built
+/// with (rank, alpha, dropout, targets, rsLoRA). A `target_modules` pattern string is
+/// resolved to the modules the weights file's tensor names adapt. `read` checks the rest.
+pub fn read_config(dir: &Path) -> Result<AdapterConfig> {
+    let (cpath, wpath) = files(dir)?;
+    let text = fs::read_to_string(&cpath).map_err(|e| line(format!("{}: cannot read: {e}", show(&cpath))))?;
+    let (mut config, targets) = parse_config(&cpath, &text)?;
+    if targets.is_none() {
+        let ck = Checkpoint::open(&wpath)?;
+        let bits = ck.tensors.keys().filter_map(|n| parse_name(n)).fold(0u8, |b, (_, k, _)| b | (1 << k));
+        if bits == 0 {
+            return Err(line(format!("{}: holds no LoRA tensors of the block linears ({})", show(&wpath), MODULES.join(", "))));
+        }
+        config.target_modules = bit_names(bits);
+    }
+    Ok(config)
+}
+
+/// Reads and validates a PEFT LoRA adapter folder for the model of `cfg` (see the module
+/// doc). Every problem is one line naming the file and what is wrong.
+pub fn read(dir: &Path, cfg: &ModelConfig) -> Result<Adapter> {
+    let (cpath, wpath) = files(dir)?;
     let text = fs::read_to_string(&cpath).map_err(|e| line(format!("{}: cannot read: {e}", show(&cpath))))?;
     let (mut config, targets) = parse_config(&cpath, &text)?;
     let ck = Checkpoint::open(&wpath)?;
