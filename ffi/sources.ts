@@ -10,7 +10,7 @@ export const PACKAGE_VERSION: string = "0.1.0";
 
 /** SHA-256 of the list below as `sha256sum` prints it; names the cached library. */
 export const SOURCES_DIGEST: string =
-  "44ed1d832acba62cf51fd1124cf69c07df12318bbf9a630ef0ef9b1285cd4dc2";
+  "45aaac726ad8f785cf4a9716d6d51b5921b2e2179dc0caace80659b692e9192c";
 
 /** Every file the build needs: path from the package root and SHA-256 of its bytes. */
 export const SOURCES: readonly { readonly path: string; readonly sha256: string }[] = [
@@ -176,7 +176,11 @@ export const SOURCES: readonly { readonly path: string; readonly sha256: string 
   },
   {
     path: "rust/src/ffi.rs",
-    sha256: "00b5ffefc8c2c9696f064ca4fe4a33a7e622cad0b3552894467d95aea7b7cb17",
+    sha256: "ec00bead572d492dd8a2a11c6edcf8e76680b8be3b71740939aea46d68fc0a23",
+  },
+  {
+    path: "rust/src/hf/adapter.rs",
+    sha256: "61f7dcf4049019f4ac966af50109f7f76e8bf3f771170645a657ea67ae99e045",
   },
   {
     path: "rust/src/hf/engine.rs",
@@ -188,11 +192,11 @@ export const SOURCES: readonly { readonly path: string; readonly sha256: string 
   },
   {
     path: "rust/src/hf/mod.rs",
-    sha256: "7448647010adfbf01a81208d567812bc899d0aa6cbdc890eda67ffe24bc59d81",
+    sha256: "6add22ceedf7857e7da56f66661d205b2596eb1b7b727a44adf3bdc705b75d84",
   },
   {
     path: "rust/src/hf/peft.rs",
-    sha256: "28437450f2b86af9e7a42b557ae779d22c057203bb88cae6e8c6766a9bcda901",
+    sha256: "a7f5731eb1f286b24a682b84f2d439a46852648430f2b1cfc2a680d5782307d9",
   },
   {
     path: "rust/src/hf/weights.rs",
@@ -320,6 +324,6 @@ export const SOURCES: readonly { readonly path: string; readonly sha256: string 
   },
   {
     path: "rust/src/train.rs",
-    sha256: "7242d859b4d27968926d026c5ac9c222d5bff3893741702e4c2b59bc81f0d452",
+    sha256: "ff75563b65231f94e3531d8799e1fd8d1c2980ead8bc3eb6acfdb0e3a44c44fa",
   },
 ];
