@@ -34,8 +34,9 @@ impl Role {
 pub enum Weight<B: Backend> {
     F(B::Buf),
     Q(B::Q),
-    /// QLoRA's frozen NF4 base (host codes, counted under weights), dequantized per use.
-    N(Box<crate::quant::nf4::Nf4Tensor>, crate::backend::Tracked<()>),
+    /// QLoRA's frozen NF4 base, resident where the backend computes (device memory on a
+    /// GPU, counted under weights) and dequantized there per use.
+    N(B::N),
 }
 
 pub struct Param<B: Backend> {
@@ -201,8 +202,7 @@ impl<B: Backend> Llama<B> {
             }
             if nf4 {
                 let t = crate::quant::nf4::Nf4Tensor::quantize(&host)?;
-                let track = be.track(t.bytes(), Category::Weights);
-                params.push(Param { name, rows, cols, role, data: Weight::N(Box::new(t), track) });
+                params.push(Param { name, rows, cols, role, data: Weight::N(be.nf4_new(t, Category::Weights)?) });
                 continue;
             }
             be.upload(&mut data, &host)?;
@@ -299,9 +299,10 @@ impl<B: Backend> Llama<B> {
                 be.q_dequantize(scratch, q);
                 Ok(std::borrow::Cow::Owned(be.to_host(scratch, n)?.into_owned()))
             }
-            Weight::N(t, _) => {
+            Weight::N(t) => {
+                // on the host from the codes: exact whatever the scratch's dtype
                 let mut h = vec![0.0f32; n];
-                t.dequantize(&mut h);
+                be.nf4_to_host(t)?.dequantize(&mut h);
                 Ok(std::borrow::Cow::Owned(h))
             }
         }
@@ -330,13 +331,11 @@ impl<B: Backend> Llama<B> {
                 be.q_dequantize(scratch, q);
                 scratch
             }
-            Weight::N(t, _) => {
-                // QLoRA computes with the dequantized base (bnb dequantize_4bit, then the GEMM)
-                be.from_host(scratch, t.numel, |h| {
-                    t.dequantize(h);
-                    Ok(())
-                })
-                .expect("NF4 dequantize into the scratch buffer");
+            Weight::N(t) => {
+                // QLoRA computes with the dequantized base (bnb dequantize_4bit, then the
+                // GEMM), dequantized where it lives: no host round trip per product
+                let p = &self.params[idx];
+                be.nf4_dequantize_rows(scratch, t, p.cols, 0..p.rows);
                 scratch
             }
         }
