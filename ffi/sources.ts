@@ -10,7 +10,7 @@ export const PACKAGE_VERSION: string = "0.1.0";
 
 /** SHA-256 of the list below as `sha256sum` prints it; names the cached library. */
 export const SOURCES_DIGEST: string =
-  "45aaac726ad8f785cf4a9716d6d51b5921b2e2179dc0caace80659b692e9192c";
+  "64ddd42c8d1fee05d22262ff54dba003962582268bccb31a433166d3c1a6a1c1";
 
 /** Every file the build needs: path from the package root and SHA-256 of its bytes. */
 export const SOURCES: readonly { readonly path: string; readonly sha256: string }[] = [
@@ -25,6 +25,10 @@ export const SOURCES: readonly { readonly path: string; readonly sha256: string 
   {
     path: "rust/kernels/linalg.cu",
     sha256: "0759782826ecaf8ec91c6a2606e1ba956f2066f9d8fddfd765c8456ecf745f5c",
+  },
+  {
+    path: "rust/kernels/nf4.cu",
+    sha256: "e57c3b9ce8233ad207b8c77d4742956116e9aa8dc99ca760603e18fda8d34707",
   },
   {
     path: "rust/kernels/nn.cu",
@@ -52,7 +56,7 @@ export const SOURCES: readonly { readonly path: string; readonly sha256: string 
   },
   {
     path: "rust/src/backend/cpu/mod.rs",
-    sha256: "497cab1e392a8f6cb8a0eedae87d8e0e4d1f3c551f8ef8a8ce67c16860b19c94",
+    sha256: "5a19b75b8cc9cf3f79632cdfc506d730e32ec60963da4a583945b34f50c9d552",
   },
   {
     path: "rust/src/backend/cpu/ops.rs",
@@ -60,7 +64,7 @@ export const SOURCES: readonly { readonly path: string; readonly sha256: string 
   },
   {
     path: "rust/src/backend/cuda/device.rs",
-    sha256: "9a610f375ff2bcbbc8e67a53991b740c380e5c72c40dbdd196860ccfa5d4f260",
+    sha256: "7597115457206145a51810928efbee2d90c981195f319bf9ca8bf91eae4ec257",
   },
   {
     path: "rust/src/backend/cuda/device/gemm.rs",
@@ -72,7 +76,7 @@ export const SOURCES: readonly { readonly path: string; readonly sha256: string 
   },
   {
     path: "rust/src/backend/cuda/device/memory.rs",
-    sha256: "cf435a52077c98f4eafdd7a7e403f43e090045219f34d234c1258a409dceee72",
+    sha256: "905f8b67c4a445db834265361f7a3a5d7b986cb0b0d5a119d13786cc6656c410",
   },
   {
     path: "rust/src/backend/cuda/device/optim.rs",
@@ -80,7 +84,7 @@ export const SOURCES: readonly { readonly path: string; readonly sha256: string 
   },
   {
     path: "rust/src/backend/cuda/device/quant.rs",
-    sha256: "d1bb36e6291bdd904a6f3e250cb4d2b274f0c6b9783db5b37addb196b2f4b52d",
+    sha256: "b7a5bc0c5f67f688f0f652efeb491f3b0e105b552ac9fbaa44d3093027fac669",
   },
   {
     path: "rust/src/backend/cuda/device/refresh.rs",
@@ -88,7 +92,7 @@ export const SOURCES: readonly { readonly path: string; readonly sha256: string 
   },
   {
     path: "rust/src/backend/cuda/kernels.rs",
-    sha256: "3f12227f2e776eab294a7fa7d626d61c5585a2804bd87e69d7a29f53e8234bd3",
+    sha256: "809bc2f69b3b9ea290259383ddd0478138cd60813a004780c8eb85effe5865fc",
   },
   {
     path: "rust/src/backend/cuda/launch.rs",
@@ -116,7 +120,7 @@ export const SOURCES: readonly { readonly path: string; readonly sha256: string 
   },
   {
     path: "rust/src/backend/memory.rs",
-    sha256: "566c62a4b3f2d83e3034c698344c2482b107a331660c468a20b6a02ff8842e43",
+    sha256: "b310da20f957a2e8b799fec8ad17f4a352a7c0535b53f97b72d126ffd735d0a2",
   },
   {
     path: "rust/src/backend/mod.rs",
@@ -128,7 +132,7 @@ export const SOURCES: readonly { readonly path: string; readonly sha256: string 
   },
   {
     path: "rust/src/backend/quantization.rs",
-    sha256: "36b2bd3d7f8c998c0c227cd33bb466613107d7b1e547e263dd849aafe9ead1f1",
+    sha256: "c06f147b41a8fd3970954ec19c3336f50b4e3d5836948a6e16a932da915facfa",
   },
   {
     path: "rust/src/config.rs",
@@ -184,7 +188,7 @@ export const SOURCES: readonly { readonly path: string; readonly sha256: string 
   },
   {
     path: "rust/src/hf/engine.rs",
-    sha256: "89cb5aa3219c14e5cc7ea4218e20c4836281331f33845bb25f0bdb3cd869edb9",
+    sha256: "ea69d5de5ea75c1488b04619dc9ee7d4eefea5fa6d28cff60d10cc82e69cfa36",
   },
   {
     path: "rust/src/hf/folder.rs",
@@ -244,7 +248,7 @@ export const SOURCES: readonly { readonly path: string; readonly sha256: string 
   },
   {
     path: "rust/src/model/llama.rs",
-    sha256: "a78dac1cff13f498ba80eefbce65a950a19e4a29620cb0e7bde0da15521c4e6d",
+    sha256: "2a3b08ebc3628e93f752e7bee6684f5df0ccdf41b62ed47be1f29bb286832cbb",
   },
   {
     path: "rust/src/model/lora.rs",
@@ -288,7 +292,7 @@ export const SOURCES: readonly { readonly path: string; readonly sha256: string 
   },
   {
     path: "rust/src/quant/nf4.rs",
-    sha256: "045a299d1914a5d45541940a36f0a868ca70ebbcfc2aeee72ef2cf66fa02dfe7",
+    sha256: "9e54f1c07ea5e9f21c764992cf3ca54766b0e9ad1057832d80a9edec39de50e2",
   },
   {
     path: "rust/src/rng.rs",
