@@ -41,21 +41,39 @@ import {
   writePresetBase,
 } from "../examples/finetune_compare.ts";
 
-const { values } = parseArgs({
-  options: {
-    "estimate-only": { type: "boolean", default: false },
-    model: { type: "string", default: "llama-9m" },
-    steps: { type: "string", default: "30" },
-    "dequant-model": { type: "string", default: "llama-35m" },
-    "dequant-steps": { type: "string", default: "8" },
-    batch: { type: "string", default: "8" },
-    seq: { type: "string", default: "160" },
-    threads: { type: "string" },
-    "skip-speed": { type: "boolean", default: false },
-    repeat: { type: "string", default: "1" },
-    write: { type: "boolean", default: false },
-  },
-});
+const USAGE = "usage: deno run -A bench/finetune.ts [--estimate-only] [--model P] [--steps N] " +
+  "[--dequant-model P] [--dequant-steps N] [--batch N] [--seq N] [--threads N] [--skip-speed] " +
+  "[--repeat N] [--write]";
+
+function parse() {
+  try {
+    return parseArgs({ options: OPTIONS });
+  } catch (e) {
+    console.error(`error: ${(e as Error).message.split("\n")[0]}; ${USAGE}`);
+    Deno.exit(2);
+  }
+}
+
+const OPTIONS = {
+  help: { type: "boolean", short: "h", default: false },
+  "estimate-only": { type: "boolean", default: false },
+  model: { type: "string", default: "llama-9m" },
+  steps: { type: "string", default: "30" },
+  "dequant-model": { type: "string", default: "llama-35m" },
+  "dequant-steps": { type: "string", default: "8" },
+  batch: { type: "string", default: "8" },
+  seq: { type: "string", default: "160" },
+  threads: { type: "string" },
+  "skip-speed": { type: "boolean", default: false },
+  repeat: { type: "string", default: "1" },
+  write: { type: "boolean", default: false },
+} as const;
+
+const { values } = parse();
+if (values.help) {
+  console.log(USAGE);
+  Deno.exit(0);
+}
 
 const out: Record<string, unknown>[] = [];
 function emit(row: Record<string, unknown>): void {
@@ -268,6 +286,11 @@ if (!values["estimate-only"]) {
         const { summary } = await runIsolated(opts);
         const stepS = (summary.tokens as number) / summary.tokens_per_s / dq.steps;
         (runs[label] ??= []).push(stepS);
+        // measured inside the engine: time in NF4 dequantization against forward + backward
+        const t = summary.timing as { forward_s: number; backward_s: number; dequant_s?: number };
+        if (base === null && t !== null) {
+          (runs["dequant share"] ??= []).push((t.dequant_s ?? 0) / (t.forward_s + t.backward_s));
+        }
         emit({
           part: "dequant",
           model: values["dequant-model"],
@@ -290,6 +313,8 @@ if (!values["estimate-only"]) {
       dequant_share_of_qlora_step: r3(
         (per["qlora NF4 base"] - per["lora f32 base"]) / per["qlora NF4 base"],
       ),
+      // the direct reading: the engine times every NF4 dequantization (timing.dequant_s)
+      dequant_share_of_forward_backward_measured: r3(per["dequant share"]),
       note: "the lora f32 base multiplies without converting its weights; the difference " +
         "to qlora is NF4 dequantization (forward and backward) per step",
     });

@@ -101,6 +101,9 @@ pub struct Llama<B: Backend> {
     pub lora: Option<super::lora::LoraModel>,
     /// The token embedding and lm_head are frozen (`OptimConfig::frozen`, freeze_embeddings).
     pub frozen_tables: bool,
+    /// Host nanoseconds spent dequantizing NF4 bases for products (qlora): the measured
+    /// cost QLoRA pays for its 4-bit base, reported as `timing.dequant_s`.
+    pub nf4_ns: std::sync::atomic::AtomicU64,
 }
 
 /// The seven linear matrices of every block, in creation order: (kind, rows = out_features,
@@ -239,7 +242,7 @@ impl<B: Backend> Llama<B> {
             .collect();
         let final_norm = 1 + cfg.num_hidden_layers * per;
         let head = if cfg.tie_word_embeddings { 0 } else { final_norm + 1 };
-        let mut m = Llama { cfg: cfg.clone(), params, layers, embed: 0, final_norm, head, lora: None, frozen_tables: false };
+        let mut m = Llama { cfg: cfg.clone(), params, layers, embed: 0, final_norm, head, lora: None, frozen_tables: false, nf4_ns: Default::default() };
         if let Some(lb) = lora {
             m.add_adapters(be, lb)?;
         }
@@ -343,7 +346,11 @@ impl<B: Backend> Llama<B> {
                 // QLoRA computes with the dequantized base (bnb dequantize_4bit, then the
                 // GEMM), dequantized where it lives: no host round trip per product
                 let p = &self.params[idx];
+                let t0 = std::time::Instant::now();
                 be.nf4_dequantize_rows(scratch, t, p.cols, 0..p.rows);
+                // host time: the dequantization itself on the CPU, its launch on a GPU
+                let ns = t0.elapsed().as_nanos() as u64;
+                self.nf4_ns.fetch_add(ns, std::sync::atomic::Ordering::Relaxed);
                 scratch
             }
         }
