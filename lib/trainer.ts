@@ -15,11 +15,18 @@ import {
   type MemoryBytes,
   type StepStats,
 } from "../ffi/engine.ts";
-import { type Dataset, openCorpus, SyntheticCorpus } from "./data.ts";
+import {
+  checkDataInput,
+  type DataInput,
+  type Dataset,
+  inMemoryDataset,
+  openCorpus,
+  SyntheticCorpus,
+} from "./data.ts";
 import { exists } from "./fs.ts";
 import { exportModel } from "./hf.ts";
 import { openTokenizer, type Tokenizer, trainTokenizer } from "./tokenizer.ts";
-import { UsageError } from "./errors.ts";
+import { shortValue, UsageError } from "./errors.ts";
 import { formatCount, formatDuration, type JsonlWriter, Progress } from "./log.ts";
 import { peakRssBytes } from "./memory.ts";
 import { DivergenceWatch, likelyCause } from "./diverge.ts";
@@ -477,11 +484,36 @@ export const PRETRAIN: RunTask = Object.freeze({
  * {@link Run.evaluate}, {@link Run.step} and {@link Run.finish}.
  */
 export function train(
-  options: Partial<TrainOptions> = {},
+  options: TrainInput = {},
   hooks: TrainHooks = {},
 ): Promise<Summary> {
-  return trainWith(PRETRAIN, options, hooks);
+  const d = options.data;
+  if (d === undefined || d === null || typeof d === "string") {
+    return trainWith(PRETRAIN, options as Partial<TrainOptions>, hooks);
+  }
+  // in-memory data: checked now (a bad value fails before anything starts), opened as the
+  // run's source in place of a file; the run's options say `data: null`
+  const task: RunTask = {
+    ...PRETRAIN,
+    openSource(opts, _tokenizer, sampler): Promise<BatchSource> {
+      try {
+        const data = inMemoryDataset(d, opts);
+        return Promise.resolve(new CorpusBatches(data, opts, null, sampler as number[] | null));
+      } catch (e) {
+        return Promise.reject(e);
+      }
+    },
+  };
+  try {
+    checkDataInput(d);
+  } catch (e) {
+    return Promise.reject(e);
+  }
+  return trainWith(task, { ...options, data: null }, hooks);
 }
+
+/** {@link train}'s options: {@link TrainOptions}, with `data` also in memory ({@link DataInput}). */
+export type TrainInput = Omit<Partial<TrainOptions>, "data"> & { data?: DataInput | null };
 
 /**
  * {@link train}'s loop for a {@link RunTask}: lib/finetune.ts runs fine-tuning through it
@@ -677,7 +709,7 @@ export class Run implements Disposable {
     task.check?.(options);
     if (options.resume !== undefined && options.resume !== null) {
       if (typeof options.resume !== "string" || options.resume === "") {
-        throw new UsageError(`--resume ${JSON.stringify(options.resume)}: must be a run folder`);
+        throw new UsageError(`--resume ${shortValue(options.resume)}: must be a run folder`);
       }
       // every option from the checkpoint's run record; the model and tokenizer as they were
       plan = planResume(options.resume, options);
