@@ -3,7 +3,7 @@
  * records; and one-line errors that never print the data (a 40 KB value gives one short line).
  */
 import assert from "node:assert/strict";
-import { type EngineConfig, type StepStats } from "../ffi/engine.ts";
+import type { EngineConfig, StepStats } from "../ffi/engine.ts";
 import { TextDataset } from "../lib/data.ts";
 import { shortValue, UsageError } from "../lib/errors.ts";
 import { finetune } from "../lib/finetune.ts";
