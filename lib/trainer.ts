@@ -28,6 +28,7 @@ import { exportModel } from "./hf.ts";
 import { openTokenizer, type Tokenizer, trainTokenizer } from "./tokenizer.ts";
 import { shortValue, UsageError } from "./errors.ts";
 import { formatCount, formatDuration, type JsonlWriter, Progress } from "./log.ts";
+import { attachDisplays, inKernel, type RunHistory } from "./jupyter.ts";
 import { peakRssBytes } from "./memory.ts";
 import { DivergenceWatch, likelyCause } from "./diverge.ts";
 import {
@@ -59,6 +60,7 @@ import {
   FLAG,
   OPTION_KEYS,
   optionDef,
+  PROJECTED_OPTIMIZERS,
   type ResolvedOptions,
   type SaveInterval,
   SECTIONS,
@@ -277,6 +279,8 @@ export interface StepRecord {
   tokens: number;
   /** Targets that carried loss in this update (fine-tuning only; the engine's count). */
   loss_tokens?: number;
+  /** Projector refreshes so far (projected optimizers only): report refresh events per step. */
+  svd_count?: number;
   /** Training throughput so far (excludes evaluation time). */
   tokens_per_s: number;
   /** Seconds since the run started. */
@@ -629,6 +633,10 @@ export class Run implements Disposable {
   #savedStep = 0;
   #checkpoint: string | null = null;
   #savedAt: number;
+  /** Whether the optimizer refreshes projectors (its step records count them). */
+  readonly #projected: boolean;
+  /** The records of a notebook run without `out`, for its charts (lib/jupyter.ts). */
+  readonly #history: RunHistory | null;
 
   private constructor(
     init: {
@@ -671,6 +679,8 @@ export class Run implements Disposable {
     this.#recordOptions = absolutePaths(opts);
     this.#saveEvery = checkInterval(opts.saveEvery);
     this.#savedAt = init.started;
+    this.#projected = PROJECTED_OPTIMIZERS.includes(opts.optimizer);
+    this.#history = init.out === null && inKernel() ? { steps: [], evals: [] } : null;
     const r = init.resume?.plan.record;
     if (r === undefined) {
       this.resumedFrom = null;
@@ -1143,6 +1153,7 @@ export class Run implements Disposable {
       ...extra?.record,
     };
     this.#writeMetrics(record);
+    this.#history?.evals.push(record);
     this.#evalStep = this.#steps;
     const floor = this.source.entropyFloor;
     this.#progress.note(
@@ -1203,10 +1214,12 @@ export class Run implements Disposable {
       clipped: stats.clipped,
       tokens: this.#tokens,
       ...(batch.mask === undefined ? {} : { loss_tokens: stats.count ?? batch.count }),
+      ...(this.#projected ? refreshCount(this.engine) : {}),
       tokens_per_s: this.#tokens / this.#trainS,
       elapsed_s: this.elapsed(),
     };
     this.#writeMetrics(record);
+    this.#history?.steps.push(record);
     this.#progress.step({
       step: done,
       loss: stats.loss,
@@ -1335,7 +1348,20 @@ export class Run implements Disposable {
       };
       if (this.out !== null) {
         writeSummary(this.out, JSON.stringify(summary, null, 2) + "\n");
+        // the run's report.html; Vega loads only here, and a report never fails a run
+        try {
+          const { writeRunReport } = await import("./report.ts");
+          await writeRunReport(this.out);
+        } catch (e) {
+          this.#progress.note(
+            `notice: report.html not written: ${
+              (e instanceof Error ? e.message : String(e))
+                .split("\n")[0]
+            }`,
+          );
+        }
       }
+      attachDisplays(summary, this.#history);
       this.#progress.note(
         `${steps < opts.steps ? "stopped" : "done"}: ${steps} steps, ${
           formatCount(summary.tokens)
@@ -1435,6 +1461,12 @@ function absolutePaths(o: ResolvedOptions): ResolvedOptions {
     saveAdapter: abs(o.saveAdapter),
     adapter: abs(o.adapter),
   };
+}
+
+/** The engine's projector refresh count so far, for a step record; {} when it has none. */
+function refreshCount(engine: TrainEngine): { svd_count?: number } {
+  const n = engine.info?.().svd_count;
+  return typeof n === "number" ? { svd_count: n } : {};
 }
 
 /** A UsageError about `value` worded with its flag: "--data x: …". */
