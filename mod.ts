@@ -20,6 +20,9 @@
  * while (!run.done) await run.step();
  * const summary = await run.finish();
  * ```
+ *
+ * Fine-tuning a Hugging Face model with any of the seven methods (full AdamW, 8-bit Adam,
+ * GaLore, 8-bit GaLore, Q-GaLore, LoRA, QLoRA) is `finetune`; `sweep` runs grids of runs.
  * @module
  */
 
@@ -36,11 +39,16 @@ export * from "./lib/options.ts";
 export * from "./lib/cli.ts";
 export * from "./lib/trainer.ts";
 export * from "./lib/finetune.ts";
+export * from "./lib/finetune_data.ts";
+export * from "./lib/chat_template.ts";
+export * from "./lib/mmlu.ts";
 export * from "./lib/open_model.ts";
 export * from "./lib/generate.ts";
 export * from "./lib/evaluate.ts";
 export * from "./lib/adapter.ts";
 export * from "./lib/merge.ts";
+export * from "./lib/sweep.ts";
+export * from "./lib/report.ts";
 export {
   type AdapterConfig,
   adapterConfig,

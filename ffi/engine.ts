@@ -284,7 +284,7 @@ export interface EngineInfo {
   /** Current refresh gap of each projected matrix, by parameter name. */
   gaps?: Record<string, number>;
   /** Seconds per phase since the start. */
-  timing: { forward_s: number; backward_s: number; optimizer_s: number };
+  timing: { forward_s: number; backward_s: number; optimizer_s: number; dequant_s: number };
   /** Highest device memory in use seen after a step (GPU only; 0 on the CPU). */
   peak_device_bytes: number;
   /** A one-line notice for the user (e.g. a device fallback). */

@@ -24,6 +24,7 @@ import { createHash } from "node:crypto";
 import { join, resolve } from "node:path";
 import type { Engine } from "../ffi/engine.ts";
 import { shortValue, UsageError } from "./errors.ts";
+import { readAdapterConfig } from "./adapter.ts";
 import { isDirectory } from "./fs.ts";
 import {
   evalBatches,
@@ -468,6 +469,22 @@ function flagged(e: unknown, flag: string, value: string): unknown {
 export function finetuneTrainOptions(options: Partial<FinetuneOptions>): Partial<TrainOptions> {
   const { model, ...rest } = options;
   const o: Partial<TrainOptions> = { ...rest };
+  if (typeof o.merge === "string") {
+    // --merge is --export for the adapter methods, whose export is the merged model
+    const opt = o.optimizer ?? (typeof o.adapter === "string" ? "lora" : "adamw");
+    if (!ADAPTER_OPTIMIZERS.includes(opt)) {
+      throw new UsageError(
+        `${FLAG.merge} ${o.merge}: applies only to --optimizer ${
+          ADAPTER_OPTIMIZERS.join(", ")
+        } (not ${opt}); a full-parameter run writes its model with --export DIR`,
+      );
+    }
+    if (o.export !== undefined && o.export !== null) {
+      throw new UsageError(`${FLAG.merge} ${o.merge}: give --merge or --export, not both`);
+    }
+    o.export = o.merge;
+    o.merge = null;
+  }
   if (options.resume !== undefined && options.resume !== null) {
     // a resume takes the model from its run record
     if (model !== undefined && model !== null) {
@@ -490,6 +507,17 @@ export function finetuneTrainOptions(options: Partial<FinetuneOptions>): Partial
   }
   o.initFrom = model;
   o.model = model;
+  if (typeof o.adapter === "string" && o.adapter !== "" && isDirectory(o.adapter)) {
+    // continuing from a PEFT adapter: its rank, alpha, targets and rsLoRA are the run's
+    // unless given (a given value that disagrees is the engine's one-line refusal)
+    const a = readAdapterConfig(o.adapter, `${FLAG.adapter} ${o.adapter}`);
+    const unset = (v: unknown) => v === undefined || v === null;
+    if (unset(o.optimizer)) o.optimizer = "lora";
+    if (unset(o.loraRank)) o.loraRank = a.r;
+    if (unset(o.loraAlpha)) o.loraAlpha = a.lora_alpha;
+    if (unset(o.loraTargets)) o.loraTargets = a.target_modules.join(",");
+    if (unset(o.loraRslora)) o.loraRslora = a.use_rslora;
+  }
   if (o.lr === undefined || o.lr === null) {
     o.lr = FINETUNE_LR[o.optimizer ?? "adamw"] ?? FINETUNE_LR.adamw;
   }

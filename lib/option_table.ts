@@ -251,6 +251,8 @@ export interface TrainOptions {
   saveAdapter: string | null;
   /** Start from this PEFT adapter (lora, qlora) on top of the base model. */
   adapter: string | null;
+  /** Write the base with the trained adapter merged in (lora, qlora) as a plain Hugging Face folder. */
+  merge: string | null;
   /** Plain-log interval in updates; 0 picks about 20 lines per run. */
   logEvery: number;
   /** No progress output at all (e.g. in a notebook). */
@@ -885,6 +887,14 @@ export const OPTION_DECLARATIONS = {
     nullable: true,
     section: FINETUNE,
     help: "--adapter DIR         start from a PEFT adapter on the base model (lora, qlora)",
+  },
+  merge: {
+    flag: "--merge",
+    kind: "path",
+    nullable: true,
+    section: FINETUNE,
+    help: "--merge DIR           write the base with the adapter merged in (W + scale·B·A) as a\n" +
+      "                      plain Hugging Face folder (lora, qlora; --export-dtype applies)",
   },
   logEvery: {
     flag: "logEvery",

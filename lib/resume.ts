@@ -43,6 +43,7 @@ export const RESUME_FREE: readonly (keyof TrainOptions)[] = Object.freeze([
   "mcShots",
   "mcDev",
   "saveAdapter",
+  "merge",
   "logEvery",
   "quiet",
   "handleSigint",
@@ -52,7 +53,7 @@ export const RESUME_FREE: readonly (keyof TrainOptions)[] = Object.freeze([
 const PATHS = new Set<string>(["model", "data", "tokenizer", "initFrom", "valData", "adapter"]);
 
 /** Free options holding a path: stored absolute. */
-const PATH_FREE = new Set<string>(["export", "mc", "mcDev", "saveAdapter"]);
+const PATH_FREE = new Set<string>(["export", "mc", "mcDev", "saveAdapter", "merge"]);
 
 /** Options of this session only: not inherited from the run record. */
 const SESSION: readonly (keyof TrainOptions)[] = ["logEvery", "quiet", "handleSigint"];

@@ -365,7 +365,7 @@ export interface Summary {
   /** Seconds spent in projector refreshes. */
   refresh_seconds: number;
   /** Seconds per engine phase: forward (with the loss), backward (with fused updates), optimizer. */
-  timing: { forward_s: number; backward_s: number; optimizer_s: number } | null;
+  timing: { forward_s: number; backward_s: number; optimizer_s: number; dequant_s: number } | null;
   /** Device the engine ran on. */
   device: string;
   /** Precision the engine computed in (`fp32`, `bf16`). */

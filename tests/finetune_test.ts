@@ -314,7 +314,8 @@ Deno.test({
         const whole = await finetune({
           ...opts,
           out: join(dir, optimizer),
-          export: exported,
+          // --merge is --export for the adapter methods
+          ...(optimizer === "lora" ? { merge: exported } : { export: exported }),
           exportDtype: "f32",
         });
         // adapters only: the base is frozen (no gradients or state for it)
@@ -351,7 +352,11 @@ Deno.test({
         optimizer: "lora",
         seqLen: 32,
         data,
-        steps: 1,
+        valData: val,
+        steps: 3,
+        lr: 1e-2,
+        loraRank: 4,
+        loraTargets: "all-linear",
         saveAdapter: adapter,
         out: null,
       });
@@ -360,6 +365,23 @@ Deno.test({
         assert.equal((s.finetune as Record<string, unknown>).adapter_saved, adapter);
         assert.ok(exists(join(adapter, "adapter_config.json")));
         assert.ok(exists(join(adapter, "adapter_model.safetensors")));
+        // --adapter continues from it with the adapter's own settings (rank 4, all-linear;
+        // not the defaults): its first validation is the saved run's last
+        const next = await finetune({
+          ...BASE,
+          optimizer: undefined, // lora, from the adapter
+          seqLen: 32,
+          data,
+          valData: val,
+          steps: 1,
+          adapter,
+          out: null,
+        });
+        assert.equal((next.finetune as Record<string, unknown>).adapter_from, adapter);
+        assert.ok(
+          Math.abs(next.initial_val_loss! - s.val_loss!) < 1e-5,
+          `${next.initial_val_loss} vs ${s.val_loss}`,
+        );
       } else {
         await assert.rejects(run, /^UsageError: --save-adapter .*adapter: this build's engine/);
       }
@@ -426,6 +448,25 @@ Deno.test({
           /^error: --mc .*none\.csv: not found/,
         ],
         [["--model", MODEL, "--data", good, "--bogus", "1"], /^error: --bogus: unknown flag/],
+        [
+          ["--model", MODEL, "--data", good, "--merge", join(dir, "m")],
+          /^error: --merge .*: applies only to --optimizer lora, qlora \(not adamw\)/,
+        ],
+        [
+          [
+            "--model",
+            MODEL,
+            "--data",
+            good,
+            "--optimizer",
+            "lora",
+            "--merge",
+            join(dir, "m"),
+            "--export",
+            join(dir, "e"),
+          ],
+          /^error: --merge .*: give --merge or --export, not both/,
+        ],
       ];
       for (const [args, want] of cases) {
         const r = await cli(args);

@@ -465,7 +465,12 @@ impl<B: Backend> Engine<B> {
             steps: self.opt.steps(),
             memory: Bytes::from_array(self.memory()),
             refresh: self.opt.report(&self.model),
-            timing: Timing { forward_s: t[0], backward_s: t[1], optimizer_s: t[2] },
+            timing: Timing {
+                forward_s: t[0],
+                backward_s: t[1],
+                optimizer_s: t[2],
+                dequant_s: micro(self.model.nf4_ns.load(std::sync::atomic::Ordering::Relaxed) as f64 * 1e-9),
+            },
             peak_device_bytes: self.peak_device_bytes,
             notice: self.notice.clone(),
         }
@@ -512,6 +517,8 @@ pub struct Timing {
     pub forward_s: f64,
     pub backward_s: f64,
     pub optimizer_s: f64,
+    /// Of forward and backward: NF4 base dequantization for products (qlora; else 0).
+    pub dequant_s: f64,
 }
 
 /// Global-norm clipping: fails on a non-finite norm, and gives the factor the gradients

@@ -366,3 +366,83 @@ fn q_bits<B: Quantization>(be: &B, q: &B::Q) -> (u8, usize, Vec<u8>, Vec<u32>, V
     let h = be.q_to_host(q).unwrap();
     (h.bits, h.group, h.codes.clone(), h.scale.iter().map(|x| x.to_bits()).collect(), h.zero.iter().map(|x| x.to_bits()).collect())
 }
+
+/// QLoRA with its NF4 base resident on the device: the device dequantization of every base
+/// linear equals the CPU's bit for bit (f32 operand; the bf16 operand is that value rounded
+/// once), the engine tracks the planned bytes, and a few adapter steps agree with the CPU's.
+fn qlora_steps(bf16: bool) {
+    if gpu(bf16).is_none() {
+        return;
+    }
+    qlora_steps_on(|| Cuda::new(0, bf16).unwrap(), bf16);
+}
+
+/// `qlora_steps` against any backend (`bf16`: the device's precision, for the plan).
+fn qlora_steps_on<B: Backend>(device: impl Fn() -> B, bf16: bool) {
+    let (step_tol, eval_tol) = if bf16 { (2e-2, 3e-2) } else { (1e-3, 1e-2) };
+    // rows of 96 values straddle the blocks of 64; all seven linears targeted
+    let mut cfg = engine_cfg(tiny_model(64, 96, 160, 4, 2, 2), 2, 32, 5);
+    cfg.optimizer = optim("qlora", 1.0);
+    cfg.optimizer.lora_rank = 8;
+    cfg.optimizer.lora_alpha = 16.0;
+    cfg.optimizer.lora_targets = qgalore::model::Targets::ALL;
+    let plan = qgalore::plan::Plan::new(&cfg, bf16, "the model");
+    let mut c = Engine::new(Cpu::new(2).unwrap(), cfg.clone()).unwrap();
+    let mut d = Engine::new(device(), cfg).unwrap();
+    assert_eq!(d.memory(), plan.initial.to_array(), "qlora bf16={bf16}: planned bytes of a fresh engine");
+    let mut nf4 = 0;
+    for (i, p) in d.model.params.iter().enumerate() {
+        let qgalore::model::Weight::N(t) = &p.data else { continue };
+        let n = p.numel();
+        let mut scratch = c.be.alloc(0, Category::Activations).unwrap();
+        let want = c.model.read_host(&c.be, i, &mut scratch).unwrap().into_owned();
+        let mut buf = d.be.alloc_fp32(n, Category::Activations).unwrap();
+        d.be.nf4_dequantize_rows(&mut buf, t, p.cols, 0..p.rows);
+        let mut got = vec![0.0f32; n];
+        d.be.download(&buf, &mut got).unwrap();
+        assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "{}: device NF4 dequantization differs from the CPU's", p.name);
+        // a row range that starts and ends inside blocks
+        let (r0, r1) = (1, p.rows - 1);
+        let mut part = d.be.alloc_fp32((r1 - r0) * p.cols, Category::Activations).unwrap();
+        d.be.nf4_dequantize_rows(&mut part, t, p.cols, r0..r1);
+        let mut got = vec![0.0f32; (r1 - r0) * p.cols];
+        d.be.download(&part, &mut got).unwrap();
+        assert!(got.iter().zip(&want[r0 * p.cols..r1 * p.cols]).all(|(a, b)| a.to_bits() == b.to_bits()), "{}: rows {r0}..{r1}", p.name);
+        // the codes came back as they went up
+        let qgalore::model::Weight::N(ct) = &c.model.params[i].data else { unreachable!("{}: NF4 on the CPU too", p.name) };
+        assert_eq!(*d.be.nf4_to_host(t).unwrap(), *c.be.nf4_to_host(ct).unwrap(), "{}: codes and constants", p.name);
+        nf4 += 1;
+    }
+    assert_eq!(nf4, 14, "two blocks of seven NF4 linears");
+    for s in 0..3 {
+        let t = tokens(2, 32, 64, s);
+        let (a, b) = (c.train_step(&t, 1, 3e-3).unwrap(), d.train_step(&t, 1, 3e-3).unwrap());
+        assert!((a.loss - b.loss).abs() <= step_tol * a.loss, "qlora step {s}: loss {} vs {}", a.loss, b.loss);
+    }
+    assert_eq!(d.memory(), plan.stepped.to_array(), "qlora bf16={bf16}: planned bytes after three updates");
+    let t = tokens(2, 32, 64, 99);
+    let (a, b) = (c.eval(&t, 1).unwrap(), d.eval(&t, 1).unwrap());
+    println!("qlora bf16={bf16}: eval cpu {a:.5} gpu {b:.5}");
+    assert!((a - b).abs() <= eval_tol * a, "qlora: eval {a} vs {b}");
+    // the adapters moved alike (Adam's first steps are near sign(g): an element whose
+    // gradient is almost 0 may step differently, hence a tolerance of a few per cent)
+    let adapter_tol = if bf16 { 0.2 } else { 0.05 };
+    for ((name, _, x), (_, _, y)) in c.adapter_tensors().unwrap().into_iter().zip(d.adapter_tensors().unwrap()) {
+        close(&name, &y, &x, adapter_tol);
+    }
+}
+
+#[test]
+fn gpu_parity_qlora_fp32() {
+    qlora_steps(false);
+}
+
+#[test]
+fn gpu_parity_qlora_bf16() {
+    qlora_steps(true);
+}
+
+#[test]
+fn qlora_harness_runs_on_the_cpu() {
+    qlora_steps_on(|| Cpu::new(2).unwrap(), false);
+}

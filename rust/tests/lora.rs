@@ -215,7 +215,15 @@ fn base_stays_frozen_and_the_loss_falls() {
         assert!(last < 0.7 * first, "{name}: loss {first} → {last}");
         let after: Vec<Vec<f32>> = (0..e.model.params.len()).filter(|&i| !e.model.params[i].role.adapter()).map(|i| host(&e, i)).collect();
         assert!(base == after, "{name}: the base changed");
-        assert_eq!(e.info().optimizer, name);
+        let info = e.info();
+        assert_eq!(info.optimizer, name);
+        // QLoRA's dequantization is timed inside forward and backward; LoRA has none
+        let t = info.timing;
+        if name == "qlora" {
+            assert!(t.dequant_s > 0.0 && t.dequant_s < t.forward_s + t.backward_s, "{t:?}");
+        } else {
+            assert_eq!(t.dequant_s, 0.0);
+        }
     }
 }
 

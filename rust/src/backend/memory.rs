@@ -105,9 +105,6 @@ pub trait Memory: Send + Sync + 'static {
         self.name().to_string()
     }
     fn mem(&self) -> &MemTracker;
-    /// Counts `bytes` of storage held outside the backend's buffers (QLoRA's host NF4
-    /// codes) under `cat` while the returned guard lives.
-    fn track(&self, bytes: usize, cat: Category) -> Tracked<()>;
     /// Runs closures on the backend's worker threads (a rayon pool on the CPU).
     fn runner(&self) -> Runner;
     /// Waits for queued work (a no-op on the CPU).

@@ -149,13 +149,12 @@ impl<B: Backend> Engine<B> {
                         let range = quant.map(|q| q.range).ok_or_else(|| Error::invalid(format!("{} is quantized but the optimizer keeps float weights", p.name)))?;
                         be.q_quantize(q, s, range);
                     }
-                    Weight::N(t, track) => {
+                    Weight::N(t) => {
                         // QLoRA: the base is quantized to NF4 as it loads (bnb's Linear4bit)
                         let mut h = vec![0.0f32; n];
                         ck.read_f32(&p.name, &mut h)?;
                         let q = crate::quant::nf4::Nf4Tensor::quantize(&h).map_err(|e| Error::invalid(format!("{}: {}", p.name, e.msg)))?;
-                        *track = be.track(q.bytes(), Category::Weights);
-                        **t = q;
+                        *t = be.nf4_new(q, Category::Weights)?;
                     }
                 }
                 ck.release(&p.name);

@@ -34,8 +34,9 @@ impl Role {
 pub enum Weight<B: Backend> {
     F(B::Buf),
     Q(B::Q),
-    /// QLoRA's frozen NF4 base (host codes, counted under weights), dequantized per use.
-    N(Box<crate::quant::nf4::Nf4Tensor>, crate::backend::Tracked<()>),
+    /// QLoRA's frozen NF4 base, resident where the backend computes (device memory on a
+    /// GPU, counted under weights) and dequantized there per use.
+    N(B::N),
 }
 
 pub struct Param<B: Backend> {
@@ -98,6 +99,9 @@ pub struct Llama<B: Backend> {
     pub head: usize,
     /// LoRA adapters (lora, qlora): the base parameters are then frozen.
     pub lora: Option<super::lora::LoraModel>,
+    /// Host nanoseconds spent dequantizing NF4 bases for products (qlora): the measured
+    /// cost QLoRA pays for its 4-bit base, reported as `timing.dequant_s`.
+    pub nf4_ns: std::sync::atomic::AtomicU64,
 }
 
 /// The seven linear matrices of every block, in creation order: (kind, rows = out_features,
@@ -201,8 +205,7 @@ impl<B: Backend> Llama<B> {
             }
             if nf4 {
                 let t = crate::quant::nf4::Nf4Tensor::quantize(&host)?;
-                let track = be.track(t.bytes(), Category::Weights);
-                params.push(Param { name, rows, cols, role, data: Weight::N(Box::new(t), track) });
+                params.push(Param { name, rows, cols, role, data: Weight::N(be.nf4_new(t, Category::Weights)?) });
                 continue;
             }
             be.upload(&mut data, &host)?;
@@ -237,7 +240,7 @@ impl<B: Backend> Llama<B> {
             .collect();
         let final_norm = 1 + cfg.num_hidden_layers * per;
         let head = if cfg.tie_word_embeddings { 0 } else { final_norm + 1 };
-        let mut m = Llama { cfg: cfg.clone(), params, layers, embed: 0, final_norm, head, lora: None };
+        let mut m = Llama { cfg: cfg.clone(), params, layers, embed: 0, final_norm, head, lora: None, nf4_ns: Default::default() };
         if let Some(lb) = lora {
             m.add_adapters(be, lb)?;
         }
@@ -299,9 +302,10 @@ impl<B: Backend> Llama<B> {
                 be.q_dequantize(scratch, q);
                 Ok(std::borrow::Cow::Owned(be.to_host(scratch, n)?.into_owned()))
             }
-            Weight::N(t, _) => {
+            Weight::N(t) => {
+                // on the host from the codes: exact whatever the scratch's dtype
                 let mut h = vec![0.0f32; n];
-                t.dequantize(&mut h);
+                be.nf4_to_host(t)?.dequantize(&mut h);
                 Ok(std::borrow::Cow::Owned(h))
             }
         }
@@ -330,13 +334,15 @@ impl<B: Backend> Llama<B> {
                 be.q_dequantize(scratch, q);
                 scratch
             }
-            Weight::N(t, _) => {
-                // QLoRA computes with the dequantized base (bnb dequantize_4bit, then the GEMM)
-                be.from_host(scratch, t.numel, |h| {
-                    t.dequantize(h);
-                    Ok(())
-                })
-                .expect("NF4 dequantize into the scratch buffer");
+            Weight::N(t) => {
+                // QLoRA computes with the dequantized base (bnb dequantize_4bit, then the
+                // GEMM), dequantized where it lives: no host round trip per product
+                let p = &self.params[idx];
+                let t0 = std::time::Instant::now();
+                be.nf4_dequantize_rows(scratch, t, p.cols, 0..p.rows);
+                // host time: the dequantization itself on the CPU, its launch on a GPU
+                let ns = t0.elapsed().as_nanos() as u64;
+                self.nf4_ns.fetch_add(ns, std::sync::atomic::Ordering::Relaxed);
                 scratch
             }
         }

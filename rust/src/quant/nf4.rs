@@ -226,6 +226,18 @@ impl Nf4Tensor {
     }
 }
 
+/// Entries of [`kernel_tables`]: the 16 NF4 levels, then the 256 of the dynamic map.
+pub const KERNEL_TABLES: usize = 16 + 256;
+
+/// The constants a device dequantization reads (`rust/kernels/nf4.cu`): [`NF4`] then
+/// [`dyn_map`], so the kernel source restates neither.
+pub fn kernel_tables() -> Vec<f32> {
+    let mut t = Vec::with_capacity(KERNEL_TABLES);
+    t.extend_from_slice(&NF4);
+    t.extend_from_slice(dyn_map());
+    t
+}
+
 /// Elements per parallel task of a dequantization: big enough that rayon's overhead is small.
 const DEQUANT_CHUNK: usize = 16 * 1024;
 

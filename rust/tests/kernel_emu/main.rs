@@ -27,6 +27,7 @@
 mod coverage;
 mod harness;
 mod linalg;
+mod nf4;
 mod nn;
 mod optim;
 mod quant;

@@ -19,6 +19,7 @@ impl SendPtr {
 use super::{AdamHp, AttnDims, Category, Layers, Linalg, MemTracker, Memory, Optimizers, Quantization, Refresh, Runner, Tracked};
 use crate::host::{linalg, matmul};
 use crate::quant::adam8::{self, BnbHp, State8};
+use crate::quant::nf4::Nf4Tensor;
 use crate::quant::{QTensor, Range};
 use crate::error::{Error, Result};
 use std::borrow::Cow;
@@ -110,9 +111,6 @@ impl Memory for Cpu {
     }
     fn mem(&self) -> &MemTracker {
         &self.mem
-    }
-    fn track(&self, bytes: usize, cat: Category) -> Tracked<()> {
-        Tracked::new((), bytes, cat, &self.mem)
     }
     fn runner(&self) -> Runner {
         Runner(Some(self.pool.clone()))
@@ -325,6 +323,24 @@ impl Quantization for Cpu {
     }
     fn q_from_host(&self, q: &mut Self::Q, fill: impl FnOnce(&mut QTensor) -> Result<()>) -> Result<()> {
         fill(&mut q.inner)
+    }
+
+    /// The host tensor itself: the CPU is the reference the device kernels follow.
+    type N = Tracked<Nf4Tensor>;
+
+    fn nf4_new(&self, t: Nf4Tensor, cat: Category) -> Result<Self::N> {
+        let bytes = t.bytes();
+        Ok(self.track(t, bytes, cat))
+    }
+    fn nf4_numel(&self, t: &Self::N) -> usize {
+        t.numel
+    }
+    fn nf4_dequantize_rows(&self, dst: &mut CpuBuf, t: &Self::N, cols: usize, rows: std::ops::Range<usize>) {
+        let n = rows.len() * cols;
+        t.inner.dequantize_rows(cols, rows, &mut dst.data[..n])
+    }
+    fn nf4_to_host<'a>(&self, t: &'a Self::N) -> Result<Cow<'a, Nf4Tensor>> {
+        Ok(Cow::Borrowed(&t.inner))
     }
 }
 

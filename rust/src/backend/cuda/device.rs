@@ -4,7 +4,7 @@
 //! This file holds the context: module loading, the sticky asynchronous error, the
 //! reusable scratch and the one launch helper (`launch!`). The trait implementations
 //! follow `rust/kernels/*.cu`, one file per concern: `memory.rs` (buffers), `gemm.rs`
-//! (cuBLAS products), `layers.rs` (nn.cu), `optim.rs` (optim.cu), `quant.rs` (quant.cu)
+//! (cuBLAS products), `layers.rs` (nn.cu), `optim.rs` (optim.cu), `quant.rs` (quant.cu, nf4.cu)
 //! and `refresh.rs` (linalg.cu with cuSOLVER); launch shapes are data in `../launch.rs`.
 //!
 //! Two precisions. `fp32`: every buffer f32, GEMMs in full fp32 (`CUBLAS_COMPUTE_32F`,
@@ -100,6 +100,8 @@ pub struct Cuda {
     acts: HashMap<&'static str, CudaFunction>,
     bf16: bool,
     maps: (CudaSlice<f32>, CudaSlice<f32>),
+    /// The NF4 levels and bnb's dynamic map that `nf4_dequant` reads (`nf4::kernel_tables`).
+    nf4_tables: CudaSlice<f32>,
     scratch: Mutex<Scratch>,
     ws: Mutex<refresh::Ws>,
     mem: Arc<MemTracker>,
@@ -161,6 +163,7 @@ impl Cuda {
             stream.clone_htod(&s[..]).map_err(|e| dev_err("copy", e))?,
             stream.clone_htod(&u[..]).map_err(|e| dev_err("copy", e))?,
         );
+        let nf4_tables = stream.clone_htod(&crate::quant::nf4::kernel_tables()[..]).map_err(|e| dev_err("copy", e))?;
         let a = |e| dev_err("alloc", e);
         let scratch = Scratch {
             partial: stream.alloc_zeros::<f64>(PARTS).map_err(a)?,
@@ -191,6 +194,7 @@ impl Cuda {
             acts,
             bf16,
             maps,
+            nf4_tables,
             scratch: Mutex::new(scratch),
             mem: Arc::new(MemTracker::default()),
             sticky: Mutex::new(None),

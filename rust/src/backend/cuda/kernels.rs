@@ -53,6 +53,13 @@ pub const MODULES: &[Module] = &[
         kernels: &["q_dequant", "q_dequant_bf16", "bf16_dequant", "bf16_quant", "q_requant"],
     },
     Module {
+        name: "nf4",
+        src: include_str!("../../../kernels/nf4.cu"),
+        fmad: false,
+        defines: &[],
+        kernels: &["nf4_dequant", "nf4_dequant_bf16"],
+    },
+    Module {
         name: "optim",
         src: include_str!("../../../kernels/optim.cu"),
         fmad: false,

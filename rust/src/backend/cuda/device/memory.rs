@@ -146,9 +146,6 @@ impl Memory for Cuda {
     fn mem(&self) -> &MemTracker {
         &self.mem
     }
-    fn track(&self, bytes: usize, cat: Category) -> Tracked<()> {
-        Tracked::new((), bytes, cat, &self.mem)
-    }
     fn runner(&self) -> Runner {
         Runner(None)
     }

@@ -1,11 +1,13 @@
 //! Quantized tensors on the device (`rust/kernels/quant.cu`): INT8/INT4 codes with group
-//! scale and zero, or bf16, and the fused requantizing update.
+//! scale and zero, or bf16, and the fused requantizing update; QLoRA's frozen NF4 base
+//! (`rust/kernels/nf4.cu`), resident on the device and dequantized there per GEMM.
 
 use super::memory::{CudaBuf, Store};
 use super::{dev_err, Cuda};
 use crate::backend::cuda::launch;
 use crate::backend::{Category, Quantization, Tracked};
 use crate::error::Result;
+use crate::quant::nf4::Nf4Tensor;
 use crate::quant::{QTensor, Range};
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
 use std::borrow::Cow;
@@ -22,8 +24,23 @@ pub struct CudaQ {
     _t: Tracked<()>,
 }
 
+/// A double-quantized NF4 tensor on the device, in `Nf4Tensor`'s layout.
+pub struct CudaNf4 {
+    pub numel: usize,
+    /// u8[⌈n/2⌉], element 2i in the high nibble.
+    pub codes: CudaSlice<u8>,
+    /// u8[⌈n/64⌉]: codes of the dynamic map.
+    pub qabsmax: CudaSlice<u8>,
+    /// f32[⌈n/64/256⌉].
+    pub absmax2: CudaSlice<f32>,
+    /// A kernel argument: the mean of the first-level absmax values.
+    pub offset: f32,
+    _t: Tracked<()>,
+}
+
 impl Quantization for Cuda {
     type Q = CudaQ;
+    type N = CudaNf4;
 
 
     fn q_new(&self, numel: usize, bits: u8, group: usize, cat: Category) -> Result<CudaQ> {
@@ -99,6 +116,47 @@ impl Quantization for Cuda {
             self.stream.memcpy_htod(&h.zero, &mut q.zero.slice_mut(..h.zero.len())).map_err(c)?;
         }
         Ok(())
+    }
+
+    fn nf4_new(&self, t: Nf4Tensor, cat: Category) -> Result<CudaNf4> {
+        let c = |e| dev_err("copy", e);
+        Ok(CudaNf4 {
+            numel: t.numel,
+            codes: self.stream.clone_htod(&t.codes[..]).map_err(c)?,
+            qabsmax: self.stream.clone_htod(&t.qabsmax[..]).map_err(c)?,
+            absmax2: self.stream.clone_htod(&t.absmax2[..]).map_err(c)?,
+            offset: t.offset,
+            // the bytes the plan counts (Nf4Tensor::storage_bytes), as on the CPU
+            _t: Tracked::new((), t.bytes(), cat, &self.mem),
+        })
+    }
+    fn nf4_numel(&self, t: &CudaNf4) -> usize {
+        t.numel
+    }
+    fn nf4_dequantize_rows(&self, dst: &mut CudaBuf, t: &CudaNf4, cols: usize, rows: std::ops::Range<usize>) {
+        let (start, end) = (rows.start * cols, rows.end * cols);
+        assert!(cols > 0 && start <= end && end <= t.numel, "NF4 rows {rows:?} × {cols} outside {} elements", t.numel);
+        assert!(dst.data.len() >= end - start, "NF4 dequantize_rows: {} values into a buffer of {}", end - start, dst.data.len());
+        if start == end {
+            return;
+        }
+        let (s, n) = (start as u64, (end - start) as u64);
+        let name = if dst.data.is_bf16() { "nf4_dequant_bf16" } else { "nf4_dequant" };
+        self.note(name, launch!(self, self.f(name), launch::elems(end - start); &mut dst.data, &t.codes, &t.qabsmax, &t.absmax2, &self.nf4_tables, &t.offset, &s, &n));
+    }
+    fn nf4_to_host<'a>(&self, t: &'a CudaNf4) -> Result<Cow<'a, Nf4Tensor>> {
+        let c = |e| dev_err("copy", e);
+        let mut h = Nf4Tensor {
+            numel: t.numel,
+            codes: vec![0u8; t.codes.len()],
+            qabsmax: vec![0u8; t.qabsmax.len()],
+            absmax2: vec![0f32; t.absmax2.len()],
+            offset: t.offset,
+        };
+        self.stream.memcpy_dtoh(&t.codes, &mut h.codes[..]).map_err(c)?;
+        self.stream.memcpy_dtoh(&t.qabsmax, &mut h.qabsmax[..]).map_err(c)?;
+        self.stream.memcpy_dtoh(&t.absmax2, &mut h.absmax2[..]).map_err(c)?;
+        Ok(Cow::Owned(h))
     }
 }
 
