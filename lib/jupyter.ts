@@ -283,3 +283,99 @@ export function refreshEvents(steps: readonly StepRecord[]): { step: number; cou
   }
   return out;
 }
+
+/** A table of plain records (one row each) as an HTML table; numbers shown to 4 digits. */
+export function table(
+  rows: readonly Record<string, unknown>[],
+  columns: readonly string[] = [...new Set(rows.flatMap((r) => Object.keys(r)))],
+): Displayable & { rows: readonly Record<string, unknown>[] } {
+  const cell = (v: unknown): string =>
+    typeof v === "number"
+      ? Number.isInteger(v) ? String(v) : v.toPrecision(4)
+      : v === null || v === undefined
+      ? "–"
+      : typeof v === "object"
+      ? JSON.stringify(v)
+      : String(v);
+  return {
+    rows,
+    [JUPYTER_DISPLAY]: (): MimeBundle => ({
+      "text/html": "<table>\n<tr>" + columns.map((c) => `<th>${escapeHtml(c)}</th>`).join("") +
+        "</tr>\n" +
+        rows.map((r) =>
+          "<tr>" + columns.map((c) => `<td>${escapeHtml(cell(r[c]))}</td>`).join("") + "</tr>"
+        ).join("\n") + "\n</table>",
+      "text/plain": [
+        columns.join("\t"),
+        ...rows.map((r) => columns.map((c) => cell(r[c])).join("\t")),
+      ]
+        .join("\n"),
+    }),
+  };
+}
+
+/**
+ * Runs side by side as one Vega-Lite display: engine memory by category (a stacked bar per
+ * run) and the training loss of each run, with an SVG rendering. `runs` maps a label (e.g.
+ * the optimizer) to the summary `train()` returned.
+ */
+export function compare(runs: Readonly<Record<string, Summary>>): Displayable {
+  return {
+    [JUPYTER_DISPLAY]: async (): Promise<MimeBundle> => {
+      const report = await import("./report.ts");
+      const memory = Object.entries(runs).flatMap(([run, s]) =>
+        report.memoryCategories(s).map((c) => ({
+          run,
+          category: c.category,
+          mib: c.bytes / 2 ** 20,
+        }))
+      );
+      const loss = Object.entries(runs).flatMap(([run, s]) => {
+        const steps = histories.get(s)?.steps ??
+          (s.out !== null ? report.readRun(s.out).steps : []);
+        return report.thin(steps.filter((r) => Number.isFinite(r.loss)), 500)
+          .map((r) => ({ run, step: r.step, loss: r.loss }));
+      });
+      const specs = [
+        {
+          title: "Engine memory by category",
+          width: 480,
+          data: { values: memory },
+          mark: "bar",
+          encoding: {
+            y: { field: "run", type: "nominal", title: null, sort: null },
+            x: { field: "mib", type: "quantitative", title: "MiB", stack: "zero" },
+            color: { field: "category", type: "nominal" },
+            tooltip: [{ field: "category" }, { field: "mib", format: ".2f" }],
+          },
+        },
+        {
+          title: "Training loss",
+          width: 480,
+          height: 220,
+          data: { values: loss },
+          mark: "line",
+          encoding: {
+            x: { field: "step", type: "quantitative" },
+            y: { field: "loss", type: "quantitative", scale: { zero: false } },
+            color: { field: "run", type: "nominal", sort: null },
+          },
+        },
+      ];
+      let svg: string | null = null;
+      try {
+        svg = await report.renderSvg(
+          structuredClone({ vconcat: specs, resolve: { scale: { color: "independent" } } }),
+        );
+      } catch { /* the Vega-Lite view still shows */ }
+      return {
+        "application/vnd.vegalite.v5+json": asV5({
+          vconcat: specs,
+          resolve: { scale: { color: "independent" } },
+        }),
+        ...(svg === null ? {} : { "image/svg+xml": svg }),
+        "text/plain": `compare: ${Object.keys(runs).join(", ")}`,
+      };
+    },
+  };
+}
