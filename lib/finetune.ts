@@ -540,7 +540,7 @@ export function finetune(
     staged = stageRecords(options);
     o = finetuneTrainOptions({ ...options, ...staged.paths } as Partial<FinetuneOptions>);
   } catch (e) {
-    if (staged !== null) Deno.removeSync(staged.dir, { recursive: true });
+    if (staged !== null && staged.dir !== "") Deno.removeSync(staged.dir, { recursive: true });
     return Promise.reject(e);
   }
   const files = staged;

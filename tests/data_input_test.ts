@@ -94,6 +94,10 @@ Deno.test("train/finetune: a bad in-memory value gives one short line, never the
     assert.ok(f.message.length < 260 && !f.message.includes("\n"), f.message);
     assert.match(f.message, /^--data /);
   }
+  // with a path, nothing is staged: a bad model is still its own one-line error
+  const m = await finetune({ model: "/nonexistent/model", data: "x.jsonl" }).catch((e) => e);
+  assert.ok(m instanceof UsageError, String(m));
+  assert.match(m.message, /^--model \/nonexistent\/model/);
 });
 
 Deno.test({
