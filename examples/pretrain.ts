@@ -16,11 +16,9 @@
 
 // First: a missing or stale engine library is one line, before the options open it.
 import "../ffi/preflight.ts";
-import { EngineError } from "../ffi/engine.ts";
-import { LoadError } from "../ffi/loader.ts";
 import { parsePretrainArgs, usage } from "../lib/cli.ts";
-import { UsageError } from "../lib/errors.ts";
-import { DivergedError, train } from "../lib/trainer.ts";
+import { failureExit } from "../lib/cli_exit.ts";
+import { train } from "../lib/trainer.ts";
 
 /** Runs the CLI and returns the process exit code. */
 export async function main(argv: string[]): Promise<number> {
@@ -38,22 +36,8 @@ export async function main(argv: string[]): Promise<number> {
     else if (summary.out !== null) console.log(`summary: ${summary.out}/summary.json`);
     return summary.interrupted ? 130 : 0;
   } catch (e) {
-    // Sweeps still get the partial run's numbers.
-    if (e instanceof DivergedError && json) {
-      console.log(JSON.stringify(e.summary));
-    }
-    if (e instanceof UsageError) return fail(e.message, 2);
-    if (e instanceof EngineError || e instanceof LoadError) return fail(e.message, 1);
-    if (e instanceof Deno.errors.NotCapable) {
-      return fail(`${e.message.split("\n")[0]}; run with deno run -A`, 2);
-    }
-    throw e;
+    return failureExit(e, json);
   }
-}
-
-function fail(message: string, code: number): number {
-  console.error(`error: ${message.replace(/\s*\n\s*/g, " ")}`);
-  return code;
 }
 
 if (import.meta.main) Deno.exit(await main(Deno.args));
