@@ -34,6 +34,7 @@ export * from "./lib/data.ts";
 export * from "./lib/schedule.ts";
 export * from "./lib/memory.ts";
 export * from "./lib/log.ts";
+export * from "./lib/jupyter.ts";
 export * from "./lib/options.ts";
 export * from "./lib/cli.ts";
 export * from "./lib/trainer.ts";

@@ -10,7 +10,7 @@
  * @module
  */
 
-import { UsageError } from "./errors.ts";
+import { shortValue, UsageError } from "./errors.ts";
 import { checkNumber } from "./options.ts";
 import { Rng } from "./rng.ts";
 import { ByteTokenizer, HfTokenizer, type Tokenizer } from "./tokenizer.ts";
@@ -39,6 +39,55 @@ export interface Dataset {
   tokenChunks?(split: "train" | "val"): Iterable<Int32Array>;
   /** One-line human description. */
   describe(): string;
+}
+
+/**
+ * Training data as `train()` takes it: a path (text, JSONL, folder), a {@link Dataset}
+ * object, or `{ text }` (byte-tokenized, its tail the validation split).
+ */
+export type DataInput = string | Dataset | { text: string };
+
+/** Whether `v` has the {@link Dataset} methods a run calls. */
+export function isDataset(v: unknown): v is Dataset {
+  if (typeof v !== "object" || v === null) return false;
+  const d = v as Record<string, unknown>;
+  return typeof d.vocabSize === "number" && typeof d.trainBatch === "function" &&
+    typeof d.valBatches === "function" && typeof d.tokens === "function" &&
+    typeof d.describe === "function";
+}
+
+/**
+ * The in-memory form of a `data` value that is not a path: a {@link Dataset} as given, or
+ * `{ text }` split into a {@link TextDataset}. Throws a one-line UsageError that quotes at
+ * most ~80 characters of the value (never the data itself).
+ */
+export function inMemoryDataset(
+  data: unknown,
+  opts: { valFraction: number; seqLen: number },
+  flag = "--data",
+): Dataset {
+  const given = checkDataInput(data, flag);
+  if (isDataset(given)) return given;
+  return TextDataset.fromText(given.text, { ...opts, label: `${flag} { text }` });
+}
+
+/**
+ * `data` as a {@link Dataset} or `{ text }`, checked by shape only (nothing is read); a
+ * one-line UsageError quoting at most ~80 characters of the value otherwise.
+ */
+export function checkDataInput(data: unknown, flag = "--data"): Dataset | { text: string } {
+  if (isDataset(data)) return data;
+  if (typeof data === "object" && data !== null && !Array.isArray(data)) {
+    const text = (data as { text?: unknown }).text;
+    if (Object.keys(data).length === 1 && typeof text === "string") {
+      if (text.length === 0) throw new UsageError(`${flag} { text: "" }: the text is empty`);
+      return { text };
+    }
+  }
+  throw new UsageError(
+    `${flag} ${shortValue(data)}: must be a path (text file, folder, JSONL), a Dataset ` +
+      '(vocabSize, trainBatch, valBatches, tokens, describe) or { text: "…" }',
+  );
 }
 
 /** Options of {@link TextDataset}. */

@@ -16,3 +16,21 @@ export class UsageError extends Error {
     this.name = "UsageError";
   }
 }
+
+/**
+ * A value as an error message quotes it: JSON, cut to `max` characters
+ * with `…`, so a message stays one short line even when the value is a whole dataset.
+ */
+export function shortValue(v: unknown, max = 80): string {
+  let s: string;
+  if (typeof v === "function") s = "a function";
+  else {
+    try {
+      s = JSON.stringify(v) ?? String(v);
+    } catch {
+      s = Object.prototype.toString.call(v);
+    }
+  }
+  s = s.replace(/\s+/g, " ");
+  return s.length <= max ? s : `${s.slice(0, max - 1)}…`;
+}

@@ -21,9 +21,9 @@
  */
 
 import { createHash } from "node:crypto";
-import { resolve } from "node:path";
+import { join, resolve } from "node:path";
 import type { Engine } from "../ffi/engine.ts";
-import { UsageError } from "./errors.ts";
+import { shortValue, UsageError } from "./errors.ts";
 import { readAdapterConfig } from "./adapter.ts";
 import { isDirectory } from "./fs.ts";
 import {
@@ -228,7 +228,7 @@ export class FinetuneBatches implements BatchSource {
 
 function pathOption(flag: string, v: unknown): void {
   if (v !== null && v !== undefined && (typeof v !== "string" || v === "")) {
-    throw new UsageError(`${flag} ${JSON.stringify(v)}: must be a path`);
+    throw new UsageError(`${flag} ${shortValue(v)}: must be a path`);
   }
 }
 
@@ -496,7 +496,7 @@ export function finetuneTrainOptions(options: Partial<FinetuneOptions>): Partial
     throw new UsageError("--model: required: a Hugging Face model folder to fine-tune");
   }
   if (typeof model !== "string" || model === "") {
-    throw new UsageError(`--model ${JSON.stringify(model)}: must be a Hugging Face model folder`);
+    throw new UsageError(`--model ${shortValue(model)}: must be a Hugging Face model folder`);
   }
   checkSource("--model", model, "a Hugging Face model folder");
   if (!isDirectory(model)) {
@@ -531,21 +531,102 @@ export function finetuneTrainOptions(options: Partial<FinetuneOptions>): Partial
  * the identical batches. A non-finite loss throws {@link DivergedError} carrying the summary.
  */
 export function finetune(
-  options: Partial<FinetuneOptions> = {},
+  options: FinetuneInput = {},
   hooks: TrainHooks = {},
 ): Promise<Summary> {
   let o: Partial<TrainOptions>;
+  let staged: StagedRecords | null = null;
   try {
-    o = finetuneTrainOptions(options);
+    staged = stageRecords(options);
+    o = finetuneTrainOptions({ ...options, ...staged.paths } as Partial<FinetuneOptions>);
   } catch (e) {
+    if (staged !== null && staged.dir !== "") Deno.removeSync(staged.dir, { recursive: true });
     return Promise.reject(e);
   }
+  const files = staged;
   return trainWith(finetuneTask(), o, hooks).catch((e: unknown) => {
     // the shared checks name the weights' folder as pre-training's flag; here it is --model
     if (e instanceof UsageError && !(e instanceof DivergedError)) {
-      const m = e.message.replace(/^--init-from /, "--model ");
+      const m = files.rename(e.message.replace(/^--init-from /, "--model "));
       if (m !== e.message) throw new UsageError(m);
     }
     throw e;
+  }).finally(() => {
+    if (files.dir !== "") Deno.removeSync(files.dir, { recursive: true });
   });
+}
+
+/** One fine-tuning example in memory: the same forms as a JSONL line (lib/finetune_data.ts). */
+export type FinetuneRecord =
+  | { text: string }
+  | { prompt: string; completion: string }
+  | { messages: { role: string; content: string }[] };
+
+/**
+ * {@link finetune}'s options: {@link FinetuneOptions}, with `data` and `valData` also given
+ * in memory, as an array of {@link FinetuneRecord}s or `{ text }`.
+ */
+export type FinetuneInput = Omit<Partial<FinetuneOptions>, "data" | "valData"> & {
+  /** A JSONL file, an array of records, or `{ text }`. */
+  data?: string | FinetuneRecord[] | { text: string } | null;
+  /** Validation data in the same forms; null splits `valFraction` off `data`. */
+  valData?: string | FinetuneRecord[] | { text: string } | null;
+};
+
+/** In-memory records written as JSONL for the loader, and how to name them in messages. */
+interface StagedRecords {
+  /** The temporary folder ("" when nothing was staged). */
+  dir: string;
+  /** The staged options' paths. */
+  paths: { data?: string; valData?: string };
+  /** A message with the staged files' paths replaced by `data[i]` / `data`. */
+  rename(message: string): string;
+}
+
+function stageRecords(options: FinetuneInput): StagedRecords {
+  const staged: { key: "data" | "valData"; path: string }[] = [];
+  const paths: { data?: string; valData?: string } = {};
+  let dir = "";
+  try {
+    for (const key of ["data", "valData"] as const) {
+      const v = options[key];
+      if (v === undefined || v === null || typeof v === "string") continue;
+      const flag = FLAG[key];
+      const records = Array.isArray(v) ? v : isTextRecord(v) ? [v] : null;
+      if (records === null || records.length === 0) {
+        throw new UsageError(
+          `${flag} ${shortValue(v)}: must be a JSONL path, a non-empty array of ` +
+            '{text} / {prompt, completion} / {messages} records, or { text: "…" }',
+        );
+      }
+      if (dir === "") dir = Deno.makeTempDirSync({ prefix: "qgalore-ft-data-" });
+      const path = join(dir, `${key}.jsonl`);
+      const lines = records.map((r) => JSON.stringify(r ?? null) ?? "null");
+      Deno.writeTextFileSync(path, lines.join("\n") + "\n");
+      paths[key] = path;
+      staged.push({ key, path });
+    }
+  } catch (e) {
+    if (dir !== "") Deno.removeSync(dir, { recursive: true });
+    throw e;
+  }
+  return {
+    dir,
+    paths,
+    rename(message: string): string {
+      let m = message;
+      for (const { key, path } of staged) {
+        m = m.split(`${path}:`).join(`${key}[`).replace(
+          new RegExp(`${key}\\[(\\d+)`, "g"),
+          (_all, n: string) => `${key}[${Number(n) - 1}]`,
+        ).split(path).join(`${key} (in memory)`);
+      }
+      return m;
+    },
+  };
+}
+
+function isTextRecord(v: unknown): v is { text: string } {
+  return typeof v === "object" && v !== null && !Array.isArray(v) &&
+    Object.keys(v).length === 1 && typeof (v as { text?: unknown }).text === "string";
 }

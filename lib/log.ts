@@ -8,6 +8,7 @@
 
 import process from "node:process";
 import { styleText } from "node:util";
+import { KernelProgress } from "./jupyter.ts";
 
 /** One optimizer update as shown by {@link Progress}. */
 export interface StepInfo {
@@ -31,7 +32,10 @@ export interface ProgressOptions {
   logEvery?: number;
   /** Redraw a bar in place; default: whether stderr is a terminal. */
   tty?: boolean;
-  /** Where text goes; default: stderr. */
+  /**
+   * Where text goes; default: stderr, or in the Deno Jupyter kernel (which does not forward
+   * stderr) one updating notebook display ({@link KernelProgress}).
+   */
   write?: (text: string) => void;
 }
 
@@ -52,6 +56,7 @@ export class Progress {
   #start = performance.now();
   #lastDraw = 0;
   #barShown = false;
+  readonly #kernel: KernelProgress | null;
 
   /** Starts the clock for the ETA. */
   constructor(opts: ProgressOptions) {
@@ -61,11 +66,18 @@ export class Progress {
       : Math.max(1, Math.ceil(opts.steps / 20));
     this.#tty = opts.tty ?? Deno.stderr.isTerminal();
     this.#write = opts.write ?? toStderr;
+    this.#kernel = opts.write === undefined && opts.tty === undefined
+      ? KernelProgress.create()
+      : null;
   }
 
   /** Reports a finished update. */
   step(info: StepInfo): void {
     const last = info.step === this.#steps;
+    if (this.#kernel !== null) {
+      this.#kernel.step(info.step, this.#steps, this.#line(info), last);
+      return;
+    }
     if (!this.#tty) {
       if (info.step % this.#every === 0 || last || info.step === 1) {
         this.#write(this.#line(info) + "\n");
@@ -93,12 +105,14 @@ export class Progress {
 
   /** Prints a whole line (e.g. an eval result) without garbling the bar. */
   note(text: string): void {
+    if (this.#kernel !== null) return this.#kernel.note(text);
     this.#endBar();
     this.#write(text + "\n");
   }
 
   /** Ends the bar line, if one is shown. */
   done(): void {
+    this.#kernel?.done();
     this.#endBar();
   }
 

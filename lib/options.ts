@@ -9,7 +9,7 @@
  * @module
  */
 
-import { UsageError } from "./errors.ts";
+import { shortValue, UsageError } from "./errors.ts";
 import { resolve, sep as SEP } from "node:path";
 import { exists, isDirectory } from "./fs.ts";
 import {
@@ -166,7 +166,7 @@ export function checkInterval(raw: number | string): SaveInterval | null {
   const bad = (): never => {
     throw new UsageError(
       `${FLAG.saveEvery} ${
-        typeof raw === "string" ? raw || '""' : JSON.stringify(raw)
+        typeof raw === "string" ? raw || '""' : shortValue(raw)
       }: must be a number of updates ` +
         `(an integer in [0, ${MAX_COUNT}]), a wall time (30s, 10m, 2h; at most ${MAX_COUNT}s) or off`,
     );
@@ -198,7 +198,7 @@ export function checkSwitch(key: SwitchKey, raw: string | boolean): boolean {
 export function checkChoice(key: ChoiceKey, raw: string): string {
   const allowed = CHOICES[key];
   if (typeof raw === "string" && allowed.includes(raw)) return raw;
-  const shown = typeof raw === "string" ? raw || '""' : JSON.stringify(raw);
+  const shown = typeof raw === "string" ? raw || '""' : shortValue(raw);
   if (key === "optimizer") throw unknownOptimizer(shown);
   throw new UsageError(`${FLAG[key]} ${shown}: must be one of ${allowed.join(", ")}`);
 }
@@ -303,7 +303,7 @@ export function checkOptions(input: Partial<TrainOptions> = {}): CheckedOptions 
     if (v === null && def(key).nullable) continue;
     if (typeof v !== "number") {
       throw new UsageError(
-        `${FLAG[key]} ${JSON.stringify(v)}: must be ${describeRange(rangeOf(key))}`,
+        `${FLAG[key]} ${shortValue(v)}: must be ${describeRange(rangeOf(key))}`,
       );
     }
     checkNumber(key, v);
@@ -311,7 +311,7 @@ export function checkOptions(input: Partial<TrainOptions> = {}): CheckedOptions 
   for (const key of SWITCH_OPTIONS) {
     const v = raw[key];
     if (v !== null && typeof v !== "boolean") {
-      throw new UsageError(`${FLAG[key]} ${JSON.stringify(v)}: must be true or false (on/off)`);
+      throw new UsageError(`${FLAG[key]} ${shortValue(v)}: must be true or false (on/off)`);
     }
   }
   checkChoice("optimizer", raw.optimizer);
@@ -323,18 +323,18 @@ export function checkOptions(input: Partial<TrainOptions> = {}): CheckedOptions 
   }
   if (raw.data !== null && (typeof raw.data !== "string" || raw.data === "")) {
     throw new UsageError(
-      `--data ${JSON.stringify(raw.data)}: must be a path to a text file, folder or JSONL file`,
+      `--data ${shortValue(raw.data)}: must be a path to a text file, folder or JSONL file`,
     );
   }
   checkInterval(raw.saveEvery);
   for (const key of ["tokenizer", "initFrom", "export", "resume"] as const) {
     const v = raw[key];
     if (v !== null && (typeof v !== "string" || v === "")) {
-      throw new UsageError(`${FLAG[key]} ${JSON.stringify(v)}: must be a path`);
+      throw new UsageError(`${FLAG[key]} ${shortValue(v)}: must be a path`);
     }
   }
   if (typeof raw.textField !== "string" || raw.textField === "") {
-    throw new UsageError(`${FLAG.textField} ${JSON.stringify(raw.textField)}: must be a name`);
+    throw new UsageError(`${FLAG.textField} ${shortValue(raw.textField)}: must be a name`);
   }
   checkChoice("exportDtype", raw.exportDtype);
   if (raw.trainTokenizer !== null && raw.data === null) {
@@ -369,7 +369,7 @@ export function checkOptions(input: Partial<TrainOptions> = {}): CheckedOptions 
   }
   if (raw.export !== null) checkExportDir(raw.export, raw.out);
   if (raw.out !== undefined && raw.out !== null && (typeof raw.out !== "string" || !raw.out)) {
-    throw new UsageError(`--out ${JSON.stringify(raw.out)}: must be a directory path`);
+    throw new UsageError(`--out ${shortValue(raw.out)}: must be a directory path`);
   }
   // The front end holds a whole update's and a whole evaluation's tokens as one Int32Array.
   const rowTokens = raw.batchSize * (raw.seqLen + 1);

@@ -379,7 +379,7 @@ function mib(bytes: unknown): string {
 }
 
 /** The summary as an HTML table of its headline numbers. */
-function summaryTable(s: Summary | null): string {
+export function summaryTable(s: Summary | null): string {
   if (s === null) {
     return `<p class="note">No summary.json: the run has not finished (or was killed).</p>`;
   }

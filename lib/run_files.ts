@@ -11,7 +11,8 @@ import { JsonlWriter } from "./log.ts";
 import { listCheckpoints } from "./checkpoints.ts";
 
 /** The files a run writes into its `--out` folder. */
-const RUN_FILES = ["metrics.jsonl", "summary.json"] as const;
+// report.html is written from the other two at the run's end (lib/report.ts)
+const RUN_FILES = ["metrics.jsonl", "summary.json", "report.html"] as const;
 
 /**
  * Refuses an `--out` folder holding an earlier run (its files, or checkpoints in its

@@ -15,12 +15,20 @@ import {
   type MemoryBytes,
   type StepStats,
 } from "../ffi/engine.ts";
-import { type Dataset, openCorpus, SyntheticCorpus } from "./data.ts";
+import {
+  checkDataInput,
+  type DataInput,
+  type Dataset,
+  inMemoryDataset,
+  openCorpus,
+  SyntheticCorpus,
+} from "./data.ts";
 import { exists } from "./fs.ts";
 import { exportModel } from "./hf.ts";
 import { openTokenizer, type Tokenizer, trainTokenizer } from "./tokenizer.ts";
-import { UsageError } from "./errors.ts";
+import { shortValue, UsageError } from "./errors.ts";
 import { formatCount, formatDuration, type JsonlWriter, Progress } from "./log.ts";
+import { attachDisplays, inKernel, type RunHistory } from "./jupyter.ts";
 import { peakRssBytes } from "./memory.ts";
 import { DivergenceWatch, likelyCause } from "./diverge.ts";
 import {
@@ -52,6 +60,7 @@ import {
   FLAG,
   OPTION_KEYS,
   optionDef,
+  PROJECTED_OPTIMIZERS,
   type ResolvedOptions,
   type SaveInterval,
   SECTIONS,
@@ -270,6 +279,8 @@ export interface StepRecord {
   tokens: number;
   /** Targets that carried loss in this update (fine-tuning only; the engine's count). */
   loss_tokens?: number;
+  /** Projector refreshes so far (projected optimizers only): report refresh events per step. */
+  svd_count?: number;
   /** Training throughput so far (excludes evaluation time). */
   tokens_per_s: number;
   /** Seconds since the run started. */
@@ -477,11 +488,36 @@ export const PRETRAIN: RunTask = Object.freeze({
  * {@link Run.evaluate}, {@link Run.step} and {@link Run.finish}.
  */
 export function train(
-  options: Partial<TrainOptions> = {},
+  options: TrainInput = {},
   hooks: TrainHooks = {},
 ): Promise<Summary> {
-  return trainWith(PRETRAIN, options, hooks);
+  const d = options.data;
+  if (d === undefined || d === null || typeof d === "string") {
+    return trainWith(PRETRAIN, options as Partial<TrainOptions>, hooks);
+  }
+  // in-memory data: checked now (a bad value fails before anything starts), opened as the
+  // run's source in place of a file; the run's options say `data: null`
+  const task: RunTask = {
+    ...PRETRAIN,
+    openSource(opts, _tokenizer, sampler): Promise<BatchSource> {
+      try {
+        const data = inMemoryDataset(d, opts);
+        return Promise.resolve(new CorpusBatches(data, opts, null, sampler as number[] | null));
+      } catch (e) {
+        return Promise.reject(e);
+      }
+    },
+  };
+  try {
+    checkDataInput(d);
+  } catch (e) {
+    return Promise.reject(e);
+  }
+  return trainWith(task, { ...options, data: null }, hooks);
 }
+
+/** {@link train}'s options: {@link TrainOptions}, with `data` also in memory ({@link DataInput}). */
+export type TrainInput = Omit<Partial<TrainOptions>, "data"> & { data?: DataInput | null };
 
 /**
  * {@link train}'s loop for a {@link RunTask}: lib/finetune.ts runs fine-tuning through it
@@ -597,6 +633,10 @@ export class Run implements Disposable {
   #savedStep = 0;
   #checkpoint: string | null = null;
   #savedAt: number;
+  /** Whether the optimizer refreshes projectors (its step records count them). */
+  readonly #projected: boolean;
+  /** The records of a notebook run without `out`, for its charts (lib/jupyter.ts). */
+  readonly #history: RunHistory | null;
 
   private constructor(
     init: {
@@ -639,6 +679,8 @@ export class Run implements Disposable {
     this.#recordOptions = absolutePaths(opts);
     this.#saveEvery = checkInterval(opts.saveEvery);
     this.#savedAt = init.started;
+    this.#projected = PROJECTED_OPTIMIZERS.includes(opts.optimizer);
+    this.#history = init.out === null && inKernel() ? { steps: [], evals: [] } : null;
     const r = init.resume?.plan.record;
     if (r === undefined) {
       this.resumedFrom = null;
@@ -677,7 +719,7 @@ export class Run implements Disposable {
     task.check?.(options);
     if (options.resume !== undefined && options.resume !== null) {
       if (typeof options.resume !== "string" || options.resume === "") {
-        throw new UsageError(`--resume ${JSON.stringify(options.resume)}: must be a run folder`);
+        throw new UsageError(`--resume ${shortValue(options.resume)}: must be a run folder`);
       }
       // every option from the checkpoint's run record; the model and tokenizer as they were
       plan = planResume(options.resume, options);
@@ -1111,6 +1153,7 @@ export class Run implements Disposable {
       ...extra?.record,
     };
     this.#writeMetrics(record);
+    this.#history?.evals.push(record);
     this.#evalStep = this.#steps;
     const floor = this.source.entropyFloor;
     this.#progress.note(
@@ -1171,10 +1214,12 @@ export class Run implements Disposable {
       clipped: stats.clipped,
       tokens: this.#tokens,
       ...(batch.mask === undefined ? {} : { loss_tokens: stats.count ?? batch.count }),
+      ...(this.#projected ? refreshCount(this.engine) : {}),
       tokens_per_s: this.#tokens / this.#trainS,
       elapsed_s: this.elapsed(),
     };
     this.#writeMetrics(record);
+    this.#history?.steps.push(record);
     this.#progress.step({
       step: done,
       loss: stats.loss,
@@ -1303,7 +1348,20 @@ export class Run implements Disposable {
       };
       if (this.out !== null) {
         writeSummary(this.out, JSON.stringify(summary, null, 2) + "\n");
+        // the run's report.html; Vega loads only here, and a report never fails a run
+        try {
+          const { writeRunReport } = await import("./report.ts");
+          await writeRunReport(this.out);
+        } catch (e) {
+          this.#progress.note(
+            `notice: report.html not written: ${
+              (e instanceof Error ? e.message : String(e))
+                .split("\n")[0]
+            }`,
+          );
+        }
       }
+      attachDisplays(summary, this.#history);
       this.#progress.note(
         `${steps < opts.steps ? "stopped" : "done"}: ${steps} steps, ${
           formatCount(summary.tokens)
@@ -1403,6 +1461,12 @@ function absolutePaths(o: ResolvedOptions): ResolvedOptions {
     saveAdapter: abs(o.saveAdapter),
     adapter: abs(o.adapter),
   };
+}
+
+/** The engine's projector refresh count so far, for a step record; {} when it has none. */
+function refreshCount(engine: TrainEngine): { svd_count?: number } {
+  const n = engine.info?.().svd_count;
+  return typeof n === "number" ? { svd_count: n } : {};
 }
 
 /** A UsageError about `value` worded with its flag: "--data x: …". */

@@ -178,6 +178,7 @@ Deno.test("run folder: an earlier run is refused unless overwrite; symlinks neve
     assert.deepEqual([...Deno.readDirSync(dir)].map((e) => e.name).sort(), [
       "checkpoints",
       "metrics.jsonl",
+      "report.html",
       "summary.json",
     ]);
     // the first run's checkpoint (step 2) went with it: a resume finds only the second's

@@ -68,7 +68,8 @@ Deno.test("report.html: every chart as inline SVG, no external URL", async () =>
       "Learning rate",
       "Gradient norm",
       "Throughput",
-      "Final refresh interval per matrix",
+      // step records count refreshes (svd_count): the events, each at its step
+      "Refresh events",
       "Memory by category",
     ]
   ) assert(html.includes(`>${title}`), `chart title ${title}`);

@@ -1,5 +1,5 @@
 /**
- * Runs every test — static checks, the Rust suite, the Deno suite — and ends with one
+ * Runs every test — static checks, the Rust suite, the Deno suite, the notebooks — and ends with one
  * plain `N passed, N failed` line counting them all. Exit status is non-zero on failure.
  * @module
  */
@@ -78,5 +78,20 @@ if (m) {
   failed += Number(m[2]);
 } else if (!dn.ok) failed++;
 
+// Notebooks: each one executed headless with the Deno kernel counts as one test. Without
+// nbclient in .venv they are skipped, unless QGALORE_REQUIRE_NOTEBOOKS is set (.ci/run).
+const nb = await run(deno, ["run", "-A", "tools/notebooks.ts"]);
+const nm = strip(nb.text).match(/^notebooks: (\d+) passed, (\d+) failed$/m);
+let nbOk = nb.ok;
+if (nm) {
+  passed += Number(nm[1]);
+  failed += Number(nm[2]);
+} else if (/^notebooks: skipped/m.test(nb.text) && !Deno.env.get("QGALORE_REQUIRE_NOTEBOOKS")) {
+  nbOk = true;
+} else {
+  failed++;
+  nbOk = false;
+}
+
 console.log(`${passed} passed, ${failed} failed`);
-Deno.exit(failed === 0 && rustOk && dn.ok ? 0 : 1);
+Deno.exit(failed === 0 && rustOk && dn.ok && nbOk ? 0 : 1);
