@@ -112,6 +112,10 @@ const MEMORY_ROWS: readonly { label: string; s: MemorySettings }[] = [
   { label: "full AdamW (f32)", s: { name: "adamw" } },
   { label: "GaLore r128", s: { name: "galore", rank: 128 } },
   { label: "Q-GaLore r128 (INT8 W, INT4 P, 8-bit Adam)", s: { name: "qgalore", rank: 128 } },
+  {
+    label: "Q-GaLore r128, embedding and head frozen (--freeze-embeddings on)",
+    s: { name: "qgalore", rank: 128, freezeEmbeddings: true },
+  },
 ];
 
 // a GPU run (bf16 activations; lora keeps its bf16 base in bf16 there, f32 on the CPU)
@@ -141,7 +145,7 @@ function estimateRows(name: string, cfg: ModelConfig): void {
   const rows: Record<string, ReturnType<typeof estimateMemory>> = {};
   for (const { label, s } of MEMORY_ROWS) {
     const m = estimateMemory(cfg, s, SHAPE);
-    rows[s.name] = m;
+    rows[s.freezeEmbeddings ? `${s.name}_frozen` : s.name] = m;
     const v = vocabBytes(cfg, s);
     emit({
       part: "estimate",
@@ -169,6 +173,9 @@ function estimateRows(name: string, cfg: ModelConfig): void {
     qgalore_vs_qlora: r3(q / paperBytes(rows.qlora)),
     paper_claim: "Q-GaLore and QLoRA at equal memory (about 8 GB) on LLaMA-3-8B",
     // the same ratio over the transformer blocks alone (embedding, head and their state out)
+    // as LoRA and QLoRA do, the embedding and head frozen (no gradient, no state)
+    qgalore_frozen_vs_lora: r3(paperBytes(rows.qgalore_frozen) / paperBytes(rows.lora)),
+    qgalore_frozen_vs_qlora: r3(paperBytes(rows.qgalore_frozen) / paperBytes(rows.qlora)),
     qgalore_vs_lora_without_embed_head: r3(
       (q - qv.weights - qv.state) / (paperBytes(rows.lora) - lv.weights - lv.state),
     ),

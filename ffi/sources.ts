@@ -10,7 +10,7 @@ export const PACKAGE_VERSION: string = "0.1.0";
 
 /** SHA-256 of the list below as `sha256sum` prints it; names the cached library. */
 export const SOURCES_DIGEST: string =
-  "ef2c907493669d361c487c878c7a49c69d4bbd856ed1897b1df106fbe894ade1";
+  "2f256a52acc47052847c644ad531e685f12b477e9dfecba4bb034e907b67e6b5";
 
 /** Every file the build needs: path from the package root and SHA-256 of its bytes. */
 export const SOURCES: readonly { readonly path: string; readonly sha256: string }[] = [
@@ -136,7 +136,7 @@ export const SOURCES: readonly { readonly path: string; readonly sha256: string 
   },
   {
     path: "rust/src/config.rs",
-    sha256: "72fc4faaeec6ac310b60e323ea5690c648f2847b4bb3f3c497dae79bf99b3d5c",
+    sha256: "e89b3bb5839dae159d8d9162e505e77ea8d15555d60ec0fee44b949a46024432",
   },
   {
     path: "rust/src/config/model.rs",
@@ -248,7 +248,7 @@ export const SOURCES: readonly { readonly path: string; readonly sha256: string 
   },
   {
     path: "rust/src/model/llama.rs",
-    sha256: "4c280e557fccb951d8ad00bcbe062a7eb392230885c908cd934280e972906162",
+    sha256: "ba4b1f8e03b01bda1c70a2f44b9f96d17782ddabdba39fc1a5d59444888458df",
   },
   {
     path: "rust/src/model/lora.rs",
@@ -264,11 +264,11 @@ export const SOURCES: readonly { readonly path: string; readonly sha256: string 
   },
   {
     path: "rust/src/optim/adamw.rs",
-    sha256: "fc46852f68c9a4466a815e180509cff2754c462631774d24e8f9b887fa5e7437",
+    sha256: "401c1982b0d3a8327b9722870c77402d5dee61f6b7f4be39cbb2e0c47bdf228a",
   },
   {
     path: "rust/src/optim/galore.rs",
-    sha256: "bf0840fad8044ae7b27173a86c2dd7e76e70878851772471ab2aee583fe8cccb",
+    sha256: "10eeb200528e29afc3c6341f3884ae2c4695ab73906cc0317e89c254914a875e",
   },
   {
     path: "rust/src/optim/lazy.rs",
@@ -280,7 +280,7 @@ export const SOURCES: readonly { readonly path: string; readonly sha256: string 
   },
   {
     path: "rust/src/plan.rs",
-    sha256: "42147f1e252d702d56b01f00af6e90a783e2365e80698d695414367a21e4978f",
+    sha256: "46864562fdc7bfb70e60a67fd7d841b9e0f905f39b722167102593aee900b79a",
   },
   {
     path: "rust/src/quant/adam8.rs",
@@ -300,7 +300,7 @@ export const SOURCES: readonly { readonly path: string; readonly sha256: string 
   },
   {
     path: "rust/src/state/engine.rs",
-    sha256: "d3bdbbae4eb2a16cd1473d9a0455608ee65393a95c89e20c6341928760091e0f",
+    sha256: "ad0ba1655b8ed5f92d1e29bea4ed3007f7865020e8e27e8f4b01883f842fb9f3",
   },
   {
     path: "rust/src/state/file.rs",
@@ -328,6 +328,6 @@ export const SOURCES: readonly { readonly path: string; readonly sha256: string 
   },
   {
     path: "rust/src/train.rs",
-    sha256: "7f0e95cd0ced2cab3f06adee3b06164f9227b0219d76925b2f21b92ebb5129f2",
+    sha256: "c7d0115c99106c576245d7bb9aef7bbe40c543ba754408703468f2942f1f6240",
   },
 ];
