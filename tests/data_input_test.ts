@@ -9,6 +9,8 @@ import { shortValue, UsageError } from "../lib/errors.ts";
 import { finetune } from "../lib/finetune.ts";
 import { paramCount } from "../lib/estimate.ts";
 import { train, type TrainEngine } from "../lib/trainer.ts";
+import type { MemoryBytes } from "../ffi/engine.ts";
+import { standInMemory } from "./stand_in.ts";
 
 const MODEL = new URL("./fixtures/hf/gqa-tied-theta5e5", import.meta.url).pathname;
 
@@ -27,16 +29,8 @@ class RecordingEngine implements TrainEngine {
   evalLoss(): Promise<number> {
     return Promise.resolve(1);
   }
-  memory() {
-    return {
-      weights: 4,
-      adapters: 0,
-      grads: 4,
-      optimizer_state: 8,
-      projector: 0,
-      activations: 2,
-      total: 18,
-    };
+  memory(): MemoryBytes {
+    return standInMemory();
   }
   [Symbol.dispose](): void {}
 }

@@ -8,6 +8,8 @@ import { join } from "node:path";
 import type { EngineConfig, StepStats, Summary, TrainEngine } from "../lib/trainer.ts";
 import { DivergedError, train } from "../lib/trainer.ts";
 import { UsageError } from "../lib/errors.ts";
+import type { MemoryBytes } from "../ffi/engine.ts";
+import { standInMemory } from "./stand_in.ts";
 
 /** A stand-in whose update `i` (1-based) returns `losses(i)` and `grads(i)`. */
 class ScriptedEngine implements TrainEngine {
@@ -30,16 +32,8 @@ class ScriptedEngine implements TrainEngine {
   evalLoss(): Promise<number> {
     return Promise.resolve(this.losses(Math.max(1, this.#n)));
   }
-  memory() {
-    return {
-      weights: 4,
-      adapters: 0,
-      grads: 4,
-      optimizer_state: 8,
-      projector: 0,
-      activations: 2,
-      total: 18,
-    };
+  memory(): MemoryBytes {
+    return standInMemory();
   }
   [Symbol.dispose](): void {}
 }

@@ -11,6 +11,8 @@ import {
   train,
   type TrainEngine,
 } from "../mod.ts";
+import type { MemoryBytes } from "../ffi/engine.ts";
+import { standInMemory } from "./stand_in.ts";
 
 // The phases a notebook calls by hand (startRun, evaluate, step, finish) are what train()
 // composes: driven the same way on the real engine they give bit-identical trajectories.
@@ -118,16 +120,8 @@ class FailingEngine implements TrainEngine {
   evalLoss(): Promise<number> {
     return Promise.resolve(5);
   }
-  memory() {
-    return {
-      weights: 4,
-      adapters: 0,
-      grads: 4,
-      optimizer_state: 8,
-      projector: 0,
-      activations: 2,
-      total: 18,
-    };
+  memory(): MemoryBytes {
+    return standInMemory();
   }
   [Symbol.dispose](): void {
     this.disposed = true;

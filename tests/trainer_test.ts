@@ -8,6 +8,8 @@ import { paramCount } from "../lib/estimate.ts";
 import { optimizerDefaults } from "../lib/options.ts";
 import { lrAt } from "../lib/schedule.ts";
 import { DivergedError, type Summary, train, type TrainEngine } from "../lib/trainer.ts";
+import type { MemoryBytes } from "../ffi/engine.ts";
+import { standInMemory } from "./stand_in.ts";
 
 /** An engine stand-in: loss decays with the steps taken; optionally fails at one step. */
 class FakeEngine implements TrainEngine {
@@ -32,16 +34,8 @@ class FakeEngine implements TrainEngine {
     this.evals.push(tokens.reduce((a, b) => a + b, 0));
     return Promise.resolve(5.5 / (1 + this.calls.length));
   }
-  memory() {
-    return {
-      weights: 4,
-      adapters: 0,
-      grads: 4,
-      optimizer_state: 8,
-      projector: 0,
-      activations: 2,
-      total: 18,
-    };
+  memory(): MemoryBytes {
+    return standInMemory();
   }
   [Symbol.dispose](): void {
     this.disposed = true;
@@ -83,6 +77,7 @@ Deno.test("train: loop, schedule, evals, files and summary", async () => {
       eps: 1e-8,
       weight_decay: 0,
       clip: 1,
+      freeze_embeddings: false,
       fused: false,
     });
     assert.equal(engine.cfg.model.vocab_size, 256);
@@ -290,6 +285,7 @@ Deno.test("train: GaLore settings reach the engine; info() fills the summary", a
     eps: 1e-8,
     weight_decay: 0,
     clip: 1,
+    freeze_embeddings: false,
     rank: 16,
     update_gap: 200,
     galore_scale: 0.25,
@@ -331,6 +327,7 @@ Deno.test("train: GaLore settings reach the engine; info() fills the summary", a
     eps: 1e-6,
     weight_decay: 0,
     clip: 1,
+    freeze_embeddings: false,
     rank: 128,
     update_gap: 200,
     galore_scale: 0.25,
