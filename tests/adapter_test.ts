@@ -13,6 +13,7 @@ import { evaluatePerplexity } from "../lib/evaluate.ts";
 import { generateIds } from "../lib/generate.ts";
 import { mergeAdapter } from "../lib/merge.ts";
 import { openModel, saveCheckpoint } from "../lib/open_model.ts";
+import { lastLine, runScript } from "./run_script.ts";
 
 const HF = new URL("./fixtures/hf/", import.meta.url).pathname;
 const PEFT = new URL("./fixtures/peft/", import.meta.url).pathname;
@@ -202,22 +203,8 @@ Deno.test("loadAdapter refusals: not an adapter engine, another model, other set
   }
 });
 
-async function run(
-  name: string,
-  args: string[],
-): Promise<{ code: number; out: string; err: string }> {
-  const script = new URL(`../examples/${name}.ts`, import.meta.url).pathname;
-  const r = await new Deno.Command(Deno.execPath(), {
-    args: ["run", "-A", script, ...args],
-    stdout: "piped",
-    stderr: "piped",
-    env: { NO_COLOR: "1" },
-  }).output();
-  const dec = new TextDecoder();
-  return { code: r.code, out: dec.decode(r.stdout), err: dec.decode(r.stderr) };
-}
-
-const last = (s: string) => s.trim().split("\n").at(-1)!;
+const run = runScript;
+const last = lastLine;
 
 /** A usage error: exit 2 and one `error:` line containing `want`. */
 function usage(r: { code: number; out: string; err: string }, want: string): void {

@@ -7,28 +7,15 @@ import assert from "node:assert/strict";
 import { evaluatePerplexity } from "../lib/evaluate.ts";
 import { generateIds } from "../lib/generate.ts";
 import { openModel, saveCheckpoint } from "../lib/open_model.ts";
+import { lastLine, runScript } from "./run_script.ts";
 
 const FIX = new URL("./fixtures/hf/", import.meta.url).pathname;
 const MODEL = `${FIX}gqa-tied-theta5e5`;
 const TEXT = `${FIX}multilingual.txt`;
 const MC = new URL("./fixtures/mmlu/test/toy_science_test.csv", import.meta.url).pathname;
 
-async function run(
-  name: string,
-  args: string[],
-): Promise<{ code: number; out: string; err: string }> {
-  const script = new URL(`../examples/${name}.ts`, import.meta.url).pathname;
-  const r = await new Deno.Command(Deno.execPath(), {
-    args: ["run", "-A", script, ...args],
-    stdout: "piped",
-    stderr: "piped",
-    env: { NO_COLOR: "1" },
-  }).output();
-  const dec = new TextDecoder();
-  return { code: r.code, out: dec.decode(r.stdout), err: dec.decode(r.stderr) };
-}
-
-const last = (s: string) => s.trim().split("\n").at(-1)!;
+const run = runScript;
+const last = lastLine;
 
 Deno.test("evaluate.ts --json: the library's perplexity, on a folder and on a checkpoint", async () => {
   const r = await run("evaluate", ["--model", MODEL, "--data", TEXT, "--seq-len", "32", "--json"]);
