@@ -37,10 +37,11 @@ function close(got: PinnedRun, want: PinnedRun): void {
 for (const c of PINNED_CASES) {
   Deno.test(`pinned losses: ${c.name}`, async () => {
     const got = await runPinned(c);
-    if (exact) {
-      assert.ok(exact[c.name], `no pinned values for ${c.name}; run tests/pinned_cases.ts --write`);
+    if (exact?.[c.name]) {
       assert.deepEqual(got, exact[c.name]);
     } else {
+      // a case whose arithmetic changed is re-pinned only on the processor that changed
+      // it; elsewhere it is compared within the cross-processor tolerance until recorded
       const any = Object.values(all).find((m) => m[c.name]);
       assert.ok(any, `no pinned values for ${c.name}; run tests/pinned_cases.ts --write`);
       close(got, any[c.name]);
