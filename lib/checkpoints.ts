@@ -32,6 +32,24 @@ export function checkpointName(step: number): string {
 }
 
 /**
+ * In-memory data a run was given (`train({ data: { text } })`, `finetune({ data: [...] })`),
+ * as its run record keeps it: the run's own copy in its folder, so that the run can be resumed
+ * (and no record names a temporary file).
+ */
+export interface OwnedData {
+  /**
+   * `text`: pre-training's `{ text }` (a resume reads it back byte-tokenized, as the run did);
+   * `records`: fine-tuning records or `{ text }` (JSONL files, read as `--data` files are);
+   * `dataset`: a Dataset object, which no file can hold: a resume needs it given again.
+   */
+  form: "text" | "records" | "dataset";
+  /** The file holding `data`, relative to the run folder. */
+  data?: string;
+  /** The file holding `valData`, relative to the run folder. */
+  valData?: string;
+}
+
+/**
  * What a checkpoint carries besides the engine's tensors (stored as JSON in its metadata):
  * enough to rebuild the run around the engine and continue it update for update.
  */
@@ -72,7 +90,7 @@ export interface RunRecord {
    * The data: its description and a SHA-256 of the description and the complete train and
    * validation token streams ({@link dataFingerprint}).
    */
-  data: { description: string; fingerprint: string };
+  data: { description: string; fingerprint: string; own?: OwnedData };
   /**
    * The batch sampler's position: pre-training's {@link Rng.state}; fine-tuning's sampler
    * state (lib/finetune_data.ts `SamplerState`).

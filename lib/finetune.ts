@@ -45,6 +45,7 @@ import {
 } from "./options.ts";
 import { loadMultipleChoice, type McItem, type McResult, scoreMultipleChoice } from "./mmlu.ts";
 import type { Tokenizer } from "./tokenizer.ts";
+import type { OwnedData } from "./checkpoints.ts";
 import {
   type BatchSource,
   DivergedError,
@@ -242,8 +243,14 @@ function checkNewDir(flag: string, dir: string): void {
   }
 }
 
-/** The fine-tuning task of the shared loop. */
-function finetuneTask(): RunTask {
+/** The files of a run folder holding the records it was given in memory ({@link finetune}). */
+const OWN_FILES = { data: "data.jsonl", valData: "val_data.jsonl" } as const;
+
+/**
+ * The fine-tuning task of the shared loop; with `staged` (records given in memory, written to
+ * temporary JSONL files), a new run with an output folder copies them there and names them.
+ */
+function finetuneTask(staged: StagedRecords | null = null): RunTask {
   let source: FinetuneBatches | null = null;
   let tokenizer: Tokenizer | null = null;
   let adapterFrom: string | null = null;
@@ -410,6 +417,23 @@ function finetuneTask(): RunTask {
       return out as unknown as Record<string, unknown>;
     },
   };
+  if (staged !== null && staged.dir !== "") {
+    task.adopt = (dir: string) => {
+      const own: OwnedData = { form: "records" };
+      const paths: { data?: string; valData?: string } = {};
+      for (const key of ["data", "valData"] as const) {
+        const from = staged.paths[key];
+        if (from === undefined) continue;
+        const to = resolve(dir, OWN_FILES[key]);
+        Deno.copyFileSync(from, to);
+        own[key] = OWN_FILES[key];
+        paths[key] = to;
+        // what the summary and the record describe: the run's own copy
+        for (const d of [source!.train, source!.val]) if (d.path === from) d.path = to;
+      }
+      return { own, ...paths };
+    };
+  }
   return task;
 }
 
@@ -544,7 +568,7 @@ export function finetune(
     return Promise.reject(e);
   }
   const files = staged;
-  return trainWith(finetuneTask(), o, hooks).catch((e: unknown) => {
+  return trainWith(finetuneTask(files), o, hooks).catch((e: unknown) => {
     // the shared checks name the weights' folder as pre-training's flag; here it is --model
     if (e instanceof UsageError && !(e instanceof DivergedError)) {
       const m = files.rename(e.message.replace(/^--init-from /, "--model "));

@@ -20,6 +20,7 @@ import {
   type DataInput,
   type Dataset,
   inMemoryDataset,
+  isDataset,
   openCorpus,
   SyntheticCorpus,
 } from "./data.ts";
@@ -43,6 +44,7 @@ import {
 import {
   dataFingerprint,
   listCheckpoints,
+  type OwnedData,
   pruneCheckpoints,
   removeStaleTemps,
   RUN_RECORD_VERSION,
@@ -259,6 +261,14 @@ export interface RunTask {
    * into a new run. A UsageError fails the set-up, leaving no run folder.
    */
   prepare?(engine: TrainEngine, opts: ResolvedOptions, resumed: boolean): Promise<void>;
+  /**
+   * In-memory data only (a task that has it opens data given in memory): writes the run's own
+   * copy of the data into the new run's folder `out` (so that a resume can read it back, and
+   * no record names a temporary file) and says what the run record keeps ({@link OwnedData});
+   * `data`/`valData` (absolute paths of those files) replace the options' in the record and
+   * the summary. Called once the folder is the run's, never for a resumed run.
+   */
+  adopt?(out: string): { own: OwnedData; data?: string; valData?: string };
 }
 
 /** A `metrics.jsonl` line for one update. */
@@ -491,14 +501,45 @@ export function train(
   options: TrainInput = {},
   hooks: TrainHooks = {},
 ): Promise<Summary> {
+  let given: { task: RunTask; options: Partial<TrainOptions> };
+  try {
+    given = pretrainInput(options, PRETRAIN);
+  } catch (e) {
+    return Promise.reject(e);
+  }
+  return trainWith(given.task, given.options, hooks);
+}
+
+/**
+ * The task and options of a pre-training run given `options` whose `data` may be held in
+ * memory: such data is checked now (a bad value fails before anything starts) and opened in
+ * place of a file ({@link memoryTask}); the options then say `data: null`.
+ */
+function pretrainInput(
+  options: TrainInput,
+  task: RunTask,
+): { task: RunTask; options: Partial<TrainOptions> } {
   const d = options.data;
   if (d === undefined || d === null || typeof d === "string") {
-    return trainWith(PRETRAIN, options as Partial<TrainOptions>, hooks);
+    return { task, options: options as Partial<TrainOptions> };
   }
-  // in-memory data: checked now (a bad value fails before anything starts), opened as the
-  // run's source in place of a file; the run's options say `data: null`
-  const task: RunTask = {
-    ...PRETRAIN,
+  if (task.name !== "pretrain") {
+    throw new UsageError(
+      `--data ${shortValue(d)}: in-memory data here is pre-training's; fine-tune with finetune()`,
+    );
+  }
+  return { task: memoryTask(task, checkDataInput(d)), options: { ...options, data: null } };
+}
+
+/**
+ * Pre-training on data held in memory: a {@link Dataset} as given, or `{ text }`
+ * byte-tokenized ({@link inMemoryDataset}). A new run with an output folder keeps `{ text }`
+ * there as `data.txt` (so that `resume` continues it bit for bit); a Dataset object cannot
+ * be kept in a file, so its resume needs it given again (checked by its fingerprint).
+ */
+function memoryTask(base: RunTask, d: Dataset | { text: string }): RunTask {
+  return {
+    ...base,
     openSource(opts, _tokenizer, sampler): Promise<BatchSource> {
       try {
         const data = inMemoryDataset(d, opts);
@@ -507,14 +548,17 @@ export function train(
         return Promise.reject(e);
       }
     },
+    adopt(out: string): { own: OwnedData; data?: string } {
+      if (isDataset(d)) return { own: { form: "dataset" } };
+      const path = resolve(out, OWN_TEXT);
+      Deno.writeTextFileSync(path, d.text);
+      return { own: { form: "text", data: OWN_TEXT }, data: path };
+    },
   };
-  try {
-    checkDataInput(d);
-  } catch (e) {
-    return Promise.reject(e);
-  }
-  return trainWith(task, { ...options, data: null }, hooks);
 }
+
+/** The file of a run folder holding the `{ text }` it was given ({@link memoryTask}). */
+const OWN_TEXT = "data.txt";
 
 /** {@link train}'s options: {@link TrainOptions}, with `data` also in memory ({@link DataInput}). */
 export type TrainInput = Omit<Partial<TrainOptions>, "data"> & { data?: DataInput | null };
@@ -541,8 +585,9 @@ export async function trainWith(
 }
 
 /**
- * Set-up of a run: checks the options, opens the data, creates the engine and the output
- * files, prints the run's description and listens for Ctrl-C. Then call
+ * Set-up of a run: checks the options, opens the data (a path or, for pre-training, data in
+ * memory as {@link train} takes it), creates the engine and the output files, prints the
+ * run's description and listens for Ctrl-C. Then call
  * {@link Run.evaluate} and {@link Run.step} in any order, and {@link Run.finish} once.
  *
  * ```ts
@@ -553,11 +598,17 @@ export async function trainWith(
  * ```
  */
 export function startRun(
-  options: Partial<TrainOptions> = {},
+  options: TrainInput = {},
   hooks: TrainHooks = {},
   task: RunTask = PRETRAIN,
 ): Promise<Run> {
-  return Run.start(options, hooks, task);
+  let given: { task: RunTask; options: Partial<TrainOptions> };
+  try {
+    given = pretrainInput(options, task);
+  } catch (e) {
+    return Promise.reject(e);
+  }
+  return Run.start(given.options, hooks, given.task);
 }
 
 /**
@@ -609,6 +660,8 @@ export class Run implements Disposable {
   readonly #threads: number | null;
   /** The options as the run record stores them: paths made absolute at the start. */
   readonly #recordOptions: ResolvedOptions;
+  /** In-memory data the run keeps in its folder (its record's `data.own`), or null. */
+  readonly #own: OwnedData | null;
   /** Step of the last evaluation in metrics.jsonl (-1: none). */
   #evalStep = -1;
   #listening = false;
@@ -656,9 +709,11 @@ export class Run implements Disposable {
       resume: { plan: ResumePlan; kept: number; last: Record<string, unknown> | null } | null;
       lock: RunLock | null;
       threads: number | null;
+      own: OwnedData | null;
     },
   ) {
     this.opts = init.opts;
+    this.#own = init.own;
     this.model = init.model;
     this.source = init.source;
     this.task = init.task;
@@ -710,8 +765,9 @@ export class Run implements Disposable {
   static async start(
     options: Partial<TrainOptions> = {},
     hooks: TrainHooks = {},
-    task: RunTask = PRETRAIN,
+    runTask: RunTask = PRETRAIN,
   ): Promise<Run> {
+    let task = runTask;
     const started = performance.now();
     let startedAt = new Date().toISOString();
     let plan: ResumePlan | null = null;
@@ -731,6 +787,7 @@ export class Run implements Disposable {
           } run; continue it with examples/${was}.ts --resume`,
         );
       }
+      task = ownedDataTask(task, plan);
       checked = {
         opts: plan.opts,
         model: plan.record.model,
@@ -886,8 +943,27 @@ export class Run implements Disposable {
         Deno.removeSync(staged, { recursive: true });
       }
       await task.prepare?.(engine, opts, plan !== null);
+      // in-memory data: the run's own copy in its folder, named by the record and summary
+      let own = plan?.record.data.own ?? null;
+      let runOpts = opts;
+      if (plan === null && out !== null && task.adopt !== undefined) {
+        const kept = task.adopt(out);
+        own = kept.own;
+        runOpts = {
+          ...opts,
+          ...(kept.data === undefined ? {} : { data: kept.data }),
+          ...(kept.valData === undefined ? {} : { valData: kept.valData }),
+        };
+      } else if (plan !== null && own !== null) {
+        runOpts = {
+          ...opts,
+          ...(own.data === undefined ? {} : { data: join(plan.dir, own.data) }),
+          ...(own.valData === undefined ? {} : { valData: join(plan.dir, own.valData) }),
+        };
+      }
       run = new Run({
-        opts,
+        opts: runOpts,
+        own,
         model,
         source,
         task,
@@ -1087,7 +1163,11 @@ export class Run implements Disposable {
         vocab_size: this.tokenizer.vocabSize,
         source: this.#tokenizerSource(),
       },
-      data: { description: this.source.describe(), fingerprint: this.#fingerprint ?? "" },
+      data: {
+        description: this.source.describe(),
+        fingerprint: this.#fingerprint ?? "",
+        ...(this.#own === null ? {} : { own: this.#own }),
+      },
       sampler: this.source.state(),
       ...(this.task.name === "pretrain" ? {} : { task: this.task.name }),
       counters: {
@@ -1442,6 +1522,45 @@ function describeOptimizer(o: ResolvedOptions): string {
   if (o.lazy) parts.push("lazy refresh");
   if (o.fused) parts.push("fused");
   return parts.join(", ");
+}
+
+/**
+ * The task resuming the run of `plan`, whose record may say that its data was given in memory
+ * ({@link OwnedData}): the options then name the run folder's own copies, and pre-training's
+ * `{ text }` is read back from its file as the run read it (unless `task` already holds data
+ * in memory, given again: its fingerprint must then match). A Dataset object, which no file
+ * holds, must be given again.
+ */
+function ownedDataTask(task: RunTask, plan: ResumePlan): RunTask {
+  const own = plan.record.data.own;
+  if (own === undefined) return task;
+  // the copies in the run folder (wherever it is now), unless other paths were given
+  const kept = plan.record.options;
+  if (own.data !== undefined && plan.opts.data === kept.data) {
+    plan.opts.data = join(plan.dir, own.data);
+  }
+  if (own.valData !== undefined && plan.opts.valData === kept.valData) {
+    plan.opts.valData = join(plan.dir, own.valData);
+  }
+  if (task.adopt !== undefined || own.form === "records") return task;
+  if (own.form === "dataset") {
+    throw new UsageError(
+      `--resume ${plan.dir}: the run trained on a Dataset object held in memory ` +
+        `(${plan.record.data.description}); resume it from code, train({ resume, data }) ` +
+        "with the same Dataset",
+    );
+  }
+  let text: string;
+  try {
+    text = Deno.readTextFileSync(plan.opts.data!);
+  } catch (e) {
+    throw new UsageError(
+      `--resume ${plan.dir}: cannot read ${own.data}, the text the run was given (${
+        e instanceof Error ? e.message : String(e)
+      })`,
+    );
+  }
+  return memoryTask(task, { text });
 }
 
 /** The options with their paths made absolute (as the run record stores them). */
