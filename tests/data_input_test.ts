@@ -1,6 +1,7 @@
 /**
  * In-memory data for train() and finetune(): `{ text }`, a Dataset object, an array of
  * records; and one-line errors that never print the data (a 40 KB value gives one short line).
+ * A run on in-memory data keeps it in its folder and resumes from it bit for bit.
  */
 import assert from "node:assert/strict";
 import type { EngineConfig, StepStats } from "../ffi/engine.ts";
@@ -8,7 +9,16 @@ import { TextDataset } from "../lib/data.ts";
 import { shortValue, UsageError } from "../lib/errors.ts";
 import { finetune } from "../lib/finetune.ts";
 import { paramCount } from "../lib/estimate.ts";
-import { train, type TrainEngine } from "../lib/trainer.ts";
+import {
+  startRun,
+  type Summary,
+  train,
+  type TrainEngine,
+  type TrainHooks,
+} from "../lib/trainer.ts";
+import { listCheckpoints, readRunRecord } from "../lib/checkpoints.ts";
+import { TINY_MODEL } from "./pretrain_cli.ts";
+import { join } from "node:path";
 import type { MemoryBytes } from "../ffi/engine.ts";
 import { standInMemory } from "./stand_in.ts";
 
@@ -130,5 +140,205 @@ Deno.test({
       d.name.startsWith("qgalore-ft-data-")
     );
     assert.deepEqual(left, []);
+  },
+});
+
+/** The lines of a run's metrics.jsonl, without the timings (which differ between runs). */
+function metricsOf(dir: string): Record<string, unknown>[] {
+  return Deno.readTextFileSync(join(dir, "metrics.jsonl")).split("\n").filter((l) => l)
+    .map((l) => {
+      const { elapsed_s: _e, tokens_per_s: _t, ...rest } = JSON.parse(l);
+      return rest;
+    });
+}
+
+function summaryOf(dir: string): Summary {
+  return JSON.parse(Deno.readTextFileSync(join(dir, "summary.json")));
+}
+
+/** Aborts after `k` updates: the run stops there with a checkpoint, as Ctrl-C stops it. */
+function stopAt(k: number): TrainHooks {
+  const ctl = new AbortController();
+  return { signal: ctl.signal, onStep: (r) => void (r.step === k && ctl.abort()) };
+}
+
+/** Real engine, one thread (bit-exact across processes), no periodic checkpoint. */
+const real = {
+  batchSize: 2,
+  seqLen: 16,
+  evalBatches: 2,
+  evalEvery: 4,
+  steps: 12,
+  threads: 1,
+  quiet: true,
+  handleSigint: false,
+  saveEvery: "off",
+  optimizer: "qgalore" as const,
+  rank: 8,
+  updateGap: 3,
+};
+
+Deno.test({
+  name:
+    "train/startRun: { text } is kept as the run's data.txt; stopped and resumed without it, the run equals the uninterrupted one bit for bit",
+  sanitizeResources: false,
+  fn: async () => {
+    const dir = Deno.makeTempDirSync({ prefix: "qgalore-memresume-" });
+    try {
+      const model = join(dir, "tiny.json");
+      Deno.writeTextFileSync(model, JSON.stringify(TINY_MODEL));
+      const text = "the quick brown fox jumps over the lazy dog. ".repeat(60);
+      const opts = { ...real, model, data: { text } };
+
+      const whole = join(dir, "whole");
+      const w = await train({ ...opts, out: whole });
+      assert.equal(w.steps, 12);
+      assert.equal(Deno.readTextFileSync(join(whole, "data.txt")), text);
+      assert.equal(w.config.data, join(whole, "data.txt"));
+      assert.match(w.data, /^text --data \{ text \}: 2700 byte tokens/);
+
+      // startRun takes in-memory data too: its phases, composed by hand, give train()'s run
+      const phased = join(dir, "phased");
+      {
+        using run = await startRun({ ...opts, out: phased });
+        await run.evaluate();
+        while (!run.done) {
+          if ((await run.step()) === null) continue;
+          if (run.evalDue) await run.evaluate();
+        }
+        const s = await run.finish();
+        assert.equal(s.data, w.data);
+      }
+      assert.deepEqual(metricsOf(phased), metricsOf(whole));
+      assert.equal(Deno.readTextFileSync(join(phased, "data.txt")), text);
+
+      // stopped after 5 updates, then resumed with no data given: read back from data.txt
+      const part = join(dir, "part");
+      const p = await train({ ...opts, out: part }, stopAt(5));
+      assert.equal(p.interrupted, true);
+      assert.equal(p.steps, 5);
+      const record = readRunRecord(p.checkpoint!);
+      assert.deepEqual(record.data.own, { form: "text", data: "data.txt" });
+      assert.equal(record.options.data, join(part, "data.txt"));
+      // the run folder may move: the record's file names are relative to it
+      const moved = join(dir, "moved");
+      Deno.renameSync(part, moved);
+      const r = await train({ resume: moved, quiet: true, handleSigint: false });
+      assert.equal(r.steps, 12);
+      assert.equal(r.interrupted, false);
+      assert.equal(r.config.data, join(moved, "data.txt"));
+      assert.deepEqual(metricsOf(moved), metricsOf(whole));
+      assert.equal(r.val_loss, w.val_loss);
+      assert.equal(r.final_train_loss, w.final_train_loss);
+    } finally {
+      Deno.removeSync(dir, { recursive: true });
+    }
+  },
+});
+
+Deno.test({
+  name:
+    "train: a Dataset object resumes when given again (else one line saying so); other data is refused",
+  sanitizeResources: false,
+  fn: async () => {
+    const dir = Deno.makeTempDirSync({ prefix: "qgalore-memresume-" });
+    try {
+      const model = join(dir, "tiny.json");
+      Deno.writeTextFileSync(model, JSON.stringify(TINY_MODEL));
+      const ds = TextDataset.fromText("pack my box with five dozen liquor jugs. ".repeat(60), {
+        valFraction: 0.1,
+        seqLen: 16,
+      });
+      const opts = { ...real, model, data: ds };
+      const whole = join(dir, "whole");
+      await train({ ...opts, out: whole });
+      const part = join(dir, "part");
+      await train({ ...opts, out: part }, stopAt(4));
+      const record = readRunRecord(listCheckpoints(part).at(-1)!.path);
+      assert.deepEqual(record.data.own, { form: "dataset" });
+      assert.equal(record.options.data, null);
+      const e = await train({ resume: part, quiet: true }).catch((e: unknown) => e);
+      assert.ok(e instanceof UsageError, String(e));
+      assert.equal(
+        e.message,
+        `--resume ${part}: the run trained on a Dataset object held in memory ` +
+          `(${ds.describe()}); resume it from code, train({ resume, data }) with the same Dataset`,
+      );
+      const other = TextDataset.fromText("x".repeat(3000), { valFraction: 0.1, seqLen: 16 });
+      const o = await train({ resume: part, data: other, quiet: true }).catch((e: unknown) => e);
+      assert.ok(o instanceof UsageError, String(o));
+      assert.match(o.message, /the data changed since the checkpoint/);
+      const r = await train({ resume: part, data: ds, quiet: true, handleSigint: false });
+      assert.equal(r.steps, 12);
+      assert.deepEqual(metricsOf(part), metricsOf(whole));
+    } finally {
+      Deno.removeSync(dir, { recursive: true });
+    }
+  },
+});
+
+Deno.test({
+  name:
+    "finetune: records in memory are kept in the run folder, named by record and summary, and resume bit for bit",
+  sanitizeResources: false,
+  fn: async () => {
+    const dir = Deno.makeTempDirSync({ prefix: "qgalore-ftmem-" });
+    try {
+      const records = Array.from({ length: 24 }, (_, i) => ({
+        prompt: `say ${i}:`,
+        completion: ` ${i} ${i}`,
+      }));
+      const val = [{ text: "say 1: 1 1" }, { text: "say 2: 2 2" }];
+      const opts = {
+        model: MODEL,
+        seqLen: 16,
+        batchSize: 2,
+        steps: 8,
+        evalEvery: 3,
+        device: "cpu" as const,
+        threads: 1,
+        quiet: true,
+        handleSigint: false,
+        saveEvery: "off",
+        data: records,
+        valData: val,
+      };
+      const whole = join(dir, "whole");
+      const w = await finetune({ ...opts, out: whole });
+      const f = w.finetune as Record<string, { path: string }>;
+      assert.equal(f.train.path, join(whole, "data.jsonl"));
+      assert.equal(f.val.path, join(whole, "val_data.jsonl"));
+      assert.equal(w.config.data, join(whole, "data.jsonl"));
+      assert.equal(w.config.valData, join(whole, "val_data.jsonl"));
+      assert.ok(w.data.startsWith(`${join(whole, "data.jsonl")} (prompt): 24 examples`), w.data);
+      const lines = Deno.readTextFileSync(join(whole, "data.jsonl")).trim().split("\n");
+      assert.deepEqual(lines.map((l) => JSON.parse(l)), records);
+      // no temporary file is left, none is named
+      const left = [...Deno.readDirSync(Deno.env.get("TMPDIR") ?? "/tmp")].filter((d) =>
+        d.name.startsWith("qgalore-ft-data-")
+      );
+      assert.deepEqual(left, []);
+      assert.ok(!Deno.readTextFileSync(join(whole, "summary.json")).includes("qgalore-ft-data-"));
+
+      const part = join(dir, "part");
+      const p = await finetune({ ...opts, out: part }, stopAt(3));
+      assert.equal(p.steps, 3);
+      const record = readRunRecord(p.checkpoint!);
+      assert.deepEqual(record.data.own, {
+        form: "records",
+        data: "data.jsonl",
+        valData: "val_data.jsonl",
+      });
+      for (const path of [record.options.data!, record.options.valData!]) {
+        assert.ok(Deno.statSync(path).isFile, path);
+      }
+      assert.ok(!record.data.description.includes("qgalore-ft-data-"), record.data.description);
+      const r = await finetune({ resume: part, quiet: true, handleSigint: false });
+      assert.equal(r.steps, 8);
+      assert.deepEqual(metricsOf(part), metricsOf(whole));
+      assert.equal(r.val_loss, w.val_loss);
+    } finally {
+      Deno.removeSync(dir, { recursive: true });
+    }
   },
 });
