@@ -14,24 +14,23 @@ import assert from "node:assert/strict";
 import { renderSources } from "../tools/sources.ts";
 import { PACKAGE_VERSION, SOURCES, SOURCES_DIGEST } from "../ffi/sources.ts";
 import { ABI_VERSION } from "../ffi/symbols.ts";
+import {
+  packageConfig as config,
+  type PackageServer,
+  publishedFiles as listPublished,
+  servePackage,
+} from "../tools/package_server.ts";
 
 const root = new URL("..", import.meta.url).pathname;
-const config = JSON.parse(Deno.readTextFileSync(`${root}deno.json`));
 const dec = new TextDecoder();
 
-/** The files `deno publish` would upload, as paths from the package root (deno's own list). */
+/** The files `deno publish` would upload (fails the test when the dry run fails). */
 async function publishedFiles(): Promise<string[]> {
-  const r = await new Deno.Command(Deno.execPath(), {
-    args: ["publish", "--dry-run", "--allow-dirty"],
-    cwd: root,
-    env: { NO_COLOR: "1" },
-  }).output();
-  const text = dec.decode(r.stdout) + dec.decode(r.stderr);
-  assert.equal(r.code, 0, `deno publish --dry-run failed:\n${text}`);
-  const prefix = new URL("..", import.meta.url).href;
-  return [...text.matchAll(/^\s+(file:\/\/\S+) \(/gm)]
-    .map((m) => decodeURIComponent(m[1].slice(prefix.length)))
-    .sort();
+  try {
+    return await listPublished();
+  } catch (e) {
+    assert.fail(e instanceof Error ? e.message : String(e));
+  }
 }
 
 Deno.test("jsr: ffi/sources.ts pins the current Rust sources (else run `deno task sources`)", async () => {
@@ -63,38 +62,9 @@ Deno.test("jsr: deno publish uploads the build inputs and the CLIs, not tests or
   assert.ok(files.includes("mod.ts") && files.includes("ffi/sources.ts"));
 });
 
-/**
- * What JSR does to a published module: specifiers of the import map become full ones, a
- * subpath of an `npm:` entry included (`"csv-parse/sync"` -> `"npm:csv-parse@5.6.0/sync"`).
- */
-function unfurl(text: string): string {
-  for (const [key, value] of Object.entries(config.imports as Record<string, string>)) {
-    const escaped = key.replace(/[.*+?^${}()|[\]\\/]/g, "\\$&");
-    text = text.replace(
-      new RegExp(`(["'])${escaped}(/[^"'\\s]*)?\\1`, "g"),
-      (_m, q: string, sub = "") => `${q}${value}${sub}${q}`,
-    );
-  }
-  return text;
-}
-
 /** Serves `files` under /pkg/ and, with one Rust source altered, under /tampered/. */
-function serve(files: string[]): { base: string; server: Deno.HttpServer } {
-  const set = new Set(files);
-  const server = Deno.serve({ hostname: "127.0.0.1", port: 0, onListen() {} }, async (req) => {
-    const [, prefix, ...rest] = new URL(req.url).pathname.split("/");
-    const path = decodeURIComponent(rest.join("/"));
-    if (!["pkg", "tampered"].includes(prefix) || !set.has(path)) {
-      return new Response("not found", { status: 404 });
-    }
-    const bytes = await Deno.readFile(`${root}${path}`);
-    let body: Uint8Array | string = bytes;
-    if (path.endsWith(".ts")) body = unfurl(dec.decode(bytes));
-    if (prefix === "tampered" && path === "rust/src/lib.rs") body = dec.decode(bytes) + "\n// x\n";
-    const type = path.endsWith(".ts") ? "application/typescript" : "text/plain";
-    return new Response(body as BodyInit, { headers: { "content-type": type } });
-  });
-  return { base: `http://127.0.0.1:${server.addr.port}`, server };
+function serve(files: string[]): PackageServer {
+  return servePackage(files, "rust/src/lib.rs");
 }
 
 interface Ran {

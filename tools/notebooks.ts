@@ -7,7 +7,19 @@
  *     deno run -A tools/notebooks.ts [--venv .venv] [--timeout S] [--keep DIR] [NOTEBOOK.ipynb ...]
  *
  * The kernelspec is installed with `deno jupyter --install` into the venv's `share/jupyter`
- * (never the user's home), pointing at this Deno. Prints one line per notebook and ends with
+ * (never the user's home), pointing at this Deno.
+ *
+ * A notebook that imports the package from JSR (an `import … from "jsr:@qgalore/qgalore"` line
+ * that is not a comment, e.g. `notebooks/from_jsr.ipynb`) runs as a JSR user would run it: this
+ * serves the files `deno publish` would upload over HTTP (tools/package_server.ts, as
+ * tests/jsr_test.ts does), executes a copy of the notebook whose `jsr:@qgalore/qgalore[/entry]`
+ * specifiers name the served files, from a fresh temporary folder (no deno.json, no lock file).
+ * The committed notebook keeps the `jsr:` line a user types. Its engine: `QGALORE_LIB` when set,
+ * else this checkout's `rust/target/release/libqgalore.so` when built (so CI does not build the
+ * engine again; tests/jsr_test.ts covers the build from the served sources), else the loader
+ * builds the served sources into its cache (`QGALORE_CACHE`).
+ *
+ * Prints one line per notebook and ends with
  * `notebooks: N passed, M failed`; exit status 0 when none failed, 1 otherwise, and 3 when
  * the venv has no nbclient (`pip install nbclient jupyter-client ipykernel`).
  *
@@ -16,6 +28,7 @@
 
 import { parseArgs } from "node:util";
 import { basename, dirname, join, resolve } from "node:path";
+import { type PackageServer, publishedFiles, servePackage, toServed } from "./package_server.ts";
 
 const root = resolve(new URL("..", import.meta.url).pathname);
 
@@ -84,7 +97,7 @@ if (probe === null || !probe.success) {
 // the kernelspec goes into the venv (jupyter_client searches sys.prefix/share/jupyter), and
 // the kernel runs this very Deno
 const data = join(venv, "share");
-const env = {
+const env: Record<string, string> = {
   XDG_DATA_HOME: data,
   JUPYTER_DATA_DIR: join(data, "jupyter"),
   JUPYTER_PATH: join(data, "jupyter"),
@@ -111,23 +124,73 @@ const books = positionals.length > 0
     .map((e) => join(root, "notebooks", e.name))
     .sort();
 
+/** Whether a notebook imports the package from JSR (a code line, not a comment). */
+function importsJsr(book: string): boolean {
+  const nb = JSON.parse(Deno.readTextFileSync(book)) as {
+    cells: { cell_type: string; source: string | string[] }[];
+  };
+  return nb.cells.some((c) =>
+    c.cell_type === "code" &&
+    /^\s*(import|export)\b[^\n]*["']jsr:@qgalore\/qgalore[@/"']/m.test(
+      Array.isArray(c.source) ? c.source.join("") : c.source,
+    )
+  );
+}
+
+/**
+ * A copy of `book` in a fresh temporary folder whose code cells import the package from
+ * `server` instead of JSR; returns the copy's path.
+ */
+function servedCopy(book: string, server: PackageServer): string {
+  const nb = JSON.parse(Deno.readTextFileSync(book)) as {
+    cells: { cell_type: string; source: string | string[] }[];
+  };
+  for (const c of nb.cells) {
+    if (c.cell_type !== "code") continue;
+    const src = Array.isArray(c.source) ? c.source.join("") : c.source;
+    c.source = toServed(src, `${server.base}/pkg`);
+  }
+  const dir = Deno.makeTempDirSync({ prefix: "qgalore-notebook-" });
+  const copy = join(dir, basename(book));
+  Deno.writeTextFileSync(copy, JSON.stringify(nb, null, 1) + "\n");
+  return copy;
+}
+
+// the engine of a notebook importing the served package: QGALORE_LIB, else this checkout's
+// build, else the loader builds the served sources into its cache (QGALORE_CACHE)
+const localLib = join(root, "rust", "target", "release", "libqgalore.so");
+if (!Deno.env.get("QGALORE_LIB") && Deno.build.os === "linux") {
+  try {
+    if (Deno.statSync(localLib).isFile) env.QGALORE_LIB = localLib;
+  } catch { /* not built: the loader builds it */ }
+}
+
+let server: PackageServer | null = null;
 let passed = 0;
 let failed = 0;
 for (const book of books) {
   const t0 = performance.now();
+  const served = importsJsr(book);
+  let copy: string | null = null;
+  if (served) {
+    server ??= servePackage(await publishedFiles());
+    copy = servedCopy(book, server);
+  }
   const r = await new Deno.Command(python, {
     args: [
       "-c",
       CHECKER,
-      book,
+      copy ?? book,
       values.timeout!,
-      dirname(book),
+      // the kernel's working folder: the notebook's, or the copy's fresh one
+      dirname(copy ?? book),
       ...(values.keep === undefined ? [] : [join(resolve(values.keep), basename(book))]),
     ],
     env,
     stdout: "piped",
     stderr: "piped",
   }).output();
+  if (copy !== null) Deno.removeSync(dirname(copy), { recursive: true });
   const seconds = ((performance.now() - t0) / 1000).toFixed(1);
   const name = book.startsWith(root) ? book.slice(root.length + 1) : book;
   let verdict: { cells: number; problems: string[] } | null = null;
@@ -144,8 +207,10 @@ for (const book of books) {
     for (const p of verdict.problems) console.log(`  ${p}`);
   } else {
     passed++;
-    console.log(`notebook ${name}: ok (${verdict.cells} code cells, ${seconds}s)`);
+    const how = served ? ", the package over HTTP" : "";
+    console.log(`notebook ${name}: ok (${verdict.cells} code cells${how}, ${seconds}s)`);
   }
 }
+await server?.server.shutdown();
 console.log(`notebooks: ${passed} passed, ${failed} failed`);
 Deno.exit(failed === 0 ? 0 : 1);
