@@ -32,6 +32,7 @@ import { listCheckpoints } from "./checkpoints.ts";
 import { FLAG, type TrainOptions } from "./option_table.ts";
 import { Rng } from "./rng.ts";
 import { lockRun } from "./run_files.ts";
+import { inKernel } from "./jupyter.ts";
 import {
   escapeHtml,
   htmlPage,
@@ -68,7 +69,7 @@ export interface SweepOptions {
   metric?: string;
   /** Aborting it stops the sweep: running runs get SIGTERM, save a checkpoint and stop. */
   signal?: AbortSignal;
-  /** Progress lines (default: stderr). */
+  /** Progress lines (default: stderr; in a Jupyter kernel, the cell's output). */
   log?: (line: string) => void;
   /** Processor cores to split among the workers (default: all of this machine's). */
   cores?: number;
@@ -568,7 +569,9 @@ async function drain(
  * is a result, not an exception. Aborting `signal` stops it cleanly (`interrupted: true`).
  */
 export async function sweep(opts: SweepOptions): Promise<SweepOutcome> {
-  const log = opts.log ?? ((l: string) => console.error(l));
+  // a notebook shows stdout; its stderr reads as an error (CI fails a notebook on it)
+  const log = opts.log ??
+    (inKernel() ? (l: string) => console.log(l) : (l: string) => console.error(l));
   const metric = opts.metric ?? "val_loss";
   if (!METRICS.includes(metric)) {
     throw new UsageError(`--metric ${metric}: must be one of ${METRICS.join(", ")}`);

@@ -1,7 +1,7 @@
 /**
  * Sweeps driven as a user would: the sweep CLI in a subprocess on a tiny model, its ledgers and
- * table; a sweep stopped with SIGINT after its first result and run again ends with the table of
- * an uninterrupted one; a diverged run is a result; bad flags are one line.
+ * table; a sweep stopped with SIGINT after its first result, or killed outright (kill -9 of the
+ * sweep and its run) halfway, and run again ends with the table of an uninterrupted one; a diverged run is a result; bad flags are one line.
  */
 import assert from "node:assert/strict";
 import { join } from "node:path";
@@ -9,6 +9,7 @@ import { TINY_MODEL } from "./pretrain_cli.ts";
 import { parseSweepArgs } from "../examples/sweep.ts";
 import { planSweep, pretrainScript, type SweepResult } from "../lib/sweep.ts";
 import { UsageError } from "../lib/errors.ts";
+import { exists } from "../lib/fs.ts";
 
 const script = new URL("../examples/sweep.ts", import.meta.url).pathname;
 const dec = new TextDecoder();
@@ -175,6 +176,75 @@ Deno.test("sweep: SIGINT after the first result, then the same command, gives th
   // the first run was not run again
   const started = lines(join(dir, "started.jsonl")).map((l) => l.id);
   assert.equal(started.filter((id) => id === started[0]).length, 1);
+});
+
+Deno.test({
+  name:
+    "sweep: kill -9 of the sweep and its running run halfway, then the same command, gives the uninterrupted table",
+  ignore: Deno.build.os !== "linux",
+  fn: async () => {
+    assert.equal(straightResults.length, 4, "needs the first test's sweep");
+    const dir = join(tmp, "killed");
+    // a checkpoint every 40 updates, so the run killed mid-way resumes from one (--save-every
+    // changes no loss and no run id: the table must equal the uninterrupted sweep's)
+    const args = [...GRID, ...FIXED, "--save-every", "40", "--workers", "1"];
+    // its own process group (setsid), so that one kill -9 takes the sweep and its run, as a
+    // lost machine or an OOM kill of the session would
+    const child = new Deno.Command("setsid", {
+      args: [Deno.execPath(), "run", "-A", script, "--out", dir, ...args],
+      env: { NO_COLOR: "1" },
+      stdout: "null",
+      stderr: "null",
+    }).spawn();
+    let killedId: string | null = null;
+    let ended = false;
+    child.status.then(() => (ended = true));
+    while (killedId === null && !ended) {
+      await new Promise((r) => setTimeout(r, 10));
+      const started = lines(join(dir, "started.jsonl"));
+      if (lines(join(dir, "results.jsonl")).length < 1 || started.length < 2) continue;
+      const id = started[1].id as string;
+      let saved = 0;
+      try {
+        saved = [...Deno.readDirSync(join(dir, "runs", id, "checkpoints"))]
+          .filter((e) => e.name.endsWith(".safetensors")).length;
+      } catch { /* not yet */ }
+      if (saved > 0) {
+        Deno.kill(-child.pid, "SIGKILL");
+        killedId = id;
+      }
+    }
+    const status = await child.status;
+    assert.ok(killedId !== null, "the sweep ended before it could be killed");
+    assert.equal(status.signal, "SIGKILL");
+    const partial = results(dir);
+    assert.ok(partial.length >= 1 && partial.length < 4, String(partial.length));
+    assert.ok(!partial.some((x) => x.id === killedId));
+    // killed mid-way: no summary, its lock left by a dead process
+    assert.ok(!exists(join(dir, "runs", killedId, "summary.json")));
+    assert.ok(exists(join(dir, "runs", killedId, ".lock")));
+
+    const r = await sweepCli(["--out", dir, ...args]);
+    assert.equal(r.code, 0, r.stderr);
+    assert.match(r.stderr, new RegExp(`resuming ${killedId}`));
+    const resumed = results(dir);
+    assert.equal(resumed.length, 4);
+    assert.deepEqual(tableIds(dir), tableIds(straight));
+    const metric = (xs: SweepResult[]) =>
+      Object.fromEntries(
+        xs.map((x) => [x.id, [x.status, x.summary!.val_loss, x.summary!.final_train_loss]]),
+      );
+    assert.deepEqual(metric(resumed), metric(straightResults));
+    assert.equal(
+      Deno.readTextFileSync(join(dir, "table.txt")),
+      Deno.readTextFileSync(join(straight, "table.txt")),
+    );
+    // the killed run went on from its checkpoint, and the first run was not run again
+    const killedSummary = resumed.find((x) => x.id === killedId)!.summary!;
+    assert.ok(killedSummary.resumed_from !== null, "the killed run started over");
+    const started = lines(join(dir, "started.jsonl")).map((l) => l.id);
+    assert.equal(started.filter((id) => id === started[0]).length, 1);
+  },
 });
 
 Deno.test("sweep: a diverged run is a result, ranked last", async () => {
