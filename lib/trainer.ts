@@ -557,6 +557,8 @@ function memoryTask(base: RunTask, d: Dataset | { text: string }): RunTask {
   };
 }
 
+export type { OwnedData };
+
 /** The file of a run folder holding the `{ text }` it was given ({@link memoryTask}). */
 const OWN_TEXT = "data.txt";
 

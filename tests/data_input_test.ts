@@ -9,13 +9,7 @@ import { TextDataset } from "../lib/data.ts";
 import { shortValue, UsageError } from "../lib/errors.ts";
 import { finetune } from "../lib/finetune.ts";
 import { paramCount } from "../lib/estimate.ts";
-import {
-  startRun,
-  type Summary,
-  train,
-  type TrainEngine,
-  type TrainHooks,
-} from "../lib/trainer.ts";
+import { startRun, train, type TrainEngine, type TrainHooks } from "../lib/trainer.ts";
 import { listCheckpoints, readRunRecord } from "../lib/checkpoints.ts";
 import { TINY_MODEL } from "./pretrain_cli.ts";
 import { join } from "node:path";
@@ -150,10 +144,6 @@ function metricsOf(dir: string): Record<string, unknown>[] {
       const { elapsed_s: _e, tokens_per_s: _t, ...rest } = JSON.parse(l);
       return rest;
     });
-}
-
-function summaryOf(dir: string): Summary {
-  return JSON.parse(Deno.readTextFileSync(join(dir, "summary.json")));
 }
 
 /** Aborts after `k` updates: the run stops there with a checkpoint, as Ctrl-C stops it. */
