@@ -46,6 +46,7 @@ import {
 import { loadMultipleChoice, type McItem, type McResult, scoreMultipleChoice } from "./mmlu.ts";
 import type { Tokenizer } from "./tokenizer.ts";
 import type { OwnedData } from "./checkpoints.ts";
+import { writeOwnFile } from "./run_files.ts";
 import {
   type BatchSource,
   DivergedError,
@@ -418,17 +419,18 @@ function finetuneTask(staged: StagedRecords | null = null): RunTask {
     },
   };
   if (staged !== null && staged.dir !== "") {
-    task.adopt = (dir: string) => {
+    task.adopt = (dir: string, overwrite: boolean, checkOnly = false) => {
       const own: OwnedData = { form: "records" };
       const paths: { data?: string; valData?: string } = {};
       for (const key of ["data", "valData"] as const) {
         const from = staged.paths[key];
         if (from === undefined) continue;
-        const to = resolve(dir, OWN_FILES[key]);
-        Deno.copyFileSync(from, to);
+        const bytes = Deno.readFileSync(from);
+        const to = writeOwnFile(dir, OWN_FILES[key], bytes, overwrite, checkOnly);
         own[key] = OWN_FILES[key];
         paths[key] = to;
         // what the summary and the record describe: the run's own copy
+        if (checkOnly) continue;
         for (const d of [source!.train, source!.val]) if (d.path === from) d.path = to;
       }
       return { own, ...paths };

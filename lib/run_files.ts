@@ -178,6 +178,55 @@ export function syncMetrics(out: string): void {
   }
 }
 
+/**
+ * Writes `bytes` as the run folder's own file `name` (in-memory data a run keeps so that it can
+ * be resumed) and returns its absolute path: never through a symlink, and never over another
+ * file of that name unless `overwrite` (one with the same bytes is left as it is). Throws a
+ * one-line UsageError. With `checkOnly`, only the refusals, before the folder is the run's.
+ */
+export function writeOwnFile(
+  out: string,
+  name: string,
+  bytes: Uint8Array,
+  overwrite: boolean,
+  checkOnly = false,
+): string {
+  const path = resolve(out, name);
+  let info: Deno.FileInfo | null = null;
+  try {
+    info = Deno.lstatSync(path);
+  } catch (e) {
+    if (!(e instanceof Deno.errors.NotFound || e instanceof Deno.errors.NotADirectory)) {
+      throw cannotWrite(out, e);
+    }
+  }
+  if (info !== null) {
+    if (!info.isFile) {
+      throw new UsageError(
+        `--out ${out}: ${name} is ${
+          info.isSymlink ? "a symlink" : "not a regular file"
+        }; the run keeps its in-memory data there (remove it or choose another --out)`,
+      );
+    }
+    const same = info.size === bytes.length &&
+      Deno.readFileSync(path).every((b, i) => b === bytes[i]);
+    if (same) return path;
+    if (!overwrite) {
+      throw new UsageError(
+        `--out ${out}: already holds a ${name} that is not this run's data; the run keeps its ` +
+          "in-memory data there (choose another --out, or pass --overwrite on to replace it)",
+      );
+    }
+  }
+  if (checkOnly) return path;
+  try {
+    Deno.writeFileSync(path, bytes);
+  } catch (e) {
+    throw cannotWrite(out, e);
+  }
+  return path;
+}
+
 /** The lock of a run folder held by this process ({@link lockRun}). */
 export interface RunLock {
   /** A one-line notice when a stale lock (of a process that no longer runs) was taken over. */

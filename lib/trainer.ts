@@ -39,6 +39,7 @@ import {
   resumeMetrics,
   type RunLock,
   syncMetrics,
+  writeOwnFile,
   writeSummary,
 } from "./run_files.ts";
 import {
@@ -266,9 +267,14 @@ export interface RunTask {
    * copy of the data into the new run's folder `out` (so that a resume can read it back, and
    * no record names a temporary file) and says what the run record keeps ({@link OwnedData});
    * `data`/`valData` (absolute paths of those files) replace the options' in the record and
-   * the summary. Called once the folder is the run's, never for a resumed run.
+   * the summary. Called once the folder is the run's, never for a resumed run; first with
+   * `checkOnly`, as the options are checked, for the refusals alone (a file of another's there).
    */
-  adopt?(out: string): { own: OwnedData; data?: string; valData?: string };
+  adopt?(
+    out: string,
+    overwrite: boolean,
+    checkOnly?: boolean,
+  ): { own: OwnedData; data?: string; valData?: string };
 }
 
 /** A `metrics.jsonl` line for one update. */
@@ -548,10 +554,10 @@ function memoryTask(base: RunTask, d: Dataset | { text: string }): RunTask {
         return Promise.reject(e);
       }
     },
-    adopt(out: string): { own: OwnedData; data?: string } {
+    adopt(out: string, overwrite: boolean, checkOnly = false): { own: OwnedData; data?: string } {
       if (isDataset(d)) return { own: { form: "dataset" } };
-      const path = resolve(out, OWN_TEXT);
-      Deno.writeTextFileSync(path, d.text);
+      const bytes = new TextEncoder().encode(d.text);
+      const path = writeOwnFile(out, OWN_TEXT, bytes, overwrite, checkOnly);
       return { own: { form: "text", data: OWN_TEXT }, data: path };
     },
   };
@@ -805,7 +811,10 @@ export class Run implements Disposable {
     const out = plan !== null ? plan.dir : opts.out === undefined ? defaultOut() : opts.out;
     // read next: it must be a file or folder (a FIFO or a device would block or never end)
     if (opts.data !== null) checkSource("--data", opts.data, "a file or folder");
-    if (out !== null && plan === null) checkOut(out, opts.overwrite);
+    if (out !== null && plan === null) {
+      checkOut(out, opts.overwrite);
+      task.adopt?.(out, opts.overwrite, true);
+    }
     if (given === null && out !== null && exists(join(out, "tokenizer"))) {
       throw new UsageError(
         `--out ${out}: already holds a tokenizer/ folder (an earlier run's); ` +
@@ -949,7 +958,7 @@ export class Run implements Disposable {
       let own = plan?.record.data.own ?? null;
       let runOpts = opts;
       if (plan === null && out !== null && task.adopt !== undefined) {
-        const kept = task.adopt(out);
+        const kept = task.adopt(out, opts.overwrite);
         own = kept.own;
         runOpts = {
           ...opts,

@@ -332,3 +332,41 @@ Deno.test({
     }
   },
 });
+
+Deno.test({
+  name:
+    "train: an --out folder holding another data.txt is refused in one line (same text kept; --overwrite replaces)",
+  sanitizeResources: false,
+  fn: async () => {
+    const dir = Deno.makeTempDirSync({ prefix: "qgalore-memown-" });
+    try {
+      const model = join(dir, "tiny.json");
+      Deno.writeTextFileSync(model, JSON.stringify(TINY_MODEL));
+      const text = "sphinx of black quartz, judge my vow. ".repeat(60);
+      const opts = { ...real, steps: 2, model, data: { text } };
+      const out = join(dir, "out");
+      Deno.mkdirSync(out);
+      Deno.writeTextFileSync(join(out, "data.txt"), "the user's own notes");
+      const e = await train({ ...opts, out }).catch((e: unknown) => e);
+      assert.ok(e instanceof UsageError, String(e));
+      assert.equal(
+        e.message,
+        `--out ${out}: already holds a data.txt that is not this run's data; the run keeps its ` +
+          "in-memory data there (choose another --out, or pass --overwrite on to replace it)",
+      );
+      assert.equal(Deno.readTextFileSync(join(out, "data.txt")), "the user's own notes");
+      // refused as the options are checked: nothing of a run was written there
+      assert.deepEqual([...Deno.readDirSync(out)].map((e) => e.name), ["data.txt"]);
+      // the same text there already: kept, the run goes on
+      Deno.writeTextFileSync(join(out, "data.txt"), text);
+      assert.equal((await train({ ...opts, out })).steps, 2);
+      const replaced = join(dir, "replaced");
+      Deno.mkdirSync(replaced);
+      Deno.writeTextFileSync(join(replaced, "data.txt"), "old");
+      assert.equal((await train({ ...opts, out: replaced, overwrite: true })).steps, 2);
+      assert.equal(Deno.readTextFileSync(join(replaced, "data.txt")), text);
+    } finally {
+      Deno.removeSync(dir, { recursive: true });
+    }
+  },
+});
