@@ -332,20 +332,10 @@ impl<B: Backend> Engine<B> {
             if err.is_some() {
                 return;
             }
-            let n = grad_len(m, i, rows);
             if clip <= 0.0 {
-                be.sumsq_acc(g.get(i), n);
+                be.sumsq_acc(g.get(i), grad_len(m, i, rows));
             }
-            if scale != 1.0 {
-                be.scale(g.get_mut(i), scale);
-            }
-            let r = match rows {
-                Some((r0, _)) => {
-                    let off = r0 * m.params[i].cols;
-                    opt.update_rows(be, i, &mut m.params[i], g.get_mut(i), off, n, lr)
-                }
-                None => opt.update(be, i, &mut m.params[i], g.get_mut(i), lr),
-            };
+            let r = scaled_update(&mut **opt, be, m, g, i, rows, lr, (scale != 1.0).then_some(scale));
             if let Err(e) = r {
                 err = Some(e);
             }
