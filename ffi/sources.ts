@@ -10,7 +10,7 @@ export const PACKAGE_VERSION: string = "0.1.0";
 
 /** SHA-256 of the list below as `sha256sum` prints it; names the cached library. */
 export const SOURCES_DIGEST: string =
-  "2f256a52acc47052847c644ad531e685f12b477e9dfecba4bb034e907b67e6b5";
+  "c0f42714600b03bb4ccdfc798b4e60a6091b40c9cf51b2ab0092e28a8b9d3f3d";
 
 /** Every file the build needs: path from the package root and SHA-256 of its bytes. */
 export const SOURCES: readonly { readonly path: string; readonly sha256: string }[] = [
@@ -260,15 +260,15 @@ export const SOURCES: readonly { readonly path: string; readonly sha256: string 
   },
   {
     path: "rust/src/model/pass.rs",
-    sha256: "58448bf877728fdc3a376b9d9ad05b7a1c8c79461509409155f59d016a249aec",
+    sha256: "0ac44d463c822beea4bb0beede0c40d8dc7afa552a64bacc72ba00da09ee8de4",
   },
   {
     path: "rust/src/optim/adamw.rs",
-    sha256: "401c1982b0d3a8327b9722870c77402d5dee61f6b7f4be39cbb2e0c47bdf228a",
+    sha256: "d8fe17049c5eb26fb362cac0973b02277c2f507603c1e1a55ae5015605747ddf",
   },
   {
     path: "rust/src/optim/galore.rs",
-    sha256: "10eeb200528e29afc3c6341f3884ae2c4695ab73906cc0317e89c254914a875e",
+    sha256: "566bd7a2974ef9ab0c40a17378c9f99a7d5bbfabd76fd9113e88fddaf12cbcde",
   },
   {
     path: "rust/src/optim/lazy.rs",
@@ -276,11 +276,11 @@ export const SOURCES: readonly { readonly path: string; readonly sha256: string 
   },
   {
     path: "rust/src/optim/mod.rs",
-    sha256: "33e75915c1d13150cb8512ef175494d0dc8ec935b0b6ed2d648f6379e9862ad4",
+    sha256: "a7ea311b4b11f49081a9f1cbed627f0ae837126aa4cac475e82bad0de69a66c6",
   },
   {
     path: "rust/src/plan.rs",
-    sha256: "46864562fdc7bfb70e60a67fd7d841b9e0f905f39b722167102593aee900b79a",
+    sha256: "5b391c5d69119dd6bb1f80ae87edfae054f1479abbb6d49d4fc6fa2092698bb5",
   },
   {
     path: "rust/src/quant/adam8.rs",
@@ -328,6 +328,6 @@ export const SOURCES: readonly { readonly path: string; readonly sha256: string 
   },
   {
     path: "rust/src/train.rs",
-    sha256: "c7d0115c99106c576245d7bb9aef7bbe40c543ba754408703468f2942f1f6240",
+    sha256: "fcb57221af893fedf47335ccd4f33ee6d2f6c1fe17a08adc1305f7efa56b35d0",
   },
 ];

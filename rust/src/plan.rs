@@ -118,6 +118,25 @@ pub fn fused(cfg: &EngineConfig) -> bool {
     cfg.optimizer.fused && cfg.grad_accum == 1
 }
 
+/// Whether the fused step clips without a second backward (docs/algorithm-spec.md §1.5): with
+/// clipping on and a projected optimizer, the backward holds each projected matrix's rank-r
+/// gradient R (and the small unprojected tensors' whole gradients) in a stash until the
+/// global norm is known; the tables' gradients are recomputed from the kept activations.
+pub fn clip_stash(cfg: &EngineConfig) -> bool {
+    fused(cfg) && cfg.optimizer.clip > 0.0 && cfg.optimizer.projected()
+}
+
+/// Elements the clip stash holds for a trained tensor (`clip_stash`): its low-rank gradient
+/// when projected, the whole gradient of a tensor that is neither projected nor a table
+/// (the norms), 0 for the tables (recomputed).
+pub fn stash_len(role: Role, numel: usize, projector: Option<&ProjPlan>) -> usize {
+    match (role, projector) {
+        (_, Some(p)) => p.geom.low,
+        (Role::Embed | Role::Head, None) => 0,
+        _ => numel,
+    }
+}
+
 /// Whether a stored projector is a plain f32 buffer (`proj_bits = 32`); else it is `QTensor`
 /// codes (bf16 at 16, group-quantized at 8 and 4).
 pub fn f32_projector(bits: u8) -> bool {
@@ -278,6 +297,9 @@ pub struct TensorPlan {
     #[serde(skip)]
     pub state_len: usize,
     pub eight_bit_state: bool,
+    /// Elements of its clip stash (`clip_stash`; 0: none), counted with the gradients.
+    #[serde(skip)]
+    pub stash_len: usize,
     /// GaLore projector of a projected linear.
     pub projector: Option<ProjPlan>,
 }
@@ -322,6 +344,8 @@ pub struct Plan {
     pub table_chunk_rows: Option<usize>,
     /// Elements of the fused step's shared gradient buffer (0 without the fused step).
     pub shared_grad: u64,
+    /// Elements of the fused step's clip stash, all tensors together (`clip_stash`; 0: none).
+    pub clip_stash: u64,
     /// Elements of the largest low-rank gradient and of the largest projector (the
     /// optimizer's scratch and working copies).
     pub largest_low: u64,
@@ -350,6 +374,7 @@ impl Plan {
         let quant = linear_quant(o);
         let half = bf16 && half_tables(o);
         let fused = fused(cfg);
+        let stash = clip_stash(cfg);
         let lb = lora_build(o, cfg.seed);
         let mut shapes = layout(m);
         if let Some(lb) = &lb {
@@ -389,6 +414,7 @@ impl Plan {
             let eight = eight_bit_state(o, sn);
             let state_bytes = if eight { State8::storage_bytes(sn, o.block_size) } else { 2 * 4 * sn };
             let grad_len = (!fused && !frozen).then_some(n);
+            let stash_len = if stash && !frozen { stash_len(role, n, projector.as_ref()) } else { 0 };
             tensors.push(TensorPlan {
                 name,
                 rows,
@@ -401,6 +427,7 @@ impl Plan {
                 state_bytes: state_bytes as u64,
                 state_len: sn,
                 eight_bit_state: eight,
+                stash_len,
                 projector,
             });
         }
@@ -425,7 +452,7 @@ impl Plan {
         let mut initial = Bytes {
             weights: tensors.iter().map(base_w).sum(),
             adapters: tensors.iter().map(adapter_w).sum(),
-            grads: sum(|t| t.grad_bytes) + 4 * shared_grad as u64 + work_grads,
+            grads: sum(|t| t.grad_bytes + 4 * t.stash_len as u64) + 4 * shared_grad as u64 + work_grads,
             optimizer_state: sum(|t| t.state_bytes),
             projector: work_projector,
             activations: act_bytes as u64,
@@ -440,6 +467,7 @@ impl Plan {
             fused,
             table_chunk_rows: chunk,
             shared_grad: shared_grad as u64,
+            clip_stash: tensors.iter().map(|t| t.stash_len as u64).sum(),
             largest_low: big_low as u64,
             largest_projector: big_proj as u64,
             work,

@@ -61,6 +61,12 @@ pub struct Engine<B: Backend> {
     pub timing: [f64; 3],
     /// Highest device memory in use seen after a step (measured; GPU only).
     pub peak_device_bytes: u64,
+    /// Clip in the fused step with two backwards (the first measures the global norm) even
+    /// where the optimizer holds a clip stash; the optimizers without one always do. Off by
+    /// default; kept for comparisons (`rust/tests/clip_fused.rs`).
+    pub two_backward_clip: bool,
+    /// Backward passes run since the start (each micro-batch's, and each of a fused step's).
+    pub backwards: u64,
     /// Set when a checkpoint load failed part-way (`state::engine`): the state is then a
     /// mix of two runs, and every call but a new load is refused with this reason.
     pub poisoned: Option<String>,
@@ -100,7 +106,7 @@ impl<B: Backend> Engine<B> {
         if let Some(lb) = &lb {
             acts.lora = Some(LoraActs::new(&be, &cfg.model, &lb.spec, cfg.batch_size, cfg.seq_len)?);
         }
-        let mut e = Engine { be, cfg, model, grads, acts, opt, fused, notice: None, timing: [0.0; 3], peak_device_bytes: 0, poisoned: None };
+        let mut e = Engine { be, cfg, model, grads, acts, opt, fused, notice: None, timing: [0.0; 3], peak_device_bytes: 0, two_backward_clip: false, backwards: 0, poisoned: None };
         if let Some(path) = init {
             e.import_hf(path)?;
         }
@@ -159,6 +165,7 @@ impl<B: Backend> Engine<B> {
     fn timed_backward(&mut self, acc: bool, hook: &mut pass::Hook<B>) -> Result<()> {
         let t0 = Instant::now();
         pass::backward(&self.be, &mut self.model, &mut self.grads, &mut self.acts, acc, hook);
+        self.backwards += 1;
         self.be.sync()?;
         self.timing[1] += t0.elapsed().as_secs_f64();
         Ok(())
@@ -263,15 +270,13 @@ impl<B: Backend> Engine<B> {
                 be.sumsq_acc(grads.get(i), model.params[i].numel());
             }
             st.grad_norm = be.take_sumsq().sqrt();
-            if let Some(s) = clip_scale(st.grad_norm, clip)? {
-                for &i in &train {
-                    be.scale(grads.get_mut(i), s);
-                }
-                st.clipped = true;
-            }
+            // the clip factor goes into the optimizer: an unprojected gradient is scaled
+            // element-wise, a projected one after its projection (docs/algorithm-spec.md §1.5)
+            let scale = clip_scale(st.grad_norm, clip)?;
+            st.clipped = scale.is_some();
             opt.begin_step();
             for &i in &train {
-                opt.update(be, i, &mut model.params[i], grads.get_mut(i), lr)?;
+                opt.update_scaled(be, i, &mut model.params[i], grads.get_mut(i), lr, scale)?;
             }
             opt.end_step(be);
             Ok(())
@@ -284,9 +289,10 @@ impl<B: Backend> Engine<B> {
 
     /// One step with the optimizer inside the backward: each parameter is updated as soon
     /// as its gradient is complete, and gradients share one buffer (peak gradient memory
-    /// is one tensor's). Clipping stays exact: when it is on, a first backward only
-    /// measures the global norm, and a second one applies the clipped updates (the
-    /// forward activations are reused, so it costs one extra backward, not a forward).
+    /// is one tensor's). Clipping stays exact: with a projected optimizer (a clip stash,
+    /// `fused_clip_step`) one backward keeps the rank-r gradients until the global norm is
+    /// known; otherwise a first backward only measures the norm and a second one applies
+    /// the clipped updates (the forward activations are reused: one extra backward).
     fn fused_step(&mut self, tokens: &[i32], mask: Option<&[u8]>, lr: f32) -> Result<StepStats> {
         // adapter dropout on for this step's forward and backward(s), off afterwards
         self.set_dropout(Some((self.opt.steps(), 0)));
@@ -305,7 +311,11 @@ impl<B: Backend> Engine<B> {
         }
         let mut st = StepStats { loss: sum / ntok, count, ..Default::default() };
         let clip = self.cfg.optimizer.clip as f64;
+        if clip > 0.0 && self.opt.stashes() && !self.two_backward_clip {
+            return self.fused_clip_step(st, clip, lr);
+        }
         let t0 = Instant::now();
+        self.backwards += if clip > 0.0 { 2 } else { 1 };
         let (be, m, g, a, opt) = (&self.be, &mut self.model, &mut self.grads, &mut self.acts, &mut self.opt);
         let mut scale = 1.0f32;
         if clip > 0.0 {
@@ -322,20 +332,10 @@ impl<B: Backend> Engine<B> {
             if err.is_some() {
                 return;
             }
-            let n = grad_len(m, i, rows);
             if clip <= 0.0 {
-                be.sumsq_acc(g.get(i), n);
+                be.sumsq_acc(g.get(i), grad_len(m, i, rows));
             }
-            if scale != 1.0 {
-                be.scale(g.get_mut(i), scale);
-            }
-            let r = match rows {
-                Some((r0, _)) => {
-                    let off = r0 * m.params[i].cols;
-                    opt.update_rows(be, i, &mut m.params[i], g.get_mut(i), off, n, lr)
-                }
-                None => opt.update(be, i, &mut m.params[i], g.get_mut(i), lr),
-            };
+            let r = scaled_update(&mut **opt, be, m, g, i, rows, lr, (scale != 1.0).then_some(scale));
             if let Err(e) = r {
                 err = Some(e);
             }
@@ -348,6 +348,82 @@ impl<B: Backend> Engine<B> {
         if clip <= 0.0 {
             st.grad_norm = be.take_sumsq().sqrt();
         }
+        self.be.sync()?;
+        self.timing[1] += t0.elapsed().as_secs_f64();
+        self.note_device_peak();
+        Ok(st)
+    }
+
+    /// The fused step with clipping and a clip stash (docs/algorithm-spec.md §1.5), one
+    /// backward: each tensor but the tables adds its gradient's sum of squares to the norm
+    /// and is stashed (a projected matrix refreshes its projector from the unscaled gradient
+    /// and keeps R, a norm keeps its gradient); the tables' gradients are taken after the
+    /// backward from the kept activations, the embedding's first, then the head's, for the
+    /// norm only. With the norm known: the last table still whole in the shared buffer is
+    /// updated from it, every stash is applied (the shared buffer as scratch), and the other
+    /// table is recomputed (the embedding's scatter, or the head's product in row chunks) and
+    /// updated. On a non-finite norm no weight or moment changes and the step counter is
+    /// restored; projectors refreshed in this backward keep their new values.
+    fn fused_clip_step(&mut self, mut st: StepStats, clip: f64, lr: f32) -> Result<StepStats> {
+        let t0 = Instant::now();
+        self.backwards += 1;
+        let (be, m, g, a, opt) = (&self.be, &mut self.model, &mut self.grads, &mut self.acts, &mut self.opt);
+        opt.begin_step();
+        let mut err: Option<Error> = None;
+        let mut stashed = Vec::new();
+        pass::backward_with(be, m, g, a, false, true, &mut |i, _, m, g| {
+            if err.is_some() {
+                return;
+            }
+            be.sumsq_acc(g.get(i), m.params[i].numel());
+            match opt.stash(be, i, &m.params[i], g.get_mut(i)) {
+                Ok(()) => stashed.push(i),
+                Err(e) => err = Some(e),
+            }
+        });
+        // the tables, for the norm: the embedding's (with a tied head's share), then an
+        // untied head's; the last one computed whole stays in the shared buffer
+        let norm_only = &mut |i: usize, rows: Option<(usize, usize)>, m: &mut Llama<B>, g: &mut Grads<B>| {
+            be.sumsq_acc(g.get(i), grad_len(m, i, rows));
+        };
+        pass::embed_grad(be, m, g, a, false, norm_only);
+        pass::head_grad(be, m, g, a, false, norm_only);
+        let head = !m.tied() && m.trainable(m.head);
+        let last = if head { Some(m.head) } else { Some(m.embed).filter(|&e| m.trainable(e)) };
+        st.grad_norm = be.take_sumsq().sqrt();
+        let scale = match err.map_or_else(|| clip_scale(st.grad_norm, clip), Err) {
+            Ok(s) => s,
+            Err(e) => {
+                opt.abort_step(be);
+                return Err(e);
+            }
+        };
+        st.clipped = scale.is_some();
+        let r = (|| -> Result<()> {
+            let whole = last.filter(|&i| g.chunk_rows(i).is_none());
+            if let Some(i) = whole {
+                scaled_update(&mut **opt, be, m, g, i, None, lr, scale)?;
+            }
+            for &i in &stashed {
+                // every stashed tensor's gradient was in the shared buffer: its scratch now
+                opt.apply_stash(be, i, &mut m.params[i], g.get_mut(i), lr, scale)?;
+            }
+            let mut err = None;
+            let mut hook = |i: usize, rows: Option<(usize, usize)>, m: &mut Llama<B>, g: &mut Grads<B>| {
+                if err.is_none() {
+                    err = scaled_update(&mut **opt, be, m, g, i, rows, lr, scale).err();
+                }
+            };
+            if Some(m.embed) != whole {
+                pass::embed_grad(be, m, g, a, false, &mut hook);
+            }
+            if head && Some(m.head) != whole {
+                pass::head_grad(be, m, g, a, false, &mut hook);
+            }
+            err.map_or(Ok(()), Err)
+        })();
+        r?;
+        opt.end_step(be);
         self.be.sync()?;
         self.timing[1] += t0.elapsed().as_secs_f64();
         self.note_device_peak();
@@ -476,6 +552,22 @@ impl<B: Backend> Engine<B> {
             peak_device_bytes: self.peak_device_bytes,
             notice: self.notice.clone(),
         }
+    }
+}
+
+/// The clipped update of parameter `i` from its gradient in `g` (row chunk `rows` of it, or
+/// all of it): a chunk is scaled element-wise, as the global step scales the whole table.
+#[allow(clippy::too_many_arguments)]
+fn scaled_update<B: Backend>(opt: &mut dyn Optimizer<B>, be: &B, m: &mut Llama<B>, g: &mut Grads<B>, i: usize, rows: Option<(usize, usize)>, lr: f32, scale: Option<f32>) -> Result<()> {
+    match rows {
+        Some((r0, _)) => {
+            let (n, off) = (grad_len(m, i, rows), r0 * m.params[i].cols);
+            if let Some(s) = scale {
+                be.scale(g.get_mut(i), s);
+            }
+            opt.update_rows(be, i, &mut m.params[i], g.get_mut(i), off, n, lr)
+        }
+        None => opt.update_scaled(be, i, &mut m.params[i], g.get_mut(i), lr, scale),
     }
 }
 

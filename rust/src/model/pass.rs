@@ -80,12 +80,20 @@ fn block_forward<B: Backend>(be: &B, m: &Llama<B>, a: &mut Acts<B>, l: usize, ou
 /// Backward from `a.logits` holding dLoss/dlogits. `acc` adds into the gradient buffers
 /// (gradient accumulation) instead of overwriting them. Frozen parameters (a LoRA model's
 /// base) get no gradient and are not reported; the input gradients still flow through them.
-pub fn backward<B: Backend>(
+pub fn backward<B: Backend>(be: &B, m: &mut Llama<B>, g: &mut Grads<B>, a: &mut Acts<B>, acc: bool, hook: &mut Hook<B>) {
+    backward_with(be, m, g, a, acc, false, hook)
+}
+
+/// `backward`; with `defer_tables` the embedding's and the untied head's gradients are left
+/// out (nothing computed, nothing reported): the caller takes them with `embed_grad` and
+/// `head_grad` afterwards, whose inputs the backward keeps.
+pub fn backward_with<B: Backend>(
     be: &B,
     m: &mut Llama<B>,
     g: &mut Grads<B>,
     a: &mut Acts<B>,
     acc: bool,
+    defer_tables: bool,
     hook: &mut Hook<B>,
 ) {
     let cfg = m.cfg.clone();
@@ -93,8 +101,6 @@ pub fn backward<B: Backend>(
     let (h, kvh, hd) = (cfg.num_attention_heads, cfg.kv_heads(), cfg.head_dim());
     let dims = a.dims(&cfg);
     let (b, t) = (a.b, a.t);
-    // A shared gradient buffer holds only the current parameter, so never accumulate there.
-    let accum = |g: &Grads<B>, idx: usize| acc && !g.is_shared(idx);
     // a linear's weight gradient, unless it is frozen
     let dw = |be: &B, m: &mut Llama<B>, g: &mut Grads<B>, hook: &mut Hook<B>, idx: usize, dout: &B::Buf, inp: &B::Buf, ic: usize, oc: usize| {
         if m.trainable(idx) {
@@ -106,20 +112,8 @@ pub fn backward<B: Backend>(
 
     let last = m.layers.len();
     be.matmul_dinp(&mut a.dxn, &a.logits, m.w(m.head), n, c, v, false);
-    if m.tied() || !m.trainable(m.head) {
-        // the head's share of a tied table's gradient is added at the end, with the
-        // embedding's (dlogits and xnf are kept until then)
-    } else if let Some(rows) = g.chunk_rows(m.head) {
-        // row chunks of the head's gradient, each updated before the next is computed
-        for r0 in (0..v).step_by(rows) {
-            let nr = rows.min(v - r0);
-            be.matmul_dw_rows(g.get_mut(m.head), &a.logits, &a.xnf, n, c, v, r0, nr);
-            hook(m.head, Some((r0, nr)), m, g);
-        }
-    } else {
-        let ac = accum(g, m.head);
-        be.matmul_dw(g.get_mut(m.head), &a.logits, &a.xnf, n, c, v, ac);
-        hook(m.head, None, m, g);
+    if !defer_tables {
+        head_grad(be, m, g, a, acc, hook);
     }
     be.fill(&mut a.dres, 0.0);
     let fnorm = m.final_norm;
@@ -178,6 +172,41 @@ pub fn backward<B: Backend>(
         norm_bwd(be, m, g, acc, ly.attn_norm, &mut a.dres, &a.dxn, &a.x[l], &a.rstd1[s], n, c, dn, hook);
     }
     a.lora = la;
+    if !defer_tables {
+        embed_grad(be, m, g, a, acc, hook);
+    }
+}
+
+/// The untied head's weight gradient dW = dlogitsᵀ·xnf, reported to `hook` (whole, or row
+/// chunk by row chunk when the plan chunks it); nothing for a tied or frozen head. Needs only
+/// `a.logits` (dLoss/dlogits) and `a.xnf`, which the backward keeps: it can run at any time
+/// after the loss, as often as needed (the fused step with clipping runs it twice for a
+/// chunked head, docs/algorithm-spec.md §1.5).
+pub fn head_grad<B: Backend>(be: &B, m: &mut Llama<B>, g: &mut Grads<B>, a: &mut Acts<B>, acc: bool, hook: &mut Hook<B>) {
+    let (n, c, v) = (a.b * a.t, m.cfg.hidden_size, m.cfg.vocab_size);
+    if m.tied() || !m.trainable(m.head) {
+        // the head's share of a tied table's gradient is added at the end, with the
+        // embedding's (dlogits and xnf are kept until then)
+    } else if let Some(rows) = g.chunk_rows(m.head) {
+        // row chunks of the head's gradient, each updated before the next is computed
+        for r0 in (0..v).step_by(rows) {
+            let nr = rows.min(v - r0);
+            be.matmul_dw_rows(g.get_mut(m.head), &a.logits, &a.xnf, n, c, v, r0, nr);
+            hook(m.head, Some((r0, nr)), m, g);
+        }
+    } else {
+        let ac = acc && !g.is_shared(m.head);
+        be.matmul_dw(g.get_mut(m.head), &a.logits, &a.xnf, n, c, v, ac);
+        hook(m.head, None, m, g);
+    }
+}
+
+/// The embedding table's gradient (with the head's share when tied), reported to `hook`
+/// whole or in row chunks. Needs `a.dres` as the backward leaves it (dLoss/dx[0]), the
+/// tokens, and for a tied table `a.logits` and `a.xnf`: valid after the backward until the
+/// next forward.
+pub fn embed_grad<B: Backend>(be: &B, m: &mut Llama<B>, g: &mut Grads<B>, a: &mut Acts<B>, acc: bool, hook: &mut Hook<B>) {
+    let (n, c, v) = (a.b * a.t, m.cfg.hidden_size, m.cfg.vocab_size);
     let e = m.embed;
     if !m.trainable(e) {
         return;
@@ -196,11 +225,11 @@ pub fn backward<B: Backend>(
         }
         return;
     }
+    let accum = acc && !g.is_shared(e);
     if tied {
         // the table's gradient is the sum of its two uses: as lm_head, then as embedding
-        let ac = accum(g, e);
-        be.matmul_dw(g.get_mut(e), &a.logits, &a.xnf, n, c, v, ac);
-    } else if !accum(g, e) {
+        be.matmul_dw(g.get_mut(e), &a.logits, &a.xnf, n, c, v, accum);
+    } else if !accum {
         be.fill(g.get_mut(e), 0.0);
     }
     be.embedding_bwd(g.get_mut(e), &a.dres, &a.tokens, c);

@@ -55,6 +55,9 @@ impl<B: Backend> Optimizer<B> for AdamW<B> {
         be.adamw(p.f_mut(), g, m, v, hp);
         Ok(())
     }
+    fn abort_step(&mut self, _be: &B) {
+        self.step -= 1;
+    }
     fn steps(&self) -> u64 {
         self.step
     }

@@ -102,6 +102,11 @@ pub struct Family<B: Backend> {
     pub stats: Stats,
     /// Elements of each parameter's moments (the plan's `state_len`).
     lens: Vec<usize>,
+    /// The fused step's clip stash per parameter (`plan::clip_stash`): R of a projected
+    /// matrix, the whole gradient of a norm; None for the tables and without one.
+    stash: Vec<Option<B::Buf>>,
+    /// Whether a parameter's stash holds this step's R (false: no projector, skipped).
+    stashed: Vec<bool>,
 }
 
 impl<B: Backend> Family<B> {
@@ -144,6 +149,8 @@ impl<B: Backend> Family<B> {
             u: buf(w.update, Category::Grads)?,
             stats: Stats::default(),
             lens: plan.tensors.iter().map(|t| t.state_len).collect(),
+            stash: plan.tensors.iter().map(|t| buf(t.stash_len, Category::Grads)).collect::<Result<_>>()?,
+            stashed: vec![false; plan.tensors.len()],
         })
     }
 
@@ -247,7 +254,21 @@ impl<B: Backend> Family<B> {
         ok
     }
 
-    fn update_projected(&mut self, be: &B, idx: usize, p: &mut Param<B>, g: &mut B::Buf, lr: f32) -> Result<()> {
+    /// The global step's update of a projected matrix (`update_scaled`): `project`, then
+    /// `step_low` with R in the optimizer's scratch.
+    fn update_projected(&mut self, be: &B, idx: usize, p: &mut Param<B>, g: &mut B::Buf, lr: f32, scale: Option<f32>) -> Result<()> {
+        let mut r = self.r.take().expect("low-rank scratch");
+        let res = if self.project(be, idx, p, g, &mut r) { self.step_low(be, idx, p, &mut r, g, lr, scale, false) } else { Ok(()) };
+        self.r = Some(r);
+        res
+    }
+
+    /// First half of a projected update, from the unscaled gradient `g`: zeroes its
+    /// non-finite entries (counted), refreshes the projector when due (a subspace is
+    /// invariant to a positive scale of g, so clipping is left out of it) and writes the
+    /// low-rank gradient R = G Qᵀ (m×r) or Pᵀ G (r×n) into `r`. False when the matrix has no
+    /// projector (none could ever be computed): it is skipped this step.
+    fn project(&mut self, be: &B, idx: usize, p: &Param<B>, g: &mut B::Buf, r: &mut B::Buf) -> bool {
         let (rows, cols) = (p.rows, p.cols);
         be.sanitize(g, rows * cols);
         let iter = self.step - 1; // pre-increment counter (docs/algorithm-spec.md §1.2 item 3)
@@ -258,15 +279,9 @@ impl<B: Backend> Family<B> {
         if due {
             self.refresh(be, idx, p, g);
         }
-        let hp = self.adam_hp(lr);
-        let hp8 = self.bnb_hp(lr, 0.0);
-        let eight = self.cfg.eight_bit();
-        let (alpha, wd) = (self.cfg.galore_scale, self.cfg.weight_decay);
-        let State { moments, proj } = &mut self.states[idx];
-        let st = proj.as_ref().unwrap();
+        let st = self.states[idx].proj.as_ref().unwrap();
         let Some(store) = &st.store else {
-            // No projector could ever be computed for this matrix: skip it this step.
-            return Ok(());
+            return false;
         };
         let pf = self.pf.as_mut().unwrap();
         let pm: &B::Buf = match store {
@@ -277,13 +292,44 @@ impl<B: Backend> Family<B> {
             }
             Weight::N(..) => unreachable!("projectors are never NF4"),
         };
-        let k = st.rank;
-        let r = self.r.as_mut().unwrap();
-        // R = G Qᵀ (m×r) or Pᵀ G (r×n)
         if st.right {
-            be.matmul(r, g, pm, rows, cols, k, false);
+            be.matmul(r, g, pm, rows, cols, st.rank, false);
         } else {
-            be.matmul_dw(r, pm, g, rows, cols, k, false);
+            be.matmul_dw(r, pm, g, rows, cols, st.rank, false);
+        }
+        true
+    }
+
+    /// Second half: R (in `r`) times the clip factor `scale`, the low-rank Adam step, the
+    /// update projected back into `g` (at least m×n elements; overwritten) and applied to
+    /// the weight. `dequant`: dequantize the stored projector again (`project` left it in
+    /// the working copy, unless another matrix was projected since).
+    #[allow(clippy::too_many_arguments)]
+    fn step_low(&mut self, be: &B, idx: usize, p: &mut Param<B>, r: &mut B::Buf, g: &mut B::Buf, lr: f32, scale: Option<f32>, dequant: bool) -> Result<()> {
+        let (rows, cols) = (p.rows, p.cols);
+        let hp = self.adam_hp(lr);
+        let hp8 = self.bnb_hp(lr, 0.0);
+        let eight = self.cfg.eight_bit();
+        let (alpha, wd) = (self.cfg.galore_scale, self.cfg.weight_decay);
+        let State { moments, proj } = &mut self.states[idx];
+        let st = proj.as_ref().unwrap();
+        let Some(store) = &st.store else {
+            return Err(Error::backend(format!("internal: {} has no projector", p.name)));
+        };
+        let pf = self.pf.as_mut().unwrap();
+        let pm: &B::Buf = match store {
+            Weight::F(b) => b,
+            Weight::Q(q) => {
+                if dequant {
+                    be.q_dequantize(pf, q);
+                }
+                pf
+            }
+            Weight::N(..) => unreachable!("projectors are never NF4"),
+        };
+        let k = st.rank;
+        if let Some(s) = scale {
+            be.scale(r, s);
         }
         // Low-rank Adam step → U (−ŝ·N), then α·U.
         let upd: &mut B::Buf = match moments {
@@ -423,15 +469,60 @@ impl<B: Backend> Optimizer<B> for Family<B> {
         self.stats.nonfinite_grads += be.take_nonfinite();
     }
     fn update(&mut self, be: &B, idx: usize, p: &mut Param<B>, g: &mut B::Buf, lr: f32) -> Result<()> {
+        self.update_scaled(be, idx, p, g, lr, None)
+    }
+    fn update_scaled(&mut self, be: &B, idx: usize, p: &mut Param<B>, g: &mut B::Buf, lr: f32, scale: Option<f32>) -> Result<()> {
         if matches!(self.states[idx].moments, Moments::Frozen) {
             return Err(Error::backend(format!("internal: {} is frozen and has no optimizer state", p.name)));
         }
         if self.states[idx].proj.is_some() {
-            self.update_projected(be, idx, p, g, lr)
+            self.update_projected(be, idx, p, g, lr, scale)
         } else {
+            if let Some(s) = scale {
+                be.scale(g, s);
+            }
             self.update_full(be, idx, p, g, lr);
             Ok(())
         }
+    }
+    fn stashes(&self) -> bool {
+        self.stash.iter().any(Option::is_some)
+    }
+    fn stash(&mut self, be: &B, idx: usize, p: &Param<B>, g: &mut B::Buf) -> Result<()> {
+        let Some(mut r) = self.stash[idx].take() else {
+            return Err(Error::backend(format!("internal: {} has no clip stash", p.name)));
+        };
+        self.stashed[idx] = if self.states[idx].proj.is_some() {
+            self.project(be, idx, p, g, &mut r)
+        } else {
+            be.copy_n(&mut r, g, p.numel());
+            true
+        };
+        self.stash[idx] = Some(r);
+        Ok(())
+    }
+    fn apply_stash(&mut self, be: &B, idx: usize, p: &mut Param<B>, scratch: &mut B::Buf, lr: f32, scale: Option<f32>) -> Result<()> {
+        let Some(mut r) = self.stash[idx].take() else {
+            return Err(Error::backend(format!("internal: {} has no clip stash", p.name)));
+        };
+        let res = if !std::mem::take(&mut self.stashed[idx]) {
+            Ok(())
+        } else if self.states[idx].proj.is_some() {
+            self.step_low(be, idx, p, &mut r, scratch, lr, scale, true)
+        } else {
+            if let Some(s) = scale {
+                be.scale(&mut r, s);
+            }
+            self.update_full(be, idx, p, &mut r, lr);
+            Ok(())
+        };
+        self.stash[idx] = Some(r);
+        res
+    }
+    fn abort_step(&mut self, be: &B) {
+        self.step -= 1;
+        self.stashed.iter_mut().for_each(|x| *x = false);
+        be.take_nonfinite();
     }
     fn steps(&self) -> u64 {
         self.step

@@ -39,6 +39,37 @@ pub trait Optimizer<B: Backend>: Send {
     /// Applies one update to parameter `idx`. `g` is its gradient; the optimizer may
     /// overwrite it (GaLore reuses the buffer for the projected-back update).
     fn update(&mut self, be: &B, idx: usize, p: &mut Param<B>, g: &mut B::Buf, lr: f32) -> Result<()>;
+    /// `update` with the gradient multiplied by `scale` (global-norm clipping; None: not
+    /// clipped). An unprojected gradient is scaled element-wise before its update; a
+    /// projected one is not: the optimizer refreshes its projector from the unscaled
+    /// gradient and scales the rank-r projection R instead (docs/algorithm-spec.md §1.5), so
+    /// the global and the fused step compute the same numbers.
+    fn update_scaled(&mut self, be: &B, idx: usize, p: &mut Param<B>, g: &mut B::Buf, lr: f32, scale: Option<f32>) -> Result<()> {
+        if let Some(s) = scale {
+            be.scale(g, s);
+        }
+        self.update(be, idx, p, g, lr)
+    }
+    /// Whether this optimizer holds a clip stash (the byte plan's `clip_stash`): then the
+    /// fused step clips with one backward, calling `stash` for every trained tensor but the
+    /// tables and `apply_stash` once the global norm is known.
+    fn stashes(&self) -> bool {
+        false
+    }
+    /// First half of `update_scaled` for parameter `idx`, inside the backward: from its
+    /// unscaled gradient `g`, refreshes the projector when due and keeps the rank-r R (or
+    /// the whole gradient of an unprojected tensor) in the stash; nothing is updated.
+    fn stash(&mut self, _be: &B, idx: usize, _p: &Param<B>, _g: &mut B::Buf) -> Result<()> {
+        Err(crate::error::Error::backend(format!("internal: parameter {idx} has no clip stash")))
+    }
+    /// Second half: the update of `idx` from its stash, scaled by `scale`, with `scratch`
+    /// (at least the parameter's elements) for the projected-back update.
+    fn apply_stash(&mut self, _be: &B, idx: usize, _p: &mut Param<B>, _scratch: &mut B::Buf, _lr: f32, _scale: Option<f32>) -> Result<()> {
+        Err(crate::error::Error::backend(format!("internal: parameter {idx} has no clip stash")))
+    }
+    /// Undoes `begin_step` after a step that was refused before any update (a non-finite
+    /// gradient norm found after the fused backward), dropping the deferred counters.
+    fn abort_step(&mut self, be: &B);
     /// Updates elements [off, off + len) of parameter `idx` (a row chunk) from the
     /// gradient in g[..len]; only for the parameters the byte plan chunks
     /// (`TensorPlan::grad_chunk_rows`: 8-bit, unprojected tables in the fused step).
