@@ -10,7 +10,7 @@ export const PACKAGE_VERSION: string = "0.1.0";
 
 /** SHA-256 of the list below as `sha256sum` prints it; names the cached library. */
 export const SOURCES_DIGEST: string =
-  "2f256a52acc47052847c644ad531e685f12b477e9dfecba4bb034e907b67e6b5";
+  "a820585d15d6277dc4db65e67286ec9bc602b8ff6a602aa6679d498f75bda1fb";
 
 /** Every file the build needs: path from the package root and SHA-256 of its bytes. */
 export const SOURCES: readonly { readonly path: string; readonly sha256: string }[] = [
@@ -56,11 +56,15 @@ export const SOURCES: readonly { readonly path: string; readonly sha256: string 
   },
   {
     path: "rust/src/backend/cpu/mod.rs",
-    sha256: "5a19b75b8cc9cf3f79632cdfc506d730e32ec60963da4a583945b34f50c9d552",
+    sha256: "54b8da9c00b9550d6ee5519fac8b69d8aba0cfba07f8ce347cf3df3a25a170be",
   },
   {
     path: "rust/src/backend/cpu/ops.rs",
     sha256: "699a614978d5a0857f09fce7d89ff4f9e899c2da45532aeadb6e3f70cdbda91d",
+  },
+  {
+    path: "rust/src/backend/cpu/profile.rs",
+    sha256: "7624450de0b67fa1a6c7b4c8bd117d26db15dc781604b4d270110b542b6f8fef",
   },
   {
     path: "rust/src/backend/cuda/device.rs",
@@ -112,7 +116,7 @@ export const SOURCES: readonly { readonly path: string; readonly sha256: string 
   },
   {
     path: "rust/src/backend/layers.rs",
-    sha256: "7fde33b34aa67ec3ebda25a26294f027643b71399e88ab89d0ea96cf65fda9de",
+    sha256: "d56f37382e535e0e763c549238ab02951c42fd6302e7776a9e92a2cd3d52037a",
   },
   {
     path: "rust/src/backend/linalg.rs",
@@ -328,6 +332,6 @@ export const SOURCES: readonly { readonly path: string; readonly sha256: string 
   },
   {
     path: "rust/src/train.rs",
-    sha256: "c7d0115c99106c576245d7bb9aef7bbe40c543ba754408703468f2942f1f6240",
+    sha256: "7be8795c6fb7756920c4d37855f36e3eb8c81943ce62d863e55f0ffb3cfb2da1",
   },
 ];
