@@ -10,7 +10,7 @@ export const PACKAGE_VERSION: string = "0.1.0";
 
 /** SHA-256 of the list below as `sha256sum` prints it; names the cached library. */
 export const SOURCES_DIGEST: string =
-  "a820585d15d6277dc4db65e67286ec9bc602b8ff6a602aa6679d498f75bda1fb";
+  "5a7d2d56a66fd24511fe8cf3a887cc28bb5a2d871228431b563330e95358de4e";
 
 /** Every file the build needs: path from the package root and SHA-256 of its bytes. */
 export const SOURCES: readonly { readonly path: string; readonly sha256: string }[] = [
@@ -52,7 +52,7 @@ export const SOURCES: readonly { readonly path: string; readonly sha256: string 
   },
   {
     path: "rust/src/backend/cpu/attention.rs",
-    sha256: "38c91070fcb56c45f58ff20baf274c2a27814deb1681b650cc6b038caf4e690a",
+    sha256: "311af333698dfa656d0a212bca3e7a33f39e2d50e50dc2cd88cc855d1b18c1b8",
   },
   {
     path: "rust/src/backend/cpu/mod.rs",
