@@ -10,7 +10,7 @@ export const PACKAGE_VERSION: string = "0.1.0";
 
 /** SHA-256 of the list below as `sha256sum` prints it; names the cached library. */
 export const SOURCES_DIGEST: string =
-  "5a7d2d56a66fd24511fe8cf3a887cc28bb5a2d871228431b563330e95358de4e";
+  "2c104510370b8159ce60a165922c7c574135b1e1364431be8e495e8bf26865d2";
 
 /** Every file the build needs: path from the package root and SHA-256 of its bytes. */
 export const SOURCES: readonly { readonly path: string; readonly sha256: string }[] = [
@@ -292,7 +292,7 @@ export const SOURCES: readonly { readonly path: string; readonly sha256: string 
   },
   {
     path: "rust/src/quant/mod.rs",
-    sha256: "8e9a5757a818e65a11c9b0ece7b9e323b8954881c9626a4eb0def4c2b1b1a655",
+    sha256: "9eea80bd6a54690ed54b3b0b2995623c1e989edd6c8f51066158d55f92108566",
   },
   {
     path: "rust/src/quant/nf4.rs",
