@@ -10,7 +10,7 @@ export const PACKAGE_VERSION: string = "0.1.0";
 
 /** SHA-256 of the list below as `sha256sum` prints it; names the cached library. */
 export const SOURCES_DIGEST: string =
-  "2c104510370b8159ce60a165922c7c574135b1e1364431be8e495e8bf26865d2";
+  "2a4c7989ca6496238be9f09b8a442154e98535c3756d5e08ea458a8dcbb19b0f";
 
 /** Every file the build needs: path from the package root and SHA-256 of its bytes. */
 export const SOURCES: readonly { readonly path: string; readonly sha256: string }[] = [
@@ -288,11 +288,11 @@ export const SOURCES: readonly { readonly path: string; readonly sha256: string 
   },
   {
     path: "rust/src/quant/adam8.rs",
-    sha256: "f924c996fb1b9976d8f829e7e2226f9ff2e4fc0f931cdca5645596e97e1701b5",
+    sha256: "dfafc867444825fef55da2efda5df93f4ef90d39ea4e116797a065f808a7ceab",
   },
   {
     path: "rust/src/quant/mod.rs",
-    sha256: "9eea80bd6a54690ed54b3b0b2995623c1e989edd6c8f51066158d55f92108566",
+    sha256: "adf29d3a2ce936e4655f9cb93253709687601823c7aa7719f114252bbbc2cbce",
   },
   {
     path: "rust/src/quant/nf4.rs",

@@ -196,7 +196,7 @@ impl QTensor {
 /// the gain is vector lanes for the dequantize/update loop, the counter-based random
 /// numbers and one-instruction floor/round where the x86-64 baseline calls libm.
 #[inline]
-fn wide_simd() -> bool {
+pub(crate) fn wide_simd() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         static WIDE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
