@@ -196,6 +196,9 @@ fn causal_blocks_are_bit_identical_to_full_products() {
         (1, 1024, 1, 1, 64), // full products above 512
         (1, 512, 1, 1, 128),
         (2, 160, 3, 3, 10),
+        (1, 512, 1, 1, 256), // wide heads
+        (1, 384, 2, 1, 96),
+        (1, 200, 2, 2, 80),
         (1, 300, 2, 1, 128),
     ];
     for (b, t, h, kvh, hd) in shapes {
