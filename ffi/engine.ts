@@ -289,6 +289,8 @@ export interface EngineInfo {
   peak_device_bytes: number;
   /** A one-line notice for the user (e.g. a device fallback). */
   notice?: string;
+  /** Seconds per op kind (CPU with `QGALORE_PROFILE=1`), plus `other` (time no op accounts for). */
+  profile?: Record<string, number>;
 }
 
 /** Allowed values of a numeric option, as the engine states them. */

@@ -10,7 +10,7 @@ export const PACKAGE_VERSION: string = "0.1.0";
 
 /** SHA-256 of the list below as `sha256sum` prints it; names the cached library. */
 export const SOURCES_DIGEST: string =
-  "c0f42714600b03bb4ccdfc798b4e60a6091b40c9cf51b2ab0092e28a8b9d3f3d";
+  "e8c42154f3a78770ed261bebeba658ae05a6ff951e38d2998f021b57661b8105";
 
 /** Every file the build needs: path from the package root and SHA-256 of its bytes. */
 export const SOURCES: readonly { readonly path: string; readonly sha256: string }[] = [
@@ -52,15 +52,19 @@ export const SOURCES: readonly { readonly path: string; readonly sha256: string 
   },
   {
     path: "rust/src/backend/cpu/attention.rs",
-    sha256: "38c91070fcb56c45f58ff20baf274c2a27814deb1681b650cc6b038caf4e690a",
+    sha256: "311af333698dfa656d0a212bca3e7a33f39e2d50e50dc2cd88cc855d1b18c1b8",
   },
   {
     path: "rust/src/backend/cpu/mod.rs",
-    sha256: "5a19b75b8cc9cf3f79632cdfc506d730e32ec60963da4a583945b34f50c9d552",
+    sha256: "54b8da9c00b9550d6ee5519fac8b69d8aba0cfba07f8ce347cf3df3a25a170be",
   },
   {
     path: "rust/src/backend/cpu/ops.rs",
     sha256: "699a614978d5a0857f09fce7d89ff4f9e899c2da45532aeadb6e3f70cdbda91d",
+  },
+  {
+    path: "rust/src/backend/cpu/profile.rs",
+    sha256: "7624450de0b67fa1a6c7b4c8bd117d26db15dc781604b4d270110b542b6f8fef",
   },
   {
     path: "rust/src/backend/cuda/device.rs",
@@ -112,7 +116,7 @@ export const SOURCES: readonly { readonly path: string; readonly sha256: string 
   },
   {
     path: "rust/src/backend/layers.rs",
-    sha256: "7fde33b34aa67ec3ebda25a26294f027643b71399e88ab89d0ea96cf65fda9de",
+    sha256: "d56f37382e535e0e763c549238ab02951c42fd6302e7776a9e92a2cd3d52037a",
   },
   {
     path: "rust/src/backend/linalg.rs",
@@ -284,11 +288,11 @@ export const SOURCES: readonly { readonly path: string; readonly sha256: string 
   },
   {
     path: "rust/src/quant/adam8.rs",
-    sha256: "f924c996fb1b9976d8f829e7e2226f9ff2e4fc0f931cdca5645596e97e1701b5",
+    sha256: "dfafc867444825fef55da2efda5df93f4ef90d39ea4e116797a065f808a7ceab",
   },
   {
     path: "rust/src/quant/mod.rs",
-    sha256: "8e9a5757a818e65a11c9b0ece7b9e323b8954881c9626a4eb0def4c2b1b1a655",
+    sha256: "adf29d3a2ce936e4655f9cb93253709687601823c7aa7719f114252bbbc2cbce",
   },
   {
     path: "rust/src/quant/nf4.rs",
@@ -328,6 +332,6 @@ export const SOURCES: readonly { readonly path: string; readonly sha256: string 
   },
   {
     path: "rust/src/train.rs",
-    sha256: "fcb57221af893fedf47335ccd4f33ee6d2f6c1fe17a08adc1305f7efa56b35d0",
+    sha256: "c00b4847f2a82e6faabc883a0f65a76f57104a8827f7de56e6278e0fe8d2c115",
   },
 ];

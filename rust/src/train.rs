@@ -551,6 +551,12 @@ impl<B: Backend> Engine<B> {
             },
             peak_device_bytes: self.peak_device_bytes,
             notice: self.notice.clone(),
+            profile: self.be.profile().map(|mut p| {
+                // what no op accounts for: the phases' wall time less the ops' sum
+                let ops: f64 = p.values().sum();
+                p.insert("other".into(), self.timing.iter().sum::<f64>() - ops);
+                p.into_iter().map(|(k, v)| (k, micro(v))).collect()
+            }),
         }
     }
 }
@@ -603,6 +609,10 @@ pub struct Info {
     /// A one-line notice for the user (e.g. a device fallback).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub notice: Option<String>,
+    /// Seconds per op kind (CPU, with `QGALORE_PROFILE=1`), plus `other`: the phases'
+    /// time that no op accounts for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub profile: Option<std::collections::BTreeMap<String, f64>>,
 }
 
 /// Seconds spent per phase since the start.

@@ -23,6 +23,11 @@ pub struct AttnDims {
 /// Forward and backward of the model's layers.
 #[allow(clippy::too_many_arguments)] // every shape is an explicit argument
 pub trait Layers: Memory {
+    /// Seconds per op kind since the backend was built, when profiling is on (the CPU's
+    /// `QGALORE_PROFILE=1`); None otherwise.
+    fn profile(&self) -> Option<std::collections::BTreeMap<String, f64>> {
+        None
+    }
     /// out[n, oc] (+)= inp[n, ic] · w[oc, ic]ᵀ
     fn matmul(&self, out: &mut Self::Buf, inp: &Self::Buf, w: &Self::Buf, n: usize, ic: usize, oc: usize, acc: bool);
     /// dinp[n, ic] (+)= dout[n, oc] · w[oc, ic]

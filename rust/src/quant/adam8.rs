@@ -156,8 +156,6 @@ pub fn step8(p: &mut [f32], g: &[f32], st: &mut State8, maps: &Maps, hp: BnbHp) 
 /// and `off` is a multiple of the block size, so whole blocks are updated exactly as the
 /// full step would (the fused step's row-chunked update of large tables).
 pub fn step8_range(p: &mut [f32], g: &[f32], st: &mut State8, off: usize, len: usize, maps: &Maps, hp: BnbHp) -> u64 {
-    let (step_size, eps2) = hp.bnb_factors();
-    let (b1, b2, decay) = (hp.beta1, hp.beta2, 1.0 - hp.lr * hp.weight_decay);
     let bs = st.block;
     assert!(off % bs == 0 && off + len <= st.m.len(), "8-bit Adam range {off}+{len} is not block-aligned");
     let (b0, b1e) = (off / bs, (off + len).div_ceil(bs));
@@ -165,6 +163,7 @@ pub fn step8_range(p: &mut [f32], g: &[f32], st: &mut State8, off: usize, len: u
     let (m, v) = (&mut m[off..off + len], &mut v[off..off + len]);
     let (absmax_m, absmax_v) = (&mut absmax_m[b0..b1e], &mut absmax_v[b0..b1e]);
     let p = &mut p[..len];
+    let wide = crate::quant::wide_simd();
     p.par_chunks_mut(bs)
         .zip(m.par_chunks_mut(bs))
         .zip(v.par_chunks_mut(bs))
@@ -172,39 +171,68 @@ pub fn step8_range(p: &mut [f32], g: &[f32], st: &mut State8, off: usize, len: u
         .enumerate()
         .map(|(bi, (((pb, mb), vb), (am, av)))| {
             let gb = &g[bi * bs..bi * bs + pb.len()];
-            let mut mv = [0.0f32; MAX_BLOCK];
-            let mut vv = [0.0f32; MAX_BLOCK];
-            let (mut nm, mut nv, mut skipped) = (0.0f32, 0.0f32, 0u64);
-            for j in 0..pb.len() {
-                let gj = gb[j];
-                let (mut mj, mut vj) = (maps.signed[mb[j] as usize] * *am, maps.unsigned[vb[j] as usize] * *av);
-                if gj.is_finite() {
-                    mj = b1 * mj + (1.0 - b1) * gj;
-                    vj = b2 * vj + (1.0 - b2) * gj * gj;
-                    pb[j] += step_size * (mj / (vj.sqrt() + eps2));
-                    if hp.weight_decay > 0.0 {
-                        pb[j] *= decay;
-                    }
-                } else {
-                    mj = 0.0;
-                    vj = 0.0;
-                    skipped += 1;
-                }
-                mv[j] = mj;
-                vv[j] = vj;
-                nm = nm.max(mj.abs());
-                nv = nv.max(vj.abs());
+            if wide {
+                // SAFETY: the CPU has AVX2, FMA and SSE4.1 (checked by `wide_simd`)
+                unsafe { block8_avx2(pb, gb, mb, vb, am, av, maps, hp) }
+            } else {
+                block8(pb, gb, mb, vb, am, av, maps, hp)
             }
-            *am = nm;
-            *av = nv;
-            let (im, iv) = (if nm > 0.0 { 1.0 / nm } else { 0.0 }, if nv > 0.0 { 1.0 / nv } else { 0.0 });
-            for j in 0..pb.len() {
-                mb[j] = quantize(&maps.signed, mv[j] * im, true);
-                vb[j] = quantize(&maps.unsigned, vv[j] * iv, false);
-            }
-            skipped
         })
         .sum()
+}
+
+/// One block of `step8_range`: dequantize, update, new absmax, requantize; returns the
+/// number of non-finite gradient elements skipped.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn block8(pb: &mut [f32], gb: &[f32], mb: &mut [u8], vb: &mut [u8], am: &mut f32, av: &mut f32, maps: &Maps, hp: BnbHp) -> u64 {
+    let (step_size, eps2) = hp.bnb_factors();
+    let (b1, b2, decay) = (hp.beta1, hp.beta2, 1.0 - hp.lr * hp.weight_decay);
+    let mut mv = [0.0f32; MAX_BLOCK];
+    let mut vv = [0.0f32; MAX_BLOCK];
+    let (mut nm, mut nv, mut skipped) = (0.0f32, 0.0f32, 0u64);
+    for j in 0..pb.len() {
+        let gj = gb[j];
+        let (mut mj, mut vj) = (maps.signed[mb[j] as usize] * *am, maps.unsigned[vb[j] as usize] * *av);
+        if gj.is_finite() {
+            mj = b1 * mj + (1.0 - b1) * gj;
+            vj = b2 * vj + (1.0 - b2) * gj * gj;
+            pb[j] += step_size * (mj / (vj.sqrt() + eps2));
+            if hp.weight_decay > 0.0 {
+                pb[j] *= decay;
+            }
+        } else {
+            mj = 0.0;
+            vj = 0.0;
+            skipped += 1;
+        }
+        mv[j] = mj;
+        vv[j] = vj;
+        nm = nm.max(mj.abs());
+        nv = nv.max(vj.abs());
+    }
+    *am = nm;
+    *av = nv;
+    let (im, iv) = (if nm > 0.0 { 1.0 / nm } else { 0.0 }, if nv > 0.0 { 1.0 / nv } else { 0.0 });
+    for j in 0..pb.len() {
+        mb[j] = quantize(&maps.signed, mv[j] * im, true);
+        vb[j] = quantize(&maps.unsigned, vv[j] * iv, false);
+    }
+    skipped
+}
+
+/// `block8` compiled for AVX2 + FMA + SSE4.1 (bit-identical, see `crate::quant::wide_simd`).
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx2,fma,sse4.1")]
+unsafe fn block8_avx2(pb: &mut [f32], gb: &[f32], mb: &mut [u8], vb: &mut [u8], am: &mut f32, av: &mut f32, maps: &Maps, hp: BnbHp) -> u64 {
+    block8(pb, gb, mb, vb, am, av, maps, hp)
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+#[allow(clippy::too_many_arguments)]
+unsafe fn block8_avx2(pb: &mut [f32], gb: &[f32], mb: &mut [u8], vb: &mut [u8], am: &mut f32, av: &mut f32, maps: &Maps, hp: BnbHp) -> u64 {
+    block8(pb, gb, mb, vb, am, av, maps, hp)
 }
 
 /// `kOptimizer32bit2State` (ADAM): the same update with fp32 moments, for tensors below

@@ -2,6 +2,13 @@
 //! KV head) task, strided GEMMs for QKᵀ and att·V, softmax in between. The probabilities
 //! are kept for the backward (seq 256 makes T² per head small; flash attention is not
 //! needed at the sizes the CPU trains).
+//!
+//! Every product skips the masked triangle in blocks of `BLOCK` rows (about half the
+//! FLOPs at seq 256). The skipped terms are exact zeros (masked probabilities and score
+//! gradients are stored as 0): a block drops zero terms at the end of its sums (scores,
+//! att·V, dscores·K) or at the start (attᵀ·dout, dscoresᵀ·Q), where the kernel's running
+//! sum is still +0, so every result is bit-identical to the full products
+//! (tests/attention_causal.rs checks it against them).
 
 use crate::host::matmul::gemm_raw;
 use crate::backend::AttnDims;
@@ -9,6 +16,21 @@ use gemm::Parallelism;
 use rayon::prelude::*;
 
 use super::SendPtr as Ptr;
+
+/// Rows per causal block.
+const BLOCK: usize = 32;
+
+/// The causal row blocks [r0, r1) of a length-`t` sequence: `BLOCK` rows each, the last
+/// taking the remainder (so no block is shorter than `BLOCK`); one block (the full
+/// products) when t < 2·BLOCK, hd·BLOCK ≤ 256 or t > 512. Below those sizes the `gemm`
+/// crate switches small products (m·n ≤ 256) to dot-product kernels that sum in another
+/// order, and above 512 it splits long sums at depths that depend on the shape, so blocks
+/// there would change bits; in between every block product sums exactly as the full
+/// product does.
+fn blocks(t: usize, hd: usize) -> impl Iterator<Item = (usize, usize)> {
+    let nb = if t < 2 * BLOCK || hd * BLOCK <= 256 || t > 512 { 1 } else { t / BLOCK };
+    (0..nb).map(move |i| (i * BLOCK * (nb > 1) as usize, if i + 1 == nb { t } else { (i + 1) * BLOCK }))
+}
 
 fn check(d: &AttnDims, q: usize, k: usize, v: usize, att: usize) {
     let (b, t, h, kvh, hd) = (d.b, d.t, d.h, d.kvh, d.hd);
@@ -32,29 +54,36 @@ pub fn forward(out: &mut [f32], att: &mut [f32], q: &[f32], k: &[f32], v: &[f32]
             let kp = k.as_ptr().add(bi * t * kvh * hd + g * hd);
             let vp = v.as_ptr().add(bi * t * kvh * hd + g * hd);
             let a = ap.get().add(bh * t * t);
-            // scores = scale · Q Kᵀ
-            gemm_raw(t, t, hd, a, t as isize, 1, false, qp, qs, 1, kp, 1, kvs, scale, Parallelism::None);
-            for ti in 0..t {
-                let row = std::slice::from_raw_parts_mut(a.add(ti * t), t);
-                let mut mx = f32::NEG_INFINITY;
-                for &s in &row[..=ti] {
-                    mx = mx.max(s);
-                }
-                let mut sum = 0.0f32;
-                for s in &mut row[..=ti] {
-                    *s = (*s - mx).exp();
-                    sum += *s;
-                }
-                let inv = 1.0 / sum;
-                for s in &mut row[..=ti] {
-                    *s *= inv;
-                }
-                for s in &mut row[ti + 1..] {
-                    *s = 0.0;
-                }
-            }
             let o = op.get().add(bi * t * h * hd + hi * hd);
-            gemm_raw(t, hd, t, o, qs, 1, false, a, t as isize, 1, vp, kvs, 1, 1.0, Parallelism::None);
+            // Row blocks [r0, r1): the causal mask zeroes every column ≥ r1, so the scores
+            // need only columns < r1 and att·V only the first r1 rows of V. Dropping those
+            // exactly-zero terms leaves every sum unchanged (see the module notes).
+            for (r0, r1) in blocks(t, hd) {
+                let mb = r1 - r0;
+                let ab = a.add(r0 * t);
+                // scores = scale · Q Kᵀ
+                gemm_raw(mb, r1, hd, ab, t as isize, 1, false, qp.offset(r0 as isize * qs), qs, 1, kp, 1, kvs, scale, Parallelism::None);
+                for ti in r0..r1 {
+                    let row = std::slice::from_raw_parts_mut(a.add(ti * t), t);
+                    let mut mx = f32::NEG_INFINITY;
+                    for &s in &row[..=ti] {
+                        mx = mx.max(s);
+                    }
+                    let mut sum = 0.0f32;
+                    for s in &mut row[..=ti] {
+                        *s = (*s - mx).exp();
+                        sum += *s;
+                    }
+                    let inv = 1.0 / sum;
+                    for s in &mut row[..=ti] {
+                        *s *= inv;
+                    }
+                    for s in &mut row[ti + 1..] {
+                        *s = 0.0;
+                    }
+                }
+                gemm_raw(mb, hd, r1, o.offset(r0 as isize * qs), qs, 1, false, ab, t as isize, 1, vp, kvs, 1, 1.0, Parallelism::None);
+            }
         }
     });
 }
@@ -99,10 +128,17 @@ pub fn backward(
                 let qp = q.as_ptr().add(bi * t * h * hd + hi * hd);
                 let dop = dout.as_ptr().add(bi * t * h * hd + hi * hd);
                 let dqr = dqp.get().add(bi * t * h * hd + hi * hd);
-                // datt = dout · Vᵀ
-                gemm_raw(t, t, hd, ds, ts, 1, false, dop, qs, 1, vp, 1, kvs, 1.0, Parallelism::None);
-                // dv (+)= attᵀ · dout
-                gemm_raw(t, hd, t, dvr, kvs, 1, j > 0, a, 1, ts, dop, qs, 1, 1.0, Parallelism::None);
+                // datt = dout · Vᵀ, causal part: row block [r0, r1) needs columns < r1
+                for (r0, r1) in blocks(t, hd) {
+                    let (ro, rq) = ((r0 * t) as isize, r0 as isize * qs);
+                    gemm_raw(r1 - r0, r1, hd, ds.offset(ro), ts, 1, false, dop.offset(rq), qs, 1, vp, 1, kvs, 1.0, Parallelism::None);
+                }
+                // dv (+)= attᵀ · dout: row s sums over ti ≥ s, so block [s0, s1) starts at ti = s0
+                for (s0, s1) in blocks(t, hd) {
+                    let (lo, kk) = ((s0 * t + s0) as isize, t - s0);
+                    let (dvo, dqo) = (s0 as isize * kvs, s0 as isize * qs);
+                    gemm_raw(s1 - s0, hd, kk, dvr.offset(dvo), kvs, 1, j > 0, a.offset(lo), 1, ts, dop.offset(dqo), qs, 1, 1.0, Parallelism::None);
+                }
                 // dscores = att ⊙ (datt − Σ datt⊙att) · scale, causal part only
                 for ti in 0..t {
                     let ar = std::slice::from_raw_parts(a.add(ti * t), t);
@@ -118,9 +154,17 @@ pub fn backward(
                         *x = 0.0;
                     }
                 }
-                // dq = dscores · K ; dk (+)= dscoresᵀ · Q
-                gemm_raw(t, hd, t, dqr, qs, 1, false, ds, ts, 1, kp, kvs, 1, 1.0, Parallelism::None);
-                gemm_raw(t, hd, t, dkr, kvs, 1, j > 0, ds, 1, ts, qp, qs, 1, 1.0, Parallelism::None);
+                // dq = dscores · K (row block [r0, r1): columns < r1);
+                // dk (+)= dscoresᵀ · Q (row s sums over ti ≥ s)
+                for (r0, r1) in blocks(t, hd) {
+                    let (ro, rq) = ((r0 * t) as isize, r0 as isize * qs);
+                    gemm_raw(r1 - r0, hd, r1, dqr.offset(rq), qs, 1, false, ds.offset(ro), ts, 1, kp, kvs, 1, 1.0, Parallelism::None);
+                }
+                for (s0, s1) in blocks(t, hd) {
+                    let (lo, kk) = ((s0 * t + s0) as isize, t - s0);
+                    let (dko, qo) = (s0 as isize * kvs, s0 as isize * qs);
+                    gemm_raw(s1 - s0, hd, kk, dkr.offset(dko), kvs, 1, j > 0, ds.offset(lo), 1, ts, qp.offset(qo), qs, 1, 1.0, Parallelism::None);
+                }
             }
         }
     });

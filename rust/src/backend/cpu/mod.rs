@@ -3,6 +3,7 @@
 
 pub mod attention;
 pub mod ops;
+pub mod profile;
 
 /// A raw pointer that parallel tasks may share: each task writes a disjoint region.
 #[derive(Clone, Copy)]
@@ -33,6 +34,8 @@ pub struct Cpu {
     /// Running totals behind `take_nonfinite` and `take_sumsq`.
     nonfinite: std::sync::atomic::AtomicU64,
     sumsq_total: std::sync::Mutex<f64>,
+    /// Per-op wall time (`QGALORE_PROFILE=1`); off by default.
+    prof: profile::Profile,
 }
 
 impl Cpu {
@@ -54,6 +57,7 @@ impl Cpu {
             mem: Arc::new(MemTracker::default()),
             nonfinite: Default::default(),
             sumsq_total: Default::default(),
+            prof: profile::Profile::from_env(),
         })
     }
 
@@ -146,34 +150,39 @@ impl Memory for Cpu {
         fill(&mut b.data[..n])
     }
     fn fill(&self, b: &mut CpuBuf, v: f32) {
-        b.data.fill(v);
+        self.prof.time(|| "fill".into(), || b.data.fill(v))
     }
     fn copy(&self, dst: &mut CpuBuf, src: &CpuBuf) {
-        dst.data.copy_from_slice(&src.data);
+        self.prof.time(|| "copy".into(), || dst.data.copy_from_slice(&src.data))
     }
     fn copy_n(&self, dst: &mut CpuBuf, src: &CpuBuf, n: usize) {
-        dst.data[..n].copy_from_slice(&src.data[..n]);
+        self.prof.time(|| "copy".into(), || dst.data[..n].copy_from_slice(&src.data[..n]))
     }
     fn add(&self, dst: &mut CpuBuf, src: &CpuBuf) {
-        ops::add(dst, src)
+        self.prof.time(|| "add/axpy/scale".into(), || ops::add(dst, src))
     }
     fn axpy(&self, dst: &mut CpuBuf, alpha: f32, src: &CpuBuf) {
         use rayon::prelude::*;
-        dst.data.par_chunks_mut(8192).zip(src.data.par_chunks(8192)).for_each(|(d, s)| {
-            for (a, b) in d.iter_mut().zip(s) {
-                *a += alpha * *b;
-            }
-        });
+        self.prof.time(
+            || "add/axpy/scale".into(),
+            || {
+                dst.data.par_chunks_mut(8192).zip(src.data.par_chunks(8192)).for_each(|(d, s)| {
+                    for (a, b) in d.iter_mut().zip(s) {
+                        *a += alpha * *b;
+                    }
+                })
+            },
+        )
     }
     fn scale(&self, b: &mut CpuBuf, s: f32) {
-        ops::scale(b, s)
+        self.prof.time(|| "add/axpy/scale".into(), || ops::scale(b, s))
     }
     fn sumsq(&self, b: &CpuBuf, n: usize) -> f64 {
-        ops::sumsq(&b.data[..n])
+        self.prof.time(|| "sumsq".into(), || ops::sumsq(&b.data[..n]))
     }
     fn sumsq_acc(&self, b: &CpuBuf, n: usize) {
         // one f64 per tensor added in call order: the same sum as summing the returns
-        let s = ops::sumsq(&b.data[..n]);
+        let s = self.prof.time(|| "sumsq".into(), || ops::sumsq(&b.data[..n]));
         *self.sumsq_total.lock().unwrap() += s;
     }
     fn take_sumsq(&self) -> f64 {
@@ -182,38 +191,44 @@ impl Memory for Cpu {
 }
 
 impl Layers for Cpu {
+    fn profile(&self) -> Option<std::collections::BTreeMap<String, f64>> {
+        self.prof.snapshot()
+    }
     fn matmul(&self, out: &mut CpuBuf, inp: &CpuBuf, w: &CpuBuf, n: usize, ic: usize, oc: usize, acc: bool) {
-        matmul::matmul(out, inp, w, n, ic, oc, acc, self.par())
+        self.prof.time(|| profile::mm("matmul.fwd", n, ic, oc), || matmul::matmul(out, inp, w, n, ic, oc, acc, self.par()))
     }
     fn matmul_dinp(&self, dinp: &mut CpuBuf, dout: &CpuBuf, w: &CpuBuf, n: usize, ic: usize, oc: usize, acc: bool) {
-        matmul::matmul_dinp(dinp, dout, w, n, ic, oc, acc, self.par())
+        self.prof.time(|| profile::mm("matmul.dinp", n, ic, oc), || matmul::matmul_dinp(dinp, dout, w, n, ic, oc, acc, self.par()))
     }
     fn matmul_dw(&self, dw: &mut CpuBuf, dout: &CpuBuf, inp: &CpuBuf, n: usize, ic: usize, oc: usize, acc: bool) {
-        matmul::matmul_dw(dw, dout, inp, n, ic, oc, acc, self.par())
+        self.prof.time(|| profile::mm("matmul.dw", n, ic, oc), || matmul::matmul_dw(dw, dout, inp, n, ic, oc, acc, self.par()))
     }
     fn matmul_dw_rows(&self, dw: &mut CpuBuf, dout: &CpuBuf, inp: &CpuBuf, n: usize, ic: usize, oc: usize, r0: usize, rows: usize) {
-        matmul::matmul_dw_rows(&mut dw.data, &dout.data, &inp.data, n, ic, oc, r0, rows, self.par())
+        self.prof.time(
+            || profile::mm("matmul.dw_rows", n, ic, oc),
+            || matmul::matmul_dw_rows(&mut dw.data, &dout.data, &inp.data, n, ic, oc, r0, rows, self.par()),
+        )
     }
     fn embedding(&self, out: &mut CpuBuf, tokens: &[i32], table: &CpuBuf, c: usize) {
-        ops::embedding(out, tokens, table, c)
+        self.prof.time(|| "embedding".into(), || ops::embedding(out, tokens, table, c))
     }
     fn embedding_bwd(&self, dtable: &mut CpuBuf, dout: &CpuBuf, tokens: &[i32], c: usize) {
-        ops::embedding_bwd(dtable, dout, tokens, c)
+        self.prof.time(|| "embedding_bwd".into(), || ops::embedding_bwd(dtable, dout, tokens, c))
     }
     fn embedding_bwd_rows(&self, dchunk: &mut CpuBuf, dout: &CpuBuf, tokens: &[i32], c: usize, r0: usize, rows: usize) {
-        ops::embedding_bwd_rows(&mut dchunk.data, &dout.data, tokens, c, r0, rows)
+        self.prof.time(|| "embedding_bwd".into(), || ops::embedding_bwd_rows(&mut dchunk.data, &dout.data, tokens, c, r0, rows))
     }
     fn rmsnorm(&self, out: &mut CpuBuf, rstd: &mut CpuBuf, x: &CpuBuf, w: &CpuBuf, n: usize, c: usize, eps: f32) {
-        ops::rmsnorm(out, rstd, x, w, n, c, eps)
+        self.prof.time(|| "rmsnorm".into(), || ops::rmsnorm(out, rstd, x, w, n, c, eps))
     }
     fn rmsnorm_bwd(&self, dx: &mut CpuBuf, dw: &mut CpuBuf, dout: &CpuBuf, x: &CpuBuf, w: &CpuBuf, rstd: &CpuBuf, n: usize, c: usize) {
-        ops::rmsnorm_bwd(dx, dw, dout, x, w, rstd, n, c)
+        self.prof.time(|| "rmsnorm_bwd".into(), || ops::rmsnorm_bwd(dx, dw, dout, x, w, rstd, n, c))
     }
     fn rope(&self, x: &mut CpuBuf, table: &CpuBuf, b: usize, t: usize, heads: usize, hd: usize, inverse: bool) {
-        ops::rope(x, table, b, t, heads, hd, inverse)
+        self.prof.time(|| if inverse { "rope_bwd" } else { "rope" }.into(), || ops::rope(x, table, b, t, heads, hd, inverse))
     }
     fn attention(&self, out: &mut CpuBuf, att: &mut CpuBuf, q: &CpuBuf, k: &CpuBuf, v: &CpuBuf, d: AttnDims) {
-        attention::forward(out, att, q, k, v, d)
+        self.prof.time(|| "attention".into(), || attention::forward(out, att, q, k, v, d))
     }
     fn attention_bwd(
         &self,
@@ -228,16 +243,19 @@ impl Layers for Cpu {
         att: &CpuBuf,
         d: AttnDims,
     ) {
-        attention::backward(dq, dk, dv, scratch, dout, q, k, v, att, d)
+        self.prof.time(|| "attention_bwd".into(), || attention::backward(dq, dk, dv, scratch, dout, q, k, v, att, d))
     }
     fn swiglu(&self, out: &mut CpuBuf, gate: &CpuBuf, up: &CpuBuf, n: usize) {
-        ops::swiglu(&mut out.data[..n], &gate.data[..n], &up.data[..n])
+        self.prof.time(|| "swiglu".into(), || ops::swiglu(&mut out.data[..n], &gate.data[..n], &up.data[..n]))
     }
     fn swiglu_bwd(&self, dgate: &mut CpuBuf, dup: &mut CpuBuf, dout: &CpuBuf, gate: &CpuBuf, up: &CpuBuf, n: usize) {
-        ops::swiglu_bwd(&mut dgate.data[..n], &mut dup.data[..n], &dout.data[..n], &gate.data[..n], &up.data[..n])
+        self.prof.time(
+            || "swiglu_bwd".into(),
+            || ops::swiglu_bwd(&mut dgate.data[..n], &mut dup.data[..n], &dout.data[..n], &gate.data[..n], &up.data[..n]),
+        )
     }
     fn cross_entropy(&self, logits: &mut CpuBuf, targets: &[i32], losses: &mut [f32], n: usize, v: usize, grad_scale: Option<f32>) -> Result<()> {
-        ops::cross_entropy(logits, targets, losses, n, v, grad_scale);
+        self.prof.time(|| "cross_entropy".into(), || ops::cross_entropy(logits, targets, losses, n, v, grad_scale));
         Ok(())
     }
 }
@@ -246,15 +264,16 @@ impl Optimizers for Cpu {
     type A8 = Tracked<State8>;
 
     fn adamw(&self, p: &mut CpuBuf, g: &CpuBuf, m: &mut CpuBuf, v: &mut CpuBuf, hp: AdamHp) {
-        ops::adamw(p, g, m, v, hp)
+        self.prof.time(|| "optimizer.adamw".into(), || ops::adamw(p, g, m, v, hp))
     }
     fn galore_adam(&self, buf: &mut CpuBuf, m: &mut CpuBuf, v: &mut CpuBuf, hp: AdamHp) {
         let n = m.len();
-        ops::galore_adam(&mut buf.data[..n], &mut m.data, &mut v.data, hp)
+        self.prof.time(|| "optimizer.galore_adam".into(), || ops::galore_adam(&mut buf.data[..n], &mut m.data, &mut v.data, hp))
     }
     fn bnb32_step(&self, p: &mut CpuBuf, g: &CpuBuf, m: &mut CpuBuf, v: &mut CpuBuf, hp: BnbHp) {
         let n = m.len();
-        self.count_nonfinite(adam8::step32(&mut p.data[..n], &g.data[..n], &mut m.data, &mut v.data[..n], hp));
+        let k = self.prof.time(|| "optimizer.bnb32".into(), || adam8::step32(&mut p.data[..n], &g.data[..n], &mut m.data, &mut v.data[..n], hp));
+        self.count_nonfinite(k);
     }
     fn a8_new(&self, n: usize, block: usize, cat: Category) -> Result<Self::A8> {
         let st = State8::new(n, block);
@@ -264,11 +283,16 @@ impl Optimizers for Cpu {
     fn a8_step(&self, p: &mut CpuBuf, g: &CpuBuf, st: &mut Self::A8, hp: BnbHp) {
         let maps = MAPS.get_or_init(adam8::Maps::new);
         let n = st.m.len();
-        self.count_nonfinite(adam8::step8(&mut p.data[..n], &g.data[..n], &mut st.inner, maps, hp));
+        let k = self.prof.time(|| "optimizer.adam8".into(), || adam8::step8(&mut p.data[..n], &g.data[..n], &mut st.inner, maps, hp));
+        self.count_nonfinite(k);
     }
     fn a8_step_range(&self, p: &mut CpuBuf, g: &CpuBuf, st: &mut Self::A8, off: usize, len: usize, hp: BnbHp) {
         let maps = MAPS.get_or_init(adam8::Maps::new);
-        self.count_nonfinite(adam8::step8_range(&mut p.data[off..off + len], &g.data[..len], &mut st.inner, off, len, maps, hp));
+        let k = self.prof.time(
+            || "optimizer.adam8".into(),
+            || adam8::step8_range(&mut p.data[off..off + len], &g.data[..len], &mut st.inner, off, len, maps, hp),
+        );
+        self.count_nonfinite(k);
     }
     fn a8_to_host<'a>(&self, st: &'a Self::A8) -> Result<Cow<'a, State8>> {
         Ok(Cow::Borrowed(&st.inner))
@@ -278,19 +302,24 @@ impl Optimizers for Cpu {
     }
     fn sanitize(&self, b: &mut CpuBuf, n: usize) {
         use rayon::prelude::*;
-        let k: u64 = b.data[..n]
-            .par_chunks_mut(8192)
-            .map(|c| {
-                let mut k = 0u64;
-                for v in c.iter_mut() {
-                    if !v.is_finite() {
-                        *v = 0.0;
-                        k += 1;
-                    }
-                }
-                k
-            })
-            .sum();
+        let k: u64 = self.prof.time(
+            || "sanitize".into(),
+            || {
+                b.data[..n]
+                    .par_chunks_mut(8192)
+                    .map(|c| {
+                        let mut k = 0u64;
+                        for v in c.iter_mut() {
+                            if !v.is_finite() {
+                                *v = 0.0;
+                                k += 1;
+                            }
+                        }
+                        k
+                    })
+                    .sum()
+            },
+        );
         self.count_nonfinite(k);
     }
     fn take_nonfinite(&self) -> u64 {
@@ -310,13 +339,13 @@ impl Quantization for Cpu {
         q.bytes()
     }
     fn q_quantize(&self, q: &mut Self::Q, src: &CpuBuf, range: Range) {
-        q.inner.quantize(src, range)
+        self.prof.time(|| "quantize".into(), || q.inner.quantize(src, range))
     }
     fn q_dequantize(&self, dst: &mut CpuBuf, q: &Self::Q) {
-        q.inner.dequantize(dst)
+        self.prof.time(|| format!("dequant.int{}", q.inner.bits).into(), || q.inner.dequantize(dst))
     }
     fn q_update(&self, q: &mut Self::Q, delta: &CpuBuf, decay: f32, range: Range, sr: Option<u64>) {
-        q.inner.update(delta, decay, range, sr)
+        self.prof.time(|| "optimizer.q_update".into(), || q.inner.update(delta, decay, range, sr))
     }
     fn q_to_host<'a>(&self, q: &'a Self::Q) -> Result<Cow<'a, QTensor>> {
         Ok(Cow::Borrowed(&q.inner))
@@ -337,7 +366,7 @@ impl Quantization for Cpu {
     }
     fn nf4_dequantize_rows(&self, dst: &mut CpuBuf, t: &Self::N, cols: usize, rows: std::ops::Range<usize>) {
         let n = rows.len() * cols;
-        t.inner.dequantize_rows(cols, rows, &mut dst.data[..n])
+        self.prof.time(|| "dequant.nf4".into(), || t.inner.dequantize_rows(cols, rows, &mut dst.data[..n]))
     }
     fn nf4_to_host<'a>(&self, t: &'a Self::N) -> Result<Cow<'a, Nf4Tensor>> {
         Ok(Cow::Borrowed(&t.inner))
@@ -357,7 +386,10 @@ impl Linalg for Cpu {
         seed: u64,
         out: &mut CpuBuf,
     ) -> Result<()> {
-        linalg::top_subspace(g, rows, cols, rank, right, method, prev.map(|p| &p.data[..]), seed, out, self.threads)
+        self.prof.time(
+            || "refresh.top_subspace".into(),
+            || linalg::top_subspace(g, rows, cols, rank, right, method, prev.map(|p| &p.data[..]), seed, out, self.threads),
+        )
     }
 }
 
