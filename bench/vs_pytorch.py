@@ -164,6 +164,24 @@ class Int8Linear(torch.nn.Module):
         return Int8MatMul.apply(x, self.weight)
 
 
+def qgalore_for_current_bnb(base):
+    """QGaLoreAdamW8bit with an update_step that bitsandbytes 0.50 accepts."""
+    from bitsandbytes.optim.optimizer import Optimizer2State
+
+    class Adapted(base):
+        def update_step(self, group, p, gindex, pindex, flag_use_float_grad=False):
+            if not flag_use_float_grad:
+                return Optimizer2State.update_step(self, group, p, gindex, pindex)
+            saved = p.grad
+            p.grad = p.float_grad  # p.data is float here (q-galore dequantized it)
+            try:
+                return Optimizer2State.update_step(self, group, p, gindex, pindex)
+            finally:
+                p.grad = saved
+
+    return Adapted
+
+
 PROJECTED = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -285,14 +303,26 @@ def build_optimizer(model, spec: dict):
             "gamma_proj": o["gamma"],
             "queue_size": o["queue_size"],
         }
-        opt = QGaLoreAdamW8bit(
+        opt = qgalore_for_current_bnb(QGaLoreAdamW8bit)(
             [{"params": regular}, group],
             lr=lr,
             betas=betas,
             eps=o["eps"],
             weight_decay=o["weight_decay"],
         )
-        return opt, "q_galore_torch.QGaLoreAdamW8bit (+ INT8 linear, see notes)"
+        # QGaLoreAdamW8bit passes (percentile_clipping, block_wise) positionally where
+        # bitsandbytes ≥ 0.44 takes (max_unorm, skip_zeros): undo that (no unorm limit, no
+        # zero skipping, as Q-GaLore ran them).
+        opt.args.max_unorm = 0.0
+        opt.args.skip_zeros = False
+        NOTES.append(
+            "q-galore-torch 1.0 adapted to bitsandbytes 0.50 at run time: its update_step "
+            "(old positional kernel signatures, config['percentile_clipping']) is replaced by "
+            "bitsandbytes' own Optimizer2State.update_step with float_grad as the gradient; "
+            "max_unorm/skip_zeros reset to 0/False (the package passes percentile_clipping/"
+            "block_wise there); 8-bit blockwise Adam runs on bitsandbytes' CPU kernels"
+        )
+        return opt, "q_galore_torch.QGaLoreAdamW8bit (INT8 linear of vs_pytorch.py; see notes)"
     raise SystemExit(f"vs_pytorch.py: optimizer {name}: unknown; allowed: adamw, galore, qgalore")
 
 
@@ -325,19 +355,25 @@ def batches(path: str, b: int, t: int):
     return get
 
 
+MATMUL = {"mm", "addmm", "bmm", "matmul", "linear", "baddbmm", "addbmm", "_addmm_activation"}
+LAYOUT = {"copy_", "clone", "contiguous", "cat", "_to_copy", "to", "empty", "empty_like",
+          "zeros", "zeros_like", "zero_", "fill_", "stack", "as_strided", "view", "reshape",
+          "_reshape_alias", "_unsafe_view", "transpose", "t", "expand", "slice", "select",
+          "unsqueeze", "squeeze", "permute", "split", "chunk", "narrow", "new_empty_strided",
+          "empty_strided", "resize_", "detach", "alias", "unbind", "index_select"}
+
+
 def category(op: str) -> str:
-    if "scaled_dot_product" in op or "flash_attention" in op or "attention" in op:
+    name = op.split("::", 1)[-1]
+    if "scaled_dot_product" in name or "flash_attention" in name:
         return "attention"
-    if op in ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear",
-              "aten::baddbmm", "aten::addbmm", "aten::_addmm_activation"):
+    if name in MATMUL:
         return "matmul"
-    if "log_softmax" in op or "nll_loss" in op or "cross_entropy" in op:
+    if "log_softmax" in name or "nll_loss" in name or "cross_entropy" in name:
         return "loss"
-    if "embedding" in op or "index" in op:
+    if "embedding" in name:
         return "embedding"
-    if any(k in op for k in ("copy_", "clone", "contiguous", "cat", "to_copy", "empty", "zero",
-                             "fill_", "stack", "as_strided", "view", "reshape", "transpose",
-                             "expand", "slice", "select", "unsqueeze", "permute", "t")):
+    if name in LAYOUT:
         return "copies/layout"
     return "elementwise/other"
 

@@ -281,11 +281,13 @@ async function venvPython(): Promise<string> {
     if (!mk.success) throw new Error(`${base} -m venv ${VENV} failed`);
   }
   console.error(`vs_pytorch: installing ${REQUIREMENTS} into ${VENV} (several GB the first time)`);
+  // pip's report goes to stderr: stdout is the benchmark's JSON lines
   const pip = await new Deno.Command(py, {
     args: ["-m", "pip", "install", "--progress-bar", "off", "-r", REQUIREMENTS],
-    stdout: "inherit",
+    stdout: "piped",
     stderr: "inherit",
   }).output();
+  await Deno.stderr.write(pip.stdout);
   if (!pip.success) throw new Error(`pip install -r ${REQUIREMENTS} failed`);
   Deno.writeTextFileSync(stamp, want);
   return py;
@@ -377,7 +379,8 @@ async function main() {
         data,
         profile: !values["no-profile"],
       };
-      const oursRun = () =>
+      // the profiles come from the first repetition only (torch.profiler costs an extra step)
+      const oursRun = (profile: boolean) =>
         runChild(
           Deno.execPath(),
           [
@@ -399,24 +402,34 @@ async function main() {
             "--data",
             data,
           ],
-          values["no-profile"] ? {} : { QGALORE_PROFILE: "1" },
+          values["no-profile"] || !profile ? {} : { QGALORE_PROFILE: "1" },
         );
-      const torchRun = () =>
+      const torchRun = (profile: boolean) =>
         runChild(py, [
           PY_SCRIPT,
           "train",
           "--threads",
           `${threads}`,
           "--spec",
-          JSON.stringify(spec),
+          JSON.stringify({ ...spec, profile: spec.profile && profile }),
         ]);
       // alternate which side goes first from one repetition to the next
       const order = rep % 2 === 0 ? ["ours", "torch"] : ["torch", "ours"];
       for (const side of order) {
         console.error(`vs_pytorch: rep ${rep + 1}/${reps} ${c} ${side}`);
-        const r = side === "ours" ? await oursRun() : await torchRun();
+        const r = side === "ours" ? await oursRun(rep === 0) : await torchRun(rep === 0);
         if (r.error) console.error(`vs_pytorch: ${c} ${side}: ${r.error}`);
+        else console.error(`vs_pytorch:   ${r.tokens_per_s} tokens/s, load ${r.load_before}`);
         runs[c][side as "ours" | "torch"].push(r);
+        // every measurement as it comes, so that an interrupted run keeps what it measured
+        const { versions: _v, ...rest } = r;
+        emit({
+          kind: "run",
+          rep: rep + 1,
+          case: c,
+          side: side === "torch" ? "pytorch" : side,
+          ...rest,
+        });
       }
     }
   }
@@ -440,10 +453,6 @@ async function main() {
     const rssO = maxOf(rss(ours));
     const rssP = maxOf(rss(torch));
     const last = <T>(xs: T[]) => xs[xs.length - 1];
-    const strip = (r: Record<string, unknown>) => {
-      const { step_s: _s, losses: _l, versions: _v, model_shape: _m, config: _c, ...rest } = r;
-      return rest;
-    };
     emit({
       kind: "case",
       case: c,
@@ -472,8 +481,12 @@ async function main() {
         ours: (last(ours).losses as number[] | undefined)?.slice(0, 3) ?? null,
         pytorch: (last(torch).losses as number[] | undefined)?.slice(0, 3) ?? null,
       },
-      ours_runs: ours.map(strip),
-      pytorch_runs: torch.map(strip),
+      ours_timing_per_step: ours.map((r) => r.timing_per_step ?? null),
+      pytorch_timing_per_step: torch.map((r) => r.timing_per_step ?? null),
+      ours_profile: ours[0]?.profile ?? null,
+      pytorch_profile: torch[0]?.profile ?? null,
+      pytorch_notes: last(torch).notes ?? null,
+      errors: [...ours, ...torch].map((r) => r.error).filter((e) => e),
     });
   }
 }
