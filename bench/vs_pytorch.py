@@ -1,6 +1,6 @@
 """PyTorch side of bench/vs_pytorch.ts (benchmark only; never run by CI or the tests).
 
-Called by bench/vs_pytorch.ts with the interpreter of the local venv (bench/.venv), one process
+Called by bench/vs_pytorch.ts with the interpreter of the local venv (.venv/vs-pytorch), one process
 per measurement, so that each side's peak RSS is its own:
 
   python bench/vs_pytorch.py gemm  --threads 2 --size 2048

@@ -6,7 +6,7 @@
  *       [--steps 8] [--warmup 2] [--threads 2] [--batch 8] [--seq 256] [--reps 2]
  *       [--data FILE] [--out FILE.jsonl] [--no-profile]
  *
- * On first use it makes a venv in bench/.venv (Python ≥ 3.11: `$QGALORE_BENCH_PYTHON`, else
+ * On first use it makes a venv in .venv/vs-pytorch (Python ≥ 3.11: `$QGALORE_BENCH_PYTHON`, else
  * the first of python3.12, python3.13, python3.11, python3 that is new enough) and installs
  * the pinned reference from bench/vs_pytorch_requirements.txt: torch, transformers,
  * galore-torch, q-galore-torch, bitsandbytes. It reinstalls when that file changes.
@@ -35,7 +35,8 @@ import { modelConfig } from "../lib/presets.ts";
 
 const HERE = import.meta.dirname!;
 const ROOT = dirname(HERE);
-const VENV = join(HERE, ".venv");
+// outside bench/ so that `deno check bench/` does not walk into it (git-ignored by `.venv/`)
+const VENV = join(ROOT, ".venv", "vs-pytorch");
 const REQUIREMENTS = join(HERE, "vs_pytorch_requirements.txt");
 const PY_SCRIPT = join(HERE, "vs_pytorch.py");
 const ALL_CASES = [
