@@ -10,7 +10,7 @@ export const PACKAGE_VERSION: string = "0.1.0";
 
 /** SHA-256 of the list below as `sha256sum` prints it; names the cached library. */
 export const SOURCES_DIGEST: string =
-  "2f256a52acc47052847c644ad531e685f12b477e9dfecba4bb034e907b67e6b5";
+  "53bf9ba42ef0bad8712b33028b8cda9d8857437a39b8bb71e245650ebc4ba395";
 
 /** Every file the build needs: path from the package root and SHA-256 of its bytes. */
 export const SOURCES: readonly { readonly path: string; readonly sha256: string }[] = [
@@ -55,8 +55,12 @@ export const SOURCES: readonly { readonly path: string; readonly sha256: string 
     sha256: "38c91070fcb56c45f58ff20baf274c2a27814deb1681b650cc6b038caf4e690a",
   },
   {
+    path: "rust/src/backend/cpu/bf16.rs",
+    sha256: "260cf74da3f9d6c864575398941cec0d6a37dffe93815b9276642a4f8e8ac4e0",
+  },
+  {
     path: "rust/src/backend/cpu/mod.rs",
-    sha256: "5a19b75b8cc9cf3f79632cdfc506d730e32ec60963da4a583945b34f50c9d552",
+    sha256: "c9f38b5ce383cdd2684ab2e3465e187a1fa63f533aec0178a3598af19c8e19df",
   },
   {
     path: "rust/src/backend/cpu/ops.rs",
@@ -136,7 +140,7 @@ export const SOURCES: readonly { readonly path: string; readonly sha256: string 
   },
   {
     path: "rust/src/config.rs",
-    sha256: "e89b3bb5839dae159d8d9162e505e77ea8d15555d60ec0fee44b949a46024432",
+    sha256: "8a4c2c49ae31251f2754f8d6d368abba1e2f57bb5a0e021ed6da82a83b80601b",
   },
   {
     path: "rust/src/config/model.rs",
@@ -207,6 +211,10 @@ export const SOURCES: readonly { readonly path: string; readonly sha256: string 
     sha256: "ebd62339b5bdfd142747f6c0a01433437cb388eccd3ac05c8e1f64954ede6de6",
   },
   {
+    path: "rust/src/host/bf16.rs",
+    sha256: "59fac25f28822eac28b5e7a64e744ac3b41d9f9d7af292af0f016b1a72026998",
+  },
+  {
     path: "rust/src/host/linalg.rs",
     sha256: "a8ebbc58e4e8d1e51e4a0d692d9f4facfadbd94ad421af7324334a5a42d6b0f0",
   },
@@ -216,7 +224,7 @@ export const SOURCES: readonly { readonly path: string; readonly sha256: string 
   },
   {
     path: "rust/src/host/mod.rs",
-    sha256: "e8c0cd65d2d6d58d33346845271c2465c2988b70ef2f63fbe8cfc8ab10595cca",
+    sha256: "9df08472a13d5fc647704362b62bf867eeb57f67a4fff68549865cfcf6ade589",
   },
   {
     path: "rust/src/host/rope.rs",
@@ -328,6 +336,6 @@ export const SOURCES: readonly { readonly path: string; readonly sha256: string 
   },
   {
     path: "rust/src/train.rs",
-    sha256: "c7d0115c99106c576245d7bb9aef7bbe40c543ba754408703468f2942f1f6240",
+    sha256: "947f3ed05511cb7fef97dec4b163cbd53ed67274d67246a94ddace758b4cc968",
   },
 ];

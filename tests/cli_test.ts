@@ -711,7 +711,9 @@ Deno.test("engine messages name flags where they name a setting", () => {
   );
   // a value the engine quotes back stays as it is
   assert.equal(
-    flagNames("precision = bf16: no usable GPU, and the CPU needs AVX512-BF16 or AMX-BF16; use precision fp32 or auto"),
+    flagNames(
+      "precision = bf16: no usable GPU, and the CPU needs AVX512-BF16 or AMX-BF16; use precision fp32 or auto",
+    ),
     "precision = bf16: no usable GPU, and the CPU needs AVX512-BF16 or AMX-BF16; use --precision fp32 or auto",
   );
 });

@@ -2,7 +2,10 @@ import assert from "node:assert/strict";
 
 const pretrain = new URL("../examples/pretrain.ts", import.meta.url).pathname;
 
-async function run(args: string[], env: Record<string, string> = {}): Promise<{ code: number; stderr: string }> {
+async function run(
+  args: string[],
+  env: Record<string, string> = {},
+): Promise<{ code: number; stderr: string }> {
   const dir = await Deno.makeTempDir();
   try {
     const out = await new Deno.Command(Deno.execPath(), {
