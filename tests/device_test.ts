@@ -76,7 +76,7 @@ Deno.test("--precision bf16 without a GPU is a clear one-line error; auto falls 
       "error: precision = bf16: no usable GPU, and the CPU needs AVX512-BF16 or AMX-BF16, which this processor lacks; use --precision fp32 or auto",
     );
     const cpu = await run(["--device", "cpu", "--precision", "bf16"]);
-    assert.equal(cpu.code, 1);
+    assert.equal(cpu.code, 2, "a usage error: refused before the engine starts");
     assert.equal(
       cpu.stderr.trim().split("\n").at(-1),
       "error: --precision bf16 on the CPU needs AVX512-BF16 or AMX-BF16, which this processor lacks; use --precision fp32 or auto",
