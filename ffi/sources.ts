@@ -10,7 +10,7 @@ export const PACKAGE_VERSION: string = "0.1.0";
 
 /** SHA-256 of the list below as `sha256sum` prints it; names the cached library. */
 export const SOURCES_DIGEST: string =
-  "53bf9ba42ef0bad8712b33028b8cda9d8857437a39b8bb71e245650ebc4ba395";
+  "09c52d2d65883e27ccca1c48ef35776f03741c01ebdf08b50256f35c8d47417d";
 
 /** Every file the build needs: path from the package root and SHA-256 of its bytes. */
 export const SOURCES: readonly { readonly path: string; readonly sha256: string }[] = [
@@ -56,7 +56,7 @@ export const SOURCES: readonly { readonly path: string; readonly sha256: string 
   },
   {
     path: "rust/src/backend/cpu/bf16.rs",
-    sha256: "260cf74da3f9d6c864575398941cec0d6a37dffe93815b9276642a4f8e8ac4e0",
+    sha256: "202afff8eb2fd251e3e11d1bfb5051658c6d752bb03863b0f3a82388a4afe69b",
   },
   {
     path: "rust/src/backend/cpu/mod.rs",
@@ -212,7 +212,7 @@ export const SOURCES: readonly { readonly path: string; readonly sha256: string 
   },
   {
     path: "rust/src/host/bf16.rs",
-    sha256: "59fac25f28822eac28b5e7a64e744ac3b41d9f9d7af292af0f016b1a72026998",
+    sha256: "5d121485551d11a29baec1fa8a6450cafcfafd56196da4b32ff15f3d7b210835",
   },
   {
     path: "rust/src/host/linalg.rs",

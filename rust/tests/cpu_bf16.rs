@@ -216,12 +216,23 @@ fn bf16_product_is_the_f32_product_of_rounded_operands() {
 }
 
 #[test]
+fn packed_kernel_layout_agrees_with_the_exact_path() {
+    // the AVX512-BF16 path's packing (operands as bf16, b transposed, k padded to 32) with a
+    // scalar dot product: every product shape, on any processor
+    packed_agrees(CpuBf16::with_kernel(2, Kernel::Packed).unwrap());
+}
+
+#[test]
 fn avx512_bf16_kernel_agrees_with_the_exact_path_where_the_processor_has_it() {
     let Ok(fast) = CpuBf16::with_kernel(2, Kernel::Avx512) else {
         assert!(!hb::detect().avx512_bf16);
         println!("skipped: no AVX512-BF16 on this processor");
         return;
     };
+    packed_agrees(fast);
+}
+
+fn packed_agrees(fast: CpuBf16) {
     let be = exact();
     let (n, ic, oc) = (37, 100, 29);
     let (x, w, d) = (values(n * ic, 1), values(oc * ic, 2), values(n * oc, 3));
@@ -241,7 +252,20 @@ fn avx512_bf16_kernel_agrees_with_the_exact_path_where_the_processor_has_it() {
         be.matmul_dw(&mut a, &up(&be, &d, Category::Grads), &up(&be, &x, Category::Activations), n, ic, oc, acc);
         fast.matmul_dw(&mut b, &up(&fast, &d, Category::Grads), &up(&fast, &x, Category::Activations), n, ic, oc, acc);
         close("avx512 matmul_dw", &b, &a, 1e-5);
+        let (r0, rows) = (3, 20);
+        let mut a = up(&be, &vec![0.0; rows * ic], Category::Grads);
+        let mut b = up(&fast, &vec![0.0; rows * ic], Category::Grads);
+        be.matmul_dw_rows(&mut a, &up(&be, &d, Category::Grads), &up(&be, &x, Category::Activations), n, ic, oc, r0, rows);
+        fast.matmul_dw_rows(&mut b, &up(&fast, &d, Category::Grads), &up(&fast, &x, Category::Activations), n, ic, oc, r0, rows);
+        close("avx512 matmul_dw_rows", &b, &a, 1e-5);
     }
+    // on the grid every sum is exact: the packed path equals the exact path bit for bit
+    let (xg, wg) = (grid(n * ic, 5), grid(oc * ic, 6));
+    let mut a = up(&be, &vec![0.0; n * oc], Category::Activations);
+    let mut b = up(&fast, &vec![0.0; n * oc], Category::Activations);
+    be.matmul(&mut a, &up(&be, &xg, Category::Weights), &up(&be, &wg, Category::Weights), n, ic, oc, false);
+    fast.matmul(&mut b, &up(&fast, &xg, Category::Weights), &up(&fast, &wg, Category::Weights), n, ic, oc, false);
+    assert_eq!(bits(&a), bits(&b), "packed matmul on the grid");
 }
 
 #[test]

@@ -85,6 +85,10 @@ pub enum Kernel {
     /// `vdpbf16ps` on bf16-packed operands (AVX512-BF16): the same products, summed in
     /// pairs and with denormals flushed as the instruction specifies.
     Avx512,
+    /// `Avx512`'s packing (bf16 operands, b transposed, k padded) with a scalar dot product
+    /// in f32 (`gemm_nt_scalar`): lets tests check the packed path's layout on any
+    /// processor. Same products as `Exact`, summed in another order.
+    Packed,
 }
 
 /// The one-line refusal of bf16 precision on a CPU without bf16 instructions.
@@ -150,6 +154,20 @@ pub unsafe fn gemm_nt_avx512(c: &mut [f32], ldc: usize, a: &[u16], b: &[u16], m:
         let ar = &a[i * kp..(i + 1) * kp];
         // SAFETY: the caller checked the instruction sets; slices hold kp values each
         unsafe { row_avx512(&mut row[..n], ar, b, kp, acc, alpha) }
+    });
+}
+
+/// `gemm_nt_avx512` in scalar code: each dot product summed in index order in f32.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_nt_scalar(c: &mut [f32], ldc: usize, a: &[u16], b: &[u16], m: usize, n: usize, kp: usize, acc: bool, alpha: f32) {
+    assert!(a.len() >= m * kp && b.len() >= n * kp && (m == 0 || c.len() >= (m - 1) * ldc + n));
+    c.par_chunks_mut(ldc).take(m).enumerate().for_each(|(i, row)| {
+        let ar = &a[i * kp..(i + 1) * kp];
+        for (j, cj) in row[..n].iter_mut().enumerate() {
+            let br = &b[j * kp..(j + 1) * kp];
+            let dot = ar.iter().zip(br).fold(0.0f32, |s, (&x, &y)| s + bf16_to_f32(x) * bf16_to_f32(y));
+            *cj = if acc { *cj + alpha * dot } else { alpha * dot };
+        }
     });
 }
 

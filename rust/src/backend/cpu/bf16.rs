@@ -84,8 +84,8 @@ impl CpuBf16 {
         let kernel = hb::kernel().map_err(Error::invalid)?;
         Self::with_kernel(threads, kernel)
     }
-    /// A bf16 backend on a given kernel (tests: `Kernel::Exact` runs on any processor;
-    /// `Kernel::Avx512` is refused without the instructions).
+    /// A bf16 backend on a given kernel (tests: `Kernel::Exact` and `Kernel::Packed` run
+    /// on any processor; `Kernel::Avx512` is refused without the instructions).
     pub fn with_kernel(threads: usize, kernel: Kernel) -> Result<Self> {
         if kernel == Kernel::Avx512 && !hb::detect().avx512_bf16 {
             return Err(Error::invalid(hb::MISSING));
@@ -109,17 +109,16 @@ impl CpuBf16 {
     fn product(&self, dst: &mut HalfBuf, a: &[f32], sa: Strided, b: &[f32], sb: Strided, m: usize, n: usize, k: usize, acc: bool, run: impl FnOnce(&mut [f32], &[f32], &[f32])) {
         match self.kernel {
             Kernel::Exact => run(&mut dst.inner.data, a, b),
-            Kernel::Avx512 => {
+            Kernel::Avx512 | Kernel::Packed => {
                 // b is packed transposed: row j of bᵀ is column j of b
                 let kp = hb::padded(k);
                 let (pa, pb) = (hb::pack(a, sa, m, k, kp), hb::pack(b, Strided { off: sb.off, rs: sb.cs, cs: sb.rs }, n, k, kp));
-                #[cfg(target_arch = "x86_64")]
-                // SAFETY: `with_kernel` checked the instruction sets
-                unsafe {
-                    hb::gemm_nt_avx512(&mut dst.inner.data, n, &pa, &pb, m, n, kp, acc, 1.0)
-                };
-                #[cfg(not(target_arch = "x86_64"))]
-                let _ = (pa, pb);
+                match self.kernel {
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: `with_kernel` checked the instruction sets
+                    Kernel::Avx512 => unsafe { hb::gemm_nt_avx512(&mut dst.inner.data, n, &pa, &pb, m, n, kp, acc, 1.0) },
+                    _ => hb::gemm_nt_scalar(&mut dst.inner.data, n, &pa, &pb, m, n, kp, acc, 1.0),
+                }
             }
         }
         dst.store(m * n);
