@@ -10,7 +10,7 @@ export const PACKAGE_VERSION: string = "0.1.0";
 
 /** SHA-256 of the list below as `sha256sum` prints it; names the cached library. */
 export const SOURCES_DIGEST: string =
-  "e8c42154f3a78770ed261bebeba658ae05a6ff951e38d2998f021b57661b8105";
+  "38a98f06e546031be010e751cbe0eff90a9ed626124e26ac947b3fdce93bcc56";
 
 /** Every file the build needs: path from the package root and SHA-256 of its bytes. */
 export const SOURCES: readonly { readonly path: string; readonly sha256: string }[] = [
@@ -55,8 +55,12 @@ export const SOURCES: readonly { readonly path: string; readonly sha256: string 
     sha256: "311af333698dfa656d0a212bca3e7a33f39e2d50e50dc2cd88cc855d1b18c1b8",
   },
   {
+    path: "rust/src/backend/cpu/bf16.rs",
+    sha256: "202afff8eb2fd251e3e11d1bfb5051658c6d752bb03863b0f3a82388a4afe69b",
+  },
+  {
     path: "rust/src/backend/cpu/mod.rs",
-    sha256: "54b8da9c00b9550d6ee5519fac8b69d8aba0cfba07f8ce347cf3df3a25a170be",
+    sha256: "05b89422e18406d13894b06acb4e14d1bd592e5ae5ebe646b7eb755f58edd2a4",
   },
   {
     path: "rust/src/backend/cpu/ops.rs",
@@ -140,7 +144,7 @@ export const SOURCES: readonly { readonly path: string; readonly sha256: string 
   },
   {
     path: "rust/src/config.rs",
-    sha256: "e89b3bb5839dae159d8d9162e505e77ea8d15555d60ec0fee44b949a46024432",
+    sha256: "8a4c2c49ae31251f2754f8d6d368abba1e2f57bb5a0e021ed6da82a83b80601b",
   },
   {
     path: "rust/src/config/model.rs",
@@ -211,6 +215,10 @@ export const SOURCES: readonly { readonly path: string; readonly sha256: string 
     sha256: "ebd62339b5bdfd142747f6c0a01433437cb388eccd3ac05c8e1f64954ede6de6",
   },
   {
+    path: "rust/src/host/bf16.rs",
+    sha256: "5d121485551d11a29baec1fa8a6450cafcfafd56196da4b32ff15f3d7b210835",
+  },
+  {
     path: "rust/src/host/linalg.rs",
     sha256: "a8ebbc58e4e8d1e51e4a0d692d9f4facfadbd94ad421af7324334a5a42d6b0f0",
   },
@@ -220,7 +228,7 @@ export const SOURCES: readonly { readonly path: string; readonly sha256: string 
   },
   {
     path: "rust/src/host/mod.rs",
-    sha256: "e8c0cd65d2d6d58d33346845271c2465c2988b70ef2f63fbe8cfc8ab10595cca",
+    sha256: "9df08472a13d5fc647704362b62bf867eeb57f67a4fff68549865cfcf6ade589",
   },
   {
     path: "rust/src/host/rope.rs",
@@ -332,6 +340,6 @@ export const SOURCES: readonly { readonly path: string; readonly sha256: string 
   },
   {
     path: "rust/src/train.rs",
-    sha256: "c00b4847f2a82e6faabc883a0f65a76f57104a8827f7de56e6278e0fe8d2c115",
+    sha256: "52a0131139654a23104e53bfae27a2e092dd5802f459836ab133ce8b792d6012",
   },
 ];

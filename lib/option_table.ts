@@ -88,8 +88,8 @@ export const DEVICES: readonly Device[] = Object.freeze(
 
 /**
  * Activation and GEMM precision of the engine: `fp32` everywhere, `bf16` activations with
- * bf16 GEMM inputs and fp32 accumulation (CUDA only; weights, gradients and optimizer state
- * stay fp32), or `auto` (bf16 on a GPU, fp32 on the CPU).
+ * bf16 GEMM inputs and fp32 accumulation (a GPU, or a CPU with AVX512-BF16 or AMX-BF16;
+ * weights, gradients and optimizer state stay fp32), or `auto` (bf16 on a GPU, fp32 on the CPU).
  */
 export type Precision = "auto" | "fp32" | "bf16";
 
@@ -781,7 +781,8 @@ export const OPTION_DECLARATIONS = {
     run: "precision",
     section: RUN,
     help: "--precision P         {choices}: bf16 activations and GEMM inputs\n" +
-      "                      need a GPU; auto = bf16 there, fp32 on the CPU [{default}]",
+      "                      need a GPU or a CPU with AVX512-BF16 or AMX-BF16; auto =\n" +
+      "                      bf16 on a GPU, fp32 on the CPU [{default}]",
   },
   checkpointing: {
     flag: "--checkpointing",

@@ -107,6 +107,17 @@ Deno.test("--help and -h", () => {
 });
 
 /** Asserts a one-line UsageError that starts with `start` and matches every pattern. */
+/** Whether the engine runs `--precision bf16` on this CPU (AVX512-BF16 or AMX-BF16, or the
+ * test-only `QGALORE_CPU_BF16` override). */
+function cpuRunsBf16(): boolean {
+  if (Deno.env.get("QGALORE_CPU_BF16")) return true;
+  try {
+    return /\b(avx512_bf16|amx_bf16)\b/.test(Deno.readTextFileSync("/proc/cpuinfo"));
+  } catch {
+    return false;
+  }
+}
+
 function rejects(argv: string[], start: string, ...patterns: RegExp[]): void {
   assert.throws(() => parsePretrainArgs(argv), (e: unknown) => {
     assert.ok(e instanceof UsageError, `${argv.join(" ")}: expected UsageError, got ${e}`);
@@ -154,10 +165,12 @@ Deno.test("bad names: preset, optimizer, device", () => {
   rejects(["--device", "tpu"], "--device tpu: must be one of cpu, cuda, auto");
   rejects(["--precision", "fp16"], "--precision fp16: must be one of auto, fp32, bf16");
   rejects(["--checkpointing", "yes"], "--checkpointing yes: must be on or off");
-  rejects(
-    ["--device", "cpu", "--precision", "bf16"],
-    "--precision bf16 needs a GPU (--device cuda or auto); the CPU engine computes in fp32",
-  );
+  if (!cpuRunsBf16()) {
+    rejects(
+      ["--device", "cpu", "--precision", "bf16"],
+      "--precision bf16 on the CPU needs AVX512-BF16 or AMX-BF16, which this processor lacks; use --precision fp32 or auto",
+    );
+  }
   rejects(["--data", ""], '--data "": must not be empty');
 });
 
@@ -698,7 +711,9 @@ Deno.test("engine messages name flags where they name a setting", () => {
   );
   // a value the engine quotes back stays as it is
   assert.equal(
-    flagNames("precision = bf16 needs a GPU, and none is usable; use precision fp32 or auto"),
-    "precision = bf16 needs a GPU, and none is usable; use --precision fp32 or auto",
+    flagNames(
+      "precision = bf16: no usable GPU, and the CPU needs AVX512-BF16 or AMX-BF16; use precision fp32 or auto",
+    ),
+    "precision = bf16: no usable GPU, and the CPU needs AVX512-BF16 or AMX-BF16; use --precision fp32 or auto",
   );
 });

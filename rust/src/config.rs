@@ -139,8 +139,9 @@ impl Named for Device {
     const ALL: &'static [(Self, &'static str)] = &[(Device::Cpu, "cpu"), (Device::Cuda, "cuda"), (Device::Auto, "auto")];
 }
 
-/// Activation and GEMM precision: `Bf16` (CUDA only) keeps activations and GEMM inputs in
-/// bf16 with fp32 accumulation; `Auto` is bf16 on a GPU and fp32 on the CPU.
+/// Activation and GEMM precision: `Bf16` keeps activations and GEMM inputs in bf16 with
+/// fp32 accumulation (on a GPU, or on a CPU with AVX512-BF16 or AMX-BF16); `Auto` is bf16
+/// on a GPU and fp32 on the CPU.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Precision {
     Auto,
@@ -823,12 +824,13 @@ impl EngineConfig {
     }
 }
 
-/// Precision rules a device imposes before any device is probed.
+/// Precision rules a device imposes before any GPU is probed: bf16 on the CPU needs
+/// AVX512-BF16 or AMX-BF16, asked of the processor at run time (`host::bf16::kernel`;
+/// `QGALORE_CPU_BF16=emulate` lets tests run the exact bf16 path anywhere).
 fn check_device(device: Device, precision: Precision) -> Result<()> {
-    ensure!(
-        !(device == Device::Cpu && precision == Precision::Bf16),
-        "precision bf16 needs a GPU (device cuda or auto); the CPU engine computes in fp32"
-    );
+    if device == Device::Cpu && precision == Precision::Bf16 {
+        crate::host::bf16::kernel().map_err(Error::invalid)?;
+    }
     Ok(())
 }
 

@@ -732,8 +732,13 @@ impl<B: Backend> Session for Engine<B> {
 /// memory plan exceeds the host's available memory is refused before anything is allocated.
 pub fn open(cfg: EngineConfig, init: Option<&std::path::Path>) -> Result<Box<dyn Session>> {
     let cpu = |mut cfg: EngineConfig, fallback: Option<&str>| -> Result<Box<dyn Session>> {
-        if cfg.precision == Precision::Bf16 {
-            return Err(Error::invalid("precision = bf16 needs a GPU, and none is usable; use precision fp32 or auto"));
+        // bf16 on the CPU where it has bf16 instructions (`backend::cpu::bf16`); auto is fp32
+        let bf16 = cfg.precision == Precision::Bf16;
+        if bf16 {
+            crate::host::bf16::kernel().map_err(|e| match fallback {
+                Some(_) => Error::invalid(format!("precision = bf16: no usable GPU, and {}", e.trim_start_matches("precision bf16 on "))),
+                None => Error::invalid(e),
+            })?;
         }
         let mut notices: Vec<String> = fallback.map(String::from).into_iter().collect();
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -742,7 +747,11 @@ pub fn open(cfg: EngineConfig, init: Option<&std::path::Path>) -> Result<Box<dyn
             cfg.threads = cores;
         }
         refuse_beyond_host_memory(&cfg)?;
-        let mut s: Box<dyn Session> = Box::new(Engine::build(crate::backend::cpu::Cpu::new(cfg.threads)?, cfg, init)?);
+        let mut s: Box<dyn Session> = if bf16 {
+            Box::new(Engine::build(crate::backend::cpu::bf16::CpuBf16::new(cfg.threads)?, cfg, init)?)
+        } else {
+            Box::new(Engine::build(crate::backend::cpu::Cpu::new(cfg.threads)?, cfg, init)?)
+        };
         if !notices.is_empty() {
             s.set_notice(&notices.join("; "));
         }

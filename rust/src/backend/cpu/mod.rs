@@ -2,6 +2,7 @@
 //! It is the bit-faithful reference that every GPU kernel is tested against.
 
 pub mod attention;
+pub mod bf16;
 pub mod ops;
 pub mod profile;
 

@@ -1,0 +1,542 @@
+//! bf16 precision on the CPU, with exactly the GPU backend's rules (`backend/cuda/device/
+//! gemm.rs`, `memory.rs`, `rust/kernels/nn.cu`), so that the CPU is the reference for the
+//! GPU's bf16 path as it is for the fp32 one:
+//!
+//! - activation buffers (`alloc` under `Category::Activations`) and `alloc_half` weights
+//!   hold bf16 values: every write into them (layer outputs, GEMM results, uploads, copies,
+//!   fills, 8-bit Adam updates of bf16 tables, dequantized weights) is rounded to nearest
+//!   even once, where the device's kernels store through `f32_to_bf16`;
+//! - every product (the model's GEMMs, attention's and the GaLore projections) takes bf16
+//!   inputs: an f32 operand (weights, logits' gradients, f32 gradients and projectors) is
+//!   rounded first, as the device casts it into scratch; products accumulate in f32 and
+//!   the result is rounded only when its buffer holds bf16 (an accumulating product reads
+//!   the bf16 values back, as cuBLAS does with beta = 1);
+//! - weights, gradients, optimizer state, RMSNorm statistics, RoPE tables, logits and
+//!   projector refreshes stay f32 (`alloc_fp32` and every other category).
+//!
+//! Storage is emulated: a bf16 buffer is an f32 buffer whose values are all bf16 values, so
+//! the layer code (`ops.rs`, `attention.rs`) is shared with the fp32 backend and memory is
+//! not halved (the tracker counts the 4 bytes each value takes). The products run on the
+//! exact path (operands rounded, then the f32 GEMM, products of two bf16 values being
+//! exact in f32) or, on AVX512-BF16 hardware, through `vdpbf16ps` (`host::bf16`).
+//! `Cpu` itself is untouched: fp32 stays bit-identical.
+
+use super::{Cpu, CpuBuf};
+use crate::backend::{AdamHp, AttnDims, Category, Layers, Linalg, MemTracker, Memory, Optimizers, Quantization, Refresh, Runner};
+use crate::error::{Error, Result};
+use crate::host::bf16::{self as hb, Kernel, Strided};
+use crate::host::matmul::{self, gemm_raw};
+use crate::quant::adam8::State8;
+use crate::quant::nf4::Nf4Tensor;
+use crate::quant::{QTensor, Range};
+use gemm::Parallelism;
+use rayon::prelude::*;
+use std::borrow::Cow;
+
+use super::SendPtr as Ptr;
+
+/// The CPU backend under bf16 precision (see the module notes).
+pub struct CpuBf16 {
+    cpu: Cpu,
+    kernel: Kernel,
+}
+
+/// A host buffer and whether it holds bf16 values.
+pub struct HalfBuf {
+    pub inner: CpuBuf,
+    pub half: bool,
+}
+
+impl std::ops::Deref for HalfBuf {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        &self.inner.data
+    }
+}
+
+impl HalfBuf {
+    /// Rounds the first `n` values when the buffer holds bf16.
+    fn store(&mut self, n: usize) {
+        if self.half {
+            let n = n.min(self.inner.data.len());
+            hb::round_slice(&mut self.inner.data[..n]);
+        }
+    }
+    fn store_all(&mut self) {
+        self.store(usize::MAX)
+    }
+    /// The buffer as a GEMM operand: its values when they are bf16, else a rounded copy
+    /// (the device's cast into scratch).
+    fn operand(&self) -> Cow<'_, [f32]> {
+        if self.half {
+            Cow::Borrowed(&self.inner.data)
+        } else {
+            Cow::Owned(hb::rounded(&self.inner.data))
+        }
+    }
+}
+
+impl CpuBf16 {
+    /// A bf16 backend with `threads` workers (0 = one per core), on the kernel this
+    /// processor allows (`host::bf16::kernel`): a one-line error where it has neither
+    /// AVX512-BF16 nor AMX-BF16 (and `QGALORE_CPU_BF16=emulate` is not set).
+    pub fn new(threads: usize) -> Result<Self> {
+        let kernel = hb::kernel().map_err(Error::invalid)?;
+        Self::with_kernel(threads, kernel)
+    }
+    /// A bf16 backend on a given kernel (tests: `Kernel::Exact` and `Kernel::Packed` run
+    /// on any processor; `Kernel::Avx512` is refused without the instructions).
+    pub fn with_kernel(threads: usize, kernel: Kernel) -> Result<Self> {
+        if kernel == Kernel::Avx512 && !hb::detect().avx512_bf16 {
+            return Err(Error::invalid(hb::MISSING));
+        }
+        Ok(CpuBf16 { cpu: Cpu::new(threads)?, kernel })
+    }
+    pub fn kernel(&self) -> Kernel {
+        self.kernel
+    }
+    pub fn threads(&self) -> usize {
+        self.cpu.threads()
+    }
+    fn par(&self) -> Parallelism {
+        self.cpu.par()
+    }
+
+    /// dst[m×n] (row stride ldc) (+)= a·b with a (m×k) and b (k×n) strided, both given
+    /// as bf16 values, in f32; then dst rounded where it holds bf16. The exact path runs
+    /// `run` (one of `host::matmul`'s products on the same operands).
+    #[allow(clippy::too_many_arguments)]
+    fn product(&self, dst: &mut HalfBuf, a: &[f32], sa: Strided, b: &[f32], sb: Strided, m: usize, n: usize, k: usize, acc: bool, run: impl FnOnce(&mut [f32], &[f32], &[f32])) {
+        match self.kernel {
+            Kernel::Exact => run(&mut dst.inner.data, a, b),
+            Kernel::Avx512 | Kernel::Packed => {
+                // b is packed transposed: row j of bᵀ is column j of b
+                let kp = hb::padded(k);
+                let (pa, pb) = (hb::pack(a, sa, m, k, kp), hb::pack(b, Strided { off: sb.off, rs: sb.cs, cs: sb.rs }, n, k, kp));
+                match self.kernel {
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: `with_kernel` checked the instruction sets
+                    Kernel::Avx512 => unsafe { hb::gemm_nt_avx512(&mut dst.inner.data, n, &pa, &pb, m, n, kp, acc, 1.0) },
+                    _ => hb::gemm_nt_scalar(&mut dst.inner.data, n, &pa, &pb, m, n, kp, acc, 1.0),
+                }
+            }
+        }
+        dst.store(m * n);
+    }
+
+    /// Measured bf16 GEMM throughput in GFLOP/s for an (m×k)·(k×n) product on this
+    /// backend's kernel (the operands' rounding or packing included, as in training).
+    pub fn gemm_gflops(&self, m: usize, n: usize, k: usize, iters: usize) -> f64 {
+        let buf = |len: usize, f: &dyn Fn(usize) -> f32| -> Result<HalfBuf> {
+            let mut b = self.alloc_fp32(len, Category::Activations)?;
+            b.inner.data.iter_mut().enumerate().for_each(|(i, v)| *v = f(i));
+            Ok(b)
+        };
+        let (Ok(a), Ok(b), Ok(mut c)) = (buf(m * k, &|i| ((i % 7) as f32 - 3.0) * 0.01), buf(k * n, &|i| ((i % 5) as f32 - 2.0) * 0.01), buf(m * n, &|_| 0.0)) else {
+            return -1.0;
+        };
+        // C[m×n] = A[m×k]·B[k×n]: matmul_dinp's shape with dout = A, w = B
+        self.runner().run(|| {
+            self.matmul_dinp(&mut c, &a, &b, m, n, k, false);
+            let t0 = std::time::Instant::now();
+            for _ in 0..iters.max(1) {
+                self.matmul_dinp(&mut c, &a, &b, m, n, k, false);
+            }
+            2.0 * (m * n * k) as f64 * iters.max(1) as f64 / t0.elapsed().as_secs_f64() / 1e9
+        })
+    }
+}
+
+impl Memory for CpuBf16 {
+    type Buf = HalfBuf;
+
+    fn name(&self) -> &'static str {
+        "cpu"
+    }
+    fn mem(&self) -> &MemTracker {
+        self.cpu.mem()
+    }
+    fn runner(&self) -> Runner {
+        self.cpu.runner()
+    }
+    fn sync(&self) -> Result<()> {
+        Ok(())
+    }
+    fn precision(&self) -> &'static str {
+        "bf16"
+    }
+    fn alloc(&self, n: usize, cat: Category) -> Result<HalfBuf> {
+        Ok(HalfBuf { inner: self.cpu.alloc(n, cat)?, half: cat == Category::Activations })
+    }
+    fn alloc_half(&self, n: usize, cat: Category) -> Result<HalfBuf> {
+        Ok(HalfBuf { inner: self.cpu.alloc(n, cat)?, half: true })
+    }
+    fn alloc_fp32(&self, n: usize, cat: Category) -> Result<HalfBuf> {
+        Ok(HalfBuf { inner: self.cpu.alloc(n, cat)?, half: false })
+    }
+    fn len(&self, b: &HalfBuf) -> usize {
+        b.inner.data.len()
+    }
+    fn upload(&self, dst: &mut HalfBuf, src: &[f32]) -> Result<()> {
+        self.cpu.upload(&mut dst.inner, src)?;
+        dst.store(src.len());
+        Ok(())
+    }
+    fn download(&self, src: &HalfBuf, dst: &mut [f32]) -> Result<()> {
+        self.cpu.download(&src.inner, dst)
+    }
+    fn to_host<'a>(&self, b: &'a HalfBuf, n: usize) -> Result<Cow<'a, [f32]>> {
+        Ok(Cow::Borrowed(&b.inner.data[..n]))
+    }
+    fn from_host(&self, b: &mut HalfBuf, n: usize, fill: impl FnOnce(&mut [f32]) -> Result<()>) -> Result<()> {
+        fill(&mut b.inner.data[..n])?;
+        b.store(n);
+        Ok(())
+    }
+    fn fill(&self, b: &mut HalfBuf, v: f32) {
+        b.inner.data.fill(if b.half { hb::round(v) } else { v });
+    }
+    fn copy(&self, dst: &mut HalfBuf, src: &HalfBuf) {
+        self.cpu.copy(&mut dst.inner, &src.inner);
+        dst.store_all();
+    }
+    fn copy_n(&self, dst: &mut HalfBuf, src: &HalfBuf, n: usize) {
+        self.cpu.copy_n(&mut dst.inner, &src.inner, n);
+        dst.store(n);
+    }
+    // add, axpy and scale only ever see f32 buffers (the device refuses bf16 ones)
+    fn add(&self, dst: &mut HalfBuf, src: &HalfBuf) {
+        self.cpu.add(&mut dst.inner, &src.inner);
+        dst.store_all();
+    }
+    fn axpy(&self, dst: &mut HalfBuf, alpha: f32, src: &HalfBuf) {
+        self.cpu.axpy(&mut dst.inner, alpha, &src.inner);
+        dst.store_all();
+    }
+    fn scale(&self, b: &mut HalfBuf, s: f32) {
+        self.cpu.scale(&mut b.inner, s);
+        b.store_all();
+    }
+    fn sumsq(&self, b: &HalfBuf, n: usize) -> f64 {
+        self.cpu.sumsq(&b.inner, n)
+    }
+    fn sumsq_acc(&self, b: &HalfBuf, n: usize) {
+        self.cpu.sumsq_acc(&b.inner, n)
+    }
+    fn take_sumsq(&self) -> f64 {
+        self.cpu.take_sumsq()
+    }
+}
+
+const fn st(off: usize, rs: usize, cs: usize) -> Strided {
+    Strided { off, rs, cs }
+}
+
+impl Layers for CpuBf16 {
+    fn matmul(&self, out: &mut HalfBuf, inp: &HalfBuf, w: &HalfBuf, n: usize, ic: usize, oc: usize, acc: bool) {
+        let (x, w) = (inp.operand(), w.operand());
+        let p = self.par();
+        self.product(out, &x, st(0, ic, 1), &w, st(0, 1, ic), n, oc, ic, acc, |o, x, w| matmul::matmul(o, x, w, n, ic, oc, acc, p));
+    }
+    fn matmul_dinp(&self, dinp: &mut HalfBuf, dout: &HalfBuf, w: &HalfBuf, n: usize, ic: usize, oc: usize, acc: bool) {
+        let (d, w) = (dout.operand(), w.operand());
+        let p = self.par();
+        self.product(dinp, &d, st(0, oc, 1), &w, st(0, ic, 1), n, ic, oc, acc, |o, d, w| matmul::matmul_dinp(o, d, w, n, ic, oc, acc, p));
+    }
+    fn matmul_dw(&self, dw: &mut HalfBuf, dout: &HalfBuf, inp: &HalfBuf, n: usize, ic: usize, oc: usize, acc: bool) {
+        let (d, x) = (dout.operand(), inp.operand());
+        let p = self.par();
+        self.product(dw, &d, st(0, 1, oc), &x, st(0, ic, 1), oc, ic, n, acc, |o, d, x| matmul::matmul_dw(o, d, x, n, ic, oc, acc, p));
+    }
+    fn matmul_dw_rows(&self, dw: &mut HalfBuf, dout: &HalfBuf, inp: &HalfBuf, n: usize, ic: usize, oc: usize, r0: usize, rows: usize) {
+        let (d, x) = (dout.operand(), inp.operand());
+        let p = self.par();
+        self.product(dw, &d, st(r0, 1, oc), &x, st(0, ic, 1), rows, ic, n, false, |o, d, x| matmul::matmul_dw_rows(o, d, x, n, ic, oc, r0, rows, p));
+    }
+    fn embedding(&self, out: &mut HalfBuf, tokens: &[i32], table: &HalfBuf, c: usize) {
+        self.cpu.embedding(&mut out.inner, tokens, &table.inner, c);
+        out.store(tokens.len() * c);
+    }
+    fn embedding_bwd(&self, dtable: &mut HalfBuf, dout: &HalfBuf, tokens: &[i32], c: usize) {
+        self.cpu.embedding_bwd(&mut dtable.inner, &dout.inner, tokens, c);
+        dtable.store_all();
+    }
+    fn embedding_bwd_rows(&self, dchunk: &mut HalfBuf, dout: &HalfBuf, tokens: &[i32], c: usize, r0: usize, rows: usize) {
+        self.cpu.embedding_bwd_rows(&mut dchunk.inner, &dout.inner, tokens, c, r0, rows);
+        dchunk.store(rows * c);
+    }
+    fn rmsnorm(&self, out: &mut HalfBuf, rstd: &mut HalfBuf, x: &HalfBuf, w: &HalfBuf, n: usize, c: usize, eps: f32) {
+        self.cpu.rmsnorm(&mut out.inner, &mut rstd.inner, &x.inner, &w.inner, n, c, eps);
+        out.store(n * c);
+        rstd.store(n);
+    }
+    fn rmsnorm_bwd(&self, dx: &mut HalfBuf, dw: &mut HalfBuf, dout: &HalfBuf, x: &HalfBuf, w: &HalfBuf, rstd: &HalfBuf, n: usize, c: usize) {
+        self.cpu.rmsnorm_bwd(&mut dx.inner, &mut dw.inner, &dout.inner, &x.inner, &w.inner, &rstd.inner, n, c);
+        dx.store(n * c);
+        dw.store(c);
+    }
+    fn rope(&self, x: &mut HalfBuf, table: &HalfBuf, b: usize, t: usize, heads: usize, hd: usize, inverse: bool) {
+        self.cpu.rope(&mut x.inner, &table.inner, b, t, heads, hd, inverse);
+        x.store(b * t * heads * hd);
+    }
+    fn attention(&self, out: &mut HalfBuf, att: &mut HalfBuf, q: &HalfBuf, k: &HalfBuf, v: &HalfBuf, d: AttnDims) {
+        let (q, k, v) = (q.operand(), k.operand(), v.operand());
+        forward(&mut out.inner.data, &mut att.inner.data, &q, &k, &v, d, (out.half, att.half));
+    }
+    fn attention_bwd(
+        &self,
+        dq: &mut HalfBuf,
+        dk: &mut HalfBuf,
+        dv: &mut HalfBuf,
+        scratch: &mut HalfBuf,
+        dout: &HalfBuf,
+        q: &HalfBuf,
+        k: &HalfBuf,
+        v: &HalfBuf,
+        att: &HalfBuf,
+        d: AttnDims,
+    ) {
+        let (dout, q, k, v, att) = (dout.operand(), q.operand(), k.operand(), v.operand(), att.operand());
+        let half = [dq.half, dk.half, dv.half, scratch.half];
+        backward(&mut dq.inner.data, &mut dk.inner.data, &mut dv.inner.data, &mut scratch.inner.data, &dout, &q, &k, &v, &att, d, half);
+    }
+    fn swiglu(&self, out: &mut HalfBuf, gate: &HalfBuf, up: &HalfBuf, n: usize) {
+        self.cpu.swiglu(&mut out.inner, &gate.inner, &up.inner, n);
+        out.store(n);
+    }
+    fn swiglu_bwd(&self, dgate: &mut HalfBuf, dup: &mut HalfBuf, dout: &HalfBuf, gate: &HalfBuf, up: &HalfBuf, n: usize) {
+        self.cpu.swiglu_bwd(&mut dgate.inner, &mut dup.inner, &dout.inner, &gate.inner, &up.inner, n);
+        dgate.store(n);
+        dup.store(n);
+    }
+    fn cross_entropy(&self, logits: &mut HalfBuf, targets: &[i32], losses: &mut [f32], n: usize, v: usize, grad_scale: Option<f32>) -> Result<()> {
+        self.cpu.cross_entropy(&mut logits.inner, targets, losses, n, v, grad_scale)?;
+        logits.store(n * v);
+        Ok(())
+    }
+}
+
+/// Rounds the `rows`×`cols` block at `p` (row stride `ld`) to bf16 when `half`.
+///
+/// # Safety
+/// The block must lie inside a buffer only this task writes.
+unsafe fn store_block(p: *mut f32, rows: usize, cols: usize, ld: usize, half: bool) {
+    if half {
+        for r in 0..rows {
+            let row = std::slice::from_raw_parts_mut(p.add(r * ld), cols);
+            row.iter_mut().for_each(|x| *x = hb::round(*x));
+        }
+    }
+}
+
+/// Attention forward as the device runs it under bf16 (`plan::attn_scores`, the
+/// `causal_softmax` kernel, `plan::attn_values`): scores = scale·q·kᵀ rounded to bf16, the
+/// probabilities exp(s − max)/Σ rounded once, out = att·v rounded. Inputs are bf16 values.
+fn forward(out: &mut [f32], att: &mut [f32], q: &[f32], k: &[f32], v: &[f32], d: AttnDims, (oh, ah): (bool, bool)) {
+    let (b, t, h, kvh, hd) = (d.b, d.t, d.h, d.kvh, d.hd);
+    assert!(h % kvh == 0 && q.len() >= b * t * h * hd && k.len() >= b * t * kvh * hd && v.len() >= b * t * kvh * hd);
+    assert!(att.len() >= b * h * t * t && out.len() >= b * t * h * hd);
+    let (qs, kvs) = ((h * hd) as isize, (kvh * hd) as isize);
+    let scale = 1.0 / (hd as f32).sqrt();
+    let (op, ap) = (Ptr(out.as_mut_ptr()), Ptr(att.as_mut_ptr()));
+    (0..b * h).into_par_iter().for_each(|bh| {
+        let (bi, hi) = (bh / h, bh % h);
+        let g = hi / (h / kvh);
+        // SAFETY: task bh writes only its head's probabilities and output columns
+        unsafe {
+            let qp = q.as_ptr().add(bi * t * h * hd + hi * hd);
+            let kp = k.as_ptr().add(bi * t * kvh * hd + g * hd);
+            let vp = v.as_ptr().add(bi * t * kvh * hd + g * hd);
+            let a = ap.get().add(bh * t * t);
+            gemm_raw(t, t, hd, a, t as isize, 1, false, qp, qs, 1, kp, 1, kvs, scale, Parallelism::None);
+            store_block(a, t, t, t, ah);
+            for ti in 0..t {
+                let row = std::slice::from_raw_parts_mut(a.add(ti * t), t);
+                let mx = row[..=ti].iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+                let mut sum = 0.0f32;
+                for s in &mut row[..=ti] {
+                    *s = (*s - mx).exp();
+                    sum += *s;
+                }
+                let inv = 1.0 / sum;
+                for s in &mut row[..=ti] {
+                    *s *= inv;
+                }
+                row[ti + 1..].fill(0.0);
+            }
+            store_block(a, t, t, t, ah);
+            let o = op.get().add(bi * t * h * hd + hi * hd);
+            gemm_raw(t, hd, t, o, qs, 1, false, a, t as isize, 1, vp, kvs, 1, 1.0, Parallelism::None);
+            store_block(o, t, hd, h * hd, oh);
+        }
+    });
+}
+
+/// Attention backward as the device runs it under bf16 (`plan::attn_dscores`, `attn_dv`,
+/// the `causal_softmax_bwd` kernel, `attn_dq`, `attn_dk`): every product's result rounded
+/// where its buffer holds bf16, the query heads of a group accumulating into dk and dv
+/// one rounded product at a time. `half`: dq, dk, dv, scratch.
+#[allow(clippy::too_many_arguments)]
+fn backward(dq: &mut [f32], dk: &mut [f32], dv: &mut [f32], scratch: &mut [f32], dout: &[f32], q: &[f32], k: &[f32], v: &[f32], att: &[f32], d: AttnDims, half: [bool; 4]) {
+    let (b, t, h, kvh, hd) = (d.b, d.t, d.h, d.kvh, d.hd);
+    assert!(h % kvh == 0 && q.len() >= b * t * h * hd && k.len() >= b * t * kvh * hd && v.len() >= b * t * kvh * hd);
+    assert!(att.len() >= b * h * t * t && scratch.len() >= b * h * t * t && dout.len() >= b * t * h * hd);
+    assert!(dq.len() >= b * t * h * hd && dk.len() >= b * t * kvh * hd && dv.len() >= b * t * kvh * hd);
+    let [qh, kh, vh, sh] = half;
+    let group = h / kvh;
+    let (qs, kvs, ts) = ((h * hd) as isize, (kvh * hd) as isize, t as isize);
+    let scale = 1.0 / (hd as f32).sqrt();
+    let (dqp, dkp, dvp, sp) = (Ptr(dq.as_mut_ptr()), Ptr(dk.as_mut_ptr()), Ptr(dv.as_mut_ptr()), Ptr(scratch.as_mut_ptr()));
+    (0..b * kvh).into_par_iter().for_each(|bg| {
+        let (bi, g) = (bg / kvh, bg % kvh);
+        // SAFETY: task (bi, g) writes only its kv head's dk, dv rows and its query heads'
+        // dq columns and scores
+        unsafe {
+            let kp = k.as_ptr().add(bi * t * kvh * hd + g * hd);
+            let vp = v.as_ptr().add(bi * t * kvh * hd + g * hd);
+            let dkr = dkp.get().add(bi * t * kvh * hd + g * hd);
+            let dvr = dvp.get().add(bi * t * kvh * hd + g * hd);
+            for j in 0..group {
+                let hi = g * group + j;
+                let bh = bi * h + hi;
+                let a = att.as_ptr().add(bh * t * t);
+                let ds = sp.get().add(bh * t * t);
+                let qp = q.as_ptr().add(bi * t * h * hd + hi * hd);
+                let dop = dout.as_ptr().add(bi * t * h * hd + hi * hd);
+                let dqr = dqp.get().add(bi * t * h * hd + hi * hd);
+                gemm_raw(t, t, hd, ds, ts, 1, false, dop, qs, 1, vp, 1, kvs, 1.0, Parallelism::None);
+                store_block(ds, t, t, t, sh);
+                gemm_raw(t, hd, t, dvr, kvs, 1, j > 0, a, 1, ts, dop, qs, 1, 1.0, Parallelism::None);
+                store_block(dvr, t, hd, kvh * hd, vh);
+                for ti in 0..t {
+                    let ar = std::slice::from_raw_parts(a.add(ti * t), t);
+                    let dr = std::slice::from_raw_parts_mut(ds.add(ti * t), t);
+                    let mut dot = 0.0f32;
+                    for s in 0..=ti {
+                        dot += ar[s] * dr[s];
+                    }
+                    for s in 0..=ti {
+                        dr[s] = ar[s] * (dr[s] - dot) * scale;
+                    }
+                    dr[ti + 1..].fill(0.0);
+                }
+                store_block(ds, t, t, t, sh);
+                gemm_raw(t, hd, t, dqr, qs, 1, false, ds, ts, 1, kp, kvs, 1, 1.0, Parallelism::None);
+                store_block(dqr, t, hd, h * hd, qh);
+                gemm_raw(t, hd, t, dkr, kvs, 1, j > 0, ds, 1, ts, qp, qs, 1, 1.0, Parallelism::None);
+                store_block(dkr, t, hd, kvh * hd, kh);
+            }
+        }
+    });
+}
+
+impl Optimizers for CpuBf16 {
+    type A8 = <Cpu as Optimizers>::A8;
+
+    fn adamw(&self, p: &mut HalfBuf, g: &HalfBuf, m: &mut HalfBuf, v: &mut HalfBuf, hp: AdamHp) {
+        self.cpu.adamw(&mut p.inner, &g.inner, &mut m.inner, &mut v.inner, hp);
+        p.store_all();
+    }
+    fn galore_adam(&self, buf: &mut HalfBuf, m: &mut HalfBuf, v: &mut HalfBuf, hp: AdamHp) {
+        self.cpu.galore_adam(&mut buf.inner, &mut m.inner, &mut v.inner, hp);
+        buf.store_all();
+    }
+    fn bnb32_step(&self, p: &mut HalfBuf, g: &HalfBuf, m: &mut HalfBuf, v: &mut HalfBuf, hp: AdamHp) {
+        let n = m.inner.data.len();
+        self.cpu.bnb32_step(&mut p.inner, &g.inner, &mut m.inner, &mut v.inner, hp);
+        // a bf16 table: each update computed in f32 and rounded (the `bnb32_w16` kernel)
+        p.store(n);
+    }
+    fn a8_new(&self, n: usize, block: usize, cat: Category) -> Result<Self::A8> {
+        self.cpu.a8_new(n, block, cat)
+    }
+    fn a8_step(&self, p: &mut HalfBuf, g: &HalfBuf, st: &mut Self::A8, hp: AdamHp) {
+        let n = st.m.len();
+        self.cpu.a8_step(&mut p.inner, &g.inner, st, hp);
+        p.store(n);
+    }
+    fn a8_step_range(&self, p: &mut HalfBuf, g: &HalfBuf, st: &mut Self::A8, off: usize, len: usize, hp: AdamHp) {
+        self.cpu.a8_step_range(&mut p.inner, &g.inner, st, off, len, hp);
+        if p.half {
+            hb::round_slice(&mut p.inner.data[off..off + len]);
+        }
+    }
+    fn a8_to_host<'a>(&self, st: &'a Self::A8) -> Result<Cow<'a, State8>> {
+        self.cpu.a8_to_host(st)
+    }
+    fn a8_from_host(&self, st: &mut Self::A8, fill: impl FnOnce(&mut State8) -> Result<()>) -> Result<()> {
+        self.cpu.a8_from_host(st, fill)
+    }
+    fn sanitize(&self, b: &mut HalfBuf, n: usize) {
+        self.cpu.sanitize(&mut b.inner, n)
+    }
+    fn take_nonfinite(&self) -> u64 {
+        self.cpu.take_nonfinite()
+    }
+}
+
+impl Quantization for CpuBf16 {
+    type Q = <Cpu as Quantization>::Q;
+
+    fn q_new(&self, numel: usize, bits: u8, group: usize, cat: Category) -> Result<Self::Q> {
+        self.cpu.q_new(numel, bits, group, cat)
+    }
+    fn q_bytes(&self, q: &Self::Q) -> usize {
+        self.cpu.q_bytes(q)
+    }
+    fn q_quantize(&self, q: &mut Self::Q, src: &HalfBuf, range: Range) {
+        self.cpu.q_quantize(q, &src.inner, range)
+    }
+    fn q_dequantize(&self, dst: &mut HalfBuf, q: &Self::Q) {
+        self.cpu.q_dequantize(&mut dst.inner, q);
+        // `q_dequant_bf16`: the dequantized values rounded once
+        dst.store(q.numel);
+    }
+    fn q_update(&self, q: &mut Self::Q, delta: &HalfBuf, decay: f32, range: Range, sr: Option<u64>) {
+        self.cpu.q_update(q, &delta.inner, decay, range, sr)
+    }
+    fn q_to_host<'a>(&self, q: &'a Self::Q) -> Result<Cow<'a, QTensor>> {
+        self.cpu.q_to_host(q)
+    }
+    fn q_from_host(&self, q: &mut Self::Q, fill: impl FnOnce(&mut QTensor) -> Result<()>) -> Result<()> {
+        self.cpu.q_from_host(q, fill)
+    }
+
+    type N = <Cpu as Quantization>::N;
+
+    fn nf4_new(&self, t: Nf4Tensor, cat: Category) -> Result<Self::N> {
+        self.cpu.nf4_new(t, cat)
+    }
+    fn nf4_numel(&self, t: &Self::N) -> usize {
+        self.cpu.nf4_numel(t)
+    }
+    fn nf4_dequantize_rows(&self, dst: &mut HalfBuf, t: &Self::N, cols: usize, rows: std::ops::Range<usize>) {
+        let n = rows.len() * cols;
+        self.cpu.nf4_dequantize_rows(&mut dst.inner, t, cols, rows);
+        // `nf4_dequant_bf16`
+        dst.store(n);
+    }
+    fn nf4_to_host<'a>(&self, t: &'a Self::N) -> Result<Cow<'a, Nf4Tensor>> {
+        self.cpu.nf4_to_host(t)
+    }
+}
+
+impl Linalg for CpuBf16 {
+    /// Refreshes stay fp32 (the device's `gemm32` and solvers).
+    fn top_subspace(
+        &self,
+        g: &HalfBuf,
+        rows: usize,
+        cols: usize,
+        rank: usize,
+        right: bool,
+        method: Refresh,
+        prev: Option<&HalfBuf>,
+        seed: u64,
+        out: &mut HalfBuf,
+    ) -> Result<()> {
+        self.cpu.top_subspace(&g.inner, rows, cols, rank, right, method, prev.map(|p| &p.inner), seed, &mut out.inner)?;
+        out.store_all();
+        Ok(())
+    }
+}
