@@ -1,0 +1,80 @@
+/**
+ * Data-parallel runs: joins the job when `mpirun`/`srun` launched this process, checks that
+ * every rank was started with the same options, and finalizes MPI when the process ends.
+ * A one-process run loads no MPI library and sees a world of one.
+ * @module
+ */
+import {
+  allreduceSum,
+  barrier,
+  broadcast,
+  checkSame,
+  distFinalize,
+  type DistInfo,
+  distInfo,
+  distInit,
+} from "../ffi/dist.ts";
+
+export { allreduceSum, barrier, broadcast, type DistInfo };
+
+let finalizeRegistered = false;
+
+/**
+ * Joins the job (`QGALORE_DIST`: `auto` (default), `mpi` or `off`) and makes sure MPI is
+ * finalized when the process ends (Open MPI reports a rank that exits without it as failed).
+ */
+export function startDist(mode?: string): DistInfo {
+  const m = mode ?? Deno.env.get("QGALORE_DIST") ?? "auto";
+  if (m !== "auto" && m !== "mpi" && m !== "off") {
+    throw new Error(`QGALORE_DIST=${m}: allowed auto, mpi, off`);
+  }
+  const info = distInit(m);
+  if (info.backend === "mpi" && !finalizeRegistered) {
+    finalizeRegistered = true;
+    globalThis.addEventListener("unload", () => {
+      try {
+        distFinalize();
+      } catch {
+        // the process ends either way
+      }
+    });
+  }
+  return info;
+}
+
+/** The current world without joining one. */
+export function world(): DistInfo {
+  return distInfo();
+}
+
+/** Canonical JSON: object keys sorted, so equal options hash equally on every rank. */
+function canonical(v: unknown): string {
+  if (Array.isArray(v)) return `[${v.map(canonical).join(",")}]`;
+  if (v !== null && typeof v === "object") {
+    const o = v as Record<string, unknown>;
+    return `{${
+      Object.keys(o).sort().filter((k) => o[k] !== undefined).map((k) =>
+        `${JSON.stringify(k)}:${canonical(o[k])}`
+      ).join(",")
+    }}`;
+  }
+  return JSON.stringify(v) ?? "null";
+}
+
+/** SHA-256 of the canonical JSON of `options`. */
+export async function optionsHash(options: unknown): Promise<Uint8Array> {
+  const bytes = new TextEncoder().encode(canonical(options));
+  return new Uint8Array(await crypto.subtle.digest("SHA-256", bytes));
+}
+
+/**
+ * Refuses, on every rank with the same one line, a job whose ranks resolved different
+ * `options` (rank 0's hash is broadcast and compared). A no-op in a one-rank world.
+ */
+export async function checkSameOptions(
+  options: unknown,
+  what = "the resolved options",
+): Promise<void> {
+  if (distInfo().size <= 1) return;
+  await checkSame(what, await optionsHash(options));
+}
