@@ -10,7 +10,7 @@ export const PACKAGE_VERSION: string = "0.1.0";
 
 /** SHA-256 of the list below as `sha256sum` prints it; names the cached library. */
 export const SOURCES_DIGEST: string =
-  "17865a284fb50e6fb9d7db9edd765d8273d88e643ce9da0336867c8c1e46ca8e";
+  "ce72be1c17c636496ab30161b909acf8eb5386a45cd830fb06d4e1ca5e8d3b88";
 
 /** Every file the build needs: path from the package root and SHA-256 of its bytes. */
 export const SOURCES: readonly { readonly path: string; readonly sha256: string }[] = [
@@ -175,8 +175,12 @@ export const SOURCES: readonly { readonly path: string; readonly sha256: string 
     sha256: "a77b48872ad2a35db246b18956802d7ee8687ac135876f1ee94700e89fe4944f",
   },
   {
+    path: "rust/src/dist/grads.rs",
+    sha256: "f9278399a62c5f5498132f9ef092c313acea4a0054d4a2fb1b049c2f6549e354",
+  },
+  {
     path: "rust/src/dist/mod.rs",
-    sha256: "919f6159288ad4d73d74fda68ae52ecffd27f08cd079894dd44a249c3e9fd954",
+    sha256: "36485bfece10aa4947649675ee6a233c2a8a6385c2cab5dd179c5241159864eb",
   },
   {
     path: "rust/src/dist/mpi.rs",
@@ -336,6 +340,6 @@ export const SOURCES: readonly { readonly path: string; readonly sha256: string 
   },
   {
     path: "rust/src/train.rs",
-    sha256: "c7d0115c99106c576245d7bb9aef7bbe40c543ba754408703468f2942f1f6240",
+    sha256: "a174d6923595d5e24e59c03b88ec9989e04e021309fb17f8112edad922a132a9",
   },
 ];

@@ -78,3 +78,45 @@ export async function checkSameOptions(
   if (distInfo().size <= 1) return;
   await checkSame(what, await optionsHash(options));
 }
+
+/** A run's place in a data-parallel job (see {@link dataParallel}). */
+export interface DataParallel<O> {
+  /** The options this rank runs with. */
+  opts: O;
+  /** This rank and the number of ranks (0 and 1 in a one-process run). */
+  rank: number;
+  size: number;
+  /** A line for the run's log, or null in a one-process run. */
+  notice: string | null;
+}
+
+/**
+ * Joins the job a training run belongs to. In a one-process run nothing changes. With N > 1
+ * ranks: every rank must have resolved the same options (their hash is compared; `out` is
+ * left out, as its default names the start time), the per-layer fused step is turned off (its
+ * updates do not all-reduce yet), and ranks other than 0 run quiet (rank 0 alone prints,
+ * writes metrics and checkpoints). Resuming a data-parallel run is not supported yet.
+ */
+export async function dataParallel<
+  O extends { fused: boolean; quiet?: boolean; out?: string | null; batchSize: number },
+>(opts: O, resuming: boolean): Promise<DataParallel<O>> {
+  const info = startDist();
+  if (info.size <= 1) return { opts, rank: 0, size: 1, notice: null };
+  const { out: _out, ...compared } = opts;
+  await checkSameOptions(compared);
+  if (resuming) {
+    throw new Error(
+      `--resume: resuming a data-parallel run (${info.size} ranks) is not supported yet; ` +
+        "resume it as one process, or start a new run",
+    );
+  }
+  const notice = `data-parallel: ${info.size} ranks × batch ${opts.batchSize} = global batch ` +
+    `${info.size * opts.batchSize} (${info.backend}${info.version ? `, ${info.version}` : ""})` +
+    (opts.fused ? "; fused step off (its updates do not all-reduce yet)" : "");
+  return {
+    opts: { ...opts, fused: false, quiet: info.rank !== 0 || opts.quiet === true },
+    rank: info.rank,
+    size: info.size,
+    notice,
+  };
+}

@@ -69,6 +69,8 @@ import {
 } from "./options.ts";
 import type { ModelConfig, ResolvedModel } from "./presets.ts";
 import { Rng } from "./rng.ts";
+import { dataParallel, world } from "./dist.ts";
+import { DistError } from "../ffi/dist.ts";
 import { lrAt } from "./schedule.ts";
 
 export type { EngineConfig, MemoryBytes, StepStats };
@@ -168,6 +170,8 @@ export class CorpusBatches implements BatchSource {
   readonly #rng: Rng;
   readonly #path: string | null;
   readonly #shape: { batch: number; seqLen: number; micro: number; evalBatches: number };
+  readonly #rank: number;
+  readonly #ranks: number;
   #valTokens: Int32Array | null = null;
 
   /**
@@ -183,6 +187,11 @@ export class CorpusBatches implements BatchSource {
     this.data = data;
     this.#path = path;
     this.#rng = sampler === null ? new Rng(opts.seed) : Rng.restore(sampler);
+    // data-parallel: every rank draws the whole global batch (so the generator stays the
+    // same everywhere) and trains on its own slice of each micro-batch
+    const w = world();
+    this.#rank = w.rank;
+    this.#ranks = w.size;
     this.#shape = {
       batch: opts.batchSize,
       seqLen: opts.seqLen,
@@ -190,7 +199,9 @@ export class CorpusBatches implements BatchSource {
       evalBatches: opts.evalBatches,
     };
     // the validation windows are fixed: taken once, as the run starts
-    this.#valTokens = data.valBatches(opts.evalBatches, opts.batchSize, opts.seqLen);
+    // (a data-parallel run's ranks each evaluate every window of the global batches, in
+    // batches of their own size: the same mean as one process with the global batch)
+    this.#valTokens = data.valBatches(opts.evalBatches, opts.batchSize * this.#ranks, opts.seqLen);
   }
 
   /** The corpus's best achievable loss, if known. */
@@ -211,8 +222,18 @@ export class CorpusBatches implements BatchSource {
   /** `micro × batch` random windows of `seq_len + 1` tokens; every target counts. */
   next(): TrainBatch {
     const { batch, seqLen, micro } = this.#shape;
-    const tokens = this.data.trainBatch(this.#rng, batch, seqLen, micro);
     const n = micro * batch * seqLen;
+    if (this.#ranks > 1) {
+      const all = this.data.trainBatch(this.#rng, batch * this.#ranks, seqLen, micro);
+      const row = seqLen + 1;
+      const tokens = new Int32Array(micro * batch * row);
+      for (let m = 0; m < micro; m++) {
+        const from = (m * this.#ranks + this.#rank) * batch * row;
+        tokens.set(all.subarray(from, from + batch * row), m * batch * row);
+      }
+      return { tokens, count: n, tokens_real: n };
+    }
+    const tokens = this.data.trainBatch(this.#rng, batch, seqLen, micro);
     return { tokens, count: n, tokens_real: n };
   }
 
@@ -224,7 +245,7 @@ export class CorpusBatches implements BatchSource {
   /** Mean of the batch means over the fixed validation windows. */
   async validate(engine: TrainEngine): Promise<ValResult> {
     const n = this.#shape.evalBatches;
-    return { loss: await engine.evalLoss(this.#valTokens!, n), refBatches: n };
+    return { loss: await engine.evalLoss(this.#valTokens!, n * this.#ranks), refBatches: n };
   }
 }
 
@@ -741,9 +762,21 @@ export class Run implements Disposable {
     } else {
       checked = checkOptions(options);
     }
-    const { opts, model, tokenizer: given } = checked;
+    const { model, tokenizer: given } = checked;
     const notices = [...checked.notices];
-    const out = plan !== null ? plan.dir : opts.out === undefined ? defaultOut() : opts.out;
+    // mpirun/srun: this rank's options (rank 0 alone writes); one process: unchanged
+    const dp = await dataParallel(checked.opts, plan !== null).catch((e: unknown) => {
+      throw e instanceof DistError || !(e instanceof Error) ? e : new UsageError(e.message);
+    });
+    const opts = dp.opts;
+    if (dp.notice !== null) notices.push(dp.notice);
+    const out = dp.rank !== 0
+      ? null
+      : plan !== null
+      ? plan.dir
+      : opts.out === undefined
+      ? defaultOut()
+      : opts.out;
     // read next: it must be a file or folder (a FIFO or a device would block or never end)
     if (opts.data !== null) checkSource("--data", opts.data, "a file or folder");
     if (out !== null && plan === null) checkOut(out, opts.overwrite);

@@ -6,6 +6,7 @@
 //! an MPI library. MPI is driven from one thread at a time (`MPI_THREAD_SERIALIZED` under the
 //! lock of `WORLD`); the engine's rayon workers never call it.
 
+pub mod grads;
 pub mod mpi;
 
 use crate::error::{Error, Result};
