@@ -70,7 +70,6 @@ import {
 import type { ModelConfig, ResolvedModel } from "./presets.ts";
 import { Rng } from "./rng.ts";
 import { dataParallel, world } from "./dist.ts";
-import { DistError } from "../ffi/dist.ts";
 import { lrAt } from "./schedule.ts";
 
 export type { EngineConfig, MemoryBytes, StepStats };
@@ -766,7 +765,7 @@ export class Run implements Disposable {
     const notices = [...checked.notices];
     // mpirun/srun: this rank's options (rank 0 alone writes); one process: unchanged
     const dp = await dataParallel(checked.opts, plan !== null).catch((e: unknown) => {
-      throw e instanceof DistError || !(e instanceof Error) ? e : new UsageError(e.message);
+      throw e instanceof Error ? new UsageError(e.message) : e;
     });
     const opts = dp.opts;
     if (dp.notice !== null) notices.push(dp.notice);

@@ -1,35 +1,7 @@
 import assert from "node:assert/strict";
 import { world } from "../lib/dist.ts";
 import { allreduceSum, broadcast } from "../ffi/dist.ts";
-
-/** `mpirun` on the PATH, or null. */
-function mpirun(): string | null {
-  for (const dir of (Deno.env.get("PATH") ?? "").split(":")) {
-    try {
-      if (Deno.statSync(`${dir}/mpirun`).isFile) return `${dir}/mpirun`;
-    } catch {
-      // not here
-    }
-  }
-  return null;
-}
-
-/** Flags for 2 ranks on this machine over the loopback interface (as root too). */
-export const MPIRUN_FLAGS = [
-  "-np",
-  "2",
-  "--oversubscribe",
-  "--mca",
-  "btl",
-  "self,tcp",
-  "--mca",
-  "btl_tcp_if_include",
-  "lo",
-];
-export const MPIRUN_ENV = {
-  OMPI_ALLOW_RUN_AS_ROOT: "1",
-  OMPI_ALLOW_RUN_AS_ROOT_CONFIRM: "1",
-};
+import { MPIRUN_ENV, MPIRUN_FLAGS, mpirunOrSkip } from "./mpi_run.ts";
 
 Deno.test("dist: a one-process run is a world of one with identity collectives", async () => {
   const info = world();
@@ -45,14 +17,8 @@ Deno.test("dist: a one-process run is a world of one with identity collectives",
 });
 
 Deno.test("dist: mpirun -np 2 sums, broadcasts and refuses differing options exactly", async () => {
-  const bin = mpirun();
-  if (!bin) {
-    if (Deno.env.get("QGALORE_REQUIRE_MPI") === "1") {
-      throw new Error("mpirun not found but QGALORE_REQUIRE_MPI=1");
-    }
-    console.log("skipped: mpirun not found (install openmpi-bin libopenmpi-dev)");
-    return;
-  }
+  const bin = mpirunOrSkip();
+  if (!bin) return;
   const child = new URL("./mpi_child.ts", import.meta.url).pathname;
   const out = await new Deno.Command(bin, {
     args: [...MPIRUN_FLAGS, Deno.execPath(), "run", "-A", child],
