@@ -95,21 +95,15 @@ export interface DataParallel<O> {
  * ranks: every rank must have resolved the same options (their hash is compared; `out` is
  * left out, as its default names the start time), the per-layer fused step is turned off (its
  * updates do not all-reduce yet), and ranks other than 0 run quiet (rank 0 alone prints,
- * writes metrics and checkpoints). Resuming a data-parallel run is not supported yet.
+ * writes metrics and checkpoints; every rank resumes from them).
  */
 export async function dataParallel<
   O extends { fused: boolean; quiet?: boolean; out?: string | null; batchSize: number },
->(opts: O, resuming: boolean): Promise<DataParallel<O>> {
+>(opts: O): Promise<DataParallel<O>> {
   const info = startDist();
   if (info.size <= 1) return { opts, rank: 0, size: 1, notice: null };
   const { out: _out, ...compared } = opts;
   await checkSameOptions(compared);
-  if (resuming) {
-    throw new Error(
-      `--resume: resuming a data-parallel run (${info.size} ranks) is not supported yet; ` +
-        "resume it as one process, or start a new run",
-    );
-  }
   const notice = `data-parallel: ${info.size} ranks × batch ${opts.batchSize} = global batch ` +
     `${info.size * opts.batchSize} (${info.backend}${info.version ? `, ${info.version}` : ""})` +
     (opts.fused ? "; fused step off (its updates do not all-reduce yet)" : "");

@@ -764,7 +764,7 @@ export class Run implements Disposable {
     const { model, tokenizer: given } = checked;
     const notices = [...checked.notices];
     // mpirun/srun: this rank's options (rank 0 alone writes); one process: unchanged
-    const dp = await dataParallel(checked.opts, plan !== null).catch((e: unknown) => {
+    const dp = await dataParallel(checked.opts).catch((e: unknown) => {
       throw e instanceof Error ? new UsageError(e.message) : e;
     });
     const opts = dp.opts;
@@ -786,7 +786,7 @@ export class Run implements Disposable {
       );
     }
     return await Run.#setUp(
-      { opts, model, given, notices, out, plan, started, startedAt },
+      { opts, model, given, notices, out, plan, started, startedAt, root: dp.rank === 0 },
       hooks,
       task,
     );
@@ -802,11 +802,13 @@ export class Run implements Disposable {
       plan: ResumePlan | null;
       started: number;
       startedAt: string;
+      /** Rank 0 of a data-parallel run, or a one-process run: the one that writes. */
+      root: boolean;
     },
     hooks: TrainHooks,
     task: RunTask,
   ): Promise<Run> {
-    const { opts, model, given, notices, out, plan, started, startedAt } = s;
+    const { opts, model, given, notices, out, plan, started, startedAt, root } = s;
     // A trained tokenizer goes to a temporary folder first: it moves into the run's folder
     // only once the data and the engine are ready, so a failed set-up leaves no half run.
     const staged = given === null ? await Deno.makeTempDir({ prefix: "qgalore-tokenizer-" }) : null;
@@ -828,7 +830,7 @@ export class Run implements Disposable {
         throw new UsageError(`--resume ${plan.dir}: ${e.message.slice("resume: ".length)}`);
       });
     // what the run reads, so that a resume can tell whether the data changed
-    const fingerprint = out === null ? null : source.fingerprint();
+    const fingerprint = out === null && plan === null ? null : source.fingerprint();
     if (plan !== null && fingerprint !== plan.record.data.fingerprint) {
       throw new UsageError(
         `--resume ${plan.dir}: the data changed since the checkpoint (${
@@ -885,6 +887,11 @@ export class Run implements Disposable {
           if (!(e instanceof EngineError)) throw e;
           throw new UsageError(`--resume ${plan.dir}: ${e.message}`);
         }
+      }
+      if (plan !== null && !root) {
+        // another rank of a data-parallel run: the same state, nothing of the folder touched
+        resume = { plan, kept: plan.record.metrics_lines, last: null };
+      } else if (plan !== null) {
         // newer checkpoints that are not valid are renamed, so no later resume or pruning
         // mistakes them for the run's (nothing is deleted)
         for (const s of plan.skipped) {

@@ -6,12 +6,19 @@ import { world } from "../lib/dist.ts";
 import { Engine, type EngineConfig } from "../ffi/engine.ts";
 
 const [optsJson, dir] = Deno.args;
-const opts = JSON.parse(optsJson);
+const { stopAfter, ...opts } = JSON.parse(optsJson);
 let engine: Engine | null = null;
-await train({ ...opts, out: `${dir}/run`, quiet: true }, {
-  createEngine: async (cfg: EngineConfig) => (engine = await Engine.create(cfg)),
-  onStep: async (r) => {
-    if (r.step === opts.steps) await engine!.save(`${dir}/rank-${world().rank}.safetensors`);
+// `stopAfter`: stop after that update like Ctrl-C (rank 0 saves a checkpoint to resume from)
+const stop = new AbortController();
+await train(
+  { ...opts, ...(opts.resume ? {} : { out: `${dir}/run` }), quiet: true },
+  {
+    createEngine: async (cfg: EngineConfig) => (engine = await Engine.create(cfg)),
+    onStep: async (r) => {
+      if (r.step === opts.steps) await engine!.save(`${dir}/rank-${world().rank}.safetensors`);
+      if (r.step === stopAfter) stop.abort();
+    },
+    signal: stop.signal,
   },
-});
+);
 console.log(`DP-CHILD-OK ${world().rank}`);
