@@ -165,7 +165,8 @@ Deno.test("data parallel: a stopped 2-rank run resumes update for update", async
 Deno.test("data parallel: ranks started with different options are refused with one line", async () => {
   const bin = mpirunOrSkip();
   if (!bin) return;
-  const common = ["run", "-A", PRETRAIN, "--steps", "1", "--out", "none"];
+  const dir = await Deno.makeTempDir({ prefix: "qgalore-dp-refuse-" });
+  const common = ["run", "-A", PRETRAIN, "--steps", "1", "--out", `${dir}/run`];
   const r = await run(bin, [
     ...MPIRUN_FLAGS.filter((f, i, all) => f !== "-np" && all[i - 1] !== "-np"),
     "-np",
@@ -187,4 +188,7 @@ Deno.test("data parallel: ranks started with different options are refused with 
     "error: the resolved options differs across ranks: rank 1 differs from rank 0; every rank must be started with the same options";
   const lines = r.text.split("\n").filter((l) => l.startsWith("error:"));
   assert.deepEqual(lines, [want, want], r.text);
+  // refused before anything was written
+  assert.deepEqual([...Deno.readDirSync(dir)], []);
+  await Deno.remove(dir, { recursive: true });
 });
