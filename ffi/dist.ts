@@ -22,6 +22,10 @@ export interface DistInfo {
   version: string;
   /** MPI was finalized: no collective may run any more. */
   finalized: boolean;
+  /** Bytes this rank has contributed to sum all-reduces so far. */
+  allreduce_bytes: number;
+  /** Sum all-reduces started so far. */
+  allreduce_calls: number;
 }
 
 /** Error of a collective; the message is one line. */

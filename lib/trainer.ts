@@ -341,6 +341,11 @@ export interface TrainHooks {
 
 /** What a run did; written to `summary.json` and returned by {@link train}. */
 export interface Summary {
+  /**
+   * A data-parallel run only: the ranks, the global batch (ranks × batch) and the bytes each
+   * rank all-reduced per update in this process (the full gradient plus the loss and count).
+   */
+  data_parallel?: { ranks: number; global_batch: number; allreduce_bytes_per_step: number };
   /** Updates completed. */
   steps: number;
   /** Updates requested. */
@@ -649,6 +654,8 @@ export class Run implements Disposable {
   #closed = false;
   /** Lines in metrics.jsonl. */
   #metricsLines = 0;
+  /** All-reduced bytes and updates as this process started the run (bytes per update). */
+  readonly #commFrom: { bytes: number; steps: number };
   /** Step of the newest checkpoint, its path, and when it was written (performance.now). */
   #savedStep = 0;
   #checkpoint: string | null = null;
@@ -700,6 +707,7 @@ export class Run implements Disposable {
     this.#saveEvery = checkInterval(opts.saveEvery);
     this.#savedAt = init.started;
     this.#projected = PROJECTED_OPTIMIZERS.includes(opts.optimizer);
+    this.#commFrom = { bytes: world().allreduce_bytes, steps: init.resume?.plan.record.step ?? 0 };
     this.#history = init.out === null && inKernel() ? { steps: [], evals: [] } : null;
     const r = init.resume?.plan.record;
     if (r === undefined) {
@@ -1385,6 +1393,17 @@ export class Run implements Disposable {
         started_at: this.#startedAt,
         ...(extra === undefined ? {} : { finetune: extra }),
       };
+      const w = world();
+      if (w.size > 1) {
+        const done = steps - this.#commFrom.steps;
+        summary.data_parallel = {
+          ranks: w.size,
+          global_batch: w.size * opts.batchSize,
+          allreduce_bytes_per_step: done > 0
+            ? (w.allreduce_bytes - this.#commFrom.bytes) / done
+            : 0,
+        };
+      }
       if (this.out !== null) {
         writeSummary(this.out, JSON.stringify(summary, null, 2) + "\n");
         // the run's report.html; Vega loads only here, and a report never fails a run

@@ -118,6 +118,20 @@ for (const [name, opts] of Object.entries(CASES)) {
           );
         }
       }
+      // the summary reports the global batch and the bytes all-reduced per update: the whole
+      // gradient (every parameter is trained, f32) plus the loss and the target count (f64)
+      const sum = JSON.parse(Deno.readTextFileSync(`${dir}/dp/run/summary.json`));
+      if (name === "adamw") {
+        assert.deepEqual(sum.data_parallel, {
+          ranks: 2,
+          global_batch: 4,
+          allreduce_bytes_per_step: 4 * sum.params + 16,
+        });
+      } else {
+        assert.equal(sum.data_parallel.global_batch, 4);
+      }
+      const single = JSON.parse(Deno.readTextFileSync(`${dir}/one/run/summary.json`));
+      assert.equal(single.data_parallel, undefined);
       // only rank 0 wrote the run folder; every rank holds the same state, bit for bit
       const h0 = await tensorHashes(`${dir}/dp/rank-0.safetensors`);
       const h1 = await tensorHashes(`${dir}/dp/rank-1.safetensors`);

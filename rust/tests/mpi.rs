@@ -87,6 +87,13 @@ fn rank_body() -> Result<usize, String> {
     if dist::check_same("options hash", &mine).is_ok() {
         return Err("a hash of another length was accepted".into());
     }
+    // bytes counted: 4099 f32 + 4099 f64 + 4099 f32 (iallreduce) + the check_same counts
+    // (3 calls of 2 f64)
+    let after = dist::info();
+    let want = (4099 * 4 + 4099 * 8 + 4099 * 4 + 3 * 2 * 8) as u64;
+    if after.allreduce_bytes != want || after.allreduce_calls != 6 {
+        return Err(format!("all-reduce counters: {} bytes in {} calls, want {want} in 6", after.allreduce_bytes, after.allreduce_calls));
+    }
     dist::barrier().map_err(|e| e.msg)?;
     dist::finalize().map_err(|e| e.msg)?;
     if dist::allreduce_sum(&mut [1.0f32]).is_ok() {

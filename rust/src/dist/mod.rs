@@ -64,6 +64,19 @@ pub struct Info {
     pub version: String,
     /// MPI was finalized (no collective may run any more).
     pub finalized: bool,
+    /// Bytes this rank has contributed to sum all-reduces so far (the buffers' sizes).
+    pub allreduce_bytes: u64,
+    /// Sum all-reduces started so far (blocking and non-blocking, each piece counted).
+    pub allreduce_calls: u64,
+}
+
+static ALLREDUCE_BYTES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+static ALLREDUCE_CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+fn count_allreduce(bytes: usize) {
+    use std::sync::atomic::Ordering::Relaxed;
+    ALLREDUCE_BYTES.fetch_add(bytes as u64, Relaxed);
+    ALLREDUCE_CALLS.fetch_add(1, Relaxed);
 }
 
 struct World {
@@ -90,6 +103,8 @@ impl World {
             library: self.mpi.as_ref().map(|m| m.path.clone()).unwrap_or_default(),
             version: self.mpi.as_ref().map(|m| m.version.clone()).unwrap_or_default(),
             finalized: self.finalized,
+            allreduce_bytes: ALLREDUCE_BYTES.load(std::sync::atomic::Ordering::Relaxed),
+            allreduce_calls: ALLREDUCE_CALLS.load(std::sync::atomic::Ordering::Relaxed),
         }
     }
 
@@ -225,6 +240,7 @@ pub fn allreduce_sum<T: Element>(buf: &mut [T]) -> Result<()> {
     let w = world();
     let Some(m) = w.comm()? else { return Ok(()) };
     for piece in buf.chunks_mut(MAX_COUNT) {
+        count_allreduce(std::mem::size_of_val(piece));
         unsafe { m.allreduce_sum(piece.as_mut_ptr() as *mut _, piece.len(), T::DTYPE)? };
     }
     Ok(())
@@ -299,6 +315,7 @@ pub fn iallreduce_sum<T: Element>(buf: &mut [T]) -> Result<Pending<'_>> {
     let mut reqs = Vec::new();
     if let Some(m) = w.comm()? {
         for piece in buf.chunks_mut(MAX_COUNT) {
+            count_allreduce(std::mem::size_of_val(piece));
             match unsafe { m.iallreduce_sum(piece.as_mut_ptr() as *mut _, piece.len(), T::DTYPE) } {
                 Ok(r) => reqs.push(r),
                 Err(e) => {
