@@ -19,6 +19,7 @@ import "../ffi/preflight.ts";
 import { parsePretrainArgs, usage } from "../lib/cli.ts";
 import { failureExit } from "../lib/cli_exit.ts";
 import { train } from "../lib/trainer.ts";
+import { world } from "../lib/dist.ts";
 
 /** Runs the CLI and returns the process exit code. */
 export async function main(argv: string[]): Promise<number> {
@@ -32,6 +33,7 @@ export async function main(argv: string[]): Promise<number> {
     const { json: asJson, ...opts } = args;
     json = asJson;
     const summary = await train(opts);
+    if (world().rank !== 0) return summary.interrupted ? 130 : 0; // rank 0 reports
     if (json) console.log(JSON.stringify(summary));
     else if (summary.out !== null) console.log(`summary: ${summary.out}/summary.json`);
     return summary.interrupted ? 130 : 0;

@@ -10,7 +10,7 @@ export const PACKAGE_VERSION: string = "0.1.0";
 
 /** SHA-256 of the list below as `sha256sum` prints it; names the cached library. */
 export const SOURCES_DIGEST: string =
-  "38a98f06e546031be010e751cbe0eff90a9ed626124e26ac947b3fdce93bcc56";
+  "938f85735a1ae274467cb16a02acd6e9f279c985ee749b8ec79748a5f0e288c4";
 
 /** Every file the build needs: path from the package root and SHA-256 of its bytes. */
 export const SOURCES: readonly { readonly path: string; readonly sha256: string }[] = [
@@ -20,7 +20,7 @@ export const SOURCES: readonly { readonly path: string; readonly sha256: string 
   },
   {
     path: "rust/Cargo.toml",
-    sha256: "82d078d5fe4105bf78d723b562b312bf8f3bd031eb42cbb9d4155a4ddcfed6f4",
+    sha256: "b595ab711fee003a2fafb7f7684f6e25ecb6d9859dc33fd165db020424f6c32e",
   },
   {
     path: "rust/kernels/linalg.cu",
@@ -183,12 +183,24 @@ export const SOURCES: readonly { readonly path: string; readonly sha256: string 
     sha256: "a77b48872ad2a35db246b18956802d7ee8687ac135876f1ee94700e89fe4944f",
   },
   {
+    path: "rust/src/dist/grads.rs",
+    sha256: "f9278399a62c5f5498132f9ef092c313acea4a0054d4a2fb1b049c2f6549e354",
+  },
+  {
+    path: "rust/src/dist/mod.rs",
+    sha256: "04659b593a138128af339bbbc11a524a7684c36e1fb09b15d05fb998db439e4a",
+  },
+  {
+    path: "rust/src/dist/mpi.rs",
+    sha256: "179b45bb71303c51154ef910b13acfa8725fa06b6d192e8d2c9581a0a69f50d5",
+  },
+  {
     path: "rust/src/error.rs",
     sha256: "5ae85f616731d26ce030ae7b537825fa5d6f8c518163ae0401fbd744c8263eac",
   },
   {
     path: "rust/src/ffi.rs",
-    sha256: "ec00bead572d492dd8a2a11c6edcf8e76680b8be3b71740939aea46d68fc0a23",
+    sha256: "52b265ac7592d84ece9a8600fe495a65f96c40b70a055171c908f64e83a84a4c",
   },
   {
     path: "rust/src/hf/adapter.rs",
@@ -252,7 +264,7 @@ export const SOURCES: readonly { readonly path: string; readonly sha256: string 
   },
   {
     path: "rust/src/lib.rs",
-    sha256: "31592d56f99f7762f33edaa1194637b1dc5198f05ba18e375661549582738be6",
+    sha256: "ad638d70f82af640fcbfa9fc8e18b165606ae92d0c10cc5e6a0e6e33a308826a",
   },
   {
     path: "rust/src/model/acts.rs",
@@ -340,6 +352,6 @@ export const SOURCES: readonly { readonly path: string; readonly sha256: string 
   },
   {
     path: "rust/src/train.rs",
-    sha256: "52a0131139654a23104e53bfae27a2e092dd5802f459836ab133ce8b792d6012",
+    sha256: "a6e27a748d0ac67780fec6e604c859290a7774b1911e1624e670b8fb764f4ddf",
   },
 ];

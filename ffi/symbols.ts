@@ -113,6 +113,23 @@ export const SYMBOLS = {
   qg_load_adapter: { parameters: ["pointer", "buffer", "usize"], result: "i32", nonblocking: true },
   qg_save_adapter: { parameters: ["pointer", "buffer", "usize"], result: "i32", nonblocking: true },
   qg_adapter_config: { parameters: ["buffer", "usize", "buffer", "usize"], result: "usize" },
+  // data-parallel communication (one world per process; init/finalize on the main thread)
+  qg_dist_last_error: { parameters: ["buffer", "usize"], result: "usize" },
+  qg_dist_init: { parameters: ["buffer", "usize"], result: "i32" },
+  qg_dist_info: { parameters: ["buffer", "usize"], result: "usize" },
+  qg_dist_finalize: { parameters: [], result: "i32" },
+  qg_dist_abort: { parameters: ["i32"], result: "void" },
+  qg_dist_barrier: { parameters: [], result: "i32", nonblocking: true },
+  qg_dist_allreduce_f32: { parameters: ["buffer", "usize"], result: "i32", nonblocking: true },
+  qg_dist_allreduce_f64: { parameters: ["buffer", "usize"], result: "i32", nonblocking: true },
+  qg_dist_bcast: { parameters: ["buffer", "usize", "u32"], result: "i32", nonblocking: true },
+  qg_dist_check_same: {
+    parameters: ["buffer", "usize", "buffer", "usize"],
+    result: "i32",
+    nonblocking: true,
+  },
+  qg_dist_iallreduce_f32: { parameters: ["buffer", "usize", "buffer"], result: "i32" },
+  qg_dist_wait: { parameters: ["u64"], result: "i32", nonblocking: true },
 } as const;
 
 /** The opened library with typed symbols. */

@@ -72,6 +72,7 @@ import {
 } from "./options.ts";
 import type { ModelConfig, ResolvedModel } from "./presets.ts";
 import { Rng } from "./rng.ts";
+import { dataParallel, world } from "./dist.ts";
 import { lrAt } from "./schedule.ts";
 
 export type { EngineConfig, MemoryBytes, StepStats };
@@ -171,6 +172,8 @@ export class CorpusBatches implements BatchSource {
   readonly #rng: Rng;
   readonly #path: string | null;
   readonly #shape: { batch: number; seqLen: number; micro: number; evalBatches: number };
+  readonly #rank: number;
+  readonly #ranks: number;
   #valTokens: Int32Array | null = null;
 
   /**
@@ -186,6 +189,11 @@ export class CorpusBatches implements BatchSource {
     this.data = data;
     this.#path = path;
     this.#rng = sampler === null ? new Rng(opts.seed) : Rng.restore(sampler);
+    // data-parallel: every rank draws the whole global batch (so the generator stays the
+    // same everywhere) and trains on its own slice of each micro-batch
+    const w = world();
+    this.#rank = w.rank;
+    this.#ranks = w.size;
     this.#shape = {
       batch: opts.batchSize,
       seqLen: opts.seqLen,
@@ -193,7 +201,9 @@ export class CorpusBatches implements BatchSource {
       evalBatches: opts.evalBatches,
     };
     // the validation windows are fixed: taken once, as the run starts
-    this.#valTokens = data.valBatches(opts.evalBatches, opts.batchSize, opts.seqLen);
+    // (a data-parallel run's ranks each evaluate every window of the global batches, in
+    // batches of their own size: the same mean as one process with the global batch)
+    this.#valTokens = data.valBatches(opts.evalBatches, opts.batchSize * this.#ranks, opts.seqLen);
   }
 
   /** The corpus's best achievable loss, if known. */
@@ -214,8 +224,18 @@ export class CorpusBatches implements BatchSource {
   /** `micro × batch` random windows of `seq_len + 1` tokens; every target counts. */
   next(): TrainBatch {
     const { batch, seqLen, micro } = this.#shape;
-    const tokens = this.data.trainBatch(this.#rng, batch, seqLen, micro);
     const n = micro * batch * seqLen;
+    if (this.#ranks > 1) {
+      const all = this.data.trainBatch(this.#rng, batch * this.#ranks, seqLen, micro);
+      const row = seqLen + 1;
+      const tokens = new Int32Array(micro * batch * row);
+      for (let m = 0; m < micro; m++) {
+        const from = (m * this.#ranks + this.#rank) * batch * row;
+        tokens.set(all.subarray(from, from + batch * row), m * batch * row);
+      }
+      return { tokens, count: n, tokens_real: n };
+    }
+    const tokens = this.data.trainBatch(this.#rng, batch, seqLen, micro);
     return { tokens, count: n, tokens_real: n };
   }
 
@@ -227,7 +247,7 @@ export class CorpusBatches implements BatchSource {
   /** Mean of the batch means over the fixed validation windows. */
   async validate(engine: TrainEngine): Promise<ValResult> {
     const n = this.#shape.evalBatches;
-    return { loss: await engine.evalLoss(this.#valTokens!, n), refBatches: n };
+    return { loss: await engine.evalLoss(this.#valTokens!, n * this.#ranks), refBatches: n };
   }
 }
 
@@ -337,6 +357,11 @@ export interface TrainHooks {
 
 /** What a run did; written to `summary.json` and returned by {@link train}. */
 export interface Summary {
+  /**
+   * A data-parallel run only: the ranks, the global batch (ranks × batch) and the bytes each
+   * rank all-reduced per update in this process (the full gradient plus the loss and count).
+   */
+  data_parallel?: { ranks: number; global_batch: number; allreduce_bytes_per_step: number };
   /** Updates completed. */
   steps: number;
   /** Updates requested. */
@@ -690,6 +715,8 @@ export class Run implements Disposable {
   #closed = false;
   /** Lines in metrics.jsonl. */
   #metricsLines = 0;
+  /** All-reduced bytes and updates as this process started the run (bytes per update). */
+  readonly #commFrom: { bytes: number; steps: number };
   /** Step of the newest checkpoint, its path, and when it was written (performance.now). */
   #savedStep = 0;
   #checkpoint: string | null = null;
@@ -743,6 +770,7 @@ export class Run implements Disposable {
     this.#saveEvery = checkInterval(opts.saveEvery);
     this.#savedAt = init.started;
     this.#projected = PROJECTED_OPTIMIZERS.includes(opts.optimizer);
+    this.#commFrom = { bytes: world().allreduce_bytes, steps: init.resume?.plan.record.step ?? 0 };
     this.#history = init.out === null && inKernel() ? { steps: [], evals: [] } : null;
     const r = init.resume?.plan.record;
     if (r === undefined) {
@@ -806,9 +834,27 @@ export class Run implements Disposable {
     } else {
       checked = checkOptions(options);
     }
-    const { opts, model, tokenizer: given } = checked;
+    const { model, tokenizer: given } = checked;
     const notices = [...checked.notices];
-    const out = plan !== null ? plan.dir : opts.out === undefined ? defaultOut() : opts.out;
+    // mpirun/srun: this rank's options (rank 0 alone writes); one process: unchanged
+    const dp = await dataParallel(checked.opts).catch((e: unknown) => {
+      throw e instanceof Error ? new UsageError(e.message) : e;
+    });
+    if (dp.size > 1 && task.name !== "pretrain") {
+      // its sampler does not slice the global batch by rank yet
+      throw new UsageError(
+        `${task.name} under mpirun (${dp.size} ranks) is not supported yet: run it as one process`,
+      );
+    }
+    const opts = dp.opts;
+    if (dp.notice !== null) notices.push(dp.notice);
+    const out = dp.rank !== 0
+      ? null
+      : plan !== null
+      ? plan.dir
+      : opts.out === undefined
+      ? defaultOut()
+      : opts.out;
     // read next: it must be a file or folder (a FIFO or a device would block or never end)
     if (opts.data !== null) checkSource("--data", opts.data, "a file or folder");
     if (out !== null && plan === null) {
@@ -822,7 +868,7 @@ export class Run implements Disposable {
       );
     }
     return await Run.#setUp(
-      { opts, model, given, notices, out, plan, started, startedAt },
+      { opts, model, given, notices, out, plan, started, startedAt, root: dp.rank === 0 },
       hooks,
       task,
     );
@@ -838,11 +884,13 @@ export class Run implements Disposable {
       plan: ResumePlan | null;
       started: number;
       startedAt: string;
+      /** Rank 0 of a data-parallel run, or a one-process run: the one that writes. */
+      root: boolean;
     },
     hooks: TrainHooks,
     task: RunTask,
   ): Promise<Run> {
-    const { opts, model, given, notices, out, plan, started, startedAt } = s;
+    const { opts, model, given, notices, out, plan, started, startedAt, root } = s;
     // A trained tokenizer goes to a temporary folder first: it moves into the run's folder
     // only once the data and the engine are ready, so a failed set-up leaves no half run.
     const staged = given === null ? await Deno.makeTempDir({ prefix: "qgalore-tokenizer-" }) : null;
@@ -864,7 +912,7 @@ export class Run implements Disposable {
         throw new UsageError(`--resume ${plan.dir}: ${e.message.slice("resume: ".length)}`);
       });
     // what the run reads, so that a resume can tell whether the data changed
-    const fingerprint = out === null ? null : source.fingerprint();
+    const fingerprint = out === null && plan === null ? null : source.fingerprint();
     if (plan !== null && fingerprint !== plan.record.data.fingerprint) {
       throw new UsageError(
         `--resume ${plan.dir}: the data changed since the checkpoint (${
@@ -921,6 +969,11 @@ export class Run implements Disposable {
           if (!(e instanceof EngineError)) throw e;
           throw new UsageError(`--resume ${plan.dir}: ${e.message}`);
         }
+      }
+      if (plan !== null && !root) {
+        // another rank of a data-parallel run: the same state, nothing of the folder touched
+        resume = { plan, kept: plan.record.metrics_lines, last: null };
+      } else if (plan !== null) {
         // newer checkpoints that are not valid are renamed, so no later resume or pruning
         // mistakes them for the run's (nothing is deleted)
         for (const s of plan.skipped) {
@@ -1437,6 +1490,17 @@ export class Run implements Disposable {
         started_at: this.#startedAt,
         ...(extra === undefined ? {} : { finetune: extra }),
       };
+      const w = world();
+      if (w.size > 1) {
+        const done = steps - this.#commFrom.steps;
+        summary.data_parallel = {
+          ranks: w.size,
+          global_batch: w.size * opts.batchSize,
+          allreduce_bytes_per_step: done > 0
+            ? (w.allreduce_bytes - this.#commFrom.bytes) / done
+            : 0,
+        };
+      }
       if (this.out !== null) {
         writeSummary(this.out, JSON.stringify(summary, null, 2) + "\n");
         // the run's report.html; Vega loads only here, and a report never fails a run

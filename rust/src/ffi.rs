@@ -767,3 +767,142 @@ pub unsafe extern "C" fn qg_adapter_config(path: *const u8, len: usize, out: *mu
     .unwrap_or_else(|p| serde_json::json!({ "error": format!("internal engine error (panic): {}", panic_text(p)) }).to_string());
     write_text(&text, out, cap)
 }
+
+// ---- data-parallel communication (`crate::dist`): one world per process, no handle ----
+
+/// The last error of a `qg_dist_*` call (process-wide: the calls are serialised anyway).
+static DIST_ERROR: Mutex<String> = Mutex::new(String::new());
+
+/// Runs a `dist` call with panic and error mapping; the error text goes to `qg_dist_last_error`.
+fn dist_call(f: impl FnOnce() -> Result<()>) -> i32 {
+    quiet_panics();
+    let (code, msg) = match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(Ok(())) => return 0,
+        Ok(Err(e)) => (e.code as i32, e.msg),
+        Err(p) => (Code::Panic as i32, format!("internal engine error (panic): {}", panic_text(p))),
+    };
+    *DIST_ERROR.lock().unwrap_or_else(|e| e.into_inner()) = msg;
+    code
+}
+
+/// The message of the last failed `qg_dist_*` call; returns its byte length.
+#[no_mangle]
+pub unsafe extern "C" fn qg_dist_last_error(buf: *mut u8, cap: usize) -> usize {
+    write_text(&DIST_ERROR.lock().unwrap_or_else(|e| e.into_inner()), buf, cap)
+}
+
+/// Joins the job (`dist::init`): `mode` (UTF-8: `auto`, `mpi` or `off`; empty = `auto`)
+/// decides whether MPI is loaded. Call it from the thread that will call `qg_dist_finalize`.
+#[no_mangle]
+pub unsafe extern "C" fn qg_dist_init(mode: *const u8, len: usize) -> i32 {
+    dist_call(|| {
+        let mode = std::str::from_utf8(slice(mode, len)?).map_err(|_| Error::invalid("dist mode is not UTF-8"))?;
+        crate::dist::init(crate::dist::Mode::parse(mode)?).map(|_| ())
+    })
+}
+
+/// `dist::Info` as JSON (backend, rank, size, launcher, library, version, finalized);
+/// returns its byte length.
+#[no_mangle]
+pub unsafe extern "C" fn qg_dist_info(buf: *mut u8, cap: usize) -> usize {
+    quiet_panics();
+    let text = catch_unwind(|| serde_json::to_string(&crate::dist::info()).unwrap_or_default()).unwrap_or_default();
+    write_text(&text, buf, cap)
+}
+
+/// Ends MPI (call from the thread that called `qg_dist_init`); a no-op without MPI.
+#[no_mangle]
+pub extern "C" fn qg_dist_finalize() -> i32 {
+    dist_call(crate::dist::finalize)
+}
+
+/// Ends every rank of the job with `code` (`MPI_Abort`); returns without MPI.
+#[no_mangle]
+pub extern "C" fn qg_dist_abort(code: i32) {
+    quiet_panics();
+    let _ = catch_unwind(|| crate::dist::abort(code));
+}
+
+#[no_mangle]
+pub extern "C" fn qg_dist_barrier() -> i32 {
+    dist_call(crate::dist::barrier)
+}
+
+/// In-place sum of `n` f32 over every rank.
+#[no_mangle]
+pub unsafe extern "C" fn qg_dist_allreduce_f32(buf: *mut f32, n: usize) -> i32 {
+    dist_call(|| {
+        if n > 0 && buf.is_null() {
+            return Err(Error::invalid("null buffer"));
+        }
+        crate::dist::allreduce_sum(if n == 0 { &mut [] } else { std::slice::from_raw_parts_mut(buf, n) })
+    })
+}
+
+/// In-place sum of `n` f64 over every rank.
+#[no_mangle]
+pub unsafe extern "C" fn qg_dist_allreduce_f64(buf: *mut f64, n: usize) -> i32 {
+    dist_call(|| {
+        if n > 0 && buf.is_null() {
+            return Err(Error::invalid("null buffer"));
+        }
+        crate::dist::allreduce_sum(if n == 0 { &mut [] } else { std::slice::from_raw_parts_mut(buf, n) })
+    })
+}
+
+/// Copies `root`'s `n` bytes into every rank's buffer.
+#[no_mangle]
+pub unsafe extern "C" fn qg_dist_bcast(buf: *mut u8, n: usize, root: u32) -> i32 {
+    dist_call(|| {
+        if n > 0 && buf.is_null() {
+            return Err(Error::invalid("null buffer"));
+        }
+        crate::dist::bcast(if n == 0 { &mut [] } else { std::slice::from_raw_parts_mut(buf, n) }, root as usize)
+    })
+}
+
+/// Refuses, on every rank with the same line, when the `n` bytes (a hash of the resolved
+/// options) differ from rank 0's; `what` (UTF-8) names them in the message.
+#[no_mangle]
+pub unsafe extern "C" fn qg_dist_check_same(what: *const u8, what_len: usize, bytes: *const u8, n: usize) -> i32 {
+    dist_call(|| {
+        let what = std::str::from_utf8(slice(what, what_len)?).map_err(|_| Error::invalid("label is not UTF-8"))?;
+        crate::dist::check_same(if what.is_empty() { "the configuration" } else { what }, slice(bytes, n)?)
+    })
+}
+
+/// Non-blocking sums started by `qg_dist_iallreduce_f32`, by id.
+static DIST_PENDING: Mutex<Vec<(u64, crate::dist::Pending<'static>)>> = Mutex::new(Vec::new());
+static DIST_NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+/// Starts an in-place sum of `n` f32 over every rank and writes its id into `*id`; the
+/// buffer must stay alive and untouched until `qg_dist_wait(id)` returns.
+#[no_mangle]
+pub unsafe extern "C" fn qg_dist_iallreduce_f32(buf: *mut f32, n: usize, id: *mut u64) -> i32 {
+    dist_call(|| {
+        if (n > 0 && buf.is_null()) || id.is_null() {
+            return Err(Error::invalid("null buffer"));
+        }
+        let data: &'static mut [f32] = if n == 0 { &mut [] } else { std::slice::from_raw_parts_mut(buf, n) };
+        let p = crate::dist::iallreduce_sum(data)?;
+        let k = DIST_NEXT_ID.fetch_add(1, Ordering::Relaxed);
+        DIST_PENDING.lock().unwrap_or_else(|e| e.into_inner()).push((k, p));
+        *id = k;
+        Ok(())
+    })
+}
+
+/// Waits for the sum started under `id`; afterwards its buffer holds the sum on every rank.
+#[no_mangle]
+pub extern "C" fn qg_dist_wait(id: u64) -> i32 {
+    dist_call(|| {
+        let p = {
+            let mut all = DIST_PENDING.lock().unwrap_or_else(|e| e.into_inner());
+            let Some(i) = all.iter().position(|(k, _)| *k == id) else {
+                return Err(Error::invalid(format!("no pending all-reduce with id {id} (already waited for, or never started)")));
+            };
+            all.swap_remove(i).1
+        };
+        p.wait()
+    })
+}

@@ -9,6 +9,7 @@ pub mod adam;
 pub mod backend;
 pub mod config;
 pub mod data;
+pub mod dist;
 pub mod error;
 pub mod ffi;
 pub mod hf;

@@ -190,7 +190,8 @@ impl<B: Backend> Engine<B> {
     /// Without a mask N = micro × b × t and the result is bit-identical to the unmasked code.
     pub fn loss_and_grads_masked(&mut self, tokens: &[i32], mask: Option<&[u8]>, micro: usize) -> Result<(f64, u64)> {
         let sh = self.window_rows(tokens, mask, micro, "train batch", "micro-batches")?;
-        let count = self.update_count(micro, sh.t, mask)?;
+        // data-parallel: the targets of the whole global batch (this rank's alone otherwise)
+        let count = crate::dist::grads::global_count(self.update_count(micro, sh.t, mask)?)?;
         let ntok = count as f64;
         let scale = (1.0 / ntok) as f32;
         let rows = sh.rows;
@@ -254,9 +255,16 @@ impl<B: Backend> Engine<B> {
             self.cfg.grad_accum
         );
         if self.fused {
+            ensure!(crate::dist::size() <= 1, "the fused step does not all-reduce yet: build the engine with fused = false for a data-parallel run");
             return self.fused_step(tokens, mask, lr);
         }
         let (loss, count) = self.loss_and_grads_masked(tokens, mask, micro)?;
+        // data-parallel: sum the ranks' gradients (each scaled by 1 / global count) and losses
+        let loss = {
+            let m = &self.model;
+            let train: Vec<usize> = (0..m.params.len()).filter(|&i| m.trainable(i)).collect();
+            crate::dist::grads::reduce_step(&self.be, &mut self.grads, &train, |i| m.params[i].numel(), loss)?
+        };
         let t0 = Instant::now();
         let mut st = StepStats { loss, count, ..Default::default() };
         let be = &self.be;

@@ -1,0 +1,116 @@
+/**
+ * Data-parallel runs: joins the job when `mpirun`/`srun` launched this process, checks that
+ * every rank was started with the same options, and finalizes MPI when the process ends.
+ * A one-process run loads no MPI library and sees a world of one.
+ * @module
+ */
+import {
+  allreduceSum,
+  barrier,
+  broadcast,
+  checkSame,
+  distFinalize,
+  type DistInfo,
+  distInfo,
+  distInit,
+} from "../ffi/dist.ts";
+
+export { allreduceSum, barrier, broadcast, type DistInfo };
+
+let finalizeRegistered = false;
+
+/**
+ * Joins the job (`QGALORE_DIST`: `auto` (default), `mpi` or `off`) and makes sure MPI is
+ * finalized when the process ends (Open MPI reports a rank that exits without it as failed).
+ */
+export function startDist(mode?: string): DistInfo {
+  const m = mode ?? Deno.env.get("QGALORE_DIST") ?? "auto";
+  if (m !== "auto" && m !== "mpi" && m !== "off") {
+    throw new Error(`QGALORE_DIST=${m}: allowed auto, mpi, off`);
+  }
+  const info = distInit(m);
+  if (info.backend === "mpi" && !finalizeRegistered) {
+    finalizeRegistered = true;
+    globalThis.addEventListener("unload", () => {
+      try {
+        distFinalize();
+      } catch {
+        // the process ends either way
+      }
+    });
+  }
+  return info;
+}
+
+/** The current world without joining one. */
+export function world(): DistInfo {
+  return distInfo();
+}
+
+/** Canonical JSON: object keys sorted, so equal options hash equally on every rank. */
+function canonical(v: unknown): string {
+  if (Array.isArray(v)) return `[${v.map(canonical).join(",")}]`;
+  if (v !== null && typeof v === "object") {
+    const o = v as Record<string, unknown>;
+    return `{${
+      Object.keys(o).sort().filter((k) => o[k] !== undefined).map((k) =>
+        `${JSON.stringify(k)}:${canonical(o[k])}`
+      ).join(",")
+    }}`;
+  }
+  return JSON.stringify(v) ?? "null";
+}
+
+/** SHA-256 of the canonical JSON of `options`. */
+export async function optionsHash(options: unknown): Promise<Uint8Array> {
+  const bytes = new TextEncoder().encode(canonical(options));
+  return new Uint8Array(await crypto.subtle.digest("SHA-256", bytes));
+}
+
+/**
+ * Refuses, on every rank with the same one line, a job whose ranks resolved different
+ * `options` (rank 0's hash is broadcast and compared). A no-op in a one-rank world.
+ */
+export async function checkSameOptions(
+  options: unknown,
+  what = "the resolved options",
+): Promise<void> {
+  if (distInfo().size <= 1) return;
+  await checkSame(what, await optionsHash(options));
+}
+
+/** A run's place in a data-parallel job (see {@link dataParallel}). */
+export interface DataParallel<O> {
+  /** The options this rank runs with. */
+  opts: O;
+  /** This rank and the number of ranks (0 and 1 in a one-process run). */
+  rank: number;
+  size: number;
+  /** A line for the run's log, or null in a one-process run. */
+  notice: string | null;
+}
+
+/**
+ * Joins the job a training run belongs to. In a one-process run nothing changes. With N > 1
+ * ranks: every rank must have resolved the same options (their hash is compared; `out` is
+ * left out, as its default names the start time), the per-layer fused step is turned off (its
+ * updates do not all-reduce yet), and ranks other than 0 run quiet (rank 0 alone prints,
+ * writes metrics and checkpoints; every rank resumes from them).
+ */
+export async function dataParallel<
+  O extends { fused: boolean; quiet?: boolean; out?: string | null; batchSize: number },
+>(opts: O): Promise<DataParallel<O>> {
+  const info = startDist();
+  if (info.size <= 1) return { opts, rank: 0, size: 1, notice: null };
+  const { out: _out, ...compared } = opts;
+  await checkSameOptions(compared);
+  const notice = `data-parallel: ${info.size} ranks × batch ${opts.batchSize} = global batch ` +
+    `${info.size * opts.batchSize} (${info.backend}${info.version ? `, ${info.version}` : ""})` +
+    (opts.fused ? "; fused step off (its updates do not all-reduce yet)" : "");
+  return {
+    opts: { ...opts, fused: false, quiet: info.rank !== 0 || opts.quiet === true },
+    rank: info.rank,
+    size: info.size,
+    notice,
+  };
+}

@@ -1,0 +1,395 @@
+//! Data-parallel communication: the process's place in a job launched by `mpirun`/`srun`, and
+//! the collectives the training step needs (sum all-reduce, broadcast, barrier).
+//!
+//! One world per process. Until `init` succeeds every collective is the identity of a
+//! one-rank job, so the engine calls them unconditionally and a one-process run never loads
+//! an MPI library. MPI is driven from one thread at a time (`MPI_THREAD_SERIALIZED` under the
+//! lock of `WORLD`); the engine's rayon workers never call it.
+
+pub mod grads;
+pub mod mpi;
+
+use crate::error::{Error, Result};
+use mpi::{Dtype, Mpi, Request, MAX_COUNT};
+use serde::Serialize;
+use std::marker::PhantomData;
+use std::sync::Mutex;
+
+/// What the launcher's environment says about this process.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct LaunchEnv {
+    /// `mpirun` (Open MPI), `pmi` (MPICH's Hydra, Intel MPI), `slurm` (srun).
+    pub launcher: &'static str,
+    pub rank: usize,
+    pub size: usize,
+}
+
+fn env_usize(get: &dyn Fn(&str) -> Option<String>, name: &str) -> Option<usize> {
+    get(name).and_then(|v| v.trim().parse::<usize>().ok())
+}
+
+/// The launcher of this process from its environment, first found: Open MPI's
+/// `OMPI_COMM_WORLD_RANK/SIZE`, PMI's `PMI_RANK/PMI_SIZE`, Slurm's `SLURM_PROCID/SLURM_NTASKS`.
+pub fn launch_env_from(get: &dyn Fn(&str) -> Option<String>) -> Option<LaunchEnv> {
+    for (launcher, r, s) in [
+        ("mpirun", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"),
+        ("pmi", "PMI_RANK", "PMI_SIZE"),
+        ("slurm", "SLURM_PROCID", "SLURM_NTASKS"),
+    ] {
+        if let (Some(rank), Some(size)) = (env_usize(get, r), env_usize(get, s)) {
+            if size >= 1 && rank < size {
+                return Some(LaunchEnv { launcher, rank, size });
+            }
+        }
+    }
+    None
+}
+
+/// `launch_env_from` over the process environment.
+pub fn launch_env() -> Option<LaunchEnv> {
+    launch_env_from(&|k| std::env::var(k).ok())
+}
+
+/// The process's place in the job, as reported by `qg_dist_info`.
+#[derive(Clone, Debug, Serialize)]
+pub struct Info {
+    /// `none` (one process, no library loaded) or `mpi`.
+    pub backend: &'static str,
+    pub rank: usize,
+    pub size: usize,
+    /// The launcher the environment names, if any.
+    pub launcher: Option<&'static str>,
+    /// The MPI library's path and version line (empty without one).
+    pub library: String,
+    pub version: String,
+    /// MPI was finalized (no collective may run any more).
+    pub finalized: bool,
+    /// Bytes this rank has contributed to sum all-reduces so far (the buffers' sizes).
+    pub allreduce_bytes: u64,
+    /// Sum all-reduces started so far (blocking and non-blocking, each piece counted).
+    pub allreduce_calls: u64,
+}
+
+static ALLREDUCE_BYTES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+static ALLREDUCE_CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+fn count_allreduce(bytes: usize) {
+    use std::sync::atomic::Ordering::Relaxed;
+    ALLREDUCE_BYTES.fetch_add(bytes as u64, Relaxed);
+    ALLREDUCE_CALLS.fetch_add(1, Relaxed);
+}
+
+struct World {
+    mpi: Option<Mpi>,
+    rank: usize,
+    size: usize,
+    launcher: Option<&'static str>,
+    finalized: bool,
+}
+
+static WORLD: Mutex<World> = Mutex::new(World { mpi: None, rank: 0, size: 1, launcher: None, finalized: false });
+
+fn world() -> std::sync::MutexGuard<'static, World> {
+    WORLD.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl World {
+    fn info(&self) -> Info {
+        Info {
+            backend: if self.mpi.is_some() { "mpi" } else { "none" },
+            rank: self.rank,
+            size: self.size,
+            launcher: self.launcher,
+            library: self.mpi.as_ref().map(|m| m.path.clone()).unwrap_or_default(),
+            version: self.mpi.as_ref().map(|m| m.version.clone()).unwrap_or_default(),
+            finalized: self.finalized,
+            allreduce_bytes: ALLREDUCE_BYTES.load(std::sync::atomic::Ordering::Relaxed),
+            allreduce_calls: ALLREDUCE_CALLS.load(std::sync::atomic::Ordering::Relaxed),
+        }
+    }
+
+    /// The MPI to run a collective on: None for a one-rank world.
+    fn comm(&self) -> Result<Option<&Mpi>> {
+        if self.finalized {
+            return Err(Error::invalid("distributed run already finalized: no collective may run after qg_dist_finalize"));
+        }
+        Ok(self.mpi.as_ref().filter(|_| self.size > 1))
+    }
+}
+
+/// How `init` decides whether to start MPI.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// MPI when a launcher is named in the environment, else one process without MPI.
+    Auto,
+    /// MPI always (a singleton `MPI_Init` when no launcher started the process).
+    Mpi,
+    /// Never MPI: a one-rank world even under a launcher.
+    Off,
+}
+
+impl Mode {
+    pub fn parse(s: &str) -> Result<Mode> {
+        match s {
+            "" | "auto" => Ok(Mode::Auto),
+            "mpi" => Ok(Mode::Mpi),
+            "off" | "none" => Ok(Mode::Off),
+            other => Err(Error::invalid(format!("dist backend = {other:?}: allowed auto, mpi, off"))),
+        }
+    }
+}
+
+/// Joins the job: loads MPI and initializes it when `mode` asks for it, then returns the
+/// process's rank and the world size. Idempotent; after `finalize` it is an error.
+pub fn init(mode: Mode) -> Result<Info> {
+    let mut w = world();
+    if w.finalized {
+        return Err(Error::invalid("distributed run already finalized: MPI cannot start twice in one process"));
+    }
+    if w.mpi.is_some() {
+        return Ok(w.info());
+    }
+    let env = launch_env();
+    w.launcher = env.as_ref().map(|e| e.launcher);
+    let want = match mode {
+        Mode::Off => false,
+        Mode::Mpi => true,
+        Mode::Auto => env.is_some(),
+    };
+    if !want {
+        w.rank = 0;
+        w.size = 1;
+        return Ok(w.info());
+    }
+    let mpi = Mpi::load().map_err(|e| match &env {
+        Some(env) => Error::backend(format!("launched by {} as rank {} of {}, but {}", env.launcher, env.rank, env.size, e.msg)),
+        None => e,
+    })?;
+    let (rank, size) = mpi.init()?;
+    if let Some(env) = &env {
+        if env.size != size || env.rank != rank {
+            let _ = mpi.finalize();
+            return Err(Error::backend(format!(
+                "{} started rank {} of {} but MPI ({}) sees rank {rank} of {size}: the launcher and the MPI library do not match (use Open MPI's own mpirun, or srun --mpi=pmix)",
+                env.launcher, env.rank, env.size, mpi.path
+            )));
+        }
+    }
+    w.rank = rank;
+    w.size = size;
+    w.mpi = Some(mpi);
+    Ok(w.info())
+}
+
+/// The current world (a one-rank world before `init`).
+pub fn info() -> Info {
+    world().info()
+}
+
+pub fn rank() -> usize {
+    world().rank
+}
+
+pub fn size() -> usize {
+    world().size
+}
+
+/// Ends MPI (`MPI_Finalize`); every collective fails afterwards. A no-op without MPI.
+pub fn finalize() -> Result<()> {
+    let mut w = world();
+    if w.finalized {
+        return Ok(());
+    }
+    if let Some(m) = &w.mpi {
+        m.finalize()?;
+        w.finalized = true;
+    }
+    Ok(())
+}
+
+/// Ends every rank of the job with `code` (`MPI_Abort`); without MPI, returns.
+pub fn abort(code: i32) {
+    let w = world();
+    if let (Some(m), false) = (&w.mpi, w.finalized) {
+        m.abort(code);
+    }
+}
+
+pub fn barrier() -> Result<()> {
+    let w = world();
+    match w.comm()? {
+        Some(m) => m.barrier(),
+        None => Ok(()),
+    }
+}
+
+/// Element types a sum all-reduce carries.
+pub trait Element: Copy + 'static {
+    const DTYPE: Dtype;
+}
+impl Element for f32 {
+    const DTYPE: Dtype = Dtype::F32;
+}
+impl Element for f64 {
+    const DTYPE: Dtype = Dtype::F64;
+}
+
+/// Sums `buf` over every rank in place (in pieces of at most 2^30 elements). Every rank gets
+/// the same bits: MPI's reduction is deterministic for a given world and count.
+pub fn allreduce_sum<T: Element>(buf: &mut [T]) -> Result<()> {
+    let w = world();
+    let Some(m) = w.comm()? else { return Ok(()) };
+    for piece in buf.chunks_mut(MAX_COUNT) {
+        count_allreduce(std::mem::size_of_val(piece));
+        unsafe { m.allreduce_sum(piece.as_mut_ptr() as *mut _, piece.len(), T::DTYPE)? };
+    }
+    Ok(())
+}
+
+/// Copies `root`'s `buf` into every rank's `buf` (every rank passes the same length).
+pub fn bcast(buf: &mut [u8], root: usize) -> Result<()> {
+    let w = world();
+    let Some(m) = w.comm()? else { return Ok(()) };
+    if root >= w.size {
+        return Err(Error::invalid(format!("broadcast root = {root}: allowed 0..{}", w.size)));
+    }
+    for piece in buf.chunks_mut(MAX_COUNT) {
+        unsafe { m.bcast(piece.as_mut_ptr() as *mut _, piece.len(), root)? };
+    }
+    Ok(())
+}
+
+/// A non-blocking sum all-reduce in flight; the buffer stays borrowed until `wait` (dropping
+/// it waits too, so the buffer is never released under MPI's feet).
+pub struct Pending<'a> {
+    reqs: Vec<Request>,
+    _buf: PhantomData<&'a mut [u8]>,
+}
+
+impl Pending<'_> {
+    /// Waits for the sum; afterwards the buffer holds it on every rank.
+    pub fn wait(mut self) -> Result<()> {
+        self.finish()
+    }
+
+    /// Drives progress and says whether the sum is complete (no wait).
+    pub fn test(&mut self) -> Result<bool> {
+        if self.reqs.is_empty() {
+            return Ok(true);
+        }
+        let w = world();
+        let Some(m) = w.mpi.as_ref() else { return Ok(true) };
+        let mut all = true;
+        for r in &mut self.reqs {
+            all &= m.test(r)?;
+        }
+        Ok(all)
+    }
+
+    fn finish(&mut self) -> Result<()> {
+        if self.reqs.is_empty() {
+            return Ok(());
+        }
+        let w = world();
+        let Some(m) = w.mpi.as_ref() else { return Ok(()) };
+        let mut first = Ok(());
+        for mut r in self.reqs.drain(..) {
+            let rc = m.wait(&mut r);
+            if first.is_ok() {
+                first = rc;
+            }
+        }
+        first
+    }
+}
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        let _ = self.finish();
+    }
+}
+
+/// Starts a sum all-reduce of `buf` over every rank (`MPI_Iallreduce`) and returns at once.
+pub fn iallreduce_sum<T: Element>(buf: &mut [T]) -> Result<Pending<'_>> {
+    let w = world();
+    let mut reqs = Vec::new();
+    if let Some(m) = w.comm()? {
+        for piece in buf.chunks_mut(MAX_COUNT) {
+            count_allreduce(std::mem::size_of_val(piece));
+            match unsafe { m.iallreduce_sum(piece.as_mut_ptr() as *mut _, piece.len(), T::DTYPE) } {
+                Ok(r) => reqs.push(r),
+                Err(e) => {
+                    for mut r in reqs.drain(..) {
+                        let _ = m.wait(&mut r);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+    }
+    Ok(Pending { reqs, _buf: PhantomData })
+}
+
+/// Checks that every rank holds the same `bytes` (for example the hash of its resolved
+/// options): rank 0's copy is broadcast, each rank compares, and the ranks that differ are
+/// counted on every rank, so all of them refuse together with the same line naming them.
+pub fn check_same(what: &str, bytes: &[u8]) -> Result<()> {
+    let size = size();
+    if size <= 1 {
+        return Ok(());
+    }
+    let mut len = (bytes.len() as u64).to_le_bytes();
+    bcast(&mut len, 0)?;
+    let n = u64::from_le_bytes(len) as usize;
+    let mut root = if rank() == 0 { bytes.to_vec() } else { vec![0u8; n] };
+    bcast(&mut root, 0)?;
+    let mut differs = vec![0f64; size];
+    differs[rank()] = if root.as_slice() == bytes { 0.0 } else { 1.0 };
+    allreduce_sum(&mut differs)?;
+    let bad: Vec<String> = differs.iter().enumerate().filter(|(_, &d)| d != 0.0).map(|(r, _)| r.to_string()).collect();
+    if bad.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::invalid(format!(
+            "{what} differs across ranks: rank{} {} differ{} from rank 0; every rank must be started with the same options",
+            if bad.len() > 1 { "s" } else { "" },
+            bad.join(", "),
+            if bad.len() > 1 { "" } else { "s" }
+        )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let m: HashMap<String, String> = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        move |k| m.get(k).cloned()
+    }
+
+    #[test]
+    fn launcher_from_environment() {
+        assert_eq!(launch_env_from(&env(&[])), None);
+        let e = launch_env_from(&env(&[("OMPI_COMM_WORLD_RANK", "1"), ("OMPI_COMM_WORLD_SIZE", "4"), ("SLURM_PROCID", "0"), ("SLURM_NTASKS", "1")]));
+        assert_eq!(e, Some(LaunchEnv { launcher: "mpirun", rank: 1, size: 4 }));
+        let e = launch_env_from(&env(&[("PMI_RANK", "2"), ("PMI_SIZE", "3")]));
+        assert_eq!(e, Some(LaunchEnv { launcher: "pmi", rank: 2, size: 3 }));
+        let e = launch_env_from(&env(&[("SLURM_PROCID", "0"), ("SLURM_NTASKS", "2")]));
+        assert_eq!(e, Some(LaunchEnv { launcher: "slurm", rank: 0, size: 2 }));
+        // a rank outside the world, or garbage, names no launcher
+        assert_eq!(launch_env_from(&env(&[("SLURM_PROCID", "2"), ("SLURM_NTASKS", "2")])), None);
+        assert_eq!(launch_env_from(&env(&[("PMI_RANK", "x"), ("PMI_SIZE", "2")])), None);
+    }
+
+    #[test]
+    fn mode_parse() {
+        assert_eq!(Mode::parse("auto").unwrap(), Mode::Auto);
+        assert_eq!(Mode::parse("").unwrap(), Mode::Auto);
+        assert_eq!(Mode::parse("mpi").unwrap(), Mode::Mpi);
+        assert_eq!(Mode::parse("off").unwrap(), Mode::Off);
+        let e = Mode::parse("nccl2").unwrap_err();
+        assert!(e.msg.contains("allowed auto, mpi, off"), "{}", e.msg);
+    }
+}

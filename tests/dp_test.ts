@@ -1,0 +1,208 @@
+// Exact data parallelism over MPI: 2 ranks × batch B follow the trajectory of one process
+// with batch 2B (losses within 1e-5 relative), every rank ends with the same bytes in every
+// tensor (INT8 codes included, never broadcast), and ranks started with different options
+// are refused with one line. Skipped with a message when mpirun is absent (unless
+// QGALORE_REQUIRE_MPI=1).
+import assert from "node:assert/strict";
+import { MPIRUN_ENV, MPIRUN_FLAGS, mpirunOrSkip } from "./mpi_run.ts";
+
+const CHILD = new URL("./dp_child.ts", import.meta.url).pathname;
+const PRETRAIN = new URL("../examples/pretrain.ts", import.meta.url).pathname;
+const dec = new TextDecoder();
+
+async function run(cmd: string, args: string[]): Promise<{ code: number; text: string }> {
+  const out = await new Deno.Command(cmd, {
+    args,
+    env: MPIRUN_ENV,
+    stdout: "piped",
+    stderr: "piped",
+    signal: AbortSignal.timeout(300_000),
+  }).output();
+  return { code: out.code, text: dec.decode(out.stdout) + dec.decode(out.stderr) };
+}
+
+interface Line {
+  type: string;
+  step: number;
+  loss?: number;
+  val_loss?: number;
+  grad_norm?: number;
+}
+
+function metrics(dir: string): Line[] {
+  return Deno.readTextFileSync(`${dir}/run/metrics.jsonl`).trim().split("\n").map((l) =>
+    JSON.parse(l)
+  );
+}
+
+/** SHA-256 (hex) of each tensor's bytes in a safetensors file, by name, with its dtype. */
+async function tensorHashes(path: string): Promise<Map<string, string>> {
+  const bytes = Deno.readFileSync(path);
+  const n = Number(new DataView(bytes.buffer).getBigUint64(0, true));
+  const header = JSON.parse(dec.decode(bytes.subarray(8, 8 + n))) as Record<
+    string,
+    { dtype: string; data_offsets: [number, number] }
+  >;
+  const out = new Map<string, string>();
+  for (const [name, t] of Object.entries(header)) {
+    if (name === "__metadata__") continue;
+    const data = bytes.subarray(8 + n + t.data_offsets[0], 8 + n + t.data_offsets[1]);
+    const h = new Uint8Array(await crypto.subtle.digest("SHA-256", data));
+    out.set(name, `${t.dtype}:${Array.from(h, (b) => b.toString(16).padStart(2, "0")).join("")}`);
+  }
+  return out;
+}
+
+const BASE = { steps: 6, seqLen: 32, threads: 1, evalEvery: 3, evalBatches: 2, seed: 7 };
+const CASES: Record<string, Record<string, unknown>> = {
+  // gradient accumulation and clipping (the norm is the global batch's)
+  adamw: { ...BASE, optimizer: "adamw", gradAccum: 2, clip: 0.5 },
+  // INT8 weights by stochastic rounding, INT4 projectors, a refresh every 2 updates; the
+  // fused step does not all-reduce yet, so both runs use the global step. Two ranks sum the
+  // gradient in another order than one process (equal in real arithmetic, not in the last
+  // bit), and stochastic rounding turns the few values that land at a rounding threshold into
+  // a flipped INT8 code: the runs drift apart by about 3× per update (1.3e-6 after 4 updates,
+  // 1.7e-5 after 6 at lr 0.01), so this case compares 4 updates.
+  qgalore: {
+    ...BASE,
+    steps: 4,
+    evalEvery: 2,
+    optimizer: "qgalore",
+    lr: 0.01,
+    rank: 8,
+    updateGap: 2,
+    clip: 1,
+    fused: false,
+  },
+};
+
+for (const [name, opts] of Object.entries(CASES)) {
+  Deno.test(`data parallel: 2 ranks × batch 2 = 1 process × batch 4 (${name})`, async () => {
+    const bin = mpirunOrSkip();
+    if (!bin) return;
+    const dir = await Deno.makeTempDir({ prefix: "qgalore-dp-" });
+    try {
+      const dp = await run(bin, [
+        ...MPIRUN_FLAGS,
+        Deno.execPath(),
+        "run",
+        "-A",
+        CHILD,
+        JSON.stringify({ ...opts, batchSize: 2 }),
+        `${dir}/dp`,
+      ]);
+      assert.equal(dp.code, 0, dp.text);
+      assert.match(dp.text, /DP-CHILD-OK 0/);
+      assert.match(dp.text, /DP-CHILD-OK 1/);
+      const one = await run(Deno.execPath(), [
+        "run",
+        "-A",
+        CHILD,
+        JSON.stringify({ ...opts, batchSize: 4 }),
+        `${dir}/one`,
+      ]);
+      assert.equal(one.code, 0, one.text);
+      const a = metrics(`${dir}/dp`), b = metrics(`${dir}/one`);
+      assert.equal(a.length, b.length);
+      assert.equal(a.filter((l) => l.type === "step").length, opts.steps as number);
+      for (let i = 0; i < a.length; i++) {
+        assert.equal(a[i].type, b[i].type);
+        for (const k of ["loss", "val_loss", "grad_norm"] as const) {
+          const x = a[i][k], y = b[i][k];
+          if (y === undefined) continue;
+          // losses within 1e-5; the gradient norm, more sensitive, within 1e-4
+          const tol = k === "grad_norm" ? 1e-4 : 1e-5;
+          assert.ok(
+            typeof x === "number" && Math.abs(x - y) <= tol * Math.abs(y),
+            `${k} at line ${i}: ${x} (2 ranks) vs ${y} (1 process)`,
+          );
+        }
+      }
+      // the summary reports the global batch and the bytes all-reduced per update: the whole
+      // gradient (every parameter is trained, f32) plus the loss and the target count (f64)
+      const sum = JSON.parse(Deno.readTextFileSync(`${dir}/dp/run/summary.json`));
+      if (name === "adamw") {
+        assert.deepEqual(sum.data_parallel, {
+          ranks: 2,
+          global_batch: 4,
+          allreduce_bytes_per_step: 4 * sum.params + 16,
+        });
+      } else {
+        assert.equal(sum.data_parallel.global_batch, 4);
+      }
+      const single = JSON.parse(Deno.readTextFileSync(`${dir}/one/run/summary.json`));
+      assert.equal(single.data_parallel, undefined);
+      // only rank 0 wrote the run folder; every rank holds the same state, bit for bit
+      const h0 = await tensorHashes(`${dir}/dp/rank-0.safetensors`);
+      const h1 = await tensorHashes(`${dir}/dp/rank-1.safetensors`);
+      assert.deepEqual([...h1.keys()].sort(), [...h0.keys()].sort());
+      for (const [k, v] of h0) assert.equal(h1.get(k), v, `tensor ${k} differs between ranks`);
+      if (name === "qgalore") {
+        const int8 = [...h0.values()].filter((v) => /^(I8|U8):/.test(v)).length;
+        assert.ok(int8 > 0, `no INT8 codes in the checkpoint: ${[...h0.values()].slice(0, 3)}`);
+      }
+    } finally {
+      await Deno.remove(dir, { recursive: true });
+    }
+  });
+}
+
+Deno.test("data parallel: a stopped 2-rank run resumes update for update", async () => {
+  const bin = mpirunOrSkip();
+  if (!bin) return;
+  const dir = await Deno.makeTempDir({ prefix: "qgalore-dp-resume-" });
+  const mpi = (o: Record<string, unknown>, d: string) =>
+    run(bin, [...MPIRUN_FLAGS, Deno.execPath(), "run", "-A", CHILD, JSON.stringify(o), d]);
+  try {
+    const opts: Record<string, unknown> = { ...CASES.adamw, batchSize: 2 };
+    const full = await mpi(opts, `${dir}/full`);
+    assert.equal(full.code, 0, full.text);
+    const cut = await mpi({ ...opts, stopAfter: 3 }, `${dir}/cut`);
+    assert.equal(cut.code, 0, cut.text);
+    assert.equal(metrics(`${dir}/cut`).filter((l) => l.type === "step").length, 3);
+    const resumed = await mpi({ resume: `${dir}/cut/run`, steps: opts.steps }, `${dir}/cut`);
+    assert.equal(resumed.code, 0, resumed.text);
+    assert.match(resumed.text, /DP-CHILD-OK 1/);
+    // bit for bit: the same arithmetic, the same global batches
+    assert.deepEqual(
+      metrics(`${dir}/cut`).map((l) => [l.type, l.step, l.loss, l.val_loss, l.grad_norm]),
+      metrics(`${dir}/full`).map((l) => [l.type, l.step, l.loss, l.val_loss, l.grad_norm]),
+    );
+    const h0 = await tensorHashes(`${dir}/cut/rank-0.safetensors`);
+    const h1 = await tensorHashes(`${dir}/cut/rank-1.safetensors`);
+    assert.deepEqual([...h1.entries()], [...h0.entries()]);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("data parallel: ranks started with different options are refused with one line", async () => {
+  const bin = mpirunOrSkip();
+  if (!bin) return;
+  const dir = await Deno.makeTempDir({ prefix: "qgalore-dp-refuse-" });
+  const common = ["run", "-A", PRETRAIN, "--steps", "1", "--out", `${dir}/run`];
+  const r = await run(bin, [
+    ...MPIRUN_FLAGS.filter((f, i, all) => f !== "-np" && all[i - 1] !== "-np"),
+    "-np",
+    "1",
+    Deno.execPath(),
+    ...common,
+    "--lr",
+    "0.001",
+    ":",
+    "-np",
+    "1",
+    Deno.execPath(),
+    ...common,
+    "--lr",
+    "0.002",
+  ]);
+  assert.notEqual(r.code, 0, r.text);
+  const want =
+    "error: the resolved options differs across ranks: rank 1 differs from rank 0; every rank must be started with the same options";
+  const lines = r.text.split("\n").filter((l) => l.startsWith("error:"));
+  assert.deepEqual(lines, [want, want], r.text);
+  // refused before anything was written
+  assert.deepEqual([...Deno.readDirSync(dir)], []);
+  await Deno.remove(dir, { recursive: true });
+});
