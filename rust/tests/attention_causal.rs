@@ -217,7 +217,7 @@ type Bwd = fn(&mut [f32], &mut [f32], &mut [f32], &mut [f32], &[f32], &[f32], &[
 type Kernels = (Fwd, Bwd);
 
 #[test]
-#[ignore]
+#[ignore = "timing harness (speed is measured by benchmarks, not tests): cargo test --release --test attention_causal -- --ignored"]
 fn time_causal_vs_full() {
     rayon::ThreadPoolBuilder::new().num_threads(1).build_global().ok();
     for (name, hd) in [("llama-35m", 48), ("llama-60m", 64)] {

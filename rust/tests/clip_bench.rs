@@ -19,7 +19,7 @@ fn peak_rss() -> u64 {
 }
 
 #[test]
-#[ignore]
+#[ignore = "benchmark harness behind bench/results/clip-cpu-*.jsonl: cargo test --release --test clip_bench -- --ignored --nocapture"]
 fn clip_bench() {
     let case = std::env::var("QG_CASE").unwrap_or("llama-35m".into());
     let opt = std::env::var("QG_OPT").unwrap_or("galore".into());
