@@ -64,6 +64,9 @@ export const PROJ_REFRESH: readonly string[] = Object.freeze([
   ...optionSpec("proj_refresh").choices!,
 ]);
 
+/** How the fused step clips: `auto` (from the memory plan), `stash` (one backward), `two-backward`. */
+export const CLIP_MODES: readonly string[] = Object.freeze([...optionSpec("clip_mode").choices!]);
+
 /** Lazy-refresh similarity: `signed` top-1 cosine (reference) or its absolute value. */
 export const COS_MODES: readonly string[] = Object.freeze([...optionSpec("cos_mode").choices!]);
 
@@ -165,6 +168,13 @@ export interface TrainOptions {
   blockSize: number | null;
   /** Optimizer steps inside the backward (per-layer updates); needs `gradAccum` 1. */
   fused: boolean | null;
+  /**
+   * How the fused step clips, one of {@link CLIP_MODES}: `stash` keeps the rank-r gradients
+   * until the global norm is known (one backward), `two-backward` measures the norm in a first
+   * backward (no stash memory), `auto` takes the stash when the engine's memory plan with it
+   * fits the memory available; projected optimizers only. Every mode trains the same numbers.
+   */
+  clipMode: string | null;
   /**
    * Freeze the token embedding and the lm_head (one table when tied): no gradient, no
    * optimizer state, unchanged by steps. Every optimizer; always on for lora and qlora.
@@ -465,6 +475,16 @@ export const OPTION_DECLARATIONS = {
       "                      [{default}]",
     shows: (d: Readonly<Record<string, unknown>>) =>
       `on for ${onFor(d, true)}; off for ${onFor(d, false)}`,
+  },
+  clipMode: {
+    flag: "--clip-mode",
+    kind: "choice",
+    engine: "clip_mode",
+    nullable: true,
+    section: MODEL,
+    help: "--clip-mode M         how the fused step clips: stash (one backward, keeps the\n" +
+      "                      rank-r gradients), two-backward (no stash memory) or auto\n" +
+      "                      (the stash when the memory plan with it fits) [{default}]",
   },
   freezeEmbeddings: {
     flag: "--freeze-embeddings",

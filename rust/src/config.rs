@@ -127,6 +127,22 @@ impl Named for CosMode {
     const ALL: &'static [(Self, &'static str)] = &[(CosMode::Signed, "signed"), (CosMode::Abs, "abs")];
 }
 
+/// How the fused step clips (docs/algorithm-spec.md §1.5): `Stash` keeps the projected
+/// optimizers' rank-r gradients until the global norm is known (one backward, the stash's
+/// memory), `TwoBackward` measures the norm in a first backward (no stash), `Auto` takes
+/// the stash when the plan with it fits the memory budget (`plan::ClipPlan`). Every mode
+/// gives the same numbers bit for bit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClipMode {
+    Auto,
+    Stash,
+    TwoBackward,
+}
+
+impl Named for ClipMode {
+    const ALL: &'static [(Self, &'static str)] = &[(ClipMode::Auto, "auto"), (ClipMode::Stash, "stash"), (ClipMode::TwoBackward, "two-backward")];
+}
+
 /// Where the engine runs; `Auto` takes CUDA when a usable device is found.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Device {
@@ -360,7 +376,7 @@ macro_rules! choice_value {
         }
     )*};
 }
-choice_value!(Refresh, Range, CosMode, Device, Precision, LoraBase);
+choice_value!(Refresh, Range, CosMode, Device, Precision, LoraBase, ClipMode);
 
 /// Parses one option; the message names the field, the value and what is allowed.
 fn option<T: OptionValue>(field: &str, v: &Value, bounds: Option<&Bounds>) -> Result<T> {
@@ -568,6 +584,8 @@ optim_options! {
     cos_mode: CosMode, None, all(CosMode::Signed), Lazy;
     /// Optimizer steps inside the backward pass (per-layer updates, docs/algorithm-spec.md §1.5).
     fused: bool, None, |o: Optimizer, ga: usize| o.projected() && ga == 1, OneMicroBatch;
+    /// How the fused step clips (`ClipMode`): auto, stash or two-backward.
+    clip_mode: ClipMode, None, all(ClipMode::Auto), Projected;
     // LoRA / QLoRA (PEFT's LoraConfig defaults for LLaMA: r 8, alpha 8, dropout 0, q_proj and v_proj)
     /// Adapter rank r (≤ min(rows, cols) of every target matrix).
     lora_rank: usize, Some(COUNT), all(8), Adapter;

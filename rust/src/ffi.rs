@@ -128,7 +128,8 @@ pub unsafe extern "C" fn qg_engine_new(cfg: *const u8, len: usize, err: *mut u8,
 
 /// Plans the bytes an engine built from `cfg` (the JSON of `qg_engine_new`) would allocate,
 /// without allocating or touching a device (see `plan.rs`). `label` (UTF-8, may be empty)
-/// names the model in the plan's messages. Writes the plan as JSON into `out` when it fits
+/// names the model in the plan's messages; the config may carry `memory_budget` (bytes) for
+/// `clip_mode = auto` (`Plan::with_budget`). Writes the plan as JSON into `out` when it fits
 /// and returns 0, or writes the error text and returns a negative status; either way
 /// `*out_len` receives the full length, so a caller retries with a larger buffer.
 #[no_mangle]
@@ -137,7 +138,8 @@ pub unsafe extern "C" fn qg_plan(cfg: *const u8, len: usize, label: *const u8, l
     let r = catch_unwind(AssertUnwindSafe(|| -> Result<String> {
         let text = std::str::from_utf8(slice(cfg, len)?).map_err(|_| Error::invalid("engine config is not UTF-8"))?;
         let label = std::str::from_utf8(slice(label, label_len)?).map_err(|_| Error::invalid("model label is not UTF-8"))?;
-        let plan = crate::plan::Plan::for_config(&EngineConfig::from_json(text)?, if label.is_empty() { "the model" } else { label });
+        let budget = crate::plan::budget_field(text)?;
+        let plan = crate::plan::Plan::for_config(&EngineConfig::from_json(text)?, if label.is_empty() { "the model" } else { label }, budget);
         serde_json::to_string(&plan).map_err(|e| Error::invalid(format!("plan: {e}")))
     }));
     let (code, text) = match r {

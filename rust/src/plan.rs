@@ -14,7 +14,7 @@
 //! Messages name engine-config fields (`weight_group_size = 6: …`); the front end maps the
 //! fields to its flags.
 
-use crate::config::{Device, EngineConfig, LoraBase, ModelConfig, OptimConfig, Optimizer, Precision};
+use crate::config::{ClipMode, Device, Named, EngineConfig, LoraBase, ModelConfig, OptimConfig, Optimizer, Precision};
 use crate::model::acts::{self, ActBuf};
 use crate::model::llama::{block_linears, layout, LinearQuant, LoraBuild, Role};
 use crate::model::lora::{self, AdapterSpec};
@@ -118,12 +118,59 @@ pub fn fused(cfg: &EngineConfig) -> bool {
     cfg.optimizer.fused && cfg.grad_accum == 1
 }
 
-/// Whether the fused step clips without a second backward (docs/algorithm-spec.md §1.5): with
-/// clipping on and a projected optimizer, the backward holds each projected matrix's rank-r
-/// gradient R (and the small unprojected tensors' whole gradients) in a stash until the
-/// global norm is known; the tables' gradients are recomputed from the kept activations.
+/// Whether the fused step can clip without a second backward (docs/algorithm-spec.md §1.5):
+/// with clipping on and a projected optimizer, the backward holds each projected matrix's
+/// rank-r gradient R (and the small unprojected tensors' whole gradients) in a stash until
+/// the global norm is known; the tables' gradients are recomputed from the kept
+/// activations. Whether a plan takes the stash is `ClipPlan`'s choice (`clip_mode`).
 pub fn clip_stash(cfg: &EngineConfig) -> bool {
     fused(cfg) && cfg.optimizer.clip > 0.0 && cfg.optimizer.projected()
+}
+
+/// Share of the memory the engine finds available (the host's `MemAvailable`, the GPU's free
+/// bytes) that `clip_mode = auto` lets a plan with the clip stash fill: the plan leaves out
+/// the process's own overhead (the CUDA context, cuBLAS workspaces, the allocator's slack),
+/// so a stash that would take the plan right up to the limit is not taken.
+pub const CLIP_BUDGET_SHARE: f64 = 0.9;
+
+/// The budget `clip_mode = auto` compares a plan with (`CLIP_BUDGET_SHARE` of `available`).
+pub fn clip_budget(available: u64) -> u64 {
+    (available as f64 * CLIP_BUDGET_SHARE) as u64
+}
+
+/// How the planned engine clips, and why (the one place the clip mode is decided; the
+/// engine reports it in `info`, `qg_plan` in the plan).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ClipPlan {
+    /// `stash` (the fused step clips with one backward and the clip stash), `two-backward`
+    /// (the fused step measures the norm in a first backward), `unfused` (the global step
+    /// clips after its one backward) or `off` (no clipping).
+    pub mode: &'static str,
+    /// The clip stash's bytes: held in `stash` mode; in `two-backward` mode of a projected
+    /// optimizer, what it would have taken (0 where no stash exists).
+    pub stash_bytes: u64,
+    /// The memory budget `auto` compared the plan with (None: none was known or the mode
+    /// was forced).
+    pub budget: Option<u64>,
+    /// Why this mode, in words.
+    pub why: String,
+}
+
+/// The optional `memory_budget` of a config as `qg_plan` receives it (bytes the plan may
+/// fill, for `clip_mode = auto`; absent or null: none known).
+pub fn budget_field(config_json: &str) -> crate::error::Result<Option<u64>> {
+    let v: serde_json::Value =
+        serde_json::from_str(config_json).map_err(|e| crate::error::Error::invalid(format!("engine config: {e}")))?;
+    match v.get("memory_budget") {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(b) => b.as_u64().filter(|&n| n > 0).map(Some).ok_or_else(|| {
+            crate::error::Error::invalid(format!("memory_budget = {b}: must be a whole number of bytes ≥ 1"))
+        }),
+    }
+}
+
+fn gb(b: u64) -> String {
+    format!("{:.2} GB", b as f64 / 1e9)
 }
 
 /// Elements the clip stash holds for a trained tensor (`clip_stash`): its low-rank gradient
@@ -344,8 +391,11 @@ pub struct Plan {
     pub table_chunk_rows: Option<usize>,
     /// Elements of the fused step's shared gradient buffer (0 without the fused step).
     pub shared_grad: u64,
-    /// Elements of the fused step's clip stash, all tensors together (`clip_stash`; 0: none).
+    /// Elements of the fused step's clip stash, all tensors together (`clip_stash`; 0: none,
+    /// also when `clip` chose two backwards).
     pub clip_stash: u64,
+    /// How the engine clips and why (`Plan::with_budget`).
+    pub clip: ClipPlan,
     /// Elements of the largest low-rank gradient and of the largest projector (the
     /// optimizer's scratch and working copies).
     pub largest_low: u64,
@@ -368,13 +418,71 @@ pub struct Plan {
 
 impl Plan {
     /// Plans `cfg` (validated) with bf16 activation buffers when `bf16`; `label` names the
-    /// model in the fit messages.
+    /// model in the fit messages. No memory budget is known: `clip_mode = auto` takes the
+    /// stash (`with_budget`).
     pub fn new(cfg: &EngineConfig, bf16: bool, label: &str) -> Plan {
+        Plan::with_budget(cfg, bf16, label, None)
+    }
+
+    /// `new`, with `clip_mode = auto` deciding against a memory `budget` in bytes: the clip
+    /// stash is taken when the plan with it (its `stepped` total, every projector stored)
+    /// fits the budget, or when no budget is known; otherwise the fused step runs two
+    /// backwards and the stash is not allocated. `stash` and `two-backward` are taken as
+    /// asked. Every mode computes the same numbers (rust/tests/clip_mode.rs).
+    pub fn with_budget(cfg: &EngineConfig, bf16: bool, label: &str, budget: Option<u64>) -> Plan {
+        let o = &cfg.optimizer;
+        if !clip_stash(cfg) {
+            let mut p = Plan::build(cfg, bf16, label, false);
+            let (mode, why) = if o.clip <= 0.0 {
+                ("off", "clipping is off (clip = 0)".to_string())
+            } else if !p.fused {
+                ("unfused", "the global step clips after its one backward (fused = false)".to_string())
+            } else {
+                ("two-backward", format!("{} has no clip stash (not a projected optimizer): the fused step measures the norm in a first backward", o.name.name()))
+            };
+            p.clip = ClipPlan { mode, stash_bytes: 0, budget: None, why };
+            return p;
+        }
+        let with = Plan::build(cfg, bf16, label, true);
+        let stash_bytes = 4 * with.clip_stash;
+        let two = |why: String, budget: Option<u64>| {
+            let mut p = Plan::build(cfg, bf16, label, false);
+            p.clip = ClipPlan { mode: "two-backward", stash_bytes, budget, why };
+            p
+        };
+        let stash = |mut p: Plan, why: String, budget: Option<u64>| {
+            p.clip = ClipPlan { mode: "stash", stash_bytes, budget, why };
+            p
+        };
+        let need = with.stepped.total;
+        match (o.clip_mode, budget) {
+            (ClipMode::Stash, _) => stash(with, "clip_mode = stash".to_string(), None),
+            (ClipMode::TwoBackward, _) => two(format!("clip_mode = two-backward (the clip stash would take {})", gb(stash_bytes)), None),
+            (ClipMode::Auto, None) => stash(with, format!("clip_mode = auto, no memory budget known: the clip stash ({}) is taken", gb(stash_bytes)), None),
+            (ClipMode::Auto, Some(b)) if need <= b => stash(
+                with,
+                format!("clip_mode = auto: the plan with the clip stash ({}) needs {}, within the {} budget", gb(stash_bytes), gb(need), gb(b)),
+                Some(b),
+            ),
+            (ClipMode::Auto, Some(b)) => two(
+                format!(
+                    "clip_mode = auto: the plan with the clip stash ({}) would need {}, beyond the {} budget; the fused step runs two backwards",
+                    gb(stash_bytes),
+                    gb(need),
+                    gb(b)
+                ),
+                Some(b),
+            ),
+        }
+    }
+
+    /// The plan, with the clip stash allocated when `stash` (only where `clip_stash` holds).
+    fn build(cfg: &EngineConfig, bf16: bool, label: &str, stash: bool) -> Plan {
         let (m, o) = (&cfg.model, &cfg.optimizer);
         let quant = linear_quant(o);
         let half = bf16 && half_tables(o);
         let fused = fused(cfg);
-        let stash = clip_stash(cfg);
+        let stash = stash && clip_stash(cfg);
         let lb = lora_build(o, cfg.seed);
         let mut shapes = layout(m);
         if let Some(lb) = &lb {
@@ -468,6 +576,7 @@ impl Plan {
             table_chunk_rows: chunk,
             shared_grad: shared_grad as u64,
             clip_stash: tensors.iter().map(|t| t.stash_len as u64).sum(),
+            clip: ClipPlan { mode: "off", stash_bytes: 0, budget: None, why: String::new() },
             largest_low: big_low as u64,
             largest_projector: big_proj as u64,
             work,
@@ -483,8 +592,9 @@ impl Plan {
     /// Plans a config as `qg_plan` receives it: bf16 when `precision` says so, or `auto` on
     /// `device = cuda` (as the CUDA engine resolves it). Planning never probes for a GPU, so
     /// `device = auto` with `precision = auto` is planned as the CPU runs it (fp32).
-    pub fn for_config(cfg: &EngineConfig, label: &str) -> Plan {
+    /// `budget`: bytes `clip_mode = auto` plans for (`with_budget`); None: none known.
+    pub fn for_config(cfg: &EngineConfig, label: &str, budget: Option<u64>) -> Plan {
         let bf16 = cfg.precision == Precision::Bf16 || (cfg.precision == Precision::Auto && cfg.device == Device::Cuda);
-        Plan::new(cfg, bf16, label)
+        Plan::with_budget(cfg, bf16, label, budget)
     }
 }

@@ -63,8 +63,11 @@ pub struct Engine<B: Backend> {
     pub peak_device_bytes: u64,
     /// Clip in the fused step with two backwards (the first measures the global norm) even
     /// where the optimizer holds a clip stash; the optimizers without one always do. Off by
-    /// default; kept for comparisons (`rust/tests/clip_fused.rs`).
+    /// default; kept for comparisons (`rust/tests/clip_fused.rs`). The config's `clip_mode`
+    /// is the user's switch (`clip`).
     pub two_backward_clip: bool,
+    /// How the plan this engine was built from clips, and why (`Plan::with_budget`).
+    pub clip: plan::ClipPlan,
     /// Backward passes run since the start (each micro-batch's, and each of a fused step's).
     pub backwards: u64,
     /// Set when a checkpoint load failed part-way (`state::engine`): the state is then a
@@ -86,10 +89,17 @@ impl<B: Backend> Engine<B> {
     /// safetensors file, `crate::hf`), loaded over zeros instead of a random initialisation;
     /// optimizer state fresh. Without `init`, `new`.
     pub fn build(be: B, cfg: EngineConfig, init: Option<&std::path::Path>) -> Result<Self> {
+        Self::build_with_budget(be, cfg, init, None)
+    }
+
+    /// `build`, with `clip_mode = auto` choosing the clip stash or two backwards against a
+    /// memory `budget` in bytes (`Plan::with_budget`; None: none known, the stash is taken).
+    /// `open` passes `plan::clip_budget` of the memory the host or the GPU has available.
+    pub fn build_with_budget(be: B, cfg: EngineConfig, init: Option<&std::path::Path>, budget: Option<u64>) -> Result<Self> {
         cfg.validate()?;
         // Sizes and storage kinds come from the byte plan (the same code `qg_plan` runs),
         // so the tracked bytes are what the plan says.
-        let plan = Plan::new(&cfg, be.precision() == "bf16", "the model");
+        let plan = Plan::with_budget(&cfg, be.precision() == "bf16", "the model", budget);
         if let Some(p) = &plan.fit.problem {
             return Err(Error::invalid(p.message()));
         }
@@ -106,7 +116,7 @@ impl<B: Backend> Engine<B> {
         if let Some(lb) = &lb {
             acts.lora = Some(LoraActs::new(&be, &cfg.model, &lb.spec, cfg.batch_size, cfg.seq_len)?);
         }
-        let mut e = Engine { be, cfg, model, grads, acts, opt, fused, notice: None, timing: [0.0; 3], peak_device_bytes: 0, two_backward_clip: false, backwards: 0, poisoned: None };
+        let mut e = Engine { be, cfg, model, grads, acts, opt, fused, notice: None, timing: [0.0; 3], peak_device_bytes: 0, two_backward_clip: false, clip: plan.clip.clone(), backwards: 0, poisoned: None };
         if let Some(path) = init {
             e.import_hf(path)?;
         }
@@ -538,6 +548,16 @@ impl<B: Backend> Engine<B> {
         Ok(format!("{h:016x}"))
     }
 
+    /// How the fused step clips (`ClipPlan::mode`): `stash`, `two-backward`, `unfused` or
+    /// `off`; `two-backward` where `two_backward_clip` overrides the plan's stash.
+    pub fn clip_mode(&self) -> &'static str {
+        if self.two_backward_clip && self.clip.mode == "stash" {
+            "two-backward"
+        } else {
+            self.clip.mode
+        }
+    }
+
     /// Engine facts for the front end (`qg_info`).
     pub fn info(&self) -> Info {
         let t = self.timing.map(micro);
@@ -548,6 +568,8 @@ impl<B: Backend> Engine<B> {
             precision: self.be.precision(),
             optimizer: self.opt.name(),
             fused: self.fused,
+            clip_mode: self.clip_mode(),
+            clip_why: self.clip.why.clone(),
             steps: self.opt.steps(),
             memory: Bytes::from_array(self.memory()),
             refresh: self.opt.report(&self.model),
@@ -604,6 +626,11 @@ pub struct Info {
     pub optimizer: &'static str,
     /// Optimizer steps run inside the backward.
     pub fused: bool,
+    /// How the engine clips (`ClipPlan::mode`): `stash` (one backward, the clip stash),
+    /// `two-backward`, `unfused` or `off`.
+    pub clip_mode: &'static str,
+    /// Why that mode (`ClipPlan::why`; for `clip_mode = auto`, the budget it compared).
+    pub clip_why: String,
     /// Completed optimizer steps.
     pub steps: u64,
     /// Tracked bytes by category.
@@ -754,11 +781,11 @@ pub fn open(cfg: EngineConfig, init: Option<&std::path::Path>) -> Result<Box<dyn
             notices.push(format!("threads = {} capped at this machine's {cores} processors", cfg.threads));
             cfg.threads = cores;
         }
-        refuse_beyond_host_memory(&cfg)?;
+        let budget = refuse_beyond_host_memory(&cfg)?;
         let mut s: Box<dyn Session> = if bf16 {
-            Box::new(Engine::build(crate::backend::cpu::bf16::CpuBf16::new(cfg.threads)?, cfg, init)?)
+            Box::new(Engine::build_with_budget(crate::backend::cpu::bf16::CpuBf16::new(cfg.threads)?, cfg, init, budget)?)
         } else {
-            Box::new(Engine::build(crate::backend::cpu::Cpu::new(cfg.threads)?, cfg, init)?)
+            Box::new(Engine::build_with_budget(crate::backend::cpu::Cpu::new(cfg.threads)?, cfg, init, budget)?)
         };
         if !notices.is_empty() {
             s.set_notice(&notices.join("; "));
@@ -790,13 +817,17 @@ pub fn host_available_bytes() -> Option<u64> {
 /// Refuses a CPU run whose memory plan (`Plan`, the bytes the engine tracks once every
 /// projector is stored) exceeds the host's available memory: allocating it would end in
 /// the kernel's out-of-memory kill after minutes of paging, with nothing said. Only an
-/// impossible run is refused; the plan leaves out the process's own overhead.
-fn refuse_beyond_host_memory(cfg: &EngineConfig) -> Result<()> {
+/// impossible run is refused; the plan leaves out the process's own overhead. Returns the
+/// budget `clip_mode = auto` plans for (`plan::clip_budget` of the available memory; None
+/// where the system does not say): the plan checked is the one the engine will build, so
+/// a run that fits without the clip stash is not refused for it.
+fn refuse_beyond_host_memory(cfg: &EngineConfig) -> Result<Option<u64>> {
     cfg.validate()?;
-    let Some(free) = host_available_bytes() else { return Ok(()) };
-    let need = Plan::new(cfg, false, "the model").stepped.total;
+    let Some(free) = host_available_bytes() else { return Ok(None) };
+    let budget = Some(plan::clip_budget(free));
+    let need = Plan::with_budget(cfg, false, "the model", budget).stepped.total;
     if need <= free {
-        return Ok(());
+        return Ok(budget);
     }
     Err(Error::invalid(memory_refusal(cfg, need, free, "this machine has")))
 }
@@ -812,6 +843,9 @@ pub fn memory_refusal(cfg: &EngineConfig, need: u64, free: u64, place: &str) -> 
     }
     if !cfg.checkpointing {
         tries.push("checkpointing true".to_string());
+    }
+    if plan::clip_stash(cfg) && o.clip_mode != crate::config::ClipMode::TwoBackward {
+        tries.push("clip_mode two-backward".to_string());
     }
     tries.push("a smaller batch_size or seq_len".to_string());
     let params: u64 = Plan::new(cfg, false, "the model").params;
@@ -837,13 +871,15 @@ fn cuda(cfg: EngineConfig, init: Option<&std::path::Path>) -> Result<Box<dyn Ses
     // deep in the build (or later, in the first backward); refuse it up front with the
     // estimate. Only impossible runs are refused: the plan leaves out the CUDA context and
     // the cuBLAS workspaces.
-    if let Some(free) = be.device_free_bytes() {
-        let need = Plan::new(&cfg, bf16, "the model").stepped.total;
+    let free = be.device_free_bytes();
+    let budget = free.map(plan::clip_budget);
+    if let Some(free) = free {
+        let need = Plan::with_budget(&cfg, bf16, "the model", budget).stepped.total;
         if need > free {
             return Err(Error::invalid(memory_refusal(&cfg, need, free, "the GPU has")));
         }
     }
-    Ok(Box::new(Engine::build(be, cfg, init)?))
+    Ok(Box::new(Engine::build_with_budget(be, cfg, init, budget)?))
 }
 
 #[cfg(not(feature = "cuda"))]
