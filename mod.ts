@@ -53,6 +53,7 @@ export {
   type AdapterConfig,
   adapterConfig,
   type CheckpointInfo,
+  type ClipPlan,
   Engine,
   engineAbiVersion,
   type EngineConfig,

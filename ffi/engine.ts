@@ -165,7 +165,28 @@ export type PlanConfig = Omit<EngineConfig, "optimizer" | "seed"> & {
   optimizer: { name: string; [key: string]: unknown };
   /** Ignored by the plan. */
   seed?: number;
+  /**
+   * Bytes `clip_mode = auto` plans for: the clip stash is taken when the plan with it fits
+   * (absent: no budget known, the stash is taken). The engine uses 90% of the memory the host
+   * or the GPU has available.
+   */
+  memory_budget?: number;
 };
+
+/** How an engine clips (`ClipPlan` in `rust/src/plan.rs`). */
+export interface ClipPlan {
+  /**
+   * `stash` (the fused step clips with one backward and the clip stash), `two-backward`
+   * (a first backward measures the norm), `unfused` (the global step) or `off` (no clipping).
+   */
+  mode: "stash" | "two-backward" | "unfused" | "off";
+  /** The stash's bytes: held in `stash` mode; in `two-backward`, what it would have taken. */
+  stash_bytes: number;
+  /** The budget `auto` compared the plan with, or null. */
+  budget: number | null;
+  /** Why this mode, in words. */
+  why: string;
+}
 
 /** A setting judged against the model: `field = value: why`, with an engine-config field. */
 export interface PlanNote {
@@ -217,6 +238,10 @@ export interface EnginePlan {
   table_chunk_rows: number | null;
   /** Elements of the fused step's shared gradient buffer (0 without it). */
   shared_grad: number;
+  /** Elements of the fused step's clip stash (0: none, also when two backwards were chosen). */
+  clip_stash: number;
+  /** How the engine clips, and why. */
+  clip: ClipPlan;
   /** Elements of the largest low-rank gradient. */
   largest_low: number;
   /** Elements of the largest projector. */
@@ -269,6 +294,10 @@ export interface EngineInfo {
   optimizer: string;
   /** Whether optimizer steps run inside the backward. */
   fused: boolean;
+  /** How the engine clips: `stash`, `two-backward`, `unfused` or `off` ({@link ClipPlan}). */
+  clip_mode: ClipPlan["mode"];
+  /** Why that mode (for `clip_mode = auto`, the memory budget it compared). */
+  clip_why: string;
   /** Completed optimizer steps. */
   steps: number;
   /** Engine-tracked bytes by category. */

@@ -10,7 +10,7 @@ export const PACKAGE_VERSION: string = "0.1.0";
 
 /** SHA-256 of the list below as `sha256sum` prints it; names the cached library. */
 export const SOURCES_DIGEST: string =
-  "938f85735a1ae274467cb16a02acd6e9f279c985ee749b8ec79748a5f0e288c4";
+  "fe1fd8eadb6780965e5051212f6db1c71715f74cb9e45b0e8f487ec470fe94ca";
 
 /** Every file the build needs: path from the package root and SHA-256 of its bytes. */
 export const SOURCES: readonly { readonly path: string; readonly sha256: string }[] = [
@@ -144,7 +144,7 @@ export const SOURCES: readonly { readonly path: string; readonly sha256: string 
   },
   {
     path: "rust/src/config.rs",
-    sha256: "8a4c2c49ae31251f2754f8d6d368abba1e2f57bb5a0e021ed6da82a83b80601b",
+    sha256: "332311ab73944df956a77fd75836c0db6d3f31c15469f6e2d15001b9a5912f94",
   },
   {
     path: "rust/src/config/model.rs",
@@ -200,7 +200,7 @@ export const SOURCES: readonly { readonly path: string; readonly sha256: string 
   },
   {
     path: "rust/src/ffi.rs",
-    sha256: "52b265ac7592d84ece9a8600fe495a65f96c40b70a055171c908f64e83a84a4c",
+    sha256: "c4279582a56765ebccacd80a40919f6fa39adf65848ed90a566584305427a47f",
   },
   {
     path: "rust/src/hf/adapter.rs",
@@ -304,7 +304,7 @@ export const SOURCES: readonly { readonly path: string; readonly sha256: string 
   },
   {
     path: "rust/src/plan.rs",
-    sha256: "5b391c5d69119dd6bb1f80ae87edfae054f1479abbb6d49d4fc6fa2092698bb5",
+    sha256: "086688eab5022c6f822002e68c168658ff4a464f5d4d54d8a5143b98a4245bf5",
   },
   {
     path: "rust/src/quant/adam8.rs",
@@ -332,7 +332,7 @@ export const SOURCES: readonly { readonly path: string; readonly sha256: string 
   },
   {
     path: "rust/src/state/meta.rs",
-    sha256: "a9f20b46341ba858562572e171557272206e3f50c261937979fe10f531b5865c",
+    sha256: "a2e211a96e9179fbe29e4af2924feffdc7a661202b2903bb4aa4709b13ad0003",
   },
   {
     path: "rust/src/state/mod.rs",
@@ -352,6 +352,6 @@ export const SOURCES: readonly { readonly path: string; readonly sha256: string 
   },
   {
     path: "rust/src/train.rs",
-    sha256: "a6e27a748d0ac67780fec6e604c859290a7774b1911e1624e670b8fb764f4ddf",
+    sha256: "14cd1d4f0b2633a973126c1e251b11fff4f9030a455742fe4bb47297c05dfd5f",
   },
 ];

@@ -7,7 +7,13 @@
  * @module
  */
 
-import { type MemoryBytes, planEngine, resolveOptimizerConfig } from "../ffi/engine.ts";
+import {
+  type ClipPlan,
+  type EnginePlan,
+  type MemoryBytes,
+  planEngine,
+  resolveOptimizerConfig,
+} from "../ffi/engine.ts";
 import { checkChoice, givenOptimizerConfig } from "./options.ts";
 import { type ModelConfig, modelConfig, resolveModel } from "./presets.ts";
 import { ByteTokenizer } from "./tokenizer.ts";
@@ -33,6 +39,13 @@ export interface MemorySettings {
   blockSize?: number | null;
   /** Optimizer steps inside the backward (effective only with gradAccum 1). */
   fused?: boolean | null;
+  /**
+   * Gradient-norm clipping threshold (default: the engine's, 0 = off). With clipping, a fused
+   * projected optimizer may hold a clip stash ({@link estimateClip}).
+   */
+  clip?: number;
+  /** How the fused step clips: `auto` (default), `stash` or `two-backward`. */
+  clipMode?: string | null;
   /** LoRA rank (lora, qlora). */
   loraRank?: number | null;
   /** Adapter dropout: a non-zero value adds the dropped-out input buffer. */
@@ -70,6 +83,12 @@ export interface EstimateWhen {
    * first refresh on, so a fresh engine tracks less projector memory.
    */
   afterFirstStep?: boolean;
+  /**
+   * Bytes the run may fill, for `clipMode` `auto`: the clip stash is planned when the plan
+   * with it fits (the engine itself uses 90% of the memory the host or GPU has available);
+   * absent: no budget known, the stash is planned.
+   */
+  memoryBudget?: number;
 }
 
 /**
@@ -95,6 +114,40 @@ export function estimateMemory(
   batch: BatchShape,
   when: EstimateWhen = {},
 ): MemoryBytes {
+  const plan = estimatePlan(model, optimizer, batch, when);
+  const m = (when.afterFirstStep ?? true) ? plan.stepped : plan.initial;
+  return {
+    weights: m.weights,
+    adapters: m.adapters,
+    grads: m.grads,
+    optimizer_state: m.optimizer_state,
+    projector: m.projector,
+    activations: m.activations,
+    total: m.total,
+  };
+}
+
+/**
+ * How an engine built for the same arguments as {@link estimateMemory} clips, from the same
+ * byte plan: `stash` (one backward holding the projected gradients; its bytes are in the
+ * estimate's `grads`), `two-backward` (no stash: the stash would not fit `memoryBudget`, or
+ * `clipMode` says so), `unfused` or `off`, with the stash's size and the reason.
+ */
+export function estimateClip(
+  model: ModelConfig | string,
+  optimizer: string | MemorySettings,
+  batch: BatchShape,
+  when: EstimateWhen = {},
+): ClipPlan {
+  return estimatePlan(model, optimizer, batch, when).clip;
+}
+
+function estimatePlan(
+  model: ModelConfig | string,
+  optimizer: string | MemorySettings,
+  batch: BatchShape,
+  when: EstimateWhen,
+): EnginePlan {
   const cfg = typeof model === "string"
     ? resolveModel(model, new ByteTokenizer().vocabSize).config
     : model;
@@ -107,7 +160,7 @@ export function estimateMemory(
     lenient: true,
   });
   const bf16 = batch.precision === "bf16";
-  const plan = planEngine({
+  return planEngine({
     model: cfg,
     batch_size: batch.batchSize,
     seq_len: batch.seqLen,
@@ -117,17 +170,8 @@ export function estimateMemory(
     precision: bf16 ? "bf16" : "fp32",
     checkpointing: batch.checkpointing ?? false,
     optimizer: config,
+    ...(when.memoryBudget === undefined ? {} : { memory_budget: when.memoryBudget }),
   });
-  const m = (when.afterFirstStep ?? true) ? plan.stepped : plan.initial;
-  return {
-    weights: m.weights,
-    adapters: m.adapters,
-    grads: m.grads,
-    optimizer_state: m.optimizer_state,
-    projector: m.projector,
-    activations: m.activations,
-    total: m.total,
-  };
 }
 
 /**

@@ -395,6 +395,11 @@ export interface Summary {
   optimizer: string;
   /** Whether the optimizer stepped inside the backward (as the engine reports it). */
   fused: boolean;
+  /**
+   * How the engine clipped (`EngineInfo.clip_mode`): `stash` (one backward with the clip
+   * stash), `two-backward`, `unfused` or `off`; null where the engine does not say.
+   */
+  clip_mode: string | null;
   /** Projector refreshes (SVD or equivalent) taken; 0 for unprojected optimizers. */
   svd_count: number;
   /** Final refresh interval of each projected matrix, by parameter name. */
@@ -1454,6 +1459,7 @@ export class Run implements Disposable {
         optimizer: opts.optimizer,
         // stand-in engines (tests) may report less than the native one
         fused: info.fused ?? opts.fused,
+        clip_mode: info.clip_mode ?? null,
         svd_count: info.svd_count ?? 0,
         gaps: info.gaps ?? {},
         refresh_failures: info.refresh_failures ?? 0,

@@ -536,6 +536,10 @@ Deno.test("bad values of the optimizer flags name the flag, the value and what i
     "--proj-refresh qr: must be one of svd, eigh, randomized",
   );
   rejects([...q, "--cos-mode", "neg"], "--cos-mode neg: must be one of signed, abs");
+  rejects(
+    [...q, "--clip-mode", "sometimes"],
+    "--clip-mode sometimes: must be one of auto, stash, two-backward",
+  );
   rejects([...q, "--quant-range", "full"], "--quant-range full: must be one of zero, reference");
   rejects([...q, "--block-size", "512"], "--block-size 512: must be one of 256, 2048");
   // Notebook-style options are type-checked as well.
@@ -559,6 +563,7 @@ Deno.test("switches that do not apply to the optimizer are errors", () => {
   rejects(["--lazy", "on"], "--lazy on: ", proj);
   rejects(["--cos-threshold", "0.5"], "--cos-threshold 0.5: ", proj);
   rejects(["--proj-group-size", "128"], "--proj-group-size 128: ", proj);
+  rejects(["--clip-mode", "stash"], "--clip-mode stash: ", proj);
   rejects(
     ["--optimizer", "adam8bit", "--rank", "8"],
     "--rank 8: applies only to --optimizer galore, galore8bit, qgalore (not adam8bit)",

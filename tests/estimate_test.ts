@@ -4,7 +4,7 @@
  */
 import assert from "node:assert/strict";
 import { Engine, EngineError, planEngine } from "../ffi/engine.ts";
-import { estimateMemory, paperMemory, paramCount } from "../lib/estimate.ts";
+import { estimateClip, estimateMemory, paperMemory, paramCount } from "../lib/estimate.ts";
 import { checkOptions, engineOptimizerConfig, type TrainOptions } from "../lib/options.ts";
 import { modelConfig } from "../lib/presets.ts";
 
@@ -248,3 +248,54 @@ Deno.test("planEngine: the engine's fit check names config fields; the engine re
     /^EngineError: weight_group_size = 6: does not divide the 128×128 q matrix of the model /,
   );
 });
+
+Deno.test("estimateClip: the clip mode the plan chooses under a memory budget", () => {
+  // llama-7b qgalore at rank 1024 (bf16, as on a GPU): the 6.5 GB clip stash does not fit a
+  // 16 GB budget, so the fused step runs two backwards and allocates no stash
+  const shape = { batchSize: 1, seqLen: 256, precision: "bf16" as const };
+  const q7 = { name: "qgalore", rank: 1024, clip: 1 };
+  const budget = { memoryBudget: 16e9 };
+  const two = estimateClip("llama-7b", q7, shape, budget);
+  assert.equal(two.mode, "two-backward", two.why);
+  assert.ok(two.stash_bytes > 6.4e9 && two.stash_bytes < 6.6e9, `${two.stash_bytes}`);
+  assert.equal(two.budget, 16e9);
+  const tight = estimateMemory("llama-7b", q7, shape, budget);
+  assert.ok(tight.total <= 16e9, `${tight.total}`);
+  // without a budget (or with clipMode stash) the stash is planned and counted with the grads
+  assert.equal(estimateClip("llama-7b", q7, shape).mode, "stash");
+  const stash = estimateMemory("llama-7b", { ...q7, clipMode: "stash" }, shape, budget);
+  assert.equal(stash.grads, tight.grads + two.stash_bytes);
+  assert.equal(stash.total, tight.total + two.stash_bytes);
+  // llama-60m keeps its 25 MB stash under the same budget
+  const q60 = estimateClip(
+    "llama-60m",
+    { name: "qgalore", clip: 1 },
+    { batchSize: 8, seqLen: 256 },
+    budget,
+  );
+  assert.equal(q60.mode, "stash", q60.why);
+  assert.equal(q60.stash_bytes, 4 * (8 * (4 * 512 * 128 + 3 * 1376 * 128 + 2 * 512) + 512));
+  // forced two-backward; no clipping; unprojected optimizers
+  const forced = estimateClip(
+    "llama-60m",
+    { name: "galore", clip: 1, clipMode: "two-backward" },
+    shape,
+  );
+  assert.equal(forced.mode, "two-backward");
+  assert.equal(estimateClip("llama-60m", { name: "galore" }, shape).mode, "off");
+  assert.equal(estimateClip("llama-60m", { name: "adamw", clip: 1 }, shape).mode, "unfused");
+  assert.throws(
+    () => planEngine({ ...planBase, memory_budget: -1 }),
+    (e: unknown) =>
+      e instanceof EngineError &&
+      e.message === "memory_budget = -1: must be a whole number of bytes ≥ 1",
+  );
+});
+
+const planBase = {
+  model: base,
+  batch_size: 1,
+  seq_len: 8,
+  device: "cpu" as const,
+  optimizer: { name: "adamw" },
+};
