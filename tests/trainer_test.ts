@@ -263,6 +263,7 @@ class InfoEngine extends FakeEngine {
   info(): Record<string, unknown> {
     return {
       fused: true,
+      clip_mode: "two-backward",
       svd_count: 7,
       refresh_failures: 1,
       nonfinite_grads: 3,
@@ -303,6 +304,7 @@ Deno.test("train: GaLore settings reach the engine; info() fills the summary", a
     quant_range: "zero",
     block_size: 2048,
     fused: true,
+    clip_mode: "auto",
   });
   assert.equal(s.svd_count, 7);
   assert.equal(s.refresh_failures, 1);
@@ -310,6 +312,7 @@ Deno.test("train: GaLore settings reach the engine; info() fills the summary", a
   assert.equal(s.refresh_seconds, 0.25);
   assert.deepEqual(s.gaps, { "model.layers.0.self_attn.q_proj.weight": 400 });
   assert.equal(s.fused, true);
+  assert.equal(s.clip_mode, "two-backward");
   assert.equal((engine!.cfg as { checkpointing?: boolean }).checkpointing, false);
   assert.equal(s.config.rank, 16);
   assert.equal(s.config.lr, optimizerDefaults("qgalore").lr);
@@ -335,6 +338,7 @@ Deno.test("train: GaLore settings reach the engine; info() fills the summary", a
     lazy: false,
     proj_refresh: "eigh",
     fused: false,
+    clip_mode: "auto",
   });
 });
 
