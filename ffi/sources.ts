@@ -10,7 +10,7 @@ export const PACKAGE_VERSION: string = "0.1.0";
 
 /** SHA-256 of the list below as `sha256sum` prints it; names the cached library. */
 export const SOURCES_DIGEST: string =
-  "fe1fd8eadb6780965e5051212f6db1c71715f74cb9e45b0e8f487ec470fe94ca";
+  "7053ff7490065d8a75bff16ad639be03cf5f950b49e8e6482deee1b7e70e49ca";
 
 /** Every file the build needs: path from the package root and SHA-256 of its bytes. */
 export const SOURCES: readonly { readonly path: string; readonly sha256: string }[] = [
@@ -20,7 +20,7 @@ export const SOURCES: readonly { readonly path: string; readonly sha256: string 
   },
   {
     path: "rust/Cargo.toml",
-    sha256: "b595ab711fee003a2fafb7f7684f6e25ecb6d9859dc33fd165db020424f6c32e",
+    sha256: "644bb33578ff34b6f66f2d13a8e03d051b9b66f691a93ee563532e483bb355bc",
   },
   {
     path: "rust/kernels/linalg.cu",
@@ -52,11 +52,11 @@ export const SOURCES: readonly { readonly path: string; readonly sha256: string 
   },
   {
     path: "rust/src/backend/cpu/attention.rs",
-    sha256: "311af333698dfa656d0a212bca3e7a33f39e2d50e50dc2cd88cc855d1b18c1b8",
+    sha256: "77d2b5796f2a2f48ede40cfb3f3fdd37edc06f7db2a22710900c5c0c5d12d21c",
   },
   {
     path: "rust/src/backend/cpu/bf16.rs",
-    sha256: "202afff8eb2fd251e3e11d1bfb5051658c6d752bb03863b0f3a82388a4afe69b",
+    sha256: "13c3b1e03c46a0b97feed34cd2fdce12ad9e374930a79f11ad60b27620e3e9c0",
   },
   {
     path: "rust/src/backend/cpu/mod.rs",

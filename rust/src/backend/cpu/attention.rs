@@ -9,6 +9,13 @@
 //! att·V, dscores·K) or at the start (attᵀ·dout, dscoresᵀ·Q), where the kernel's running
 //! sum is still +0, so every result is bit-identical to the full products
 //! (tests/attention_causal.rs checks it against them).
+//!
+//! The block loop is generic over how results are stored (`Storage`): as computed (the
+//! fp32 backend, `F32`), or rounded to bf16 where the buffer holds bf16 (the bf16 backend,
+//! `cpu::bf16`, which rounds each product's result and the probabilities once, as the
+//! device's kernels store them). Rounding is element-wise and every block's products read
+//! only values already final, so rounding block by block stores what rounding the whole
+//! products would.
 
 use crate::host::matmul::gemm_raw;
 use crate::backend::AttnDims;
@@ -32,6 +39,24 @@ fn blocks(t: usize, hd: usize) -> impl Iterator<Item = (usize, usize)> {
     (0..nb).map(move |i| (i * BLOCK * (nb > 1) as usize, if i + 1 == nb { t } else { (i + 1) * BLOCK }))
 }
 
+/// How attention stores a product's result or the probabilities once they are final.
+pub trait Storage: Sync {
+    /// Stores the `rows`×`cols` block at `p` (row stride `ld`) of a buffer; `half`: whether
+    /// that buffer holds bf16 values.
+    ///
+    /// # Safety
+    /// The block must lie inside a buffer only the calling task writes.
+    unsafe fn store(p: *mut f32, rows: usize, cols: usize, ld: usize, half: bool);
+}
+
+/// fp32 storage: values stay as computed.
+pub struct F32;
+
+impl Storage for F32 {
+    #[inline(always)]
+    unsafe fn store(_: *mut f32, _: usize, _: usize, _: usize, _: bool) {}
+}
+
 fn check(d: &AttnDims, q: usize, k: usize, v: usize, att: usize) {
     let (b, t, h, kvh, hd) = (d.b, d.t, d.h, d.kvh, d.hd);
     assert!(h % kvh == 0);
@@ -40,6 +65,12 @@ fn check(d: &AttnDims, q: usize, k: usize, v: usize, att: usize) {
 
 /// out (b,t,h,hd) and att (b,h,t,t) from q (b,t,h,hd), k, v (b,t,kvh,hd).
 pub fn forward(out: &mut [f32], att: &mut [f32], q: &[f32], k: &[f32], v: &[f32], d: AttnDims) {
+    forward_with::<F32>(out, att, q, k, v, d, (false, false));
+}
+
+/// `forward` storing through `S`: the scores, the probabilities (in `att`, bf16 when `ah`)
+/// and the output (bf16 when `oh`) as each block computes them.
+pub fn forward_with<S: Storage>(out: &mut [f32], att: &mut [f32], q: &[f32], k: &[f32], v: &[f32], d: AttnDims, (oh, ah): (bool, bool)) {
     check(&d, q.len(), k.len(), v.len(), att.len());
     assert!(out.len() >= d.b * d.t * d.h * d.hd);
     let (b, t, h, kvh, hd) = (d.b, d.t, d.h, d.kvh, d.hd);
@@ -63,6 +94,7 @@ pub fn forward(out: &mut [f32], att: &mut [f32], q: &[f32], k: &[f32], v: &[f32]
                 let ab = a.add(r0 * t);
                 // scores = scale · Q Kᵀ
                 gemm_raw(mb, r1, hd, ab, t as isize, 1, false, qp.offset(r0 as isize * qs), qs, 1, kp, 1, kvs, scale, Parallelism::None);
+                S::store(ab, mb, r1, t, ah);
                 for ti in r0..r1 {
                     let row = std::slice::from_raw_parts_mut(a.add(ti * t), t);
                     let mut mx = f32::NEG_INFINITY;
@@ -82,7 +114,10 @@ pub fn forward(out: &mut [f32], att: &mut [f32], q: &[f32], k: &[f32], v: &[f32]
                         *s = 0.0;
                     }
                 }
-                gemm_raw(mb, hd, r1, o.offset(r0 as isize * qs), qs, 1, false, ab, t as isize, 1, vp, kvs, 1, 1.0, Parallelism::None);
+                S::store(ab, mb, r1, t, ah);
+                let ob = o.offset(r0 as isize * qs);
+                gemm_raw(mb, hd, r1, ob, qs, 1, false, ab, t as isize, 1, vp, kvs, 1, 1.0, Parallelism::None);
+                S::store(ob, mb, hd, qs as usize, oh);
             }
         }
     });
@@ -102,7 +137,29 @@ pub fn backward(
     att: &[f32],
     d: AttnDims,
 ) {
+    backward_with::<F32>(dq, dk, dv, scratch, dout, q, k, v, att, d, [false; 4]);
+}
+
+/// `backward` storing through `S` each product's result once it is final (the query heads
+/// of a group accumulate into dk and dv one stored product at a time) and the score
+/// gradients; `half`: whether dq, dk, dv, scratch hold bf16.
+#[allow(clippy::too_many_arguments)]
+pub fn backward_with<S: Storage>(
+    dq: &mut [f32],
+    dk: &mut [f32],
+    dv: &mut [f32],
+    scratch: &mut [f32],
+    dout: &[f32],
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    att: &[f32],
+    d: AttnDims,
+    half: [bool; 4],
+) {
     check(&d, q.len(), k.len(), v.len(), att.len());
+    assert!(dout.len() >= d.b * d.t * d.h * d.hd);
+    let [qh, kh, vh, sh] = half;
     assert!(scratch.len() >= d.b * d.h * d.t * d.t);
     assert!(dq.len() >= d.b * d.t * d.h * d.hd);
     assert!(dk.len() >= d.b * d.t * d.kvh * d.hd && dv.len() >= d.b * d.t * d.kvh * d.hd);
@@ -132,12 +189,14 @@ pub fn backward(
                 for (r0, r1) in blocks(t, hd) {
                     let (ro, rq) = ((r0 * t) as isize, r0 as isize * qs);
                     gemm_raw(r1 - r0, r1, hd, ds.offset(ro), ts, 1, false, dop.offset(rq), qs, 1, vp, 1, kvs, 1.0, Parallelism::None);
+                    S::store(ds.offset(ro), r1 - r0, r1, t, sh);
                 }
                 // dv (+)= attᵀ · dout: row s sums over ti ≥ s, so block [s0, s1) starts at ti = s0
                 for (s0, s1) in blocks(t, hd) {
                     let (lo, kk) = ((s0 * t + s0) as isize, t - s0);
                     let (dvo, dqo) = (s0 as isize * kvs, s0 as isize * qs);
                     gemm_raw(s1 - s0, hd, kk, dvr.offset(dvo), kvs, 1, j > 0, a.offset(lo), 1, ts, dop.offset(dqo), qs, 1, 1.0, Parallelism::None);
+                    S::store(dvr.offset(dvo), s1 - s0, hd, kvs as usize, vh);
                 }
                 // dscores = att ⊙ (datt − Σ datt⊙att) · scale, causal part only
                 for ti in 0..t {
@@ -153,17 +212,20 @@ pub fn backward(
                     for x in &mut dr[ti + 1..] {
                         *x = 0.0;
                     }
+                    S::store(dr.as_mut_ptr(), 1, ti + 1, t, sh);
                 }
                 // dq = dscores · K (row block [r0, r1): columns < r1);
                 // dk (+)= dscoresᵀ · Q (row s sums over ti ≥ s)
                 for (r0, r1) in blocks(t, hd) {
                     let (ro, rq) = ((r0 * t) as isize, r0 as isize * qs);
                     gemm_raw(r1 - r0, hd, r1, dqr.offset(rq), qs, 1, false, ds.offset(ro), ts, 1, kp, kvs, 1, 1.0, Parallelism::None);
+                    S::store(dqr.offset(rq), r1 - r0, hd, qs as usize, qh);
                 }
                 for (s0, s1) in blocks(t, hd) {
                     let (lo, kk) = ((s0 * t + s0) as isize, t - s0);
                     let (dko, qo) = (s0 as isize * kvs, s0 as isize * qs);
                     gemm_raw(s1 - s0, hd, kk, dkr.offset(dko), kvs, 1, j > 0, ds.offset(lo), 1, ts, qp.offset(qo), qs, 1, 1.0, Parallelism::None);
+                    S::store(dkr.offset(dko), s1 - s0, hd, kvs as usize, kh);
                 }
             }
         }

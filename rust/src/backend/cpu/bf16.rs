@@ -21,19 +21,17 @@
 //! exact in f32) or, on AVX512-BF16 hardware, through `vdpbf16ps` (`host::bf16`).
 //! `Cpu` itself is untouched: fp32 stays bit-identical.
 
-use super::{Cpu, CpuBuf};
+use super::{attention, Cpu, CpuBuf};
 use crate::backend::{AdamHp, AttnDims, Category, Layers, Linalg, MemTracker, Memory, Optimizers, Quantization, Refresh, Runner};
 use crate::error::{Error, Result};
 use crate::host::bf16::{self as hb, Kernel, Strided};
-use crate::host::matmul::{self, gemm_raw};
+use crate::host::matmul;
 use crate::quant::adam8::State8;
 use crate::quant::nf4::Nf4Tensor;
 use crate::quant::{QTensor, Range};
 use gemm::Parallelism;
-use rayon::prelude::*;
 use std::borrow::Cow;
 
-use super::SendPtr as Ptr;
 
 /// The CPU backend under bf16 precision (see the module notes).
 pub struct CpuBf16 {
@@ -316,15 +314,17 @@ impl Layers for CpuBf16 {
     }
 }
 
-/// Rounds the `rows`×`cols` block at `p` (row stride `ld`) to bf16 when `half`.
-///
-/// # Safety
-/// The block must lie inside a buffer only this task writes.
-unsafe fn store_block(p: *mut f32, rows: usize, cols: usize, ld: usize, half: bool) {
-    if half {
-        for r in 0..rows {
-            let row = std::slice::from_raw_parts_mut(p.add(r * ld), cols);
-            row.iter_mut().for_each(|x| *x = hb::round(*x));
+/// bf16 storage for the shared attention block loop (`attention::Storage`): a block of a
+/// buffer that holds bf16 is rounded to nearest even where the device's kernels store it.
+struct Bf16Store;
+
+impl attention::Storage for Bf16Store {
+    unsafe fn store(p: *mut f32, rows: usize, cols: usize, ld: usize, half: bool) {
+        if half {
+            for r in 0..rows {
+                let row = std::slice::from_raw_parts_mut(p.add(r * ld), cols);
+                row.iter_mut().for_each(|x| *x = hb::round(*x));
+            }
         }
     }
 }
@@ -332,102 +332,19 @@ unsafe fn store_block(p: *mut f32, rows: usize, cols: usize, ld: usize, half: bo
 /// Attention forward as the device runs it under bf16 (`plan::attn_scores`, the
 /// `causal_softmax` kernel, `plan::attn_values`): scores = scale·q·kᵀ rounded to bf16, the
 /// probabilities exp(s − max)/Σ rounded once, out = att·v rounded. Inputs are bf16 values.
-fn forward(out: &mut [f32], att: &mut [f32], q: &[f32], k: &[f32], v: &[f32], d: AttnDims, (oh, ah): (bool, bool)) {
-    let (b, t, h, kvh, hd) = (d.b, d.t, d.h, d.kvh, d.hd);
-    assert!(h % kvh == 0 && q.len() >= b * t * h * hd && k.len() >= b * t * kvh * hd && v.len() >= b * t * kvh * hd);
-    assert!(att.len() >= b * h * t * t && out.len() >= b * t * h * hd);
-    let (qs, kvs) = ((h * hd) as isize, (kvh * hd) as isize);
-    let scale = 1.0 / (hd as f32).sqrt();
-    let (op, ap) = (Ptr(out.as_mut_ptr()), Ptr(att.as_mut_ptr()));
-    (0..b * h).into_par_iter().for_each(|bh| {
-        let (bi, hi) = (bh / h, bh % h);
-        let g = hi / (h / kvh);
-        // SAFETY: task bh writes only its head's probabilities and output columns
-        unsafe {
-            let qp = q.as_ptr().add(bi * t * h * hd + hi * hd);
-            let kp = k.as_ptr().add(bi * t * kvh * hd + g * hd);
-            let vp = v.as_ptr().add(bi * t * kvh * hd + g * hd);
-            let a = ap.get().add(bh * t * t);
-            gemm_raw(t, t, hd, a, t as isize, 1, false, qp, qs, 1, kp, 1, kvs, scale, Parallelism::None);
-            store_block(a, t, t, t, ah);
-            for ti in 0..t {
-                let row = std::slice::from_raw_parts_mut(a.add(ti * t), t);
-                let mx = row[..=ti].iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
-                let mut sum = 0.0f32;
-                for s in &mut row[..=ti] {
-                    *s = (*s - mx).exp();
-                    sum += *s;
-                }
-                let inv = 1.0 / sum;
-                for s in &mut row[..=ti] {
-                    *s *= inv;
-                }
-                row[ti + 1..].fill(0.0);
-            }
-            store_block(a, t, t, t, ah);
-            let o = op.get().add(bi * t * h * hd + hi * hd);
-            gemm_raw(t, hd, t, o, qs, 1, false, a, t as isize, 1, vp, kvs, 1, 1.0, Parallelism::None);
-            store_block(o, t, hd, h * hd, oh);
-        }
-    });
+/// The fp32 backend's causal block loop (`attention::forward_with`) with bf16 stores.
+fn forward(out: &mut [f32], att: &mut [f32], q: &[f32], k: &[f32], v: &[f32], d: AttnDims, half: (bool, bool)) {
+    attention::forward_with::<Bf16Store>(out, att, q, k, v, d, half);
 }
 
 /// Attention backward as the device runs it under bf16 (`plan::attn_dscores`, `attn_dv`,
 /// the `causal_softmax_bwd` kernel, `attn_dq`, `attn_dk`): every product's result rounded
 /// where its buffer holds bf16, the query heads of a group accumulating into dk and dv
-/// one rounded product at a time. `half`: dq, dk, dv, scratch.
+/// one rounded product at a time. `half`: dq, dk, dv, scratch. The fp32 backend's causal
+/// block loop (`attention::backward_with`) with bf16 stores.
 #[allow(clippy::too_many_arguments)]
 fn backward(dq: &mut [f32], dk: &mut [f32], dv: &mut [f32], scratch: &mut [f32], dout: &[f32], q: &[f32], k: &[f32], v: &[f32], att: &[f32], d: AttnDims, half: [bool; 4]) {
-    let (b, t, h, kvh, hd) = (d.b, d.t, d.h, d.kvh, d.hd);
-    assert!(h % kvh == 0 && q.len() >= b * t * h * hd && k.len() >= b * t * kvh * hd && v.len() >= b * t * kvh * hd);
-    assert!(att.len() >= b * h * t * t && scratch.len() >= b * h * t * t && dout.len() >= b * t * h * hd);
-    assert!(dq.len() >= b * t * h * hd && dk.len() >= b * t * kvh * hd && dv.len() >= b * t * kvh * hd);
-    let [qh, kh, vh, sh] = half;
-    let group = h / kvh;
-    let (qs, kvs, ts) = ((h * hd) as isize, (kvh * hd) as isize, t as isize);
-    let scale = 1.0 / (hd as f32).sqrt();
-    let (dqp, dkp, dvp, sp) = (Ptr(dq.as_mut_ptr()), Ptr(dk.as_mut_ptr()), Ptr(dv.as_mut_ptr()), Ptr(scratch.as_mut_ptr()));
-    (0..b * kvh).into_par_iter().for_each(|bg| {
-        let (bi, g) = (bg / kvh, bg % kvh);
-        // SAFETY: task (bi, g) writes only its kv head's dk, dv rows and its query heads'
-        // dq columns and scores
-        unsafe {
-            let kp = k.as_ptr().add(bi * t * kvh * hd + g * hd);
-            let vp = v.as_ptr().add(bi * t * kvh * hd + g * hd);
-            let dkr = dkp.get().add(bi * t * kvh * hd + g * hd);
-            let dvr = dvp.get().add(bi * t * kvh * hd + g * hd);
-            for j in 0..group {
-                let hi = g * group + j;
-                let bh = bi * h + hi;
-                let a = att.as_ptr().add(bh * t * t);
-                let ds = sp.get().add(bh * t * t);
-                let qp = q.as_ptr().add(bi * t * h * hd + hi * hd);
-                let dop = dout.as_ptr().add(bi * t * h * hd + hi * hd);
-                let dqr = dqp.get().add(bi * t * h * hd + hi * hd);
-                gemm_raw(t, t, hd, ds, ts, 1, false, dop, qs, 1, vp, 1, kvs, 1.0, Parallelism::None);
-                store_block(ds, t, t, t, sh);
-                gemm_raw(t, hd, t, dvr, kvs, 1, j > 0, a, 1, ts, dop, qs, 1, 1.0, Parallelism::None);
-                store_block(dvr, t, hd, kvh * hd, vh);
-                for ti in 0..t {
-                    let ar = std::slice::from_raw_parts(a.add(ti * t), t);
-                    let dr = std::slice::from_raw_parts_mut(ds.add(ti * t), t);
-                    let mut dot = 0.0f32;
-                    for s in 0..=ti {
-                        dot += ar[s] * dr[s];
-                    }
-                    for s in 0..=ti {
-                        dr[s] = ar[s] * (dr[s] - dot) * scale;
-                    }
-                    dr[ti + 1..].fill(0.0);
-                }
-                store_block(ds, t, t, t, sh);
-                gemm_raw(t, hd, t, dqr, qs, 1, false, ds, ts, 1, kp, kvs, 1, 1.0, Parallelism::None);
-                store_block(dqr, t, hd, h * hd, qh);
-                gemm_raw(t, hd, t, dkr, kvs, 1, j > 0, ds, 1, ts, qp, qs, 1, 1.0, Parallelism::None);
-                store_block(dkr, t, hd, kvh * hd, kh);
-            }
-        }
-    });
+    attention::backward_with::<Bf16Store>(dq, dk, dv, scratch, dout, q, k, v, att, d, half);
 }
 
 impl Optimizers for CpuBf16 {
