@@ -7,8 +7,10 @@ per measurement, so that each side's peak RSS is its own:
   python bench/vs_pytorch.py train --threads 2 --spec '{...}'
 
 `--spec` is the JSON that vs_pytorch.ts builds from the engine's own config of the case (the
-model shape, the optimizer settings and lr); nothing about the model is restated here. Prints
-one JSON line on stdout.
+model shape, the optimizer settings and lr); nothing about the model is restated here. With
+`"precision": "bf16"` the forward and the loss run under
+`torch.autocast("cpu", dtype=torch.bfloat16)` (weights, gradients and optimizer state stay fp32,
+as ours keeps them under `--precision bf16`). Prints one JSON line on stdout.
 """
 
 import argparse
@@ -407,13 +409,23 @@ def train(spec: dict) -> dict:
         NOTES.append(f"norm label unavailable: {e}")
 
     fwd_s = bwd_s = clip_s = opt_s = 0.0
+    precision = spec.get("precision", "fp32")
+    if precision not in ("fp32", "bf16"):
+        raise SystemExit(f"vs_pytorch.py train: precision {precision}: must be fp32 or bf16")
+    # bf16: autocast the forward and the loss (the backward follows the forward's dtypes)
+    if precision == "bf16":
+        amp = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
+    else:
+        import contextlib
+
+        amp = contextlib.nullcontext
 
     def step(s: int, timed: bool):
         nonlocal fwd_s, bwd_s, clip_s, opt_s
         tok = get(s)
         x, y = tok[:, :-1], tok[:, 1:]
         t0 = time.perf_counter()
-        with rf("forward"):
+        with rf("forward"), amp():
             logits = model(input_ids=x).logits
             loss = ce(logits.reshape(-1, vocab), y.reshape(-1))
         t1 = time.perf_counter()
@@ -456,6 +468,8 @@ def train(spec: dict) -> dict:
     med = srt[n // 2] if n % 2 else 0.5 * (srt[n // 2 - 1] + srt[n // 2])
     return {
         "side": "pytorch",
+        "precision": precision,
+        "autocast": 'torch.autocast("cpu", dtype=torch.bfloat16)' if precision == "bf16" else None,
         "optimizer_impl": opt_name,
         "params": params,
         "model_shape": shape,

@@ -3,8 +3,8 @@
  * never run by CI or the test suite.
  *
  *   deno run -A bench/vs_pytorch.ts [--cases llama-35m:adamw,llama-60m:qgalore,...]
- *       [--steps 8] [--warmup 2] [--threads 2] [--batch 8] [--seq 256] [--reps 2]
- *       [--data FILE] [--out FILE.jsonl] [--no-profile]
+ *       [--precision fp32,bf16] [--steps 8] [--warmup 2] [--threads 2] [--batch 8] [--seq 256]
+ *       [--reps 2] [--data FILE] [--out FILE.jsonl] [--no-profile]
  *
  * On first use it makes a venv in .venv/vs-pytorch (Python ≥ 3.11: `$QGALORE_BENCH_PYTHON`, else
  * the first of python3.12, python3.13, python3.11, python3 that is new enough) and installs
@@ -19,6 +19,14 @@
  * from the same model config and the optimizer from the same settings (torch AdamW,
  * galore-torch GaLoreAdamW, q-galore-torch QGaLoreAdamW8bit with INT8 weights), with
  * `clip_grad_norm_` at the same threshold. Both train on the same batches of the same bytes.
+ *
+ * `--precision bf16` (issue 13, deliverable 3) runs each case again with ours at
+ * `--precision bf16` (bf16 activations and GEMM inputs, fp32 accumulation, weights and state)
+ * against PyTorch under `torch.autocast("cpu", dtype=torch.bfloat16)`; its lines carry
+ * `precision: "bf16"` and its case is labelled `MODEL:OPTIMIZER:bf16`. Our bf16 needs
+ * AVX512-BF16 or AMX-BF16: on a processor without them the PyTorch side is still measured and
+ * ours is recorded as a `run` line with `unavailable: "ours: not available on this CPU
+ * (REASON)"` (the engine's own refusal), not as a failure.
  *
  * Every measurement runs in its own process (so peak RSS is per side); sides alternate,
  * case by case, for `--reps` repetitions. Tokens/s is batch·seq over the median step time of
@@ -52,6 +60,7 @@ const OPTIMIZERS = ["adamw", "galore", "qgalore"];
 const { values } = parseArgs({
   options: {
     cases: { type: "string", default: ALL_CASES.join(",") },
+    precision: { type: "string", default: "fp32,bf16" },
     steps: { type: "string", default: "8" },
     warmup: { type: "string", default: "2" },
     threads: { type: "string", default: "2" },
@@ -85,18 +94,44 @@ const threads = positiveInt("threads", values.threads);
 const batch = positiveInt("batch", values.batch);
 const seq = positiveInt("seq", values.seq);
 const reps = positiveInt("reps", values.reps);
+const PRECISIONS = ["fp32", "bf16"];
+const precisions = values.precision!.split(",").map((p) => p.trim()).filter((p) => p);
+if (precisions.length === 0 || precisions.some((p) => !PRECISIONS.includes(p))) {
+  console.error(
+    `--precision ${values.precision}: must be a comma list of ${PRECISIONS.join(", ")}`,
+  );
+  Deno.exit(2);
+}
 
-/** The engine config of one case at the project's defaults, and its default peak lr. */
-function caseConfig(model: string, optimizer: string): { config: EngineConfig; lr: number } {
+/**
+ * The engine config of one case at the project's defaults, and its default peak lr. Throws
+ * the engine's one-line refusal where `precision` bf16 is not available on this processor.
+ */
+function caseConfig(
+  model: string,
+  optimizer: string,
+  precision = "fp32",
+): { config: EngineConfig; lr: number } {
   const { opts } = checkOptions({
     model,
     optimizer,
     batchSize: batch,
     seqLen: seq,
     device: "cpu",
+    precision,
     threads,
   });
   return { config: engineConfig(opts, modelConfig(model, 256)), lr: opts.lr };
+}
+
+/** Why our side cannot run `precision` here (null: it can): the engine's refusal, one line. */
+function oursUnavailable(model: string, optimizer: string, precision: string): string | null {
+  try {
+    caseConfig(model, optimizer, precision);
+    return null;
+  } catch (e) {
+    return `ours: not available on this CPU (${e instanceof Error ? e.message : String(e)})`;
+  }
 }
 
 function dataFile(): string {
@@ -154,8 +189,8 @@ function median(xs: number[]): number {
 const r4 = (x: number) => Math.round(x * 1e4) / 1e4;
 
 /** One measurement of our engine (run in a child process). */
-async function oursChild(model: string, optimizer: string, data: string) {
-  const { config, lr } = caseConfig(model, optimizer);
+async function oursChild(model: string, optimizer: string, data: string, precision: string) {
+  const { config, lr } = caseConfig(model, optimizer, precision);
   const bytes = Deno.readFileSync(data);
   const e = await Engine.create(config);
   const losses: number[] = [];
@@ -363,12 +398,24 @@ async function main() {
     string,
     { ours: Record<string, unknown>[]; torch: Record<string, unknown>[] }
   > = {};
-  for (const c of cases) runs[c] = { ours: [], torch: [] };
+  // (case, precision) pairs, labelled MODEL:OPTIMIZER (fp32) or MODEL:OPTIMIZER:bf16
+  const jobs = precisions.flatMap((precision) =>
+    cases.map((c) => ({ c, precision, label: precision === "fp32" ? c : `${c}:${precision}` }))
+  );
+  const unavailable: Record<string, string | null> = {};
+  for (const { c, precision, label } of jobs) {
+    runs[label] = { ours: [], torch: [] };
+    const [model, opt] = c.split(":");
+    unavailable[label] = oursUnavailable(model, opt, precision);
+    if (unavailable[label]) console.error(`vs_pytorch: ${label}: ${unavailable[label]}`);
+  }
   for (let rep = 0; rep < reps; rep++) {
-    for (const c of cases) {
+    for (const { c, precision, label } of jobs) {
       const [model, opt] = c.split(":");
+      // the PyTorch side takes the fp32 config (the same model and optimizer settings)
       const { config, lr } = caseConfig(model, opt);
       const spec = {
+        precision,
         model: config.model,
         optimizer: config.optimizer,
         lr,
@@ -402,6 +449,8 @@ async function main() {
             `${seq}`,
             "--data",
             data,
+            "--precision",
+            precision,
           ],
           values["no-profile"] || !profile ? {} : { QGALORE_PROFILE: "1" },
         );
@@ -417,27 +466,35 @@ async function main() {
       // alternate which side goes first from one repetition to the next
       const order = rep % 2 === 0 ? ["ours", "torch"] : ["torch", "ours"];
       for (const side of order) {
-        console.error(`vs_pytorch: rep ${rep + 1}/${reps} ${c} ${side}`);
-        const r = side === "ours" ? await oursRun(rep === 0) : await torchRun(rep === 0);
-        if (r.error) console.error(`vs_pytorch: ${c} ${side}: ${r.error}`);
-        else console.error(`vs_pytorch:   ${r.tokens_per_s} tokens/s, load ${r.load_before}`);
-        runs[c][side as "ours" | "torch"].push(r);
+        const skip = side === "ours" ? unavailable[label] : null;
+        console.error(`vs_pytorch: rep ${rep + 1}/${reps} ${label} ${side}`);
+        const r: Record<string, unknown> = skip
+          ? { side: "ours", precision, unavailable: skip }
+          : side === "ours"
+          ? await oursRun(rep === 0)
+          : await torchRun(rep === 0);
+        if (r.error) console.error(`vs_pytorch: ${label} ${side}: ${r.error}`);
+        else if (!skip) {
+          console.error(`vs_pytorch:   ${r.tokens_per_s} tokens/s, load ${r.load_before}`);
+        }
+        runs[label][side as "ours" | "torch"].push(r);
         // every measurement as it comes, so that an interrupted run keeps what it measured
         const { versions: _v, ...rest } = r;
         emit({
           kind: "run",
           rep: rep + 1,
-          case: c,
+          case: label,
           side: side === "torch" ? "pytorch" : side,
+          precision,
           ...rest,
         });
       }
     }
   }
 
-  for (const c of cases) {
+  for (const { c, precision, label } of jobs) {
     const [model, opt] = c.split(":");
-    const { ours, torch } = runs[c];
+    const { ours, torch } = runs[label];
     const tps = (rs: Record<string, unknown>[]) =>
       rs.map((r) => (typeof r.tokens_per_s === "number" ? r.tokens_per_s : null));
     const perCpu = (rs: Record<string, unknown>[]) =>
@@ -456,9 +513,11 @@ async function main() {
     const last = <T>(xs: T[]) => xs[xs.length - 1];
     emit({
       kind: "case",
-      case: c,
+      case: label,
       model,
       optimizer: opt,
+      precision,
+      ours_unavailable: unavailable[label],
       batch,
       seq,
       threads,
@@ -494,7 +553,9 @@ async function main() {
 
 if (values.child) {
   const [model, opt] = values.child.split(":");
-  console.log(JSON.stringify(await oursChild(model, opt, values.data ?? dataFile())));
+  console.log(
+    JSON.stringify(await oursChild(model, opt, values.data ?? dataFile(), precisions[0])),
+  );
 } else if (import.meta.main) {
   await main();
 }

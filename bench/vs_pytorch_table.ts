@@ -1,7 +1,9 @@
 /**
  * Markdown table of a bench/vs_pytorch.ts results file (JSON lines): one row per case from its
  * `run` lines (so an interrupted run still tabulates what it measured), the machine line's
- * processor, date and GEMM rates above it.
+ * processor, date and GEMM rates above it. A bf16 case (`MODEL:OPTIMIZER:bf16`: ours at
+ * `--precision bf16`, PyTorch under autocast) whose ours side is `unavailable` on this processor
+ * shows that reason in place of our numbers.
  *
  *   deno run -A bench/vs_pytorch_table.ts bench/results/vs-pytorch-cpu-DATE.jsonl > DATE.md
  * @module
@@ -68,8 +70,10 @@ export function table(lines: Line[]): string {
     };
     const loads = num([...ours, ...torch], "load_before");
     const errors = [...ours, ...torch].filter((r) => r.error).length;
+    const missing = ours.find((r) => typeof r.unavailable === "string")?.unavailable;
+    const oursTps = missing ? String(missing) : range(num(ours, "tokens_per_s"), fmt);
     out.push(
-      `| ${c.replace(":", " ")} | ${range(num(ours, "tokens_per_s"), fmt)} | ` +
+      `| ${c.replaceAll(":", " ")} | ${oursTps} | ` +
         `${range(num(torch, "tokens_per_s"), fmt)}${errors ? ` (${errors} failed)` : ""} | ` +
         `${range(ratios, (x) => x.toFixed(2))} | ${range(cpuRatios, (x) => x.toFixed(2))} | ` +
         `${rss(ours)} / ${rss(torch)} GB | ${range(loads, (x) => x.toFixed(1))} |`,
