@@ -222,6 +222,7 @@ async function oursChild(model: string, optimizer: string, data: string, precisi
     side: "ours",
     params: info.params,
     fused: info.fused,
+    clip_mode: info.clip_mode ?? null,
     precision: info.precision,
     lr,
     lr_note: "constant lr (no schedule)",
