@@ -6,7 +6,7 @@ import assert from "node:assert/strict";
 import { table } from "../bench/vs_pytorch_table.ts";
 
 const reason = "ours: not available on this CPU (--precision bf16 on the CPU needs " +
-  "AVX512-BF16 or AMX-BF16, which this processor lacks; use --precision fp32 or auto)"; use precision fp32 or auto)";
+  "AVX512-BF16 or AMX-BF16, which this processor lacks; use --precision fp32 or auto)";
 
 Deno.test("vs_pytorch table: fp32 rows and a bf16 row with ours unavailable", () => {
   const lines = [
