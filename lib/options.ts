@@ -648,6 +648,7 @@ export function flagNames(message: string): string {
   if (/ available; try /.test(out)) {
     out = out.replace(/\bcheckpointing true\b/g, `${FLAG.checkpointing} on`)
       .replace(/\boptimizer (\w+)/g, `${FLAG.optimizer} $1`)
+      .replace(/\bclip_mode two-backward\b/g, `${FLAG.clipMode} two-backward`)
       .replace(/\bbatch_size\b/g, FLAG.batchSize).replace(/\bseq_len\b/g, FLAG.seqLen);
   }
   // a text value only the engine checks (`lora_targets = q_proj,lm_head: must be …`)

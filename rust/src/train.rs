@@ -844,7 +844,8 @@ pub fn memory_refusal(cfg: &EngineConfig, need: u64, free: u64, place: &str) -> 
     if !cfg.checkpointing {
         tries.push("checkpointing true".to_string());
     }
-    if plan::clip_stash(cfg) && o.clip_mode != crate::config::ClipMode::TwoBackward {
+    // `auto` already drops the clip stash when it does not fit; a forced one may be the excess
+    if plan::clip_stash(cfg) && o.clip_mode == crate::config::ClipMode::Stash {
         tries.push("clip_mode two-backward".to_string());
     }
     tries.push("a smaller batch_size or seq_len".to_string());

@@ -182,6 +182,18 @@ fn bad_clip_mode_is_refused_in_one_line() {
     assert_eq!(plan::budget_field(&bad).unwrap_err().msg, "memory_budget = -3: must be a whole number of bytes ≥ 1");
 }
 
+/// A run refused for memory suggests dropping a forced clip stash (`auto` drops it itself).
+#[test]
+fn memory_refusal_suggests_two_backward_for_a_forced_stash() {
+    let mut c = qgalore(llama(512, 1376, 8, 8), 8, 256, 128);
+    let need = Plan::new(&c, false, "m").stepped.total;
+    let auto = qgalore::train::memory_refusal(&c, need, 1_000_000, "the GPU has");
+    assert!(!auto.contains("clip_mode"), "{auto}");
+    c.optimizer.clip_mode = ClipMode::Stash;
+    let forced = qgalore::train::memory_refusal(&c, need, 1_000_000, "the GPU has");
+    assert!(forced.ends_with("try checkpointing true, clip_mode two-backward, a smaller batch_size or seq_len"), "{forced}");
+}
+
 /// `open` plans against the host's available memory: a tiny model keeps the stash, and
 /// `info` says so with the budget it compared.
 #[test]
