@@ -39,6 +39,7 @@ import { parseArgs } from "node:util";
 import { dirname, join } from "node:path";
 import { Engine, type EngineConfig, gemmGflops } from "../ffi/engine.ts";
 import { checkOptions, engineConfig } from "../lib/options.ts";
+import type { Precision } from "../lib/option_table.ts";
 import { modelConfig } from "../lib/presets.ts";
 
 const HERE = import.meta.dirname!;
@@ -118,7 +119,7 @@ function caseConfig(
     batchSize: batch,
     seqLen: seq,
     device: "cpu",
-    precision,
+    precision: precision as Precision,
     threads,
   });
   return { config: engineConfig(opts, modelConfig(model, 256)), lr: opts.lr };
