@@ -824,12 +824,20 @@ pub fn host_available_bytes() -> Option<u64> {
 fn refuse_beyond_host_memory(cfg: &EngineConfig) -> Result<Option<u64>> {
     cfg.validate()?;
     let Some(free) = host_available_bytes() else { return Ok(None) };
-    let budget = Some(plan::clip_budget(free));
+    let budget = local_clip_budget(free);
     let need = Plan::with_budget(cfg, false, "the model", budget).stepped.total;
     if need <= free {
         return Ok(budget);
     }
     Err(Error::invalid(memory_refusal(cfg, need, free, "this machine has")))
+}
+
+/// The budget `clip_mode = auto` plans for, from the memory this process found available:
+/// `plan::clip_budget` of it, or None in a data-parallel run, whose ranks must clip the same
+/// way (a fused step's all-reduces follow its backwards) but may see different free memory;
+/// there `auto` takes the stash as a plan without a budget does, and `clip_mode` chooses.
+fn local_clip_budget(free: u64) -> Option<u64> {
+    (crate::dist::size() <= 1).then(|| plan::clip_budget(free))
 }
 
 /// The one-line refusal: the estimate, what is available (`place`: "this machine has",
@@ -844,8 +852,14 @@ pub fn memory_refusal(cfg: &EngineConfig, need: u64, free: u64, place: &str) -> 
     if !cfg.checkpointing {
         tries.push("checkpointing true".to_string());
     }
-    // `auto` already drops the clip stash when it does not fit; a forced one may be the excess
-    if plan::clip_stash(cfg) && o.clip_mode == crate::config::ClipMode::Stash {
+    // `auto` already drops the clip stash when it does not fit (but in a data-parallel run,
+    // `local_clip_budget`); a forced one may be the excess
+    let stash = match o.clip_mode {
+        crate::config::ClipMode::Stash => true,
+        crate::config::ClipMode::TwoBackward => false,
+        crate::config::ClipMode::Auto => crate::dist::size() > 1,
+    };
+    if plan::clip_stash(cfg) && stash {
         tries.push("clip_mode two-backward".to_string());
     }
     tries.push("a smaller batch_size or seq_len".to_string());
@@ -873,7 +887,7 @@ fn cuda(cfg: EngineConfig, init: Option<&std::path::Path>) -> Result<Box<dyn Ses
     // estimate. Only impossible runs are refused: the plan leaves out the CUDA context and
     // the cuBLAS workspaces.
     let free = be.device_free_bytes();
-    let budget = free.map(plan::clip_budget);
+    let budget = free.and_then(local_clip_budget);
     if let Some(free) = free {
         let need = Plan::with_budget(&cfg, bf16, "the model", budget).stepped.total;
         if need > free {
