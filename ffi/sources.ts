@@ -10,7 +10,7 @@ export const PACKAGE_VERSION: string = "0.1.0";
 
 /** SHA-256 of the list below as `sha256sum` prints it; names the cached library. */
 export const SOURCES_DIGEST: string =
-  "938f85735a1ae274467cb16a02acd6e9f279c985ee749b8ec79748a5f0e288c4";
+  "0e276b267eebe4273ef029d0322cd70e9240d388c1c4b887cceb73815fde58f3";
 
 /** Every file the build needs: path from the package root and SHA-256 of its bytes. */
 export const SOURCES: readonly { readonly path: string; readonly sha256: string }[] = [
@@ -188,11 +188,15 @@ export const SOURCES: readonly { readonly path: string; readonly sha256: string 
   },
   {
     path: "rust/src/dist/mod.rs",
-    sha256: "04659b593a138128af339bbbc11a524a7684c36e1fb09b15d05fb998db439e4a",
+    sha256: "25215c1cdc12d1dd308ad8ed80acd4b32285c266c4a92c45225019823eb0ebd5",
   },
   {
     path: "rust/src/dist/mpi.rs",
     sha256: "179b45bb71303c51154ef910b13acfa8725fa06b6d192e8d2c9581a0a69f50d5",
+  },
+  {
+    path: "rust/src/dist/overlap.rs",
+    sha256: "cd105e0041e7517e7afac9cb24385c7029ea3bcb63f2f921a47ada1313cc037f",
   },
   {
     path: "rust/src/error.rs",
@@ -272,7 +276,7 @@ export const SOURCES: readonly { readonly path: string; readonly sha256: string 
   },
   {
     path: "rust/src/model/llama.rs",
-    sha256: "ba4b1f8e03b01bda1c70a2f44b9f96d17782ddabdba39fc1a5d59444888458df",
+    sha256: "864408c70fbe3efc9e4a89955cf37f87024ce1f20625f9af161465bf06a81b21",
   },
   {
     path: "rust/src/model/lora.rs",
@@ -352,6 +356,6 @@ export const SOURCES: readonly { readonly path: string; readonly sha256: string 
   },
   {
     path: "rust/src/train.rs",
-    sha256: "a6e27a748d0ac67780fec6e604c859290a7774b1911e1624e670b8fb764f4ddf",
+    sha256: "d2e700a12ef9aac02bf1d6db88040b65f6da8bfbcfaeb641a929a638c2d5af49",
   },
 ];
