@@ -12,6 +12,7 @@ use common::*;
 use qgalore::backend::cpu::Cpu;
 use qgalore::config::EngineConfig;
 use qgalore::dist::{self, Mode};
+use qgalore::plan::Plan;
 use qgalore::train::Engine;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -134,9 +135,10 @@ fn rank_run(k: &Case, fused: bool) -> Result<(), String> {
     for s in 0..k.steps {
         let g = global_batch(v, s);
         let mine = &g[r * B * rows..(r + 1) * B * rows];
-        let before = dist::info().allreduce_bytes;
+        let (before, calls0) = (dist::info().allreduce_bytes, dist::info().allreduce_calls);
         let st = e.train_step(mine, 1, LR).map_err(|e| format!("{} {mode} step {s}: {}", k.label, e.msg))?;
         let sent = dist::info().allreduce_bytes - before;
+        let calls = dist::info().allreduce_calls - calls0;
         // the loss and the target count (f64 each), and every trained element once per
         // backward (f32): twice when the norm is measured by a first backward; the clip
         // stash sends the tables a second time when it recomputes them for their update
@@ -159,6 +161,21 @@ fn rank_run(k: &Case, fused: bool) -> Result<(), String> {
         if sent != want {
             return Err(format!("{} {mode} step {s}: {sent} bytes all-reduced, want {want} (params {params}, tables again {again})", k.label));
         }
+        // the fused step sums each gradient hand-over (a tensor, or a table's row chunk) by
+        // itself, as the backward produces it: one all-reduce per hand-over
+        if fused {
+            let pieces = |i: usize| e.grads.chunk_rows(i).map_or(1, |rows| m.params[i].rows.div_ceil(rows)) as u64;
+            let per_backward: u64 = (0..m.params.len()).filter(|&i| m.trainable(i)).map(pieces).sum();
+            let tables_again = if !stash {
+                0
+            } else {
+                (if Some(m.embed) != whole { pieces(m.embed) } else { 0 }) + (if head && Some(m.head) != whole { pieces(m.head) } else { 0 })
+            };
+            let want = 2 + backwards * per_backward + tables_again;
+            if calls != want {
+                return Err(format!("{} fused step {s}: {calls} all-reduces, want {want} (one per gradient hand-over, the loss and the count)", k.label));
+            }
+        }
         if r == 0 {
             println!("RUN {mode} [{}] {s} {:e} {:e} {} bytes {sent}", k.label, st.loss, st.grad_norm, st.clipped);
         }
@@ -174,6 +191,7 @@ fn rank_run(k: &Case, fused: bool) -> Result<(), String> {
     }
     if r == 0 {
         println!("SAME-STATE [{}] {mode} {} tensors", k.label, tensors.len());
+        println!("GRADS-BYTES [{}] {mode} {}", k.label, e.memory()[2]);
     }
     Ok(())
 }
@@ -233,20 +251,22 @@ fn run_bounded(mut cmd: Command, limit: Duration) -> (bool, String) {
     (ok, text)
 }
 
-/// One process, batch 2B, the fused step: the reference trajectory.
-fn one_process(k: &Case) -> Run {
+/// One process, batch 2B, the fused step: the reference trajectory, and the gradient bytes
+/// tracked after it.
+fn one_process(k: &Case) -> (Run, u64) {
     let mut c = k.cfg.clone();
     c.batch_size = 2 * B;
     c.optimizer.fused = true;
     let v = c.model.vocab_size;
     let mut e = Engine::new(Cpu::new(1).unwrap(), c).unwrap();
     assert!(e.fused);
-    (0..k.steps)
+    let run = (0..k.steps)
         .map(|s| {
             let st = e.train_step(&global_batch(v, s), 1, LR).unwrap();
             (st.loss, st.grad_norm, st.clipped)
         })
-        .collect()
+        .collect();
+    (run, e.memory()[2])
 }
 
 fn close(a: f64, b: f64, tol: f64) -> bool {
@@ -281,7 +301,22 @@ fn fused_two_ranks() {
         assert!(text.contains(&format!("MPI-FUSED-OK {r}")), "rank {r} did not pass:\n{text}");
     }
     for k in cases() {
-        let (fused, unfused, one) = (parse_run(&text, k.label, "fused"), parse_run(&text, k.label, "unfused"), one_process(&k));
+        let (fused, unfused, (one, one_grads)) = (parse_run(&text, k.label, "fused"), parse_run(&text, k.label, "unfused"), one_process(&k));
+        // gradient memory per rank: the shared buffer and its spare half, 2 × the largest
+        // tensor (or table chunk), where one process holds the shared buffer alone
+        let mut fused_cfg = k.cfg.clone();
+        fused_cfg.optimizer.fused = true;
+        let shared = Plan::new(&fused_cfg, false, "m").shared_grad;
+        let grads: u64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("GRADS-BYTES [{}] fused ", k.label)))
+            .unwrap_or_else(|| panic!("{}: no gradient bytes in\n{text}", k.label))
+            .trim()
+            .parse()
+            .unwrap();
+        assert!(shared > 0);
+        assert_eq!(grads, one_grads + 4 * shared, "{}: gradient bytes on a rank vs one process + the spare ({shared} values)", k.label);
+        println!("{}: gradient bytes per rank {grads} (one process {one_grads}; spare buffer {} B)", k.label, 4 * shared);
         assert_eq!(fused.len() as u64, k.steps, "{}: fused steps in\n{text}", k.label);
         assert_eq!(unfused.len() as u64, k.steps, "{}: unfused steps", k.label);
         let bytes = |mode: &str| {
