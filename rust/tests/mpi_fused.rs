@@ -180,6 +180,10 @@ fn rank_run(k: &Case, fused: bool) -> Result<(), String> {
             println!("RUN {mode} [{}] {s} {:e} {:e} {} bytes {sent}", k.label, st.loss, st.grad_norm, st.clipped);
         }
     }
+    if fused && r == 0 {
+        let (w, early) = dist::overlap::waits();
+        println!("WAITS [{}] {w} all-reduces waited for so far, {early} already complete", k.label);
+    }
     let state = e.save_state().map_err(|e| e.msg)?;
     let (same, tensors) = same_state(&state);
     if let Err(e) = dist::check_same(&format!("{} {mode}: the engine state", k.label), &same) {
@@ -325,6 +329,9 @@ fn fused_two_ranks() {
         };
         println!("{}: all-reduced per step: fused {} bytes, unfused {} bytes", k.label, bytes("fused"), bytes("unfused"));
         assert!(text.contains(&format!("SAME-STATE [{}] fused", k.label)), "{}: state not compared", k.label);
+        if let Some(l) = text.lines().find(|l| l.contains(&format!("WAITS [{}]", k.label))) {
+            println!("{}", &l[l.find("WAITS").unwrap()..]);
+        }
         let clipped = one.iter().filter(|s| s.2).count();
         if k.cfg.optimizer.clip > 0.0 {
             assert!(clipped > 0, "{}: clipping never acted in {one:?}", k.label);

@@ -20,6 +20,12 @@
 //! reported them, one tensor later; a weight is therefore updated a little later than in
 //! one process, never earlier, so the backward never reads an updated weight.
 //!
+//! Open MPI moves a non-blocking collective's data only inside MPI calls (beyond what the
+//! kernel's socket buffers take at the start), and the backward makes none between two
+//! pushes: while an all-reduce is in flight a helper thread calls `MPI_Test` on it every
+//! `POLL` (under the world's lock, `MPI_THREAD_SERIALIZED`), so it completes during the
+//! backward rather than at the next wait.
+//!
 //! Gradient memory per rank: the shared buffer and its spare (2 × the largest tensor or
 //! table chunk, `Plan::shared_grad` elements each), plus on a device backend one host
 //! staging buffer of the same size. At most one all-reduce is in flight.
@@ -32,6 +38,12 @@ use super::{iallreduce_sum, size, Pending};
 use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::model::{pass, Grads, Llama};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// How often the progress thread tests the all-reduce in flight.
+const POLL: Duration = Duration::from_micros(200);
 
 /// One tensor's (or chunk's) all-reduce in flight.
 struct InFlight {
@@ -40,6 +52,40 @@ struct InFlight {
     n: usize,
     /// Borrows the spare half of the shared buffer (or `stage`) until waited for.
     req: Pending<'static>,
+    /// `MPI_Test` said it is complete (or failed: the wait reports it).
+    done: bool,
+}
+
+static WAITS: AtomicU64 = AtomicU64::new(0);
+static EARLY: AtomicU64 = AtomicU64::new(0);
+
+/// Since the start: (all-reduces the pipelines waited for, those of them the progress thread
+/// had already seen complete when the wait came): how much of the communication finished
+/// behind the backward.
+pub fn waits() -> (u64, u64) {
+    (WAITS.load(Ordering::Relaxed), EARLY.load(Ordering::Relaxed))
+}
+
+/// The all-reduce in flight, shared with the progress thread.
+struct Slot {
+    flight: Mutex<Option<InFlight>>,
+    stop: AtomicBool,
+}
+
+impl Slot {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<InFlight>> {
+        self.flight.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Drives the all-reduce in flight until `stop`.
+fn progress(slot: Arc<Slot>) {
+    while !slot.stop.load(Ordering::Relaxed) {
+        if let Some(f) = slot.lock().as_mut().filter(|f| !f.done) {
+            f.done = f.req.test().unwrap_or(true);
+        }
+        std::thread::sleep(POLL);
+    }
 }
 
 /// The all-reduce pipeline of one backward (see the module's notes).
@@ -50,7 +96,9 @@ pub struct Overlap {
     host: bool,
     /// Host copy of the spare buffer on a device backend.
     stage: Vec<f32>,
-    pending: Option<InFlight>,
+    slot: Arc<Slot>,
+    /// The progress thread (more than one rank).
+    thread: Option<std::thread::JoinHandle<()>>,
     /// The first communication failure; every later push only drains.
     err: Option<Error>,
     /// Bytes handed to all-reduces by this pipeline.
@@ -62,8 +110,16 @@ impl Overlap {
     /// allocated (once per engine; it is kept for the next steps).
     pub fn new<B: Backend>(be: &B, g: &mut Grads<B>) -> Result<Overlap> {
         let on = size() > 1;
-        let mut ov = Overlap { on, host: true, stage: Vec::new(), pending: None, err: None, bytes: 0 };
+        let slot = Arc::new(Slot { flight: Mutex::new(None), stop: AtomicBool::new(false) });
+        let mut ov = Overlap { on, host: true, stage: Vec::new(), slot, thread: None, err: None, bytes: 0 };
         if on {
+            let slot = ov.slot.clone();
+            ov.thread = Some(
+                std::thread::Builder::new()
+                    .name("qgalore-allreduce".into())
+                    .spawn(move || progress(slot))
+                    .map_err(|e| Error::backend(format!("cannot start the all-reduce progress thread: {e}")))?,
+            );
             g.add_spare(be)?;
             if let Some(s) = g.spare_mut() {
                 ov.host = matches!(be.to_host(s, 0)?, std::borrow::Cow::Borrowed(_));
@@ -147,13 +203,17 @@ impl Overlap {
         let buf: &'static mut [f32] = unsafe { std::slice::from_raw_parts_mut(ptr, n) };
         let req = iallreduce_sum(buf)?;
         self.bytes += 4 * n as u64;
-        self.pending = Some(InFlight { idx, rows, n, req });
+        *self.slot.lock() = Some(InFlight { idx, rows, n, req, done: false });
         Ok(())
     }
 
     /// Waits for the all-reduce in flight, if any; its sum is then in the spare buffer.
     fn wait<B: Backend>(&mut self, be: &B, g: &mut Grads<B>) -> Option<(usize, Option<(usize, usize)>)> {
-        let f = self.pending.take()?;
+        let f = self.slot.lock().take()?;
+        WAITS.fetch_add(1, Ordering::Relaxed);
+        if f.done {
+            EARLY.fetch_add(1, Ordering::Relaxed);
+        }
         let r = f.req.wait().and_then(|_| match self.host {
             true => Ok(()),
             false => be.upload(g.spare_mut().expect("spare gradient buffer"), &self.stage[..f.n]),
@@ -180,8 +240,12 @@ impl Overlap {
 
 impl Drop for Overlap {
     fn drop(&mut self) {
+        self.slot.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
         // an abandoned pipeline still waits: MPI must not write into a buffer reused later
-        if let Some(f) = self.pending.take() {
+        if let Some(f) = self.slot.lock().take() {
             let _ = f.req.wait();
         }
     }
