@@ -10,7 +10,7 @@ export const PACKAGE_VERSION: string = "0.1.0";
 
 /** SHA-256 of the list below as `sha256sum` prints it; names the cached library. */
 export const SOURCES_DIGEST: string =
-  "938f85735a1ae274467cb16a02acd6e9f279c985ee749b8ec79748a5f0e288c4";
+  "485e2622c761039036f84b930697af75a5beee3070c5d39852e26cde82cd4d3e";
 
 /** Every file the build needs: path from the package root and SHA-256 of its bytes. */
 export const SOURCES: readonly { readonly path: string; readonly sha256: string }[] = [
@@ -20,7 +20,7 @@ export const SOURCES: readonly { readonly path: string; readonly sha256: string 
   },
   {
     path: "rust/Cargo.toml",
-    sha256: "b595ab711fee003a2fafb7f7684f6e25ecb6d9859dc33fd165db020424f6c32e",
+    sha256: "d0b07ef48bc1215198d9c5a61906e98d294831e4d647e08c987f989ced66505b",
   },
   {
     path: "rust/kernels/linalg.cu",
@@ -72,7 +72,11 @@ export const SOURCES: readonly { readonly path: string; readonly sha256: string 
   },
   {
     path: "rust/src/backend/cuda/device.rs",
-    sha256: "7597115457206145a51810928efbee2d90c981195f319bf9ca8bf91eae4ec257",
+    sha256: "b703edcc37bb346cd4da20e9187678ff651175a3a77997d9f85bff20431efe12",
+  },
+  {
+    path: "rust/src/backend/cuda/device/dist.rs",
+    sha256: "e9b3852818d48fe7c6c1e6bafe92ce91fc7ccca2698e82d31f306dea7244dba4",
   },
   {
     path: "rust/src/backend/cuda/device/gemm.rs",
@@ -132,7 +136,7 @@ export const SOURCES: readonly { readonly path: string; readonly sha256: string 
   },
   {
     path: "rust/src/backend/mod.rs",
-    sha256: "a985d223f33766b15c8051984c246a8702703bb26c847f2eabb18bd7d172f3cd",
+    sha256: "3c0d04d6e52b680099d99f7fa6dcc0286de23ba8548c053c68cbaa6d5d2243d3",
   },
   {
     path: "rust/src/backend/optimizers.rs",
@@ -184,15 +188,19 @@ export const SOURCES: readonly { readonly path: string; readonly sha256: string 
   },
   {
     path: "rust/src/dist/grads.rs",
-    sha256: "f9278399a62c5f5498132f9ef092c313acea4a0054d4a2fb1b049c2f6549e354",
+    sha256: "2e4c3c2e6657f541c2fd8319932f24e707a90f698623cda3729d41affb92c71f",
   },
   {
     path: "rust/src/dist/mod.rs",
-    sha256: "04659b593a138128af339bbbc11a524a7684c36e1fb09b15d05fb998db439e4a",
+    sha256: "22bb396a943e62e141e4913a5f8c698ba5d62b37821008706322341646733a0f",
   },
   {
     path: "rust/src/dist/mpi.rs",
     sha256: "179b45bb71303c51154ef910b13acfa8725fa06b6d192e8d2c9581a0a69f50d5",
+  },
+  {
+    path: "rust/src/dist/nccl.rs",
+    sha256: "66884412610363712e46f16dee9ca51a545b95f61c17c911f982e336d71b6dc6",
   },
   {
     path: "rust/src/error.rs",
@@ -352,6 +360,6 @@ export const SOURCES: readonly { readonly path: string; readonly sha256: string 
   },
   {
     path: "rust/src/train.rs",
-    sha256: "a6e27a748d0ac67780fec6e604c859290a7774b1911e1624e670b8fb764f4ddf",
+    sha256: "d7f7ef02c05b69029987dcb2a3c61a10fd7a10f783fb041e729873817588198a",
   },
 ];

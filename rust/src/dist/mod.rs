@@ -8,6 +8,7 @@
 
 pub mod grads;
 pub mod mpi;
+pub mod nccl;
 
 use crate::error::{Error, Result};
 use mpi::{Dtype, Mpi, Request, MAX_COUNT};
