@@ -10,7 +10,7 @@ export const PACKAGE_VERSION: string = "0.1.0";
 
 /** SHA-256 of the list below as `sha256sum` prints it; names the cached library. */
 export const SOURCES_DIGEST: string =
-  "485e2622c761039036f84b930697af75a5beee3070c5d39852e26cde82cd4d3e";
+  "ae4ede1c51cf82913155b3525e253c920f399eb5c90e583a9aa3b8bb30d276f5";
 
 /** Every file the build needs: path from the package root and SHA-256 of its bytes. */
 export const SOURCES: readonly { readonly path: string; readonly sha256: string }[] = [
@@ -200,7 +200,7 @@ export const SOURCES: readonly { readonly path: string; readonly sha256: string 
   },
   {
     path: "rust/src/dist/nccl.rs",
-    sha256: "66884412610363712e46f16dee9ca51a545b95f61c17c911f982e336d71b6dc6",
+    sha256: "78f1968d9dd993f134af8e7a684ceeeb1f8dc1e9b511f08dcc2543975841343b",
   },
   {
     path: "rust/src/error.rs",

@@ -21,6 +21,14 @@ fn gpu(n: u8) -> [u8; UUID_BYTES] {
     std::array::from_fn(|i| if i == 0 { n } else { (i as u8) * 17 })
 }
 
+fn row(nccl: bool, g: u8, select: Select) -> Row {
+    Row { nccl, device: gpu(g), select, share_ok: false }
+}
+
+fn with(rows: &[Row], select: Select, share_ok: bool) -> Vec<Row> {
+    rows.iter().map(|r| Row { select, share_ok, ..r.clone() }).collect()
+}
+
 #[test]
 fn selection_from_environment() {
     assert_eq!(Select::from_env(&env(&[])).unwrap(), Select::Auto);
@@ -54,7 +62,7 @@ fn device_assignment_from_environment() {
     let e = nccl::device_for(Some(0), 0).unwrap_err();
     assert!(e.msg.starts_with("no usable CUDA device for this rank"), "{}", e.msg);
     // which ranks share a device, from their UUIDs
-    let rows = |d: &[u8]| d.iter().map(|&g| Row { nccl: true, device: gpu(g) }).collect::<Vec<_>>();
+    let rows = |d: &[u8]| d.iter().map(|&g| row(true, g, Select::Auto)).collect::<Vec<_>>();
     assert!(nccl::shared_devices(&rows(&[0, 1, 2, 3])).is_empty());
     assert_eq!(nccl::shared_devices(&rows(&[0, 1, 0, 1, 2])), vec![vec![0, 2], vec![1, 3]]);
     assert_eq!(nccl::uuid_text(&gpu(0xab)), "GPU-ab112233-4455-6677-8899-aabbccddeeff");
@@ -62,38 +70,45 @@ fn device_assignment_from_environment() {
 
 #[test]
 fn route_from_every_ranks_probe() {
-    let row = |nccl: bool, g: u8| Row { nccl, device: gpu(g) };
-    let all = [row(true, 0), row(true, 1)];
+    let (auto, on, off) = (Select::Auto, Select::On, Select::Off);
+    let all = [row(true, 0, auto), row(true, 1, auto)];
     // every rank can load NCCL and has its own GPU
-    assert_eq!(nccl::decide(Select::Auto, false, &all, 0, None).unwrap(), Route::Nccl);
-    assert_eq!(nccl::decide(Select::On, false, &all, 1, None).unwrap(), Route::Nccl);
-    assert_eq!(nccl::decide(Select::Off, false, &all, 0, None).unwrap(), Route::Host { notice: None });
+    assert_eq!(nccl::decide(&all, 0, None).unwrap(), Route::Nccl);
+    assert_eq!(nccl::decide(&with(&all, on, false), 1, None).unwrap(), Route::Nccl);
+    assert_eq!(nccl::decide(&with(&all, off, false), 0, None).unwrap(), Route::Host { notice: None });
     // rank 1 lacks NCCL: auto stages through the host with a notice on every rank (rank 1
     // adds its reason), on refuses on every rank
-    let part = [row(true, 0), row(false, 1)];
-    let Route::Host { notice: Some(n0) } = nccl::decide(Select::Auto, false, &part, 0, None).unwrap() else { panic!() };
+    let part = [row(true, 0, auto), row(false, 1, auto)];
+    let Route::Host { notice: Some(n0) } = nccl::decide(&part, 0, None).unwrap() else { panic!() };
     assert_eq!(n0, "NCCL cannot be loaded on rank 1: gradients are summed in host memory through MPI (QGALORE_DIST_NCCL=off silences this)");
-    let Route::Host { notice: Some(n1) } = nccl::decide(Select::Auto, false, &part, 1, Some("no libnccl.so")).unwrap() else { panic!() };
+    let Route::Host { notice: Some(n1) } = nccl::decide(&part, 1, Some("no libnccl.so")).unwrap() else { panic!() };
     assert!(n1.starts_with("NCCL cannot be loaded on rank 1 (no libnccl.so): "), "{n1}");
-    let e = nccl::decide(Select::On, false, &part, 0, None).unwrap_err();
+    let e = nccl::decide(&with(&part, on, false), 0, None).unwrap_err();
     assert_eq!(e.msg, "QGALORE_DIST_NCCL=on but NCCL cannot be loaded on rank 1; set QGALORE_DIST_NCCL=auto or off to sum gradients through MPI");
-    let none = [row(false, 0), row(false, 1), row(false, 2)];
-    let e = nccl::decide(Select::On, false, &none, 0, None).unwrap_err();
+    let none = [row(false, 0, on), row(false, 1, on), row(false, 2, on)];
+    let e = nccl::decide(&none, 0, None).unwrap_err();
     assert!(e.msg.contains("on ranks 0, 1, 2"), "{}", e.msg);
     // two ranks on one GPU: refused unless allowed, whatever the selection
-    let shared = [row(true, 7), row(true, 7)];
-    for sel in [Select::Auto, Select::On, Select::Off] {
-        let e = nccl::decide(sel, false, &shared, 0, None).unwrap_err();
+    let shared = [row(true, 7, auto), row(true, 7, auto)];
+    for sel in [auto, on, off] {
+        let e = nccl::decide(&with(&shared, sel, false), 0, None).unwrap_err();
         assert!(e.msg.starts_with("ranks 0, 1 run on one GPU (GPU-07112233-"), "{}", e.msg);
         assert!(e.msg.ends_with("or set QGALORE_DIST_SHARE_DEVICE=1 to let them share it through host memory"), "{}", e.msg);
         assert!(!e.msg.contains('\n'));
     }
     // allowed: host staging (NCCL cannot put two ranks on one device), refused under on
-    let Route::Host { notice: Some(n) } = nccl::decide(Select::Auto, true, &shared, 0, None).unwrap() else { panic!() };
+    let Route::Host { notice: Some(n) } = nccl::decide(&with(&shared, auto, true), 0, None).unwrap() else { panic!() };
     assert!(n.contains("(QGALORE_DIST_SHARE_DEVICE=1): gradients are summed in host memory through MPI, not by NCCL"), "{n}");
-    assert_eq!(nccl::decide(Select::Off, true, &shared, 0, None).unwrap(), Route::Host { notice: None });
-    let e = nccl::decide(Select::On, true, &shared, 0, None).unwrap_err();
+    assert_eq!(nccl::decide(&with(&shared, off, true), 0, None).unwrap(), Route::Host { notice: None });
+    let e = nccl::decide(&with(&shared, on, true), 0, None).unwrap_err();
     assert!(e.msg.starts_with("QGALORE_DIST_NCCL=on but ranks 0, 1 run on one GPU"), "{}", e.msg);
+    // ranks started with different settings are refused alike, before anything else
+    let mixed = [row(true, 0, auto), row(true, 1, on), row(true, 2, auto)];
+    let e = nccl::decide(&mixed, 2, None).unwrap_err();
+    assert_eq!(e.msg, "QGALORE_DIST_NCCL or QGALORE_DIST_SHARE_DEVICE differs across ranks: rank 1 differs from rank 0; start every rank with the same environment");
+    let mut mixed = with(&shared, auto, false);
+    mixed[1].share_ok = true;
+    assert!(nccl::decide(&mixed, 0, None).unwrap_err().msg.contains("differs across ranks: rank 1 differs"));
 }
 
 #[test]
@@ -120,8 +135,8 @@ fn one_process_world_needs_no_nccl() {
     }
     // a one-rank world: every collective of the protocol is the identity, nothing is loaded
     assert_eq!(dist::size(), 1);
-    let row = Row { nccl: false, device: gpu(3) };
-    assert_eq!(nccl::gather(&row).unwrap(), vec![row]);
+    let mine = Row { nccl: false, device: gpu(3), select: Select::Off, share_ok: true };
+    assert_eq!(nccl::gather(&mine).unwrap(), vec![mine]);
     let id: [u8; ID_BYTES] = std::array::from_fn(|i| i as u8);
     assert_eq!(nccl::share_id(Ok(id)).unwrap(), id);
     let e = nccl::share_id(Err("no NCCL".into())).unwrap_err();
@@ -162,19 +177,29 @@ fn rank_body() -> Result<usize, String> {
         return Err(format!("expected an MPI world of 2, got {info:?}"));
     }
     // every rank's row on every rank
-    let mine = Row { nccl: r == 0, device: gpu(10 + r as u8) };
+    let mine = row(r == 0, 10 + r as u8, Select::Auto);
     let rows = nccl::gather(&mine).map_err(|e| e.msg)?;
-    let want = vec![Row { nccl: true, device: gpu(10) }, Row { nccl: false, device: gpu(11) }];
+    let want = vec![row(true, 10, Select::Auto), row(false, 11, Select::Auto)];
     if rows != want {
         return Err(format!("gathered rows {rows:?}, want {want:?}"));
     }
     // the same route on both ranks from them: host staging, refused under on
-    match nccl::decide(Select::Auto, false, &rows, r, None).map_err(|e| e.msg)? {
+    match nccl::decide(&rows, r, None).map_err(|e| e.msg)? {
         Route::Host { notice: Some(n) } if n.starts_with("NCCL cannot be loaded on rank 1:") => {}
         other => return Err(format!("auto route {other:?}")),
     }
-    if nccl::decide(Select::On, false, &rows, r, None).is_ok() {
+    if nccl::decide(&with(&rows, Select::On, false), r, None).is_ok() {
         return Err("on was accepted with rank 1 lacking NCCL".into());
+    }
+    // settings that differ travel in the rows: rank 1 asks for on, rank 0 for off
+    let sel = if r == 0 { Select::Off } else { Select::On };
+    let rows = nccl::gather(&Row { share_ok: r == 1, ..row(true, 20 + r as u8, sel) }).map_err(|e| e.msg)?;
+    if rows[0].select != Select::Off || rows[1].select != Select::On || rows[0].share_ok || !rows[1].share_ok {
+        return Err(format!("gathered settings {rows:?}"));
+    }
+    match nccl::decide(&rows, r, None) {
+        Err(e) if e.msg.contains("differs across ranks: rank 1 differs from rank 0") => {}
+        other => return Err(format!("differing settings gave {other:?}")),
     }
     // the unique id: rank 0's 128 bytes reach rank 1 whatever rank 1 passes
     let id: [u8; ID_BYTES] = std::array::from_fn(|i| (i * 13 + 1) as u8);

@@ -97,10 +97,31 @@ pub fn device_for(local_rank: Option<usize>, visible: usize) -> Result<usize> {
 /// What one rank contributes to the decision.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Row {
-    /// This rank can load NCCL (and wants to: false under `off`).
+    /// This rank can load NCCL and knows its device (false under `off`).
     pub nccl: bool,
     /// Its device's UUID.
     pub device: [u8; UUID_BYTES],
+    /// Its `QGALORE_DIST_NCCL` and `QGALORE_DIST_SHARE_DEVICE`: every rank must have the
+    /// same, or ranks would take different routes.
+    pub select: Select,
+    pub share_ok: bool,
+}
+
+impl Select {
+    fn code(self) -> f64 {
+        match self {
+            Select::Auto => 0.0,
+            Select::On => 1.0,
+            Select::Off => 2.0,
+        }
+    }
+    fn from_code(c: f64) -> Select {
+        match c as u8 {
+            1 => Select::On,
+            2 => Select::Off,
+            _ => Select::Auto,
+        }
+    }
 }
 
 /// The route every rank takes (the same on every rank).
@@ -141,7 +162,17 @@ pub fn shared_devices(rows: &[Row]) -> Vec<Vec<usize>> {
 /// The route from every rank's row (`rows[r]` is rank r's), as rank `me` words it: `why`
 /// is its reason when it cannot load NCCL, quoted when it is among those missing it.
 /// Pure: every rank calls it with the same rows and takes the same route (or refuses).
-pub fn decide(select: Select, share_ok: bool, rows: &[Row], me: usize, why: Option<&str>) -> Result<Route> {
+pub fn decide(rows: &[Row], me: usize, why: Option<&str>) -> Result<Route> {
+    let Some(first) = rows.first() else { return Ok(Route::Host { notice: None }) };
+    let (select, share_ok) = (first.select, first.share_ok);
+    let differ: Vec<usize> = (1..rows.len()).filter(|&r| (rows[r].select, rows[r].share_ok) != (select, share_ok)).collect();
+    if !differ.is_empty() {
+        return Err(Error::invalid(format!(
+            "{ENV_SELECT} or {ENV_SHARE} differs across ranks: {} differ{} from rank 0; start every rank with the same environment",
+            ranks_text(&differ),
+            if differ.len() > 1 { "" } else { "s" }
+        )));
+    }
     let shared = shared_devices(rows);
     if let Some(g) = shared.first() {
         let what = format!("{} run on one GPU ({})", ranks_text(g), uuid_text(&rows[g[0]].device));
@@ -178,11 +209,13 @@ pub fn decide(select: Select, share_ok: bool, rows: &[Row], me: usize, why: Opti
 /// fills its own row of a zero table). Collective.
 pub fn gather(mine: &Row) -> Result<Vec<Row>> {
     let (r, n) = (rank(), size());
-    const W: usize = 1 + UUID_BYTES;
+    const W: usize = 3 + UUID_BYTES;
     let mut t = vec![0f64; n * W];
     t[r * W] = if mine.nccl { 1.0 } else { 0.0 };
+    t[r * W + 1] = mine.select.code();
+    t[r * W + 2] = if mine.share_ok { 1.0 } else { 0.0 };
     for (k, &b) in mine.device.iter().enumerate() {
-        t[r * W + 1 + k] = b as f64;
+        t[r * W + 3 + k] = b as f64;
     }
     allreduce_sum(&mut t)?;
     Ok((0..n)
@@ -190,9 +223,9 @@ pub fn gather(mine: &Row) -> Result<Vec<Row>> {
             let row = &t[q * W..(q + 1) * W];
             let mut device = [0u8; UUID_BYTES];
             for (k, d) in device.iter_mut().enumerate() {
-                *d = row[1 + k] as u8;
+                *d = row[3 + k] as u8;
             }
-            Row { nccl: row[0] != 0.0, device }
+            Row { nccl: row[0] != 0.0, device, select: Select::from_code(row[1]), share_ok: row[2] != 0.0 }
         })
         .collect())
 }
@@ -298,7 +331,6 @@ mod device {
     /// cudarc opens it by the name `libnccl.so` (the development link); a machine with only
     /// the runtime's `libnccl.so.2` is told so.
     pub fn probe_library() -> std::result::Result<String, String> {
-        crate::backend::cuda::probe::preload();
         let present = catch_unwind(|| unsafe { sys::is_culib_present() }).unwrap_or(false);
         if !present {
             // SAFETY: loading NCCL runs only its initialisers.
@@ -341,7 +373,16 @@ mod device {
     }
 
     /// One rank's NCCL communicator, on the backend's stream.
-    pub struct Comm(NcclComm);
+    pub struct Comm(std::mem::ManuallyDrop<NcclComm>);
+
+    impl Drop for Comm {
+        fn drop(&mut self) {
+            // cudarc's drop aborts the communicator and panics when that fails: never let it
+            // unwind out of a backend being dropped
+            // SAFETY: dropped once, here; nothing uses it afterwards.
+            let _ = catch_unwind(AssertUnwindSafe(|| unsafe { std::mem::ManuallyDrop::drop(&mut self.0) }));
+        }
+    }
 
     // SAFETY: the communicator is used by one thread at a time (the backend keeps it under a
     // lock), which is all NCCL asks of a communicator.
@@ -361,7 +402,7 @@ mod device {
             let c = catch_unwind(AssertUnwindSafe(|| NcclComm::from_rank(stream.clone(), rank, size, Id::uninit(internal))))
                 .map_err(|_| Error::backend("NCCL lacks ncclCommInitRank"))?
                 .map_err(|e| Error::backend(nccl_err(&format!("communicator (rank {rank} of {size})"), e)))?;
-            Ok(Comm(c))
+            Ok(Comm(std::mem::ManuallyDrop::new(c)))
         }
 
         pub fn rank(&self) -> usize {
@@ -413,9 +454,15 @@ mod device {
             return Ok(Link::Host);
         }
         let lib = if select == Select::Off { Err("off".to_string()) } else { probe_library() };
-        let mine = Row { nccl: lib.is_ok(), device: device_uuid(stream)? };
+        // a rank that cannot name its device still joins the vote (under a UUID of its own,
+        // never another rank's), so no rank waits for it
+        let (device, lib) = match device_uuid(stream) {
+            Ok(u) => (u, lib),
+            Err(e) => (std::array::from_fn(|i| if i < 8 { 0xff } else { (r >> (8 * (i - 8))) as u8 }), Err(e.msg)),
+        };
+        let mine = Row { nccl: lib.is_ok(), device, select, share_ok };
         let rows = gather(&mine)?;
-        let route = decide(select, share_ok, &rows, r, lib.as_ref().err().map(|s| s.as_str()))?;
+        let route = decide(&rows, r, lib.as_ref().err().map(|s| s.as_str()))?;
         announce(&route);
         if route != Route::Nccl {
             return Ok(Link::Host);
@@ -434,17 +481,5 @@ mod device {
         }
         announce(&Route::Host { notice: Some(format!("{what}: gradients are summed in host memory through MPI")) });
         Ok(Link::Host)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn id_message_roundtrip() {
-        let id: [u8; ID_BYTES] = std::array::from_fn(|i| (i * 37 + 5) as u8);
-        assert_eq!(decode_id(&encode_id(Some(&id))), Some(id));
-        assert_eq!(decode_id(&encode_id(None)), None);
     }
 }
