@@ -10,7 +10,7 @@ export const PACKAGE_VERSION: string = "0.1.0";
 
 /** SHA-256 of the list below as `sha256sum` prints it; names the cached library. */
 export const SOURCES_DIGEST: string =
-  "ae4ede1c51cf82913155b3525e253c920f399eb5c90e583a9aa3b8bb30d276f5";
+  "61edbcd3d3cf5e04833ae279e3b43fdb83bd7a97a94a25371624f0669a1cab54";
 
 /** Every file the build needs: path from the package root and SHA-256 of its bytes. */
 export const SOURCES: readonly { readonly path: string; readonly sha256: string }[] = [
@@ -200,7 +200,7 @@ export const SOURCES: readonly { readonly path: string; readonly sha256: string 
   },
   {
     path: "rust/src/dist/nccl.rs",
-    sha256: "78f1968d9dd993f134af8e7a684ceeeb1f8dc1e9b511f08dcc2543975841343b",
+    sha256: "d04947086772fca9c6c4895fc28afaaf69c240f1ab08ad5a85969214dcebfc42",
   },
   {
     path: "rust/src/error.rs",

@@ -8,6 +8,12 @@
 //! communicator on its own device (device = local rank modulo the visible devices,
 //! `device_for`) and on the backend's stream, where the sums then run in place.
 //!
+//! The sum is an all-reduce, the primitive docs/algorithm-spec.md §2.9 names (the reference
+//! all-gathers every rank's float gradient instead). It should leave every rank the same bits
+//! (NCCL reduces each chunk once and copies it to every rank: ring = reduce-scatter then
+//! all-gather, tree = reduce then broadcast; not checked on hardware), so every rank applies
+//! the same update and INT8 weights stay identical without a broadcast, as on the MPI path.
+//!
 //! `QGALORE_DIST_NCCL` selects: `auto` (the default: NCCL when every rank can load it and
 //! every rank has its own GPU, else host staging through MPI with a one-line notice on
 //! rank 0), `on` (NCCL or a one-line refusal on every rank), `off` (host staging always).
