@@ -10,7 +10,7 @@ export const PACKAGE_VERSION: string = "0.1.0";
 
 /** SHA-256 of the list below as `sha256sum` prints it; names the cached library. */
 export const SOURCES_DIGEST: string =
-  "4400d911b5fc2a17db42f0c7532fd0bc16fa3c9008fc9704c015fd2d8a3f90aa";
+  "56d2232107868151d248fcc29775d719e49b95901637a3edfa2742411b0609b0";
 
 /** Every file the build needs: path from the package root and SHA-256 of its bytes. */
 export const SOURCES: readonly { readonly path: string; readonly sha256: string }[] = [
@@ -20,7 +20,7 @@ export const SOURCES: readonly { readonly path: string; readonly sha256: string 
   },
   {
     path: "rust/Cargo.toml",
-    sha256: "b595ab711fee003a2fafb7f7684f6e25ecb6d9859dc33fd165db020424f6c32e",
+    sha256: "d0b07ef48bc1215198d9c5a61906e98d294831e4d647e08c987f989ced66505b",
   },
   {
     path: "rust/kernels/linalg.cu",
@@ -72,7 +72,11 @@ export const SOURCES: readonly { readonly path: string; readonly sha256: string 
   },
   {
     path: "rust/src/backend/cuda/device.rs",
-    sha256: "7597115457206145a51810928efbee2d90c981195f319bf9ca8bf91eae4ec257",
+    sha256: "b703edcc37bb346cd4da20e9187678ff651175a3a77997d9f85bff20431efe12",
+  },
+  {
+    path: "rust/src/backend/cuda/device/dist.rs",
+    sha256: "e9b3852818d48fe7c6c1e6bafe92ce91fc7ccca2698e82d31f306dea7244dba4",
   },
   {
     path: "rust/src/backend/cuda/device/gemm.rs",
@@ -132,7 +136,7 @@ export const SOURCES: readonly { readonly path: string; readonly sha256: string 
   },
   {
     path: "rust/src/backend/mod.rs",
-    sha256: "a985d223f33766b15c8051984c246a8702703bb26c847f2eabb18bd7d172f3cd",
+    sha256: "3c0d04d6e52b680099d99f7fa6dcc0286de23ba8548c053c68cbaa6d5d2243d3",
   },
   {
     path: "rust/src/backend/optimizers.rs",
@@ -184,15 +188,19 @@ export const SOURCES: readonly { readonly path: string; readonly sha256: string 
   },
   {
     path: "rust/src/dist/grads.rs",
-    sha256: "f9278399a62c5f5498132f9ef092c313acea4a0054d4a2fb1b049c2f6549e354",
+    sha256: "2e4c3c2e6657f541c2fd8319932f24e707a90f698623cda3729d41affb92c71f",
   },
   {
     path: "rust/src/dist/mod.rs",
-    sha256: "25215c1cdc12d1dd308ad8ed80acd4b32285c266c4a92c45225019823eb0ebd5",
+    sha256: "54cec3d8917f540f6af7f50ee320aa97c38f4a1abe765c47e3a305bc2717bb62",
   },
   {
     path: "rust/src/dist/mpi.rs",
     sha256: "179b45bb71303c51154ef910b13acfa8725fa06b6d192e8d2c9581a0a69f50d5",
+  },
+  {
+    path: "rust/src/dist/nccl.rs",
+    sha256: "d04947086772fca9c6c4895fc28afaaf69c240f1ab08ad5a85969214dcebfc42",
   },
   {
     path: "rust/src/dist/overlap.rs",
@@ -356,6 +364,6 @@ export const SOURCES: readonly { readonly path: string; readonly sha256: string 
   },
   {
     path: "rust/src/train.rs",
-    sha256: "d2e700a12ef9aac02bf1d6db88040b65f6da8bfbcfaeb641a929a638c2d5af49",
+    sha256: "d60c432763204c7265028f16077a548b038b80db1273c2efc388e2a76baf378c",
   },
 ];

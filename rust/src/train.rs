@@ -857,7 +857,9 @@ pub fn memory_refusal(cfg: &EngineConfig, need: u64, free: u64, place: &str) -> 
 fn cuda(cfg: EngineConfig, init: Option<&std::path::Path>) -> Result<Box<dyn Session>> {
     cfg.validate()?;
     let bf16 = cfg.precision != Precision::Fp32;
-    let be = crate::backend::cuda::Cuda::new(0, bf16)
+    // one device per rank in a data-parallel job (its local rank's), device 0 otherwise
+    let be = crate::dist::nccl::device_ordinal()
+        .and_then(|d| crate::backend::cuda::Cuda::new(d, bf16))
         .map_err(|e| Error::backend(format!("device cuda: {}; use device cpu or auto", e.msg)))?;
     // As on the host: a plan beyond the device's free memory would fail at some allocation
     // deep in the build (or later, in the first backward); refuse it up front with the

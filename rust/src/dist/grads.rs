@@ -34,6 +34,9 @@ pub fn reduce_step<B: Backend>(be: &B, grads: &mut Grads<B>, train: &[usize], nu
     for &i in train {
         let n = numel(i);
         let g = grads.get_mut(i);
+        if be.allreduce_sum(g, n)? {
+            continue; // summed on the device (NCCL)
+        }
         let mut h = be.to_host(g, n)?.into_owned();
         allreduce_sum(&mut h)?;
         be.upload(g, &h)?;

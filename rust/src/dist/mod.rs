@@ -8,6 +8,7 @@
 
 pub mod grads;
 pub mod mpi;
+pub mod nccl;
 pub mod overlap;
 
 use crate::error::{Error, Result};
