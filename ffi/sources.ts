@@ -10,7 +10,7 @@ export const PACKAGE_VERSION: string = "0.1.0";
 
 /** SHA-256 of the list below as `sha256sum` prints it; names the cached library. */
 export const SOURCES_DIGEST: string =
-  "938f85735a1ae274467cb16a02acd6e9f279c985ee749b8ec79748a5f0e288c4";
+  "aca3ddc85dfdf3fbd7513ee49ff396bafd75aa61a38f107a899de1e63198ca33";
 
 /** Every file the build needs: path from the package root and SHA-256 of its bytes. */
 export const SOURCES: readonly { readonly path: string; readonly sha256: string }[] = [
@@ -144,7 +144,7 @@ export const SOURCES: readonly { readonly path: string; readonly sha256: string 
   },
   {
     path: "rust/src/config.rs",
-    sha256: "8a4c2c49ae31251f2754f8d6d368abba1e2f57bb5a0e021ed6da82a83b80601b",
+    sha256: "4100f8f1e3d6012217bb9854cb9b5ed70116171a71b5a4c816ba777aba6df010",
   },
   {
     path: "rust/src/config/model.rs",
@@ -184,11 +184,15 @@ export const SOURCES: readonly { readonly path: string; readonly sha256: string 
   },
   {
     path: "rust/src/dist/grads.rs",
-    sha256: "f9278399a62c5f5498132f9ef092c313acea4a0054d4a2fb1b049c2f6549e354",
+    sha256: "eb63ce97e2c0e448ce4b01ab75523951d22506d85961e6b76c5cf20c6c781fe0",
+  },
+  {
+    path: "rust/src/dist/lowrank.rs",
+    sha256: "6f749e4c4bba89042dd2de3e04f786b48db20d89295700bb372cd12351080767",
   },
   {
     path: "rust/src/dist/mod.rs",
-    sha256: "04659b593a138128af339bbbc11a524a7684c36e1fb09b15d05fb998db439e4a",
+    sha256: "0689dd7d8eb4e8f18327e5364d0f22828f7f8f9aaad45a82f74b122c1573d2d6",
   },
   {
     path: "rust/src/dist/mpi.rs",
@@ -292,7 +296,7 @@ export const SOURCES: readonly { readonly path: string; readonly sha256: string 
   },
   {
     path: "rust/src/optim/galore.rs",
-    sha256: "566bd7a2974ef9ab0c40a17378c9f99a7d5bbfabd76fd9113e88fddaf12cbcde",
+    sha256: "740a75f955610861ce6c1cc4201db0991e6ac4244a2b21068976d7e87e70beb4",
   },
   {
     path: "rust/src/optim/lazy.rs",
@@ -300,7 +304,7 @@ export const SOURCES: readonly { readonly path: string; readonly sha256: string 
   },
   {
     path: "rust/src/optim/mod.rs",
-    sha256: "a7ea311b4b11f49081a9f1cbed627f0ae837126aa4cac475e82bad0de69a66c6",
+    sha256: "3df8a247ea1b7ee200ad12f3b5e2018f8cea0085bdd1c9fc73de7cb2efa57869",
   },
   {
     path: "rust/src/plan.rs",
@@ -332,7 +336,7 @@ export const SOURCES: readonly { readonly path: string; readonly sha256: string 
   },
   {
     path: "rust/src/state/meta.rs",
-    sha256: "a9f20b46341ba858562572e171557272206e3f50c261937979fe10f531b5865c",
+    sha256: "ab1d2203ad2b4652d8bca89422eb6fd63f80b256a72a7a1d88e14929575f30b4",
   },
   {
     path: "rust/src/state/mod.rs",
@@ -352,6 +356,6 @@ export const SOURCES: readonly { readonly path: string; readonly sha256: string 
   },
   {
     path: "rust/src/train.rs",
-    sha256: "a6e27a748d0ac67780fec6e604c859290a7774b1911e1624e670b8fb764f4ddf",
+    sha256: "573c81d8ae972fb822c2e40706717fad60034a5968c8ff61a980603aab6abd8e",
   },
 ];

@@ -9,13 +9,14 @@ import {
   barrier,
   broadcast,
   checkSame,
+  type CommBytes,
   distFinalize,
   type DistInfo,
   distInfo,
   distInit,
 } from "../ffi/dist.ts";
 
-export { allreduceSum, barrier, broadcast, type DistInfo };
+export { allreduceSum, barrier, broadcast, type CommBytes, type DistInfo };
 
 let finalizeRegistered = false;
 

@@ -224,6 +224,13 @@ export interface TrainOptions {
    * backward (one extra forward per step; identical results, far less activation memory).
    */
   checkpointing: boolean;
+  /**
+   * What the ranks of a data-parallel run (mpirun) all-reduce for the projected matrices:
+   * `full` gradients, their rank-r projection (`lowrank`, exact without clipping; with
+   * clipping the norm is taken over what the optimizer consumes), or `auto` (lowrank when
+   * clipping is off, full when it is on). No effect in a one-process run.
+   */
+  dpComm: string;
   /** Output directory; undefined means `runs/<ISO timestamp>`, null writes no files. */
   out?: string | null;
   /**
@@ -792,6 +799,16 @@ export const OPTION_DECLARATIONS = {
     help:
       "--checkpointing on|off  recompute each block in the backward: less activation memory,\n" +
       "                      one extra forward per step, identical results [{default}]",
+  },
+  dpComm: {
+    flag: "--dp-comm",
+    kind: "choice",
+    engine: "dp_comm",
+    section: RUN,
+    help: "--dp-comm M           mpirun runs: what the ranks sum for projected matrices: full\n" +
+      "                      gradients, or their rank-r projection (lowrank; exact without\n" +
+      "                      --clip, else the norm covers what the optimizer consumes); auto =\n" +
+      "                      lowrank without clipping, full with it; {choices} [{default}]",
   },
   out: {
     flag: "--out",

@@ -519,6 +519,27 @@ impl<B: Backend> Optimizer<B> for Family<B> {
         self.stash[idx] = Some(r);
         res
     }
+    fn low_rank(&self, idx: usize) -> Option<super::LowRank> {
+        let st = self.states[idx].proj.as_ref()?;
+        // the same test as `project` (pre-increment counter)
+        let refresh = st.store.is_none() || st.lazy.due(self.step.saturating_sub(1));
+        Some(super::LowRank { len: self.lens[idx], refresh })
+    }
+    fn stash_low_rank(&mut self, be: &B) -> Result<()> {
+        for (i, st) in self.states.iter().enumerate() {
+            if st.proj.is_some() && self.stash[i].is_none() {
+                self.stash[i] = Some(be.alloc(self.lens[i], Category::Grads)?);
+            }
+        }
+        Ok(())
+    }
+    fn stashed_mut(&mut self, idx: usize) -> Option<&mut B::Buf> {
+        if self.stashed[idx] {
+            self.stash[idx].as_mut()
+        } else {
+            None
+        }
+    }
     fn abort_step(&mut self, be: &B) {
         self.step -= 1;
         self.stashed.iter_mut().for_each(|x| *x = false);

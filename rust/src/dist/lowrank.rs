@@ -1,0 +1,230 @@
+//! Low-rank communication for the data-parallel global (unfused) step, and the one place
+//! that counts what every data-parallel step sends (docs/algorithm-spec.md §1.5a).
+//!
+//! A projected optimizer (GaLore family) consumes only the rank-r projection R = G Qᵀ (or
+//! Pᵀ G) of a projected matrix's gradient. Projection is linear, so between refreshes of a
+//! matrix's projector every rank projects its own gradient G_k with the shared projector and
+//! the ranks sum R_k instead of G_k: Σ_k G_k Qᵀ = (Σ_k G_k) Qᵀ, exact in real arithmetic. At a
+//! refresh of that matrix the ranks sum its whole gradient (the refresh decomposes it) and
+//! every rank projects the sum. Unprojected tensors (embedding, head, norms) are summed whole.
+//! The projectors, the moments and the INT8 weights stay identical on every rank: each rank
+//! computes them from the same summed values with the same arithmetic.
+//!
+//! Clipping needs ‖Σ_k G‖ over every tensor, which the ranks' projections cannot give; with
+//! clipping on, a low-rank step takes the norm over what the optimizer consumes (R for
+//! projected matrices, the whole gradient otherwise). `DpComm::Auto` therefore sends R only
+//! when clipping is off.
+
+use super::{allreduce_sum, size};
+use crate::backend::Backend;
+use crate::config::{DpComm, OptimConfig};
+use crate::error::Result;
+use crate::model::{Grads, Llama};
+use crate::optim::Optimizer;
+use serde::Serialize;
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering::Relaxed};
+
+/// What a data-parallel step sends, by category.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Cat {
+    /// Rank-r projections R of projected matrices (low-rank steps between refreshes).
+    LowRank = 0,
+    /// Whole gradients of projected matrices whose projector refreshes this step (low-rank).
+    Refresh = 1,
+    /// Whole gradients of projected matrices in a full step.
+    WholeProjected = 2,
+    /// Whole gradients of unprojected tensors (embedding, head, norms; every tensor of an
+    /// optimizer that projects nothing).
+    Unprojected = 3,
+    /// The step's scalars: the global target count and the loss (f64 each).
+    Scalars = 4,
+}
+
+static BYTES: [AtomicU64; 5] = [AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)];
+/// What the same steps' full-gradient all-reduce sends (every trained gradient whole, and
+/// the scalars).
+static FULL: AtomicU64 = AtomicU64::new(0);
+static STEPS: AtomicU64 = AtomicU64::new(0);
+/// The last step's mode: 0 none yet, 1 full, 2 lowrank.
+static MODE: AtomicU8 = AtomicU8::new(0);
+
+/// Counts `bytes` sent in category `c` (only in a world of more than one rank).
+pub fn count(c: Cat, bytes: usize) {
+    if size() > 1 {
+        BYTES[c as usize].fetch_add(bytes as u64, Relaxed);
+    }
+}
+
+/// Counts one data-parallel step in `mode`, whose full-gradient all-reduce would send
+/// `full` bytes.
+fn count_step(mode: DpComm, full: usize) {
+    FULL.fetch_add(full as u64, Relaxed);
+    STEPS.fetch_add(1, Relaxed);
+    MODE.store(if mode == DpComm::LowRank { 2 } else { 1 }, Relaxed);
+}
+
+/// Bytes of the scalars a step sums (target count, loss).
+pub const SCALAR_BYTES: usize = 16;
+
+/// The counters since the process started, as `qg_dist_info` reports them (`comm`).
+#[derive(Clone, Debug, Serialize)]
+pub struct CommBytes {
+    /// The mode of the last data-parallel step: `full`, `lowrank`, or `none` before any.
+    pub mode: &'static str,
+    /// Data-parallel steps counted.
+    pub steps: u64,
+    pub lowrank: u64,
+    pub refresh: u64,
+    pub whole_projected: u64,
+    pub unprojected: u64,
+    pub scalars: u64,
+    /// The sum of the categories.
+    pub total: u64,
+    /// What a full-gradient all-reduce of the same steps sends.
+    pub full_allreduce: u64,
+}
+
+pub fn report() -> CommBytes {
+    let b: Vec<u64> = BYTES.iter().map(|x| x.load(Relaxed)).collect();
+    CommBytes {
+        mode: match MODE.load(Relaxed) {
+            1 => "full",
+            2 => "lowrank",
+            _ => "none",
+        },
+        steps: STEPS.load(Relaxed),
+        lowrank: b[0],
+        refresh: b[1],
+        whole_projected: b[2],
+        unprojected: b[3],
+        scalars: b[4],
+        total: b.iter().sum(),
+        full_allreduce: FULL.load(Relaxed),
+    }
+}
+
+/// Whether this step sends R: more than one rank and `DpComm::resolve` says lowrank.
+pub fn low_rank_step(cfg: &OptimConfig) -> bool {
+    size() > 1 && DpComm::resolve(cfg) == DpComm::LowRank
+}
+
+/// Sums `n` elements of `b` over the ranks in place, counting them in `c`.
+fn sum_buf<B: Backend>(be: &B, b: &mut B::Buf, n: usize, c: Cat) -> Result<()> {
+    let mut h = be.to_host(b, n)?.into_owned();
+    count(c, std::mem::size_of_val(h.as_slice()));
+    allreduce_sum(&mut h)?;
+    be.upload(b, &h)
+}
+
+/// Sums the loss and the `train` tensors' gradients over the ranks whole, in place (the
+/// full mode, `grads::reduce_step`); returns the global mean loss.
+pub fn full_reduce<B: Backend>(be: &B, model: &Llama<B>, grads: &mut Grads<B>, opt: &dyn Optimizer<B>, train: &[usize], loss: f64) -> Result<f64> {
+    let mut l = [loss];
+    allreduce_sum(&mut l)?;
+    count(Cat::Scalars, 8);
+    be.sync()?;
+    let mut full = SCALAR_BYTES;
+    for &i in train {
+        let n = model.params[i].numel();
+        full += 4 * n;
+        let c = if opt.low_rank(i).is_some() { Cat::WholeProjected } else { Cat::Unprojected };
+        sum_buf(be, grads.get_mut(i), n, c)?;
+    }
+    count_step(DpComm::Full, full);
+    Ok(l[0])
+}
+
+/// What a low-rank step returns: the global mean loss, the norm it clipped by and whether
+/// it did.
+pub struct Stepped {
+    pub loss: f64,
+    pub norm: f64,
+    pub clipped: bool,
+}
+
+/// One optimizer step of a data-parallel run with low-rank communication, from each rank's
+/// own gradients of the `train` tensors (scaled by 1 / the global target count) and its
+/// share `loss` of the loss. Projected matrices go through the optimizer's stash: `stash`
+/// projects (refreshing from the summed gradient when due), R is summed over the ranks, and
+/// `apply_stash` updates once the norm is known; `clip_scale` turns that norm into the clip
+/// factor (and refuses a non-finite one, before any update).
+#[allow(clippy::too_many_arguments)]
+pub fn step<B: Backend>(
+    be: &B,
+    model: &mut Llama<B>,
+    grads: &mut Grads<B>,
+    opt: &mut dyn Optimizer<B>,
+    train: &[usize],
+    loss: f64,
+    lr: f32,
+    clip_scale: impl Fn(f64) -> Result<Option<f32>>,
+) -> Result<Stepped> {
+    let mut l = [loss];
+    allreduce_sum(&mut l)?;
+    count(Cat::Scalars, 8);
+    be.sync()?;
+    opt.stash_low_rank(be)?;
+    opt.begin_step();
+    let mut full = SCALAR_BYTES;
+    let mut low = vec![None; model.params.len()];
+    // every rank makes the same calls in the same order: the refresh schedule and the
+    // projectors are the same everywhere
+    let sent = (|| -> Result<f64> {
+        for &i in train {
+            let n = model.params[i].numel();
+            full += 4 * n;
+            match opt.low_rank(i) {
+                Some(lr) => {
+                    low[i] = Some(lr.len);
+                    if lr.refresh {
+                        sum_buf(be, grads.get_mut(i), n, Cat::Refresh)?;
+                    }
+                    opt.stash(be, i, &model.params[i], grads.get_mut(i))?;
+                    if !lr.refresh {
+                        if let Some(r) = opt.stashed_mut(i) {
+                            sum_buf(be, r, lr.len, Cat::LowRank)?;
+                        }
+                    }
+                }
+                None => sum_buf(be, grads.get_mut(i), n, Cat::Unprojected)?,
+            }
+        }
+        // the norm of what the optimizer consumes: R of the projected matrices (a matrix
+        // without a projector is skipped this step and adds nothing), whole gradients else
+        for &i in train {
+            match low[i] {
+                Some(len) => {
+                    if let Some(r) = opt.stashed_mut(i) {
+                        be.sumsq_acc(r, len);
+                    }
+                }
+                None => be.sumsq_acc(grads.get(i), model.params[i].numel()),
+            }
+        }
+        Ok(be.take_sumsq().sqrt())
+    })();
+    let norm = match sent {
+        Ok(n) => n,
+        Err(e) => {
+            opt.abort_step(be);
+            return Err(e);
+        }
+    };
+    let scale = match clip_scale(norm) {
+        Ok(s) => s,
+        Err(e) => {
+            opt.abort_step(be);
+            return Err(e);
+        }
+    };
+    count_step(DpComm::LowRank, full);
+    for &i in train {
+        if low[i].is_some() {
+            opt.apply_stash(be, i, &mut model.params[i], grads.get_mut(i), lr, scale)?;
+        } else {
+            opt.update_scaled(be, i, &mut model.params[i], grads.get_mut(i), lr, scale)?;
+        }
+    }
+    opt.end_step(be);
+    Ok(Stepped { loss: l[0], norm, clipped: scale.is_some() })
+}

@@ -1,0 +1,245 @@
+// Low-rank communication in data-parallel runs (rust/src/dist/lowrank.rs, --dp-comm,
+// docs/algorithm-spec.md §1.5a): 2 ranks × batch B summing the projected matrices' rank-r
+// gradients R follow one process with batch 2B and the full all-reduce (losses within 1e-5
+// relative, clipping off, refreshes included); Q-GaLore's INT8 codes stay identical on both
+// ranks; the bytes per category are those the model's shapes and the rank give; an optimizer
+// that projects nothing sends whole gradients; a bad value is refused with one line. Skipped
+// with a message when mpirun is absent (unless QGALORE_REQUIRE_MPI=1).
+import assert from "node:assert/strict";
+import { MPIRUN_ENV, MPIRUN_FLAGS, mpirunOrSkip } from "./mpi_run.ts";
+
+const CHILD = new URL("./dp_child.ts", import.meta.url).pathname;
+const PRETRAIN = new URL("../examples/pretrain.ts", import.meta.url).pathname;
+const dec = new TextDecoder();
+
+async function run(cmd: string, args: string[]): Promise<{ code: number; text: string }> {
+  const out = await new Deno.Command(cmd, {
+    args,
+    env: MPIRUN_ENV,
+    stdout: "piped",
+    stderr: "piped",
+    signal: AbortSignal.timeout(300_000),
+  }).output();
+  return { code: out.code, text: dec.decode(out.stdout) + dec.decode(out.stderr) };
+}
+
+interface Line {
+  type: string;
+  step: number;
+  loss?: number;
+  val_loss?: number;
+  grad_norm?: number;
+}
+
+function metrics(dir: string): Line[] {
+  return Deno.readTextFileSync(`${dir}/run/metrics.jsonl`).trim().split("\n").map((l) =>
+    JSON.parse(l)
+  );
+}
+
+// deno-lint-ignore no-explicit-any
+function summary(dir: string): any {
+  return JSON.parse(Deno.readTextFileSync(`${dir}/run/summary.json`));
+}
+
+interface Tensor {
+  dtype: string;
+  shape: number[];
+  hash: string;
+}
+
+/** Each tensor of a safetensors file by name: dtype, shape and SHA-256 of its bytes. */
+async function tensors(path: string): Promise<Map<string, Tensor>> {
+  const bytes = Deno.readFileSync(path);
+  const n = Number(new DataView(bytes.buffer).getBigUint64(0, true));
+  const header = JSON.parse(dec.decode(bytes.subarray(8, 8 + n))) as Record<
+    string,
+    { dtype: string; shape: number[]; data_offsets: [number, number] }
+  >;
+  const out = new Map<string, Tensor>();
+  for (const [name, t] of Object.entries(header)) {
+    if (name === "__metadata__") continue;
+    const data = bytes.subarray(8 + n + t.data_offsets[0], 8 + n + t.data_offsets[1]);
+    const h = new Uint8Array(await crypto.subtle.digest("SHA-256", data));
+    out.set(name, {
+      dtype: t.dtype,
+      shape: t.shape,
+      hash: Array.from(h, (b) => b.toString(16).padStart(2, "0")).join(""),
+    });
+  }
+  return out;
+}
+
+/** Both ranks saved the same bytes in every tensor. */
+async function sameOnBothRanks(dir: string): Promise<Map<string, Tensor>> {
+  const t0 = await tensors(`${dir}/rank-0.safetensors`);
+  const t1 = await tensors(`${dir}/rank-1.safetensors`);
+  assert.deepEqual([...t1.keys()].sort(), [...t0.keys()].sort());
+  for (const [k, v] of t0) assert.deepEqual(t1.get(k), v, `tensor ${k} differs between ranks`);
+  return t0;
+}
+
+function closeLosses(a: Line[], b: Line[], what: string) {
+  assert.equal(a.length, b.length, what);
+  for (let i = 0; i < a.length; i++) {
+    assert.equal(a[i].type, b[i].type);
+    for (const k of ["loss", "val_loss"] as const) {
+      const x = a[i][k], y = b[i][k];
+      if (y === undefined) continue;
+      assert.ok(
+        typeof x === "number" && Math.abs(x - y) <= 1e-5 * Math.abs(y),
+        `${what}: ${k} at line ${i}: ${x} vs ${y}`,
+      );
+    }
+  }
+}
+
+const BASE = { steps: 6, seqLen: 32, threads: 1, evalEvery: 3, evalBatches: 2, seed: 7 };
+// rank 8 and a refresh every 2 updates: updates 1, 3, 5 refresh (whole gradients), 2, 4, 6
+// send R; clipping off, so --dp-comm auto sends R
+const GALORE = { ...BASE, optimizer: "galore", rank: 8, updateGap: 2, clip: 0, fused: false };
+
+const mpi = (bin: string, o: Record<string, unknown>, d: string) =>
+  run(bin, [...MPIRUN_FLAGS, Deno.execPath(), "run", "-A", CHILD, JSON.stringify(o), d]);
+
+Deno.test("dp-comm lowrank: galore 2 ranks × batch 2 = 1 process × batch 4 = full all-reduce; bytes by category", async () => {
+  const bin = mpirunOrSkip();
+  if (!bin) return;
+  const dir = await Deno.makeTempDir({ prefix: "qgalore-dplr-" });
+  try {
+    const lr = await mpi(bin, { ...GALORE, batchSize: 2 }, `${dir}/low`);
+    assert.equal(lr.code, 0, lr.text);
+    assert.match(lr.text, /DP-CHILD-OK 1/);
+    const full = await mpi(bin, { ...GALORE, batchSize: 2, dpComm: "full" }, `${dir}/full`);
+    assert.equal(full.code, 0, full.text);
+    const one = await run(Deno.execPath(), [
+      "run",
+      "-A",
+      CHILD,
+      JSON.stringify({ ...GALORE, batchSize: 4 }),
+      `${dir}/one`,
+    ]);
+    assert.equal(one.code, 0, one.text);
+    const [ml, mf, mo] = [metrics(`${dir}/low`), metrics(`${dir}/full`), metrics(`${dir}/one`)];
+    assert.equal(ml.filter((l) => l.type === "step").length, 6);
+    closeLosses(ml, mo, "lowrank 2 ranks vs 1 process");
+    closeLosses(ml, mf, "lowrank vs full");
+    closeLosses(mf, mo, "full 2 ranks vs 1 process");
+    // the low-rank norm is ‖R‖ over projected matrices: below the whole gradient's
+    const steps = (m: Line[]) => m.filter((l) => l.type === "step");
+    for (const [a, b] of steps(ml).map((l, i) => [l, steps(mf)[i]])) {
+      assert.ok(a.grad_norm! < b.grad_norm!, `grad_norm ${a.grad_norm} (lowrank) ≥ ${b.grad_norm}`);
+    }
+    const t = await sameOnBothRanks(`${dir}/low`);
+
+    // bytes from the model's shapes: GaLore projects the 7 linear matrices of each block
+    // (docs/algorithm-spec.md §1.4) to rank r' = min(r, rows, cols); R is rows×r' when
+    // rows ≥ cols (right projector), else r'×cols; everything else goes whole; f32
+    const s = summary(`${dir}/low`);
+    const r = GALORE.rank;
+    let low = 0, proj = 0, unproj = 0;
+    for (const [name, x] of t) {
+      if (!name.startsWith("model.")) continue;
+      const [rows, cols] = x.shape.length === 2 ? x.shape : [1, x.shape[0]];
+      if (/\.(q|k|v|o|gate|up|down)_proj\.weight$/.test(name)) {
+        const rr = Math.min(r, rows, cols);
+        low += 4 * (rows >= cols ? rows * rr : rr * cols);
+        proj += 4 * rows * cols;
+      } else {
+        unproj += 4 * rows * cols;
+      }
+    }
+    assert.equal((proj + unproj) / 4, s.params, "the shapes do not cover the trained parameters");
+    assert.ok(low > 0 && low < proj);
+    const refreshes = Math.ceil(GALORE.steps / GALORE.updateGap);
+    const c = s.data_parallel.comm;
+    assert.equal(c.requested, "auto");
+    assert.equal(c.used, "lowrank");
+    assert.equal(c.steps, 6);
+    assert.deepEqual(c.bytes_total, {
+      lowrank: (GALORE.steps - refreshes) * low,
+      refresh: refreshes * proj,
+      whole_projected: 0,
+      unprojected: GALORE.steps * unproj,
+      scalars: GALORE.steps * 16,
+      total: (GALORE.steps - refreshes) * low + refreshes * proj + GALORE.steps * (unproj + 16),
+      full_allreduce: GALORE.steps * (proj + unproj + 16),
+    });
+    assert.equal(c.full_allreduce_bytes_per_step, proj + unproj + 16);
+    // the same run with --dp-comm full sends every gradient whole
+    const cf = summary(`${dir}/full`).data_parallel.comm;
+    assert.equal(cf.used, "full");
+    assert.deepEqual(cf.bytes_total, {
+      lowrank: 0,
+      refresh: 0,
+      whole_projected: GALORE.steps * proj,
+      unprojected: GALORE.steps * unproj,
+      scalars: GALORE.steps * 16,
+      total: GALORE.steps * (proj + unproj + 16),
+      full_allreduce: GALORE.steps * (proj + unproj + 16),
+    });
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("dp-comm lowrank: qgalore's INT8 codes stay identical on both ranks", async () => {
+  const bin = mpirunOrSkip();
+  if (!bin) return;
+  const dir = await Deno.makeTempDir({ prefix: "qgalore-dplr-q-" });
+  try {
+    const opts = { ...GALORE, optimizer: "qgalore", lr: 0.01, batchSize: 2, dpComm: "lowrank" };
+    const r = await mpi(bin, opts, `${dir}/q`);
+    assert.equal(r.code, 0, r.text);
+    const t = await sameOnBothRanks(`${dir}/q`);
+    const int8 = [...t.values()].filter((x) => x.dtype === "I8" || x.dtype === "U8").length;
+    assert.ok(int8 > 0, "no INT8 codes in the checkpoint");
+    const c = summary(`${dir}/q`).data_parallel.comm;
+    assert.equal(c.used, "lowrank");
+    assert.ok(c.lowrank > 0 && c.total < c.full_allreduce, JSON.stringify(c));
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("dp-comm lowrank: an optimizer that projects nothing (adamw) sends whole gradients", async () => {
+  const bin = mpirunOrSkip();
+  if (!bin) return;
+  const dir = await Deno.makeTempDir({ prefix: "qgalore-dplr-a-" });
+  try {
+    const opts = { ...BASE, steps: 2, optimizer: "adamw", clip: 0, batchSize: 2 };
+    const a = await mpi(bin, { ...opts, dpComm: "lowrank" }, `${dir}/low`);
+    assert.equal(a.code, 0, a.text);
+    const b = await mpi(bin, { ...opts, dpComm: "full" }, `${dir}/full`);
+    assert.equal(b.code, 0, b.text);
+    // the same arithmetic: bit for bit
+    assert.deepEqual(metrics(`${dir}/low`), metrics(`${dir}/full`));
+    const s = summary(`${dir}/low`);
+    const c = s.data_parallel.comm;
+    assert.equal(c.requested, "lowrank");
+    assert.equal(c.used, "full");
+    assert.equal(c.bytes_total.unprojected, 2 * 4 * s.params);
+    assert.equal(c.bytes_total.total, c.bytes_total.full_allreduce);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("--dp-comm with a bad value is refused with one line naming the allowed values", async () => {
+  const r = await run(Deno.execPath(), [
+    "run",
+    "-A",
+    PRETRAIN,
+    "--steps",
+    "1",
+    "--out",
+    "null",
+    "--dp-comm",
+    "sparse",
+  ]);
+  assert.notEqual(r.code, 0, r.text);
+  const lines = r.text.trim().split("\n");
+  assert.equal(lines.length, 1, r.text);
+  assert.match(lines[0], /--dp-comm sparse/);
+  assert.match(lines[0], /auto, full, lowrank/);
+});
