@@ -96,8 +96,18 @@ function closeLosses(a: Line[], b: Line[], what: string) {
 
 const BASE = { steps: 6, seqLen: 32, threads: 1, evalEvery: 3, evalBatches: 2, seed: 7 };
 // rank 8 and a refresh every 2 updates: updates 1, 3, 5 refresh (whole gradients), 2, 4, 6
-// send R; clipping off, so --dp-comm auto sends R
-const GALORE = { ...BASE, optimizer: "galore", rank: 8, updateGap: 2, clip: 0, fused: false };
+// send R; clipping off, so --dp-comm auto sends R. lr 0.01: at galore's default 0.04 the
+// first updates amplify last-bit differences past 1e-5 by the 3rd update even between the
+// exact full all-reduce and one process (1.5e-5 measured); at 0.01 every run stays within 6e-7
+const GALORE = {
+  ...BASE,
+  optimizer: "galore",
+  lr: 0.01,
+  rank: 8,
+  updateGap: 2,
+  clip: 0,
+  fused: false,
+};
 
 const mpi = (bin: string, o: Record<string, unknown>, d: string) =>
   run(bin, [...MPIRUN_FLAGS, Deno.execPath(), "run", "-A", CHILD, JSON.stringify(o), d]);
@@ -139,7 +149,8 @@ Deno.test("dp-comm lowrank: galore 2 ranks × batch 2 = 1 process × batch 4 = f
     const r = GALORE.rank;
     let low = 0, proj = 0, unproj = 0;
     for (const [name, x] of t) {
-      if (!name.startsWith("model.")) continue;
+      // the model's tensors (model.*, lm_head.weight); optimizer state is optim.*
+      if (name.startsWith("optim.")) continue;
       const [rows, cols] = x.shape.length === 2 ? x.shape : [1, x.shape[0]];
       if (/\.(q|k|v|o|gate|up|down)_proj\.weight$/.test(name)) {
         const rr = Math.min(r, rows, cols);
@@ -188,7 +199,7 @@ Deno.test("dp-comm lowrank: qgalore's INT8 codes stay identical on both ranks", 
   if (!bin) return;
   const dir = await Deno.makeTempDir({ prefix: "qgalore-dplr-q-" });
   try {
-    const opts = { ...GALORE, optimizer: "qgalore", lr: 0.01, batchSize: 2, dpComm: "lowrank" };
+    const opts = { ...GALORE, optimizer: "qgalore", batchSize: 2, dpComm: "lowrank" };
     const r = await mpi(bin, opts, `${dir}/q`);
     assert.equal(r.code, 0, r.text);
     const t = await sameOnBothRanks(`${dir}/q`);
@@ -196,7 +207,8 @@ Deno.test("dp-comm lowrank: qgalore's INT8 codes stay identical on both ranks", 
     assert.ok(int8 > 0, "no INT8 codes in the checkpoint");
     const c = summary(`${dir}/q`).data_parallel.comm;
     assert.equal(c.used, "lowrank");
-    assert.ok(c.lowrank > 0 && c.total < c.full_allreduce, JSON.stringify(c));
+    const b = c.bytes_total;
+    assert.ok(b.lowrank > 0 && b.refresh > 0 && b.total < b.full_allreduce, JSON.stringify(c));
   } finally {
     await Deno.remove(dir, { recursive: true });
   }
@@ -213,7 +225,9 @@ Deno.test("dp-comm lowrank: an optimizer that projects nothing (adamw) sends who
     const b = await mpi(bin, { ...opts, dpComm: "full" }, `${dir}/full`);
     assert.equal(b.code, 0, b.text);
     // the same arithmetic: bit for bit
-    assert.deepEqual(metrics(`${dir}/low`), metrics(`${dir}/full`));
+    const values = (d: string) =>
+      metrics(d).map((l) => [l.type, l.step, l.loss, l.val_loss, l.grad_norm]);
+    assert.deepEqual(values(`${dir}/low`), values(`${dir}/full`));
     const s = summary(`${dir}/low`);
     const c = s.data_parallel.comm;
     assert.equal(c.requested, "lowrank");
