@@ -10,7 +10,7 @@ export const PACKAGE_VERSION: string = "0.1.0";
 
 /** SHA-256 of the list below as `sha256sum` prints it; names the cached library. */
 export const SOURCES_DIGEST: string =
-  "aca3ddc85dfdf3fbd7513ee49ff396bafd75aa61a38f107a899de1e63198ca33";
+  "9950d6da09733dc507dadd87e1f2f3127df74c4e197b08a33413a8ba1cce6e5a";
 
 /** Every file the build needs: path from the package root and SHA-256 of its bytes. */
 export const SOURCES: readonly { readonly path: string; readonly sha256: string }[] = [
@@ -188,7 +188,7 @@ export const SOURCES: readonly { readonly path: string; readonly sha256: string 
   },
   {
     path: "rust/src/dist/lowrank.rs",
-    sha256: "6f749e4c4bba89042dd2de3e04f786b48db20d89295700bb372cd12351080767",
+    sha256: "e9d68c0c6ea7b977ea1dc8d179674fb4a3981b297e33d98aba63b05925ed9071",
   },
   {
     path: "rust/src/dist/mod.rs",
@@ -236,7 +236,7 @@ export const SOURCES: readonly { readonly path: string; readonly sha256: string 
   },
   {
     path: "rust/src/host/linalg.rs",
-    sha256: "a8ebbc58e4e8d1e51e4a0d692d9f4facfadbd94ad421af7324334a5a42d6b0f0",
+    sha256: "4b13e40ab4921a639cdcb6e434d515334285888b5b817f0412ed07a7396a4343",
   },
   {
     path: "rust/src/host/matmul.rs",
@@ -296,7 +296,7 @@ export const SOURCES: readonly { readonly path: string; readonly sha256: string 
   },
   {
     path: "rust/src/optim/galore.rs",
-    sha256: "740a75f955610861ce6c1cc4201db0991e6ac4244a2b21068976d7e87e70beb4",
+    sha256: "1acbd2d6b18c1bbf15aca96ea2251fcc3c9c00518ca6cda19190d2cf34dd9c7a",
   },
   {
     path: "rust/src/optim/lazy.rs",
@@ -304,7 +304,7 @@ export const SOURCES: readonly { readonly path: string; readonly sha256: string 
   },
   {
     path: "rust/src/optim/mod.rs",
-    sha256: "3df8a247ea1b7ee200ad12f3b5e2018f8cea0085bdd1c9fc73de7cb2efa57869",
+    sha256: "da89feb2a9fed72abe8701673dfcde9177c4086e69030161cc5213758b8ebcb8",
   },
   {
     path: "rust/src/plan.rs",

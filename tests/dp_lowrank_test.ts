@@ -194,6 +194,56 @@ Deno.test("dp-comm lowrank: galore 2 ranks × batch 2 = 1 process × batch 4 = f
   }
 });
 
+Deno.test("dp-comm lowrank: a randomized refresh sums sketches, not gradients", async () => {
+  const bin = mpirunOrSkip();
+  if (!bin) return;
+  const dir = await Deno.makeTempDir({ prefix: "qgalore-dplr-rnd-" });
+  try {
+    const opts = { ...GALORE, projRefresh: "randomized", batchSize: 2 };
+    const lr = await mpi(bin, opts, `${dir}/low`);
+    assert.equal(lr.code, 0, lr.text);
+    const full = await mpi(bin, { ...opts, dpComm: "full" }, `${dir}/full`);
+    assert.equal(full.code, 0, full.text);
+    const t = await sameOnBothRanks(`${dir}/low`);
+    // update 1 computes the projectors from the summed gradient, 3 and 5 refresh from
+    // sketches; up to update 3 the runs agree as the eigh ones do. After a sketched refresh
+    // they part by up to 2e-4: a one-step randomized refresh at rank 8 is sensitive to the
+    // last bits of its input (the full all-reduce and one process part by 5e-4 likewise)
+    const [ml, mf] = [metrics(`${dir}/low`), metrics(`${dir}/full`)];
+    closeLosses(
+      ml.filter((l) => l.step <= 3 && l.type === "step"),
+      mf.filter((l) => l.step <= 3 && l.type === "step"),
+      "randomized lowrank vs full, updates 1–3",
+    );
+    for (let i = 0; i < ml.length; i++) {
+      const k = ml[i].type === "step" ? "loss" : "val_loss";
+      assert.ok(
+        Math.abs(ml[i][k]! - mf[i][k]!) <= 1e-3 * mf[i][k]!,
+        `line ${i}: ${ml[i][k]} vs ${mf[i][k]}`,
+      );
+    }
+    // bytes: the whole gradient once (no projector to start from), then per refresh the
+    // sketches Z = A Yᵀ, Y′ = Zᵀ A, Z′ = A Y′ᵀ of A = G (rows ≥ cols) or Gᵀ: 2·max·r′ +
+    // r′·min elements; R after every update but the first
+    const r = GALORE.rank;
+    let low = 0, proj = 0, sk = 0;
+    for (const [name, x] of t) {
+      if (!/\.(q|k|v|o|gate|up|down)_proj\.weight$/.test(name)) continue;
+      const [rows, cols] = x.shape;
+      const rr = Math.min(r, rows, cols);
+      low += 4 * (rows >= cols ? rows * rr : rr * cols);
+      proj += 4 * rows * cols;
+      sk += 4 * (2 * Math.max(rows, cols) * rr + rr * Math.min(rows, cols));
+    }
+    const b = summary(`${dir}/low`).data_parallel.comm.bytes_total;
+    assert.equal(b.refresh, proj + 2 * sk);
+    assert.equal(b.lowrank, 5 * low);
+    assert.ok(sk < proj);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
 Deno.test("dp-comm lowrank: qgalore's INT8 codes stay identical on both ranks", async () => {
   const bin = mpirunOrSkip();
   if (!bin) return;

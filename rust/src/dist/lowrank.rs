@@ -10,6 +10,11 @@
 //! The projectors, the moments and the INT8 weights stay identical on every rank: each rank
 //! computes them from the same summed values with the same arithmetic.
 //!
+//! With `proj_refresh = randomized` a refresh with a stored projector is the warm-started
+//! randomized one (`host::linalg`, one power step): it touches the gradient only through
+//! three products, G Yᵀ, Zᵀ G and G Y′ᵀ, so the ranks sum those sketches (2·m′·r + r·n′
+//! elements on A = G or Gᵀ, m′×n′) instead of G (`sketch`), and then R with the new projector.
+//!
 //! Clipping needs ‖Σ_k G‖ over every tensor, which the ranks' projections cannot give; with
 //! clipping on, a low-rank step takes the norm over what the optimizer consumes (R for
 //! projected matrices, the whole gradient otherwise). `DpComm::Auto` therefore sends R only
@@ -176,11 +181,17 @@ pub fn step<B: Backend>(
             match opt.low_rank(i) {
                 Some(lr) => {
                     low[i] = Some(lr.len);
-                    if lr.refresh {
+                    // R is summed unless the projection was taken of the summed gradient
+                    let mut sum_r = !lr.refresh;
+                    if lr.sketch {
+                        let mut f = |g: &[f32], prev: &[f32], rows, cols, k, right| sketch(g, prev, rows, cols, k, right);
+                        opt.refresh_sketched(be, i, &model.params[i], grads.get_mut(i), &mut f)?;
+                        sum_r = true;
+                    } else if lr.refresh {
                         sum_buf(be, grads.get_mut(i), n, Cat::Refresh)?;
                     }
                     opt.stash(be, i, &model.params[i], grads.get_mut(i))?;
-                    if !lr.refresh {
+                    if sum_r {
                         if let Some(r) = opt.stashed_mut(i) {
                             sum_buf(be, r, lr.len, Cat::LowRank)?;
                         }
@@ -227,4 +238,69 @@ pub fn step<B: Backend>(
     }
     opt.end_step(be);
     Ok(Stepped { loss: l[0], norm, clipped: scale.is_some() })
+}
+
+/// Sums a host buffer over the ranks, counted as refresh traffic.
+fn sum_refresh(h: &mut [f32]) -> Result<()> {
+    count(Cat::Refresh, std::mem::size_of_val(h));
+    allreduce_sum(h)
+}
+
+fn transpose(a: &[f32], r: usize, c: usize) -> Vec<f32> {
+    let mut t = vec![0.0f32; r * c];
+    for i in 0..r {
+        for j in 0..c {
+            t[j * r + i] = a[i * c + j];
+        }
+    }
+    t
+}
+
+/// The warm-started randomized refresh of `host::linalg` (one power step, Rayleigh–Ritz
+/// finish) for a data-parallel run: this rank's gradient `g` (rows×cols) enters only through
+/// products whose sums over the ranks are taken (`Cat::Refresh`). On A = G (right projector,
+/// rows ≥ cols) or Gᵀ (left), m′×n′, from Y = the previous projector as k×n′ rows:
+/// Z = Σ A_k Yᵀ (m′×k); Y′ = orth(Σ Zᵀ A_k) (k×n′); Z′ = Σ A_k Y′ᵀ; the eigenvectors E of
+/// Z′ᵀZ′ rotate Y′ into the new projector E Y′ (returned in the projector's layout: k×cols
+/// right, rows×k left). Every rank computes the same projector from the same sums. None when
+/// the sums are zero or a decomposition fails (the caller keeps the old projector).
+pub fn sketch(g: &[f32], prev: &[f32], rows: usize, cols: usize, k: usize, right: bool) -> Result<Option<Vec<f32>>> {
+    use crate::host::linalg::{orthonormal_rows, top_eigvecs};
+    use crate::host::matmul::{matmul, matmul_dw, par};
+    let p = par(rayon::current_num_threads());
+    let (a, y, m, n) = if right {
+        (std::borrow::Cow::Borrowed(&g[..rows * cols]), prev[..k * cols].to_vec(), rows, cols)
+    } else {
+        (std::borrow::Cow::Owned(transpose(&g[..rows * cols], rows, cols)), transpose(&prev[..rows * k], rows, k), cols, rows)
+    };
+    let mut z = vec![0.0f32; m * k];
+    matmul(&mut z, &a, &y, m, n, k, false, p);
+    sum_refresh(&mut z)?;
+    if !z.iter().any(|&x| x != 0.0) || !z.iter().all(|x| x.is_finite()) {
+        return Ok(None);
+    }
+    let mut y2 = vec![0.0f32; k * n];
+    matmul_dw(&mut y2, &z, &a, m, n, k, false, p);
+    sum_refresh(&mut y2)?;
+    if orthonormal_rows(&mut y2, k, n).is_err() {
+        return Ok(None);
+    }
+    matmul(&mut z, &a, &y2, m, n, k, false, p);
+    sum_refresh(&mut z)?;
+    let mut s = vec![0.0f32; k * k];
+    matmul_dw(&mut s, &z, &z, m, k, k, false, p);
+    let mut e = vec![0.0f32; k * k];
+    if top_eigvecs(&s, k, k, &mut e).is_err() {
+        return Ok(None);
+    }
+    let mut out = vec![0.0f32; k * n];
+    for i in 0..k {
+        for j in 0..n {
+            out[i * n + j] = (0..k).map(|l| e[i * k + l] * y2[l * n + j]).sum();
+        }
+    }
+    if !out.iter().all(|x| x.is_finite()) {
+        return Ok(None);
+    }
+    Ok(Some(if right { out } else { transpose(&out, k, rows) }))
 }
