@@ -9,7 +9,11 @@
  *
  * Per update: steady = R of every projected matrix + unprojected tensors whole + 16 bytes of
  * scalars (loss, target count); refresh = the same step with every projected matrix whole
- * (all matrices refresh together without --lazy); amortized = one refresh per `gap` updates.
+ * (svd/eigh refresh; all matrices refresh together without --lazy); randomized refresh = the
+ * sketches Z, Y′, Z′ (2·max(rows, cols)·r′ + r′·min(rows, cols) elements) and R of each
+ * projected matrix instead where that is less than its gradient (`--proj-refresh randomized`,
+ * from the second refresh on);
+ * amortized = one refresh per `gap` updates.
  * Sizes are the same for every number of ranks (a sum all-reduce's buffer; what the wire carries
  * per rank depends on the MPI/NCCL algorithm, about 2× the buffer for a ring).
  *
@@ -44,6 +48,8 @@ interface Row {
   lowrank_steady: number;
   lowrank_refresh: number;
   lowrank_amortized: number;
+  randomized_refresh: number;
+  randomized_amortized: number;
   steady_vs_full: number;
   amortized_vs_full: number;
 }
@@ -56,13 +62,20 @@ for (const model of MODELS) {
       model,
     );
     if (plan.problem) throw new Error(`${model} rank ${rank}: ${plan.problem.why}`);
-    let low = 0, whole = 0, unproj = 0, n = 0, clamped = 0;
+    let low = 0, whole = 0, unproj = 0, n = 0, clamped = 0, sketch = 0;
     for (const t of plan.tensors) {
       const bytes = 4 * t.rows * t.cols;
       if (t.projector) {
         n++;
         low += 4 * t.projector.low;
         whole += bytes;
+        const r = t.projector.rank;
+        // the sketches and R, or the whole gradient where that is less (`sketch_pays`)
+        sketch += Math.min(
+          4 * (2 * Math.max(t.rows, t.cols) * r + r * Math.min(t.rows, t.cols)) +
+            4 * t.projector.low,
+          bytes,
+        );
         if (t.projector.rank < rank) clamped++;
       } else {
         unproj += bytes;
@@ -72,6 +85,7 @@ for (const model of MODELS) {
     const steady = low + unproj + 16;
     const refresh = whole + unproj + 16;
     const amortized = ((GAP - 1) * steady + refresh) / GAP;
+    const randomized = sketch + unproj + 16;
     rows.push({
       model,
       vocab: VOCAB,
@@ -84,6 +98,8 @@ for (const model of MODELS) {
       lowrank_steady: steady,
       lowrank_refresh: refresh,
       lowrank_amortized: Math.round(amortized),
+      randomized_refresh: randomized,
+      randomized_amortized: Math.round(((GAP - 1) * steady + randomized) / GAP),
       steady_vs_full: steady / full,
       amortized_vs_full: amortized / full,
     });
@@ -96,14 +112,14 @@ const md = [
   `Bytes all-reduced per update and rank (f32), GaLore at vocab ${VOCAB}, refresh gap ${GAP}; ` +
   "computed from the engine's plan (`deno run -A bench/comm_bytes.ts`).",
   "",
-  "| model | rank | full all-reduce MB | low-rank steady MB | refresh step MB | amortized MB | steady / full | amortized / full |",
-  "|---|---:|---:|---:|---:|---:|---:|---:|",
+  "| model | rank | full all-reduce MB | low-rank steady MB | refresh step MB (svd/eigh) | refresh step MB (randomized) | amortized MB (svd/eigh) | steady / full | amortized / full |",
+  "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
   ...rows.map((r) =>
     `| ${r.model} | ${r.rank}${r.clamped ? ` (${r.clamped} clamped)` : ""} | ${
       mb(r.full_allreduce)
-    } | ${mb(r.lowrank_steady)} | ${mb(r.lowrank_refresh)} | ${mb(r.lowrank_amortized)} | ${
-      r.steady_vs_full.toFixed(3)
-    } | ${r.amortized_vs_full.toFixed(3)} |`
+    } | ${mb(r.lowrank_steady)} | ${mb(r.lowrank_refresh)} | ${mb(r.randomized_refresh)} | ${
+      mb(r.lowrank_amortized)
+    } | ${r.steady_vs_full.toFixed(3)} | ${r.amortized_vs_full.toFixed(3)} |`
   ),
   "",
 ].join("\n");

@@ -10,7 +10,7 @@ export const PACKAGE_VERSION: string = "0.1.0";
 
 /** SHA-256 of the list below as `sha256sum` prints it; names the cached library. */
 export const SOURCES_DIGEST: string =
-  "9950d6da09733dc507dadd87e1f2f3127df74c4e197b08a33413a8ba1cce6e5a";
+  "0b776e6206e2b1c74a94ee68e03a1b705490665eb8150169b257faf8b4f7d96a";
 
 /** Every file the build needs: path from the package root and SHA-256 of its bytes. */
 export const SOURCES: readonly { readonly path: string; readonly sha256: string }[] = [
@@ -188,7 +188,7 @@ export const SOURCES: readonly { readonly path: string; readonly sha256: string 
   },
   {
     path: "rust/src/dist/lowrank.rs",
-    sha256: "e9d68c0c6ea7b977ea1dc8d179674fb4a3981b297e33d98aba63b05925ed9071",
+    sha256: "87adb8103a44867f04e3770f9b87a261a6d8d37f4eef197b08b1cae1107b6bc6",
   },
   {
     path: "rust/src/dist/mod.rs",

@@ -233,7 +233,10 @@ Deno.test("dp-comm lowrank: a randomized refresh sums sketches, not gradients", 
       const rr = Math.min(r, rows, cols);
       low += 4 * (rows >= cols ? rows * rr : rr * cols);
       proj += 4 * rows * cols;
-      sk += 4 * (2 * Math.max(rows, cols) * rr + rr * Math.min(rows, cols));
+      const sketches = 2 * Math.max(rows, cols) * rr + rr * Math.min(rows, cols);
+      // sketches are sent where they and R are less than the gradient (here everywhere)
+      assert.ok(sketches + Math.max(rows, cols) * rr < rows * cols);
+      sk += 4 * sketches;
     }
     const b = summary(`${dir}/low`).data_parallel.comm.bytes_total;
     assert.equal(b.refresh, proj + 2 * sk);

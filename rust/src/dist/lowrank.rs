@@ -13,7 +13,8 @@
 //! With `proj_refresh = randomized` a refresh with a stored projector is the warm-started
 //! randomized one (`host::linalg`, one power step): it touches the gradient only through
 //! three products, G Yᵀ, Zᵀ G and G Y′ᵀ, so the ranks sum those sketches (2·m′·r + r·n′
-//! elements on A = G or Gᵀ, m′×n′) instead of G (`sketch`), and then R with the new projector.
+//! elements on A = G or Gᵀ, m′×n′) instead of G (`sketch`), and then R with the new projector,
+//! where that sends less than G (`sketch_pays`).
 //!
 //! Clipping needs ‖Σ_k G‖ over every tensor, which the ranks' projections cannot give; with
 //! clipping on, a low-rank step takes the norm over what the optimizer consumes (R for
@@ -183,7 +184,7 @@ pub fn step<B: Backend>(
                     low[i] = Some(lr.len);
                     // R is summed unless the projection was taken of the summed gradient
                     let mut sum_r = !lr.refresh;
-                    if lr.sketch {
+                    if lr.sketch && sketch_pays(model.params[i].rows, model.params[i].cols, lr.len) {
                         let mut f = |g: &[f32], prev: &[f32], rows, cols, k, right| sketch(g, prev, rows, cols, k, right);
                         opt.refresh_sketched(be, i, &model.params[i], grads.get_mut(i), &mut f)?;
                         sum_r = true;
@@ -238,6 +239,16 @@ pub fn step<B: Backend>(
     }
     opt.end_step(be);
     Ok(Stepped { loss: l[0], norm, clipped: scale.is_some() })
+}
+
+/// Whether a sketched refresh of a rows×cols matrix whose R has `low` elements sends less
+/// than its whole gradient: the sketches and R after it, 3·max·r′ + r′·min elements, against
+/// rows·cols (a whole-gradient refresh needs no R sum). At a rank near min(rows, cols) the
+/// sketches outgrow the gradient, and the whole gradient is summed instead.
+pub fn sketch_pays(rows: usize, cols: usize, low: usize) -> bool {
+    let (max, min) = (rows.max(cols), rows.min(cols));
+    let r = low / max.max(1);
+    3 * max * r + r * min < rows * cols
 }
 
 /// Sums a host buffer over the ranks, counted as refresh traffic.
