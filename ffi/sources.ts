@@ -10,7 +10,7 @@ export const PACKAGE_VERSION: string = "0.1.0";
 
 /** SHA-256 of the list below as `sha256sum` prints it; names the cached library. */
 export const SOURCES_DIGEST: string =
-  "0b776e6206e2b1c74a94ee68e03a1b705490665eb8150169b257faf8b4f7d96a";
+  "bc6abc4aeaf9e2ea4ac5c221f1bea9f68e53e0999ecf604baa194fcc9eb4b3dd";
 
 /** Every file the build needs: path from the package root and SHA-256 of its bytes. */
 export const SOURCES: readonly { readonly path: string; readonly sha256: string }[] = [
@@ -188,7 +188,7 @@ export const SOURCES: readonly { readonly path: string; readonly sha256: string 
   },
   {
     path: "rust/src/dist/lowrank.rs",
-    sha256: "87adb8103a44867f04e3770f9b87a261a6d8d37f4eef197b08b1cae1107b6bc6",
+    sha256: "add185d0bc1618f4fc09875d8ddc4e57c09aa43103ffa8ca83ebc7f3b767b2b2",
   },
   {
     path: "rust/src/dist/mod.rs",

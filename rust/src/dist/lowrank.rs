@@ -315,3 +315,76 @@ pub fn sketch(g: &[f32], prev: &[f32], rows: usize, cols: usize, k: usize, right
     }
     Ok(Some(if right { out } else { transpose(&out, k, rows) }))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::host::linalg::{top_subspace, Refresh};
+
+    fn matrix(rows: usize, cols: usize, seed: u64) -> Vec<f32> {
+        let key = crate::rng::stream_key(seed, 1, 2);
+        (0..(rows * cols) as u64).map(|i| crate::rng::normal(key, i)).collect()
+    }
+
+    /// In a one-rank world the sums are the identity: the sketched refresh is the host's
+    /// warm-started randomized refresh, both sides, to rounding.
+    #[test]
+    fn sketch_is_the_randomized_refresh() {
+        for (rows, cols, right) in [(48, 20, true), (20, 48, false)] {
+            let k = 4;
+            let g = matrix(rows, cols, 3);
+            let n = k * if right { cols } else { rows };
+            let mut prev = vec![0.0f32; n];
+            top_subspace(&matrix(rows, cols, 4), rows, cols, k, right, Refresh::Eigh, None, 0, &mut prev, 1).unwrap();
+            let mut want = vec![0.0f32; n];
+            top_subspace(&g, rows, cols, k, right, Refresh::Randomized, Some(&prev), 0, &mut want, 1).unwrap();
+            let got = sketch(&g, &prev, rows, cols, k, right).unwrap().expect("a projector");
+            assert_eq!(got.len(), n);
+            let err = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+            assert!(err < 1e-4, "{rows}×{cols}: max difference {err}");
+            // a zero gradient has no subspace
+            assert_eq!(sketch(&vec![0.0; rows * cols], &prev, rows, cols, k, right).unwrap(), None);
+        }
+    }
+
+    #[test]
+    fn sketches_pay_below_a_third_of_the_smaller_side() {
+        // 4096×11008 (LLaMA-7B's MLP): R is 11008·r; sketches 2·11008·r + 4096·r
+        assert!(sketch_pays(11008, 4096, 11008 * 1024));
+        assert!(!sketch_pays(11008, 4096, 11008 * 4096 / 3));
+        // 512×512 at rank 128: 3·512·128 + 128·512 = 262144 = 512·512, not less
+        assert!(!sketch_pays(512, 512, 512 * 128));
+        assert!(sketch_pays(512, 512, 512 * 127));
+    }
+
+    #[test]
+    fn auto_sends_r_only_without_clipping_and_only_for_projected_optimizers() {
+        use crate::config::{Named, Optimizer};
+        let cfg = |name, clip: f32, comm: &str| {
+            let mut c = OptimConfig::defaults(name, 1);
+            c.clip = clip;
+            c.dp_comm = DpComm::parse(comm).unwrap();
+            DpComm::resolve(&c)
+        };
+        assert_eq!(cfg(Optimizer::Galore, 0.0, "auto"), DpComm::LowRank);
+        assert_eq!(cfg(Optimizer::QGalore, 1.0, "auto"), DpComm::Full);
+        assert_eq!(cfg(Optimizer::Galore8bit, 1.0, "lowrank"), DpComm::LowRank);
+        assert_eq!(cfg(Optimizer::Galore, 0.0, "full"), DpComm::Full);
+        for o in [Optimizer::AdamW, Optimizer::Adam8bit, Optimizer::Lora] {
+            assert_eq!(cfg(o, 0.0, "lowrank"), DpComm::Full);
+        }
+        let mut raw = serde_json::Map::new();
+        raw.insert("name".into(), "galore".into());
+        raw.insert("dp_comm".into(), "sparse".into());
+        let e = OptimConfig::resolve(&raw, 1).unwrap_err();
+        assert_eq!(e.msg, "dp_comm = sparse: must be one of auto, full, lowrank");
+        // one world: nothing goes low-rank
+        assert!(!low_rank_step(&OptimConfig::defaults(Optimizer::Galore, 1)));
+    }
+
+    #[test]
+    fn one_rank_counts_nothing() {
+        count(Cat::LowRank, 100);
+        assert_eq!(report().lowrank, 0);
+    }
+}
