@@ -1,12 +1,13 @@
 /**
  * CPU scaling of data-parallel training from 1 to 2 ranks: training tokens per second of one
  * process with global batch 2B against `mpirun -np 2` with batch B per rank (the same global
- * batch, the same updates), for GaLore on llama-9m and llama-35m, with the full and the
+ * batch, the same updates), for GaLore (rank `--rank`, 32 by default: at the default 128
+ * llama-9m's R is as large as its gradients) on llama-9m and llama-35m, with the full and the
  * low-rank all-reduce (`--dp-comm`). Each rank gets `threads` engine threads (default: half
  * the cores, so 2 ranks use the machine as one process does with all of them). Measure on a
  * quiet machine: other processes distort both sides.
  *
- *   deno run -A bench/dp_scaling.ts [--steps 20] [--batch 8] [--seq 128] [--out FILE.jsonl]
+ *   deno run -A bench/dp_scaling.ts [--steps 20] [--batch 8] [--seq 128] [--rank 32] [--out FILE.jsonl]
  * @module
  */
 import { parseArgs } from "node:util";
@@ -17,6 +18,7 @@ const { values: args } = parseArgs({
     steps: { type: "string", default: "20" },
     batch: { type: "string", default: "8" },
     seq: { type: "string", default: "128" },
+    rank: { type: "string", default: "32" },
     threads: { type: "string" },
     out: { type: "string" },
   },
@@ -31,6 +33,7 @@ interface Result {
   model: string;
   ranks: number;
   dp_comm: string;
+  rank: number;
   threads_per_rank: number;
   global_batch: number;
   seq_len: number;
@@ -50,6 +53,8 @@ async function once(model: string, ranks: number, comm: string): Promise<Result>
     model,
     "--optimizer",
     "galore",
+    "--rank",
+    String(args.rank),
     "--clip",
     "0",
     "--fused",
@@ -93,6 +98,7 @@ async function once(model: string, ranks: number, comm: string): Promise<Result>
       model,
       ranks,
       dp_comm: ranks === 1 ? "none" : s.data_parallel.comm.used,
+      rank: Number(args.rank),
       threads_per_rank: threads,
       global_batch: 2 * B,
       seq_len: SEQ,
