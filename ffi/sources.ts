@@ -10,7 +10,7 @@ export const PACKAGE_VERSION: string = "0.1.0";
 
 /** SHA-256 of the list below as `sha256sum` prints it; names the cached library. */
 export const SOURCES_DIGEST: string =
-  "bc6abc4aeaf9e2ea4ac5c221f1bea9f68e53e0999ecf604baa194fcc9eb4b3dd";
+  "f719adebd2ba6b7de8ae57bc41606d55ccfddc9c1b0a2460cf81ead07b40f733";
 
 /** Every file the build needs: path from the package root and SHA-256 of its bytes. */
 export const SOURCES: readonly { readonly path: string; readonly sha256: string }[] = [
@@ -192,11 +192,15 @@ export const SOURCES: readonly { readonly path: string; readonly sha256: string 
   },
   {
     path: "rust/src/dist/mod.rs",
-    sha256: "0689dd7d8eb4e8f18327e5364d0f22828f7f8f9aaad45a82f74b122c1573d2d6",
+    sha256: "5a5d5bfed243b585ce4a87df11853ca8295a160ced798ad20c7a87177e7a64cf",
   },
   {
     path: "rust/src/dist/mpi.rs",
     sha256: "179b45bb71303c51154ef910b13acfa8725fa06b6d192e8d2c9581a0a69f50d5",
+  },
+  {
+    path: "rust/src/dist/overlap.rs",
+    sha256: "644a8be1008f55938dddb446f08440a158a1320b6ec18f44ace458b99dc6b404",
   },
   {
     path: "rust/src/error.rs",
@@ -276,7 +280,7 @@ export const SOURCES: readonly { readonly path: string; readonly sha256: string 
   },
   {
     path: "rust/src/model/llama.rs",
-    sha256: "ba4b1f8e03b01bda1c70a2f44b9f96d17782ddabdba39fc1a5d59444888458df",
+    sha256: "864408c70fbe3efc9e4a89955cf37f87024ce1f20625f9af161465bf06a81b21",
   },
   {
     path: "rust/src/model/lora.rs",
@@ -356,6 +360,6 @@ export const SOURCES: readonly { readonly path: string; readonly sha256: string 
   },
   {
     path: "rust/src/train.rs",
-    sha256: "573c81d8ae972fb822c2e40706717fad60034a5968c8ff61a980603aab6abd8e",
+    sha256: "6e83503e51d87bbaf1eca27d832d82109207c71cd177f8c059e4ad2308dfde95",
   },
 ];

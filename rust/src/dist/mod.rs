@@ -9,6 +9,7 @@
 pub mod grads;
 pub mod lowrank;
 pub mod mpi;
+pub mod overlap;
 
 use crate::error::{Error, Result};
 use mpi::{Dtype, Mpi, Request, MAX_COUNT};
