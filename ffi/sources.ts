@@ -10,7 +10,7 @@ export const PACKAGE_VERSION: string = "0.1.0";
 
 /** SHA-256 of the list below as `sha256sum` prints it; names the cached library. */
 export const SOURCES_DIGEST: string =
-  "f719adebd2ba6b7de8ae57bc41606d55ccfddc9c1b0a2460cf81ead07b40f733";
+  "3abc230786ba9bc58995c8fcbbd183d92cd7176b29643c19f103f3b009c0a776";
 
 /** Every file the build needs: path from the package root and SHA-256 of its bytes. */
 export const SOURCES: readonly { readonly path: string; readonly sha256: string }[] = [
@@ -144,7 +144,7 @@ export const SOURCES: readonly { readonly path: string; readonly sha256: string 
   },
   {
     path: "rust/src/config.rs",
-    sha256: "4100f8f1e3d6012217bb9854cb9b5ed70116171a71b5a4c816ba777aba6df010",
+    sha256: "a04c558167725cd0c8adf3445813cb18891dbfc3fef1f5e4261fb7abd6615058",
   },
   {
     path: "rust/src/config/model.rs",

@@ -227,8 +227,9 @@ export interface TrainOptions {
   /**
    * What the ranks of a data-parallel run (mpirun) all-reduce for the projected matrices:
    * `full` gradients, their rank-r projection (`lowrank`, exact without clipping; with
-   * clipping the norm is taken over what the optimizer consumes), or `auto` (lowrank when
-   * clipping is off, full when it is on). No effect in a one-process run.
+   * clipping the norm is taken over what the optimizer consumes; the fused step is turned
+   * off), or `auto` (lowrank in the global step when clipping is off; full otherwise, and
+   * always in the fused step). No effect in a one-process run.
    */
   dpComm: string;
   /** Output directory; undefined means `runs/<ISO timestamp>`, null writes no files. */
@@ -807,8 +808,9 @@ export const OPTION_DECLARATIONS = {
     section: RUN,
     help: "--dp-comm M           mpirun runs: what the ranks sum for projected matrices: full\n" +
       "                      gradients, or their rank-r projection (lowrank; exact without\n" +
-      "                      --clip, else the norm covers what the optimizer consumes); auto =\n" +
-      "                      lowrank without clipping, full with it; {choices} [{default}]",
+      "                      --clip, else the norm covers what the optimizer consumes; turns\n" +
+      "                      the fused step off); auto = lowrank in the global step without\n" +
+      "                      clipping, else full; {choices} [{default}]",
   },
   out: {
     flag: "--out",

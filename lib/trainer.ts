@@ -382,7 +382,9 @@ function commSummary(
   ) as Omit<CommBytes, "mode" | "steps">;
   return {
     requested,
-    used: to.mode,
+    // no step counted by category: the fused step ran, summing whole gradients as they
+    // complete (rust/src/dist/overlap.rs; its bytes are in allreduce_bytes_per_step)
+    used: steps > 0 ? to.mode : "full (fused step)",
     steps,
     bytes_per_step: per,
     full_allreduce_bytes_per_step: per.full_allreduce,
@@ -402,7 +404,8 @@ export interface Summary {
     allreduce_bytes_per_step: number;
     /**
      * The training steps' communication in this process: `--dp-comm` as given and as used
-     * (`full` or `lowrank`), and bytes per step by category (averaged over the steps, refresh
+     * (`full` or `lowrank` in the global step; `full (fused step)` when the fused step ran,
+     * whose bytes are not split by category), and bytes per step by category (averaged over the steps, refresh
      * steps included) next to what a full-gradient all-reduce of the same steps sends.
      */
     comm: {

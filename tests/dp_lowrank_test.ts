@@ -252,9 +252,12 @@ Deno.test("dp-comm lowrank: qgalore's INT8 codes stay identical on both ranks", 
   if (!bin) return;
   const dir = await Deno.makeTempDir({ prefix: "qgalore-dplr-q-" });
   try {
-    const opts = { ...GALORE, optimizer: "qgalore", batchSize: 2, dpComm: "lowrank" };
+    // qgalore steps inside the backward by default; lowrank turns that off (lib/dist.ts)
+    const { fused: _, ...rest } = GALORE;
+    const opts = { ...rest, optimizer: "qgalore", batchSize: 2, dpComm: "lowrank" };
     const r = await mpi(bin, opts, `${dir}/q`);
     assert.equal(r.code, 0, r.text);
+    assert.match(r.text, /fused step off \(--dp-comm lowrank/);
     const t = await sameOnBothRanks(`${dir}/q`);
     const int8 = [...t.values()].filter((x) => x.dtype === "I8" || x.dtype === "U8").length;
     assert.ok(int8 > 0, "no INT8 codes in the checkpoint");

@@ -132,7 +132,9 @@ impl Named for CosMode {
 /// `LowRank`, its rank-r projection R between projector refreshes (exact without clipping;
 /// with clipping the norm is taken over what the optimizer consumes); `Auto`, `LowRank`
 /// when clipping is off and `Full` when it is on. No effect in a one-process run, nor for an
-/// optimizer that projects nothing (it all-reduces whole gradients either way).
+/// optimizer that projects nothing (it all-reduces whole gradients either way). Only the
+/// global step sends R: the fused step (`dist::overlap`) sums whole gradients, and the front
+/// end turns it off for `lowrank` (lib/dist.ts).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DpComm {
     Auto,
