@@ -257,11 +257,12 @@ Deno.test("dp-comm lowrank: qgalore's INT8 codes stay identical on both ranks", 
     const opts = { ...rest, optimizer: "qgalore", batchSize: 2, dpComm: "lowrank" };
     const r = await mpi(bin, opts, `${dir}/q`);
     assert.equal(r.code, 0, r.text);
-    assert.match(r.text, /fused step off \(--dp-comm lowrank/);
     const t = await sameOnBothRanks(`${dir}/q`);
     const int8 = [...t.values()].filter((x) => x.dtype === "I8" || x.dtype === "U8").length;
     assert.ok(int8 > 0, "no INT8 codes in the checkpoint");
-    const c = summary(`${dir}/q`).data_parallel.comm;
+    const sq = summary(`${dir}/q`);
+    assert.equal(sq.fused, false, "lowrank did not turn the fused step off");
+    const c = sq.data_parallel.comm;
     assert.equal(c.used, "lowrank");
     const b = c.bytes_total;
     assert.ok(b.lowrank > 0 && b.refresh > 0 && b.total < b.full_allreduce, JSON.stringify(c));
@@ -290,6 +291,26 @@ Deno.test("dp-comm lowrank: an optimizer that projects nothing (adamw) sends who
     assert.equal(c.used, "full");
     assert.equal(c.bytes_total.unprojected, 2 * 4 * s.params);
     assert.equal(c.bytes_total.total, c.bytes_total.full_allreduce);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("dp-comm auto: the fused step stays fused and sums whole gradients", async () => {
+  const bin = mpirunOrSkip();
+  if (!bin) return;
+  const dir = await Deno.makeTempDir({ prefix: "qgalore-dplr-f-" });
+  try {
+    const { fused: _, ...rest } = GALORE;
+    const r = await mpi(bin, { ...rest, steps: 2, batchSize: 2 }, `${dir}/f`);
+    assert.equal(r.code, 0, r.text);
+    const s = summary(`${dir}/f`);
+    assert.equal(s.fused, true);
+    assert.equal(s.data_parallel.comm.used, "full (fused step)");
+    // (only the target count, summed through the same counter, is split out)
+    const b = s.data_parallel.comm.bytes_total;
+    assert.equal(b.lowrank + b.refresh + b.whole_projected + b.unprojected, 0);
+    assert.ok(s.data_parallel.allreduce_bytes_per_step > 4 * s.params);
   } finally {
     await Deno.remove(dir, { recursive: true });
   }
