@@ -10,7 +10,7 @@ export const PACKAGE_VERSION: string = "0.1.0";
 
 /** SHA-256 of the list below as `sha256sum` prints it; names the cached library. */
 export const SOURCES_DIGEST: string =
-  "56d2232107868151d248fcc29775d719e49b95901637a3edfa2742411b0609b0";
+  "d491cdfb284043dd6763de5834ee2acb69d94a44e6de2965ab046ad16459fb97";
 
 /** Every file the build needs: path from the package root and SHA-256 of its bytes. */
 export const SOURCES: readonly { readonly path: string; readonly sha256: string }[] = [
@@ -148,7 +148,7 @@ export const SOURCES: readonly { readonly path: string; readonly sha256: string 
   },
   {
     path: "rust/src/config.rs",
-    sha256: "8a4c2c49ae31251f2754f8d6d368abba1e2f57bb5a0e021ed6da82a83b80601b",
+    sha256: "a04c558167725cd0c8adf3445813cb18891dbfc3fef1f5e4261fb7abd6615058",
   },
   {
     path: "rust/src/config/model.rs",
@@ -188,11 +188,15 @@ export const SOURCES: readonly { readonly path: string; readonly sha256: string 
   },
   {
     path: "rust/src/dist/grads.rs",
-    sha256: "2e4c3c2e6657f541c2fd8319932f24e707a90f698623cda3729d41affb92c71f",
+    sha256: "eb63ce97e2c0e448ce4b01ab75523951d22506d85961e6b76c5cf20c6c781fe0",
+  },
+  {
+    path: "rust/src/dist/lowrank.rs",
+    sha256: "d710cc728cb6966c2d3b60a17325de2eb53dab6c064418a997d2d580c2ec3b45",
   },
   {
     path: "rust/src/dist/mod.rs",
-    sha256: "54cec3d8917f540f6af7f50ee320aa97c38f4a1abe765c47e3a305bc2717bb62",
+    sha256: "f9aefdba7ff5073d15ffeea95169c1768571db685e4f18952228da3ded818eb0",
   },
   {
     path: "rust/src/dist/mpi.rs",
@@ -244,7 +248,7 @@ export const SOURCES: readonly { readonly path: string; readonly sha256: string 
   },
   {
     path: "rust/src/host/linalg.rs",
-    sha256: "a8ebbc58e4e8d1e51e4a0d692d9f4facfadbd94ad421af7324334a5a42d6b0f0",
+    sha256: "4b13e40ab4921a639cdcb6e434d515334285888b5b817f0412ed07a7396a4343",
   },
   {
     path: "rust/src/host/matmul.rs",
@@ -304,7 +308,7 @@ export const SOURCES: readonly { readonly path: string; readonly sha256: string 
   },
   {
     path: "rust/src/optim/galore.rs",
-    sha256: "566bd7a2974ef9ab0c40a17378c9f99a7d5bbfabd76fd9113e88fddaf12cbcde",
+    sha256: "1acbd2d6b18c1bbf15aca96ea2251fcc3c9c00518ca6cda19190d2cf34dd9c7a",
   },
   {
     path: "rust/src/optim/lazy.rs",
@@ -312,7 +316,7 @@ export const SOURCES: readonly { readonly path: string; readonly sha256: string 
   },
   {
     path: "rust/src/optim/mod.rs",
-    sha256: "a7ea311b4b11f49081a9f1cbed627f0ae837126aa4cac475e82bad0de69a66c6",
+    sha256: "da89feb2a9fed72abe8701673dfcde9177c4086e69030161cc5213758b8ebcb8",
   },
   {
     path: "rust/src/plan.rs",
@@ -344,7 +348,7 @@ export const SOURCES: readonly { readonly path: string; readonly sha256: string 
   },
   {
     path: "rust/src/state/meta.rs",
-    sha256: "a9f20b46341ba858562572e171557272206e3f50c261937979fe10f531b5865c",
+    sha256: "ab1d2203ad2b4652d8bca89422eb6fd63f80b256a72a7a1d88e14929575f30b4",
   },
   {
     path: "rust/src/state/mod.rs",
@@ -364,6 +368,6 @@ export const SOURCES: readonly { readonly path: string; readonly sha256: string 
   },
   {
     path: "rust/src/train.rs",
-    sha256: "d60c432763204c7265028f16077a548b038b80db1273c2efc388e2a76baf378c",
+    sha256: "b7f006bb781e56689a23148552a3ede9056e8acbedd8a0288df4f05f5c041a29",
   },
 ];

@@ -258,17 +258,31 @@ impl<B: Backend> Engine<B> {
             return self.fused_step(tokens, mask, lr);
         }
         let (loss, count) = self.loss_and_grads_masked(tokens, mask, micro)?;
+        let clip = self.cfg.optimizer.clip as f64;
+        if crate::dist::lowrank::low_rank_step(&self.cfg.optimizer) {
+            // data-parallel with low-rank communication (dist::lowrank): the ranks sum the
+            // projected matrices' R between refreshes, whole gradients otherwise
+            let t0 = Instant::now();
+            let m = &mut self.model;
+            let train: Vec<usize> = (0..m.params.len()).filter(|&i| m.trainable(i)).collect();
+            let s = crate::dist::lowrank::step(&self.be, m, &mut self.grads, self.opt.as_mut(), &train, loss, lr, |n| clip_scale(n, clip))?;
+            self.be.sync()?;
+            self.timing[2] += t0.elapsed().as_secs_f64();
+            self.note_device_peak();
+            return Ok(StepStats { loss: s.loss, grad_norm: s.norm, clipped: s.clipped, count });
+        }
         // data-parallel: sum the ranks' gradients (each scaled by 1 / global count) and losses
-        let loss = {
+        let loss = if crate::dist::size() > 1 {
             let m = &self.model;
             let train: Vec<usize> = (0..m.params.len()).filter(|&i| m.trainable(i)).collect();
-            crate::dist::grads::reduce_step(&self.be, &mut self.grads, &train, |i| m.params[i].numel(), loss)?
+            crate::dist::lowrank::full_reduce(&self.be, m, &mut self.grads, self.opt.as_ref(), &train, loss)?
+        } else {
+            loss
         };
         let t0 = Instant::now();
         let mut st = StepStats { loss, count, ..Default::default() };
         let be = &self.be;
         let (model, grads, opt) = (&mut self.model, &mut self.grads, &mut self.opt);
-        let clip = self.cfg.optimizer.clip as f64;
         (|| -> Result<()> {
             // frozen parameters (a LoRA model's base, frozen tables) have no gradient: norm,
             // clipping and updates cover the trained ones
