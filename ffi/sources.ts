@@ -10,7 +10,7 @@ export const PACKAGE_VERSION: string = "0.1.0";
 
 /** SHA-256 of the list below as `sha256sum` prints it; names the cached library. */
 export const SOURCES_DIGEST: string =
-  "d491cdfb284043dd6763de5834ee2acb69d94a44e6de2965ab046ad16459fb97";
+  "049bf171f44e4effa7c31b9a17f3b3ed9f797870f69e6a04c755ab6620eb7a60";
 
 /** Every file the build needs: path from the package root and SHA-256 of its bytes. */
 export const SOURCES: readonly { readonly path: string; readonly sha256: string }[] = [
@@ -192,7 +192,7 @@ export const SOURCES: readonly { readonly path: string; readonly sha256: string 
   },
   {
     path: "rust/src/dist/lowrank.rs",
-    sha256: "d710cc728cb6966c2d3b60a17325de2eb53dab6c064418a997d2d580c2ec3b45",
+    sha256: "576daf71533da0a6cfd0d166e3d761be15cd8ec81c957b0249fabd3789cf300b",
   },
   {
     path: "rust/src/dist/mod.rs",

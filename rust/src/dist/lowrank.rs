@@ -126,7 +126,7 @@ fn sum_buf<B: Backend>(be: &B, b: &mut B::Buf, n: usize, c: Cat) -> Result<()> {
 }
 
 /// Sums the loss and the `train` tensors' gradients over the ranks whole, in place (the
-/// full mode, `grads::reduce_step`); returns the global mean loss.
+/// full mode); returns the global mean loss.
 pub fn full_reduce<B: Backend>(be: &B, model: &Llama<B>, grads: &mut Grads<B>, opt: &dyn Optimizer<B>, train: &[usize], loss: f64) -> Result<f64> {
     let mut l = [loss];
     allreduce_sum(&mut l)?;
