@@ -7,7 +7,10 @@
 //! lock of `WORLD`); the engine's rayon workers never call it.
 
 pub mod grads;
+pub mod lowrank;
 pub mod mpi;
+pub mod nccl;
+pub mod overlap;
 
 use crate::error::{Error, Result};
 use mpi::{Dtype, Mpi, Request, MAX_COUNT};
@@ -68,6 +71,8 @@ pub struct Info {
     pub allreduce_bytes: u64,
     /// Sum all-reduces started so far (blocking and non-blocking, each piece counted).
     pub allreduce_calls: u64,
+    /// What the data-parallel steps sent, by category (`lowrank::CommBytes`).
+    pub comm: lowrank::CommBytes,
 }
 
 static ALLREDUCE_BYTES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
@@ -105,6 +110,7 @@ impl World {
             finalized: self.finalized,
             allreduce_bytes: ALLREDUCE_BYTES.load(std::sync::atomic::Ordering::Relaxed),
             allreduce_calls: ALLREDUCE_CALLS.load(std::sync::atomic::Ordering::Relaxed),
+            comm: lowrank::report(),
         }
     }
 

@@ -35,9 +35,10 @@ const TRAJECTORY: &[&str] = &["model", "optimizer", "seed", "batch_size", "seq_l
 
 /// Optimizer options a resume does not compare: `fused` (the per-layer fused step is
 /// bit-identical to the global one, tests/galore.rs i12, and its default follows
-/// grad_accum) and `clip_mode` (every clip mode gives the same numbers, rust/tests/clip_mode.rs;
-/// checkpoints written before it existed lack it).
-const NOT_TRAJECTORY: &[&str] = &["fused", "clip_mode"];
+/// grad_accum), `clip_mode` (every clip mode gives the same numbers, rust/tests/clip_mode.rs)
+/// and `dp_comm` (what the ranks of a data-parallel run send); checkpoints written before
+/// either existed lack them.
+const NOT_TRAJECTORY: &[&str] = &["fused", "clip_mode", "dp_comm"];
 
 /// The optimizer options a weights-only load compares: those that decide the state's
 /// layout (which tensors, their shapes and storage) — not the update's hyperparameters.
