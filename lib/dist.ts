@@ -98,12 +98,20 @@ export interface DataParallel<O> {
  * writes metrics and checkpoints; every rank resumes from them).
  */
 export async function dataParallel<
-  O extends { fused: boolean; quiet?: boolean; out?: string | null; batchSize: number },
+  O extends {
+    fused: boolean;
+    quiet?: boolean;
+    out?: string | null;
+    export?: string | null;
+    batchSize: number;
+  },
 >(opts: O): Promise<DataParallel<O>> {
   const info = startDist();
   if (info.size <= 1) return { opts, rank: 0, size: 1, notice: null };
   const { out: _out, ...compared } = opts;
   await checkSameOptions(compared);
+  // rank 0 alone writes the `--export` too (every rank holds the same weights)
+  if (info.rank !== 0 && opts.export !== undefined) opts = { ...opts, export: null };
   const notice = `data-parallel: ${info.size} ranks × batch ${opts.batchSize} = global batch ` +
     `${info.size * opts.batchSize} (${info.backend}${info.version ? `, ${info.version}` : ""})` +
     (opts.fused ? "; fused step off (its updates do not all-reduce yet)" : "");
