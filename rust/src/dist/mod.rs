@@ -223,6 +223,14 @@ impl World {
             Err(e) => self.die(m, &format!("{op} of {} could not start: {}", human_bytes(bytes), e.msg)),
         }
     }
+
+    /// The MPI to run a collective on: None for a one-rank world.
+    fn comm(&self) -> Result<Option<&Mpi>> {
+        if self.finalized {
+            return Err(Error::invalid("distributed run already finalized: no collective may run after qg_dist_finalize"));
+        }
+        Ok(self.mpi.as_ref().filter(|_| self.size > 1))
+    }
 }
 
 /// `12 B`, `4.0 KiB`, `1.5 MiB`, `2.0 GiB`.
@@ -245,15 +253,6 @@ fn fmt_secs(s: f64) -> String {
         format!("{s:.0}")
     } else {
         format!("{s}")
-    }
-}
-
-    /// The MPI to run a collective on: None for a one-rank world.
-    fn comm(&self) -> Result<Option<&Mpi>> {
-        if self.finalized {
-            return Err(Error::invalid("distributed run already finalized: no collective may run after qg_dist_finalize"));
-        }
-        Ok(self.mpi.as_ref().filter(|_| self.size > 1))
     }
 }
 
