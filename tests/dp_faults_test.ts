@@ -167,7 +167,11 @@ Deno.test("data parallel: a killed rank ends the job; the re-launch resumes from
     const cut = metrics(`${dir}/cut`);
     const steps = cut.filter((l) => l[0] === "step").length;
     assert.ok(steps >= 2 && steps <= 4, `${steps} updates logged before the kill`);
-    const resumed = await launch(bin, { resume: `${dir}/cut/run`, steps: opts.steps }, `${dir}/cut`);
+    const resumed = await launch(
+      bin,
+      { resume: `${dir}/cut/run`, steps: opts.steps },
+      `${dir}/cut`,
+    );
     assert.equal(resumed.code, 0, resumed.text);
     assert.match(resumed.text, /DP-FAULT-CHILD-OK 0/);
     assert.match(resumed.text, /DP-FAULT-CHILD-OK 1/);
@@ -180,7 +184,13 @@ Deno.test("data parallel: a killed rank ends the job; the re-launch resumes from
 
 Deno.test("data parallel: a bad QGALORE_DIST_TIMEOUT is one line naming what is allowed", async () => {
   const out = await new Deno.Command(Deno.execPath(), {
-    args: ["run", "-A", new URL("../examples/pretrain.ts", import.meta.url).pathname, "--steps", "1"],
+    args: [
+      "run",
+      "-A",
+      new URL("../examples/pretrain.ts", import.meta.url).pathname,
+      "--steps",
+      "1",
+    ],
     env: { QGALORE_DIST_TIMEOUT: "0.1" },
     stdout: "piped",
     stderr: "piped",
