@@ -6,6 +6,7 @@
 import assert from "node:assert/strict";
 import { join } from "node:path";
 import { Rng } from "../lib/rng.ts";
+import { rankSlice } from "../lib/finetune.ts";
 import { MPIRUN_ENV, MPIRUN_FLAGS, mpirunOrSkip } from "./mpi_run.ts";
 
 const MODEL = new URL("./fixtures/hf/gqa-tied-theta5e5", import.meta.url).pathname;
@@ -51,6 +52,38 @@ function metrics(dir: string): Line[] {
     JSON.parse(l)
   );
 }
+
+Deno.test("rankSlice: each rank's rows of every micro-batch; the counts add up to the batch's", () => {
+  // 2 micro-batches × (3 ranks × 2 rows) of t + 1 = 4 tokens; token = 100·row + position
+  const micro = 2, ranks = 3, batch = 2, w = 4, rows = micro * ranks * batch;
+  const tokens = Int32Array.from({ length: rows * w }, (_, i) => 100 * Math.floor(i / w) + i % w);
+  // row r counts its last (r % 3) targets (position 0 never counts)
+  const mask = Uint8Array.from({ length: rows * w }, (_, i) => {
+    const r = Math.floor(i / w), j = i % w;
+    return j > 0 && j >= w - (r % 3) ? 1 : 0;
+  });
+  let all = 0;
+  for (let i = 0; i < rows * w; i++) if (i % w !== 0) all += mask[i];
+  const global = { tokens, mask, t: w - 1, count: all };
+  let sum = 0;
+  for (let r = 0; r < ranks; r++) {
+    const s = rankSlice(global, micro, batch, r, ranks);
+    assert.equal(s.t, 3);
+    assert.equal(s.tokens.length, micro * batch * w);
+    // micro-batch m, row k of rank r is global row m·(ranks·batch) + r·batch + k
+    const want = [0, 1].flatMap((m) =>
+      [0, 1].map((k) => 100 * (m * ranks * batch + r * batch + k))
+    );
+    assert.deepEqual(Array.from({ length: micro * batch }, (_, i) => s.tokens[i * w]), want);
+    assert.deepEqual(
+      Array.from({ length: micro * batch }, (_, i) => s.mask.subarray(i * w, i * w + w).join("")),
+      want.map((g) => mask.subarray((g / 100) * w, (g / 100) * w + w).join("")),
+    );
+    sum += s.count;
+  }
+  assert.equal(sum, all);
+  assert.equal(all, 4 * (0 + 1 + 2)); // 12 rows, each count r % 3
+});
 
 Deno.test({
   name: "data parallel fine-tuning: 2 ranks × batch 2 = 1 process × batch 4 (lora), resume",

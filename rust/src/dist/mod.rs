@@ -181,6 +181,7 @@ impl World {
     /// complete, yielding the processor in between (short waits), then sleeping 0.5 ms (long
     /// ones: a rank saving a checkpoint). Past the deadline, or when MPI fails, ends the job.
     fn wait_all(&self, m: &Mpi, reqs: &mut Vec<Request>, op: &str, bytes: usize) {
+        let op = &what_op(op, bytes);
         let limit = timeout();
         let start = Instant::now();
         while !reqs.is_empty() {
@@ -191,7 +192,7 @@ impl World {
                         reqs.swap_remove(i);
                     }
                     Ok(false) => i += 1,
-                    Err(e) => self.die(m, &format!("{} of {} failed: {} (another rank may have died)", op, human_bytes(bytes), e.msg)),
+                    Err(e) => self.die(m, &format!("{op} failed: {} (another rank may have died)", e.msg)),
                 }
             }
             if reqs.is_empty() {
@@ -202,8 +203,7 @@ impl World {
                 self.die(
                     m,
                     &format!(
-                        "{op} of {} did not complete within {} s ({TIMEOUT_ENV}): another rank is hung or dead",
-                        human_bytes(bytes),
+                        "{op} did not complete within {} s ({TIMEOUT_ENV}): another rank is hung or dead",
                         fmt_secs(limit.as_secs_f64())
                     ),
                 );
@@ -220,7 +220,7 @@ impl World {
     fn started(&self, m: &Mpi, op: &str, bytes: usize, start: Result<Request>) -> Request {
         match start {
             Ok(r) => r,
-            Err(e) => self.die(m, &format!("{op} of {} could not start: {}", human_bytes(bytes), e.msg)),
+            Err(e) => self.die(m, &format!("{} could not start: {}", what_op(op, bytes), e.msg)),
         }
     }
 
@@ -230,6 +230,15 @@ impl World {
             return Err(Error::invalid("distributed run already finalized: no collective may run after qg_dist_finalize"));
         }
         Ok(self.mpi.as_ref().filter(|_| self.size > 1))
+    }
+}
+
+/// The operation as the line that ends a job names it: `MPI_Allreduce of 4.0 KiB`, `MPI_Barrier`.
+fn what_op(op: &str, bytes: usize) -> String {
+    if op == "MPI_Barrier" {
+        op.to_string()
+    } else {
+        format!("{op} of {}", human_bytes(bytes))
     }
 }
 
@@ -572,6 +581,8 @@ mod tests {
         assert_eq!(human_bytes(3 << 20), "3.0 MiB");
         assert_eq!(fmt_secs(600.0), "600");
         assert_eq!(fmt_secs(2.5), "2.5");
+        assert_eq!(what_op("MPI_Bcast", 5), "MPI_Bcast of 5 B");
+        assert_eq!(what_op("MPI_Barrier", 0), "MPI_Barrier");
     }
 
     #[test]
