@@ -28,7 +28,8 @@ fn rank_body(op: &str) -> Result<(), String> {
     let mut b = [7u8; 5];
     match op {
         "allreduce" => dist::allreduce_sum(&mut v).map_err(|e| e.msg)?,
-        "bcast" => dist::bcast(&mut b, 0).map_err(|e| e.msg)?,
+        // from rank 1: a root sends a small broadcast without waiting for anyone
+        "bcast" => dist::bcast(&mut b, 1).map_err(|e| e.msg)?,
         "barrier" => dist::barrier().map_err(|e| e.msg)?,
         "iallreduce" => {
             let mut w = [1.0f32; 3];
