@@ -133,6 +133,34 @@ Deno.test("data parallel: a hung rank ends the job with one line on the other wi
   }
 });
 
+Deno.test("data parallel: a rank that fails alone ends the job: its line, then the other's within the timeout", async () => {
+  const bin = mpirunOrSkip();
+  if (!bin) return;
+  const dir = await Deno.makeTempDir({ prefix: "qgalore-dp-throw-" });
+  try {
+    const timeout = 8;
+    const r = await launch(
+      bin,
+      { ...BASE, fault: "throw", faultAt: 2, faultRank: 1 },
+      dir,
+      { QGALORE_DIST_TIMEOUT: String(timeout) },
+    );
+    assert.notEqual(r.code, 0, r.text);
+    assert.ok(r.markerAt !== null, r.text);
+    const waited = r.endAt - r.markerAt!;
+    assert.ok(waited <= timeout + 30, `ended ${waited.toFixed(1)} s after the failure:\n${r.text}`);
+    const { errors, traces } = ours(r.text);
+    assert.deepEqual(errors.sort(), [
+      "error: rank 0 of 2: MPI_Allreduce of 8 B did not complete within 8 s (QGALORE_DIST_TIMEOUT): " +
+      "another rank is hung or dead; ending the job",
+      "error: rank 1 failed alone",
+    ], r.text);
+    assert.deepEqual(traces, [], r.text);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
 Deno.test("data parallel: a killed rank ends the job; the re-launch resumes from the last checkpoint", async () => {
   const bin = mpirunOrSkip();
   if (!bin) return;
@@ -165,6 +193,13 @@ Deno.test("data parallel: a killed rank ends the job; the re-launch resumes from
           .map((l) => l.trim()).join(" / ")
       }`,
     );
+    // no rank outlives the job (a survivor would hold the run's lock against the re-launch)
+    const pids = [...killed.text.matchAll(/DP-RANK (\d) pid (\d+)/g)].map((m) => Number(m[2]));
+    assert.equal(pids.length, 2, killed.text);
+    for (let i = 0; i < 50 && pids.some(alive); i++) {
+      await new Promise((ok) => setTimeout(ok, 100));
+    }
+    assert.deepEqual(pids.filter(alive), [], `ranks alive after the job ended:\n${killed.text}`);
     const cut = metrics(`${dir}/cut`);
     const steps = cut.filter((l) => l[0] === "step").length;
     assert.ok(steps >= 2 && steps <= 4, `${steps} updates logged before the kill`);

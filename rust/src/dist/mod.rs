@@ -139,9 +139,24 @@ struct World {
     size: usize,
     launcher: Option<&'static str>,
     finalized: bool,
+    /// The parent process when MPI started (the launcher's daemon: `mpirun`, `orted`,
+    /// `slurmstepd`); 0 when unknown.
+    parent: u32,
 }
 
-static WORLD: Mutex<World> = Mutex::new(World { mpi: None, rank: 0, size: 1, launcher: None, finalized: false });
+static WORLD: Mutex<World> = Mutex::new(World { mpi: None, rank: 0, size: 1, launcher: None, finalized: false, parent: 0 });
+
+/// This process's parent (0 where there is no such notion).
+fn parent_pid() -> u32 {
+    #[cfg(unix)]
+    {
+        std::os::unix::process::parent_id()
+    }
+    #[cfg(not(unix))]
+    {
+        0
+    }
+}
 
 fn world() -> std::sync::MutexGuard<'static, World> {
     WORLD.lock().unwrap_or_else(|e| e.into_inner())
@@ -166,15 +181,19 @@ impl World {
     /// Ends the job after a collective that cannot complete: one line on stderr naming
     /// this rank and what failed, then `MPI_Abort` (every rank of the job ends).
     fn die(&self, m: &Mpi, what: &str) -> ! {
-        use std::io::Write;
-        let line = format!("error: rank {} of {}: {what}; ending the job", self.rank, self.size);
-        let mut err = std::io::stderr().lock();
-        let _ = writeln!(err, "{}", line.replace('\n', " "));
-        let _ = err.flush();
-        drop(err);
+        self.say(&format!("{what}; ending the job"));
         m.abort(1);
         // MPI_Abort does not return; should it, the process still ends
         std::process::exit(1)
+    }
+
+    /// One line on stderr naming this rank.
+    fn say(&self, what: &str) {
+        use std::io::Write;
+        let line = format!("error: rank {} of {}: {what}", self.rank, self.size);
+        let mut err = std::io::stderr().lock();
+        let _ = writeln!(err, "{}", line.replace('\n', " "));
+        let _ = err.flush();
     }
 
     /// Waits for `reqs` (started by `op`, `bytes` long in all): polls them until they
@@ -211,6 +230,12 @@ impl World {
             if waited < Duration::from_millis(50) {
                 std::thread::yield_now();
             } else {
+                // the launcher gone (the job torn down while this rank waited, e.g. after
+                // another rank was killed): nobody is left to abort through, so end alone
+                if self.parent > 1 && parent_pid() != self.parent {
+                    self.say(&format!("{op} abandoned: the launcher that started this rank (process {}) has ended; ending this rank", self.parent));
+                    std::process::exit(1);
+                }
                 std::thread::sleep(Duration::from_micros(500));
             }
         }
@@ -329,6 +354,7 @@ pub fn init(mode: Mode) -> Result<Info> {
     w.rank = rank;
     w.size = size;
     w.mpi = Some(mpi);
+    w.parent = if env.is_some() { parent_pid() } else { 0 };
     Ok(w.info())
 }
 
