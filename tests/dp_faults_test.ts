@@ -218,6 +218,61 @@ Deno.test("data parallel: a killed rank ends the job; the re-launch resumes from
   }
 });
 
+Deno.test("data parallel: a rank waiting when its launcher dies ends itself at once", async () => {
+  const bin = mpirunOrSkip();
+  if (!bin) return;
+  const dir = await Deno.makeTempDir({ prefix: "qgalore-dp-orphan-" });
+  // rank 1 hangs; rank 0 waits (the default 600 s timeout); then mpirun itself is killed
+  const p = new Deno.Command(bin, {
+    args: [
+      ...MPIRUN_FLAGS,
+      Deno.execPath(),
+      "run",
+      "-A",
+      CHILD,
+      JSON.stringify({ ...BASE, fault: "hang", faultAt: 2, faultRank: 1 }),
+      dir,
+    ],
+    env: MPIRUN_ENV,
+    stdout: "piped",
+    stderr: "null",
+  }).spawn();
+  let text = "";
+  const reading = (async () => {
+    for await (const chunk of p.stdout) text += dec.decode(chunk, { stream: true });
+  })().catch(() => {});
+  const pids = () => [...text.matchAll(/DP-RANK (\d) pid (\d+)/g)].map((m) => Number(m[2]));
+  try {
+    for (let i = 0; i < 1200 && !text.includes("DP-FAULT "); i++) {
+      await new Promise((ok) => setTimeout(ok, 100));
+    }
+    assert.match(text, /DP-FAULT hang rank 1/, text);
+    assert.equal(pids().length, 2, text);
+    // rank 0 is now waiting in its next collective
+    await new Promise((ok) => setTimeout(ok, 1500));
+    const [r0] = pids();
+    assert.ok(alive(r0), "rank 0 ended before its launcher");
+    p.kill("SIGKILL");
+    await p.status;
+    const t0 = performance.now();
+    while (alive(r0) && performance.now() - t0 < 10_000) {
+      await new Promise((ok) => setTimeout(ok, 50));
+    }
+    const took = (performance.now() - t0) / 1000;
+    assert.ok(!alive(r0), `rank 0 (pid ${r0}) still waits ${took.toFixed(1)} s after mpirun died`);
+  } finally {
+    for (const pid of pids()) {
+      try {
+        Deno.kill(pid, "SIGKILL"); // the stopped rank 1 (and anything left)
+      } catch {
+        // gone
+      }
+    }
+    await reading;
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
 Deno.test("data parallel: a bad QGALORE_DIST_TIMEOUT is one line naming what is allowed", async () => {
   const out = await new Deno.Command(Deno.execPath(), {
     args: [
