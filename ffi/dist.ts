@@ -31,6 +31,30 @@ export interface DistInfo {
    * past it the rank prints one line naming the operation and ends the job.
    */
   timeout_s: number;
+  /** What the data-parallel training steps sent so far, by category (bytes). */
+  comm: CommBytes;
+}
+
+/** Bytes the data-parallel training steps sent (`rust/src/dist/lowrank.rs`). */
+export interface CommBytes {
+  /** The last step's mode: `full`, `lowrank`, or `none` before any step. */
+  mode: "full" | "lowrank" | "none";
+  /** Data-parallel steps counted. */
+  steps: number;
+  /** Rank-r projections R of projected matrices (low-rank steps). */
+  lowrank: number;
+  /** Whole gradients of projected matrices whose projector refreshed (low-rank steps). */
+  refresh: number;
+  /** Whole gradients of projected matrices in full steps. */
+  whole_projected: number;
+  /** Whole gradients of unprojected tensors. */
+  unprojected: number;
+  /** The steps' scalars (global target count, loss). */
+  scalars: number;
+  /** Sum of the categories. */
+  total: number;
+  /** What a full-gradient all-reduce of the same steps sends. */
+  full_allreduce: number;
 }
 
 /** Error of a collective; the message is one line. */

@@ -10,7 +10,7 @@ export const PACKAGE_VERSION: string = "0.1.0";
 
 /** SHA-256 of the list below as `sha256sum` prints it; names the cached library. */
 export const SOURCES_DIGEST: string =
-  "f54ab93bc405c55655f6abed12e2ec72548bdf4e69b89931e42dc46743b4751f";
+  "049bf171f44e4effa7c31b9a17f3b3ed9f797870f69e6a04c755ab6620eb7a60";
 
 /** Every file the build needs: path from the package root and SHA-256 of its bytes. */
 export const SOURCES: readonly { readonly path: string; readonly sha256: string }[] = [
@@ -20,7 +20,7 @@ export const SOURCES: readonly { readonly path: string; readonly sha256: string 
   },
   {
     path: "rust/Cargo.toml",
-    sha256: "b595ab711fee003a2fafb7f7684f6e25ecb6d9859dc33fd165db020424f6c32e",
+    sha256: "d0b07ef48bc1215198d9c5a61906e98d294831e4d647e08c987f989ced66505b",
   },
   {
     path: "rust/kernels/linalg.cu",
@@ -72,7 +72,11 @@ export const SOURCES: readonly { readonly path: string; readonly sha256: string 
   },
   {
     path: "rust/src/backend/cuda/device.rs",
-    sha256: "7597115457206145a51810928efbee2d90c981195f319bf9ca8bf91eae4ec257",
+    sha256: "b703edcc37bb346cd4da20e9187678ff651175a3a77997d9f85bff20431efe12",
+  },
+  {
+    path: "rust/src/backend/cuda/device/dist.rs",
+    sha256: "e9b3852818d48fe7c6c1e6bafe92ce91fc7ccca2698e82d31f306dea7244dba4",
   },
   {
     path: "rust/src/backend/cuda/device/gemm.rs",
@@ -132,7 +136,7 @@ export const SOURCES: readonly { readonly path: string; readonly sha256: string 
   },
   {
     path: "rust/src/backend/mod.rs",
-    sha256: "a985d223f33766b15c8051984c246a8702703bb26c847f2eabb18bd7d172f3cd",
+    sha256: "3c0d04d6e52b680099d99f7fa6dcc0286de23ba8548c053c68cbaa6d5d2243d3",
   },
   {
     path: "rust/src/backend/optimizers.rs",
@@ -144,7 +148,7 @@ export const SOURCES: readonly { readonly path: string; readonly sha256: string 
   },
   {
     path: "rust/src/config.rs",
-    sha256: "8a4c2c49ae31251f2754f8d6d368abba1e2f57bb5a0e021ed6da82a83b80601b",
+    sha256: "a04c558167725cd0c8adf3445813cb18891dbfc3fef1f5e4261fb7abd6615058",
   },
   {
     path: "rust/src/config/model.rs",
@@ -184,15 +188,27 @@ export const SOURCES: readonly { readonly path: string; readonly sha256: string 
   },
   {
     path: "rust/src/dist/grads.rs",
-    sha256: "f9278399a62c5f5498132f9ef092c313acea4a0054d4a2fb1b049c2f6549e354",
+    sha256: "eb63ce97e2c0e448ce4b01ab75523951d22506d85961e6b76c5cf20c6c781fe0",
+  },
+  {
+    path: "rust/src/dist/lowrank.rs",
+    sha256: "576daf71533da0a6cfd0d166e3d761be15cd8ec81c957b0249fabd3789cf300b",
   },
   {
     path: "rust/src/dist/mod.rs",
-    sha256: "57202a7184ec28baf023f25672ea5cb0012415a0799a34e59f65c4185864c58d",
+    sha256: "f9aefdba7ff5073d15ffeea95169c1768571db685e4f18952228da3ded818eb0",
   },
   {
     path: "rust/src/dist/mpi.rs",
-    sha256: "4c9604f9867c42218e540ace736b3bc8fa7b795eeca3babe0ec7c148a35f3e04",
+    sha256: "179b45bb71303c51154ef910b13acfa8725fa06b6d192e8d2c9581a0a69f50d5",
+  },
+  {
+    path: "rust/src/dist/nccl.rs",
+    sha256: "d04947086772fca9c6c4895fc28afaaf69c240f1ab08ad5a85969214dcebfc42",
+  },
+  {
+    path: "rust/src/dist/overlap.rs",
+    sha256: "644a8be1008f55938dddb446f08440a158a1320b6ec18f44ace458b99dc6b404",
   },
   {
     path: "rust/src/error.rs",
@@ -232,7 +248,7 @@ export const SOURCES: readonly { readonly path: string; readonly sha256: string 
   },
   {
     path: "rust/src/host/linalg.rs",
-    sha256: "a8ebbc58e4e8d1e51e4a0d692d9f4facfadbd94ad421af7324334a5a42d6b0f0",
+    sha256: "4b13e40ab4921a639cdcb6e434d515334285888b5b817f0412ed07a7396a4343",
   },
   {
     path: "rust/src/host/matmul.rs",
@@ -272,7 +288,7 @@ export const SOURCES: readonly { readonly path: string; readonly sha256: string 
   },
   {
     path: "rust/src/model/llama.rs",
-    sha256: "ba4b1f8e03b01bda1c70a2f44b9f96d17782ddabdba39fc1a5d59444888458df",
+    sha256: "864408c70fbe3efc9e4a89955cf37f87024ce1f20625f9af161465bf06a81b21",
   },
   {
     path: "rust/src/model/lora.rs",
@@ -292,7 +308,7 @@ export const SOURCES: readonly { readonly path: string; readonly sha256: string 
   },
   {
     path: "rust/src/optim/galore.rs",
-    sha256: "566bd7a2974ef9ab0c40a17378c9f99a7d5bbfabd76fd9113e88fddaf12cbcde",
+    sha256: "1acbd2d6b18c1bbf15aca96ea2251fcc3c9c00518ca6cda19190d2cf34dd9c7a",
   },
   {
     path: "rust/src/optim/lazy.rs",
@@ -300,7 +316,7 @@ export const SOURCES: readonly { readonly path: string; readonly sha256: string 
   },
   {
     path: "rust/src/optim/mod.rs",
-    sha256: "a7ea311b4b11f49081a9f1cbed627f0ae837126aa4cac475e82bad0de69a66c6",
+    sha256: "da89feb2a9fed72abe8701673dfcde9177c4086e69030161cc5213758b8ebcb8",
   },
   {
     path: "rust/src/plan.rs",
@@ -332,7 +348,7 @@ export const SOURCES: readonly { readonly path: string; readonly sha256: string 
   },
   {
     path: "rust/src/state/meta.rs",
-    sha256: "a9f20b46341ba858562572e171557272206e3f50c261937979fe10f531b5865c",
+    sha256: "ab1d2203ad2b4652d8bca89422eb6fd63f80b256a72a7a1d88e14929575f30b4",
   },
   {
     path: "rust/src/state/mod.rs",
@@ -352,6 +368,6 @@ export const SOURCES: readonly { readonly path: string; readonly sha256: string 
   },
   {
     path: "rust/src/train.rs",
-    sha256: "a6e27a748d0ac67780fec6e604c859290a7774b1911e1624e670b8fb764f4ddf",
+    sha256: "b7f006bb781e56689a23148552a3ede9056e8acbedd8a0288df4f05f5c041a29",
   },
 ];

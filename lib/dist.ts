@@ -9,13 +9,14 @@ import {
   barrier,
   broadcast,
   checkSame,
+  type CommBytes,
   distFinalize,
   type DistInfo,
   distInfo,
   distInit,
 } from "../ffi/dist.ts";
 
-export { allreduceSum, barrier, broadcast, type DistInfo };
+export { allreduceSum, barrier, broadcast, type CommBytes, type DistInfo };
 
 let finalizeRegistered = false;
 
@@ -93,17 +94,21 @@ export interface DataParallel<O> {
 /**
  * Joins the job a training run belongs to. In a one-process run nothing changes. With N > 1
  * ranks: every rank must have resolved the same options (their hash is compared; `out` is
- * left out, as its default names the start time), the per-layer fused step is turned off (its
- * updates do not all-reduce yet), and ranks other than 0 run quiet (rank 0 alone prints,
- * writes metrics and checkpoints; every rank resumes from them).
+ * left out, as its default names the start time), and ranks other than 0 run quiet (rank 0
+ * alone prints, writes metrics and checkpoints; every rank resumes from them). The per-layer
+ * fused step stays fused: each tensor's gradient is summed over the ranks as soon as the
+ * backward completes it, overlapping the rest of the backward (rust/src/dist/overlap.rs),
+ * whole. `dpComm: "lowrank"` asks for the rank-r projections to be summed instead, which the
+ * global step does (rust/src/dist/lowrank.rs): the fused step is then turned off, with a notice.
  */
 export async function dataParallel<
   O extends {
-    fused: boolean;
     quiet?: boolean;
     out?: string | null;
     export?: string | null;
     batchSize: number;
+    fused?: boolean | null;
+    dpComm?: string;
   },
 >(opts: O): Promise<DataParallel<O>> {
   const info = startDist();
@@ -112,11 +117,16 @@ export async function dataParallel<
   await checkSameOptions(compared);
   // rank 0 alone writes the `--export` too (every rank holds the same weights)
   if (info.rank !== 0 && opts.export !== undefined) opts = { ...opts, export: null };
+  const lowrank = opts.dpComm === "lowrank" && opts.fused !== false;
   const notice = `data-parallel: ${info.size} ranks × batch ${opts.batchSize} = global batch ` +
     `${info.size * opts.batchSize} (${info.backend}${info.version ? `, ${info.version}` : ""})` +
-    (opts.fused ? "; fused step off (its updates do not all-reduce yet)" : "");
+    (lowrank ? "; fused step off (--dp-comm lowrank sums R in the global step)" : "");
   return {
-    opts: { ...opts, fused: false, quiet: info.rank !== 0 || opts.quiet === true },
+    opts: {
+      ...opts,
+      ...(lowrank ? { fused: false } : {}),
+      quiet: info.rank !== 0 || opts.quiet === true,
+    },
     rank: info.rank,
     size: info.size,
     notice,

@@ -224,6 +224,14 @@ export interface TrainOptions {
    * backward (one extra forward per step; identical results, far less activation memory).
    */
   checkpointing: boolean;
+  /**
+   * What the ranks of a data-parallel run (mpirun) all-reduce for the projected matrices:
+   * `full` gradients, their rank-r projection (`lowrank`, exact without clipping; with
+   * clipping the norm is taken over what the optimizer consumes; the fused step is turned
+   * off), or `auto` (lowrank in the global step when clipping is off; full otherwise, and
+   * always in the fused step). No effect in a one-process run.
+   */
+  dpComm: string;
   /** Output directory; undefined means `runs/<ISO timestamp>`, null writes no files. */
   out?: string | null;
   /**
@@ -792,6 +800,17 @@ export const OPTION_DECLARATIONS = {
     help:
       "--checkpointing on|off  recompute each block in the backward: less activation memory,\n" +
       "                      one extra forward per step, identical results [{default}]",
+  },
+  dpComm: {
+    flag: "--dp-comm",
+    kind: "choice",
+    engine: "dp_comm",
+    section: RUN,
+    help: "--dp-comm M           mpirun runs: what the ranks sum for projected matrices: full\n" +
+      "                      gradients, or their rank-r projection (lowrank; exact without\n" +
+      "                      --clip, else the norm covers what the optimizer consumes; turns\n" +
+      "                      the fused step off); auto = lowrank in the global step without\n" +
+      "                      clipping, else full; {choices} [{default}]",
   },
   out: {
     flag: "--out",

@@ -72,7 +72,7 @@ import {
 } from "./options.ts";
 import type { ModelConfig, ResolvedModel } from "./presets.ts";
 import { Rng } from "./rng.ts";
-import { dataParallel, world } from "./dist.ts";
+import { type CommBytes, dataParallel, world } from "./dist.ts";
 import { lrAt } from "./schedule.ts";
 
 export type { EngineConfig, MemoryBytes, StepStats };
@@ -355,13 +355,68 @@ export interface TrainHooks {
   createEngine?: (cfg: EngineConfig) => TrainEngine | Promise<TrainEngine>;
 }
 
+/** The categories of {@link CommBytes} (bytes). */
+const COMM_FIELDS = [
+  "lowrank",
+  "refresh",
+  "whole_projected",
+  "unprojected",
+  "scalars",
+  "total",
+  "full_allreduce",
+] as const;
+
+/** `summary.data_parallel.comm`: what the steps between `from` and `to` sent. */
+function commSummary(
+  requested: string,
+  from: CommBytes,
+  to: CommBytes,
+): NonNullable<Summary["data_parallel"]>["comm"] {
+  const steps = to.steps - from.steps;
+  const total = Object.fromEntries(COMM_FIELDS.map((k) => [k, to[k] - from[k]])) as Omit<
+    CommBytes,
+    "mode" | "steps"
+  >;
+  const per = Object.fromEntries(
+    COMM_FIELDS.map((k) => [k, steps > 0 ? total[k] / steps : 0]),
+  ) as Omit<CommBytes, "mode" | "steps">;
+  return {
+    requested,
+    // no step counted by category: the fused step ran, summing whole gradients as they
+    // complete (rust/src/dist/overlap.rs; its bytes are in allreduce_bytes_per_step)
+    used: steps > 0 ? to.mode : "full (fused step)",
+    steps,
+    bytes_per_step: per,
+    full_allreduce_bytes_per_step: per.full_allreduce,
+    bytes_total: total,
+  };
+}
+
 /** What a run did; written to `summary.json` and returned by {@link train}. */
 export interface Summary {
   /**
    * A data-parallel run only: the ranks, the global batch (ranks × batch) and the bytes each
    * rank all-reduced per update in this process (the full gradient plus the loss and count).
    */
-  data_parallel?: { ranks: number; global_batch: number; allreduce_bytes_per_step: number };
+  data_parallel?: {
+    ranks: number;
+    global_batch: number;
+    allreduce_bytes_per_step: number;
+    /**
+     * The training steps' communication in this process: `--dp-comm` as given and as used
+     * (`full` or `lowrank` in the global step; `full (fused step)` when the fused step ran,
+     * whose bytes are not split by category), and bytes per step by category (averaged over the steps, refresh
+     * steps included) next to what a full-gradient all-reduce of the same steps sends.
+     */
+    comm: {
+      requested: string;
+      used: string;
+      steps: number;
+      bytes_per_step: Omit<CommBytes, "mode" | "steps">;
+      full_allreduce_bytes_per_step: number;
+      bytes_total: Omit<CommBytes, "mode" | "steps">;
+    };
+  };
   /** Updates completed. */
   steps: number;
   /** Updates requested. */
@@ -716,7 +771,7 @@ export class Run implements Disposable {
   /** Lines in metrics.jsonl. */
   #metricsLines = 0;
   /** All-reduced bytes and updates as this process started the run (bytes per update). */
-  readonly #commFrom: { bytes: number; steps: number };
+  readonly #commFrom: { bytes: number; steps: number; comm: CommBytes };
   /** Step of the newest checkpoint, its path, and when it was written (performance.now). */
   #savedStep = 0;
   #checkpoint: string | null = null;
@@ -770,7 +825,11 @@ export class Run implements Disposable {
     this.#saveEvery = checkInterval(opts.saveEvery);
     this.#savedAt = init.started;
     this.#projected = PROJECTED_OPTIMIZERS.includes(opts.optimizer);
-    this.#commFrom = { bytes: world().allreduce_bytes, steps: init.resume?.plan.record.step ?? 0 };
+    this.#commFrom = {
+      bytes: world().allreduce_bytes,
+      steps: init.resume?.plan.record.step ?? 0,
+      comm: world().comm,
+    };
     this.#history = init.out === null && inKernel() ? { steps: [], evals: [] } : null;
     const r = init.resume?.plan.record;
     if (r === undefined) {
@@ -1493,6 +1552,7 @@ export class Run implements Disposable {
           allreduce_bytes_per_step: done > 0
             ? (w.allreduce_bytes - this.#commFrom.bytes) / done
             : 0,
+          comm: commSummary(opts.dpComm, this.#commFrom.comm, w.comm),
         };
       }
       if (this.out !== null) {

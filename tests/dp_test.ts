@@ -57,8 +57,8 @@ const BASE = { steps: 6, seqLen: 32, threads: 1, evalEvery: 3, evalBatches: 2, s
 const CASES: Record<string, Record<string, unknown>> = {
   // gradient accumulation and clipping (the norm is the global batch's)
   adamw: { ...BASE, optimizer: "adamw", gradAccum: 2, clip: 0.5 },
-  // INT8 weights by stochastic rounding, INT4 projectors, a refresh every 2 updates; the
-  // fused step does not all-reduce yet, so both runs use the global step. Two ranks sum the
+  // INT8 weights by stochastic rounding, INT4 projectors, a refresh every 2 updates; both
+  // runs use the global step (tests/dp_fused_test.ts runs the fused one). Two ranks sum the
   // gradient in another order than one process (equal in real arithmetic, not in the last
   // bit), and stochastic rounding turns the few values that land at a rounding threshold into
   // a flipped INT8 code: the runs drift apart by about 3× per update (with the clip factor
@@ -123,11 +123,16 @@ for (const [name, opts] of Object.entries(CASES)) {
       // gradient (every parameter is trained, f32) plus the loss and the target count (f64)
       const sum = JSON.parse(Deno.readTextFileSync(`${dir}/dp/run/summary.json`));
       if (name === "adamw") {
-        assert.deepEqual(sum.data_parallel, {
+        const { comm, ...rest } = sum.data_parallel;
+        assert.deepEqual(rest, {
           ranks: 2,
           global_batch: 4,
           allreduce_bytes_per_step: 4 * sum.params + 16,
         });
+        // adamw projects nothing: every gradient goes whole (tests/dp_lowrank_test.ts)
+        assert.equal(comm.used, "full");
+        assert.equal(comm.bytes_per_step.unprojected, 4 * sum.params);
+        assert.equal(comm.bytes_per_step.total, comm.full_allreduce_bytes_per_step);
       } else {
         assert.equal(sum.data_parallel.global_batch, 4);
       }

@@ -78,6 +78,7 @@ Deno.test("train: loop, schedule, evals, files and summary", async () => {
       weight_decay: 0,
       clip: 1,
       freeze_embeddings: false,
+      dp_comm: "auto",
       fused: false,
     });
     assert.equal(engine.cfg.model.vocab_size, 256);
@@ -286,6 +287,7 @@ Deno.test("train: GaLore settings reach the engine; info() fills the summary", a
     weight_decay: 0,
     clip: 1,
     freeze_embeddings: false,
+    dp_comm: "auto",
     rank: 16,
     update_gap: 200,
     galore_scale: 0.25,
@@ -328,6 +330,7 @@ Deno.test("train: GaLore settings reach the engine; info() fills the summary", a
     weight_decay: 0,
     clip: 1,
     freeze_embeddings: false,
+    dp_comm: "auto",
     rank: 128,
     update_gap: 200,
     galore_scale: 0.25,

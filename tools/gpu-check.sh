@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # The prepared GPU check: everything a GPU machine with CUDA 13 but no Rust, Deno or network
-# needs to run the CUDA parity tests and bench/gpu.ts, in one call of under 8 minutes.
+# needs to run the CUDA parity tests, the one-GPU NCCL check and bench/gpu.ts, in one call of
+# under 8 minutes.
 #
 #   tools/gpu-check.sh pack     here (Rust + npx): builds the stripped release library and the
 #                               CUDA test binaries, packs them with an xz-compressed Deno into
 #                               .device/ (git-ignored) and checks that it travels (< 64 MiB)
 #   tools/gpu-check.sh device   there, from the repo root: unpacks Deno, runs the NVRTC and
-#                               parity tests and bench/gpu.ts, writes logs and results to $OUT
+#                               parity tests, the NCCL check (rust/tests/nccl.rs: a one-rank
+#                               communicator's all-reduce on the backend's stream must leave
+#                               its input unchanged) and bench/gpu.ts, writes logs and results to $OUT
 #                               (./out when unset); without a GPU it prints one line, exits 3
 #
 # .device/ is git-ignored, so it must be carried: with this workplace's device tool, run
@@ -19,6 +22,10 @@
 # libcusparse.so.12, libnvJitLink.so.13), preloading them from $QGALORE_CUDA_LIB_DIR when set.
 # `device` sets it to the first folder holding libnvrtc.so.13 and libcublas.so.13 among: the
 # value given, python3's pip `nvidia/cu13/lib` (PyTorch's CUDA 13 wheels), /usr/local/cuda.
+# NCCL: cudarc opens it as `libnccl.so` (the development link), which pip's nvidia-nccl-cu13
+# and the libnccl2 package lack; `device` finds a libnccl.so.2 ($QGALORE_NCCL_LIB_DIR, pip's
+# nvidia/nccl/lib or nvidia/cu13/lib, the CUDA folder, ldconfig) and links libnccl.so to it
+# in a private folder on LD_LIBRARY_PATH. Without one the NCCL check is reported NOT RUN.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PACK=.device
@@ -36,10 +43,10 @@ pack() {
   (cd rust && cargo build --release --quiet)
   # The test binaries' paths, from cargo's own report (hashes change with every build).
   local json
-  json=$(cd rust && cargo test --release --no-run --message-format=json --test cuda_parity --test kernels) ||
-    die "building the CUDA test binaries failed: cd rust && cargo test --release --no-run --test cuda_parity --test kernels"
+  json=$(cd rust && cargo test --release --no-run --message-format=json --test cuda_parity --test kernels --test nccl) ||
+    die "building the CUDA test binaries failed: cd rust && cargo test --release --no-run --test cuda_parity --test kernels --test nccl"
   local t exe
-  for t in cuda_parity kernels; do
+  for t in cuda_parity kernels nccl; do
     exe=$(grep -o "\"executable\":\"[^\"]*/$t-[0-9a-f]*\"" <<<"$json" | tail -1 | cut -d'"' -f4)
     [ -n "$exe" ] && [ -x "$exe" ] || die "no test binary for $t in cargo's report"
     strip -o "$PACK/$t" "$exe"
@@ -67,7 +74,7 @@ pack() {
 
   {
     echo "gpu-check pack: $(git rev-parse --short HEAD 2>/dev/null || echo '?')$(git diff --quiet 2>/dev/null || echo '+changes') $(date -u +%FT%TZ)"
-    (cd "$PACK" && sha256sum libqgalore.so cuda_parity kernels deno.xz)
+    (cd "$PACK" && sha256sum libqgalore.so cuda_parity kernels nccl deno.xz)
     echo "bench/gpu.ts runs from the tree (tracked files): $(sed "s#^file://$PWD/##" <<<"$mods" | tr '\n' ' ')"
   } >"$PACK/MANIFEST"
 
@@ -78,6 +85,17 @@ pack() {
   echo "gpu-check: $PACK/ is $(mib "$bytes") MiB; with the working tree ($(mib "${tree:-0}") MiB) $(mib $((bytes + ${tree:-0}))) MiB of the ${LIMIT_MIB} MiB that travel"
   [ $((bytes + ${tree:-0})) -lt $((LIMIT_MIB * 1048576)) ] || die "too large to travel"
   echo "gpu-check: on the GPU machine, from the repo root with $PACK carried: tools/gpu-check.sh device"
+}
+
+# The folder of a libnccl.so.2, first found: $QGALORE_NCCL_LIB_DIR, python3's pip wheels
+# (nvidia/nccl/lib, nvidia/cu13/lib), $QGALORE_CUDA_LIB_DIR, /usr/local/cuda, ldconfig's cache.
+find_nccl() {
+  local pip cand
+  pip=$(python3 -c 'import nvidia, os; print("\n".join(os.path.join(p, d, "lib") for p in nvidia.__path__ for d in ("nccl", "cu13")))' 2>/dev/null || true)
+  while read -r cand; do
+    if [ -n "$cand" ] && [ -e "$cand/libnccl.so.2" ]; then echo "$cand"; return; fi
+  done < <(printf '%s\n' "${QGALORE_NCCL_LIB_DIR:-}" "$pip" "${QGALORE_CUDA_LIB_DIR:-}" /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib \
+    "$(ldconfig -p 2>/dev/null | awk '/libnccl\.so\.2 / { print $NF; exit }' | xargs -r dirname)")
 }
 
 # Seconds left of the device budget.
@@ -113,7 +131,7 @@ device() {
   local log="$OUT/gpu-check.log"
   : >"$OUT/results.txt"
   local f
-  for f in libqgalore.so cuda_parity kernels deno.xz; do
+  for f in libqgalore.so cuda_parity kernels nccl deno.xz; do
     [ -f "$PACK/$f" ] || EXIT=2 die "$PACK/$f missing: run tools/gpu-check.sh pack first and carry $PACK"
   done
   START=$(date +%s)
@@ -132,7 +150,7 @@ device() {
     python3 -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' \
       "$PACK/deno.xz" "$work/deno"
   fi
-  chmod +x "$work/deno" "$PACK/cuda_parity" "$PACK/kernels"
+  chmod +x "$work/deno" "$PACK/cuda_parity" "$PACK/kernels" "$PACK/nccl"
   "$work/deno" --version >>"$log" 2>&1 || EXIT=2 die "the packed Deno does not run here (see $log)"
 
   # The GPU: nvidia-smi must list one; otherwise one line and nothing is run.
@@ -174,6 +192,21 @@ device() {
   if grep -q "skipped: no GPU" "$OUT/parity.log" 2>/dev/null; then
     echo "cuda_parity: the engine found no GPU although nvidia-smi lists one (CUDA libraries?)" | tee -a "$OUT/results.txt"
     FAIL=1
+  fi
+  # NCCL on one GPU: a one-rank communicator (two ranks on one GPU are not attempted: NCCL
+  # refuses them). Missing NCCL is reported, not failed: the machine lacks a library.
+  local nccl_dir
+  nccl_dir=$(find_nccl)
+  if [ -z "$nccl_dir" ]; then
+    echo "nccl (one-rank communicator): NOT RUN (no libnccl.so.2 found: set QGALORE_NCCL_LIB_DIR)" | tee -a "$OUT/results.txt"
+  else
+    local link=$work/nccl-link
+    mkdir -p "$link"
+    if [ -e "$nccl_dir/libnccl.so" ]; then link=$nccl_dir; else ln -sf "$nccl_dir/libnccl.so.2" "$link/libnccl.so"; fi
+    echo "NCCL library: $nccl_dir/libnccl.so.2 (opened as $link/libnccl.so)" | tee -a "$log"
+    step "nccl (one-rank communicator on the GPU)" 45 "$OUT/nccl.log" \
+      env LD_LIBRARY_PATH="$link:$nccl_dir:$LD_LIBRARY_PATH" QGALORE_REQUIRE_NCCL=1 NCCL_DEBUG=WARN \
+      "$PACK/nccl" --exact one_rank_communicator --nocapture --test-threads=1
   fi
   # bench/gpu.ts prints one JSON line per case; partial output survives a timeout. The 7B
   # step runs in its own call (after one small case) so a slow model sweep cannot starve it.

@@ -127,6 +127,37 @@ impl Named for CosMode {
     const ALL: &'static [(Self, &'static str)] = &[(CosMode::Signed, "signed"), (CosMode::Abs, "abs")];
 }
 
+/// What the ranks of a data-parallel run all-reduce for a projected matrix (`dist::lowrank`,
+/// docs/algorithm-spec.md §1.5a): `Full`, the whole gradient (exact, clipping included);
+/// `LowRank`, its rank-r projection R between projector refreshes (exact without clipping;
+/// with clipping the norm is taken over what the optimizer consumes); `Auto`, `LowRank`
+/// when clipping is off and `Full` when it is on. No effect in a one-process run, nor for an
+/// optimizer that projects nothing (it all-reduces whole gradients either way). Only the
+/// global step sends R: the fused step (`dist::overlap`) sums whole gradients, and the front
+/// end turns it off for `lowrank` (lib/dist.ts).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DpComm {
+    Auto,
+    Full,
+    LowRank,
+}
+
+impl Named for DpComm {
+    const ALL: &'static [(Self, &'static str)] = &[(DpComm::Auto, "auto"), (DpComm::Full, "full"), (DpComm::LowRank, "lowrank")];
+}
+
+impl DpComm {
+    /// What a run with `cfg` uses: `Full` or `LowRank` (never `Auto`).
+    pub fn resolve(cfg: &OptimConfig) -> DpComm {
+        match cfg.dp_comm {
+            _ if !cfg.projected() => DpComm::Full,
+            DpComm::Auto if cfg.clip > 0.0 => DpComm::Full,
+            DpComm::Auto => DpComm::LowRank,
+            c => c,
+        }
+    }
+}
+
 /// Where the engine runs; `Auto` takes CUDA when a usable device is found.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Device {
@@ -360,7 +391,7 @@ macro_rules! choice_value {
         }
     )*};
 }
-choice_value!(Refresh, Range, CosMode, Device, Precision, LoraBase);
+choice_value!(Refresh, Range, CosMode, Device, Precision, LoraBase, DpComm);
 
 /// Parses one option; the message names the field, the value and what is allowed.
 fn option<T: OptionValue>(field: &str, v: &Value, bounds: Option<&Bounds>) -> Result<T> {
@@ -585,6 +616,8 @@ optim_options! {
     /// optimizer state, weights unchanged (`OptimConfig::frozen`). Always on for lora and
     /// qlora (their default; false is refused there).
     freeze_embeddings: bool, None, |o: Optimizer, _| o.adapter(), All;
+    /// Data-parallel communication of projected matrices (`DpComm`): auto, full or lowrank.
+    dp_comm: DpComm, None, all(DpComm::Auto), All;
 }
 
 impl OptimConfig {

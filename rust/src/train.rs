@@ -255,21 +255,34 @@ impl<B: Backend> Engine<B> {
             self.cfg.grad_accum
         );
         if self.fused {
-            ensure!(crate::dist::size() <= 1, "the fused step does not all-reduce yet: build the engine with fused = false for a data-parallel run");
             return self.fused_step(tokens, mask, lr);
         }
         let (loss, count) = self.loss_and_grads_masked(tokens, mask, micro)?;
+        let clip = self.cfg.optimizer.clip as f64;
+        if crate::dist::lowrank::low_rank_step(&self.cfg.optimizer) {
+            // data-parallel with low-rank communication (dist::lowrank): the ranks sum the
+            // projected matrices' R between refreshes, whole gradients otherwise
+            let t0 = Instant::now();
+            let m = &mut self.model;
+            let train: Vec<usize> = (0..m.params.len()).filter(|&i| m.trainable(i)).collect();
+            let s = crate::dist::lowrank::step(&self.be, m, &mut self.grads, self.opt.as_mut(), &train, loss, lr, |n| clip_scale(n, clip))?;
+            self.be.sync()?;
+            self.timing[2] += t0.elapsed().as_secs_f64();
+            self.note_device_peak();
+            return Ok(StepStats { loss: s.loss, grad_norm: s.norm, clipped: s.clipped, count });
+        }
         // data-parallel: sum the ranks' gradients (each scaled by 1 / global count) and losses
-        let loss = {
+        let loss = if crate::dist::size() > 1 {
             let m = &self.model;
             let train: Vec<usize> = (0..m.params.len()).filter(|&i| m.trainable(i)).collect();
-            crate::dist::grads::reduce_step(&self.be, &mut self.grads, &train, |i| m.params[i].numel(), loss)?
+            crate::dist::lowrank::full_reduce(&self.be, m, &mut self.grads, self.opt.as_ref(), &train, loss)?
+        } else {
+            loss
         };
         let t0 = Instant::now();
         let mut st = StepStats { loss, count, ..Default::default() };
         let be = &self.be;
         let (model, grads, opt) = (&mut self.model, &mut self.grads, &mut self.opt);
-        let clip = self.cfg.optimizer.clip as f64;
         (|| -> Result<()> {
             // frozen parameters (a LoRA model's base, frozen tables) have no gradient: norm,
             // clipping and updates cover the trained ones
@@ -311,9 +324,13 @@ impl<B: Backend> Engine<B> {
 
     fn fused_step_inner(&mut self, tokens: &[i32], mask: Option<&[u8]>, lr: f32) -> Result<StepStats> {
         let sh = self.window_rows(tokens, mask, 1, "train batch", "micro-batches")?;
-        let count = self.update_count(1, sh.t, mask)?;
+        // data-parallel: N and the loss are the whole global batch's (one process: this
+        // batch's); the count is checked after the sum, so every rank refuses together
+        let count = crate::dist::grads::global_count(Self::counted(self.cfg.batch_size, sh.t, mask))?;
+        ensure!(count > 0, "no target in this update carries loss (every mask entry is 0)");
         let ntok = count as f64;
         let sum = self.forward_loss(tokens, mask, Some((1.0 / ntok) as f32))?;
+        let sum = crate::dist::overlap::sum_f64(sum)?;
         if !sum.is_finite() {
             return Err(Error::non_finite(format!("loss is {}", fmt_nf(sum))));
         }
@@ -325,10 +342,16 @@ impl<B: Backend> Engine<B> {
         let t0 = Instant::now();
         self.backwards += if clip > 0.0 { 2 } else { 1 };
         let (be, m, g, a, opt) = (&self.be, &mut self.model, &mut self.grads, &mut self.acts, &mut self.opt);
+        // data-parallel: every gradient is summed over the ranks (overlapping the backward)
+        // before the norm or the optimizer sees it (`dist::overlap`)
+        let mut ov = crate::dist::overlap::Overlap::new(be, g)?;
         let mut scale = 1.0f32;
         if clip > 0.0 {
-            pass::backward(be, m, g, a, false, &mut |i, rows, m, g| be.sumsq_acc(g.get(i), grad_len(m, i, rows)));
+            let norm = &mut |i: usize, rows: Option<(usize, usize)>, m: &mut Llama<B>, g: &mut Grads<B>| be.sumsq_acc(g.get(i), grad_len(m, i, rows));
+            pass::backward(be, m, g, a, false, &mut |i, rows, m, g| ov.push(be, i, rows, grad_len(m, i, rows), m, g, norm));
+            let r = ov.flush(be, m, g, norm);
             st.grad_norm = be.take_sumsq().sqrt();
+            r?;
             if let Some(s) = clip_scale(st.grad_norm, clip)? {
                 scale = s;
                 st.clipped = true;
@@ -336,7 +359,7 @@ impl<B: Backend> Engine<B> {
         }
         opt.begin_step();
         let mut err: Option<Error> = None;
-        pass::backward(be, m, g, a, false, &mut |i, rows, m, g| {
+        let update = &mut |i: usize, rows: Option<(usize, usize)>, m: &mut Llama<B>, g: &mut Grads<B>| {
             if err.is_some() {
                 return;
             }
@@ -347,8 +370,10 @@ impl<B: Backend> Engine<B> {
             if let Err(e) = r {
                 err = Some(e);
             }
-        });
-        if let Some(e) = err {
+        };
+        pass::backward(be, m, g, a, false, &mut |i, rows, m, g| ov.push(be, i, rows, grad_len(m, i, rows), m, g, update));
+        let r = ov.flush(be, m, g, update);
+        if let Some(e) = err.or(r.err()) {
             be.take_sumsq(); // drop the partial norm so the next step starts from 0
             return Err(e);
         }
@@ -372,34 +397,47 @@ impl<B: Backend> Engine<B> {
     /// table is recomputed (the embedding's scatter, or the head's product in row chunks) and
     /// updated. On a non-finite norm no weight or moment changes and the step counter is
     /// restored; projectors refreshed in this backward keep their new values.
+    ///
+    /// Data-parallel: every gradient (the tables' recomputed ones again) is summed over the
+    /// ranks before it is stashed, measured or applied (`dist::overlap`); the stash then holds
+    /// the projection of the summed gradient, the same on every rank.
     fn fused_clip_step(&mut self, mut st: StepStats, clip: f64, lr: f32) -> Result<StepStats> {
         let t0 = Instant::now();
         self.backwards += 1;
         let (be, m, g, a, opt) = (&self.be, &mut self.model, &mut self.grads, &mut self.acts, &mut self.opt);
+        let mut ov = crate::dist::overlap::Overlap::new(be, g)?;
         opt.begin_step();
         let mut err: Option<Error> = None;
         let mut stashed = Vec::new();
-        pass::backward_with(be, m, g, a, false, true, &mut |i, _, m, g| {
-            if err.is_some() {
+        // each tensor but the tables: the norm's share, then the stash; the tables (computed
+        // after the backward from the kept activations): the norm's share only
+        let collect = &mut |i: usize, rows: Option<(usize, usize)>, m: &mut Llama<B>, g: &mut Grads<B>| {
+            let table = i == m.embed || i == m.head;
+            if err.is_some() && !table {
                 return;
             }
-            be.sumsq_acc(g.get(i), m.params[i].numel());
+            be.sumsq_acc(g.get(i), grad_len(m, i, rows));
+            if table {
+                return;
+            }
             match opt.stash(be, i, &m.params[i], g.get_mut(i)) {
                 Ok(()) => stashed.push(i),
                 Err(e) => err = Some(e),
             }
-        });
-        // the tables, for the norm: the embedding's (with a tied head's share), then an
-        // untied head's; the last one computed whole stays in the shared buffer
-        let norm_only = &mut |i: usize, rows: Option<(usize, usize)>, m: &mut Llama<B>, g: &mut Grads<B>| {
-            be.sumsq_acc(g.get(i), grad_len(m, i, rows));
         };
-        pass::embed_grad(be, m, g, a, false, norm_only);
-        pass::head_grad(be, m, g, a, false, norm_only);
+        pass::backward_with(be, m, g, a, false, true, &mut |i, rows, m, g| ov.push(be, i, rows, grad_len(m, i, rows), m, g, collect));
+        // the tables, for the norm: the embedding's (with a tied head's share), then an
+        // untied head's; the last one computed whole stays in the shared buffer (after the
+        // flush, its sum over the ranks). In a data-parallel run the backward's last tensor is
+        // processed here, at the embedding's first push (one tensor late).
+        let hook = &mut |i, rows, m: &mut Llama<B>, g: &mut Grads<B>| ov.push(be, i, rows, grad_len(m, i, rows), m, g, collect);
+        pass::embed_grad(be, m, g, a, false, hook);
+        pass::head_grad(be, m, g, a, false, hook);
+        let comm = ov.flush(be, m, g, collect);
         let head = !m.tied() && m.trainable(m.head);
         let last = if head { Some(m.head) } else { Some(m.embed).filter(|&e| m.trainable(e)) };
         st.grad_norm = be.take_sumsq().sqrt();
-        let scale = match err.map_or_else(|| clip_scale(st.grad_norm, clip), Err) {
+        let scale = match err.or(comm.err()).map_or_else(|| clip_scale(st.grad_norm, clip), Err) {
             Ok(s) => s,
             Err(e) => {
                 opt.abort_step(be);
@@ -417,18 +455,20 @@ impl<B: Backend> Engine<B> {
                 opt.apply_stash(be, i, &mut m.params[i], g.get_mut(i), lr, scale)?;
             }
             let mut err = None;
-            let mut hook = |i: usize, rows: Option<(usize, usize)>, m: &mut Llama<B>, g: &mut Grads<B>| {
+            let update = &mut |i: usize, rows: Option<(usize, usize)>, m: &mut Llama<B>, g: &mut Grads<B>| {
                 if err.is_none() {
                     err = scaled_update(&mut **opt, be, m, g, i, rows, lr, scale).err();
                 }
             };
+            let hook = &mut |i, rows, m: &mut Llama<B>, g: &mut Grads<B>| ov.push(be, i, rows, grad_len(m, i, rows), m, g, update);
             if Some(m.embed) != whole {
-                pass::embed_grad(be, m, g, a, false, &mut hook);
+                pass::embed_grad(be, m, g, a, false, hook);
             }
             if head && Some(m.head) != whole {
-                pass::head_grad(be, m, g, a, false, &mut hook);
+                pass::head_grad(be, m, g, a, false, hook);
             }
-            err.map_or(Ok(()), Err)
+            let comm = ov.flush(be, m, g, update);
+            err.map_or(comm, Err)
         })();
         r?;
         opt.end_step(be);
@@ -831,7 +871,9 @@ pub fn memory_refusal(cfg: &EngineConfig, need: u64, free: u64, place: &str) -> 
 fn cuda(cfg: EngineConfig, init: Option<&std::path::Path>) -> Result<Box<dyn Session>> {
     cfg.validate()?;
     let bf16 = cfg.precision != Precision::Fp32;
-    let be = crate::backend::cuda::Cuda::new(0, bf16)
+    // one device per rank in a data-parallel job (its local rank's), device 0 otherwise
+    let be = crate::dist::nccl::device_ordinal()
+        .and_then(|d| crate::backend::cuda::Cuda::new(d, bf16))
         .map_err(|e| Error::backend(format!("device cuda: {}; use device cpu or auto", e.msg)))?;
     // As on the host: a plan beyond the device's free memory would fail at some allocation
     // deep in the build (or later, in the first backward); refuse it up front with the

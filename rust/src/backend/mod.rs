@@ -26,7 +26,21 @@ pub use memory::{Category, MemTracker, Memory, Runner, Tracked, CATEGORIES};
 pub use optimizers::Optimizers;
 pub use quantization::Quantization;
 
-/// Everything a backend provides; model and optimizer code ask for this one bound.
-pub trait Backend: Memory + Layers + Optimizers + Quantization + Linalg {}
+/// Collectives a backend runs on its own buffers across the ranks of a data-parallel job.
+pub trait Collectives: Memory {
+    /// Sums `buf[..n]` over every rank in place on the device (NCCL on CUDA) and returns
+    /// true, or returns false, touching nothing, when the backend has no device collective
+    /// for this job (the caller then sums through host memory and MPI). Collective: every
+    /// rank calls it for the same buffers in the same order.
+    fn allreduce_sum(&self, _buf: &mut Self::Buf, _n: usize) -> crate::error::Result<bool> {
+        Ok(false)
+    }
+}
 
-impl<B: Memory + Layers + Optimizers + Quantization + Linalg> Backend for B {}
+impl Collectives for cpu::Cpu {}
+impl Collectives for cpu::bf16::CpuBf16 {}
+
+/// Everything a backend provides; model and optimizer code ask for this one bound.
+pub trait Backend: Memory + Layers + Optimizers + Quantization + Linalg + Collectives {}
+
+impl<B: Memory + Layers + Optimizers + Quantization + Linalg + Collectives> Backend for B {}

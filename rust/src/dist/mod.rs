@@ -13,7 +13,10 @@
 //! rank never leaves the others waiting silently.
 
 pub mod grads;
+pub mod lowrank;
 pub mod mpi;
+pub mod nccl;
+pub mod overlap;
 
 use crate::error::{Error, Result};
 use mpi::{Dtype, Mpi, Request, MAX_COUNT};
@@ -122,6 +125,8 @@ pub struct Info {
     pub allreduce_calls: u64,
     /// Seconds a collective waits for the other ranks before the job is ended.
     pub timeout_s: f64,
+    /// What the data-parallel steps sent, by category (`lowrank::CommBytes`).
+    pub comm: lowrank::CommBytes,
 }
 
 static ALLREDUCE_BYTES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
@@ -175,6 +180,7 @@ impl World {
             allreduce_bytes: ALLREDUCE_BYTES.load(std::sync::atomic::Ordering::Relaxed),
             allreduce_calls: ALLREDUCE_CALLS.load(std::sync::atomic::Ordering::Relaxed),
             timeout_s: timeout().as_secs_f64(),
+            comm: lowrank::report(),
         }
     }
 

@@ -138,7 +138,7 @@ fn right_vectors(
 }
 
 /// Top-k eigenvectors of the symmetric c (n × n), largest first, as rows of `out`.
-fn top_eigvecs(c: &[f32], n: usize, k: usize, out: &mut [f32]) -> Result<()> {
+pub(crate) fn top_eigvecs(c: &[f32], n: usize, k: usize, out: &mut [f32]) -> Result<()> {
     finite(c)?;
     let cm = MatRef::from_row_major_slice(c, n, n);
     let evd = cm.self_adjoint_eigen(Side::Lower).map_err(|e| Error::backend(format!("eigensolver failed: {e:?}")))?;
@@ -153,7 +153,7 @@ fn top_eigvecs(c: &[f32], n: usize, k: usize, out: &mut [f32]) -> Result<()> {
 }
 
 /// Orthonormalizes the k rows of y (k × n) through a thin QR of yᵀ.
-fn orthonormal_rows(y: &mut [f32], k: usize, n: usize) -> Result<()> {
+pub(crate) fn orthonormal_rows(y: &mut [f32], k: usize, n: usize) -> Result<()> {
     finite(y)?;
     let yt = Mat::from_fn(n, k, |i, j| y[j * n + i]);
     let q = yt.qr().compute_thin_Q();

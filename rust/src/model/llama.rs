@@ -363,6 +363,10 @@ impl<B: Backend> Llama<B> {
 pub struct Grads<B: Backend> {
     own: Vec<Option<B::Buf>>,
     shared: Option<B::Buf>,
+    /// The second half of a double-buffered shared buffer (data-parallel fused step,
+    /// `dist::overlap`): holds one tensor's gradient while its all-reduce is in flight and
+    /// the backward writes the next tensor's into `shared`. None until `add_spare`.
+    spare: Option<B::Buf>,
     /// Rows per chunk for the parameters whose gradient the fused step produces and
     /// consumes in row chunks (the embedding and head when they dwarf every other tensor).
     chunk: Vec<Option<usize>>,
@@ -384,7 +388,7 @@ impl<B: Backend> Grads<B> {
             chunk.push(rows);
         }
         let shared = if shared > 0 { Some(be.alloc(shared, Category::Grads)?) } else { None };
-        Ok(Grads { own, shared, chunk })
+        Ok(Grads { own, shared, spare: None, chunk })
     }
 
     /// Rows per chunk when parameter `idx`'s gradient comes in row chunks.
@@ -407,6 +411,33 @@ impl<B: Backend> Grads<B> {
         match &mut self.own[idx] {
             Some(b) => b,
             None => self.shared.as_mut().expect("shared gradient buffer"),
+        }
+    }
+
+    /// Elements of the shared buffer (0 without one).
+    pub fn shared_len(&self, be: &B) -> usize {
+        self.shared.as_ref().map_or(0, |b| be.len(b))
+    }
+
+    /// Allocates the spare half of the shared buffer (as large as it, counted as gradient
+    /// memory) unless it exists; a no-op without a shared buffer.
+    pub fn add_spare(&mut self, be: &B) -> Result<()> {
+        if self.spare.is_none() && self.shared.is_some() {
+            self.spare = Some(be.alloc_fp32(self.shared_len(be), Category::Grads)?);
+        }
+        Ok(())
+    }
+
+    /// The spare half of the shared buffer (`add_spare`).
+    pub fn spare_mut(&mut self) -> Option<&mut B::Buf> {
+        self.spare.as_mut()
+    }
+
+    /// Exchanges the shared buffer and its spare (moves the buffers' handles; the values
+    /// stay where they are). A no-op without a spare.
+    pub fn swap_shared(&mut self) {
+        if let (Some(a), Some(b)) = (self.shared.as_mut(), self.spare.as_mut()) {
+            std::mem::swap(a, b);
         }
     }
 }

@@ -107,6 +107,9 @@ pub struct Family<B: Backend> {
     stash: Vec<Option<B::Buf>>,
     /// Whether a parameter's stash holds this step's R (false: no projector, skipped).
     stashed: Vec<bool>,
+    /// Whether a parameter's projector was refreshed this step by `refresh_sketched` (then
+    /// `project` does not refresh it again).
+    sketched: Vec<bool>,
 }
 
 impl<B: Backend> Family<B> {
@@ -151,6 +154,7 @@ impl<B: Backend> Family<B> {
             lens: plan.tensors.iter().map(|t| t.state_len).collect(),
             stash: plan.tensors.iter().map(|t| buf(t.stash_len, Category::Grads)).collect::<Result<_>>()?,
             stashed: vec![false; plan.tensors.len()],
+            sketched: vec![false; plan.tensors.len()],
         })
     }
 
@@ -217,6 +221,20 @@ impl<B: Backend> Family<B> {
         };
         let ok = res.is_ok();
         if ok {
+            self.adopt(be, idx, rows, cols, t0)
+        } else {
+            self.stats.refresh_failures += 1;
+            self.stats.refresh_seconds += t0.elapsed().as_secs_f64();
+            false
+        }
+    }
+
+    /// The end of a successful refresh of `idx` (the fresh projector in `pnew`): the lazy
+    /// refresh's top-1 vector, then the projector stored (quantized when so configured).
+    fn adopt(&mut self, be: &B, idx: usize, rows: usize, cols: usize, t0: Instant) -> bool {
+        let st = self.states[idx].proj.as_mut().expect("projected parameter");
+        let pnew = self.pnew.as_mut().unwrap();
+        {
             // Top-1 singular vector, before quantization (docs/algorithm-spec.md §2.5 step 2).
             let k = st.rank;
             let mut host = vec![0.0f32; if st.right { cols } else { rows * k }];
@@ -247,11 +265,9 @@ impl<B: Backend> Family<B> {
                 Ok(Weight::N(..)) => unreachable!("projectors are never NF4"),
                 Err(_) => self.stats.refresh_failures += 1,
             }
-        } else {
-            self.stats.refresh_failures += 1;
         }
         self.stats.refresh_seconds += t0.elapsed().as_secs_f64();
-        ok
+        true
     }
 
     /// The global step's update of a projected matrix (`update_scaled`): `project`, then
@@ -276,7 +292,8 @@ impl<B: Backend> Family<B> {
             let st = self.states[idx].proj.as_ref().unwrap();
             st.store.is_none() || st.lazy.due(iter)
         };
-        if due {
+        // a data-parallel sketched refresh (`refresh_sketched`) already ran this step
+        if due && !std::mem::take(&mut self.sketched[idx]) {
             self.refresh(be, idx, p, g);
         }
         let st = self.states[idx].proj.as_ref().unwrap();
@@ -519,9 +536,65 @@ impl<B: Backend> Optimizer<B> for Family<B> {
         self.stash[idx] = Some(r);
         res
     }
+    fn low_rank(&self, idx: usize) -> Option<super::LowRank> {
+        let st = self.states[idx].proj.as_ref()?;
+        // the same test as `project` (pre-increment counter)
+        let refresh = st.store.is_none() || st.lazy.due(self.step.saturating_sub(1));
+        // the warm-started randomized refresh needs only sketches of the summed gradient
+        let sketch = refresh && st.store.is_some() && self.cfg.proj_refresh == crate::backend::Refresh::Randomized;
+        Some(super::LowRank { len: self.lens[idx], refresh, sketch })
+    }
+    fn refresh_sketched(&mut self, be: &B, idx: usize, p: &Param<B>, g: &mut B::Buf, sketch: &mut super::Sketch<'_>) -> Result<bool> {
+        let t0 = Instant::now();
+        let (rows, cols) = (p.rows, p.cols);
+        be.sanitize(g, rows * cols);
+        let Some(st) = self.states[idx].proj.as_ref() else {
+            return Err(Error::backend(format!("internal: {} has no projector", p.name)));
+        };
+        let (k, right, n) = (st.rank, st.right, st.numel);
+        let pf = self.pf.as_mut().unwrap();
+        let prev: Vec<f32> = match &st.store {
+            Some(Weight::F(b)) => be.to_host(b, n)?.into_owned(),
+            Some(Weight::Q(q)) => {
+                be.q_dequantize(pf, q);
+                be.to_host(pf, n)?.into_owned()
+            }
+            _ => return Err(Error::backend(format!("internal: {} has no projector to start a sketch from", p.name))),
+        };
+        let gh = be.to_host(g, rows * cols)?.into_owned();
+        let ok = match sketch(&gh, &prev, rows, cols, k, right)? {
+            Some(new) => {
+                be.upload(self.pnew.as_mut().unwrap(), &new)?;
+                self.adopt(be, idx, rows, cols, t0)
+            }
+            None => {
+                self.stats.refresh_failures += 1;
+                self.stats.refresh_seconds += t0.elapsed().as_secs_f64();
+                false
+            }
+        };
+        self.sketched[idx] = true;
+        Ok(ok)
+    }
+    fn stash_low_rank(&mut self, be: &B) -> Result<()> {
+        for (i, st) in self.states.iter().enumerate() {
+            if st.proj.is_some() && self.stash[i].is_none() {
+                self.stash[i] = Some(be.alloc(self.lens[i], Category::Grads)?);
+            }
+        }
+        Ok(())
+    }
+    fn stashed_mut(&mut self, idx: usize) -> Option<&mut B::Buf> {
+        if self.stashed[idx] {
+            self.stash[idx].as_mut()
+        } else {
+            None
+        }
+    }
     fn abort_step(&mut self, be: &B) {
         self.step -= 1;
         self.stashed.iter_mut().for_each(|x| *x = false);
+        self.sketched.iter_mut().for_each(|x| *x = false);
         be.take_nonfinite();
     }
     fn steps(&self) -> u64 {

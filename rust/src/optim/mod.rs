@@ -32,6 +32,26 @@ impl serde::Serialize for Gaps {
     }
 }
 
+/// A projected parameter's share of a data-parallel low-rank step (`dist::lowrank`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LowRank {
+    /// Elements of its rank-r gradient R (`plan::ProjGeom::low`).
+    pub len: usize,
+    /// Its projector is refreshed (or computed for the first time) in this step: the
+    /// refresh needs the whole summed gradient, unless `sketch`.
+    pub refresh: bool,
+    /// The refresh is the warm-started randomized one (`proj_refresh = randomized`, a
+    /// projector already stored): it needs only sketches of the summed gradient
+    /// (`refresh_sketched`).
+    pub sketch: bool,
+}
+
+/// A data-parallel randomized refresh (`dist::lowrank::sketch`): from this rank's gradient
+/// (rows×cols, host), the previous projector (f32, its stored layout), rows, cols, the rank
+/// and the side, the new projector, summing the sketches over the ranks; `Ok(None)` when
+/// the decomposition failed (the same on every rank), `Err` when a sum did.
+pub type Sketch<'a> = dyn FnMut(&[f32], &[f32], usize, usize, usize, bool) -> Result<Option<Vec<f32>>> + 'a;
+
 pub trait Optimizer<B: Backend>: Send {
     fn name(&self) -> &'static str;
     /// Called once per optimizer step, before any `update`: advances the step counter.
@@ -66,6 +86,29 @@ pub trait Optimizer<B: Backend>: Send {
     /// (at least the parameter's elements) for the projected-back update.
     fn apply_stash(&mut self, _be: &B, idx: usize, _p: &mut Param<B>, _scratch: &mut B::Buf, _lr: f32, _scale: Option<f32>) -> Result<()> {
         Err(crate::error::Error::backend(format!("internal: parameter {idx} has no clip stash")))
+    }
+    /// Data-parallel low-rank communication (`dist::lowrank`), after `begin_step`: R's size
+    /// and whether the projector refreshes this step, for a projected parameter; None for
+    /// one the optimizer does not project.
+    fn low_rank(&self, _idx: usize) -> Option<LowRank> {
+        None
+    }
+    /// Refreshes the projector of `idx` (due this step, `LowRank::sketch`) with `sketch`
+    /// from this rank's gradient `g` (its non-finite entries zeroed first), instead of the
+    /// refresh `stash` would run; false when the decomposition failed (the old projector is
+    /// kept, a refresh failure counted).
+    fn refresh_sketched(&mut self, _be: &B, idx: usize, _p: &Param<B>, _g: &mut B::Buf, _sketch: &mut Sketch<'_>) -> Result<bool> {
+        Err(crate::error::Error::backend(format!("internal: parameter {idx} has no projector")))
+    }
+    /// Allocates the stash (`stash`, `apply_stash`) of every projected parameter that has
+    /// none: a data-parallel low-rank step keeps each summed R until the norm is known.
+    fn stash_low_rank(&mut self, _be: &B) -> Result<()> {
+        Ok(())
+    }
+    /// The stash of parameter `idx` when `stash` filled it this step (its first `len`
+    /// elements: R of a projected matrix), for the ranks to sum in place.
+    fn stashed_mut(&mut self, _idx: usize) -> Option<&mut B::Buf> {
+        None
     }
     /// Undoes `begin_step` after a step that was refused before any update (a non-finite
     /// gradient norm found after the fused backward), dropping the deferred counters.

@@ -35,8 +35,9 @@ const TRAJECTORY: &[&str] = &["model", "optimizer", "seed", "batch_size", "seq_l
 
 /// Optimizer options a resume does not compare: `fused` (the per-layer fused step is
 /// bit-identical to the global one, tests/galore.rs i12, and its default follows
-/// grad_accum).
-const NOT_TRAJECTORY: &[&str] = &["fused"];
+/// grad_accum) and `dp_comm` (what the ranks of a data-parallel run send; checkpoints
+/// written before it existed lack it).
+const NOT_TRAJECTORY: &[&str] = &["fused", "dp_comm"];
 
 /// The optimizer options a weights-only load compares: those that decide the state's
 /// layout (which tensors, their shapes and storage) — not the update's hyperparameters.

@@ -48,6 +48,7 @@ macro_rules! launch {
     }};
 }
 
+mod dist;
 mod gemm;
 mod layers;
 mod memory;
@@ -107,6 +108,9 @@ pub struct Cuda {
     mem: Arc<MemTracker>,
     /// First asynchronous error, reported by the next call that can return one.
     sticky: Mutex<Option<Error>>,
+    /// How gradients cross the ranks of a data-parallel job (NCCL or host staging),
+    /// decided at the first sum (`dist.rs`).
+    link: Mutex<Option<crate::dist::nccl::Link>>,
     pub name_of_device: String,
 }
 
@@ -198,6 +202,7 @@ impl Cuda {
             scratch: Mutex::new(scratch),
             mem: Arc::new(MemTracker::default()),
             sticky: Mutex::new(None),
+            link: Mutex::new(None),
         })
     }
 
