@@ -10,7 +10,7 @@ export const PACKAGE_VERSION: string = "0.1.0";
 
 /** SHA-256 of the list below as `sha256sum` prints it; names the cached library. */
 export const SOURCES_DIGEST: string =
-  "049bf171f44e4effa7c31b9a17f3b3ed9f797870f69e6a04c755ab6620eb7a60";
+  "e264e742391cdffd88b49ac746e8eb72ed57afa2466720d6baca8b09a55213a3";
 
 /** Every file the build needs: path from the package root and SHA-256 of its bytes. */
 export const SOURCES: readonly { readonly path: string; readonly sha256: string }[] = [
@@ -196,11 +196,11 @@ export const SOURCES: readonly { readonly path: string; readonly sha256: string 
   },
   {
     path: "rust/src/dist/mod.rs",
-    sha256: "f9aefdba7ff5073d15ffeea95169c1768571db685e4f18952228da3ded818eb0",
+    sha256: "93b6a5612ccf0ad2350f3c37b479c246f1473bf06ac3389b6837c67ccf5b8722",
   },
   {
     path: "rust/src/dist/mpi.rs",
-    sha256: "179b45bb71303c51154ef910b13acfa8725fa06b6d192e8d2c9581a0a69f50d5",
+    sha256: "4c9604f9867c42218e540ace736b3bc8fa7b795eeca3babe0ec7c148a35f3e04",
   },
   {
     path: "rust/src/dist/nccl.rs",
