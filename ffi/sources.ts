@@ -10,7 +10,7 @@ export const PACKAGE_VERSION: string = "0.1.0";
 
 /** SHA-256 of the list below as `sha256sum` prints it; names the cached library. */
 export const SOURCES_DIGEST: string =
-  "e264e742391cdffd88b49ac746e8eb72ed57afa2466720d6baca8b09a55213a3";
+  "11e04f54d1ef82638c940016031faf0a4db59cef0cd38d967f5a40bcee7cd1c3";
 
 /** Every file the build needs: path from the package root and SHA-256 of its bytes. */
 export const SOURCES: readonly { readonly path: string; readonly sha256: string }[] = [
@@ -292,7 +292,7 @@ export const SOURCES: readonly { readonly path: string; readonly sha256: string 
   },
   {
     path: "rust/src/model/lora.rs",
-    sha256: "bf660ccd1879a78fe28738b21d414c7542a293902a67446c8a2c28864b61b260",
+    sha256: "97a6761081831d2ada7f8447ef2c13a689a92f4397e9719a08eff4f1c10df5b6",
   },
   {
     path: "rust/src/model/mod.rs",

@@ -143,7 +143,10 @@ function realTokens(b: FinetuneBatch): number {
 
 /**
  * Rank `rank`'s rows of a global batch of `micro` micro-batches of `ranks × batch` rows each:
- * the same slice of every micro-batch, as pre-training's data parallelism takes them.
+ * rows rank, rank + ranks, rank + 2·ranks, … of every micro-batch. Taken in turn, so that the
+ * examples of a short update (an epoch's last; its rows are filled from the first) reach every
+ * rank while it has as many as ranks: the engine refuses an update in which a rank's rows carry
+ * no target. The update is the same set of rows as one process's, summed in another order.
  */
 export function rankSlice(
   b: FinetuneBatch,
@@ -156,9 +159,12 @@ export function rankSlice(
   const tokens = new Int32Array(micro * batch * w);
   const mask = new Uint8Array(micro * batch * w);
   for (let m = 0; m < micro; m++) {
-    const from = (m * ranks + rank) * batch * w;
-    tokens.set(b.tokens.subarray(from, from + batch * w), m * batch * w);
-    mask.set(b.mask.subarray(from, from + batch * w), m * batch * w);
+    for (let k = 0; k < batch; k++) {
+      const from = (m * ranks * batch + rank + k * ranks) * w;
+      const to = (m * batch + k) * w;
+      tokens.set(b.tokens.subarray(from, from + w), to);
+      mask.set(b.mask.subarray(from, from + w), to);
+    }
   }
   let count = 0;
   for (let r = 0; r < micro * batch; r++) {
@@ -269,6 +275,9 @@ export class FinetuneBatches implements BatchSource {
     let count = 0;
     for (const all of this.#valBatches) {
       const b = this.#ranks > 1 ? rankSlice(all, 1, this.#batch, this.#rank, this.#ranks) : all;
+      // a rank's rows of the last batch may be padding only (the engine refuses to evaluate
+      // them): nothing to add
+      if (b.count === 0) continue;
       const r = await engine.eval(b.tokens, 1, b.mask);
       sum += r.sum;
       count += r.count;

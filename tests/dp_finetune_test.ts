@@ -53,7 +53,7 @@ function metrics(dir: string): Line[] {
   );
 }
 
-Deno.test("rankSlice: each rank's rows of every micro-batch; the counts add up to the batch's", () => {
+Deno.test("rankSlice: each rank's rows of every micro-batch, in turn; the counts add up", () => {
   // 2 micro-batches × (3 ranks × 2 rows) of t + 1 = 4 tokens; token = 100·row + position
   const micro = 2, ranks = 3, batch = 2, w = 4, rows = micro * ranks * batch;
   const tokens = Int32Array.from({ length: rows * w }, (_, i) => 100 * Math.floor(i / w) + i % w);
@@ -70,9 +70,9 @@ Deno.test("rankSlice: each rank's rows of every micro-batch; the counts add up t
     const s = rankSlice(global, micro, batch, r, ranks);
     assert.equal(s.t, 3);
     assert.equal(s.tokens.length, micro * batch * w);
-    // micro-batch m, row k of rank r is global row m·(ranks·batch) + r·batch + k
+    // micro-batch m, row k of rank r is global row m·(ranks·batch) + r + k·ranks
     const want = [0, 1].flatMap((m) =>
-      [0, 1].map((k) => 100 * (m * ranks * batch + r * batch + k))
+      [0, 1].map((k) => 100 * (m * ranks * batch + r + k * ranks))
     );
     assert.deepEqual(Array.from({ length: micro * batch }, (_, i) => s.tokens[i * w]), want);
     assert.deepEqual(
@@ -229,6 +229,44 @@ Deno.test({
       assert.equal(resumed.code, 0, resumed.text);
       const key = (l: Line) => [l.type, l.step, l.loss, l.val_loss, l.grad_norm, l.loss_tokens];
       assert.deepEqual(metrics(cut).map(key), a.map(key));
+    } finally {
+      await Deno.remove(dir, { recursive: true });
+    }
+  },
+});
+
+Deno.test({
+  name: "data parallel fine-tuning with lora dropout: the ranks draw masks of their own",
+  sanitizeResources: false,
+  fn: async () => {
+    const bin = mpirunOrSkip();
+    if (!bin) return;
+    const dir = await Deno.makeTempDir({ prefix: "qgalore-dp-ft-drop-" });
+    try {
+      const data = join(dir, "train.jsonl");
+      const val = join(dir, "val.jsonl");
+      Deno.writeTextFileSync(data, lines(24, 12));
+      Deno.writeTextFileSync(val, lines(5, 13));
+      const flags = (dropout: string, out: string) => [
+        SCRIPT,
+        ...["--model", MODEL, "--data", data, "--val-data", val, "--optimizer", "lora"],
+        ...["--lora-rank", "4", "--lora-targets", "all-linear", "--lora-dropout", dropout],
+        ...["--batch-size", "2", "--grad-accum", "2", "--seq-len", "32"],
+        ...["--steps", "4", "--lr", "1e-2", "--eval-every", "0", "--threads", "1"],
+        ...["--seed", "5", "--out", out],
+      ];
+      const mpi = (dropout: string, out: string) =>
+        run(bin, [...MPIRUN_FLAGS, Deno.execPath(), "run", "-A", ...flags(dropout, out)]);
+      const drop = await mpi("0.3", join(dir, "drop"));
+      assert.equal(drop.code, 0, drop.text);
+      const none = await mpi("0", join(dir, "none"));
+      assert.equal(none.code, 0, none.text);
+      const loss = (m: Line[]) => m.filter((l) => l.type === "step").map((l) => l.loss!);
+      const a = loss(metrics(join(dir, "drop"))), b = loss(metrics(join(dir, "none")));
+      assert.equal(a.length, 4);
+      assert.ok(a.every(Number.isFinite), `${a}`);
+      // the masks act (the same data without dropout trains otherwise)
+      assert.ok(a.some((x, i) => Math.abs(x - b[i]) > 1e-4 * Math.abs(b[i])), `${a} vs ${b}`);
     } finally {
       await Deno.remove(dir, { recursive: true });
     }
