@@ -26,6 +26,11 @@ export interface DistInfo {
   allreduce_bytes: number;
   /** Sum all-reduces started so far. */
   allreduce_calls: number;
+  /**
+   * Seconds a collective waits for the other ranks (`QGALORE_DIST_TIMEOUT`, default 600);
+   * past it the rank prints one line naming the operation and ends the job.
+   */
+  timeout_s: number;
   /** What the data-parallel training steps sent so far, by category (bytes). */
   comm: CommBytes;
 }

@@ -10,7 +10,7 @@ export const PACKAGE_VERSION: string = "0.1.0";
 
 /** SHA-256 of the list below as `sha256sum` prints it; names the cached library. */
 export const SOURCES_DIGEST: string =
-  "af17b67e6a54f15ccdb0866d6b5b312c134ef950dd113b6d4b8f3ac1cb5fa4ad";
+  "4ee000d0b4f11f5b359f45b9bd46b4353f0f5be08c6f14e707caa3925c0b7029";
 
 /** Every file the build needs: path from the package root and SHA-256 of its bytes. */
 export const SOURCES: readonly { readonly path: string; readonly sha256: string }[] = [
@@ -196,11 +196,11 @@ export const SOURCES: readonly { readonly path: string; readonly sha256: string 
   },
   {
     path: "rust/src/dist/mod.rs",
-    sha256: "f9aefdba7ff5073d15ffeea95169c1768571db685e4f18952228da3ded818eb0",
+    sha256: "93b6a5612ccf0ad2350f3c37b479c246f1473bf06ac3389b6837c67ccf5b8722",
   },
   {
     path: "rust/src/dist/mpi.rs",
-    sha256: "179b45bb71303c51154ef910b13acfa8725fa06b6d192e8d2c9581a0a69f50d5",
+    sha256: "4c9604f9867c42218e540ace736b3bc8fa7b795eeca3babe0ec7c148a35f3e04",
   },
   {
     path: "rust/src/dist/nccl.rs",
@@ -292,7 +292,7 @@ export const SOURCES: readonly { readonly path: string; readonly sha256: string 
   },
   {
     path: "rust/src/model/lora.rs",
-    sha256: "bf660ccd1879a78fe28738b21d414c7542a293902a67446c8a2c28864b61b260",
+    sha256: "97a6761081831d2ada7f8447ef2c13a689a92f4397e9719a08eff4f1c10df5b6",
   },
   {
     path: "rust/src/model/mod.rs",

@@ -105,6 +105,7 @@ export async function dataParallel<
   O extends {
     quiet?: boolean;
     out?: string | null;
+    export?: string | null;
     batchSize: number;
     fused?: boolean | null;
     dpComm?: string;
@@ -114,6 +115,8 @@ export async function dataParallel<
   if (info.size <= 1) return { opts, rank: 0, size: 1, notice: null };
   const { out: _out, ...compared } = opts;
   await checkSameOptions(compared);
+  // rank 0 alone writes the `--export` too (every rank holds the same weights)
+  if (info.rank !== 0 && opts.export !== undefined) opts = { ...opts, export: null };
   const lowrank = opts.dpComm === "lowrank" && opts.fused !== false;
   const notice = `data-parallel: ${info.size} ranks × batch ${opts.batchSize} = global batch ` +
     `${info.size * opts.batchSize} (${info.backend}${info.version ? `, ${info.version}` : ""})` +

@@ -46,6 +46,7 @@ import {
 import { loadMultipleChoice, type McItem, type McResult, scoreMultipleChoice } from "./mmlu.ts";
 import type { Tokenizer } from "./tokenizer.ts";
 import type { OwnedData } from "./checkpoints.ts";
+import { allreduceSum, world } from "./dist.ts";
 import { writeOwnFile } from "./run_files.ts";
 import {
   type BatchSource,
@@ -140,7 +141,48 @@ function realTokens(b: FinetuneBatch): number {
   return n;
 }
 
-/** Fine-tuning batches from a {@link FinetuneSampler}; validation over every held-out example. */
+/**
+ * Rank `rank`'s rows of a global batch of `micro` micro-batches of `ranks × batch` rows each:
+ * rows rank, rank + ranks, rank + 2·ranks, … of every micro-batch. Taken in turn, so that the
+ * examples of a short update (an epoch's last; its rows are filled from the first) reach every
+ * rank while it has as many as ranks: the engine refuses an update in which a rank's rows carry
+ * no target. The update is the same set of rows as one process's, summed in another order.
+ */
+export function rankSlice(
+  b: FinetuneBatch,
+  micro: number,
+  batch: number,
+  rank: number,
+  ranks: number,
+): FinetuneBatch {
+  const w = b.t + 1;
+  const tokens = new Int32Array(micro * batch * w);
+  const mask = new Uint8Array(micro * batch * w);
+  for (let m = 0; m < micro; m++) {
+    for (let k = 0; k < batch; k++) {
+      const from = (m * ranks * batch + rank + k * ranks) * w;
+      const to = (m * batch + k) * w;
+      tokens.set(b.tokens.subarray(from, from + w), to);
+      mask.set(b.mask.subarray(from, from + w), to);
+    }
+  }
+  let count = 0;
+  for (let r = 0; r < micro * batch; r++) {
+    for (let j = 1; j < w; j++) count += mask[r * w + j];
+  }
+  return { tokens, mask, t: b.t, count };
+}
+
+/**
+ * Fine-tuning batches from a {@link FinetuneSampler}; validation over every held-out example.
+ *
+ * In a data-parallel run of N ranks (mpirun/srun) every rank runs the same sampler over the
+ * global batch of N × `batchSize` rows per micro-batch (so its plan and its checkpointed
+ * state are those of one process with that batch) and trains on its own slice of each
+ * micro-batch; the engine all-reduces the masked targets' count and the gradients, so the
+ * update is the one-process update of the global batch. Validation splits each global
+ * evaluation batch the same way and sums the ranks' losses and counts.
+ */
 export class FinetuneBatches implements BatchSource {
   /** Training examples. */
   readonly train: FinetuneData;
@@ -152,6 +194,10 @@ export class FinetuneBatches implements BatchSource {
   readonly sampler: FinetuneSampler;
   readonly #valBatches: FinetuneBatch[];
   #lastVal: { loss: number; count: number } | null = null;
+  readonly #rank: number;
+  readonly #ranks: number;
+  readonly #batch: number;
+  readonly #micro: number;
 
   /** A sampler over `train` in the run's shape, at `state` when resuming. */
   constructor(
@@ -164,16 +210,28 @@ export class FinetuneBatches implements BatchSource {
     this.train = train;
     this.val = val;
     this.split = split;
+    const w = world();
+    this.#rank = w.rank;
+    this.#ranks = w.size;
+    this.#batch = opts.batchSize;
+    this.#micro = opts.gradAccum;
     const shape = {
-      batch: opts.batchSize,
+      batch: opts.batchSize * w.size,
       micro: opts.gradAccum,
       seqLen: opts.seqLen,
       seed: opts.seed,
     };
+    if (state !== null && typeof state.batch === "number" && state.batch !== shape.batch) {
+      throw new UsageError(
+        `resume: the checkpoint's global batch is ${state.batch} rows, this job's is ` +
+          `${w.size} rank${w.size > 1 ? "s" : ""} × batch ${opts.batchSize} = ${shape.batch}: ` +
+          `resume with the number of ranks the run was started with`,
+      );
+    }
     this.sampler = state === null
       ? new FinetuneSampler(train, shape)
       : FinetuneSampler.restore(train, shape, state);
-    this.#valBatches = evalBatches(val, opts.batchSize, opts.seqLen);
+    this.#valBatches = evalBatches(val, shape.batch, opts.seqLen);
   }
 
   /** e.g. `train.jsonl (prompt): 900 examples, 41k loss tokens; validation 100 examples`. */
@@ -194,9 +252,12 @@ export class FinetuneBatches implements BatchSource {
     ).digest("hex");
   }
 
-  /** The next update's batch. */
+  /** The next update's batch (this rank's slice of the global batch). */
   next(): TrainBatch {
-    const b = this.sampler.next();
+    const all = this.sampler.next();
+    const b = this.#ranks > 1
+      ? rankSlice(all, this.#micro, this.#batch, this.#rank, this.#ranks)
+      : all;
     return { tokens: b.tokens, mask: b.mask, count: b.count, tokens_real: realTokens(b) };
   }
 
@@ -212,10 +273,20 @@ export class FinetuneBatches implements BatchSource {
     }
     let sum = 0;
     let count = 0;
-    for (const b of this.#valBatches) {
+    for (const all of this.#valBatches) {
+      const b = this.#ranks > 1 ? rankSlice(all, 1, this.#batch, this.#rank, this.#ranks) : all;
+      // a rank's rows of the last batch may be padding only (the engine refuses to evaluate
+      // them): nothing to add
+      if (b.count === 0) continue;
       const r = await engine.eval(b.tokens, 1, b.mask);
       sum += r.sum;
       count += r.count;
+    }
+    if (this.#ranks > 1) {
+      // every rank evaluated its rows of each batch: the sums over every rank
+      const both = new Float64Array([sum, count]);
+      await allreduceSum(both);
+      [sum, count] = both;
     }
     const loss = count > 0 ? sum / count : NaN;
     this.#lastVal = { loss, count };
@@ -392,7 +463,8 @@ function finetuneTask(staged: StagedRecords | null = null): RunTask {
       // the final evaluation's (none after a divergence)
       const mc = run.failure === null ? lastMc : null;
       let saved: string | null = null;
-      if (opts.saveAdapter !== null && run.failure === null) {
+      // rank 0 alone writes (every rank of a data-parallel run holds the same adapters)
+      if (opts.saveAdapter !== null && run.failure === null && world().rank === 0) {
         const e = run.engine as unknown as { saveAdapter: (dir: string) => Promise<void> };
         try {
           await e.saveAdapter(opts.saveAdapter);

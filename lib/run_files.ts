@@ -238,12 +238,18 @@ export interface RunLock {
   release(removeFolders?: boolean): void;
 }
 
-/** The start time of process `pid` (from /proc), or null when it does not run (or unknown). */
+/**
+ * The start time of process `pid` (from /proc), or null when it does not run (or unknown). A
+ * zombie (ended, not yet reaped: a container without an init leaves killed processes so) does
+ * not run.
+ */
 function startTime(pid: number): string | null {
   try {
     const stat = Deno.readTextFileSync(`/proc/${pid}/stat`);
-    // field 22, counted after the parenthesised command name (which may hold spaces)
-    return stat.slice(stat.lastIndexOf(")") + 2).split(" ")[19] ?? null;
+    // fields 3 (state) and 22, counted after the parenthesised command name (which may hold spaces)
+    const fields = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
+    if (fields[0] === "Z" || fields[0] === "X") return null;
+    return fields[19] ?? null;
   } catch {
     return null;
   }

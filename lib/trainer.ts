@@ -904,12 +904,6 @@ export class Run implements Disposable {
     const dp = await dataParallel(checked.opts).catch((e: unknown) => {
       throw e instanceof Error ? new UsageError(e.message) : e;
     });
-    if (dp.size > 1 && task.name !== "pretrain") {
-      // its sampler does not slice the global batch by rank yet
-      throw new UsageError(
-        `${task.name} under mpirun (${dp.size} ranks) is not supported yet: run it as one process`,
-      );
-    }
     const opts = dp.opts;
     if (dp.notice !== null) notices.push(dp.notice);
     const out = dp.rank !== 0

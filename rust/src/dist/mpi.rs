@@ -47,6 +47,8 @@ pub struct Mpi {
     allreduce: unsafe extern "C" fn(*const c_void, *mut c_void, c_int, Handle, Handle, Handle) -> c_int,
     iallreduce: unsafe extern "C" fn(*const c_void, *mut c_void, c_int, Handle, Handle, Handle, *mut Handle) -> c_int,
     bcast: unsafe extern "C" fn(*mut c_void, c_int, Handle, c_int, Handle) -> c_int,
+    ibcast: unsafe extern "C" fn(*mut c_void, c_int, Handle, c_int, Handle, *mut Handle) -> c_int,
+    ibarrier: unsafe extern "C" fn(Handle, *mut Handle) -> c_int,
     wait: unsafe extern "C" fn(*mut Handle, *mut c_void) -> c_int,
     test: unsafe extern "C" fn(*mut Handle, *mut c_int, *mut c_void) -> c_int,
     abort: unsafe extern "C" fn(Handle, c_int) -> c_int,
@@ -177,6 +179,8 @@ impl Mpi {
             allreduce: sym(&lib, &path, "MPI_Allreduce")?,
             iallreduce: sym(&lib, &path, "MPI_Iallreduce")?,
             bcast: sym(&lib, &path, "MPI_Bcast")?,
+            ibcast: sym(&lib, &path, "MPI_Ibcast")?,
+            ibarrier: sym(&lib, &path, "MPI_Ibarrier")?,
             wait: sym(&lib, &path, "MPI_Wait")?,
             test: sym(&lib, &path, "MPI_Test")?,
             abort: sym(&lib, &path, "MPI_Abort")?,
@@ -282,6 +286,13 @@ impl Mpi {
         Ok(Request(req))
     }
 
+    /// Starts a barrier (`MPI_Ibarrier`).
+    pub fn ibarrier(&self) -> Result<Request> {
+        let mut req: Handle = std::ptr::null_mut();
+        unsafe { self.check("MPI_Ibarrier", (self.ibarrier)(self.comm_world, &mut req))? };
+        Ok(Request(req))
+    }
+
     pub fn wait(&self, req: &mut Request) -> Result<()> {
         unsafe { self.check("MPI_Wait", (self.wait)(&mut req.0, STATUS_IGNORE)) }
     }
@@ -300,6 +311,18 @@ impl Mpi {
     pub unsafe fn bcast(&self, buf: *mut c_void, count: usize, root: usize) -> Result<()> {
         debug_assert!(count <= MAX_COUNT);
         self.check("MPI_Bcast", (self.bcast)(buf, count as c_int, self.dt_byte, root as c_int, self.comm_world))
+    }
+
+    /// Starts a broadcast of `count` bytes from `root` (`MPI_Ibcast`); `buf` must stay put
+    /// until the request completes.
+    ///
+    /// # Safety
+    /// `buf` holds `count` bytes and outlives the request.
+    pub unsafe fn ibcast(&self, buf: *mut c_void, count: usize, root: usize) -> Result<Request> {
+        debug_assert!(count <= MAX_COUNT);
+        let mut req: Handle = std::ptr::null_mut();
+        self.check("MPI_Ibcast", (self.ibcast)(buf, count as c_int, self.dt_byte, root as c_int, self.comm_world, &mut req))?;
+        Ok(Request(req))
     }
 
     /// Ends every rank of the job (`MPI_Abort`): for a rank that cannot go on while the

@@ -205,7 +205,10 @@ fn dropout<B: Backend>(be: &B, key: u64, p: f32, l: usize, k: usize, x: &B::Buf,
     let key = rng::mix64(key, (l * 7 + k) as u64);
     let h = be.to_host(x, len)?;
     let keep = 1.0 / (1.0 - p);
-    let out: Vec<f32> = h.iter().enumerate().map(|(i, &v)| if rng::uniform(key, i as u64) >= p { v * keep } else { 0.0 }).collect();
+    // a data-parallel rank draws its elements after those of the ranks before it (every rank
+    // the same len), so no two ranks share a mask
+    let at = (crate::dist::rank() * len) as u64;
+    let out: Vec<f32> = h.iter().enumerate().map(|(i, &v)| if rng::uniform(key, at + i as u64) >= p { v * keep } else { 0.0 }).collect();
     be.upload(xd, &out)
 }
 
