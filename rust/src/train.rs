@@ -201,7 +201,7 @@ impl<B: Backend> Engine<B> {
     pub fn loss_and_grads_masked(&mut self, tokens: &[i32], mask: Option<&[u8]>, micro: usize) -> Result<(f64, u64)> {
         let sh = self.window_rows(tokens, mask, micro, "train batch", "micro-batches")?;
         // data-parallel: the targets of the whole global batch (this rank's alone otherwise)
-        let count = crate::dist::grads::global_count(self.update_count(micro, sh.t, mask)?)?;
+        let count = self.update_count(micro, sh.t, mask)?;
         let ntok = count as f64;
         let scale = (1.0 / ntok) as f32;
         let rows = sh.rows;
@@ -232,9 +232,12 @@ impl<B: Backend> Engine<B> {
         }
     }
 
-    /// N of an update: the targets carrying loss over its `micro` micro-batches; 0 is refused.
+    /// N of an update: the targets carrying loss over its `micro` micro-batches (in a
+    /// data-parallel run, over every rank's: checked after the sum, so a rank whose slice
+    /// carries none trains on and all ranks refuse together when the whole batch does); 0 is
+    /// refused.
     fn update_count(&self, micro: usize, t: usize, mask: Option<&[u8]>) -> Result<u64> {
-        let count = Self::counted(micro * self.cfg.batch_size, t, mask);
+        let count = crate::dist::grads::global_count(Self::counted(micro * self.cfg.batch_size, t, mask))?;
         ensure!(count > 0, "no target in this update carries loss (every mask entry is 0)");
         Ok(count)
     }
@@ -336,8 +339,7 @@ impl<B: Backend> Engine<B> {
         let sh = self.window_rows(tokens, mask, 1, "train batch", "micro-batches")?;
         // data-parallel: N and the loss are the whole global batch's (one process: this
         // batch's); the count is checked after the sum, so every rank refuses together
-        let count = crate::dist::grads::global_count(Self::counted(self.cfg.batch_size, sh.t, mask))?;
-        ensure!(count > 0, "no target in this update carries loss (every mask entry is 0)");
+        let count = self.update_count(1, sh.t, mask)?;
         let ntok = count as f64;
         let sum = self.forward_loss(tokens, mask, Some((1.0 / ntok) as f32))?;
         let sum = crate::dist::overlap::sum_f64(sum)?;

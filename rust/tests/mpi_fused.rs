@@ -200,6 +200,39 @@ fn rank_run(k: &Case, fused: bool) -> Result<(), String> {
     Ok(())
 }
 
+/// The loss mask of step `s`'s global batch: rank 1's half carries no loss at all (every
+/// entry 0) and rank 0's only some targets, so only the global count is not 0.
+fn global_mask(s: u64) -> Vec<u8> {
+    let rows = T + 1;
+    (0..2 * B * rows).map(|i| u8::from(i < B * rows && (i + s as usize) % 3 != 0)).collect()
+}
+
+/// A masked update whose rank-1 slice carries no loss: that rank trains on (it must not
+/// refuse alone — the target count is checked after the sum over the ranks) and both ranks
+/// follow one process with the whole masked batch.
+fn masked_run(fused: bool) -> Result<(), String> {
+    let r = dist::rank();
+    let mut c = masked_case().cfg;
+    c.optimizer.fused = fused;
+    let v = c.model.vocab_size;
+    let mut e = Engine::new(Cpu::new(1).unwrap(), c).map_err(|e| e.msg)?;
+    let rows = T + 1;
+    let mode = if fused { "fused" } else { "unfused" };
+    for s in 0..3 {
+        let (g, m) = (global_batch(v, s), global_mask(s));
+        let range = r * B * rows..(r + 1) * B * rows;
+        let st = e.train_step_masked(&g[range.clone()], Some(&m[range]), 1, LR).map_err(|e| format!("masked {mode} step {s}: {}", e.msg))?;
+        if r == 0 {
+            println!("RUN {mode} [masked, rank 1 empty] {s} {:e} {:e} {} count {}", st.loss, st.grad_norm, st.clipped, st.count);
+        }
+    }
+    Ok(())
+}
+
+fn masked_case() -> Case {
+    case("masked, rank 1 empty", 96, false, "galore", 0.5, 3, 3)
+}
+
 fn rank_body() -> Result<usize, String> {
     let info = dist::init(Mode::Auto).map_err(|e| e.msg)?;
     if info.backend != "mpi" || info.size != 2 {
@@ -208,6 +241,9 @@ fn rank_body() -> Result<usize, String> {
     for k in cases() {
         rank_run(&k, true)?;
         rank_run(&k, false)?;
+    }
+    for fused in [true, false] {
+        masked_run(fused)?;
     }
     dist::barrier().map_err(|e| e.msg)?;
     dist::finalize().map_err(|e| e.msg)?;
@@ -343,6 +379,25 @@ fn fused_two_ranks() {
                 assert!(close(a.1, other.1, 1e-4), "{}: step {s} norm {} (fused, 2 ranks) vs {} ({what})", k.label, a.1, other.1);
                 assert_eq!(a.2, other.2, "{}: step {s} clipped differs from {what}", k.label);
             }
+        }
+    }
+    // the masked case: 2 ranks (rank 1's slice empty) = one process with the whole mask
+    let k = masked_case();
+    let mut c = k.cfg.clone();
+    c.batch_size = 2 * B;
+    c.optimizer.fused = true;
+    let v = c.model.vocab_size;
+    let mut e = Engine::new(Cpu::new(1).unwrap(), c).unwrap();
+    for mode in ["fused", "unfused"] {
+        assert_eq!(parse_run(&text, k.label, mode).len(), 3, "masked {mode}: steps in\n{text}");
+    }
+    for s in 0..3u64 {
+        let st = e.train_step_masked(&global_batch(v, s), Some(&global_mask(s)), 1, LR).unwrap();
+        for mode in ["fused", "unfused"] {
+            let a = parse_run(&text, k.label, mode)[s as usize];
+            assert!(close(a.0, st.loss, 1e-5), "masked {mode} step {s}: loss {} (2 ranks) vs {} (one process)", a.0, st.loss);
+            assert!(close(a.1, st.grad_norm, 1e-4), "masked {mode} step {s}: norm {} vs {}", a.1, st.grad_norm);
+            println!("masked, rank 1 empty, {mode} step {s}: loss {} (2 ranks) vs {} (one process, {} targets)", a.0, st.loss, st.count);
         }
     }
 }
