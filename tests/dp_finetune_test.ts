@@ -7,23 +7,12 @@ import assert from "node:assert/strict";
 import { join } from "node:path";
 import { Rng } from "../lib/rng.ts";
 import { rankSlice } from "../lib/finetune.ts";
-import { MPIRUN_ENV, MPIRUN_FLAGS, mpirunOrSkip } from "./mpi_run.ts";
+import { type MetricLine, metricLines, MPIRUN_FLAGS, mpirunOrSkip, runMpi } from "./mpi_run.ts";
 
 const MODEL = new URL("./fixtures/hf/gqa-tied-theta5e5", import.meta.url).pathname;
 const SCRIPT = new URL("../examples/finetune.ts", import.meta.url).pathname;
 const CHILD = new URL("./dp_finetune_child.ts", import.meta.url).pathname;
-const dec = new TextDecoder();
-
-async function run(cmd: string, args: string[]): Promise<{ code: number; text: string }> {
-  const out = await new Deno.Command(cmd, {
-    args,
-    env: MPIRUN_ENV,
-    stdout: "piped",
-    stderr: "piped",
-    signal: AbortSignal.timeout(300_000),
-  }).output();
-  return { code: out.code, text: dec.decode(out.stdout) + dec.decode(out.stderr) };
-}
+const metrics = (dir: string): MetricLine[] => metricLines(join(dir, "metrics.jsonl"));
 
 /** Prompt/completion lines of different lengths (so batches carry padding and prompts). */
 function lines(n: number, seed: number): string {
@@ -36,21 +25,6 @@ function lines(n: number, seed: number): string {
     out.push(JSON.stringify({ prompt: `say ${ws.join(" ")}:`, completion: ` ${ws.join(" ")}` }));
   }
   return out.join("\n") + "\n";
-}
-
-interface Line {
-  type: string;
-  step: number;
-  loss?: number;
-  val_loss?: number;
-  grad_norm?: number;
-  loss_tokens?: number;
-}
-
-function metrics(dir: string): Line[] {
-  return Deno.readTextFileSync(join(dir, "metrics.jsonl")).trim().split("\n").map((l) =>
-    JSON.parse(l)
-  );
 }
 
 Deno.test("rankSlice: each rank's rows of every micro-batch, in turn; the counts add up", () => {
@@ -152,7 +126,7 @@ Deno.test({
         out,
       ];
       // the command line under mpirun: 2 ranks × batch 2, the adapter saved once
-      const dp = await run(bin, [
+      const dp = await runMpi(bin, [
         ...MPIRUN_FLAGS,
         Deno.execPath(),
         "run",
@@ -165,7 +139,7 @@ Deno.test({
       assert.match(dp.text, /data-parallel: 2 ranks × batch 2 = global batch 4/);
       // rank 0 alone prints: one summary line
       assert.equal(dp.text.split("\n").filter((l) => l.startsWith("summary: ")).length, 1, dp.text);
-      const one = await run(Deno.execPath(), ["run", "-A", ...flags(4, join(dir, "one"))]);
+      const one = await runMpi(Deno.execPath(), ["run", "-A", ...flags(4, join(dir, "one"))]);
       assert.equal(one.code, 0, one.text);
       const a = metrics(join(dir, "dp")), b = metrics(join(dir, "one"));
       assert.equal(a.length, b.length);
@@ -198,7 +172,7 @@ Deno.test({
 
       // stopped after 3 updates (rank 0 checkpoints), resumed from the command line
       const cut = join(dir, "cut");
-      const stopped = await run(bin, [
+      const stopped = await runMpi(bin, [
         ...MPIRUN_FLAGS,
         Deno.execPath(),
         "run",
@@ -211,13 +185,13 @@ Deno.test({
       assert.match(stopped.text, /DP-FT-CHILD-OK 1/);
       assert.equal(metrics(cut).filter((l) => l.type === "step").length, 3);
       // a resume with another number of ranks is refused in one line
-      const wrong = await run(Deno.execPath(), ["run", "-A", SCRIPT, "--resume", cut]);
+      const wrong = await runMpi(Deno.execPath(), ["run", "-A", SCRIPT, "--resume", cut]);
       assert.equal(wrong.code, 2, wrong.text);
       assert.match(
         wrong.text.trim(),
         /^error: .*global batch is 4 rows, this job's is 1 rank × batch 2 = 2: resume with the number of ranks the run was started with$/,
       );
-      const resumed = await run(bin, [
+      const resumed = await runMpi(bin, [
         ...MPIRUN_FLAGS,
         Deno.execPath(),
         "run",
@@ -227,7 +201,9 @@ Deno.test({
         cut,
       ]);
       assert.equal(resumed.code, 0, resumed.text);
-      const key = (l: Line) => [l.type, l.step, l.loss, l.val_loss, l.grad_norm, l.loss_tokens];
+      const key = (
+        l: MetricLine,
+      ) => [l.type, l.step, l.loss, l.val_loss, l.grad_norm, l.loss_tokens];
       assert.deepEqual(metrics(cut).map(key), a.map(key));
     } finally {
       await Deno.remove(dir, { recursive: true });
@@ -256,12 +232,12 @@ Deno.test({
         ...["--seed", "5", "--out", out],
       ];
       const mpi = (dropout: string, out: string) =>
-        run(bin, [...MPIRUN_FLAGS, Deno.execPath(), "run", "-A", ...flags(dropout, out)]);
+        runMpi(bin, [...MPIRUN_FLAGS, Deno.execPath(), "run", "-A", ...flags(dropout, out)]);
       const drop = await mpi("0.3", join(dir, "drop"));
       assert.equal(drop.code, 0, drop.text);
       const none = await mpi("0", join(dir, "none"));
       assert.equal(none.code, 0, none.text);
-      const loss = (m: Line[]) => m.filter((l) => l.type === "step").map((l) => l.loss!);
+      const loss = (m: MetricLine[]) => m.filter((l) => l.type === "step").map((l) => l.loss!);
       const a = loss(metrics(join(dir, "drop"))), b = loss(metrics(join(dir, "none")));
       assert.equal(a.length, 4);
       assert.ok(a.every(Number.isFinite), `${a}`);

@@ -6,35 +6,17 @@
 // backward; the tables once more when the clip stash recomputes them), the loss and the
 // target count. Skipped with a message when mpirun is absent (unless QGALORE_REQUIRE_MPI=1).
 import assert from "node:assert/strict";
-import { MPIRUN_ENV, MPIRUN_FLAGS, mpirunOrSkip } from "./mpi_run.ts";
+import {
+  type MetricLine,
+  metricLines,
+  MPIRUN_FLAGS,
+  mpirunOrSkip,
+  runMpi,
+  tensorHashes,
+} from "./mpi_run.ts";
 
 const CHILD = new URL("./dp_child.ts", import.meta.url).pathname;
-const dec = new TextDecoder();
-
-async function run(cmd: string, args: string[]): Promise<{ code: number; text: string }> {
-  const out = await new Deno.Command(cmd, {
-    args,
-    env: MPIRUN_ENV,
-    stdout: "piped",
-    stderr: "piped",
-    signal: AbortSignal.timeout(300_000),
-  }).output();
-  return { code: out.code, text: dec.decode(out.stdout) + dec.decode(out.stderr) };
-}
-
-interface Line {
-  type: string;
-  step: number;
-  loss?: number;
-  val_loss?: number;
-  grad_norm?: number;
-}
-
-function metrics(dir: string): Line[] {
-  return Deno.readTextFileSync(`${dir}/run/metrics.jsonl`).trim().split("\n").map((l) =>
-    JSON.parse(l)
-  );
-}
+const metrics = (dir: string): MetricLine[] => metricLines(`${dir}/run/metrics.jsonl`);
 
 interface Summary {
   params: number;
@@ -46,27 +28,9 @@ function summary(dir: string): Summary {
   return JSON.parse(Deno.readTextFileSync(`${dir}/run/summary.json`));
 }
 
-/** SHA-256 (hex) of each tensor's bytes in a safetensors file, by name, with its dtype. */
-async function tensorHashes(path: string): Promise<Map<string, string>> {
-  const bytes = Deno.readFileSync(path);
-  const n = Number(new DataView(bytes.buffer).getBigUint64(0, true));
-  const header = JSON.parse(dec.decode(bytes.subarray(8, 8 + n))) as Record<
-    string,
-    { dtype: string; data_offsets: [number, number] }
-  >;
-  const out = new Map<string, string>();
-  for (const [name, t] of Object.entries(header)) {
-    if (name === "__metadata__") continue;
-    const data = bytes.subarray(8 + n + t.data_offsets[0], 8 + n + t.data_offsets[1]);
-    const h = new Uint8Array(await crypto.subtle.digest("SHA-256", data));
-    out.set(name, `${t.dtype}:${Array.from(h, (b) => b.toString(16).padStart(2, "0")).join("")}`);
-  }
-  return out;
-}
-
 /** Trains `opts` on 2 ranks × batch 2 into `dir`; both ranks must finish. */
 async function twoRanks(bin: string, opts: Record<string, unknown>, dir: string): Promise<void> {
-  const r = await run(bin, [
+  const r = await runMpi(bin, [
     ...MPIRUN_FLAGS,
     Deno.execPath(),
     "run",
@@ -81,7 +45,7 @@ async function twoRanks(bin: string, opts: Record<string, unknown>, dir: string)
 }
 
 async function oneProcess(opts: Record<string, unknown>, dir: string): Promise<void> {
-  const r = await run(Deno.execPath(), [
+  const r = await runMpi(Deno.execPath(), [
     "run",
     "-A",
     CHILD,
@@ -92,7 +56,7 @@ async function oneProcess(opts: Record<string, unknown>, dir: string): Promise<v
 }
 
 /** Every metrics line of `a` equals `b`'s: losses within 1e-5, the norm within 1e-4. */
-function sameTrajectory(a: Line[], b: Line[], what: string, steps: number): void {
+function sameTrajectory(a: MetricLine[], b: MetricLine[], what: string, steps: number): void {
   assert.equal(a.length, b.length, what);
   assert.equal(a.filter((l) => l.type === "step").length, steps, what);
   for (let i = 0; i < a.length; i++) {
@@ -203,7 +167,7 @@ Deno.test("data parallel, fused step: grad_accum > 1 is refused as in one proces
     // the fused step updates inside the backward: accumulated gradients cannot persist
     // (plan::fused; the front end refuses the combination before anything starts)
     const opts = { ...BASE, steps: 2, optimizer: "adamw", fused: true, gradAccum: 2, batchSize: 2 };
-    const r = await run(bin, [
+    const r = await runMpi(bin, [
       ...MPIRUN_FLAGS,
       Deno.execPath(),
       "run",
@@ -228,7 +192,7 @@ Deno.test("data parallel, fused step: a stopped 2-rank run resumes update for up
   if (!bin) return;
   const dir = await Deno.makeTempDir({ prefix: "qgalore-dp-fused-resume-" });
   const mpi = async (o: Record<string, unknown>, d: string) => {
-    const r = await run(bin, [
+    const r = await runMpi(bin, [
       ...MPIRUN_FLAGS,
       Deno.execPath(),
       "run",

@@ -6,36 +6,12 @@
 // that projects nothing sends whole gradients; a bad value is refused with one line. Skipped
 // with a message when mpirun is absent (unless QGALORE_REQUIRE_MPI=1).
 import assert from "node:assert/strict";
-import { MPIRUN_ENV, MPIRUN_FLAGS, mpirunOrSkip } from "./mpi_run.ts";
+import { type MetricLine, metricLines, MPIRUN_FLAGS, mpirunOrSkip, runMpi } from "./mpi_run.ts";
 
 const CHILD = new URL("./dp_child.ts", import.meta.url).pathname;
 const PRETRAIN = new URL("../examples/pretrain.ts", import.meta.url).pathname;
 const dec = new TextDecoder();
-
-async function run(cmd: string, args: string[]): Promise<{ code: number; text: string }> {
-  const out = await new Deno.Command(cmd, {
-    args,
-    env: MPIRUN_ENV,
-    stdout: "piped",
-    stderr: "piped",
-    signal: AbortSignal.timeout(300_000),
-  }).output();
-  return { code: out.code, text: dec.decode(out.stdout) + dec.decode(out.stderr) };
-}
-
-interface Line {
-  type: string;
-  step: number;
-  loss?: number;
-  val_loss?: number;
-  grad_norm?: number;
-}
-
-function metrics(dir: string): Line[] {
-  return Deno.readTextFileSync(`${dir}/run/metrics.jsonl`).trim().split("\n").map((l) =>
-    JSON.parse(l)
-  );
-}
+const metrics = (dir: string): MetricLine[] => metricLines(`${dir}/run/metrics.jsonl`);
 
 // deno-lint-ignore no-explicit-any
 function summary(dir: string): any {
@@ -79,7 +55,7 @@ async function sameOnBothRanks(dir: string): Promise<Map<string, Tensor>> {
   return t0;
 }
 
-function closeLosses(a: Line[], b: Line[], what: string) {
+function closeLosses(a: MetricLine[], b: MetricLine[], what: string) {
   assert.equal(a.length, b.length, what);
   for (let i = 0; i < a.length; i++) {
     assert.equal(a[i].type, b[i].type);
@@ -110,7 +86,7 @@ const GALORE = {
 };
 
 const mpi = (bin: string, o: Record<string, unknown>, d: string) =>
-  run(bin, [...MPIRUN_FLAGS, Deno.execPath(), "run", "-A", CHILD, JSON.stringify(o), d]);
+  runMpi(bin, [...MPIRUN_FLAGS, Deno.execPath(), "run", "-A", CHILD, JSON.stringify(o), d]);
 
 Deno.test("dp-comm lowrank: galore 2 ranks × batch 2 = 1 process × batch 4 = full all-reduce; bytes by category", async () => {
   const bin = mpirunOrSkip();
@@ -122,7 +98,7 @@ Deno.test("dp-comm lowrank: galore 2 ranks × batch 2 = 1 process × batch 4 = f
     assert.match(lr.text, /DP-CHILD-OK 1/);
     const full = await mpi(bin, { ...GALORE, batchSize: 2, dpComm: "full" }, `${dir}/full`);
     assert.equal(full.code, 0, full.text);
-    const one = await run(Deno.execPath(), [
+    const one = await runMpi(Deno.execPath(), [
       "run",
       "-A",
       CHILD,
@@ -136,7 +112,7 @@ Deno.test("dp-comm lowrank: galore 2 ranks × batch 2 = 1 process × batch 4 = f
     closeLosses(ml, mf, "lowrank vs full");
     closeLosses(mf, mo, "full 2 ranks vs 1 process");
     // the low-rank norm is ‖R‖ over projected matrices: below the whole gradient's
-    const steps = (m: Line[]) => m.filter((l) => l.type === "step");
+    const steps = (m: MetricLine[]) => m.filter((l) => l.type === "step");
     for (const [a, b] of steps(ml).map((l, i) => [l, steps(mf)[i]])) {
       assert.ok(a.grad_norm! < b.grad_norm!, `grad_norm ${a.grad_norm} (lowrank) ≥ ${b.grad_norm}`);
     }
@@ -317,7 +293,7 @@ Deno.test("dp-comm auto: the fused step stays fused and sums whole gradients", a
 });
 
 Deno.test("--dp-comm with a bad value is refused with one line naming the allowed values", async () => {
-  const r = await run(Deno.execPath(), [
+  const r = await runMpi(Deno.execPath(), [
     "run",
     "-A",
     PRETRAIN,

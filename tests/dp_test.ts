@@ -4,54 +4,18 @@
 // are refused with one line. Skipped with a message when mpirun is absent (unless
 // QGALORE_REQUIRE_MPI=1).
 import assert from "node:assert/strict";
-import { MPIRUN_ENV, MPIRUN_FLAGS, mpirunOrSkip } from "./mpi_run.ts";
+import {
+  type MetricLine,
+  metricLines,
+  MPIRUN_FLAGS,
+  mpirunOrSkip,
+  runMpi,
+  tensorHashes,
+} from "./mpi_run.ts";
 
 const CHILD = new URL("./dp_child.ts", import.meta.url).pathname;
 const PRETRAIN = new URL("../examples/pretrain.ts", import.meta.url).pathname;
-const dec = new TextDecoder();
-
-async function run(cmd: string, args: string[]): Promise<{ code: number; text: string }> {
-  const out = await new Deno.Command(cmd, {
-    args,
-    env: MPIRUN_ENV,
-    stdout: "piped",
-    stderr: "piped",
-    signal: AbortSignal.timeout(300_000),
-  }).output();
-  return { code: out.code, text: dec.decode(out.stdout) + dec.decode(out.stderr) };
-}
-
-interface Line {
-  type: string;
-  step: number;
-  loss?: number;
-  val_loss?: number;
-  grad_norm?: number;
-}
-
-function metrics(dir: string): Line[] {
-  return Deno.readTextFileSync(`${dir}/run/metrics.jsonl`).trim().split("\n").map((l) =>
-    JSON.parse(l)
-  );
-}
-
-/** SHA-256 (hex) of each tensor's bytes in a safetensors file, by name, with its dtype. */
-async function tensorHashes(path: string): Promise<Map<string, string>> {
-  const bytes = Deno.readFileSync(path);
-  const n = Number(new DataView(bytes.buffer).getBigUint64(0, true));
-  const header = JSON.parse(dec.decode(bytes.subarray(8, 8 + n))) as Record<
-    string,
-    { dtype: string; data_offsets: [number, number] }
-  >;
-  const out = new Map<string, string>();
-  for (const [name, t] of Object.entries(header)) {
-    if (name === "__metadata__") continue;
-    const data = bytes.subarray(8 + n + t.data_offsets[0], 8 + n + t.data_offsets[1]);
-    const h = new Uint8Array(await crypto.subtle.digest("SHA-256", data));
-    out.set(name, `${t.dtype}:${Array.from(h, (b) => b.toString(16).padStart(2, "0")).join("")}`);
-  }
-  return out;
-}
+const metrics = (dir: string): MetricLine[] => metricLines(`${dir}/run/metrics.jsonl`);
 
 const BASE = { steps: 6, seqLen: 32, threads: 1, evalEvery: 3, evalBatches: 2, seed: 7 };
 const CASES: Record<string, Record<string, unknown>> = {
@@ -83,7 +47,7 @@ for (const [name, opts] of Object.entries(CASES)) {
     if (!bin) return;
     const dir = await Deno.makeTempDir({ prefix: "qgalore-dp-" });
     try {
-      const dp = await run(bin, [
+      const dp = await runMpi(bin, [
         ...MPIRUN_FLAGS,
         Deno.execPath(),
         "run",
@@ -95,7 +59,7 @@ for (const [name, opts] of Object.entries(CASES)) {
       assert.equal(dp.code, 0, dp.text);
       assert.match(dp.text, /DP-CHILD-OK 0/);
       assert.match(dp.text, /DP-CHILD-OK 1/);
-      const one = await run(Deno.execPath(), [
+      const one = await runMpi(Deno.execPath(), [
         "run",
         "-A",
         CHILD,
@@ -158,7 +122,7 @@ Deno.test("data parallel: a stopped 2-rank run resumes update for update", async
   if (!bin) return;
   const dir = await Deno.makeTempDir({ prefix: "qgalore-dp-resume-" });
   const mpi = (o: Record<string, unknown>, d: string) =>
-    run(bin, [...MPIRUN_FLAGS, Deno.execPath(), "run", "-A", CHILD, JSON.stringify(o), d]);
+    runMpi(bin, [...MPIRUN_FLAGS, Deno.execPath(), "run", "-A", CHILD, JSON.stringify(o), d]);
   try {
     const opts: Record<string, unknown> = { ...CASES.adamw, batchSize: 2 };
     const full = await mpi(opts, `${dir}/full`);
@@ -187,7 +151,7 @@ Deno.test("data parallel: ranks started with different options are refused with 
   if (!bin) return;
   const dir = await Deno.makeTempDir({ prefix: "qgalore-dp-refuse-" });
   const common = ["run", "-A", PRETRAIN, "--steps", "1", "--out", `${dir}/run`];
-  const r = await run(bin, [
+  const r = await runMpi(bin, [
     ...MPIRUN_FLAGS.filter((f, i, all) => f !== "-np" && all[i - 1] !== "-np"),
     "-np",
     "1",

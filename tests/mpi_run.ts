@@ -41,3 +41,50 @@ export const MPIRUN_ENV = {
   OMPI_ALLOW_RUN_AS_ROOT: "1",
   OMPI_ALLOW_RUN_AS_ROOT_CONFIRM: "1",
 };
+
+const dec = new TextDecoder();
+
+/** Runs `cmd` (mpirun, or one process) with {@link MPIRUN_ENV}, 300 s at most; its exit code and output. */
+export async function runMpi(cmd: string, args: string[]): Promise<{ code: number; text: string }> {
+  const out = await new Deno.Command(cmd, {
+    args,
+    env: MPIRUN_ENV,
+    stdout: "piped",
+    stderr: "piped",
+    signal: AbortSignal.timeout(300_000),
+  }).output();
+  return { code: out.code, text: dec.decode(out.stdout) + dec.decode(out.stderr) };
+}
+
+/** A line of a run's metrics.jsonl, as the data-parallel tests compare them. */
+export interface MetricLine {
+  type: string;
+  step: number;
+  loss?: number;
+  val_loss?: number;
+  grad_norm?: number;
+  loss_tokens?: number;
+}
+
+/** The lines of a metrics.jsonl file. */
+export function metricLines(path: string): MetricLine[] {
+  return Deno.readTextFileSync(path).trim().split("\n").map((l) => JSON.parse(l));
+}
+
+/** SHA-256 (hex) of each tensor's bytes in a safetensors file, by name, with its dtype. */
+export async function tensorHashes(path: string): Promise<Map<string, string>> {
+  const bytes = Deno.readFileSync(path);
+  const n = Number(new DataView(bytes.buffer).getBigUint64(0, true));
+  const header = JSON.parse(dec.decode(bytes.subarray(8, 8 + n))) as Record<
+    string,
+    { dtype: string; data_offsets: [number, number] }
+  >;
+  const out = new Map<string, string>();
+  for (const [name, t] of Object.entries(header)) {
+    if (name === "__metadata__") continue;
+    const data = bytes.subarray(8 + n + t.data_offsets[0], 8 + n + t.data_offsets[1]);
+    const h = new Uint8Array(await crypto.subtle.digest("SHA-256", data));
+    out.set(name, `${t.dtype}:${Array.from(h, (b) => b.toString(16).padStart(2, "0")).join("")}`);
+  }
+  return out;
+}

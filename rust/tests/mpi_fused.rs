@@ -8,14 +8,14 @@
 //! when `mpirun` is absent, unless `QGALORE_REQUIRE_MPI=1`, where that fails.
 
 mod common;
+use common::mpi::*;
 use common::*;
 use qgalore::backend::cpu::Cpu;
 use qgalore::config::EngineConfig;
 use qgalore::dist::{self, Mode};
 use qgalore::plan::Plan;
 use qgalore::train::Engine;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const CHILD: &str = "QGALORE_MPI_FUSED_CHILD";
 /// Per-rank batch and sequence length.
@@ -264,32 +264,7 @@ fn child() {
     }
 }
 
-fn mpirun() -> Option<String> {
-    let path = std::env::var("PATH").unwrap_or_default();
-    std::env::split_paths(&path).map(|d| d.join("mpirun")).find(|p| p.is_file()).map(|p| p.display().to_string())
-}
 
-/// Runs `cmd` to completion or kills it after `limit`; returns (exit ok, stdout + stderr).
-fn run_bounded(mut cmd: Command, limit: Duration) -> (bool, String) {
-    let out_path = std::env::temp_dir().join(format!("qgalore-mpi-fused-{}.log", std::process::id()));
-    let file = std::fs::File::create(&out_path).unwrap();
-    let mut child = cmd.stdout(Stdio::from(file.try_clone().unwrap())).stderr(Stdio::from(file)).spawn().expect("start mpirun");
-    let start = Instant::now();
-    let ok = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status.success();
-        }
-        if start.elapsed() > limit {
-            let _ = child.kill();
-            let _ = child.wait();
-            break false;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let text = std::fs::read_to_string(&out_path).unwrap_or_default();
-    let _ = std::fs::remove_file(&out_path);
-    (ok, text)
-}
 
 /// One process, batch 2B, the fused step: the reference trajectory, and the gradient bytes
 /// tracked after it.
@@ -318,23 +293,10 @@ fn fused_two_ranks() {
     if std::env::var(CHILD).is_ok() {
         return;
     }
-    let Some(mpirun) = mpirun() else {
-        if std::env::var("QGALORE_REQUIRE_MPI").as_deref() == Ok("1") {
-            panic!("mpirun not found but QGALORE_REQUIRE_MPI=1 (install openmpi-bin libopenmpi-dev)");
-        }
-        eprintln!("skipped: mpirun not found (install openmpi-bin libopenmpi-dev to run the two-rank test)");
+    let Some(mpirun) = mpirun_or_skip("the two-rank test") else {
         return;
     };
-    let exe = std::env::current_exe().unwrap();
-    let mut cmd = Command::new(mpirun);
-    cmd.args(["-np", "2", "--oversubscribe", "--mca", "btl", "self,tcp", "--mca", "btl_tcp_if_include", "lo"])
-        .args(["-x", CHILD])
-        .arg(exe)
-        .args(["--exact", "child", "--nocapture", "--test-threads", "1"])
-        .env(CHILD, "1")
-        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
-        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-        .env("OMPI_MCA_rmaps_base_oversubscribe", "1");
+    let cmd = launch_two_ranks(&mpirun, &[(CHILD, "1")]);
     let (ok, text) = run_bounded(cmd, Duration::from_secs(300));
     assert!(ok, "mpirun -np 2 failed:\n{text}");
     for r in 0..2 {

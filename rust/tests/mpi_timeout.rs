@@ -6,7 +6,9 @@
 //! message when `mpirun` is absent, unless `QGALORE_REQUIRE_MPI=1`.
 
 use qgalore::dist::{self, Mode};
-use std::process::{Command, Stdio};
+mod common;
+use common::mpi::*;
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 const CHILD: &str = "QGALORE_MPI_TIMEOUT_CHILD";
@@ -50,24 +52,14 @@ fn child() {
     }
 }
 
-fn mpirun() -> Option<String> {
-    let path = std::env::var("PATH").unwrap_or_default();
-    std::env::split_paths(&path).map(|d| d.join("mpirun")).find(|p| p.is_file()).map(|p| p.display().to_string())
-}
-
 #[test]
 fn a_collective_that_cannot_complete_ends_the_job() {
     if std::env::var(CHILD).is_ok() {
         return;
     }
-    let Some(mpirun) = mpirun() else {
-        if std::env::var("QGALORE_REQUIRE_MPI").as_deref() == Ok("1") {
-            panic!("mpirun not found but QGALORE_REQUIRE_MPI=1 (install openmpi-bin libopenmpi-dev)");
-        }
-        eprintln!("skipped: mpirun not found (install openmpi-bin libopenmpi-dev to run the timeout test)");
+    let Some(mpirun) = mpirun_or_skip("the timeout test") else {
         return;
     };
-    let exe = std::env::current_exe().unwrap();
     for (op, name, bytes) in [
         ("allreduce", "MPI_Allreduce", "16 B"),
         ("bcast", "MPI_Bcast", "5 B"),
@@ -75,15 +67,7 @@ fn a_collective_that_cannot_complete_ends_the_job() {
         ("iallreduce", "MPI_Iallreduce", "12 B"),
     ] {
         let start = Instant::now();
-        let out = Command::new(&mpirun)
-            .args(["-np", "2", "--oversubscribe", "--mca", "btl", "self,tcp", "--mca", "btl_tcp_if_include", "lo"])
-            .args(["-x", CHILD, "-x", "QGALORE_DIST_TIMEOUT"])
-            .arg(&exe)
-            .args(["--exact", "child", "--nocapture", "--test-threads", "1"])
-            .env(CHILD, op)
-            .env("QGALORE_DIST_TIMEOUT", "2")
-            .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
-            .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        let out = launch_two_ranks(&mpirun, &[(CHILD, op), ("QGALORE_DIST_TIMEOUT", "2")])
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .output()

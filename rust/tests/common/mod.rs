@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
+pub mod mpi;
+
 use qgalore::config::{Device, EngineConfig, ModelConfig, OptimConfig, Precision};
 
 pub fn tiny_model(vocab: usize, hidden: usize, inter: usize, heads: usize, kv: usize, layers: usize) -> ModelConfig {
