@@ -90,6 +90,7 @@ export {
   type ValueSpec,
 } from "./ffi/engine.ts";
 export { LoadError } from "./ffi/loader.ts";
+export type { CommBytes, DistInfo } from "./lib/dist.ts";
 export {
   NativeProgress,
   NativeShards,
