@@ -96,6 +96,11 @@ export interface RunRecord {
    * state (lib/finetune_data.ts `SamplerState`).
    */
   sampler: unknown;
+  /**
+   * The data-parallel ranks that drew the batches (absent: one process). A resume must use
+   * as many: another N would change the global batch the sampler draws.
+   */
+  ranks?: number;
   /** `finetune` for a fine-tuning run (lib/finetune.ts); absent for pre-training. */
   task?: "finetune";
   /** Counters the summary and the divergence watch continue from. */
@@ -251,6 +256,9 @@ export function readRunRecord(path: string): RunRecord {
   }
   if (r.task !== undefined && r.task !== "finetune") bad(`task ${JSON.stringify(r.task)}: unknown`);
   if (c.tokens !== undefined && !count(c.tokens)) bad("counters: tokens malformed");
+  if (r.ranks !== undefined && !(count(r.ranks) && r.ranks >= 1)) {
+    bad(`ranks ${r.ranks}: must be an integer ≥ 1`);
+  }
   if (r.task === undefined) {
     try {
       Rng.restore((r.sampler ?? []) as number[]);

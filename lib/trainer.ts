@@ -961,6 +961,16 @@ export class Run implements Disposable {
       Deno.removeSync(staged!, { recursive: true });
       throw flagged(e, "--data", opts.data!);
     });
+    const ranks = world().size;
+    if (plan !== null && task.name === "pretrain" && (plan.record.ranks ?? 1) !== ranks) {
+      // pre-training's sampler draws ranks × batch windows per update: another N would
+      // silently change the global batch (fine-tuning's sampler checks its global batch)
+      const was = plan.record.ranks ?? 1;
+      throw new UsageError(
+        `--resume ${plan.dir}: the run was trained by ${was} rank${was > 1 ? "s" : ""}, this ` +
+          `job has ${ranks}: resume with the number of ranks the run was started with`,
+      );
+    }
     const source = await task.openSource(opts, tokenizer, plan?.record.sampler ?? null)
       .catch((e: unknown) => {
         // a sampler that cannot continue on this data says so as the resume's error
@@ -1291,6 +1301,7 @@ export class Run implements Disposable {
         ...(this.#own === null ? {} : { own: this.#own }),
       },
       sampler: this.source.state(),
+      ...(world().size > 1 ? { ranks: world().size } : {}),
       ...(this.task.name === "pretrain" ? {} : { task: this.task.name }),
       counters: {
         train_s: this.#trainS,

@@ -130,6 +130,20 @@ Deno.test("data parallel: a stopped 2-rank run resumes update for update", async
     const cut = await mpi({ ...opts, stopAfter: 3 }, `${dir}/cut`);
     assert.equal(cut.code, 0, cut.text);
     assert.equal(metrics(`${dir}/cut`).filter((l) => l.type === "step").length, 3);
+    // one process cannot resume a 2-rank run (its global batch would halve): refused in one
+    // line, and the run folder is left as it was (the 2-rank resume below still matches)
+    const alone = await runMpi(Deno.execPath(), [
+      "run",
+      "-A",
+      CHILD,
+      JSON.stringify({ resume: `${dir}/cut/run`, steps: opts.steps }),
+      `${dir}/alone`,
+    ]);
+    assert.notEqual(alone.code, 0, alone.text);
+    assert.match(
+      alone.text,
+      /the run was trained by 2 ranks, this job has 1: resume with the number of ranks the run was started with/,
+    );
     const resumed = await mpi({ resume: `${dir}/cut/run`, steps: opts.steps }, `${dir}/cut`);
     assert.equal(resumed.code, 0, resumed.text);
     assert.match(resumed.text, /DP-CHILD-OK 1/);
