@@ -1,4 +1,5 @@
 /** Shared by the MPI tests: where mpirun is and how to start 2 ranks on this machine. */
+import assert from "node:assert/strict";
 
 /** `mpirun` on the PATH, or null. */
 export function mpirun(): string | null {
@@ -87,4 +88,23 @@ export async function tensorHashes(path: string): Promise<Map<string, string>> {
     out.set(name, `${t.dtype}:${Array.from(h, (b) => b.toString(16).padStart(2, "0")).join("")}`);
   }
   return out;
+}
+
+/**
+ * The tensor hashes of `dir`'s rank-0.safetensors, after checking that rank 1's file holds
+ * the same tensors with the same bytes (INT8 codes included: never broadcast, so equal only
+ * if every rank applied the same update).
+ */
+export async function sameOnBothRanks(dir: string): Promise<Map<string, string>> {
+  const h0 = await tensorHashes(`${dir}/rank-0.safetensors`);
+  const h1 = await tensorHashes(`${dir}/rank-1.safetensors`);
+  assert.deepEqual([...h1.keys()].sort(), [...h0.keys()].sort());
+  for (const [k, v] of h0) assert.equal(h1.get(k), v, `tensor ${k} differs between ranks`);
+  return h0;
+}
+
+/** Asserts that a checkpoint's hashes ({@link tensorHashes}) include INT8 codes. */
+export function assertInt8(hashes: Map<string, string>): void {
+  const int8 = [...hashes.values()].filter((v) => /^(I8|U8):/.test(v)).length;
+  assert.ok(int8 > 0, `no INT8 codes in the checkpoint: ${[...hashes.values()].slice(0, 3)}`);
 }
