@@ -37,6 +37,7 @@ export * from "./lib/log.ts";
 export * from "./lib/jupyter.ts";
 export * from "./lib/options.ts";
 export * from "./lib/cli.ts";
+export * from "./lib/run_types.ts";
 export * from "./lib/trainer.ts";
 export * from "./lib/finetune.ts";
 export * from "./lib/finetune_data.ts";

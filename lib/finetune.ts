@@ -48,19 +48,16 @@ import type { Tokenizer } from "./tokenizer.ts";
 import type { OwnedData } from "./checkpoints.ts";
 import { allreduceSum, world } from "./dist.ts";
 import { writeOwnFile } from "./run_files.ts";
-import {
-  type BatchSource,
-  DivergedError,
-  type EvalRecord,
-  type Run,
-  type RunTask,
-  type Summary,
-  type TrainBatch,
-  type TrainEngine,
-  type TrainHooks,
-  trainWith,
-  type ValResult,
-} from "./trainer.ts";
+import type {
+  BatchSource,
+  EvalRecord,
+  RunTask,
+  TrainBatch,
+  TrainEngine,
+  TrainHooks,
+  ValResult,
+} from "./run_types.ts";
+import { DivergedError, type Run, type Summary, trainWith } from "./trainer.ts";
 
 /**
  * Peak learning rates of fine-tuning when `lr` is not given: 2e-5 for full-parameter

@@ -19,7 +19,8 @@
  * @module
  */
 
-import type { EvalRecord, StepRecord, Summary } from "./trainer.ts";
+import type { EvalRecord, StepRecord } from "./run_types.ts";
+import type { Summary } from "./trainer.ts";
 
 /** The symbol the Deno kernel looks for on a cell's value (`Deno.jupyter.$display`). */
 export const JUPYTER_DISPLAY: symbol = Symbol.for("Jupyter.display");

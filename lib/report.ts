@@ -17,7 +17,8 @@ import * as vega from "vega";
 import * as vl from "vega-lite";
 import type { TopLevelSpec } from "vega-lite";
 import { UsageError } from "./errors.ts";
-import type { EvalRecord, StepRecord, Summary } from "./trainer.ts";
+import type { EvalRecord, StepRecord } from "./run_types.ts";
+import type { Summary } from "./trainer.ts";
 
 /**
  * A Vega-Lite (v6) specification as plain JSON: what `Deno.jupyter` displays as

@@ -18,7 +18,8 @@ import {
 } from "../lib/checkpoints.ts";
 import { TextDataset } from "../lib/data.ts";
 import { checkOut, lockRun, openOut } from "../lib/run_files.ts";
-import { DivergedError, type Summary, train, type TrainEngine } from "../lib/trainer.ts";
+import type { TrainEngine } from "../lib/run_types.ts";
+import { DivergedError, type Summary, train } from "../lib/trainer.ts";
 import { Engine, type EngineConfig, EngineError, ErrorCode } from "../ffi/engine.ts";
 import { DivergenceWatch } from "../lib/diverge.ts";
 import { UsageError } from "../lib/errors.ts";

@@ -5,7 +5,8 @@
  */
 import assert from "node:assert/strict";
 import { join } from "node:path";
-import type { EngineConfig, StepStats, Summary, TrainEngine } from "../lib/trainer.ts";
+import type { TrainEngine } from "../lib/run_types.ts";
+import type { EngineConfig, StepStats, Summary } from "../lib/trainer.ts";
 import { DivergedError, train } from "../lib/trainer.ts";
 import { UsageError } from "../lib/errors.ts";
 import type { MemoryBytes } from "../ffi/engine.ts";

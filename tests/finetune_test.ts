@@ -13,7 +13,8 @@ import { OPTIMIZERS } from "../lib/options.ts";
 import { openModel } from "../lib/open_model.ts";
 import { openTokenizer } from "../lib/tokenizer.ts";
 import { Rng } from "../lib/rng.ts";
-import { type EvalRecord, type StepRecord, type Summary, train } from "../lib/trainer.ts";
+import type { EvalRecord, StepRecord } from "../lib/run_types.ts";
+import { type Summary, train } from "../lib/trainer.ts";
 
 const MODEL = new URL("./fixtures/hf/gqa-tied-theta5e5", import.meta.url).pathname;
 const SCRIPT = new URL("../examples/finetune.ts", import.meta.url).pathname;

@@ -11,7 +11,8 @@ import { paramCount } from "../lib/estimate.ts";
 import { charts, inKernel, JUPYTER_DISPLAY, type MimeBundle } from "../lib/jupyter.ts";
 import { Progress } from "../lib/log.ts";
 import { readRun } from "../lib/report.ts";
-import { type StepRecord, train, type TrainEngine } from "../lib/trainer.ts";
+import type { StepRecord, TrainEngine } from "../lib/run_types.ts";
+import { train } from "../lib/trainer.ts";
 
 type Call = { bundle: Record<string, unknown>; opts: Record<string, unknown> };
 

@@ -7,7 +7,8 @@ import { peakRssBytes } from "../lib/memory.ts";
 import { paramCount } from "../lib/estimate.ts";
 import { optimizerDefaults } from "../lib/options.ts";
 import { lrAt } from "../lib/schedule.ts";
-import { DivergedError, type Summary, train, type TrainEngine } from "../lib/trainer.ts";
+import type { TrainEngine } from "../lib/run_types.ts";
+import { DivergedError, type Summary, train } from "../lib/trainer.ts";
 import type { MemoryBytes } from "../ffi/engine.ts";
 import { standInMemory } from "./stand_in.ts";
 
