@@ -28,7 +28,8 @@ import {
   PROJECTED_OPTIMIZERS,
   type TrainOptions,
 } from "../lib/options.ts";
-import { DivergedError, type Summary, train } from "../lib/trainer.ts";
+import { DivergedError, type Summary } from "../lib/summary.ts";
+import { train } from "../lib/trainer.ts";
 
 /** One optimizer's outcome. */
 export interface AblationRow {

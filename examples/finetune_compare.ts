@@ -63,7 +63,7 @@ import {
   writeSyntheticMc,
 } from "../lib/synthetic_mc.ts";
 import { trainTokenizer } from "../lib/tokenizer.ts";
-import { DivergedError, type Summary } from "../lib/trainer.ts";
+import { DivergedError, type Summary } from "../lib/summary.ts";
 
 /** The seven methods, in the table's order. */
 export const METHODS: readonly string[] = Object.freeze([

@@ -8,7 +8,7 @@
 import { EngineError } from "../ffi/engine.ts";
 import { LoadError } from "../ffi/loader.ts";
 import { UsageError } from "./errors.ts";
-import { DivergedError } from "./trainer.ts";
+import { DivergedError } from "./summary.ts";
 
 /**
  * Prints `e` as one `error: …` line and returns the exit code: 2 for a usage error or a

@@ -57,7 +57,8 @@ import type {
   TrainHooks,
   ValResult,
 } from "./run_types.ts";
-import { DivergedError, type Run, type Summary, trainWith } from "./trainer.ts";
+import { DivergedError, type Summary } from "./summary.ts";
+import { type Run, trainWith } from "./trainer.ts";
 
 /**
  * Peak learning rates of fine-tuning when `lr` is not given: 2e-5 for full-parameter

@@ -20,7 +20,7 @@
  */
 
 import type { EvalRecord, StepRecord } from "./run_types.ts";
-import type { Summary } from "./trainer.ts";
+import type { Summary } from "./summary.ts";
 
 /** The symbol the Deno kernel looks for on a cell's value (`Deno.jupyter.$display`). */
 export const JUPYTER_DISPLAY: symbol = Symbol.for("Jupyter.display");

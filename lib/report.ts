@@ -18,7 +18,7 @@ import * as vl from "vega-lite";
 import type { TopLevelSpec } from "vega-lite";
 import { UsageError } from "./errors.ts";
 import type { EvalRecord, StepRecord } from "./run_types.ts";
-import type { Summary } from "./trainer.ts";
+import type { Summary } from "./summary.ts";
 
 /**
  * A Vega-Lite (v6) specification as plain JSON: what `Deno.jupyter` displays as

@@ -43,7 +43,7 @@ import {
   writeFileAtomic,
   writeRunReport,
 } from "./report.ts";
-import type { Summary } from "./trainer.ts";
+import type { Summary } from "./summary.ts";
 
 /** A value of a swept or fixed option, as given on a command line (`on`/`off` for switches). */
 export type SweepValue = string | number | boolean;

@@ -19,7 +19,8 @@ import {
 import { TextDataset } from "../lib/data.ts";
 import { checkOut, lockRun, openOut } from "../lib/run_files.ts";
 import type { TrainEngine } from "../lib/run_types.ts";
-import { DivergedError, type Summary, train } from "../lib/trainer.ts";
+import { DivergedError, type Summary } from "../lib/summary.ts";
+import { train } from "../lib/trainer.ts";
 import { Engine, type EngineConfig, EngineError, ErrorCode } from "../ffi/engine.ts";
 import { DivergenceWatch } from "../lib/diverge.ts";
 import { UsageError } from "../lib/errors.ts";

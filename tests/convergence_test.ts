@@ -5,7 +5,8 @@
  */
 import assert from "node:assert/strict";
 import { modelConfig } from "../lib/presets.ts";
-import { type Summary, train } from "../lib/trainer.ts";
+import type { Summary } from "../lib/summary.ts";
+import { train } from "../lib/trainer.ts";
 import type { TrainOptions } from "../lib/options.ts";
 
 // llama-9m is 128 wide; rank 32 is a quarter of every matrix's smaller side. Each optimizer

@@ -6,8 +6,9 @@
 import assert from "node:assert/strict";
 import { join } from "node:path";
 import type { TrainEngine } from "../lib/run_types.ts";
-import type { EngineConfig, StepStats, Summary } from "../lib/trainer.ts";
-import { DivergedError, train } from "../lib/trainer.ts";
+import { DivergedError, type Summary } from "../lib/summary.ts";
+import type { EngineConfig, StepStats } from "../lib/trainer.ts";
+import { train } from "../lib/trainer.ts";
 import { UsageError } from "../lib/errors.ts";
 import type { MemoryBytes } from "../ffi/engine.ts";
 import { standInMemory } from "./stand_in.ts";

@@ -4,7 +4,7 @@
  */
 import assert from "node:assert/strict";
 import { join } from "node:path";
-import type { Summary } from "../lib/trainer.ts";
+import type { Summary } from "../lib/summary.ts";
 import { type Cli as Result, cli, stopAfterFirstStep } from "./pretrain_cli.ts";
 
 // Tiny runs: a few seconds each on two cores.

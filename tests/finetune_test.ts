@@ -14,7 +14,8 @@ import { openModel } from "../lib/open_model.ts";
 import { openTokenizer } from "../lib/tokenizer.ts";
 import { Rng } from "../lib/rng.ts";
 import type { EvalRecord, StepRecord } from "../lib/run_types.ts";
-import { type Summary, train } from "../lib/trainer.ts";
+import type { Summary } from "../lib/summary.ts";
+import { train } from "../lib/trainer.ts";
 
 const MODEL = new URL("./fixtures/hf/gqa-tied-theta5e5", import.meta.url).pathname;
 const SCRIPT = new URL("../examples/finetune.ts", import.meta.url).pathname;

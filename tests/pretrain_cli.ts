@@ -3,7 +3,7 @@
  * as a user would: run it, stop it with a signal after its first update, read its files.
  */
 import { join } from "node:path";
-import type { Summary } from "../lib/trainer.ts";
+import type { Summary } from "../lib/summary.ts";
 
 /** Path of the CLI script. */
 export const script: string = new URL("../examples/pretrain.ts", import.meta.url).pathname;

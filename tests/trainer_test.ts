@@ -8,7 +8,8 @@ import { paramCount } from "../lib/estimate.ts";
 import { optimizerDefaults } from "../lib/options.ts";
 import { lrAt } from "../lib/schedule.ts";
 import type { TrainEngine } from "../lib/run_types.ts";
-import { DivergedError, type Summary, train } from "../lib/trainer.ts";
+import { DivergedError, type Summary } from "../lib/summary.ts";
+import { train } from "../lib/trainer.ts";
 import type { MemoryBytes } from "../ffi/engine.ts";
 import { standInMemory } from "./stand_in.ts";
 
