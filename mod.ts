@@ -38,6 +38,7 @@ export * from "./lib/jupyter.ts";
 export * from "./lib/options.ts";
 export * from "./lib/cli.ts";
 export * from "./lib/run_types.ts";
+export * from "./lib/batches.ts";
 export { DivergedError, type Summary } from "./lib/summary.ts";
 export * from "./lib/trainer.ts";
 export * from "./lib/finetune.ts";
