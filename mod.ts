@@ -39,6 +39,7 @@ export * from "./lib/options.ts";
 export * from "./lib/cli.ts";
 export * from "./lib/run_types.ts";
 export * from "./lib/batches.ts";
+export type { OwnedData, TrainInput } from "./lib/memory_data.ts";
 export { DivergedError, type Summary } from "./lib/summary.ts";
 export * from "./lib/trainer.ts";
 export * from "./lib/finetune.ts";

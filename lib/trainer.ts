@@ -14,15 +14,7 @@ import {
   type MemoryBytes,
   type StepStats,
 } from "../ffi/engine.ts";
-import {
-  checkDataInput,
-  type DataInput,
-  type Dataset,
-  inMemoryDataset,
-  isDataset,
-  openCorpus,
-  SyntheticCorpus,
-} from "./data.ts";
+import { type Dataset, openCorpus, SyntheticCorpus } from "./data.ts";
 import { exists } from "./fs.ts";
 import { exportModel } from "./hf.ts";
 import { openTokenizer, type Tokenizer, trainTokenizer } from "./tokenizer.ts";
@@ -38,7 +30,6 @@ import {
   resumeMetrics,
   type RunLock,
   syncMetrics,
-  writeOwnFile,
   writeSummary,
 } from "./run_files.ts";
 import {
@@ -81,6 +72,7 @@ import type {
 } from "./run_types.ts";
 import { commSummary, DivergedError, type Summary } from "./summary.ts";
 import { CorpusBatches } from "./batches.ts";
+import { ownedDataTask, pretrainInput, type TrainInput } from "./memory_data.ts";
 
 export type { EngineConfig, MemoryBytes, StepStats };
 
@@ -162,61 +154,6 @@ export function train(
   }
   return trainWith(given.task, given.options, hooks);
 }
-
-/**
- * The task and options of a pre-training run given `options` whose `data` may be held in
- * memory: such data is checked now (a bad value fails before anything starts) and opened in
- * place of a file ({@link memoryTask}); the options then say `data: null`.
- */
-function pretrainInput(
-  options: TrainInput,
-  task: RunTask,
-): { task: RunTask; options: Partial<TrainOptions> } {
-  const d = options.data;
-  if (d === undefined || d === null || typeof d === "string") {
-    return { task, options: options as Partial<TrainOptions> };
-  }
-  if (task.name !== "pretrain") {
-    throw new UsageError(
-      `--data ${shortValue(d)}: in-memory data here is pre-training's; fine-tune with finetune()`,
-    );
-  }
-  return { task: memoryTask(task, checkDataInput(d)), options: { ...options, data: null } };
-}
-
-/**
- * Pre-training on data held in memory: a {@link Dataset} as given, or `{ text }`
- * byte-tokenized ({@link inMemoryDataset}). A new run with an output folder keeps `{ text }`
- * there as `data.txt` (so that `resume` continues it bit for bit); a Dataset object cannot
- * be kept in a file, so its resume needs it given again (checked by its fingerprint).
- */
-function memoryTask(base: RunTask, d: Dataset | { text: string }): RunTask {
-  return {
-    ...base,
-    openSource(opts, _tokenizer, sampler): Promise<BatchSource> {
-      try {
-        const data = inMemoryDataset(d, opts);
-        return Promise.resolve(new CorpusBatches(data, opts, null, sampler as number[] | null));
-      } catch (e) {
-        return Promise.reject(e);
-      }
-    },
-    adopt(out: string, overwrite: boolean, checkOnly = false): { own: OwnedData; data?: string } {
-      if (isDataset(d)) return { own: { form: "dataset" } };
-      const bytes = new TextEncoder().encode(d.text);
-      const path = writeOwnFile(out, OWN_TEXT, bytes, overwrite, checkOnly);
-      return { own: { form: "text", data: OWN_TEXT }, data: path };
-    },
-  };
-}
-
-export type { OwnedData };
-
-/** The file of a run folder holding the `{ text }` it was given ({@link memoryTask}). */
-const OWN_TEXT = "data.txt";
-
-/** {@link train}'s options: {@link TrainOptions}, with `data` also in memory ({@link DataInput}). */
-export type TrainInput = Omit<Partial<TrainOptions>, "data"> & { data?: DataInput | null };
 
 /**
  * {@link train}'s loop for a {@link RunTask}: lib/finetune.ts runs fine-tuning through it
@@ -1230,45 +1167,6 @@ function describeOptimizer(o: ResolvedOptions): string {
   if (o.lazy) parts.push("lazy refresh");
   if (o.fused) parts.push("fused");
   return parts.join(", ");
-}
-
-/**
- * The task resuming the run of `plan`, whose record may say that its data was given in memory
- * ({@link OwnedData}): the options then name the run folder's own copies, and pre-training's
- * `{ text }` is read back from its file as the run read it (unless `task` already holds data
- * in memory, given again: its fingerprint must then match). A Dataset object, which no file
- * holds, must be given again.
- */
-function ownedDataTask(task: RunTask, plan: ResumePlan): RunTask {
-  const own = plan.record.data.own;
-  if (own === undefined) return task;
-  // the copies in the run folder (wherever it is now), unless other paths were given
-  const kept = plan.record.options;
-  if (own.data !== undefined && plan.opts.data === kept.data) {
-    plan.opts.data = join(plan.dir, own.data);
-  }
-  if (own.valData !== undefined && plan.opts.valData === kept.valData) {
-    plan.opts.valData = join(plan.dir, own.valData);
-  }
-  if (task.adopt !== undefined || own.form === "records") return task;
-  if (own.form === "dataset") {
-    throw new UsageError(
-      `--resume ${plan.dir}: the run trained on a Dataset object held in memory ` +
-        `(${plan.record.data.description}); resume it from code, train({ resume, data }) ` +
-        "with the same Dataset",
-    );
-  }
-  let text: string;
-  try {
-    text = Deno.readTextFileSync(plan.opts.data!);
-  } catch (e) {
-    throw new UsageError(
-      `--resume ${plan.dir}: cannot read ${own.data}, the text the run was given (${
-        e instanceof Error ? e.message : String(e)
-      })`,
-    );
-  }
-  return memoryTask(task, { text });
 }
 
 /** The options with their paths made absolute (as the run record stores them). */
