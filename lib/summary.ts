@@ -6,7 +6,7 @@
  */
 
 import type { MemoryBytes } from "../ffi/engine.ts";
-import type { CommBytes } from "./dist.ts";
+import { type CommBytes, world } from "./dist.ts";
 import { UsageError } from "./errors.ts";
 import type { ResolvedOptions } from "./options.ts";
 import type { ModelConfig } from "./presets.ts";
@@ -23,7 +23,7 @@ const COMM_FIELDS = [
 ] as const;
 
 /** `summary.data_parallel.comm`: what the steps between `from` and `to` sent. */
-export function commSummary(
+function commSummary(
   requested: string,
   from: CommBytes,
   to: CommBytes,
@@ -45,6 +45,41 @@ export function commSummary(
     bytes_per_step: per,
     full_allreduce_bytes_per_step: per.full_allreduce,
     bytes_total: total,
+  };
+}
+
+/** All-reduced bytes and updates as this process started the run (bytes per update). */
+export interface CommStart {
+  /** Bytes this process had all-reduced. */
+  bytes: number;
+  /** Updates the run had done (a resumed run's checkpoint step). */
+  steps: number;
+  /** This process's communication by category. */
+  comm: CommBytes;
+}
+
+/** {@link CommStart} as of now, for a run that has done `steps` updates. */
+export function commStart(steps: number): CommStart {
+  return { bytes: world().allreduce_bytes, steps, comm: world().comm };
+}
+
+/**
+ * `summary.data_parallel` of a run that has done `steps` updates, its bytes counted from
+ * `from`; undefined for a one-process run.
+ */
+export function dataParallelSummary(
+  from: CommStart,
+  steps: number,
+  opts: Pick<ResolvedOptions, "batchSize" | "dpComm">,
+): Summary["data_parallel"] {
+  const w = world();
+  if (w.size <= 1) return undefined;
+  const done = steps - from.steps;
+  return {
+    ranks: w.size,
+    global_batch: w.size * opts.batchSize,
+    allreduce_bytes_per_step: done > 0 ? (w.allreduce_bytes - from.bytes) / done : 0,
+    comm: commSummary(opts.dpComm, from.comm, w.comm),
   };
 }
 

@@ -60,7 +60,7 @@ import {
   withFlags,
 } from "./options.ts";
 import type { ResolvedModel } from "./presets.ts";
-import { type CommBytes, dataParallel, world } from "./dist.ts";
+import { dataParallel, world } from "./dist.ts";
 import { lrAt } from "./schedule.ts";
 import type {
   BatchSource,
@@ -70,7 +70,13 @@ import type {
   TrainEngine,
   TrainHooks,
 } from "./run_types.ts";
-import { commSummary, DivergedError, type Summary } from "./summary.ts";
+import {
+  type CommStart,
+  commStart,
+  dataParallelSummary,
+  DivergedError,
+  type Summary,
+} from "./summary.ts";
 import { CorpusBatches } from "./batches.ts";
 import { ownedDataTask, pretrainInput, type TrainInput } from "./memory_data.ts";
 
@@ -275,7 +281,7 @@ export class Run implements Disposable {
   /** Lines in metrics.jsonl. */
   #metricsLines = 0;
   /** All-reduced bytes and updates as this process started the run (bytes per update). */
-  readonly #commFrom: { bytes: number; steps: number; comm: CommBytes };
+  readonly #commFrom: CommStart;
   /** Step of the newest checkpoint, its path, and when it was written (performance.now). */
   #savedStep = 0;
   #checkpoint: string | null = null;
@@ -329,11 +335,7 @@ export class Run implements Disposable {
     this.#saveEvery = checkInterval(opts.saveEvery);
     this.#savedAt = init.started;
     this.#projected = PROJECTED_OPTIMIZERS.includes(opts.optimizer);
-    this.#commFrom = {
-      bytes: world().allreduce_bytes,
-      steps: init.resume?.plan.record.step ?? 0,
-      comm: world().comm,
-    };
+    this.#commFrom = commStart(init.resume?.plan.record.step ?? 0);
     this.#history = init.out === null && inKernel() ? { steps: [], evals: [] } : null;
     const r = init.resume?.plan.record;
     if (r === undefined) {
@@ -1059,18 +1061,8 @@ export class Run implements Disposable {
         started_at: this.#startedAt,
         ...(extra === undefined ? {} : { finetune: extra }),
       };
-      const w = world();
-      if (w.size > 1) {
-        const done = steps - this.#commFrom.steps;
-        summary.data_parallel = {
-          ranks: w.size,
-          global_batch: w.size * opts.batchSize,
-          allreduce_bytes_per_step: done > 0
-            ? (w.allreduce_bytes - this.#commFrom.bytes) / done
-            : 0,
-          comm: commSummary(opts.dpComm, this.#commFrom.comm, w.comm),
-        };
-      }
+      const dp = dataParallelSummary(this.#commFrom, steps, opts);
+      if (dp !== undefined) summary.data_parallel = dp;
       if (this.out !== null) {
         writeSummary(this.out, JSON.stringify(summary, null, 2) + "\n");
         // the run's report.html; Vega loads only here, and a report never fails a run
