@@ -17,7 +17,7 @@ import {
   isDataset,
 } from "./data.ts";
 import { shortValue, UsageError } from "./errors.ts";
-import type { TrainOptions } from "./options.ts";
+import type { ResolvedOptions, TrainOptions } from "./options.ts";
 import type { ResumePlan } from "./resume.ts";
 import { writeOwnFile } from "./run_files.ts";
 import type { BatchSource, RunTask } from "./run_types.ts";
@@ -114,4 +114,36 @@ export function ownedDataTask(task: RunTask, plan: ResumePlan): RunTask {
     );
   }
   return memoryTask(task, { text });
+}
+
+/**
+ * The run's own copy of data given in memory, in its folder: a new run with `out` whose task
+ * adopts data writes it there ({@link RunTask.adopt}); a resumed run's record names the copies
+ * its folder holds. Returns what the run record keeps (null: nothing) and `opts` with
+ * `data`/`valData` naming those copies (as the record and the summary name them).
+ */
+export function keepOwnData(
+  task: RunTask,
+  opts: ResolvedOptions,
+  out: string | null,
+  plan: ResumePlan | null,
+): { own: OwnedData | null; opts: ResolvedOptions } {
+  let own = plan?.record.data.own ?? null;
+  let runOpts = opts;
+  if (plan === null && out !== null && task.adopt !== undefined) {
+    const kept = task.adopt(out, opts.overwrite);
+    own = kept.own;
+    runOpts = {
+      ...opts,
+      ...(kept.data === undefined ? {} : { data: kept.data }),
+      ...(kept.valData === undefined ? {} : { valData: kept.valData }),
+    };
+  } else if (plan !== null && own !== null) {
+    runOpts = {
+      ...opts,
+      ...(own.data === undefined ? {} : { data: join(plan.dir, own.data) }),
+      ...(own.valData === undefined ? {} : { valData: join(plan.dir, own.valData) }),
+    };
+  }
+  return { own, opts: runOpts };
 }

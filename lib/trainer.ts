@@ -78,7 +78,7 @@ import {
   type Summary,
 } from "./summary.ts";
 import { CorpusBatches } from "./batches.ts";
-import { ownedDataTask, pretrainInput, type TrainInput } from "./memory_data.ts";
+import { keepOwnData, ownedDataTask, pretrainInput, type TrainInput } from "./memory_data.ts";
 
 export type { EngineConfig, MemoryBytes, StepStats };
 
@@ -577,23 +577,7 @@ export class Run implements Disposable {
       }
       await task.prepare?.(engine, opts, plan !== null);
       // in-memory data: the run's own copy in its folder, named by the record and summary
-      let own = plan?.record.data.own ?? null;
-      let runOpts = opts;
-      if (plan === null && out !== null && task.adopt !== undefined) {
-        const kept = task.adopt(out, opts.overwrite);
-        own = kept.own;
-        runOpts = {
-          ...opts,
-          ...(kept.data === undefined ? {} : { data: kept.data }),
-          ...(kept.valData === undefined ? {} : { valData: kept.valData }),
-        };
-      } else if (plan !== null && own !== null) {
-        runOpts = {
-          ...opts,
-          ...(own.data === undefined ? {} : { data: join(plan.dir, own.data) }),
-          ...(own.valData === undefined ? {} : { valData: join(plan.dir, own.valData) }),
-        };
-      }
+      const { own, opts: runOpts } = keepOwnData(task, opts, out, plan);
       run = new Run({
         opts: runOpts,
         own,
