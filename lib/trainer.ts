@@ -2,6 +2,10 @@
  * The pretraining loop: model + data + native engine + schedule + logging, usable from the
  * CLI and from a notebook (`await train({ steps: 100 })` returns the summary).
  *
+ * Around it: the loop's contracts (engine, batch source, task, records, hooks) are in
+ * lib/run_types.ts, the summary in lib/summary.ts, pre-training's batches in lib/batches.ts
+ * and data given in memory in lib/memory_data.ts.
+ *
  * @module
  */
 
