@@ -41,6 +41,7 @@ import { Engine, type EngineConfig, gemmGflops } from "../ffi/engine.ts";
 import { checkOptions, engineConfig } from "../lib/options.ts";
 import type { Precision } from "../lib/option_table.ts";
 import { modelConfig } from "../lib/presets.ts";
+import { lscpu } from "./common.ts";
 
 const HERE = import.meta.dirname!;
 const ROOT = dirname(HERE);
@@ -329,26 +330,6 @@ async function venvPython(): Promise<string> {
   if (!pip.success) throw new Error(`pip install -r ${REQUIREMENTS} failed`);
   Deno.writeTextFileSync(stamp, want);
   return py;
-}
-
-function lscpu(): Record<string, unknown> {
-  const out: Record<string, unknown> = {};
-  try {
-    const text = new TextDecoder().decode(new Deno.Command("lscpu").outputSync().stdout);
-    const field = (name: string) =>
-      new RegExp(`^${name}:\\s+(.*)$`, "m").exec(text)?.[1]?.trim() ?? null;
-    out.model_name = field("Model name");
-    out.family = field("CPU family");
-    out.model = field("Model");
-    out.cpus = field("CPU\\(s\\)");
-    const flags = (field("Flags") ?? "").split(/\s+/);
-    out.simd = ["avx2", "fma", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16"].filter((f) =>
-      flags.includes(f)
-    );
-  } catch (e) {
-    out.error = String(e);
-  }
-  return out;
 }
 
 function emit(line: Record<string, unknown>) {

@@ -310,6 +310,8 @@ export interface EngineInfo {
   nonfinite_grads?: number;
   /** Seconds spent refreshing projectors. */
   refresh_seconds?: number;
+  /** Rank-r gradients formed from the product's factors (`proj_grad = factored`). */
+  factored_grads?: number;
   /** Current refresh gap of each projected matrix, by parameter name. */
   gaps?: Record<string, number>;
   /** Seconds per phase since the start. */

@@ -10,7 +10,7 @@ export const PACKAGE_VERSION: string = "0.1.0";
 
 /** SHA-256 of the list below as `sha256sum` prints it; names the cached library. */
 export const SOURCES_DIGEST: string =
-  "58be3862399b92df71b4d330784ce3d8ba429dc2b07cc250f49d9de6bae4c518";
+  "7349017f3b3d74daac14793c3bd7c855c96e35beb5181d62332500a0b68c9f97";
 
 /** Every file the build needs: path from the package root and SHA-256 of its bytes. */
 export const SOURCES: readonly { readonly path: string; readonly sha256: string }[] = [
@@ -148,7 +148,7 @@ export const SOURCES: readonly { readonly path: string; readonly sha256: string 
   },
   {
     path: "rust/src/config.rs",
-    sha256: "8c0945cb905f2281fb0f172d789a0daf31172f9e997c23a45f993be8cfe56acc",
+    sha256: "065a0f749da5d9e8f37c20135c7b181784e53d112cff99446f87090691513066",
   },
   {
     path: "rust/src/config/model.rs",
@@ -300,7 +300,7 @@ export const SOURCES: readonly { readonly path: string; readonly sha256: string 
   },
   {
     path: "rust/src/model/pass.rs",
-    sha256: "0ac44d463c822beea4bb0beede0c40d8dc7afa552a64bacc72ba00da09ee8de4",
+    sha256: "96bfa6e068af6ccaf1cc0cfede96fda96a3504f6f36226adc85175f2f1fa4310",
   },
   {
     path: "rust/src/optim/adamw.rs",
@@ -308,7 +308,7 @@ export const SOURCES: readonly { readonly path: string; readonly sha256: string 
   },
   {
     path: "rust/src/optim/galore.rs",
-    sha256: "1acbd2d6b18c1bbf15aca96ea2251fcc3c9c00518ca6cda19190d2cf34dd9c7a",
+    sha256: "f820aafd986b73577e4632943cc6704cb757678ce6ce65395fd39d1ba7e92641",
   },
   {
     path: "rust/src/optim/lazy.rs",
@@ -316,7 +316,7 @@ export const SOURCES: readonly { readonly path: string; readonly sha256: string 
   },
   {
     path: "rust/src/optim/mod.rs",
-    sha256: "da89feb2a9fed72abe8701673dfcde9177c4086e69030161cc5213758b8ebcb8",
+    sha256: "46d7f2690760a79316b16e7cb0f3a9f5c21f6bf248d89b62cd28a8df2cfa6037",
   },
   {
     path: "rust/src/plan.rs",
@@ -368,6 +368,6 @@ export const SOURCES: readonly { readonly path: string; readonly sha256: string 
   },
   {
     path: "rust/src/train.rs",
-    sha256: "3b7a9f4ea7092dd3caf9e465f55e619c5c4a6c82005580ed113d337ac0ae6768",
+    sha256: "06e29b47e9b6e20a3b61c0301464030a52fc2a9f7cfe5a92798ac819399ad4e1",
   },
 ];

@@ -176,6 +176,13 @@ export interface TrainOptions {
    */
   clipMode: string | null;
   /**
+   * How a projected matrix's rank-r gradient is formed: `full` (the references: the whole
+   * gradient, then its projection) or `factored` (straight from the product's factors on
+   * steps that do not refresh the projector: fewer multiply-adds, the same values up to
+   * rounding; needs `clip` 0 and one process); projected optimizers only.
+   */
+  projGrad: string | null;
+  /**
    * Freeze the token embedding and the lm_head (one table when tied): no gradient, no
    * optimizer state, unchanged by steps. Every optimizer; always on for lora and qlora.
    */
@@ -493,6 +500,17 @@ export const OPTION_DECLARATIONS = {
     help: "--clip-mode M         how the fused step clips: stash (one backward, keeps the\n" +
       "                      rank-r gradients), two-backward (no stash memory) or auto\n" +
       "                      (the stash when the memory plan with it fits) [{default}]",
+  },
+  projGrad: {
+    flag: "--proj-grad",
+    kind: "choice",
+    engine: "proj_grad",
+    nullable: true,
+    section: MODEL,
+    help: "--proj-grad M         projected optimizers: form the rank-r gradient from the whole\n" +
+      "                      gradient (full, the references) or from the product's factors\n" +
+      "                      (factored: fewer products; needs --clip 0, one process)\n" +
+      "                      [{default}]",
   },
   freezeEmbeddings: {
     flag: "--freeze-embeddings",

@@ -661,6 +661,11 @@ export function flagNames(message: string): string {
   if (sw && swKey) {
     out = `${FLAG[swKey]} ${sw[2] === "true" ? "on" : "off"}${out.slice(sw[0].length)}`;
   }
+  // `proj_grad factored needs clip 0` (rust/src/config.rs)
+  out = out.replace(/\bneeds clip 0\b/g, `needs ${FLAG.clip} 0`).replace(
+    /\bor clip 0\b/g,
+    `or ${FLAG.clip} 0`,
+  );
   for (const key of CHOICE_OPTIONS) {
     const field = def(key).engine ?? def(key).run;
     if (field === undefined) continue;

@@ -156,6 +156,11 @@ export interface Summary {
   nonfinite_grads: number | null;
   /** Seconds spent in projector refreshes. */
   refresh_seconds: number;
+  /**
+   * Rank-r gradients formed straight from the product's factors (`projGrad: "factored"`;
+   * 0 otherwise): one per projected matrix and update that did not refresh its projector.
+   */
+  factored_grads: number;
   /** Seconds per engine phase: forward (with the loss), backward (with fused updates), optimizer. */
   timing: { forward_s: number; backward_s: number; optimizer_s: number; dequant_s: number } | null;
   /** Device the engine ran on. */

@@ -1018,6 +1018,7 @@ export class Run implements Disposable {
         refresh_failures: info.refresh_failures ?? 0,
         nonfinite_grads: info.nonfinite_grads ?? null,
         refresh_seconds: info.refresh_seconds ?? 0,
+        factored_grads: info.factored_grads ?? 0,
         timing: info.timing ?? null,
         device: engine.device,
         precision: engine.precision ?? "fp32",

@@ -540,6 +540,7 @@ Deno.test("bad values of the optimizer flags name the flag, the value and what i
     [...q, "--clip-mode", "sometimes"],
     "--clip-mode sometimes: must be one of auto, stash, two-backward",
   );
+  rejects([...q, "--proj-grad", "lazy"], "--proj-grad lazy: must be one of full, factored");
   rejects([...q, "--quant-range", "full"], "--quant-range full: must be one of zero, reference");
   rejects([...q, "--block-size", "512"], "--block-size 512: must be one of 256, 2048");
   // Notebook-style options are type-checked as well.
@@ -564,6 +565,7 @@ Deno.test("switches that do not apply to the optimizer are errors", () => {
   rejects(["--cos-threshold", "0.5"], "--cos-threshold 0.5: ", proj);
   rejects(["--proj-group-size", "128"], "--proj-group-size 128: ", proj);
   rejects(["--clip-mode", "stash"], "--clip-mode stash: ", proj);
+  rejects(["--proj-grad", "factored"], "--proj-grad factored: ", proj);
   rejects(
     ["--optimizer", "adam8bit", "--rank", "8"],
     "--rank 8: applies only to --optimizer galore, galore8bit, qgalore (not adam8bit)",
@@ -720,5 +722,9 @@ Deno.test("engine messages name flags where they name a setting", () => {
       "precision = bf16: no usable GPU, and the CPU needs AVX512-BF16 or AMX-BF16; use precision fp32 or auto",
     ),
     "precision = bf16: no usable GPU, and the CPU needs AVX512-BF16 or AMX-BF16; use --precision fp32 or auto",
+  );
+  assert.equal(
+    flagNames("proj_grad factored needs clip 0 (why): use proj_grad full, or clip 0"),
+    "--proj-grad factored needs --clip 0 (why): use --proj-grad full, or --clip 0",
   );
 });

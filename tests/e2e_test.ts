@@ -124,6 +124,41 @@ Deno.test("e2e: --optimizer qgalore reports refreshes, gaps and a rank clamp not
   }
 });
 
+Deno.test("e2e: --proj-grad factored forms R from the factors between refreshes; needs --clip 0", async () => {
+  const dir = Deno.makeTempDirSync();
+  try {
+    const base = [...tiny, "--steps", "8", "--optimizer", "galore", "--rank", "32"];
+    const r = await cli([
+      ...base,
+      "--update-gap",
+      "4",
+      "--clip",
+      "0",
+      "--proj-grad",
+      "factored",
+      "--json",
+      "--out",
+      dir,
+    ]);
+    assert.equal(r.code, 0, r.stderr);
+    const s: Summary = JSON.parse(lastLine(r.stdout));
+    assert.equal(s.config.projGrad, "factored");
+    // 4 blocks × 7 matrices refreshed at updates 0 and 4, factored at the other six
+    assert.equal(s.svd_count, 28 * 2);
+    assert.equal(s.factored_grads, 28 * 6);
+    assert.ok(s.val_loss! < s.initial_val_loss!);
+    // clipping needs the whole gradient's norm
+    const bad = await cli([...base, "--proj-grad", "factored", "--out", join(dir, "bad")]);
+    assertOneLineError(
+      bad,
+      "--proj-grad factored needs --clip 0",
+      "use --proj-grad full, or --clip 0",
+    );
+  } finally {
+    Deno.removeSync(dir, { recursive: true });
+  }
+});
+
 Deno.test("e2e: a diverging run stops with one error line and still writes the summary", async () => {
   const dir = Deno.makeTempDirSync();
   try {

@@ -309,6 +309,7 @@ Deno.test("train: GaLore settings reach the engine; info() fills the summary", a
     block_size: 2048,
     fused: true,
     clip_mode: "auto",
+    proj_grad: "full",
   });
   assert.equal(s.svd_count, 7);
   assert.equal(s.refresh_failures, 1);
@@ -344,6 +345,7 @@ Deno.test("train: GaLore settings reach the engine; info() fills the summary", a
     proj_refresh: "eigh",
     fused: false,
     clip_mode: "auto",
+    proj_grad: "full",
   });
 });
 

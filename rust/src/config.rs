@@ -143,6 +143,22 @@ impl Named for ClipMode {
     const ALL: &'static [(Self, &'static str)] = &[(ClipMode::Auto, "auto"), (ClipMode::Stash, "stash"), (ClipMode::TwoBackward, "two-backward")];
 }
 
+/// How a projected matrix's rank-r gradient R is formed (docs/algorithm-spec.md §1.5b):
+/// `Full`, the references' way: the whole gradient G = dYᵀ·X, then R = G·Qᵀ or Pᵀ·G;
+/// `Factored`, R straight from the product's factors, dYᵀ·(X·Qᵀ) or (dY·P)ᵀ·X, on every
+/// step that does not refresh the projector (a refresh needs G): fewer multiply-adds by
+/// (1 − r·(m+n)/(m·n)) of each such product, the same R up to rounding. It needs clipping
+/// off (the global norm is G's) and one process (`Engine::build` refuses it otherwise).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProjGrad {
+    Full,
+    Factored,
+}
+
+impl Named for ProjGrad {
+    const ALL: &'static [(Self, &'static str)] = &[(ProjGrad::Full, "full"), (ProjGrad::Factored, "factored")];
+}
+
 /// What the ranks of a data-parallel run all-reduce for a projected matrix (`dist::lowrank`,
 /// docs/algorithm-spec.md §1.5a): `Full`, the whole gradient (exact, clipping included);
 /// `LowRank`, its rank-r projection R between projector refreshes (exact without clipping;
@@ -407,7 +423,7 @@ macro_rules! choice_value {
         }
     )*};
 }
-choice_value!(Refresh, Range, CosMode, Device, Precision, LoraBase, ClipMode, DpComm);
+choice_value!(Refresh, Range, CosMode, Device, Precision, LoraBase, ClipMode, DpComm, ProjGrad);
 
 /// Parses one option; the message names the field, the value and what is allowed.
 fn option<T: OptionValue>(field: &str, v: &Value, bounds: Option<&Bounds>) -> Result<T> {
@@ -545,6 +561,7 @@ macro_rules! optim_options {
                     return Err(e);
                 }
                 cfg.check_freeze()?;
+                cfg.check_proj_grad()?;
                 Ok((cfg, off))
             }
 
@@ -617,6 +634,8 @@ optim_options! {
     fused: bool, None, |o: Optimizer, ga: usize| o.projected() && ga == 1, OneMicroBatch;
     /// How the fused step clips (`ClipMode`): auto, stash or two-backward.
     clip_mode: ClipMode, None, all(ClipMode::Auto), Projected;
+    /// How R is formed (`ProjGrad`): full (G, then its projection) or factored.
+    proj_grad: ProjGrad, None, all(ProjGrad::Full), Projected;
     // LoRA / QLoRA (PEFT's LoraConfig defaults for LLaMA: r 8, alpha 8, dropout 0, q_proj and v_proj)
     /// Adapter rank r (≤ min(rows, cols) of every target matrix).
     lora_rank: usize, Some(COUNT), all(8), Adapter;
@@ -697,6 +716,16 @@ impl OptimConfig {
     }
     pub fn eight_bit(&self) -> bool {
         self.name.eight_bit()
+    }
+
+    /// Clipping needs the whole gradient's norm, which `proj_grad = factored` never forms
+    /// (docs/algorithm-spec.md §1.5b): the pair is refused rather than either ignored.
+    fn check_proj_grad(&self) -> Result<()> {
+        ensure!(
+            !(self.projected() && self.proj_grad == ProjGrad::Factored && self.clip > 0.0),
+            "proj_grad factored needs clip 0 (clipping needs the whole gradient's norm, which the factored product never forms): use proj_grad full, or clip 0"
+        );
+        Ok(())
     }
 }
 

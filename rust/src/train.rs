@@ -97,6 +97,10 @@ impl<B: Backend> Engine<B> {
     /// `open` passes `plan::clip_budget` of the memory the host or the GPU has available.
     pub fn build_with_budget(be: B, cfg: EngineConfig, init: Option<&std::path::Path>, budget: Option<u64>) -> Result<Self> {
         cfg.validate()?;
+        ensure!(
+            !(cfg.optimizer.proj_grad == crate::config::ProjGrad::Factored && crate::dist::size() > 1),
+            "proj_grad factored is for one process (the ranks of a data-parallel run sum whole gradients or their projections, dp_comm): use proj_grad full"
+        );
         // Sizes and storage kinds come from the byte plan (the same code `qg_plan` runs),
         // so the tracked bytes are what the plan says.
         let plan = Plan::with_budget(&cfg, be.precision() == "bf16", "the model", budget);
@@ -171,10 +175,17 @@ impl<B: Backend> Engine<B> {
         Ok(a.losses.iter().map(|&x| x as f64).sum())
     }
 
-    /// Runs the backward (with `hook` per parameter), timed.
-    fn timed_backward(&mut self, acc: bool, hook: &mut pass::Hook<B>) -> Result<()> {
+    /// Runs the backward (with `hook` per parameter), timed; with `factored`, projected
+    /// matrices get their rank-r gradient from the product's factors where the optimizer
+    /// takes it (`Optimizer::factored`).
+    fn timed_backward(&mut self, acc: bool, factored: bool, hook: &mut pass::Hook<B>) -> Result<()> {
         let t0 = Instant::now();
-        pass::backward(&self.be, &mut self.model, &mut self.grads, &mut self.acts, acc, hook);
+        let (be, opt) = (&self.be, &mut self.opt);
+        let f = &mut |i: usize, m: &Llama<B>, dout: &B::Buf, inp: &B::Buf, n: usize, acc: bool, s: &mut B::Buf, gb: &mut B::Buf| {
+            opt.factored(be, i, &m.params[i], optim::Factors { dout, inp, n, acc, scratch: s, stepped: false }, gb)
+        };
+        let factor: Option<&mut pass::Factor<B>> = if factored { Some(f) } else { None };
+        pass::backward_with(be, &mut self.model, &mut self.grads, &mut self.acts, acc, false, factor, hook);
         self.backwards += 1;
         self.be.sync()?;
         self.timing[1] += t0.elapsed().as_secs_f64();
@@ -199,6 +210,13 @@ impl<B: Backend> Engine<B> {
     /// does with `num_items_in_batch`), not the mean of per-micro-batch means; returns (loss, N).
     /// Without a mask N = micro × b × t and the result is bit-identical to the unmasked code.
     pub fn loss_and_grads_masked(&mut self, tokens: &[i32], mask: Option<&[u8]>, micro: usize) -> Result<(f64, u64)> {
+        self.loss_and_grads_with(tokens, mask, micro, false)
+    }
+
+    /// `loss_and_grads_masked`; with `factored` (the global step under
+    /// `proj_grad = factored`) the buffers of projected matrices may hold R instead
+    /// (`Optimizer::factored_len`).
+    fn loss_and_grads_with(&mut self, tokens: &[i32], mask: Option<&[u8]>, micro: usize, factored: bool) -> Result<(f64, u64)> {
         let sh = self.window_rows(tokens, mask, micro, "train batch", "micro-batches")?;
         // data-parallel: the targets of the whole global batch (this rank's alone otherwise)
         let count = self.update_count(micro, sh.t, mask)?;
@@ -215,7 +233,7 @@ impl<B: Backend> Engine<B> {
                 if !sum.is_finite() {
                     return Err(Error::non_finite(format!("loss is {} at micro-batch {mb}", fmt_nf(sum))));
                 }
-                self.timed_backward(mb > 0, &mut |_, _, _, _| {})?;
+                self.timed_backward(mb > 0, factored, &mut |_, _, _, _| {})?;
             }
             Ok(())
         })();
@@ -270,7 +288,8 @@ impl<B: Backend> Engine<B> {
         if self.fused {
             return self.fused_step(tokens, mask, lr);
         }
-        let (loss, count) = self.loss_and_grads_masked(tokens, mask, micro)?;
+        let factored = self.cfg.optimizer.proj_grad == crate::config::ProjGrad::Factored;
+        let (loss, count) = self.loss_and_grads_with(tokens, mask, micro, factored)?;
         let clip = self.cfg.optimizer.clip as f64;
         if crate::dist::lowrank::low_rank_step(&self.cfg.optimizer) {
             // data-parallel with low-rank communication (dist::lowrank): the ranks sum the
@@ -301,7 +320,7 @@ impl<B: Backend> Engine<B> {
             // clipping and updates cover the trained ones
             let train: Vec<usize> = (0..model.params.len()).filter(|&i| model.trainable(i)).collect();
             for &i in &train {
-                be.sumsq_acc(grads.get(i), model.params[i].numel());
+                be.sumsq_acc(grads.get(i), opt.factored_len(i).unwrap_or(model.params[i].numel()));
             }
             st.grad_norm = be.take_sumsq().sqrt();
             // the clip factor goes into the optimizer: an unprojected gradient is scaled
@@ -371,19 +390,28 @@ impl<B: Backend> Engine<B> {
         }
         opt.begin_step();
         let mut err: Option<Error> = None;
+        // the optimizer serves the backward twice per tensor: `factored` before its gradient
+        // is formed (proj_grad = factored), the update once it is complete
+        let optc = std::cell::RefCell::new(&mut **opt);
         let update = &mut |i: usize, rows: Option<(usize, usize)>, m: &mut Llama<B>, g: &mut Grads<B>| {
             if err.is_some() {
                 return;
             }
+            let mut o = optc.borrow_mut();
             if clip <= 0.0 {
-                be.sumsq_acc(g.get(i), grad_len(m, i, rows));
+                be.sumsq_acc(g.get(i), o.factored_len(i).unwrap_or(grad_len(m, i, rows)));
             }
-            let r = scaled_update(&mut **opt, be, m, g, i, rows, lr, (scale != 1.0).then_some(scale));
+            let r = scaled_update(&mut **o, be, m, g, i, rows, lr, (scale != 1.0).then_some(scale));
             if let Err(e) = r {
                 err = Some(e);
             }
         };
-        pass::backward(be, m, g, a, false, &mut |i, rows, m, g| ov.push(be, i, rows, grad_len(m, i, rows), m, g, update));
+        let f = &mut |i: usize, m: &Llama<B>, dout: &B::Buf, inp: &B::Buf, n: usize, acc: bool, s: &mut B::Buf, gb: &mut B::Buf| {
+            optc.borrow_mut().factored(be, i, &m.params[i], optim::Factors { dout, inp, n, acc, scratch: s, stepped: true }, gb)
+        };
+        let factored = clip <= 0.0 && self.cfg.optimizer.proj_grad == crate::config::ProjGrad::Factored;
+        let factor: Option<&mut pass::Factor<B>> = if factored { Some(f) } else { None };
+        pass::backward_with(be, m, g, a, false, false, factor, &mut |i, rows, m, g| ov.push(be, i, rows, grad_len(m, i, rows), m, g, update));
         let r = ov.flush(be, m, g, update);
         if let Some(e) = err.or(r.err()) {
             be.take_sumsq(); // drop the partial norm so the next step starts from 0
@@ -437,7 +465,7 @@ impl<B: Backend> Engine<B> {
                 Err(e) => err = Some(e),
             }
         };
-        pass::backward_with(be, m, g, a, false, true, &mut |i, rows, m, g| ov.push(be, i, rows, grad_len(m, i, rows), m, g, collect));
+        pass::backward_with(be, m, g, a, false, true, None, &mut |i, rows, m, g| ov.push(be, i, rows, grad_len(m, i, rows), m, g, collect));
         // the tables, for the norm: the embedding's (with a tied head's share), then an
         // untied head's; the last one computed whole stays in the shared buffer (after the
         // flush, its sum over the ranks). In a data-parallel run the backward's last tensor is

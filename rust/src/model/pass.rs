@@ -13,6 +13,22 @@ use crate::backend::Backend;
 /// rows (first, count) when the gradient arrives in row chunks, model, gradients).
 pub type Hook<'a, B> = dyn FnMut(usize, Option<(usize, usize)>, &mut Llama<B>, &mut Grads<B>) + 'a;
 
+/// Asked by the backward before it forms a linear's weight gradient: (index, model, dout
+/// n×rows, inp n×cols, n, accumulate, a free scratch of at least n × hidden values, the
+/// parameter's gradient buffer). True when it wrote the rank-r gradient R there instead
+/// (`Optimizer::factored`, docs/algorithm-spec.md §1.5b); false: the backward forms dW.
+pub type Factor<'a, B> = dyn FnMut(
+        usize,
+        &Llama<B>,
+        &<B as crate::backend::Memory>::Buf,
+        &<B as crate::backend::Memory>::Buf,
+        usize,
+        bool,
+        &mut <B as crate::backend::Memory>::Buf,
+        &mut <B as crate::backend::Memory>::Buf,
+    ) -> bool
+    + 'a;
+
 /// Runs the model on `a.tokens` and leaves the logits in `a.logits`.
 pub fn forward<B: Backend>(be: &B, m: &Llama<B>, a: &mut Acts<B>) {
     let cfg = &m.cfg;
@@ -81,12 +97,14 @@ fn block_forward<B: Backend>(be: &B, m: &Llama<B>, a: &mut Acts<B>, l: usize, ou
 /// (gradient accumulation) instead of overwriting them. Frozen parameters (a LoRA model's
 /// base) get no gradient and are not reported; the input gradients still flow through them.
 pub fn backward<B: Backend>(be: &B, m: &mut Llama<B>, g: &mut Grads<B>, a: &mut Acts<B>, acc: bool, hook: &mut Hook<B>) {
-    backward_with(be, m, g, a, acc, false, hook)
+    backward_with(be, m, g, a, acc, false, None, hook)
 }
 
 /// `backward`; with `defer_tables` the embedding's and the untied head's gradients are left
 /// out (nothing computed, nothing reported): the caller takes them with `embed_grad` and
-/// `head_grad` afterwards, whose inputs the backward keeps.
+/// `head_grad` afterwards, whose inputs the backward keeps. With `factor`, each trained
+/// linear's gradient is offered to it first (`Factor`).
+#[allow(clippy::too_many_arguments)]
 pub fn backward_with<B: Backend>(
     be: &B,
     m: &mut Llama<B>,
@@ -94,6 +112,7 @@ pub fn backward_with<B: Backend>(
     a: &mut Acts<B>,
     acc: bool,
     defer_tables: bool,
+    mut factor: Option<&mut Factor<B>>,
     hook: &mut Hook<B>,
 ) {
     let cfg = m.cfg.clone();
@@ -101,11 +120,26 @@ pub fn backward_with<B: Backend>(
     let (h, kvh, hd) = (cfg.num_attention_heads, cfg.kv_heads(), cfg.head_dim());
     let dims = a.dims(&cfg);
     let (b, t) = (a.b, a.t);
-    // a linear's weight gradient, unless it is frozen
-    let dw = |be: &B, m: &mut Llama<B>, g: &mut Grads<B>, hook: &mut Hook<B>, idx: usize, dout: &B::Buf, inp: &B::Buf, ic: usize, oc: usize| {
+    // a linear's weight gradient, unless it is frozen: R from the factors when `factor`
+    // takes it (`scratch`: an n×hidden buffer free at that point of the backward), else dW
+    #[allow(clippy::too_many_arguments)]
+    let dw = |be: &B,
+              m: &mut Llama<B>,
+              g: &mut Grads<B>,
+              factor: &mut Option<&mut Factor<B>>,
+              hook: &mut Hook<B>,
+              idx: usize,
+              dout: &B::Buf,
+              inp: &B::Buf,
+              scratch: &mut B::Buf,
+              ic: usize,
+              oc: usize| {
         if m.trainable(idx) {
             let ac = acc && !g.is_shared(idx);
-            be.matmul_dw(g.get_mut(idx), dout, inp, n, ic, oc, ac);
+            let done = factor.as_mut().is_some_and(|f| f(idx, m, dout, inp, n, ac, scratch, g.get_mut(idx)));
+            if !done {
+                be.matmul_dw(g.get_mut(idx), dout, inp, n, ic, oc, ac);
+            }
             hook(idx, None, m, g);
         }
     };
@@ -135,7 +169,7 @@ pub fn backward_with<B: Backend>(
         if let Some(la) = la.as_mut() {
             lora::backward(be, m, g, la, l, 6, &a.act[s], &a.dres, &mut a.dact, n, i, c, acc, hook);
         }
-        dw(be, m, g, hook, ly.down, &a.dres, &a.act[s], i, c);
+        dw(be, m, g, &mut factor, hook, ly.down, &a.dres, &a.act[s], &mut a.dgate, i, c);
         be.swiglu_bwd(&mut a.dgate, &mut a.dup, &a.dact, &a.gate[s], &a.up[s], n * i);
         be.matmul_dinp(&mut a.dxn, &a.dgate, m.wv(be, ly.gate, &mut a.wq), n, c, i, false);
         be.matmul_dinp(&mut a.dxn, &a.dup, m.wv(be, ly.up, &mut a.wq), n, c, i, true);
@@ -143,8 +177,8 @@ pub fn backward_with<B: Backend>(
             lora::backward(be, m, g, la, l, 4, &a.xn2[s], &a.dgate, &mut a.dxn, n, c, i, acc, hook);
             lora::backward(be, m, g, la, l, 5, &a.xn2[s], &a.dup, &mut a.dxn, n, c, i, acc, hook);
         }
-        dw(be, m, g, hook, ly.gate, &a.dgate, &a.xn2[s], c, i);
-        dw(be, m, g, hook, ly.up, &a.dup, &a.xn2[s], c, i);
+        dw(be, m, g, &mut factor, hook, ly.gate, &a.dgate, &a.xn2[s], &mut a.dact, c, i);
+        dw(be, m, g, &mut factor, hook, ly.up, &a.dup, &a.xn2[s], &mut a.dact, c, i);
         let dn = la.as_mut().map(|la| &mut la.dnorm);
         norm_bwd(be, m, g, acc, ly.mlp_norm, &mut a.dres, &a.dxn, &a.xm[s], &a.rstd2[s], n, c, dn, hook);
 
@@ -153,7 +187,7 @@ pub fn backward_with<B: Backend>(
         if let Some(la) = la.as_mut() {
             lora::backward(be, m, g, la, l, 3, &a.ao[s], &a.dres, &mut a.dao, n, c, c, acc, hook);
         }
-        dw(be, m, g, hook, ly.o, &a.dres, &a.ao[s], c, c);
+        dw(be, m, g, &mut factor, hook, ly.o, &a.dres, &a.ao[s], &mut a.dq, c, c);
         be.attention_bwd(&mut a.dq, &mut a.dk, &mut a.dv, &mut a.datt, &a.dao, &a.q[s], &a.k[s], &a.v[s], &a.att[s], dims);
         be.rope(&mut a.dq, &a.rope, b, t, h, hd, true);
         be.rope(&mut a.dk, &a.rope, b, t, kvh, hd, true);
@@ -166,7 +200,7 @@ pub fn backward_with<B: Backend>(
             lora::backward(be, m, g, la, l, 2, &a.xn1[s], &a.dv, &mut a.dxn, n, c, kv, acc, hook);
         }
         for (idx, d, oc) in [(ly.q, &a.dq, c), (ly.k, &a.dk, kv), (ly.v, &a.dv, kv)] {
-            dw(be, m, g, hook, idx, d, &a.xn1[s], c, oc);
+            dw(be, m, g, &mut factor, hook, idx, d, &a.xn1[s], &mut a.dao, c, oc);
         }
         let dn = la.as_mut().map(|la| &mut la.dnorm);
         norm_bwd(be, m, g, acc, ly.attn_norm, &mut a.dres, &a.dxn, &a.x[l], &a.rstd1[s], n, c, dn, hook);

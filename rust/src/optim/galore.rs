@@ -8,7 +8,7 @@
 
 use super::Optimizer;
 use crate::backend::{AdamHp, Backend, Category};
-use crate::config::{CosMode, Named, OptimConfig};
+use crate::config::{CosMode, Named, OptimConfig, ProjGrad};
 use crate::optim::{Gaps, Report};
 use crate::error::Result;
 use crate::model::{Llama, Param, Weight};
@@ -34,6 +34,9 @@ struct Scalars {
     nonfinite_grads: u64,
     /// Seconds spent refreshing, in integer nanoseconds.
     refresh_ns: u64,
+    /// Rank-r gradients formed from the product's factors (absent in older checkpoints).
+    #[serde(default)]
+    factored_grads: u64,
     projectors: Vec<ProjScalars>,
 }
 
@@ -85,6 +88,8 @@ pub struct Stats {
     pub refresh_failures: u64,
     pub nonfinite_grads: u64,
     pub refresh_seconds: f64,
+    /// Rank-r gradients formed from the product's factors (`proj_grad = factored`).
+    pub factored_grads: u64,
 }
 
 pub struct Family<B: Backend> {
@@ -110,6 +115,9 @@ pub struct Family<B: Backend> {
     /// Whether a parameter's projector was refreshed this step by `refresh_sketched` (then
     /// `project` does not refresh it again).
     sketched: Vec<bool>,
+    /// Whether a parameter's gradient buffer holds R formed by `factored` (its first
+    /// `lens` elements) rather than the whole gradient; taken by `project`.
+    factored: Vec<bool>,
 }
 
 impl<B: Backend> Family<B> {
@@ -155,6 +163,7 @@ impl<B: Backend> Family<B> {
             stash: plan.tensors.iter().map(|t| buf(t.stash_len, Category::Grads)).collect::<Result<_>>()?,
             stashed: vec![false; plan.tensors.len()],
             sketched: vec![false; plan.tensors.len()],
+            factored: vec![false; plan.tensors.len()],
         })
     }
 
@@ -286,9 +295,12 @@ impl<B: Backend> Family<B> {
     /// projector (none could ever be computed): it is skipped this step.
     fn project(&mut self, be: &B, idx: usize, p: &Param<B>, g: &mut B::Buf, r: &mut B::Buf) -> bool {
         let (rows, cols) = (p.rows, p.cols);
-        be.sanitize(g, rows * cols);
+        // R already formed from the factors (`factored`): no refresh is due this update
+        let factored = std::mem::take(&mut self.factored[idx]);
+        self.stats.factored_grads += factored as u64;
+        be.sanitize(g, if factored { self.lens[idx] } else { rows * cols });
         let iter = self.step - 1; // pre-increment counter (docs/algorithm-spec.md §1.2 item 3)
-        let due = {
+        let due = !factored && {
             let st = self.states[idx].proj.as_ref().unwrap();
             st.store.is_none() || st.lazy.due(iter)
         };
@@ -309,10 +321,51 @@ impl<B: Backend> Family<B> {
             }
             Weight::N(..) => unreachable!("projectors are never NF4"),
         };
-        if st.right {
+        if factored {
+            be.copy_n(r, g, self.lens[idx]);
+        } else if st.right {
             be.matmul(r, g, pm, rows, cols, st.rank, false);
         } else {
             be.matmul_dw(r, pm, g, rows, cols, st.rank, false);
+        }
+        true
+    }
+
+    /// `Optimizer::factored` (docs/algorithm-spec.md §1.5b): R = dYᵀ·(X·Qᵀ) (right
+    /// projector, rows×r) or (dY·P)ᵀ·X (left, r×cols) into `g`, when a projector is stored
+    /// and this update does not refresh it.
+    fn form_factored(&mut self, be: &B, idx: usize, p: &Param<B>, f: super::Factors<'_, B>, g: &mut B::Buf) -> bool {
+        if self.cfg.proj_grad != ProjGrad::Factored || matches!(self.states[idx].moments, Moments::Frozen) {
+            return false;
+        }
+        // the update's pre-increment counter, inside the step (fused) or before it (global)
+        let iter = if f.stepped { self.step - 1 } else { self.step };
+        let (dout, inp, n, acc, scratch) = (f.dout, f.inp, f.n, f.acc, f.scratch);
+        let Some(st) = self.states[idx].proj.as_ref() else {
+            return false;
+        };
+        let Some(store) = st.store.as_ref().filter(|_| !st.lazy.due(iter)) else {
+            return false;
+        };
+        let pf = self.pf.as_mut().unwrap();
+        let pm: &B::Buf = match store {
+            Weight::F(b) => b,
+            Weight::Q(q) => {
+                be.q_dequantize(pf, q);
+                pf
+            }
+            Weight::N(..) => unreachable!("projectors are never NF4"),
+        };
+        let (rows, cols, k) = (p.rows, p.cols, st.rank);
+        if !factoring_saves(rows, cols, k, n) {
+            return false;
+        }
+        if st.right {
+            be.matmul(scratch, inp, pm, n, cols, k, false); // T = X·Qᵀ (n×r)
+            be.matmul_dw(g, dout, scratch, n, k, rows, acc); // R (+)= dYᵀ·T (rows×r)
+        } else {
+            be.matmul_dinp(scratch, dout, pm, n, k, rows, false); // S = dY·P (n×r)
+            be.matmul_dw(g, scratch, inp, n, cols, k, acc); // R (+)= Sᵀ·X (r×cols)
         }
         true
     }
@@ -460,9 +513,18 @@ impl<B: Backend> Family<B> {
             refresh_failures: self.stats.refresh_failures,
             nonfinite_grads: self.stats.nonfinite_grads,
             refresh_seconds: (self.stats.refresh_seconds * 1e6).round() / 1e6,
+            factored_grads: self.stats.factored_grads,
             gaps: Gaps(gaps),
         }
     }
+}
+
+/// Whether forming R from the factors (n·r·(rows + cols) multiply-adds) costs less than the
+/// whole gradient and its projection (n·rows·cols + rows·cols·r): false for a rank near the
+/// matrix's size (a clamped rank), where `factored` keeps the full route.
+pub fn factoring_saves(rows: usize, cols: usize, rank: usize, n: usize) -> bool {
+    let (m, c, r, n) = (rows as u128, cols as u128, rank as u128, n as u128);
+    n * r * (m + c) < n * m * c + m * c * r
 }
 
 impl<B: Backend> Optimizer<B> for Family<B> {
@@ -471,6 +533,14 @@ impl<B: Backend> Optimizer<B> for Family<B> {
     }
     fn begin_step(&mut self) {
         self.step += 1;
+    }
+    fn factored(&mut self, be: &B, idx: usize, p: &Param<B>, f: super::Factors<'_, B>, g: &mut B::Buf) -> bool {
+        let done = self.form_factored(be, idx, p, f, g);
+        self.factored[idx] = done;
+        done
+    }
+    fn factored_len(&self, idx: usize) -> Option<usize> {
+        self.factored[idx].then_some(self.lens[idx])
     }
     fn update_rows(&mut self, be: &B, idx: usize, p: &mut Param<B>, g: &mut B::Buf, off: usize, len: usize, lr: f32) -> Result<()> {
         let hp8 = self.bnb_hp(lr, self.cfg.weight_decay);
@@ -593,6 +663,7 @@ impl<B: Backend> Optimizer<B> for Family<B> {
     }
     fn abort_step(&mut self, be: &B) {
         self.step -= 1;
+        self.factored.iter_mut().for_each(|x| *x = false);
         self.stashed.iter_mut().for_each(|x| *x = false);
         self.sketched.iter_mut().for_each(|x| *x = false);
         be.take_nonfinite();
@@ -626,6 +697,7 @@ impl<B: Backend> Optimizer<B> for Family<B> {
             nonfinite_grads: s.nonfinite_grads,
             // integer nanoseconds: a JSON float need not read back bit-exactly
             refresh_ns: (s.refresh_seconds * 1e9).round() as u64,
+            factored_grads: s.factored_grads,
             projectors,
         };
         serde_json::to_value(sc).unwrap_or_default()
@@ -726,6 +798,7 @@ impl<B: Backend> Optimizer<B> for Family<B> {
             refresh_failures: sc.refresh_failures,
             nonfinite_grads: sc.nonfinite_grads,
             refresh_seconds: sc.refresh_ns as f64 / 1e9,
+            factored_grads: sc.factored_grads,
         };
         Ok(())
     }

@@ -18,6 +18,8 @@ pub struct Report {
     pub nonfinite_grads: u64,
     /// Seconds spent refreshing projectors, rounded to microseconds.
     pub refresh_seconds: f64,
+    /// Rank-r gradients formed from the product's factors (`proj_grad = factored`).
+    pub factored_grads: u64,
     /// Current refresh gap of each projected matrix, by parameter name in model order.
     pub gaps: Gaps,
 }
@@ -51,6 +53,24 @@ pub struct LowRank {
 /// and the side, the new projector, summing the sketches over the ranks; `Ok(None)` when
 /// the decomposition failed (the same on every rank), `Err` when a sum did.
 pub type Sketch<'a> = dyn FnMut(&[f32], &[f32], usize, usize, usize, bool) -> Result<Option<Vec<f32>>> + 'a;
+
+/// A linear's weight-gradient product dW = doutᵀ·inp as the backward holds it, for
+/// `Optimizer::factored`.
+pub struct Factors<'a, B: Backend> {
+    /// n × rows.
+    pub dout: &'a B::Buf,
+    /// n × cols.
+    pub inp: &'a B::Buf,
+    /// Rows of the micro-batch (tokens).
+    pub n: usize,
+    /// Add to the gradient buffer (a later micro-batch of the update).
+    pub acc: bool,
+    /// At least n × rank free values.
+    pub scratch: &'a mut B::Buf,
+    /// `begin_step` has counted this update already (the fused step; the global step
+    /// forms its gradients before it).
+    pub stepped: bool,
+}
 
 pub trait Optimizer<B: Backend>: Send {
     fn name(&self) -> &'static str;
@@ -108,6 +128,20 @@ pub trait Optimizer<B: Backend>: Send {
     /// The stash of parameter `idx` when `stash` filled it this step (its first `len`
     /// elements: R of a projected matrix), for the ranks to sum in place.
     fn stashed_mut(&mut self, _idx: usize) -> Option<&mut B::Buf> {
+        None
+    }
+    /// The rank-r gradient of projected matrix `idx` straight from its product's factors
+    /// (`ProjGrad::Factored`, docs/algorithm-spec.md §1.5b), inside the backward. Writes R
+    /// into g's first elements (added to them with `f.acc`, gradient accumulation) and
+    /// returns true; false when the matrix has no projector yet, its projector refreshes in
+    /// this update (the refresh needs the whole gradient), or R is formed in full: the
+    /// caller then computes the whole gradient.
+    fn factored(&mut self, _be: &B, _idx: usize, _p: &Param<B>, _f: Factors<'_, B>, _g: &mut B::Buf) -> bool {
+        false
+    }
+    /// Elements of `idx`'s gradient buffer that hold this update's gradient when `factored`
+    /// wrote R there (its norm and updates take those); None: the whole gradient.
+    fn factored_len(&self, _idx: usize) -> Option<usize> {
         None
     }
     /// Undoes `begin_step` after a step that was refused before any update (a non-finite
