@@ -6,7 +6,7 @@
  *
  *   deno task bench            # all cases
  *   deno run -A bench/cpu.ts --case llama-60m --optimizer qgalore [--checkpointing]
- *     [--proj-grad full|factored]
+ *     [--proj-grad full|factored] [--precision fp32|bf16]
  * @module
  */
 import { parseArgs } from "node:util";
@@ -15,6 +15,7 @@ import { Engine, gemmGflops } from "../ffi/engine.ts";
 import { defaultTrainOptions } from "../lib/options.ts";
 import { peakRssBytes } from "../lib/memory.ts";
 import { benchConfig } from "./common.ts";
+import type { Precision } from "../lib/option_table.ts";
 
 const { values } = parseArgs({
   options: {
@@ -27,6 +28,7 @@ const { values } = parseArgs({
     "skip-default-run": { type: "boolean", default: false },
     checkpointing: { type: "boolean", default: false },
     "proj-grad": { type: "string" },
+    precision: { type: "string", default: "fp32" },
   },
 });
 
@@ -41,6 +43,7 @@ async function runCase(name: string, opt: string, b: number, t: number, steps: n
     device: "cpu",
     checkpointing: values.checkpointing,
     projGrad: values["proj-grad"],
+    precision: values.precision as Precision,
   }));
   const tokens = new Int32Array(b * (t + 1));
   let x = 12345;
@@ -85,6 +88,7 @@ async function runCase(name: string, opt: string, b: number, t: number, steps: n
     refresh_seconds: info.refresh_seconds ?? 0,
     svd_count: info.svd_count ?? 0,
     proj_grad: values["proj-grad"] ?? null,
+    precision: values.precision,
     factored_grads: info.factored_grads ?? 0,
     profile: info.profile ?? null,
   };

@@ -10,7 +10,7 @@ export const PACKAGE_VERSION: string = "0.1.0";
 
 /** SHA-256 of the list below as `sha256sum` prints it; names the cached library. */
 export const SOURCES_DIGEST: string =
-  "7349017f3b3d74daac14793c3bd7c855c96e35beb5181d62332500a0b68c9f97";
+  "8fbf4a1aa42ace61572dda4b3d8a1209ce7a878b643b86b73cf43cc58beaf09f";
 
 /** Every file the build needs: path from the package root and SHA-256 of its bytes. */
 export const SOURCES: readonly { readonly path: string; readonly sha256: string }[] = [
@@ -56,7 +56,7 @@ export const SOURCES: readonly { readonly path: string; readonly sha256: string 
   },
   {
     path: "rust/src/backend/cpu/bf16.rs",
-    sha256: "13c3b1e03c46a0b97feed34cd2fdce12ad9e374930a79f11ad60b27620e3e9c0",
+    sha256: "fce101c77d9a89fab3b4500485a281362acc9f749a1e123d0e9e90e87399e097",
   },
   {
     path: "rust/src/backend/cpu/mod.rs",
@@ -244,7 +244,7 @@ export const SOURCES: readonly { readonly path: string; readonly sha256: string 
   },
   {
     path: "rust/src/host/bf16.rs",
-    sha256: "5d121485551d11a29baec1fa8a6450cafcfafd56196da4b32ff15f3d7b210835",
+    sha256: "978911104c7cf964db0e02784ba2016db8e2130965e56771344bf4f474c3d066",
   },
   {
     path: "rust/src/host/linalg.rs",
@@ -328,7 +328,7 @@ export const SOURCES: readonly { readonly path: string; readonly sha256: string 
   },
   {
     path: "rust/src/quant/mod.rs",
-    sha256: "adf29d3a2ce936e4655f9cb93253709687601823c7aa7719f114252bbbc2cbce",
+    sha256: "5d900eb36459d6f359528abe6d40fecc27778443325b08c1dc14eb1f4fa688f5",
   },
   {
     path: "rust/src/quant/nf4.rs",

@@ -82,12 +82,13 @@ pub enum Kernel {
     /// on a processor with AMX-BF16 only, or on any processor with `QGALORE_CPU_BF16=emulate`
     /// (for tests: it makes bf16 precision run where the hardware lacks it).
     Exact,
-    /// `vdpbf16ps` on bf16-packed operands (AVX512-BF16): the same products, summed in
-    /// pairs and with denormals flushed as the instruction specifies.
+    /// `vdpbf16ps` on bf16-packed operands (AVX512-BF16, `gemm_avx512`): the same
+    /// products, summed pair by pair in k order and with denormals flushed as the
+    /// instruction specifies.
     Avx512,
-    /// `Avx512`'s packing (bf16 operands, b transposed, k padded) with a scalar dot product
-    /// in f32 (`gemm_nt_scalar`): lets tests check the packed path's layout on any
-    /// processor. Same products as `Exact`, summed in another order.
+    /// `Avx512`'s packing and summation order in scalar code (`gemm_scalar`): lets tests
+    /// check the packed path on any processor. Same products as `Exact`, summed in another
+    /// order.
     Packed,
 }
 
@@ -124,78 +125,166 @@ pub struct Strided {
     pub cs: usize,
 }
 
-/// Packs the `rows`×`k` strided matrix `x` as bf16, row-major, each row zero-padded to
-/// `kp` (a multiple of 32: one `vdpbf16ps` takes 32 pairs).
-pub fn pack(x: &[f32], s: Strided, rows: usize, k: usize, kp: usize) -> Vec<u16> {
-    let mut out = vec![0u16; rows * kp];
-    out.par_chunks_mut(kp).enumerate().for_each(|(i, row)| {
-        for (l, d) in row[..k].iter_mut().enumerate() {
-            *d = f32_to_bf16(x[s.off + i * s.rs + l * s.cs]);
+/// Rows of a's panels and columns of b's panels: `gemm_avx512`'s register tile (MR rows ×
+/// NR columns of c in 2·MR zmm accumulators).
+pub const MR: usize = 8;
+pub const NR: usize = 32;
+
+/// Pairs along k per packed row: k rounded up to even (`vdpbf16ps` takes (k, k+1) pairs).
+pub fn pairs(k: usize) -> usize {
+    k.div_ceil(2).max(1)
+}
+
+/// Packs the `rows`×`k` strided matrix `x` (rows of a, or columns of b) as bf16 pairs in
+/// panels of `width` rows: panel p holds, for each pair l, rows p·width … p·width + width − 1
+/// side by side, each as the u32 (x[i, 2l] | x[i, 2l+1] << 16). Rows past `rows` and the odd
+/// k's partner are zero. a is packed with `MR`, bᵀ with `NR`: then one broadcast of a's pair
+/// and two loads of b's give 32 columns of one row of c per `vdpbf16ps` pair.
+pub fn pack_pairs(x: &[f32], s: Strided, rows: usize, k: usize, width: usize) -> Vec<u32> {
+    #[cfg(target_arch = "x86_64")]
+    if detect().avx512_bf16 {
+        // SAFETY: the instructions were just found on this processor
+        return unsafe { pack_pairs_avx512(x, s, rows, k, width) };
+    }
+    pack_pairs_with(x, s, rows, k, width)
+}
+
+/// `pack_pairs` compiled for AVX-512, so that its conversion loops vectorize 16 wide.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn pack_pairs_avx512(x: &[f32], s: Strided, rows: usize, k: usize, width: usize) -> Vec<u32> {
+    pack_pairs_with(x, s, rows, k, width)
+}
+
+#[inline(always)]
+fn pack_pairs_with(x: &[f32], s: Strided, rows: usize, k: usize, width: usize) -> Vec<u32> {
+    let kh = pairs(k);
+    let mut out = vec![0u32; rows.div_ceil(width) * kh * width];
+    out.par_chunks_mut(kh * width).enumerate().for_each(|(p, panel)| {
+        let live = width.min(rows - p * width);
+        let base = s.off + p * width * s.rs;
+        if s.cs == 1 {
+            // rows of x contiguous along k: convert a row at once (vectorized), then lay its
+            // pairs out at the panel's stride
+            let mut row = vec![0u16; 2 * kh];
+            for r in 0..live {
+                let src = &x[base + r * s.rs..base + r * s.rs + k];
+                row[..k].iter_mut().zip(src).for_each(|(d, &v)| *d = f32_to_bf16(v));
+                for (l2, pair) in row.chunks_exact(2).enumerate() {
+                    panel[l2 * width + r] = pair[0] as u32 | (pair[1] as u32) << 16;
+                }
+            }
+            return;
+        }
+        // pairs outermost: the panel is written in order; with rs = 1 (a transposed x) each
+        // lane reads `live` consecutive values
+        for (l2, lane) in panel.chunks_exact_mut(width).enumerate() {
+            let (l, odd) = (2 * l2, 2 * l2 + 1 < k);
+            let at = base + l * s.cs;
+            if s.rs == 1 {
+                let lo = &x[at..at + live];
+                if odd {
+                    let hi = &x[at + s.cs..at + s.cs + live];
+                    lane[..live].iter_mut().zip(lo.iter().zip(hi)).for_each(|(d, (&a, &b))| *d = f32_to_bf16(a) as u32 | (f32_to_bf16(b) as u32) << 16);
+                } else {
+                    lane[..live].iter_mut().zip(lo).for_each(|(d, &a)| *d = f32_to_bf16(a) as u32);
+                }
+                continue;
+            }
+            for (r, d) in lane[..live].iter_mut().enumerate() {
+                let at = at + r * s.rs;
+                let lo = f32_to_bf16(x[at]) as u32;
+                let hi = if odd { f32_to_bf16(x[at + s.cs]) as u32 } else { 0 };
+                *d = lo | hi << 16;
+            }
         }
     });
     out
 }
 
-/// k rounded up to the kernel's step.
-pub fn padded(k: usize) -> usize {
-    k.div_ceil(32).max(1) * 32
-}
-
-/// c[m×n] (row stride ldc) = (acc ? c : 0) + alpha · a·bᵀ with a (m×kp) and b (n×kp) bf16
-/// packed by `pack`, through `vdpbf16ps`. Rows of c in parallel on the current pool.
+/// c[m×n] (row stride ldc) = (acc ? c : 0) + alpha · a·b with a packed by `pack_pairs(…, MR)`
+/// and bᵀ by `pack_pairs(…, NR)`, through `vdpbf16ps`: each element of c sums its pairs in
+/// k order in one f32 lane (no horizontal sums). Row panels of c in parallel on the current
+/// pool; each runs the MR×NR tile over every column panel.
 ///
 /// # Safety
 /// The processor must have AVX512-BF16 and AVX512-F (`detect().avx512_bf16`).
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)]
-pub unsafe fn gemm_nt_avx512(c: &mut [f32], ldc: usize, a: &[u16], b: &[u16], m: usize, n: usize, kp: usize, acc: bool, alpha: f32) {
-    assert!(kp % 32 == 0 && a.len() >= m * kp && b.len() >= n * kp && (m == 0 || c.len() >= (m - 1) * ldc + n));
-    c.par_chunks_mut(ldc).take(m).enumerate().for_each(|(i, row)| {
-        let ar = &a[i * kp..(i + 1) * kp];
-        // SAFETY: the caller checked the instruction sets; slices hold kp values each
-        unsafe { row_avx512(&mut row[..n], ar, b, kp, acc, alpha) }
-    });
-}
-
-/// `gemm_nt_avx512` in scalar code: each dot product summed in index order in f32.
-#[allow(clippy::too_many_arguments)]
-pub fn gemm_nt_scalar(c: &mut [f32], ldc: usize, a: &[u16], b: &[u16], m: usize, n: usize, kp: usize, acc: bool, alpha: f32) {
-    assert!(a.len() >= m * kp && b.len() >= n * kp && (m == 0 || c.len() >= (m - 1) * ldc + n));
-    c.par_chunks_mut(ldc).take(m).enumerate().for_each(|(i, row)| {
-        let ar = &a[i * kp..(i + 1) * kp];
-        for (j, cj) in row[..n].iter_mut().enumerate() {
-            let br = &b[j * kp..(j + 1) * kp];
-            let dot = ar.iter().zip(br).fold(0.0f32, |s, (&x, &y)| s + bf16_to_f32(x) * bf16_to_f32(y));
-            *cj = if acc { *cj + alpha * dot } else { alpha * dot };
+pub unsafe fn gemm_avx512(c: &mut [f32], ldc: usize, a: &[u32], b: &[u32], m: usize, n: usize, k: usize, acc: bool, alpha: f32) {
+    let kh = pairs(k);
+    let (mp, np) = (m.div_ceil(MR), n.div_ceil(NR));
+    assert!(a.len() >= mp * kh * MR && b.len() >= np * kh * NR && (m == 0 || c.len() >= (m - 1) * ldc + n));
+    c.par_chunks_mut(ldc * MR).take(mp).enumerate().for_each(|(p, cp)| {
+        let rows = (m - p * MR).min(MR);
+        for q in 0..np {
+            let cols = (n - q * NR).min(NR);
+            // SAFETY: the caller checked the instruction sets; the panels hold kh pairs of
+            // MR (NR) lanes; rows × cols of c lie inside `cp` (row stride ldc)
+            unsafe { tile_avx512(a.as_ptr().add(p * kh * MR), b.as_ptr().add(q * kh * NR), kh, cp.as_mut_ptr().add(q * NR), ldc, rows, cols, acc, alpha) }
         }
     });
 }
 
-/// One row of `gemm_nt_avx512`: four columns at a time share each load of the row of a.
+/// One MR×NR tile of `gemm_avx512`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512bf16,avx512f")]
-unsafe fn row_avx512(c: &mut [f32], a: &[u16], b: &[u16], kp: usize, acc: bool, alpha: f32) {
+#[allow(clippy::too_many_arguments)]
+unsafe fn tile_avx512(a: *const u32, b: *const u32, kh: usize, c: *mut f32, ldc: usize, rows: usize, cols: usize, acc: bool, alpha: f32) {
     use std::arch::x86_64::*;
-    let n = c.len();
-    let load = |p: *const u16| -> __m512bh { std::mem::transmute(_mm512_loadu_si512(p as *const _)) };
-    let mut j = 0;
-    while j < n {
-        let w = (n - j).min(4);
-        let mut s = [_mm512_setzero_ps(); 4];
-        let mut l = 0;
-        while l < kp {
-            let va = load(a.as_ptr().add(l));
-            for (q, sq) in s.iter_mut().enumerate().take(w) {
-                *sq = _mm512_dpbf16_ps(*sq, va, load(b.as_ptr().add((j + q) * kp + l)));
-            }
-            l += 32;
+    let mut s = [[_mm512_setzero_ps(); 2]; MR];
+    for l2 in 0..kh {
+        let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(b.add(l2 * NR) as *const _));
+        let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(b.add(l2 * NR + 16) as *const _));
+        let ap = a.add(l2 * MR);
+        for (r, sr) in s.iter_mut().enumerate() {
+            let av: __m512bh = std::mem::transmute(_mm512_set1_epi32(*ap.add(r) as i32));
+            sr[0] = _mm512_dpbf16_ps(sr[0], av, b0);
+            sr[1] = _mm512_dpbf16_ps(sr[1], av, b1);
         }
-        for (q, sq) in s.iter().enumerate().take(w) {
-            let v = alpha * _mm512_reduce_add_ps(*sq);
-            c[j + q] = if acc { c[j + q] + v } else { v };
-        }
-        j += w;
     }
+    let va = _mm512_set1_ps(alpha);
+    for (r, sr) in s.iter().enumerate().take(rows) {
+        for (h, v) in sr.iter().enumerate() {
+            let j0 = h * 16;
+            if j0 >= cols {
+                break;
+            }
+            let w = (cols - j0).min(16);
+            let mask: __mmask16 = if w == 16 { 0xffff } else { ((1u32 << w) - 1) as u16 };
+            let p = c.add(r * ldc + j0);
+            let mut x = _mm512_mul_ps(*v, va);
+            if acc {
+                x = _mm512_add_ps(_mm512_maskz_loadu_ps(mask, p), x);
+            }
+            _mm512_mask_storeu_ps(p, mask, x);
+        }
+    }
+}
+
+/// `gemm_avx512` in scalar code on the same packed operands, each element of c summed as
+/// `vdpbf16ps` specifies: per pair, + a[2l+1]·b[2l+1] then + a[2l]·b[2l], rounding each sum
+/// to f32 (products of bf16 values are exact in f32). Denormals are kept (the instruction
+/// flushes them). Lets tests check the packed path's layout and order on any processor.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_scalar(c: &mut [f32], ldc: usize, a: &[u32], b: &[u32], m: usize, n: usize, k: usize, acc: bool, alpha: f32) {
+    let kh = pairs(k);
+    assert!(a.len() >= m.div_ceil(MR) * kh * MR && b.len() >= n.div_ceil(NR) * kh * NR && (m == 0 || c.len() >= (m - 1) * ldc + n));
+    let half = |x: u32| (bf16_to_f32(x as u16), bf16_to_f32((x >> 16) as u16));
+    c.par_chunks_mut(ldc).take(m).enumerate().for_each(|(i, row)| {
+        let (pa, ra) = (i / MR, i % MR);
+        for (j, cj) in row[..n].iter_mut().enumerate() {
+            let (pb, rb) = (j / NR, j % NR);
+            let mut sum = 0.0f32;
+            for l2 in 0..kh {
+                let (a0, a1) = half(a[(pa * kh + l2) * MR + ra]);
+                let (b0, b1) = half(b[(pb * kh + l2) * NR + rb]);
+                sum += a1 * b1;
+                sum += a0 * b0;
+            }
+            *cj = if acc { *cj + alpha * sum } else { alpha * sum };
+        }
+    });
 }
 
 #[cfg(test)]

@@ -297,11 +297,11 @@ pub fn round_code(x: f32, z: f32, qmax: f32, u: Option<f32>) -> u8 {
 #[inline]
 pub fn f32_to_bf16(f: f32) -> u16 {
     let u = f.to_bits();
-    if (u & 0x7fff_ffff) > 0x7f80_0000 {
-        return ((u >> 16) | 0x40) as u16;
-    }
-    let r = u.wrapping_add(0x7fff + ((u >> 16) & 1));
-    (r >> 16) as u16
+    // branch-free (a select), so that loops over slices vectorize
+    let nan = (u & 0x7fff_ffff) > 0x7f80_0000;
+    let quiet = (u >> 16) | 0x40;
+    let rounded = u.wrapping_add(0x7fff + ((u >> 16) & 1)) >> 16;
+    (if nan { quiet } else { rounded }) as u16
 }
 
 #[inline]

@@ -99,9 +99,19 @@ impl CpuBf16 {
     fn par(&self) -> Parallelism {
         self.cpu.par()
     }
+    /// `b` as a GEMM operand for this kernel: the packed kernels round while packing, so
+    /// they take the buffer as it is; the exact path takes `HalfBuf::operand`.
+    fn opnd<'a>(&self, b: &'a HalfBuf) -> Cow<'a, [f32]> {
+        if self.kernel == Kernel::Exact {
+            b.operand()
+        } else {
+            Cow::Borrowed(&b.inner.data)
+        }
+    }
 
-    /// dst[m×n] (row stride ldc) (+)= a·b with a (m×k) and b (k×n) strided, both given
-    /// as bf16 values, in f32; then dst rounded where it holds bf16. The exact path runs
+    /// dst[m×n] (row stride ldc) (+)= a·b with a (m×k) and b (k×n) strided, in f32 from
+    /// their bf16 values (`opnd`: already rounded for the exact path, rounded while packing
+    /// for the packed kernels); then dst rounded where it holds bf16. The exact path runs
     /// `run` (one of `host::matmul`'s products on the same operands).
     #[allow(clippy::too_many_arguments)]
     fn product(&self, dst: &mut HalfBuf, a: &[f32], sa: Strided, b: &[f32], sb: Strided, m: usize, n: usize, k: usize, acc: bool, run: impl FnOnce(&mut [f32], &[f32], &[f32])) {
@@ -109,13 +119,13 @@ impl CpuBf16 {
             Kernel::Exact => run(&mut dst.inner.data, a, b),
             Kernel::Avx512 | Kernel::Packed => {
                 // b is packed transposed: row j of bᵀ is column j of b
-                let kp = hb::padded(k);
-                let (pa, pb) = (hb::pack(a, sa, m, k, kp), hb::pack(b, Strided { off: sb.off, rs: sb.cs, cs: sb.rs }, n, k, kp));
+                let bt = Strided { off: sb.off, rs: sb.cs, cs: sb.rs };
+                let (pa, pb) = (hb::pack_pairs(a, sa, m, k, hb::MR), hb::pack_pairs(b, bt, n, k, hb::NR));
                 match self.kernel {
                     #[cfg(target_arch = "x86_64")]
                     // SAFETY: `with_kernel` checked the instruction sets
-                    Kernel::Avx512 => unsafe { hb::gemm_nt_avx512(&mut dst.inner.data, n, &pa, &pb, m, n, kp, acc, 1.0) },
-                    _ => hb::gemm_nt_scalar(&mut dst.inner.data, n, &pa, &pb, m, n, kp, acc, 1.0),
+                    Kernel::Avx512 => unsafe { hb::gemm_avx512(&mut dst.inner.data, n, &pa, &pb, m, n, k, acc, 1.0) },
+                    _ => hb::gemm_scalar(&mut dst.inner.data, n, &pa, &pb, m, n, k, acc, 1.0),
                 }
             }
         }
@@ -232,22 +242,22 @@ const fn st(off: usize, rs: usize, cs: usize) -> Strided {
 
 impl Layers for CpuBf16 {
     fn matmul(&self, out: &mut HalfBuf, inp: &HalfBuf, w: &HalfBuf, n: usize, ic: usize, oc: usize, acc: bool) {
-        let (x, w) = (inp.operand(), w.operand());
+        let (x, w) = (self.opnd(inp), self.opnd(w));
         let p = self.par();
         self.product(out, &x, st(0, ic, 1), &w, st(0, 1, ic), n, oc, ic, acc, |o, x, w| matmul::matmul(o, x, w, n, ic, oc, acc, p));
     }
     fn matmul_dinp(&self, dinp: &mut HalfBuf, dout: &HalfBuf, w: &HalfBuf, n: usize, ic: usize, oc: usize, acc: bool) {
-        let (d, w) = (dout.operand(), w.operand());
+        let (d, w) = (self.opnd(dout), self.opnd(w));
         let p = self.par();
         self.product(dinp, &d, st(0, oc, 1), &w, st(0, ic, 1), n, ic, oc, acc, |o, d, w| matmul::matmul_dinp(o, d, w, n, ic, oc, acc, p));
     }
     fn matmul_dw(&self, dw: &mut HalfBuf, dout: &HalfBuf, inp: &HalfBuf, n: usize, ic: usize, oc: usize, acc: bool) {
-        let (d, x) = (dout.operand(), inp.operand());
+        let (d, x) = (self.opnd(dout), self.opnd(inp));
         let p = self.par();
         self.product(dw, &d, st(0, 1, oc), &x, st(0, ic, 1), oc, ic, n, acc, |o, d, x| matmul::matmul_dw(o, d, x, n, ic, oc, acc, p));
     }
     fn matmul_dw_rows(&self, dw: &mut HalfBuf, dout: &HalfBuf, inp: &HalfBuf, n: usize, ic: usize, oc: usize, r0: usize, rows: usize) {
-        let (d, x) = (dout.operand(), inp.operand());
+        let (d, x) = (self.opnd(dout), self.opnd(inp));
         let p = self.par();
         self.product(dw, &d, st(r0, 1, oc), &x, st(0, ic, 1), rows, ic, n, false, |o, d, x| matmul::matmul_dw_rows(o, d, x, n, ic, oc, r0, rows, p));
     }
