@@ -89,7 +89,7 @@ for (const c of values.cases!.split(",")) {
     for (const mode of r % 2 === 0 ? ["full", "factored"] : ["factored", "full"]) {
       const row = await one(model, opt, mode);
       runs[mode].push(row);
-      await emit({ kind: "run", case: c, mode, rep: r + 1, ...row });
+      await emit({ kind: "run", ...row, case: c, mode, rep: r + 1 });
     }
   }
   // the best of the repetitions' median step (a shared VM only ever slows a step down), and

@@ -441,3 +441,25 @@ fn precision_bf16_on_the_cpu_is_refused_without_bf16_instructions_or_runs_with_t
     );
     std::env::remove_var(hb::ENV);
 }
+
+/// Timing harness, not a test: the bf16 GEMM rate of each kernel this processor has against
+/// the fp32 GEMM, at 2048³ and the llama-35m products (2 threads, operands' rounding and
+/// packing included). `cargo test --release --test cpu_bf16 gemm_rates -- --ignored --nocapture`
+#[test]
+#[ignore = "timing harness: prints GEMM rates"]
+fn gemm_rates() {
+    let shapes = [(2048, 2048, 2048), (2048, 1024, 384), (2048, 384, 1024), (384, 384, 2048), (1024, 384, 2048)];
+    let mut kernels = vec![("exact (f32 GEMM on rounded operands)", Kernel::Exact)];
+    if hb::detect().avx512_bf16 {
+        kernels.push(("avx512 (vdpbf16ps)", Kernel::Avx512));
+    }
+    for (name, k) in kernels {
+        let be = CpuBf16::with_kernel(2, k).unwrap();
+        for (m, n, kk) in shapes {
+            println!("{name}: {m}×{kk}·{kk}×{n}: {:.1} GFLOP/s", be.gemm_gflops(m, n, kk, 5));
+        }
+    }
+    for (m, n, kk) in shapes {
+        println!("fp32 gemm: {m}×{kk}·{kk}×{n}: {:.1} GFLOP/s", qgalore::backend::cpu::Cpu::new(2).unwrap().gemm_gflops(m, n, kk, 5));
+    }
+}
