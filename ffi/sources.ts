@@ -10,7 +10,7 @@ export const PACKAGE_VERSION: string = "0.1.0";
 
 /** SHA-256 of the list below as `sha256sum` prints it; names the cached library. */
 export const SOURCES_DIGEST: string =
-  "8fbf4a1aa42ace61572dda4b3d8a1209ce7a878b643b86b73cf43cc58beaf09f";
+  "9d080389057c7b38073465400655800c756558251a53b58abf11ea4fe3fd1516";
 
 /** Every file the build needs: path from the package root and SHA-256 of its bytes. */
 export const SOURCES: readonly { readonly path: string; readonly sha256: string }[] = [
@@ -52,11 +52,11 @@ export const SOURCES: readonly { readonly path: string; readonly sha256: string 
   },
   {
     path: "rust/src/backend/cpu/attention.rs",
-    sha256: "77d2b5796f2a2f48ede40cfb3f3fdd37edc06f7db2a22710900c5c0c5d12d21c",
+    sha256: "685d9f759116adb84f2535c9096df36fe300ae18173fdca5a09e6a0003b21cb9",
   },
   {
     path: "rust/src/backend/cpu/bf16.rs",
-    sha256: "fce101c77d9a89fab3b4500485a281362acc9f749a1e123d0e9e90e87399e097",
+    sha256: "6f9cf3da9c48fa65ff522fe281242d501029863638f56212f566b9975df76f22",
   },
   {
     path: "rust/src/backend/cpu/mod.rs",
@@ -244,7 +244,7 @@ export const SOURCES: readonly { readonly path: string; readonly sha256: string 
   },
   {
     path: "rust/src/host/bf16.rs",
-    sha256: "978911104c7cf964db0e02784ba2016db8e2130965e56771344bf4f474c3d066",
+    sha256: "8f2beaed87b886db79d2b3adaba48c379ca73c9658081ef26e20ad3a008863e5",
   },
   {
     path: "rust/src/host/linalg.rs",
@@ -308,7 +308,7 @@ export const SOURCES: readonly { readonly path: string; readonly sha256: string 
   },
   {
     path: "rust/src/optim/galore.rs",
-    sha256: "f820aafd986b73577e4632943cc6704cb757678ce6ce65395fd39d1ba7e92641",
+    sha256: "34f1f12546503937f9ae6e2cb4bf99186d71ab0d3b876862d09b43c45bc69ef7",
   },
   {
     path: "rust/src/optim/lazy.rs",

@@ -249,6 +249,26 @@ fn avx512_bf16_kernel_agrees_with_the_exact_path_where_the_processor_has_it() {
             assert_eq!(bits(&a), bits(&b), "matmul_dw {n}×{ic}→{oc}");
         }
     }
+    // attention's products through the kernel (`Bf16Packed`) against the exact path: the same
+    // bf16 stores, sums in another order (grouped heads, causal blocks of a 96-token window)
+    let exact = exact();
+    let d = AttnDims { b: 2, t: 96, h: 4, kvh: 2, hd: 32 };
+    let (nq, nkv, na) = (d.b * d.t * d.h * d.hd, d.b * d.t * d.kvh * d.hd, d.b * d.h * d.t * d.t);
+    let (q, k, v, dout) = (values(nq, 21), values(nkv, 22), values(nkv, 23), values(nq, 24));
+    let mut got = vec![];
+    for be in [&exact, &fast] {
+        let act = |x: &[f32]| up(be, x, Category::Activations);
+        let (qb, kb, vb, db) = (act(&q), act(&k), act(&v), act(&dout));
+        let (mut out, mut att) = (act(&vec![0.0; nq]), act(&vec![0.0; na]));
+        be.attention(&mut out, &mut att, &qb, &kb, &vb, d);
+        let (mut dq, mut dk, mut dv, mut scratch) = (act(&vec![0.0; nq]), act(&vec![0.0; nkv]), act(&vec![0.0; nkv]), act(&vec![0.0; na]));
+        be.attention_bwd(&mut dq, &mut dk, &mut dv, &mut scratch, &db, &qb, &kb, &vb, &att, d);
+        got.push([out.to_vec(), att.to_vec(), dq.to_vec(), dk.to_vec(), dv.to_vec()]);
+    }
+    for (i, name) in ["out", "att", "dq", "dk", "dv"].iter().enumerate() {
+        close(&format!("avx512 attention {name}"), &got[1][i], &got[0][i], 2e-2);
+        assert!(hb::is_bf16(&got[1][i]), "{name} stored as bf16");
+    }
 }
 
 fn packed_agrees(fast: CpuBf16) {

@@ -160,46 +160,89 @@ unsafe fn pack_pairs_avx512(x: &[f32], s: Strided, rows: usize, k: usize, width:
 fn pack_pairs_with(x: &[f32], s: Strided, rows: usize, k: usize, width: usize) -> Vec<u32> {
     let kh = pairs(k);
     let mut out = vec![0u32; rows.div_ceil(width) * kh * width];
-    out.par_chunks_mut(kh * width).enumerate().for_each(|(p, panel)| {
-        let live = width.min(rows - p * width);
-        let base = s.off + p * width * s.rs;
-        if s.cs == 1 {
-            // rows of x contiguous along k: convert a row at once (vectorized), then lay its
-            // pairs out at the panel's stride
-            let mut row = vec![0u16; 2 * kh];
-            for r in 0..live {
-                let src = &x[base + r * s.rs..base + r * s.rs + k];
-                row[..k].iter_mut().zip(src).for_each(|(d, &v)| *d = f32_to_bf16(v));
-                for (l2, pair) in row.chunks_exact(2).enumerate() {
-                    panel[l2 * width + r] = pair[0] as u32 | (pair[1] as u32) << 16;
-                }
-            }
-            return;
-        }
-        // pairs outermost: the panel is written in order; with rs = 1 (a transposed x) each
-        // lane reads `live` consecutive values
-        for (l2, lane) in panel.chunks_exact_mut(width).enumerate() {
-            let (l, odd) = (2 * l2, 2 * l2 + 1 < k);
-            let at = base + l * s.cs;
-            if s.rs == 1 {
-                let lo = &x[at..at + live];
-                if odd {
-                    let hi = &x[at + s.cs..at + s.cs + live];
-                    lane[..live].iter_mut().zip(lo.iter().zip(hi)).for_each(|(d, (&a, &b))| *d = f32_to_bf16(a) as u32 | (f32_to_bf16(b) as u32) << 16);
-                } else {
-                    lane[..live].iter_mut().zip(lo).for_each(|(d, &a)| *d = f32_to_bf16(a) as u32);
-                }
-                continue;
-            }
-            for (r, d) in lane[..live].iter_mut().enumerate() {
-                let at = at + r * s.rs;
-                let lo = f32_to_bf16(x[at]) as u32;
-                let hi = if odd { f32_to_bf16(x[at + s.cs]) as u32 } else { 0 };
-                *d = lo | hi << 16;
-            }
-        }
-    });
+    out.par_chunks_mut(kh * width).enumerate().for_each(|(p, panel)| pack_panel(x, s, rows, k, width, p, panel));
     out
+}
+
+/// Panel `p` of `pack_pairs` into `panel` (zeroed).
+#[inline(always)]
+fn pack_panel(x: &[f32], s: Strided, rows: usize, k: usize, width: usize, p: usize, panel: &mut [u32]) {
+    let kh = pairs(k);
+    let live = width.min(rows - p * width);
+    let base = s.off + p * width * s.rs;
+    if s.cs == 1 {
+        // rows of x contiguous along k: convert a row at once (vectorized), then lay its
+        // pairs out at the panel's stride
+        let mut row = vec![0u16; 2 * kh];
+        for r in 0..live {
+            let src = &x[base + r * s.rs..base + r * s.rs + k];
+            row[..k].iter_mut().zip(src).for_each(|(d, &v)| *d = f32_to_bf16(v));
+            for (l2, pair) in row.chunks_exact(2).enumerate() {
+                panel[l2 * width + r] = pair[0] as u32 | (pair[1] as u32) << 16;
+            }
+        }
+        return;
+    }
+    // pairs outermost: the panel is written in order; with rs = 1 (a transposed x) each
+    // lane reads `live` consecutive values
+    for (l2, lane) in panel.chunks_exact_mut(width).enumerate() {
+        let (l, odd) = (2 * l2, 2 * l2 + 1 < k);
+        let at = base + l * s.cs;
+        if s.rs == 1 {
+            let lo = &x[at..at + live];
+            if odd {
+                let hi = &x[at + s.cs..at + s.cs + live];
+                lane[..live].iter_mut().zip(lo.iter().zip(hi)).for_each(|(d, (&a, &b))| *d = f32_to_bf16(a) as u32 | (f32_to_bf16(b) as u32) << 16);
+            } else {
+                lane[..live].iter_mut().zip(lo).for_each(|(d, &a)| *d = f32_to_bf16(a) as u32);
+            }
+            continue;
+        }
+        for (r, d) in lane[..live].iter_mut().enumerate() {
+            let at = at + r * s.rs;
+            let lo = f32_to_bf16(x[at]) as u32;
+            let hi = if odd { f32_to_bf16(x[at + s.cs]) as u32 } else { 0 };
+            *d = lo | hi << 16;
+        }
+    }
+}
+
+/// `gemm_avx512` on raw strided operands, packed and multiplied on the calling thread
+/// (attention's small per-head products, already run in parallel over heads): c[m×n] (row
+/// stride ldc) = (acc ? c : 0) + alpha · a·b, a m×k with strides (ars, acs), b k×n with
+/// (brs, bcs).
+///
+/// # Safety
+/// AVX512-BF16 and AVX512-F (`detect().avx512_bf16`); non-negative strides addressing the
+/// operands' full extents; c's m rows of n values writable by this task only.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512bf16,avx512f,avx512bw,avx512vl")]
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn gemm_avx512_strided(m: usize, n: usize, k: usize, c: *mut f32, ldc: usize, acc: bool, a: *const f32, ars: usize, acs: usize, b: *const f32, brs: usize, bcs: usize, alpha: f32) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    let kh = pairs(k);
+    let extent = |rows: usize, rs: usize, cols: usize, cs: usize| if cols == 0 { 0 } else { (rows - 1) * rs + (cols - 1) * cs + 1 };
+    let xa = std::slice::from_raw_parts(a, extent(m, ars, k, acs));
+    let xb = std::slice::from_raw_parts(b, extent(k, brs, n, bcs));
+    let (mp, np) = (m.div_ceil(MR), n.div_ceil(NR));
+    let mut pa = vec![0u32; mp * kh * MR];
+    let mut pb = vec![0u32; np * kh * NR];
+    for (p, panel) in pa.chunks_exact_mut(kh * MR).enumerate() {
+        pack_panel(xa, Strided { off: 0, rs: ars, cs: acs }, m, k, MR, p, panel);
+    }
+    // bᵀ: row j is column j of b
+    for (q, panel) in pb.chunks_exact_mut(kh * NR).enumerate() {
+        pack_panel(xb, Strided { off: 0, rs: bcs, cs: brs }, n, k, NR, q, panel);
+    }
+    for p in 0..mp {
+        let rows = (m - p * MR).min(MR);
+        for q in 0..np {
+            let cols = (n - q * NR).min(NR);
+            tile_avx512(pa.as_ptr().add(p * kh * MR), pb.as_ptr().add(q * kh * NR), kh, c.add(p * MR * ldc + q * NR), ldc, rows, cols, acc, alpha);
+        }
+    }
 }
 
 /// c[m×n] (row stride ldc) = (acc ? c : 0) + alpha · a·b with a packed by `pack_pairs(…, MR)`

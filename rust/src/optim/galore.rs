@@ -213,15 +213,7 @@ impl<B: Backend> Family<B> {
         let key = rng::stream_key(self.seed, idx as u64, self.step);
         let st = self.states[idx].proj.as_mut().expect("projected parameter");
         let (pf, pnew) = (self.pf.as_mut().unwrap(), self.pnew.as_mut().unwrap());
-        let prev = match &st.store {
-            Some(Weight::F(b)) => Some(&*b),
-            Some(Weight::Q(q)) => {
-                be.q_dequantize(pf, q);
-                Some(&*pf)
-            }
-            Some(Weight::N(..)) => unreachable!("projectors are never NF4"),
-            None => None,
-        };
+        let prev = st.store.as_ref().map(|w| dequantized(be, w, pf));
         // An all-zero (or fully non-finite, hence zeroed) gradient has no subspace (docs/algorithm-spec.md I-17).
         let res = if be.sumsq(g, rows * cols) > 0.0 {
             be.top_subspace(g, rows, cols, st.rank, st.right, method, prev, key, pnew)
@@ -312,15 +304,7 @@ impl<B: Backend> Family<B> {
         let Some(store) = &st.store else {
             return false;
         };
-        let pf = self.pf.as_mut().unwrap();
-        let pm: &B::Buf = match store {
-            Weight::F(b) => b,
-            Weight::Q(q) => {
-                be.q_dequantize(pf, q);
-                pf
-            }
-            Weight::N(..) => unreachable!("projectors are never NF4"),
-        };
+        let pm = dequantized(be, store, self.pf.as_mut().unwrap());
         if factored {
             be.copy_n(r, g, self.lens[idx]);
         } else if st.right {
@@ -347,19 +331,11 @@ impl<B: Backend> Family<B> {
         let Some(store) = st.store.as_ref().filter(|_| !st.lazy.due(iter)) else {
             return false;
         };
-        let pf = self.pf.as_mut().unwrap();
-        let pm: &B::Buf = match store {
-            Weight::F(b) => b,
-            Weight::Q(q) => {
-                be.q_dequantize(pf, q);
-                pf
-            }
-            Weight::N(..) => unreachable!("projectors are never NF4"),
-        };
         let (rows, cols, k) = (p.rows, p.cols, st.rank);
         if !factoring_saves(rows, cols, k, n) {
             return false;
         }
+        let pm = dequantized(be, store, self.pf.as_mut().unwrap());
         if st.right {
             be.matmul(scratch, inp, pm, n, cols, k, false); // T = X·Qᵀ (n×r)
             be.matmul_dw(g, dout, scratch, n, k, rows, acc); // R (+)= dYᵀ·T (rows×r)
@@ -516,6 +492,18 @@ impl<B: Backend> Family<B> {
             factored_grads: self.stats.factored_grads,
             gaps: Gaps(gaps),
         }
+    }
+}
+
+/// A stored projector as f32 values: its f32 buffer, or its codes dequantized into `pf`.
+fn dequantized<'a, B: Backend>(be: &B, store: &'a Weight<B>, pf: &'a mut B::Buf) -> &'a B::Buf {
+    match store {
+        Weight::F(b) => b,
+        Weight::Q(q) => {
+            be.q_dequantize(pf, q);
+            pf
+        }
+        Weight::N(..) => unreachable!("projectors are never NF4"),
     }
 }
 

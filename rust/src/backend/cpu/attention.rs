@@ -47,6 +47,18 @@ pub trait Storage: Sync {
     /// # Safety
     /// The block must lie inside a buffer only the calling task writes.
     unsafe fn store(p: *mut f32, rows: usize, cols: usize, ld: usize, half: bool);
+
+    /// dst[m×n] (row stride `ld`) = (acc ? dst : 0) + alpha · lhs·rhs with lhs and rhs
+    /// strided as `gemm_raw` takes them, on the calling thread: the f32 GEMM, unless the
+    /// storage has its own product for its values.
+    ///
+    /// # Safety
+    /// As `gemm_raw`; dst's block is written by the calling task only.
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    unsafe fn gemm(m: usize, n: usize, k: usize, dst: *mut f32, ld: isize, acc: bool, lhs: *const f32, lrs: isize, lcs: isize, rhs: *const f32, rrs: isize, rcs: isize, alpha: f32) {
+        gemm_raw(m, n, k, dst, ld, 1, acc, lhs, lrs, lcs, rhs, rrs, rcs, alpha, Parallelism::None)
+    }
 }
 
 /// fp32 storage: values stay as computed.
@@ -93,7 +105,7 @@ pub fn forward_with<S: Storage>(out: &mut [f32], att: &mut [f32], q: &[f32], k: 
                 let mb = r1 - r0;
                 let ab = a.add(r0 * t);
                 // scores = scale · Q Kᵀ
-                gemm_raw(mb, r1, hd, ab, t as isize, 1, false, qp.offset(r0 as isize * qs), qs, 1, kp, 1, kvs, scale, Parallelism::None);
+                S::gemm(mb, r1, hd, ab, t as isize, false, qp.offset(r0 as isize * qs), qs, 1, kp, 1, kvs, scale);
                 S::store(ab, mb, r1, t, ah);
                 for ti in r0..r1 {
                     let row = std::slice::from_raw_parts_mut(a.add(ti * t), t);
@@ -116,7 +128,7 @@ pub fn forward_with<S: Storage>(out: &mut [f32], att: &mut [f32], q: &[f32], k: 
                 }
                 S::store(ab, mb, r1, t, ah);
                 let ob = o.offset(r0 as isize * qs);
-                gemm_raw(mb, hd, r1, ob, qs, 1, false, ab, t as isize, 1, vp, kvs, 1, 1.0, Parallelism::None);
+                S::gemm(mb, hd, r1, ob, qs, false, ab, t as isize, 1, vp, kvs, 1, 1.0);
                 S::store(ob, mb, hd, qs as usize, oh);
             }
         }
@@ -188,14 +200,14 @@ pub fn backward_with<S: Storage>(
                 // datt = dout · Vᵀ, causal part: row block [r0, r1) needs columns < r1
                 for (r0, r1) in blocks(t, hd) {
                     let (ro, rq) = ((r0 * t) as isize, r0 as isize * qs);
-                    gemm_raw(r1 - r0, r1, hd, ds.offset(ro), ts, 1, false, dop.offset(rq), qs, 1, vp, 1, kvs, 1.0, Parallelism::None);
+                    S::gemm(r1 - r0, r1, hd, ds.offset(ro), ts, false, dop.offset(rq), qs, 1, vp, 1, kvs, 1.0);
                     S::store(ds.offset(ro), r1 - r0, r1, t, sh);
                 }
                 // dv (+)= attᵀ · dout: row s sums over ti ≥ s, so block [s0, s1) starts at ti = s0
                 for (s0, s1) in blocks(t, hd) {
                     let (lo, kk) = ((s0 * t + s0) as isize, t - s0);
                     let (dvo, dqo) = (s0 as isize * kvs, s0 as isize * qs);
-                    gemm_raw(s1 - s0, hd, kk, dvr.offset(dvo), kvs, 1, j > 0, a.offset(lo), 1, ts, dop.offset(dqo), qs, 1, 1.0, Parallelism::None);
+                    S::gemm(s1 - s0, hd, kk, dvr.offset(dvo), kvs, j > 0, a.offset(lo), 1, ts, dop.offset(dqo), qs, 1, 1.0);
                     S::store(dvr.offset(dvo), s1 - s0, hd, kvs as usize, vh);
                 }
                 // dscores = att ⊙ (datt − Σ datt⊙att) · scale, causal part only
@@ -218,13 +230,13 @@ pub fn backward_with<S: Storage>(
                 // dk (+)= dscoresᵀ · Q (row s sums over ti ≥ s)
                 for (r0, r1) in blocks(t, hd) {
                     let (ro, rq) = ((r0 * t) as isize, r0 as isize * qs);
-                    gemm_raw(r1 - r0, hd, r1, dqr.offset(rq), qs, 1, false, ds.offset(ro), ts, 1, kp, kvs, 1, 1.0, Parallelism::None);
+                    S::gemm(r1 - r0, hd, r1, dqr.offset(rq), qs, false, ds.offset(ro), ts, 1, kp, kvs, 1, 1.0);
                     S::store(dqr.offset(rq), r1 - r0, hd, qs as usize, qh);
                 }
                 for (s0, s1) in blocks(t, hd) {
                     let (lo, kk) = ((s0 * t + s0) as isize, t - s0);
                     let (dko, qo) = (s0 as isize * kvs, s0 as isize * qs);
-                    gemm_raw(s1 - s0, hd, kk, dkr.offset(dko), kvs, 1, j > 0, ds.offset(lo), 1, ts, qp.offset(qo), qs, 1, 1.0, Parallelism::None);
+                    S::gemm(s1 - s0, hd, kk, dkr.offset(dko), kvs, j > 0, ds.offset(lo), 1, ts, qp.offset(qo), qs, 1, 1.0);
                     S::store(dkr.offset(dko), s1 - s0, hd, kvs as usize, kh);
                 }
             }

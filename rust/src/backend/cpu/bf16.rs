@@ -289,7 +289,7 @@ impl Layers for CpuBf16 {
     }
     fn attention(&self, out: &mut HalfBuf, att: &mut HalfBuf, q: &HalfBuf, k: &HalfBuf, v: &HalfBuf, d: AttnDims) {
         let (q, k, v) = (q.operand(), k.operand(), v.operand());
-        forward(&mut out.inner.data, &mut att.inner.data, &q, &k, &v, d, (out.half, att.half));
+        forward(&mut out.inner.data, &mut att.inner.data, &q, &k, &v, d, (out.half, att.half), self.kernel == Kernel::Avx512);
     }
     fn attention_bwd(
         &self,
@@ -306,7 +306,7 @@ impl Layers for CpuBf16 {
     ) {
         let (dout, q, k, v, att) = (dout.operand(), q.operand(), k.operand(), v.operand(), att.operand());
         let half = [dq.half, dk.half, dv.half, scratch.half];
-        backward(&mut dq.inner.data, &mut dk.inner.data, &mut dv.inner.data, &mut scratch.inner.data, &dout, &q, &k, &v, &att, d, half);
+        backward(&mut dq.inner.data, &mut dk.inner.data, &mut dv.inner.data, &mut scratch.inner.data, &dout, &q, &k, &v, &att, d, half, self.kernel == Kernel::Avx512);
     }
     fn swiglu(&self, out: &mut HalfBuf, gate: &HalfBuf, up: &HalfBuf, n: usize) {
         self.cpu.swiglu(&mut out.inner, &gate.inner, &up.inner, n);
@@ -339,12 +339,37 @@ impl attention::Storage for Bf16Store {
     }
 }
 
+/// `Bf16Store` whose products run through the `vdpbf16ps` kernel (`Kernel::Avx512`): every
+/// operand of attention's products is a bf16 value there (the inputs are rounded, each stored
+/// block is rounded when every buffer holds bf16), so the kernel's rounding while packing
+/// changes nothing and only the summation order differs from the exact path.
+struct Bf16Packed;
+
+impl attention::Storage for Bf16Packed {
+    unsafe fn store(p: *mut f32, rows: usize, cols: usize, ld: usize, half: bool) {
+        Bf16Store::store(p, rows, cols, ld, half)
+    }
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn gemm(m: usize, n: usize, k: usize, dst: *mut f32, ld: isize, acc: bool, lhs: *const f32, lrs: isize, lcs: isize, rhs: *const f32, rrs: isize, rcs: isize, alpha: f32) {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: chosen only on `Kernel::Avx512` (`with_kernel` checked the instructions);
+        // attention's strides are non-negative
+        hb::gemm_avx512_strided(m, n, k, dst, ld as usize, acc, lhs, lrs as usize, lcs as usize, rhs, rrs as usize, rcs as usize, alpha);
+        #[cfg(not(target_arch = "x86_64"))]
+        crate::host::matmul::gemm_raw(m, n, k, dst, ld, 1, acc, lhs, lrs, lcs, rhs, rrs, rcs, alpha, Parallelism::None);
+    }
+}
+
 /// Attention forward as the device runs it under bf16 (`plan::attn_scores`, the
 /// `causal_softmax` kernel, `plan::attn_values`): scores = scale·q·kᵀ rounded to bf16, the
 /// probabilities exp(s − max)/Σ rounded once, out = att·v rounded. Inputs are bf16 values.
 /// The fp32 backend's causal block loop (`attention::forward_with`) with bf16 stores.
-fn forward(out: &mut [f32], att: &mut [f32], q: &[f32], k: &[f32], v: &[f32], d: AttnDims, half: (bool, bool)) {
-    attention::forward_with::<Bf16Store>(out, att, q, k, v, d, half);
+fn forward(out: &mut [f32], att: &mut [f32], q: &[f32], k: &[f32], v: &[f32], d: AttnDims, half: (bool, bool), packed: bool) {
+    if packed && half.0 && half.1 {
+        attention::forward_with::<Bf16Packed>(out, att, q, k, v, d, half);
+    } else {
+        attention::forward_with::<Bf16Store>(out, att, q, k, v, d, half);
+    }
 }
 
 /// Attention backward as the device runs it under bf16 (`plan::attn_dscores`, `attn_dv`,
@@ -353,8 +378,12 @@ fn forward(out: &mut [f32], att: &mut [f32], q: &[f32], k: &[f32], v: &[f32], d:
 /// one rounded product at a time. `half`: dq, dk, dv, scratch. The fp32 backend's causal
 /// block loop (`attention::backward_with`) with bf16 stores.
 #[allow(clippy::too_many_arguments)]
-fn backward(dq: &mut [f32], dk: &mut [f32], dv: &mut [f32], scratch: &mut [f32], dout: &[f32], q: &[f32], k: &[f32], v: &[f32], att: &[f32], d: AttnDims, half: [bool; 4]) {
-    attention::backward_with::<Bf16Store>(dq, dk, dv, scratch, dout, q, k, v, att, d, half);
+fn backward(dq: &mut [f32], dk: &mut [f32], dv: &mut [f32], scratch: &mut [f32], dout: &[f32], q: &[f32], k: &[f32], v: &[f32], att: &[f32], d: AttnDims, half: [bool; 4], packed: bool) {
+    if packed && half.iter().all(|&h| h) {
+        attention::backward_with::<Bf16Packed>(dq, dk, dv, scratch, dout, q, k, v, att, d, half);
+    } else {
+        attention::backward_with::<Bf16Store>(dq, dk, dv, scratch, dout, q, k, v, att, d, half);
+    }
 }
 
 impl Optimizers for CpuBf16 {
