@@ -186,3 +186,29 @@ fn only_where_it_saves_work() {
     assert_eq!(b.factored, 0);
     assert_eq!(a.losses.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), b.losses.iter().map(|x| x.to_bits()).collect::<Vec<_>>());
 }
+
+/// Under bf16 precision (the CPU's exact bf16 path, any processor) and with activation
+/// checkpointing, the factored R uses a backward scratch that holds bf16 and a block
+/// recomputed in the backward: it still follows `full` (within bf16 rounding) and factors.
+#[test]
+fn bf16_and_checkpointing() {
+    use qgalore::backend::cpu::bf16::CpuBf16;
+    use qgalore::host::bf16::Kernel;
+    for ckpt in [false, true] {
+        let run_on = |pg: ProjGrad| {
+            let mut c = cfg("qgalore", true, 1, pg);
+            c.checkpointing = ckpt;
+            let mut e = Engine::new(CpuBf16::with_kernel(2, Kernel::Exact).unwrap(), c.clone()).unwrap();
+            let v = c.model.vocab_size;
+            let losses: Vec<f64> = (0..STEPS).map(|s| e.train_step(&tokens(2, c.seq_len, v, 300 + s), 1, 3e-3).unwrap().loss).collect();
+            (losses, e.info().refresh.unwrap().factored_grads)
+        };
+        let (full, f0) = run_on(ProjGrad::Full);
+        let (fac, f1) = run_on(ProjGrad::Factored);
+        assert_eq!(f0, 0);
+        assert!(f1 >= 14 * (STEPS - 3), "checkpointing {ckpt}: {f1} factored");
+        for (k, (a, b)) in fac.iter().zip(&full).enumerate() {
+            assert!(close(*a, *b, 2e-3), "checkpointing {ckpt}: step {k} loss {a} vs full {b}");
+        }
+    }
+}
