@@ -95,6 +95,17 @@ fn rank_body() -> Result<usize, String> {
     if after.allreduce_bytes != want || after.allreduce_calls != 6 {
         return Err(format!("all-reduce counters: {} bytes in {} calls, want {want} in 6", after.allreduce_bytes, after.allreduce_calls));
     }
+    // an engine that would form R from the factors (one process only) is refused on every
+    // rank before anything is allocated or summed
+    let mut c = common::engine_cfg(common::tiny_model(64, 64, 128, 4, 2, 2), 2, 16, 5);
+    c.optimizer = common::optim("galore", 0.0);
+    c.optimizer.proj_grad = qgalore::config::ProjGrad::Factored;
+    let want = "proj_grad factored is for one process (the ranks of a data-parallel run sum whole gradients or their projections, dp_comm): use proj_grad full";
+    match qgalore::train::Engine::new(qgalore::backend::cpu::Cpu::new(1).map_err(|e| e.msg)?, c) {
+        Err(e) if e.msg == want => {}
+        Err(e) => return Err(format!("proj_grad factored under MPI: {}", e.msg)),
+        Ok(_) => return Err("proj_grad factored was accepted in a 2-rank run".into()),
+    }
     dist::barrier().map_err(|e| e.msg)?;
     dist::finalize().map_err(|e| e.msg)?;
     if dist::allreduce_sum(&mut [1.0f32]).is_ok() {
