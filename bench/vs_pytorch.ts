@@ -5,6 +5,7 @@
  *   deno run -A bench/vs_pytorch.ts [--cases llama-35m:adamw,llama-60m:qgalore,...]
  *       [--precision fp32,bf16] [--steps 8] [--warmup 2] [--threads 2] [--batch 8] [--seq 256]
  *       [--reps 2] [--data FILE] [--out FILE.jsonl] [--no-profile]
+ *       [--clip X (both sides; default the project's 1)] [--proj-grad full|factored (ours)]
  *
  * On first use it makes a venv in .venv/vs-pytorch (Python ≥ 3.11: `$QGALORE_BENCH_PYTHON`, else
  * the first of python3.12, python3.13, python3.11, python3 that is new enough) and installs
@@ -38,7 +39,7 @@
 import { parseArgs } from "node:util";
 import { dirname, join } from "node:path";
 import { Engine, type EngineConfig, gemmGflops } from "../ffi/engine.ts";
-import { checkOptions, engineConfig } from "../lib/options.ts";
+import { checkOptions, engineConfig, PROJECTED_OPTIMIZERS } from "../lib/options.ts";
 import type { Precision } from "../lib/option_table.ts";
 import { modelConfig } from "../lib/presets.ts";
 import { lscpu } from "./common.ts";
@@ -72,6 +73,9 @@ const { values } = parseArgs({
     data: { type: "string" },
     out: { type: "string" },
     "no-profile": { type: "boolean", default: false },
+    // both sides: the clipping threshold (default: the project's, 1); ours: --proj-grad
+    clip: { type: "string" },
+    "proj-grad": { type: "string" },
     // internal: one measurement of our side in this process
     child: { type: "string" },
   },
@@ -122,6 +126,10 @@ function caseConfig(
     device: "cpu",
     precision: precision as Precision,
     threads,
+    ...(values.clip !== undefined ? { clip: Number(values.clip) } : {}),
+    ...(values["proj-grad"] && PROJECTED_OPTIMIZERS.includes(optimizer)
+      ? { projGrad: values["proj-grad"] }
+      : {}),
   });
   return { config: engineConfig(opts, modelConfig(model, 256)), lr: opts.lr };
 }
@@ -434,6 +442,8 @@ async function main() {
             data,
             "--precision",
             precision,
+            ...(values.clip !== undefined ? ["--clip", values.clip] : []),
+            ...(values["proj-grad"] ? ["--proj-grad", values["proj-grad"]] : []),
           ],
           values["no-profile"] || !profile ? {} : { QGALORE_PROFILE: "1" },
         );
