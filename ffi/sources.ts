@@ -10,7 +10,7 @@ export const PACKAGE_VERSION: string = "0.1.0";
 
 /** SHA-256 of the list below as `sha256sum` prints it; names the cached library. */
 export const SOURCES_DIGEST: string =
-  "9d080389057c7b38073465400655800c756558251a53b58abf11ea4fe3fd1516";
+  "b7040e76b5d728251468811fba35fb42c177d8cca2d88f213d43007340d47c3b";
 
 /** Every file the build needs: path from the package root and SHA-256 of its bytes. */
 export const SOURCES: readonly { readonly path: string; readonly sha256: string }[] = [
@@ -244,7 +244,7 @@ export const SOURCES: readonly { readonly path: string; readonly sha256: string 
   },
   {
     path: "rust/src/host/bf16.rs",
-    sha256: "8f2beaed87b886db79d2b3adaba48c379ca73c9658081ef26e20ad3a008863e5",
+    sha256: "6314c8f1cbce3c51e22e38249a616ff829384d46b04573799656cb63bb64fbc5",
   },
   {
     path: "rust/src/host/linalg.rs",

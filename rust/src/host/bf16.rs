@@ -146,21 +146,28 @@ pub fn pack_pairs(x: &[f32], s: Strided, rows: usize, k: usize, width: usize) ->
         // SAFETY: the instructions were just found on this processor
         return unsafe { pack_pairs_avx512(x, s, rows, k, width) };
     }
-    pack_pairs_with(x, s, rows, k, width)
+    pack_pairs_with(x, s, rows, k, width, true)
 }
 
 /// `pack_pairs` compiled for AVX-512, so that its conversion loops vectorize 16 wide.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 unsafe fn pack_pairs_avx512(x: &[f32], s: Strided, rows: usize, k: usize, width: usize) -> Vec<u32> {
-    pack_pairs_with(x, s, rows, k, width)
+    pack_pairs_with(x, s, rows, k, width, true)
 }
 
+/// `pack_pairs`, its panels in parallel on the current pool or (`parallel` false) on the
+/// calling thread.
 #[inline(always)]
-fn pack_pairs_with(x: &[f32], s: Strided, rows: usize, k: usize, width: usize) -> Vec<u32> {
+fn pack_pairs_with(x: &[f32], s: Strided, rows: usize, k: usize, width: usize, parallel: bool) -> Vec<u32> {
     let kh = pairs(k);
     let mut out = vec![0u32; rows.div_ceil(width) * kh * width];
-    out.par_chunks_mut(kh * width).enumerate().for_each(|(p, panel)| pack_panel(x, s, rows, k, width, p, panel));
+    let pack = |(p, panel): (usize, &mut [u32])| pack_panel(x, s, rows, k, width, p, panel);
+    if parallel {
+        out.par_chunks_mut(kh * width).enumerate().for_each(pack);
+    } else {
+        out.chunks_mut(kh * width).enumerate().for_each(pack);
+    }
     out
 }
 
@@ -226,22 +233,23 @@ pub unsafe fn gemm_avx512_strided(m: usize, n: usize, k: usize, c: *mut f32, ldc
     let extent = |rows: usize, rs: usize, cols: usize, cs: usize| if cols == 0 { 0 } else { (rows - 1) * rs + (cols - 1) * cs + 1 };
     let xa = std::slice::from_raw_parts(a, extent(m, ars, k, acs));
     let xb = std::slice::from_raw_parts(b, extent(k, brs, n, bcs));
-    let (mp, np) = (m.div_ceil(MR), n.div_ceil(NR));
-    let mut pa = vec![0u32; mp * kh * MR];
-    let mut pb = vec![0u32; np * kh * NR];
-    for (p, panel) in pa.chunks_exact_mut(kh * MR).enumerate() {
-        pack_panel(xa, Strided { off: 0, rs: ars, cs: acs }, m, k, MR, p, panel);
-    }
+    let pa = pack_pairs_with(xa, Strided { off: 0, rs: ars, cs: acs }, m, k, MR, false);
     // bᵀ: row j is column j of b
-    for (q, panel) in pb.chunks_exact_mut(kh * NR).enumerate() {
-        pack_panel(xb, Strided { off: 0, rs: bcs, cs: brs }, n, k, NR, q, panel);
+    let pb = pack_pairs_with(xb, Strided { off: 0, rs: bcs, cs: brs }, n, k, NR, false);
+    for p in 0..m.div_ceil(MR) {
+        row_panel_avx512(&pa, &pb, p, m, n, kh, c.add(p * MR * ldc), ldc, acc, alpha);
     }
-    for p in 0..mp {
-        let rows = (m - p * MR).min(MR);
-        for q in 0..np {
-            let cols = (n - q * NR).min(NR);
-            tile_avx512(pa.as_ptr().add(p * kh * MR), pb.as_ptr().add(q * kh * NR), kh, c.add(p * MR * ldc + q * NR), ldc, rows, cols, acc, alpha);
-        }
+}
+
+/// Row panel `p` of c (at `cp`, row stride ldc) over every column panel, one tile each.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512bf16,avx512f")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn row_panel_avx512(a: &[u32], b: &[u32], p: usize, m: usize, n: usize, kh: usize, cp: *mut f32, ldc: usize, acc: bool, alpha: f32) {
+    let rows = (m - p * MR).min(MR);
+    for q in 0..n.div_ceil(NR) {
+        let cols = (n - q * NR).min(NR);
+        tile_avx512(a.as_ptr().add(p * kh * MR), b.as_ptr().add(q * kh * NR), kh, cp.add(q * NR), ldc, rows, cols, acc, alpha);
     }
 }
 
@@ -259,13 +267,9 @@ pub unsafe fn gemm_avx512(c: &mut [f32], ldc: usize, a: &[u32], b: &[u32], m: us
     let (mp, np) = (m.div_ceil(MR), n.div_ceil(NR));
     assert!(a.len() >= mp * kh * MR && b.len() >= np * kh * NR && (m == 0 || c.len() >= (m - 1) * ldc + n));
     c.par_chunks_mut(ldc * MR).take(mp).enumerate().for_each(|(p, cp)| {
-        let rows = (m - p * MR).min(MR);
-        for q in 0..np {
-            let cols = (n - q * NR).min(NR);
-            // SAFETY: the caller checked the instruction sets; the panels hold kh pairs of
-            // MR (NR) lanes; rows × cols of c lie inside `cp` (row stride ldc)
-            unsafe { tile_avx512(a.as_ptr().add(p * kh * MR), b.as_ptr().add(q * kh * NR), kh, cp.as_mut_ptr().add(q * NR), ldc, rows, cols, acc, alpha) }
-        }
+        // SAFETY: the caller checked the instruction sets; the panels hold kh pairs of MR
+        // (NR) lanes; the panel's rows × n values of c lie inside `cp` (row stride ldc)
+        unsafe { row_panel_avx512(a, b, p, m, n, kh, cp.as_mut_ptr(), ldc, acc, alpha) }
     });
 }
 
