@@ -10,7 +10,7 @@ export const PACKAGE_VERSION: string = "0.1.0";
 
 /** SHA-256 of the list below as `sha256sum` prints it; names the cached library. */
 export const SOURCES_DIGEST: string =
-  "b7040e76b5d728251468811fba35fb42c177d8cca2d88f213d43007340d47c3b";
+  "5dd2d49d80a5bed9854fd84d8db7382722b28f2ec13f175e601191c385896fdb";
 
 /** Every file the build needs: path from the package root and SHA-256 of its bytes. */
 export const SOURCES: readonly { readonly path: string; readonly sha256: string }[] = [
@@ -20,7 +20,7 @@ export const SOURCES: readonly { readonly path: string; readonly sha256: string 
   },
   {
     path: "rust/Cargo.toml",
-    sha256: "c05f20ce4508c3a059a2bd739be2649444696a38c05180e1846354cc369eebb4",
+    sha256: "ef86b2b710f1d6efe5a3719b1a58bdc8c243277e908f3076b321519513fbaf8b",
   },
   {
     path: "rust/kernels/linalg.cu",
