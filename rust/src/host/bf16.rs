@@ -141,34 +141,82 @@ pub fn pairs(k: usize) -> usize {
 /// k's partner are zero. a is packed with `MR`, bᵀ with `NR`: then one broadcast of a's pair
 /// and two loads of b's give 32 columns of one row of c per `vdpbf16ps` pair.
 pub fn pack_pairs(x: &[f32], s: Strided, rows: usize, k: usize, width: usize) -> Vec<u32> {
-    #[cfg(target_arch = "x86_64")]
-    if detect().avx512_bf16 {
-        // SAFETY: the instructions were just found on this processor
-        return unsafe { pack_pairs_avx512(x, s, rows, k, width) };
-    }
-    pack_pairs_with(x, s, rows, k, width, true)
-}
-
-/// `pack_pairs` compiled for AVX-512, so that its conversion loops vectorize 16 wide.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-unsafe fn pack_pairs_avx512(x: &[f32], s: Strided, rows: usize, k: usize, width: usize) -> Vec<u32> {
     pack_pairs_with(x, s, rows, k, width, true)
 }
 
 /// `pack_pairs`, its panels in parallel on the current pool or (`parallel` false) on the
-/// calling thread.
+/// calling thread. Each panel is packed by code compiled for AVX-512 where the processor
+/// has it (`pack_panel_avx512`): a closure does not inherit its function's target
+/// features, so the dispatch is per panel.
 #[inline(always)]
 fn pack_pairs_with(x: &[f32], s: Strided, rows: usize, k: usize, width: usize, parallel: bool) -> Vec<u32> {
     let kh = pairs(k);
     let mut out = vec![0u32; rows.div_ceil(width) * kh * width];
-    let pack = |(p, panel): (usize, &mut [u32])| pack_panel(x, s, rows, k, width, p, panel);
-    if parallel {
-        out.par_chunks_mut(kh * width).enumerate().for_each(pack);
+    #[cfg(target_arch = "x86_64")]
+    let wide = std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx512bw") && std::arch::is_x86_feature_detected!("avx512vl");
+    // x transposed (rows adjacent in memory, k strided): groups of panels, so that each
+    // pair's two source rows are read as long contiguous runs (panel by panel, each read
+    // would touch a new page per pair)
+    let group = if s.rs == 1 && s.cs != 1 {
+        let panels = rows.div_ceil(width);
+        let per = if parallel { panels.div_ceil(4 * rayon::current_num_threads()) } else { panels };
+        per.max(64usize.div_ceil(width)).min(panels).max(1)
     } else {
-        out.chunks_mut(kh * width).enumerate().for_each(pack);
+        1
+    };
+    let pack = |(g, chunk): (usize, &mut [u32])| {
+        #[cfg(target_arch = "x86_64")]
+        if wide {
+            // SAFETY: the instruction sets were found on this processor
+            return unsafe { pack_group_avx512(x, s, rows, k, width, g * group, chunk) };
+        }
+        pack_group(x, s, rows, k, width, g * group, chunk)
+    };
+    if parallel {
+        out.par_chunks_mut(kh * width * group).enumerate().for_each(pack);
+    } else {
+        out.chunks_mut(kh * width * group).enumerate().for_each(pack);
     }
     out
+}
+
+/// `pack_group` compiled for AVX-512, so that its conversion loops vectorize 16 wide.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn pack_group_avx512(x: &[f32], s: Strided, rows: usize, k: usize, width: usize, p0: usize, chunk: &mut [u32]) {
+    pack_group(x, s, rows, k, width, p0, chunk)
+}
+
+/// Panels p0, p0 + 1, … of `pack_pairs` into `chunk` (zeroed; whole panels). A transposed
+/// x (rs = 1) is packed pair by pair across the group: the pair's two source rows are
+/// converted and interleaved over the group's columns at once, then cut into the panels'
+/// lanes. Otherwise panel by panel (`pack_panel`).
+#[inline(always)]
+fn pack_group(x: &[f32], s: Strided, rows: usize, k: usize, width: usize, p0: usize, chunk: &mut [u32]) {
+    let kh = pairs(k);
+    let len = kh * width;
+    if s.rs != 1 || s.cs == 1 {
+        for (i, panel) in chunk.chunks_mut(len).enumerate() {
+            pack_panel(x, s, rows, k, width, p0 + i, panel);
+        }
+        return;
+    }
+    let r0 = p0 * width;
+    let live = (rows - r0).min(chunk.len() / len * width);
+    let mut tmp = vec![0u32; live];
+    for l2 in 0..kh {
+        let (l, odd) = (2 * l2, 2 * l2 + 1 < k);
+        let lo = &x[s.off + r0 + l * s.cs..][..live];
+        if odd {
+            let hi = &x[s.off + r0 + (l + 1) * s.cs..][..live];
+            tmp.iter_mut().zip(lo.iter().zip(hi)).for_each(|(d, (&a, &b))| *d = f32_to_bf16(a) as u32 | (f32_to_bf16(b) as u32) << 16);
+        } else {
+            tmp.iter_mut().zip(lo).for_each(|(d, &a)| *d = f32_to_bf16(a) as u32);
+        }
+        for (q, cols) in tmp.chunks(width).enumerate() {
+            chunk[q * len + l2 * width..][..cols.len()].copy_from_slice(cols);
+        }
+    }
 }
 
 /// Panel `p` of `pack_pairs` into `panel` (zeroed).
@@ -190,21 +238,11 @@ fn pack_panel(x: &[f32], s: Strided, rows: usize, k: usize, width: usize, p: usi
         }
         return;
     }
-    // pairs outermost: the panel is written in order; with rs = 1 (a transposed x) each
-    // lane reads `live` consecutive values
+    // general strides (a transposed x goes through `pack_group`): pairs outermost, so the
+    // panel is written in order
     for (l2, lane) in panel.chunks_exact_mut(width).enumerate() {
         let (l, odd) = (2 * l2, 2 * l2 + 1 < k);
         let at = base + l * s.cs;
-        if s.rs == 1 {
-            let lo = &x[at..at + live];
-            if odd {
-                let hi = &x[at + s.cs..at + s.cs + live];
-                lane[..live].iter_mut().zip(lo.iter().zip(hi)).for_each(|(d, (&a, &b))| *d = f32_to_bf16(a) as u32 | (f32_to_bf16(b) as u32) << 16);
-            } else {
-                lane[..live].iter_mut().zip(lo).for_each(|(d, &a)| *d = f32_to_bf16(a) as u32);
-            }
-            continue;
-        }
         for (r, d) in lane[..live].iter_mut().enumerate() {
             let at = at + r * s.rs;
             let lo = f32_to_bf16(x[at]) as u32;
@@ -345,5 +383,30 @@ mod tests {
         assert_eq!(round(1.0 + 3.0 / 256.0), 1.0 + 4.0 / 256.0);
         assert_eq!(round(f32::INFINITY), f32::INFINITY);
         assert!(round(f32::NAN).is_nan());
+    }
+
+    /// The packers (per panel, per group of panels for a transposed x, parallel or on the
+    /// calling thread, AVX-512-compiled or not) against the layout `pack_pairs` documents.
+    #[test]
+    fn packing_follows_the_documented_layout() {
+        let x: Vec<f32> = (0..40_000).map(|i| ((i * 7919 % 1013) as f32 - 506.0) * 1.37e-3).collect();
+        // (rows, k, rs, cs, off): row-major, transposed (rs = 1), general strides; odd sizes
+        let cases: [(usize, usize, usize, usize, usize); 7] = [(37, 13, 13, 1, 0), (37, 13, 1, 41, 3), (300, 9, 1, 310, 5), (64, 64, 1, 64, 0), (19, 7, 11, 3, 2), (1, 5, 1, 1, 0), (70, 2, 1, 80, 0)];
+        for (rows, k, rs, cs, off) in cases {
+            let s = Strided { off, rs, cs };
+            for width in [MR, NR] {
+                let kh = pairs(k);
+                let mut want = vec![0u32; rows.div_ceil(width) * kh * width];
+                for i in 0..rows {
+                    for l2 in 0..kh {
+                        let v = |l: usize| if l < k { f32_to_bf16(x[off + i * rs + l * cs]) as u32 } else { 0 };
+                        want[(i / width) * kh * width + l2 * width + i % width] = v(2 * l2) | v(2 * l2 + 1) << 16;
+                    }
+                }
+                for parallel in [true, false] {
+                    assert_eq!(pack_pairs_with(&x, s, rows, k, width, parallel), want, "rows {rows} k {k} rs {rs} cs {cs} width {width} parallel {parallel}");
+                }
+            }
+        }
     }
 }
