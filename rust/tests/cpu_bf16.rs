@@ -233,7 +233,8 @@ fn avx512_bf16_kernel_agrees_with_the_exact_path_where_the_processor_has_it() {
     // the scalar twin sums in the instruction's order: equal bit for bit away from denormals,
     // at sizes that leave partial tiles and an odd k
     let (fast, twin) = (CpuBf16::with_kernel(2, Kernel::Avx512).unwrap(), CpuBf16::with_kernel(2, Kernel::Packed).unwrap());
-    for (n, ic, oc) in [(37, 101, 29), (64, 384, 96), (9, 3, 40)] {
+    // (601: a long odd k for the weight gradient)
+    for (n, ic, oc) in [(37, 101, 29), (64, 384, 96), (9, 3, 40), (601, 40, 35)] {
         let (x, w, d) = (values(n * ic, 11), values(oc * ic, 12), values(n * oc, 13));
         for acc in [false, true] {
             let start = values(n * oc, 14);
