@@ -10,7 +10,7 @@ export const PACKAGE_VERSION: string = "0.1.0";
 
 /** SHA-256 of the list below as `sha256sum` prints it; names the cached library. */
 export const SOURCES_DIGEST: string =
-  "2d95e898a5c75689d61cdf6d9310ad05a11a8f42f0827425207d113c31a6a3b2";
+  "6d1c376746866de8b24b146811dca4384554bf3eea841f045a7af865281940b5";
 
 /** Every file the build needs: path from the package root and SHA-256 of its bytes. */
 export const SOURCES: readonly { readonly path: string; readonly sha256: string }[] = [
@@ -300,7 +300,7 @@ export const SOURCES: readonly { readonly path: string; readonly sha256: string 
   },
   {
     path: "rust/src/model/pass.rs",
-    sha256: "96bfa6e068af6ccaf1cc0cfede96fda96a3504f6f36226adc85175f2f1fa4310",
+    sha256: "393041e851ccfc8c8f405dd5b3a5c047dec77a1029c39b227b39e95982e344d3",
   },
   {
     path: "rust/src/optim/adamw.rs",
@@ -308,7 +308,7 @@ export const SOURCES: readonly { readonly path: string; readonly sha256: string 
   },
   {
     path: "rust/src/optim/galore.rs",
-    sha256: "34f1f12546503937f9ae6e2cb4bf99186d71ab0d3b876862d09b43c45bc69ef7",
+    sha256: "2d31ec22a6e36c6f709e2464232656cb715238f0c298e587adb2c044cac9da14",
   },
   {
     path: "rust/src/optim/lazy.rs",
@@ -316,7 +316,7 @@ export const SOURCES: readonly { readonly path: string; readonly sha256: string 
   },
   {
     path: "rust/src/optim/mod.rs",
-    sha256: "46d7f2690760a79316b16e7cb0f3a9f5c21f6bf248d89b62cd28a8df2cfa6037",
+    sha256: "971553c6dc63b35a9d66b155c23c654df7b3b883e58dac8aca8f299098f2ba07",
   },
   {
     path: "rust/src/plan.rs",
@@ -368,6 +368,6 @@ export const SOURCES: readonly { readonly path: string; readonly sha256: string 
   },
   {
     path: "rust/src/train.rs",
-    sha256: "06e29b47e9b6e20a3b61c0301464030a52fc2a9f7cfe5a92798ac819399ad4e1",
+    sha256: "7d32f5979bd464658c64ee85e04daf3d01f6dd3e3a079f3ff5d8ba6fdd9f05a0",
   },
 ];

@@ -181,9 +181,7 @@ impl<B: Backend> Engine<B> {
     fn timed_backward(&mut self, acc: bool, factored: bool, hook: &mut pass::Hook<B>) -> Result<()> {
         let t0 = Instant::now();
         let (be, opt) = (&self.be, &mut self.opt);
-        let f = &mut |i: usize, m: &Llama<B>, dout: &B::Buf, inp: &B::Buf, n: usize, acc: bool, s: &mut B::Buf, gb: &mut B::Buf| {
-            opt.factored(be, i, &m.params[i], optim::Factors { dout, inp, n, acc, scratch: s, stepped: false }, gb)
-        };
+        let f = &mut |i: usize, m: &Llama<B>, fs: optim::Factors<'_, B>, gb: &mut B::Buf| opt.factored(be, i, &m.params[i], fs, false, gb);
         let factor: Option<&mut pass::Factor<B>> = if factored { Some(f) } else { None };
         pass::backward_with(be, &mut self.model, &mut self.grads, &mut self.acts, acc, false, factor, hook);
         self.backwards += 1;
@@ -406,9 +404,7 @@ impl<B: Backend> Engine<B> {
                 err = Some(e);
             }
         };
-        let f = &mut |i: usize, m: &Llama<B>, dout: &B::Buf, inp: &B::Buf, n: usize, acc: bool, s: &mut B::Buf, gb: &mut B::Buf| {
-            optc.borrow_mut().factored(be, i, &m.params[i], optim::Factors { dout, inp, n, acc, scratch: s, stepped: true }, gb)
-        };
+        let f = &mut |i: usize, m: &Llama<B>, fs: optim::Factors<'_, B>, gb: &mut B::Buf| optc.borrow_mut().factored(be, i, &m.params[i], fs, true, gb);
         let factored = clip <= 0.0 && self.cfg.optimizer.proj_grad == crate::config::ProjGrad::Factored;
         let factor: Option<&mut pass::Factor<B>> = if factored { Some(f) } else { None };
         pass::backward_with(be, m, g, a, false, false, factor, &mut |i, rows, m, g| ov.push(be, i, rows, grad_len(m, i, rows), m, g, update));

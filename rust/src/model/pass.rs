@@ -13,21 +13,26 @@ use crate::backend::Backend;
 /// rows (first, count) when the gradient arrives in row chunks, model, gradients).
 pub type Hook<'a, B> = dyn FnMut(usize, Option<(usize, usize)>, &mut Llama<B>, &mut Grads<B>) + 'a;
 
-/// Asked by the backward before it forms a linear's weight gradient: (index, model, dout
-/// n×rows, inp n×cols, n, accumulate, a free scratch of at least n × hidden values, the
-/// parameter's gradient buffer). True when it wrote the rank-r gradient R there instead
-/// (`Optimizer::factored`, docs/algorithm-spec.md §1.5b); false: the backward forms dW.
-pub type Factor<'a, B> = dyn FnMut(
-        usize,
-        &Llama<B>,
-        &<B as crate::backend::Memory>::Buf,
-        &<B as crate::backend::Memory>::Buf,
-        usize,
-        bool,
-        &mut <B as crate::backend::Memory>::Buf,
-        &mut <B as crate::backend::Memory>::Buf,
-    ) -> bool
-    + 'a;
+/// A linear's weight-gradient product dW = doutᵀ·inp as the backward holds it, offered to
+/// `Factor` (`Optimizer::factored`) before the backward forms dW.
+pub struct Factors<'a, B: Backend> {
+    /// n × rows.
+    pub dout: &'a B::Buf,
+    /// n × cols.
+    pub inp: &'a B::Buf,
+    /// Rows of the micro-batch (tokens).
+    pub n: usize,
+    /// Add to the gradient buffer (a later micro-batch of the update).
+    pub acc: bool,
+    /// At least n × hidden free values.
+    pub scratch: &'a mut B::Buf,
+}
+
+/// Asked by the backward before it forms a linear's weight gradient: (index, model, the
+/// product's factors, the parameter's gradient buffer). True when it wrote the rank-r
+/// gradient R there instead (`Optimizer::factored`, docs/algorithm-spec.md §1.5b); false:
+/// the backward forms dW.
+pub type Factor<'a, B> = dyn FnMut(usize, &Llama<B>, Factors<'_, B>, &mut <B as crate::backend::Memory>::Buf) -> bool + 'a;
 
 /// Runs the model on `a.tokens` and leaves the logits in `a.logits`.
 pub fn forward<B: Backend>(be: &B, m: &Llama<B>, a: &mut Acts<B>) {
@@ -136,7 +141,7 @@ pub fn backward_with<B: Backend>(
               oc: usize| {
         if m.trainable(idx) {
             let ac = acc && !g.is_shared(idx);
-            let done = factor.as_mut().is_some_and(|f| f(idx, m, dout, inp, n, ac, scratch, g.get_mut(idx)));
+            let done = factor.as_mut().is_some_and(|f| f(idx, m, Factors { dout, inp, n, acc: ac, scratch }, g.get_mut(idx)));
             if !done {
                 be.matmul_dw(g.get_mut(idx), dout, inp, n, ic, oc, ac);
             }

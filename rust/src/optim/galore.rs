@@ -318,12 +318,13 @@ impl<B: Backend> Family<B> {
     /// `Optimizer::factored` (docs/algorithm-spec.md §1.5b): R = dYᵀ·(X·Qᵀ) (right
     /// projector, rows×r) or (dY·P)ᵀ·X (left, r×cols) into `g`, when a projector is stored
     /// and this update does not refresh it.
-    fn form_factored(&mut self, be: &B, idx: usize, p: &Param<B>, f: super::Factors<'_, B>, g: &mut B::Buf) -> bool {
+    #[allow(clippy::too_many_arguments)]
+    fn form_factored(&mut self, be: &B, idx: usize, p: &Param<B>, f: super::Factors<'_, B>, stepped: bool, g: &mut B::Buf) -> bool {
         if self.cfg.proj_grad != ProjGrad::Factored || matches!(self.states[idx].moments, Moments::Frozen) {
             return false;
         }
         // the update's pre-increment counter, inside the step (fused) or before it (global)
-        let iter = if f.stepped { self.step - 1 } else { self.step };
+        let iter = if stepped { self.step - 1 } else { self.step };
         let (dout, inp, n, acc, scratch) = (f.dout, f.inp, f.n, f.acc, f.scratch);
         let Some(st) = self.states[idx].proj.as_ref() else {
             return false;
@@ -522,8 +523,9 @@ impl<B: Backend> Optimizer<B> for Family<B> {
     fn begin_step(&mut self) {
         self.step += 1;
     }
-    fn factored(&mut self, be: &B, idx: usize, p: &Param<B>, f: super::Factors<'_, B>, g: &mut B::Buf) -> bool {
-        let done = self.form_factored(be, idx, p, f, g);
+    #[allow(clippy::too_many_arguments)]
+    fn factored(&mut self, be: &B, idx: usize, p: &Param<B>, f: super::Factors<'_, B>, stepped: bool, g: &mut B::Buf) -> bool {
+        let done = self.form_factored(be, idx, p, f, stepped, g);
         self.factored[idx] = done;
         done
     }

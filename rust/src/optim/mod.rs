@@ -54,23 +54,7 @@ pub struct LowRank {
 /// the decomposition failed (the same on every rank), `Err` when a sum did.
 pub type Sketch<'a> = dyn FnMut(&[f32], &[f32], usize, usize, usize, bool) -> Result<Option<Vec<f32>>> + 'a;
 
-/// A linear's weight-gradient product dW = doutᵀ·inp as the backward holds it, for
-/// `Optimizer::factored`.
-pub struct Factors<'a, B: Backend> {
-    /// n × rows.
-    pub dout: &'a B::Buf,
-    /// n × cols.
-    pub inp: &'a B::Buf,
-    /// Rows of the micro-batch (tokens).
-    pub n: usize,
-    /// Add to the gradient buffer (a later micro-batch of the update).
-    pub acc: bool,
-    /// At least n × rank free values.
-    pub scratch: &'a mut B::Buf,
-    /// `begin_step` has counted this update already (the fused step; the global step
-    /// forms its gradients before it).
-    pub stepped: bool,
-}
+pub use crate::model::pass::Factors;
 
 pub trait Optimizer<B: Backend>: Send {
     fn name(&self) -> &'static str;
@@ -135,8 +119,10 @@ pub trait Optimizer<B: Backend>: Send {
     /// into g's first elements (added to them with `f.acc`, gradient accumulation) and
     /// returns true; false when the matrix has no projector yet, its projector refreshes in
     /// this update (the refresh needs the whole gradient), or R is formed in full: the
-    /// caller then computes the whole gradient.
-    fn factored(&mut self, _be: &B, _idx: usize, _p: &Param<B>, _f: Factors<'_, B>, _g: &mut B::Buf) -> bool {
+    /// caller then computes the whole gradient. `stepped`: `begin_step` has counted this
+    /// update already (the fused step; the global step forms its gradients before it).
+    #[allow(clippy::too_many_arguments)]
+    fn factored(&mut self, _be: &B, _idx: usize, _p: &Param<B>, _f: Factors<'_, B>, _stepped: bool, _g: &mut B::Buf) -> bool {
         false
     }
     /// Elements of `idx`'s gradient buffer that hold this update's gradient when `factored`
