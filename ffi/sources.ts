@@ -10,7 +10,7 @@ export const PACKAGE_VERSION: string = "0.1.0";
 
 /** SHA-256 of the list below as `sha256sum` prints it; names the cached library. */
 export const SOURCES_DIGEST: string =
-  "6d1c376746866de8b24b146811dca4384554bf3eea841f045a7af865281940b5";
+  "cb51e64685d4c4f83e2ce4d2e6f972b4eaabc14535914ef1b3c07f4f35608367";
 
 /** Every file the build needs: path from the package root and SHA-256 of its bytes. */
 export const SOURCES: readonly { readonly path: string; readonly sha256: string }[] = [
@@ -56,7 +56,7 @@ export const SOURCES: readonly { readonly path: string; readonly sha256: string 
   },
   {
     path: "rust/src/backend/cpu/bf16.rs",
-    sha256: "6f9cf3da9c48fa65ff522fe281242d501029863638f56212f566b9975df76f22",
+    sha256: "e3827d2d0ea34819ae1b016713a456549e768a898e555a32d68c2ef0ada6fca7",
   },
   {
     path: "rust/src/backend/cpu/mod.rs",

@@ -21,7 +21,7 @@
 //! exact in f32) or, on AVX512-BF16 hardware, through `vdpbf16ps` (`host::bf16`).
 //! `Cpu` itself is untouched: fp32 stays bit-identical.
 
-use super::{attention, Cpu, CpuBuf};
+use super::{attention, profile, Cpu, CpuBuf};
 use crate::backend::{AdamHp, AttnDims, Category, Layers, Linalg, MemTracker, Memory, Optimizers, Quantization, Refresh, Runner};
 use crate::error::{Error, Result};
 use crate::host::bf16::{self as hb, Kernel, Strided};
@@ -114,22 +114,27 @@ impl CpuBf16 {
     /// for the packed kernels); then dst rounded where it holds bf16. The exact path runs
     /// `run` (one of `host::matmul`'s products on the same operands).
     #[allow(clippy::too_many_arguments)]
-    fn product(&self, dst: &mut HalfBuf, a: &[f32], sa: Strided, b: &[f32], sb: Strided, m: usize, n: usize, k: usize, acc: bool, run: impl FnOnce(&mut [f32], &[f32], &[f32])) {
+    /// `label`: the product's name in the per-op profile (`QGALORE_PROFILE=1`), where the
+    /// packed kernels' packing is counted apart under `bf16.pack`.
+    fn product(&self, label: impl FnOnce() -> Cow<'static, str>, dst: &mut HalfBuf, a: &[f32], sa: Strided, b: &[f32], sb: Strided, m: usize, n: usize, k: usize, acc: bool, run: impl FnOnce(&mut [f32], &[f32], &[f32])) {
+        let prof = &self.cpu.prof;
         match self.kernel {
-            Kernel::Exact => run(&mut dst.inner.data, a, b),
+            Kernel::Exact => prof.time(label, || run(&mut dst.inner.data, a, b)),
             Kernel::Avx512 | Kernel::Packed => {
                 // b is packed transposed: row j of bᵀ is column j of b
                 let bt = Strided { off: sb.off, rs: sb.cs, cs: sb.rs };
-                let (pa, pb) = (hb::pack_pairs(a, sa, m, k, hb::MR), hb::pack_pairs(b, bt, n, k, hb::NR));
-                match self.kernel {
+                let (pa, pb) = prof.time(|| "bf16.pack".into(), || (hb::pack_pairs(a, sa, m, k, hb::MR), hb::pack_pairs(b, bt, n, k, hb::NR)));
+                prof.time(label, || match self.kernel {
                     #[cfg(target_arch = "x86_64")]
                     // SAFETY: `with_kernel` checked the instruction sets
                     Kernel::Avx512 => unsafe { hb::gemm_avx512(&mut dst.inner.data, n, &pa, &pb, m, n, k, acc, 1.0) },
                     _ => hb::gemm_scalar(&mut dst.inner.data, n, &pa, &pb, m, n, k, acc, 1.0),
-                }
+                });
             }
         }
-        dst.store(m * n);
+        if dst.half {
+            prof.time(|| "bf16.round".into(), || dst.store(m * n));
+        }
     }
 
     /// Measured bf16 GEMM throughput in GFLOP/s for an (m×k)·(k×n) product on this
@@ -241,25 +246,28 @@ const fn st(off: usize, rs: usize, cs: usize) -> Strided {
 }
 
 impl Layers for CpuBf16 {
+    fn profile(&self) -> Option<std::collections::BTreeMap<String, f64>> {
+        self.cpu.prof.snapshot()
+    }
     fn matmul(&self, out: &mut HalfBuf, inp: &HalfBuf, w: &HalfBuf, n: usize, ic: usize, oc: usize, acc: bool) {
         let (x, w) = (self.opnd(inp), self.opnd(w));
         let p = self.par();
-        self.product(out, &x, st(0, ic, 1), &w, st(0, 1, ic), n, oc, ic, acc, |o, x, w| matmul::matmul(o, x, w, n, ic, oc, acc, p));
+        self.product(|| profile::mm("matmul.fwd", n, ic, oc), out, &x, st(0, ic, 1), &w, st(0, 1, ic), n, oc, ic, acc, |o, x, w| matmul::matmul(o, x, w, n, ic, oc, acc, p));
     }
     fn matmul_dinp(&self, dinp: &mut HalfBuf, dout: &HalfBuf, w: &HalfBuf, n: usize, ic: usize, oc: usize, acc: bool) {
         let (d, w) = (self.opnd(dout), self.opnd(w));
         let p = self.par();
-        self.product(dinp, &d, st(0, oc, 1), &w, st(0, ic, 1), n, ic, oc, acc, |o, d, w| matmul::matmul_dinp(o, d, w, n, ic, oc, acc, p));
+        self.product(|| profile::mm("matmul.dinp", n, ic, oc), dinp, &d, st(0, oc, 1), &w, st(0, ic, 1), n, ic, oc, acc, |o, d, w| matmul::matmul_dinp(o, d, w, n, ic, oc, acc, p));
     }
     fn matmul_dw(&self, dw: &mut HalfBuf, dout: &HalfBuf, inp: &HalfBuf, n: usize, ic: usize, oc: usize, acc: bool) {
         let (d, x) = (self.opnd(dout), self.opnd(inp));
         let p = self.par();
-        self.product(dw, &d, st(0, 1, oc), &x, st(0, ic, 1), oc, ic, n, acc, |o, d, x| matmul::matmul_dw(o, d, x, n, ic, oc, acc, p));
+        self.product(|| profile::mm("matmul.dw", n, ic, oc), dw, &d, st(0, 1, oc), &x, st(0, ic, 1), oc, ic, n, acc, |o, d, x| matmul::matmul_dw(o, d, x, n, ic, oc, acc, p));
     }
     fn matmul_dw_rows(&self, dw: &mut HalfBuf, dout: &HalfBuf, inp: &HalfBuf, n: usize, ic: usize, oc: usize, r0: usize, rows: usize) {
         let (d, x) = (self.opnd(dout), self.opnd(inp));
         let p = self.par();
-        self.product(dw, &d, st(r0, 1, oc), &x, st(0, ic, 1), rows, ic, n, false, |o, d, x| matmul::matmul_dw_rows(o, d, x, n, ic, oc, r0, rows, p));
+        self.product(|| profile::mm("matmul.dw_rows", n, ic, oc), dw, &d, st(r0, 1, oc), &x, st(0, ic, 1), rows, ic, n, false, |o, d, x| matmul::matmul_dw_rows(o, d, x, n, ic, oc, r0, rows, p));
     }
     fn embedding(&self, out: &mut HalfBuf, tokens: &[i32], table: &HalfBuf, c: usize) {
         self.cpu.embedding(&mut out.inner, tokens, &table.inner, c);
@@ -289,7 +297,8 @@ impl Layers for CpuBf16 {
     }
     fn attention(&self, out: &mut HalfBuf, att: &mut HalfBuf, q: &HalfBuf, k: &HalfBuf, v: &HalfBuf, d: AttnDims) {
         let (q, k, v) = (q.operand(), k.operand(), v.operand());
-        forward(&mut out.inner.data, &mut att.inner.data, &q, &k, &v, d, (out.half, att.half), self.kernel == Kernel::Avx512);
+        let packed = self.kernel == Kernel::Avx512;
+        self.cpu.prof.time(|| "attention".into(), || forward(&mut out.inner.data, &mut att.inner.data, &q, &k, &v, d, (out.half, att.half), packed));
     }
     fn attention_bwd(
         &self,
@@ -305,8 +314,11 @@ impl Layers for CpuBf16 {
         d: AttnDims,
     ) {
         let (dout, q, k, v, att) = (dout.operand(), q.operand(), k.operand(), v.operand(), att.operand());
-        let half = [dq.half, dk.half, dv.half, scratch.half];
-        backward(&mut dq.inner.data, &mut dk.inner.data, &mut dv.inner.data, &mut scratch.inner.data, &dout, &q, &k, &v, &att, d, half, self.kernel == Kernel::Avx512);
+        let (half, packed) = ([dq.half, dk.half, dv.half, scratch.half], self.kernel == Kernel::Avx512);
+        self.cpu.prof.time(
+            || "attention_bwd".into(),
+            || backward(&mut dq.inner.data, &mut dk.inner.data, &mut dv.inner.data, &mut scratch.inner.data, &dout, &q, &k, &v, &att, d, half, packed),
+        );
     }
     fn swiglu(&self, out: &mut HalfBuf, gate: &HalfBuf, up: &HalfBuf, n: usize) {
         self.cpu.swiglu(&mut out.inner, &gate.inner, &up.inner, n);
