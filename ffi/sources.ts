@@ -10,7 +10,7 @@ export const PACKAGE_VERSION: string = "0.1.0";
 
 /** SHA-256 of the list below as `sha256sum` prints it; names the cached library. */
 export const SOURCES_DIGEST: string =
-  "cb51e64685d4c4f83e2ce4d2e6f972b4eaabc14535914ef1b3c07f4f35608367";
+  "3bdba38556880057904128ce75237b915cc406b92f306469e394847174b9b15f";
 
 /** Every file the build needs: path from the package root and SHA-256 of its bytes. */
 export const SOURCES: readonly { readonly path: string; readonly sha256: string }[] = [
@@ -52,11 +52,11 @@ export const SOURCES: readonly { readonly path: string; readonly sha256: string 
   },
   {
     path: "rust/src/backend/cpu/attention.rs",
-    sha256: "685d9f759116adb84f2535c9096df36fe300ae18173fdca5a09e6a0003b21cb9",
+    sha256: "7350678a7c23f5bb7bef92c6736ecc72045b5b1287686b3a2b445473d2a50443",
   },
   {
     path: "rust/src/backend/cpu/bf16.rs",
-    sha256: "e3827d2d0ea34819ae1b016713a456549e768a898e555a32d68c2ef0ada6fca7",
+    sha256: "01fe5fec8bd4dbf4705025e797b22c4c636872f09a6b867d4f6a035a774b0247",
   },
   {
     path: "rust/src/backend/cpu/mod.rs",
@@ -244,7 +244,7 @@ export const SOURCES: readonly { readonly path: string; readonly sha256: string 
   },
   {
     path: "rust/src/host/bf16.rs",
-    sha256: "92ceb0a90b15e94c74951ff13fd71243cb39cab9a5ac0d88f66942d9b5962d9c",
+    sha256: "5d9d8ae3a0c51e470d7bf00c971b0db7427aacad13ec2139ef683de173ad4011",
   },
   {
     path: "rust/src/host/linalg.rs",

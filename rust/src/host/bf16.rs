@@ -275,19 +275,47 @@ pub unsafe fn gemm_avx512_strided(m: usize, n: usize, k: usize, c: *mut f32, ldc
     // bᵀ: row j is column j of b
     let pb = pack_pairs_with(xb, Strided { off: 0, rs: bcs, cs: brs }, n, k, NR, false);
     for p in 0..m.div_ceil(MR) {
-        row_panel_avx512(&pa, &pb, p, m, n, kh, c.add(p * MR * ldc), ldc, acc, alpha);
+        row_panel_avx512(&pa, &pb, p, m, n, kh, kh * NR, c.add(p * MR * ldc), ldc, acc, alpha);
     }
 }
 
-/// Row panel `p` of c (at `cp`, row stride ldc) over every column panel, one tile each.
+/// `pack_pairs` on the calling thread (operands packed once for several products).
+pub fn pack_pairs_here(x: &[f32], s: Strided, rows: usize, k: usize, width: usize) -> Vec<u32> {
+    pack_pairs_with(x, s, rows, k, width, false)
+}
+
+/// `gemm_avx512_strided` with bᵀ already packed (`pack_pairs(…, NR)`): `b` starts at the
+/// first pair this product takes in the first panel, panels lie `bstride` values apart and
+/// each gives k's pairs from there. On the calling thread.
+///
+/// # Safety
+/// As `gemm_avx512_strided` for a and c; b must hold n.div_ceil(NR) such panels.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512bf16,avx512f,avx512bw,avx512vl")]
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn gemm_avx512_prepacked(m: usize, n: usize, k: usize, c: *mut f32, ldc: usize, acc: bool, a: *const f32, ars: usize, acs: usize, b: &[u32], bstride: usize, alpha: f32) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    let kh = pairs(k);
+    assert!((n.div_ceil(NR) - 1) * bstride + kh * NR <= b.len());
+    let xa = std::slice::from_raw_parts(a, if k == 0 { 0 } else { (m - 1) * ars + (k - 1) * acs + 1 });
+    let pa = pack_pairs_with(xa, Strided { off: 0, rs: ars, cs: acs }, m, k, MR, false);
+    for p in 0..m.div_ceil(MR) {
+        row_panel_avx512(&pa, b, p, m, n, kh, bstride, c.add(p * MR * ldc), ldc, acc, alpha);
+    }
+}
+
+/// Row panel `p` of c (at `cp`, row stride ldc) over every column panel (`bstride` values
+/// apart in b), one tile each.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512bf16,avx512f")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn row_panel_avx512(a: &[u32], b: &[u32], p: usize, m: usize, n: usize, kh: usize, cp: *mut f32, ldc: usize, acc: bool, alpha: f32) {
+unsafe fn row_panel_avx512(a: &[u32], b: &[u32], p: usize, m: usize, n: usize, kh: usize, bstride: usize, cp: *mut f32, ldc: usize, acc: bool, alpha: f32) {
     let rows = (m - p * MR).min(MR);
     for q in 0..n.div_ceil(NR) {
         let cols = (n - q * NR).min(NR);
-        tile_avx512(a.as_ptr().add(p * kh * MR), b.as_ptr().add(q * kh * NR), kh, cp.add(q * NR), ldc, rows, cols, acc, alpha);
+        tile_avx512(a.as_ptr().add(p * kh * MR), b.as_ptr().add(q * bstride), kh, cp.add(q * NR), ldc, rows, cols, acc, alpha);
     }
 }
 
@@ -307,7 +335,7 @@ pub unsafe fn gemm_avx512(c: &mut [f32], ldc: usize, a: &[u32], b: &[u32], m: us
     c.par_chunks_mut(ldc * MR).take(mp).enumerate().for_each(|(p, cp)| {
         // SAFETY: the caller checked the instruction sets; the panels hold kh pairs of MR
         // (NR) lanes; the panel's rows × n values of c lie inside `cp` (row stride ldc)
-        unsafe { row_panel_avx512(a, b, p, m, n, kh, cp.as_mut_ptr(), ldc, acc, alpha) }
+        unsafe { row_panel_avx512(a, b, p, m, n, kh, kh * NR, cp.as_mut_ptr(), ldc, acc, alpha) }
     });
 }
 

@@ -59,6 +59,55 @@ pub trait Storage: Sync {
     unsafe fn gemm(m: usize, n: usize, k: usize, dst: *mut f32, ld: isize, acc: bool, lhs: *const f32, lrs: isize, lcs: isize, rhs: *const f32, rrs: isize, rcs: isize, alpha: f32) {
         gemm_raw(m, n, k, dst, ld, 1, acc, lhs, lrs, lcs, rhs, rrs, rcs, alpha, Parallelism::None)
     }
+
+    /// Work done once per head on a matrix that several of its products read in parts (K,
+    /// V, Q, dout): `rows` for `gemm_rows`, `cols` for `gemm_cols`. None: nothing to keep.
+    ///
+    /// # Safety
+    /// `h` must address its t rows of hd values.
+    #[inline(always)]
+    unsafe fn prepare(_h: Head, _rows: bool, _cols: bool) -> Option<Prepared> {
+        None
+    }
+
+    /// dst[m×r1] (+)= alpha · lhs[m×hd] · h[..r1]ᵀ (the scores against the first r1 keys,
+    /// or dout·Vᵀ).
+    ///
+    /// # Safety
+    /// As `gemm`.
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    unsafe fn gemm_rows(_prep: Option<&Prepared>, h: Head, m: usize, r1: usize, dst: *mut f32, ld: isize, acc: bool, lhs: *const f32, lrs: isize, lcs: isize, alpha: f32) {
+        Self::gemm(m, r1, h.hd, dst, ld, acc, lhs, lrs, lcs, h.p, 1, h.rs, alpha)
+    }
+
+    /// dst[m×hd] (+)= alpha · lhs[m×(k1 − k0)] · h[k0..k1] (att·V, dscores·K, attᵀ·dout,
+    /// dscoresᵀ·Q).
+    ///
+    /// # Safety
+    /// As `gemm`.
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    unsafe fn gemm_cols(_prep: Option<&Prepared>, h: Head, m: usize, (k0, k1): (usize, usize), dst: *mut f32, ld: isize, acc: bool, lhs: *const f32, lrs: isize, lcs: isize, alpha: f32) {
+        Self::gemm(m, h.hd, k1 - k0, dst, ld, acc, lhs, lrs, lcs, h.p.offset(k0 as isize * h.rs), h.rs, 1, alpha)
+    }
+}
+
+/// One head's t×hd matrix (row stride `rs`, columns contiguous) inside a (b, t, heads, hd)
+/// buffer.
+#[derive(Clone, Copy)]
+pub struct Head {
+    pub p: *const f32,
+    pub t: usize,
+    pub hd: usize,
+    pub rs: isize,
+}
+
+/// What `Storage::prepare` keeps for a head's products: the matrix laid out for them once
+/// (`cpu::bf16`: bf16 pair panels by rows and by columns) instead of once per product.
+pub struct Prepared {
+    pub rows: Vec<u32>,
+    pub cols: Vec<u32>,
 }
 
 /// fp32 storage: values stay as computed.
@@ -98,6 +147,8 @@ pub fn forward_with<S: Storage>(out: &mut [f32], att: &mut [f32], q: &[f32], k: 
             let vp = v.as_ptr().add(bi * t * kvh * hd + g * hd);
             let a = ap.get().add(bh * t * t);
             let o = op.get().add(bi * t * h * hd + hi * hd);
+            let (km, vm) = (Head { p: kp, t, hd, rs: kvs }, Head { p: vp, t, hd, rs: kvs });
+            let (kprep, vprep) = (S::prepare(km, true, false), S::prepare(vm, false, true));
             // Row blocks [r0, r1): the causal mask zeroes every column ≥ r1, so the scores
             // need only columns < r1 and att·V only the first r1 rows of V. Dropping those
             // exactly-zero terms leaves every sum unchanged (see the module notes).
@@ -105,7 +156,7 @@ pub fn forward_with<S: Storage>(out: &mut [f32], att: &mut [f32], q: &[f32], k: 
                 let mb = r1 - r0;
                 let ab = a.add(r0 * t);
                 // scores = scale · Q Kᵀ
-                S::gemm(mb, r1, hd, ab, t as isize, false, qp.offset(r0 as isize * qs), qs, 1, kp, 1, kvs, scale);
+                S::gemm_rows(kprep.as_ref(), km, mb, r1, ab, t as isize, false, qp.offset(r0 as isize * qs), qs, 1, scale);
                 S::store(ab, mb, r1, t, ah);
                 for ti in r0..r1 {
                     let row = std::slice::from_raw_parts_mut(a.add(ti * t), t);
@@ -128,7 +179,7 @@ pub fn forward_with<S: Storage>(out: &mut [f32], att: &mut [f32], q: &[f32], k: 
                 }
                 S::store(ab, mb, r1, t, ah);
                 let ob = o.offset(r0 as isize * qs);
-                S::gemm(mb, hd, r1, ob, qs, false, ab, t as isize, 1, vp, kvs, 1, 1.0);
+                S::gemm_cols(vprep.as_ref(), vm, mb, (0, r1), ob, qs, false, ab, t as isize, 1, 1.0);
                 S::store(ob, mb, hd, qs as usize, oh);
             }
         }
@@ -189,6 +240,8 @@ pub fn backward_with<S: Storage>(
             let vp = v.as_ptr().add(bi * t * kvh * hd + g * hd);
             let dkr = dkp.get().add(bi * t * kvh * hd + g * hd);
             let dvr = dvp.get().add(bi * t * kvh * hd + g * hd);
+            let (km, vm) = (Head { p: kp, t, hd, rs: kvs }, Head { p: vp, t, hd, rs: kvs });
+            let (kprep, vprep) = (S::prepare(km, false, true), S::prepare(vm, true, false));
             for j in 0..group {
                 let hi = g * group + j;
                 let bh = bi * h + hi;
@@ -197,17 +250,18 @@ pub fn backward_with<S: Storage>(
                 let qp = q.as_ptr().add(bi * t * h * hd + hi * hd);
                 let dop = dout.as_ptr().add(bi * t * h * hd + hi * hd);
                 let dqr = dqp.get().add(bi * t * h * hd + hi * hd);
+                let (qm, dom) = (Head { p: qp, t, hd, rs: qs }, Head { p: dop, t, hd, rs: qs });
+                let (qprep, doprep) = (S::prepare(qm, false, true), S::prepare(dom, false, true));
                 // datt = dout · Vᵀ, causal part: row block [r0, r1) needs columns < r1
                 for (r0, r1) in blocks(t, hd) {
                     let (ro, rq) = ((r0 * t) as isize, r0 as isize * qs);
-                    S::gemm(r1 - r0, r1, hd, ds.offset(ro), ts, false, dop.offset(rq), qs, 1, vp, 1, kvs, 1.0);
+                    S::gemm_rows(vprep.as_ref(), vm, r1 - r0, r1, ds.offset(ro), ts, false, dop.offset(rq), qs, 1, 1.0);
                     S::store(ds.offset(ro), r1 - r0, r1, t, sh);
                 }
                 // dv (+)= attᵀ · dout: row s sums over ti ≥ s, so block [s0, s1) starts at ti = s0
                 for (s0, s1) in blocks(t, hd) {
-                    let (lo, kk) = ((s0 * t + s0) as isize, t - s0);
-                    let (dvo, dqo) = (s0 as isize * kvs, s0 as isize * qs);
-                    S::gemm(s1 - s0, hd, kk, dvr.offset(dvo), kvs, j > 0, a.offset(lo), 1, ts, dop.offset(dqo), qs, 1, 1.0);
+                    let (lo, dvo) = ((s0 * t + s0) as isize, s0 as isize * kvs);
+                    S::gemm_cols(doprep.as_ref(), dom, s1 - s0, (s0, t), dvr.offset(dvo), kvs, j > 0, a.offset(lo), 1, ts, 1.0);
                     S::store(dvr.offset(dvo), s1 - s0, hd, kvs as usize, vh);
                 }
                 // dscores = att ⊙ (datt − Σ datt⊙att) · scale, causal part only
@@ -230,13 +284,12 @@ pub fn backward_with<S: Storage>(
                 // dk (+)= dscoresᵀ · Q (row s sums over ti ≥ s)
                 for (r0, r1) in blocks(t, hd) {
                     let (ro, rq) = ((r0 * t) as isize, r0 as isize * qs);
-                    S::gemm(r1 - r0, hd, r1, dqr.offset(rq), qs, false, ds.offset(ro), ts, 1, kp, kvs, 1, 1.0);
+                    S::gemm_cols(kprep.as_ref(), km, r1 - r0, (0, r1), dqr.offset(rq), qs, false, ds.offset(ro), ts, 1, 1.0);
                     S::store(dqr.offset(rq), r1 - r0, hd, qs as usize, qh);
                 }
                 for (s0, s1) in blocks(t, hd) {
-                    let (lo, kk) = ((s0 * t + s0) as isize, t - s0);
-                    let (dko, qo) = (s0 as isize * kvs, s0 as isize * qs);
-                    S::gemm(s1 - s0, hd, kk, dkr.offset(dko), kvs, j > 0, ds.offset(lo), 1, ts, qp.offset(qo), qs, 1, 1.0);
+                    let (lo, dko) = ((s0 * t + s0) as isize, s0 as isize * kvs);
+                    S::gemm_cols(qprep.as_ref(), qm, s1 - s0, (s0, t), dkr.offset(dko), kvs, j > 0, ds.offset(lo), 1, ts, 1.0);
                     S::store(dkr.offset(dko), s1 - s0, hd, kvs as usize, kh);
                 }
             }

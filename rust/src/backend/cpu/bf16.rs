@@ -21,6 +21,7 @@
 //! exact in f32) or, on AVX512-BF16 hardware, through `vdpbf16ps` (`host::bf16`).
 //! `Cpu` itself is untouched: fp32 stays bit-identical.
 
+use super::attention::{Head, Prepared};
 use super::{attention, profile, Cpu, CpuBuf};
 use crate::backend::{AdamHp, AttnDims, Category, Layers, Linalg, MemTracker, Memory, Optimizers, Quantization, Refresh, Runner};
 use crate::error::{Error, Result};
@@ -370,6 +371,39 @@ impl attention::Storage for Bf16Packed {
         #[cfg(not(target_arch = "x86_64"))]
         crate::host::matmul::gemm_raw(m, n, k, dst, ld, 1, acc, lhs, lrs, lcs, rhs, rrs, rcs, alpha, Parallelism::None);
     }
+
+    // K, V, Q and dout are packed once per head, by rows and/or by columns, and each block's
+    // product takes its part of the panels: the same pairs the per-product packing makes
+    // (parts start at an even k and end at an even k or the matrix's end; a rows part ends
+    // at a panel boundary or the end), so results are bit-identical to packing per product.
+    unsafe fn prepare(h: Head, rows: bool, cols: bool) -> Option<Prepared> {
+        if h.t == 0 || h.hd == 0 {
+            return None;
+        }
+        let x = std::slice::from_raw_parts(h.p, (h.t - 1) * h.rs as usize + h.hd);
+        let pack = |on: bool, s: Strided, r: usize, k: usize| if on { hb::pack_pairs_here(x, s, r, k, hb::NR) } else { Vec::new() };
+        let rs = h.rs as usize;
+        Some(Prepared { rows: pack(rows, Strided { off: 0, rs, cs: 1 }, h.t, h.hd), cols: pack(cols, Strided { off: 0, rs: 1, cs: rs }, h.hd, h.t) })
+    }
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn gemm_rows(prep: Option<&Prepared>, h: Head, m: usize, r1: usize, dst: *mut f32, ld: isize, acc: bool, lhs: *const f32, lrs: isize, lcs: isize, alpha: f32) {
+        #[cfg(target_arch = "x86_64")]
+        if let Some(pr) = prep.filter(|pr| !pr.rows.is_empty() && (r1 % hb::NR == 0 || r1 == h.t)) {
+            // SAFETY: as `gemm`; bᵀ is h's first r1 rows, the first panels of its row packing
+            return hb::gemm_avx512_prepacked(m, r1, h.hd, dst, ld as usize, acc, lhs, lrs as usize, lcs as usize, &pr.rows, hb::pairs(h.hd) * hb::NR, alpha);
+        }
+        Self::gemm(m, r1, h.hd, dst, ld, acc, lhs, lrs, lcs, h.p, 1, h.rs, alpha)
+    }
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn gemm_cols(prep: Option<&Prepared>, h: Head, m: usize, (k0, k1): (usize, usize), dst: *mut f32, ld: isize, acc: bool, lhs: *const f32, lrs: isize, lcs: isize, alpha: f32) {
+        #[cfg(target_arch = "x86_64")]
+        if let Some(pr) = prep.filter(|pr| !pr.cols.is_empty() && k0 % 2 == 0 && ((k1 - k0) % 2 == 0 || k1 == h.t)) {
+            // SAFETY: as `gemm`; bᵀ is hᵀ's columns k0..k1: pairs k0/2.. of each panel of
+            // its column packing
+            return hb::gemm_avx512_prepacked(m, h.hd, k1 - k0, dst, ld as usize, acc, lhs, lrs as usize, lcs as usize, &pr.cols[k0 / 2 * hb::NR..], hb::pairs(h.t) * hb::NR, alpha);
+        }
+        Self::gemm(m, h.hd, k1 - k0, dst, ld, acc, lhs, lrs, lcs, h.p.offset(k0 as isize * h.rs), h.rs, 1, alpha)
+    }
 }
 
 /// Attention forward as the device runs it under bf16 (`plan::attn_scores`, the
@@ -506,5 +540,56 @@ impl Linalg for CpuBf16 {
         self.cpu.top_subspace(&g.inner, rows, cols, rank, right, method, prev.map(|p| &p.inner), seed, &mut out.inner)?;
         out.store_all();
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use attention::Storage;
+
+    /// Products on panels packed once per head equal products that pack their operands
+    /// themselves, bit for bit: rows parts (prefixes at panel boundaries and the whole) and
+    /// column parts (prefixes and suffixes from even k, odd ends), accumulating or not.
+    #[test]
+    fn prepared_head_products_equal_per_product_packing() {
+        if !hb::detect().avx512_bf16 {
+            println!("skipped: no AVX512-BF16 on this processor");
+            return;
+        }
+        let val = |i: usize, s: usize| hb::round((((i * 7919 + s * 104_729) % 2003) as f32 - 1001.0) * 1.3e-3);
+        for (t, hd) in [(96usize, 48usize), (75, 40), (33, 16)] {
+            let rs = 2 * hd + 3;
+            let mat: Vec<f32> = (0..t * rs).map(|i| val(i, 1)).collect();
+            let h = Head { p: mat.as_ptr(), t, hd, rs: rs as isize };
+            // SAFETY: `mat` holds t rows of `rs` values
+            let prep = unsafe { Bf16Packed::prepare(h, true, true) };
+            let lhs: Vec<f32> = (0..64 * t).map(|i| val(i, 2)).collect();
+            let m = 37;
+            for acc in [false, true] {
+                let mut r1s: Vec<usize> = (1..=t / 32).map(|i| i * 32).collect();
+                r1s.push(t);
+                for &r1 in &r1s {
+                    let (mut a, mut b) = (vec![0.5f32; m * r1], vec![0.5f32; m * r1]);
+                    // SAFETY: lhs is m×hd with row stride hd; dst m×r1
+                    unsafe {
+                        Bf16Packed::gemm_rows(prep.as_ref(), h, m, r1, a.as_mut_ptr(), r1 as isize, acc, lhs.as_ptr(), hd as isize, 1, 0.75);
+                        Bf16Packed::gemm_rows(None, h, m, r1, b.as_mut_ptr(), r1 as isize, acc, lhs.as_ptr(), hd as isize, 1, 0.75);
+                    }
+                    assert_eq!(a.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), b.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), "rows t {t} hd {hd} r1 {r1}");
+                }
+                let mut parts: Vec<(usize, usize)> = r1s.iter().map(|&r1| (0, r1)).collect();
+                parts.extend((0..t).step_by(32).map(|s0| (s0, t)));
+                for (k0, k1) in parts {
+                    let (mut a, mut b) = (vec![0.25f32; m * hd], vec![0.25f32; m * hd]);
+                    // SAFETY: lhs is m×(k1 − k0) with row stride t; dst m×hd
+                    unsafe {
+                        Bf16Packed::gemm_cols(prep.as_ref(), h, m, (k0, k1), a.as_mut_ptr(), hd as isize, acc, lhs.as_ptr(), t as isize, 1, 1.0);
+                        Bf16Packed::gemm_cols(None, h, m, (k0, k1), b.as_mut_ptr(), hd as isize, acc, lhs.as_ptr(), t as isize, 1, 1.0);
+                    }
+                    assert_eq!(a.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), b.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), "cols t {t} hd {hd} {k0}..{k1}");
+                }
+            }
+        }
     }
 }
