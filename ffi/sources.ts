@@ -10,7 +10,7 @@ export const PACKAGE_VERSION: string = "0.1.0";
 
 /** SHA-256 of the list below as `sha256sum` prints it; names the cached library. */
 export const SOURCES_DIGEST: string =
-  "3bdba38556880057904128ce75237b915cc406b92f306469e394847174b9b15f";
+  "299ebc806643f21fc4a731bc431aed6da3ca1874ebe77931b5c52fb5df5d92da";
 
 /** Every file the build needs: path from the package root and SHA-256 of its bytes. */
 export const SOURCES: readonly { readonly path: string; readonly sha256: string }[] = [
@@ -56,7 +56,7 @@ export const SOURCES: readonly { readonly path: string; readonly sha256: string 
   },
   {
     path: "rust/src/backend/cpu/bf16.rs",
-    sha256: "01fe5fec8bd4dbf4705025e797b22c4c636872f09a6b867d4f6a035a774b0247",
+    sha256: "ea531eb518c3879a4d3026ee10f1db818dc933799b28ef679b0e10f84942bf4d",
   },
   {
     path: "rust/src/backend/cpu/mod.rs",
@@ -244,7 +244,7 @@ export const SOURCES: readonly { readonly path: string; readonly sha256: string 
   },
   {
     path: "rust/src/host/bf16.rs",
-    sha256: "5d9d8ae3a0c51e470d7bf00c971b0db7427aacad13ec2139ef683de173ad4011",
+    sha256: "f38c825f9c0bcbc3b0a0cd5689ea6982300bd60e922eec66142243c5df797a9f",
   },
   {
     path: "rust/src/host/linalg.rs",

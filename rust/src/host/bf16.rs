@@ -146,8 +146,8 @@ pub fn pack_pairs(x: &[f32], s: Strided, rows: usize, k: usize, width: usize) ->
 
 /// `pack_pairs`, its panels in parallel on the current pool or (`parallel` false) on the
 /// calling thread. Each panel is packed by code compiled for AVX-512 where the processor
-/// has it (`pack_panel_avx512`): a closure does not inherit its function's target
-/// features, so the dispatch is per panel.
+/// has it (`pack_group_avx512`): a closure does not inherit its function's target
+/// features, so the dispatch is per group of panels.
 #[inline(always)]
 fn pack_pairs_with(x: &[f32], s: Strided, rows: usize, k: usize, width: usize, parallel: bool) -> Vec<u32> {
     let kh = pairs(k);

@@ -113,10 +113,10 @@ impl CpuBf16 {
     /// dst[m×n] (row stride ldc) (+)= a·b with a (m×k) and b (k×n) strided, in f32 from
     /// their bf16 values (`opnd`: already rounded for the exact path, rounded while packing
     /// for the packed kernels); then dst rounded where it holds bf16. The exact path runs
-    /// `run` (one of `host::matmul`'s products on the same operands).
+    /// `run` (one of `host::matmul`'s products on the same operands). `label`: the product's
+    /// name in the per-op profile (`QGALORE_PROFILE=1`), where the packed kernels' packing
+    /// is counted apart under `bf16.pack`.
     #[allow(clippy::too_many_arguments)]
-    /// `label`: the product's name in the per-op profile (`QGALORE_PROFILE=1`), where the
-    /// packed kernels' packing is counted apart under `bf16.pack`.
     fn product(&self, label: impl FnOnce() -> Cow<'static, str>, dst: &mut HalfBuf, a: &[f32], sa: Strided, b: &[f32], sb: Strided, m: usize, n: usize, k: usize, acc: bool, run: impl FnOnce(&mut [f32], &[f32], &[f32])) {
         let prof = &self.cpu.prof;
         match self.kernel {
