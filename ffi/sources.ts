@@ -10,7 +10,7 @@ export const PACKAGE_VERSION: string = "0.1.0";
 
 /** SHA-256 of the list below as `sha256sum` prints it; names the cached library. */
 export const SOURCES_DIGEST: string =
-  "9fa341a642f6000322b778dbd69aa9de66f1013e3d87394aa6ff40c5365fc2f2";
+  "bf6a57d66a3c64b22bdabf99b526982c8978fe4125db034e333c3fefca566228";
 
 /** Every file the build needs: path from the package root and SHA-256 of its bytes. */
 export const SOURCES: readonly { readonly path: string; readonly sha256: string }[] = [
@@ -52,11 +52,11 @@ export const SOURCES: readonly { readonly path: string; readonly sha256: string 
   },
   {
     path: "rust/src/backend/cpu/attention.rs",
-    sha256: "7350678a7c23f5bb7bef92c6736ecc72045b5b1287686b3a2b445473d2a50443",
+    sha256: "cd11e747910276ea3f7be48485049fb23fc4c68f1263a72c9e4f0d15d41214e1",
   },
   {
     path: "rust/src/backend/cpu/bf16.rs",
-    sha256: "ea531eb518c3879a4d3026ee10f1db818dc933799b28ef679b0e10f84942bf4d",
+    sha256: "b92e2a9ee48ad2f38e37c659393dc1b8ab15ee011eb0433ab716568e74ad89bd",
   },
   {
     path: "rust/src/backend/cpu/mod.rs",
@@ -256,11 +256,15 @@ export const SOURCES: readonly { readonly path: string; readonly sha256: string 
   },
   {
     path: "rust/src/host/mod.rs",
-    sha256: "9df08472a13d5fc647704362b62bf867eeb57f67a4fff68549865cfcf6ade589",
+    sha256: "8112cc1109b65ab690cbf085e14827c13b7a23d7324d5188a990a5c061b1eade",
   },
   {
     path: "rust/src/host/rope.rs",
     sha256: "2b6e295ff02b034fe7dd74d4e304a64e2a66f393f31c1f3eb8365c10391cce17",
+  },
+  {
+    path: "rust/src/host/simd.rs",
+    sha256: "8bde1a89186dd8497252aae02d639b17ebff3fe83101c2585389f0fd267734fe",
   },
   {
     path: "rust/src/infer/decoder.rs",

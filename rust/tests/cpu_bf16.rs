@@ -270,6 +270,24 @@ fn avx512_bf16_kernel_agrees_with_the_exact_path_where_the_processor_has_it() {
         close(&format!("avx512 attention {name}"), &got[1][i], &got[0][i], 2e-2);
         assert!(hb::is_bf16(&got[1][i]), "{name} stored as bf16");
     }
+    // SwiGLU through the fast element-wise math (`host::simd`'s exp, rounded in the same
+    // pass) against the exact path's libm exp
+    let (g, u, dd) = (values(999, 31), values(999, 32), values(999, 33));
+    let mut sw = vec![];
+    for be in [&exact, &fast] {
+        let act = |x: &[f32]| up(be, x, Category::Activations);
+        let (gb, ub, db) = (act(&g), act(&u), act(&dd));
+        let (mut o, mut dg, mut du) = (act(&[0.0; 999]), act(&[0.0; 999]), act(&[0.0; 999]));
+        be.swiglu(&mut o, &gb, &ub, 999);
+        be.swiglu_bwd(&mut dg, &mut du, &db, &gb, &ub, 999);
+        sw.push([o.to_vec(), dg.to_vec(), du.to_vec()]);
+    }
+    for (i, name) in ["swiglu", "dgate", "dup"].iter().enumerate() {
+        close(&format!("avx512 {name}"), &sw[1][i], &sw[0][i], 1e-2);
+        assert!(hb::is_bf16(&sw[1][i]), "{name} stored as bf16");
+        let same = sw[1][i].iter().zip(&sw[0][i]).filter(|(a, b)| a == b).count();
+        assert!(same * 10 >= 9 * 999, "{name}: {same} of 999 equal after rounding to bf16");
+    }
 }
 
 fn packed_agrees(fast: CpuBf16) {
@@ -384,37 +402,46 @@ fn training_in_bf16_tracks_fp32_within_the_gpu_parity_tolerances() {
     let (step_tol, eval_tol) = (2e-2, 3e-2);
     for name in ["adamw", "adam8bit", "galore", "qgalore"] {
         let (a, ea, _) = run(Cpu::new(2).unwrap(), name, 20);
-        let (b, eb, e) = run(exact(), name, 20);
-        println!("{name}: fp32 {a:.4?}\n{name}: bf16 {b:.4?}");
-        let every = matches!(name, "adamw" | "galore");
-        for (s, (x, y)) in a.iter().zip(&b).enumerate().take(if every { 20 } else { 5 }) {
-            assert!((x - y).abs() <= step_tol * x, "{name} step {s}: fp32 loss {x} vs bf16 {y}");
+        // the exact path, and the AVX512-BF16 kernel with its fast element-wise math
+        // (`host::simd`) where the processor has it
+        let mut kernels = vec![Kernel::Exact];
+        if hb::detect().avx512_bf16 {
+            kernels.push(Kernel::Avx512);
         }
-        for (w, (x, y)) in a.chunks(5).zip(b.chunks(5)).enumerate() {
-            let (mx, my) = (x.iter().sum::<f64>() / 5.0, y.iter().sum::<f64>() / 5.0);
-            assert!((mx - my).abs() <= step_tol * mx, "{name} steps {}..{}: mean fp32 loss {mx} vs bf16 {my}", 5 * w, 5 * w + 5);
-        }
-        assert!((ea - eb).abs() <= eval_tol * ea, "{name}: eval fp32 {ea} vs bf16 {eb}");
-        assert!(b.last().unwrap() < &(b[0] - 0.5), "{name}: bf16 training learns ({} → {})", b[0], b.last().unwrap());
-        // the arithmetic did change: bf16 is not fp32 under another name
-        assert!(a.iter().zip(&b).any(|(x, y)| x != y), "{name}: bf16 losses equal fp32's bit for bit");
-        let worst = a.iter().zip(&b).map(|(x, y)| (x - y).abs() / x).fold(0.0, f64::max);
-        println!("{name}: 20 steps, worst relative loss gap {worst:.2e}, eval fp32 {ea:.5} bf16 {eb:.5}");
-        // activations hold bf16 values; norm statistics and logits stay f32
-        assert!(e.be.precision() == "bf16");
-        assert!(e.acts.x.iter().all(|b| b.half && hb::is_bf16(b)));
-        assert!(e.acts.gate.iter().all(|b| b.half && hb::is_bf16(b)));
-        assert!(!e.acts.logits.half && !e.acts.rstdf.half);
-        // weights stay f32 except the tables 8-bit Adam updates (bf16, as on the GPU)
-        for p in &e.model.params {
-            let qgalore::model::Weight::F(w) = &p.data else { continue };
-            let table = matches!(p.role, qgalore::model::llama::Role::Embed | qgalore::model::llama::Role::Head);
-            let half = table && qgalore::plan::half_tables(&e.cfg.optimizer);
-            assert_eq!(w.half, half, "{name} {}: bf16 storage", p.name);
-            if half {
-                assert!(hb::is_bf16(w), "{name} {}: bf16 table holds bf16 values", p.name);
-            } else if !matches!(p.role, qgalore::model::llama::Role::Norm) || name == "adamw" {
-                assert!(!hb::is_bf16(w), "{name} {}: f32 weight after updates", p.name);
+        for kernel in kernels {
+            let (b, eb, e) = run(CpuBf16::with_kernel(2, kernel).unwrap(), name, 20);
+            let label = format!("{name} ({kernel:?})");
+            println!("{label}: fp32 {a:.4?}\n{label}: bf16 {b:.4?}");
+            let every = matches!(name, "adamw" | "galore");
+            for (s, (x, y)) in a.iter().zip(&b).enumerate().take(if every { 20 } else { 5 }) {
+                assert!((x - y).abs() <= step_tol * x, "{label} step {s}: fp32 loss {x} vs bf16 {y}");
+            }
+            for (w, (x, y)) in a.chunks(5).zip(b.chunks(5)).enumerate() {
+                let (mx, my) = (x.iter().sum::<f64>() / 5.0, y.iter().sum::<f64>() / 5.0);
+                assert!((mx - my).abs() <= step_tol * mx, "{label} steps {}..{}: mean fp32 loss {mx} vs bf16 {my}", 5 * w, 5 * w + 5);
+            }
+            assert!((ea - eb).abs() <= eval_tol * ea, "{label}: eval fp32 {ea} vs bf16 {eb}");
+            assert!(b.last().unwrap() < &(b[0] - 0.5), "{label}: bf16 training learns ({} → {})", b[0], b.last().unwrap());
+            // the arithmetic did change: bf16 is not fp32 under another name
+            assert!(a.iter().zip(&b).any(|(x, y)| x != y), "{label}: bf16 losses equal fp32's bit for bit");
+            let worst = a.iter().zip(&b).map(|(x, y)| (x - y).abs() / x).fold(0.0, f64::max);
+            println!("{label}: 20 steps, worst relative loss gap {worst:.2e}, eval fp32 {ea:.5} bf16 {eb:.5}");
+            // activations hold bf16 values; norm statistics and logits stay f32
+            assert!(e.be.precision() == "bf16");
+            assert!(e.acts.x.iter().all(|b| b.half && hb::is_bf16(b)));
+            assert!(e.acts.gate.iter().all(|b| b.half && hb::is_bf16(b)));
+            assert!(!e.acts.logits.half && !e.acts.rstdf.half);
+            // weights stay f32 except the tables 8-bit Adam updates (bf16, as on the GPU)
+            for p in &e.model.params {
+                let qgalore::model::Weight::F(w) = &p.data else { continue };
+                let table = matches!(p.role, qgalore::model::llama::Role::Embed | qgalore::model::llama::Role::Head);
+                let half = table && qgalore::plan::half_tables(&e.cfg.optimizer);
+                assert_eq!(w.half, half, "{label} {}: bf16 storage", p.name);
+                if half {
+                    assert!(hb::is_bf16(w), "{label} {}: bf16 table holds bf16 values", p.name);
+                } else if !matches!(p.role, qgalore::model::llama::Role::Norm) || name == "adamw" {
+                    assert!(!hb::is_bf16(w), "{label} {}: f32 weight after updates", p.name);
+                }
             }
         }
     }

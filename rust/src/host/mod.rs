@@ -6,3 +6,4 @@ pub mod bf16;
 pub mod linalg;
 pub mod matmul;
 pub mod rope;
+pub mod simd;

@@ -60,6 +60,27 @@ pub trait Storage: Sync {
         gemm_raw(m, n, k, dst, ld, 1, acc, lhs, lrs, lcs, rhs, rrs, rcs, alpha, Parallelism::None)
     }
 
+    /// Softmax of a causal row of scores in place: exp(s − max) / Σ, libm's exp and the
+    /// sum in order unless the storage has its own.
+    #[inline(always)]
+    fn softmax(row: &mut [f32]) {
+        let mx = row.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+        let mut sum = 0.0f32;
+        for s in row.iter_mut() {
+            *s = (*s - mx).exp();
+            sum += *s;
+        }
+        let inv = 1.0 / sum;
+        row.iter_mut().for_each(|s| *s *= inv);
+    }
+
+    /// Σ a[i]·b[i] (the backward's Σ datt⊙att per row), in order unless the storage has
+    /// its own.
+    #[inline(always)]
+    fn dot(a: &[f32], b: &[f32]) -> f32 {
+        a.iter().zip(b).fold(0.0f32, |acc, (&x, &y)| acc + x * y)
+    }
+
     /// Work done once per head on a matrix that several of its products read in parts (K,
     /// V, Q, dout): `rows` for `gemm_rows`, `cols` for `gemm_cols`. None: nothing to keep.
     ///
@@ -160,22 +181,8 @@ pub fn forward_with<S: Storage>(out: &mut [f32], att: &mut [f32], q: &[f32], k: 
                 S::store(ab, mb, r1, t, ah);
                 for ti in r0..r1 {
                     let row = std::slice::from_raw_parts_mut(a.add(ti * t), t);
-                    let mut mx = f32::NEG_INFINITY;
-                    for &s in &row[..=ti] {
-                        mx = mx.max(s);
-                    }
-                    let mut sum = 0.0f32;
-                    for s in &mut row[..=ti] {
-                        *s = (*s - mx).exp();
-                        sum += *s;
-                    }
-                    let inv = 1.0 / sum;
-                    for s in &mut row[..=ti] {
-                        *s *= inv;
-                    }
-                    for s in &mut row[ti + 1..] {
-                        *s = 0.0;
-                    }
+                    S::softmax(&mut row[..=ti]);
+                    row[ti + 1..].fill(0.0);
                 }
                 S::store(ab, mb, r1, t, ah);
                 let ob = o.offset(r0 as isize * qs);
@@ -268,10 +275,7 @@ pub fn backward_with<S: Storage>(
                 for ti in 0..t {
                     let ar = std::slice::from_raw_parts(a.add(ti * t), t);
                     let dr = std::slice::from_raw_parts_mut(ds.add(ti * t), t);
-                    let mut dot = 0.0f32;
-                    for s in 0..=ti {
-                        dot += ar[s] * dr[s];
-                    }
+                    let dot = S::dot(&ar[..=ti], &dr[..=ti]);
                     for s in 0..=ti {
                         dr[s] = ar[s] * (dr[s] - dot) * scale;
                     }

@@ -18,7 +18,10 @@
 //! the layer code (`ops.rs`, `attention.rs`) is shared with the fp32 backend and memory is
 //! not halved (the tracker counts the 4 bytes each value takes). The products run on the
 //! exact path (operands rounded, then the f32 GEMM, products of two bf16 values being
-//! exact in f32) or, on AVX512-BF16 hardware, through `vdpbf16ps` (`host::bf16`).
+//! exact in f32) or, on AVX512-BF16 hardware, through `vdpbf16ps` (`host::bf16`). That
+//! fast path also takes its element-wise math from `host::simd` (attention's softmax and
+//! row dots, SwiGLU rounded in the same pass): an exp within 2 ulp and sums in 16 lanes
+//! instead of libm and sequential sums, inside the tolerances its results are rounded to.
 //! `Cpu` itself is untouched: fp32 stays bit-identical.
 
 use super::attention::{Head, Prepared};
@@ -26,11 +29,12 @@ use super::{attention, profile, Cpu, CpuBuf};
 use crate::backend::{AdamHp, AttnDims, Category, Layers, Linalg, MemTracker, Memory, Optimizers, Quantization, Refresh, Runner};
 use crate::error::{Error, Result};
 use crate::host::bf16::{self as hb, Kernel, Strided};
-use crate::host::matmul;
+use crate::host::{matmul, simd};
 use crate::quant::adam8::State8;
 use crate::quant::nf4::Nf4Tensor;
 use crate::quant::{QTensor, Range};
 use gemm::Parallelism;
+use rayon::prelude::*;
 use std::borrow::Cow;
 
 
@@ -242,6 +246,9 @@ impl Memory for CpuBf16 {
     }
 }
 
+/// Values per task of the element-wise fast paths.
+const CHUNK: usize = 8192;
+
 const fn st(off: usize, rs: usize, cs: usize) -> Strided {
     Strided { off, rs, cs }
 }
@@ -322,10 +329,42 @@ impl Layers for CpuBf16 {
         );
     }
     fn swiglu(&self, out: &mut HalfBuf, gate: &HalfBuf, up: &HalfBuf, n: usize) {
+        #[cfg(target_arch = "x86_64")]
+        if self.kernel == Kernel::Avx512 {
+            // the fast path (`host::simd`): exp within 2 ulp, rounded in the same pass
+            let half = out.half;
+            let (g, u) = (&gate.inner.data[..n], &up.inner.data[..n]);
+            return self.cpu.prof.time(
+                || "swiglu".into(),
+                || {
+                    out.inner.data[..n].par_chunks_mut(CHUNK).enumerate().for_each(|(i, o)| {
+                        let r = i * CHUNK..i * CHUNK + o.len();
+                        // SAFETY: `with_kernel` checked AVX512-BF16 (with AVX512-F/BW/VL)
+                        unsafe { simd::avx512::swiglu(o, &g[r.clone()], &u[r], half) }
+                    })
+                },
+            );
+        }
         self.cpu.swiglu(&mut out.inner, &gate.inner, &up.inner, n);
         out.store(n);
     }
     fn swiglu_bwd(&self, dgate: &mut HalfBuf, dup: &mut HalfBuf, dout: &HalfBuf, gate: &HalfBuf, up: &HalfBuf, n: usize) {
+        #[cfg(target_arch = "x86_64")]
+        if self.kernel == Kernel::Avx512 {
+            let half = (dgate.half, dup.half);
+            let (d, g, u) = (&dout.inner.data[..n], &gate.inner.data[..n], &up.inner.data[..n]);
+            let (dg, du) = (&mut dgate.inner.data[..n], &mut dup.inner.data[..n]);
+            return self.cpu.prof.time(
+                || "swiglu_bwd".into(),
+                || {
+                    dg.par_chunks_mut(CHUNK).zip(du.par_chunks_mut(CHUNK)).enumerate().for_each(|(i, (a, b))| {
+                        let r = i * CHUNK..i * CHUNK + a.len();
+                        // SAFETY: as `swiglu`
+                        unsafe { simd::avx512::swiglu_bwd(a, b, &d[r.clone()], &g[r.clone()], &u[r], half) }
+                    })
+                },
+            );
+        }
         self.cpu.swiglu_bwd(&mut dgate.inner, &mut dup.inner, &dout.inner, &gate.inner, &up.inner, n);
         dgate.store(n);
         dup.store(n);
@@ -370,6 +409,26 @@ impl attention::Storage for Bf16Packed {
         hb::gemm_avx512_strided(m, n, k, dst, ld as usize, acc, lhs, lrs as usize, lcs as usize, rhs, rrs as usize, rcs as usize, alpha);
         #[cfg(not(target_arch = "x86_64"))]
         crate::host::matmul::gemm_raw(m, n, k, dst, ld, 1, acc, lhs, lrs, lcs, rhs, rrs, rcs, alpha, Parallelism::None);
+    }
+
+    // the fast path's softmax and dots (`host::simd`: exp within 2 ulp, sums in 16 lanes)
+    fn softmax(row: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: chosen only on `Kernel::Avx512`, whose processors have AVX512-F/BW/VL
+        unsafe {
+            simd::avx512::softmax(row)
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        simd::softmax(row)
+    }
+    fn dot(a: &[f32], b: &[f32]) -> f32 {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as `softmax`
+        unsafe {
+            simd::avx512::dot(a, b)
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        simd::dot(a, b)
     }
 
     // K, V, Q and dout are packed once per head, by rows and/or by columns, and each block's
