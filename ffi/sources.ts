@@ -10,7 +10,7 @@ export const PACKAGE_VERSION: string = "0.1.0";
 
 /** SHA-256 of the list below as `sha256sum` prints it; names the cached library. */
 export const SOURCES_DIGEST: string =
-  "bf6a57d66a3c64b22bdabf99b526982c8978fe4125db034e333c3fefca566228";
+  "3d24629ee9547bec6d015a5b6851f79d60184f24b2ecb3f263febad40bc7b81d";
 
 /** Every file the build needs: path from the package root and SHA-256 of its bytes. */
 export const SOURCES: readonly { readonly path: string; readonly sha256: string }[] = [
@@ -56,7 +56,7 @@ export const SOURCES: readonly { readonly path: string; readonly sha256: string 
   },
   {
     path: "rust/src/backend/cpu/bf16.rs",
-    sha256: "b92e2a9ee48ad2f38e37c659393dc1b8ab15ee011eb0433ab716568e74ad89bd",
+    sha256: "364274cd599054a5bed2b88c9603ebfb0fa9bb5f5e575c2858421051b7105271",
   },
   {
     path: "rust/src/backend/cpu/mod.rs",
@@ -244,7 +244,7 @@ export const SOURCES: readonly { readonly path: string; readonly sha256: string 
   },
   {
     path: "rust/src/host/bf16.rs",
-    sha256: "b61dc86874f539d5a2a163244eb8953901018458410016a910146753aa1687cf",
+    sha256: "0df3725964e1cd7184260c1b7a9921ace9d9f5f6a8aafd247f473da4720ae6c2",
   },
   {
     path: "rust/src/host/linalg.rs",

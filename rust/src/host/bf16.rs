@@ -145,6 +145,71 @@ pub fn pack_pairs(x: &[f32], s: Strided, rows: usize, k: usize, width: usize) ->
     pack_pairs_with(x, s, rows, k, width, true)
 }
 
+/// a's pairs for the kernel's broadcasts, in one of two layouts; in both, panel p (rows
+/// p·MR … p·MR + MR − 1) starts at p·MR·kh and rows past m are zero:
+/// - by rows (`by_rows`): row i's pairs side by side, pair l2 at i·kh + l2. A row-major a
+///   (cs = 1) is converted row by row in one streaming pass, with no scatter;
+/// - in panels (`pack_pairs(…, MR)`): pair l2 of row r of panel p at p·MR·kh + l2·MR + r.
+///   A transposed a (rs = 1) takes each pair from two source rows at once, which this
+///   layout writes in runs of MR.
+pub struct PackedA {
+    pub data: Vec<u32>,
+    pub by_rows: bool,
+}
+
+/// The m×k strided matrix a packed for `gemm_avx512` (`PackedA`: by rows when its rows are
+/// contiguous along k, else in panels), in parallel on the current pool.
+pub fn pack_a(x: &[f32], s: Strided, m: usize, k: usize) -> PackedA {
+    pack_a_with(x, s, m, k, true)
+}
+
+#[inline(always)]
+fn pack_a_with(x: &[f32], s: Strided, m: usize, k: usize, parallel: bool) -> PackedA {
+    if s.cs != 1 {
+        return PackedA { data: pack_pairs_with(x, s, m, k, MR, parallel), by_rows: false };
+    }
+    let kh = pairs(k);
+    let mut data = vec![0u32; m.div_ceil(MR) * MR * kh];
+    #[cfg(target_arch = "x86_64")]
+    let wide = std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx512bw") && std::arch::is_x86_feature_detected!("avx512vl");
+    let pack = |(p, panel): (usize, &mut [u32])| {
+        for (r, row) in panel.chunks_mut(kh).take(m.saturating_sub(p * MR).min(MR)).enumerate() {
+            let src = &x[s.off + (p * MR + r) * s.rs..][..k];
+            #[cfg(target_arch = "x86_64")]
+            if wide {
+                // SAFETY: the instruction sets were found on this processor
+                unsafe { pack_row_avx512(src, row) };
+                continue;
+            }
+            pack_row(src, row);
+        }
+    };
+    if parallel {
+        data.par_chunks_mut(MR * kh).enumerate().for_each(pack);
+    } else {
+        data.chunks_mut(MR * kh).enumerate().for_each(pack);
+    }
+    PackedA { data, by_rows: true }
+}
+
+/// One row of k values as pairs (the odd k's partner stays zero).
+#[inline(always)]
+fn pack_row(src: &[f32], row: &mut [u32]) {
+    for (d, p) in row.iter_mut().zip(src.chunks_exact(2)) {
+        *d = f32_to_bf16(p[0]) as u32 | (f32_to_bf16(p[1]) as u32) << 16;
+    }
+    if src.len() % 2 == 1 {
+        row[src.len() / 2] = f32_to_bf16(src[src.len() - 1]) as u32;
+    }
+}
+
+/// `pack_row` compiled for AVX-512.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn pack_row_avx512(src: &[f32], row: &mut [u32]) {
+    pack_row(src, row)
+}
+
 /// `pack_pairs` in parallel on the current pool or (`parallel` false) on the calling
 /// thread, by code compiled for AVX-512 where the processor has it (`*_avx512`: a closure
 /// does not inherit its function's target features, so the dispatch is per task).
@@ -296,7 +361,7 @@ pub unsafe fn gemm_avx512_strided(m: usize, n: usize, k: usize, c: *mut f32, ldc
     let extent = |rows: usize, rs: usize, cols: usize, cs: usize| if cols == 0 { 0 } else { (rows - 1) * rs + (cols - 1) * cs + 1 };
     let xa = std::slice::from_raw_parts(a, extent(m, ars, k, acs));
     let xb = std::slice::from_raw_parts(b, extent(k, brs, n, bcs));
-    let pa = pack_pairs_with(xa, Strided { off: 0, rs: ars, cs: acs }, m, k, MR, false);
+    let pa = pack_a_with(xa, Strided { off: 0, rs: ars, cs: acs }, m, k, false);
     // bᵀ: row j is column j of b
     let pb = pack_pairs_with(xb, Strided { off: 0, rs: bcs, cs: brs }, n, k, NR, false);
     for p in 0..m.div_ceil(MR) {
@@ -325,7 +390,7 @@ pub unsafe fn gemm_avx512_prepacked(m: usize, n: usize, k: usize, c: *mut f32, l
     let kh = pairs(k);
     assert!((n.div_ceil(NR) - 1) * bstride + kh * NR <= b.len());
     let xa = std::slice::from_raw_parts(a, if k == 0 { 0 } else { (m - 1) * ars + (k - 1) * acs + 1 });
-    let pa = pack_pairs_with(xa, Strided { off: 0, rs: ars, cs: acs }, m, k, MR, false);
+    let pa = pack_a_with(xa, Strided { off: 0, rs: ars, cs: acs }, m, k, false);
     for p in 0..m.div_ceil(MR) {
         row_panel_avx512(&pa, b, p, m, n, kh, bstride, c.add(p * MR * ldc), ldc, acc, alpha);
     }
@@ -336,15 +401,21 @@ pub unsafe fn gemm_avx512_prepacked(m: usize, n: usize, k: usize, c: *mut f32, l
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512bf16,avx512f")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn row_panel_avx512(a: &[u32], b: &[u32], p: usize, m: usize, n: usize, kh: usize, bstride: usize, cp: *mut f32, ldc: usize, acc: bool, alpha: f32) {
+unsafe fn row_panel_avx512(a: &PackedA, b: &[u32], p: usize, m: usize, n: usize, kh: usize, bstride: usize, cp: *mut f32, ldc: usize, acc: bool, alpha: f32) {
     let rows = (m - p * MR).min(MR);
+    let ap = a.data.as_ptr().add(p * MR * kh);
     for q in 0..n.div_ceil(NR) {
         let cols = (n - q * NR).min(NR);
-        tile_avx512(a.as_ptr().add(p * kh * MR), b.as_ptr().add(q * bstride), kh, cp.add(q * NR), ldc, rows, cols, acc, alpha);
+        let (bq, cq) = (b.as_ptr().add(q * bstride), cp.add(q * NR));
+        if a.by_rows {
+            tile_avx512::<true>(ap, bq, kh, cq, ldc, rows, cols, acc, alpha);
+        } else {
+            tile_avx512::<false>(ap, bq, kh, cq, ldc, rows, cols, acc, alpha);
+        }
     }
 }
 
-/// c[m×n] (row stride ldc) = (acc ? c : 0) + alpha · a·b with a packed by `pack_pairs(…, MR)`
+/// c[m×n] (row stride ldc) = (acc ? c : 0) + alpha · a·b with a packed by `pack_a`
 /// and bᵀ by `pack_pairs(…, NR)`, through `vdpbf16ps`: each element of c sums its pairs in
 /// k order in one f32 lane (no horizontal sums). Row panels of c in parallel on the current
 /// pool; each runs the MR×NR tile over every column panel.
@@ -353,10 +424,10 @@ unsafe fn row_panel_avx512(a: &[u32], b: &[u32], p: usize, m: usize, n: usize, k
 /// The processor must have AVX512-BF16 and AVX512-F (`detect().avx512_bf16`).
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)]
-pub unsafe fn gemm_avx512(c: &mut [f32], ldc: usize, a: &[u32], b: &[u32], m: usize, n: usize, k: usize, acc: bool, alpha: f32) {
+pub unsafe fn gemm_avx512(c: &mut [f32], ldc: usize, a: &PackedA, b: &[u32], m: usize, n: usize, k: usize, acc: bool, alpha: f32) {
     let kh = pairs(k);
     let (mp, np) = (m.div_ceil(MR), n.div_ceil(NR));
-    assert!(a.len() >= mp * kh * MR && b.len() >= np * kh * NR && (m == 0 || c.len() >= (m - 1) * ldc + n));
+    assert!(a.data.len() >= mp * kh * MR && b.len() >= np * kh * NR && (m == 0 || c.len() >= (m - 1) * ldc + n));
     c.par_chunks_mut(ldc * MR).take(mp).enumerate().for_each(|(p, cp)| {
         // SAFETY: the caller checked the instruction sets; the panels hold kh pairs of MR
         // (NR) lanes; the panel's rows × n values of c lie inside `cp` (row stride ldc)
@@ -364,19 +435,20 @@ pub unsafe fn gemm_avx512(c: &mut [f32], ldc: usize, a: &[u32], b: &[u32], m: us
     });
 }
 
-/// One MR×NR tile of `gemm_avx512`.
+/// One MR×NR tile of `gemm_avx512` (a's panel `BY_ROWS` or not: `PackedA`).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512bf16,avx512f")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn tile_avx512(a: *const u32, b: *const u32, kh: usize, c: *mut f32, ldc: usize, rows: usize, cols: usize, acc: bool, alpha: f32) {
+unsafe fn tile_avx512<const BY_ROWS: bool>(a: *const u32, b: *const u32, kh: usize, c: *mut f32, ldc: usize, rows: usize, cols: usize, acc: bool, alpha: f32) {
     use std::arch::x86_64::*;
     let mut s = [[_mm512_setzero_ps(); 2]; MR];
     for l2 in 0..kh {
         let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(b.add(l2 * NR) as *const _));
         let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(b.add(l2 * NR + 16) as *const _));
-        let ap = a.add(l2 * MR);
+        let ap = if BY_ROWS { a.add(l2) } else { a.add(l2 * MR) };
         for (r, sr) in s.iter_mut().enumerate() {
-            let av: __m512bh = std::mem::transmute(_mm512_set1_epi32(*ap.add(r) as i32));
+            let at = if BY_ROWS { ap.add(r * kh) } else { ap.add(r) };
+            let av: __m512bh = std::mem::transmute(_mm512_set1_epi32(*at as i32));
             sr[0] = _mm512_dpbf16_ps(sr[0], av, b0);
             sr[1] = _mm512_dpbf16_ps(sr[1], av, b1);
         }
@@ -405,9 +477,9 @@ unsafe fn tile_avx512(a: *const u32, b: *const u32, kh: usize, c: *mut f32, ldc:
 /// to f32 (products of bf16 values are exact in f32). Denormals are kept (the instruction
 /// flushes them). Lets tests check the packed path's layout and order on any processor.
 #[allow(clippy::too_many_arguments)]
-pub fn gemm_scalar(c: &mut [f32], ldc: usize, a: &[u32], b: &[u32], m: usize, n: usize, k: usize, acc: bool, alpha: f32) {
+pub fn gemm_scalar(c: &mut [f32], ldc: usize, a: &PackedA, b: &[u32], m: usize, n: usize, k: usize, acc: bool, alpha: f32) {
     let kh = pairs(k);
-    assert!(a.len() >= m.div_ceil(MR) * kh * MR && b.len() >= n.div_ceil(NR) * kh * NR && (m == 0 || c.len() >= (m - 1) * ldc + n));
+    assert!(a.data.len() >= m.div_ceil(MR) * kh * MR && b.len() >= n.div_ceil(NR) * kh * NR && (m == 0 || c.len() >= (m - 1) * ldc + n));
     let half = |x: u32| (bf16_to_f32(x as u16), bf16_to_f32((x >> 16) as u16));
     c.par_chunks_mut(ldc).take(m).enumerate().for_each(|(i, row)| {
         let (pa, ra) = (i / MR, i % MR);
@@ -415,7 +487,7 @@ pub fn gemm_scalar(c: &mut [f32], ldc: usize, a: &[u32], b: &[u32], m: usize, n:
             let (pb, rb) = (j / NR, j % NR);
             let mut sum = 0.0f32;
             for l2 in 0..kh {
-                let (a0, a1) = half(a[(pa * kh + l2) * MR + ra]);
+                let (a0, a1) = half(if a.by_rows { a.data[i * kh + l2] } else { a.data[(pa * kh + l2) * MR + ra] });
                 let (b0, b1) = half(b[(pb * kh + l2) * NR + rb]);
                 sum += a1 * b1;
                 sum += a0 * b0;
@@ -438,7 +510,7 @@ mod tests {
         assert!(round(f32::NAN).is_nan());
     }
 
-    /// The packers (per panel, by ranges of pairs for a transposed x, parallel or on the
+    /// The packers (a by rows, per panel, by ranges of pairs for a transposed x, parallel or on the
     /// calling thread, AVX-512-compiled or not) against the layout `pack_pairs` documents.
     #[test]
     fn packing_follows_the_documented_layout() {
@@ -459,6 +531,21 @@ mod tests {
                 for parallel in [true, false] {
                     assert_eq!(pack_pairs_with(&x, s, rows, k, width, parallel), want, "rows {rows} k {k} rs {rs} cs {cs} width {width} parallel {parallel}");
                 }
+            }
+            // a: by rows when its rows are contiguous along k, else MR panels
+            let kh = pairs(k);
+            let mut by_rows = vec![0u32; rows.div_ceil(MR) * MR * kh];
+            for i in 0..rows {
+                for l2 in 0..kh {
+                    let v = |l: usize| if l < k { f32_to_bf16(x[off + i * rs + l * cs]) as u32 } else { 0 };
+                    by_rows[i * kh + l2] = v(2 * l2) | v(2 * l2 + 1) << 16;
+                }
+            }
+            for parallel in [true, false] {
+                let a = pack_a_with(&x, s, rows, k, parallel);
+                assert_eq!(a.by_rows, cs == 1, "rows {rows} k {k} rs {rs} cs {cs}");
+                let want = if cs == 1 { by_rows.clone() } else { pack_pairs_with(&x, s, rows, k, MR, false) };
+                assert_eq!(a.data, want, "a: rows {rows} k {k} rs {rs} cs {cs} parallel {parallel}");
             }
         }
     }

@@ -128,7 +128,7 @@ impl CpuBf16 {
             Kernel::Avx512 | Kernel::Packed => {
                 // b is packed transposed: row j of bᵀ is column j of b
                 let bt = Strided { off: sb.off, rs: sb.cs, cs: sb.rs };
-                let (pa, pb) = prof.time(|| "bf16.pack".into(), || (hb::pack_pairs(a, sa, m, k, hb::MR), hb::pack_pairs(b, bt, n, k, hb::NR)));
+                let (pa, pb) = prof.time(|| "bf16.pack".into(), || (hb::pack_a(a, sa, m, k), hb::pack_pairs(b, bt, n, k, hb::NR)));
                 prof.time(label, || match self.kernel {
                     #[cfg(target_arch = "x86_64")]
                     // SAFETY: `with_kernel` checked the instruction sets
